@@ -1,0 +1,1 @@
+// elementwise: placeholder, being written.

@@ -1,0 +1,1 @@
+// sampler_step: placeholder, being written.

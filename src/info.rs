@@ -1,0 +1,56 @@
+//! `ldm info`: every adapter, the chosen one, its features and limits, and the compute paths the
+//! engine will take on it.
+
+use crate::runtime::device::{self, AdapterSummary};
+use crate::{Gpu, GpuOptions, Result};
+
+pub fn report(options: &GpuOptions) -> Result<String> {
+    let mut out = String::from("adapters:\n");
+    for (i, a) in device::enumerate().iter().enumerate() {
+        out += &format!("  {}\n", AdapterSummary::from_info(i, &a.get_info()));
+    }
+    let gpu = Gpu::new(options)?;
+    let c = &gpu.caps;
+    out += &format!("chosen: {}\n", gpu.adapter);
+    out += &format!("features: {:?}\n", gpu.features);
+    out += "limits:\n";
+    out += &format!("  max_buffer_size                     {}\n", c.max_buffer);
+    out += &format!("  max_storage_buffer_binding_size     {}\n", c.max_storage_binding);
+    out += &format!("  max_compute_workgroup_storage_size  {}\n", c.max_workgroup_storage);
+    out += &format!("  max_compute_invocations_per_workgroup {}\n", c.max_invocations);
+    out += &format!("  max_compute_workgroups_per_dimension {}\n", c.max_workgroups_per_dim);
+    out += &format!("  subgroup size                       {}..{}\n", c.subgroup_min_size, c.subgroup_max_size);
+    out += "cooperative matrix configurations:\n";
+    if c.coop_matrix.is_empty() {
+        out += "  none\n";
+    }
+    for p in &c.coop_matrix {
+        out += &format!(
+            "  {}x{}x{} {:?} x {:?} -> {:?}{}\n",
+            p.m_size,
+            p.n_size,
+            p.k_size,
+            p.ab_type,
+            p.ab_type,
+            p.cr_type,
+            if p.saturating_accumulation { " (saturating)" } else { "" }
+        );
+    }
+    out += "compute paths:\n";
+    out += &format!("  storage dtype      {}\n", gpu.compute_dtype().name());
+    out += &format!("  subgroups          {}\n", if c.subgroups { "yes" } else { "no" });
+    out += &format!(
+        "  tensor-core matmul {}\n",
+        if c.coop_16x16_f16 { "yes (coop_mat16x16<f16>, f32 accumulators)" } else { "no (tiled FMA matmul)" }
+    );
+    out += &format!(
+        "  GPU timestamps     {}\n",
+        if c.timestamps { "yes (--profile)" } else { "no (--profile unavailable)" }
+    );
+    out += &format!("  pipeline cache     {}\n", if c.pipeline_cache { "yes" } else { "no" });
+    out += &format!(
+        "  bounds checks      {}\n",
+        if crate::runtime::pipeline::unchecked_shaders() { "off (LDM_UNCHECKED_SHADERS=1)" } else { "on" }
+    );
+    Ok(out)
+}

@@ -1,0 +1,1 @@
+//! `shaders/attention.wgsl` (being written).

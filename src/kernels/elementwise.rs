@@ -1,0 +1,1 @@
+//! `shaders/elementwise.wgsl` (being written).

@@ -1,0 +1,1 @@
+//! `shaders/norm.wgsl` (being written).

@@ -1,0 +1,1 @@
+//! `shaders/sampler_step.wgsl` (being written).

@@ -1,0 +1,12 @@
+//! ldm-wgpu: latent diffusion models (Stable Diffusion 1.x / 2.x) on any Vulkan, Metal or DX12 GPU
+//! through wgpu, with our own WGSL kernels. See ARCHITECTURE.md for how data flows from prompt to PNG.
+
+pub mod error;
+pub mod info;
+pub mod kernels;
+pub mod runtime;
+pub mod shaders;
+pub mod util;
+
+pub use error::{Error, Result};
+pub use runtime::{DType, Gpu, GpuOptions, Tensor};

@@ -1,0 +1,539 @@
+//! The tensor runtime: one `Gpu` owns the device, the buffer pool, the pipeline cache and the
+//! command recorder. Kernels record dispatches; nothing is submitted until a download or an
+//! explicit `flush()`, so a whole denoising step is one submit.
+
+pub mod device;
+pub mod pipeline;
+pub mod tensor;
+pub mod timing;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub use device::{AdapterSummary, Caps};
+pub use pipeline::PipelineKey;
+pub use tensor::{DType, PoolStats, Tensor};
+pub use timing::{KernelTime, Work};
+
+use crate::error::{Error, Result};
+use crate::shaders::BindingKind;
+use pipeline::PipelineCache;
+use tensor::{bucket_size, BufferPool, PooledBuffer};
+use timing::Profiler;
+
+/// Bytes of uniform parameters one dispatch may use (one slot of the ring).
+pub const PARAMS_SLOT: u64 = 256;
+/// Dispatches recorded between forced flushes (the uniform ring holds this many slots).
+const RING_SLOTS: u64 = 4096;
+
+/// How to open the engine.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Adapter name substring or index; falls back to the `LDM_ADAPTER` environment variable.
+    pub adapter: Option<String>,
+    /// Record per-dispatch GPU time with timestamp queries.
+    pub profile: bool,
+    /// Where to persist the driver's pipeline cache (Vulkan `PIPELINE_CACHE`).
+    pub pipeline_cache_path: Option<PathBuf>,
+}
+
+/// Counters for tests and the profile report.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecorderStats {
+    pub dispatches: u64,
+    pub submits: u64,
+    pub pipelines_compiled: u64,
+}
+
+/// One kernel launch: which pipeline, which tensors (indexed by binding number), the uniform
+/// parameters and the grid.
+pub struct Dispatch<'a> {
+    pub shader: &'static str,
+    pub entry: &'static str,
+    pub dtype: DType,
+    pub overrides: &'a [(&'static str, f64)],
+    /// `tensors[b]` is bound at storage binding `b`; the uniform binding receives `params`.
+    pub tensors: &'a [&'a Tensor],
+    pub params: &'a [u8],
+    pub workgroups: [u32; 3],
+    /// Name in the profile table (defaults to the entry point).
+    pub label: &'a str,
+    pub work: Work,
+}
+
+struct Recorder {
+    encoder: Option<wgpu::CommandEncoder>,
+    pass: Option<wgpu::ComputePass<'static>>,
+    params: Vec<u8>,
+    ring: wgpu::Buffer,
+    profiler: Option<Profiler>,
+    stats: RecorderStats,
+}
+
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub adapter: AdapterSummary,
+    pub caps: Caps,
+    pub features: wgpu::Features,
+    pub limits: wgpu::Limits,
+    pool: Arc<Mutex<BufferPool>>,
+    pipelines: Mutex<PipelineCache>,
+    driver_cache: Option<(wgpu::PipelineCache, PathBuf)>,
+    recorder: Mutex<Recorder>,
+    next_buffer_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Gpu {
+    /// Open the best adapter (or the one requested) with its own limits and every optional
+    /// feature we can use.
+    pub fn new(options: &GpuOptions) -> Result<Gpu> {
+        let requested = options.adapter.clone().or_else(|| std::env::var("LDM_ADAPTER").ok());
+        let all = device::enumerate();
+        let infos: Vec<wgpu::AdapterInfo> = all.iter().map(|a| a.get_info()).collect();
+        let adapter = device::choose_adapter(all, requested.as_deref())?;
+        let index = infos.iter().position(|i| *i == adapter.get_info()).unwrap_or(0);
+        let summary = AdapterSummary::from_info(index, &adapter.get_info());
+        let features = adapter.features() & device::wanted_features();
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("ldm-wgpu"),
+            required_features: features,
+            required_limits: limits.clone(),
+            // SAFETY: cooperative matrices are experimental in wgpu; we only use configurations
+            // the adapter reports, and the coop path has to pass the same tests as the scalar one.
+            experimental_features: unsafe { wgpu::ExperimentalFeatures::enabled() },
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::Device(format!("request_device on {}: {e}", summary.name)))?;
+        let caps = device::caps_for(&adapter, features, &limits);
+
+        let driver_cache = match (&options.pipeline_cache_path, caps.pipeline_cache) {
+            (Some(path), true) => {
+                let data = std::fs::read(path).ok();
+                // SAFETY: the data was written by `save_pipeline_cache` for this adapter; the
+                // driver validates the header and falls back to an empty cache on mismatch.
+                let cache = unsafe {
+                    device.create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
+                        label: Some("ldm pipeline cache"),
+                        data: data.as_deref(),
+                        fallback: true,
+                    })
+                };
+                Some((cache, path.clone()))
+            }
+            _ => None,
+        };
+
+        let ring = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params ring"),
+            size: PARAMS_SLOT * RING_SLOTS,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let profiler = (options.profile && caps.timestamps)
+            .then(|| Profiler::new(&device, queue.get_timestamp_period()));
+        Ok(Gpu {
+            device,
+            queue,
+            adapter: summary,
+            caps,
+            features,
+            limits,
+            pool: Arc::new(Mutex::new(BufferPool::default())),
+            pipelines: Mutex::new(PipelineCache::default()),
+            driver_cache,
+            recorder: Mutex::new(Recorder {
+                encoder: None,
+                pass: None,
+                params: Vec::new(),
+                ring,
+                profiler,
+                stats: RecorderStats::default(),
+            }),
+            next_buffer_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Storage dtype the models use on this device.
+    pub fn compute_dtype(&self) -> DType {
+        self.caps.preferred_dtype()
+    }
+
+    /// Check that `dtype` can be used here.
+    pub fn require_dtype(&self, dtype: DType) -> Result<()> {
+        if dtype == DType::F16 && !self.caps.shader_f16 {
+            return Err(Error::MissingFeature { feature: "SHADER_F16".into(), adapter: self.adapter.name.clone() });
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- allocation
+
+    /// An uninitialised tensor from the pool. Refuses tensors that could not be bound as one
+    /// storage buffer (the kernels bind whole tensors).
+    pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.require_dtype(dtype)?;
+        let bytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
+        let size = bucket_size(bytes);
+        if size > self.caps.max_storage_binding {
+            return Err(Error::LimitExceeded {
+                what: format!("tensor {:?} {} ({} bytes) as one storage binding", shape, dtype.name(), bytes),
+                requested: size,
+                limit: self.caps.max_storage_binding,
+                hint: "this adapter's max_storage_buffer_binding_size is too small for the tensor: use a smaller image \
+                       size or batch, or tiled VAE decode (--vae-tiling)"
+                    .into(),
+            });
+        }
+        if size > self.caps.max_buffer {
+            return Err(Error::LimitExceeded {
+                what: format!("buffer for tensor {:?}", shape),
+                requested: size,
+                limit: self.caps.max_buffer,
+                hint: "use a smaller image size or batch".into(),
+            });
+        }
+        let reused = lock(&self.pool).take(size);
+        let buffer = match reused {
+            Some(b) => b,
+            None => {
+                let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                let b = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                if pollster::block_on(scope.pop()).is_some() {
+                    return Err(Error::OutOfMemory { requested: size });
+                }
+                lock(&self.pool).note_created(size);
+                b
+            }
+        };
+        let id = self.next_buffer_id.fetch_add(1, Ordering::Relaxed);
+        let storage = Arc::new(PooledBuffer::new(buffer, self.pool.clone(), id));
+        Ok(Tensor::from_parts(storage, shape.to_vec(), dtype))
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        lock(&self.pool).stats
+    }
+
+    /// Release the pool's free buffers back to the driver.
+    pub fn trim_pool(&self) {
+        lock(&self.pool).trim();
+    }
+
+    // ---------------------------------------------------------------- transfers
+
+    /// Upload host f32 values, converted to `dtype`.
+    pub fn upload(&self, data: &[f32], shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::shape("upload", format!("{} values for shape {:?}", data.len(), shape)));
+        }
+        let t = self.empty(shape, dtype)?;
+        match dtype {
+            DType::F32 => self.write_bytes(&t, bytemuck::cast_slice(data))?,
+            DType::F16 => {
+                let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                self.write_bytes(&t, bytemuck::cast_slice(&h))?
+            }
+        }
+        Ok(t)
+    }
+
+    /// Upload f16 values as they are (no rounding) or widened to f32.
+    pub fn upload_f16(&self, data: &[half::f16], shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::shape("upload", format!("{} values for shape {:?}", data.len(), shape)));
+        }
+        let t = self.empty(shape, dtype)?;
+        match dtype {
+            DType::F16 => self.write_bytes(&t, bytemuck::cast_slice(data))?,
+            DType::F32 => {
+                let f: Vec<f32> = data.iter().map(|x| x.to_f32()).collect();
+                self.write_bytes(&t, bytemuck::cast_slice(&f))?
+            }
+        }
+        Ok(t)
+    }
+
+    /// Overwrite a tensor's contents from host bytes (already in its dtype).
+    pub fn write_bytes(&self, t: &Tensor, bytes: &[u8]) -> Result<()> {
+        if bytes.len() as u64 != t.size_bytes() {
+            return Err(Error::shape("write", format!("{} bytes for {:?}", bytes.len(), t)));
+        }
+        // `write_buffer` lands before the commands still being recorded; the buffer may have been
+        // recycled from a tensor those commands read, so submit them first.
+        self.flush()?;
+        let padded = bytes.len().div_ceil(4) * 4;
+        if padded == bytes.len() {
+            self.queue.write_buffer(t.buffer(), 0, bytes);
+        } else {
+            let mut v = bytes.to_vec();
+            v.resize(padded, 0);
+            self.queue.write_buffer(t.buffer(), 0, &v);
+        }
+        Ok(())
+    }
+
+    /// Copy a tensor back to the host as f32 (f16 widened). Flushes and waits.
+    pub fn download(&self, t: &Tensor) -> Result<Vec<f32>> {
+        let bytes = self.download_bytes(t)?;
+        Ok(match t.dtype() {
+            DType::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&bytes),
+            DType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(&bytes).iter().map(|h| h.to_f32()).collect(),
+        })
+    }
+
+    pub fn download_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
+        let n = t.size_bytes();
+        let size = n.div_ceil(4) * 4;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: size.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        {
+            let mut rec = lock(&self.recorder);
+            self.end_pass(&mut rec);
+            let enc = self.encoder(&mut rec);
+            enc.copy_buffer_to_buffer(t.buffer(), 0, &staging, 0, size);
+        }
+        self.flush()?;
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|e| Error::Device(format!("readback: {e}")))?
+            .map_err(|e| Error::Device(format!("readback map: {e}")))?;
+        let data = slice.get_mapped_range().map_err(|e| Error::Device(format!("readback range: {e:?}")))?;
+        let out = data[..n as usize].to_vec();
+        drop(data);
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Block until the GPU is idle.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Device(format!("poll: {e}")))
+    }
+
+    // ---------------------------------------------------------------- recording
+
+    fn encoder<'r>(&self, rec: &'r mut Recorder) -> &'r mut wgpu::CommandEncoder {
+        rec.encoder.get_or_insert_with(|| {
+            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("ldm step") })
+        })
+    }
+
+    fn end_pass(&self, rec: &mut Recorder) {
+        rec.pass = None;
+    }
+
+    /// Get (compiling once) the pipeline for a key.
+    pub fn pipeline(&self, key: &PipelineKey) -> Result<Arc<pipeline::Pipeline>> {
+        lock(&self.pipelines).get(&self.device, self.driver_cache.as_ref().map(|c| &c.0), key)
+    }
+
+    /// Record one dispatch into the current encoder.
+    pub fn dispatch(&self, d: &Dispatch<'_>) -> Result<()> {
+        self.require_dtype(d.dtype)?;
+        for (axis, &n) in d.workgroups.iter().enumerate() {
+            if n > self.caps.max_workgroups_per_dim {
+                return Err(Error::LimitExceeded {
+                    what: format!("{}: workgroups along axis {axis}", d.entry),
+                    requested: n as u64,
+                    limit: self.caps.max_workgroups_per_dim as u64,
+                    hint: "this is a bug: large 1-D grids must be folded with grid_1d".into(),
+                });
+            }
+        }
+        if d.params.len() as u64 > PARAMS_SLOT {
+            return Err(Error::shape(d.entry, format!("params of {} bytes exceed {PARAMS_SLOT}", d.params.len())));
+        }
+        let key = PipelineKey {
+            shader: d.shader,
+            entry: d.entry,
+            dtype: d.dtype,
+            overrides: d.overrides.iter().map(|(n, v)| (*n, v.to_bits())).collect(),
+        };
+        let pipe = self.pipeline(&key)?;
+        if d.workgroups.contains(&0) {
+            return Ok(());
+        }
+
+        let mut rec = lock(&self.recorder);
+        if rec.params.len() as u64 >= PARAMS_SLOT * RING_SLOTS
+            || rec.profiler.as_ref().is_some_and(|p| p.is_full())
+        {
+            drop(rec);
+            self.flush()?;
+            rec = lock(&self.recorder);
+        }
+        let offset = rec.params.len() as u64;
+        rec.params.extend_from_slice(d.params);
+        rec.params.resize((offset + PARAMS_SLOT) as usize, 0);
+
+        let mut entries = Vec::with_capacity(pipe.bindings.len());
+        for &(binding, kind) in &pipe.bindings {
+            let resource = match kind {
+                BindingKind::Uniform => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &rec.ring,
+                    offset,
+                    size: wgpu::BufferSize::new(PARAMS_SLOT),
+                }),
+                _ => {
+                    let t = d.tensors.get(binding as usize).ok_or_else(|| {
+                        Error::shape(d.entry, format!("no tensor given for storage binding {binding}"))
+                    })?;
+                    t.buffer().as_entire_binding()
+                }
+            };
+            entries.push(wgpu::BindGroupEntry { binding, resource });
+        }
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipe.layout,
+            entries: &entries,
+        });
+
+        let label = if d.label.is_empty() { d.entry } else { d.label };
+        if rec.profiler.is_some() {
+            // One pass per dispatch, with begin/end timestamps (needs only TIMESTAMP_QUERY).
+            self.end_pass(&mut rec);
+            let prof = rec.profiler.as_mut().expect("checked");
+            let q = prof.pending.len() as u32 * 2;
+            prof.pending.push((label.to_string(), d.work));
+            let query_set = prof.query_set.clone();
+            let enc = self.encoder(&mut rec);
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(label),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &query_set,
+                    beginning_of_pass_write_index: Some(q),
+                    end_of_pass_write_index: Some(q + 1),
+                }),
+            });
+            pass.set_pipeline(&pipe.pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
+        } else {
+            if rec.pass.is_none() {
+                let enc = self.encoder(&mut rec);
+                let pass = enc
+                    .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("ldm"), timestamp_writes: None })
+                    .forget_lifetime();
+                rec.pass = Some(pass);
+            }
+            let pass = rec.pass.as_mut().expect("just created");
+            pass.set_pipeline(&pipe.pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
+        }
+        rec.stats.dispatches += 1;
+        Ok(())
+    }
+
+    /// Submit everything recorded so far (one command buffer). Does not wait, except when
+    /// profiling, where the timestamps are read back.
+    pub fn flush(&self) -> Result<()> {
+        let mut rec = lock(&self.recorder);
+        self.end_pass(&mut rec);
+        let Some(mut encoder) = rec.encoder.take() else { return Ok(()) };
+        if !rec.params.is_empty() {
+            self.queue.write_buffer(&rec.ring, 0, &rec.params);
+            rec.params.clear();
+        }
+        let mut profiled = 0;
+        if let Some(prof) = rec.profiler.as_ref() {
+            profiled = prof.pending.len() as u32 * 2;
+            if profiled > 0 {
+                encoder.resolve_query_set(&prof.query_set, 0..profiled, &prof.resolve, 0);
+                encoder.copy_buffer_to_buffer(&prof.resolve, 0, &prof.readback, 0, profiled as u64 * 8);
+            }
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        self.queue.submit([encoder.finish()]);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Device(e.to_string()));
+        }
+        rec.stats.submits += 1;
+        if profiled > 0 {
+            let prof = rec.profiler.as_mut().expect("checked");
+            let slice = prof.readback.slice(0..profiled as u64 * 8);
+            slice.map_async(wgpu::MapMode::Read, |_| {});
+            self.wait()?;
+            let ticks: Vec<u64> = {
+                let data = slice.get_mapped_range().map_err(|e| Error::Device(format!("timestamps: {e:?}")))?;
+                bytemuck::pod_collect_to_vec(&data)
+            };
+            prof.readback.unmap();
+            prof.accumulate(&ticks);
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> RecorderStats {
+        let mut s = lock(&self.recorder).stats;
+        s.pipelines_compiled = lock(&self.pipelines).compiled;
+        s
+    }
+
+    /// True when timestamps are being recorded.
+    pub fn profiling(&self) -> bool {
+        lock(&self.recorder).profiler.is_some()
+    }
+
+    /// Per-kernel GPU times gathered so far (flushes first).
+    pub fn profile(&self) -> Result<BTreeMap<String, KernelTime>> {
+        self.flush()?;
+        Ok(lock(&self.recorder).profiler.as_ref().map(|p| p.table.clone()).unwrap_or_default())
+    }
+
+    pub fn reset_profile(&self) {
+        if let Some(p) = lock(&self.recorder).profiler.as_mut() {
+            p.table.clear();
+        }
+    }
+
+    /// Persist the driver's pipeline cache so the next start skips shader compilation.
+    pub fn save_pipeline_cache(&self) -> Result<()> {
+        if let Some((cache, path)) = &self.driver_cache {
+            if let Some(data) = cache.get_data() {
+                crate::util::write_atomic(path, &data)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fold a 1-D count of workgroups into an (x, y) grid within 65,535 per dimension. Shaders
+/// recover the linear index as `wid.x + wid.y * nwg.x` and skip indices past the end.
+pub fn grid_1d(workgroups: u64) -> [u32; 3] {
+    const MAX: u64 = 65_535;
+    if workgroups <= MAX {
+        return [workgroups as u32, 1, 1];
+    }
+    let y = workgroups.div_ceil(MAX);
+    let x = workgroups.div_ceil(y);
+    [x as u32, y as u32, 1]
+}

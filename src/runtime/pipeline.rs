@@ -1,0 +1,128 @@
+//! Compiled pipelines, cached by (shader, entry point, dtype, override constants) so that
+//! nothing compiles inside the denoising loop. wgpu does not deduplicate pipelines itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::runtime::tensor::DType;
+use crate::shaders::{self, BindingKind};
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PipelineKey {
+    pub shader: &'static str,
+    pub entry: &'static str,
+    pub dtype: DType,
+    /// Override constants, as (name, value bits) so the key is hashable.
+    pub overrides: Vec<(&'static str, u64)>,
+}
+
+pub struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+    /// Group-0 bindings the entry point uses, from naga reflection.
+    pub bindings: Vec<(u32, BindingKind)>,
+}
+
+#[derive(Default)]
+pub(crate) struct PipelineCache {
+    pub(crate) pipelines: HashMap<PipelineKey, Arc<Pipeline>>,
+    modules: HashMap<(&'static str, DType), (wgpu::ShaderModule, naga::Module, naga::valid::ModuleInfo)>,
+    pub(crate) compiled: u64,
+}
+
+/// Whether bounds checks are compiled into shaders. On by default; `LDM_UNCHECKED_SHADERS=1`
+/// turns them off for kernels whose indexing the test suite proves (they cost 1.5-3x on GPUs).
+pub fn unchecked_shaders() -> bool {
+    std::env::var("LDM_UNCHECKED_SHADERS").map(|v| v == "1").unwrap_or(false)
+}
+
+impl PipelineCache {
+    pub(crate) fn get(
+        &mut self,
+        device: &wgpu::Device,
+        cache: Option<&wgpu::PipelineCache>,
+        key: &PipelineKey,
+    ) -> Result<Arc<Pipeline>> {
+        if let Some(p) = self.pipelines.get(key) {
+            return Ok(p.clone());
+        }
+        let shader_err = |message: String| Error::Shader {
+            name: key.shader.to_string(),
+            entry: key.entry.to_string(),
+            message,
+        };
+        if !self.modules.contains_key(&(key.shader, key.dtype)) {
+            let source = shaders::specialised_source(key.shader, key.dtype)
+                .ok_or_else(|| shader_err("no shader with this name is registered".into()))?;
+            // Validate with naga first: wgpu would report the same error asynchronously and
+            // without the shader's name.
+            let (naga_module, naga_info) = shaders::validate(&source).map_err(shader_err)?;
+            let desc = wgpu::ShaderModuleDescriptor {
+                label: Some(key.shader),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            };
+            let module = if unchecked_shaders() {
+                // SAFETY: only used when the user opts in; every kernel's indexing is covered by
+                // the test suite on awkward sizes with NaN-poisoned outputs.
+                unsafe { device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
+            } else {
+                device.create_shader_module(desc)
+            };
+            self.modules.insert((key.shader, key.dtype), (module, naga_module, naga_info));
+        }
+        let (module, naga_module, naga_info) = &self.modules[&(key.shader, key.dtype)];
+        let bindings = shaders::reflect(naga_module, naga_info, key.entry)
+            .ok_or_else(|| shader_err("no such entry point".into()))?;
+        let layout_entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
+            .iter()
+            .map(|&(binding, kind)| wgpu::BindGroupLayoutEntry {
+                binding,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: match kind {
+                    BindingKind::Uniform => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    BindingKind::StorageRead | BindingKind::StorageReadWrite => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage { read_only: kind == BindingKind::StorageRead },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                },
+                count: None,
+            })
+            .collect();
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some(key.entry),
+            entries: &layout_entries,
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(key.entry),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let constants: Vec<(&str, f64)> = key.overrides.iter().map(|(n, v)| (*n, f64::from_bits(*v))).collect();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(key.entry),
+            layout: Some(&pipeline_layout),
+            module,
+            entry_point: Some(key.entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &constants,
+                // Our kernels write every workgroup tile before reading it.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(shader_err(e.to_string()));
+        }
+        let p = Arc::new(Pipeline { pipeline, layout, bindings });
+        self.compiled += 1;
+        self.pipelines.insert(key.clone(), p.clone());
+        Ok(p)
+    }
+}

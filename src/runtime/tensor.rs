@@ -1,0 +1,183 @@
+//! Tensors: a pooled GPU buffer + shape + dtype, and the buffer pool that makes a steady loop
+//! (one denoising step after another) allocate nothing after warm-up.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Storage type of a tensor on the GPU. Arithmetic in kernels is always f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "fp32" | "float32" => Ok(DType::F32),
+            "f16" | "fp16" | "float16" | "half" => Ok(DType::F16),
+            _ => Err(format!("unknown dtype `{s}` (expected f32 or f16)")),
+        }
+    }
+}
+
+/// Buffers are bucketed by size rounded up to this many bytes, so that vec4 loads of the last
+/// elements stay in bounds and near-equal sizes share buffers.
+pub const BUFFER_GRANULE: u64 = 256;
+
+pub fn bucket_size(bytes: u64) -> u64 {
+    bytes.max(1).div_ceil(BUFFER_GRANULE) * BUFFER_GRANULE
+}
+
+/// Live and lifetime counters of the pool, for tests and `--profile`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Bytes held by live tensors.
+    pub live_bytes: u64,
+    /// Number of live tensors' buffers.
+    pub live_buffers: u64,
+    /// Bytes held in the free lists, ready for reuse.
+    pub free_bytes: u64,
+    /// Buffers ever created with `create_buffer` (a steady loop must not grow this).
+    pub created: u64,
+    /// Allocations served from the free lists.
+    pub reused: u64,
+    /// Highest `live_bytes + free_bytes` seen: the pool's GPU memory footprint.
+    pub peak_bytes: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct BufferPool {
+    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    pub(crate) stats: PoolStats,
+}
+
+impl BufferPool {
+    pub(crate) fn take(&mut self, size: u64) -> Option<wgpu::Buffer> {
+        let buffer = self.free.get_mut(&size)?.pop()?;
+        self.stats.free_bytes -= size;
+        self.stats.reused += 1;
+        self.stats.live_bytes += size;
+        self.stats.live_buffers += 1;
+        Some(buffer)
+    }
+    pub(crate) fn note_created(&mut self, size: u64) {
+        self.stats.created += 1;
+        self.stats.live_bytes += size;
+        self.stats.live_buffers += 1;
+        let total = self.stats.live_bytes + self.stats.free_bytes;
+        self.stats.peak_bytes = self.stats.peak_bytes.max(total);
+    }
+    fn give_back(&mut self, buffer: wgpu::Buffer) {
+        let size = buffer.size();
+        self.stats.live_bytes -= size;
+        self.stats.live_buffers -= 1;
+        self.stats.free_bytes += size;
+        self.free.entry(size).or_default().push(buffer);
+    }
+    /// Drop every free buffer (e.g. between models, to return memory to the driver).
+    pub(crate) fn trim(&mut self) {
+        self.free.clear();
+        self.stats.free_bytes = 0;
+    }
+}
+
+/// A buffer owned by one or more tensors; returns itself to the pool when the last owner drops.
+pub struct PooledBuffer {
+    buffer: Option<wgpu::Buffer>,
+    pool: Arc<Mutex<BufferPool>>,
+    id: u64,
+}
+
+impl PooledBuffer {
+    pub(crate) fn new(buffer: wgpu::Buffer, pool: Arc<Mutex<BufferPool>>, id: u64) -> Self {
+        PooledBuffer { buffer: Some(buffer), pool, id }
+    }
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        self.buffer.as_ref().expect("buffer present until drop")
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            if let Ok(mut pool) = self.pool.lock() {
+                pool.give_back(buffer);
+            }
+        }
+    }
+}
+
+/// A GPU tensor: contiguous, row-major, `shape` in elements. Cloning shares the buffer.
+///
+/// Activations are NHWC (`[batch, height, width, channels]`) throughout the models: see
+/// ARCHITECTURE.md for why.
+#[derive(Clone)]
+pub struct Tensor {
+    pub(crate) storage: Arc<PooledBuffer>,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl Tensor {
+    pub(crate) fn from_parts(storage: Arc<PooledBuffer>, shape: Vec<usize>, dtype: DType) -> Self {
+        Tensor { storage, shape, dtype }
+    }
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn size_bytes(&self) -> u64 {
+        (self.numel() * self.dtype.size()) as u64
+    }
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        self.storage.buffer()
+    }
+    /// A stable identity for the underlying buffer (used for bind-group caching).
+    pub fn buffer_id(&self) -> u64 {
+        self.storage.id
+    }
+    /// The same data seen with another shape of the same element count (no copy).
+    pub fn reshape(&self, shape: &[usize]) -> crate::Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != self.numel() {
+            return Err(crate::Error::shape(
+                "reshape",
+                format!("cannot view {:?} ({} elements) as {:?} ({} elements)", self.shape, self.numel(), shape, n),
+            ));
+        }
+        Ok(Tensor { storage: self.storage.clone(), shape: shape.to_vec(), dtype: self.dtype })
+    }
+    /// Dimension `i`, counting negative indices from the end as in PyTorch.
+    pub fn dim(&self, i: isize) -> usize {
+        let r = self.shape.len() as isize;
+        self.shape[if i < 0 { (r + i) as usize } else { i as usize }]
+    }
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}, {})", self.shape, self.dtype.name())
+    }
+}

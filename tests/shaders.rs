@@ -1,0 +1,80 @@
+//! Every shader, in every dtype it is used with, must validate with naga and translate to
+//! SPIR-V (Vulkan), MSL (Metal) and HLSL (DX12). Needs no adapter: a shader that would break on
+//! any back end fails CI on any machine.
+
+use std::collections::BTreeSet;
+
+use ldm_wgpu::shaders::{specialised_source, validate, SHADERS};
+
+#[test]
+fn every_shader_file_is_registered() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders");
+    let files: BTreeSet<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            (p.extension()? == "wgsl").then(|| p.file_stem().unwrap().to_string_lossy().to_string())
+        })
+        .collect();
+    let registered: BTreeSet<String> = SHADERS.iter().map(|s| s.0.to_string()).collect();
+    assert_eq!(files, registered, "shaders/ and src/shaders.rs disagree");
+}
+
+#[test]
+fn every_shader_validates_and_translates_to_spirv_msl_hlsl() {
+    let mut failures = Vec::new();
+    for &(name, _, dtypes) in SHADERS {
+        for &dtype in dtypes {
+            let src = specialised_source(name, dtype).unwrap();
+            let what = format!("{name} ({})", dtype.name());
+            let (module, info) = match validate(&src) {
+                Ok(v) => v,
+                Err(e) => {
+                    failures.push(format!("{what}: {e}"));
+                    continue;
+                }
+            };
+            let (module, info) = match naga::back::pipeline_constants::process_overrides(
+                &module,
+                &info,
+                None,
+                &Default::default(),
+            ) {
+                Ok(v) => v,
+                Err(e) => {
+                    failures.push(format!("{what}: overrides: {e}"));
+                    continue;
+                }
+            };
+            if let Err(e) = naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None) {
+                failures.push(format!("{what}: SPIR-V: {e}"));
+            }
+            let msl_options = naga::back::msl::Options { lang_version: (2, 4), ..Default::default() };
+            if let Err(e) = naga::back::msl::write_string(
+                &module,
+                &info,
+                &msl_options,
+                &naga::back::msl::PipelineOptions::default(),
+            ) {
+                failures.push(format!("{what}: MSL: {e}"));
+            }
+            let hlsl_options = naga::back::hlsl::Options {
+                shader_model: naga::back::hlsl::ShaderModel::V6_2,
+                ..Default::default()
+            };
+            let mut hlsl = String::new();
+            let pipeline_options = naga::back::hlsl::PipelineOptions::default();
+            let mut writer = naga::back::hlsl::Writer::new(&mut hlsl, &hlsl_options, &pipeline_options);
+            if let Err(e) = writer.write(&module, &info, None) {
+                failures.push(format!("{what}: HLSL: {e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "shader failures:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn a_broken_shader_is_reported_with_its_location() {
+    let err = validate("@compute @workgroup_size(1) fn main() { let x: f32 = 1u; }").unwrap_err();
+    assert!(err.contains("error"), "{err}");
+}
