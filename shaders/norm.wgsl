@@ -1,1 +1,229 @@
-// norm: placeholder, being written.
+// norm: GroupNorm (+ optional SiLU) and LayerNorm on channels-last tensors.
+//
+// GroupNorm (torch.nn.GroupNorm, then optionally F.silu), x viewed as [B, R, C] (R = H*W or tokens):
+//   group g holds channels [g*cpg, (g+1)*cpg), cpg = C / G; statistics over R x cpg values per (b, g);
+//   mean, biased var; y = (x - mean) * inverseSqrt(var + eps) * gamma[c] + beta[c]; y = y * sigmoid(y).
+// Two dispatches, both over the grid (G, chunks, B) where a chunk is `rows_per_chunk` rows of one group:
+//   gn_partial    one workgroup per (b, g, chunk) reduces its R_chunk x cpg values and stores the
+//                 chunk's (mean, M2) in `partial` (f32). 32 groups x batch 2 = 64 workgroups would
+//                 leave most of a large GPU idle; the chunks give ~1,000-4,000 on the big SD shapes.
+//                 Numerics: the sums are of (x - pivot), pivot = the chunk's first value, so
+//                 |mean| >> std does not cancel (a pivot drawn from the data is within a few std of
+//                 the mean). Means are kept relative to the group's first value x[b, 0, g*cpg] and
+//                 the normalisation computes (x - group_pivot) - mean: x - pivot is exact for nearby
+//                 values, where an absolute f32 mean would already be off by ulp(mean) / 2.
+//   gn_normalize  the same workgroups first merge all chunks of their (b, g) with Chan's parallel
+//                 formula (cheap: `chunks` loads), then normalise their own chunk. Merging per workgroup
+//                 instead of in a third "finalize" dispatch costs ~chunks loads per 2048+ values
+//                 (the Rust side grows the chunks so the grid stays near 4096 workgroups).
+//   g varies fastest across workgroups, so workgroups running together read neighbouring channel runs
+//   of the same rows and share the 32-byte sectors in L2 (a group's run is only cpg values, e.g. 10).
+//
+// LayerNorm (torch.nn.LayerNorm over the last dim C, biased var): x viewed as [rows, C]; one
+// workgroup of 64 per row (grid folded by grid_1d): mean, then the centred sum of squares (two
+// passes over the row, the second from cache), then the write; all relative to the row's first
+// value so |mean| >> std costs no precision.
+//
+// Bindings: 0 x (elem, read), 1 gamma [C] (elem), 2 beta [C] (elem), 3 y (elem, read_write, same
+//           shape as x), 4 partial (vec2<f32> [B, G, chunks]: chunk mean, chunk M2), 5 params.
+//           gn_partial uses 0, 4; gn_normalize 0-4; layer_norm 0-3.
+
+struct Params {
+    rows: u32,            // R: rows per batch item (group norm), or total rows (layer norm)
+    channels: u32,        // C
+    groups: u32,          // G
+    cpg: u32,             // C / G
+    rows_per_chunk: u32,  // group norm: rows reduced by one workgroup
+    chunks: u32,          // ceil(R / rows_per_chunk)
+    silu: u32,            // 1: apply SiLU after the affine
+    eps: f32,
+};
+
+@group(0) @binding(0) var<storage, read> x: array<elem>;
+@group(0) @binding(1) var<storage, read> gamma: array<elem>;
+@group(0) @binding(2) var<storage, read> beta: array<elem>;
+@group(0) @binding(3) var<storage, read_write> y: array<elem>;
+@group(0) @binding(4) var<storage, read_write> partial: array<vec2<f32>>;
+@group(0) @binding(5) var<uniform> params: Params;
+
+const GN_WG: u32 = 256u;
+const LN_WG: u32 = 64u;
+
+var<workgroup> red_n: array<f32, 256>;
+var<workgroup> red_a: array<f32, 256>;
+var<workgroup> red_b: array<f32, 256>;
+
+// Chan et al.: merge (n, mean, M2) of two disjoint sets.
+fn chan(n_a: f32, mean_a: f32, m2_a: f32, n_b: f32, mean_b: f32, m2_b: f32) -> vec3<f32> {
+    let n = n_a + n_b;
+    if (n == 0.0) {
+        return vec3<f32>(0.0, 0.0, 0.0);
+    }
+    let delta = mean_b - mean_a;
+    let w = n_b / n;
+    return vec3<f32>(n, mean_a + delta * w, m2_a + m2_b + delta * delta * n_a * w);
+}
+
+fn silu_f(v: f32) -> f32 {
+    return v / (1.0 + exp(-v));
+}
+
+// Values of one (b, g, chunk): rows [r0, r1) x channels [g*cpg, (g+1)*cpg). Returns (base, count).
+fn gn_chunk(g: u32, chunk: u32, b: u32) -> vec2<u32> {
+    let r0 = chunk * params.rows_per_chunk;
+    let r1 = min(r0 + params.rows_per_chunk, params.rows);
+    let base = (b * params.rows + r0) * params.channels + g * params.cpg;
+    return vec2<u32>(base, (r1 - r0) * params.cpg);
+}
+
+@compute @workgroup_size(256)
+fn gn_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = wid.x;
+    let chunk = wid.y;
+    let b = wid.z;
+    let cpg = params.cpg;
+    let c_stride = params.channels;
+    let bc = gn_chunk(g, chunk, b);
+    let base = bc.x;
+    let count = bc.y;
+    // Local pivot for this chunk's sums; the stored mean is relative to the group's pivot.
+    let pivot = f32(x[base]);
+    let group_pivot = f32(x[gn_chunk(g, 0u, b).x]);
+
+    // Walk i = lid, lid + 256, ... as (row, col) = divmod(i, cpg), advanced without a division.
+    let d_row = GN_WG / cpg;
+    let d_col = GN_WG % cpg;
+    var row = lid / cpg;
+    var col = lid % cpg;
+    var s1 = 0.0;
+    var s2 = 0.0;
+    for (var i = lid; i < count; i += GN_WG) {
+        let v = f32(x[base + row * c_stride + col]) - pivot;
+        s1 += v;
+        s2 += v * v;
+        col += d_col;
+        row += d_row;
+        if (col >= cpg) {
+            col -= cpg;
+            row += 1u;
+        }
+    }
+    red_a[lid] = s1;
+    red_b[lid] = s2;
+    workgroupBarrier();
+    for (var s = GN_WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red_a[lid] += red_a[lid + s];
+            red_b[lid] += red_b[lid + s];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        let n = f32(count);
+        let shift = red_a[0] / n;
+        // M2 = sum (v - mean_v)^2 = sum v^2 - n * mean_v^2, all relative to the pivot.
+        let m2 = max(red_b[0] - red_a[0] * shift, 0.0);
+        partial[(b * params.groups + g) * params.chunks + chunk] = vec2<f32>((pivot - group_pivot) + shift, m2);
+    }
+}
+
+@compute @workgroup_size(256)
+fn gn_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = wid.x;
+    let chunk = wid.y;
+    let b = wid.z;
+    let cpg = params.cpg;
+    let c_stride = params.channels;
+
+    // Merge every chunk of (b, g): a strided share per thread, then a tree over the workgroup.
+    let pbase = (b * params.groups + g) * params.chunks;
+    var acc = vec3<f32>(0.0, 0.0, 0.0);
+    for (var k = lid; k < params.chunks; k += GN_WG) {
+        let p = partial[pbase + k];
+        let r0 = k * params.rows_per_chunk;
+        let nk = f32((min(r0 + params.rows_per_chunk, params.rows) - r0) * cpg);
+        acc = chan(acc.x, acc.y, acc.z, nk, p.x, p.y);
+    }
+    red_n[lid] = acc.x;
+    red_a[lid] = acc.y;
+    red_b[lid] = acc.z;
+    workgroupBarrier();
+    for (var s = GN_WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            let m = chan(red_n[lid], red_a[lid], red_b[lid], red_n[lid + s], red_a[lid + s], red_b[lid + s]);
+            red_n[lid] = m.x;
+            red_a[lid] = m.y;
+            red_b[lid] = m.z;
+        }
+        workgroupBarrier();
+    }
+    let group_pivot = f32(x[gn_chunk(g, 0u, b).x]);
+    let mean = red_a[0]; // relative to group_pivot
+    let rstd = inverseSqrt(red_b[0] / red_n[0] + params.eps);
+
+    let bc = gn_chunk(g, chunk, b);
+    let base = bc.x;
+    let count = bc.y;
+    let c0 = g * cpg;
+    let d_row = GN_WG / cpg;
+    let d_col = GN_WG % cpg;
+    var row = lid / cpg;
+    var col = lid % cpg;
+    for (var i = lid; i < count; i += GN_WG) {
+        let at = base + row * c_stride + col;
+        var v = ((f32(x[at]) - group_pivot) - mean) * rstd * f32(gamma[c0 + col]) + f32(beta[c0 + col]);
+        if (params.silu != 0u) {
+            v = silu_f(v);
+        }
+        y[at] = elem(v);
+        col += d_col;
+        row += d_row;
+        if (col >= cpg) {
+            col -= cpg;
+            row += 1u;
+        }
+    }
+}
+
+// Sum of red_a[0..LN_WG) into red_a[0]; every thread must call it (barriers).
+fn ln_reduce(lid: u32, v: f32) -> f32 {
+    workgroupBarrier(); // previous readers of red_a[0] are done
+    red_a[lid] = v;
+    workgroupBarrier();
+    for (var s = LN_WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red_a[lid] += red_a[lid + s];
+        }
+        workgroupBarrier();
+    }
+    return red_a[0];
+}
+
+@compute @workgroup_size(64)
+fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let row = wid.x + wid.y * nwg.x;
+    // Uniform per workgroup, so returning keeps the barriers below in uniform control flow.
+    if (row >= params.rows) {
+        return;
+    }
+    let c = params.channels;
+    let base = row * c;
+    // Everything relative to the row's first value: x - pivot is exact for nearby values, so a large
+    // common offset costs no precision (an f32 `mean` itself would be off by ulp(mean) / 2).
+    let pivot = f32(x[base]);
+    var s = 0.0;
+    for (var i = lid; i < c; i += LN_WG) {
+        s += f32(x[base + i]) - pivot;
+    }
+    let mean = ln_reduce(lid, s) / f32(c);
+    var q = 0.0;
+    for (var i = lid; i < c; i += LN_WG) {
+        let d = (f32(x[base + i]) - pivot) - mean;
+        q += d * d;
+    }
+    let rstd = inverseSqrt(ln_reduce(lid, q) / f32(c) + params.eps);
+    for (var i = lid; i < c; i += LN_WG) {
+        y[base + i] = elem(((f32(x[base + i]) - pivot) - mean) * rstd * f32(gamma[i]) + f32(beta[i]));
+    }
+}

@@ -2,11 +2,19 @@
 //! through wgpu, with our own WGSL kernels. See ARCHITECTURE.md for how data flows from prompt to PNG.
 
 pub mod error;
+pub mod image;
 pub mod info;
 pub mod kernels;
+pub mod models;
+pub mod nn;
+pub mod pipeline;
+pub mod rng;
 pub mod runtime;
+pub mod sched;
 pub mod shaders;
+pub mod tokenizer;
 pub mod util;
+pub mod weights;
 
 pub use error::{Error, Result};
 pub use runtime::{DType, Gpu, GpuOptions, Tensor};

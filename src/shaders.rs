@@ -10,12 +10,15 @@ use crate::runtime::tensor::DType;
 /// file in `shaders/` appears in it.
 pub const SHADERS: &[(&str, &str, &[DType])] = &[
     ("fill", include_str!("../shaders/fill.wgsl"), &[DType::F32, DType::F16]),
+    ("peak", include_str!("../shaders/peak.wgsl"), &[DType::F32, DType::F16]),
     ("matmul", include_str!("../shaders/matmul.wgsl"), &[DType::F32, DType::F16]),
+    ("matmul_coop", include_str!("../shaders/matmul_coop.wgsl"), &[DType::F16]),
     ("conv2d", include_str!("../shaders/conv2d.wgsl"), &[DType::F32, DType::F16]),
     ("norm", include_str!("../shaders/norm.wgsl"), &[DType::F32, DType::F16]),
     ("attention", include_str!("../shaders/attention.wgsl"), &[DType::F32, DType::F16]),
     ("elementwise", include_str!("../shaders/elementwise.wgsl"), &[DType::F32, DType::F16]),
     ("sampler_step", include_str!("../shaders/sampler_step.wgsl"), &[DType::F32, DType::F16]),
+    ("cast", include_str!("../shaders/cast.wgsl"), &[DType::F16]),
 ];
 
 pub fn prelude(dtype: DType) -> &'static str {

@@ -1,1 +1,637 @@
-//! `shaders/matmul.wgsl` (being written).
+//! `shaders/matmul.wgsl`: the linear layer (GEMM with the weight in PyTorch `[N, K]` layout, with
+//! bias, activation and residual fused into the store), the fused GEGLU of diffusers'
+//! `FeedForward`, and a batched `A·Bᵀ`.
+//!
+//! One kernel family: 128 × 128 (or 64 × 64 for small problems) output tiles in workgroup memory,
+//! 8 × 8 outputs per thread, vec4 loads along K when K % 4 == 0 and a scalar-load entry otherwise.
+//! Accumulation is f32 whatever the storage dtype.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::runtime::{Dispatch, Gpu, Tensor, Work};
+use crate::{Error, Result};
+
+/// Activation applied after the bias, before the residual add.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    /// `0.5 x (1 + erf(x / √2))`, as `torch.nn.functional.gelu` (approximate="none").
+    Gelu,
+    /// `x · sigmoid(x)`.
+    Silu,
+    /// `x · sigmoid(1.702 x)`, CLIP's `quick_gelu`.
+    QuickGelu,
+}
+
+impl Activation {
+    fn code(self) -> u32 {
+        match self {
+            Activation::None => 0,
+            Activation::Gelu => 1,
+            Activation::Silu => 2,
+            Activation::QuickGelu => 3,
+        }
+    }
+
+    /// The activation in f64 (the reference's definition).
+    pub fn apply(self, v: f64) -> f64 {
+        match self {
+            Activation::None => v,
+            Activation::Gelu => gelu_f64(v),
+            Activation::Silu => v / (1.0 + (-v).exp()),
+            Activation::QuickGelu => v / (1.0 + (-1.702 * v).exp()),
+        }
+    }
+}
+
+/// The linear layers of the SD 1.5 U-Net at 512 × 512 (64 × 64 latents) with classifier-free
+/// guidance (batch 2), plus the CLIP text encoder's (batch 2 × 77 tokens): (name, M, N, K).
+/// In the `*.ff.geglu` rows N is the weight's row count (2 × inner dim); the fused GEGLU output
+/// has N / 2 columns. `proj_in` / `proj_out` are 1 × 1 convolutions, i.e. linear layers in NHWC.
+pub const SD15_SHAPES: &[(&str, usize, usize, usize)] = &[
+    ("time_embedding.linear_1", 2, 1280, 320),
+    ("time_embedding.linear_2", 2, 1280, 1280),
+    ("64x64.proj_in|to_q|to_out", 8192, 320, 320),
+    ("64x64.attn2.to_k|to_v", 154, 320, 768),
+    ("64x64.ff.geglu", 8192, 2560, 320),
+    ("64x64.ff.out", 8192, 320, 1280),
+    ("32x32.proj_in|to_q|to_out", 2048, 640, 640),
+    ("32x32.attn2.to_k|to_v", 154, 640, 768),
+    ("32x32.ff.geglu", 2048, 5120, 640),
+    ("32x32.ff.out", 2048, 640, 2560),
+    ("16x16.proj_in|to_q|to_out", 512, 1280, 1280),
+    ("16x16.attn2.to_k|to_v", 154, 1280, 768),
+    ("16x16.ff.geglu", 512, 10240, 1280),
+    ("16x16.ff.out", 512, 1280, 5120),
+    ("8x8.mid.proj_in|to_q|to_out", 128, 1280, 1280),
+    ("8x8.mid.ff.geglu", 128, 10240, 1280),
+    ("8x8.mid.ff.out", 128, 1280, 5120),
+    ("clip.q|k|v|out_proj", 154, 768, 768),
+    ("clip.mlp.fc1", 154, 3072, 768),
+    ("clip.mlp.fc2", 154, 768, 3072),
+];
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    act: u32,
+    bias_mode: u32,
+    residual_mode: u32,
+    stride_a: u32,
+    stride_b: u32,
+    stride_c: u32,
+    _pad: [u32; 3],
+}
+
+/// Workgroup shape: WG_X × WG_Y threads of 8 × 8 outputs, K step TK (the shader's overrides).
+#[derive(Clone, Copy, Debug)]
+struct Tiles {
+    wg_x: u32,
+    wg_y: u32,
+    tk: u32,
+}
+
+impl Tiles {
+    const LARGE: Tiles = Tiles {
+        wg_x: 16,
+        wg_y: 16,
+        tk: 16,
+    };
+    const SMALL: Tiles = Tiles {
+        wg_x: 8,
+        wg_y: 8,
+        tk: 16,
+    };
+
+    fn tm(self) -> usize {
+        8 * self.wg_y as usize
+    }
+    fn tn(self) -> usize {
+        8 * self.wg_x as usize
+    }
+    /// 128 × 128 tiles where they still give a few waves of workgroups; 64 × 64 below, so that
+    /// e.g. the 8 × 8 mid block (M = 128) or CLIP (M = 154) keep more than a handful of SMs busy.
+    fn choose(batch: usize, m: usize, n_tile_cols: usize) -> Tiles {
+        let l = Tiles::LARGE;
+        let groups = batch * m.div_ceil(l.tm()) * n_tile_cols.div_ceil(l.tn());
+        if groups >= 256 {
+            l
+        } else {
+            Tiles::SMALL
+        }
+    }
+    fn overrides(self) -> [(&'static str, f64); 3] {
+        [
+            ("WG_X", self.wg_x as f64),
+            ("WG_Y", self.wg_y as f64),
+            ("TK", self.tk as f64),
+        ]
+    }
+}
+
+/// Output tile of `shaders/matmul_coop.wgsl` (64 × 64, four 32-wide subgroups).
+const COOP_TILE: usize = 64;
+/// Workgroup memory `matmul_coop.wgsl` declares: two 64 × 40 f16 tiles and a 64 × 64 f32 tile.
+const COOP_WORKGROUP_BYTES: u32 = 2 * 64 * 40 * 2 + 64 * 64 * 4;
+
+/// Whether the tensor-core path runs: f16 storage, an adapter offering 16×16×16 f16 → f32
+/// cooperative matrices with 32-wide subgroups (the shader's work split assumes them), enough
+/// workgroup memory, and — until the path has passed tests/kernels_matmul.rs on such a GPU —
+/// the opt-in `LDM_COOP_MATMUL=1` (it cannot run on lavapipe, where the suite is run).
+fn use_coop(gpu: &Gpu, dtype: crate::DType) -> bool {
+    static OPT_IN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let opted_in = *OPT_IN.get_or_init(|| std::env::var("LDM_COOP_MATMUL").is_ok_and(|v| v == "1"));
+    let c = &gpu.caps;
+    opted_in
+        && dtype == crate::DType::F16
+        && c.coop_16x16_f16
+        && c.subgroups
+        && c.subgroup_min_size == 32
+        && c.subgroup_max_size == 32
+        && c.max_workgroup_storage >= COOP_WORKGROUP_BYTES
+}
+
+fn check_dtypes(op: &str, first: &Tensor, others: &[(&str, &Tensor)]) -> Result<()> {
+    for (name, t) in others {
+        if t.dtype() != first.dtype() {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "{name} is {} but x is {} (all operands share the storage dtype)",
+                    t.dtype().name(),
+                    first.dtype().name()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn fits_u32(op: &str, t: &Tensor) -> Result<()> {
+    if t.numel() > u32::MAX as usize {
+        return Err(Error::shape(
+            op,
+            format!("{t:?} has more than 2^32 elements"),
+        ));
+    }
+    Ok(())
+}
+
+/// Everything one GEMM dispatch needs, after validation.
+struct Gemm<'a> {
+    op: &'static str,
+    geglu: bool,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    strides: [usize; 3],
+    x: &'a Tensor,
+    w: &'a Tensor,
+    bias: Option<&'a Tensor>,
+    residual: Option<&'a Tensor>,
+    act: Activation,
+    out: &'a Tensor,
+}
+
+fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
+    for t in [Some(g.x), Some(g.w), g.bias, g.residual, Some(g.out)]
+        .into_iter()
+        .flatten()
+    {
+        fits_u32(g.op, t)?;
+    }
+    if g.out.buffer_id() == g.x.buffer_id() || g.out.buffer_id() == g.w.buffer_id() {
+        return Err(Error::shape(
+            g.op,
+            "out must not share a buffer with x or w",
+        ));
+    }
+    if g.bias.is_some_and(|b| b.buffer_id() == g.out.buffer_id()) {
+        return Err(Error::shape(g.op, "out must not share a buffer with bias"));
+    }
+    // A residual in out's own buffer is read through the out binding (residual_mode 2).
+    let residual_mode = match g.residual {
+        None => 0,
+        Some(r) if r.buffer_id() == g.out.buffer_id() => 2,
+        Some(_) => 1,
+    };
+    let residual = match g.residual {
+        Some(r) if residual_mode == 1 => r,
+        _ => g.x, // placeholder: the entry point declares the binding even when unused
+    };
+    let n_tile_cols = if g.geglu { 2 * g.n } else { g.n };
+    let vec4 = g.k.is_multiple_of(4);
+    let tiles = Tiles::choose(g.batch, g.m, n_tile_cols);
+    let coop = vec4 && use_coop(gpu, g.out.dtype());
+    let (shader, entry, overrides, tm, tn): (_, _, &[(&str, f64)], _, _) = if coop {
+        (
+            "matmul_coop",
+            if g.geglu { "geglu_coop" } else { "linear_coop" },
+            &[],
+            COOP_TILE,
+            COOP_TILE,
+        )
+    } else {
+        let entry = match (g.geglu, vec4) {
+            (false, true) => "linear_vec4",
+            (false, false) => "linear_scalar",
+            (true, true) => "geglu_vec4",
+            (true, false) => "geglu_scalar",
+        };
+        ("matmul", entry, &tiles.overrides(), tiles.tm(), tiles.tn())
+    };
+    let cols_per_group = if g.geglu { tn / 2 } else { tn };
+    let params = Params {
+        m: g.m as u32,
+        n: g.n as u32,
+        k: g.k as u32,
+        act: g.act.code(),
+        bias_mode: g.bias.is_some() as u32,
+        residual_mode,
+        stride_a: g.strides[0] as u32,
+        stride_b: g.strides[1] as u32,
+        stride_c: g.strides[2] as u32,
+        _pad: [0; 3],
+    };
+    let bytes = [Some(g.x), Some(g.w), g.bias, g.residual, Some(g.out)]
+        .into_iter()
+        .flatten()
+        .map(|t| t.size_bytes() as f64)
+        .sum();
+    let macs = (g.batch * g.m * n_tile_cols * g.k) as f64;
+    gpu.dispatch(&Dispatch {
+        shader,
+        entry,
+        dtype: g.out.dtype(),
+        overrides,
+        tensors: &[g.x, g.w, g.bias.unwrap_or(g.x), residual, g.out],
+        params: bytemuck::bytes_of(&params),
+        workgroups: [
+            g.n.div_ceil(cols_per_group) as u32,
+            g.m.div_ceil(tm) as u32,
+            g.batch as u32,
+        ],
+        label: g.op,
+        work: Work {
+            flops: 2.0 * macs,
+            bytes,
+        },
+    })
+}
+
+/// `x [.., K]` → (M, K): leading dims flattened.
+fn rows_of(op: &str, x: &Tensor) -> Result<(usize, usize)> {
+    let Some(&k) = x.shape().last() else {
+        return Err(Error::shape(
+            op,
+            format!("x {x:?} must have at least one dimension"),
+        ));
+    };
+    Ok((x.shape()[..x.shape().len() - 1].iter().product(), k))
+}
+
+fn linear_gemm<'a>(
+    x: &'a Tensor,
+    w: &'a Tensor,
+    bias: Option<&'a Tensor>,
+    residual: Option<&'a Tensor>,
+    act: Activation,
+    out: &'a Tensor,
+) -> Result<Gemm<'a>> {
+    let op = "linear";
+    let (m, k) = rows_of(op, x)?;
+    if w.shape().len() != 2 || w.shape()[1] != k {
+        return Err(Error::shape(
+            op,
+            format!("w {w:?} must be [N, K] with K = {k} (x {x:?})"),
+        ));
+    }
+    let n = w.shape()[0];
+    if let Some(b) = bias {
+        if b.shape() != [n] {
+            return Err(Error::shape(op, format!("bias {b:?} must be [{n}]")));
+        }
+        check_dtypes(op, x, &[("bias", b)])?;
+    }
+    let mut y_shape = x.shape().to_vec();
+    *y_shape.last_mut().expect("rank checked") = n;
+    if out.shape() != y_shape.as_slice() {
+        return Err(Error::shape(op, format!("out {out:?} must be {y_shape:?}")));
+    }
+    if let Some(r) = residual {
+        if r.shape() != y_shape.as_slice() {
+            return Err(Error::shape(
+                op,
+                format!("residual {r:?} must be {y_shape:?}"),
+            ));
+        }
+        check_dtypes(op, x, &[("residual", r)])?;
+    }
+    check_dtypes(op, x, &[("w", w), ("out", out)])?;
+    Ok(Gemm {
+        op,
+        geglu: false,
+        batch: 1,
+        m,
+        n,
+        k,
+        strides: [0; 3],
+        x,
+        w,
+        bias,
+        residual,
+        act,
+        out,
+    })
+}
+
+/// `y[.., n] = act(Σ_k x[.., k] · w[n, k] + bias[n]) + residual[.., n]` into a new tensor.
+/// x: `[.., K]` (leading dims flattened to M rows), w: `[N, K]`, bias: `[N]`, residual: y's shape.
+pub fn linear(
+    gpu: &Gpu,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    act: Activation,
+) -> Result<Tensor> {
+    let mut shape = x.shape().to_vec();
+    if let (Some(last), Some(&n)) = (shape.last_mut(), w.shape().first()) {
+        *last = n;
+    }
+    let out = gpu.empty(&shape, x.dtype())?;
+    linear_into(gpu, x, w, bias, residual, act, &out)?;
+    Ok(out)
+}
+
+/// [`linear`] into `out`. `residual` may be `out` itself (in-place residual add).
+pub fn linear_into(
+    gpu: &Gpu,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    act: Activation,
+    out: &Tensor,
+) -> Result<()> {
+    let g = linear_gemm(x, w, bias, residual, act, out)?;
+    if g.m == 0 || g.n == 0 {
+        return Ok(());
+    }
+    record(gpu, &g)
+}
+
+fn geglu_gemm<'a>(
+    x: &'a Tensor,
+    w: &'a Tensor,
+    bias: Option<&'a Tensor>,
+    out: &'a Tensor,
+) -> Result<Gemm<'a>> {
+    let op = "linear_geglu";
+    let (m, k) = rows_of(op, x)?;
+    if w.shape().len() != 2 || w.shape()[1] != k || !w.shape()[0].is_multiple_of(2) {
+        return Err(Error::shape(
+            op,
+            format!("w {w:?} must be [2N, K] with K = {k} (x {x:?})"),
+        ));
+    }
+    let n = w.shape()[0] / 2;
+    if let Some(b) = bias {
+        if b.shape() != [2 * n] {
+            return Err(Error::shape(op, format!("bias {b:?} must be [{}]", 2 * n)));
+        }
+        check_dtypes(op, x, &[("bias", b)])?;
+    }
+    let mut y_shape = x.shape().to_vec();
+    *y_shape.last_mut().expect("rank checked") = n;
+    if out.shape() != y_shape.as_slice() {
+        return Err(Error::shape(op, format!("out {out:?} must be {y_shape:?}")));
+    }
+    check_dtypes(op, x, &[("w", w), ("out", out)])?;
+    Ok(Gemm {
+        op,
+        geglu: true,
+        batch: 1,
+        m,
+        n,
+        k,
+        strides: [0; 3],
+        x,
+        w,
+        bias,
+        residual: None,
+        act: Activation::None,
+        out,
+    })
+}
+
+/// diffusers `GEGLU`: `proj = x·Wᵀ + b` with W `[2N, K]`; `hidden, gate = proj.chunk(2, -1)`;
+/// `y = hidden * gelu(gate)` → `[.., N]`. One kernel; the `[.., 2N]` projection is never written.
+pub fn linear_geglu(gpu: &Gpu, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut shape = x.shape().to_vec();
+    if let (Some(last), Some(&n2)) = (shape.last_mut(), w.shape().first()) {
+        *last = n2 / 2;
+    }
+    let out = gpu.empty(&shape, x.dtype())?;
+    linear_geglu_into(gpu, x, w, bias, &out)?;
+    Ok(out)
+}
+
+/// [`linear_geglu`] into `out`.
+pub fn linear_geglu_into(
+    gpu: &Gpu,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<()> {
+    let g = geglu_gemm(x, w, bias, out)?;
+    if g.m == 0 || g.n == 0 {
+        return Ok(());
+    }
+    record(gpu, &g)
+}
+
+fn batched_gemm<'a>(a: &'a Tensor, bt: &'a Tensor, out: &'a Tensor) -> Result<Gemm<'a>> {
+    let op = "batched_matmul_bt";
+    let (&[b, m, k], &[b2, n, k2]) = (a.shape(), bt.shape()) else {
+        return Err(Error::shape(
+            op,
+            format!("a {a:?} must be [B, M, K] and bt {bt:?} [B, N, K]"),
+        ));
+    };
+    if b != b2 || k != k2 {
+        return Err(Error::shape(
+            op,
+            format!("a {a:?} and bt {bt:?} disagree on B or K"),
+        ));
+    }
+    if out.shape() != [b, m, n] {
+        return Err(Error::shape(
+            op,
+            format!("out {out:?} must be [{b}, {m}, {n}]"),
+        ));
+    }
+    check_dtypes(op, a, &[("bt", bt), ("out", out)])?;
+    Ok(Gemm {
+        op,
+        geglu: false,
+        batch: b,
+        m,
+        n,
+        k,
+        strides: [m * k, n * k, m * n],
+        x: a,
+        w: bt,
+        bias: None,
+        residual: None,
+        act: Activation::None,
+        out,
+    })
+}
+
+/// Batched `c[b] = a[b] · bt[b]ᵀ` (a `[B, M, K]`, bt `[B, N, K]`) → `[B, M, N]`.
+pub fn batched_matmul_bt(gpu: &Gpu, a: &Tensor, bt: &Tensor) -> Result<Tensor> {
+    let (b, m, n) = match (a.shape(), bt.shape()) {
+        (&[b, m, _], &[_, n, _]) => (b, m, n),
+        _ => {
+            return Err(Error::shape(
+                "batched_matmul_bt",
+                format!("a {a:?} must be [B, M, K] and bt {bt:?} [B, N, K]"),
+            ))
+        }
+    };
+    let out = gpu.empty(&[b, m, n], a.dtype())?;
+    batched_matmul_bt_into(gpu, a, bt, &out)?;
+    Ok(out)
+}
+
+/// [`batched_matmul_bt`] into `out` `[B, M, N]`.
+pub fn batched_matmul_bt_into(gpu: &Gpu, a: &Tensor, bt: &Tensor, out: &Tensor) -> Result<()> {
+    let g = batched_gemm(a, bt, out)?;
+    if g.batch == 0 || g.m == 0 || g.n == 0 {
+        return Ok(());
+    }
+    if g.batch > gpu.caps.max_workgroups_per_dim as usize {
+        return Err(Error::shape(
+            g.op,
+            format!(
+                "batch {} exceeds the device's workgroups per dimension",
+                g.batch
+            ),
+        ));
+    }
+    record(gpu, &g)
+}
+
+// ---------------------------------------------------------------------- reference (the spec)
+
+/// erf in f64: Maclaurin series for |x| < 2.5, Laplace's continued fraction for erfc beyond
+/// (both to ~1e-14; std has no erf).
+pub fn erf_f64(x: f64) -> f64 {
+    let a = x.abs();
+    let r = if a < 2.5 {
+        // erf(a) = 2/√π Σ (-1)^n a^(2n+1) / (n! (2n+1))
+        let (mut term, mut sum, a2) = (a, a, a * a);
+        let mut n = 0.0;
+        while term.abs() > 1e-17 * sum.abs() {
+            n += 1.0;
+            term *= -a2 / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        sum * std::f64::consts::FRAC_2_SQRT_PI
+    } else {
+        // erfc(a) = exp(-a²)/√π · 1/(a + (1/2)/(a + 1/(a + (3/2)/(a + 2/(a + ...)))))
+        let mut t = a;
+        for i in (1..=80).rev() {
+            t = a + (i as f64 / 2.0) / t;
+        }
+        1.0 - (-a * a).exp() / (std::f64::consts::PI.sqrt() * t)
+    };
+    r.copysign(x)
+}
+
+/// `0.5 x (1 + erf(x / √2))`.
+pub fn gelu_f64(x: f64) -> f64 {
+    0.5 * x * (1.0 + erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))
+}
+
+/// `y[m, n] = act(Σ_k x[m, k] w[n, k] + bias[n]) + residual[m, n]` in f64. x `[M, K]`, w `[N, K]`.
+#[allow(clippy::too_many_arguments)]
+pub fn reference_linear(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    act: Activation,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f64> {
+    let mut y = vec![0.0f64; m * n];
+    for i in 0..m {
+        let xr = &x[i * k..(i + 1) * k];
+        for j in 0..n {
+            let wr = &w[j * k..(j + 1) * k];
+            let mut s: f64 = xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum();
+            if let Some(b) = bias {
+                s += b[j] as f64;
+            }
+            let mut v = act.apply(s);
+            if let Some(r) = residual {
+                v += r[i * n + j] as f64;
+            }
+            y[i * n + j] = v;
+        }
+    }
+    y
+}
+
+/// GEGLU in f64: x `[M, K]`, w `[2N, K]`, bias `[2N]` → `[M, N]`,
+/// `y = (x·w[n] + b[n]) · gelu(x·w[N + n] + b[N + n])`.
+pub fn reference_geglu(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f64> {
+    let proj = reference_linear(x, w, bias, None, Activation::None, m, 2 * n, k);
+    let mut y = vec![0.0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            y[i * n + j] = proj[i * 2 * n + j] * gelu_f64(proj[i * 2 * n + n + j]);
+        }
+    }
+    y
+}
+
+/// Batched `c[b] = a[b] · bt[b]ᵀ` in f64.
+pub fn reference_batched_matmul_bt(
+    a: &[f32],
+    bt: &[f32],
+    b: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f64> {
+    (0..b)
+        .flat_map(|i| {
+            reference_linear(
+                &a[i * m * k..(i + 1) * m * k],
+                &bt[i * n * k..(i + 1) * n * k],
+                None,
+                None,
+                Activation::None,
+                m,
+                n,
+                k,
+            )
+        })
+        .collect()
+}

@@ -3,9 +3,11 @@
 //! (f64 accumulation) that are the specification the tests hold the shaders to.
 
 pub mod attention;
+pub mod cast;
 pub mod conv2d;
 pub mod elementwise;
 pub mod fill;
 pub mod matmul;
 pub mod norm;
+pub mod peak;
 pub mod sampler_step;

@@ -1,1 +1,361 @@
-//! `shaders/norm.wgsl` (being written).
+//! `shaders/norm.wgsl`: GroupNorm (+ fused SiLU) and LayerNorm on channels-last tensors.
+//!
+//! GroupNorm is split in two dispatches so that a few (batch, group) pairs still fill the GPU:
+//! partial statistics per (batch, group, chunk of rows) into a small f32 scratch tensor, then
+//! merge-and-normalise with the same many workgroups. See the shader header for the numerics.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
+use crate::{DType, Error, Result};
+
+/// One norm case of SD 1.5 at 512×512 (batch 2 = CFG): `shape` is the NHWC input (or tokens
+/// [B, N, C] for layer norm), `groups` 0 means LayerNorm over the last dim.
+#[derive(Clone, Copy, Debug)]
+pub struct NormCase {
+    pub name: &'static str,
+    pub shape: &'static [usize],
+    pub groups: usize,
+    pub silu: bool,
+}
+
+/// The GroupNorm / LayerNorm shapes of SD 1.5 at 512×512 (U-Net with CFG batch 2, VAE decoder
+/// batch 1), used by the tests and the benches.
+pub const SD15_SHAPES: &[NormCase] = &[
+    NormCase {
+        name: "unet_gn_64x64x320",
+        shape: &[2, 64, 64, 320],
+        groups: 32,
+        silu: true,
+    },
+    NormCase {
+        name: "unet_gn_32x32x640",
+        shape: &[2, 32, 32, 640],
+        groups: 32,
+        silu: true,
+    },
+    NormCase {
+        name: "unet_gn_16x16x1280",
+        shape: &[2, 16, 16, 1280],
+        groups: 32,
+        silu: true,
+    },
+    NormCase {
+        name: "unet_gn_8x8x1280",
+        shape: &[2, 8, 8, 1280],
+        groups: 32,
+        silu: true,
+    },
+    NormCase {
+        name: "unet_gn_64x64x960",
+        shape: &[2, 64, 64, 960],
+        groups: 32,
+        silu: true,
+    },
+    NormCase {
+        name: "vae_gn_128x128x512",
+        shape: &[1, 128, 128, 512],
+        groups: 32,
+        silu: true,
+    },
+    NormCase {
+        name: "vae_gn_256x256x256",
+        shape: &[1, 256, 256, 256],
+        groups: 32,
+        silu: true,
+    },
+    NormCase {
+        name: "vae_gn_512x512x128",
+        shape: &[1, 512, 512, 128],
+        groups: 32,
+        silu: true,
+    },
+    NormCase {
+        name: "unet_ln_4096x320",
+        shape: &[2, 4096, 320],
+        groups: 0,
+        silu: false,
+    },
+    NormCase {
+        name: "unet_ln_1024x640",
+        shape: &[2, 1024, 640],
+        groups: 0,
+        silu: false,
+    },
+    NormCase {
+        name: "unet_ln_256x1280",
+        shape: &[2, 256, 1280],
+        groups: 0,
+        silu: false,
+    },
+    NormCase {
+        name: "clip_ln_77x768",
+        shape: &[2, 77, 768],
+        groups: 0,
+        silu: false,
+    },
+];
+
+/// Values one group-norm workgroup (256 threads) reduces at least: 8 per thread keeps the grid in
+/// the thousands of workgroups for U-Net shapes (2×64×64×320, G=32: 1280 workgroups).
+const GN_MIN_VALUES_PER_WORKGROUP: usize = 2048;
+/// Beyond ~4096 workgroups (the VAE's 512×512×128: 33M values) each one takes more values instead,
+/// so that the per-workgroup merge of every chunk's partial stays a few % of its own traffic.
+const GN_TARGET_WORKGROUPS: usize = 4096;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    rows: u32,
+    channels: u32,
+    groups: u32,
+    cpg: u32,
+    rows_per_chunk: u32,
+    chunks: u32,
+    silu: u32,
+    eps: f32,
+}
+
+fn check_affine(op: &str, x: &Tensor, c: usize, gamma: &Tensor, beta: &Tensor) -> Result<()> {
+    for (name, t) in [("gamma", gamma), ("beta", beta)] {
+        if t.numel() != c || t.dtype() != x.dtype() {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "{name} {t:?} must have {c} elements (the channel count of {x:?}) and dtype {}",
+                    x.dtype().name()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_out(op: &str, x: &Tensor, out: &Tensor) -> Result<()> {
+    if out.shape() != x.shape() || out.dtype() != x.dtype() {
+        return Err(Error::shape(op, format!("output {out:?} must match input {x:?}")));
+    }
+    if out.buffer_id() == x.buffer_id() {
+        return Err(Error::shape(
+            op,
+            "output must not alias the input (use a separate tensor)",
+        ));
+    }
+    Ok(())
+}
+
+fn u32_of(op: &str, what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::shape(op, format!("{what} = {v} does not fit in u32")))
+}
+
+/// torch GroupNorm on NHWC `x` [B, ..spatial.., C] (spatial dims flattened; also [B, N, C] token
+/// tensors): groups of C/G consecutive channels, f32 statistics over (spatial × C/G) per
+/// (batch, group), biased variance, `y = (x-mean)/sqrt(var+eps)*gamma[c]+beta[c]`, then SiLU if
+/// `silu`. `gamma`/`beta` are [C] in x's dtype.
+pub fn group_norm(
+    gpu: &Gpu,
+    x: &Tensor,
+    groups: usize,
+    eps: f32,
+    gamma: &Tensor,
+    beta: &Tensor,
+    silu: bool,
+) -> Result<Tensor> {
+    let out = gpu.empty(x.shape(), x.dtype())?;
+    group_norm_into(gpu, x, groups, eps, gamma, beta, silu, &out)?;
+    Ok(out)
+}
+
+/// [`group_norm`] into a caller-provided `out` (same shape and dtype as `x`, not aliasing it).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_into(
+    gpu: &Gpu,
+    x: &Tensor,
+    groups: usize,
+    eps: f32,
+    gamma: &Tensor,
+    beta: &Tensor,
+    silu: bool,
+    out: &Tensor,
+) -> Result<()> {
+    const OP: &str = "group_norm";
+    let shape = x.shape();
+    if shape.len() < 2 {
+        return Err(Error::shape(OP, format!("input {x:?} must be [B, ..., C]")));
+    }
+    let (b, c) = (shape[0], shape[shape.len() - 1]);
+    if groups == 0 || !c.is_multiple_of(groups) {
+        return Err(Error::shape(
+            OP,
+            format!("{c} channels of {x:?} are not divisible into {groups} groups"),
+        ));
+    }
+    check_affine(OP, x, c, gamma, beta)?;
+    check_out(OP, x, out)?;
+    if x.numel() == 0 {
+        return Ok(());
+    }
+    let rows = x.numel() / (b * c);
+    let cpg = c / groups;
+    let per_workgroup = GN_MIN_VALUES_PER_WORKGROUP.max(x.numel().div_ceil(GN_TARGET_WORKGROUPS));
+    let rows_per_chunk = per_workgroup.div_ceil(cpg).min(rows);
+    let chunks = rows.div_ceil(rows_per_chunk);
+    let max_dim = gpu.caps.max_workgroups_per_dim as usize;
+    if groups > max_dim || chunks > max_dim || b > max_dim {
+        return Err(Error::shape(
+            OP,
+            format!("grid ({groups}, {chunks}, {b}) exceeds {max_dim} workgroups per dimension"),
+        ));
+    }
+    u32_of(OP, "elements", x.numel())?;
+    let params = Params {
+        rows: rows as u32,
+        channels: c as u32,
+        groups: groups as u32,
+        cpg: cpg as u32,
+        rows_per_chunk: rows_per_chunk as u32,
+        chunks: chunks as u32,
+        silu: silu as u32,
+        eps,
+    };
+    // Scratch: (mean, M2) per (b, g, chunk). Dropping it after recording is safe: the pool may hand
+    // the buffer to a later tensor, whose commands are recorded (and so run) after these.
+    let partial = gpu.empty(&[b * groups * chunks * 2], DType::F32)?;
+    let workgroups = [groups as u32, chunks as u32, b as u32];
+    let tensors = [x, gamma, beta, out, &partial];
+    let bytes = x.size_bytes() as f64;
+    gpu.dispatch(&Dispatch {
+        shader: "norm",
+        entry: "gn_partial",
+        dtype: x.dtype(),
+        overrides: &[],
+        tensors: &tensors,
+        params: bytemuck::bytes_of(&params),
+        workgroups,
+        label: "group_norm_stats",
+        work: Work {
+            flops: 3.0 * x.numel() as f64,
+            bytes: bytes + partial.size_bytes() as f64,
+        },
+    })?;
+    gpu.dispatch(&Dispatch {
+        shader: "norm",
+        entry: "gn_normalize",
+        dtype: x.dtype(),
+        overrides: &[],
+        tensors: &tensors,
+        params: bytemuck::bytes_of(&params),
+        workgroups,
+        label: if silu { "group_norm_silu" } else { "group_norm" },
+        work: Work {
+            flops: (if silu { 8.0 } else { 4.0 }) * x.numel() as f64,
+            bytes: 2.0 * bytes + (b * groups * chunks) as f64 * 8.0 * (chunks as f64),
+        },
+    })
+}
+
+/// torch LayerNorm over the last dim (biased variance); `gamma`/`beta` are [C] in x's dtype.
+pub fn layer_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    let out = gpu.empty(x.shape(), x.dtype())?;
+    layer_norm_into(gpu, x, gamma, beta, eps, &out)?;
+    Ok(out)
+}
+
+/// [`layer_norm`] into a caller-provided `out` (same shape and dtype as `x`, not aliasing it).
+pub fn layer_norm_into(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, out: &Tensor) -> Result<()> {
+    const OP: &str = "layer_norm";
+    let Some(&c) = x.shape().last() else {
+        return Err(Error::shape(OP, format!("input {x:?} has no last dimension")));
+    };
+    check_affine(OP, x, c, gamma, beta)?;
+    check_out(OP, x, out)?;
+    if x.numel() == 0 {
+        return Ok(());
+    }
+    u32_of(OP, "elements", x.numel())?;
+    let rows = x.numel() / c;
+    let params = Params {
+        rows: rows as u32,
+        channels: c as u32,
+        groups: 1,
+        cpg: c as u32,
+        rows_per_chunk: 1,
+        chunks: 1,
+        silu: 0,
+        eps,
+    };
+    gpu.dispatch(&Dispatch {
+        shader: "norm",
+        entry: "layer_norm",
+        dtype: x.dtype(),
+        overrides: &[],
+        tensors: &[x, gamma, beta, out],
+        params: bytemuck::bytes_of(&params),
+        workgroups: grid_1d(rows as u64),
+        label: "layer_norm",
+        work: Work {
+            flops: 7.0 * x.numel() as f64,
+            bytes: 2.0 * x.size_bytes() as f64,
+        },
+    })
+}
+
+/// The specification of [`group_norm`]: `x` is [B, ..., C] row-major with `shape`; f64 two-pass
+/// statistics per (batch, group).
+pub fn reference_group_norm(
+    x: &[f32],
+    shape: &[usize],
+    groups: usize,
+    eps: f32,
+    gamma: &[f32],
+    beta: &[f32],
+    silu: bool,
+) -> Vec<f64> {
+    let (b, c) = (shape[0], shape[shape.len() - 1]);
+    let rows = x.len() / (b * c);
+    let cpg = c / groups;
+    let mut y = vec![0.0f64; x.len()];
+    for bi in 0..b {
+        for g in 0..groups {
+            let idx = |r: usize, j: usize| (bi * rows + r) * c + g * cpg + j;
+            let n = (rows * cpg) as f64;
+            let mut sum = 0.0;
+            for r in 0..rows {
+                for j in 0..cpg {
+                    sum += x[idx(r, j)] as f64;
+                }
+            }
+            let mean = sum / n;
+            let mut sq = 0.0;
+            for r in 0..rows {
+                for j in 0..cpg {
+                    let d = x[idx(r, j)] as f64 - mean;
+                    sq += d * d;
+                }
+            }
+            let rstd = 1.0 / (sq / n + eps as f64).sqrt();
+            for r in 0..rows {
+                for j in 0..cpg {
+                    let ch = g * cpg + j;
+                    let v = (x[idx(r, j)] as f64 - mean) * rstd * gamma[ch] as f64 + beta[ch] as f64;
+                    y[idx(r, j)] = if silu { v / (1.0 + (-v).exp()) } else { v };
+                }
+            }
+        }
+    }
+    y
+}
+
+/// The specification of [`layer_norm`]: `x` is rows of `c` values.
+pub fn reference_layer_norm(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f64> {
+    let mut y = Vec::with_capacity(x.len());
+    for row in x.chunks(c) {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+        let rstd = 1.0 / (var + eps as f64).sqrt();
+        for (j, &v) in row.iter().enumerate() {
+            y.push((v as f64 - mean) * rstd * gamma[j] as f64 + beta[j] as f64);
+        }
+    }
+    y
+}

@@ -512,7 +512,14 @@ impl Gpu {
     pub fn reset_profile(&self) {
         if let Some(p) = lock(&self.recorder).profiler.as_mut() {
             p.table.clear();
+            p.samples.clear();
         }
+    }
+
+    /// GPU time of every dispatch measured since the last call, as (label, nanoseconds).
+    pub fn take_samples(&self) -> Result<Vec<(String, f64)>> {
+        self.flush()?;
+        Ok(lock(&self.recorder).profiler.as_mut().map(|p| std::mem::take(&mut p.samples)).unwrap_or_default())
     }
 
     /// Persist the driver's pipeline cache so the next start skips shader compilation.

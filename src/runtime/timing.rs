@@ -28,6 +28,8 @@ pub(crate) struct Profiler {
     /// Label and work of each pending begin/end pair, in query order.
     pub(crate) pending: Vec<(String, Work)>,
     pub(crate) table: BTreeMap<String, KernelTime>,
+    /// Every measured dispatch (label, ns) since the last `take_samples`, for medians.
+    pub(crate) samples: Vec<(String, f64)>,
     pub(crate) period_ns: f64,
 }
 
@@ -54,6 +56,7 @@ impl Profiler {
             }),
             pending: Vec::new(),
             table: BTreeMap::new(),
+            samples: Vec::new(),
             period_ns: period_ns as f64,
         }
     }
@@ -66,6 +69,9 @@ impl Profiler {
         for (i, (label, work)) in self.pending.drain(..).enumerate() {
             let (begin, end) = (ticks[2 * i], ticks[2 * i + 1]);
             let ns = end.saturating_sub(begin) as f64 * self.period_ns;
+            if self.samples.len() < 1 << 20 {
+                self.samples.push((label.clone(), ns));
+            }
             let e = self.table.entry(label).or_default();
             e.calls += 1;
             e.total_ns += ns;

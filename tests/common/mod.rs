@@ -10,7 +10,8 @@ use ldm_wgpu::{DType, Gpu, GpuOptions, Tensor};
 pub fn gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
     GPU.get_or_init(|| {
-        let g = Gpu::new(&GpuOptions::default()).expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+        let g = Gpu::new(&GpuOptions::default())
+            .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
         eprintln!("tests run on: {}", g.adapter);
         g
     })
@@ -57,7 +58,10 @@ impl Rng {
 pub fn quantize(data: &[f32], dtype: DType) -> Vec<f32> {
     match dtype {
         DType::F32 => data.to_vec(),
-        DType::F16 => data.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+        DType::F16 => data
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_f32())
+            .collect(),
     }
 }
 
@@ -86,7 +90,10 @@ pub fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
 
 pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
     let e = rel_l2(got, want);
-    assert!(e <= tol, "{what}: relative L2 error {e:.3e} > tolerance {tol:.1e}");
+    assert!(
+        e <= tol,
+        "{what}: relative L2 error {e:.3e} > tolerance {tol:.1e}"
+    );
 }
 
 /// Tolerance by storage dtype: f32 ≤ 1e-5 (accumulation-order noise), f16 ≤ 2e-3 (output

@@ -1,0 +1,96 @@
+//! End-to-end benchmark (`cargo bench --bench pipeline -- [--model DIR] [--size N] [--steps N]
+//! [--sampler NAME] [--dtype f16|f32]`): cold and warm start, seconds per image, U-Net it/s,
+//! text-encode and VAE-decode time, peak GPU memory held by the buffer pool, and the top 15
+//! kernels by GPU time with GFLOP/s and GB/s.
+//!
+//! Default model: the shipped weights/tiny-shapes. For the SD 1.5 / 2.1 architectures, make a
+//! random-weight folder with `tools/make_random_sd.py --arch sd15` and pass `--model`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ldm_wgpu::pipeline::{default_model_dir, GenerateRequest, ModelOptions, StableDiffusion};
+use ldm_wgpu::runtime::timing::format_table;
+use ldm_wgpu::{DType, Gpu, GpuOptions, Result};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let model = get("--model").map(PathBuf::from).unwrap_or_else(default_model_dir);
+    let steps: usize = get("--steps").and_then(|v| v.parse().ok()).unwrap_or(25);
+    let sampler = get("--sampler").unwrap_or_else(|| "dpmpp_2m".into());
+    let dtype: Option<DType> = get("--dtype").map(|d| d.parse().expect("f16 or f32"));
+    let images: usize = get("--images").and_then(|v| v.parse().ok()).unwrap_or(3);
+    let cache = std::env::temp_dir().join("ldm-bench-pipeline-cache.bin");
+    let _ = std::fs::remove_file(&cache);
+
+    let options = |profile| GpuOptions { profile, pipeline_cache_path: Some(cache.clone()), ..Default::default() };
+    let model_options = ModelOptions { dtype, ..Default::default() };
+
+    // Cold start: device, shader compilation, weight upload, first image.
+    let t0 = Instant::now();
+    let sd = StableDiffusion::load(Gpu::new(&options(false))?, &model, &model_options)?;
+    let native = sd.unet.config.sample_size * sd.vae.config.downscale();
+    let size: usize = get("--size").and_then(|v| v.parse().ok()).unwrap_or(native);
+    let req = GenerateRequest {
+        prompt: "a blue circle on a yellow background".into(),
+        width: size,
+        height: size,
+        steps,
+        sampler: Some(sampler.clone()),
+        seed: 1,
+        ..Default::default()
+    };
+    sd.generate(&req, &mut |_| true)?;
+    let cold = t0.elapsed();
+    sd.gpu.save_pipeline_cache()?;
+    drop(sd);
+
+    // Warm start: the same with the driver's pipeline cache on disk.
+    let t0 = Instant::now();
+    let sd = StableDiffusion::load(Gpu::new(&options(true))?, &model, &model_options)?;
+    let first = sd.generate(&req, &mut |_| true)?;
+    let warm = t0.elapsed();
+    println!("device: {} ({}, {})", sd.gpu.adapter.name, sd.gpu.adapter.backend, sd.gpu.adapter.driver);
+    println!(
+        "model: {} | {size}x{size} | {sampler} {steps} steps | CFG 7.5 | batch 1 | {} (VAE {})",
+        model.display(),
+        sd.dtype.name(),
+        sd.vae_dtype.name()
+    );
+    println!("cold start to first image: {:.2} s", cold.as_secs_f64());
+    println!("warm start to first image: {:.2} s (pipeline cache: {})", warm.as_secs_f64(), sd.gpu.caps.pipeline_cache);
+    sd.gpu.reset_profile();
+
+    // Steady state: wall-clock per image (timestamps add a pass per dispatch, so the
+    // per-kernel table comes from the same runs but the seconds are wall clock).
+    let mut per_image = Vec::new();
+    let mut unet_its = Vec::new();
+    let mut text = Vec::new();
+    let mut decode = Vec::new();
+    let _ = first;
+    for _ in 0..images {
+        let out = sd.generate(&req, &mut |_| true)?;
+        per_image.push(out.timings.total.as_secs_f64());
+        let denoise: f64 = out.timings.steps.iter().map(|d| d.as_secs_f64()).sum();
+        unet_its.push(out.timings.steps.len() as f64 / denoise);
+        text.push(out.timings.text_encode.as_secs_f64());
+        decode.push(out.timings.decode.as_secs_f64());
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("seconds per image:   {:.3} (median of {images})", median(&mut per_image));
+    println!("U-Net it/s:          {:.2}", median(&mut unet_its));
+    println!("text encode:         {:.3} s", median(&mut text));
+    println!("VAE decode:          {:.3} s", median(&mut decode));
+    println!("peak pool memory:    {:.1} MiB", sd.gpu.pool_stats().peak_bytes as f64 / 1048576.0);
+    let table = sd.gpu.profile()?;
+    let mut rows: Vec<_> = table.into_iter().collect();
+    rows.sort_by(|a, b| b.1.total_ns.total_cmp(&a.1.total_ns));
+    rows.truncate(15);
+    println!("top kernels by GPU time ({images} images):");
+    print!("{}", format_table(&rows.into_iter().collect()));
+    Ok(())
+}

@@ -1,0 +1,224 @@
+// matmul_coop: the matmul.wgsl kernels (linear, geglu, batched A·Bᵀ) on cooperative matrices
+// (tensor cores): 16 × 16 × 16 f16 × f16 → f32. f16 storage only; same Params, bindings,
+// epilogues and results as matmul.wgsl (see its header for the formulas and layouts).
+//
+// Selected only when the adapter offers 16×16×16 f16→f32 (`caps.coop_16x16_f16`) with 32-wide
+// subgroups (the workgroup is 4 subgroups, each owning a 32 × 32 quarter of the output tile).
+//
+// Bindings: 0 x (elem4, read), 1 w (elem4, read), 2 bias, 3 residual, 4 out (read_write),
+//           5 params — as matmul.wgsl.
+// Geometry: 128 threads (4 subgroups of 32); 64 × 64 output tile (geglu: 64 rows × 32 outputs,
+// i.e. 32 hidden + 32 gate weight rows); K step 32. Grid as matmul.wgsl with TM = TN = 64.
+// Flow per K step: all threads stage x and w tiles (zero-padded at the edges, so the matrix ops
+// never see out-of-range data) into workgroup memory as f16; each subgroup does 2 × 2 × 2 matrix
+// multiply-adds. At the end each subgroup stores its f32 accumulators to workgroup memory and all
+// threads run the fused epilogue from there with coalesced stores.
+// K % 4 == 0 is required (vec4 staging loads); the host uses matmul.wgsl otherwise.
+
+enable wgpu_cooperative_matrix;
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    act: u32,
+    bias_mode: u32,
+    residual_mode: u32,
+    stride_a: u32,
+    stride_b: u32,
+    stride_c: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+};
+
+@group(0) @binding(0) var<storage, read> x4: array<elem4>;
+@group(0) @binding(1) var<storage, read> w4: array<elem4>;
+@group(0) @binding(2) var<storage, read> bias: array<elem>;
+@group(0) @binding(3) var<storage, read> residual: array<elem>;
+@group(0) @binding(4) var<storage, read_write> out: array<elem>;
+@group(0) @binding(5) var<uniform> params: Params;
+
+const TM: u32 = 64u;
+const TN: u32 = 64u;
+const TK: u32 = 32u;
+const NT: u32 = 128u;
+// Row stride of the staged tiles in halves: TK + 8 keeps every 16-row block 16-byte aligned and
+// staggers rows across banks.
+const AS: u32 = 40u;
+
+var<workgroup> a_sh: array<f16, 2560>;   // TM × AS: a_sh[r * AS + k] = x[m0 + r, k0 + k]
+var<workgroup> b_sh: array<f16, 2560>;   // TN × AS: b_sh[r * AS + k] = w[row(r), k0 + k] (Bᵀ)
+var<workgroup> c_sh: array<f32, 4096>;   // TM × TN accumulators for the epilogue
+
+fn b_row(rr: u32, n0: u32, geglu: bool) -> vec2<u32> {
+    if (geglu) {
+        let half = TN / 2u;
+        let hi = rr / half;
+        let n = n0 + rr - hi * half;
+        return vec2<u32>(n + hi * params.n, u32(n < params.n));
+    }
+    let n = n0 + rr;
+    return vec2<u32>(n, u32(n < params.n));
+}
+
+fn stage_tiles(lid: u32, m0: u32, n0: u32, k0: u32, a_base: u32, b_base: u32, geglu: bool) {
+    let kk = params.k;
+    let chunks = TK / 4u;
+    for (var i = lid; i < TM * chunks; i += NT) {
+        let r = i / chunks;
+        let c = i - r * chunks;
+        let m = m0 + r;
+        let k = k0 + 4u * c;
+        var v = vec4<f16>(0.0);
+        if (m < params.m && k < kk) {
+            v = vec4<f16>(x4[(a_base + m * kk + k) >> 2u]);
+        }
+        let o = r * AS + 4u * c;
+        a_sh[o] = v.x;
+        a_sh[o + 1u] = v.y;
+        a_sh[o + 2u] = v.z;
+        a_sh[o + 3u] = v.w;
+    }
+    for (var i = lid; i < TN * chunks; i += NT) {
+        let r = i / chunks;
+        let c = i - r * chunks;
+        let row = b_row(r, n0, geglu);
+        let k = k0 + 4u * c;
+        var v = vec4<f16>(0.0);
+        if (row.y != 0u && k < kk) {
+            v = vec4<f16>(w4[(b_base + row.x * kk + k) >> 2u]);
+        }
+        let o = r * AS + 4u * c;
+        b_sh[o] = v.x;
+        b_sh[o + 1u] = v.y;
+        b_sh[o + 2u] = v.z;
+        b_sh[o + 3u] = v.w;
+    }
+}
+
+// The product tile c_sh = x_tile · w_tileᵀ over all of K.
+fn product_tile(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, geglu: bool) {
+    let wm = (sg >> 1u) * 32u;   // this subgroup's quarter of the tile
+    let wn = (sg & 1u) * 32u;
+    var c00 = coop_mat16x16<f32, C>();
+    var c01 = coop_mat16x16<f32, C>();
+    var c10 = coop_mat16x16<f32, C>();
+    var c11 = coop_mat16x16<f32, C>();
+    for (var k0 = 0u; k0 < params.k; k0 += TK) {
+        stage_tiles(lid, m0, n0, k0, a_base, b_base, geglu);
+        workgroupBarrier();
+        for (var kb = 0u; kb < TK; kb += 16u) {
+            // A blocks are row-major (m, k); B = Wᵀ is column-major: column n is w's row n.
+            let ia0 = wm * AS + kb;
+            let ia1 = (wm + 16u) * AS + kb;
+            let ib0 = wn * AS + kb;
+            let ib1 = (wn + 16u) * AS + kb;
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&a_sh[ia0], AS);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&a_sh[ia1], AS);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&b_sh[ib0], AS);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&b_sh[ib1], AS);
+            c00 = coopMultiplyAdd(a0, b0, c00);
+            c01 = coopMultiplyAdd(a0, b1, c01);
+            c10 = coopMultiplyAdd(a1, b0, c10);
+            c11 = coopMultiplyAdd(a1, b1, c11);
+        }
+        workgroupBarrier();
+    }
+    // naga 30 can panic on compound pointer indices in coopStore: bind them to lets.
+    let i00 = wm * TN + wn;
+    let i01 = wm * TN + wn + 16u;
+    let i10 = (wm + 16u) * TN + wn;
+    let i11 = (wm + 16u) * TN + wn + 16u;
+    let stride = TN;
+    coopStoreT(c00, &c_sh[i00], stride);
+    coopStoreT(c01, &c_sh[i01], stride);
+    coopStoreT(c10, &c_sh[i10], stride);
+    coopStoreT(c11, &c_sh[i11], stride);
+    workgroupBarrier();
+}
+
+// ------------------------------------------------------------------ epilogue (as matmul.wgsl)
+
+fn erf1(a: f32) -> f32 {
+    let x = clamp(a, -4.0, 4.0);
+    let x2 = x * x;
+    var p = x2 * -2.72614225801306e-10 + 2.77068142495902e-08;
+    p = x2 * p + -2.10102402082508e-06;
+    p = x2 * p + -5.69250639462346e-05;
+    p = x2 * p + -7.34990630326855e-04;
+    p = x2 * p + -2.95459980854025e-03;
+    p = x2 * p + -1.60960333262415e-02;
+    p = x * p;
+    var q = x2 * -1.45660718464996e-05 + -2.13374055278905e-04;
+    q = x2 * q + -1.68282697438203e-03;
+    q = x2 * q + -7.37332916720468e-03;
+    q = x2 * q + -1.42647390514189e-02;
+    return p / q;
+}
+
+fn gelu1(v: f32) -> f32 {
+    return 0.5 * v * (1.0 + erf1(v * 0.70710678118654752));
+}
+
+fn activate(v: f32) -> f32 {
+    switch (params.act) {
+        case 1u: { return gelu1(v); }
+        case 2u: { return v / (1.0 + exp(-v)); }
+        case 3u: { return v / (1.0 + exp(-1.702 * v)); }
+        default: { return v; }
+    }
+}
+
+@compute @workgroup_size(128)
+fn linear_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+               @builtin(subgroup_id) sg: u32) {
+    let m0 = wid.y * TM;
+    let n0 = wid.x * TN;
+    product_tile(lid, sg, m0, n0, wid.z * params.stride_a, wid.z * params.stride_b, false);
+    let c_base = wid.z * params.stride_c;
+    for (var i = lid; i < TM * TN; i += NT) {
+        let r = i / TN;
+        let c = i - r * TN;
+        let m = m0 + r;
+        let n = n0 + c;
+        if (m < params.m && n < params.n) {
+            var v = c_sh[i];
+            if (params.bias_mode != 0u) {
+                v += f32(bias[n]);
+            }
+            v = activate(v);
+            let o = c_base + m * params.n + n;
+            if (params.residual_mode == 1u) {
+                v += f32(residual[o]);
+            } else if (params.residual_mode == 2u) {
+                v += f32(out[o]);
+            }
+            out[o] = elem(v);
+        }
+    }
+}
+
+@compute @workgroup_size(128)
+fn geglu_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+              @builtin(subgroup_id) sg: u32) {
+    let m0 = wid.y * TM;
+    let n0 = wid.x * (TN / 2u);
+    product_tile(lid, sg, m0, n0, 0u, 0u, true);
+    let half = TN / 2u;
+    for (var i = lid; i < TM * half; i += NT) {
+        let r = i / half;
+        let c = i - r * half;
+        let m = m0 + r;
+        let n = n0 + c;
+        if (m < params.m && n < params.n) {
+            var h = c_sh[r * TN + c];
+            var g = c_sh[r * TN + half + c];
+            if (params.bias_mode != 0u) {
+                h += f32(bias[n]);
+                g += f32(bias[params.n + n]);
+            }
+            out[m * params.n + n] = elem(h * gelu1(g));
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! CLIP text encoder: a port of transformers' `CLIPTextModel` (modeling_clip.py) as Stable
+//! Diffusion uses it — SD 1.x (ViT-L/14 text, quick_gelu) and SD 2.x (OpenCLIP ViT-H text,
+//! gelu, exported with 23 layers). Causal self-attention; `clip_skip` as diffusers applies it.
+
+use serde_json::Value;
+
+use crate::kernels::attention::HeadsView;
+use crate::kernels::elementwise;
+use crate::kernels::matmul::Activation;
+use crate::models::config::Config;
+use crate::nn::{self, LayerNorm, Linear};
+use crate::weights::WeightView;
+use crate::{DType, Error, Gpu, Result, Tensor};
+
+#[derive(Clone, Debug)]
+pub struct ClipConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f32,
+}
+
+impl ClipConfig {
+    /// From `text_encoder/config.json` (transformers CLIPTextConfig).
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let c = Config::new("text_encoder", v);
+        let act = c.str_or("hidden_act", "quick_gelu")?;
+        let hidden_act = match act {
+            "quick_gelu" => Activation::QuickGelu,
+            "gelu" => Activation::Gelu,
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "text encoder hidden_act `{other}`"
+                )))
+            }
+        };
+        let cfg = ClipConfig {
+            vocab_size: c.usize("vocab_size")?,
+            hidden_size: c.usize("hidden_size")?,
+            intermediate_size: c.usize("intermediate_size")?,
+            num_hidden_layers: c.usize("num_hidden_layers")?,
+            num_attention_heads: c.usize("num_attention_heads")?,
+            max_position_embeddings: c.usize_or("max_position_embeddings", 77)?,
+            hidden_act,
+            layer_norm_eps: c.f64_or("layer_norm_eps", 1e-5)? as f32,
+        };
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
+            return Err(Error::Unsupported(format!(
+                "text encoder hidden_size {} not divisible by {} heads",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
+        }
+        Ok(cfg)
+    }
+}
+
+/// CLIPEncoderLayer: pre-norm self-attention and MLP, each with a residual.
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    /// q_proj, k_proj and v_proj fused into one [3C, C] linear.
+    qkv: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+pub struct ClipTextModel {
+    pub config: ClipConfig,
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    pub dtype: DType,
+}
+
+impl ClipTextModel {
+    /// `vb` is the text encoder's root view (keys `text_model.*`).
+    pub fn load(gpu: &Gpu, vb: &WeightView<'_>, config: ClipConfig, dtype: DType) -> Result<Self> {
+        let c = &config;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let tm = vb.pp("text_model");
+        let emb = tm.pp("embeddings");
+        let token_embedding = nn::load(
+            gpu,
+            &emb.pp("token_embedding"),
+            "weight",
+            &[c.vocab_size, h],
+            dtype,
+        )?;
+        let position_embedding = nn::load(
+            gpu,
+            &emb.pp("position_embedding"),
+            "weight",
+            &[c.max_position_embeddings, h],
+            dtype,
+        )?;
+        let eps = c.layer_norm_eps;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let lv = tm.pp("encoder.layers").pp(&l.to_string());
+            let attn = lv.pp("self_attn");
+            layers.push(EncoderLayer {
+                layer_norm1: LayerNorm::load(gpu, &lv.pp("layer_norm1"), h, eps, dtype)?,
+                qkv: Linear::load_fused(
+                    gpu,
+                    &[attn.pp("q_proj"), attn.pp("k_proj"), attn.pp("v_proj")],
+                    h,
+                    &[h, h, h],
+                    true,
+                    dtype,
+                )?,
+                out_proj: Linear::load(gpu, &attn.pp("out_proj"), h, h, true, dtype)?,
+                layer_norm2: LayerNorm::load(gpu, &lv.pp("layer_norm2"), h, eps, dtype)?,
+                fc1: Linear::load(gpu, &lv.pp("mlp.fc1"), h, i, true, dtype)?,
+                fc2: Linear::load(gpu, &lv.pp("mlp.fc2"), i, h, true, dtype)?,
+            });
+        }
+        let final_layer_norm = LayerNorm::load(gpu, &tm.pp("final_layer_norm"), h, eps, dtype)?;
+        Ok(ClipTextModel {
+            config,
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            dtype,
+        })
+    }
+
+    /// Encode `ids` ([batch, tokens] row-major, tokens ≤ max_position_embeddings).
+    ///
+    /// `clip_skip` follows diffusers' `encode_prompt`: None (or 0) gives the last hidden state
+    /// after the final layer norm; k ≥ 1 takes the hidden state k layers before the last and
+    /// applies the final layer norm to it. Returns [batch, tokens, hidden].
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        ids: &[u32],
+        batch: usize,
+        clip_skip: Option<usize>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        if batch == 0 || !ids.len().is_multiple_of(batch) {
+            return Err(Error::shape(
+                "clip",
+                format!("{} ids for batch {batch}", ids.len()),
+            ));
+        }
+        let tokens = ids.len() / batch;
+        if tokens > c.max_position_embeddings {
+            return Err(Error::shape(
+                "clip",
+                format!(
+                    "{tokens} tokens exceed max_position_embeddings {}",
+                    c.max_position_embeddings
+                ),
+            ));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} outside the vocabulary ({})",
+                c.vocab_size
+            )));
+        }
+        let skip = clip_skip.unwrap_or(0);
+        if skip >= c.num_hidden_layers {
+            return Err(Error::InvalidInput(format!(
+                "clip_skip {skip} must be smaller than the number of layers ({})",
+                c.num_hidden_layers
+            )));
+        }
+        let (hsz, heads) = (c.hidden_size, c.num_attention_heads);
+        // [B, N, C]
+        let mut hidden = elementwise::embed_tokens(
+            gpu,
+            ids,
+            batch,
+            &self.token_embedding,
+            &self.position_embedding,
+        )?;
+        for layer in &self.layers[..c.num_hidden_layers - skip] {
+            // Self-attention block. [B, N, C] -> [B, N, 3C] -> [B, N, C]
+            let normed = layer.layer_norm1.forward(gpu, &hidden)?; // [B, N, C]
+            let qkv = layer.qkv.forward(gpu, &normed)?; // [B, N, 3C]
+            let view = |offset| HeadsView {
+                tensor: &qkv,
+                tokens,
+                row_stride: 3 * hsz,
+                offset,
+            };
+            let attn = nn::multi_head_attention(
+                gpu,
+                view(0),
+                view(hsz),
+                view(2 * hsz),
+                batch,
+                heads,
+                hsz / heads,
+                true,
+            )?;
+            hidden = layer
+                .out_proj
+                .forward_fused(gpu, &attn, Activation::None, Some(&hidden))?;
+            // MLP block. [B, N, C] -> [B, N, I] -> [B, N, C]
+            let normed = layer.layer_norm2.forward(gpu, &hidden)?; // [B, N, C]
+            let mid = layer.fc1.forward_fused(gpu, &normed, c.hidden_act, None)?; // [B, N, I]
+            hidden = layer
+                .fc2
+                .forward_fused(gpu, &mid, Activation::None, Some(&hidden))?;
+        }
+        // [B, N, C]
+        self.final_layer_norm.forward(gpu, &hidden)
+    }
+}

@@ -1,0 +1,9 @@
+//! The three networks of a latent diffusion model, assembled on the runtime from `nn` layers,
+//! each named after the diffusers / transformers class it ports.
+
+pub mod blocks;
+pub mod clip;
+pub mod config;
+pub mod transformer;
+pub mod unet;
+pub mod vae;

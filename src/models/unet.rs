@@ -1,0 +1,494 @@
+//! diffusers `UNet2DConditionModel` (models/unets/unet_2d_condition.py) for Stable Diffusion 1.x
+//! and 2.x configurations, with the down/mid/up blocks of unet_2d_blocks.py
+//! (CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D, CrossAttnUpBlock2D).
+//! Activations NHWC: sample [B, h, w, C_in] -> [B, h, w, C_out].
+
+use serde_json::Value;
+
+use crate::kernels::elementwise;
+use crate::kernels::matmul::Activation;
+use crate::models::blocks::ResnetBlock2D;
+use crate::models::config::Config;
+use crate::models::transformer::{Transformer2DModel, TransformerSpec};
+use crate::nn::{Conv2d, GroupNorm, Linear};
+use crate::weights::WeightView;
+use crate::{DType, Error, Gpu, Result, Tensor};
+
+#[derive(Clone, Debug)]
+pub struct UNetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    /// true for CrossAttn*Block2D, per down block (up blocks mirror `up_block_types`).
+    pub down_has_attention: Vec<bool>,
+    pub up_has_attention: Vec<bool>,
+    pub layers_per_block: Vec<usize>,
+    pub transformer_layers_per_block: Vec<usize>,
+    pub num_attention_heads: Vec<usize>,
+    pub cross_attention_dim: usize,
+    pub use_linear_projection: bool,
+    pub only_cross_attention: Vec<bool>,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f32,
+    pub norm_num_groups: usize,
+    pub norm_eps: f32,
+    pub downsample_padding: usize,
+    pub sample_size: usize,
+}
+
+impl UNetConfig {
+    /// From `unet/config.json`. Configurations we do not run (SDXL's added embeddings, class
+    /// embeddings, other block types) are refused by name.
+    ///
+    /// `upcast_attention` (SD 2.1) needs nothing here: the attention kernel computes scores,
+    /// softmax and the weighted sum in f32 whatever the storage dtype.
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let c = Config::new("unet", v);
+        let unsupported = |what: String| Err(Error::Unsupported(format!("U-Net config: {what}")));
+        for key in [
+            "addition_embed_type",
+            "class_embed_type",
+            "encoder_hid_dim_type",
+            "time_cond_proj_dim",
+        ] {
+            if c.is_set(key) {
+                return unsupported(format!(
+                    "`{key}` = {} (SDXL-style and conditioned U-Nets are not supported yet)",
+                    v[key]
+                ));
+            }
+        }
+        if c.bool_or("dual_cross_attention", false)? {
+            return unsupported("dual_cross_attention".into());
+        }
+        if c.str_or("resnet_time_scale_shift", "default")? != "default" {
+            return unsupported("resnet_time_scale_shift other than `default`".into());
+        }
+        if c.str_or("time_embedding_type", "positional")? != "positional" {
+            return unsupported("time_embedding_type other than `positional`".into());
+        }
+        if c.str_or("act_fn", "silu")? != "silu" {
+            return unsupported("act_fn other than silu".into());
+        }
+        if c.str_or("mid_block_type", "UNetMidBlock2DCrossAttn")? != "UNetMidBlock2DCrossAttn" {
+            return unsupported(format!("mid_block_type {}", v["mid_block_type"]));
+        }
+        if c.usize_or("conv_in_kernel", 3)? != 3 || c.usize_or("conv_out_kernel", 3)? != 3 {
+            return unsupported("conv kernels other than 3".into());
+        }
+        if c.is_set("cross_attention_dim") && !v["cross_attention_dim"].is_u64() {
+            return unsupported("per-block cross_attention_dim".into());
+        }
+        let block_out_channels = c.usize_list("block_out_channels")?;
+        let n = block_out_channels.len();
+        let down_types = c.str_list("down_block_types")?;
+        let up_types = c.str_list("up_block_types")?;
+        if down_types.len() != n || up_types.len() != n {
+            return unsupported(
+                "block type lists must have one entry per block_out_channels".into(),
+            );
+        }
+        let kind = |t: &String, plain: &str, attn: &str| -> Result<bool> {
+            if t == plain {
+                Ok(false)
+            } else if t == attn {
+                Ok(true)
+            } else {
+                Err(Error::Unsupported(format!("U-Net block type `{t}`")))
+            }
+        };
+        let down_has_attention = down_types
+            .iter()
+            .map(|t| kind(t, "DownBlock2D", "CrossAttnDownBlock2D"))
+            .collect::<Result<Vec<_>>>()?;
+        let up_has_attention = up_types
+            .iter()
+            .map(|t| kind(t, "UpBlock2D", "CrossAttnUpBlock2D"))
+            .collect::<Result<Vec<_>>>()?;
+        // diffusers keeps a historical naming quirk: `attention_head_dim` is really the number of
+        // heads unless `num_attention_heads` is given.
+        let heads = match c.per_block("num_attention_heads", n)? {
+            Some(h) => h,
+            None => c.per_block("attention_head_dim", n)?.unwrap_or(vec![8; n]),
+        };
+        let layers_per_block = c.per_block("layers_per_block", n)?.unwrap_or(vec![2; n]);
+        let transformer_layers_per_block = c
+            .per_block("transformer_layers_per_block", n)?
+            .unwrap_or(vec![1; n]);
+        for (i, (&ch, &h)) in block_out_channels.iter().zip(&heads).enumerate() {
+            if h == 0 || ch % h != 0 {
+                return unsupported(format!(
+                    "block {i}: {ch} channels not divisible by {h} heads"
+                ));
+            }
+        }
+        Ok(UNetConfig {
+            in_channels: c.usize_or("in_channels", 4)?,
+            out_channels: c.usize_or("out_channels", 4)?,
+            down_has_attention,
+            up_has_attention,
+            layers_per_block,
+            transformer_layers_per_block,
+            num_attention_heads: heads,
+            cross_attention_dim: c.usize_or("cross_attention_dim", 1280)?,
+            use_linear_projection: c.bool_or("use_linear_projection", false)?,
+            only_cross_attention: c.per_block_bool("only_cross_attention", n, false)?,
+            flip_sin_to_cos: c.bool_or("flip_sin_to_cos", true)?,
+            freq_shift: c.f64_or("freq_shift", 0.0)? as f32,
+            norm_num_groups: c.usize_or("norm_num_groups", 32)?,
+            norm_eps: c.f64_or("norm_eps", 1e-5)? as f32,
+            downsample_padding: c.usize_or("downsample_padding", 1)?,
+            sample_size: c.usize_or("sample_size", 64)?,
+            block_out_channels,
+        })
+    }
+
+    /// Latent sides must be divisible by this (one halving per downsampler).
+    pub fn latent_multiple(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+/// A resnet, optionally followed by a transformer (the Cross-Attn blocks).
+struct Layer {
+    resnet: ResnetBlock2D,
+    transformer: Option<Transformer2DModel>,
+}
+
+impl Layer {
+    fn forward(&self, gpu: &Gpu, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let h = self.resnet.forward(gpu, x, Some(temb))?; // [B, H, W, Cout]
+        match &self.transformer {
+            Some(t) => t.forward(gpu, &h, context),
+            None => Ok(h),
+        }
+    }
+}
+
+struct DownBlock {
+    layers: Vec<Layer>,
+    downsampler: Option<Conv2d>,
+}
+
+struct UpBlock {
+    layers: Vec<Layer>,
+    upsampler: Option<Conv2d>,
+}
+
+pub struct UNet2DConditionModel {
+    pub config: UNetConfig,
+    pub dtype: DType,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    conv_in: Conv2d,
+    down_blocks: Vec<DownBlock>,
+    mid_resnet0: ResnetBlock2D,
+    mid_transformer: Transformer2DModel,
+    mid_resnet1: ResnetBlock2D,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet2DConditionModel {
+    pub fn load(gpu: &Gpu, vb: &WeightView<'_>, config: UNetConfig, dtype: DType) -> Result<Self> {
+        let c = &config;
+        let boc = &c.block_out_channels;
+        let n = boc.len();
+        let (groups, eps) = (c.norm_num_groups, c.norm_eps);
+        let temb_dim = boc[0] * 4;
+        let spec = |channels: usize, block: usize, only_cross: bool| TransformerSpec {
+            channels,
+            heads: c.num_attention_heads[block],
+            head_dim: channels / c.num_attention_heads[block],
+            layers: c.transformer_layers_per_block[block],
+            cross_attention_dim: c.cross_attention_dim,
+            use_linear_projection: c.use_linear_projection,
+            only_cross_attention: only_cross,
+            norm_groups: groups,
+        };
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut out_ch = boc[0];
+        for (i, &block_ch) in boc.iter().enumerate() {
+            let in_ch = out_ch;
+            out_ch = block_ch;
+            let bv = vb.pp("down_blocks").pp(&i.to_string());
+            let mut layers = Vec::new();
+            for j in 0..c.layers_per_block[i] {
+                let cin = if j == 0 { in_ch } else { out_ch };
+                let resnet = ResnetBlock2D::load(
+                    gpu,
+                    &bv.pp("resnets").pp(&j.to_string()),
+                    cin,
+                    out_ch,
+                    Some(temb_dim),
+                    groups,
+                    eps,
+                    dtype,
+                )?;
+                let transformer = if c.down_has_attention[i] {
+                    Some(Transformer2DModel::load(
+                        gpu,
+                        &bv.pp("attentions").pp(&j.to_string()),
+                        spec(out_ch, i, c.only_cross_attention[i]),
+                        dtype,
+                    )?)
+                } else {
+                    None
+                };
+                layers.push(Layer {
+                    resnet,
+                    transformer,
+                });
+            }
+            let downsampler = if i + 1 < n {
+                let p = c.downsample_padding;
+                Some(Conv2d::load(
+                    gpu,
+                    &bv.pp("downsamplers.0.conv"),
+                    out_ch,
+                    out_ch,
+                    3,
+                    2,
+                    p,
+                    dtype,
+                )?)
+            } else {
+                None
+            };
+            down_blocks.push(DownBlock {
+                layers,
+                downsampler,
+            });
+        }
+
+        let last = boc[n - 1];
+        let mv = vb.pp("mid_block");
+        let mid_resnet0 = ResnetBlock2D::load(
+            gpu,
+            &mv.pp("resnets.0"),
+            last,
+            last,
+            Some(temb_dim),
+            groups,
+            eps,
+            dtype,
+        )?;
+        let mid_transformer =
+            Transformer2DModel::load(gpu, &mv.pp("attentions.0"), spec(last, n - 1, false), dtype)?;
+        let mid_resnet1 = ResnetBlock2D::load(
+            gpu,
+            &mv.pp("resnets.1"),
+            last,
+            last,
+            Some(temb_dim),
+            groups,
+            eps,
+            dtype,
+        )?;
+
+        // Up blocks walk the reversed lists (diffusers' reversed_* variables).
+        let rev = |v: &Vec<usize>| v.iter().rev().copied().collect::<Vec<_>>();
+        let (rboc, rlayers) = (rev(boc), rev(&c.layers_per_block));
+        let ronly: Vec<bool> = c.only_cross_attention.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut out_ch = rboc[0];
+        for i in 0..n {
+            let prev_out = out_ch;
+            out_ch = rboc[i];
+            let in_ch = rboc[(i + 1).min(n - 1)];
+            let block_index = n - 1 - i; // the down block this one mirrors (heads, transformer layers)
+            let bv = vb.pp("up_blocks").pp(&i.to_string());
+            let num_layers = rlayers[i] + 1;
+            let mut layers = Vec::new();
+            for j in 0..num_layers {
+                let skip = if j == num_layers - 1 { in_ch } else { out_ch };
+                let res_in = if j == 0 { prev_out } else { out_ch };
+                let resnet = ResnetBlock2D::load(
+                    gpu,
+                    &bv.pp("resnets").pp(&j.to_string()),
+                    res_in + skip,
+                    out_ch,
+                    Some(temb_dim),
+                    groups,
+                    eps,
+                    dtype,
+                )?;
+                let transformer = if c.up_has_attention[i] {
+                    Some(Transformer2DModel::load(
+                        gpu,
+                        &bv.pp("attentions").pp(&j.to_string()),
+                        spec(out_ch, block_index, ronly[i]),
+                        dtype,
+                    )?)
+                } else {
+                    None
+                };
+                layers.push(Layer {
+                    resnet,
+                    transformer,
+                });
+            }
+            let upsampler = if i + 1 < n {
+                Some(Conv2d::load(
+                    gpu,
+                    &bv.pp("upsamplers.0.conv"),
+                    out_ch,
+                    out_ch,
+                    3,
+                    1,
+                    1,
+                    dtype,
+                )?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock { layers, upsampler });
+        }
+
+        Ok(UNet2DConditionModel {
+            time_linear_1: Linear::load(
+                gpu,
+                &vb.pp("time_embedding.linear_1"),
+                boc[0],
+                temb_dim,
+                true,
+                dtype,
+            )?,
+            time_linear_2: Linear::load(
+                gpu,
+                &vb.pp("time_embedding.linear_2"),
+                temb_dim,
+                temb_dim,
+                true,
+                dtype,
+            )?,
+            conv_in: Conv2d::load(
+                gpu,
+                &vb.pp("conv_in"),
+                c.in_channels,
+                boc[0],
+                3,
+                1,
+                1,
+                dtype,
+            )?,
+            down_blocks,
+            mid_resnet0,
+            mid_transformer,
+            mid_resnet1,
+            up_blocks,
+            conv_norm_out: GroupNorm::load(
+                gpu,
+                &vb.pp("conv_norm_out"),
+                groups,
+                boc[0],
+                eps,
+                dtype,
+            )?,
+            conv_out: Conv2d::load(
+                gpu,
+                &vb.pp("conv_out"),
+                boc[0],
+                c.out_channels,
+                3,
+                1,
+                1,
+                dtype,
+            )?,
+            config,
+            dtype,
+        })
+    }
+
+    /// sample: [B, h, w, C_in]; timestep: the scheduler's t (the same for the whole batch, as
+    /// diffusers broadcasts it); context: [B, Nc, cross_attention_dim]. Returns [B, h, w, C_out].
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let b = sample.dim(0);
+        let m = c.latent_multiple();
+        if !sample.dim(1).is_multiple_of(m) || !sample.dim(2).is_multiple_of(m) {
+            return Err(Error::InvalidInput(format!(
+                "latent size {}×{} must be a multiple of {m} for this U-Net (image sides a multiple of {})",
+                sample.dim(2),
+                sample.dim(1),
+                m * 8
+            )));
+        }
+        if sample.dim(3) != c.in_channels {
+            return Err(Error::shape(
+                "unet",
+                format!(
+                    "sample has {} channels, the U-Net takes {}",
+                    sample.dim(3),
+                    c.in_channels
+                ),
+            ));
+        }
+        if context.dim(0) != b || context.dim(2) != c.cross_attention_dim {
+            return Err(Error::shape(
+                "unet",
+                format!(
+                    "context {:?} does not fit batch {b} and cross_attention_dim {}",
+                    context.shape(),
+                    c.cross_attention_dim
+                ),
+            ));
+        }
+        // Time embedding: sinusoidal (f32, as diffusers' Timesteps) -> linear -> SiLU -> linear.
+        let t = vec![timestep as f32; b];
+        let t_emb = elementwise::timestep_embedding(
+            gpu,
+            &t,
+            c.block_out_channels[0],
+            c.flip_sin_to_cos,
+            c.freq_shift,
+            self.dtype,
+        )?; // [B, C0]
+        let emb = self
+            .time_linear_1
+            .forward_fused(gpu, &t_emb, Activation::Silu, None)?; // [B, 4C0]
+                                                                  // Every resnet applies SiLU to the embedding first: do it once, fused into linear_2.
+        let temb_silu = self
+            .time_linear_2
+            .forward_fused(gpu, &emb, Activation::Silu, None)?; // [B, 4C0]
+
+        let mut h = self.conv_in.forward(gpu, sample)?; // [B, h, w, C0]
+        let mut skips = vec![h.clone()];
+        for block in &self.down_blocks {
+            for layer in &block.layers {
+                h = layer.forward(gpu, &h, &temb_silu, context)?; // [B, h, w, C]
+                skips.push(h.clone());
+            }
+            if let Some(down) = &block.downsampler {
+                h = down.forward(gpu, &h)?; // [B, h/2, w/2, C]
+                skips.push(h.clone());
+            }
+        }
+        h = self.mid_resnet0.forward(gpu, &h, Some(&temb_silu))?; // [B, h/f, w/f, C_last]
+        h = self.mid_transformer.forward(gpu, &h, context)?; // [B, h/f, w/f, C_last]
+        h = self.mid_resnet1.forward(gpu, &h, Some(&temb_silu))?; // [B, h/f, w/f, C_last]
+        for block in &self.up_blocks {
+            for layer in &block.layers {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
+                let cat = elementwise::concat_channels(gpu, &h, &skip)?; // [B, h, w, C + C_skip]
+                h = layer.forward(gpu, &cat, &temb_silu, context)?; // [B, h, w, C]
+            }
+            if let Some(up) = &block.upsampler {
+                let u = elementwise::upsample_nearest2x(gpu, &h)?; // [B, 2h, 2w, C]
+                h = up.forward(gpu, &u)?; // [B, 2h, 2w, C]
+            }
+        }
+        let h = self.conv_norm_out.forward(gpu, &h, true)?; // [B, h, w, C0]
+        self.conv_out.forward(gpu, &h) // [B, h, w, C_out]
+    }
+}

@@ -1,0 +1,263 @@
+//! Weight-owning layers: each loads its tensors from a [`WeightView`] under the diffusers key
+//! names (so a missing tensor fails with its full key) and records its kernels in `forward`.
+//! Models in `src/models/` are built from these.
+
+use crate::kernels::attention::{self, HeadsView};
+use crate::kernels::conv2d;
+use crate::kernels::matmul::{self, Activation};
+use crate::kernels::norm;
+use crate::weights::{HostTensor, WeightView};
+use crate::{DType, Error, Gpu, Result, Tensor};
+
+/// Upload a host tensor in the compute dtype (f32/f16/bf16 sources converted with `half`).
+pub fn upload_host(gpu: &Gpu, t: &HostTensor<'_>, dtype: DType) -> Result<Tensor> {
+    match dtype {
+        DType::F16 => gpu.upload_f16(&t.to_f16_vec(), &t.shape, dtype),
+        DType::F32 => gpu.upload(&t.to_f32_vec(), &t.shape, dtype),
+    }
+}
+
+/// Read `name` with `shape` and upload it.
+pub fn load(
+    gpu: &Gpu,
+    vb: &WeightView<'_>,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<Tensor> {
+    let t = vb.get(name, shape)?;
+    upload_host(gpu, &t, dtype)
+}
+
+/// torch.nn.Linear: y = x·Wᵀ + b, W [out, in].
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(
+        gpu: &Gpu,
+        vb: &WeightView<'_>,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        dtype: DType,
+    ) -> Result<Self> {
+        let weight = load(gpu, vb, "weight", &[d_out, d_in], dtype)?;
+        let bias = if bias {
+            Some(load(gpu, vb, "bias", &[d_out], dtype)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// Several linears applied to the same input fused into one (rows stacked): q, k and v
+    /// projections become one [3C, C] matmul that attention reads through strided views.
+    pub fn load_fused(
+        gpu: &Gpu,
+        views: &[WeightView<'_>],
+        d_in: usize,
+        d_outs: &[usize],
+        bias: bool,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut w: Vec<f32> = Vec::new();
+        let mut b: Vec<f32> = Vec::new();
+        for (vb, &d_out) in views.iter().zip(d_outs) {
+            w.extend(vb.get("weight", &[d_out, d_in])?.to_f32_vec());
+            if bias {
+                b.extend(vb.get("bias", &[d_out])?.to_f32_vec());
+            }
+        }
+        let total: usize = d_outs.iter().sum();
+        let weight = gpu.upload(&w, &[total, d_in], dtype)?;
+        let bias = if bias {
+            Some(gpu.upload(&b, &[total], dtype)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.shape()[0]
+    }
+
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        matmul::linear(
+            gpu,
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            None,
+            Activation::None,
+        )
+    }
+
+    /// act(x·Wᵀ + b) + residual, all in the matmul's epilogue.
+    pub fn forward_fused(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        act: Activation,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        matmul::linear(gpu, x, &self.weight, self.bias.as_ref(), residual, act)
+    }
+
+    /// diffusers GEGLU: this linear has 2N outputs; returns hidden * gelu(gate), [.., N].
+    pub fn forward_geglu(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        matmul::linear_geglu(gpu, x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// torch.nn.Conv2d on NHWC activations; the weight is reordered to [Cout, kh, kw, Cin] at load.
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    /// [top, bottom, left, right]
+    pub pads: [usize; 4],
+}
+
+impl Conv2d {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        gpu: &Gpu,
+        vb: &WeightView<'_>,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        dtype: DType,
+    ) -> Result<Self> {
+        let w = vb
+            .get("weight", &[c_out, c_in, kernel, kernel])?
+            .to_f32_vec();
+        let w = conv2d::weight_oihw_to_ohwi(&w, c_out, c_in, kernel, kernel);
+        let weight = gpu.upload(&w, &[c_out, kernel, kernel, c_in], dtype)?;
+        let bias = match vb.get_opt("bias", &[c_out])? {
+            Some(b) => Some(upload_host(gpu, &b, dtype)?),
+            None => None,
+        };
+        Ok(Conv2d {
+            weight,
+            bias,
+            stride,
+            pads: [padding; 4],
+        })
+    }
+
+    /// Override the padding: the VAE encoder's Downsample2D pads only bottom and right.
+    pub fn with_pads(mut self, pads: [usize; 4]) -> Self {
+        self.pads = pads;
+        self
+    }
+
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        conv2d::conv2d(
+            gpu,
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            None,
+            self.stride,
+            self.pads,
+        )
+    }
+
+    /// conv(x) + residual, the add fused into the store.
+    pub fn forward_residual(&self, gpu: &Gpu, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        conv2d::conv2d(
+            gpu,
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            Some(residual),
+            self.stride,
+            self.pads,
+        )
+    }
+}
+
+/// torch.nn.GroupNorm over NHWC (or [B, N, C]) activations, with an optional fused SiLU.
+pub struct GroupNorm {
+    pub gamma: Tensor,
+    pub beta: Tensor,
+    pub groups: usize,
+    pub eps: f32,
+}
+
+impl GroupNorm {
+    pub fn load(
+        gpu: &Gpu,
+        vb: &WeightView<'_>,
+        groups: usize,
+        channels: usize,
+        eps: f32,
+        dtype: DType,
+    ) -> Result<Self> {
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            return Err(Error::Unsupported(format!(
+                "GroupNorm `{}`: {channels} channels are not divisible into {groups} groups",
+                vb.prefix()
+            )));
+        }
+        Ok(GroupNorm {
+            gamma: load(gpu, vb, "weight", &[channels], dtype)?,
+            beta: load(gpu, vb, "bias", &[channels], dtype)?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, silu: bool) -> Result<Tensor> {
+        norm::group_norm(gpu, x, self.groups, self.eps, &self.gamma, &self.beta, silu)
+    }
+}
+
+/// torch.nn.LayerNorm over the last dimension.
+pub struct LayerNorm {
+    pub gamma: Tensor,
+    pub beta: Tensor,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(
+        gpu: &Gpu,
+        vb: &WeightView<'_>,
+        channels: usize,
+        eps: f32,
+        dtype: DType,
+    ) -> Result<Self> {
+        Ok(LayerNorm {
+            gamma: load(gpu, vb, "weight", &[channels], dtype)?,
+            beta: load(gpu, vb, "bias", &[channels], dtype)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        norm::layer_norm(gpu, x, &self.gamma, &self.beta, self.eps)
+    }
+}
+
+/// Multi-head attention over [B, N, heads·head_dim] tensors (diffusers' head layout), reading q,
+/// k and v through strided views so a fused QKV projection needs no split.
+#[allow(clippy::too_many_arguments)]
+pub fn multi_head_attention(
+    gpu: &Gpu,
+    q: HeadsView<'_>,
+    k: HeadsView<'_>,
+    v: HeadsView<'_>,
+    batch: usize,
+    heads: usize,
+    head_dim: usize,
+    causal: bool,
+) -> Result<Tensor> {
+    attention::attention(gpu, q, k, v, batch, heads, head_dim, causal, None)
+}

@@ -1,0 +1,633 @@
+//! Stable Diffusion pipelines on the engine: txt2img, img2img and inpainting, mirroring
+//! diffusers' `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` and
+//! `StableDiffusionInpaintPipeline` (+ the legacy latent-blending inpaint for 4-channel U-Nets),
+//! with seeds drawn exactly as `torch.Generator('cpu').manual_seed(seed)` draws them.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::image::Image;
+use crate::kernels::{elementwise, sampler_step};
+use crate::models::clip::{ClipConfig, ClipTextModel};
+use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::models::vae::{AutoencoderKL, VaeConfig};
+use crate::rng::{PhiloxRng, RandnVariant, TorchCpuRng};
+use crate::sched::{build_sampler, Buf, Sampler, SchedulerConfig};
+use crate::tokenizer::ClipTokenizer;
+use crate::weights::{self, LoadOptions, ModelFamily};
+use crate::{DType, Error, Gpu, Result, Tensor};
+
+/// How the noise is drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RngKind {
+    /// torch CPU `randn`, AVX2 math (what diffusers gives on x86 machines; the default).
+    TorchCpu,
+    /// torch CPU `randn`, scalar libm math (non-AVX2 builds).
+    TorchCpuScalar,
+    /// torch CUDA-style Philox noise, as the A1111 web UI draws it on NVIDIA GPUs.
+    Philox,
+}
+
+impl std::str::FromStr for RngKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" | "torch" | "torch-cpu" => Ok(RngKind::TorchCpu),
+            "cpu-scalar" | "torch-cpu-scalar" => Ok(RngKind::TorchCpuScalar),
+            "philox" | "gpu" | "cuda" => Ok(RngKind::Philox),
+            _ => Err(Error::InvalidInput(format!("unknown --rng `{s}` (cpu, cpu-scalar, philox)"))),
+        }
+    }
+}
+
+/// How seeds apply to a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeedMode {
+    /// diffusers: one generator seeded once draws the whole batch.
+    Batch,
+    /// A1111: image i of the batch uses its own generator seeded with seed + i.
+    PerImage,
+}
+
+enum Noise {
+    Torch(TorchCpuRng),
+    Philox(PhiloxRng),
+}
+
+impl Noise {
+    fn new(kind: RngKind, seed: u64) -> Self {
+        match kind {
+            RngKind::TorchCpu => Noise::Torch(TorchCpuRng::with_variant(seed, RandnVariant::Avx2)),
+            RngKind::TorchCpuScalar => Noise::Torch(TorchCpuRng::with_variant(seed, RandnVariant::Scalar)),
+            RngKind::Philox => Noise::Philox(PhiloxRng::new(seed)),
+        }
+    }
+    fn randn(&mut self, n: usize) -> Vec<f32> {
+        match self {
+            Noise::Torch(r) => r.randn(n),
+            Noise::Philox(r) => r.randn(n),
+        }
+    }
+}
+
+/// The generators of one batch: draws NCHW noise for the whole batch in the order diffusers
+/// (one generator) or A1111 (one per image) would.
+struct BatchNoise {
+    gens: Vec<Noise>,
+}
+
+impl BatchNoise {
+    fn new(kind: RngKind, seed: u64, batch: usize, mode: SeedMode) -> Self {
+        let gens = match mode {
+            SeedMode::Batch => vec![Noise::new(kind, seed)],
+            SeedMode::PerImage => (0..batch as u64).map(|i| Noise::new(kind, seed.wrapping_add(i))).collect(),
+        };
+        BatchNoise { gens }
+    }
+    /// `batch × per_image` values in NCHW order.
+    fn draw(&mut self, batch: usize, per_image: usize) -> Vec<f32> {
+        if self.gens.len() == 1 {
+            self.gens[0].randn(batch * per_image)
+        } else {
+            self.gens.iter_mut().flat_map(|g| g.randn(per_image)).collect()
+        }
+    }
+}
+
+/// NCHW host data -> NHWC host data (the RNG draws in torch's NCHW order; our tensors are NHWC).
+fn nchw_to_nhwc_host(x: &[f32], b: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for bi in 0..b {
+        for ci in 0..c {
+            for yi in 0..h {
+                for xi in 0..w {
+                    out[((bi * h + yi) * w + xi) * c + ci] = x[((bi * c + ci) * h + yi) * w + xi];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One generation request (the CLI's flags).
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub sampler: Option<String>,
+    pub clip_skip: Option<usize>,
+    pub rng: RngKind,
+    pub seed_mode: SeedMode,
+    /// Split prompts longer than 75 tokens into chunks encoded separately (A1111 style)
+    /// instead of truncating (diffusers style).
+    pub long_prompts: bool,
+    pub eta: Option<f64>,
+    /// img2img / inpainting source image and how much of it to repaint (diffusers `strength`).
+    pub init_image: Option<Image>,
+    pub strength: f64,
+    /// Inpainting mask (white = repaint), same size as the image.
+    pub mask: Option<Image>,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        GenerateRequest {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            width: 512,
+            height: 512,
+            steps: 25,
+            guidance_scale: 7.5,
+            seed: 0,
+            batch_size: 1,
+            sampler: None,
+            clip_skip: None,
+            rng: RngKind::TorchCpu,
+            seed_mode: SeedMode::Batch,
+            long_prompts: false,
+            eta: None,
+            init_image: None,
+            strength: 0.8,
+            mask: None,
+        }
+    }
+}
+
+/// Reported after each model call; return `false` from the callback to cancel.
+pub struct Progress<'a> {
+    pub call: usize,
+    pub calls: usize,
+    pub timestep: f64,
+    pub elapsed: Duration,
+    /// The current latents, NHWC [B, h, w, 4] (download only if you need a preview).
+    pub latents: &'a Tensor,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Timings {
+    pub load: Duration,
+    pub text_encode: Duration,
+    pub steps: Vec<Duration>,
+    pub decode: Duration,
+    pub total: Duration,
+}
+
+pub struct Generated {
+    pub images: Vec<Image>,
+    pub timings: Timings,
+    /// Final latents NHWC [B, h, w, C] before the VAE (for parity checks).
+    pub latents: Vec<f32>,
+    pub truncated_prompt: bool,
+}
+
+/// A loaded Stable Diffusion 1.x / 2.x model.
+pub struct StableDiffusion {
+    pub gpu: Gpu,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler_config: SchedulerConfig,
+    pub family: ModelFamily,
+    pub dtype: DType,
+    pub vae_dtype: DType,
+    pub load_time: Duration,
+}
+
+/// Options for loading a model.
+#[derive(Clone, Debug, Default)]
+pub struct ModelOptions {
+    /// Storage dtype (default: f16 where the adapter has SHADER_F16).
+    pub dtype: Option<DType>,
+    /// Keep the VAE in f32 even when the rest runs in f16 (default: the config's force_upcast).
+    pub vae_f32: Option<bool>,
+    /// Load the VAE encoder (needed for img2img and inpainting).
+    pub with_encoder: bool,
+    pub load: LoadOptions,
+    /// Tokenizer folder for single-file checkpoints (default: the one shipped in weights/).
+    pub tokenizer_dir: Option<PathBuf>,
+}
+
+/// The model shipped in `weights/` (used when no `--model` is given).
+pub fn default_model_dir() -> PathBuf {
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights").join("tiny-shapes");
+    if shipped.is_dir() {
+        return shipped;
+    }
+    PathBuf::from("weights").join("tiny-shapes")
+}
+
+impl StableDiffusion {
+    pub fn load(gpu: Gpu, model: &Path, opts: &ModelOptions) -> Result<Self> {
+        let start = Instant::now();
+        let dtype = opts.dtype.unwrap_or(gpu.compute_dtype());
+        gpu.require_dtype(dtype)?;
+        let w = weights::open_model(model, &opts.load)?;
+        let tokenizer_dir = match &opts.tokenizer_dir {
+            Some(d) => d.clone(),
+            None if model.join("tokenizer").is_dir() => model.join("tokenizer"),
+            None => default_model_dir().join("tokenizer"),
+        };
+        let mut tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
+        if w.family == ModelFamily::Sd2 && !model.join("tokenizer").is_dir() && opts.tokenizer_dir.is_none() {
+            // SD 2.x (OpenCLIP) pads with id 0 ("!"); single files carry no tokenizer.
+            tokenizer.set_pad_id(0);
+        }
+        let text_encoder = ClipTextModel::load(
+            &gpu,
+            &w.text_encoder.weights.root(),
+            ClipConfig::from_json(&w.text_encoder.config)?,
+            dtype,
+        )?;
+        let unet = UNet2DConditionModel::load(&gpu, &w.unet.weights.root(), UNetConfig::from_json(&w.unet.config)?, dtype)?;
+        let vae_config = VaeConfig::from_json(&w.vae.config)?;
+        let vae_dtype = match (dtype, opts.vae_f32.unwrap_or(vae_config.force_upcast)) {
+            (DType::F16, true) => DType::F32,
+            (d, _) => d,
+        };
+        let vae = AutoencoderKL::load(&gpu, &w.vae.weights.root(), vae_config, vae_dtype, opts.with_encoder)?;
+        let scheduler_config = SchedulerConfig::from_value(&w.scheduler_config)?;
+        gpu.flush()?;
+        Ok(StableDiffusion {
+            gpu,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            family: w.family,
+            dtype,
+            vae_dtype,
+            load_time: start.elapsed(),
+        })
+    }
+
+    /// Token ids for one prompt: one 77-token row, or several when chunking long prompts.
+    fn token_rows(&self, prompt: &str, long: bool) -> (Vec<Vec<u32>>, bool) {
+        if long {
+            (self.tokenizer.encode_chunked(prompt), false)
+        } else {
+            let e = self.tokenizer.encode_padded(prompt);
+            (vec![e.ids], e.truncated)
+        }
+    }
+
+    /// Text embeddings [B, 77·chunks, C] for `prompt` repeated `batch` times, and the matching
+    /// negative embeddings when guided (diffusers' `encode_prompt`).
+    fn encode_prompts(&self, req: &GenerateRequest, guided: bool) -> Result<(Tensor, bool)> {
+        let (mut pos, truncated) = self.token_rows(&req.prompt, req.long_prompts);
+        let (mut neg, _) = self.token_rows(&req.negative_prompt, req.long_prompts);
+        // Chunked prompt and negative prompt must have the same length (A1111 pads the shorter
+        // with empty chunks).
+        let chunks = pos.len().max(neg.len());
+        let empty = self.token_rows("", false).0.remove(0);
+        pos.resize(chunks, empty.clone());
+        neg.resize(chunks, empty);
+        let encode = |rows: &[Vec<u32>]| -> Result<Tensor> {
+            // Each chunk is encoded on its own (positions restart), then concatenated along
+            // the sequence: [chunks, 77, C] -> [1, chunks·77, C].
+            let ids: Vec<u32> = rows.iter().flatten().copied().collect();
+            let e = self.text_encoder.forward(&self.gpu, &ids, rows.len(), req.clip_skip)?;
+            e.reshape(&[1, rows.len() * 77, self.text_encoder.config.hidden_size])
+        };
+        let cond = encode(&pos)?;
+        let b = req.batch_size;
+        let mut parts = Vec::new();
+        if guided {
+            let uncond = encode(&neg)?;
+            for _ in 0..b {
+                parts.push(uncond.clone());
+            }
+        }
+        for _ in 0..b {
+            parts.push(cond.clone());
+        }
+        let mut ctx = parts[0].clone();
+        for p in &parts[1..] {
+            ctx = elementwise::concat_batch(&self.gpu, &ctx, p)?;
+        }
+        Ok((ctx, truncated))
+    }
+
+    fn check_request(&self, req: &GenerateRequest) -> Result<()> {
+        let f = 1 << (self.vae.config.block_out_channels.len() - 1);
+        let m = f * self.unet.config.latent_multiple();
+        if req.width == 0 || req.height == 0 || req.width % 8 != 0 || req.height % 8 != 0 {
+            return Err(Error::InvalidInput(format!(
+                "width and height must be positive multiples of 8 (got {}×{})",
+                req.width, req.height
+            )));
+        }
+        if req.width % m != 0 || req.height % m != 0 {
+            return Err(Error::InvalidInput(format!(
+                "this model needs width and height that are multiples of {m} (got {}×{})",
+                req.width, req.height
+            )));
+        }
+        if req.batch_size == 0 || req.steps == 0 {
+            return Err(Error::InvalidInput("batch size and steps must be at least 1".into()));
+        }
+        if !(0.0..=1.0).contains(&req.strength) {
+            return Err(Error::InvalidInput(format!("strength must be in [0, 1] (got {})", req.strength)));
+        }
+        if req.mask.is_some() && req.init_image.is_none() {
+            return Err(Error::InvalidInput("a mask needs an init image".into()));
+        }
+        for (what, img) in [("init image", &req.init_image), ("mask", &req.mask)] {
+            if let Some(img) = img {
+                if img.width != req.width || img.height != req.height {
+                    return Err(Error::InvalidInput(format!(
+                        "{what} is {}×{}, but the requested size is {}×{}",
+                        img.width, img.height, req.width, req.height
+                    )));
+                }
+            }
+        }
+        if self.unet.config.in_channels == 9 && req.mask.is_none() {
+            return Err(Error::InvalidInput("this is an inpainting model: give --init-image and --mask".into()));
+        }
+        if ![4, 9].contains(&self.unet.config.in_channels) {
+            return Err(Error::Unsupported(format!("U-Net with {} input channels", self.unet.config.in_channels)));
+        }
+        Ok(())
+    }
+
+    /// Run the pipeline. `progress` is called after each model call; returning false cancels.
+    pub fn generate(&self, req: &GenerateRequest, progress: &mut dyn FnMut(&Progress<'_>) -> bool) -> Result<Generated> {
+        self.check_request(req)?;
+        let gpu = &self.gpu;
+        let t0 = Instant::now();
+        let mut timings = Timings { load: self.load_time, ..Default::default() };
+        let guided = req.guidance_scale > 1.0;
+        let b = req.batch_size;
+        let f = 1 << (self.vae.config.block_out_channels.len() - 1);
+        let (h, w, lc) = (req.height / f, req.width / f, self.vae.config.latent_channels);
+        let per_image = lc * h * w;
+        let n = b * per_image;
+
+        let (context, truncated) = self.encode_prompts(req, guided)?;
+        gpu.flush()?;
+        timings.text_encode = t0.elapsed();
+
+        let mut sampler: Box<dyn Sampler> = build_sampler(&self.scheduler_config, req.sampler.as_deref(), req.steps)?;
+        if let Some(eta) = req.eta {
+            sampler.set_eta(eta);
+        }
+        let mut noise = BatchNoise::new(req.rng, req.seed, b, req.seed_mode);
+        let upload_latent = |v: Vec<f32>| -> Result<Tensor> {
+            gpu.upload(&nchw_to_nhwc_host(&v, b, lc, h, w), &[b, h, w, lc], DType::F32)
+        };
+        let sf = self.vae.config.scaling_factor;
+        let shift = self.vae.config.shift_factor.unwrap_or(0.0);
+
+        // Initial latents. img2img/inpaint: encode, sample (diffusers draws the posterior sample
+        // from the same generator first), scale, then add noise at the first kept timestep.
+        let mut image_latents: Option<Tensor> = None; // scaled clean latents (f32)
+        let mut first_noise: Option<Tensor> = None;
+        let mut mask_latent: Option<Tensor> = None; // [B, h, w, 1] (9-channel) or [B, h, w, L]
+        let mut masked_image_latents: Option<Tensor> = None;
+        let inpaint9 = self.unet.config.in_channels == 9;
+        let latents = if let Some(init) = &req.init_image {
+            if inpaint9 {
+                // Full strength is the norm for inpainting models; keep diffusers' semantics anyway.
+            }
+            sampler.truncate_for_strength(req.steps, req.strength);
+            if sampler.timesteps().is_empty() {
+                return Err(Error::InvalidInput(format!(
+                    "strength {} with {} steps leaves no denoising step",
+                    req.strength, req.steps
+                )));
+            }
+            let encode = |pixels: Vec<f32>, noise: &mut BatchNoise, sample: bool| -> Result<Tensor> {
+                let img = gpu.upload(&pixels, &[1, req.height, req.width, 3], self.vae_dtype)?;
+                let moments = gpu.download(&self.vae.encode_moments(gpu, &img)?)?; // [1, h, w, 2L] NHWC
+                let mut lat = vec![0.0f32; n];
+                let eps = if sample { Some(noise.draw(b, per_image)) } else { None };
+                for bi in 0..b {
+                    for yi in 0..h {
+                        for xi in 0..w {
+                            for ci in 0..lc {
+                                let m = ((yi * w + xi) * 2 * lc) + ci;
+                                let (mean, logvar) = (moments[m], moments[m + lc]);
+                                let nchw = ((bi * lc + ci) * h + yi) * w + xi;
+                                let z = match &eps {
+                                    // DiagonalGaussianDistribution.sample: mean + std * eps
+                                    Some(e) => mean + (0.5 * logvar.clamp(-30.0, 20.0)).exp() * e[nchw],
+                                    None => mean,
+                                };
+                                lat[((bi * h + yi) * w + xi) * lc + ci] = (z - shift as f32) * sf as f32;
+                            }
+                        }
+                    }
+                }
+                gpu.upload(&lat, &[b, h, w, lc], DType::F32)
+            };
+            // Posterior sampling on the host is orchestration of two small tensors; the VAE
+            // itself ran on the GPU.
+            let clean = encode(init.to_model_input(), &mut noise, true)?;
+            if let Some(mask) = &req.mask {
+                let m = downsample_mask(&mask.to_mask(), req.width, req.height, f);
+                // [B, h, w, 1] for the 9-channel U-Net input; the legacy blend multiplies
+                // it elementwise with [B, h, w, L] latents, so it is widened on the host there.
+                let channels = if inpaint9 { 1 } else { lc };
+                let mut mb = Vec::with_capacity(b * h * w * channels);
+                for _ in 0..b {
+                    for &v in &m {
+                        mb.extend(std::iter::repeat_n(v, channels));
+                    }
+                }
+                mask_latent = Some(gpu.upload(&mb, &[b, h, w, channels], DType::F32)?);
+                if inpaint9 {
+                    // masked_image = image * (mask < 0.5), encoded with the posterior mode
+                    // (diffusers' prepare_mask_latents uses `retrieve_latents(..., argmax)`).
+                    let full_mask = mask.to_mask();
+                    let pixels: Vec<f32> = init
+                        .to_model_input()
+                        .chunks_exact(3)
+                        .zip(&full_mask)
+                        .flat_map(|(p, &mk)| {
+                            let keep = if mk < 0.5 { 1.0 } else { 0.0 };
+                            [p[0] * keep, p[1] * keep, p[2] * keep]
+                        })
+                        .collect();
+                    masked_image_latents = Some(encode(pixels, &mut noise, false)?);
+                }
+            }
+            let eps = upload_latent(noise.draw(b, per_image))?;
+            let mix = sampler.add_noise(0);
+            let x = gpu.empty(&[b, h, w, lc], DType::F32)?;
+            let coefs = sampler_step::StepCoefs {
+                a: [mix.original as f32, mix.noise as f32, 0.0, 0.0, 0.0],
+                a_model: 0.0,
+                b: [0.0; 5],
+                b_model: 0.0,
+            };
+            sampler_step::sampler_step(gpu, &eps, None, [Some(&clean), Some(&eps), None, None, None], &coefs, &x, None)?;
+            image_latents = Some(clean);
+            first_noise = Some(eps);
+            x
+        } else {
+            let v: Vec<f32> = noise.draw(b, per_image);
+            let s = sampler.init_noise_sigma() as f32;
+            upload_latent(v.iter().map(|x| x * s).collect())?
+        };
+
+        let mut bufs: std::collections::HashMap<Buf, Tensor> = std::collections::HashMap::new();
+        bufs.insert(Buf::Latents, latents);
+        let calls = sampler.timesteps().len();
+        for call in 0..calls {
+            let step_start = Instant::now();
+            let t = sampler.timesteps()[call];
+            let x = bufs[&Buf::Latents].clone();
+            let scale = sampler.model_input_scale(call);
+            let mut unet_in = if (scale - 1.0).abs() > 0.0 { elementwise::scale(gpu, &x, scale as f32)? } else { x.clone() };
+            if inpaint9 {
+                let mask = mask_latent.as_ref().expect("checked");
+                let masked = masked_image_latents.as_ref().expect("checked");
+                let with_mask = elementwise::concat_channels(gpu, &unet_in, mask)?;
+                unet_in = elementwise::concat_channels(gpu, &with_mask, masked)?; // [B, h, w, 9]
+            }
+            if guided {
+                unet_in = elementwise::concat_batch(gpu, &unet_in, &unet_in)?; // [2B, h, w, C]
+            }
+            if self.dtype != DType::F32 {
+                unet_in = elementwise::cast(gpu, &unet_in, self.dtype)?;
+            }
+            let mut model_out = self.unet.forward(gpu, &unet_in, t, &context)?;
+            if model_out.dtype() != DType::F32 {
+                model_out = elementwise::cast(gpu, &model_out, DType::F32)?;
+            }
+            let plan = sampler.step(call);
+            if plan.needs_noise {
+                let v = noise.draw(b, per_image);
+                bufs.insert(Buf::Noise, upload_latent(v)?);
+            }
+            let guidance = guided.then_some(req.guidance_scale as f32);
+            for op in &plan.ops {
+                let slot = |i: usize| op.inputs[i].map(|buf| bufs.get(&buf).cloned());
+                let mut slots: [Option<Tensor>; 5] = Default::default();
+                for (i, s) in slots.iter_mut().enumerate() {
+                    match slot(i) {
+                        Some(Some(t)) => *s = Some(t),
+                        Some(None) => {
+                            return Err(Error::Device(format!("sampler read {:?} before writing it", op.inputs[i])))
+                        }
+                        None => {}
+                    }
+                }
+                let out_a = gpu.empty(&[b, h, w, lc], DType::F32)?;
+                let out_b = match &op.b {
+                    Some(_) => Some(gpu.empty(&[b, h, w, lc], DType::F32)?),
+                    None => None,
+                };
+                let coefs = sampler_step::StepCoefs {
+                    a: op.a.map(|c| c as f32),
+                    a_model: op.a_model as f32,
+                    b: op.b.as_ref().map(|s| s.b.map(|c| c as f32)).unwrap_or([0.0; 5]),
+                    b_model: op.b.as_ref().map(|s| s.b_model as f32).unwrap_or(0.0),
+                };
+                let refs: [Option<&Tensor>; 5] = [0, 1, 2, 3, 4].map(|i| slots[i].as_ref());
+                sampler_step::sampler_step(gpu, &model_out, guidance, refs, &coefs, &out_a, out_b.as_ref())?;
+                bufs.insert(op.out_a, out_a);
+                if let (Some(sb), Some(t)) = (&op.b, out_b) {
+                    bufs.insert(sb.out, t);
+                }
+            }
+            for &(x, y) in &plan.swaps {
+                let bx = bufs.remove(&x);
+                let by = bufs.remove(&y);
+                if let Some(v) = bx {
+                    bufs.insert(y, v);
+                }
+                if let Some(v) = by {
+                    bufs.insert(x, v);
+                }
+            }
+            // Legacy inpainting with an ordinary U-Net: keep the unmasked region on the
+            // original image's noise trajectory (diffusers' StableDiffusionInpaintPipelineLegacy
+            // / the 4-channel branch of StableDiffusionInpaintPipeline).
+            if let (false, Some(mask), Some(clean), Some(eps)) = (inpaint9, &mask_latent, &image_latents, &first_noise) {
+                let (orig_c, noise_c) = if call + 1 < calls {
+                    let mix = sampler.add_noise(call + 1);
+                    (mix.original, mix.noise)
+                } else {
+                    (1.0, 0.0)
+                };
+                let x = bufs[&Buf::Latents].clone();
+                let proper = gpu.empty(&[b, h, w, lc], DType::F32)?;
+                let c1 = sampler_step::StepCoefs { a: [orig_c as f32, noise_c as f32, 0.0, 0.0, 0.0], a_model: 0.0, b: [0.0; 5], b_model: 0.0 };
+                sampler_step::sampler_step(gpu, eps, None, [Some(clean), Some(eps), None, None, None], &c1, &proper, None)?;
+                // latents = proper + mask * (x - proper)
+                let diff = gpu.empty(&[b, h, w, lc], DType::F32)?;
+                let c2 = sampler_step::StepCoefs { a: [1.0, -1.0, 0.0, 0.0, 0.0], a_model: 0.0, b: [0.0; 5], b_model: 0.0 };
+                sampler_step::sampler_step(gpu, eps, None, [Some(&x), Some(&proper), None, None, None], &c2, &diff, None)?;
+                let masked = elementwise::mul(gpu, &diff, mask)?;
+                bufs.insert(Buf::Latents, elementwise::add(gpu, &proper, &masked)?);
+            }
+            gpu.flush()?;
+            timings.steps.push(step_start.elapsed());
+            let keep_going = progress(&Progress {
+                call,
+                calls,
+                timestep: t,
+                elapsed: t0.elapsed(),
+                latents: &bufs[&Buf::Latents],
+            });
+            if !keep_going {
+                return Err(Error::InvalidInput("cancelled".into()));
+            }
+        }
+
+        // Decode: latents / scaling_factor + shift_factor, VAE decoder, postprocess.
+        let decode_start = Instant::now();
+        let latents = bufs.remove(&Buf::Latents).expect("latents present");
+        let final_latents = gpu.download(&latents)?;
+        if shift != 0.0 {
+            return Err(Error::Unsupported("VAE shift_factor (SD3-style VAEs)".into()));
+        }
+        drop(latents);
+        let mut images = Vec::with_capacity(b);
+        // One image at a time keeps the decoder's largest activation within binding limits
+        // (the last block of the SD VAE at 512×512 in f32 is exactly 128 MiB per image). The
+        // latents are tiny, so each image's slice is re-uploaded from the host copy.
+        for bi in 0..b {
+            let slice = &final_latents[bi * per_image..(bi + 1) * per_image];
+            let zi = gpu.upload(slice, &[1, h, w, lc], DType::F32)?;
+            let mut z = elementwise::scale(gpu, &zi, (1.0 / sf) as f32)?; // [1, h, w, L]
+            if self.vae_dtype != DType::F32 {
+                z = elementwise::cast(gpu, &z, self.vae_dtype)?;
+            }
+            let img = self.vae.decode(gpu, &z)?; // [1, H, W, 3]
+            let pixels = gpu.download(&img)?;
+            images.push(Image::from_model_output(&pixels, req.width, req.height)?);
+        }
+        timings.decode = decode_start.elapsed();
+        timings.total = t0.elapsed();
+        Ok(Generated { images, timings, latents: final_latents, truncated_prompt: truncated })
+    }
+}
+
+/// The mask at latent resolution as diffusers' `mask_processor` gets it: resize (bilinear in
+/// PIL then binarise; we take the box average then binarise at 0.5). Returns [h, w].
+fn downsample_mask(mask: &[f32], width: usize, height: usize, f: usize) -> Vec<f32> {
+    let (h, w) = (height / f, width / f);
+    let mut out = vec![0.0; h * w];
+    for y in 0..h {
+        for x in 0..w {
+            let mut s = 0.0;
+            for dy in 0..f {
+                for dx in 0..f {
+                    s += mask[(y * f + dy) * width + x * f + dx];
+                }
+            }
+            out[y * w + x] = if s / (f * f) as f32 >= 0.5 { 1.0 } else { 0.0 };
+        }
+    }
+    out
+}

@@ -1,0 +1,876 @@
+//! Samplers (diffusers' "schedulers"), ported from diffusers 0.42 `src/diffusers/schedulers/`.
+//!
+//! Every coefficient is computed here in f64 on the CPU; the GPU only ever runs one fused
+//! element-wise kernel (`shaders/sampler_step.wgsl`):
+//!
+//! ```text
+//! eps   = uncond + g * (cond - uncond)        (guided: model_out = [uncond; cond], 2B batch)
+//!       = model_out                           (unguided)
+//! out_a = sum_i a[i] * slot[i] + a_model * eps
+//! out_b = sum_i b[i] * slot[i] + b_model * eps   (optional)
+//! ```
+//!
+//! A sampler turns each model call into a [`StepPlan`]: one or more [`LinearStep`]s over
+//! sampler-owned latent-sized buffers ([`Buf`]), followed by buffer swaps (pointer swaps: a
+//! kernel never writes a buffer it reads, which wgpu forbids within one dispatch anyway).
+//! [`execute_on_cpu`] is the specification of what the GPU does with a plan.
+//!
+//! Samplers are written like the diffusers code they port, but over [`Lin`], a symbolic linear
+//! combination of buffers and the model output, so `x0 = (x - sigma * eps)` reads as in Python.
+//!
+//! Pipeline loop (txt2img), mirroring `StableDiffusionPipeline.__call__`:
+//! ```text
+//! let mut s = build_sampler(&config, sampler_name, steps)?;
+//! latents = rng.randn(n) * s.init_noise_sigma()
+//! for call in 0..s.timesteps().len():
+//!     unet_in = latents * s.model_input_scale(call)       (duplicated to 2B when guided)
+//!     model_out = unet(unet_in, s.timesteps()[call], text)
+//!     plan = s.step(call)
+//!     if plan.needs_noise { Noise <- rng.randn(n) }     (same generator as the latents)
+//!     run plan (GPU kernel, or execute_on_cpu)
+//! ```
+//! img2img / inpainting: call [`Sampler::truncate_for_strength`] right after building, then
+//! `latents = c.original * init_latents + c.noise * noise` with `c = s.add_noise(0)`; inpainting
+//! with a 4-channel U-Net re-noises the original with `s.add_noise(call + 1)` after each step.
+
+mod ddim;
+mod ddpm;
+mod dpm_solver_multistep;
+mod euler;
+mod euler_ancestral;
+mod heun;
+mod lms;
+mod pndm;
+
+pub use ddim::Ddim;
+pub use ddpm::Ddpm;
+pub use dpm_solver_multistep::DpmSolverMultistep;
+pub use euler::Euler;
+pub use euler_ancestral::EulerAncestral;
+pub use heun::Heun;
+pub use lms::Lms;
+pub use pndm::Pndm;
+
+use crate::error::{Error, Result};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+// ------------------------------------------------------------------------------------------------
+// Plans: what the GPU kernel executes
+// ------------------------------------------------------------------------------------------------
+
+/// A latent-sized f32 buffer owned by the sampler loop (same shape as the latents, batch B).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Buf {
+    /// The current latents x_t: the U-Net input (after `model_input_scale`).
+    Latents,
+    /// Output scratch; plans swap it into `Latents`.
+    Next,
+    /// Multistep memory, most recent first: DPM-Solver x0 predictions, PNDM eps, LMS derivatives,
+    /// Heun's first derivative. One index past the live ones is used as scratch.
+    History(u8),
+    /// The sample at the start of a two-call step (Heun, PNDM's first step).
+    Saved,
+    /// Fresh standard-normal noise, filled by the pipeline when [`StepPlan::needs_noise`].
+    Noise,
+}
+
+/// The optional second output of a [`LinearStep`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecondOutput {
+    pub b: [f64; 5],
+    pub b_model: f64,
+    pub out: Buf,
+}
+
+/// One dispatch of the fused kernel: `out_a = sum a[i]*inputs[i] + a_model*eps`, and optionally
+/// `out_b = sum b[i]*inputs[i] + b_model*eps`. Outputs never alias inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearStep {
+    pub inputs: [Option<Buf>; 5],
+    pub a: [f64; 5],
+    pub a_model: f64,
+    pub out_a: Buf,
+    pub b: Option<SecondOutput>,
+}
+
+impl LinearStep {
+    /// Packs one or two linear combinations into kernel slots (at most 5 distinct buffers).
+    pub fn new(out_a: Buf, a: &Lin, b: Option<(Buf, &Lin)>) -> Self {
+        let mut inputs: [Option<Buf>; 5] = [None; 5];
+        let mut used = 0;
+        let mut slot_of = |buf: Buf| -> usize {
+            if let Some(i) = inputs[..used].iter().position(|s| *s == Some(buf)) {
+                return i;
+            }
+            assert!(used < 5, "sampler step needs more than 5 input buffers");
+            inputs[used] = Some(buf);
+            used += 1;
+            used - 1
+        };
+        let mut pack = |lin: &Lin| {
+            let mut coeffs = [0.0; 5];
+            for &(buf, c) in &lin.terms {
+                coeffs[slot_of(buf)] += c;
+            }
+            coeffs
+        };
+        let a_coeffs = pack(a);
+        let b = b.map(|(out, lin)| SecondOutput {
+            b: pack(lin),
+            b_model: lin.model,
+            out,
+        });
+        let step = LinearStep {
+            inputs,
+            a: a_coeffs,
+            a_model: a.model,
+            out_a,
+            b,
+        };
+        for out in std::iter::once(out_a).chain(step.b.as_ref().map(|b| b.out)) {
+            assert!(
+                !step.inputs.contains(&Some(out)),
+                "{out:?} is both input and output"
+            );
+        }
+        step
+    }
+}
+
+/// Everything to do after one model call.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct StepPlan {
+    /// Kernel dispatches, in order.
+    pub ops: Vec<LinearStep>,
+    /// Buffer swaps applied after the ops, in order (swap the handles, not the data).
+    pub swaps: Vec<(Buf, Buf)>,
+    /// The pipeline must fill [`Buf::Noise`] with `randn` from the image's generator first.
+    pub needs_noise: bool,
+}
+
+impl StepPlan {
+    /// The common case: `Next = update`, then `Latents <-> Next`.
+    fn update_latents(update: &Lin) -> Self {
+        StepPlan {
+            ops: vec![LinearStep::new(Buf::Next, update, None)],
+            swaps: vec![(Buf::Latents, Buf::Next)],
+            needs_noise: update.uses(Buf::Noise),
+        }
+    }
+}
+
+/// A symbolic linear combination of buffers plus `model` times the (guided) model output.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Lin {
+    pub terms: Vec<(Buf, f64)>,
+    pub model: f64,
+}
+
+impl Lin {
+    pub fn buf(buf: Buf) -> Self {
+        Lin {
+            terms: vec![(buf, 1.0)],
+            model: 0.0,
+        }
+    }
+    /// The model output (eps, v or x0 depending on the prediction type), after guidance.
+    pub fn model() -> Self {
+        Lin {
+            terms: vec![],
+            model: 1.0,
+        }
+    }
+    pub fn uses(&self, buf: Buf) -> bool {
+        self.terms.iter().any(|&(b, c)| b == buf && c != 0.0)
+    }
+    fn add_term(mut self, buf: Buf, c: f64) -> Self {
+        match self.terms.iter_mut().find(|(b, _)| *b == buf) {
+            Some(term) => term.1 += c,
+            None => self.terms.push((buf, c)),
+        }
+        self
+    }
+}
+
+impl Add for Lin {
+    type Output = Lin;
+    fn add(self, rhs: Lin) -> Lin {
+        let model = self.model + rhs.model;
+        let mut out = Lin { model, ..self };
+        for (b, c) in rhs.terms {
+            out = out.add_term(b, c);
+        }
+        out
+    }
+}
+impl Neg for Lin {
+    type Output = Lin;
+    fn neg(self) -> Lin {
+        self * -1.0
+    }
+}
+impl Sub for Lin {
+    type Output = Lin;
+    fn sub(self, rhs: Lin) -> Lin {
+        self + (-rhs)
+    }
+}
+impl Mul<f64> for Lin {
+    type Output = Lin;
+    fn mul(mut self, k: f64) -> Lin {
+        self.terms.iter_mut().for_each(|t| t.1 *= k);
+        self.model *= k;
+        self
+    }
+}
+impl Mul<Lin> for f64 {
+    type Output = Lin;
+    fn mul(self, lin: Lin) -> Lin {
+        lin * self
+    }
+}
+impl Div<f64> for Lin {
+    type Output = Lin;
+    fn div(self, k: f64) -> Lin {
+        // Multiplying by 1/k would round differently from diffusers' division; divide each term.
+        let mut out = self;
+        out.terms.iter_mut().for_each(|t| t.1 /= k);
+        out.model /= k;
+        out
+    }
+}
+
+/// Latent-sized buffers on the CPU, for [`execute_on_cpu`].
+#[derive(Clone, Debug, Default)]
+pub struct CpuBuffers {
+    bufs: HashMap<Buf, Vec<f32>>,
+}
+
+impl CpuBuffers {
+    /// Starts a loop from the (already `init_noise_sigma`-scaled or add_noise'd) latents.
+    pub fn new(latents: Vec<f32>) -> Self {
+        let mut bufs = HashMap::new();
+        bufs.insert(Buf::Latents, latents);
+        CpuBuffers { bufs }
+    }
+    pub fn get(&self, buf: Buf) -> Option<&[f32]> {
+        self.bufs.get(&buf).map(|v| v.as_slice())
+    }
+    pub fn latents(&self) -> &[f32] {
+        &self.bufs[&Buf::Latents]
+    }
+    pub fn set(&mut self, buf: Buf, data: Vec<f32>) {
+        self.bufs.insert(buf, data);
+    }
+}
+
+/// The specification of the GPU step: runs `plan` on f32 buffers, accumulating in f64.
+/// `model_out` has the latents' length, or twice that with `guidance = Some(g)` (`[uncond; cond]`).
+pub fn execute_on_cpu(
+    plan: &StepPlan,
+    model_out: &[f32],
+    guidance: Option<f64>,
+    bufs: &mut CpuBuffers,
+) -> Result<()> {
+    let n = bufs.latents().len();
+    let expected = if guidance.is_some() { 2 * n } else { n };
+    if model_out.len() != expected {
+        return Err(Error::Shape {
+            op: "sampler_step".into(),
+            detail: format!(
+                "model output has {} values, expected {expected}",
+                model_out.len()
+            ),
+        });
+    }
+    let eps = |i: usize| -> f64 {
+        match guidance {
+            Some(g) => {
+                let (u, c) = (model_out[i] as f64, model_out[n + i] as f64);
+                u + g * (c - u)
+            }
+            None => model_out[i] as f64,
+        }
+    };
+    for op in &plan.ops {
+        let mut inputs: Vec<(usize, &[f32])> = Vec::new();
+        for (slot, buf) in op.inputs.iter().enumerate() {
+            if let Some(buf) = buf {
+                let data = bufs.get(*buf).ok_or_else(|| Error::Shape {
+                    op: "sampler_step".into(),
+                    detail: format!("{buf:?} read before it was written"),
+                })?;
+                inputs.push((slot, data));
+            }
+        }
+        let combine = |coeffs: &[f64; 5], model: f64, i: usize| -> f32 {
+            let mut acc = model * eps(i);
+            for &(slot, data) in &inputs {
+                acc += coeffs[slot] * data[i] as f64;
+            }
+            acc as f32
+        };
+        let out_a: Vec<f32> = (0..n).map(|i| combine(&op.a, op.a_model, i)).collect();
+        let out_b = op.b.as_ref().map(|b| {
+            (
+                b.out,
+                (0..n)
+                    .map(|i| combine(&b.b, b.b_model, i))
+                    .collect::<Vec<f32>>(),
+            )
+        });
+        bufs.set(op.out_a, out_a);
+        if let Some((buf, data)) = out_b {
+            bufs.set(buf, data);
+        }
+    }
+    for &(x, y) in &plan.swaps {
+        let bx = bufs.bufs.remove(&x);
+        let by = bufs.bufs.remove(&y);
+        if let Some(v) = bx {
+            bufs.bufs.insert(y, v);
+        }
+        if let Some(v) = by {
+            bufs.bufs.insert(x, v);
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// The sampler interface
+// ------------------------------------------------------------------------------------------------
+
+/// `noisy = original * original_coeff + noise * noise_coeff` (diffusers' `scheduler.add_noise`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NoiseMix {
+    pub original: f64,
+    pub noise: f64,
+}
+
+/// A configured sampler for a fixed number of steps. Calls are numbered 0.. over
+/// [`Sampler::timesteps`] (after any truncation) and [`Sampler::step`] must be called in order.
+pub trait Sampler: Send {
+    /// The `--sampler` name, e.g. `dpmpp_2m_karras`.
+    fn name(&self) -> &str;
+    /// The U-Net timestep of each model call (integer-valued except Euler-family Karras/linspace).
+    fn timesteps(&self) -> &[f64];
+    /// The sigma schedule of the k-diffusion-style samplers (diffusers' `scheduler.sigmas`, all
+    /// steps, before truncation); empty for DDIM, PNDM and DDPM.
+    fn sigmas(&self) -> &[f32] {
+        &[]
+    }
+    /// Multiplier on `randn` latents before the first call (txt2img).
+    fn init_noise_sigma(&self) -> f64;
+    /// `scale_model_input` as a multiplier: the U-Net sees `latents * scale`.
+    fn model_input_scale(&self, call: usize) -> f64;
+    /// The update after model call `call`.
+    fn step(&mut self, call: usize) -> StepPlan;
+    /// `scheduler.add_noise` at `timesteps()[call]`, with the step index diffusers' img2img and
+    /// inpainting pipelines use (`set_begin_index`); `call == timesteps().len()` is invalid.
+    fn add_noise(&self, call: usize) -> NoiseMix;
+    /// Sets DDIM's `eta` (the pipelines' `eta` argument); returns false, changing nothing, for
+    /// samplers without one (diffusers then drops the argument).
+    fn set_eta(&mut self, _eta: f64) -> bool {
+        false
+    }
+    /// Model calls per denoising step (diffusers' `scheduler.order`): 2 for Heun, else 1.
+    fn order(&self) -> usize {
+        1
+    }
+    /// Drops the first `calls` model calls (img2img's `get_timesteps`). Call before any step.
+    fn skip_calls(&mut self, calls: usize);
+
+    /// diffusers' `get_timesteps(num_inference_steps, strength)`: keeps the last
+    /// `int(steps * strength)` steps; returns the number of denoising steps left.
+    fn truncate_for_strength(&mut self, num_inference_steps: usize, strength: f64) -> usize {
+        let init_timestep =
+            ((num_inference_steps as f64 * strength) as usize).min(num_inference_steps);
+        let t_start = num_inference_steps - init_timestep;
+        self.skip_calls(t_start * self.order());
+        num_inference_steps - t_start
+    }
+}
+
+/// What the model predicts (`prediction_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prediction {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+// ------------------------------------------------------------------------------------------------
+// Configuration
+// ------------------------------------------------------------------------------------------------
+
+/// A diffusers `scheduler_config.json`. Keys that are absent or `null` take the default of the
+/// class being built, as `X.from_config(pipe.scheduler.config)` does.
+#[derive(Clone, Debug, Default)]
+pub struct SchedulerConfig {
+    values: Map<String, Value>,
+}
+
+impl SchedulerConfig {
+    pub fn from_value(value: &Value) -> Result<Self> {
+        match value {
+            Value::Object(map) => Ok(Self {
+                values: map.clone(),
+            }),
+            _ => Err(Error::InvalidInput(
+                "scheduler config is not a JSON object".into(),
+            )),
+        }
+    }
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::InvalidInput(format!("scheduler config: {e}")))?;
+        Self::from_value(&value)
+    }
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_json_str(&text)
+    }
+    /// The SD 1.x config (runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json).
+    pub fn sd15() -> Self {
+        Self::from_json_str(
+            r#"{"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "beta_start": 0.00085, "clip_sample": false, "num_train_timesteps": 1000,
+                "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1,
+                "trained_betas": null}"#,
+        )
+        .expect("valid built-in config")
+    }
+    pub fn class_name(&self) -> Option<&str> {
+        self.values.get("_class_name").and_then(Value::as_str)
+    }
+    pub fn set(&mut self, key: &str, value: Value) {
+        self.values.insert(key.to_string(), value);
+    }
+    /// What `StableDiffusionPipeline.__init__` enforces on old configs: `steps_offset = 1` and
+    /// `clip_sample = false`.
+    pub fn apply_sd_pipeline_fixes(&mut self) {
+        self.set("steps_offset", Value::from(1));
+        if self.values.contains_key("clip_sample") {
+            self.set("clip_sample", Value::Bool(false));
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.values.get(key).filter(|v| !v.is_null())
+    }
+    fn bad(&self, key: &str, want: &str) -> Error {
+        Error::InvalidInput(format!(
+            "scheduler config: `{key}` should be {want}, got {}",
+            self.values[key]
+        ))
+    }
+    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        self.get(key).map_or(Ok(default), |v| {
+            v.as_f64().ok_or_else(|| self.bad(key, "a number"))
+        })
+    }
+    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        self.get(key).map_or(Ok(default), |v| {
+            v.as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| self.bad(key, "an integer"))
+        })
+    }
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        self.get(key).map_or(Ok(default), |v| {
+            v.as_bool().ok_or_else(|| self.bad(key, "true or false"))
+        })
+    }
+    pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> Result<&'a str> {
+        self.get(key).map_or(Ok(default), |v| {
+            v.as_str().ok_or_else(|| self.bad(key, "a string"))
+        })
+    }
+
+    pub(crate) fn prediction(&self) -> Result<Prediction> {
+        match self.str_or("prediction_type", "epsilon")? {
+            "epsilon" => Ok(Prediction::Epsilon),
+            "v_prediction" => Ok(Prediction::VPrediction),
+            "sample" => Ok(Prediction::Sample),
+            other => Err(Error::Unsupported(format!("prediction_type `{other}`"))),
+        }
+    }
+    pub(crate) fn spacing(&self, default: &str) -> Result<Spacing> {
+        match self.str_or("timestep_spacing", default)? {
+            "leading" => Ok(Spacing::Leading),
+            "trailing" => Ok(Spacing::Trailing),
+            "linspace" => Ok(Spacing::Linspace),
+            other => Err(Error::Unsupported(format!("timestep_spacing `{other}`"))),
+        }
+    }
+    /// Sample clipping and dynamic thresholding are not linear in the model output; SD never
+    /// uses them (the SD pipelines force clip_sample off).
+    pub(crate) fn reject_nonlinear(&self, clip_default: bool) -> Result<()> {
+        if self.bool_or("clip_sample", clip_default)? || self.bool_or("thresholding", false)? {
+            return Err(Error::Unsupported(
+                "clip_sample / thresholding in the scheduler config (not linear; SD configs set clip_sample=false)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Spacing {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+/// The names `--sampler` accepts, with the diffusers class and config overrides each means.
+pub const SAMPLER_NAMES: &[(&str, &str)] = &[
+    ("ddim", "DDIMScheduler"),
+    ("pndm", "PNDMScheduler (PLMS, skip_prk_steps)"),
+    ("euler", "EulerDiscreteScheduler"),
+    ("euler_a", "EulerAncestralDiscreteScheduler"),
+    (
+        "dpmpp_2m",
+        "DPMSolverMultistepScheduler (dpmsolver++, order 2)",
+    ),
+    (
+        "dpmpp_2m_karras",
+        "DPMSolverMultistepScheduler + use_karras_sigmas",
+    ),
+    (
+        "dpmpp_sde",
+        "DPMSolverMultistepScheduler (sde-dpmsolver++, order 2)",
+    ),
+    ("lms", "LMSDiscreteScheduler"),
+    ("lms_karras", "LMSDiscreteScheduler + use_karras_sigmas"),
+    ("euler_karras", "EulerDiscreteScheduler + use_karras_sigmas"),
+    ("heun", "HeunDiscreteScheduler"),
+    ("ddpm", "DDPMScheduler"),
+];
+
+/// Builds the sampler named by `sampler` (a `--sampler` name or a diffusers class name), or by
+/// the config's `_class_name` when `None`, keeping the config's beta schedule.
+pub fn build_sampler(
+    config: &SchedulerConfig,
+    sampler: Option<&str>,
+    num_inference_steps: usize,
+) -> Result<Box<dyn Sampler>> {
+    if num_inference_steps == 0 {
+        return Err(Error::InvalidInput(
+            "num_inference_steps must be at least 1".into(),
+        ));
+    }
+    let requested = sampler.or(config.class_name()).unwrap_or("PNDMScheduler");
+    let mut cfg = config.clone();
+    let canonical = requested.to_ascii_lowercase().replace(['-', ' ', '+'], "_");
+    let (class, label): (&str, &str) = match canonical.as_str() {
+        "ddim" | "ddimscheduler" => ("DDIM", "ddim"),
+        "pndmscheduler" => ("PNDM", "pndm"),
+        "pndm" | "plms" => {
+            // The name asks for PLMS, which is PNDM without the PRK warm-up.
+            if cfg.get("skip_prk_steps").is_none() {
+                cfg.set("skip_prk_steps", Value::Bool(true));
+            }
+            ("PNDM", "pndm")
+        }
+        "euler" | "eulerdiscretescheduler" => ("Euler", "euler"),
+        "euler_karras" => {
+            cfg.set("use_karras_sigmas", Value::Bool(true));
+            ("Euler", "euler_karras")
+        }
+        "euler_a" | "euler_ancestral" | "eulerancestraldiscretescheduler" => ("EulerA", "euler_a"),
+        "dpmpp_2m" | "dpm__2m" | "dpmsolvermultistepscheduler" => ("DPM", "dpmpp_2m"),
+        "dpmpp_2m_karras" | "dpm__2m_karras" => {
+            cfg.set("use_karras_sigmas", Value::Bool(true));
+            ("DPM", "dpmpp_2m_karras")
+        }
+        "dpmpp_sde" | "dpmpp_2m_sde" | "dpm__2m_sde" => {
+            cfg.set("algorithm_type", Value::from("sde-dpmsolver++"));
+            ("DPM", "dpmpp_sde")
+        }
+        "lms" | "lmsdiscretescheduler" => ("LMS", "lms"),
+        "lms_karras" => {
+            cfg.set("use_karras_sigmas", Value::Bool(true));
+            ("LMS", "lms_karras")
+        }
+        "heun" | "heundiscretescheduler" => ("Heun", "heun"),
+        "ddpm" | "ddpmscheduler" => ("DDPM", "ddpm"),
+        _ => {
+            let names: Vec<&str> = SAMPLER_NAMES.iter().map(|(n, _)| *n).collect();
+            return Err(Error::InvalidInput(format!(
+                "unknown sampler `{requested}`; choose one of {}",
+                names.join(", ")
+            )));
+        }
+    };
+    let label = label.to_string();
+    let s: Box<dyn Sampler> = match class {
+        "DDIM" => Box::new(Ddim::new(&cfg, num_inference_steps, label)?),
+        "PNDM" => Box::new(Pndm::new(&cfg, num_inference_steps, label)?),
+        "Euler" => Box::new(Euler::new(&cfg, num_inference_steps, label)?),
+        "EulerA" => Box::new(EulerAncestral::new(&cfg, num_inference_steps, label)?),
+        "DPM" => Box::new(DpmSolverMultistep::new(&cfg, num_inference_steps, label)?),
+        "LMS" => Box::new(Lms::new(&cfg, num_inference_steps, label)?),
+        "Heun" => Box::new(Heun::new(&cfg, num_inference_steps, label)?),
+        _ => Box::new(Ddpm::new(&cfg, num_inference_steps, label)?),
+    };
+    Ok(s)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Shared schedule math (numbers as diffusers really produces them)
+// ------------------------------------------------------------------------------------------------
+
+/// `alphas_cumprod` as the torch float32 tensor diffusers builds in every `__init__`:
+/// betas from `torch.linspace(..., dtype=float32)` (squared for scaled_linear), `1 - betas` in f32,
+/// and `torch.cumprod`, whose CPU kernel accumulates in double and rounds each output to f32.
+pub fn alphas_cumprod(cfg: &SchedulerConfig, default_schedule: &str) -> Result<Vec<f32>> {
+    let n = cfg.usize_or("num_train_timesteps", 1000)?;
+    let beta_start = cfg.f64_or("beta_start", 0.0001)?;
+    let beta_end = cfg.f64_or("beta_end", 0.02)?;
+    let betas: Vec<f32> = if let Some(trained) = cfg.get("trained_betas") {
+        let list = trained
+            .as_array()
+            .ok_or_else(|| cfg.bad("trained_betas", "a list"))?;
+        list.iter()
+            .map(|v| {
+                v.as_f64()
+                    .map(|b| b as f32)
+                    .ok_or_else(|| cfg.bad("trained_betas", "numbers"))
+            })
+            .collect::<Result<_>>()?
+    } else {
+        match cfg.str_or("beta_schedule", default_schedule)? {
+            "linear" => torch_linspace_f32(beta_start, beta_end, n),
+            "scaled_linear" => torch_linspace_f32(beta_start.sqrt(), beta_end.sqrt(), n)
+                .into_iter()
+                .map(|b| b * b)
+                .collect(),
+            "squaredcos_cap_v2" => betas_for_alpha_bar_cosine(n),
+            other => return Err(Error::Unsupported(format!("beta_schedule `{other}`"))),
+        }
+    };
+    let betas = if cfg.bool_or("rescale_betas_zero_snr", false)? {
+        rescale_zero_terminal_snr(&betas)
+    } else {
+        betas
+    };
+    let mut acc = 1.0f64;
+    Ok(betas
+        .iter()
+        .map(|&b| {
+            acc *= (1.0f32 - b) as f64;
+            acc as f32
+        })
+        .collect())
+}
+
+/// `torch.linspace(start, end, n, dtype=float32)`'s scalar formula (from both ends toward the
+/// middle). torch's vectorised path can differ in the last bit of a few values, which moves
+/// alphas_cumprod by < 1e-7 relative.
+fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![start as f32];
+    }
+    let (s, e) = (start as f32, end as f32);
+    let step = (e - s) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n)
+        .map(|i| {
+            if i < half {
+                s + step * i as f32
+            } else {
+                e - step * (n - i - 1) as f32
+            }
+        })
+        .collect()
+}
+
+/// diffusers' `betas_for_alpha_bar` (cosine, max_beta 0.999), computed in double then f32.
+fn betas_for_alpha_bar_cosine(n: usize) -> Vec<f32> {
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2)
+    };
+    (0..n)
+        .map(|i| {
+            let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
+            (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999) as f32
+        })
+        .collect()
+}
+
+/// diffusers' `rescale_zero_terminal_snr` (arXiv 2305.08891, Algorithm 1), in f32 like torch.
+fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+    let mut acc = 1.0f64;
+    let mut sqrt_acp: Vec<f32> = betas
+        .iter()
+        .map(|&b| {
+            acc *= (1.0 - b) as f64;
+            (acc as f32).sqrt()
+        })
+        .collect();
+    let (first, last) = (sqrt_acp[0], *sqrt_acp.last().unwrap());
+    let scale = first / (first - last);
+    for v in sqrt_acp.iter_mut() {
+        *v = (*v - last) * scale;
+    }
+    let acp: Vec<f32> = sqrt_acp.iter().map(|v| v * v).collect();
+    let mut out = vec![1.0 - acp[0]];
+    out.extend(acp.windows(2).map(|w| 1.0 - w[1] / w[0]));
+    out
+}
+
+/// `((1 - acp) / acp) ** 0.5` over the training timesteps, as the f32 torch tensor.
+pub(crate) fn train_sigmas(acp: &[f32]) -> Vec<f32> {
+    acp.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
+}
+
+/// numpy's `linspace(start, stop, num)`: `i * step + start`, last value exactly `stop`.
+pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    if num == 1 {
+        return vec![start];
+    }
+    let step = (stop - start) / (num - 1) as f64;
+    let mut v: Vec<f64> = (0..num).map(|i| i as f64 * step + start).collect();
+    v[num - 1] = stop;
+    v
+}
+
+/// numpy's `arange(start, stop, step)` for floats: `start + i * step`, ceil((stop-start)/step) values.
+pub(crate) fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
+    let len = ((stop - start) / step).ceil().max(0.0) as usize;
+    (0..len).map(|i| start + i as f64 * step).collect()
+}
+
+/// The `timestep_spacing` block shared (with small variations) by every `set_timesteps`:
+/// descending timesteps as the floats numpy computes before any integer cast.
+/// `linspace_round`: DDIM/DDPM/PNDM round linspace to integers; the Euler family keeps f32.
+pub(crate) fn spaced_timesteps(
+    spacing: Spacing,
+    num_train: usize,
+    steps: usize,
+    steps_offset: usize,
+    linspace_round: bool,
+) -> Vec<f64> {
+    match spacing {
+        Spacing::Linspace => {
+            let mut t = np_linspace(0.0, (num_train - 1) as f64, steps);
+            t.reverse();
+            if linspace_round {
+                t.iter().map(|v| v.round_ties_even()).collect()
+            } else {
+                t.iter().map(|&v| v as f32 as f64).collect()
+            }
+        }
+        Spacing::Leading => {
+            let ratio = num_train / steps;
+            (0..steps)
+                .rev()
+                .map(|i| (i * ratio + steps_offset) as f64)
+                .collect()
+        }
+        Spacing::Trailing => {
+            let ratio = num_train as f64 / steps as f64;
+            np_arange(num_train as f64, 0.0, -ratio)
+                .iter()
+                .map(|v| v.round_ties_even() - 1.0)
+                .collect()
+        }
+    }
+}
+
+/// `np.interp(x, arange(len(fp)), fp)` for `x` in [0, len-1].
+pub(crate) fn interp_index(x: f64, fp: &[f32]) -> f64 {
+    let last = fp.len() - 1;
+    if x >= last as f64 {
+        return fp[last] as f64;
+    }
+    if x <= 0.0 {
+        return fp[0] as f64;
+    }
+    let j = x.floor() as usize;
+    let slope = (fp[j + 1] as f64 - fp[j] as f64) / 1.0;
+    slope * (x - j as f64) + fp[j] as f64
+}
+
+/// `_convert_to_karras` (rho = 7) from the two ends of the sigma range.
+pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
+    let rho = 7.0;
+    let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
+    np_linspace(0.0, 1.0, steps)
+        .iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+        .collect()
+}
+
+/// `_sigma_to_t`: fractional training timestep of `sigma` by interpolating log-sigmas, with
+/// `log_sigmas` the float32 `np.log` of the training sigmas (so `low - high` is an f32 difference).
+pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    // low_idx = last index whose log_sigma <= log(sigma), clipped to len - 2.
+    let count = log_sigmas
+        .iter()
+        .filter(|&&ls| log_sigma - ls as f64 >= 0.0)
+        .count();
+    let low_idx = if count == 0 {
+        0
+    } else {
+        (count - 1).min(log_sigmas.len() - 2)
+    };
+    let (low, high) = (log_sigmas[low_idx], log_sigmas[low_idx + 1]);
+    let w = ((low as f64 - log_sigma) / (low - high) as f64).clamp(0.0, 1.0);
+    (1.0 - w) * low_idx as f64 + w * (low_idx + 1) as f64
+}
+
+pub(crate) fn log_sigmas_f32(sigmas: &[f32]) -> Vec<f32> {
+    sigmas.iter().map(|&s| (s as f64).ln() as f32).collect()
+}
+
+/// Largest value, as `sigmas.max()`.
+pub(crate) fn max_f32(v: &[f32]) -> f64 {
+    v.iter().cloned().fold(f32::MIN, f32::max) as f64
+}
+
+/// Converts a DDPM-family model output to (x0, eps) given alpha_prod_t, as DDIM's `step` does.
+pub(crate) fn alpha_x0_eps(
+    prediction: Prediction,
+    x: &Lin,
+    model: &Lin,
+    alpha_prod_t: f64,
+) -> (Lin, Lin) {
+    let beta_prod_t = 1.0 - alpha_prod_t;
+    match prediction {
+        Prediction::Epsilon => (
+            (x.clone() - beta_prod_t.sqrt() * model.clone()) / alpha_prod_t.sqrt(),
+            model.clone(),
+        ),
+        Prediction::Sample => (
+            model.clone(),
+            (x.clone() - alpha_prod_t.sqrt() * model.clone()) / beta_prod_t.sqrt(),
+        ),
+        Prediction::VPrediction => (
+            alpha_prod_t.sqrt() * x.clone() - beta_prod_t.sqrt() * model.clone(),
+            alpha_prod_t.sqrt() * model.clone() + beta_prod_t.sqrt() * x.clone(),
+        ),
+    }
+}
+
+/// x0 for the Karras-sigma family (Euler, Euler a, LMS, Heun) at noise level `sigma`.
+pub(crate) fn sigma_x0(prediction: Prediction, x: &Lin, model: &Lin, sigma: f64) -> Lin {
+    match prediction {
+        Prediction::Epsilon => x.clone() - sigma * model.clone(),
+        Prediction::VPrediction => {
+            let s2 = sigma * sigma + 1.0;
+            model.clone() * (-sigma / s2.sqrt()) + x.clone() / s2
+        }
+        Prediction::Sample => model.clone(),
+    }
+}

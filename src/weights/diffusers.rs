@@ -1,0 +1,491 @@
+//! Opening a model: a diffusers folder or a single-file LDM checkpoint, both ending as three
+//! [`Component`]s (weights under diffusers names + a diffusers-style config.json).
+//!
+//! Folder layout read (as `StableDiffusionPipeline.save_pretrained` writes it):
+//! ```text
+//! unet/diffusion_pytorch_model[.fp16].safetensors   unet/config.json
+//! vae/diffusion_pytorch_model[.fp16].safetensors    vae/config.json
+//! text_encoder/model[.fp16].safetensors             text_encoder/config.json
+//! scheduler/scheduler_config.json                   (optional)
+//! ```
+//! Sharded weights (`*.safetensors.index.json`) are followed. Pickled `.bin` weights are
+//! refused with a conversion hint.
+
+use super::rename::{self, InferHints, ModelFamily, PredictionType};
+use super::safetensors::{SafetensorsFile, PICKLE_HINT};
+use super::store::{Entry, Transform, WeightStore};
+use super::{Result, WeightError};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Which weight file of a diffusers folder to read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Variant {
+    /// The plain file, else the `.fp16` variant.
+    #[default]
+    Auto,
+    /// Only `<name>.safetensors`.
+    Plain,
+    /// Only `<name>.fp16.safetensors`.
+    Fp16,
+}
+
+/// What the files cannot tell, and user overrides.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    pub variant: Variant,
+    /// Overrides the scheduler config's `prediction_type` (needed for single files: SD 2.x
+    /// defaults to v_prediction as diffusers does, which is wrong for 2.x-base).
+    pub prediction_type: Option<PredictionType>,
+    /// Training resolution in pixels, for inferred configs' `sample_size`.
+    pub image_size: Option<usize>,
+    /// Keys written over each config after reading or inferring it
+    /// (e.g. `{"upcast_attention": false}`, `{"attention_head_dim": 2}`).
+    pub unet_overrides: Map<String, Value>,
+    pub vae_overrides: Map<String, Value>,
+    pub text_encoder_overrides: Map<String, Value>,
+}
+
+/// One model's weights and its diffusers config.json.
+#[derive(Debug)]
+pub struct Component {
+    pub weights: WeightStore,
+    pub config: Value,
+    /// True when the config was inferred from tensor shapes rather than read from a file.
+    pub config_inferred: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ComponentKind {
+    Unet,
+    Vae,
+    TextEncoder,
+}
+
+impl ComponentKind {
+    pub fn subfolder(self) -> &'static str {
+        match self {
+            ComponentKind::Unet => "unet",
+            ComponentKind::Vae => "vae",
+            ComponentKind::TextEncoder => "text_encoder",
+        }
+    }
+
+    /// File name stem of the weights (`diffusion_pytorch_model` for diffusers models,
+    /// `model` for transformers models).
+    pub fn weights_stem(self) -> &'static str {
+        match self {
+            ComponentKind::TextEncoder => "model",
+            _ => "diffusion_pytorch_model",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceLayout {
+    DiffusersFolder,
+    SingleFile,
+}
+
+/// Everything a Stable Diffusion pipeline needs from disk, under diffusers names.
+#[derive(Debug)]
+pub struct PipelineWeights {
+    pub unet: Component,
+    pub vae: Component,
+    pub text_encoder: Component,
+    /// diffusers scheduler_config.json (read, or diffusers' single-file default).
+    pub scheduler_config: Value,
+    pub family: ModelFamily,
+    pub layout: SourceLayout,
+    /// Single file: stored keys dropped on purpose, with the reason.
+    pub ignored_keys: Vec<(String, &'static str)>,
+    /// Single file: stored keys no rule recognised (print them as a warning).
+    pub unrecognized_keys: Vec<String>,
+}
+
+/// Opens a diffusers folder (a directory) or a single-file checkpoint (a file).
+pub fn open_model(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<PipelineWeights> {
+    let path = path.as_ref();
+    if path.is_dir() {
+        open_diffusers_folder(path, opts)
+    } else if path.exists() {
+        open_single_file(path, opts)
+    } else {
+        Err(WeightError::NotFound {
+            path: path.to_path_buf(),
+            hint: "give a diffusers folder (unet/, vae/, text_encoder/) or a single .safetensors checkpoint"
+                .into(),
+        })
+    }
+}
+
+/// Opens `root/unet`, `root/vae`, `root/text_encoder` (and `root/scheduler` if present).
+pub fn open_diffusers_folder(
+    root: impl AsRef<Path>,
+    opts: &LoadOptions,
+) -> Result<PipelineWeights> {
+    let root = root.as_ref();
+    let unet = open_component(root.join("unet"), ComponentKind::Unet, opts)?;
+    let vae = open_component(root.join("vae"), ComponentKind::Vae, opts)?;
+    let text_encoder = open_component(root.join("text_encoder"), ComponentKind::TextEncoder, opts)?;
+    let family = folder_family(&unet.config, &text_encoder.config);
+    let sched_path = root.join("scheduler").join("scheduler_config.json");
+    let mut scheduler_config = if sched_path.is_file() {
+        read_json(&sched_path)?
+    } else {
+        rename::default_scheduler_config(default_prediction(family, &unet.config))
+    };
+    if let (Some(p), Some(obj)) = (opts.prediction_type, scheduler_config.as_object_mut()) {
+        obj.insert("prediction_type".into(), Value::from(p.as_str()));
+    }
+    Ok(PipelineWeights {
+        unet,
+        vae,
+        text_encoder,
+        scheduler_config,
+        family,
+        layout: SourceLayout::DiffusersFolder,
+        ignored_keys: Vec::new(),
+        unrecognized_keys: Vec::new(),
+    })
+}
+
+/// Opens one diffusers model folder (`.../unet`, or a stand-alone VAE such as
+/// `sd-vae-ft-mse/`). Without a config.json the config is inferred from the shapes.
+pub fn open_component(
+    dir: impl AsRef<Path>,
+    kind: ComponentKind,
+    opts: &LoadOptions,
+) -> Result<Component> {
+    let dir = dir.as_ref();
+    let files = find_weight_files(dir, kind.weights_stem(), opts.variant)?;
+    let files = files
+        .iter()
+        .map(|p| SafetensorsFile::open(p).map(Arc::new))
+        .collect::<Result<Vec<_>>>()?;
+    let name = format!("{} ({})", kind.subfolder(), dir.display());
+    let weights = folder_store(name, files, kind)?;
+    let config_path = dir.join("config.json");
+    let (mut config, config_inferred) = if config_path.is_file() {
+        (read_json(&config_path)?, false)
+    } else {
+        let shapes = weights.shapes();
+        // without configs the family comes from the shapes alone
+        let family = match kind {
+            ComponentKind::Unet => match rename::cross_attention_dim(&shapes) {
+                Some(1024) => ModelFamily::Sd2,
+                _ => ModelFamily::Sd1,
+            },
+            ComponentKind::TextEncoder => {
+                match shapes.get("text_model.embeddings.token_embedding.weight") {
+                    Some(s) if s.get(1) == Some(&1024) => ModelFamily::Sd2,
+                    _ => ModelFamily::Sd1,
+                }
+            }
+            ComponentKind::Vae => ModelFamily::Sd1,
+        };
+        (infer(kind, &shapes, family, opts)?, true)
+    };
+    apply_overrides(&mut config, overrides(kind, opts));
+    Ok(Component {
+        weights,
+        config,
+        config_inferred,
+    })
+}
+
+/// Opens a single-file CompVis/LDM checkpoint: one memory map, three renamed views.
+pub fn open_single_file(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<PipelineWeights> {
+    let path = path.as_ref();
+    if path
+        .extension()
+        .is_some_and(|e| e == "ckpt" || e == "pt" || e == "bin" || e == "pth")
+    {
+        return Err(WeightError::Unsupported {
+            what: format!("{}: PyTorch pickle checkpoint", path.display()),
+            hint: PICKLE_HINT.into(),
+        });
+    }
+    let file = Arc::new(SafetensorsFile::open(path)?);
+    let stored: BTreeMap<String, Vec<usize>> = file
+        .names()
+        .map(|k| {
+            (
+                k.to_string(),
+                file.info(k).map(|i| i.shape.clone()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let plan = rename::plan_single_file(&stored)?;
+    let store = |part: &str, map: &BTreeMap<String, rename::Renamed>| -> Result<WeightStore> {
+        if map.is_empty() {
+            return Err(WeightError::Config {
+                what: format!("{}", path.display()),
+                reason: format!("the checkpoint holds no {part} weights"),
+            });
+        }
+        let entries = map
+            .iter()
+            .map(|(k, r)| {
+                (
+                    k.clone(),
+                    Entry {
+                        file: 0,
+                        source_key: r.source_key.clone(),
+                        transform: r.transform.clone(),
+                    },
+                )
+            })
+            .collect();
+        WeightStore::from_entries(
+            format!("{part} ({})", path.display()),
+            vec![file.clone()],
+            entries,
+        )
+    };
+    let unet_w = store("unet", &plan.unet)?;
+    let vae_w = store("vae (`first_stage_model.*`)", &plan.vae)?;
+    let text_w = store("text_encoder (`cond_stage_model.*`)", &plan.text_encoder)?;
+    let unet_shapes = unet_w.shapes();
+    let family = plan.family(&unet_shapes);
+    let component =
+        |kind: ComponentKind, weights: WeightStore, shapes: &BTreeMap<String, Vec<usize>>| {
+            let mut config = infer(kind, shapes, family, opts)?;
+            apply_overrides(&mut config, overrides(kind, opts));
+            Ok::<_, WeightError>(Component {
+                weights,
+                config,
+                config_inferred: true,
+            })
+        };
+    let unet = component(ComponentKind::Unet, unet_w, &unet_shapes)?;
+    let vae_shapes = vae_w.shapes();
+    let vae = component(ComponentKind::Vae, vae_w, &vae_shapes)?;
+    let text_shapes = text_w.shapes();
+    let text_encoder = component(ComponentKind::TextEncoder, text_w, &text_shapes)?;
+    let prediction = opts
+        .prediction_type
+        .unwrap_or_else(|| default_prediction(family, &unet.config));
+    Ok(PipelineWeights {
+        unet,
+        vae,
+        text_encoder,
+        scheduler_config: rename::default_scheduler_config(prediction),
+        family,
+        layout: SourceLayout::SingleFile,
+        ignored_keys: plan.ignored,
+        unrecognized_keys: plan.unrecognized,
+    })
+}
+
+fn infer(
+    kind: ComponentKind,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    family: ModelFamily,
+    opts: &LoadOptions,
+) -> Result<Value> {
+    let hints = InferHints {
+        image_size: opts.image_size,
+    };
+    match kind {
+        ComponentKind::Unet => rename::infer_unet_config(shapes, family, &hints),
+        ComponentKind::Vae => rename::infer_vae_config(shapes, family, &hints),
+        ComponentKind::TextEncoder => rename::infer_text_encoder_config(shapes, family),
+    }
+}
+
+fn overrides(kind: ComponentKind, opts: &LoadOptions) -> &Map<String, Value> {
+    match kind {
+        ComponentKind::Unet => &opts.unet_overrides,
+        ComponentKind::Vae => &opts.vae_overrides,
+        ComponentKind::TextEncoder => &opts.text_encoder_overrides,
+    }
+}
+
+fn apply_overrides(config: &mut Value, over: &Map<String, Value>) {
+    if let Some(obj) = config.as_object_mut() {
+        for (k, v) in over {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+/// SD 2.x text encoders are OpenCLIP (exact gelu); SD 1.x's is OpenAI CLIP (quick_gelu).
+fn folder_family(unet: &Value, text: &Value) -> ModelFamily {
+    match text.get("hidden_act").and_then(Value::as_str) {
+        Some("gelu") => ModelFamily::Sd2,
+        Some(_) => ModelFamily::Sd1,
+        None => match unet.get("cross_attention_dim").and_then(Value::as_u64) {
+            Some(1024) => ModelFamily::Sd2,
+            _ => ModelFamily::Sd1,
+        },
+    }
+}
+
+/// diffusers' `_legacy_load_scheduler`: "v2" checkpoints default to v_prediction, everything
+/// else (SD 1.x, inpainting) to epsilon.
+fn default_prediction(family: ModelFamily, unet_config: &Value) -> PredictionType {
+    let in_channels = unet_config
+        .get("in_channels")
+        .and_then(Value::as_u64)
+        .unwrap_or(4);
+    if family == ModelFamily::Sd2 && in_channels == 4 {
+        PredictionType::VPrediction
+    } else {
+        PredictionType::Epsilon
+    }
+}
+
+/// A folder store with the folder renamings (see rename.rs): VAE attention names of old
+/// diffusers versions, `text_model.` prefix for text encoders, buffers dropped.
+fn folder_store(
+    name: String,
+    files: Vec<Arc<SafetensorsFile>>,
+    kind: ComponentKind,
+) -> Result<WeightStore> {
+    if kind == ComponentKind::Unet {
+        return WeightStore::from_files(name, files);
+    }
+    let mut entries = BTreeMap::new();
+    for (i, file) in files.iter().enumerate() {
+        for key in file.names() {
+            let shape = file.info(key).map(|t| t.shape.as_slice()).unwrap_or(&[]);
+            let (presented, transform) = match kind {
+                ComponentKind::Vae => {
+                    let k = rename::vae_folder_key(key);
+                    let t = rename::vae_folder_transform(&k, shape);
+                    (k, t)
+                }
+                _ => match rename::text_encoder_folder_key(key) {
+                    Some(k) => (k, Transform::None),
+                    None => continue,
+                },
+            };
+            let entry = Entry {
+                file: i,
+                source_key: key.to_string(),
+                transform,
+            };
+            if let Some(prev) = entries.insert(presented.clone(), entry) {
+                return Err(WeightError::Malformed {
+                    path: file.path().to_path_buf(),
+                    reason: format!(
+                        "`{key}` and `{}` both present `{presented}`",
+                        prev.source_key
+                    ),
+                });
+            }
+        }
+    }
+    WeightStore::from_entries(name, files, entries)
+}
+
+/// The safetensors file(s) of one component, by variant preference; follows index files.
+fn find_weight_files(dir: &Path, stem: &str, variant: Variant) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Err(WeightError::NotFound {
+            path: dir.to_path_buf(),
+            hint: "a diffusers folder has unet/, vae/ and text_encoder/ subfolders \
+                   (StableDiffusionPipeline.save_pretrained)"
+                .into(),
+        });
+    }
+    let plain = [
+        format!("{stem}.safetensors"),
+        format!("{stem}.safetensors.index.json"),
+    ];
+    let fp16 = [
+        format!("{stem}.fp16.safetensors"),
+        format!("{stem}.safetensors.index.fp16.json"),
+        format!("{stem}.fp16.safetensors.index.json"),
+    ];
+    let candidates: Vec<&String> = match variant {
+        Variant::Auto => plain.iter().chain(fp16.iter()).collect(),
+        Variant::Plain => plain.iter().collect(),
+        Variant::Fp16 => fp16.iter().collect(),
+    };
+    for name in &candidates {
+        let path = dir.join(name);
+        if !path.is_file() {
+            continue;
+        }
+        if name.ends_with(".json") {
+            return shard_files(dir, &path);
+        }
+        return Ok(vec![path]);
+    }
+    // Nothing usable: say why as precisely as we can.
+    let present: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|source| WeightError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    let is_pickle = |n: &String| {
+        [".bin", ".ckpt", ".pt", ".pth"]
+            .iter()
+            .any(|e| n.ends_with(e))
+    };
+    if let Some(p) = present.iter().find(|n| is_pickle(n)) {
+        return Err(WeightError::Unsupported {
+            what: format!("{}: only PyTorch pickle weights (`{p}`)", dir.display()),
+            hint: PICKLE_HINT.into(),
+        });
+    }
+    let other_variant = match variant {
+        Variant::Plain => fp16.iter().find(|n| dir.join(n).is_file()),
+        Variant::Fp16 => plain.iter().find(|n| dir.join(n).is_file()),
+        Variant::Auto => None,
+    };
+    let hint = match other_variant {
+        Some(n) => format!("`{n}` is there: choose Variant::Auto to use it"),
+        None => format!(
+            "the folder holds: {}",
+            if present.is_empty() {
+                "nothing".into()
+            } else {
+                present.join(", ")
+            }
+        ),
+    };
+    Err(WeightError::NotFound {
+        path: dir.join(candidates[0]),
+        hint,
+    })
+}
+
+/// Shard files named by a `*.safetensors.index.json` (`{"weight_map": {tensor: file}}`).
+fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let json = read_json(index)?;
+    let map = json
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| WeightError::Malformed {
+            path: index.to_path_buf(),
+            reason: "no `weight_map` object".into(),
+        })?;
+    let mut names: Vec<&str> = map.values().filter_map(Value::as_str).collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() {
+        return Err(WeightError::Malformed {
+            path: index.to_path_buf(),
+            reason: "empty `weight_map`".into(),
+        });
+    }
+    Ok(names.into_iter().map(|n| dir.join(n)).collect())
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| WeightError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| WeightError::Config {
+        what: path.display().to_string(),
+        reason: format!("invalid JSON: {e}"),
+    })
+}
