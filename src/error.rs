@@ -46,6 +46,7 @@ impl Error {
             Error::OutOfMemory { .. } => "use a smaller size or batch, enable tiled VAE decode (--vae-tiling), or use f16".into(),
             Error::Shader { .. } => "this is a bug in ldm-wgpu or the driver: please report it with the output of `ldm info`".into(),
             Error::NonFinite { .. } => "try --dtype f32 (f16 can overflow in the VAE or in attention)".into(),
+            Error::Weights(m) if m.contains("(hint:") => return None,
             Error::Weights(_) => "check the model path: a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a single .safetensors checkpoint".into(),
             _ => return None,
         })

@@ -8,6 +8,7 @@ pub mod kernels;
 pub mod models;
 pub mod nn;
 pub mod pipeline;
+pub mod preview;
 pub mod rng;
 pub mod runtime;
 pub mod sched;

@@ -23,6 +23,7 @@ MODEL
                               (default: the small model shipped in weights/tiny-shapes)
     --dtype f16|f32           storage dtype (default: f16 when the adapter supports it)
     --vae-f32                 keep the VAE in f32 (default: the VAE config's force_upcast)
+    --vae-tiling auto|on|off  tiled VAE decode/encode (default auto: only when it would not fit)
     --prediction-type epsilon|v_prediction   for single files (SD 2.x 768 models are v)
 PROMPT
     -p, --prompt TEXT         the prompt
@@ -48,6 +49,7 @@ OUTPUT
     --profile                 per-kernel GPU time table (needs TIMESTAMP_QUERY)
     --no-pipeline-cache       do not read/write the compiled-pipeline cache (~/.cache/ldm-wgpu)
     --adapter NAME|INDEX      choose the GPU (also LDM_ADAPTER)
+    --preview PNG             write a cheap latent preview of image 1 after every step
     -q, --quiet               no progress output
 ";
 
@@ -121,6 +123,7 @@ fn generate(args: &[String]) -> Result<(), Error> {
     let mut batch_count = 1usize;
     let mut quiet = false;
     let mut use_cache = true;
+    let mut preview: Option<PathBuf> = None;
     let mut prompt_given = false;
     let mut init_path = None;
     let mut mask_path = None;
@@ -163,6 +166,7 @@ fn generate(args: &[String]) -> Result<(), Error> {
             "--strength" => req.strength = parse(&value(&mut it, flag)?, flag)?,
             "--dtype" => model_options.dtype = Some(value(&mut it, flag)?.parse().map_err(Error::InvalidInput)?),
             "--vae-f32" => model_options.vae_f32 = Some(true),
+            "--vae-tiling" => req.vae_tiling = value(&mut it, flag)?.parse()?,
             "--prediction-type" => {
                 model_options.load.prediction_type = Some(match value(&mut it, flag)?.as_str() {
                     "epsilon" => ldm_wgpu::weights::PredictionType::Epsilon,
@@ -174,6 +178,7 @@ fn generate(args: &[String]) -> Result<(), Error> {
             "--adapter" => gpu_options.adapter = Some(value(&mut it, flag)?),
             "-q" | "--quiet" => quiet = true,
             "--no-pipeline-cache" => use_cache = false,
+            "--preview" => preview = Some(PathBuf::from(value(&mut it, flag)?)),
             other => return Err(Error::InvalidInput(format!("unknown option `{other}`; see `ldm generate --help`"))),
         }
     }
@@ -217,7 +222,20 @@ fn generate(args: &[String]) -> Result<(), Error> {
     for batch in 0..batch_count {
         let mut r = req.clone();
         r.seed = req.seed.wrapping_add((batch * req.batch_size) as u64);
+        let vae_factor = sd.vae.config.downscale();
+        let gpu_ref = &sd.gpu;
         let mut report = |p: &pipeline::Progress<'_>| {
+            if let Some(path) = &preview {
+                // A cheap latent-space preview of the first image, rewritten after every step.
+                match ldm_wgpu::preview::latent_preview(gpu_ref, p.latents, 0) {
+                    Ok(img) => {
+                        if let Err(e) = ldm_wgpu::preview::upscale(&img, vae_factor).save_png(path) {
+                            eprintln!("\npreview not written: {e}");
+                        }
+                    }
+                    Err(e) => eprintln!("\npreview failed: {e}"),
+                }
+            }
             if !quiet {
                 eprint!("\rstep {:>3}/{} (t = {:>6.1}) {:>7.2}s", p.call + 1, p.calls, p.timestep, p.elapsed.as_secs_f64());
             }
@@ -254,6 +272,13 @@ fn generate(args: &[String]) -> Result<(), Error> {
     }
     if sd.gpu.profiling() {
         print!("{}", ldm_wgpu::runtime::timing::format_table(&sd.gpu.profile()?));
+        let pool = sd.gpu.pool_stats();
+        println!(
+            "GPU memory held by the tensor pool: peak {:.1} MiB ({} buffers created, {} reuses)",
+            pool.peak_bytes as f64 / 1048576.0,
+            pool.created,
+            pool.reused
+        );
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use crate::image::Image;
 use crate::kernels::{elementwise, sampler_step};
 use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
-use crate::models::vae::{AutoencoderKL, VaeConfig};
+use crate::models::vae::{AutoencoderKL, VaeConfig, VaeTiling};
 use crate::rng::{PhiloxRng, RandnVariant, TorchCpuRng};
 use crate::sched::{build_sampler, Buf, Sampler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
@@ -92,6 +92,17 @@ impl BatchNoise {
             self.gens.iter_mut().flat_map(|g| g.randn(per_image)).collect()
         }
     }
+    /// Noise for one image's worth of VAE posterior sampling, repeated over the batch in NCHW
+    /// order: diffusers encodes the single init image once (`vae.encode(image).latent_dist
+    /// .sample(generator)` draws `per_image` values) and repeats the latents over the batch;
+    /// with one generator per image, each image samples its own.
+    fn draw_shared(&mut self, batch: usize, per_image: usize) -> Vec<f32> {
+        if self.gens.len() == 1 {
+            self.gens[0].randn(per_image).repeat(batch)
+        } else {
+            self.draw(batch, per_image)
+        }
+    }
 }
 
 /// NCHW host data -> NHWC host data (the RNG draws in torch's NCHW order; our tensors are NHWC).
@@ -133,6 +144,8 @@ pub struct GenerateRequest {
     pub strength: f64,
     /// Inpainting mask (white = repaint), same size as the image.
     pub mask: Option<Image>,
+    /// Tiled VAE decode/encode: automatic (when the activations would not fit), on or off.
+    pub vae_tiling: VaeTiling,
 }
 
 impl Default for GenerateRequest {
@@ -155,6 +168,7 @@ impl Default for GenerateRequest {
             init_image: None,
             strength: 0.8,
             mask: None,
+            vae_tiling: VaeTiling::Auto,
         }
     }
 }
@@ -386,17 +400,20 @@ impl StableDiffusion {
         let sf = self.vae.config.scaling_factor;
         let shift = self.vae.config.shift_factor.unwrap_or(0.0);
 
-        // Initial latents. img2img/inpaint: encode, sample (diffusers draws the posterior sample
-        // from the same generator first), scale, then add noise at the first kept timestep.
+        // Initial latents, drawing from the generator in diffusers' order:
+        //   img2img (StableDiffusionImg2ImgPipeline.prepare_latents): posterior sample of the
+        //     init image, then the noise; latents = add_noise(image_latents, noise, t_start).
+        //   inpainting (StableDiffusionInpaintPipeline): posterior sample of the init image
+        //     (skipped for a 9-channel U-Net at strength 1), the noise, then the posterior sample
+        //     of the masked image in prepare_mask_latents (drawn for 4-channel U-Nets too, which
+        //     never use it: the draw still moves the generator that ancestral samplers use
+        //     later). At strength 1 the latents are pure noise * init_noise_sigma.
         let mut image_latents: Option<Tensor> = None; // scaled clean latents (f32)
         let mut first_noise: Option<Tensor> = None;
         let mut mask_latent: Option<Tensor> = None; // [B, h, w, 1] (9-channel) or [B, h, w, L]
         let mut masked_image_latents: Option<Tensor> = None;
         let inpaint9 = self.unet.config.in_channels == 9;
         let latents = if let Some(init) = &req.init_image {
-            if inpaint9 {
-                // Full strength is the norm for inpainting models; keep diffusers' semantics anyway.
-            }
             sampler.truncate_for_strength(req.steps, req.strength);
             if sampler.timesteps().is_empty() {
                 return Err(Error::InvalidInput(format!(
@@ -404,11 +421,13 @@ impl StableDiffusion {
                     req.strength, req.steps
                 )));
             }
-            let encode = |pixels: Vec<f32>, noise: &mut BatchNoise, sample: bool| -> Result<Tensor> {
+            // Posterior sampling on the host is orchestration of two small tensors; the VAE
+            // itself ran on the GPU. Returns the scaled latents [B, h, w, L] (f32).
+            let encode = |pixels: Vec<f32>, noise: &mut BatchNoise| -> Result<Tensor> {
                 let img = gpu.upload(&pixels, &[1, req.height, req.width, 3], self.vae_dtype)?;
-                let moments = gpu.download(&self.vae.encode_moments(gpu, &img)?)?; // [1, h, w, 2L] NHWC
+                let moments = gpu.download(&self.vae.encode_moments_with(gpu, &img, req.vae_tiling)?)?; // [1, h, w, 2L] NHWC
+                let eps = noise.draw_shared(b, per_image); // NCHW [B, L, h, w]
                 let mut lat = vec![0.0f32; n];
-                let eps = if sample { Some(noise.draw(b, per_image)) } else { None };
                 for bi in 0..b {
                     for yi in 0..h {
                         for xi in 0..w {
@@ -416,11 +435,8 @@ impl StableDiffusion {
                                 let m = ((yi * w + xi) * 2 * lc) + ci;
                                 let (mean, logvar) = (moments[m], moments[m + lc]);
                                 let nchw = ((bi * lc + ci) * h + yi) * w + xi;
-                                let z = match &eps {
-                                    // DiagonalGaussianDistribution.sample: mean + std * eps
-                                    Some(e) => mean + (0.5 * logvar.clamp(-30.0, 20.0)).exp() * e[nchw],
-                                    None => mean,
-                                };
+                                // DiagonalGaussianDistribution.sample: mean + std * eps
+                                let z = mean + (0.5 * logvar.clamp(-30.0, 20.0)).exp() * eps[nchw];
                                 lat[((bi * h + yi) * w + xi) * lc + ci] = (z - shift as f32) * sf as f32;
                             }
                         }
@@ -428,11 +444,32 @@ impl StableDiffusion {
                 }
                 gpu.upload(&lat, &[b, h, w, lc], DType::F32)
             };
-            // Posterior sampling on the host is orchestration of two small tensors; the VAE
-            // itself ran on the GPU.
-            let clean = encode(init.to_model_input(), &mut noise, true)?;
+            let inpainting = req.mask.is_some();
+            let pure_noise = inpainting && req.strength == 1.0; // diffusers' is_strength_max
+            let clean = if inpaint9 && pure_noise { None } else { Some(encode(init.to_model_input(), &mut noise)?) };
+            let raw_noise = noise.draw(b, per_image);
+            let eps = upload_latent(raw_noise.clone())?;
+            let x = match &clean {
+                Some(clean) if !pure_noise => {
+                    let mix = sampler.add_noise(0);
+                    let x = gpu.empty(&[b, h, w, lc], DType::F32)?;
+                    let coefs = sampler_step::StepCoefs {
+                        a: [mix.original as f32, mix.noise as f32, 0.0, 0.0, 0.0],
+                        a_model: 0.0,
+                        b: [0.0; 5],
+                        b_model: 0.0,
+                    };
+                    sampler_step::sampler_step(gpu, &eps, None, [Some(clean), Some(&eps), None, None, None], &coefs, &x, None)?;
+                    x
+                }
+                _ => {
+                    let s = sampler.init_noise_sigma() as f32;
+                    upload_latent(raw_noise.iter().map(|v| v * s).collect())?
+                }
+            };
             if let Some(mask) = &req.mask {
-                let m = downsample_mask(&mask.to_mask(), req.width, req.height, f);
+                // prepare_mask_latents: F.interpolate(mask, size=(h, w)), mode "nearest".
+                let m = downsample_mask_nearest(&mask.to_mask(), req.width, req.height, f);
                 // [B, h, w, 1] for the 9-channel U-Net input; the legacy blend multiplies
                 // it elementwise with [B, h, w, L] latents, so it is widened on the host there.
                 let channels = if inpaint9 { 1 } else { lc };
@@ -444,8 +481,7 @@ impl StableDiffusion {
                 }
                 mask_latent = Some(gpu.upload(&mb, &[b, h, w, channels], DType::F32)?);
                 if inpaint9 {
-                    // masked_image = image * (mask < 0.5), encoded with the posterior mode
-                    // (diffusers' prepare_mask_latents uses `retrieve_latents(..., argmax)`).
+                    // masked_image = image * (mask < 0.5), posterior-sampled like the image.
                     let full_mask = mask.to_mask();
                     let pixels: Vec<f32> = init
                         .to_model_input()
@@ -456,20 +492,13 @@ impl StableDiffusion {
                             [p[0] * keep, p[1] * keep, p[2] * keep]
                         })
                         .collect();
-                    masked_image_latents = Some(encode(pixels, &mut noise, false)?);
+                    masked_image_latents = Some(encode(pixels, &mut noise)?);
+                } else {
+                    // The legacy path never uses the masked image's latents; only its draw.
+                    noise.draw_shared(b, per_image);
                 }
             }
-            let eps = upload_latent(noise.draw(b, per_image))?;
-            let mix = sampler.add_noise(0);
-            let x = gpu.empty(&[b, h, w, lc], DType::F32)?;
-            let coefs = sampler_step::StepCoefs {
-                a: [mix.original as f32, mix.noise as f32, 0.0, 0.0, 0.0],
-                a_model: 0.0,
-                b: [0.0; 5],
-                b_model: 0.0,
-            };
-            sampler_step::sampler_step(gpu, &eps, None, [Some(&clean), Some(&eps), None, None, None], &coefs, &x, None)?;
-            image_latents = Some(clean);
+            image_latents = clean;
             first_noise = Some(eps);
             x
         } else {
@@ -481,11 +510,25 @@ impl StableDiffusion {
         let mut bufs: std::collections::HashMap<Buf, Tensor> = std::collections::HashMap::new();
         bufs.insert(Buf::Latents, latents);
         let calls = sampler.timesteps().len();
+        // The whole schedule's time embeddings, before the loop: a step then uploads nothing but
+        // its noise (first, before recording anything), so that each step is one submit. Each
+        // step copies its row into the same tensor, so the U-Net binds the same buffers every step.
+        let unet_batch = if guided { 2 * b } else { b };
+        let time_table = self.unet.schedule_time_embeddings(gpu, sampler.timesteps(), unet_batch)?; // [calls·2B, 4C0]
+        let temb = gpu.empty(&[unet_batch, self.unet.time_embedding_dim()], self.dtype)?; // [2B, 4C0]
         for call in 0..calls {
             let step_start = Instant::now();
             let t = sampler.timesteps()[call];
             let x = bufs[&Buf::Latents].clone();
             let scale = sampler.model_input_scale(call);
+            // The plan does not depend on the model output (the GPU applies it), so it is made
+            // before the U-Net is recorded: an upload submits what has been recorded, and here
+            // nothing has been yet. The generator draws in the same order as diffusers' loop.
+            let plan = sampler.step(call);
+            if plan.needs_noise {
+                let v = noise.draw(b, per_image);
+                bufs.insert(Buf::Noise, upload_latent(v)?);
+            }
             let mut unet_in = if (scale - 1.0).abs() > 0.0 { elementwise::scale(gpu, &x, scale as f32)? } else { x.clone() };
             if inpaint9 {
                 let mask = mask_latent.as_ref().expect("checked");
@@ -499,14 +542,10 @@ impl StableDiffusion {
             if self.dtype != DType::F32 {
                 unet_in = elementwise::cast(gpu, &unet_in, self.dtype)?;
             }
-            let mut model_out = self.unet.forward(gpu, &unet_in, t, &context)?;
+            time_table.row_into(gpu, call, &temb)?;
+            let mut model_out = self.unet.forward_with_time_embedding(gpu, &unet_in, &temb, &context)?;
             if model_out.dtype() != DType::F32 {
                 model_out = elementwise::cast(gpu, &model_out, DType::F32)?;
-            }
-            let plan = sampler.step(call);
-            if plan.needs_noise {
-                let v = noise.draw(b, per_image);
-                bufs.insert(Buf::Noise, upload_latent(v)?);
             }
             let guidance = guided.then_some(req.guidance_scale as f32);
             for op in &plan.ops {
@@ -570,6 +609,8 @@ impl StableDiffusion {
                 let masked = elementwise::mul(gpu, &diff, mask)?;
                 bufs.insert(Buf::Latents, elementwise::add(gpu, &proper, &masked)?);
             }
+            // One submit per model call: what the step recorded (the progress callback gets the
+            // latents of a finished step).
             gpu.flush()?;
             timings.steps.push(step_start.elapsed());
             let keep_going = progress(&Progress {
@@ -603,7 +644,7 @@ impl StableDiffusion {
             if self.vae_dtype != DType::F32 {
                 z = elementwise::cast(gpu, &z, self.vae_dtype)?;
             }
-            let img = self.vae.decode(gpu, &z)?; // [1, H, W, 3]
+            let img = self.vae.decode_with(gpu, &z, req.vae_tiling)?; // [1, H, W, 3]
             let pixels = gpu.download(&img)?;
             images.push(Image::from_model_output(&pixels, req.width, req.height)?);
         }
@@ -613,20 +654,15 @@ impl StableDiffusion {
     }
 }
 
-/// The mask at latent resolution as diffusers' `mask_processor` gets it: resize (bilinear in
-/// PIL then binarise; we take the box average then binarise at 0.5). Returns [h, w].
-fn downsample_mask(mask: &[f32], width: usize, height: usize, f: usize) -> Vec<f32> {
+/// The mask at latent resolution as diffusers' `prepare_mask_latents` gets it:
+/// `F.interpolate(mask, size=(h, w))` in its default "nearest" mode, which for an integer
+/// factor picks the top-left pixel of each f×f block. Returns [h, w].
+fn downsample_mask_nearest(mask: &[f32], width: usize, height: usize, f: usize) -> Vec<f32> {
     let (h, w) = (height / f, width / f);
     let mut out = vec![0.0; h * w];
     for y in 0..h {
         for x in 0..w {
-            let mut s = 0.0;
-            for dy in 0..f {
-                for dx in 0..f {
-                    s += mask[(y * f + dy) * width + x * f + dx];
-                }
-            }
-            out[y * w + x] = if s / (f * f) as f32 >= 0.5 { 1.0 } else { 0.0 };
+            out[y * w + x] = mask[(y * f) * width + x * f];
         }
     }
     out

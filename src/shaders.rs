@@ -19,6 +19,7 @@ pub const SHADERS: &[(&str, &str, &[DType])] = &[
     ("elementwise", include_str!("../shaders/elementwise.wgsl"), &[DType::F32, DType::F16]),
     ("sampler_step", include_str!("../shaders/sampler_step.wgsl"), &[DType::F32, DType::F16]),
     ("cast", include_str!("../shaders/cast.wgsl"), &[DType::F16]),
+    ("tiling", include_str!("../shaders/tiling.wgsl"), &[DType::F32, DType::F16]),
 ];
 
 pub fn prelude(dtype: DType) -> &'static str {

@@ -163,6 +163,20 @@ fn vae_matches_diffusers() {
         let z = gpu.upload(&latents, &latents_shape, dtype).unwrap();
         let out = vae.decode(gpu, &z).unwrap(); // [1, 32, 32, 3]
         check("vae decode", dtype, &out, &decoded);
+
+        // The unfused attention path (used when the head is too wide for the flash kernel, as
+        // the SD VAE's 512-wide head is on many adapters) must give the same result. Only this
+        // test builds a VaeAttention in this binary, so the variable cannot leak into another.
+        std::env::set_var("LDM_VAE_ATTENTION", "unfused");
+        let comp = open("vae", ComponentKind::Vae);
+        let cfg = VaeConfig::from_json(&comp.config).unwrap();
+        let unfused = AutoencoderKL::load(gpu, &comp.weights.root(), cfg, dtype, true);
+        std::env::remove_var("LDM_VAE_ATTENTION");
+        let unfused = unfused.unwrap();
+        let out = unfused.encode_moments(gpu, &x).unwrap();
+        check("vae encode (moments), unfused attention", dtype, &out, &moments);
+        let out = unfused.decode(gpu, &z).unwrap();
+        check("vae decode, unfused attention", dtype, &out, &decoded);
     }
 }
 

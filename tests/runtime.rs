@@ -150,3 +150,79 @@ fn reshape_checks_element_count() {
     assert_eq!(t.reshape(&[6, 4]).unwrap().shape(), &[6, 4]);
     assert!(t.reshape(&[5, 5]).is_err());
 }
+
+#[test]
+fn bind_groups_are_cached_by_pipeline_buffers_and_ring_slot() {
+    let g = Gpu::new(&GpuOptions::default()).unwrap();
+    let t = g.empty(&[1000], DType::F32).unwrap();
+    let s0 = g.stats();
+    fill::fill(&g, &t, 1.0).unwrap();
+    g.flush().unwrap();
+    fill::fill(&g, &t, 2.0).unwrap(); // same pipeline, buffer and ring slot (the ring restarts at a flush)
+    g.flush().unwrap();
+    let s1 = g.stats();
+    assert_eq!(s1.bind_groups_created - s0.bind_groups_created, 1, "the same dispatch twice: one creation");
+    assert_eq!(s1.bind_groups_reused - s0.bind_groups_reused, 1);
+    assert_eq!(g.download(&t).unwrap()[999], 2.0, "the reused bind group binds the same buffer");
+
+    // A tensor that gets the same pool buffer back has the same id and hits the cache.
+    let id = t.buffer_id();
+    drop(t);
+    let u = g.empty(&[1000], DType::F32).unwrap();
+    assert_eq!(u.buffer_id(), id, "the buffer id survives recycling");
+    fill::fill(&g, &u, 3.0).unwrap();
+    g.flush().unwrap();
+    let s2 = g.stats();
+    assert_eq!(s2.bind_groups_created, s1.bind_groups_created);
+    assert_eq!(g.download(&u).unwrap()[0], 3.0);
+
+    // Another ring slot (a second dispatch before the flush) or another buffer is another bind group.
+    let v = g.empty(&[1000], DType::F32).unwrap();
+    fill::fill(&g, &u, 4.0).unwrap();
+    fill::fill(&g, &v, 5.0).unwrap();
+    g.flush().unwrap();
+    let s3 = g.stats();
+    assert_eq!(s3.bind_groups_reused - s2.bind_groups_reused, 1, "slot 0 with u hits");
+    assert_eq!(s3.bind_groups_created - s2.bind_groups_created, 1, "slot 1 with v is new");
+    assert_eq!((g.download(&u).unwrap()[5], g.download(&v).unwrap()[5]), (4.0, 5.0));
+
+    // trim_pool frees v's buffer once v is gone, and with it the bind groups that bind it.
+    let cached = s3.bind_groups_cached;
+    drop(v);
+    g.trim_pool();
+    assert_eq!(g.stats().bind_groups_cached, cached - 1, "the bind group of the freed buffer is evicted");
+    fill::fill(&g, &u, 6.0).unwrap();
+    g.flush().unwrap();
+    assert_eq!(g.stats().bind_groups_reused - s3.bind_groups_reused, 1, "live buffers keep their bind groups");
+}
+
+#[test]
+fn pool_hands_out_the_same_buffers_whatever_the_order_they_were_freed_in() {
+    let g = Gpu::new(&GpuOptions::default()).unwrap();
+    let ids = |ts: &[ldm_wgpu::Tensor]| ts.iter().map(|t| t.buffer_id()).collect::<Vec<_>>();
+    let a: Vec<_> = (0..4).map(|_| g.empty(&[64], DType::F32).unwrap()).collect();
+    let first = ids(&a);
+    drop(a); // dropped front to back
+    let b: Vec<_> = (0..4).map(|_| g.empty(&[64], DType::F32).unwrap()).collect();
+    assert_eq!(ids(&b), first);
+    for t in b.into_iter().rev() {
+        drop(t); // back to front
+    }
+    let c: Vec<_> = (0..4).map(|_| g.empty(&[64], DType::F32).unwrap()).collect();
+    assert_eq!(ids(&c), first, "a steady loop gets the same buffers (and bind groups) every step");
+}
+
+#[test]
+fn copy_bytes_records_a_copy_without_submitting() {
+    let g = Gpu::new(&GpuOptions::default()).unwrap();
+    let src = g.upload(&(0..16).map(|i| i as f32).collect::<Vec<_>>(), &[16], DType::F32).unwrap();
+    let dst = g.empty(&[4], DType::F32).unwrap();
+    fill::fill(&g, &dst, -1.0).unwrap();
+    let before = g.stats().submits;
+    g.copy_bytes(&src, 8 * 4, &dst, 4, 2 * 4).unwrap();
+    assert_eq!(g.stats().submits, before, "recording a copy must not submit");
+    assert_eq!(g.download(&dst).unwrap(), vec![-1.0, 8.0, 9.0, -1.0], "ordered after the fill");
+    assert!(g.copy_bytes(&src, 2, &dst, 0, 4).is_err(), "unaligned offset");
+    assert!(g.copy_bytes(&src, 60, &dst, 0, 8).is_err(), "past the end of src");
+    assert!(g.copy_bytes(&src, 0, &src, 16, 8).is_err(), "same buffer");
+}

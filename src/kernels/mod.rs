@@ -11,3 +11,4 @@ pub mod matmul;
 pub mod norm;
 pub mod peak;
 pub mod sampler_step;
+pub mod tiling;

@@ -2,9 +2,9 @@
 //! (`models/resnet.py`, `models/attention_processor.py`, `models/unets/unet_2d_blocks.py`).
 //! Activations are NHWC: [B, H, W, C].
 
-use crate::kernels::attention::HeadsView;
+use crate::kernels::attention::{self, HeadsView};
 use crate::kernels::elementwise;
-use crate::kernels::matmul::Activation;
+use crate::kernels::matmul::{self, Activation};
 use crate::nn::{self, Conv2d, GroupNorm, Linear};
 use crate::weights::WeightView;
 use crate::{DType, Gpu, Result, Tensor};
@@ -70,13 +70,17 @@ impl ResnetBlock2D {
     /// x: [B, H, W, Cin]; temb_silu: silu(temb) [B, T] (computed once per U-Net call and shared
     /// by every block). Returns [B, H, W, Cout].
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb_silu: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.norm1.forward(gpu, x, true)?; // [B, H, W, Cin]
-        let mut h = self.conv1.forward(gpu, &h)?; // [B, H, W, Cout]
+        // Each intermediate is dropped as soon as the next one exists, so its buffer returns to
+        // the pool for the next op (shadowed `let`s would keep them alive to the end).
+        let mut h = {
+            let normed = self.norm1.forward(gpu, x, true)?; // [B, H, W, Cin]
+            self.conv1.forward(gpu, &normed)? // [B, H, W, Cout]
+        };
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_silu) {
             let t = proj.forward(gpu, t)?; // [B, Cout]
             h = elementwise::add_channel_bias(gpu, &h, &t)?; // [B, H, W, Cout]
         }
-        let h = self.norm2.forward(gpu, &h, true)?; // [B, H, W, Cout]
+        h = self.norm2.forward(gpu, &h, true)?; // the assignment drops conv1's output
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(gpu, x)?, // [B, H, W, Cout]
             None => x.clone(),
@@ -87,54 +91,90 @@ impl ResnetBlock2D {
 
 /// The VAE's mid-block self-attention (diffusers `Attention` built from the deprecated
 /// `AttentionBlock`: one head of width C, its own group norm, residual connection).
+///
+/// The SD VAE's head is 512 wide, more than the flash kernel's register/workgroup budget on
+/// many adapters. Then the attention runs unfused: scores = (q/√C)·kᵀ [B, N, N], a row softmax,
+/// and P·V, all on the GPU. That is one head at the VAE's lowest resolution (N = 4096 at
+/// 512×512: 64 MiB of f32 scores), and automatic VAE tiling keeps N bounded at larger sizes.
 pub struct VaeAttention {
     group_norm: GroupNorm,
-    qkv: Linear,
+    projections: VaeAttentionProjections,
     to_out: Linear,
     channels: usize,
 }
 
+enum VaeAttentionProjections {
+    /// q, k, v fused into one [3C, C] linear, read by the flash kernel through strided views.
+    Fused(Linear),
+    /// Separate projections for the unfused path; q's weights are pre-scaled by 1/√C.
+    Separate { q: Linear, k: Linear, v: Linear },
+}
+
 impl VaeAttention {
-    pub fn load(
-        gpu: &Gpu,
-        vb: &WeightView<'_>,
-        channels: usize,
-        groups: usize,
-        eps: f32,
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn load(gpu: &Gpu, vb: &WeightView<'_>, channels: usize, groups: usize, eps: f32, dtype: DType) -> Result<Self> {
         let c = channels;
-        Ok(VaeAttention {
-            group_norm: GroupNorm::load(gpu, &vb.pp("group_norm"), groups, c, eps, dtype)?,
-            qkv: Linear::load_fused(
+        // `LDM_VAE_ATTENTION=unfused` forces the unfused path (for tests and for comparing).
+        let forced_unfused = std::env::var("LDM_VAE_ATTENTION").is_ok_and(|v| v == "unfused");
+        let flash_fits = !forced_unfused && attention::config(c, gpu.caps.max_workgroup_storage as u64).is_some();
+        let projections = if flash_fits {
+            VaeAttentionProjections::Fused(Linear::load_fused(
                 gpu,
                 &[vb.pp("to_q"), vb.pp("to_k"), vb.pp("to_v")],
                 c,
                 &[c, c, c],
                 true,
                 dtype,
-            )?,
+            )?)
+        } else {
+            // Fold the softmax scale into q's weights and bias: (x·Wᵀ + b)/√C.
+            let qv = vb.pp("to_q");
+            let s = 1.0 / (c as f32).sqrt();
+            let w: Vec<f32> = qv.get("weight", &[c, c])?.to_f32_vec().iter().map(|x| x * s).collect();
+            let b: Vec<f32> = qv.get("bias", &[c])?.to_f32_vec().iter().map(|x| x * s).collect();
+            VaeAttentionProjections::Separate {
+                q: Linear { weight: gpu.upload(&w, &[c, c], dtype)?, bias: Some(gpu.upload(&b, &[c], dtype)?) },
+                k: Linear::load(gpu, &vb.pp("to_k"), c, c, true, dtype)?,
+                v: Linear::load(gpu, &vb.pp("to_v"), c, c, true, dtype)?,
+            }
+        };
+        Ok(VaeAttention {
+            group_norm: GroupNorm::load(gpu, &vb.pp("group_norm"), groups, c, eps, dtype)?,
+            projections,
             to_out: Linear::load(gpu, &vb.pp("to_out.0"), c, c, true, dtype)?,
             channels,
         })
     }
 
+    /// True when the [B, N, N] scores are materialised (head too wide for the flash kernel).
+    pub fn is_unfused(&self) -> bool {
+        matches!(self.projections, VaeAttentionProjections::Separate { .. })
+    }
+
     /// x: [B, H, W, C] -> [B, H, W, C].
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = (x.dim(0), x.dim(1), x.dim(2), self.channels);
-        let tokens = x.reshape(&[b, h * w, c])?; // [B, HW, C]
-        let normed = self.group_norm.forward(gpu, &tokens, false)?; // [B, HW, C]
-        let qkv = self.qkv.forward(gpu, &normed)?; // [B, HW, 3C]
-        let view = |offset| HeadsView {
-            tensor: &qkv,
-            tokens: h * w,
-            row_stride: 3 * c,
-            offset,
+        let n = h * w;
+        let tokens = x.reshape(&[b, n, c])?; // [B, HW, C]
+        let normed = self.group_norm.forward(gpu, &tokens, false)?;
+        let attn = match &self.projections {
+            VaeAttentionProjections::Fused(qkv_proj) => {
+                let qkv = qkv_proj.forward(gpu, &normed)?; // [B, HW, 3C]
+                let view = |offset| HeadsView { tensor: &qkv, tokens: n, row_stride: 3 * c, offset };
+                nn::multi_head_attention(gpu, view(0), view(c), view(2 * c), b, 1, c, false)? // [B, HW, C]
+            }
+            VaeAttentionProjections::Separate { q, k, v } => {
+                let q = q.forward(gpu, &normed)?; // [B, HW, C], already scaled by 1/√C
+                let k = k.forward(gpu, &normed)?; // [B, HW, C]
+                let scores = matmul::batched_matmul_bt(gpu, &q, &k)?; // [B, HW, HW]
+                drop((q, k));
+                let probs = elementwise::softmax_last_dim(gpu, &scores)?; // [B, HW, HW]
+                drop(scores);
+                let v = v.forward(gpu, &normed)?.reshape(&[b, 1, n, c])?; // [B, 1, HW, C]
+                let v_t = elementwise::nhwc_to_nchw(gpu, &v)?.reshape(&[b, c, n])?; // [B, C, HW]
+                matmul::batched_matmul_bt(gpu, &probs, &v_t)? // [B, HW, C]
+            }
         };
-        let attn = nn::multi_head_attention(gpu, view(0), view(c), view(2 * c), b, 1, c, false)?; // [B, HW, C]
-        let out = self
-            .to_out
-            .forward_fused(gpu, &attn, Activation::None, Some(&tokens))?;
+        let out = self.to_out.forward_fused(gpu, &attn, Activation::None, Some(&tokens))?;
         out.reshape(&[b, h, w, c])
     }
 }

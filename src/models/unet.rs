@@ -175,6 +175,51 @@ struct UpBlock {
     upsampler: Option<Conv2d>,
 }
 
+/// `silu(time_embedding(time_proj(t)))` for every model call of a schedule: [calls·batch, 4C0],
+/// rows `call·batch .. (call+1)·batch` for call `call`.
+pub struct TimeEmbeddingTable {
+    table: Tensor,
+    calls: usize,
+    batch: usize,
+    dim: usize,
+}
+
+impl TimeEmbeddingTable {
+    pub fn calls(&self) -> usize {
+        self.calls
+    }
+
+    /// Record the copy of call `call`'s rows into `out` [batch, 4C0] (no submit). A loop that
+    /// copies every call into the same tensor binds the same buffer every step, which keeps its
+    /// cached bind groups valid.
+    pub fn row_into(&self, gpu: &Gpu, call: usize, out: &Tensor) -> Result<()> {
+        if call >= self.calls
+            || out.shape() != [self.batch, self.dim]
+            || out.dtype() != self.table.dtype()
+        {
+            return Err(Error::shape(
+                "time embedding",
+                format!(
+                    "call {call} of {} into {out:?} (want [{}, {}] {})",
+                    self.calls,
+                    self.batch,
+                    self.dim,
+                    self.table.dtype().name()
+                ),
+            ));
+        }
+        let bytes = out.size_bytes();
+        gpu.copy_bytes(&self.table, call as u64 * bytes, out, 0, bytes)
+    }
+
+    /// Call `call`'s rows as a new tensor [batch, 4C0].
+    pub fn row(&self, gpu: &Gpu, call: usize) -> Result<Tensor> {
+        let out = gpu.empty(&[self.batch, self.dim], self.table.dtype())?; // [batch, 4C0]
+        self.row_into(gpu, call, &out)?;
+        Ok(out)
+    }
+}
+
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     pub dtype: DType,
@@ -404,11 +449,83 @@ impl UNet2DConditionModel {
 
     /// sample: [B, h, w, C_in]; timestep: the scheduler's t (the same for the whole batch, as
     /// diffusers broadcasts it); context: [B, Nc, cross_attention_dim]. Returns [B, h, w, C_out].
+    ///
+    /// Uploads the timestep (which submits what was recorded before): a denoising loop should
+    /// compute its embeddings up front with [`Self::schedule_time_embeddings`] and call
+    /// [`Self::forward_with_time_embedding`].
     pub fn forward(
         &self,
         gpu: &Gpu,
         sample: &Tensor,
         timestep: f64,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let temb_silu = self.time_embeddings(gpu, &vec![timestep as f32; sample.dim(0)])?; // [B, 4C0]
+        self.forward_with_time_embedding(gpu, sample, &temb_silu, context)
+    }
+
+    /// Width of the time embedding the resnets take (4·C0).
+    pub fn time_embedding_dim(&self) -> usize {
+        4 * self.config.block_out_channels[0]
+    }
+
+    /// diffusers' `time_proj` + `time_embedding` (sinusoidal, f32 as diffusers' Timesteps ->
+    /// linear -> SiLU -> linear), followed by the SiLU every resnet applies to it first (done
+    /// once here, fused into linear_2). One row per timestep: [N] -> [N, 4·C0]. Uploads the
+    /// timesteps.
+    pub fn time_embeddings(&self, gpu: &Gpu, timesteps: &[f32]) -> Result<Tensor> {
+        let c = &self.config;
+        let t_emb = elementwise::timestep_embedding(
+            gpu,
+            timesteps,
+            c.block_out_channels[0],
+            c.flip_sin_to_cos,
+            c.freq_shift,
+            self.dtype,
+        )?; // [N, C0]
+        let emb = self
+            .time_linear_1
+            .forward_fused(gpu, &t_emb, Activation::Silu, None)?; // [N, 4C0]
+        self.time_linear_2
+            .forward_fused(gpu, &emb, Activation::Silu, None) // [N, 4C0]
+    }
+
+    /// The time embeddings of a whole schedule, computed before the denoising loop so that the
+    /// loop uploads nothing for them: one upload and three dispatches for all calls at once.
+    /// `batch` is the U-Net batch (2B when guided).
+    pub fn schedule_time_embeddings(
+        &self,
+        gpu: &Gpu,
+        timesteps: &[f64],
+        batch: usize,
+    ) -> Result<TimeEmbeddingTable> {
+        if timesteps.is_empty() || batch == 0 {
+            return Err(Error::InvalidInput(format!(
+                "time embeddings for {} timesteps × batch {batch}",
+                timesteps.len()
+            )));
+        }
+        let rows: Vec<f32> = timesteps
+            .iter()
+            .flat_map(|&t| std::iter::repeat_n(t as f32, batch))
+            .collect();
+        let table = self.time_embeddings(gpu, &rows)?; // [calls·batch, 4C0]
+        Ok(TimeEmbeddingTable {
+            table,
+            calls: timesteps.len(),
+            batch,
+            dim: self.time_embedding_dim(),
+        })
+    }
+
+    /// [`Self::forward`] with the time embedding given: `temb_silu` [B, 4·C0] from
+    /// [`Self::time_embeddings`] or a [`TimeEmbeddingTable`] row. Records dispatches only (no
+    /// upload, no submit).
+    pub fn forward_with_time_embedding(
+        &self,
+        gpu: &Gpu,
+        sample: &Tensor,
+        temb_silu: &Tensor,
         context: &Tensor,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -442,29 +559,22 @@ impl UNet2DConditionModel {
                 ),
             ));
         }
-        // Time embedding: sinusoidal (f32, as diffusers' Timesteps) -> linear -> SiLU -> linear.
-        let t = vec![timestep as f32; b];
-        let t_emb = elementwise::timestep_embedding(
-            gpu,
-            &t,
-            c.block_out_channels[0],
-            c.flip_sin_to_cos,
-            c.freq_shift,
-            self.dtype,
-        )?; // [B, C0]
-        let emb = self
-            .time_linear_1
-            .forward_fused(gpu, &t_emb, Activation::Silu, None)?; // [B, 4C0]
-                                                                  // Every resnet applies SiLU to the embedding first: do it once, fused into linear_2.
-        let temb_silu = self
-            .time_linear_2
-            .forward_fused(gpu, &emb, Activation::Silu, None)?; // [B, 4C0]
+        if temb_silu.shape() != [b, self.time_embedding_dim()] || temb_silu.dtype() != self.dtype {
+            return Err(Error::shape(
+                "unet",
+                format!(
+                    "time embedding {temb_silu:?} should be [{b}, {}] {}",
+                    self.time_embedding_dim(),
+                    self.dtype.name()
+                ),
+            ));
+        }
 
         let mut h = self.conv_in.forward(gpu, sample)?; // [B, h, w, C0]
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
             for layer in &block.layers {
-                h = layer.forward(gpu, &h, &temb_silu, context)?; // [B, h, w, C]
+                h = layer.forward(gpu, &h, temb_silu, context)?; // [B, h, w, C]
                 skips.push(h.clone());
             }
             if let Some(down) = &block.downsampler {
@@ -472,16 +582,16 @@ impl UNet2DConditionModel {
                 skips.push(h.clone());
             }
         }
-        h = self.mid_resnet0.forward(gpu, &h, Some(&temb_silu))?; // [B, h/f, w/f, C_last]
+        h = self.mid_resnet0.forward(gpu, &h, Some(temb_silu))?; // [B, h/f, w/f, C_last]
         h = self.mid_transformer.forward(gpu, &h, context)?; // [B, h/f, w/f, C_last]
-        h = self.mid_resnet1.forward(gpu, &h, Some(&temb_silu))?; // [B, h/f, w/f, C_last]
+        h = self.mid_resnet1.forward(gpu, &h, Some(temb_silu))?; // [B, h/f, w/f, C_last]
         for block in &self.up_blocks {
             for layer in &block.layers {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
                 let cat = elementwise::concat_channels(gpu, &h, &skip)?; // [B, h, w, C + C_skip]
-                h = layer.forward(gpu, &cat, &temb_silu, context)?; // [B, h, w, C]
+                h = layer.forward(gpu, &cat, temb_silu, context)?; // [B, h, w, C]
             }
             if let Some(up) = &block.upsampler {
                 let u = elementwise::upsample_nearest2x(gpu, &h)?; // [B, 2h, 2w, C]

@@ -63,11 +63,7 @@ impl AdapterSummary {
 
 impl std::fmt::Display for AdapterSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "[{}] {} ({}, {}, {})",
-            self.index, self.name, self.backend, self.device_type, self.driver
-        )
+        write!(f, "[{}] {} ({}, {}, {})", self.index, self.name, self.backend, self.device_type, self.driver)
     }
 }
 
@@ -109,11 +105,8 @@ pub fn choose_adapter(adapters: Vec<wgpu::Adapter>, requested: Option<&str>) -> 
     if adapters.is_empty() {
         return Err(Error::NoAdapter);
     }
-    let summaries: Vec<String> = adapters
-        .iter()
-        .enumerate()
-        .map(|(i, a)| AdapterSummary::from_info(i, &a.get_info()).to_string())
-        .collect();
+    let summaries: Vec<String> =
+        adapters.iter().enumerate().map(|(i, a)| AdapterSummary::from_info(i, &a.get_info()).to_string()).collect();
     if let Some(req) = requested.map(str::trim).filter(|r| !r.is_empty()) {
         let pick = if let Ok(index) = req.parse::<usize>() {
             adapters.into_iter().nth(index)

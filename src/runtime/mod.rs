@@ -7,9 +7,8 @@ pub mod pipeline;
 pub mod tensor;
 pub mod timing;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use device::{AdapterSummary, Caps};
@@ -27,6 +26,9 @@ use timing::Profiler;
 pub const PARAMS_SLOT: u64 = 256;
 /// Dispatches recorded between forced flushes (the uniform ring holds this many slots).
 const RING_SLOTS: u64 = 4096;
+/// Bind groups kept per generation of the cache (two generations): more than the dispatches of
+/// one SD 1.5 denoising step (~1000), so a whole step stays cached.
+const BIND_GROUP_GENERATION: usize = 4096;
 
 /// How to open the engine.
 #[derive(Clone, Debug, Default)]
@@ -45,6 +47,12 @@ pub struct RecorderStats {
     pub dispatches: u64,
     pub submits: u64,
     pub pipelines_compiled: u64,
+    /// Bind groups made with `create_bind_group` (a cache miss).
+    pub bind_groups_created: u64,
+    /// Dispatches that found their bind group in the cache.
+    pub bind_groups_reused: u64,
+    /// Bind groups held by the cache now.
+    pub bind_groups_cached: u64,
 }
 
 /// One kernel launch: which pipeline, which tensors (indexed by binding number), the uniform
@@ -70,6 +78,66 @@ struct Recorder {
     ring: wgpu::Buffer,
     profiler: Option<Profiler>,
     stats: RecorderStats,
+    bind_groups: BindGroupCache,
+}
+
+/// Everything a bind group binds: the pipeline (its layout), the pool buffer at each storage
+/// binding in binding order (`Tensor::buffer_id`, stable while the pool recycles the buffer) and
+/// the uniform ring offset. A steady denoising loop repeats the same dispatches in the same ring
+/// slots (the ring restarts at every flush) on the same pool buffers, so every step after the
+/// first finds its bind groups here.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct BindGroupKey {
+    /// `Arc::as_ptr` of the pipeline; the entry holds the `Arc`, so the address cannot be reused.
+    pipeline: usize,
+    ring_offset: u64,
+    buffers: Vec<u64>,
+}
+
+struct CachedBindGroup {
+    group: wgpu::BindGroup,
+    _pipeline: Arc<pipeline::Pipeline>,
+}
+
+/// Bind groups by what they bind, bounded by two generations: a hit in `old` moves the entry to
+/// `current`; when `current` is full it becomes `old` and the previous `old` is dropped. What a
+/// loop uses every step survives; one-off dispatches (a decode at another size) age out. A
+/// cached bind group keeps its buffers alive in the driver, so `trim_pool` evicts the entries of
+/// the buffers it frees.
+#[derive(Default)]
+struct BindGroupCache {
+    current: HashMap<BindGroupKey, CachedBindGroup>,
+    old: HashMap<BindGroupKey, CachedBindGroup>,
+}
+
+impl BindGroupCache {
+    fn get(&mut self, key: &BindGroupKey) -> Option<wgpu::BindGroup> {
+        if let Some(e) = self.current.get(key) {
+            return Some(e.group.clone());
+        }
+        let e = self.old.remove(key)?;
+        let group = e.group.clone();
+        self.insert(key.clone(), e);
+        Some(group)
+    }
+    fn insert(&mut self, key: BindGroupKey, entry: CachedBindGroup) {
+        if self.current.len() >= BIND_GROUP_GENERATION {
+            self.old = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key, entry);
+    }
+    fn evict_buffers(&mut self, ids: &[u64]) {
+        if ids.is_empty() {
+            return;
+        }
+        let gone: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        for map in [&mut self.current, &mut self.old] {
+            map.retain(|k, _| !k.buffers.iter().any(|id| gone.contains(id)));
+        }
+    }
+    fn len(&self) -> usize {
+        self.current.len() + self.old.len()
+    }
 }
 
 pub struct Gpu {
@@ -83,7 +151,6 @@ pub struct Gpu {
     pipelines: Mutex<PipelineCache>,
     driver_cache: Option<(wgpu::PipelineCache, PathBuf)>,
     recorder: Mutex<Recorder>,
-    next_buffer_id: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -138,8 +205,8 @@ impl Gpu {
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let profiler = (options.profile && caps.timestamps)
-            .then(|| Profiler::new(&device, queue.get_timestamp_period()));
+        let profiler =
+            (options.profile && caps.timestamps).then(|| Profiler::new(&device, queue.get_timestamp_period()));
         Ok(Gpu {
             device,
             queue,
@@ -157,8 +224,8 @@ impl Gpu {
                 ring,
                 profiler,
                 stats: RecorderStats::default(),
+                bind_groups: BindGroupCache::default(),
             }),
-            next_buffer_id: AtomicU64::new(1),
         })
     }
 
@@ -188,9 +255,10 @@ impl Gpu {
                 what: format!("tensor {:?} {} ({} bytes) as one storage binding", shape, dtype.name(), bytes),
                 requested: size,
                 limit: self.caps.max_storage_binding,
-                hint: "this adapter's max_storage_buffer_binding_size is too small for the tensor: use a smaller image \
+                hint:
+                    "this adapter's max_storage_buffer_binding_size is too small for the tensor: use a smaller image \
                        size or batch, or tiled VAE decode (--vae-tiling)"
-                    .into(),
+                        .into(),
             });
         }
         if size > self.caps.max_buffer {
@@ -202,8 +270,8 @@ impl Gpu {
             });
         }
         let reused = lock(&self.pool).take(size);
-        let buffer = match reused {
-            Some(b) => b,
+        let (id, buffer) = match reused {
+            Some(entry) => entry,
             None => {
                 let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
                 let b = self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -215,11 +283,9 @@ impl Gpu {
                 if pollster::block_on(scope.pop()).is_some() {
                     return Err(Error::OutOfMemory { requested: size });
                 }
-                lock(&self.pool).note_created(size);
-                b
+                (lock(&self.pool).note_created(size), b)
             }
         };
-        let id = self.next_buffer_id.fetch_add(1, Ordering::Relaxed);
         let storage = Arc::new(PooledBuffer::new(buffer, self.pool.clone(), id));
         Ok(Tensor::from_parts(storage, shape.to_vec(), dtype))
     }
@@ -228,9 +294,11 @@ impl Gpu {
         lock(&self.pool).stats
     }
 
-    /// Release the pool's free buffers back to the driver.
+    /// Release the pool's free buffers back to the driver (and the cached bind groups that
+    /// would keep them alive).
     pub fn trim_pool(&self) {
-        lock(&self.pool).trim();
+        let freed = lock(&self.pool).trim();
+        lock(&self.recorder).bind_groups.evict_buffers(&freed);
     }
 
     // ---------------------------------------------------------------- transfers
@@ -285,6 +353,35 @@ impl Gpu {
             v.resize(padded, 0);
             self.queue.write_buffer(t.buffer(), 0, &v);
         }
+        Ok(())
+    }
+
+    /// Record a copy of `bytes` bytes from `src` (at byte `src_offset`) into `dst` (at byte
+    /// `dst_offset`) in the current encoder, in order with the dispatches: nothing is submitted.
+    /// Offsets and size must be multiples of 4 and `src`, `dst` different buffers (wgpu's rules).
+    pub fn copy_bytes(&self, src: &Tensor, src_offset: u64, dst: &Tensor, dst_offset: u64, bytes: u64) -> Result<()> {
+        let align = wgpu::COPY_BUFFER_ALIGNMENT;
+        if src_offset % align != 0 || dst_offset % align != 0 || bytes % align != 0 {
+            return Err(Error::shape(
+                "copy_bytes",
+                format!("offsets {src_offset}, {dst_offset} and size {bytes} must be multiples of {align}"),
+            ));
+        }
+        if src_offset + bytes > src.size_bytes() || dst_offset + bytes > dst.size_bytes() {
+            return Err(Error::shape(
+                "copy_bytes",
+                format!("{bytes} bytes from {src:?} at {src_offset} into {dst:?} at {dst_offset} overrun a tensor"),
+            ));
+        }
+        if src.buffer_id() == dst.buffer_id() {
+            return Err(Error::shape("copy_bytes", format!("{src:?} and {dst:?} share a buffer")));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        let mut rec = lock(&self.recorder);
+        self.end_pass(&mut rec);
+        self.encoder(&mut rec).copy_buffer_to_buffer(src.buffer(), src_offset, dst.buffer(), dst_offset, bytes);
         Ok(())
     }
 
@@ -382,9 +479,7 @@ impl Gpu {
         }
 
         let mut rec = lock(&self.recorder);
-        if rec.params.len() as u64 >= PARAMS_SLOT * RING_SLOTS
-            || rec.profiler.as_ref().is_some_and(|p| p.is_full())
-        {
+        if rec.params.len() as u64 >= PARAMS_SLOT * RING_SLOTS || rec.profiler.as_ref().is_some_and(|p| p.is_full()) {
             drop(rec);
             self.flush()?;
             rec = lock(&self.recorder);
@@ -393,28 +488,46 @@ impl Gpu {
         rec.params.extend_from_slice(d.params);
         rec.params.resize((offset + PARAMS_SLOT) as usize, 0);
 
-        let mut entries = Vec::with_capacity(pipe.bindings.len());
+        let tensor_at = |binding: u32| {
+            d.tensors
+                .get(binding as usize)
+                .ok_or_else(|| Error::shape(d.entry, format!("no tensor given for storage binding {binding}")))
+        };
+        let mut buffers = Vec::with_capacity(pipe.bindings.len());
         for &(binding, kind) in &pipe.bindings {
-            let resource = match kind {
-                BindingKind::Uniform => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: &rec.ring,
-                    offset,
-                    size: wgpu::BufferSize::new(PARAMS_SLOT),
-                }),
-                _ => {
-                    let t = d.tensors.get(binding as usize).ok_or_else(|| {
-                        Error::shape(d.entry, format!("no tensor given for storage binding {binding}"))
-                    })?;
-                    t.buffer().as_entire_binding()
-                }
-            };
-            entries.push(wgpu::BindGroupEntry { binding, resource });
+            if kind != BindingKind::Uniform {
+                buffers.push(tensor_at(binding)?.buffer_id());
+            }
         }
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &pipe.layout,
-            entries: &entries,
-        });
+        let key = BindGroupKey { pipeline: Arc::as_ptr(&pipe) as usize, ring_offset: offset, buffers };
+        let bind_group = match rec.bind_groups.get(&key) {
+            Some(group) => {
+                rec.stats.bind_groups_reused += 1;
+                group
+            }
+            None => {
+                let mut entries = Vec::with_capacity(pipe.bindings.len());
+                for &(binding, kind) in &pipe.bindings {
+                    let resource = match kind {
+                        BindingKind::Uniform => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &rec.ring,
+                            offset,
+                            size: wgpu::BufferSize::new(PARAMS_SLOT),
+                        }),
+                        _ => tensor_at(binding)?.buffer().as_entire_binding(),
+                    };
+                    entries.push(wgpu::BindGroupEntry { binding, resource });
+                }
+                let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &pipe.layout,
+                    entries: &entries,
+                });
+                rec.stats.bind_groups_created += 1;
+                rec.bind_groups.insert(key, CachedBindGroup { group: group.clone(), _pipeline: pipe.clone() });
+                group
+            }
+        };
 
         let label = if d.label.is_empty() { d.entry } else { d.label };
         if rec.profiler.is_some() {
@@ -458,7 +571,9 @@ impl Gpu {
     pub fn flush(&self) -> Result<()> {
         let mut rec = lock(&self.recorder);
         self.end_pass(&mut rec);
-        let Some(mut encoder) = rec.encoder.take() else { return Ok(()) };
+        let Some(mut encoder) = rec.encoder.take() else {
+            return Ok(());
+        };
         if !rec.params.is_empty() {
             self.queue.write_buffer(&rec.ring, 0, &rec.params);
             rec.params.clear();
@@ -493,7 +608,10 @@ impl Gpu {
     }
 
     pub fn stats(&self) -> RecorderStats {
-        let mut s = lock(&self.recorder).stats;
+        let rec = lock(&self.recorder);
+        let mut s = rec.stats;
+        s.bind_groups_cached = rec.bind_groups.len() as u64;
+        drop(rec);
         s.pipelines_compiled = lock(&self.pipelines).compiled;
         s
     }

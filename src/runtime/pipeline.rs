@@ -47,11 +47,8 @@ impl PipelineCache {
         if let Some(p) = self.pipelines.get(key) {
             return Ok(p.clone());
         }
-        let shader_err = |message: String| Error::Shader {
-            name: key.shader.to_string(),
-            entry: key.entry.to_string(),
-            message,
-        };
+        let shader_err =
+            |message: String| Error::Shader { name: key.shader.to_string(), entry: key.entry.to_string(), message };
         if !self.modules.contains_key(&(key.shader, key.dtype)) {
             let source = shaders::specialised_source(key.shader, key.dtype)
                 .ok_or_else(|| shader_err("no shader with this name is registered".into()))?;

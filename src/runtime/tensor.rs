@@ -1,7 +1,7 @@
 //! Tensors: a pooled GPU buffer + shape + dtype, and the buffer pool that makes a steady loop
 //! (one denoising step after another) allocate nothing after warm-up.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// Storage type of a tensor on the GPU. Arithmetic in kernels is always f32.
@@ -62,39 +62,56 @@ pub struct PoolStats {
     pub peak_bytes: u64,
 }
 
+/// Free buffers by bucket size, then by id. Each buffer keeps the id it was given at creation for
+/// its whole life, across any number of tensors: bind groups are cached by these ids.
+///
+/// `take` hands out the free buffer with the smallest id, so which buffer a tensor gets depends
+/// only on which buffers are free, not on the order they were freed in. A steady loop frees its
+/// temporaries in another order than it allocates them; with a last-in-first-out free list every
+/// step would see its buffers permuted (and miss its cached bind groups), with this rule every
+/// step that starts with the same live buffers gets the same ones.
 #[derive(Default)]
 pub(crate) struct BufferPool {
-    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    free: HashMap<u64, BTreeMap<u64, wgpu::Buffer>>,
+    next_id: u64,
     pub(crate) stats: PoolStats,
 }
 
 impl BufferPool {
-    pub(crate) fn take(&mut self, size: u64) -> Option<wgpu::Buffer> {
-        let buffer = self.free.get_mut(&size)?.pop()?;
+    /// A free buffer of exactly `size` bytes, with its id.
+    pub(crate) fn take(&mut self, size: u64) -> Option<(u64, wgpu::Buffer)> {
+        let entry = self.free.get_mut(&size)?.pop_first()?;
         self.stats.free_bytes -= size;
         self.stats.reused += 1;
         self.stats.live_bytes += size;
         self.stats.live_buffers += 1;
-        Some(buffer)
+        Some(entry)
     }
-    pub(crate) fn note_created(&mut self, size: u64) {
+    /// Count a freshly created buffer as live; returns its id (never 0, never reused).
+    pub(crate) fn note_created(&mut self, size: u64) -> u64 {
         self.stats.created += 1;
         self.stats.live_bytes += size;
         self.stats.live_buffers += 1;
         let total = self.stats.live_bytes + self.stats.free_bytes;
         self.stats.peak_bytes = self.stats.peak_bytes.max(total);
+        self.next_id += 1;
+        self.next_id
     }
-    fn give_back(&mut self, buffer: wgpu::Buffer) {
+    fn give_back(&mut self, id: u64, buffer: wgpu::Buffer) {
         let size = buffer.size();
         self.stats.live_bytes -= size;
         self.stats.live_buffers -= 1;
         self.stats.free_bytes += size;
-        self.free.entry(size).or_default().push(buffer);
+        self.free.entry(size).or_default().insert(id, buffer);
     }
-    /// Drop every free buffer (e.g. between models, to return memory to the driver).
-    pub(crate) fn trim(&mut self) {
+    /// Drop every free buffer (e.g. between models, to return memory to the driver). Returns the
+    /// ids of the dropped buffers, so that whatever still refers to them (cached bind groups) can
+    /// let go too.
+    pub(crate) fn trim(&mut self) -> Vec<u64> {
+        let ids = self.free.values().flat_map(|bucket| bucket.keys().copied()).collect();
         self.free.clear();
         self.stats.free_bytes = 0;
+        ids
     }
 }
 
@@ -118,7 +135,7 @@ impl Drop for PooledBuffer {
     fn drop(&mut self) {
         if let Some(buffer) = self.buffer.take() {
             if let Ok(mut pool) = self.pool.lock() {
-                pool.give_back(buffer);
+                pool.give_back(self.id, buffer);
             }
         }
     }
@@ -154,7 +171,10 @@ impl Tensor {
     pub fn buffer(&self) -> &wgpu::Buffer {
         self.storage.buffer()
     }
-    /// A stable identity for the underlying buffer (used for bind-group caching).
+    /// The identity of the underlying pool buffer: given when the buffer is created and kept
+    /// while the pool recycles it, so tensors that share it (clones, reshapes) or that get it
+    /// later from the pool have the same id. Two live tensors with the same id alias. Bind
+    /// groups are cached by it.
     pub fn buffer_id(&self) -> u64 {
         self.storage.id
     }

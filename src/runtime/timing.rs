@@ -92,7 +92,13 @@ pub fn format_table(table: &BTreeMap<String, KernelTime>) -> String {
     );
     for (name, t) in rows {
         let secs = t.total_ns * 1e-9;
-        let rate = |x: f64| if x > 0.0 && secs > 0.0 { format!("{:.1}", x / secs * 1e-9) } else { "-".into() };
+        let rate = |x: f64| {
+            if x > 0.0 && secs > 0.0 {
+                format!("{:.1}", x / secs * 1e-9)
+            } else {
+                "-".into()
+            }
+        };
         out += &format!(
             "{:<28} {:>7} {:>11.3} {:>10.1} {:>6.1} {:>10} {:>9}\n",
             name,

@@ -1,0 +1,348 @@
+#!/usr/bin/env python3
+"""Build the end-to-end pipeline parity fixtures in tests/fixtures/pipeline_parity/.
+
+Run:  HF_HUB_OFFLINE=1 /work/venv/bin/python tools/make_pipeline_fixtures.py
+
+What it writes:
+
+  model/{unet,vae,text_encoder,scheduler}/   a tiny random SD-1.x-style diffusers folder:
+      CLIPTextModel with the full 49,408-token vocabulary (hidden 32) so the real CLIP
+      tokenizer (weights/tiny-shapes/tokenizer, not copied) can drive it, a 3-level
+      UNet2DConditionModel (cross-attention in the two upper levels, like SD 1.x's layout), an
+      AutoencoderKL with 4 levels (8x downsampling, as SD's VAE), and SD 1.5's scheduler config
+      (PNDM, scaled_linear 0.00085..0.012, steps_offset 1, skip_prk_steps). Weights are stored
+      as f16 (keeps the folder < 6 MB); diffusers runs them upcast to f32, which is exactly what
+      `ldm` does with `--dtype f32`.
+  init.png, mask.png                         the img2img / inpainting inputs (procedural)
+  text_embeds.f32                            [2, 77, 32] (negative, prompt) as the pipeline
+                                             encodes them (debugging aid)
+  <case>.png / <case>_<i>.png                diffusers' output images (f32 on CPU)
+  <case>.latents.f32                         final latents NCHW [B, 4, 8, 8], before the VAE
+  <case>.steps.f32                           latents after every step [calls, B, 4, 8, 8]
+  cases.json                                 every case's settings and file names
+
+Raw .f32 files are little-endian float32, row-major, shapes given in cases.json.
+
+Samplers are swapped exactly as `ldm`'s `build_sampler` (src/sched/mod.rs) maps names:
+`X.from_config(<the model's own scheduler config>, **options)` (never chained through the previous
+case's scheduler, which would leak options such as use_karras_sigmas).
+
+Random initialisation gives noise-like images. The U-Net's output layer is scaled up so the
+samplers really disagree with each other (else a wrong sampler would still pass 40 dB), while
+the decoded images stay inside 0..255 (saturation would inflate PSNR): the script prints each
+image's mean, std and clipped fraction, and the PSNR of every txt2img image against PNDM's.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+OUT = os.path.join(ROOT, "tests", "fixtures", "pipeline_parity")
+TOKENIZER = os.path.join(ROOT, "weights", "tiny-shapes", "tokenizer")
+
+PROMPT = "a red circle"
+NEGATIVE = "blurry"
+SIZE = 64
+STEPS = 8
+GUIDANCE = 7.5
+SEED = 42
+
+# name -> (class, extra from_config options); mirrors build_sampler in src/sched/mod.rs.
+SAMPLERS = {
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+}
+
+# SD 1.5's scheduler/scheduler_config.json.
+SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    trained_betas=None,
+)
+
+
+def round_to_f16(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+
+
+def build_models():
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=32,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    ).eval()
+    with torch.no_grad():
+        # Default init (std 0.02) makes every token look alike after the final LayerNorm, so
+        # prompt and negative prompt would barely differ; give the embeddings some spread.
+        # (transformers >= 5 drops the `text_model` wrapper module.)
+        emb = getattr(text_encoder, "text_model", text_encoder).embeddings
+        emb.token_embedding.weight.normal_(0.0, 1.0)
+        emb.position_embedding.weight.normal_(0.0, 0.3)
+
+    unet = UNet2DConditionModel(
+        sample_size=SIZE // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=4,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    ).eval()
+
+    vae = AutoencoderKL(
+        sample_size=SIZE,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+    ).eval()
+    with torch.no_grad():
+        # A random U-Net predicts almost no noise, so every sampler ends near x_T / sqrt(alpha_T)
+        # and their images differ by < 1 grey level; a louder U-Net makes samplers disagree
+        # (pndm vs ddim ~31 dB) so the 40 dB bound can tell a wrong sampler from a right one.
+        unet.conv_out.weight.mul_(3.0)
+        unet.conv_out.bias.mul_(3.0)
+        vae.decoder.conv_out.bias.zero_()
+
+    for m in (text_encoder, unet, vae):
+        round_to_f16(m)
+    return text_encoder, unet, vae
+
+
+def save_models(text_encoder, unet, vae):
+    model_dir = os.path.join(OUT, "model")
+    if os.path.isdir(model_dir):
+        shutil.rmtree(model_dir)
+    # f16 on disk, f32 in memory (the values are already f16-exact).
+    for sub, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        m.half().save_pretrained(os.path.join(model_dir, sub), safe_serialization=True)
+        m.float()
+    # Written by hand, key for key SD 1.5's file: `save_pretrained` would also write every
+    # default (timestep_spacing "leading", ...), and a default written to the file is no longer
+    # a default to the next scheduler: from_config drops only keys it knows were defaulted
+    # (`_use_default_values`), so Euler/LMS/DPM would switch from their own "linspace" to
+    # PNDM's "leading", unlike with the real SD 1.5 folder.
+    os.makedirs(os.path.join(model_dir, "scheduler"))
+    with open(os.path.join(model_dir, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(dict(_class_name="PNDMScheduler", **SCHEDULER_CONFIG), f, indent=2)
+
+
+def procedural_images():
+    """64x64 RGB init image (gradient + disc) and a binary mask: a rectangle whose edges are
+    not on the 8-pixel latent grid, so downsampling it "nearest" (diffusers) and by block
+    average give different latent masks."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    r = 255 * x / (SIZE - 1)
+    g = 255 * y / (SIZE - 1)
+    b = np.full_like(r, 96.0)
+    disc = (x - 40) ** 2 + (y - 24) ** 2 < 14**2
+    r[disc], g[disc], b[disc] = 230, 40, 40
+    init = np.stack([r, g, b], -1).round().clip(0, 255).astype(np.uint8)
+    mask = np.zeros((SIZE, SIZE, 3), np.uint8)
+    mask[10:42, 21:51] = 255
+    return Image.fromarray(init), Image.fromarray(mask)
+
+
+def write_f32(name, t):
+    arr = t.detach().to(torch.float32).cpu().numpy().astype("<f4")
+    arr.tofile(os.path.join(OUT, name))
+    return list(arr.shape)
+
+
+def image_stats(img):
+    a = np.asarray(img).astype(np.float32)
+    clipped = float(((a == 0) | (a == 255)).mean())
+    return a.mean(), a.std(), clipped
+
+
+def run_case(pipe, base_config, case):
+    """Run one case, save its images and latents, return the cases.json entry."""
+    name = case["name"]
+    cls, opts = SAMPLERS[case["sampler"]]
+    # Always from the model's own scheduler config (as build_sampler does): chaining
+    # from_config through the previous case's scheduler would leak its options
+    # (use_karras_sigmas, ...) into the next one.
+    pipe.scheduler = cls.from_config(base_config, **opts)
+    steps_latents = []
+
+    def on_step_end(p, i, t, kw):
+        steps_latents.append(kw["latents"].clone())
+        return kw
+
+    kwargs = dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        num_images_per_prompt=case["batch"],
+        callback_on_step_end=on_step_end,
+        callback_on_step_end_tensor_inputs=["latents"],
+    )
+    if case["pipeline"] == "txt2img":
+        kwargs.update(height=SIZE, width=SIZE)
+    else:
+        kwargs.update(image=case["_init"], strength=case["strength"])
+    if case["pipeline"] == "inpaint":
+        kwargs.update(mask_image=case["_mask"], height=SIZE, width=SIZE)
+    with torch.no_grad():
+        images = pipe(**kwargs).images
+
+    entry = {k: v for k, v in case.items() if not k.startswith("_")}
+    files = []
+    for i, img in enumerate(images):
+        fname = f"{name}.png" if len(images) == 1 else f"{name}_{i}.png"
+        img.save(os.path.join(OUT, fname))
+        files.append(fname)
+        m, s, c = image_stats(img)
+        print(f"  {fname:28s} mean {m:6.1f} std {s:5.1f} clipped {100 * c:4.1f}%")
+    entry["images"] = files
+    entry["latents"] = f"{name}.latents.f32"
+    entry["latents_shape"] = write_f32(entry["latents"], steps_latents[-1])
+    entry["steps_latents"] = f"{name}.steps.f32"
+    entry["steps_latents_shape"] = write_f32(entry["steps_latents"], torch.stack(steps_latents))
+    return entry
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    for f in os.listdir(OUT):
+        if f.endswith((".png", ".f32", ".json")):
+            os.remove(os.path.join(OUT, f))
+    text_encoder, unet, vae = build_models()
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+    save_models(text_encoder, unet, vae)
+    # As a user gets it from the folder (see save_models on defaults).
+    scheduler = PNDMScheduler.from_pretrained(os.path.join(OUT, "model", "scheduler"))
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    inpaint = StableDiffusionInpaintPipeline(**pipe.components)
+    for p in (img2img, inpaint):
+        p.set_progress_bar_config(disable=True)
+
+    with torch.no_grad():
+        pos, neg = pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
+    write_f32("text_embeds.f32", torch.cat([neg, pos]))
+
+    init, mask = procedural_images()
+    init.save(os.path.join(OUT, "init.png"))
+    mask.save(os.path.join(OUT, "mask.png"))
+
+    cases = [dict(name=f"txt2img_{s}", pipeline="txt2img", sampler=s, batch=1) for s in SAMPLERS]
+    cases.append(dict(name="txt2img_euler_a_batch2", pipeline="txt2img", sampler="euler_a", batch=2))
+    for s in ("pndm", "euler_a"):
+        cases.append(
+            dict(name=f"img2img_{s}", pipeline="img2img", sampler=s, batch=1, strength=0.6,
+                 init_image="init.png", _init=init)
+        )
+    cases.append(
+        dict(name="img2img_ddim_batch2", pipeline="img2img", sampler="ddim", batch=2, strength=0.6,
+             init_image="init.png", _init=init)
+    )
+    for s, strength in (("ddim", 0.75), ("euler_a", 1.0)):
+        cases.append(
+            dict(name=f"inpaint_legacy_{s}", pipeline="inpaint", sampler=s, batch=1, strength=strength,
+                 init_image="init.png", mask="mask.png", _init=init, _mask=mask)
+        )
+
+    pipes = {"txt2img": pipe, "img2img": img2img, "inpaint": inpaint}
+    entries = []
+    for case in cases:
+        print(case["name"])
+        entries.append(run_case(pipes[case["pipeline"]], scheduler.config, case))
+
+    settings = dict(
+        generator="diffusers (torch CPU generator, float32, CPU)",
+        model="model",
+        tokenizer="weights/tiny-shapes/tokenizer",
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        width=SIZE,
+        height=SIZE,
+        steps=STEPS,
+        guidance_scale=GUIDANCE,
+        seed=SEED,
+        text_embeds="text_embeds.f32",
+        text_embeds_shape=[2, 77, 32],
+        cases=entries,
+    )
+    with open(os.path.join(OUT, "cases.json"), "w") as f:
+        json.dump(settings, f, indent=1)
+    ref = np.asarray(Image.open(os.path.join(OUT, "txt2img_pndm.png"))).astype(np.float64)
+    for e in entries:
+        if e["pipeline"] == "txt2img" and e["batch"] == 1:
+            a = np.asarray(Image.open(os.path.join(OUT, e["images"][0]))).astype(np.float64)
+            mse = ((a - ref) ** 2).mean()
+            print(f"  {e['name']:28s} vs txt2img_pndm: {10 * np.log10(255**2 / max(mse, 1e-12)):5.1f} dB")
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(OUT) for f in fs)
+    print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
