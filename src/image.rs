@@ -43,11 +43,27 @@ impl Image {
 
     /// Encode as PNG and write atomically (temporary file + rename).
     pub fn save_png(&self, path: &Path) -> Result<()> {
+        self.save_png_with_text(path, &[])
+    }
+
+    /// Encode as PNG with tEXt chunks (e.g. `("parameters", ...)` in the A1111 format that
+    /// image browsers and other SD tools read) and write atomically.
+    pub fn save_png_with_text(&self, path: &Path, text: &[(&str, &str)]) -> Result<()> {
         let mut bytes = Vec::new();
         {
             let mut enc = png::Encoder::new(&mut bytes, self.width as u32, self.height as u32);
             enc.set_color(png::ColorType::Rgb);
             enc.set_depth(png::BitDepth::Eight);
+            for (key, value) in text {
+                // tEXt is Latin-1; prompts with other characters go in an iTXt chunk (UTF-8).
+                let latin1 = value.chars().all(|c| (c as u32) < 256);
+                let r = if latin1 {
+                    enc.add_text_chunk(key.to_string(), value.to_string())
+                } else {
+                    enc.add_itxt_chunk(key.to_string(), value.to_string())
+                };
+                r.map_err(|e| Error::io(path, format!("PNG text chunk: {e}")))?;
+            }
             let mut w = enc.write_header().map_err(|e| Error::io(path, e))?;
             w.write_image_data(&self.rgb).map_err(|e| Error::io(path, e))?;
         }

@@ -35,17 +35,20 @@ IMAGE
     -s, --steps N             denoising steps (default 25)
     -g, --guidance F          classifier-free guidance scale (default 7.5; <= 1 disables CFG)
     --sampler NAME            ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lms, heun, ddpm, ...
-                              (default: the model's scheduler_config.json)
+                              (default: the model's scheduler_config.json; `ldm samplers` lists them)
+    --karras                  Karras sigmas (euler, dpmpp_2m, lms)
     --eta F                   DDIM eta
-    --seed N                  (default 0)
+    --seed N                  (default: random, printed)
     --rng cpu|cpu-scalar|philox   noise as torch's CPU randn (diffusers, default) or CUDA Philox (A1111)
     -b, --batch-size N        images per batch
     --batch-count N           batches (seed advances by batch size each time)
     --seed-mode batch|per-image   one generator for the batch (diffusers) or seed+i per image (A1111)
-    --init-image PNG          img2img source   --strength F (default 0.8)
+    -i, --init-image PNG      img2img source   --strength F (default 0.8)
     --mask PNG                inpainting mask (white = repaint), with --init-image
 OUTPUT
-    -o, --output PATH         PNG path (default ldm-out.png; batches get -N suffixes)
+    -o, --output PATH         PNG path (default ldm-out.png; batches get -N suffixes, or use
+                              a pattern: {n} or %d = image number, {seed}); the generation
+                              parameters are stored in the PNG (A1111 `parameters` text)
     --profile                 per-kernel GPU time table (needs TIMESTAMP_QUERY)
     --no-pipeline-cache       do not read/write the compiled-pipeline cache (~/.cache/ldm-wgpu)
     --adapter NAME|INDEX      choose the GPU (also LDM_ADAPTER)
@@ -115,6 +118,8 @@ fn generate(args: &[String]) -> Result<(), Error> {
     use std::path::PathBuf;
 
     let mut req = GenerateRequest::default();
+    let mut seed: Option<u64> = None;
+    let mut karras = false;
     let (mut width, mut height) = (None::<usize>, None::<usize>);
     let mut model: Option<PathBuf> = None;
     let mut output = PathBuf::from("ldm-out.png");
@@ -148,7 +153,8 @@ fn generate(args: &[String]) -> Result<(), Error> {
             "-g" | "--guidance" | "--cfg-scale" => req.guidance_scale = parse(&value(&mut it, flag)?, flag)?,
             "--sampler" | "--scheduler" => req.sampler = Some(value(&mut it, flag)?),
             "--eta" => req.eta = Some(parse(&value(&mut it, flag)?, flag)?),
-            "--seed" => req.seed = parse(&value(&mut it, flag)?, flag)?,
+            "--seed" => seed = Some(parse(&value(&mut it, flag)?, flag)?),
+            "--karras" => karras = true,
             "--rng" => req.rng = value(&mut it, flag)?.parse()?,
             "--seed-mode" => {
                 req.seed_mode = match value(&mut it, flag)?.as_str() {
@@ -161,7 +167,7 @@ fn generate(args: &[String]) -> Result<(), Error> {
             "--batch-count" => batch_count = parse(&value(&mut it, flag)?, flag)?,
             "--clip-skip" => req.clip_skip = Some(parse(&value(&mut it, flag)?, flag)?),
             "--long-prompts" => req.long_prompts = true,
-            "--init-image" => init_path = Some(PathBuf::from(value(&mut it, flag)?)),
+            "-i" | "--init-image" => init_path = Some(PathBuf::from(value(&mut it, flag)?)),
             "--mask" => mask_path = Some(PathBuf::from(value(&mut it, flag)?)),
             "--strength" => req.strength = parse(&value(&mut it, flag)?, flag)?,
             "--dtype" => model_options.dtype = Some(value(&mut it, flag)?.parse().map_err(Error::InvalidInput)?),
@@ -185,6 +191,11 @@ fn generate(args: &[String]) -> Result<(), Error> {
     if !prompt_given {
         return Err(Error::InvalidInput("give a prompt with -p \"...\" (an empty one is allowed: -p \"\")".into()));
     }
+    if req.steps == 0 {
+        return Err(Error::InvalidInput("--steps must be at least 1".into()));
+    }
+    // No --seed: a random one, printed so the image can be reproduced.
+    req.seed = seed.unwrap_or_else(random_seed);
     if let Some(p) = &init_path {
         req.init_image = Some(Image::load_png(p)?);
     }
@@ -202,21 +213,47 @@ fn generate(args: &[String]) -> Result<(), Error> {
         eprintln!("model:   {}", model.display());
     }
     let sd = StableDiffusion::load(gpu, &model, &model_options)?;
+    if karras {
+        // Karras sigmas exist for the sigma-based samplers; name the Karras variant.
+        let base = req.sampler.clone().unwrap_or_else(|| {
+            match sd.scheduler_config.class_name().unwrap_or("") {
+                "EulerDiscreteScheduler" => "euler",
+                "DPMSolverMultistepScheduler" => "dpmpp_2m",
+                "LMSDiscreteScheduler" => "lms",
+                other => other,
+            }
+            .to_string()
+        });
+        let with_karras = match base.as_str() {
+            "euler" | "euler_karras" => "euler_karras",
+            "dpmpp_2m" | "dpmpp_2m_karras" => "dpmpp_2m_karras",
+            "lms" | "lms_karras" => "lms_karras",
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "--karras works with --sampler euler, dpmpp_2m or lms (not `{other}`)"
+                )))
+            }
+        };
+        req.sampler = Some(with_karras.to_string());
+    }
     // Default size: the init image's, else the model's native one (sample_size × VAE factor).
     let native = sd.unet.config.sample_size * sd.vae.config.downscale();
     req.width = width.or(req.init_image.as_ref().map(|i| i.width)).unwrap_or(native);
     req.height = height.or(req.init_image.as_ref().map(|i| i.height)).unwrap_or(native);
     if !quiet {
         eprintln!(
-            "loaded in {:.2}s ({} weights, VAE {}); {}x{}, {} steps",
+            "loaded in {:.2}s ({} weights, VAE {}); {}x{}, {} steps, seed {}",
             sd.load_time.as_secs_f64(),
             sd.dtype.name(),
             sd.vae_dtype.name(),
             req.width,
             req.height,
-            req.steps
+            req.steps,
+            req.seed
         );
     }
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let model_name = model.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
     let total_images = req.batch_size * batch_count;
     let mut written = 0;
     for batch in 0..batch_count {
@@ -237,13 +274,15 @@ fn generate(args: &[String]) -> Result<(), Error> {
                 }
             }
             if !quiet {
-                eprint!("\rstep {:>3}/{} (t = {:>6.1}) {:>7.2}s", p.call + 1, p.calls, p.timestep, p.elapsed.as_secs_f64());
+                progress_line(p, terminal);
             }
             true
         };
         let out = sd.generate(&r, &mut report)?;
         if !quiet {
-            eprintln!();
+            if terminal {
+                eprintln!();
+            }
             if out.truncated_prompt {
                 eprintln!("warning: the prompt is longer than 77 tokens and was truncated (use --long-prompts)");
             }
@@ -257,9 +296,16 @@ fn generate(args: &[String]) -> Result<(), Error> {
                 out.timings.total.as_secs_f64()
             );
         }
-        for img in &out.images {
-            let path = if total_images == 1 { output.clone() } else { numbered(&output, written) };
-            img.save_png(&path)?;
+        for (i, img) in out.images.iter().enumerate() {
+            // diffusers draws a batch from one generator (every image has the batch's seed);
+            // per-image seeding gives image i the seed + i.
+            let image_seed = match r.seed_mode {
+                pipeline::SeedMode::Batch => r.seed,
+                pipeline::SeedMode::PerImage => r.seed.wrapping_add(i as u64),
+            };
+            let path = output_path(&output, written, total_images, image_seed);
+            let params = a1111_parameters(&r, &sd, &model_name, image_seed, i);
+            img.save_png_with_text(&path, &[("parameters", &params)])?;
             println!("{}", path.display());
             written += 1;
         }
@@ -294,8 +340,99 @@ fn pipeline_cache_path(options: &GpuOptions) -> Option<std::path::PathBuf> {
     Some(base.join("ldm-wgpu").join(format!("pipelines-{safe}.bin")))
 }
 
-fn numbered(path: &std::path::Path, i: usize) -> std::path::PathBuf {
+/// `-o` may hold a pattern: `{n}` or `%d` (image number) and `{seed}`. Without one, a batch
+/// gets `-N` before the extension.
+fn output_path(path: &std::path::Path, n: usize, total: usize, seed: u64) -> std::path::PathBuf {
+    let text = path.to_string_lossy();
+    if text.contains("{n}") || text.contains("%d") || text.contains("{seed}") {
+        let s = text.replace("{n}", &n.to_string()).replace("%d", &n.to_string()).replace("{seed}", &seed.to_string());
+        return std::path::PathBuf::from(s);
+    }
+    if total == 1 {
+        return path.to_path_buf();
+    }
     let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "ldm-out".into());
     let ext = path.extension().map(|e| e.to_string_lossy().to_string()).unwrap_or_else(|| "png".into());
-    path.with_file_name(format!("{stem}-{i}.{ext}"))
+    path.with_file_name(format!("{stem}-{n}.{ext}"))
+}
+
+/// A seed from the clock and the process id, for runs without `--seed`.
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let mut x = (nanos as u64) ^ ((std::process::id() as u64) << 32);
+    // splitmix64 finaliser; keep it below 2^32 so the seed is easy to retype (A1111 does too).
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
+    (x ^ (x >> 31)) & 0xffff_ffff
+}
+
+/// A progress bar with it/s and ETA on a terminal; one plain line per step otherwise.
+fn progress_line(p: &ldm_wgpu::pipeline::Progress<'_>, terminal: bool) {
+    let done = p.call + 1;
+    let secs = p.elapsed.as_secs_f64();
+    let rate = done as f64 / secs.max(1e-9);
+    let eta = (p.calls - done) as f64 / rate.max(1e-9);
+    if terminal {
+        let width = 30;
+        let filled = done * width / p.calls.max(1);
+        eprint!(
+            "\r[{}{}] {done}/{} {rate:.2} it/s, ETA {eta:.1}s   ",
+            "#".repeat(filled),
+            "-".repeat(width - filled),
+            p.calls
+        );
+    } else {
+        eprintln!("step {done}/{} t={:.1} {secs:.2}s {rate:.2} it/s ETA {eta:.1}s", p.calls, p.timestep);
+    }
+}
+
+/// The generation parameters in the A1111 web UI's `parameters` text format, which image
+/// browsers and other SD tools read from the PNG.
+fn a1111_parameters(
+    r: &ldm_wgpu::pipeline::GenerateRequest,
+    sd: &ldm_wgpu::pipeline::StableDiffusion,
+    model: &str,
+    seed: u64,
+    index: usize,
+) -> String {
+    let sampler = r.sampler.clone().unwrap_or_else(|| sd.scheduler_config.class_name().unwrap_or("").to_string());
+    let name = match sampler.as_str() {
+        "euler_a" | "EulerAncestralDiscreteScheduler" => "Euler a",
+        "euler" | "EulerDiscreteScheduler" => "Euler",
+        "euler_karras" => "Euler Karras",
+        "dpmpp_2m" | "DPMSolverMultistepScheduler" => "DPM++ 2M",
+        "dpmpp_2m_karras" => "DPM++ 2M Karras",
+        "dpmpp_sde" => "DPM++ 2M SDE",
+        "lms" | "LMSDiscreteScheduler" => "LMS",
+        "lms_karras" => "LMS Karras",
+        "heun" | "HeunDiscreteScheduler" => "Heun",
+        "ddim" | "DDIMScheduler" => "DDIM",
+        "pndm" | "plms" | "PNDMScheduler" => "PLMS",
+        "ddpm" | "DDPMScheduler" => "DDPM",
+        other => other,
+    };
+    let mut out = r.prompt.clone();
+    if !r.negative_prompt.is_empty() {
+        out += &format!("\nNegative prompt: {}", r.negative_prompt);
+    }
+    out += &format!(
+        "\nSteps: {}, Sampler: {name}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model: {model}",
+        r.steps, r.guidance_scale, r.width, r.height
+    );
+    if r.batch_size > 1 {
+        out += &format!(", Batch size: {}, Batch pos: {index}", r.batch_size);
+    }
+    if let Some(k) = r.clip_skip {
+        // A1111 counts the last layer as 1; diffusers' clip_skip=1 is A1111's "Clip skip: 2".
+        out += &format!(", Clip skip: {}", k + 1);
+    }
+    if r.init_image.is_some() {
+        out += &format!(", Denoising strength: {}", r.strength);
+    }
+    let rng = match r.rng {
+        ldm_wgpu::pipeline::RngKind::Philox => "NV",
+        _ => "CPU",
+    };
+    out += &format!(", RNG: {rng}, Version: ldm-wgpu {}", env!("CARGO_PKG_VERSION"));
+    out
 }

@@ -201,6 +201,13 @@ pub struct Generated {
 }
 
 /// A loaded Stable Diffusion 1.x / 2.x model.
+/// `StableDiffusion` is shared across threads by apps (load once, generate from anywhere);
+/// concurrent `generate` calls are serialised.
+const _: fn() = || {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<StableDiffusion>();
+};
+
 pub struct StableDiffusion {
     pub gpu: Gpu,
     pub tokenizer: ClipTokenizer,
@@ -212,6 +219,9 @@ pub struct StableDiffusion {
     pub dtype: DType,
     pub vae_dtype: DType,
     pub load_time: Duration,
+    /// Held for the duration of a `generate`, so calls from several threads run one after
+    /// another (they share one device queue and command recorder anyway).
+    generation: std::sync::Mutex<()>,
 }
 
 /// Options for loading a model.
@@ -279,6 +289,7 @@ impl StableDiffusion {
             dtype,
             vae_dtype,
             load_time: start.elapsed(),
+            generation: std::sync::Mutex::new(()),
         })
     }
 
@@ -374,6 +385,7 @@ impl StableDiffusion {
 
     /// Run the pipeline. `progress` is called after each model call; returning false cancels.
     pub fn generate(&self, req: &GenerateRequest, progress: &mut dyn FnMut(&Progress<'_>) -> bool) -> Result<Generated> {
+        let _one_at_a_time = self.generation.lock().unwrap_or_else(|p| p.into_inner());
         self.check_request(req)?;
         let gpu = &self.gpu;
         let t0 = Instant::now();
@@ -629,6 +641,9 @@ impl StableDiffusion {
         let decode_start = Instant::now();
         let latents = bufs.remove(&Buf::Latents).expect("latents present");
         let final_latents = gpu.download(&latents)?;
+        if final_latents.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { what: "the denoising loop (latents)".into() });
+        }
         if shift != 0.0 {
             return Err(Error::Unsupported("VAE shift_factor (SD3-style VAEs)".into()));
         }

@@ -10,14 +10,14 @@
 //! - f32 ≤ 1e-4: each kernel is within ~1e-6 of its f64 reference, but a model chains 20-100 of
 //!   them (group norms dividing by small variances, softmaxes, long residual sums) and the
 //!   reference is torch's own f32 with another summation order, so the error grows with depth;
-//!   1e-4 leaves room for that on other GPUs. Measured on lavapipe: 2.4e-7 (CLIP) to 9.5e-7
-//!   (U-Net). Layout bugs (head count, skip order, key mix-ups) give ≥ 1e-2 (see
+//!   1e-4 leaves room for that on other GPUs. Measured on lavapipe: 2.4e-7 (CLIP) to 1.1e-6
+//!   (U-Net, over both timesteps and both batch sizes). Layout bugs (head count, skip order, key mix-ups) give ≥ 1e-2 (see
 //!   `unet_fixture_catches_the_head_count_quirk`); an eps mix-up (U-Net norm_eps 1e-6 for
 //!   1e-5) moves the output by only 5.7e-6 with O(1) activations: eps values are checked by
 //!   reading the code against diffusers, not by this test.
 //! - f16 ≤ 1e-2 against the same f32 references: weights and every activation are stored with
 //!   11-bit mantissas (~3e-4 relative per rounding) and those errors add up over the same chain;
-//!   measured 7e-4 (CLIP) to 2.4e-3 (SD 2.x U-Net).
+//!   measured 7e-4 (CLIP) to 2.8e-3 (SD 2.x U-Net, batch 1).
 
 mod common;
 
@@ -174,7 +174,12 @@ fn vae_matches_diffusers() {
         std::env::remove_var("LDM_VAE_ATTENTION");
         let unfused = unfused.unwrap();
         let out = unfused.encode_moments(gpu, &x).unwrap();
-        check("vae encode (moments), unfused attention", dtype, &out, &moments);
+        check(
+            "vae encode (moments), unfused attention",
+            dtype,
+            &out,
+            &moments,
+        );
         let out = unfused.decode(gpu, &z).unwrap();
         check("vae decode, unfused attention", dtype, &out, &decoded);
     }
@@ -186,22 +191,49 @@ fn unet_config(comp: &Component) -> UNetConfig {
     UNetConfig::from_json(&comp.config).unwrap()
 }
 
+/// The U-Net at two timesteps (981, and the non-integer 333.25 an Euler schedule could give),
+/// each with CFG batching (batch 2: [uncond, cond]) and without (batch 1: the cond half alone,
+/// sliced from the batch-2 inputs; NHWC and [B, 77, C] both keep a batch element contiguous).
 fn check_unet(case: &str) {
     let gpu = gpu();
     let io = Io::new(case);
-    let (sample, sample_shape) = io.nhwc("sample");
+    let (sample, sample_shape) = io.nhwc("sample"); // [2, 8, 8, C]
     let (timestep, _) = io.get("timestep");
-    let (context, context_shape) = io.get("encoder_hidden_states");
-    let (want, _) = io.nhwc("out");
+    let (timestep_2, _) = io.get("timestep_2");
+    let (context, context_shape) = io.get("encoder_hidden_states"); // [2, 77, 32]
+    let half = |v: &[f32]| v[v.len() / 2..].to_vec();
+    let one = |shape: &[usize]| [&[1], &shape[1..]].concat();
+    let (cond_sample, cond_context) = (half(&sample), half(&context));
+    let cases = [
+        ("t=981 batch 2", timestep[0], 2, "out"),
+        ("t=333.25 batch 2", timestep_2[0], 2, "out_t2"),
+        ("t=981 batch 1", timestep[0], 1, "out_cond"),
+        ("t=333.25 batch 1", timestep_2[0], 1, "out_cond_t2"),
+    ];
     for dtype in dtypes() {
         let comp = open(case, ComponentKind::Unet);
         let unet = UNet2DConditionModel::load(gpu, &comp.weights.root(), unet_config(&comp), dtype)
             .unwrap();
         comp.weights.check_all_used().unwrap();
-        let x = gpu.upload(&sample, &sample_shape, dtype).unwrap();
-        let ctx = gpu.upload(&context, &context_shape, dtype).unwrap();
-        let out = unet.forward(gpu, &x, timestep[0] as f64, &ctx).unwrap(); // [2, 8, 8, 4]
-        check(case, dtype, &out, &want);
+        let x2 = gpu.upload(&sample, &sample_shape, dtype).unwrap();
+        let ctx2 = gpu.upload(&context, &context_shape, dtype).unwrap();
+        let x1 = gpu
+            .upload(&cond_sample, &one(&sample_shape), dtype)
+            .unwrap();
+        let ctx1 = gpu
+            .upload(&cond_context, &one(&context_shape), dtype)
+            .unwrap();
+        for (what, t, batch, name) in cases {
+            let (want, _) = io.nhwc(name);
+            let (x, ctx) = if batch == 2 {
+                (&x2, &ctx2)
+            } else {
+                (&x1, &ctx1)
+            };
+            let out = unet.forward(gpu, x, t as f64, ctx).unwrap(); // [B, 8, 8, 4]
+            assert_eq!(out.shape()[0], batch);
+            check(&format!("{case} {what}"), dtype, &out, &want);
+        }
     }
 }
 

@@ -36,6 +36,15 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
+/// The reference ids of one pad style; the fixture leaves `sd2_ids` out where
+/// it equals `sd1_ids` (see tools/make_tokenizer_fixtures.py).
+fn want_ids(case: &serde_json::Value, name: &str) -> Vec<u32> {
+    match case.get(format!("{name}_ids")) {
+        Some(v) => ids(v),
+        None => ids(&case["sd1_ids"]),
+    }
+}
+
 fn cases() -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(root().join("tests/fixtures/tokenizer_cases.json")).unwrap();
     let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -59,12 +68,13 @@ fn special_ids() {
 fn fixture_cases_bit_exact() {
     let (t1, t2) = (sd1(), sd2());
     let cases = cases();
-    assert!(cases.len() >= 40, "only {} cases", cases.len());
+    // The issue asks for at least 200 varied prompts.
+    assert!(cases.len() >= 220, "only {} cases", cases.len());
     let mut failures = Vec::new();
     for case in &cases {
         let prompt = case["prompt"].as_str().unwrap();
         for (name, tok) in [("sd1", &t1), ("sd2", &t2)] {
-            let want = ids(&case[format!("{name}_ids")]);
+            let want = want_ids(case, name);
             let got = tok.encode(prompt);
             if got != want {
                 failures.push(format!(
@@ -231,7 +241,7 @@ fn extra_cases_from_env() {
     for case in cases {
         let prompt = case["prompt"].as_str().unwrap();
         for (name, tok) in [("sd1", &t1), ("sd2", &t2)] {
-            let want = ids(&case[format!("{name}_ids")]);
+            let want = want_ids(case, name);
             let got = tok.encode(prompt);
             if got != want {
                 failures.push(format!(

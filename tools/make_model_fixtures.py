@@ -7,7 +7,8 @@ For each case this builds a TINY randomly initialised model with the real archit
 (transformers CLIPTextModel, diffusers AutoencoderKL, diffusers UNet2DConditionModel), saves it
 as a component folder (config.json + safetensors, f32) under tests/fixtures/models/<case>/, and
 writes io.safetensors next to it: the inputs and the reference outputs, computed on the CPU in
-float32. Channel counts are small (16/32) to keep the fixtures near 4 MB; every code path
+float32. U-Nets are recorded at two timesteps (981 and 333.25), each with batch 2 ([uncond, cond]
+as CFG batches it) and batch 1 (the cond half alone). Channel counts are small (16/32) to keep the fixtures near 4 MB; every code path
 (shortcut convs, resamplers, per-block head counts, groups of several channels) is still
 exercised. Tensors are stored as torch has them (NCHW for images/latents); the Rust test
 converts to NHWC on the host.
@@ -194,6 +195,9 @@ UNET_SD2 = dict(
 )
 
 
+TIMESTEP_2 = 333.25
+
+
 def make_unet(name, cfg, seed):
     torch.manual_seed(seed)
     model = UNet2DConditionModel(**cfg).eval()
@@ -209,8 +213,32 @@ def make_unet(name, cfg, seed):
     debug_hooks(model, names)
     with torch.no_grad():
         out = model(sample, timestep, encoder_hidden_states=context).sample
-    save_io(d, {"sample": sample, "timestep": timestep.reshape(1), "encoder_hidden_states": context, "out": out})
-    print(f"{name}: out {tuple(out.shape)} std {out.std():.4f}")
+    # Two timesteps, with and without CFG batching. Batch 2 is [uncond, cond] as diffusers'
+    # pipelines batch classifier-free guidance; batch 1 is the cond half alone (sample[1:],
+    # context[1:]), as a guidance_scale <= 1 run feeds it. TIMESTEP_2 is non-integer, as Euler
+    # and Karras schedules give, and exact in f32. The extra inputs are slices of the stored
+    # ones, so only outputs are added (2-4 KB per case).
+    timestep_2 = torch.tensor(TIMESTEP_2)
+    with torch.no_grad():
+        out_t2 = model(sample, timestep_2, encoder_hidden_states=context).sample
+        out_cond = model(sample[1:], timestep, encoder_hidden_states=context[1:]).sample
+        out_cond_t2 = model(sample[1:], timestep_2, encoder_hidden_states=context[1:]).sample
+    save_io(
+        d,
+        {
+            "sample": sample,
+            "timestep": timestep.reshape(1),
+            "encoder_hidden_states": context,
+            "out": out,
+            "timestep_2": timestep_2.reshape(1),
+            "out_t2": out_t2,
+            "out_cond": out_cond,
+            "out_cond_t2": out_cond_t2,
+        },
+    )
+    gap = (out_cond - out[1:]).norm() / out[1:].norm()
+    print(f"{name}: out {tuple(out.shape)} std {out.std():.4f}; out_t2 std {out_t2.std():.4f}; "
+          f"batch 1 vs batch 2 cond half in torch: relative L2 {gap:.1e}")
 
 
 def main():
