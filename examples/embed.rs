@@ -10,17 +10,27 @@ use ldm_wgpu::pipeline::{default_model_dir, GenerateRequest, ModelOptions, Stabl
 use ldm_wgpu::{Gpu, GpuOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let model = std::env::args().nth(1).map(Into::into).unwrap_or_else(default_model_dir);
+    let model = std::env::args()
+        .nth(1)
+        .map(Into::into)
+        .unwrap_or_else(default_model_dir);
     // One engine and one loaded model for the whole app.
     let gpu = Gpu::new(&GpuOptions::default())?;
     println!("running on {}", gpu.adapter);
-    let sd = Arc::new(StableDiffusion::load(gpu, &model, &ModelOptions::default())?);
+    let sd = Arc::new(StableDiffusion::load(
+        gpu,
+        &model,
+        &ModelOptions::default(),
+    )?);
     let native = sd.unet.config.sample_size * sd.vae.config.downscale();
 
     // A "cancel" button the UI could press; here nobody presses it.
     let cancel = Arc::new(AtomicBool::new(false));
 
-    let prompts = ["a red circle on a white background", "a large green triangle on the left"];
+    let prompts = [
+        "a red circle on a white background",
+        "a large green triangle on the left",
+    ];
     let workers: Vec<_> = prompts
         .iter()
         .enumerate()
@@ -44,7 +54,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })?;
                 let path = format!("embed-{i}.png");
                 out.images[0].save_png(path.as_ref())?;
-                println!("[job {i}] wrote {path} in {:.2}s", out.timings.total.as_secs_f64());
+                println!(
+                    "[job {i}] wrote {path} in {:.2}s",
+                    out.timings.total.as_secs_f64()
+                );
                 Ok(())
             })
         })

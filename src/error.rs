@@ -10,15 +10,27 @@ pub enum Error {
     /// No adapter at all (no Vulkan/Metal/DX12 driver, and no software fallback installed).
     NoAdapter,
     /// `--adapter` / `LDM_ADAPTER` named an adapter that does not exist.
-    AdapterNotFound { requested: String, available: Vec<String> },
+    AdapterNotFound {
+        requested: String,
+        available: Vec<String>,
+    },
     /// The adapter lacks a feature that the requested path needs.
     MissingFeature { feature: String, adapter: String },
     /// A device limit would be exceeded (binding size, buffer size, workgroups per dimension).
-    LimitExceeded { what: String, requested: u64, limit: u64, hint: String },
+    LimitExceeded {
+        what: String,
+        requested: u64,
+        limit: u64,
+        hint: String,
+    },
     /// Tensor shapes or dtypes do not fit together.
     Shape { op: String, detail: String },
     /// A WGSL shader failed to compile or a pipeline failed to build.
-    Shader { name: String, entry: String, message: String },
+    Shader {
+        name: String,
+        entry: String,
+        message: String,
+    },
     /// The GPU ran out of memory while allocating `requested` bytes.
     OutOfMemory { requested: u64 },
     /// Any other error reported by the device (validation, lost device, mapping).
@@ -57,17 +69,37 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::NoAdapter => write!(f, "no GPU adapter found"),
-            Error::AdapterNotFound { requested, .. } => write!(f, "no adapter matches `{requested}`"),
-            Error::MissingFeature { feature, adapter } => write!(f, "adapter `{adapter}` lacks the feature {feature}"),
-            Error::LimitExceeded { what, requested, limit, .. } => {
+            Error::AdapterNotFound { requested, .. } => {
+                write!(f, "no adapter matches `{requested}`")
+            }
+            Error::MissingFeature { feature, adapter } => {
+                write!(f, "adapter `{adapter}` lacks the feature {feature}")
+            }
+            Error::LimitExceeded {
+                what,
+                requested,
+                limit,
+                ..
+            } => {
                 write!(f, "{what}: {requested} exceeds the device limit of {limit}")
             }
             Error::Shape { op, detail } => write!(f, "{op}: {detail}"),
-            Error::Shader { name, entry, message } => {
-                write!(f, "shader `{name}` (entry `{entry}`) failed to compile: {message}")
+            Error::Shader {
+                name,
+                entry,
+                message,
+            } => {
+                write!(
+                    f,
+                    "shader `{name}` (entry `{entry}`) failed to compile: {message}"
+                )
             }
             Error::OutOfMemory { requested } => {
-                write!(f, "out of GPU memory allocating {:.1} MiB", *requested as f64 / 1048576.0)
+                write!(
+                    f,
+                    "out of GPU memory allocating {:.1} MiB",
+                    *requested as f64 / 1048576.0
+                )
             }
             Error::Device(m) => write!(f, "GPU device error: {m}"),
             Error::Io { path, message } => write!(f, "{path}: {message}"),
@@ -83,9 +115,15 @@ impl std::error::Error for Error {}
 
 impl Error {
     pub fn io(path: impl AsRef<std::path::Path>, e: impl fmt::Display) -> Self {
-        Error::Io { path: path.as_ref().display().to_string(), message: e.to_string() }
+        Error::Io {
+            path: path.as_ref().display().to_string(),
+            message: e.to_string(),
+        }
     }
     pub fn shape(op: &str, detail: impl Into<String>) -> Self {
-        Error::Shape { op: op.to_string(), detail: detail.into() }
+        Error::Shape {
+            op: op.to_string(),
+            detail: detail.into(),
+        }
     }
 }

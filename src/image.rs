@@ -19,10 +19,16 @@ impl Image {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
         decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-        let mut reader = decoder.read_info().map_err(|e| Error::io(path, format!("not a readable PNG: {e}")))?;
-        let size = reader.output_buffer_size().ok_or_else(|| Error::io(path, "PNG too large"))?;
+        let mut reader = decoder
+            .read_info()
+            .map_err(|e| Error::io(path, format!("not a readable PNG: {e}")))?;
+        let size = reader
+            .output_buffer_size()
+            .ok_or_else(|| Error::io(path, "PNG too large"))?;
         let mut buf = vec![0; size];
-        let info = reader.next_frame(&mut buf).map_err(|e| Error::io(path, format!("PNG decode: {e}")))?;
+        let info = reader
+            .next_frame(&mut buf)
+            .map_err(|e| Error::io(path, format!("PNG decode: {e}")))?;
         let (w, h) = (info.width as usize, info.height as usize);
         let channels = match info.color_type {
             png::ColorType::Grayscale => 1,
@@ -38,7 +44,11 @@ impl Image {
                 _ => rgb.extend_from_slice(&px[..3]),
             }
         }
-        Ok(Image { width: w, height: h, rgb })
+        Ok(Image {
+            width: w,
+            height: h,
+            rgb,
+        })
     }
 
     /// Encode as PNG and write atomically (temporary file + rename).
@@ -65,7 +75,8 @@ impl Image {
                 r.map_err(|e| Error::io(path, format!("PNG text chunk: {e}")))?;
             }
             let mut w = enc.write_header().map_err(|e| Error::io(path, e))?;
-            w.write_image_data(&self.rgb).map_err(|e| Error::io(path, e))?;
+            w.write_image_data(&self.rgb)
+                .map_err(|e| Error::io(path, e))?;
         }
         crate::util::write_atomic(path, &bytes)
     }
@@ -73,19 +84,30 @@ impl Image {
     /// Pixels as floats in [-1, 1], NHWC order [1, H, W, 3] (`VaeImageProcessor.preprocess`:
     /// x / 255 * 2 - 1).
     pub fn to_model_input(&self) -> Vec<f32> {
-        self.rgb.iter().map(|&v| v as f32 / 255.0 * 2.0 - 1.0).collect()
+        self.rgb
+            .iter()
+            .map(|&v| v as f32 / 255.0 * 2.0 - 1.0)
+            .collect()
     }
 
     /// The inverse of the VAE's output range, as `VaeImageProcessor.postprocess` does it:
     /// (x / 2 + 0.5).clamp(0, 1), then `(x * 255).round()` to u8. `nhwc` is [H, W, 3].
     pub fn from_model_output(nhwc: &[f32], width: usize, height: usize) -> Result<Image> {
         if nhwc.len() != width * height * 3 {
-            return Err(Error::shape("image", format!("{} values for {width}×{height}×3", nhwc.len())));
+            return Err(Error::shape(
+                "image",
+                format!("{} values for {width}×{height}×3", nhwc.len()),
+            ));
         }
         if nhwc.iter().any(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { what: "the VAE decoder".into() });
+            return Err(Error::NonFinite {
+                what: "the VAE decoder".into(),
+            });
         }
-        let rgb = nhwc.iter().map(|&x| ((x / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+        let rgb = nhwc
+            .iter()
+            .map(|&x| ((x / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect();
         Ok(Image { width, height, rgb })
     }
 

@@ -15,11 +15,26 @@ pub fn report(options: &GpuOptions) -> Result<String> {
     out += &format!("features: {:?}\n", gpu.features);
     out += "limits:\n";
     out += &format!("  max_buffer_size                     {}\n", c.max_buffer);
-    out += &format!("  max_storage_buffer_binding_size     {}\n", c.max_storage_binding);
-    out += &format!("  max_compute_workgroup_storage_size  {}\n", c.max_workgroup_storage);
-    out += &format!("  max_compute_invocations_per_workgroup {}\n", c.max_invocations);
-    out += &format!("  max_compute_workgroups_per_dimension {}\n", c.max_workgroups_per_dim);
-    out += &format!("  subgroup size                       {}..{}\n", c.subgroup_min_size, c.subgroup_max_size);
+    out += &format!(
+        "  max_storage_buffer_binding_size     {}\n",
+        c.max_storage_binding
+    );
+    out += &format!(
+        "  max_compute_workgroup_storage_size  {}\n",
+        c.max_workgroup_storage
+    );
+    out += &format!(
+        "  max_compute_invocations_per_workgroup {}\n",
+        c.max_invocations
+    );
+    out += &format!(
+        "  max_compute_workgroups_per_dimension {}\n",
+        c.max_workgroups_per_dim
+    );
+    out += &format!(
+        "  subgroup size                       {}..{}\n",
+        c.subgroup_min_size, c.subgroup_max_size
+    );
     out += "cooperative matrix configurations:\n";
     if c.coop_matrix.is_empty() {
         out += "  none\n";
@@ -33,24 +48,46 @@ pub fn report(options: &GpuOptions) -> Result<String> {
             p.ab_type,
             p.ab_type,
             p.cr_type,
-            if p.saturating_accumulation { " (saturating)" } else { "" }
+            if p.saturating_accumulation {
+                " (saturating)"
+            } else {
+                ""
+            }
         );
     }
     out += "compute paths:\n";
     out += &format!("  storage dtype      {}\n", gpu.compute_dtype().name());
-    out += &format!("  subgroups          {}\n", if c.subgroups { "yes" } else { "no" });
+    out += &format!(
+        "  subgroups          {}\n",
+        if c.subgroups { "yes" } else { "no" }
+    );
     out += &format!(
         "  tensor-core matmul {}\n",
-        if c.coop_16x16_f16 { "yes (coop_mat16x16<f16>, f32 accumulators)" } else { "no (tiled FMA matmul)" }
+        if c.coop_16x16_f16 {
+            "yes (coop_mat16x16<f16>, f32 accumulators)"
+        } else {
+            "no (tiled FMA matmul)"
+        }
     );
     out += &format!(
         "  GPU timestamps     {}\n",
-        if c.timestamps { "yes (--profile)" } else { "no (--profile unavailable)" }
+        if c.timestamps {
+            "yes (--profile)"
+        } else {
+            "no (--profile unavailable)"
+        }
     );
-    out += &format!("  pipeline cache     {}\n", if c.pipeline_cache { "yes" } else { "no" });
+    out += &format!(
+        "  pipeline cache     {}\n",
+        if c.pipeline_cache { "yes" } else { "no" }
+    );
     out += &format!(
         "  bounds checks      {}\n",
-        if crate::runtime::pipeline::unchecked_shaders() { "off (LDM_UNCHECKED_SHADERS=1)" } else { "on" }
+        if crate::runtime::pipeline::unchecked_shaders() {
+            "off (LDM_UNCHECKED_SHADERS=1)"
+        } else {
+            "on"
+        }
     );
     Ok(out)
 }

@@ -83,7 +83,11 @@ fn run(args: &[String]) -> Result<(), Error> {
             while let Some(a) = it.next() {
                 match a.as_str() {
                     "--adapter" => options.adapter = Some(value(&mut it, a)?),
-                    _ => return Err(Error::InvalidInput(format!("unknown option `{a}` for `ldm info`"))),
+                    _ => {
+                        return Err(Error::InvalidInput(format!(
+                            "unknown option `{a}` for `ldm info`"
+                        )))
+                    }
                 }
             }
             print!("{}", ldm_wgpu::info::report(&options)?);
@@ -100,16 +104,21 @@ fn run(args: &[String]) -> Result<(), Error> {
             print!("{USAGE}");
             Ok(())
         }
-        other => Err(Error::InvalidInput(format!("unknown command `{other}`; try `ldm --help`"))),
+        other => Err(Error::InvalidInput(format!(
+            "unknown command `{other}`; try `ldm --help`"
+        ))),
     }
 }
 
 fn value<'a>(it: &mut impl Iterator<Item = &'a String>, flag: &str) -> Result<String, Error> {
-    it.next().cloned().ok_or_else(|| Error::InvalidInput(format!("{flag} needs a value")))
+    it.next()
+        .cloned()
+        .ok_or_else(|| Error::InvalidInput(format!("{flag} needs a value")))
 }
 
 fn parse<T: std::str::FromStr>(v: &str, flag: &str) -> Result<T, Error> {
-    v.parse().map_err(|_| Error::InvalidInput(format!("{flag}: cannot parse `{v}`")))
+    v.parse()
+        .map_err(|_| Error::InvalidInput(format!("{flag}: cannot parse `{v}`")))
 }
 
 fn generate(args: &[String]) -> Result<(), Error> {
@@ -150,7 +159,9 @@ fn generate(args: &[String]) -> Result<(), Error> {
             "-W" | "--width" => width = Some(parse(&value(&mut it, flag)?, flag)?),
             "-H" | "--height" => height = Some(parse(&value(&mut it, flag)?, flag)?),
             "-s" | "--steps" => req.steps = parse(&value(&mut it, flag)?, flag)?,
-            "-g" | "--guidance" | "--cfg-scale" => req.guidance_scale = parse(&value(&mut it, flag)?, flag)?,
+            "-g" | "--guidance" | "--cfg-scale" => {
+                req.guidance_scale = parse(&value(&mut it, flag)?, flag)?
+            }
             "--sampler" | "--scheduler" => req.sampler = Some(value(&mut it, flag)?),
             "--eta" => req.eta = Some(parse(&value(&mut it, flag)?, flag)?),
             "--seed" => seed = Some(parse(&value(&mut it, flag)?, flag)?),
@@ -160,7 +171,11 @@ fn generate(args: &[String]) -> Result<(), Error> {
                 req.seed_mode = match value(&mut it, flag)?.as_str() {
                     "batch" => pipeline::SeedMode::Batch,
                     "per-image" => pipeline::SeedMode::PerImage,
-                    other => return Err(Error::InvalidInput(format!("--seed-mode `{other}` (batch or per-image)"))),
+                    other => {
+                        return Err(Error::InvalidInput(format!(
+                            "--seed-mode `{other}` (batch or per-image)"
+                        )))
+                    }
                 }
             }
             "-b" | "--batch-size" => req.batch_size = parse(&value(&mut it, flag)?, flag)?,
@@ -170,14 +185,19 @@ fn generate(args: &[String]) -> Result<(), Error> {
             "-i" | "--init-image" => init_path = Some(PathBuf::from(value(&mut it, flag)?)),
             "--mask" => mask_path = Some(PathBuf::from(value(&mut it, flag)?)),
             "--strength" => req.strength = parse(&value(&mut it, flag)?, flag)?,
-            "--dtype" => model_options.dtype = Some(value(&mut it, flag)?.parse().map_err(Error::InvalidInput)?),
+            "--dtype" => {
+                model_options.dtype =
+                    Some(value(&mut it, flag)?.parse().map_err(Error::InvalidInput)?)
+            }
             "--vae-f32" => model_options.vae_f32 = Some(true),
             "--vae-tiling" => req.vae_tiling = value(&mut it, flag)?.parse()?,
             "--prediction-type" => {
                 model_options.load.prediction_type = Some(match value(&mut it, flag)?.as_str() {
                     "epsilon" => ldm_wgpu::weights::PredictionType::Epsilon,
                     "v_prediction" | "v" => ldm_wgpu::weights::PredictionType::VPrediction,
-                    other => return Err(Error::InvalidInput(format!("--prediction-type `{other}`"))),
+                    other => {
+                        return Err(Error::InvalidInput(format!("--prediction-type `{other}`")))
+                    }
                 })
             }
             "--profile" => gpu_options.profile = true,
@@ -185,11 +205,17 @@ fn generate(args: &[String]) -> Result<(), Error> {
             "-q" | "--quiet" => quiet = true,
             "--no-pipeline-cache" => use_cache = false,
             "--preview" => preview = Some(PathBuf::from(value(&mut it, flag)?)),
-            other => return Err(Error::InvalidInput(format!("unknown option `{other}`; see `ldm generate --help`"))),
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "unknown option `{other}`; see `ldm generate --help`"
+                )))
+            }
         }
     }
     if !prompt_given {
-        return Err(Error::InvalidInput("give a prompt with -p \"...\" (an empty one is allowed: -p \"\")".into()));
+        return Err(Error::InvalidInput(
+            "give a prompt with -p \"...\" (an empty one is allowed: -p \"\")".into(),
+        ));
     }
     if req.steps == 0 {
         return Err(Error::InvalidInput("--steps must be at least 1".into()));
@@ -238,8 +264,12 @@ fn generate(args: &[String]) -> Result<(), Error> {
     }
     // Default size: the init image's, else the model's native one (sample_size × VAE factor).
     let native = sd.unet.config.sample_size * sd.vae.config.downscale();
-    req.width = width.or(req.init_image.as_ref().map(|i| i.width)).unwrap_or(native);
-    req.height = height.or(req.init_image.as_ref().map(|i| i.height)).unwrap_or(native);
+    req.width = width
+        .or(req.init_image.as_ref().map(|i| i.width))
+        .unwrap_or(native);
+    req.height = height
+        .or(req.init_image.as_ref().map(|i| i.height))
+        .unwrap_or(native);
     if !quiet {
         eprintln!(
             "loaded in {:.2}s ({} weights, VAE {}); {}x{}, {} steps, seed {}",
@@ -253,7 +283,10 @@ fn generate(args: &[String]) -> Result<(), Error> {
         );
     }
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let model_name = model.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let model_name = model
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
     let total_images = req.batch_size * batch_count;
     let mut written = 0;
     for batch in 0..batch_count {
@@ -266,7 +299,8 @@ fn generate(args: &[String]) -> Result<(), Error> {
                 // A cheap latent-space preview of the first image, rewritten after every step.
                 match ldm_wgpu::preview::latent_preview(gpu_ref, p.latents, 0) {
                     Ok(img) => {
-                        if let Err(e) = ldm_wgpu::preview::upscale(&img, vae_factor).save_png(path) {
+                        if let Err(e) = ldm_wgpu::preview::upscale(&img, vae_factor).save_png(path)
+                        {
                             eprintln!("\npreview not written: {e}");
                         }
                     }
@@ -317,7 +351,10 @@ fn generate(args: &[String]) -> Result<(), Error> {
         }
     }
     if sd.gpu.profiling() {
-        print!("{}", ldm_wgpu::runtime::timing::format_table(&sd.gpu.profile()?));
+        print!(
+            "{}",
+            ldm_wgpu::runtime::timing::format_table(&sd.gpu.profile()?)
+        );
         let pool = sd.gpu.pool_stats();
         println!(
             "GPU memory held by the tensor pool: peak {:.1} MiB ({} buffers created, {} reuses)",
@@ -335,8 +372,15 @@ fn pipeline_cache_path(options: &GpuOptions) -> Option<std::path::PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
-    let tag = options.adapter.clone().or_else(|| std::env::var("LDM_ADAPTER").ok()).unwrap_or_else(|| "default".into());
-    let safe: String = tag.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let tag = options
+        .adapter
+        .clone()
+        .or_else(|| std::env::var("LDM_ADAPTER").ok())
+        .unwrap_or_else(|| "default".into());
+    let safe: String = tag
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
     Some(base.join("ldm-wgpu").join(format!("pipelines-{safe}.bin")))
 }
 
@@ -345,20 +389,32 @@ fn pipeline_cache_path(options: &GpuOptions) -> Option<std::path::PathBuf> {
 fn output_path(path: &std::path::Path, n: usize, total: usize, seed: u64) -> std::path::PathBuf {
     let text = path.to_string_lossy();
     if text.contains("{n}") || text.contains("%d") || text.contains("{seed}") {
-        let s = text.replace("{n}", &n.to_string()).replace("%d", &n.to_string()).replace("{seed}", &seed.to_string());
+        let s = text
+            .replace("{n}", &n.to_string())
+            .replace("%d", &n.to_string())
+            .replace("{seed}", &seed.to_string());
         return std::path::PathBuf::from(s);
     }
     if total == 1 {
         return path.to_path_buf();
     }
-    let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "ldm-out".into());
-    let ext = path.extension().map(|e| e.to_string_lossy().to_string()).unwrap_or_else(|| "png".into());
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "ldm-out".into());
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_string())
+        .unwrap_or_else(|| "png".into());
     path.with_file_name(format!("{stem}-{n}.{ext}"))
 }
 
 /// A seed from the clock and the process id, for runs without `--seed`.
 fn random_seed() -> u64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let mut x = (nanos as u64) ^ ((std::process::id() as u64) << 32);
     // splitmix64 finaliser; keep it below 2^32 so the seed is easy to retype (A1111 does too).
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
@@ -382,7 +438,10 @@ fn progress_line(p: &ldm_wgpu::pipeline::Progress<'_>, terminal: bool) {
             p.calls
         );
     } else {
-        eprintln!("step {done}/{} t={:.1} {secs:.2}s {rate:.2} it/s ETA {eta:.1}s", p.calls, p.timestep);
+        eprintln!(
+            "step {done}/{} t={:.1} {secs:.2}s {rate:.2} it/s ETA {eta:.1}s",
+            p.calls, p.timestep
+        );
     }
 }
 
@@ -395,7 +454,10 @@ fn a1111_parameters(
     seed: u64,
     index: usize,
 ) -> String {
-    let sampler = r.sampler.clone().unwrap_or_else(|| sd.scheduler_config.class_name().unwrap_or("").to_string());
+    let sampler = r
+        .sampler
+        .clone()
+        .unwrap_or_else(|| sd.scheduler_config.class_name().unwrap_or("").to_string());
     let name = match sampler.as_str() {
         "euler_a" | "EulerAncestralDiscreteScheduler" => "Euler a",
         "euler" | "EulerDiscreteScheduler" => "Euler",
@@ -433,6 +495,9 @@ fn a1111_parameters(
         ldm_wgpu::pipeline::RngKind::Philox => "NV",
         _ => "CPU",
     };
-    out += &format!(", RNG: {rng}, Version: ldm-wgpu {}", env!("CARGO_PKG_VERSION"));
+    out += &format!(
+        ", RNG: {rng}, Version: ldm-wgpu {}",
+        env!("CARGO_PKG_VERSION")
+    );
     out
 }

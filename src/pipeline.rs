@@ -35,7 +35,9 @@ impl std::str::FromStr for RngKind {
             "cpu" | "torch" | "torch-cpu" => Ok(RngKind::TorchCpu),
             "cpu-scalar" | "torch-cpu-scalar" => Ok(RngKind::TorchCpuScalar),
             "philox" | "gpu" | "cuda" => Ok(RngKind::Philox),
-            _ => Err(Error::InvalidInput(format!("unknown --rng `{s}` (cpu, cpu-scalar, philox)"))),
+            _ => Err(Error::InvalidInput(format!(
+                "unknown --rng `{s}` (cpu, cpu-scalar, philox)"
+            ))),
         }
     }
 }
@@ -58,7 +60,9 @@ impl Noise {
     fn new(kind: RngKind, seed: u64) -> Self {
         match kind {
             RngKind::TorchCpu => Noise::Torch(TorchCpuRng::with_variant(seed, RandnVariant::Avx2)),
-            RngKind::TorchCpuScalar => Noise::Torch(TorchCpuRng::with_variant(seed, RandnVariant::Scalar)),
+            RngKind::TorchCpuScalar => {
+                Noise::Torch(TorchCpuRng::with_variant(seed, RandnVariant::Scalar))
+            }
             RngKind::Philox => Noise::Philox(PhiloxRng::new(seed)),
         }
     }
@@ -80,7 +84,9 @@ impl BatchNoise {
     fn new(kind: RngKind, seed: u64, batch: usize, mode: SeedMode) -> Self {
         let gens = match mode {
             SeedMode::Batch => vec![Noise::new(kind, seed)],
-            SeedMode::PerImage => (0..batch as u64).map(|i| Noise::new(kind, seed.wrapping_add(i))).collect(),
+            SeedMode::PerImage => (0..batch as u64)
+                .map(|i| Noise::new(kind, seed.wrapping_add(i)))
+                .collect(),
         };
         BatchNoise { gens }
     }
@@ -89,7 +95,10 @@ impl BatchNoise {
         if self.gens.len() == 1 {
             self.gens[0].randn(batch * per_image)
         } else {
-            self.gens.iter_mut().flat_map(|g| g.randn(per_image)).collect()
+            self.gens
+                .iter_mut()
+                .flat_map(|g| g.randn(per_image))
+                .collect()
         }
     }
     /// Noise for one image's worth of VAE posterior sampling, repeated over the batch in NCHW
@@ -240,7 +249,9 @@ pub struct ModelOptions {
 
 /// The model shipped in `weights/` (used when no `--model` is given).
 pub fn default_model_dir() -> PathBuf {
-    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights").join("tiny-shapes");
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("weights")
+        .join("tiny-shapes");
     if shipped.is_dir() {
         return shipped;
     }
@@ -259,7 +270,10 @@ impl StableDiffusion {
             None => default_model_dir().join("tokenizer"),
         };
         let mut tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
-        if w.family == ModelFamily::Sd2 && !model.join("tokenizer").is_dir() && opts.tokenizer_dir.is_none() {
+        if w.family == ModelFamily::Sd2
+            && !model.join("tokenizer").is_dir()
+            && opts.tokenizer_dir.is_none()
+        {
             // SD 2.x (OpenCLIP) pads with id 0 ("!"); single files carry no tokenizer.
             tokenizer.set_pad_id(0);
         }
@@ -269,13 +283,24 @@ impl StableDiffusion {
             ClipConfig::from_json(&w.text_encoder.config)?,
             dtype,
         )?;
-        let unet = UNet2DConditionModel::load(&gpu, &w.unet.weights.root(), UNetConfig::from_json(&w.unet.config)?, dtype)?;
+        let unet = UNet2DConditionModel::load(
+            &gpu,
+            &w.unet.weights.root(),
+            UNetConfig::from_json(&w.unet.config)?,
+            dtype,
+        )?;
         let vae_config = VaeConfig::from_json(&w.vae.config)?;
         let vae_dtype = match (dtype, opts.vae_f32.unwrap_or(vae_config.force_upcast)) {
             (DType::F16, true) => DType::F32,
             (d, _) => d,
         };
-        let vae = AutoencoderKL::load(&gpu, &w.vae.weights.root(), vae_config, vae_dtype, opts.with_encoder)?;
+        let vae = AutoencoderKL::load(
+            &gpu,
+            &w.vae.weights.root(),
+            vae_config,
+            vae_dtype,
+            opts.with_encoder,
+        )?;
         let scheduler_config = SchedulerConfig::from_value(&w.scheduler_config)?;
         gpu.flush()?;
         Ok(StableDiffusion {
@@ -318,7 +343,9 @@ impl StableDiffusion {
             // Each chunk is encoded on its own (positions restart), then concatenated along
             // the sequence: [chunks, 77, C] -> [1, chunks·77, C].
             let ids: Vec<u32> = rows.iter().flatten().copied().collect();
-            let e = self.text_encoder.forward(&self.gpu, &ids, rows.len(), req.clip_skip)?;
+            let e = self
+                .text_encoder
+                .forward(&self.gpu, &ids, rows.len(), req.clip_skip)?;
             e.reshape(&[1, rows.len() * 77, self.text_encoder.config.hidden_size])
         };
         let cond = encode(&pos)?;
@@ -343,23 +370,32 @@ impl StableDiffusion {
     fn check_request(&self, req: &GenerateRequest) -> Result<()> {
         let f = 1 << (self.vae.config.block_out_channels.len() - 1);
         let m = f * self.unet.config.latent_multiple();
-        if req.width == 0 || req.height == 0 || req.width % 8 != 0 || req.height % 8 != 0 {
+        if req.width == 0
+            || req.height == 0
+            || !req.width.is_multiple_of(8)
+            || !req.height.is_multiple_of(8)
+        {
             return Err(Error::InvalidInput(format!(
                 "width and height must be positive multiples of 8 (got {}×{})",
                 req.width, req.height
             )));
         }
-        if req.width % m != 0 || req.height % m != 0 {
+        if !req.width.is_multiple_of(m) || !req.height.is_multiple_of(m) {
             return Err(Error::InvalidInput(format!(
                 "this model needs width and height that are multiples of {m} (got {}×{})",
                 req.width, req.height
             )));
         }
         if req.batch_size == 0 || req.steps == 0 {
-            return Err(Error::InvalidInput("batch size and steps must be at least 1".into()));
+            return Err(Error::InvalidInput(
+                "batch size and steps must be at least 1".into(),
+            ));
         }
         if !(0.0..=1.0).contains(&req.strength) {
-            return Err(Error::InvalidInput(format!("strength must be in [0, 1] (got {})", req.strength)));
+            return Err(Error::InvalidInput(format!(
+                "strength must be in [0, 1] (got {})",
+                req.strength
+            )));
         }
         if req.mask.is_some() && req.init_image.is_none() {
             return Err(Error::InvalidInput("a mask needs an init image".into()));
@@ -375,25 +411,41 @@ impl StableDiffusion {
             }
         }
         if self.unet.config.in_channels == 9 && req.mask.is_none() {
-            return Err(Error::InvalidInput("this is an inpainting model: give --init-image and --mask".into()));
+            return Err(Error::InvalidInput(
+                "this is an inpainting model: give --init-image and --mask".into(),
+            ));
         }
         if ![4, 9].contains(&self.unet.config.in_channels) {
-            return Err(Error::Unsupported(format!("U-Net with {} input channels", self.unet.config.in_channels)));
+            return Err(Error::Unsupported(format!(
+                "U-Net with {} input channels",
+                self.unet.config.in_channels
+            )));
         }
         Ok(())
     }
 
     /// Run the pipeline. `progress` is called after each model call; returning false cancels.
-    pub fn generate(&self, req: &GenerateRequest, progress: &mut dyn FnMut(&Progress<'_>) -> bool) -> Result<Generated> {
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(&Progress<'_>) -> bool,
+    ) -> Result<Generated> {
         let _one_at_a_time = self.generation.lock().unwrap_or_else(|p| p.into_inner());
         self.check_request(req)?;
         let gpu = &self.gpu;
         let t0 = Instant::now();
-        let mut timings = Timings { load: self.load_time, ..Default::default() };
+        let mut timings = Timings {
+            load: self.load_time,
+            ..Default::default()
+        };
         let guided = req.guidance_scale > 1.0;
         let b = req.batch_size;
         let f = 1 << (self.vae.config.block_out_channels.len() - 1);
-        let (h, w, lc) = (req.height / f, req.width / f, self.vae.config.latent_channels);
+        let (h, w, lc) = (
+            req.height / f,
+            req.width / f,
+            self.vae.config.latent_channels,
+        );
         let per_image = lc * h * w;
         let n = b * per_image;
 
@@ -401,13 +453,18 @@ impl StableDiffusion {
         gpu.flush()?;
         timings.text_encode = t0.elapsed();
 
-        let mut sampler: Box<dyn Sampler> = build_sampler(&self.scheduler_config, req.sampler.as_deref(), req.steps)?;
+        let mut sampler: Box<dyn Sampler> =
+            build_sampler(&self.scheduler_config, req.sampler.as_deref(), req.steps)?;
         if let Some(eta) = req.eta {
             sampler.set_eta(eta);
         }
         let mut noise = BatchNoise::new(req.rng, req.seed, b, req.seed_mode);
         let upload_latent = |v: Vec<f32>| -> Result<Tensor> {
-            gpu.upload(&nchw_to_nhwc_host(&v, b, lc, h, w), &[b, h, w, lc], DType::F32)
+            gpu.upload(
+                &nchw_to_nhwc_host(&v, b, lc, h, w),
+                &[b, h, w, lc],
+                DType::F32,
+            )
         };
         let sf = self.vae.config.scaling_factor;
         let shift = self.vae.config.shift_factor.unwrap_or(0.0);
@@ -437,7 +494,8 @@ impl StableDiffusion {
             // itself ran on the GPU. Returns the scaled latents [B, h, w, L] (f32).
             let encode = |pixels: Vec<f32>, noise: &mut BatchNoise| -> Result<Tensor> {
                 let img = gpu.upload(&pixels, &[1, req.height, req.width, 3], self.vae_dtype)?;
-                let moments = gpu.download(&self.vae.encode_moments_with(gpu, &img, req.vae_tiling)?)?; // [1, h, w, 2L] NHWC
+                let moments =
+                    gpu.download(&self.vae.encode_moments_with(gpu, &img, req.vae_tiling)?)?; // [1, h, w, 2L] NHWC
                 let eps = noise.draw_shared(b, per_image); // NCHW [B, L, h, w]
                 let mut lat = vec![0.0f32; n];
                 for bi in 0..b {
@@ -449,7 +507,8 @@ impl StableDiffusion {
                                 let nchw = ((bi * lc + ci) * h + yi) * w + xi;
                                 // DiagonalGaussianDistribution.sample: mean + std * eps
                                 let z = mean + (0.5 * logvar.clamp(-30.0, 20.0)).exp() * eps[nchw];
-                                lat[((bi * h + yi) * w + xi) * lc + ci] = (z - shift as f32) * sf as f32;
+                                lat[((bi * h + yi) * w + xi) * lc + ci] =
+                                    (z - shift as f32) * sf as f32;
                             }
                         }
                     }
@@ -458,7 +517,11 @@ impl StableDiffusion {
             };
             let inpainting = req.mask.is_some();
             let pure_noise = inpainting && req.strength == 1.0; // diffusers' is_strength_max
-            let clean = if inpaint9 && pure_noise { None } else { Some(encode(init.to_model_input(), &mut noise)?) };
+            let clean = if inpaint9 && pure_noise {
+                None
+            } else {
+                Some(encode(init.to_model_input(), &mut noise)?)
+            };
             let raw_noise = noise.draw(b, per_image);
             let eps = upload_latent(raw_noise.clone())?;
             let x = match &clean {
@@ -471,7 +534,15 @@ impl StableDiffusion {
                         b: [0.0; 5],
                         b_model: 0.0,
                     };
-                    sampler_step::sampler_step(gpu, &eps, None, [Some(clean), Some(&eps), None, None, None], &coefs, &x, None)?;
+                    sampler_step::sampler_step(
+                        gpu,
+                        &eps,
+                        None,
+                        [Some(clean), Some(&eps), None, None, None],
+                        &coefs,
+                        &x,
+                        None,
+                    )?;
                     x
                 }
                 _ => {
@@ -526,7 +597,9 @@ impl StableDiffusion {
         // its noise (first, before recording anything), so that each step is one submit. Each
         // step copies its row into the same tensor, so the U-Net binds the same buffers every step.
         let unet_batch = if guided { 2 * b } else { b };
-        let time_table = self.unet.schedule_time_embeddings(gpu, sampler.timesteps(), unet_batch)?; // [calls·2B, 4C0]
+        let time_table =
+            self.unet
+                .schedule_time_embeddings(gpu, sampler.timesteps(), unet_batch)?; // [calls·2B, 4C0]
         let temb = gpu.empty(&[unet_batch, self.unet.time_embedding_dim()], self.dtype)?; // [2B, 4C0]
         for call in 0..calls {
             let step_start = Instant::now();
@@ -541,12 +614,17 @@ impl StableDiffusion {
                 let v = noise.draw(b, per_image);
                 bufs.insert(Buf::Noise, upload_latent(v)?);
             }
-            let mut unet_in = if (scale - 1.0).abs() > 0.0 { elementwise::scale(gpu, &x, scale as f32)? } else { x.clone() };
+            let mut unet_in = if (scale - 1.0).abs() > 0.0 {
+                elementwise::scale(gpu, &x, scale as f32)?
+            } else {
+                x.clone()
+            };
             if inpaint9 {
                 let mask = mask_latent.as_ref().expect("checked");
                 let masked = masked_image_latents.as_ref().expect("checked");
                 let with_mask = elementwise::concat_channels(gpu, &unet_in, mask)?;
-                unet_in = elementwise::concat_channels(gpu, &with_mask, masked)?; // [B, h, w, 9]
+                unet_in = elementwise::concat_channels(gpu, &with_mask, masked)?;
+                // [B, h, w, 9]
             }
             if guided {
                 unet_in = elementwise::concat_batch(gpu, &unet_in, &unet_in)?; // [2B, h, w, C]
@@ -555,7 +633,9 @@ impl StableDiffusion {
                 unet_in = elementwise::cast(gpu, &unet_in, self.dtype)?;
             }
             time_table.row_into(gpu, call, &temb)?;
-            let mut model_out = self.unet.forward_with_time_embedding(gpu, &unet_in, &temb, &context)?;
+            let mut model_out = self
+                .unet
+                .forward_with_time_embedding(gpu, &unet_in, &temb, &context)?;
             if model_out.dtype() != DType::F32 {
                 model_out = elementwise::cast(gpu, &model_out, DType::F32)?;
             }
@@ -567,7 +647,10 @@ impl StableDiffusion {
                     match slot(i) {
                         Some(Some(t)) => *s = Some(t),
                         Some(None) => {
-                            return Err(Error::Device(format!("sampler read {:?} before writing it", op.inputs[i])))
+                            return Err(Error::Device(format!(
+                                "sampler read {:?} before writing it",
+                                op.inputs[i]
+                            )))
                         }
                         None => {}
                     }
@@ -580,11 +663,23 @@ impl StableDiffusion {
                 let coefs = sampler_step::StepCoefs {
                     a: op.a.map(|c| c as f32),
                     a_model: op.a_model as f32,
-                    b: op.b.as_ref().map(|s| s.b.map(|c| c as f32)).unwrap_or([0.0; 5]),
+                    b: op
+                        .b
+                        .as_ref()
+                        .map(|s| s.b.map(|c| c as f32))
+                        .unwrap_or([0.0; 5]),
                     b_model: op.b.as_ref().map(|s| s.b_model as f32).unwrap_or(0.0),
                 };
                 let refs: [Option<&Tensor>; 5] = [0, 1, 2, 3, 4].map(|i| slots[i].as_ref());
-                sampler_step::sampler_step(gpu, &model_out, guidance, refs, &coefs, &out_a, out_b.as_ref())?;
+                sampler_step::sampler_step(
+                    gpu,
+                    &model_out,
+                    guidance,
+                    refs,
+                    &coefs,
+                    &out_a,
+                    out_b.as_ref(),
+                )?;
                 bufs.insert(op.out_a, out_a);
                 if let (Some(sb), Some(t)) = (&op.b, out_b) {
                     bufs.insert(sb.out, t);
@@ -603,7 +698,9 @@ impl StableDiffusion {
             // Legacy inpainting with an ordinary U-Net: keep the unmasked region on the
             // original image's noise trajectory (diffusers' StableDiffusionInpaintPipelineLegacy
             // / the 4-channel branch of StableDiffusionInpaintPipeline).
-            if let (false, Some(mask), Some(clean), Some(eps)) = (inpaint9, &mask_latent, &image_latents, &first_noise) {
+            if let (false, Some(mask), Some(clean), Some(eps)) =
+                (inpaint9, &mask_latent, &image_latents, &first_noise)
+            {
                 let (orig_c, noise_c) = if call + 1 < calls {
                     let mix = sampler.add_noise(call + 1);
                     (mix.original, mix.noise)
@@ -612,12 +709,38 @@ impl StableDiffusion {
                 };
                 let x = bufs[&Buf::Latents].clone();
                 let proper = gpu.empty(&[b, h, w, lc], DType::F32)?;
-                let c1 = sampler_step::StepCoefs { a: [orig_c as f32, noise_c as f32, 0.0, 0.0, 0.0], a_model: 0.0, b: [0.0; 5], b_model: 0.0 };
-                sampler_step::sampler_step(gpu, eps, None, [Some(clean), Some(eps), None, None, None], &c1, &proper, None)?;
+                let c1 = sampler_step::StepCoefs {
+                    a: [orig_c as f32, noise_c as f32, 0.0, 0.0, 0.0],
+                    a_model: 0.0,
+                    b: [0.0; 5],
+                    b_model: 0.0,
+                };
+                sampler_step::sampler_step(
+                    gpu,
+                    eps,
+                    None,
+                    [Some(clean), Some(eps), None, None, None],
+                    &c1,
+                    &proper,
+                    None,
+                )?;
                 // latents = proper + mask * (x - proper)
                 let diff = gpu.empty(&[b, h, w, lc], DType::F32)?;
-                let c2 = sampler_step::StepCoefs { a: [1.0, -1.0, 0.0, 0.0, 0.0], a_model: 0.0, b: [0.0; 5], b_model: 0.0 };
-                sampler_step::sampler_step(gpu, eps, None, [Some(&x), Some(&proper), None, None, None], &c2, &diff, None)?;
+                let c2 = sampler_step::StepCoefs {
+                    a: [1.0, -1.0, 0.0, 0.0, 0.0],
+                    a_model: 0.0,
+                    b: [0.0; 5],
+                    b_model: 0.0,
+                };
+                sampler_step::sampler_step(
+                    gpu,
+                    eps,
+                    None,
+                    [Some(&x), Some(&proper), None, None, None],
+                    &c2,
+                    &diff,
+                    None,
+                )?;
                 let masked = elementwise::mul(gpu, &diff, mask)?;
                 bufs.insert(Buf::Latents, elementwise::add(gpu, &proper, &masked)?);
             }
@@ -642,10 +765,14 @@ impl StableDiffusion {
         let latents = bufs.remove(&Buf::Latents).expect("latents present");
         let final_latents = gpu.download(&latents)?;
         if final_latents.iter().any(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { what: "the denoising loop (latents)".into() });
+            return Err(Error::NonFinite {
+                what: "the denoising loop (latents)".into(),
+            });
         }
         if shift != 0.0 {
-            return Err(Error::Unsupported("VAE shift_factor (SD3-style VAEs)".into()));
+            return Err(Error::Unsupported(
+                "VAE shift_factor (SD3-style VAEs)".into(),
+            ));
         }
         drop(latents);
         let mut images = Vec::with_capacity(b);
@@ -665,7 +792,12 @@ impl StableDiffusion {
         }
         timings.decode = decode_start.elapsed();
         timings.total = t0.elapsed();
-        Ok(Generated { images, timings, latents: final_latents, truncated_prompt: truncated })
+        Ok(Generated {
+            images,
+            timings,
+            latents: final_latents,
+            truncated_prompt: truncated,
+        })
     }
 }
 

@@ -18,7 +18,10 @@ const SD_LATENT_RGB: [[f32; 4]; 3] = [
 pub fn latent_preview(gpu: &Gpu, latents: &Tensor, index: usize) -> Result<Image> {
     let s = latents.shape();
     if s.len() != 4 || s[3] != 4 || index >= s[0] {
-        return Err(Error::shape("latent_preview", format!("latents {s:?}, image {index}")));
+        return Err(Error::shape(
+            "latent_preview",
+            format!("latents {s:?}, image {index}"),
+        ));
     }
     let (h, w) = (s[1], s[2]);
     let weight: Vec<f32> = SD_LATENT_RGB.iter().flatten().copied().collect();
@@ -40,5 +43,9 @@ pub fn upscale(img: &Image, factor: usize) -> Image {
             rgb.extend_from_slice(&img.rgb[p..p + 3]);
         }
     }
-    Image { width: w, height: h, rgb }
+    Image {
+        width: w,
+        height: h,
+        rgb,
+    }
 }

@@ -9,17 +9,57 @@ use crate::runtime::tensor::DType;
 /// (name, source, dtypes it is used with). The naga test walks this table, and checks that every
 /// file in `shaders/` appears in it.
 pub const SHADERS: &[(&str, &str, &[DType])] = &[
-    ("fill", include_str!("../shaders/fill.wgsl"), &[DType::F32, DType::F16]),
-    ("peak", include_str!("../shaders/peak.wgsl"), &[DType::F32, DType::F16]),
-    ("matmul", include_str!("../shaders/matmul.wgsl"), &[DType::F32, DType::F16]),
-    ("matmul_coop", include_str!("../shaders/matmul_coop.wgsl"), &[DType::F16]),
-    ("conv2d", include_str!("../shaders/conv2d.wgsl"), &[DType::F32, DType::F16]),
-    ("norm", include_str!("../shaders/norm.wgsl"), &[DType::F32, DType::F16]),
-    ("attention", include_str!("../shaders/attention.wgsl"), &[DType::F32, DType::F16]),
-    ("elementwise", include_str!("../shaders/elementwise.wgsl"), &[DType::F32, DType::F16]),
-    ("sampler_step", include_str!("../shaders/sampler_step.wgsl"), &[DType::F32, DType::F16]),
+    (
+        "fill",
+        include_str!("../shaders/fill.wgsl"),
+        &[DType::F32, DType::F16],
+    ),
+    (
+        "peak",
+        include_str!("../shaders/peak.wgsl"),
+        &[DType::F32, DType::F16],
+    ),
+    (
+        "matmul",
+        include_str!("../shaders/matmul.wgsl"),
+        &[DType::F32, DType::F16],
+    ),
+    (
+        "matmul_coop",
+        include_str!("../shaders/matmul_coop.wgsl"),
+        &[DType::F16],
+    ),
+    (
+        "conv2d",
+        include_str!("../shaders/conv2d.wgsl"),
+        &[DType::F32, DType::F16],
+    ),
+    (
+        "norm",
+        include_str!("../shaders/norm.wgsl"),
+        &[DType::F32, DType::F16],
+    ),
+    (
+        "attention",
+        include_str!("../shaders/attention.wgsl"),
+        &[DType::F32, DType::F16],
+    ),
+    (
+        "elementwise",
+        include_str!("../shaders/elementwise.wgsl"),
+        &[DType::F32, DType::F16],
+    ),
+    (
+        "sampler_step",
+        include_str!("../shaders/sampler_step.wgsl"),
+        &[DType::F32, DType::F16],
+    ),
     ("cast", include_str!("../shaders/cast.wgsl"), &[DType::F16]),
-    ("tiling", include_str!("../shaders/tiling.wgsl"), &[DType::F32, DType::F16]),
+    (
+        "tiling",
+        include_str!("../shaders/tiling.wgsl"),
+        &[DType::F32, DType::F16],
+    ),
 ];
 
 pub fn prelude(dtype: DType) -> &'static str {
@@ -36,7 +76,9 @@ pub fn source(name: &str) -> Option<&'static str> {
 pub fn specialised_source(name: &str, dtype: DType) -> Option<String> {
     let body = source(name)?;
     // `enable` directives must come first in WGSL: hoist the shader's own ones above the prelude.
-    let (enables, rest): (Vec<&str>, Vec<&str>) = body.lines().partition(|l| l.trim_start().starts_with("enable "));
+    let (enables, rest): (Vec<&str>, Vec<&str>) = body
+        .lines()
+        .partition(|l| l.trim_start().starts_with("enable "));
     let mut out = String::new();
     let mut prelude = prelude(dtype).to_string();
     for e in enables {
@@ -56,7 +98,10 @@ pub fn specialised_source(name: &str, dtype: DType) -> Option<String> {
 
 /// naga's validator with every capability our kernels may use; the device decides at run time.
 pub fn validator() -> naga::valid::Validator {
-    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
 }
 
 /// Parse and validate; the error text is naga's, with source locations.
@@ -78,12 +123,18 @@ pub enum BindingKind {
 
 /// Bindings of group 0 that `entry` actually uses, sorted by binding number. We build explicit
 /// bind-group layouts from this so an entry point may ignore some of its file's bindings.
-pub fn reflect(module: &naga::Module, info: &naga::valid::ModuleInfo, entry: &str) -> Option<Vec<(u32, BindingKind)>> {
+pub fn reflect(
+    module: &naga::Module,
+    info: &naga::valid::ModuleInfo,
+    entry: &str,
+) -> Option<Vec<(u32, BindingKind)>> {
     let index = module.entry_points.iter().position(|e| e.name == entry)?;
     let fi = info.get_entry_point(index);
     let mut out = Vec::new();
     for (handle, var) in module.global_variables.iter() {
-        let Some(binding) = &var.binding else { continue };
+        let Some(binding) = &var.binding else {
+            continue;
+        };
         if binding.group != 0 || fi[handle].is_empty() {
             continue;
         }

@@ -169,7 +169,12 @@ fn channel_bias_concat_upsample() {
 fn layout_batch_gather() {
     let mut rng = Rng::new(3);
     for dtype in dtypes() {
-        for &[b, c, h, w] in &[[1usize, 1, 1, 1], [1, 3, 5, 7], [2, 4, 64, 64], [1, 3, 31, 17]] {
+        for &[b, c, h, w] in &[
+            [1usize, 1, 1, 1],
+            [1, 3, 5, 7],
+            [2, 4, 64, 64],
+            [1, 3, 31, 17],
+        ] {
             let n = b * c * h * w;
             let (x, xq) = upload(&rng.normals(n, 1.0), &[b, c, h, w], dtype);
             let out = poisoned(&[b, h, w, c], dtype);
@@ -206,7 +211,12 @@ fn layout_batch_gather() {
             so[0] += bb;
             let out = poisoned(&so, dtype);
             ew::concat_batch_into(gpu(), &a, &bt, &out).unwrap();
-            check("concat_batch", &out, &ew::reference_concat_batch(&aq, &bq), move_tol());
+            check(
+                "concat_batch",
+                &out,
+                &ew::reference_concat_batch(&aq, &bq),
+                move_tol(),
+            );
             let mut sr = sa.clone();
             sr[0] *= 2;
             let out = poisoned(&sr, dtype);
@@ -247,7 +257,9 @@ fn embeddings_and_softmax() {
         ] {
             let (tok, tq) = upload(&rng.normals(v * c, 1.0), &[v, c], dtype);
             let (pos, pq) = upload(&rng.normals(p * c, 1.0), &[p, c], dtype);
-            let ids: Vec<u32> = (0..batch * n).map(|_| (rng.next_u64() % v as u64) as u32).collect();
+            let ids: Vec<u32> = (0..batch * n)
+                .map(|_| (rng.next_u64() % v as u64) as u32)
+                .collect();
             let out = poisoned(&[batch, n, c], dtype);
             ew::embed_tokens_into(gpu(), &ids, batch, &tok, &pos, &out).unwrap();
             check(
@@ -281,7 +293,12 @@ fn embeddings_and_softmax() {
             let (x, xq) = upload(&rng.normals(rows * c, 4.0), &[rows, c], dtype);
             let out = poisoned(&[rows, c], dtype);
             ew::softmax_last_dim_into(gpu(), &x, &out).unwrap();
-            check("softmax", &out, &ew::reference_softmax_last_dim(&xq, c), MATH_TOL);
+            check(
+                "softmax",
+                &out,
+                &ew::reference_softmax_last_dim(&xq, c),
+                MATH_TOL,
+            );
         }
     }
 }
@@ -306,26 +323,39 @@ fn cast_both_ways() {
         let back = poisoned(&[n], DType::F32);
         ew::cast_into(gpu(), &out16, &back).unwrap();
         let h = gpu().download(&out16).unwrap();
-        check("cast f16->f32", &back, &ew::reference_cast(&h, DType::F32), (0.0, 0.0));
+        check(
+            "cast f16->f32",
+            &back,
+            &ew::reference_cast(&h, DType::F32),
+            (0.0, 0.0),
+        );
     }
 }
 
 #[test]
 fn allocating_forms_and_errors() {
     let g = gpu();
-    let x = g.upload(&[1.0, -2.0, 3.0], &[1, 1, 1, 3], DType::F32).unwrap();
+    let x = g
+        .upload(&[1.0, -2.0, 3.0], &[1, 1, 1, 3], DType::F32)
+        .unwrap();
     let y = ew::upsample_nearest2x(g, &x).unwrap();
     assert_eq!(y.shape(), &[1, 2, 2, 3]);
     let z = ew::concat_channels(g, &x, &x).unwrap();
     assert_eq!(z.shape(), &[1, 1, 1, 6]);
     let e = ew::timestep_embedding(g, &[10.0, 20.0], 5, true, 1.0, DType::F32).unwrap();
     assert_eq!(e.shape(), &[2, 5]);
-    assert_eq!(g.download(&ew::add(g, &x, &x).unwrap()).unwrap(), vec![2.0, -4.0, 6.0]);
+    assert_eq!(
+        g.download(&ew::add(g, &x, &x).unwrap()).unwrap(),
+        vec![2.0, -4.0, 6.0]
+    );
     let w = g.upload(&[0.0; 4], &[1, 1, 1, 4], DType::F32).unwrap();
     assert!(ew::add(g, &x, &w).is_err(), "shape mismatch");
     assert!(ew::add_into(g, &x, &x, &x).is_err(), "aliased output");
     let v = g.upload(&[0.0; 2], &[1, 2], DType::F32).unwrap();
-    assert!(ew::add_channel_bias(g, &x, &v).is_err(), "bias of the wrong width");
+    assert!(
+        ew::add_channel_bias(g, &x, &v).is_err(),
+        "bias of the wrong width"
+    );
     let t = g.upload(&[0.0; 6], &[3, 2], DType::F32).unwrap();
     assert!(
         ew::embed_tokens(g, &[3], 1, &t, &t).is_err(),

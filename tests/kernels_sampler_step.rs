@@ -22,7 +22,11 @@ fn run_case(shape: &[usize], guidance: Option<f32>, present: [bool; 5], with_b: 
         if guidance.is_some() {
             model_shape[0] *= 2;
         }
-        let (model, mq) = upload(&rng.normals(model_shape.iter().product(), 1.0), &model_shape, dtype);
+        let (model, mq) = upload(
+            &rng.normals(model_shape.iter().product(), 1.0),
+            &model_shape,
+            dtype,
+        );
         let slots_data: Vec<Option<(Tensor, Vec<f32>)>> = present
             .iter()
             .map(|&p| p.then(|| upload(&rng.normals(n, 1.0), shape, dtype)))
@@ -37,51 +41,69 @@ fn run_case(shape: &[usize], guidance: Option<f32>, present: [bool; 5], with_b: 
 
         let out_a = fill::poisoned(gpu, shape, dtype).unwrap();
         let out_b = fill::poisoned(gpu, shape, dtype).unwrap();
-        let slots: [Option<&Tensor>; 5] = std::array::from_fn(|k| slots_data[k].as_ref().map(|s| &s.0));
-        step::sampler_step(gpu, &model, guidance, slots, &coefs, &out_a, with_b.then_some(&out_b)).unwrap();
+        let slots: [Option<&Tensor>; 5] =
+            std::array::from_fn(|k| slots_data[k].as_ref().map(|s| &s.0));
+        step::sampler_step(
+            gpu,
+            &model,
+            guidance,
+            slots,
+            &coefs,
+            &out_a,
+            with_b.then_some(&out_b),
+        )
+        .unwrap();
 
-        let host: [Option<&[f32]>; 5] = std::array::from_fn(|k| slots_data[k].as_ref().map(|s| s.1.as_slice()));
+        let host: [Option<&[f32]>; 5] =
+            std::array::from_fn(|k| slots_data[k].as_ref().map(|s| s.1.as_slice()));
         let (want_a, want_b) = step::reference(&mq, guidance, host, &coefs);
-        let what = format!("{shape:?} guidance={guidance:?} slots={present:?} {}", dtype.name());
+        let what = format!(
+            "{shape:?} guidance={guidance:?} slots={present:?} {}",
+            dtype.name()
+        );
         let tol = tol(dtype, F32_TOL, F16_TOL);
-        let check = |name: &str, got: &[f32], want: &[f64], model_coef: f32, slot_coef: &[f32; 5]| {
-            // Relative to the size of the terms, not of their sum: a few random terms can cancel
-            // (one element here), and f32 rounding is relative to the terms.
-            let g = guidance.unwrap_or(0.0) as f64;
-            let bound: Vec<f64> = (0..n)
-                .map(|i| {
-                    let eps = match guidance {
-                        Some(_) => (1.0 - g).abs() * (mq[i] as f64).abs() + g.abs() * (mq[n + i] as f64).abs(),
-                        None => (mq[i] as f64).abs(),
-                    };
-                    let slots: f64 = (0..5)
-                        .filter_map(|k| {
-                            slots_data[k]
-                                .as_ref()
-                                .map(|s| (slot_coef[k] as f64 * s.1[i] as f64).abs())
-                        })
-                        .sum();
-                    model_coef.abs() as f64 * eps + slots
-                })
-                .collect();
-            let err = got
-                .iter()
-                .zip(want)
-                .map(|(&g, &w)| (g as f64 - w).powi(2))
-                .sum::<f64>()
-                .sqrt();
-            let scale = bound.iter().map(|w| w * w).sum::<f64>().sqrt();
-            // NaN never passes (NaN <= tol is false, and inf is caught by the finite check).
-            let e = if got.iter().all(|v| v.is_finite()) {
-                err / scale.max(f64::MIN_POSITIVE)
-            } else {
-                f64::INFINITY
+        let check =
+            |name: &str, got: &[f32], want: &[f64], model_coef: f32, slot_coef: &[f32; 5]| {
+                // Relative to the size of the terms, not of their sum: a few random terms can cancel
+                // (one element here), and f32 rounding is relative to the terms.
+                let g = guidance.unwrap_or(0.0) as f64;
+                let bound: Vec<f64> = (0..n)
+                    .map(|i| {
+                        let eps = match guidance {
+                            Some(_) => {
+                                (1.0 - g).abs() * (mq[i] as f64).abs()
+                                    + g.abs() * (mq[n + i] as f64).abs()
+                            }
+                            None => (mq[i] as f64).abs(),
+                        };
+                        let slots: f64 = (0..5)
+                            .filter_map(|k| {
+                                slots_data[k]
+                                    .as_ref()
+                                    .map(|s| (slot_coef[k] as f64 * s.1[i] as f64).abs())
+                            })
+                            .sum();
+                        model_coef.abs() as f64 * eps + slots
+                    })
+                    .collect();
+                let err = got
+                    .iter()
+                    .zip(want)
+                    .map(|(&g, &w)| (g as f64 - w).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let scale = bound.iter().map(|w| w * w).sum::<f64>().sqrt();
+                // NaN never passes (NaN <= tol is false, and inf is caught by the finite check).
+                let e = if got.iter().all(|v| v.is_finite()) {
+                    err / scale.max(f64::MIN_POSITIVE)
+                } else {
+                    f64::INFINITY
+                };
+                assert!(
+                    e <= tol,
+                    "{name} {what}: error {e:.3e} relative to the terms > {tol:.1e}"
+                );
             };
-            assert!(
-                e <= tol,
-                "{name} {what}: error {e:.3e} relative to the terms > {tol:.1e}"
-            );
-        };
         check(
             "out_a",
             &gpu.download(&out_a).unwrap(),
@@ -140,7 +162,13 @@ fn sd15_latents() {
         100,
     );
     run_case(&[2, 4, 64, 64], Some(7.5), [true; 5], true, 101);
-    run_case(&[1, 4, 64, 64], None, [true, true, false, false, false], false, 102);
+    run_case(
+        &[1, 4, 64, 64],
+        None,
+        [true, true, false, false, false],
+        false,
+        102,
+    );
 }
 
 #[test]

@@ -37,14 +37,16 @@ fn tokenizer_dir() -> PathBuf {
 fn settings() -> &'static Value {
     static S: OnceLock<Value> = OnceLock::new();
     S.get_or_init(|| {
-        let text = std::fs::read_to_string(fixture_dir().join("cases.json"))
-            .expect("tests/fixtures/pipeline_parity/cases.json (run tools/make_pipeline_fixtures.py)");
+        let text = std::fs::read_to_string(fixture_dir().join("cases.json")).expect(
+            "tests/fixtures/pipeline_parity/cases.json (run tools/make_pipeline_fixtures.py)",
+        );
         serde_json::from_str(&text).unwrap()
     })
 }
 
 fn load(dtype: DType) -> StableDiffusion {
-    let gpu = Gpu::new(&GpuOptions::default()).expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    let gpu = Gpu::new(&GpuOptions::default())
+        .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
     let opts = ModelOptions {
         dtype: Some(dtype),
         vae_f32: Some(true),
@@ -134,7 +136,11 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     if got.len() != want.len() || got.iter().any(|x| !x.is_finite()) {
         return f64::INFINITY;
     }
-    let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w as f64).powi(2)).sum();
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w as f64).powi(2))
+        .sum();
     let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }
@@ -159,8 +165,18 @@ fn run_case(model: &StableDiffusion, case: &Value) -> (Outcome, Generated) {
         .iter()
         .map(|f| load_png(f.as_str().unwrap()))
         .collect();
-    assert_eq!(out.images.len(), want_imgs.len(), "{}: image count", case["name"]);
-    let psnr = out.images.iter().zip(&want_imgs).map(|(g, w)| psnr(g, w)).collect();
+    assert_eq!(
+        out.images.len(),
+        want_imgs.len(),
+        "{}: image count",
+        case["name"]
+    );
+    let psnr = out
+        .images
+        .iter()
+        .zip(&want_imgs)
+        .map(|(g, w)| psnr(g, w))
+        .collect();
     let shape: Vec<usize> = case["latents_shape"]
         .as_array()
         .unwrap()
@@ -207,7 +223,11 @@ fn check_cases(filter: impl Fn(&Value) -> bool) {
             ));
         }
     }
-    assert!(failures.is_empty(), "parity failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "parity failures:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -245,7 +265,11 @@ fn f16_smoke_run_stays_close() {
             "f16 {:24} PSNR {:.1} dB  latents rel-L2 {:.2e}",
             o.name, o.psnr[0], o.latent_rel
         );
-        assert!(o.psnr[0] >= 25.0, "{name}: f16 PSNR {:.1} dB < 25 dB", o.psnr[0]);
+        assert!(
+            o.psnr[0] >= 25.0,
+            "{name}: f16 PSNR {:.1} dB < 25 dB",
+            o.psnr[0]
+        );
     }
 }
 

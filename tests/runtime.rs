@@ -14,11 +14,18 @@ fn upload_download_round_trip_f32_and_f16() {
     for &n in &[1usize, 3, 255, 257, 10_007] {
         let data = rng.normals(n, 3.0);
         let t = g.upload(&data, &[n], DType::F32).unwrap();
-        assert_eq!(g.download(&t).unwrap(), data, "f32 round trip is exact (n = {n})");
+        assert_eq!(
+            g.download(&t).unwrap(),
+            data,
+            "f32 round trip is exact (n = {n})"
+        );
         if g.caps.shader_f16 {
             let t = g.upload(&data, &[n], DType::F16).unwrap();
             let back = g.download(&t).unwrap();
-            let want: Vec<f32> = data.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+            let want: Vec<f32> = data
+                .iter()
+                .map(|&x| half::f16::from_f32(x).to_f32())
+                .collect();
             assert_eq!(back, want, "f16 round trip equals host rounding (n = {n})");
         }
     }
@@ -44,8 +51,16 @@ fn many_dispatches_one_submit() {
     assert_eq!(mid.submits, before.submits, "recording must not submit");
     let out = g.download(&t).unwrap();
     assert!(out.iter().all(|&x| x == 199.0), "dispatches ran in order");
-    assert_eq!(g.stats().submits - before.submits, 1, "200 dispatches + readback = one submit");
-    assert_eq!(g.stats().pipelines_compiled, 1, "the pipeline compiled once");
+    assert_eq!(
+        g.stats().submits - before.submits,
+        1,
+        "200 dispatches + readback = one submit"
+    );
+    assert_eq!(
+        g.stats().pipelines_compiled,
+        1,
+        "the pipeline compiled once"
+    );
 }
 
 #[test]
@@ -61,10 +76,13 @@ fn grid_folding_covers_large_1d_grids() {
     let g = gpu();
     let n = 70_000 * 256 + 5;
     let t = g.empty(&[n], DType::F32).unwrap();
-    fill::fill(&g, &t, 0.0).unwrap();
-    fill::fill(&g, &t, 2.5).unwrap();
+    fill::fill(g, &t, 0.0).unwrap();
+    fill::fill(g, &t, 2.5).unwrap();
     let out = g.download(&t).unwrap();
-    assert!(out.iter().all(|&x| x == 2.5), "every element written past 65,535 workgroups");
+    assert!(
+        out.iter().all(|&x| x == 2.5),
+        "every element written past 65,535 workgroups"
+    );
 }
 
 #[test]
@@ -103,7 +121,11 @@ fn tensors_beyond_the_binding_limit_are_refused_with_a_hint() {
     let n = (limit / 4 + 64) as usize;
     let err = g.empty(&[n], DType::F32).unwrap_err();
     match &err {
-        Error::LimitExceeded { limit: l, requested, .. } => {
+        Error::LimitExceeded {
+            limit: l,
+            requested,
+            ..
+        } => {
             assert_eq!(*l, limit);
             assert!(*requested > limit);
         }
@@ -117,7 +139,11 @@ fn tensors_beyond_the_binding_limit_are_refused_with_a_hint() {
 
 #[test]
 fn profiling_table_reports_each_kernel() {
-    let g = Gpu::new(&GpuOptions { profile: true, ..Default::default() }).unwrap();
+    let g = Gpu::new(&GpuOptions {
+        profile: true,
+        ..Default::default()
+    })
+    .unwrap();
     if !g.caps.timestamps {
         eprintln!("adapter has no TIMESTAMP_QUERY: profiling not testable here");
         return;
@@ -137,9 +163,12 @@ fn profiling_table_reports_each_kernel() {
 
 #[test]
 fn unknown_adapter_is_a_clear_error() {
-    let err = Gpu::new(&GpuOptions { adapter: Some("no-such-gpu-xyz".into()), ..Default::default() })
-        .err()
-        .expect("must fail");
+    let err = Gpu::new(&GpuOptions {
+        adapter: Some("no-such-gpu-xyz".into()),
+        ..Default::default()
+    })
+    .err()
+    .expect("must fail");
     assert!(matches!(err, Error::AdapterNotFound { .. }), "{err}");
     assert!(err.hint().unwrap().contains("ldm info"));
 }
@@ -161,9 +190,17 @@ fn bind_groups_are_cached_by_pipeline_buffers_and_ring_slot() {
     fill::fill(&g, &t, 2.0).unwrap(); // same pipeline, buffer and ring slot (the ring restarts at a flush)
     g.flush().unwrap();
     let s1 = g.stats();
-    assert_eq!(s1.bind_groups_created - s0.bind_groups_created, 1, "the same dispatch twice: one creation");
+    assert_eq!(
+        s1.bind_groups_created - s0.bind_groups_created,
+        1,
+        "the same dispatch twice: one creation"
+    );
     assert_eq!(s1.bind_groups_reused - s0.bind_groups_reused, 1);
-    assert_eq!(g.download(&t).unwrap()[999], 2.0, "the reused bind group binds the same buffer");
+    assert_eq!(
+        g.download(&t).unwrap()[999],
+        2.0,
+        "the reused bind group binds the same buffer"
+    );
 
     // A tensor that gets the same pool buffer back has the same id and hits the cache.
     let id = t.buffer_id();
@@ -182,47 +219,96 @@ fn bind_groups_are_cached_by_pipeline_buffers_and_ring_slot() {
     fill::fill(&g, &v, 5.0).unwrap();
     g.flush().unwrap();
     let s3 = g.stats();
-    assert_eq!(s3.bind_groups_reused - s2.bind_groups_reused, 1, "slot 0 with u hits");
-    assert_eq!(s3.bind_groups_created - s2.bind_groups_created, 1, "slot 1 with v is new");
-    assert_eq!((g.download(&u).unwrap()[5], g.download(&v).unwrap()[5]), (4.0, 5.0));
+    assert_eq!(
+        s3.bind_groups_reused - s2.bind_groups_reused,
+        1,
+        "slot 0 with u hits"
+    );
+    assert_eq!(
+        s3.bind_groups_created - s2.bind_groups_created,
+        1,
+        "slot 1 with v is new"
+    );
+    assert_eq!(
+        (g.download(&u).unwrap()[5], g.download(&v).unwrap()[5]),
+        (4.0, 5.0)
+    );
 
     // trim_pool frees v's buffer once v is gone, and with it the bind groups that bind it.
     let cached = s3.bind_groups_cached;
     drop(v);
     g.trim_pool();
-    assert_eq!(g.stats().bind_groups_cached, cached - 1, "the bind group of the freed buffer is evicted");
+    assert_eq!(
+        g.stats().bind_groups_cached,
+        cached - 1,
+        "the bind group of the freed buffer is evicted"
+    );
     fill::fill(&g, &u, 6.0).unwrap();
     g.flush().unwrap();
-    assert_eq!(g.stats().bind_groups_reused - s3.bind_groups_reused, 1, "live buffers keep their bind groups");
+    assert_eq!(
+        g.stats().bind_groups_reused - s3.bind_groups_reused,
+        1,
+        "live buffers keep their bind groups"
+    );
 }
 
 #[test]
 fn pool_hands_out_the_same_buffers_whatever_the_order_they_were_freed_in() {
     let g = Gpu::new(&GpuOptions::default()).unwrap();
     let ids = |ts: &[ldm_wgpu::Tensor]| ts.iter().map(|t| t.buffer_id()).collect::<Vec<_>>();
-    let a: Vec<_> = (0..4).map(|_| g.empty(&[64], DType::F32).unwrap()).collect();
+    let a: Vec<_> = (0..4)
+        .map(|_| g.empty(&[64], DType::F32).unwrap())
+        .collect();
     let first = ids(&a);
     drop(a); // dropped front to back
-    let b: Vec<_> = (0..4).map(|_| g.empty(&[64], DType::F32).unwrap()).collect();
+    let b: Vec<_> = (0..4)
+        .map(|_| g.empty(&[64], DType::F32).unwrap())
+        .collect();
     assert_eq!(ids(&b), first);
     for t in b.into_iter().rev() {
         drop(t); // back to front
     }
-    let c: Vec<_> = (0..4).map(|_| g.empty(&[64], DType::F32).unwrap()).collect();
-    assert_eq!(ids(&c), first, "a steady loop gets the same buffers (and bind groups) every step");
+    let c: Vec<_> = (0..4)
+        .map(|_| g.empty(&[64], DType::F32).unwrap())
+        .collect();
+    assert_eq!(
+        ids(&c),
+        first,
+        "a steady loop gets the same buffers (and bind groups) every step"
+    );
 }
 
 #[test]
 fn copy_bytes_records_a_copy_without_submitting() {
     let g = Gpu::new(&GpuOptions::default()).unwrap();
-    let src = g.upload(&(0..16).map(|i| i as f32).collect::<Vec<_>>(), &[16], DType::F32).unwrap();
+    let src = g
+        .upload(
+            &(0..16).map(|i| i as f32).collect::<Vec<_>>(),
+            &[16],
+            DType::F32,
+        )
+        .unwrap();
     let dst = g.empty(&[4], DType::F32).unwrap();
     fill::fill(&g, &dst, -1.0).unwrap();
     let before = g.stats().submits;
     g.copy_bytes(&src, 8 * 4, &dst, 4, 2 * 4).unwrap();
-    assert_eq!(g.stats().submits, before, "recording a copy must not submit");
-    assert_eq!(g.download(&dst).unwrap(), vec![-1.0, 8.0, 9.0, -1.0], "ordered after the fill");
-    assert!(g.copy_bytes(&src, 2, &dst, 0, 4).is_err(), "unaligned offset");
-    assert!(g.copy_bytes(&src, 60, &dst, 0, 8).is_err(), "past the end of src");
+    assert_eq!(
+        g.stats().submits,
+        before,
+        "recording a copy must not submit"
+    );
+    assert_eq!(
+        g.download(&dst).unwrap(),
+        vec![-1.0, 8.0, 9.0, -1.0],
+        "ordered after the fill"
+    );
+    assert!(
+        g.copy_bytes(&src, 2, &dst, 0, 4).is_err(),
+        "unaligned offset"
+    );
+    assert!(
+        g.copy_bytes(&src, 60, &dst, 0, 8).is_err(),
+        "past the end of src"
+    );
     assert!(g.copy_bytes(&src, 0, &src, 16, 8).is_err(), "same buffer");
 }

@@ -49,14 +49,22 @@ fn every_shader_validates_and_translates_to_spirv_msl_hlsl() {
             // naga has internal panics on some inputs (e.g. coopStore with compound pointer
             // expressions): catch them so the failure names the shader.
             let spv = std::panic::catch_unwind(|| {
-                naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
+                naga::back::spv::write_vec(
+                    &module,
+                    &info,
+                    &naga::back::spv::Options::default(),
+                    None,
+                )
             });
             match spv {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => failures.push(format!("{what}: SPIR-V: {e}")),
                 Err(_) => failures.push(format!("{what}: SPIR-V: naga panicked")),
             }
-            let msl_options = naga::back::msl::Options { lang_version: (2, 4), ..Default::default() };
+            let msl_options = naga::back::msl::Options {
+                lang_version: (2, 4),
+                ..Default::default()
+            };
             if let Err(e) = naga::back::msl::write_string(
                 &module,
                 &info,
@@ -77,13 +85,18 @@ fn every_shader_validates_and_translates_to_spirv_msl_hlsl() {
             };
             let mut hlsl = String::new();
             let pipeline_options = naga::back::hlsl::PipelineOptions::default();
-            let mut writer = naga::back::hlsl::Writer::new(&mut hlsl, &hlsl_options, &pipeline_options);
+            let mut writer =
+                naga::back::hlsl::Writer::new(&mut hlsl, &hlsl_options, &pipeline_options);
             if let Err(e) = writer.write(&module, &info, None) {
                 failures.push(format!("{what}: HLSL: {e}"));
             }
         }
     }
-    assert!(failures.is_empty(), "shader failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "shader failures:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]

@@ -20,11 +20,14 @@ fn fixture_dir() -> PathBuf {
 
 /// A private engine per test, so counters see only that test's work.
 fn load() -> StableDiffusion {
-    let gpu = Gpu::new(&GpuOptions::default()).expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    let gpu = Gpu::new(&GpuOptions::default())
+        .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
     let opts = ModelOptions {
         dtype: Some(DType::F32),
         vae_f32: Some(true),
-        tokenizer_dir: Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/tiny-shapes/tokenizer")),
+        tokenizer_dir: Some(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/tiny-shapes/tokenizer"),
+        ),
         ..Default::default()
     };
     StableDiffusion::load(gpu, &fixture_dir().join("model"), &opts).unwrap()
@@ -46,7 +49,10 @@ fn request(sampler: &str, steps: usize) -> GenerateRequest {
 }
 
 /// Counters after each model call.
-fn run_recording(model: &StableDiffusion, req: &GenerateRequest) -> Vec<(PoolStats, RecorderStats)> {
+fn run_recording(
+    model: &StableDiffusion,
+    req: &GenerateRequest,
+) -> Vec<(PoolStats, RecorderStats)> {
     let mut rows = Vec::new();
     model
         .generate(req, &mut |_| {
@@ -68,7 +74,11 @@ fn denoising_steps_allocate_nothing_submit_once_and_reuse_bind_groups() {
     let mut failures = Vec::new();
     for (sampler, warm) in [("euler_a", 2), ("dpmpp_2m", 3), ("ddim", 2)] {
         let rows = run_recording(&model, &request(sampler, 10));
-        assert_eq!(rows.len(), 10, "{sampler}: one progress call per model call");
+        assert_eq!(
+            rows.len(),
+            10,
+            "{sampler}: one progress call per model call"
+        );
         for (call, pair) in rows.windows(2).enumerate() {
             let call = call + 1;
             let ((p0, s0), (p1, s1)) = (pair[0], pair[1]);
@@ -82,15 +92,25 @@ fn denoising_steps_allocate_nothing_submit_once_and_reuse_bind_groups() {
                  bind groups {reused} reused / {made} created"
             );
             if call >= warm && created != 0 {
-                failures.push(format!("{sampler} call {call}: the pool created {created} buffers"));
+                failures.push(format!(
+                    "{sampler} call {call}: the pool created {created} buffers"
+                ));
             }
             if submits != 1 {
-                failures.push(format!("{sampler} call {call}: {submits} submits (a step must be one)"));
+                failures.push(format!(
+                    "{sampler} call {call}: {submits} submits (a step must be one)"
+                ));
             }
-            assert_eq!(made + reused, dispatches, "{sampler} call {call}: one bind group per dispatch");
+            assert_eq!(
+                made + reused,
+                dispatches,
+                "{sampler} call {call}: one bind group per dispatch"
+            );
             let hit = reused as f64 / dispatches as f64;
             if call >= warm && hit < 0.9 {
-                failures.push(format!("{sampler} call {call}: bind-group hit rate {hit:.2} < 0.9"));
+                failures.push(format!(
+                    "{sampler} call {call}: bind-group hit rate {hit:.2} < 0.9"
+                ));
             }
         }
         eprintln!(
@@ -99,14 +119,23 @@ fn denoising_steps_allocate_nothing_submit_once_and_reuse_bind_groups() {
             rows.last().unwrap().1.pipelines_compiled
         );
     }
-    assert!(failures.is_empty(), "steady-state failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "steady-state failures:\n{}",
+        failures.join("\n")
+    );
     // A second generation with the same request finds the pool and the cache warm.
     let before = (model.gpu.pool_stats(), model.gpu.stats());
     let rows = run_recording(&model, &request("ddim", 10));
     let (p, s) = *rows.last().unwrap();
-    assert_eq!(p.created, before.0.created, "a repeated generation allocates nothing in its loop or before");
+    assert_eq!(
+        p.created, before.0.created,
+        "a repeated generation allocates nothing in its loop or before"
+    );
     let made = s.bind_groups_created - before.1.bind_groups_created;
-    eprintln!("repeated ddim run: {made} bind groups created (text encoder and time table included)");
+    eprintln!(
+        "repeated ddim run: {made} bind groups created (text encoder and time table included)"
+    );
 }
 
 #[test]
@@ -117,7 +146,10 @@ fn trim_pool_releases_cached_bind_groups() {
     assert!(cached > 0);
     model.gpu.trim_pool();
     let after = model.gpu.stats().bind_groups_cached;
-    assert!(after < cached, "trim_pool kept every bind group ({after} of {cached})");
+    assert!(
+        after < cached,
+        "trim_pool kept every bind group ({after} of {cached})"
+    );
     // The loop still runs (evicted bind groups are remade).
     run_recording(&model, &request("ddim", 3));
 }
@@ -128,11 +160,17 @@ fn recording_cost_of_one_unet_call() {
     let g = &model.gpu;
     let unet = &model.unet;
     let (b, hw) = (2, 8); // guided batch of one 64×64 image
-    let x = g.upload(&vec![0.1; b * hw * hw * 4], &[b, hw, hw, 4], DType::F32).unwrap();
-    let ctx = g.upload(&vec![0.01; b * 77 * 32], &[b, 77, 32], DType::F32).unwrap();
+    let x = g
+        .upload(&vec![0.1; b * hw * hw * 4], &[b, hw, hw, 4], DType::F32)
+        .unwrap();
+    let ctx = g
+        .upload(&vec![0.01; b * 77 * 32], &[b, 77, 32], DType::F32)
+        .unwrap();
     let timesteps: Vec<f64> = (0..40).map(|i| 999.0 - 25.0 * i as f64).collect();
     let table = unet.schedule_time_embeddings(g, &timesteps, b).unwrap();
-    let temb = g.empty(&[b, unet.time_embedding_dim()], DType::F32).unwrap();
+    let temb = g
+        .empty(&[b, unet.time_embedding_dim()], DType::F32)
+        .unwrap();
     g.flush().unwrap();
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -143,17 +181,18 @@ fn recording_cost_of_one_unet_call() {
     let mut times = [Vec::new(), Vec::new()];
     let mut last = RecorderStats::default();
     let mut per_call = RecorderStats::default();
-    for i in 0..timesteps.len() {
+    for (i, &t) in timesteps.iter().enumerate() {
         for (which, times) in times.iter_mut().enumerate() {
             g.flush().unwrap();
             g.wait().unwrap();
             let s0 = g.stats();
             let start = Instant::now();
             let out = if which == 0 {
-                unet.forward(g, &x, timesteps[i], &ctx).unwrap()
+                unet.forward(g, &x, t, &ctx).unwrap()
             } else {
                 table.row_into(g, i, &temb).unwrap();
-                unet.forward_with_time_embedding(g, &x, &temb, &ctx).unwrap()
+                unet.forward_with_time_embedding(g, &x, &temb, &ctx)
+                    .unwrap()
             };
             let dt = start.elapsed().as_secs_f64() * 1e3;
             let s1 = g.stats();
@@ -180,5 +219,8 @@ fn recording_cost_of_one_unet_call() {
         median(times[1].clone()) * 1e3 / dispatches as f64,
     );
     assert_eq!(submits, 0, "recording a U-Net call must not submit");
-    assert_eq!(made, 0, "a steady U-Net call must find every bind group in the cache");
+    assert_eq!(
+        made, 0,
+        "a steady U-Net call must find every bind group in the cache"
+    );
 }

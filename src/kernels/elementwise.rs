@@ -26,18 +26,28 @@ const BINARY_ADD: u32 = 0;
 const BINARY_MUL: u32 = 1;
 
 fn u32_of(op: &str, v: usize) -> Result<u32> {
-    u32::try_from(v).map_err(|_| Error::shape(op, format!("{v} elements do not fit 32-bit indexing")))
+    u32::try_from(v)
+        .map_err(|_| Error::shape(op, format!("{v} elements do not fit 32-bit indexing")))
 }
 
 fn same_dtype(op: &str, ts: &[&Tensor]) -> Result<()> {
     if ts.iter().any(|t| t.dtype() != ts[0].dtype()) {
-        return Err(Error::shape(op, format!("all tensors must have one dtype: {ts:?}")));
+        return Err(Error::shape(
+            op,
+            format!("all tensors must have one dtype: {ts:?}"),
+        ));
     }
     Ok(())
 }
 
 /// `out` must have `shape`, `dtype`, and a buffer of its own.
-fn check_out(op: &str, out: &Tensor, shape: &[usize], dtype: DType, inputs: &[&Tensor]) -> Result<()> {
+fn check_out(
+    op: &str,
+    out: &Tensor,
+    shape: &[usize],
+    dtype: DType,
+    inputs: &[&Tensor],
+) -> Result<()> {
     if out.shape() != shape || out.dtype() != dtype {
         return Err(Error::shape(
             op,
@@ -95,7 +105,15 @@ fn upload_u32(gpu: &Gpu, data: &[u32]) -> Result<Tensor> {
 
 // ------------------------------------------------------------------------------ unary / binary
 
-fn unary_into(gpu: &Gpu, x: &Tensor, out: &Tensor, op: u32, s: f32, name: &'static str, flops: f64) -> Result<()> {
+fn unary_into(
+    gpu: &Gpu,
+    x: &Tensor,
+    out: &Tensor,
+    op: u32,
+    s: f32,
+    name: &'static str,
+    flops: f64,
+) -> Result<()> {
     check_out(name, out, x.shape(), x.dtype(), &[x])?;
     let vecs = x.numel().div_ceil(4);
     let params = Params {
@@ -111,7 +129,14 @@ fn unary_into(gpu: &Gpu, x: &Tensor, out: &Tensor, op: u32, s: f32, name: &'stat
     launch(gpu, "unary4", name, &[x, x, out], params, vecs, work)
 }
 
-fn binary_into(gpu: &Gpu, a: &Tensor, b: &Tensor, out: &Tensor, op: u32, name: &'static str) -> Result<()> {
+fn binary_into(
+    gpu: &Gpu,
+    a: &Tensor,
+    b: &Tensor,
+    out: &Tensor,
+    op: u32,
+    name: &'static str,
+) -> Result<()> {
     if a.shape() != b.shape() {
         return Err(Error::shape(name, format!("shapes differ: {a:?} vs {b:?}")));
     }
@@ -320,7 +345,10 @@ pub fn upsample_nearest2x_into(gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<()
     const OP: &str = "upsample_nearest2x";
     let s = x.shape();
     if s.len() != 4 {
-        return Err(Error::shape(OP, format!("input {x:?} must be [B, H, W, C]")));
+        return Err(Error::shape(
+            OP,
+            format!("input {x:?} must be [B, H, W, C]"),
+        ));
     }
     let (h, w, c) = (s[1], s[2], s[3]);
     check_out(OP, out, &[s[0], 2 * h, 2 * w, c], x.dtype(), &[x])?;
@@ -509,7 +537,13 @@ pub fn timestep_embedding_into(
 
 /// Token + position embedding for CLIP: `ids` (host, [batch, N]) pick rows of `tokens` [V, C], plus
 /// rows 0..N of `positions` [P, C]. Returns [batch, N, C].
-pub fn embed_tokens(gpu: &Gpu, ids: &[u32], batch: usize, tokens: &Tensor, positions: &Tensor) -> Result<Tensor> {
+pub fn embed_tokens(
+    gpu: &Gpu,
+    ids: &[u32],
+    batch: usize,
+    tokens: &Tensor,
+    positions: &Tensor,
+) -> Result<Tensor> {
     if batch == 0 || !ids.len().is_multiple_of(batch) || tokens.shape().len() != 2 {
         return Err(Error::shape(
             "embed_tokens",
@@ -552,7 +586,13 @@ pub fn embed_tokens_into(
     }
     same_dtype(OP, &[tokens, positions])?;
     let c = ts[1];
-    check_out(OP, out, &[batch, n, c], tokens.dtype(), &[tokens, positions])?;
+    check_out(
+        OP,
+        out,
+        &[batch, n, c],
+        tokens.dtype(),
+        &[tokens, positions],
+    )?;
     let ids_t = upload_u32(gpu, ids)?;
     let items = out.numel();
     let params = Params {
@@ -564,13 +604,24 @@ pub fn embed_tokens_into(
         flops: items as f64,
         bytes: 3.0 * out.size_bytes() as f64,
     };
-    launch(gpu, OP, OP, &[tokens, positions, out, &ids_t], params, items, work)
+    launch(
+        gpu,
+        OP,
+        OP,
+        &[tokens, positions, out, &ids_t],
+        params,
+        items,
+        work,
+    )
 }
 
 /// `out[b, :] = x[b, idx[b], :]` for x [B, N, C] (CLIP's pooled output at the EOS token).
 pub fn gather_rows(gpu: &Gpu, x: &Tensor, idx: &[u32]) -> Result<Tensor> {
     if x.shape().len() != 3 {
-        return Err(Error::shape("gather_rows", format!("input {x:?} must be [B, N, C]")));
+        return Err(Error::shape(
+            "gather_rows",
+            format!("input {x:?} must be [B, N, C]"),
+        ));
     }
     let out = gpu.empty(&[x.dim(0), x.dim(2)], x.dtype())?;
     gather_rows_into(gpu, x, idx, &out)?;
@@ -584,10 +635,16 @@ pub fn gather_rows_into(gpu: &Gpu, x: &Tensor, idx: &[u32], out: &Tensor) -> Res
         _ => return Err(Error::shape(OP, format!("input {x:?} must be [B, N, C]"))),
     };
     if idx.len() != b {
-        return Err(Error::shape(OP, format!("{} indices for batch {b}", idx.len())));
+        return Err(Error::shape(
+            OP,
+            format!("{} indices for batch {b}", idx.len()),
+        ));
     }
     if let Some(&bad) = idx.iter().find(|&&i| i as usize >= n) {
-        return Err(Error::shape(OP, format!("row {bad} is outside the {n} rows of {x:?}")));
+        return Err(Error::shape(
+            OP,
+            format!("row {bad} is outside the {n} rows of {x:?}"),
+        ));
     }
     check_out(OP, out, &[b, c], x.dtype(), &[x])?;
     let idx_t = upload_u32(gpu, idx)?;
@@ -751,7 +808,10 @@ pub fn reference_add_channel_bias(x: &[f32], v: &[f32], batch: usize, c: usize) 
 
 /// Rows of `c1` and `c2` values concatenated row by row.
 pub fn reference_concat_channels(a: &[f32], b: &[f32], c1: usize, c2: usize) -> Vec<f64> {
-    let rows = a.len().checked_div(c1).unwrap_or_else(|| b.len() / c2.max(1));
+    let rows = a
+        .len()
+        .checked_div(c1)
+        .unwrap_or_else(|| b.len() / c2.max(1));
     let mut out = Vec::with_capacity(a.len() + b.len());
     for p in 0..rows {
         out.extend(f64s(&a[p * c1..(p + 1) * c1]));
@@ -813,7 +873,12 @@ pub fn reference_nhwc_to_nchw(x: &[f32], shape: [usize; 4]) -> Vec<f64> {
 
 /// diffusers `get_timestep_embedding`: the phase `t * freq` is an f32 product (as torch computes
 /// it), its sine and cosine are exact (f64).
-pub fn reference_timestep_embedding(timesteps: &[f32], dim: usize, flip_sin_to_cos: bool, freq_shift: f32) -> Vec<f64> {
+pub fn reference_timestep_embedding(
+    timesteps: &[f32],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f32,
+) -> Vec<f64> {
     let freqs = timestep_frequencies(dim, freq_shift);
     let half = dim / 2;
     let mut out = Vec::with_capacity(timesteps.len() * dim);
@@ -842,7 +907,13 @@ pub fn reference_softmax_last_dim(x: &[f32], c: usize) -> Vec<f64> {
 }
 
 /// `ids` [B, N] into `tokens` [V, c] plus `positions` [P, c] rows 0..N.
-pub fn reference_embed_tokens(ids: &[u32], batch: usize, tokens: &[f32], positions: &[f32], c: usize) -> Vec<f64> {
+pub fn reference_embed_tokens(
+    ids: &[u32],
+    batch: usize,
+    tokens: &[f32],
+    positions: &[f32],
+    c: usize,
+) -> Vec<f64> {
     let n = ids.len() / batch;
     let mut out = Vec::with_capacity(ids.len() * c);
     for (r, &id) in ids.iter().enumerate() {

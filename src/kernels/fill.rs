@@ -16,7 +16,11 @@ struct Params {
 /// Record `out[..] = value`.
 pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<()> {
     let n = out.numel() as u32;
-    let params = Params { n, bits: value.to_bits(), _pad: [0; 2] };
+    let params = Params {
+        n,
+        bits: value.to_bits(),
+        _pad: [0; 2],
+    };
     gpu.dispatch(&Dispatch {
         shader: "fill",
         entry: "fill",
@@ -26,7 +30,10 @@ pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<()> {
         params: bytemuck::bytes_of(&params),
         workgroups: grid_1d((n as u64).div_ceil(256)),
         label: "fill",
-        work: Work { flops: 0.0, bytes: out.size_bytes() as f64 },
+        work: Work {
+            flops: 0.0,
+            bytes: out.size_bytes() as f64,
+        },
     })
 }
 

@@ -133,7 +133,10 @@ fn check_affine(op: &str, x: &Tensor, c: usize, gamma: &Tensor, beta: &Tensor) -
 
 fn check_out(op: &str, x: &Tensor, out: &Tensor) -> Result<()> {
     if out.shape() != x.shape() || out.dtype() != x.dtype() {
-        return Err(Error::shape(op, format!("output {out:?} must match input {x:?}")));
+        return Err(Error::shape(
+            op,
+            format!("output {out:?} must match input {x:?}"),
+        ));
     }
     if out.buffer_id() == x.buffer_id() {
         return Err(Error::shape(
@@ -246,7 +249,11 @@ pub fn group_norm_into(
         tensors: &tensors,
         params: bytemuck::bytes_of(&params),
         workgroups,
-        label: if silu { "group_norm_silu" } else { "group_norm" },
+        label: if silu {
+            "group_norm_silu"
+        } else {
+            "group_norm"
+        },
         work: Work {
             flops: (if silu { 8.0 } else { 4.0 }) * x.numel() as f64,
             bytes: 2.0 * bytes + (b * groups * chunks) as f64 * 8.0 * (chunks as f64),
@@ -255,17 +262,33 @@ pub fn group_norm_into(
 }
 
 /// torch LayerNorm over the last dim (biased variance); `gamma`/`beta` are [C] in x's dtype.
-pub fn layer_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+pub fn layer_norm(
+    gpu: &Gpu,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
     let out = gpu.empty(x.shape(), x.dtype())?;
     layer_norm_into(gpu, x, gamma, beta, eps, &out)?;
     Ok(out)
 }
 
 /// [`layer_norm`] into a caller-provided `out` (same shape and dtype as `x`, not aliasing it).
-pub fn layer_norm_into(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, out: &Tensor) -> Result<()> {
+pub fn layer_norm_into(
+    gpu: &Gpu,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    out: &Tensor,
+) -> Result<()> {
     const OP: &str = "layer_norm";
     let Some(&c) = x.shape().last() else {
-        return Err(Error::shape(OP, format!("input {x:?} has no last dimension")));
+        return Err(Error::shape(
+            OP,
+            format!("input {x:?} has no last dimension"),
+        ));
     };
     check_affine(OP, x, c, gamma, beta)?;
     check_out(OP, x, out)?;
@@ -337,7 +360,8 @@ pub fn reference_group_norm(
             for r in 0..rows {
                 for j in 0..cpg {
                     let ch = g * cpg + j;
-                    let v = (x[idx(r, j)] as f64 - mean) * rstd * gamma[ch] as f64 + beta[ch] as f64;
+                    let v =
+                        (x[idx(r, j)] as f64 - mean) * rstd * gamma[ch] as f64 + beta[ch] as f64;
                     y[idx(r, j)] = if silu { v / (1.0 + (-v).exp()) } else { v };
                 }
             }
@@ -347,7 +371,13 @@ pub fn reference_group_norm(
 }
 
 /// The specification of [`layer_norm`]: `x` is rows of `c` values.
-pub fn reference_layer_norm(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f64> {
+pub fn reference_layer_norm(
+    x: &[f32],
+    c: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) -> Vec<f64> {
     let mut y = Vec::with_capacity(x.len());
     for row in x.chunks(c) {
         let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;

@@ -23,9 +23,16 @@ pub fn fma_flops(workgroups: u32, iterations: u32) -> f64 {
 pub fn fma_peak(gpu: &Gpu, scratch: &Tensor, workgroups: u32, iterations: u32) -> Result<()> {
     let n4 = (scratch.numel() / 4) as u32;
     if n4 == 0 {
-        return Err(Error::shape("fma_peak", "scratch tensor needs at least 4 elements"));
+        return Err(Error::shape(
+            "fma_peak",
+            "scratch tensor needs at least 4 elements",
+        ));
     }
-    let params = Params { n4, iterations, _pad: [0; 2] };
+    let params = Params {
+        n4,
+        iterations,
+        _pad: [0; 2],
+    };
     gpu.dispatch(&Dispatch {
         shader: "peak",
         entry: "fma_peak",
@@ -34,18 +41,32 @@ pub fn fma_peak(gpu: &Gpu, scratch: &Tensor, workgroups: u32, iterations: u32) -
         tensors: &[scratch, scratch],
         params: bytemuck::bytes_of(&params),
         workgroups: grid_1d(workgroups as u64),
-        label: if scratch.dtype() == DType::F16 { "fma_peak_f16" } else { "fma_peak_f32" },
-        work: Work { flops: fma_flops(workgroups, iterations), bytes: 0.0 },
+        label: if scratch.dtype() == DType::F16 {
+            "fma_peak_f16"
+        } else {
+            "fma_peak_f32"
+        },
+        work: Work {
+            flops: fma_flops(workgroups, iterations),
+            bytes: 0.0,
+        },
     })
 }
 
 /// Record dst = src (same shape and dtype, element count a multiple of 4).
 pub fn copy(gpu: &Gpu, src: &Tensor, dst: &Tensor) -> Result<()> {
-    if src.numel() != dst.numel() || src.dtype() != dst.dtype() || src.numel() % 4 != 0 {
-        return Err(Error::shape("copy", format!("{src:?} -> {dst:?} (equal, multiple of 4)")));
+    if src.numel() != dst.numel() || src.dtype() != dst.dtype() || !src.numel().is_multiple_of(4) {
+        return Err(Error::shape(
+            "copy",
+            format!("{src:?} -> {dst:?} (equal, multiple of 4)"),
+        ));
     }
     let n4 = (src.numel() / 4) as u32;
-    let params = Params { n4, iterations: 0, _pad: [0; 2] };
+    let params = Params {
+        n4,
+        iterations: 0,
+        _pad: [0; 2],
+    };
     gpu.dispatch(&Dispatch {
         shader: "peak",
         entry: "copy",
@@ -55,6 +76,9 @@ pub fn copy(gpu: &Gpu, src: &Tensor, dst: &Tensor) -> Result<()> {
         params: bytemuck::bytes_of(&params),
         workgroups: grid_1d((n4 as u64).div_ceil(256)),
         label: "copy",
-        work: Work { flops: 0.0, bytes: 2.0 * src.size_bytes() as f64 },
+        work: Work {
+            flops: 0.0,
+            bytes: 2.0 * src.size_bytes() as f64,
+        },
     })
 }

@@ -65,7 +65,10 @@ pub fn sampler_step(
     let dtype = out_a.dtype();
     let n = out_a.numel();
     if shape.is_empty() {
-        return Err(Error::shape(OP, format!("out_a {out_a:?} must be [B, ...]")));
+        return Err(Error::shape(
+            OP,
+            format!("out_a {out_a:?} must be [B, ...]"),
+        ));
     }
     // model_out: [B, ...] or [2B, ...] when guided.
     let mut model_shape = shape.to_vec();
@@ -91,7 +94,10 @@ pub fn sampler_step(
         match slot {
             Some(t) => {
                 if t.shape() != shape || t.dtype() != dtype {
-                    return Err(Error::shape(OP, format!("slot {k} {t:?} must match out_a {out_a:?}")));
+                    return Err(Error::shape(
+                        OP,
+                        format!("slot {k} {t:?} must match out_a {out_a:?}"),
+                    ));
                 }
                 mask |= 1 << k;
             }
@@ -112,7 +118,10 @@ pub fn sampler_step(
         .collect();
     if let Some(b) = out_b {
         if b.shape() != shape || b.dtype() != dtype {
-            return Err(Error::shape(OP, format!("out_b {b:?} must match out_a {out_a:?}")));
+            return Err(Error::shape(
+                OP,
+                format!("out_b {b:?} must match out_a {out_a:?}"),
+            ));
         }
         if b.buffer_id() == out_a.buffer_id() {
             return Err(Error::shape(OP, "out_a and out_b are the same buffer"));
@@ -147,7 +156,8 @@ pub fn sampler_step(
         ("step1", 1)
     };
     let items = n / w;
-    let items_u32 = u32::try_from(items).map_err(|_| Error::shape(OP, format!("{out_a:?} is too large")))?;
+    let items_u32 =
+        u32::try_from(items).map_err(|_| Error::shape(OP, format!("{out_a:?} is too large")))?;
     let mut a = [0.0f32; 8];
     let mut b = [0.0f32; 8];
     a[..5].copy_from_slice(&coefs.a);
@@ -179,7 +189,8 @@ pub fn sampler_step(
     let tensors = [
         model_out, slot_t[0], slot_t[1], slot_t[2], slot_t[3], slot_t[4], out_a, out_b_t,
     ];
-    let reads = model_out.size_bytes() + slots.iter().flatten().map(|t| t.size_bytes()).sum::<u64>();
+    let reads =
+        model_out.size_bytes() + slots.iter().flatten().map(|t| t.size_bytes()).sum::<u64>();
     let writes = out_a.size_bytes() * outputs.len() as u64;
     let terms = mask.count_ones() as f64 + 1.0;
     gpu.dispatch(&Dispatch {

@@ -111,11 +111,19 @@ enum VaeAttentionProjections {
 }
 
 impl VaeAttention {
-    pub fn load(gpu: &Gpu, vb: &WeightView<'_>, channels: usize, groups: usize, eps: f32, dtype: DType) -> Result<Self> {
+    pub fn load(
+        gpu: &Gpu,
+        vb: &WeightView<'_>,
+        channels: usize,
+        groups: usize,
+        eps: f32,
+        dtype: DType,
+    ) -> Result<Self> {
         let c = channels;
         // `LDM_VAE_ATTENTION=unfused` forces the unfused path (for tests and for comparing).
         let forced_unfused = std::env::var("LDM_VAE_ATTENTION").is_ok_and(|v| v == "unfused");
-        let flash_fits = !forced_unfused && attention::config(c, gpu.caps.max_workgroup_storage as u64).is_some();
+        let flash_fits = !forced_unfused
+            && attention::config(c, gpu.caps.max_workgroup_storage as u64).is_some();
         let projections = if flash_fits {
             VaeAttentionProjections::Fused(Linear::load_fused(
                 gpu,
@@ -129,10 +137,23 @@ impl VaeAttention {
             // Fold the softmax scale into q's weights and bias: (x·Wᵀ + b)/√C.
             let qv = vb.pp("to_q");
             let s = 1.0 / (c as f32).sqrt();
-            let w: Vec<f32> = qv.get("weight", &[c, c])?.to_f32_vec().iter().map(|x| x * s).collect();
-            let b: Vec<f32> = qv.get("bias", &[c])?.to_f32_vec().iter().map(|x| x * s).collect();
+            let w: Vec<f32> = qv
+                .get("weight", &[c, c])?
+                .to_f32_vec()
+                .iter()
+                .map(|x| x * s)
+                .collect();
+            let b: Vec<f32> = qv
+                .get("bias", &[c])?
+                .to_f32_vec()
+                .iter()
+                .map(|x| x * s)
+                .collect();
             VaeAttentionProjections::Separate {
-                q: Linear { weight: gpu.upload(&w, &[c, c], dtype)?, bias: Some(gpu.upload(&b, &[c], dtype)?) },
+                q: Linear {
+                    weight: gpu.upload(&w, &[c, c], dtype)?,
+                    bias: Some(gpu.upload(&b, &[c], dtype)?),
+                },
                 k: Linear::load(gpu, &vb.pp("to_k"), c, c, true, dtype)?,
                 v: Linear::load(gpu, &vb.pp("to_v"), c, c, true, dtype)?,
             }
@@ -159,8 +180,14 @@ impl VaeAttention {
         let attn = match &self.projections {
             VaeAttentionProjections::Fused(qkv_proj) => {
                 let qkv = qkv_proj.forward(gpu, &normed)?; // [B, HW, 3C]
-                let view = |offset| HeadsView { tensor: &qkv, tokens: n, row_stride: 3 * c, offset };
-                nn::multi_head_attention(gpu, view(0), view(c), view(2 * c), b, 1, c, false)? // [B, HW, C]
+                let view = |offset| HeadsView {
+                    tensor: &qkv,
+                    tokens: n,
+                    row_stride: 3 * c,
+                    offset,
+                };
+                nn::multi_head_attention(gpu, view(0), view(c), view(2 * c), b, 1, c, false)?
+                // [B, HW, C]
             }
             VaeAttentionProjections::Separate { q, k, v } => {
                 let q = q.forward(gpu, &normed)?; // [B, HW, C], already scaled by 1/√C
@@ -174,7 +201,9 @@ impl VaeAttention {
                 matmul::batched_matmul_bt(gpu, &probs, &v_t)? // [B, HW, C]
             }
         };
-        let out = self.to_out.forward_fused(gpu, &attn, Activation::None, Some(&tokens))?;
+        let out = self
+            .to_out
+            .forward_fused(gpu, &attn, Activation::None, Some(&tokens))?;
         out.reshape(&[b, h, w, c])
     }
 }

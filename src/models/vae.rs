@@ -674,7 +674,12 @@ impl AutoencoderKL {
         let z = t.t(h, w, c.latent_channels); // the caller's latents, held throughout
         let post_quant = if self.post_quant_conv.is_some() { z } else { 0 };
         t.live(&[z, post_quant, t.t(h, w, last)]); // conv_in reads the post_quant_conv output
-        let unfused = self.decoder.mid_block.attention.as_ref().is_some_and(|a| a.is_unfused());
+        let unfused = self
+            .decoder
+            .mid_block
+            .attention
+            .as_ref()
+            .is_some_and(|a| a.is_unfused());
         t.mid(z, (h, w), last, c.mid_block_add_attention, unfused);
         let (mut hh, mut ww, mut prev) = (h, w, last);
         for (i, &out) in boc.iter().rev().enumerate() {

@@ -56,14 +56,20 @@ impl AdapterSummary {
             name: info.name.clone(),
             backend: format!("{:?}", info.backend),
             device_type: format!("{:?}", info.device_type),
-            driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+            driver: format!("{} {}", info.driver, info.driver_info)
+                .trim()
+                .to_string(),
         }
     }
 }
 
 impl std::fmt::Display for AdapterSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "[{}] {} ({}, {}, {})", self.index, self.name, self.backend, self.device_type, self.driver)
+        write!(
+            f,
+            "[{}] {} ({}, {}, {})",
+            self.index, self.name, self.backend, self.device_type, self.driver
+        )
     }
 }
 
@@ -96,25 +102,40 @@ fn rank_adapter(info: &wgpu::AdapterInfo) -> u32 {
         wgpu::DeviceType::Other => 3,
         wgpu::DeviceType::Cpu => 4,
     };
-    let gl_penalty = if info.backend == wgpu::Backend::Gl { 10 } else { 0 };
+    let gl_penalty = if info.backend == wgpu::Backend::Gl {
+        10
+    } else {
+        0
+    };
     kind + gl_penalty
 }
 
 /// Pick an adapter: `requested` (name substring or index) wins, else the best-ranked one.
-pub fn choose_adapter(adapters: Vec<wgpu::Adapter>, requested: Option<&str>) -> Result<wgpu::Adapter> {
+pub fn choose_adapter(
+    adapters: Vec<wgpu::Adapter>,
+    requested: Option<&str>,
+) -> Result<wgpu::Adapter> {
     if adapters.is_empty() {
         return Err(Error::NoAdapter);
     }
-    let summaries: Vec<String> =
-        adapters.iter().enumerate().map(|(i, a)| AdapterSummary::from_info(i, &a.get_info()).to_string()).collect();
+    let summaries: Vec<String> = adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| AdapterSummary::from_info(i, &a.get_info()).to_string())
+        .collect();
     if let Some(req) = requested.map(str::trim).filter(|r| !r.is_empty()) {
         let pick = if let Ok(index) = req.parse::<usize>() {
             adapters.into_iter().nth(index)
         } else {
             let needle = req.to_lowercase();
-            adapters.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&needle))
+            adapters
+                .into_iter()
+                .find(|a| a.get_info().name.to_lowercase().contains(&needle))
         };
-        return pick.ok_or(Error::AdapterNotFound { requested: req.to_string(), available: summaries });
+        return pick.ok_or(Error::AdapterNotFound {
+            requested: req.to_string(),
+            available: summaries,
+        });
     }
     let mut adapters = adapters;
     adapters.sort_by_key(|a| rank_adapter(&a.get_info()));
@@ -153,7 +174,7 @@ pub fn caps_for(adapter: &wgpu::Adapter, features: wgpu::Features, limits: &wgpu
         pipeline_cache: features.contains(wgpu::Features::PIPELINE_CACHE),
         coop_matrix,
         coop_16x16_f16,
-        max_storage_binding: limits.max_storage_buffer_binding_size as u64,
+        max_storage_binding: limits.max_storage_buffer_binding_size,
         max_buffer: limits.max_buffer_size,
         max_workgroup_storage: limits.max_compute_workgroup_storage_size,
         max_invocations: limits.max_compute_invocations_per_workgroup,

@@ -161,11 +161,17 @@ impl Gpu {
     /// Open the best adapter (or the one requested) with its own limits and every optional
     /// feature we can use.
     pub fn new(options: &GpuOptions) -> Result<Gpu> {
-        let requested = options.adapter.clone().or_else(|| std::env::var("LDM_ADAPTER").ok());
+        let requested = options
+            .adapter
+            .clone()
+            .or_else(|| std::env::var("LDM_ADAPTER").ok());
         let all = device::enumerate();
         let infos: Vec<wgpu::AdapterInfo> = all.iter().map(|a| a.get_info()).collect();
         let adapter = device::choose_adapter(all, requested.as_deref())?;
-        let index = infos.iter().position(|i| *i == adapter.get_info()).unwrap_or(0);
+        let index = infos
+            .iter()
+            .position(|i| *i == adapter.get_info())
+            .unwrap_or(0);
         let summary = AdapterSummary::from_info(index, &adapter.get_info());
         let features = adapter.features() & device::wanted_features();
         let limits = adapter.limits();
@@ -205,8 +211,8 @@ impl Gpu {
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let profiler =
-            (options.profile && caps.timestamps).then(|| Profiler::new(&device, queue.get_timestamp_period()));
+        let profiler = (options.profile && caps.timestamps)
+            .then(|| Profiler::new(&device, queue.get_timestamp_period()));
         Ok(Gpu {
             device,
             queue,
@@ -237,7 +243,10 @@ impl Gpu {
     /// Check that `dtype` can be used here.
     pub fn require_dtype(&self, dtype: DType) -> Result<()> {
         if dtype == DType::F16 && !self.caps.shader_f16 {
-            return Err(Error::MissingFeature { feature: "SHADER_F16".into(), adapter: self.adapter.name.clone() });
+            return Err(Error::MissingFeature {
+                feature: "SHADER_F16".into(),
+                adapter: self.adapter.name.clone(),
+            });
         }
         Ok(())
     }
@@ -277,7 +286,9 @@ impl Gpu {
                 let b = self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: None,
                     size,
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_SRC
+                        | wgpu::BufferUsages::COPY_DST,
                     mapped_at_creation: false,
                 });
                 if pollster::block_on(scope.pop()).is_some() {
@@ -307,7 +318,10 @@ impl Gpu {
     pub fn upload(&self, data: &[f32], shape: &[usize], dtype: DType) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            return Err(Error::shape("upload", format!("{} values for shape {:?}", data.len(), shape)));
+            return Err(Error::shape(
+                "upload",
+                format!("{} values for shape {:?}", data.len(), shape),
+            ));
         }
         let t = self.empty(shape, dtype)?;
         match dtype {
@@ -324,7 +338,10 @@ impl Gpu {
     pub fn upload_f16(&self, data: &[half::f16], shape: &[usize], dtype: DType) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            return Err(Error::shape("upload", format!("{} values for shape {:?}", data.len(), shape)));
+            return Err(Error::shape(
+                "upload",
+                format!("{} values for shape {:?}", data.len(), shape),
+            ));
         }
         let t = self.empty(shape, dtype)?;
         match dtype {
@@ -340,7 +357,10 @@ impl Gpu {
     /// Overwrite a tensor's contents from host bytes (already in its dtype).
     pub fn write_bytes(&self, t: &Tensor, bytes: &[u8]) -> Result<()> {
         if bytes.len() as u64 != t.size_bytes() {
-            return Err(Error::shape("write", format!("{} bytes for {:?}", bytes.len(), t)));
+            return Err(Error::shape(
+                "write",
+                format!("{} bytes for {:?}", bytes.len(), t),
+            ));
         }
         // `write_buffer` lands before the commands still being recorded; the buffer may have been
         // recycled from a tensor those commands read, so submit them first.
@@ -359,9 +379,19 @@ impl Gpu {
     /// Record a copy of `bytes` bytes from `src` (at byte `src_offset`) into `dst` (at byte
     /// `dst_offset`) in the current encoder, in order with the dispatches: nothing is submitted.
     /// Offsets and size must be multiples of 4 and `src`, `dst` different buffers (wgpu's rules).
-    pub fn copy_bytes(&self, src: &Tensor, src_offset: u64, dst: &Tensor, dst_offset: u64, bytes: u64) -> Result<()> {
+    pub fn copy_bytes(
+        &self,
+        src: &Tensor,
+        src_offset: u64,
+        dst: &Tensor,
+        dst_offset: u64,
+        bytes: u64,
+    ) -> Result<()> {
         let align = wgpu::COPY_BUFFER_ALIGNMENT;
-        if src_offset % align != 0 || dst_offset % align != 0 || bytes % align != 0 {
+        if !src_offset.is_multiple_of(align)
+            || !dst_offset.is_multiple_of(align)
+            || !bytes.is_multiple_of(align)
+        {
             return Err(Error::shape(
                 "copy_bytes",
                 format!("offsets {src_offset}, {dst_offset} and size {bytes} must be multiples of {align}"),
@@ -374,14 +404,23 @@ impl Gpu {
             ));
         }
         if src.buffer_id() == dst.buffer_id() {
-            return Err(Error::shape("copy_bytes", format!("{src:?} and {dst:?} share a buffer")));
+            return Err(Error::shape(
+                "copy_bytes",
+                format!("{src:?} and {dst:?} share a buffer"),
+            ));
         }
         if bytes == 0 {
             return Ok(());
         }
         let mut rec = lock(&self.recorder);
         self.end_pass(&mut rec);
-        self.encoder(&mut rec).copy_buffer_to_buffer(src.buffer(), src_offset, dst.buffer(), dst_offset, bytes);
+        self.encoder(&mut rec).copy_buffer_to_buffer(
+            src.buffer(),
+            src_offset,
+            dst.buffer(),
+            dst_offset,
+            bytes,
+        );
         Ok(())
     }
 
@@ -390,7 +429,10 @@ impl Gpu {
         let bytes = self.download_bytes(t)?;
         Ok(match t.dtype() {
             DType::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&bytes),
-            DType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(&bytes).iter().map(|h| h.to_f32()).collect(),
+            DType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(&bytes)
+                .iter()
+                .map(|h| h.to_f32())
+                .collect(),
         })
     }
 
@@ -419,7 +461,9 @@ impl Gpu {
         rx.recv()
             .map_err(|e| Error::Device(format!("readback: {e}")))?
             .map_err(|e| Error::Device(format!("readback map: {e}")))?;
-        let data = slice.get_mapped_range().map_err(|e| Error::Device(format!("readback range: {e:?}")))?;
+        let data = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Device(format!("readback range: {e:?}")))?;
         let out = data[..n as usize].to_vec();
         drop(data);
         staging.unmap();
@@ -438,7 +482,10 @@ impl Gpu {
 
     fn encoder<'r>(&self, rec: &'r mut Recorder) -> &'r mut wgpu::CommandEncoder {
         rec.encoder.get_or_insert_with(|| {
-            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("ldm step") })
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("ldm step"),
+                })
         })
     }
 
@@ -465,7 +512,10 @@ impl Gpu {
             }
         }
         if d.params.len() as u64 > PARAMS_SLOT {
-            return Err(Error::shape(d.entry, format!("params of {} bytes exceed {PARAMS_SLOT}", d.params.len())));
+            return Err(Error::shape(
+                d.entry,
+                format!("params of {} bytes exceed {PARAMS_SLOT}", d.params.len()),
+            ));
         }
         let key = PipelineKey {
             shader: d.shader,
@@ -479,7 +529,9 @@ impl Gpu {
         }
 
         let mut rec = lock(&self.recorder);
-        if rec.params.len() as u64 >= PARAMS_SLOT * RING_SLOTS || rec.profiler.as_ref().is_some_and(|p| p.is_full()) {
+        if rec.params.len() as u64 >= PARAMS_SLOT * RING_SLOTS
+            || rec.profiler.as_ref().is_some_and(|p| p.is_full())
+        {
             drop(rec);
             self.flush()?;
             rec = lock(&self.recorder);
@@ -489,9 +541,12 @@ impl Gpu {
         rec.params.resize((offset + PARAMS_SLOT) as usize, 0);
 
         let tensor_at = |binding: u32| {
-            d.tensors
-                .get(binding as usize)
-                .ok_or_else(|| Error::shape(d.entry, format!("no tensor given for storage binding {binding}")))
+            d.tensors.get(binding as usize).ok_or_else(|| {
+                Error::shape(
+                    d.entry,
+                    format!("no tensor given for storage binding {binding}"),
+                )
+            })
         };
         let mut buffers = Vec::with_capacity(pipe.bindings.len());
         for &(binding, kind) in &pipe.bindings {
@@ -499,7 +554,11 @@ impl Gpu {
                 buffers.push(tensor_at(binding)?.buffer_id());
             }
         }
-        let key = BindGroupKey { pipeline: Arc::as_ptr(&pipe) as usize, ring_offset: offset, buffers };
+        let key = BindGroupKey {
+            pipeline: Arc::as_ptr(&pipe) as usize,
+            ring_offset: offset,
+            buffers,
+        };
         let bind_group = match rec.bind_groups.get(&key) {
             Some(group) => {
                 rec.stats.bind_groups_reused += 1;
@@ -509,11 +568,13 @@ impl Gpu {
                 let mut entries = Vec::with_capacity(pipe.bindings.len());
                 for &(binding, kind) in &pipe.bindings {
                     let resource = match kind {
-                        BindingKind::Uniform => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: &rec.ring,
-                            offset,
-                            size: wgpu::BufferSize::new(PARAMS_SLOT),
-                        }),
+                        BindingKind::Uniform => {
+                            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: &rec.ring,
+                                offset,
+                                size: wgpu::BufferSize::new(PARAMS_SLOT),
+                            })
+                        }
                         _ => tensor_at(binding)?.buffer().as_entire_binding(),
                     };
                     entries.push(wgpu::BindGroupEntry { binding, resource });
@@ -524,7 +585,13 @@ impl Gpu {
                     entries: &entries,
                 });
                 rec.stats.bind_groups_created += 1;
-                rec.bind_groups.insert(key, CachedBindGroup { group: group.clone(), _pipeline: pipe.clone() });
+                rec.bind_groups.insert(
+                    key,
+                    CachedBindGroup {
+                        group: group.clone(),
+                        _pipeline: pipe.clone(),
+                    },
+                );
                 group
             }
         };
@@ -553,7 +620,10 @@ impl Gpu {
             if rec.pass.is_none() {
                 let enc = self.encoder(&mut rec);
                 let pass = enc
-                    .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("ldm"), timestamp_writes: None })
+                    .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("ldm"),
+                        timestamp_writes: None,
+                    })
                     .forget_lifetime();
                 rec.pass = Some(pass);
             }
@@ -583,7 +653,13 @@ impl Gpu {
             profiled = prof.pending.len() as u32 * 2;
             if profiled > 0 {
                 encoder.resolve_query_set(&prof.query_set, 0..profiled, &prof.resolve, 0);
-                encoder.copy_buffer_to_buffer(&prof.resolve, 0, &prof.readback, 0, profiled as u64 * 8);
+                encoder.copy_buffer_to_buffer(
+                    &prof.resolve,
+                    0,
+                    &prof.readback,
+                    0,
+                    profiled as u64 * 8,
+                );
             }
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -598,7 +674,9 @@ impl Gpu {
             slice.map_async(wgpu::MapMode::Read, |_| {});
             self.wait()?;
             let ticks: Vec<u64> = {
-                let data = slice.get_mapped_range().map_err(|e| Error::Device(format!("timestamps: {e:?}")))?;
+                let data = slice
+                    .get_mapped_range()
+                    .map_err(|e| Error::Device(format!("timestamps: {e:?}")))?;
                 bytemuck::pod_collect_to_vec(&data)
             };
             prof.readback.unmap();
@@ -624,7 +702,11 @@ impl Gpu {
     /// Per-kernel GPU times gathered so far (flushes first).
     pub fn profile(&self) -> Result<BTreeMap<String, KernelTime>> {
         self.flush()?;
-        Ok(lock(&self.recorder).profiler.as_ref().map(|p| p.table.clone()).unwrap_or_default())
+        Ok(lock(&self.recorder)
+            .profiler
+            .as_ref()
+            .map(|p| p.table.clone())
+            .unwrap_or_default())
     }
 
     pub fn reset_profile(&self) {
@@ -637,7 +719,11 @@ impl Gpu {
     /// GPU time of every dispatch measured since the last call, as (label, nanoseconds).
     pub fn take_samples(&self) -> Result<Vec<(String, f64)>> {
         self.flush()?;
-        Ok(lock(&self.recorder).profiler.as_mut().map(|p| std::mem::take(&mut p.samples)).unwrap_or_default())
+        Ok(lock(&self.recorder)
+            .profiler
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.samples))
+            .unwrap_or_default())
     }
 
     /// Persist the driver's pipeline cache so the next start skips shader compilation.

@@ -27,14 +27,17 @@ pub struct Pipeline {
 #[derive(Default)]
 pub(crate) struct PipelineCache {
     pub(crate) pipelines: HashMap<PipelineKey, Arc<Pipeline>>,
-    modules: HashMap<(&'static str, DType), (wgpu::ShaderModule, naga::Module, naga::valid::ModuleInfo)>,
+    modules:
+        HashMap<(&'static str, DType), (wgpu::ShaderModule, naga::Module, naga::valid::ModuleInfo)>,
     pub(crate) compiled: u64,
 }
 
 /// Whether bounds checks are compiled into shaders. On by default; `LDM_UNCHECKED_SHADERS=1`
 /// turns them off for kernels whose indexing the test suite proves (they cost 1.5-3x on GPUs).
 pub fn unchecked_shaders() -> bool {
-    std::env::var("LDM_UNCHECKED_SHADERS").map(|v| v == "1").unwrap_or(false)
+    std::env::var("LDM_UNCHECKED_SHADERS")
+        .map(|v| v == "1")
+        .unwrap_or(false)
 }
 
 impl PipelineCache {
@@ -47,9 +50,14 @@ impl PipelineCache {
         if let Some(p) = self.pipelines.get(key) {
             return Ok(p.clone());
         }
-        let shader_err =
-            |message: String| Error::Shader { name: key.shader.to_string(), entry: key.entry.to_string(), message };
-        if !self.modules.contains_key(&(key.shader, key.dtype)) {
+        let shader_err = |message: String| Error::Shader {
+            name: key.shader.to_string(),
+            entry: key.entry.to_string(),
+            message,
+        };
+        if let std::collections::hash_map::Entry::Vacant(e) =
+            self.modules.entry((key.shader, key.dtype))
+        {
             let source = shaders::specialised_source(key.shader, key.dtype)
                 .ok_or_else(|| shader_err("no shader with this name is registered".into()))?;
             // Validate with naga first: wgpu would report the same error asynchronously and
@@ -62,11 +70,14 @@ impl PipelineCache {
             let module = if unchecked_shaders() {
                 // SAFETY: only used when the user opts in; every kernel's indexing is covered by
                 // the test suite on awkward sizes with NaN-poisoned outputs.
-                unsafe { device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
+                unsafe {
+                    device
+                        .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+                }
             } else {
                 device.create_shader_module(desc)
             };
-            self.modules.insert((key.shader, key.dtype), (module, naga_module, naga_info));
+            e.insert((module, naga_module, naga_info));
         }
         let (module, naga_module, naga_info) = &self.modules[&(key.shader, key.dtype)];
         let bindings = shaders::reflect(naga_module, naga_info, key.entry)
@@ -82,11 +93,15 @@ impl PipelineCache {
                         has_dynamic_offset: false,
                         min_binding_size: None,
                     },
-                    BindingKind::StorageRead | BindingKind::StorageReadWrite => wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Storage { read_only: kind == BindingKind::StorageRead },
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
+                    BindingKind::StorageRead | BindingKind::StorageReadWrite => {
+                        wgpu::BindingType::Buffer {
+                            ty: wgpu::BufferBindingType::Storage {
+                                read_only: kind == BindingKind::StorageRead,
+                            },
+                            has_dynamic_offset: false,
+                            min_binding_size: None,
+                        }
+                    }
                 },
                 count: None,
             })
@@ -100,7 +115,11 @@ impl PipelineCache {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
-        let constants: Vec<(&str, f64)> = key.overrides.iter().map(|(n, v)| (*n, f64::from_bits(*v))).collect();
+        let constants: Vec<(&str, f64)> = key
+            .overrides
+            .iter()
+            .map(|(n, v)| (*n, f64::from_bits(*v)))
+            .collect();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(key.entry),
@@ -117,7 +136,11 @@ impl PipelineCache {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(shader_err(e.to_string()));
         }
-        let p = Arc::new(Pipeline { pipeline, layout, bindings });
+        let p = Arc::new(Pipeline {
+            pipeline,
+            layout,
+            bindings,
+        });
         self.compiled += 1;
         self.pipelines.insert(key.clone(), p.clone());
         Ok(p)

@@ -108,7 +108,11 @@ impl BufferPool {
     /// ids of the dropped buffers, so that whatever still refers to them (cached bind groups) can
     /// let go too.
     pub(crate) fn trim(&mut self) -> Vec<u64> {
-        let ids = self.free.values().flat_map(|bucket| bucket.keys().copied()).collect();
+        let ids = self
+            .free
+            .values()
+            .flat_map(|bucket| bucket.keys().copied())
+            .collect();
         self.free.clear();
         self.stats.free_bytes = 0;
         ids
@@ -124,7 +128,11 @@ pub struct PooledBuffer {
 
 impl PooledBuffer {
     pub(crate) fn new(buffer: wgpu::Buffer, pool: Arc<Mutex<BufferPool>>, id: u64) -> Self {
-        PooledBuffer { buffer: Some(buffer), pool, id }
+        PooledBuffer {
+            buffer: Some(buffer),
+            pool,
+            id,
+        }
     }
     pub fn buffer(&self) -> &wgpu::Buffer {
         self.buffer.as_ref().expect("buffer present until drop")
@@ -154,7 +162,11 @@ pub struct Tensor {
 
 impl Tensor {
     pub(crate) fn from_parts(storage: Arc<PooledBuffer>, shape: Vec<usize>, dtype: DType) -> Self {
-        Tensor { storage, shape, dtype }
+        Tensor {
+            storage,
+            shape,
+            dtype,
+        }
     }
     pub fn shape(&self) -> &[usize] {
         &self.shape
@@ -184,10 +196,20 @@ impl Tensor {
         if n != self.numel() {
             return Err(crate::Error::shape(
                 "reshape",
-                format!("cannot view {:?} ({} elements) as {:?} ({} elements)", self.shape, self.numel(), shape, n),
+                format!(
+                    "cannot view {:?} ({} elements) as {:?} ({} elements)",
+                    self.shape,
+                    self.numel(),
+                    shape,
+                    n
+                ),
             ));
         }
-        Ok(Tensor { storage: self.storage.clone(), shape: shape.to_vec(), dtype: self.dtype })
+        Ok(Tensor {
+            storage: self.storage.clone(),
+            shape: shape.to_vec(),
+            dtype: self.dtype,
+        })
     }
     /// Dimension `i`, counting negative indices from the end as in PyTorch.
     pub fn dim(&self, i: isize) -> usize {
