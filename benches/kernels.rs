@@ -55,34 +55,77 @@ impl Bench {
     }
 
     fn wanted(&self, name: &str) -> bool {
-        self.filter.as_ref().is_none_or(|f| name.contains(f.as_str()))
+        self.filter
+            .as_ref()
+            .is_none_or(|f| name.contains(f.as_str()))
     }
 
     fn line(&self, kernel: &str, shape: &str, secs: f64, flops: f64, bytes: f64) {
         let (rate, pct) = if flops > 0.0 {
-            (format!("{:>9.1} GFLOP/s", flops / secs * 1e-9), 100.0 * flops / secs / self.fma_peak)
+            (
+                format!("{:>9.1} GFLOP/s", flops / secs * 1e-9),
+                100.0 * flops / secs / self.fma_peak,
+            )
         } else {
-            (format!("{:>9.1} GB/s   ", bytes / secs * 1e-9), 100.0 * bytes / secs / self.copy_peak)
+            (
+                format!("{:>9.1} GB/s   ", bytes / secs * 1e-9),
+                100.0 * bytes / secs / self.copy_peak,
+            )
         };
-        println!("{kernel:<10} {shape:<36} {:<4} {:>10.4} ms {rate} {pct:>6.1}% of peak", self.dtype.name(), secs * 1e3);
+        println!(
+            "{kernel:<10} {shape:<36} {:<4} {:>10.4} ms {rate} {pct:>6.1}% of peak",
+            self.dtype.name(),
+            secs * 1e3
+        );
     }
 }
 
 fn main() -> Result<()> {
-    let gpu = Gpu::new(&GpuOptions { profile: true, ..Default::default() })?;
+    let gpu = Gpu::new(&GpuOptions {
+        profile: true,
+        ..Default::default()
+    })?;
     if !gpu.caps.timestamps {
         eprintln!("this adapter has no TIMESTAMP_QUERY: GPU timing is impossible here");
         return Ok(());
     }
-    let dtype = std::env::var("LDM_BENCH_DTYPE").ok().map(|s| s.parse().expect("f16 or f32")).unwrap_or(gpu.compute_dtype());
+    let dtype = std::env::var("LDM_BENCH_DTYPE")
+        .ok()
+        .map(|s| s.parse().expect("f16 or f32"))
+        .unwrap_or(gpu.compute_dtype());
     let on_cpu = gpu.adapter.device_type == "Cpu";
-    let quick = std::env::var("LDM_BENCH_QUICK").map(|v| v == "1").unwrap_or(on_cpu);
-    let reps = std::env::var("LDM_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 3 } else { 10 });
-    println!("device: {} ({} {}), dtype {}, {} reps{}", gpu.adapter.name, gpu.adapter.backend, gpu.adapter.driver, dtype.name(), reps, if quick { ", quick" } else { "" });
-    let mut b = Bench { gpu, dtype, reps, filter: std::env::var("LDM_BENCH_FILTER").ok(), quick, fma_peak: 1.0, copy_peak: 1.0 };
+    let quick = std::env::var("LDM_BENCH_QUICK")
+        .map(|v| v == "1")
+        .unwrap_or(on_cpu);
+    let reps = std::env::var("LDM_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 3 } else { 10 });
+    println!(
+        "device: {} ({} {}), dtype {}, {} reps{}",
+        gpu.adapter.name,
+        gpu.adapter.backend,
+        gpu.adapter.driver,
+        dtype.name(),
+        reps,
+        if quick { ", quick" } else { "" }
+    );
+    let mut b = Bench {
+        gpu,
+        dtype,
+        reps,
+        filter: std::env::var("LDM_BENCH_FILTER").ok(),
+        quick,
+        fma_peak: 1.0,
+        copy_peak: 1.0,
+    };
 
     // Peaks, measured now on this device.
-    let (wg, iters, copy_n) = if quick { (256u32, 256u32, 1usize << 20) } else { (16384, 4096, 64 << 20) };
+    let (wg, iters, copy_n) = if quick {
+        (256u32, 256u32, 1usize << 20)
+    } else {
+        (16384, 4096, 64 << 20)
+    };
     let scratch = b.gpu.empty(&[1024], dtype)?;
     let t = b.time(&mut || peak::fma_peak(&b.gpu, &scratch, wg, iters))?;
     b.fma_peak = peak::fma_flops(wg, iters) / t;
@@ -90,12 +133,18 @@ fn main() -> Result<()> {
     let dst = b.gpu.empty(&[copy_n], dtype)?;
     let t = b.time(&mut || peak::copy(&b.gpu, &src, &dst))?;
     b.copy_peak = 2.0 * src.size_bytes() as f64 / t;
-    println!("measured peaks: FMA {:.1} GFLOP/s, copy {:.1} GB/s", b.fma_peak * 1e-9, b.copy_peak * 1e-9);
+    println!(
+        "measured peaks: FMA {:.1} GFLOP/s, copy {:.1} GB/s",
+        b.fma_peak * 1e-9,
+        b.copy_peak * 1e-9
+    );
     drop((src, dst));
 
     // Matmul / linear.
-    let mut cases: Vec<(String, usize, usize, usize)> =
-        matmul::SD15_SHAPES.iter().map(|&(n, m, nn, k)| (n.to_string(), m, nn, k)).collect();
+    let mut cases: Vec<(String, usize, usize, usize)> = matmul::SD15_SHAPES
+        .iter()
+        .map(|&(n, m, nn, k)| (n.to_string(), m, nn, k))
+        .collect();
     cases.push(("square 4096^3".into(), 4096, 4096, 4096));
     for (name, m, n, k) in cases {
         if !b.wanted(&name) || (b.quick && m * n * k > 1 << 30) {
@@ -103,8 +152,16 @@ fn main() -> Result<()> {
         }
         let x = b.random(&[m, k])?;
         let w = b.random(&[n, k])?;
-        let t = b.time(&mut || matmul::linear(&b.gpu, &x, &w, None, None, Activation::None).map(|_| ()))?;
-        b.line("matmul", &format!("{name} {m}x{n}x{k}"), t, 2.0 * (m * n * k) as f64, 0.0);
+        let t = b.time(&mut || {
+            matmul::linear(&b.gpu, &x, &w, None, None, Activation::None).map(|_| ())
+        })?;
+        b.line(
+            "matmul",
+            &format!("{name} {m}x{n}x{k}"),
+            t,
+            2.0 * (m * n * k) as f64,
+            0.0,
+        );
     }
 
     // Convolution.
@@ -116,8 +173,16 @@ fn main() -> Result<()> {
         let x = b.random(&[bt, h, w, cin])?;
         let wt = b.random(&[cout, k, k, cin])?;
         let pad = k / 2;
-        let t = b.time(&mut || conv2d::conv2d(&b.gpu, &x, &wt, None, None, stride, [pad; 4]).map(|_| ()))?;
-        b.line("conv2d", &format!("{name} {bt}x{h}x{w}x{cin}->{cout} k{k}s{stride}"), t, flops, 0.0);
+        let t = b.time(&mut || {
+            conv2d::conv2d(&b.gpu, &x, &wt, None, None, stride, [pad; 4]).map(|_| ())
+        })?;
+        b.line(
+            "conv2d",
+            &format!("{name} {bt}x{h}x{w}x{cin}->{cout} k{k}s{stride}"),
+            t,
+            flops,
+            0.0,
+        );
     }
 
     // Attention.
@@ -132,9 +197,24 @@ fn main() -> Result<()> {
         let t = b.time(&mut || {
             attention::attention(
                 &b.gpu,
-                HeadsView { tensor: &q, tokens: nq, row_stride: c, offset: 0 },
-                HeadsView { tensor: &kv, tokens: nk, row_stride: 2 * c, offset: 0 },
-                HeadsView { tensor: &kv, tokens: nk, row_stride: 2 * c, offset: c },
+                HeadsView {
+                    tensor: &q,
+                    tokens: nq,
+                    row_stride: c,
+                    offset: 0,
+                },
+                HeadsView {
+                    tensor: &kv,
+                    tokens: nk,
+                    row_stride: 2 * c,
+                    offset: 0,
+                },
+                HeadsView {
+                    tensor: &kv,
+                    tokens: nk,
+                    row_stride: 2 * c,
+                    offset: c,
+                },
                 batch,
                 heads,
                 d,
@@ -143,7 +223,13 @@ fn main() -> Result<()> {
             )
             .map(|_| ())
         })?;
-        b.line("attention", &format!("{name} b{batch} h{heads} {nq}x{nk} d{d}"), t, flops, 0.0);
+        b.line(
+            "attention",
+            &format!("{name} b{batch} h{heads} {nq}x{nk} d{d}"),
+            t,
+            flops,
+            0.0,
+        );
     }
 
     // Group norm and layer norm (memory-bound: read + write).
@@ -157,12 +243,25 @@ fn main() -> Result<()> {
         let gamma = b.random(&[c])?;
         let beta = b.random(&[c])?;
         let t = if case.groups > 0 {
-            b.time(&mut || norm::group_norm(&b.gpu, &x, case.groups, 1e-5, &gamma, &beta, case.silu).map(|_| ()))?
+            b.time(&mut || {
+                norm::group_norm(&b.gpu, &x, case.groups, 1e-5, &gamma, &beta, case.silu)
+                    .map(|_| ())
+            })?
         } else {
             b.time(&mut || norm::layer_norm(&b.gpu, &x, &gamma, &beta, 1e-5).map(|_| ()))?
         };
-        let kernel = if case.groups > 0 { "groupnorm" } else { "layernorm" };
-        b.line(kernel, &format!("{} {:?}", case.name, case.shape), t, 0.0, 2.0 * x.size_bytes() as f64);
+        let kernel = if case.groups > 0 {
+            "groupnorm"
+        } else {
+            "layernorm"
+        };
+        b.line(
+            kernel,
+            &format!("{} {:?}", case.name, case.shape),
+            t,
+            0.0,
+            2.0 * x.size_bytes() as f64,
+        );
     }
     Ok(())
 }

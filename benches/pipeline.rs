@@ -14,9 +14,19 @@ use ldm_wgpu::runtime::timing::format_table;
 use ldm_wgpu::{DType, Gpu, GpuOptions, Result};
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
-    let model = get("--model").map(PathBuf::from).unwrap_or_else(default_model_dir);
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let get = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let model = get("--model")
+        .map(PathBuf::from)
+        .unwrap_or_else(default_model_dir);
     let steps: usize = get("--steps").and_then(|v| v.parse().ok()).unwrap_or(25);
     let sampler = get("--sampler").unwrap_or_else(|| "dpmpp_2m".into());
     let dtype: Option<DType> = get("--dtype").map(|d| d.parse().expect("f16 or f32"));
@@ -24,8 +34,15 @@ fn main() -> Result<()> {
     let cache = std::env::temp_dir().join("ldm-bench-pipeline-cache.bin");
     let _ = std::fs::remove_file(&cache);
 
-    let options = |profile| GpuOptions { profile, pipeline_cache_path: Some(cache.clone()), ..Default::default() };
-    let model_options = ModelOptions { dtype, ..Default::default() };
+    let options = |profile| GpuOptions {
+        profile,
+        pipeline_cache_path: Some(cache.clone()),
+        ..Default::default()
+    };
+    let model_options = ModelOptions {
+        dtype,
+        ..Default::default()
+    };
 
     // Cold start: device, shader compilation, weight upload, first image.
     let t0 = Instant::now();
@@ -51,7 +68,10 @@ fn main() -> Result<()> {
     let sd = StableDiffusion::load(Gpu::new(&options(true))?, &model, &model_options)?;
     let first = sd.generate(&req, &mut |_| true)?;
     let warm = t0.elapsed();
-    println!("device: {} ({}, {})", sd.gpu.adapter.name, sd.gpu.adapter.backend, sd.gpu.adapter.driver);
+    println!(
+        "device: {} ({}, {})",
+        sd.gpu.adapter.name, sd.gpu.adapter.backend, sd.gpu.adapter.driver
+    );
     println!(
         "model: {} | {size}x{size} | {sampler} {steps} steps | CFG 7.5 | batch 1 | {} (VAE {})",
         model.display(),
@@ -59,7 +79,11 @@ fn main() -> Result<()> {
         sd.vae_dtype.name()
     );
     println!("cold start to first image: {:.2} s", cold.as_secs_f64());
-    println!("warm start to first image: {:.2} s (pipeline cache: {})", warm.as_secs_f64(), sd.gpu.caps.pipeline_cache);
+    println!(
+        "warm start to first image: {:.2} s (pipeline cache: {})",
+        warm.as_secs_f64(),
+        sd.gpu.caps.pipeline_cache
+    );
     sd.gpu.reset_profile();
 
     // Steady state: wall-clock per image (timestamps add a pass per dispatch, so the
@@ -81,11 +105,17 @@ fn main() -> Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    println!("seconds per image:   {:.3} (median of {images})", median(&mut per_image));
+    println!(
+        "seconds per image:   {:.3} (median of {images})",
+        median(&mut per_image)
+    );
     println!("U-Net it/s:          {:.2}", median(&mut unet_its));
     println!("text encode:         {:.3} s", median(&mut text));
     println!("VAE decode:          {:.3} s", median(&mut decode));
-    println!("peak pool memory:    {:.1} MiB", sd.gpu.pool_stats().peak_bytes as f64 / 1048576.0);
+    println!(
+        "peak pool memory:    {:.1} MiB",
+        sd.gpu.pool_stats().peak_bytes as f64 / 1048576.0
+    );
     let table = sd.gpu.profile()?;
     let mut rows: Vec<_> = table.into_iter().collect();
     rows.sort_by(|a, b| b.1.total_ns.total_cmp(&a.1.total_ns));
