@@ -14,7 +14,8 @@
 //   concat_batch4/1     out = [a; b] along the outermost dim
 //   timestep_embedding  out[b, j] = sin/cos(t[b] * freq[j mod half]), zero column if dim is odd
 //   softmax_rows        out[r, :] = softmax(a[r, :]) over rows of C (one 64-wide workgroup per row)
-//   embed_tokens        out[b, n, c] = a[ids[b, n], c] + b[n, c]        (CLIP token + position)
+//   embed_tokens        out[b, n, c] = a[ids[b, n], c] + b[n, c]        (CLIP token + position;
+//                       the table may be bound in row slices, see the entry)
 //   gather_rows         out[b, c] = a[b, idx[b], c]                      a [B, N, C]
 //   nchw_to_nhwc        out[b, h, w, c] = a[b, c, h, w]
 //   nhwc_to_nchw        out[b, c, h, w] = a[b, h, w, c]
@@ -311,7 +312,10 @@ fn softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
-// d0 = C, d1 = N (tokens per sequence). a = token table [V, C], b = positions [P, C].
+// d0 = C, d1 = N (tokens per sequence), [d2, d3) = the token ids this table slice holds.
+// a = token table rows d2..d3 [d3 - d2, C], b = positions [P, C]. A table larger than one storage
+// binding (CLIP-L's in f32 is 145 MiB) is bound in slices, one dispatch each; every output row
+// is written by the dispatch whose slice holds its id.
 @compute @workgroup_size(256)
 fn embed_tokens(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
@@ -322,7 +326,11 @@ fn embed_tokens(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let c = params.d0;
     let r = i / c;
     let j = i % c;
-    out1[i] = elem(f32(a1[idx[r] * c + j]) + f32(b1[(r % params.d1) * c + j]));
+    let id = idx[r];
+    if (id < params.d2 || id >= params.d3) {
+        return;
+    }
+    out1[i] = elem(f32(a1[(id - params.d2) * c + j]) + f32(b1[(r % params.d1) * c + j]));
 }
 
 // d0 = C, d1 = N.

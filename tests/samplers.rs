@@ -297,3 +297,48 @@ fn unknown_sampler_is_an_error_listing_names() {
         .unwrap();
     assert!(err.to_string().contains("dpmpp_2m_karras"), "{err}");
 }
+
+/// Every sampler, with every small step count a user may ask for, runs its whole loop without a
+/// panic and with finite latents (the PNDM schedule for 1 step once indexed past the table).
+#[test]
+fn every_sampler_runs_with_few_steps() {
+    use ldm_wgpu::sched::{
+        build_sampler, execute_on_cpu, Buf, CpuBuffers, SchedulerConfig, SAMPLER_NAMES,
+    };
+    let config = SchedulerConfig::sd15();
+    for &(name, _) in SAMPLER_NAMES {
+        for steps in [1usize, 2, 3, 4] {
+            let mut s = build_sampler(&config, Some(name), steps).unwrap();
+            let n = 16;
+            let mut bufs = CpuBuffers::new(vec![s.init_noise_sigma() as f32; n]);
+            for call in 0..s.timesteps().len() {
+                let model_out: Vec<f32> = (0..n).map(|i| 0.1 * i as f32 - 0.5).collect();
+                let plan = s.step(call);
+                if plan.needs_noise {
+                    bufs.set(Buf::Noise, vec![0.3; n]);
+                }
+                execute_on_cpu(&plan, &model_out, None, &mut bufs).unwrap();
+            }
+            assert!(
+                bufs.latents().iter().all(|v| v.is_finite()),
+                "{name} with {steps} steps gave non-finite latents"
+            );
+        }
+    }
+}
+
+/// More steps than training timesteps is refused with an error, as diffusers refuses it.
+#[test]
+fn too_many_steps_is_an_error_not_a_panic() {
+    use ldm_wgpu::sched::{build_sampler, SchedulerConfig, SAMPLER_NAMES};
+    let config = SchedulerConfig::sd15();
+    for &(name, _) in SAMPLER_NAMES {
+        let result =
+            std::panic::catch_unwind(|| build_sampler(&config, Some(name), 1500).map(|_| ()));
+        match result {
+            Ok(Err(_)) => {}
+            Ok(Ok(())) => panic!("{name}: 1500 steps of a 1000-timestep schedule was accepted"),
+            Err(_) => panic!("{name}: 1500 steps panicked"),
+        }
+    }
+}

@@ -19,7 +19,12 @@ fn fixtures() -> PathBuf {
 
 fn psnr(a: &Image, b: &Image) -> f64 {
     assert_eq!((a.width, a.height), (b.width, b.height));
-    let mse: f64 = a.rgb.iter().zip(&b.rgb).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>()
+    let mse: f64 = a
+        .rgb
+        .iter()
+        .zip(&b.rgb)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
         / a.rgb.len() as f64;
     if mse == 0.0 {
         f64::INFINITY
@@ -44,8 +49,13 @@ fn nchw_to_nhwc(x: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
 #[test]
 fn shipped_model_matches_diffusers() {
     let gpu = Gpu::new(&GpuOptions::default()).expect("adapter");
-    let options = ModelOptions { dtype: Some(DType::F32), vae_f32: Some(true), ..Default::default() };
-    let sd = StableDiffusion::load(gpu, &default_model_dir(), &options).expect("the shipped model loads");
+    let options = ModelOptions {
+        dtype: Some(DType::F32),
+        vae_f32: Some(true),
+        ..Default::default()
+    };
+    let sd = StableDiffusion::load(gpu, &default_model_dir(), &options)
+        .expect("the shipped model loads");
     let mut cases: Vec<PathBuf> = std::fs::read_dir(fixtures())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -78,10 +88,16 @@ fn shipped_model_matches_diffusers() {
         let err = common::rel_l2(&out.latents, &want64);
         let name = case.file_stem().unwrap().to_string_lossy().to_string();
         eprintln!("{name}: PSNR {p:.1} dB, final latents rel-L2 {err:.2e}");
-        assert!(p >= 40.0, "{name}: PSNR {p:.1} dB < 40 dB against diffusers");
+        assert!(
+            p >= 40.0,
+            "{name}: PSNR {p:.1} dB < 40 dB against diffusers"
+        );
         // Latents: f32 kernels vs torch differ only in summation order (~1e-6 per op), so 20
         // steps stay far below 1e-3.
-        assert!(err <= 1e-3, "{name}: final latents differ from diffusers by {err:.2e}");
+        assert!(
+            err <= 1e-3,
+            "{name}: final latents differ from diffusers by {err:.2e}"
+        );
     }
 }
 
@@ -112,5 +128,8 @@ fn shipped_model_loads_with_every_tensor_used() {
             }
         }
     }
-    assert!(total <= 40 * 1000 * 1000, "weights/tiny-shapes is {total} bytes");
+    assert!(
+        total <= 40 * 1000 * 1000,
+        "weights/tiny-shapes is {total} bytes"
+    );
 }

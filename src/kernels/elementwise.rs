@@ -563,6 +563,28 @@ pub fn embed_tokens_into(
     positions: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
+    let vocab = tokens.shape().first().copied().unwrap_or(0);
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(Error::shape(
+            "embed_tokens",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    embed_tokens_slice_into(gpu, ids, batch, tokens, 0, positions, out)
+}
+
+/// Like [`embed_tokens_into`] for a table bound in row slices: `tokens` holds the rows of ids
+/// `first_id..first_id + rows`; only tokens with those ids are written. Calling it once per
+/// slice writes every row (a table larger than one storage binding is split this way).
+pub fn embed_tokens_slice_into(
+    gpu: &Gpu,
+    ids: &[u32],
+    batch: usize,
+    tokens: &Tensor,
+    first_id: usize,
+    positions: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
     const OP: &str = "embed_tokens";
     if batch == 0 || !ids.len().is_multiple_of(batch) {
         return Err(Error::shape(
@@ -578,12 +600,6 @@ pub fn embed_tokens_into(
             format!("tokens {tokens:?} [V, C] and positions {positions:?} [P >= {n}, C]"),
         ));
     }
-    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= ts[0]) {
-        return Err(Error::shape(
-            OP,
-            format!("token id {bad} is outside the vocabulary of {}", ts[0]),
-        ));
-    }
     same_dtype(OP, &[tokens, positions])?;
     let c = ts[1];
     check_out(
@@ -597,7 +613,13 @@ pub fn embed_tokens_into(
     let items = out.numel();
     let params = Params {
         n: u32_of(OP, items)?,
-        d: [c as u32, n as u32, 0, 0, 0],
+        d: [
+            c as u32,
+            n as u32,
+            u32_of(OP, first_id)?,
+            u32_of(OP, first_id + ts[0])?,
+            0,
+        ],
         ..Default::default()
     };
     let work = Work {

@@ -58,6 +58,41 @@ impl ClipConfig {
     }
 }
 
+/// Upload the [vocab, hidden] token table in row slices that each fit one storage binding.
+fn load_token_table(
+    gpu: &Gpu,
+    vb: &WeightView<'_>,
+    vocab: usize,
+    hidden: usize,
+    dtype: DType,
+) -> Result<Vec<(usize, Tensor)>> {
+    let t = vb.get("weight", &[vocab, hidden])?;
+    let row_bytes = (hidden * dtype.size()).max(1) as u64;
+    // Whole 256-byte granules, since the pool rounds buffer sizes up to them.
+    let limit = gpu.caps.max_storage_binding.min(gpu.caps.max_buffer) / 256 * 256;
+    let rows_per_slice = ((limit / row_bytes) as usize).clamp(1, vocab.max(1));
+    let mut slices = Vec::new();
+    match dtype {
+        DType::F16 => {
+            let all = t.to_f16_vec();
+            for first in (0..vocab).step_by(rows_per_slice) {
+                let rows = rows_per_slice.min(vocab - first);
+                let data = &all[first * hidden..(first + rows) * hidden];
+                slices.push((first, gpu.upload_f16(data, &[rows, hidden], dtype)?));
+            }
+        }
+        DType::F32 => {
+            let all = t.to_f32_vec();
+            for first in (0..vocab).step_by(rows_per_slice) {
+                let rows = rows_per_slice.min(vocab - first);
+                let data = &all[first * hidden..(first + rows) * hidden];
+                slices.push((first, gpu.upload(data, &[rows, hidden], dtype)?));
+            }
+        }
+    }
+    Ok(slices)
+}
+
 /// CLIPEncoderLayer: pre-norm self-attention and MLP, each with a residual.
 struct EncoderLayer {
     layer_norm1: LayerNorm,
@@ -71,7 +106,9 @@ struct EncoderLayer {
 
 pub struct ClipTextModel {
     pub config: ClipConfig,
-    token_embedding: Tensor,
+    /// The token table in row slices `(first id, rows)`, each within one storage binding
+    /// (CLIP-L's table in f32 is 145 MiB, over the common 128 MiB limit).
+    token_embedding: Vec<(usize, Tensor)>,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
@@ -85,13 +122,8 @@ impl ClipTextModel {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let tm = vb.pp("text_model");
         let emb = tm.pp("embeddings");
-        let token_embedding = nn::load(
-            gpu,
-            &emb.pp("token_embedding"),
-            "weight",
-            &[c.vocab_size, h],
-            dtype,
-        )?;
+        let token_embedding =
+            load_token_table(gpu, &emb.pp("token_embedding"), c.vocab_size, h, dtype)?;
         let position_embedding = nn::load(
             gpu,
             &emb.pp("position_embedding"),
@@ -175,13 +207,18 @@ impl ClipTextModel {
         }
         let (hsz, heads) = (c.hidden_size, c.num_attention_heads);
         // [B, N, C]
-        let mut hidden = elementwise::embed_tokens(
-            gpu,
-            ids,
-            batch,
-            &self.token_embedding,
-            &self.position_embedding,
-        )?;
+        let mut hidden = gpu.empty(&[batch, tokens, hsz], self.dtype)?;
+        for (first_id, table) in &self.token_embedding {
+            elementwise::embed_tokens_slice_into(
+                gpu,
+                ids,
+                batch,
+                table,
+                *first_id,
+                &self.position_embedding,
+                &hidden,
+            )?;
+        }
         for layer in &self.layers[..c.num_hidden_layers - skip] {
             // Self-attention block. [B, N, C] -> [B, N, 3C] -> [B, N, C]
             let normed = layer.layer_norm1.forward(gpu, &hidden)?; // [B, N, C]

@@ -566,6 +566,13 @@ pub fn build_sampler(
             "num_inference_steps must be at least 1".into(),
         ));
     }
+    // diffusers' set_timesteps refuses this too: the schedule has no more distinct timesteps.
+    let train = config.usize_or("num_train_timesteps", 1000)?;
+    if num_inference_steps > train {
+        return Err(Error::InvalidInput(format!(
+            "{num_inference_steps} steps exceed the {train} timesteps the model was trained with"
+        )));
+    }
     let requested = sampler.or(config.class_name()).unwrap_or("PNDMScheduler");
     let mut cfg = config.clone();
     let canonical = requested.to_ascii_lowercase().replace(['-', ' ', '+'], "_");

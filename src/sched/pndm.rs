@@ -53,11 +53,10 @@ impl Pndm {
             }
         };
         // concatenate([_t[:-1], _t[-2:-1], _t[-1:]])[::-1]
+        // For one step `_t[-2:-1]` is empty: the schedule is the single timestep.
         let n = base.len();
         if n >= 2 {
             base.insert(n - 1, base[n - 2]);
-        } else {
-            base.insert(0, base[0]);
         }
         base.reverse();
         Ok(Pndm {
