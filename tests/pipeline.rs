@@ -1,6 +1,7 @@
 //! End-to-end parity with diffusers: the same tiny random SD-1.x model, prompt, negative prompt,
 //! size, sampler, steps, guidance and seed give the same image as `StableDiffusionPipeline`
-//! (and its img2img / legacy-inpainting siblings) in f32 on the CPU.
+//! (and its img2img / inpainting siblings: legacy latent blending with the 4-channel U-Net, and
+//! the 9-channel inpainting U-Net assembled from unet_inpaint/) in f32 on the CPU.
 //!
 //! Fixtures: tests/fixtures/pipeline_parity, made by tools/make_pipeline_fixtures.py (see its
 //! header for the model and every case). The tokenizer is the real CLIP one shipped in
@@ -200,9 +201,14 @@ fn cases() -> &'static [Value] {
 }
 
 fn check_cases(filter: impl Fn(&Value) -> bool) {
-    let model = model_f32();
+    check_cases_with(model_f32(), filter)
+}
+
+fn check_cases_with(model: &StableDiffusion, filter: impl Fn(&Value) -> bool) {
     let mut failures = Vec::new();
+    let mut ran = 0;
     for case in cases().iter().filter(|c| filter(c)) {
+        ran += 1;
         let (o, _) = run_case(model, case);
         let min_psnr = o.psnr.iter().cloned().fold(f64::INFINITY, f64::min);
         eprintln!(
@@ -223,6 +229,7 @@ fn check_cases(filter: impl Fn(&Value) -> bool) {
             ));
         }
     }
+    assert!(ran > 0, "no case in cases.json matched");
     assert!(
         failures.is_empty(),
         "parity failures:\n{}",
@@ -243,6 +250,70 @@ fn img2img_matches_diffusers_f32() {
 #[test]
 fn legacy_inpainting_matches_diffusers_f32() {
     check_cases(|c| c["pipeline"] == "inpaint");
+}
+
+/// The fixture model with the 9-channel inpainting U-Net (`unet_inpaint/`) in place of its own:
+/// `unet_inpaint/` holds only the config (in_channels 9) and the widened conv_in.weight, so the
+/// U-Net's weights are model/unet/'s with that one tensor swapped. Written to a fresh temp folder
+/// (vae/, text_encoder/, scheduler/ copied as they are).
+fn assemble_inpaint_model() -> PathBuf {
+    use safetensors::tensor::{SafeTensors, TensorView};
+    let src = fixture_dir().join("model");
+    let inp = fixture_dir().join("unet_inpaint");
+    let dst = std::env::temp_dir().join(format!("ldm-pipeline-inpaint9-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    for sub in ["vae", "text_encoder", "scheduler"] {
+        std::fs::create_dir_all(dst.join(sub)).unwrap();
+        for entry in std::fs::read_dir(src.join(sub)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dst.join(sub).join(entry.file_name())).unwrap();
+        }
+    }
+    std::fs::create_dir_all(dst.join("unet")).unwrap();
+    std::fs::copy(inp.join("config.json"), dst.join("unet/config.json")).unwrap();
+    let base = std::fs::read(src.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let extra = std::fs::read(inp.join("conv_in.safetensors")).unwrap();
+    let base = SafeTensors::deserialize(&base).unwrap();
+    let extra = SafeTensors::deserialize(&extra).unwrap();
+    let swapped: Vec<(String, TensorView)> = base
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| match extra.tensor(&name) {
+            Ok(new) => {
+                assert_ne!(
+                    new.shape(),
+                    view.shape(),
+                    "{name}: expected a widened tensor"
+                );
+                (name, new)
+            }
+            Err(_) => (name, view),
+        })
+        .collect();
+    assert_eq!(swapped.len(), base.len());
+    safetensors::serialize_to_file(
+        swapped,
+        None,
+        &dst.join("unet/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    dst
+}
+
+#[test]
+fn inpainting_unet_9ch_matches_diffusers_f32() {
+    let dir = assemble_inpaint_model();
+    let gpu = Gpu::new(&GpuOptions::default()).unwrap();
+    let opts = ModelOptions {
+        dtype: Some(DType::F32),
+        vae_f32: Some(true),
+        with_encoder: true,
+        tokenizer_dir: Some(tokenizer_dir()),
+        ..Default::default()
+    };
+    let model = StableDiffusion::load(gpu, &dir, &opts).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    check_cases_with(&model, |c| c["pipeline"] == "inpaint9");
 }
 
 #[test]

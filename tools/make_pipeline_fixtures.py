@@ -19,6 +19,10 @@ What it writes:
   <case>.png / <case>_<i>.png                diffusers' output images (f32 on CPU)
   <case>.latents.f32                         final latents NCHW [B, 4, 8, 8], before the VAE
   <case>.steps.f32                           latents after every step [calls, B, 4, 8, 8]
+  unet_inpaint/{config.json,conv_in.safetensors}
+                                             the 9-channel inpainting U-Net: model/unet/ with
+                                             in_channels 9 and a wider conv_in.weight (the only
+                                             tensor stored; tests/pipeline.rs splices it in)
   cases.json                                 every case's settings and file names
 
 Raw .f32 files are little-endian float32, row-major, shapes given in cases.json.
@@ -182,6 +186,39 @@ def save_models(text_encoder, unet, vae):
         json.dump(dict(_class_name="PNDMScheduler", **SCHEDULER_CONFIG), f, indent=2)
 
 
+def build_inpaint_unet(unet):
+    """A 9-channel (latents + mask + masked-image latents) copy of the fixture U-Net, as SD's
+    inpainting checkpoints are made: every weight shared with `unet` except conv_in, whose
+    weight gains 5 input channels (random, f16-exact). Only conv_in.weight and config.json are
+    stored (unet_inpaint/, < 1 MB together); tests/pipeline.rs assembles the full U-Net from
+    model/unet/ and them."""
+    config = dict(unet.config)
+    config["in_channels"] = 9
+    unet9 = UNet2DConditionModel.from_config(config).eval()
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    w4 = state["conv_in.weight"]  # [C0, 4, 3, 3]
+    g = torch.Generator("cpu").manual_seed(9)
+    # The extra channels' weights at ~the scale of the latent channels' (and a little louder)
+    # so the mask and the masked image's latents visibly steer the output: a wiring mistake
+    # (channel order, mask resolution, masked image) then costs far more than 40 dB.
+    extra = torch.randn(w4.shape[0], 5, 3, 3, generator=g) * (2.0 * w4.std())
+    state["conv_in.weight"] = torch.cat([w4, extra], 1).half().float()
+    unet9.load_state_dict(state)
+    return unet9
+
+
+def save_inpaint_unet(unet9):
+    from safetensors.torch import save_file
+
+    d = os.path.join(OUT, "unet_inpaint")
+    if os.path.isdir(d):
+        shutil.rmtree(d)
+    os.makedirs(d)
+    unet9.save_config(d)
+    save_file({"conv_in.weight": unet9.conv_in.weight.detach().half().contiguous()},
+              os.path.join(d, "conv_in.safetensors"))
+
+
 def procedural_images():
     """64x64 RGB init image (gradient + disc) and a binary mask: a rectangle whose edges are
     not on the 8-pixel latent grid, so downsampling it "nearest" (diffusers) and by block
@@ -238,7 +275,7 @@ def run_case(pipe, base_config, case):
         kwargs.update(height=SIZE, width=SIZE)
     else:
         kwargs.update(image=case["_init"], strength=case["strength"])
-    if case["pipeline"] == "inpaint":
+    if case["pipeline"] in ("inpaint", "inpaint9"):
         kwargs.update(mask_image=case["_mask"], height=SIZE, width=SIZE)
     with torch.no_grad():
         images = pipe(**kwargs).images
@@ -311,7 +348,20 @@ def main():
                  init_image="init.png", mask="mask.png", _init=init, _mask=mask)
         )
 
-    pipes = {"txt2img": pipe, "img2img": img2img, "inpaint": inpaint}
+    # The inpainting U-Net (in_channels 9): StableDiffusionInpaintPipeline's main path.
+    unet9 = build_inpaint_unet(unet)
+    save_inpaint_unet(unet9)
+    inpaint9 = StableDiffusionInpaintPipeline(**{**pipe.components, "unet": unet9})
+    inpaint9.set_progress_bar_config(disable=True)
+    for s, strength in (("ddim", 1.0), ("euler_a", 1.0), ("ddim", 0.75), ("euler_a", 0.75)):
+        suffix = "" if strength == 1.0 else f"_s{int(strength * 100)}"
+        cases.append(
+            dict(name=f"inpaint9_{s}{suffix}", pipeline="inpaint9", sampler=s, batch=1,
+                 strength=strength, unet="unet_inpaint", init_image="init.png", mask="mask.png",
+                 _init=init, _mask=mask)
+        )
+
+    pipes = {"txt2img": pipe, "img2img": img2img, "inpaint": inpaint, "inpaint9": inpaint9}
     entries = []
     for case in cases:
         print(case["name"])
