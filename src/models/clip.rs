@@ -71,24 +71,13 @@ fn load_token_table(
     // Whole 256-byte granules, since the pool rounds buffer sizes up to them.
     let limit = gpu.caps.max_storage_binding.min(gpu.caps.max_buffer) / 256 * 256;
     let rows_per_slice = ((limit / row_bytes) as usize).clamp(1, vocab.max(1));
+    // Exact for every source dtype; `upload` rounds to f16 when that is the compute dtype.
+    let all = t.to_f32_vec();
     let mut slices = Vec::new();
-    match dtype {
-        DType::F16 => {
-            let all = t.to_f16_vec();
-            for first in (0..vocab).step_by(rows_per_slice) {
-                let rows = rows_per_slice.min(vocab - first);
-                let data = &all[first * hidden..(first + rows) * hidden];
-                slices.push((first, gpu.upload_f16(data, &[rows, hidden], dtype)?));
-            }
-        }
-        DType::F32 => {
-            let all = t.to_f32_vec();
-            for first in (0..vocab).step_by(rows_per_slice) {
-                let rows = rows_per_slice.min(vocab - first);
-                let data = &all[first * hidden..(first + rows) * hidden];
-                slices.push((first, gpu.upload(data, &[rows, hidden], dtype)?));
-            }
-        }
+    for first in (0..vocab).step_by(rows_per_slice) {
+        let rows = rows_per_slice.min(vocab - first);
+        let data = &all[first * hidden..(first + rows) * hidden];
+        slices.push((first, gpu.upload(data, &[rows, hidden], dtype)?));
     }
     Ok(slices)
 }
