@@ -83,10 +83,10 @@ pub fn report(options: &GpuOptions) -> Result<String> {
     );
     out += &format!(
         "  bounds checks      {}\n",
-        if crate::runtime::pipeline::unchecked_shaders() {
-            "off (LDM_UNCHECKED_SHADERS=1)"
+        if gpu.shader_checks_everywhere() {
+            "on in every shader (LDM_SHADER_CHECKS=1)"
         } else {
-            "on"
+            "only in shaders with unproven indexing (LDM_SHADER_CHECKS=1: everywhere)"
         }
     );
     Ok(out)

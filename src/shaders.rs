@@ -62,6 +62,14 @@ pub const SHADERS: &[(&str, &str, &[DType])] = &[
     ),
 ];
 
+/// Whether a shader may be compiled without naga's runtime checks: every global access in it is
+/// guarded by the shader itself and the test suite shows it gives the same bits with and without
+/// the checks (tests/shader_checks.rs). The cooperative-matrix matmul is not: it has never run
+/// on an adapter that offers cooperative matrices, so it keeps the checks until it has.
+pub fn indexing_proven(name: &str) -> bool {
+    name != "matmul_coop"
+}
+
 pub fn prelude(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => "alias elem = f32;\nalias elem4 = vec4<f32>;\n",

@@ -39,6 +39,10 @@ pub struct GpuOptions {
     pub profile: bool,
     /// Where to persist the driver's pipeline cache (Vulkan `PIPELINE_CACHE`).
     pub pipeline_cache_path: Option<PathBuf>,
+    /// Compile naga's runtime bounds checks into every shader (`Some(true)`), or only into the
+    /// shaders whose indexing is unproven (`Some(false)`); `None` reads `LDM_SHADER_CHECKS`.
+    /// See [`pipeline::shader_checks_from_env`].
+    pub shader_checks: Option<bool>,
 }
 
 /// Counters for tests and the profile report.
@@ -221,7 +225,11 @@ impl Gpu {
             features,
             limits,
             pool: Arc::new(Mutex::new(BufferPool::default())),
-            pipelines: Mutex::new(PipelineCache::default()),
+            pipelines: Mutex::new(PipelineCache::new(
+                options
+                    .shader_checks
+                    .unwrap_or_else(pipeline::shader_checks_from_env),
+            )),
             driver_cache,
             recorder: Mutex::new(Recorder {
                 encoder: None,
@@ -233,6 +241,11 @@ impl Gpu {
                 bind_groups: BindGroupCache::default(),
             }),
         })
+    }
+
+    /// Whether naga's runtime checks are compiled into every shader (see [`GpuOptions`]).
+    pub fn shader_checks_everywhere(&self) -> bool {
+        lock(&self.pipelines).all_checks
     }
 
     /// Storage dtype the models use on this device.

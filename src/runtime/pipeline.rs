@@ -30,17 +30,34 @@ pub(crate) struct PipelineCache {
     modules:
         HashMap<(&'static str, DType), (wgpu::ShaderModule, naga::Module, naga::valid::ModuleInfo)>,
     pub(crate) compiled: u64,
+    /// Compile naga's runtime checks (index clamping, loop bounding) into every shader, not only
+    /// into the ones whose indexing is unproven. See [`shader_checks_from_env`].
+    pub(crate) all_checks: bool,
 }
 
-/// Whether bounds checks are compiled into shaders. On by default; `LDM_UNCHECKED_SHADERS=1`
-/// turns them off for kernels whose indexing the test suite proves (they cost 1.5-3x on GPUs).
-pub fn unchecked_shaders() -> bool {
-    std::env::var("LDM_UNCHECKED_SHADERS")
+/// Whether `LDM_SHADER_CHECKS=1` asks for naga's runtime checks in every shader.
+///
+/// By default they are compiled only into shaders whose indexing the test suite has not proven
+/// ([`crate::shaders::indexing_proven`]). The checks clamp every workgroup- and local-array index
+/// and give every loop an extra counter on Vulkan; public reports measure 1.5x on a matmul and far
+/// more on loop-heavy kernels. Our kernels guard every global load and store explicitly (edges are
+/// loaded as zeros, stores test bounds), and `tests/shader_checks.rs` runs them with and without
+/// the checks on awkward sizes and demands identical bits: a kernel that relied on clamping would
+/// differ there. The variable exists to rule the checks out when chasing a suspected bug.
+pub fn shader_checks_from_env() -> bool {
+    std::env::var("LDM_SHADER_CHECKS")
         .map(|v| v == "1")
         .unwrap_or(false)
 }
 
 impl PipelineCache {
+    pub(crate) fn new(all_checks: bool) -> Self {
+        PipelineCache {
+            all_checks,
+            ..Default::default()
+        }
+    }
+
     pub(crate) fn get(
         &mut self,
         device: &wgpu::Device,
@@ -67,9 +84,11 @@ impl PipelineCache {
                 label: Some(key.shader),
                 source: wgpu::ShaderSource::Wgsl(source.into()),
             };
-            let module = if unchecked_shaders() {
-                // SAFETY: only used when the user opts in; every kernel's indexing is covered by
-                // the test suite on awkward sizes with NaN-poisoned outputs.
+            let module = if !self.all_checks && shaders::indexing_proven(key.shader) {
+                // SAFETY: the shader guards every global access itself and its workgroup-array
+                // indices are bounded by construction; tests/shader_checks.rs shows identical
+                // results with and without naga's checks on awkward sizes, and the kernel tests
+                // run it unchecked on NaN-poisoned outputs.
                 unsafe {
                     device
                         .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
