@@ -1,14 +1,19 @@
 // matmul_coop: the matmul.wgsl kernels (linear, geglu, batched A·Bᵀ) on cooperative matrices
-// (tensor cores): 16 × 16 × 16 f16 × f16 → f32. f16 storage only; same Params, bindings,
-// epilogues and results as matmul.wgsl (see its header for the formulas and layouts).
+// (tensor cores): FRAG × FRAG × FRAG f16 × f16 → f32 fragments. f16 storage only; same Params,
+// bindings, epilogues and results as matmul.wgsl (see its header for the formulas and layouts).
 //
-// Selected only when the adapter offers 16×16×16 f16→f32 (`caps.coop_16x16_f16`) with 32-wide
-// subgroups (the workgroup is 4 subgroups, each owning a 32 × 32 quarter of the output tile).
+// Two variants are compiled from this file (src/shaders.rs `VARIANTS`): `matmul_coop16` as written
+// (coop_mat16x16, FRAG = 16: NVIDIA's 16×16×16 f16→f32 tensor-core shape) and `matmul_coop8`
+// (every `coop_mat16x16` renamed `coop_mat8x8`, FRAG = 8: the shape Mesa's lavapipe offers, so
+// the CPU test machines execute the same code path). The host picks the largest square f16→f32
+// configuration the adapter reports, and only on adapters with one fixed subgroup width SG.
 //
 // Bindings: 0 x (elem4, read), 1 w (elem4, read), 2 bias, 3 residual, 4 out (read_write),
 //           5 params — as matmul.wgsl.
-// Geometry: 128 threads (4 subgroups of 32); 64 × 64 output tile (geglu: 64 rows × 32 outputs,
-// i.e. 32 hidden + 32 gate weight rows); K step 32. Grid as matmul.wgsl with TM = TN = 64.
+// Geometry: 4 subgroups of SG invocations; output tile TM × TN = 4·FRAG × 4·FRAG (64 × 64 for
+// FRAG 16; geglu: TM rows × TN/2 outputs, i.e. TN/2 hidden + TN/2 gate weight rows); K step
+// TK = 2·FRAG. Subgroup s owns the 2·FRAG × 2·FRAG quarter (s / 2, s % 2) of the tile as 2 × 2
+// accumulator fragments. Grid as matmul.wgsl with TM = TN = 4·FRAG.
 // Flow per K step: all threads stage x and w tiles (zero-padded at the edges, so the matrix ops
 // never see out-of-range data) into workgroup memory as f16; each subgroup does 2 × 2 × 2 matrix
 // multiply-adds. At the end each subgroup stores its f32 accumulators to workgroup memory and all
@@ -39,17 +44,21 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> out: array<elem>;
 @group(0) @binding(5) var<uniform> params: Params;
 
-const TM: u32 = 64u;
-const TN: u32 = 64u;
-const TK: u32 = 32u;
-const NT: u32 = 128u;
-// Row stride of the staged tiles in halves: TK + 8 keeps every 16-row block 16-byte aligned and
-// staggers rows across banks.
-const AS: u32 = 40u;
+// Fragment side: the `matmul_coop8` variant replaces this 16 by 8 along with the matrix types.
+const FRAG: u32 = 16u;
+const TM: u32 = 4u * FRAG;
+const TN: u32 = 4u * FRAG;
+const TK: u32 = 2u * FRAG;
+// Subgroup width (32 on NVIDIA, 8 on lavapipe): the workgroup is exactly 4 subgroups.
+override SG: u32 = 32u;
+override NT: u32 = 4u * SG;
+// Row stride of the staged tiles in halves: TK + 8 keeps every fragment's rows 16-byte aligned
+// (TK + 8 halves is a multiple of 8) and staggers rows across banks.
+const AS: u32 = TK + 8u;
 
-var<workgroup> a_sh: array<f16, 2560>;   // TM × AS: a_sh[r * AS + k] = x[m0 + r, k0 + k]
-var<workgroup> b_sh: array<f16, 2560>;   // TN × AS: b_sh[r * AS + k] = w[row(r), k0 + k] (Bᵀ)
-var<workgroup> c_sh: array<f32, 4096>;   // TM × TN accumulators for the epilogue
+var<workgroup> a_sh: array<f16, TM * AS>;   // a_sh[r * AS + k] = x[m0 + r, k0 + k]
+var<workgroup> b_sh: array<f16, TN * AS>;   // b_sh[r * AS + k] = w[row(r), k0 + k] (Bᵀ)
+var<workgroup> c_sh: array<f32, TM * TN>;   // accumulators for the epilogue
 
 fn b_row(rr: u32, n0: u32, geglu: bool) -> vec2<u32> {
     if (geglu) {
@@ -99,8 +108,8 @@ fn stage_tiles(lid: u32, m0: u32, n0: u32, k0: u32, a_base: u32, b_base: u32, ge
 
 // The product tile c_sh = x_tile · w_tileᵀ over all of K.
 fn product_tile(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, geglu: bool) {
-    let wm = (sg >> 1u) * 32u;   // this subgroup's quarter of the tile
-    let wn = (sg & 1u) * 32u;
+    let wm = (sg >> 1u) * 2u * FRAG;   // this subgroup's quarter of the tile
+    let wn = (sg & 1u) * 2u * FRAG;
     var c00 = coop_mat16x16<f32, C>();
     var c01 = coop_mat16x16<f32, C>();
     var c10 = coop_mat16x16<f32, C>();
@@ -108,12 +117,12 @@ fn product_tile(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, g
     for (var k0 = 0u; k0 < params.k; k0 += TK) {
         stage_tiles(lid, m0, n0, k0, a_base, b_base, geglu);
         workgroupBarrier();
-        for (var kb = 0u; kb < TK; kb += 16u) {
+        for (var kb = 0u; kb < TK; kb += FRAG) {
             // A blocks are row-major (m, k); B = Wᵀ is column-major: column n is w's row n.
             let ia0 = wm * AS + kb;
-            let ia1 = (wm + 16u) * AS + kb;
+            let ia1 = (wm + FRAG) * AS + kb;
             let ib0 = wn * AS + kb;
-            let ib1 = (wn + 16u) * AS + kb;
+            let ib1 = (wn + FRAG) * AS + kb;
             let a0 = coopLoadT<coop_mat16x16<f16, A>>(&a_sh[ia0], AS);
             let a1 = coopLoadT<coop_mat16x16<f16, A>>(&a_sh[ia1], AS);
             let b0 = coopLoad<coop_mat16x16<f16, B>>(&b_sh[ib0], AS);
@@ -127,9 +136,9 @@ fn product_tile(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, g
     }
     // naga 30 can panic on compound pointer indices in coopStore: bind them to lets.
     let i00 = wm * TN + wn;
-    let i01 = wm * TN + wn + 16u;
-    let i10 = (wm + 16u) * TN + wn;
-    let i11 = (wm + 16u) * TN + wn + 16u;
+    let i01 = wm * TN + wn + FRAG;
+    let i10 = (wm + FRAG) * TN + wn;
+    let i11 = (wm + FRAG) * TN + wn + FRAG;
     let stride = TN;
     coopStoreT(c00, &c_sh[i00], stride);
     coopStoreT(c01, &c_sh[i01], stride);
@@ -170,7 +179,7 @@ fn activate(v: f32) -> f32 {
     }
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(NT)
 fn linear_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
                @builtin(subgroup_id) sg: u32) {
     let m0 = wid.y * TM;
@@ -199,7 +208,7 @@ fn linear_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     }
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(NT)
 fn geglu_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
               @builtin(subgroup_id) sg: u32) {
     let m0 = wid.y * TM;

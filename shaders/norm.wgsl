@@ -18,15 +18,24 @@
 //                 (the Rust side grows the chunks so the grid stays near 4096 workgroups).
 //   g varies fastest across workgroups, so workgroups running together read neighbouring channel runs
 //   of the same rows and share the 32-byte sectors in L2 (a group's run is only cpg values, e.g. 10).
+// Two-source mode (override CONCAT = true): the input is the channel concatenation cat(a, b) of
+//   a [B, R, Ca] and b [B, R, Cb] (diffusers' `torch.cat([h, skip], dim=1)` ahead of an up-block
+//   ResnetBlock2D) and y is [B, R, Ca + Cb]; channel c < Ca reads a, the rest read b at c - Ca. The
+//   U-Net decoder's concats (e.g. 1280 + 640 = 1920 in 32 groups of 60) put a group across the
+//   boundary, so the choice is made per value, not per group: only the workgroups of a straddling
+//   group diverge, and both sides are one load. Reading the two sources in place saves writing and
+//   re-reading the concatenated tensor. With CONCAT false the branch folds away (x_b is bound to x
+//   and never read), so the one-source kernel is what it was.
 //
 // LayerNorm (torch.nn.LayerNorm over the last dim C, biased var): x viewed as [rows, C]; one
 // workgroup of 64 per row (grid folded by grid_1d): mean, then the centred sum of squares (two
 // passes over the row, the second from cache), then the write; all relative to the row's first
 // value so |mean| >> std costs no precision.
 //
-// Bindings: 0 x (elem, read), 1 gamma [C] (elem), 2 beta [C] (elem), 3 y (elem, read_write, same
-//           shape as x), 4 partial (vec2<f32> [B, G, chunks]: chunk mean, chunk M2), 5 params.
-//           gn_partial uses 0, 4; gn_normalize 0-4; layer_norm 0-3.
+// Bindings: 0 x (elem, read; a in two-source mode), 1 gamma [C] (elem), 2 beta [C] (elem), 3 y (elem,
+//           read_write, [B, R, C]), 4 partial (vec2<f32> [B, G, chunks]: chunk mean, chunk M2),
+//           5 x_b (elem, read; b in two-source mode, x again otherwise), 6 params.
+//           gn_partial uses 0, 4, 5; gn_normalize 0-5; layer_norm 0-3.
 
 struct Params {
     rows: u32,            // R: rows per batch item (group norm), or total rows (layer norm)
@@ -37,14 +46,19 @@ struct Params {
     chunks: u32,          // ceil(R / rows_per_chunk)
     silu: u32,            // 1: apply SiLU after the affine
     eps: f32,
+    ca: u32,              // two-source mode: channels of a (the first Ca of C); else C
+    cb: u32,              // two-source mode: channels of b (C - Ca); else 0
 };
+
+override CONCAT: bool = false;
 
 @group(0) @binding(0) var<storage, read> x: array<elem>;
 @group(0) @binding(1) var<storage, read> gamma: array<elem>;
 @group(0) @binding(2) var<storage, read> beta: array<elem>;
 @group(0) @binding(3) var<storage, read_write> y: array<elem>;
 @group(0) @binding(4) var<storage, read_write> partial: array<vec2<f32>>;
-@group(0) @binding(5) var<uniform> params: Params;
+@group(0) @binding(5) var<storage, read> x_b: array<elem>;
+@group(0) @binding(6) var<uniform> params: Params;
 
 const GN_WG: u32 = 256u;
 const LN_WG: u32 = 64u;
@@ -68,12 +82,24 @@ fn silu_f(v: f32) -> f32 {
     return v / (1.0 + exp(-v));
 }
 
-// Values of one (b, g, chunk): rows [r0, r1) x channels [g*cpg, (g+1)*cpg). Returns (base, count).
-fn gn_chunk(g: u32, chunk: u32, b: u32) -> vec2<u32> {
+// Rows [r0, r1) of batch item b form a chunk; with a group's cpg channels that makes one
+// workgroup's values. Returns (the chunk's first row over the whole batch, b * R + r0; the count of
+// values per group, (r1 - r0) * cpg).
+fn gn_chunk(chunk: u32, b: u32) -> vec2<u32> {
     let r0 = chunk * params.rows_per_chunk;
     let r1 = min(r0 + params.rows_per_chunk, params.rows);
-    let base = (b * params.rows + r0) * params.channels + g * params.cpg;
-    return vec2<u32>(base, (r1 - r0) * params.cpg);
+    return vec2<u32>(b * params.rows + r0, (r1 - r0) * params.cpg);
+}
+
+// Input value at (row, channel) of [B * R, C]: x, or cat(a, b) in two-source mode.
+fn gn_load(row: u32, ch: u32) -> f32 {
+    if (CONCAT) {
+        if (ch < params.ca) {
+            return f32(x[row * params.ca + ch]);
+        }
+        return f32(x_b[row * params.cb + (ch - params.ca)]);
+    }
+    return f32(x[row * params.channels + ch]);
 }
 
 @compute @workgroup_size(256)
@@ -82,23 +108,23 @@ fn gn_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let chunk = wid.y;
     let b = wid.z;
     let cpg = params.cpg;
-    let c_stride = params.channels;
-    let bc = gn_chunk(g, chunk, b);
-    let base = bc.x;
+    let c0 = g * cpg;
+    let bc = gn_chunk(chunk, b);
+    let row0 = bc.x;
     let count = bc.y;
     // Local pivot for this chunk's sums; the stored mean is relative to the group's pivot.
-    let pivot = f32(x[base]);
-    let group_pivot = f32(x[gn_chunk(g, 0u, b).x]);
+    let pivot = gn_load(row0, c0);
+    let group_pivot = gn_load(b * params.rows, c0);
 
     // Walk i = lid, lid + 256, ... as (row, col) = divmod(i, cpg), advanced without a division.
     let d_row = GN_WG / cpg;
     let d_col = GN_WG % cpg;
-    var row = lid / cpg;
+    var row = row0 + lid / cpg;
     var col = lid % cpg;
     var s1 = 0.0;
     var s2 = 0.0;
     for (var i = lid; i < count; i += GN_WG) {
-        let v = f32(x[base + row * c_stride + col]) - pivot;
+        let v = gn_load(row, c0 + col) - pivot;
         s1 += v;
         s2 += v * v;
         col += d_col;
@@ -133,7 +159,7 @@ fn gn_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     let chunk = wid.y;
     let b = wid.z;
     let cpg = params.cpg;
-    let c_stride = params.channels;
+    let c0 = g * cpg;
 
     // Merge every chunk of (b, g): a strided share per thread, then a tree over the workgroup.
     let pbase = (b * params.groups + g) * params.chunks;
@@ -157,25 +183,23 @@ fn gn_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         }
         workgroupBarrier();
     }
-    let group_pivot = f32(x[gn_chunk(g, 0u, b).x]);
+    let group_pivot = gn_load(b * params.rows, c0);
     let mean = red_a[0]; // relative to group_pivot
     let rstd = inverseSqrt(red_b[0] / red_n[0] + params.eps);
 
-    let bc = gn_chunk(g, chunk, b);
-    let base = bc.x;
+    let bc = gn_chunk(chunk, b);
     let count = bc.y;
-    let c0 = g * cpg;
     let d_row = GN_WG / cpg;
     let d_col = GN_WG % cpg;
-    var row = lid / cpg;
+    var row = bc.x + lid / cpg;
     var col = lid % cpg;
     for (var i = lid; i < count; i += GN_WG) {
-        let at = base + row * c_stride + col;
-        var v = ((f32(x[at]) - group_pivot) - mean) * rstd * f32(gamma[c0 + col]) + f32(beta[c0 + col]);
+        let ch = c0 + col;
+        var v = ((gn_load(row, ch) - group_pivot) - mean) * rstd * f32(gamma[ch]) + f32(beta[ch]);
         if (params.silu != 0u) {
             v = silu_f(v);
         }
-        y[at] = elem(v);
+        y[row * params.channels + ch] = elem(v);
         col += d_col;
         row += d_row;
         if (col >= cpg) {

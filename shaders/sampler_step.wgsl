@@ -13,6 +13,20 @@
 //           as scalars. out_a / out_b must be buffers of their own: binding a buffer read-only and
 //           read-write in one dispatch is a wgpu validation error, so samplers ping-pong.
 // Dispatch: one vec4 (or element) per thread, 256 per workgroup, folded over (x, y) by `grid_1d`.
+//
+// posterior_sample: the initial latents of img2img / inpainting from the VAE encoder's moments,
+// diffusers' `DiagonalGaussianDistribution(moments).sample(generator)` followed by the pipeline's
+// `(z - shift_factor) * scaling_factor` (shift 0 for SD 1.x / 2.x):
+//   mean = moments[.., :L], logvar = clamp(moments[.., L:], -30, 20)   (chunk along channels)
+//   out  = (mean + exp(0.5 * logvar) * eps - shift) * scale
+// moments [Bm, h, w, 2L] in the VAE's dtype (`elem`); eps and out [B, h, w, L] in f32 whatever the
+// dtype, because the sampler keeps its latents in f32 (and the noise is drawn in f32). B is a
+// multiple of Bm: item b reads moments item b % Bm, which is torch.cat([latents] * k) — diffusers
+// encodes one init image and repeats it over the batch, each copy with its own noise.
+// Bindings: 0 moments (read), 1 eps (read), 2 out (read_write), 8 post (PosteriorParams). These
+//           alias the step bindings above; each entry point binds only what it uses.
+// Dispatch: one element per thread (the latents are ~16K values per image: not worth vec4 paths),
+//           256 per workgroup, folded by `grid_1d`.
 
 struct Params {
     n: u32,          // vec4s (step4) or elements (step1) of out_a
@@ -148,4 +162,37 @@ fn step1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     if (HAS_B) {
         out_b1[i] = elem(acc_b);
     }
+}
+
+struct PosteriorParams {
+    n: u32,              // elements of out (B * h * w * L)
+    latent_channels: u32, // L
+    moment_pixels: u32,  // Bm * h * w
+    _pad: u32,
+    scale: f32,          // the VAE's scaling_factor
+    shift: f32,          // the VAE's shift_factor (0 when absent)
+};
+
+@group(0) @binding(0) var<storage, read> post_moments: array<elem>;
+@group(0) @binding(1) var<storage, read> post_eps: array<f32>;
+@group(0) @binding(2) var<storage, read_write> post_out: array<f32>;
+@group(0) @binding(8) var<uniform> post: PosteriorParams;
+
+@compute @workgroup_size(256)
+fn posterior_sample(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
+    if (i >= post.n) {
+        return;
+    }
+    let l = post.latent_channels;
+    let pixel = i / l; // b * h * w + y * w + x
+    let c = i - pixel * l;
+    // (b * hw + p) % (Bm * hw) = (b % Bm) * hw + p: the batch repetition in one modulo.
+    let m = (pixel % post.moment_pixels) * 2u * l + c;
+    let mean = f32(post_moments[m]);
+    // The clamp keeps exp finite for a degenerate encoder output, as diffusers does.
+    let logvar = clamp(f32(post_moments[m + l]), -30.0, 20.0);
+    let z = mean + exp(0.5 * logvar) * post_eps[i];
+    post_out[i] = (z - post.shift) * post.scale;
 }

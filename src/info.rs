@@ -2,7 +2,7 @@
 //! engine will take on it.
 
 use crate::runtime::device::{self, AdapterSummary};
-use crate::{Gpu, GpuOptions, Result};
+use crate::{DType, Gpu, GpuOptions, Result};
 
 pub fn report(options: &GpuOptions) -> Result<String> {
     let mut out = String::from("adapters:\n");
@@ -63,10 +63,17 @@ pub fn report(options: &GpuOptions) -> Result<String> {
     );
     out += &format!(
         "  tensor-core matmul {}\n",
-        if c.coop_16x16_f16 {
-            "yes (coop_mat16x16<f16>, f32 accumulators)"
-        } else {
-            "no (tiled FMA matmul)"
+        match crate::kernels::matmul::coop_plan(&gpu, DType::F16) {
+            Some(p) => format!(
+                "yes (coop_mat{f}x{f}<f16>, f32 accumulators, {}-wide subgroups)",
+                p.subgroup,
+                f = p.frag
+            ),
+            None => match c.coop_f16_frag {
+                Some(f) =>
+                    format!("no (offers {f}x{f} f16; off here, LDM_COOP_MATMUL=1 forces it)"),
+                None => "no (tiled FMA matmul)".to_string(),
+            },
         }
     );
     out += &format!(

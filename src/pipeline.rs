@@ -447,7 +447,6 @@ impl StableDiffusion {
             self.vae.config.latent_channels,
         );
         let per_image = lc * h * w;
-        let n = b * per_image;
 
         let (context, truncated) = self.encode_prompts(req, guided)?;
         gpu.flush()?;
@@ -490,30 +489,20 @@ impl StableDiffusion {
                     req.strength, req.steps
                 )));
             }
-            // Posterior sampling on the host is orchestration of two small tensors; the VAE
-            // itself ran on the GPU. Returns the scaled latents [B, h, w, L] (f32).
+            // VAE encode, then the posterior sample on the GPU: diffusers'
+            // `vae.encode(image).latent_dist.sample(generator) * scaling_factor` (less the
+            // shift_factor first, for VAEs that have one). Only the generator's draws come from
+            // the host: they are data, reordered NCHW -> NHWC (layout only). Returns the scaled
+            // latents [B, h, w, L] (f32).
             let encode = |pixels: Vec<f32>, noise: &mut BatchNoise| -> Result<Tensor> {
-                let img = gpu.upload(&pixels, &[1, req.height, req.width, 3], self.vae_dtype)?;
-                let moments =
-                    gpu.download(&self.vae.encode_moments_with(gpu, &img, req.vae_tiling)?)?; // [1, h, w, 2L] NHWC
-                let eps = noise.draw_shared(b, per_image); // NCHW [B, L, h, w]
-                let mut lat = vec![0.0f32; n];
-                for bi in 0..b {
-                    for yi in 0..h {
-                        for xi in 0..w {
-                            for ci in 0..lc {
-                                let m = ((yi * w + xi) * 2 * lc) + ci;
-                                let (mean, logvar) = (moments[m], moments[m + lc]);
-                                let nchw = ((bi * lc + ci) * h + yi) * w + xi;
-                                // DiagonalGaussianDistribution.sample: mean + std * eps
-                                let z = mean + (0.5 * logvar.clamp(-30.0, 20.0)).exp() * eps[nchw];
-                                lat[((bi * h + yi) * w + xi) * lc + ci] =
-                                    (z - shift as f32) * sf as f32;
-                            }
-                        }
-                    }
-                }
-                gpu.upload(&lat, &[b, h, w, lc], DType::F32)
+                let image_shape = [1, req.height, req.width, 3];
+                let img = gpu.upload(&pixels, &image_shape, self.vae_dtype)?; // [1, H, W, 3]
+                let tiling = req.vae_tiling;
+                let moments = self.vae.encode_moments_with(gpu, &img, tiling)?; // [1, h, w, 2L]
+                let eps = upload_latent(noise.draw_shared(b, per_image))?; // [B, h, w, L]
+                let lat = gpu.empty(&[b, h, w, lc], DType::F32)?; // [B, h, w, L]
+                sampler_step::posterior_sample(gpu, &moments, &eps, sf as f32, shift as f32, &lat)?;
+                Ok(lat)
             };
             let inpainting = req.mask.is_some();
             let pure_noise = inpainting && req.strength == 1.0; // diffusers' is_strength_max

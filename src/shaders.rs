@@ -62,12 +62,37 @@ pub const SHADERS: &[(&str, &str, &[DType])] = &[
     ),
 ];
 
+/// (variant name, base shader name, text renamings applied to the base).
+pub type Variant = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
+/// Shaders compiled from another file's text with renamings: (name, base shader, [(from, to)]).
+/// WGSL has no generics over cooperative-matrix shapes, so the 8×8 fragment variant of the
+/// tensor-core matmul (what lavapipe offers, so CPU test machines run this path) is the 16×16
+/// file with its types and fragment constant renamed.
+pub const VARIANTS: &[Variant] = &[
+    ("matmul_coop16", "matmul_coop", &[]),
+    (
+        "matmul_coop8",
+        "matmul_coop",
+        &[
+            ("coop_mat16x16", "coop_mat8x8"),
+            ("const FRAG: u32 = 16u;", "const FRAG: u32 = 8u;"),
+        ],
+    ),
+];
+
 /// Whether a shader may be compiled without naga's runtime checks: every global access in it is
 /// guarded by the shader itself and the test suite shows it gives the same bits with and without
-/// the checks (tests/shader_checks.rs). The cooperative-matrix matmul is not: it has never run
-/// on an adapter that offers cooperative matrices, so it keeps the checks until it has.
+/// the checks (tests/shader_checks.rs; the tensor-core matmul there too, where CI runs the suite
+/// on a lavapipe that offers cooperative matrices). Every kernel qualifies today; a new kernel
+/// starts out listed here until its tests have run both ways.
 pub fn indexing_proven(name: &str) -> bool {
-    name != "matmul_coop"
+    const UNPROVEN: &[&str] = &[];
+    !UNPROVEN.contains(&name)
 }
 
 pub fn prelude(dtype: DType) -> &'static str {
@@ -81,8 +106,31 @@ pub fn source(name: &str) -> Option<&'static str> {
     SHADERS.iter().find(|s| s.0 == name).map(|s| s.1)
 }
 
+/// The shader text for a registered name or a [`VARIANTS`] name (renamings applied).
+fn variant_source(name: &str) -> Option<String> {
+    if let Some(body) = source(name) {
+        return Some(body.to_string());
+    }
+    let (_, base, renames) = VARIANTS.iter().find(|v| v.0 == name)?;
+    let mut body = source(base)?.to_string();
+    for (from, to) in *renames {
+        debug_assert!(
+            body.contains(from),
+            "variant {name}: `{from}` not in {base}"
+        );
+        body = body.replace(from, to);
+    }
+    Some(body)
+}
+
+/// The dtypes a registered shader or variant is used with.
+pub fn dtypes(name: &str) -> &'static [DType] {
+    let base = VARIANTS.iter().find(|v| v.0 == name).map_or(name, |v| v.1);
+    SHADERS.iter().find(|s| s.0 == base).map_or(&[], |s| s.2)
+}
+
 pub fn specialised_source(name: &str, dtype: DType) -> Option<String> {
-    let body = source(name)?;
+    let body = variant_source(name)?;
     // `enable` directives must come first in WGSL: hoist the shader's own ones above the prelude.
     let (enables, rest): (Vec<&str>, Vec<&str>) = body
         .lines()

@@ -406,3 +406,50 @@ fn shape_errors_are_errors() {
         assert!(matmul::linear(g, &x, &wh, None, None, Activation::None).is_err());
     }
 }
+
+/// Every f16 case above runs on the tensor-core kernel (`shaders/matmul_coop.wgsl`) when the
+/// adapter offers f16 cooperative matrices and the path is on (by default on GPUs; CI forces it
+/// with `LDM_COOP_MATMUL=1` on a lavapipe that offers 8×8 fragments). This checks that it really
+/// was that kernel, so the suite cannot pass on the FMA kernel while claiming the coop path.
+#[test]
+fn tensor_core_path_runs_where_offered() {
+    let g = gpu();
+    let forced = std::env::var("LDM_COOP_MATMUL").is_ok_and(|v| v == "1");
+    let plan = matmul::coop_plan(g, DType::F16);
+    if forced && g.caps.shader_f16 && g.caps.coop_f16_frag.is_some() {
+        assert!(
+            plan.is_some(),
+            "LDM_COOP_MATMUL=1 and the adapter offers {:?}, but the path is off: {:?}",
+            g.caps.coop_f16_frag,
+            g.caps
+        );
+    }
+    let Some(plan) = plan else {
+        eprintln!(
+            "tensor-core matmul not in use on {} (FMA kernel tested)",
+            g.adapter
+        );
+        return;
+    };
+    check_linear(
+        DType::F16,
+        &[1, 37],
+        29,
+        44,
+        true,
+        true,
+        Activation::Gelu,
+        500,
+        1,
+    );
+    check_geglu(DType::F16, &[1, 37], 29, 44, true, 501, 1);
+    let ran = g.compiled_pipelines();
+    let shader = format!("matmul_coop{}", plan.frag);
+    for entry in ["linear_coop", "geglu_coop"] {
+        assert!(
+            ran.iter().any(|&(s, e)| s == shader && e == entry),
+            "{shader}/{entry} never compiled; pipelines: {ran:?}"
+        );
+    }
+    eprintln!("tensor-core matmul ran: {shader} with {plan:?}");
+}

@@ -1,15 +1,18 @@
 //! GroupNorm and LayerNorm against their f64 references: awkward sizes, |mean| >> std, and SD 1.5
-//! shapes, both dtypes, outputs poisoned with NaN (the `_into` variants write into them).
+//! shapes, both dtypes, outputs poisoned with NaN (the `_into` variants write into them). The
+//! two-source GroupNorm against the reference of the host-built concatenation, the same way.
 
 mod common;
 
 use common::*;
-use ldm_wgpu::kernels::{fill, norm};
+use ldm_wgpu::kernels::{elementwise, fill, norm};
+use ldm_wgpu::nn::GroupNorm;
 use ldm_wgpu::DType;
 
 // f32: sums are taken relative to a pivot from the data over ≤ 32 values per thread, then merged
 // pairwise (tree, then Chan across chunks), so even 40,960-value groups keep the statistics to a
-// few ulps: measured ≤ 2e-7 on every case here (incl. |mean| = 1000 std); 1e-6 leaves 5× margin.
+// few ulps: measured ≤ 3.5e-7 on every case here (incl. |mean| = 1000 std; the worst a 120-value
+// two-source case), so 1e-6 leaves ~3× margin.
 // f16: the output is rounded to 11 bits (2^-11 / sqrt(3) ~ 3e-4 rms relative) and gamma/beta too.
 const F32_TOL: f64 = 1e-6;
 const F16_TOL: f64 = 2e-3;
@@ -163,4 +166,182 @@ fn shape_errors_are_errors() {
         norm::layer_norm(gpu, &x, &g5, &g5, 1e-5).is_err(),
         "gamma of the wrong size"
     );
+}
+
+/// a [lead.., ca] and b [lead.., cb] -> group norm of their channel concatenation, against the
+/// reference of the concatenation built on the host; same numerics as `check_group_norm`, so the
+/// same tolerances. Returns the worst rel-L2 over the dtypes.
+fn check_group_norm_concat(
+    lead: &[usize],
+    (ca, cb): (usize, usize),
+    groups: usize,
+    silu: bool,
+    offset: f64,
+    seed: u64,
+) {
+    let gpu = gpu();
+    let c = ca + cb;
+    let rows: usize = lead.iter().product();
+    let shape = |ch: usize| [lead, &[ch]].concat();
+    let mut rng = Rng::new(seed);
+    for dtype in dtypes() {
+        // Per-channel shifts over the concatenated channels, so a straddling group mixes a's and
+        // b's channel means.
+        let chan_shift: Vec<f64> = (0..c).map(|_| rng.normal() * 0.5).collect();
+        let mut gen = |c0: usize, width: usize| -> Vec<f32> {
+            (0..rows * width)
+                .map(|i| (offset + chan_shift[c0 + i % width] + rng.normal()) as f32)
+                .collect()
+        };
+        let (av, bv) = (gen(0, ca), gen(ca, cb));
+        let (a, aq) = upload(&av, &shape(ca), dtype);
+        let (b, bq) = upload(&bv, &shape(cb), dtype);
+        let (gamma, gq) = upload(&rng.normals(c, 1.0), &[c], dtype);
+        let (beta, bq2) = upload(&rng.normals(c, 1.0), &[c], dtype);
+        let out = fill::poisoned(gpu, &shape(c), dtype).unwrap();
+        norm::group_norm_concat_into(gpu, &a, &b, groups, 1e-5, &gamma, &beta, silu, &out).unwrap();
+        let got = gpu.download(&out).unwrap();
+        let want = norm::reference_group_norm_concat(
+            &aq,
+            &bq,
+            &shape(c),
+            ca,
+            groups,
+            1e-5,
+            &gq,
+            &bq2,
+            silu,
+        );
+        let what = format!(
+            "group_norm_concat {lead:?} x ({ca} + {cb}) G={groups} silu={silu} offset={offset} {}",
+            dtype.name()
+        );
+        eprintln!("{what}: rel L2 {:.2e}", rel_l2(&got, &want));
+        assert_close(&what, &got, &want, tol(dtype, F32_TOL, F16_TOL));
+    }
+}
+
+#[test]
+fn group_norm_concat_awkward_sizes() {
+    // (lead dims, (Ca, Cb), G): one channel each; C/G = 1 with the boundary on a group edge; groups
+    // straddling the boundary with odd channel counts on both sides (3 + 5 in groups of 4, 7 + 8 in
+    // groups of 3, 2 + 13 in groups of 5: one group holds all of a); a single group over both;
+    // many chunks with a short last one (C/G = 1 → 2048 rows per chunk); a 1-element b.
+    let cases: &[(&[usize], (usize, usize), usize)] = &[
+        (&[1, 1, 1], (1, 1), 1),
+        (&[1, 1, 1], (1, 2), 3),
+        (&[2, 3, 5], (3, 5), 2),
+        (&[1, 7, 11], (7, 8), 5),
+        (&[3, 13, 1], (2, 13), 3),
+        (&[2, 5, 3], (13, 2), 1),
+        (&[2, 17, 19], (9, 3), 4),
+        (&[1, 67, 71], (3, 1), 4),
+        (&[2, 29], (5, 1), 6),
+        (&[1, 9, 9], (1, 14), 5),
+    ];
+    for (i, &(lead, split, groups)) in cases.iter().enumerate() {
+        for silu in [false, true] {
+            check_group_norm_concat(lead, split, groups, silu, 0.0, 400 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn group_norm_concat_large_mean() {
+    // |mean| >> std with the group pivot in a and most of the group in b.
+    check_group_norm_concat(&[2, 33, 31], (3, 17), 4, false, 1000.0, 410);
+    check_group_norm_concat(&[1, 9, 9], (5, 4), 3, true, -300.0, 411);
+}
+
+#[test]
+fn group_norm_concat_sd15_decoder_shapes() {
+    // SD 1.5 U-Net up blocks at 512×512, CFG batch 2, G = 32: 1280 + 640 in groups of 60 (group
+    // 21 straddles), 640 + 320 in groups of 30 (group 21 straddles) at 32×32 and 64×64, and
+    // 1280 + 1280 (the boundary on a group edge).
+    check_group_norm_concat(&[2, 16, 16], (1280, 640), 32, true, 0.0, 420);
+    check_group_norm_concat(&[2, 32, 32], (640, 320), 32, true, 0.0, 421);
+    check_group_norm_concat(&[2, 64, 64], (640, 320), 32, true, 0.0, 422);
+    check_group_norm_concat(&[2, 8, 8], (1280, 1280), 32, true, 0.0, 423);
+}
+
+#[test]
+fn group_norm_concat_matches_the_materialised_concat_bit_for_bit() {
+    // Same walk, same pivots, same values in the same order as the one-source kernel over
+    // concat_channels(a, b): the two must agree exactly, and GroupNorm::forward_concat with them.
+    let gpu = gpu();
+    let mut rng = Rng::new(430);
+    for dtype in dtypes() {
+        for &(lead, (ca, cb), groups) in &[
+            (&[2usize, 7, 5][..], (7usize, 8usize), 5usize),
+            (&[2, 16, 16], (1280, 640), 32),
+        ] {
+            let c = ca + cb;
+            let rows: usize = lead.iter().product();
+            let (a, _) = upload(&rng.normals(rows * ca, 1.0), &[lead, &[ca]].concat(), dtype);
+            let (b, _) = upload(&rng.normals(rows * cb, 1.0), &[lead, &[cb]].concat(), dtype);
+            let layer = GroupNorm {
+                gamma: upload(&rng.normals(c, 1.0), &[c], dtype).0,
+                beta: upload(&rng.normals(c, 1.0), &[c], dtype).0,
+                groups,
+                eps: 1e-5,
+            };
+            let cat = elementwise::concat_channels(gpu, &a, &b).unwrap();
+            let want = gpu
+                .download(&layer.forward(gpu, &cat, true).unwrap())
+                .unwrap();
+            let got = gpu
+                .download(&layer.forward_concat(gpu, &a, &b, true).unwrap())
+                .unwrap();
+            assert!(got.iter().all(|v| v.is_finite()));
+            let differ = got
+                .iter()
+                .zip(&want)
+                .filter(|(g, w)| g.to_bits() != w.to_bits())
+                .count();
+            assert_eq!(
+                differ,
+                0,
+                "{lead:?} x ({ca} + {cb}) G={groups} {}: {differ} of {} values differ",
+                dtype.name(),
+                got.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn group_norm_concat_shape_errors() {
+    let gpu = gpu();
+    let a = gpu.empty(&[1, 4, 4, 3], DType::F32).unwrap();
+    let b = gpu.empty(&[1, 4, 4, 5], DType::F32).unwrap();
+    let g8 = gpu.empty(&[8], DType::F32).unwrap();
+    let g3 = gpu.empty(&[3], DType::F32).unwrap();
+    let run = |a, b, groups, gamma, out| {
+        norm::group_norm_concat_into(gpu, a, b, groups, 1e-5, gamma, gamma, false, out)
+    };
+    let out = gpu.empty(&[1, 4, 4, 8], DType::F32).unwrap();
+    run(&a, &b, 4, &g8, &out).unwrap();
+    assert!(
+        run(&a, &b, 3, &g8, &out).is_err(),
+        "8 channels into 3 groups"
+    );
+    assert!(run(&a, &b, 4, &g3, &out).is_err(), "gamma sized for a only");
+    let b_other = gpu.empty(&[1, 4, 5, 5], DType::F32).unwrap();
+    assert!(
+        run(&a, &b_other, 4, &g8, &out).is_err(),
+        "spatial sizes differ"
+    );
+    let out_a = gpu.empty(&[1, 4, 4, 3], DType::F32).unwrap();
+    assert!(
+        run(&a, &b, 4, &g8, &out_a).is_err(),
+        "output without b's channels"
+    );
+    let b8 = gpu.empty(&[1, 4, 4, 8], DType::F32).unwrap();
+    let a0 = gpu.empty(&[1, 4, 4, 0], DType::F32).unwrap();
+    assert!(run(&a0, &b8, 4, &g8, &b8).is_err(), "output aliasing b");
+    if dtypes().contains(&DType::F16) {
+        let b16 = gpu.empty(&[1, 4, 4, 5], DType::F16).unwrap();
+        assert!(run(&a, &b16, 4, &g8, &out).is_err(), "mixed dtypes");
+    }
+    gpu.flush().unwrap();
 }

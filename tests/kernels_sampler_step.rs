@@ -1,5 +1,6 @@
 //! The fused sampler update against its f64 reference: guided and unguided, 0-5 slots, with and
-//! without the second output, vec4 and scalar paths, SD latents, NaN-poisoned outputs.
+//! without the second output, vec4 and scalar paths, SD latents, NaN-poisoned outputs. Then the
+//! VAE posterior sample (img2img initial latents) against its reference, the same way.
 
 mod common;
 
@@ -240,5 +241,138 @@ fn aliasing_and_shape_errors() {
         None,
     )
     .unwrap();
+    gpu.flush().unwrap();
+}
+
+// The posterior sample reads its moments exactly (f16 moments are quantised on both sides) and does
+// a clamp, one exp and two FMAs in f32 into an f32 output, whatever the moments' dtype: a few ulps
+// (measured ≤ 2.4e-7 on both, the worst a single value), so both dtypes are held to 1e-6.
+const POSTERIOR_TOL: f64 = 1e-6;
+
+/// moments [bm, h, w, 2l] with means ~ offset + N(0, 1) and log-variances from `logvar`, eps
+/// [b, h, w, l]; checks `posterior_sample` against the reference for every dtype.
+#[allow(clippy::too_many_arguments)]
+fn run_posterior(
+    bm: usize,
+    b: usize,
+    h: usize,
+    w: usize,
+    l: usize,
+    mean_offset: f64,
+    logvar: impl Fn(&mut Rng) -> f64,
+    seed: u64,
+) {
+    let gpu = gpu();
+    let mut rng = Rng::new(seed);
+    // SD 1.x's scaling factor and a non-zero shift, so both parameters are exercised.
+    let (scale, shift) = (0.18215f32, 0.0609f32);
+    for dtype in dtypes() {
+        let mut moments = Vec::with_capacity(bm * h * w * 2 * l);
+        for _ in 0..bm * h * w {
+            for _ in 0..l {
+                moments.push((mean_offset + rng.normal()) as f32);
+            }
+            for _ in 0..l {
+                moments.push(logvar(&mut rng) as f32);
+            }
+        }
+        let (mt, mq) = upload(&moments, &[bm, h, w, 2 * l], dtype);
+        let eps = rng.normals(b * h * w * l, 1.0);
+        let et = gpu.upload(&eps, &[b, h, w, l], DType::F32).unwrap();
+        let out = fill::poisoned(gpu, &[b, h, w, l], DType::F32).unwrap();
+        step::posterior_sample(gpu, &mt, &et, scale, shift, &out).unwrap();
+        let got = gpu.download(&out).unwrap();
+        let want = step::reference_posterior_sample(&mq, &eps, l, scale, shift);
+        let what = format!(
+            "posterior_sample moments [{bm}, {h}, {w}, {}] -> batch {b} {}",
+            2 * l,
+            dtype.name()
+        );
+        eprintln!("{what}: rel L2 {:.2e}", rel_l2(&got, &want));
+        assert_close(&what, &got, &want, POSTERIOR_TOL);
+    }
+}
+
+#[test]
+fn posterior_sample_awkward_sizes() {
+    // (Bm, B, h, w, L): single values, one latent channel, odd spatial sizes, batch repetition of
+    // one image (Bm = 1 < B), one image per batch item (Bm = B), and k-fold repetition (2 -> 6).
+    let cases = [
+        (1, 1, 1, 1, 1),
+        (1, 3, 5, 7, 3),
+        (3, 3, 7, 11, 1),
+        (2, 6, 3, 1, 4),
+        (1, 2, 13, 9, 4),
+        (1, 1, 17, 3, 16),
+    ];
+    for (i, &(bm, b, h, w, l)) in cases.iter().enumerate() {
+        // log-variances of a real encoder sit around -10..0; a few beyond -30 exercise the clamp.
+        run_posterior(
+            bm,
+            b,
+            h,
+            w,
+            l,
+            0.0,
+            |r| {
+                if r.uniform() < 0.1 {
+                    -35.0 - 5.0 * r.uniform()
+                } else {
+                    -4.0 + 3.0 * r.normal()
+                }
+            },
+            300 + i as u64,
+        );
+    }
+}
+
+#[test]
+fn posterior_sample_clamps_logvar() {
+    // With zero means the output is the std term alone, so a missing clamp at either end changes
+    // every value: below -30 the std is exp(-15), above 20 it is exp(10).
+    run_posterior(1, 2, 5, 3, 4, 0.0, |r| -31.0 - 20.0 * r.uniform(), 310);
+    run_posterior(1, 2, 5, 3, 4, 0.0, |r| 20.5 + 10.0 * r.uniform(), 311);
+    // And a large mean with a tiny std: the mean must survive unchanged.
+    run_posterior(2, 2, 3, 7, 4, 30.0, |r| -12.0 + r.normal(), 312);
+}
+
+#[test]
+fn posterior_sample_sd15_latents() {
+    // 512×512: moments [1, 64, 64, 8]; batch 2 from one image (diffusers' one generator) and
+    // from two (one generator per image).
+    run_posterior(1, 2, 64, 64, 4, 0.0, |r| -6.0 + 2.0 * r.normal(), 320);
+    run_posterior(2, 2, 64, 64, 4, 0.0, |r| -6.0 + 2.0 * r.normal(), 321);
+}
+
+#[test]
+fn posterior_sample_shape_errors() {
+    let gpu = gpu();
+    let moments = gpu.empty(&[1, 4, 4, 8], DType::F32).unwrap();
+    let eps = gpu.empty(&[2, 4, 4, 4], DType::F32).unwrap();
+    let out = gpu.empty(&[2, 4, 4, 4], DType::F32).unwrap();
+    let run =
+        |m: &Tensor, e: &Tensor, o: &Tensor| step::posterior_sample(gpu, m, e, 0.18215, 0.0, o);
+    run(&moments, &eps, &out).unwrap();
+    let odd = gpu.empty(&[1, 4, 4, 7], DType::F32).unwrap();
+    assert!(run(&odd, &eps, &out).is_err(), "odd moment channels");
+    let wrong_l = gpu.empty(&[2, 4, 4, 3], DType::F32).unwrap();
+    assert!(
+        run(&moments, &wrong_l, &wrong_l).is_err(),
+        "eps with the wrong channel count"
+    );
+    let m2 = gpu.empty(&[2, 4, 4, 8], DType::F32).unwrap();
+    let e3 = gpu.empty(&[3, 4, 4, 4], DType::F32).unwrap();
+    let o3 = gpu.empty(&[3, 4, 4, 4], DType::F32).unwrap();
+    assert!(run(&m2, &e3, &o3).is_err(), "batch 3 from 2 moments");
+    let wrong_hw = gpu.empty(&[2, 4, 5, 4], DType::F32).unwrap();
+    assert!(
+        run(&moments, &wrong_hw, &out).is_err(),
+        "eps of another size"
+    );
+    assert!(run(&moments, &eps, &eps).is_err(), "out aliasing eps");
+    if dtypes().contains(&DType::F16) {
+        let eps16 = gpu.empty(&[2, 4, 4, 4], DType::F16).unwrap();
+        assert!(run(&moments, &eps16, &out).is_err(), "f16 noise");
+    }
     gpu.flush().unwrap();
 }

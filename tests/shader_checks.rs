@@ -169,6 +169,18 @@ fn kernels_give_the_same_bits_with_and_without_bounds_checks() {
             elementwise::softmax_last_dim(g, &t[0]).unwrap()
         });
     }
+    // Where the tensor-core matmul is on (CI's cooperative-matrix lavapipe run), the f16 linear
+    // cases above went through it: make sure, so that its proof is not vacuous.
+    if let Some(plan) = matmul::coop_plan(&unchecked, DType::F16) {
+        let shader = format!("matmul_coop{}", plan.frag);
+        for gpu in [&checked, &unchecked] {
+            assert!(
+                gpu.compiled_pipelines().iter().any(|&(s, _)| s == shader),
+                "{shader} did not run"
+            );
+        }
+        eprintln!("compared with and without checks: {shader} too");
+    }
 }
 
 #[test]

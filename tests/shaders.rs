@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use ldm_wgpu::shaders::{specialised_source, validate, SHADERS};
+use ldm_wgpu::shaders::{dtypes, specialised_source, validate, SHADERS, VARIANTS};
 
 #[test]
 fn every_shader_file_is_registered() {
@@ -23,8 +23,12 @@ fn every_shader_file_is_registered() {
 #[test]
 fn every_shader_validates_and_translates_to_spirv_msl_hlsl() {
     let mut failures = Vec::new();
-    for &(name, _, dtypes) in SHADERS {
-        for &dtype in dtypes {
+    let names = SHADERS
+        .iter()
+        .map(|s| s.0)
+        .chain(VARIANTS.iter().map(|v| v.0));
+    for name in names {
+        for &dtype in dtypes(name) {
             let src = specialised_source(name, dtype).unwrap();
             let what = format!("{name} ({})", dtype.name());
             let (module, info) = match validate(&src) {

@@ -132,26 +132,61 @@ impl Tiles {
     }
 }
 
-/// Output tile of `shaders/matmul_coop.wgsl` (64 × 64, four 32-wide subgroups).
-const COOP_TILE: usize = 64;
-/// Workgroup memory `matmul_coop.wgsl` declares: two 64 × 40 f16 tiles and a 64 × 64 f32 tile.
-const COOP_WORKGROUP_BYTES: u32 = 2 * 64 * 40 * 2 + 64 * 64 * 4;
+/// How the tensor-core path runs on this adapter: `shaders/matmul_coop.wgsl` compiled for
+/// `frag` × `frag` fragments (the `matmul_coop{frag}` variant) with 4 subgroups of `subgroup`
+/// invocations per workgroup and a 4·frag square output tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopPlan {
+    pub frag: usize,
+    pub subgroup: u32,
+}
 
-/// Whether the tensor-core path runs: f16 storage, an adapter offering 16×16×16 f16 → f32
-/// cooperative matrices with 32-wide subgroups (the shader's work split assumes them), enough
-/// workgroup memory, and — until the path has passed tests/kernels_matmul.rs on such a GPU —
-/// the opt-in `LDM_COOP_MATMUL=1` (it cannot run on lavapipe, where the suite is run).
-fn use_coop(gpu: &Gpu, dtype: crate::DType) -> bool {
-    static OPT_IN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let opted_in = *OPT_IN.get_or_init(|| std::env::var("LDM_COOP_MATMUL").is_ok_and(|v| v == "1"));
+impl CoopPlan {
+    pub fn tile(self) -> usize {
+        4 * self.frag
+    }
+    fn shader(self) -> &'static str {
+        if self.frag == 16 {
+            "matmul_coop16"
+        } else {
+            "matmul_coop8"
+        }
+    }
+    /// Workgroup memory the shader declares: two 4f × (2f + 8) f16 tiles and a 4f × 4f f32 tile.
+    fn workgroup_bytes(self) -> u32 {
+        let f = self.frag as u32;
+        2 * (4 * f) * (2 * f + 8) * 2 + (4 * f) * (4 * f) * 4
+    }
+}
+
+/// Whether the tensor-core path runs, and how. Needs f16 storage, a square f16 × f16 → f32
+/// configuration of side 8 or 16, one fixed subgroup width (the work split assigns fragments by
+/// subgroup id, so the workgroup must be exactly 4 subgroups) and enough workgroup memory.
+/// `LDM_COOP_MATMUL=0` turns it off, `=1` forces it on wherever it can run; by default it runs on
+/// GPUs and not on CPU adapters (lavapipe emulates the matrix ops: correct, but slower than the
+/// FMA kernel there — the test suite forces it on to check it).
+pub fn coop_plan(gpu: &Gpu, dtype: crate::DType) -> Option<CoopPlan> {
+    static CHOICE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let choice = *CHOICE.get_or_init(|| match std::env::var("LDM_COOP_MATMUL").as_deref() {
+        Ok("1") => Some(true),
+        Ok("0") => Some(false),
+        _ => None,
+    });
     let c = &gpu.caps;
-    opted_in
+    let wanted = choice.unwrap_or(gpu.adapter.device_type != "Cpu");
+    let plan = CoopPlan {
+        frag: c.coop_f16_frag? as usize,
+        subgroup: c.subgroup_min_size,
+    };
+    let usable = wanted
         && dtype == crate::DType::F16
-        && c.coop_16x16_f16
+        && matches!(plan.frag, 8 | 16)
         && c.subgroups
-        && c.subgroup_min_size == 32
-        && c.subgroup_max_size == 32
-        && c.max_workgroup_storage >= COOP_WORKGROUP_BYTES
+        && c.subgroup_min_size == c.subgroup_max_size
+        && (1..=64).contains(&c.subgroup_min_size)
+        && 4 * c.subgroup_min_size <= c.max_invocations
+        && c.max_workgroup_storage >= plan.workgroup_bytes();
+    usable.then_some(plan)
 }
 
 fn check_dtypes(op: &str, first: &Tensor, others: &[(&str, &Tensor)]) -> Result<()> {
@@ -226,14 +261,21 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
     let n_tile_cols = if g.geglu { 2 * g.n } else { g.n };
     let vec4 = g.k.is_multiple_of(4);
     let tiles = Tiles::choose(g.batch, g.m, n_tile_cols);
-    let coop = vec4 && use_coop(gpu, g.out.dtype());
-    let (shader, entry, overrides, tm, tn): (_, _, &[(&str, f64)], _, _) = if coop {
+    let coop = if vec4 {
+        coop_plan(gpu, g.out.dtype())
+    } else {
+        None
+    };
+    let coop_overrides;
+    let (shader, entry, overrides, tm, tn): (_, _, &[(&str, f64)], _, _) = if let Some(plan) = coop
+    {
+        coop_overrides = [("SG", plan.subgroup as f64)];
         (
-            "matmul_coop",
+            plan.shader(),
             if g.geglu { "geglu_coop" } else { "linear_coop" },
-            &[],
-            COOP_TILE,
-            COOP_TILE,
+            &coop_overrides,
+            plan.tile(),
+            plan.tile(),
         )
     } else {
         let entry = match (g.geglu, vec4) {

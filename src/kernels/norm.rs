@@ -3,6 +3,7 @@
 //! GroupNorm is split in two dispatches so that a few (batch, group) pairs still fill the GPU:
 //! partial statistics per (batch, group, chunk of rows) into a small f32 scratch tensor, then
 //! merge-and-normalise with the same many workgroups. See the shader header for the numerics.
+//! [`group_norm_concat`] normalises the channel concatenation of two tensors without building it.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -114,6 +115,8 @@ struct Params {
     chunks: u32,
     silu: u32,
     eps: f32,
+    ca: u32,
+    cb: u32,
 }
 
 fn check_affine(op: &str, x: &Tensor, c: usize, gamma: &Tensor, beta: &Tensor) -> Result<()> {
@@ -186,31 +189,132 @@ pub fn group_norm_into(
     if shape.len() < 2 {
         return Err(Error::shape(OP, format!("input {x:?} must be [B, ..., C]")));
     }
-    let (b, c) = (shape[0], shape[shape.len() - 1]);
-    if groups == 0 || !c.is_multiple_of(groups) {
+    let c = shape[shape.len() - 1];
+    check_groups(OP, x, c, groups)?;
+    check_affine(OP, x, c, gamma, beta)?;
+    check_out(OP, x, out)?;
+    record_group_norm(gpu, OP, x, None, groups, eps, gamma, beta, silu, out)
+}
+
+/// GroupNorm (+ SiLU) of the channel concatenation `cat([a, b], dim=C)` without materialising it:
+/// `a` is [B, ..spatial.., Ca], `b` [B, ..spatial.., Cb] (same leading dims and dtype), the result
+/// [B, ..spatial.., Ca + Cb] equals [`group_norm`] of the concatenation, groups of (Ca + Cb) / G
+/// channels included when they straddle the a/b boundary. `gamma`/`beta` are [Ca + Cb]. This is
+/// the first op of a diffusers up-block ResnetBlock2D, whose input is `torch.cat([h, skip], 1)`.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_concat(
+    gpu: &Gpu,
+    a: &Tensor,
+    b: &Tensor,
+    groups: usize,
+    eps: f32,
+    gamma: &Tensor,
+    beta: &Tensor,
+    silu: bool,
+) -> Result<Tensor> {
+    let mut shape = a.shape().to_vec();
+    if let (Some(c), Some(&cb)) = (shape.last_mut(), b.shape().last()) {
+        *c += cb;
+    }
+    let out = gpu.empty(&shape, a.dtype())?;
+    group_norm_concat_into(gpu, a, b, groups, eps, gamma, beta, silu, &out)?;
+    Ok(out)
+}
+
+/// [`group_norm_concat`] into a caller-provided `out` ([B, ..., Ca + Cb], aliasing neither input).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_concat_into(
+    gpu: &Gpu,
+    a: &Tensor,
+    b: &Tensor,
+    groups: usize,
+    eps: f32,
+    gamma: &Tensor,
+    beta: &Tensor,
+    silu: bool,
+    out: &Tensor,
+) -> Result<()> {
+    const OP: &str = "group_norm_concat";
+    let (sa, sb) = (a.shape(), b.shape());
+    if sa.len() < 2 || sa.len() != sb.len() || sa[..sa.len() - 1] != sb[..sb.len() - 1] {
         return Err(Error::shape(
             OP,
+            format!("inputs {a:?} and {b:?} must be [B, ..., Ca] and [B, ..., Cb]"),
+        ));
+    }
+    if a.dtype() != b.dtype() {
+        return Err(Error::shape(
+            OP,
+            format!("inputs {a:?} and {b:?} must share a dtype"),
+        ));
+    }
+    let c = sa[sa.len() - 1] + sb[sb.len() - 1];
+    let mut shape = sa.to_vec();
+    *shape.last_mut().expect("rank checked") = c;
+    check_groups(OP, a, c, groups)?;
+    check_affine(OP, a, c, gamma, beta)?;
+    if out.shape() != shape.as_slice() || out.dtype() != a.dtype() {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "output {out:?} must be {shape:?} {} (the concatenation of {a:?} and {b:?})",
+                a.dtype().name()
+            ),
+        ));
+    }
+    if out.buffer_id() == a.buffer_id() || out.buffer_id() == b.buffer_id() {
+        return Err(Error::shape(
+            OP,
+            "output must not alias an input (use a separate tensor)",
+        ));
+    }
+    record_group_norm(gpu, OP, a, Some(b), groups, eps, gamma, beta, silu, out)
+}
+
+fn check_groups(op: &str, x: &Tensor, c: usize, groups: usize) -> Result<()> {
+    if groups == 0 || !c.is_multiple_of(groups) {
+        return Err(Error::shape(
+            op,
             format!("{c} channels of {x:?} are not divisible into {groups} groups"),
         ));
     }
-    check_affine(OP, x, c, gamma, beta)?;
-    check_out(OP, x, out)?;
-    if x.numel() == 0 {
+    Ok(())
+}
+
+/// Records both group-norm dispatches over `out` [B, R, C] once the shapes are checked: the input
+/// is `x`, or `cat(x, x_b)` along channels when `x_b` is given.
+#[allow(clippy::too_many_arguments)]
+fn record_group_norm(
+    gpu: &Gpu,
+    op: &str,
+    x: &Tensor,
+    x_b: Option<&Tensor>,
+    groups: usize,
+    eps: f32,
+    gamma: &Tensor,
+    beta: &Tensor,
+    silu: bool,
+    out: &Tensor,
+) -> Result<()> {
+    if out.numel() == 0 {
         return Ok(());
     }
-    let rows = x.numel() / (b * c);
+    let shape = out.shape();
+    let (b, c) = (shape[0], shape[shape.len() - 1]);
+    let ca = x.shape()[x.shape().len() - 1];
+    let rows = out.numel() / (b * c);
     let cpg = c / groups;
-    let per_workgroup = GN_MIN_VALUES_PER_WORKGROUP.max(x.numel().div_ceil(GN_TARGET_WORKGROUPS));
+    let per_workgroup = GN_MIN_VALUES_PER_WORKGROUP.max(out.numel().div_ceil(GN_TARGET_WORKGROUPS));
     let rows_per_chunk = per_workgroup.div_ceil(cpg).min(rows);
     let chunks = rows.div_ceil(rows_per_chunk);
     let max_dim = gpu.caps.max_workgroups_per_dim as usize;
     if groups > max_dim || chunks > max_dim || b > max_dim {
         return Err(Error::shape(
-            OP,
+            op,
             format!("grid ({groups}, {chunks}, {b}) exceeds {max_dim} workgroups per dimension"),
         ));
     }
-    u32_of(OP, "elements", x.numel())?;
+    u32_of(op, "elements", out.numel())?;
     let params = Params {
         rows: rows as u32,
         channels: c as u32,
@@ -220,24 +324,33 @@ pub fn group_norm_into(
         chunks: chunks as u32,
         silu: silu as u32,
         eps,
+        ca: ca as u32,
+        cb: (c - ca) as u32,
     };
     // Scratch: (mean, M2) per (b, g, chunk). Dropping it after recording is safe: the pool may hand
     // the buffer to a later tensor, whose commands are recorded (and so run) after these.
     let partial = gpu.empty(&[b * groups * chunks * 2], DType::F32)?;
     let workgroups = [groups as u32, chunks as u32, b as u32];
-    let tensors = [x, gamma, beta, out, &partial];
-    let bytes = x.size_bytes() as f64;
+    // Single-source mode binds x again as the unused second source (two read-only bindings of one
+    // buffer are legal; read-only + read-write would not be).
+    let tensors = [x, gamma, beta, out, &partial, x_b.unwrap_or(x)];
+    let concat = [("CONCAT", if x_b.is_some() { 1.0 } else { 0.0 })];
+    let bytes = out.size_bytes() as f64;
     gpu.dispatch(&Dispatch {
         shader: "norm",
         entry: "gn_partial",
         dtype: x.dtype(),
-        overrides: &[],
+        overrides: &concat,
         tensors: &tensors,
         params: bytemuck::bytes_of(&params),
         workgroups,
-        label: "group_norm_stats",
+        label: if x_b.is_some() {
+            "group_norm_concat_stats"
+        } else {
+            "group_norm_stats"
+        },
         work: Work {
-            flops: 3.0 * x.numel() as f64,
+            flops: 3.0 * out.numel() as f64,
             bytes: bytes + partial.size_bytes() as f64,
         },
     })?;
@@ -245,17 +358,18 @@ pub fn group_norm_into(
         shader: "norm",
         entry: "gn_normalize",
         dtype: x.dtype(),
-        overrides: &[],
+        overrides: &concat,
         tensors: &tensors,
         params: bytemuck::bytes_of(&params),
         workgroups,
-        label: if silu {
-            "group_norm_silu"
-        } else {
-            "group_norm"
+        label: match (x_b.is_some(), silu) {
+            (false, false) => "group_norm",
+            (false, true) => "group_norm_silu",
+            (true, false) => "group_norm_concat",
+            (true, true) => "group_norm_concat_silu",
         },
         work: Work {
-            flops: (if silu { 8.0 } else { 4.0 }) * x.numel() as f64,
+            flops: (if silu { 8.0 } else { 4.0 }) * out.numel() as f64,
             bytes: 2.0 * bytes + (b * groups * chunks) as f64 * 8.0 * (chunks as f64),
         },
     })
@@ -306,6 +420,8 @@ pub fn layer_norm_into(
         chunks: 1,
         silu: 0,
         eps,
+        ca: c as u32,
+        cb: 0,
     };
     gpu.dispatch(&Dispatch {
         shader: "norm",
@@ -368,6 +484,32 @@ pub fn reference_group_norm(
         }
     }
     y
+}
+
+/// The specification of [`group_norm_concat`]: [`reference_group_norm`] of the concatenation,
+/// built on the host. `shape` is the output's [B, ..., Ca + Cb]; `a` holds the rows of `ca`
+/// channels, `b` the rows of the remaining ones.
+#[allow(clippy::too_many_arguments)]
+pub fn reference_group_norm_concat(
+    a: &[f32],
+    b: &[f32],
+    shape: &[usize],
+    ca: usize,
+    groups: usize,
+    eps: f32,
+    gamma: &[f32],
+    beta: &[f32],
+    silu: bool,
+) -> Vec<f64> {
+    let c = shape[shape.len() - 1];
+    let cb = c - ca;
+    let rows = shape.iter().product::<usize>() / c.max(1);
+    let mut cat = Vec::with_capacity(rows * c);
+    for r in 0..rows {
+        cat.extend_from_slice(&a[r * ca..(r + 1) * ca]);
+        cat.extend_from_slice(&b[r * cb..(r + 1) * cb]);
+    }
+    reference_group_norm(&cat, shape, groups, eps, gamma, beta, silu)
 }
 
 /// The specification of [`layer_norm`]: `x` is rows of `c` values.

@@ -5,11 +5,14 @@
 //! latents as `sum_i a_i * slot_i + a_model * eps`, with coefficients from the schedule (computed on
 //! the CPU in f64) — and some need a second output (e.g. the denoised x0 or a derivative to keep),
 //! given by the `b` coefficients.
+//!
+//! The same file holds the one other per-latent update a pipeline needs: [`posterior_sample`],
+//! the img2img / inpainting initial latents from the VAE encoder's moments.
 
 use bytemuck::{Pod, Zeroable};
 
 use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
-use crate::{Error, Result};
+use crate::{DType, Error, Result};
 
 /// Coefficients of one step: `out_a = sum_i a[i] * slot[i] + a_model * eps`,
 /// `out_b = sum_i b[i] * slot[i] + b_model * eps`. Passed to the GPU as f32.
@@ -207,6 +210,130 @@ pub fn sampler_step(
             bytes: (reads + writes) as f64,
         },
     })
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct PosteriorParams {
+    n: u32,
+    latent_channels: u32,
+    moment_pixels: u32,
+    _pad: u32,
+    scale: f32,
+    shift: f32,
+    _pad2: [f32; 2],
+}
+
+/// diffusers' `DiagonalGaussianDistribution(moments).sample(generator)`, then
+/// `(z - shift_factor) * scaling_factor`, into `out`:
+///
+/// `out[b, y, x, c] = (mean + exp(0.5 * clamp(logvar, -30, 20)) * eps[b, y, x, c] - shift) * scale`
+/// with `mean = moments[b % Bm, y, x, c]`, `logvar = moments[b % Bm, y, x, L + c]`.
+///
+/// `moments` is the VAE encoder's output [Bm, h, w, 2L] (mean channels, then logvar channels:
+/// torch.chunk(moments, 2, dim=1) in NHWC) in the VAE's dtype; `eps` (the generator's draws,
+/// reordered to NHWC) and `out` are [B, h, w, L] f32, the dtype the samplers keep latents in. B
+/// must be a multiple of Bm: batch item b uses moments item b % Bm, i.e. one encoded init image
+/// repeated over the batch (`torch.cat([latents] * k)`), each copy with its own noise.
+pub fn posterior_sample(
+    gpu: &Gpu,
+    moments: &Tensor,
+    eps: &Tensor,
+    scaling_factor: f32,
+    shift_factor: f32,
+    out: &Tensor,
+) -> Result<()> {
+    const OP: &str = "posterior_sample";
+    let (ms, es) = (moments.shape(), eps.shape());
+    if ms.len() != 4 || ms[3] == 0 || !ms[3].is_multiple_of(2) {
+        return Err(Error::shape(
+            OP,
+            format!("moments {moments:?} must be [B, h, w, 2·L] (L mean, then L logvar channels)"),
+        ));
+    }
+    let l = ms[3] / 2;
+    if es.len() != 4 || es[1..3] != ms[1..3] || es[3] != l || es[0] == 0 {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "eps {eps:?} must be [B, {}, {}, {l}] for moments {moments:?}",
+                ms[1], ms[2]
+            ),
+        ));
+    }
+    if ms[0] == 0 || !es[0].is_multiple_of(ms[0]) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "eps batch {} must be a multiple of the moments batch {} (the encoded images are \
+                 repeated over the batch)",
+                es[0], ms[0]
+            ),
+        ));
+    }
+    if eps.dtype() != DType::F32 || out.dtype() != DType::F32 || out.shape() != es {
+        return Err(Error::shape(
+            OP,
+            format!("eps {eps:?} and out {out:?} must both be f32 and of the same shape"),
+        ));
+    }
+    for (what, t) in [("moments", moments), ("eps", eps)] {
+        if t.buffer_id() == out.buffer_id() {
+            return Err(Error::shape(
+                OP,
+                format!("out shares its buffer with {what}: write the latents into a new tensor"),
+            ));
+        }
+    }
+    let n = out.numel();
+    let too_large = || Error::shape(OP, format!("{out:?} is too large"));
+    let params = PosteriorParams {
+        n: u32::try_from(n).map_err(|_| too_large())?,
+        latent_channels: l as u32,
+        moment_pixels: u32::try_from(ms[0] * ms[1] * ms[2]).map_err(|_| too_large())?,
+        _pad: 0,
+        scale: scaling_factor,
+        shift: shift_factor,
+        _pad2: [0.0; 2],
+    };
+    gpu.dispatch(&Dispatch {
+        shader: "sampler_step",
+        entry: "posterior_sample",
+        dtype: moments.dtype(),
+        overrides: &[],
+        tensors: &[moments, eps, out],
+        params: bytemuck::bytes_of(&params),
+        workgroups: grid_1d((n as u64).div_ceil(256)),
+        label: "vae_posterior_sample",
+        work: Work {
+            flops: 6.0 * n as f64,
+            bytes: (moments.size_bytes() + eps.size_bytes() + out.size_bytes()) as f64,
+        },
+    })
+}
+
+/// The specification of [`posterior_sample`] in f64: `moments` holds Bm items of [h, w, 2L] and
+/// `eps` B items of [h, w, L] (NHWC, B a multiple of Bm); returns [B, h, w, L].
+pub fn reference_posterior_sample(
+    moments: &[f32],
+    eps: &[f32],
+    latent_channels: usize,
+    scaling_factor: f32,
+    shift_factor: f32,
+) -> Vec<f64> {
+    let l = latent_channels;
+    let moment_pixels = moments.len() / (2 * l); // Bm * h * w
+    eps.iter()
+        .enumerate()
+        .map(|(i, &e)| {
+            let (pixel, c) = (i / l, i % l);
+            let m = (pixel % moment_pixels) * 2 * l + c;
+            let mean = moments[m] as f64;
+            let logvar = (moments[m + l] as f64).clamp(-30.0, 20.0);
+            let z = mean + (0.5 * logvar).exp() * e as f64;
+            (z - shift_factor as f64) * scaling_factor as f64
+        })
+        .collect()
 }
 
 /// The specification of [`sampler_step`] in f64: `model_out` holds `2n` values `[uncond; cond]`

@@ -16,8 +16,9 @@ pub struct Caps {
     pub pipeline_cache: bool,
     /// Cooperative-matrix configurations the adapter offers (tensor cores on NVIDIA Vulkan).
     pub coop_matrix: Vec<wgpu::CooperativeMatrixProperties>,
-    /// True when a 16x16x16 f16 x f16 -> f32 configuration is offered (the one our kernels use).
-    pub coop_16x16_f16: bool,
+    /// Side of the largest square f16 × f16 → f32 configuration offered (16 on NVIDIA, 8 on
+    /// lavapipe): the fragment our tensor-core kernels use. None: no such configuration.
+    pub coop_f16_frag: Option<u32>,
     pub max_storage_binding: u64,
     pub max_buffer: u64,
     pub max_workgroup_storage: u32,
@@ -159,13 +160,16 @@ pub fn caps_for(adapter: &wgpu::Adapter, features: wgpu::Features, limits: &wgpu
     } else {
         Vec::new()
     };
-    let coop_16x16_f16 = coop_matrix.iter().any(|p| {
-        p.m_size == 16
-            && p.n_size == 16
-            && p.k_size == 16
-            && p.ab_type == wgpu::CooperativeScalarType::F16
-            && p.cr_type == wgpu::CooperativeScalarType::F32
-    });
+    let coop_f16_frag = coop_matrix
+        .iter()
+        .filter(|p| {
+            p.m_size == p.n_size
+                && p.n_size == p.k_size
+                && p.ab_type == wgpu::CooperativeScalarType::F16
+                && p.cr_type == wgpu::CooperativeScalarType::F32
+        })
+        .map(|p| p.m_size)
+        .max();
     Caps {
         shader_f16: features.contains(wgpu::Features::SHADER_F16),
         subgroups: features.contains(wgpu::Features::SUBGROUP),
@@ -173,7 +177,7 @@ pub fn caps_for(adapter: &wgpu::Adapter, features: wgpu::Features, limits: &wgpu
         timestamps_inside_passes: features.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
         pipeline_cache: features.contains(wgpu::Features::PIPELINE_CACHE),
         coop_matrix,
-        coop_16x16_f16,
+        coop_f16_frag,
         max_storage_binding: limits.max_storage_buffer_binding_size,
         max_buffer: limits.max_buffer_size,
         max_workgroup_storage: limits.max_compute_workgroup_storage_size,

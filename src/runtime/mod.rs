@@ -698,6 +698,18 @@ impl Gpu {
         Ok(())
     }
 
+    /// The (shader, entry point) of every pipeline compiled so far: which code paths ran.
+    pub fn compiled_pipelines(&self) -> Vec<(&'static str, &'static str)> {
+        let mut keys: Vec<_> = lock(&self.pipelines)
+            .pipelines
+            .keys()
+            .map(|k| (k.shader, k.entry))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
     pub fn stats(&self) -> RecorderStats {
         let rec = lock(&self.recorder);
         let mut s = rec.stats;
