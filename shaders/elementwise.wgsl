@@ -19,6 +19,13 @@
 //   gather_rows         out[b, c] = a[b, idx[b], c]                      a [B, N, C]
 //   nchw_to_nhwc        out[b, h, w, c] = a[b, c, h, w]
 //   nhwc_to_nchw        out[b, c, h, w] = a[b, h, w, c]
+//   unet_input          the U-Net's input built from the sampler's f32 latents in one pass:
+//                       out[r, p, c] = s * lat[r % B, p, c]            c < L
+//                                    = mask[r % B, p]                  c = L      (9-channel
+//                                    = masked[r % B, p, c - L - 1]     c > L       inpainting)
+//                       i.e. scale_model_input, the inpainting channel concat, the CFG batch
+//                       duplication and the cast to the model's dtype, none of them a copy of
+//                       its own. lat, mask, masked are f32 (bindings 0, 1, 4), out is elem.
 //
 // Bindings: 0 a (elem or elem4, read), 1 b (elem or elem4, read), 2 out (elem or elem4,
 //           read_write), 3 idx (u32, read), 4 aux (f32, read: timesteps then frequencies),
@@ -44,6 +51,8 @@ struct Params {
 @group(0) @binding(0) var<storage, read> a1: array<elem>;
 @group(0) @binding(1) var<storage, read> b1: array<elem>;
 @group(0) @binding(2) var<storage, read_write> out1: array<elem>;
+@group(0) @binding(0) var<storage, read> lat_f32: array<f32>;
+@group(0) @binding(1) var<storage, read> mask_f32: array<f32>;
 @group(0) @binding(3) var<storage, read> idx: array<u32>;
 @group(0) @binding(4) var<storage, read> aux: array<f32>;
 @group(0) @binding(5) var<uniform> params: Params;
@@ -385,3 +394,30 @@ fn nhwc_to_nchw(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let b = t2 / c;
     out1[i] = a1[((b * h + y) * w + x) * c + ch];
 }
+
+// d0 = B (latent batch), d1 = pixels per image, d2 = L (latent channels), d3 = C (L, or 2L + 1
+// with the inpainting channels), s = the sampler's input scale; n = R·pixels·C outputs.
+@compute @workgroup_size(256)
+fn unet_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = linear_id(wid, nwg, lid);
+    if (i >= params.n) {
+        return;
+    }
+    let l = params.d2;
+    let cc = params.d3;
+    let c = i % cc;
+    let pr = i / cc;                  // r · pixels + p
+    let p = pr % params.d1;
+    let src = (pr / params.d1) % params.d0 * params.d1 + p; // pixel (r mod B, p)
+    var v: f32;
+    if (c < l) {
+        v = params.s * lat_f32[src * l + c];
+    } else if (c == l) {
+        v = mask_f32[src];
+    } else {
+        v = aux[src * l + c - l - 1u];
+    }
+    out1[i] = elem(v);
+}
+

@@ -339,20 +339,22 @@ impl StableDiffusion {
         let empty = self.token_rows("", false).0.remove(0);
         pos.resize(chunks, empty.clone());
         neg.resize(chunks, empty);
-        let encode = |rows: &[Vec<u32>]| -> Result<Tensor> {
+        let encode = |rows: &[Vec<u32>], clip_skip: Option<usize>| -> Result<Tensor> {
             // Each chunk is encoded on its own (positions restart), then concatenated along
             // the sequence: [chunks, 77, C] -> [1, chunks·77, C].
             let ids: Vec<u32> = rows.iter().flatten().copied().collect();
             let e = self
                 .text_encoder
-                .forward(&self.gpu, &ids, rows.len(), req.clip_skip)?;
+                .forward(&self.gpu, &ids, rows.len(), clip_skip)?;
             e.reshape(&[1, rows.len() * 77, self.text_encoder.config.hidden_size])
         };
-        let cond = encode(&pos)?;
+        let cond = encode(&pos, req.clip_skip)?;
         let b = req.batch_size;
         let mut parts = Vec::new();
         if guided {
-            let uncond = encode(&neg)?;
+            // diffusers' encode_prompt applies clip_skip to the prompt only: the negative
+            // prompt always takes the last layer (tests/pipeline.rs checks this against it).
+            let uncond = encode(&neg, None)?;
             for _ in 0..b {
                 parts.push(uncond.clone());
             }
@@ -603,24 +605,24 @@ impl StableDiffusion {
                 let v = noise.draw(b, per_image);
                 bufs.insert(Buf::Noise, upload_latent(v)?);
             }
-            let mut unet_in = if (scale - 1.0).abs() > 0.0 {
-                elementwise::scale(gpu, &x, scale as f32)?
-            } else {
-                x.clone()
+            // scale_model_input, the 9-channel inpainting concat, the CFG duplication and the
+            // cast to the U-Net's dtype, as one pass (or none when there is nothing to do).
+            let inpaint = match (inpaint9, &mask_latent, &masked_image_latents) {
+                (true, Some(mask), Some(masked)) => Some((mask, masked)),
+                (true, _, _) => {
+                    return Err(Error::Device(
+                        "9-channel inpainting without its mask latents".into(),
+                    ))
+                }
+                _ => None,
             };
-            if inpaint9 {
-                let mask = mask_latent.as_ref().expect("checked");
-                let masked = masked_image_latents.as_ref().expect("checked");
-                let with_mask = elementwise::concat_channels(gpu, &unet_in, mask)?;
-                unet_in = elementwise::concat_channels(gpu, &with_mask, masked)?;
-                // [B, h, w, 9]
-            }
-            if guided {
-                unet_in = elementwise::concat_batch(gpu, &unet_in, &unet_in)?; // [2B, h, w, C]
-            }
-            if self.dtype != DType::F32 {
-                unet_in = elementwise::cast(gpu, &unet_in, self.dtype)?;
-            }
+            let repeat = if guided { 2 } else { 1 };
+            let unet_in =
+                if scale == 1.0 && inpaint.is_none() && !guided && self.dtype == DType::F32 {
+                    x.clone()
+                } else {
+                    elementwise::unet_input(gpu, &x, scale as f32, inpaint, repeat, self.dtype)?
+                }; // [2B, h, w, C]
             time_table.row_into(gpu, call, &temb)?;
             let mut model_out = self
                 .unet

@@ -35,6 +35,11 @@ pub const SHADERS: &[(&str, &str, &[DType])] = &[
         &[DType::F32, DType::F16],
     ),
     (
+        "conv2d_coop",
+        include_str!("../shaders/conv2d_coop.wgsl"),
+        &[DType::F16],
+    ),
+    (
         "norm",
         include_str!("../shaders/norm.wgsl"),
         &[DType::F32, DType::F16],
@@ -75,14 +80,15 @@ pub type Variant = (
 /// file with its types and fragment constant renamed.
 pub const VARIANTS: &[Variant] = &[
     ("matmul_coop16", "matmul_coop", &[]),
-    (
-        "matmul_coop8",
-        "matmul_coop",
-        &[
-            ("coop_mat16x16", "coop_mat8x8"),
-            ("const FRAG: u32 = 16u;", "const FRAG: u32 = 8u;"),
-        ],
-    ),
+    ("matmul_coop8", "matmul_coop", COOP_8X8),
+    ("conv2d_coop16", "conv2d_coop", &[]),
+    ("conv2d_coop8", "conv2d_coop", COOP_8X8),
+];
+
+/// The renaming that turns a 16×16-fragment kernel into its 8×8 variant.
+const COOP_8X8: &[(&str, &str)] = &[
+    ("coop_mat16x16", "coop_mat8x8"),
+    ("const FRAG: u32 = 16u;", "const FRAG: u32 = 8u;"),
 ];
 
 /// Whether a shader may be compiled without naga's runtime checks: every global access in it is

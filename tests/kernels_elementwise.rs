@@ -398,3 +398,53 @@ fn embed_tokens_in_row_slices() {
         );
     }
 }
+
+/// The U-Net input pass (scale, 9-channel inpainting concat, CFG repeat, cast) against the same
+/// steps composed on the host, at awkward sizes and the SD 1.5 shape.
+#[test]
+fn unet_input_matches_its_composition() {
+    let mut rng = Rng::new(5);
+    for &(b, h, w, l) in &[
+        (1usize, 1usize, 1usize, 1usize),
+        (2, 3, 5, 4),
+        (1, 7, 3, 3),
+        (1, 64, 64, 4),
+    ] {
+        let n = b * h * w;
+        let (lat, lat_h) = upload(&rng.normals(n * l, 1.0), &[b, h, w, l], DType::F32);
+        let (mask, mask_h) = upload(&rng.normals(n, 1.0), &[b, h, w, 1], DType::F32);
+        let (masked, masked_h) = upload(&rng.normals(n * l, 1.0), &[b, h, w, l], DType::F32);
+        for &dtype in &dtypes() {
+            for inpaint in [false, true] {
+                for repeat in [1usize, 2] {
+                    let scale = 0.3125f32;
+                    let c = if inpaint { 2 * l + 1 } else { l };
+                    let mut want = Vec::with_capacity(repeat * n * c);
+                    for r in 0..repeat * b {
+                        for p in 0..h * w {
+                            let px = (r % b) * h * w + p;
+                            for ch in 0..c {
+                                want.push(if ch < l {
+                                    scale as f64 * lat_h[px * l + ch] as f64
+                                } else if ch == l {
+                                    mask_h[px] as f64
+                                } else {
+                                    masked_h[px * l + ch - l - 1] as f64
+                                });
+                            }
+                        }
+                    }
+                    let out = poisoned(&[repeat * b, h, w, c], dtype);
+                    let extra = inpaint.then_some((&mask, &masked));
+                    ew::unet_input_into(gpu(), &lat, scale, extra, repeat, &out).unwrap();
+                    check("unet_input", &out, &want, MATH_TOL);
+                }
+            }
+        }
+    }
+    // Wrong mask shape and non-f32 latents are shape errors, not panics.
+    let (lat, _) = upload(&[0.0; 8], &[1, 2, 1, 4], DType::F32);
+    let (bad_mask, _) = upload(&[0.0; 4], &[1, 2, 2, 1], DType::F32);
+    assert!(ew::unet_input(gpu(), &lat, 1.0, Some((&bad_mask, &lat)), 2, DType::F32).is_err());
+    assert!(ew::unet_input(gpu(), &lat, 1.0, None, 0, DType::F32).is_err());
+}

@@ -7,6 +7,14 @@
 //! header for the model and every case). The tokenizer is the real CLIP one shipped in
 //! weights/tiny-shapes/tokenizer.
 //!
+//! Option cases (cases.json entries with a `group`) each change one user-facing setting against
+//! a plain case and are checked by their own test, with the same bounds: DDIM's `eta` (variance
+//! noise drawn from the generator inside the step), `clip_skip`, prompts and negative prompts
+//! over 77 tokens (truncated, as diffusers does without `long_prompts`), and a batch of 2 at
+//! guidance 4.0. Where an option moves the image by less than the PSNR bound can see (clip_skip 1
+//! without guidance: 39 dB; guidance 4.0 against 7.5: 41 dB), the latents bound is the one that
+//! tells it apart (a 6e-2 and 4e-2 relative change, 40x past 1e-3).
+//!
 //! Bounds:
 //! - f32 images: PSNR >= 40 dB against diffusers' PNG (the acceptance bound); the
 //!   fixture model is tuned so that two *different* samplers land at 21..31 dB, so the bound
@@ -91,6 +99,18 @@ fn request(case: &Value) -> GenerateRequest {
         sampler: Some(case["sampler"].as_str().unwrap().into()),
         ..Default::default()
     };
+    // Option cases override some shared settings (make_pipeline_fixtures.py, GROUP_OPTIONS).
+    if let Some(prompt) = case["prompt"].as_str() {
+        req.prompt = prompt.into();
+    }
+    if let Some(negative) = case["negative_prompt"].as_str() {
+        req.negative_prompt = negative.into();
+    }
+    if let Some(guidance) = case["guidance_scale"].as_f64() {
+        req.guidance_scale = guidance;
+    }
+    req.eta = case["eta"].as_f64();
+    req.clip_skip = case["clip_skip"].as_u64().map(|k| k as usize);
     if let Some(init) = case["init_image"].as_str() {
         req.init_image = Some(load_png(init));
         req.strength = case["strength"].as_f64().unwrap();
@@ -209,7 +229,7 @@ fn check_cases_with(model: &StableDiffusion, filter: impl Fn(&Value) -> bool) {
     let mut ran = 0;
     for case in cases().iter().filter(|c| filter(c)) {
         ran += 1;
-        let (o, _) = run_case(model, case);
+        let (o, out) = run_case(model, case);
         let min_psnr = o.psnr.iter().cloned().fold(f64::INFINITY, f64::min);
         eprintln!(
             "{:28} PSNR {:>24}  latents rel-L2 {:.2e}  ({:.1} s)",
@@ -228,6 +248,15 @@ fn check_cases_with(model: &StableDiffusion, filter: impl Fn(&Value) -> bool) {
                 o.name, o.latent_rel
             ));
         }
+        // Long-prompt cases: whether diffusers warned that the prompt was truncated.
+        if let Some(want) = case["truncated"].as_bool() {
+            if out.truncated_prompt != want {
+                failures.push(format!(
+                    "{}: truncated_prompt {}, diffusers warned: {want}",
+                    o.name, out.truncated_prompt
+                ));
+            }
+        }
     }
     assert!(ran > 0, "no case in cases.json matched");
     assert!(
@@ -237,19 +266,66 @@ fn check_cases_with(model: &StableDiffusion, filter: impl Fn(&Value) -> bool) {
     );
 }
 
+/// A plain case (shared settings) of `pipeline`; option cases have their own tests.
+fn plain(case: &Value, pipeline: &str) -> bool {
+    case["pipeline"] == pipeline && case["group"].is_null()
+}
+
 #[test]
 fn txt2img_every_sampler_matches_diffusers_f32() {
-    check_cases(|c| c["pipeline"] == "txt2img");
+    check_cases(|c| plain(c, "txt2img"));
 }
 
 #[test]
 fn img2img_matches_diffusers_f32() {
-    check_cases(|c| c["pipeline"] == "img2img");
+    check_cases(|c| plain(c, "img2img"));
 }
 
 #[test]
 fn legacy_inpainting_matches_diffusers_f32() {
-    check_cases(|c| c["pipeline"] == "inpaint");
+    check_cases(|c| plain(c, "inpaint"));
+}
+
+/// DDIM with eta 0.6 (txt2img, batch 2, img2img): the variance noise comes from the pipeline's
+/// generator inside each step, after the initial draws; and DDPM with eta 0.6, which diffusers
+/// ignores.
+#[test]
+fn eta_matches_diffusers_f32() {
+    check_cases(|c| c["group"] == "eta");
+}
+
+/// clip_skip 1 without guidance: the penultimate layer's hidden state, then the final layer
+/// norm (diffusers' numbering; the CLI's `--clip-skip 1`).
+#[test]
+fn clip_skip_1_matches_diffusers_f32() {
+    check_cases(|c| c["name"] == "txt2img_clip_skip1_cfg1");
+}
+
+/// clip_skip 1 with guidance and a negative prompt: diffusers' SD 1.x `encode_prompt` applies
+/// clip_skip to the prompt only; the negative prompt's embeddings are the last layer's.
+#[test]
+fn clip_skip_1_with_negative_prompt_matches_diffusers_f32() {
+    check_cases(|c| c["name"] == "txt2img_clip_skip1");
+}
+
+/// clip_skip 2 without guidance. The fixture's text encoder has 2 layers, so diffusers takes
+/// `hidden_states[-3]`, the embeddings, then the final layer norm.
+#[test]
+fn clip_skip_2_matches_diffusers_f32() {
+    check_cases(|c| c["name"] == "txt2img_clip_skip2_cfg1");
+}
+
+/// A prompt, and a negative prompt, over 77 tokens: without `long_prompts` both are cut to
+/// BOS + 75 tokens + EOS as diffusers' tokenizer call does, and a cut prompt is reported.
+#[test]
+fn long_prompts_are_truncated_like_diffusers_f32() {
+    check_cases(|c| c["group"] == "long_prompt");
+}
+
+/// DPM++ 2M Karras, batch 2, guidance 4.0, with the negative prompt.
+#[test]
+fn batch2_guidance_4_dpmpp_2m_karras_matches_diffusers_f32() {
+    check_cases(|c| c["group"] == "cfg_batch");
 }
 
 /// The fixture model with the 9-channel inpainting U-Net (`unet_inpaint/`) in place of its own:
@@ -313,7 +389,7 @@ fn inpainting_unet_9ch_matches_diffusers_f32() {
     };
     let model = StableDiffusion::load(gpu, &dir, &opts).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    check_cases_with(&model, |c| c["pipeline"] == "inpaint9");
+    check_cases_with(&model, |c| plain(c, "inpaint9"));
 }
 
 #[test]

@@ -38,15 +38,24 @@ fn every_shader_validates_and_translates_to_spirv_msl_hlsl() {
                     continue;
                 }
             };
-            let (module, info) = match naga::back::pipeline_constants::process_overrides(
-                &module,
-                &info,
-                None,
-                &Default::default(),
-            ) {
-                Ok(v) => v,
-                Err(e) => {
+            // naga can panic while evaluating overrides too: name the shader.
+            let processed = std::panic::catch_unwind(|| {
+                naga::back::pipeline_constants::process_overrides(
+                    &module,
+                    &info,
+                    None,
+                    &Default::default(),
+                )
+                .map(|(m, i)| (m.into_owned(), i.into_owned()))
+            });
+            let (module, info) = match processed {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
                     failures.push(format!("{what}: overrides: {e}"));
+                    continue;
+                }
+                Err(_) => {
+                    failures.push(format!("{what}: overrides: naga panicked"));
                     continue;
                 }
             };

@@ -23,7 +23,25 @@ What it writes:
                                              the 9-channel inpainting U-Net: model/unet/ with
                                              in_channels 9 and a wider conv_in.weight (the only
                                              tensor stored; tests/pipeline.rs splices it in)
-  cases.json                                 every case's settings and file names
+  cases.json                                 every case's settings and file names; a case that
+                                             departs from the shared settings names its
+                                             `group` and the overrides (prompt,
+                                             negative_prompt, guidance_scale, eta, clip_skip)
+
+Option cases (`group`; each changes one thing against a plain case, so its own test fails alone):
+  eta         DDIM with eta 0.6 (txt2img, batch 2, img2img): DDIMScheduler.step draws its
+              variance noise from the pipeline's generator, after the initial latents (and
+              after img2img's posterior sample and noise); DDPM with eta 0.6, which diffusers
+              ignores (DDPMScheduler.step takes no eta) and so must `ldm`.
+  clip_skip   clip_skip 1 without guidance (isolates the layer numbering: the penultimate of
+              the encoder's 2 layers, then the final layer norm), clip_skip 1 with the negative
+              prompt (diffusers' SD 1.x encode_prompt applies clip_skip to the prompt only, the
+              negative prompt always takes the last layer), and clip_skip 2 without guidance
+              (with 2 layers: the embeddings, then the final layer norm).
+  long_prompt a prompt, and separately a negative prompt, over 77 tokens: diffusers truncates
+              both to BOS + 75 tokens + EOS (warning about the prompt only); `truncated`
+              records whether diffusers warned.
+  cfg_batch   DPM++ 2M Karras, batch 2, guidance 4.0, with the negative prompt.
 
 Raw .f32 files are little-endian float32, row-major, shapes given in cases.json.
 
@@ -35,9 +53,12 @@ Random initialisation gives noise-like images. The U-Net's output layer is scale
 samplers really disagree with each other (else a wrong sampler would still pass 40 dB), while
 the decoded images stay inside 0..255 (saturation would inflate PSNR): the script prints each
 image's mean, std and clipped fraction, and the PSNR of every txt2img image against PNDM's.
+For each option case it also prints the PSNR and latents rel-L2 against the same case run
+without the option (not saved), i.e. how far past the tests' bounds an ignored option lands.
 """
 
 import json
+import logging
 import os
 import shutil
 
@@ -72,6 +93,33 @@ SIZE = 64
 STEPS = 8
 GUIDANCE = 7.5
 SEED = 42
+
+# Long prompts (option group "long_prompt"): 100 and 99 CLIP tokens (BOS and EOS not counted), so
+# the last 25 and 24 fall past the 77-token window (BOS + 75 + EOS) and diffusers drops them.
+LONG_PROMPT = (
+    "a highly detailed oil painting of a red circle floating above a calm blue lake at sunset, "
+    "soft golden light, long shadows, gentle ripples on the water, a small wooden boat near the "
+    "shore, pine trees on distant hills, thin clouds across an orange sky, birds flying in "
+    "formation, reflections of the circle shimmering on the surface, muted colours, wide angle, "
+    "cinematic composition, sharp focus, green triangles, purple stars, yellow squares, a castle "
+    "on a cliff, a lighthouse, fog"
+)
+LONG_NEGATIVE = (
+    "blurry, low quality, worst quality, jpeg artifacts, noise, grain, overexposed, underexposed, "
+    "washed out colours, oversaturated, low contrast, bad anatomy, extra limbs, deformed hands, "
+    "watermark, signature, text, logo, frame, border, cropped, out of focus, duplicate, tiling, "
+    "poorly drawn, amateur, sketch, ugly, distorted perspective, chromatic aberration, banding, "
+    "posterised, pixelated, compression, glitch"
+)
+# Per-case overrides of the shared settings (cases.json keys, read by tests/pipeline.rs), by the
+# option group that they test; a case's other overrides only set the scene (guidance 1.0 for
+# clip_skip without the negative prompt).
+GROUP_OPTIONS = {
+    "eta": ("eta",),
+    "clip_skip": ("clip_skip",),
+    "long_prompt": ("prompt", "negative_prompt"),
+    "cfg_batch": ("guidance_scale",),
+}
 
 # name -> (class, extra from_config options); mirrors build_sampler in src/sched/mod.rs.
 SAMPLERS = {
@@ -241,15 +289,31 @@ def write_f32(name, t):
     return list(arr.shape)
 
 
+def read_f32(name):
+    return np.fromfile(os.path.join(OUT, name), dtype="<f4").astype(np.float64)
+
+
 def image_stats(img):
     a = np.asarray(img).astype(np.float32)
     clipped = float(((a == 0) | (a == 255)).mean())
     return a.mean(), a.std(), clipped
 
 
-def run_case(pipe, base_config, case):
-    """Run one case, save its images and latents, return the cases.json entry."""
-    name = case["name"]
+class TruncationWarnings(logging.Handler):
+    """Catches encode_prompt's "The following part of your input was truncated" warning."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record):
+        if "truncated" in record.getMessage():
+            self.count += 1
+
+
+def render(pipe, base_config, case):
+    """Run one case through diffusers; returns (images, per-step latents, whether diffusers
+    warned that the prompt was truncated)."""
     cls, opts = SAMPLERS[case["sampler"]]
     # Always from the model's own scheduler config (as build_sampler does): chaining
     # from_config through the previous case's scheduler would leak its options
@@ -262,25 +326,52 @@ def run_case(pipe, base_config, case):
         return kw
 
     kwargs = dict(
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE,
+        prompt=case.get("prompt", PROMPT),
+        negative_prompt=case.get("negative_prompt", NEGATIVE),
         num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
+        guidance_scale=case.get("guidance_scale", GUIDANCE),
         generator=torch.Generator("cpu").manual_seed(SEED),
         num_images_per_prompt=case["batch"],
         callback_on_step_end=on_step_end,
         callback_on_step_end_tensor_inputs=["latents"],
     )
+    # Passed only when set, so the plain cases run on the pipeline's own defaults
+    # (eta 0.0, clip_skip None).
+    for key in ("eta", "clip_skip"):
+        if key in case:
+            kwargs[key] = case[key]
     if case["pipeline"] == "txt2img":
         kwargs.update(height=SIZE, width=SIZE)
     else:
         kwargs.update(image=case["_init"], strength=case["strength"])
     if case["pipeline"] in ("inpaint", "inpaint9"):
         kwargs.update(mask_image=case["_mask"], height=SIZE, width=SIZE)
-    with torch.no_grad():
-        images = pipe(**kwargs).images
+    warnings = TruncationWarnings()
+    diffusers_logger = logging.getLogger("diffusers")
+    diffusers_logger.addHandler(warnings)
+    try:
+        with torch.no_grad():
+            images = pipe(**kwargs).images
+    finally:
+        diffusers_logger.removeHandler(warnings)
+    return images, steps_latents, warnings.count > 0
+
+
+def psnr_images(a, b):
+    a = np.asarray(a).astype(np.float64)
+    b = np.asarray(b).astype(np.float64)
+    mse = ((a - b) ** 2).mean()
+    return 10 * np.log10(255**2 / max(mse, 1e-12))
+
+
+def run_case(pipe, base_config, case):
+    """Run one case, save its images and latents, return the cases.json entry."""
+    name = case["name"]
+    images, steps_latents, truncated = render(pipe, base_config, case)
 
     entry = {k: v for k, v in case.items() if not k.startswith("_")}
+    if case.get("group") == "long_prompt":
+        entry["truncated"] = truncated
     files = []
     for i, img in enumerate(images):
         fname = f"{name}.png" if len(images) == 1 else f"{name}_{i}.png"
@@ -293,7 +384,7 @@ def run_case(pipe, base_config, case):
     entry["latents_shape"] = write_f32(entry["latents"], steps_latents[-1])
     entry["steps_latents"] = f"{name}.steps.f32"
     entry["steps_latents_shape"] = write_f32(entry["steps_latents"], torch.stack(steps_latents))
-    return entry
+    return entry, images
 
 
 def main():
@@ -361,11 +452,51 @@ def main():
                  _init=init, _mask=mask)
         )
 
+    # Option cases (header: "Option cases"), each a plain case with one setting changed.
+    txt = dict(pipeline="txt2img", batch=1)
+    i2i = dict(pipeline="img2img", batch=1, strength=0.6, init_image="init.png", _init=init)
+    cases += [
+        dict(txt, name="txt2img_ddim_eta06", group="eta", sampler="ddim", eta=0.6),
+        dict(txt, name="txt2img_ddim_eta06_batch2", group="eta", sampler="ddim", eta=0.6, batch=2),
+        dict(i2i, name="img2img_ddim_eta06", group="eta", sampler="ddim", eta=0.6),
+        dict(txt, name="txt2img_ddpm_eta06", group="eta", sampler="ddpm", eta=0.6),
+        dict(txt, name="txt2img_clip_skip1_cfg1", group="clip_skip", sampler="pndm", clip_skip=1,
+             guidance_scale=1.0),
+        dict(txt, name="txt2img_clip_skip1", group="clip_skip", sampler="pndm", clip_skip=1),
+        dict(txt, name="txt2img_clip_skip2_cfg1", group="clip_skip", sampler="pndm", clip_skip=2,
+             guidance_scale=1.0),
+        dict(txt, name="txt2img_long_prompt", group="long_prompt", sampler="pndm",
+             prompt=LONG_PROMPT),
+        dict(txt, name="txt2img_long_negative", group="long_prompt", sampler="pndm",
+             negative_prompt=LONG_NEGATIVE),
+        dict(txt, name="txt2img_dpmpp_2m_karras_batch2_cfg4", group="cfg_batch",
+             sampler="dpmpp_2m_karras", batch=2, guidance_scale=4.0),
+    ]
+    # diffusers' clip_skip branch calls `text_encoder.text_model.final_layer_norm`, a path that
+    # transformers >= 5 removed (CLIPTextModel holds final_layer_norm itself). A plain attribute,
+    # not a submodule, gives the old name to the same LayerNorm: the module tree, the saved
+    # weights and every other case are untouched.
+    if not hasattr(text_encoder, "text_model"):
+        object.__setattr__(text_encoder, "text_model", text_encoder)
+
     pipes = {"txt2img": pipe, "img2img": img2img, "inpaint": inpaint, "inpaint9": inpaint9}
     entries = []
     for case in cases:
         print(case["name"])
-        entries.append(run_case(pipes[case["pipeline"]], scheduler.config, case))
+        entry, images = run_case(pipes[case["pipeline"]], scheduler.config, case)
+        entries.append(entry)
+        if "group" in case:
+            # How far the option moves the result: the same case without it (not saved). The
+            # tests bound PSNR >= 40 dB and latents rel-L2 <= 1e-3; a difference well past
+            # either means the test tells the option applied from the option ignored.
+            options = GROUP_OPTIONS[case["group"]]
+            plain = {k: v for k, v in case.items() if k not in options}
+            plain_images, plain_steps, _ = render(pipes[case["pipeline"]], scheduler.config, plain)
+            dbs = ", ".join(f"{psnr_images(a, b):5.1f} dB" for a, b in zip(images, plain_images))
+            got = read_f32(entry["latents"])
+            want = plain_steps[-1].numpy().ravel()
+            rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+            print(f"  vs the same case without {'/'.join(options)}: {dbs}, latents rel-L2 {rel:.2e}")
 
     settings = dict(
         generator="diffusers (torch CPU generator, float32, CPU)",
@@ -384,12 +515,11 @@ def main():
     )
     with open(os.path.join(OUT, "cases.json"), "w") as f:
         json.dump(settings, f, indent=1)
-    ref = np.asarray(Image.open(os.path.join(OUT, "txt2img_pndm.png"))).astype(np.float64)
+    ref = Image.open(os.path.join(OUT, "txt2img_pndm.png"))
     for e in entries:
-        if e["pipeline"] == "txt2img" and e["batch"] == 1:
-            a = np.asarray(Image.open(os.path.join(OUT, e["images"][0]))).astype(np.float64)
-            mse = ((a - ref) ** 2).mean()
-            print(f"  {e['name']:28s} vs txt2img_pndm: {10 * np.log10(255**2 / max(mse, 1e-12)):5.1f} dB")
+        if e["pipeline"] == "txt2img" and e["batch"] == 1 and "group" not in e:
+            a = Image.open(os.path.join(OUT, e["images"][0]))
+            print(f"  {e['name']:28s} vs txt2img_pndm: {psnr_images(a, ref):5.1f} dB")
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(OUT) for f in fs)
     print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
 

@@ -327,6 +327,74 @@ pub fn concat_channels_into(gpu: &Gpu, a: &Tensor, b: &Tensor, out: &Tensor) -> 
     launch(gpu, entry, OP, &[a, b, out], params, items, work)
 }
 
+/// The U-Net's input for one denoising call, from the sampler's f32 latents `[B, h, w, L]` in one
+/// dispatch: `scale` × latents (the sampler's `scale_model_input`), then for 9-channel
+/// inpainting `inpaint = (mask [B, h, w, 1], masked_image_latents [B, h, w, L])` appended along
+/// channels, the whole repeated `repeat` times along the batch (2 for classifier-free guidance:
+/// `[x; x]`), cast to `dtype`. Returns `[repeat·B, h, w, L or 2L + 1]`.
+pub fn unet_input(
+    gpu: &Gpu,
+    latents: &Tensor,
+    scale: f32,
+    inpaint: Option<(&Tensor, &Tensor)>,
+    repeat: usize,
+    dtype: DType,
+) -> Result<Tensor> {
+    let [b, h, w, l] = check_rank4("unet_input", latents)?;
+    let c = if inpaint.is_some() { 2 * l + 1 } else { l };
+    let out = gpu.empty(&[repeat.max(1) * b, h, w, c], dtype)?;
+    unet_input_into(gpu, latents, scale, inpaint, repeat, &out)?;
+    Ok(out)
+}
+
+/// [`unet_input`] into `out` (`[repeat·B, h, w, C]`, the U-Net's dtype).
+pub fn unet_input_into(
+    gpu: &Gpu,
+    latents: &Tensor,
+    scale: f32,
+    inpaint: Option<(&Tensor, &Tensor)>,
+    repeat: usize,
+    out: &Tensor,
+) -> Result<()> {
+    const OP: &str = "unet_input";
+    let [b, h, w, l] = check_rank4(OP, latents)?;
+    let mut inputs = vec![latents];
+    if let Some((mask, masked)) = inpaint {
+        if mask.shape() != [b, h, w, 1] || masked.shape() != latents.shape() {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "mask {mask:?} must be [{b}, {h}, {w}, 1] and masked latents {masked:?} like the latents {latents:?}"
+                ),
+            ));
+        }
+        inputs.extend([mask, masked]);
+    }
+    if inputs.iter().any(|t| t.dtype() != DType::F32) || repeat == 0 {
+        return Err(Error::shape(
+            OP,
+            format!("latents, mask and masked latents must be f32 and repeat ≥ 1: {inputs:?}, repeat {repeat}"),
+        ));
+    }
+    let c = if inpaint.is_some() { 2 * l + 1 } else { l };
+    check_out(OP, out, &[repeat * b, h, w, c], out.dtype(), &inputs)?;
+    let items = out.numel();
+    let params = Params {
+        n: u32_of(OP, items)?,
+        d: [b as u32, (h * w) as u32, l as u32, c as u32, 0],
+        s: scale,
+        ..Default::default()
+    };
+    let work = Work {
+        flops: 0.0,
+        bytes: bytes(&inputs) + out.size_bytes() as f64,
+    };
+    // Bindings: 0 latents, 1 mask, 2 out, 4 masked (unused ones get the latents).
+    let (mask, masked) = inpaint.unwrap_or((latents, latents));
+    let tensors = [latents, mask, out, latents, masked];
+    launch(gpu, "unet_input", OP, &tensors, params, items, work)
+}
+
 /// Nearest-neighbour 2× upsampling `[B, H, W, C] -> [B, 2H, 2W, C]` (diffusers Upsample2D).
 pub fn upsample_nearest2x(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
     let s = x.shape();

@@ -188,9 +188,11 @@ impl ClipTextModel {
             )));
         }
         let skip = clip_skip.unwrap_or(0);
-        if skip >= c.num_hidden_layers {
+        // diffusers accepts up to the layer count: clip_skip = layers is the embeddings
+        // themselves (through the final layer norm, as every skip is).
+        if skip > c.num_hidden_layers {
             return Err(Error::InvalidInput(format!(
-                "clip_skip {skip} must be smaller than the number of layers ({})",
+                "clip_skip {skip} exceeds the number of layers ({})",
                 c.num_hidden_layers
             )));
         }

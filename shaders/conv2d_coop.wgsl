@@ -1,0 +1,208 @@
+// conv2d_coop: conv2d.wgsl's implicit GEMM on cooperative matrices (tensor cores):
+// FRAG × FRAG × FRAG f16 × f16 → f32 fragments. f16 storage only; the same Params, bindings,
+// input modes (UPSAMPLE, CONCAT) and epilogue (bias, residual) as conv2d.wgsl, whose header has
+// the formulas and the NHWC / OHWI layout argument. As a GEMM: C[M, N] = A[M, K] · Bᵀ with
+// M = B·Ho·Wo output pixels, N = Cout, K = KH·KW·Cin, A the im2col patches (addresses computed
+// while staging, never materialised), B the weights viewed as [Cout, K].
+//
+// Variants, geometry and flow as matmul_coop.wgsl (src/shaders.rs `VARIANTS`: conv2d_coop16 as
+// written, conv2d_coop8 with coop_mat8x8): 4 subgroups of SG invocations, a TM × TN = 4·FRAG ×
+// 4·FRAG output tile (64 pixels × 64 channels at FRAG 16), K step TK = 2·FRAG; subgroup s owns the
+// 2·FRAG × 2·FRAG quarter (s / 2, s % 2) as 2 × 2 accumulator fragments. Per K step all threads
+// stage A (im2col) and B (weights) as f16 into workgroup memory, zero outside the image, past
+// K, past M and past Cout, so the matrix ops never see out-of-range data; at the end the
+// accumulators go through workgroup memory to a coalesced epilogue.
+// Requires Cin % 4 == 0 (with CONCAT both parts' channels % 4 == 0): four consecutive k then lie
+// in one filter tap and are contiguous in x, so staging loads whole vec4s. The host uses
+// conv2d.wgsl otherwise (the RGB input conv).
+// Dispatch: ceil(M / TM) · ceil(Cout / TN) workgroups folded over (x, y) by `grid_1d`, tile index
+// m_tile · n_tiles + n_tile (params.n_tiles = ceil(Cout / TN) for this kernel).
+
+enable wgpu_cooperative_matrix;
+
+struct Params {
+    batch: u32,
+    h: u32,       // input height and width as the convolution sees them (after upsampling)
+    w: u32,
+    cin: u32,
+    ho: u32,
+    wo: u32,
+    cout: u32,
+    kh: u32,
+    kw: u32,
+    stride: u32,
+    pad_top: u32,
+    pad_left: u32,
+    m: u32,       // batch · ho · wo
+    k: u32,       // kh · kw · cin
+    n_tiles: u32, // ceil(cout / TN)
+    flags: u32,   // bit 0: add bias, bit 1: add residual
+    xh: u32,      // x as stored: h, w, or h / 2, w / 2 with UPSAMPLE
+    xw: u32,
+    ca: u32,      // channels of x (CONCAT: of its first part; cin otherwise)
+    _pad: u32,
+};
+
+@group(0) @binding(0) var<storage, read> x4: array<elem4>;
+@group(0) @binding(1) var<storage, read> xb4: array<elem4>;
+@group(0) @binding(2) var<storage, read> w4: array<elem4>;
+@group(0) @binding(3) var<storage, read> bias: array<elem>;
+@group(0) @binding(4) var<storage, read> residual: array<elem>;
+@group(0) @binding(5) var<storage, read_write> out: array<elem>;
+@group(0) @binding(6) var<uniform> params: Params;
+
+// Fragment side: the `conv2d_coop8` variant replaces this 16 by 8 along with the matrix types.
+const FRAG: u32 = 16u;
+const TM: u32 = 4u * FRAG;
+const TN: u32 = 4u * FRAG;
+const TK: u32 = 2u * FRAG;
+// Subgroup width (32 on NVIDIA, 8 on lavapipe): the workgroup is exactly 4 subgroups.
+override SG: u32 = 32u;
+override NT: u32 = 4u * SG;
+// The input is x upsampled 2× (nearest) / the channel concatenation of x and xb (see conv2d.wgsl).
+override UPSAMPLE: bool = false;
+override CONCAT: bool = false;
+// Row stride of the staged tiles in halves (a multiple of 8: fragment rows stay 16-byte aligned).
+const AS: u32 = TK + 8u;
+
+var<workgroup> a_sh: array<f16, TM * AS>;   // a_sh[r * AS + k] = A[m0 + r, k0 + k]
+var<workgroup> b_sh: array<f16, TN * AS>;   // b_sh[r * AS + k] = w[n0 + r, k0 + k] (Bᵀ)
+var<workgroup> c_sh: array<f32, TM * TN>;   // accumulators for the epilogue
+
+// A[m, k .. k + 4]: output pixel m's filter tap holding k (k % 4 == 0, Cin % 4 == 0), zero in
+// the padding. m < M and k < K are checked by the caller.
+fn a_load(m: u32, k: u32) -> vec4<f16> {
+    let hw = params.ho * params.wo;
+    let b = m / hw;
+    let rem = m - b * hw;
+    let oy = rem / params.wo;
+    let ox = rem - oy * params.wo;
+    let tap = k / params.cin;
+    let ci = k - tap * params.cin;
+    let ky = tap / params.kw;
+    let kx = tap - ky * params.kw;
+    let iy = i32(oy * params.stride) - i32(params.pad_top) + i32(ky);
+    let ix = i32(ox * params.stride) - i32(params.pad_left) + i32(kx);
+    // Negative coordinates wrap to huge u32 and fail the same test as the far edge.
+    if (u32(iy) >= params.h || u32(ix) >= params.w) {
+        return vec4<f16>(0.0);
+    }
+    var y = u32(iy);
+    var x = u32(ix);
+    if (UPSAMPLE) {
+        y = y >> 1u;
+        x = x >> 1u;
+    }
+    let pixel = (b * params.xh + y) * params.xw + x;
+    if (CONCAT && ci >= params.ca) {
+        let cb = params.cin - params.ca;
+        return vec4<f16>(xb4[(pixel * cb + ci - params.ca) >> 2u]);
+    }
+    return vec4<f16>(x4[(pixel * params.ca + ci) >> 2u]);
+}
+
+fn stage_tiles(lid: u32, m0: u32, n0: u32, k0: u32) {
+    let chunks = TK / 4u;
+    for (var i = lid; i < TM * chunks; i += NT) {
+        let r = i / chunks;
+        let c = i - r * chunks;
+        let m = m0 + r;
+        let k = k0 + 4u * c;
+        var v = vec4<f16>(0.0);
+        if (m < params.m && k < params.k) {
+            v = a_load(m, k);
+        }
+        let o = r * AS + 4u * c;
+        a_sh[o] = v.x;
+        a_sh[o + 1u] = v.y;
+        a_sh[o + 2u] = v.z;
+        a_sh[o + 3u] = v.w;
+    }
+    for (var i = lid; i < TN * chunks; i += NT) {
+        let r = i / chunks;
+        let c = i - r * chunks;
+        let n = n0 + r;
+        let k = k0 + 4u * c;
+        var v = vec4<f16>(0.0);
+        if (n < params.cout && k < params.k) {
+            v = vec4<f16>(w4[(n * params.k + k) >> 2u]);
+        }
+        let o = r * AS + 4u * c;
+        b_sh[o] = v.x;
+        b_sh[o + 1u] = v.y;
+        b_sh[o + 2u] = v.z;
+        b_sh[o + 3u] = v.w;
+    }
+}
+
+@compute @workgroup_size(NT)
+fn conv2d_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32) {
+    let tile = wid.x + wid.y * nwg.x;
+    let m_tiles = (params.m + TM - 1u) / TM;
+    // Whole workgroups leave together (the grid is folded to a rectangle), so the barriers
+    // below stay in uniform control flow.
+    if (tile >= m_tiles * params.n_tiles) {
+        return;
+    }
+    let m0 = (tile / params.n_tiles) * TM;
+    let n0 = (tile % params.n_tiles) * TN;
+
+    let wm = (sg >> 1u) * 2u * FRAG;   // this subgroup's quarter of the tile
+    let wn = (sg & 1u) * 2u * FRAG;
+    var c00 = coop_mat16x16<f32, C>();
+    var c01 = coop_mat16x16<f32, C>();
+    var c10 = coop_mat16x16<f32, C>();
+    var c11 = coop_mat16x16<f32, C>();
+    for (var k0 = 0u; k0 < params.k; k0 += TK) {
+        stage_tiles(lid, m0, n0, k0);
+        workgroupBarrier();
+        for (var kb = 0u; kb < TK; kb += FRAG) {
+            // A blocks are row-major (m, k); B = Wᵀ is column-major: column n is w's row n.
+            let ia0 = wm * AS + kb;
+            let ia1 = (wm + FRAG) * AS + kb;
+            let ib0 = wn * AS + kb;
+            let ib1 = (wn + FRAG) * AS + kb;
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&a_sh[ia0], AS);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&a_sh[ia1], AS);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&b_sh[ib0], AS);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&b_sh[ib1], AS);
+            c00 = coopMultiplyAdd(a0, b0, c00);
+            c01 = coopMultiplyAdd(a0, b1, c01);
+            c10 = coopMultiplyAdd(a1, b0, c10);
+            c11 = coopMultiplyAdd(a1, b1, c11);
+        }
+        workgroupBarrier();
+    }
+    // naga 30 can panic on compound pointer indices in coopStore: bind them to lets.
+    let i00 = wm * TN + wn;
+    let i01 = wm * TN + wn + FRAG;
+    let i10 = (wm + FRAG) * TN + wn;
+    let i11 = (wm + FRAG) * TN + wn + FRAG;
+    let stride = TN;
+    coopStoreT(c00, &c_sh[i00], stride);
+    coopStoreT(c01, &c_sh[i01], stride);
+    coopStoreT(c10, &c_sh[i10], stride);
+    coopStoreT(c11, &c_sh[i11], stride);
+    workgroupBarrier();
+
+    // Epilogue: bias and residual, rounded once to f16; consecutive threads write consecutive
+    // channels of one pixel (NHWC rows of C are contiguous).
+    for (var i = lid; i < TM * TN; i += NT) {
+        let r = i / TN;
+        let c = i - r * TN;
+        let m = m0 + r;
+        let n = n0 + c;
+        if (m < params.m && n < params.cout) {
+            var v = c_sh[i];
+            if ((params.flags & 1u) != 0u) {
+                v += f32(bias[n]);
+            }
+            let o = m * params.cout + n;
+            if ((params.flags & 2u) != 0u) {
+                v += f32(residual[o]);
+            }
+            out[o] = elem(v);
+        }
+    }
+}
