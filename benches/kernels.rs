@@ -7,6 +7,8 @@
 //!
 //! Options (environment): LDM_BENCH_DTYPE=f16|f32, LDM_BENCH_REPS=N, LDM_BENCH_FILTER=substring,
 //! LDM_BENCH_QUICK=1 (small peak runs and only the cheaper cases; automatic on CPU adapters).
+//! Convolutions print one line per kernel tile (`conv2d[64]`, `conv2d[128]`, `conv2d[small]`),
+//! the one the shape heuristic picks marked `*`.
 
 use ldm_wgpu::kernels::attention::{self, HeadsView};
 use ldm_wgpu::kernels::matmul::{self, Activation};
@@ -164,25 +166,62 @@ fn main() -> Result<()> {
         );
     }
 
-    // Convolution.
+    // Convolution: one line per kernel variant that applies (`conv2d[64]` and `conv2d[128]`
+    // always, `conv2d[small]` for Cout <= 16), the one the shape heuristic picks marked `*`,
+    // so one GPU run compares the tiles. Upsample2D rows run as the models do: the conv reads
+    // the half-size input through the fused 2x nearest upsampling.
+    let max_wg = b.gpu.caps.max_workgroup_storage;
     for &(name, bt, h, w, cin, cout, k, stride) in conv2d::SD15_SHAPES {
         let flops = 2.0 * (bt * (h / stride) * (w / stride) * cout * cin * k * k) as f64;
         if !b.wanted(name) || (b.quick && flops > 4e9) {
             continue;
         }
-        let x = b.random(&[bt, h, w, cin])?;
+        let upsampled = name.contains("upsample");
+        let x = if upsampled {
+            b.random(&[bt, h / 2, w / 2, cin])?
+        } else {
+            b.random(&[bt, h, w, cin])?
+        };
         let wt = b.random(&[cout, k, k, cin])?;
         let pad = k / 2;
-        let t = b.time(&mut || {
-            conv2d::conv2d(&b.gpu, &x, &wt, None, None, stride, [pad; 4]).map(|_| ())
-        })?;
-        b.line(
-            "conv2d",
-            &format!("{name} {bt}x{h}x{w}x{cin}->{cout} k{k}s{stride}"),
-            t,
-            flops,
-            0.0,
-        );
+        let m = bt * (h / stride) * (w / stride);
+        let chosen = conv2d::choose_variant(m, cout, max_wg, None);
+        let mut tiles = vec![conv2d::Tile::T64, conv2d::Tile::T128];
+        if cout <= 16 {
+            tiles.push(conv2d::Tile::Small);
+        }
+        for tile in tiles {
+            // The tile's largest K step that fits this adapter (what the heuristic would run).
+            let variant = conv2d::choose_variant(m, cout, max_wg, Some(tile));
+            if variant.tile != tile {
+                continue; // does not fit this adapter's workgroup memory
+            }
+            let conv = conv2d::Conv {
+                input: if upsampled {
+                    conv2d::Input::Upsampled2x(&x)
+                } else {
+                    conv2d::Input::Plain(&x)
+                },
+                weight: &wt,
+                bias: None,
+                residual: None,
+                stride,
+                pads: [pad; 4],
+                variant: Some(variant),
+            };
+            let t = b.time(&mut || conv.run(&b.gpu).map(|_| ()))?;
+            let mark = if variant == chosen { "*" } else { "" };
+            b.line(
+                &format!("conv2d[{}]{mark}", tile.name()),
+                &format!(
+                    "{name} {bt}x{h}x{w}x{cin}->{cout} k{k}s{stride}{}",
+                    if upsampled { " (fused up2x)" } else { "" }
+                ),
+                t,
+                flops,
+                0.0,
+            );
+        }
     }
 
     // Attention.

@@ -13,32 +13,78 @@
 // output, so no transpose or im2col buffer is ever needed (im2col of the VAE's 512×512×128 3×3 convs
 // would take 1.2 GB in f32). NCHW would make every A load a strided gather.
 //
-// Bindings: 0 x4 (elem4, [B, H, W, Cin], read as vec4 even when Cin % 4 != 0: the scalar path picks
-//           a component), 1 w4 (elem4, [Cout, KH, KW, Cin]), 2 bias (elem, [Cout]), 3 residual
-//           (elem, [B, Ho, Wo, Cout]), 4 out (elem, [B, Ho, Wo, Cout], read_write), 5 params.
-//           bias/residual are read only when flags say so; the host binds x there as a placeholder.
-// Dispatch: one workgroup of 256 threads per 64 × 64 output tile (64 pixels × 64 out channels);
-//           ceil(M/64)·ceil(N/64) workgroups folded over (x, y) by `grid_1d`, linear index
-//           tile = m_tile · n_tiles + n_tile (consecutive workgroups share the same pixels, so the
-//           im2col reads of x, each pixel read KH·KW times, hit L2).
-// Per workgroup: K is walked in steps of BK (override, 16 or 32). Each step, every thread loads BK/16
-//           vec4 of A and of B from global memory into registers (prefetched during the previous
-//           step's arithmetic), stores them into workgroup memory, and then each thread accumulates a
-//           4 × 4 register tile: pixels ty·4 + i (i < 4) × channels tx + 16·j (j < 4), with
-//           (tx, ty) = (lid % 16, lid / 16). Out-of-range pixels, channels, k and padding taps are
-//           loaded as zeros, so the arithmetic loop has no bounds checks.
-// Workgroup tiles are [row][k] in vec4 of 4 consecutive k, with each row padded by one vec4: a
-//           quarter-warp (8 lanes, consecutive tx) then reads 8 different rows from 8 different
-//           bank groups, and the loaders' vec4 stores along k are conflict-free as well.
-//           Bytes: 2 · 64 · (BK/4 + 1) · 16 = 18,432 at BK = 32, 10,240 at BK = 16.
-// VEC4_K (override): Cin % 4 == 0, so 4 consecutive k share one tap and are contiguous in x and w.
-//           Otherwise (RGB input conv, Cin = 3; generic) every component is addressed on its own.
+// Bindings: 0 x4 (elem4, [B, XH, XW, Ca], read as vec4 even when a channel count is not a multiple
+//           of 4: the scalar path picks a component), 1 xb4 (elem4, [B, XH, XW, Cin - Ca], read
+//           only with CONCAT), 2 w4 (elem4, [Cout, KH, KW, Cin]), 3 bias (elem, [Cout]),
+//           4 residual (elem, [B, Ho, Wo, Cout]), 5 out (elem, [B, Ho, Wo, Cout], read_write),
+//           6 params. xb4 / bias / residual are read only when CONCAT / flags say so; the host binds
+//           x there as a placeholder (read-only twice is allowed; read-only and read-write is not).
+//
+// Three entry points, one per output tile; the host picks one by shape (src/kernels/conv2d.rs):
+//
+// conv2d_64: 64 pixels × 64 channels, 256 threads, each a 4 × 4 register tile: pixels ty·4 + i
+//           (i < 4) × channels tx + 16·j (j < 4), (tx, ty) = (lid % 16, lid / 16). Per 4 k: 4 + 4
+//           vec4 workgroup-memory reads for 64 FMA (8 FMA per read). K step BK (override, 32; 16
+//           on adapters with less than 18 KiB of workgroup memory).
+// conv2d_128: 128 pixels × 128 channels, 256 threads, each 8 × 8: pixels ty + 16·i × channels
+//           tx + 16·j (i, j < 8). Per 4 k: 8 + 8 reads for 256 FMA (16 FMA per read), and every
+//           A and B element staged in workgroup memory feeds 128 outputs instead of 64, so global
+//           / L2 traffic and loader instructions per FLOP halve. Costs: 64 accumulators per thread
+//           (fewer resident workgroups) and 4× fewer workgroups, so the host uses it only when
+//           there are enough tiles to fill a large GPU. K step 16: 1,024 FMA per thread between
+//           barriers already, and BK = 32 would need 36 KiB (over lavapipe's and Apple's 32 KiB).
+// conv2d_small: 64 pixels × NC = 4·NQ channels (NQ override, 1..4), 64 threads, one pixel × NC
+//           channels each. For Cout ≤ 16: the conv_out layers (U-Net 320 → 4, VAE 128 → 3) would
+//           waste 94-95% of a 64-wide N tile. Roofline: VAE conv_out at 512² does 1.8 GFLOP on
+//           134 MB of f32 input (13.5 FLOP/byte, below an H100's ~20: memory-bound if no FMA is
+//           wasted); through the 64 tile it executes 21× its FLOPs and becomes compute-bound many
+//           times over. Here it executes 4/3× (Cout = 3 padded to 4). Operand reuse is bounded by
+//           Cout (each A element meets only NC weights), so no tile reaches the GEMM tiles' FMA per
+//           read; what matters is not computing padding. The U-Net's conv_out (M = 8192, K = 2,880)
+//           has too few outputs to fill a GPU and is latency-bound: here each thread's chain is
+//           4 outputs × 2,880 k instead of 16 × 2,880, and 64-pixel tiles keep 128 workgroups
+//           (about one per SM of a large GPU) where 128-pixel tiles would leave half the SMs idle.
+//           Weights go through workgroup memory as [NC rows][k]: every thread reads the same
+//           w[n, k] at once, a broadcast. A also goes through workgroup memory: with one pixel per
+//           lane, direct global loads would touch 32 different lines per warp (pixels are Cin
+//           elements apart); the staged loads read 64 contiguous bytes per pixel. K step 16.
+//
+// Dispatch (all): one workgroup per output tile; ceil(M/BM)·ceil(N/BN) workgroups folded over
+//           (x, y) by `grid_1d`, linear index tile = m_tile · n_tiles + n_tile (consecutive
+//           workgroups share the same pixels, so the im2col reads of x, each pixel read KH·KW times,
+//           hit L2).
+// Per workgroup: K is walked in steps of BK. Each step, every thread loads its share of the A
+//           and B tiles (4 consecutive k of one pixel / one weight row per vec4, 4 lanes per row so
+//           a warp reads contiguous runs) from global memory into registers (prefetched during the
+//           previous step's arithmetic), stores them into workgroup memory, and then accumulates its
+//           register tile. Out-of-range pixels, channels, k and padding taps are loaded as zeros,
+//           so the arithmetic has no bounds checks; only the final stores test bounds. The
+//           arithmetic over one K step is unrolled by hand (naga emits every loop as
+//           `loop { if !cond { break } }`, which drivers unroll poorly).
+// Workgroup tiles are [row][k] in vec4 of 4 consecutive k, with each row padded by one vec4: 8
+//           lanes reading 8 different rows at the same k then hit 8 different bank groups (rows
+//           are 5 or 9 vec4 apart), and the loaders' vec4 stores along k are conflict-free at
+//           BK = 32 (at most 2-way at 16). Bytes of workgroup memory:
+//             conv2d_64:    2 · 64 · (BK/4 + 1) · 16  = 18,432 at BK = 32, 10,240 at BK = 16
+//             conv2d_128:   2 · 128 · (16/4 + 1) · 16 = 20,480
+//             conv2d_small: 64 · 5 · 16 + 16 · 4 · 16   = 6,144 (the w tile sized for NC = 16)
+// VEC4_K (override): Cin % 4 == 0 (and, with CONCAT, Ca % 4 == 0), so 4 consecutive k share one
+//           tap and one source, and are contiguous in x and w. Otherwise (RGB input conv, Cin = 3;
+//           generic) every component is addressed on its own.
+// UPSAMPLE (override): the convolution's input is the nearest-neighbour 2× upsampling of x
+//           (diffusers Upsample2D: interpolate(scale_factor=2, mode="nearest") then a 3×3 conv).
+//           params.h / params.w are the upsampled (logical) size, params.xh / params.xw the size of
+//           x as stored, and logical (iy, ix) reads x at (iy >> 1, ix >> 1): the 4×-sized tensor
+//           is never written. The A loads are the only thing that changes; the cost is a shift.
+// CONCAT (override): the input is the channel concatenation [x | xb] (the U-Net decoder's
+//           torch.cat([h, skip], dim=1)): channels ci < params.ca are read from x, the others from
+//           xb at ci - ca, so the concatenated tensor is never written.
 
 struct Params {
     batch: u32,
-    h: u32,
+    h: u32,       // input height and width as the convolution sees them (after upsampling)
     w: u32,
-    cin: u32,
+    cin: u32,     // input channels as the convolution sees them (CONCAT: Ca + Cb)
     ho: u32,
     wo: u32,
     cout: u32,
@@ -49,33 +95,43 @@ struct Params {
     pad_left: u32,
     m: u32,       // batch · ho · wo
     k: u32,       // kh · kw · cin
-    n_tiles: u32, // ceil(cout / 64)
+    n_tiles: u32, // ceil(cout / BN) for the entry point's BN
     flags: u32,   // bit 0: add bias, bit 1: add residual
+    xh: u32,      // x as stored: h, w, or h / 2, w / 2 with UPSAMPLE
+    xw: u32,
+    ca: u32,      // channels of x (CONCAT: of its first part; cin otherwise)
+    _pad: u32,
 };
 
 @group(0) @binding(0) var<storage, read> x4: array<elem4>;
-@group(0) @binding(1) var<storage, read> w4: array<elem4>;
-@group(0) @binding(2) var<storage, read> bias: array<elem>;
-@group(0) @binding(3) var<storage, read> residual: array<elem>;
-@group(0) @binding(4) var<storage, read_write> out: array<elem>;
-@group(0) @binding(5) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> xb4: array<elem4>;
+@group(0) @binding(2) var<storage, read> w4: array<elem4>;
+@group(0) @binding(3) var<storage, read> bias: array<elem>;
+@group(0) @binding(4) var<storage, read> residual: array<elem>;
+@group(0) @binding(5) var<storage, read_write> out: array<elem>;
+@group(0) @binding(6) var<uniform> params: Params;
 
-const BM: u32 = 64u; // output pixels per workgroup tile
-const BN: u32 = 64u; // output channels per workgroup tile
-const WG: u32 = 256u;
-
-// K-step of the tiles: 16 or 32 (the loaders keep BK/16 vec4 per operand in registers).
-override BK: u32 = 32u;
 // Cin % 4 == 0: load A and B as whole vec4 (see header).
 override VEC4_K: bool = true;
+// The input is x upsampled 2× (nearest), read through the index map (see header).
+override UPSAMPLE: bool = false;
+// The input is the channel concatenation of x (params.ca channels) and xb (see header).
+override CONCAT: bool = false;
+// K step of conv2d_64: 16 or 32 (each thread keeps BK/16 vec4 per operand in registers).
+override BK: u32 = 32u;
+// conv2d_small's channel quads per thread: its tile is 64 pixels × 4·NQ channels (host: NQ =
+// ceil(Cout / 4), at most 4; wider Cout takes several N tiles).
+override NQ: u32 = 1u;
+// Every named override must be declared above the first override-sized array: naga 30's
+// whole-module override processing (process_overrides without an entry point, as the naga test
+// runs it) panics on a named override declared after the anonymous one an array size creates.
 
-var<workgroup> a_tile: array<vec4<f32>, BM * (BK / 4u + 1u)>;
-var<workgroup> b_tile: array<vec4<f32>, BN * (BK / 4u + 1u)>;
+// ------------------------------------------------------------------ loads (shared)
 
-// One output pixel as the A loader sees it: where its batch image starts in x, and the input
-// coordinates of its top-left filter tap (may be negative: padding).
+// One output pixel as the A loader sees it: where its batch image starts in x (in stored
+// pixels), and the logical input coordinates of its top-left filter tap (may be negative: padding).
 struct Pixel {
-    base: u32,
+    img: u32,
     iy0: i32,
     ix0: i32,
     valid: bool,
@@ -88,11 +144,44 @@ fn pixel(m: u32) -> Pixel {
     let rem = m - b * hw;
     let oy = rem / params.wo;
     let ox = rem - oy * params.wo;
-    p.base = b * params.h * params.w * params.cin;
+    p.img = b * params.xh * params.xw;
     p.iy0 = i32(oy * params.stride) - i32(params.pad_top);
     p.ix0 = i32(ox * params.stride) - i32(params.pad_left);
     p.valid = m < params.m;
     return p;
+}
+
+// Stored pixel index (b·xh·xw + y·xw + x) of logical input pixel (iy, ix), which must be inside
+// the image: with UPSAMPLE, logical pixel (iy, ix) is stored pixel (iy / 2, ix / 2).
+fn x_pixel(p: Pixel, iy: u32, ix: u32) -> u32 {
+    var y = iy;
+    var x = ix;
+    if (UPSAMPLE) {
+        y = iy >> 1u;
+        x = ix >> 1u;
+    }
+    return p.img + y * params.xw + x;
+}
+
+// Input channel ci of stored pixel pix: channels [0, ca) live in x, with CONCAT the rest in xb.
+fn x_scalar(pix: u32, ci: u32) -> f32 {
+    if (CONCAT && ci >= params.ca) {
+        let i = pix * (params.cin - params.ca) + ci - params.ca;
+        return f32(xb4[i >> 2u][i & 3u]);
+    }
+    let i = pix * params.ca + ci;
+    return f32(x4[i >> 2u][i & 3u]);
+}
+
+// Channels ci .. ci+4 of stored pixel pix (vec4 path: ci % 4 == 0 and, with CONCAT, ca % 4 == 0,
+// so the 4 channels lie in one source and one aligned vec4).
+fn x_vec4(pix: u32, ci: u32) -> vec4<f32> {
+    if (CONCAT && ci >= params.ca) {
+        let i = pix * (params.cin - params.ca) + ci - params.ca;
+        return vec4<f32>(xb4[i >> 2u]);
+    }
+    let i = pix * params.ca + ci;
+    return vec4<f32>(x4[i >> 2u]);
 }
 
 // One element of x by im2col coordinate k (scalar path), 0 outside the image or past K.
@@ -110,8 +199,7 @@ fn x_at(p: Pixel, k: u32) -> f32 {
     if (u32(iy) >= params.h || u32(ix) >= params.w) {
         return 0.0;
     }
-    let i = p.base + (u32(iy) * params.w + u32(ix)) * params.cin + ci;
-    return f32(x4[i >> 2u][i & 3u]);
+    return x_scalar(x_pixel(p, u32(iy), u32(ix)), ci);
 }
 
 // A[m, k .. k+4] for the vec4 path: k % 4 == 0, (ci, kx, ky) is k's decomposition.
@@ -121,8 +209,7 @@ fn a_vec4(p: Pixel, k: u32, ci: u32, kx: u32, ky: u32) -> vec4<f32> {
     if (!p.valid || k >= params.k || u32(iy) >= params.h || u32(ix) >= params.w) {
         return vec4<f32>(0.0);
     }
-    let i = p.base + (u32(iy) * params.w + u32(ix)) * params.cin + ci;
-    return vec4<f32>(x4[i >> 2u]);
+    return x_vec4(x_pixel(p, u32(iy), u32(ix)), ci);
 }
 
 fn a_scalar(p: Pixel, k: u32) -> vec4<f32> {
@@ -152,37 +239,118 @@ fn fma4(acc: f32, a: vec4<f32>, b: vec4<f32>) -> f32 {
     return fma(a.w, b.w, fma(a.z, b.z, fma(a.y, b.y, fma(a.x, b.x, acc))));
 }
 
-// Add bias / residual, round to the storage type, write the 4 channels of one output pixel.
-fn store_row(m: u32, n0: u32, acc: vec4<f32>) {
+// 4 dot products: acc[j] + a · b_j (4 consecutive k of one pixel against 4 weight rows).
+fn dot4x4(acc: vec4<f32>, a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(fma4(acc.x, a, b0), fma4(acc.y, a, b1), fma4(acc.z, a, b2), fma4(acc.w, a, b3));
+}
+
+// Where the loaders are along K: k, and for the vec4 path its decomposition into (ci, kx, ky).
+struct KPos {
+    k: u32,
+    ci: u32,
+    kx: u32,
+    ky: u32,
+};
+
+fn k_pos(k: u32) -> KPos {
+    var s: KPos;
+    s.k = k;
+    let tap = k / params.cin;
+    s.ci = k - tap * params.cin;
+    s.ky = tap / params.kw;
+    s.kx = tap - s.ky * params.kw;
+    return s;
+}
+
+// k + step, the decomposition advanced without a division (several taps when Cin < step).
+fn k_advance(s: KPos, step: u32) -> KPos {
+    var r = s;
+    r.k += step;
+    if (VEC4_K) {
+        r.ci += step;
+        while (r.ci >= params.cin) {
+            r.ci -= params.cin;
+            r.kx += 1u;
+            if (r.kx == params.kw) {
+                r.kx = 0u;
+                r.ky += 1u;
+            }
+        }
+    }
+    return r;
+}
+
+// A[m, k .. k+4] of pixel p.
+fn a_load(p: Pixel, s: KPos) -> vec4<f32> {
+    if (VEC4_K) {
+        return a_vec4(p, s.k, s.ci, s.kx, s.ky);
+    }
+    return a_scalar(p, s.k);
+}
+
+// ------------------------------------------------------------------ stores (shared)
+
+// Add bias / residual to one output, round to the storage type, write it (inside C only).
+fn store_one(m: u32, n: u32, v: f32) {
+    if (n >= params.cout) {
+        return;
+    }
+    let o = m * params.cout + n;
+    var r = v;
+    if ((params.flags & 1u) != 0u) {
+        r += f32(bias[n]);
+    }
+    if ((params.flags & 2u) != 0u) {
+        r += f32(residual[o]);
+    }
+    out[o] = elem(r);
+}
+
+// Outputs of pixel m at channels n, n + dn, n + 2·dn, n + 3·dn.
+fn store4(m: u32, n: u32, dn: u32, v: vec4<f32>) {
     if (m >= params.m) {
         return;
     }
-    for (var j = 0u; j < 4u; j++) {
-        let n = n0 + j * 16u;
-        if (n < params.cout) {
-            let o = m * params.cout + n;
-            var v = acc[j];
-            if ((params.flags & 1u) != 0u) {
-                v += f32(bias[n]);
-            }
-            if ((params.flags & 2u) != 0u) {
-                v += f32(residual[o]);
-            }
-            out[o] = elem(v);
-        }
-    }
+    store_one(m, n, v.x);
+    store_one(m, n + dn, v.y);
+    store_one(m, n + 2u * dn, v.z);
+    store_one(m, n + 3u * dn, v.w);
+}
+
+// ------------------------------------------------------------------ conv2d_64
+
+const WG: u32 = 256u; // threads of conv2d_64 and conv2d_128
+
+var<workgroup> a_tile: array<vec4<f32>, 64u * (BK / 4u + 1u)>;
+var<workgroup> b_tile: array<vec4<f32>, 64u * (BK / 4u + 1u)>;
+
+// 4 k (vec4 kk of the step) into the 4 × 4 register tile. ar / br: the thread's first A / B row
+// offsets; rs: the padded row stride.
+fn mac64(acc: ptr<function, array<vec4<f32>, 4>>, ar: u32, br: u32, rs: u32, kk: u32) {
+    let a0 = a_tile[ar + kk];
+    let a1 = a_tile[ar + rs + kk];
+    let a2 = a_tile[ar + 2u * rs + kk];
+    let a3 = a_tile[ar + 3u * rs + kk];
+    let b0 = b_tile[br + kk];
+    let b1 = b_tile[br + 16u * rs + kk];
+    let b2 = b_tile[br + 32u * rs + kk];
+    let b3 = b_tile[br + 48u * rs + kk];
+    (*acc)[0] = dot4x4((*acc)[0], a0, b0, b1, b2, b3);
+    (*acc)[1] = dot4x4((*acc)[1], a1, b0, b1, b2, b3);
+    (*acc)[2] = dot4x4((*acc)[2], a2, b0, b1, b2, b3);
+    (*acc)[3] = dot4x4((*acc)[3], a3, b0, b1, b2, b3);
 }
 
 @compute @workgroup_size(256)
-fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-          @builtin(local_invocation_index) lid: u32) {
+fn conv2d_64(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
     let tile = wid.x + wid.y * nwg.x;
-    let m_tiles = (params.m + BM - 1u) / BM;
+    let m_tiles = (params.m + 63u) / 64u;
     if (tile >= m_tiles * params.n_tiles) {
         return;
     }
-    let m0 = (tile / params.n_tiles) * BM;
-    let n0 = (tile % params.n_tiles) * BN;
+    let m0 = (tile / params.n_tiles) * 64u;
+    let n0 = (tile % params.n_tiles) * 64u;
 
     // Loader geometry: kv vec4 per tile row; this thread loads the vec4 at k offset lk of rows
     // lr and (when BK = 32) lr + 32, of both A and B.
@@ -199,40 +367,21 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let s0 = lr * rs + lk / 4u;
     let s1 = (lr + rstep) * rs + lk / 4u;
 
-    // k of this thread's loads and, for the vec4 path, its (ci, kx, ky) decomposition, advanced
-    // incrementally (no division per step).
-    var k = lk;
-    let tap = k / params.cin;
-    var ci = k - tap * params.cin;
-    var ky = tap / params.kw;
-    var kx = tap - ky * params.kw;
-
-    var ra0: vec4<f32>;
+    var kp = k_pos(lk);
+    var ra0 = a_load(p0, kp);
+    var rb0 = b_load(n_a, kp.k);
     var ra1 = vec4<f32>(0.0);
-    var rb0 = b_load(n_a, k);
     var rb1 = vec4<f32>(0.0);
-    if (VEC4_K) {
-        ra0 = a_vec4(p0, k, ci, kx, ky);
-        if (two) {
-            ra1 = a_vec4(p1, k, ci, kx, ky);
-        }
-    } else {
-        ra0 = a_scalar(p0, k);
-        if (two) {
-            ra1 = a_scalar(p1, k);
-        }
-    }
     if (two) {
-        rb1 = b_load(n_b, k);
+        ra1 = a_load(p1, kp);
+        rb1 = b_load(n_b, kp.k);
     }
 
     let tx = lid % 16u;
     let ty = lid / 16u;
     let ar = ty * 4u * rs;
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    let br = tx * rs;
+    var acc: array<vec4<f32>, 4>;
 
     let k_tiles = (params.k + BK - 1u) / BK;
     for (var t = 0u; t < k_tiles; t++) {
@@ -246,54 +395,262 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 
         // Prefetch the next step while this one is multiplied.
         if (t + 1u < k_tiles) {
-            k += BK;
-            rb0 = b_load(n_a, k);
+            kp = k_advance(kp, BK);
+            ra0 = a_load(p0, kp);
+            rb0 = b_load(n_a, kp.k);
             if (two) {
-                rb1 = b_load(n_b, k);
-            }
-            if (VEC4_K) {
-                ci += BK;
-                while (ci >= params.cin) {
-                    ci -= params.cin;
-                    kx += 1u;
-                    if (kx == params.kw) {
-                        kx = 0u;
-                        ky += 1u;
-                    }
-                }
-                ra0 = a_vec4(p0, k, ci, kx, ky);
-                if (two) {
-                    ra1 = a_vec4(p1, k, ci, kx, ky);
-                }
-            } else {
-                ra0 = a_scalar(p0, k);
-                if (two) {
-                    ra1 = a_scalar(p1, k);
-                }
+                ra1 = a_load(p1, kp);
+                rb1 = b_load(n_b, kp.k);
             }
         }
 
-        for (var kk = 0u; kk < kv; kk++) {
-            let a0 = a_tile[ar + kk];
-            let a1 = a_tile[ar + rs + kk];
-            let a2 = a_tile[ar + 2u * rs + kk];
-            let a3 = a_tile[ar + 3u * rs + kk];
-            let b0 = b_tile[tx * rs + kk];
-            let b1 = b_tile[(tx + 16u) * rs + kk];
-            let b2 = b_tile[(tx + 32u) * rs + kk];
-            let b3 = b_tile[(tx + 48u) * rs + kk];
-            acc0 = vec4<f32>(fma4(acc0.x, a0, b0), fma4(acc0.y, a0, b1), fma4(acc0.z, a0, b2), fma4(acc0.w, a0, b3));
-            acc1 = vec4<f32>(fma4(acc1.x, a1, b0), fma4(acc1.y, a1, b1), fma4(acc1.z, a1, b2), fma4(acc1.w, a1, b3));
-            acc2 = vec4<f32>(fma4(acc2.x, a2, b0), fma4(acc2.y, a2, b1), fma4(acc2.z, a2, b2), fma4(acc2.w, a2, b3));
-            acc3 = vec4<f32>(fma4(acc3.x, a3, b0), fma4(acc3.y, a3, b1), fma4(acc3.z, a3, b2), fma4(acc3.w, a3, b3));
+        // BK is a pipeline constant: the `if` folds away.
+        mac64(&acc, ar, br, rs, 0u);
+        mac64(&acc, ar, br, rs, 1u);
+        mac64(&acc, ar, br, rs, 2u);
+        mac64(&acc, ar, br, rs, 3u);
+        if (BK == 32u) {
+            mac64(&acc, ar, br, rs, 4u);
+            mac64(&acc, ar, br, rs, 5u);
+            mac64(&acc, ar, br, rs, 6u);
+            mac64(&acc, ar, br, rs, 7u);
         }
         workgroupBarrier();
     }
 
     let m = m0 + ty * 4u;
     let n = n0 + tx;
-    store_row(m, n, acc0);
-    store_row(m + 1u, n, acc1);
-    store_row(m + 2u, n, acc2);
-    store_row(m + 3u, n, acc3);
+    store4(m, n, 16u, acc[0]);
+    store4(m + 1u, n, 16u, acc[1]);
+    store4(m + 2u, n, 16u, acc[2]);
+    store4(m + 3u, n, 16u, acc[3]);
+}
+
+// ------------------------------------------------------------------ conv2d_128
+
+const RS_L: u32 = 5u; // padded row stride of conv2d_128's tiles (K step 16 = 4 vec4, + 1)
+
+var<workgroup> a_tile_l: array<vec4<f32>, 128u * RS_L>;
+var<workgroup> b_tile_l: array<vec4<f32>, 128u * RS_L>;
+
+// 4 k (vec4 kk) into the 8 × 8 register tile: acc[2i] holds pixel ty + 16i × channels tx + 16j
+// (j < 4), acc[2i + 1] the same pixel × channels tx + 64 + 16j. The 8 B vec4 stay in registers
+// while the 8 A vec4 stream through.
+fn mac128(acc: ptr<function, array<vec4<f32>, 16>>, tx: u32, ty: u32, kk: u32) {
+    let br = tx * RS_L + kk;
+    let b0 = b_tile_l[br];
+    let b1 = b_tile_l[br + 16u * RS_L];
+    let b2 = b_tile_l[br + 32u * RS_L];
+    let b3 = b_tile_l[br + 48u * RS_L];
+    let b4 = b_tile_l[br + 64u * RS_L];
+    let b5 = b_tile_l[br + 80u * RS_L];
+    let b6 = b_tile_l[br + 96u * RS_L];
+    let b7 = b_tile_l[br + 112u * RS_L];
+    let ar = ty * RS_L + kk;
+    var a = a_tile_l[ar];
+    (*acc)[0] = dot4x4((*acc)[0], a, b0, b1, b2, b3);
+    (*acc)[1] = dot4x4((*acc)[1], a, b4, b5, b6, b7);
+    a = a_tile_l[ar + 16u * RS_L];
+    (*acc)[2] = dot4x4((*acc)[2], a, b0, b1, b2, b3);
+    (*acc)[3] = dot4x4((*acc)[3], a, b4, b5, b6, b7);
+    a = a_tile_l[ar + 32u * RS_L];
+    (*acc)[4] = dot4x4((*acc)[4], a, b0, b1, b2, b3);
+    (*acc)[5] = dot4x4((*acc)[5], a, b4, b5, b6, b7);
+    a = a_tile_l[ar + 48u * RS_L];
+    (*acc)[6] = dot4x4((*acc)[6], a, b0, b1, b2, b3);
+    (*acc)[7] = dot4x4((*acc)[7], a, b4, b5, b6, b7);
+    a = a_tile_l[ar + 64u * RS_L];
+    (*acc)[8] = dot4x4((*acc)[8], a, b0, b1, b2, b3);
+    (*acc)[9] = dot4x4((*acc)[9], a, b4, b5, b6, b7);
+    a = a_tile_l[ar + 80u * RS_L];
+    (*acc)[10] = dot4x4((*acc)[10], a, b0, b1, b2, b3);
+    (*acc)[11] = dot4x4((*acc)[11], a, b4, b5, b6, b7);
+    a = a_tile_l[ar + 96u * RS_L];
+    (*acc)[12] = dot4x4((*acc)[12], a, b0, b1, b2, b3);
+    (*acc)[13] = dot4x4((*acc)[13], a, b4, b5, b6, b7);
+    a = a_tile_l[ar + 112u * RS_L];
+    (*acc)[14] = dot4x4((*acc)[14], a, b0, b1, b2, b3);
+    (*acc)[15] = dot4x4((*acc)[15], a, b4, b5, b6, b7);
+}
+
+@compute @workgroup_size(256)
+fn conv2d_128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let tile = wid.x + wid.y * nwg.x;
+    let m_tiles = (params.m + 127u) / 128u;
+    if (tile >= m_tiles * params.n_tiles) {
+        return;
+    }
+    let m0 = (tile / params.n_tiles) * 128u;
+    let n0 = (tile % params.n_tiles) * 128u;
+
+    // Loader: 4 vec4 per row; this thread loads k offset lk of rows lr and lr + 64 of A and B.
+    let lk = (lid % 4u) * 4u;
+    let lr = lid / 4u;
+    let p0 = pixel(m0 + lr);
+    let p1 = pixel(m0 + lr + 64u);
+    let n_a = n0 + lr;
+    let n_b = n0 + lr + 64u;
+    let s0 = lr * RS_L + lk / 4u;
+    let s1 = s0 + 64u * RS_L;
+
+    var kp = k_pos(lk);
+    var ra0 = a_load(p0, kp);
+    var ra1 = a_load(p1, kp);
+    var rb0 = b_load(n_a, kp.k);
+    var rb1 = b_load(n_b, kp.k);
+
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    var acc: array<vec4<f32>, 16>;
+
+    let k_tiles = (params.k + 15u) / 16u;
+    for (var t = 0u; t < k_tiles; t++) {
+        a_tile_l[s0] = ra0;
+        a_tile_l[s1] = ra1;
+        b_tile_l[s0] = rb0;
+        b_tile_l[s1] = rb1;
+        workgroupBarrier();
+
+        if (t + 1u < k_tiles) {
+            kp = k_advance(kp, 16u);
+            ra0 = a_load(p0, kp);
+            ra1 = a_load(p1, kp);
+            rb0 = b_load(n_a, kp.k);
+            rb1 = b_load(n_b, kp.k);
+        }
+
+        mac128(&acc, tx, ty, 0u);
+        mac128(&acc, tx, ty, 1u);
+        mac128(&acc, tx, ty, 2u);
+        mac128(&acc, tx, ty, 3u);
+        workgroupBarrier();
+    }
+
+    // Constant indices only: a dynamically indexed accumulator array could be put in memory.
+    let m = m0 + ty;
+    let na = n0 + tx;
+    let nb = n0 + tx + 64u;
+    store4(m, na, 16u, acc[0]);
+    store4(m, nb, 16u, acc[1]);
+    store4(m + 16u, na, 16u, acc[2]);
+    store4(m + 16u, nb, 16u, acc[3]);
+    store4(m + 32u, na, 16u, acc[4]);
+    store4(m + 32u, nb, 16u, acc[5]);
+    store4(m + 48u, na, 16u, acc[6]);
+    store4(m + 48u, nb, 16u, acc[7]);
+    store4(m + 64u, na, 16u, acc[8]);
+    store4(m + 64u, nb, 16u, acc[9]);
+    store4(m + 80u, na, 16u, acc[10]);
+    store4(m + 80u, nb, 16u, acc[11]);
+    store4(m + 96u, na, 16u, acc[12]);
+    store4(m + 96u, nb, 16u, acc[13]);
+    store4(m + 112u, na, 16u, acc[14]);
+    store4(m + 112u, nb, 16u, acc[15]);
+}
+
+// ------------------------------------------------------------------ conv2d_small
+
+const RS_S: u32 = 5u; // padded row stride of the A tile (K step 16 = 4 vec4, + 1)
+
+var<workgroup> a_tile_s: array<vec4<f32>, 64u * RS_S>;
+// [n][k]: 16 weight rows (4·NQ used) of 4 vec4, unpadded: every thread reads the same element.
+var<workgroup> w_tile_s: array<vec4<f32>, 64u>;
+
+fn w_s(n: u32, kk: u32) -> vec4<f32> {
+    return w_tile_s[n * 4u + kk];
+}
+
+// 4 k (vec4 kk) of this thread's pixel (A row lid) into its 4·NQ channels (NQ folds away).
+fn mac_small(acc: ptr<function, array<vec4<f32>, 4>>, lid: u32, kk: u32) {
+    let a = a_tile_s[lid * RS_S + kk];
+    (*acc)[0] = dot4x4((*acc)[0], a, w_s(0u, kk), w_s(1u, kk), w_s(2u, kk), w_s(3u, kk));
+    if (NQ > 1u) {
+        (*acc)[1] = dot4x4((*acc)[1], a, w_s(4u, kk), w_s(5u, kk), w_s(6u, kk), w_s(7u, kk));
+    }
+    if (NQ > 2u) {
+        (*acc)[2] = dot4x4((*acc)[2], a, w_s(8u, kk), w_s(9u, kk), w_s(10u, kk), w_s(11u, kk));
+    }
+    if (NQ > 3u) {
+        (*acc)[3] = dot4x4((*acc)[3], a, w_s(12u, kk), w_s(13u, kk), w_s(14u, kk), w_s(15u, kk));
+    }
+}
+
+@compute @workgroup_size(64)
+fn conv2d_small(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let nc = 4u * NQ;
+    let tile = wid.x + wid.y * nwg.x;
+    let m_tiles = (params.m + 63u) / 64u;
+    if (tile >= m_tiles * params.n_tiles) {
+        return;
+    }
+    let m0 = (tile / params.n_tiles) * 64u;
+    let n0 = (tile % params.n_tiles) * nc;
+
+    // Loader: 4 vec4 per row; this thread loads k offset lk of A rows lr + 16·j (j < 4) and, if
+    // lr < nc, of weight row lr (lr < 16: every weight row has a loader).
+    let lk = (lid % 4u) * 4u;
+    let lr = lid / 4u;
+    let p0 = pixel(m0 + lr);
+    let p1 = pixel(m0 + lr + 16u);
+    let p2 = pixel(m0 + lr + 32u);
+    let p3 = pixel(m0 + lr + 48u);
+    let s0 = lr * RS_S + lk / 4u;
+    let sw = lr * 4u + lk / 4u;
+    let loads_w = lr < nc;
+    let n_w = n0 + lr;
+
+    var kp = k_pos(lk);
+    var ra0 = a_load(p0, kp);
+    var ra1 = a_load(p1, kp);
+    var ra2 = a_load(p2, kp);
+    var ra3 = a_load(p3, kp);
+    var rw = vec4<f32>(0.0);
+    if (loads_w) {
+        rw = b_load(n_w, kp.k);
+    }
+
+    var acc: array<vec4<f32>, 4>;
+
+    let k_tiles = (params.k + 15u) / 16u;
+    for (var t = 0u; t < k_tiles; t++) {
+        a_tile_s[s0] = ra0;
+        a_tile_s[s0 + 16u * RS_S] = ra1;
+        a_tile_s[s0 + 32u * RS_S] = ra2;
+        a_tile_s[s0 + 48u * RS_S] = ra3;
+        if (loads_w) {
+            w_tile_s[sw] = rw;
+        }
+        workgroupBarrier();
+
+        if (t + 1u < k_tiles) {
+            kp = k_advance(kp, 16u);
+            ra0 = a_load(p0, kp);
+            ra1 = a_load(p1, kp);
+            ra2 = a_load(p2, kp);
+            ra3 = a_load(p3, kp);
+            if (loads_w) {
+                rw = b_load(n_w, kp.k);
+            }
+        }
+
+        mac_small(&acc, lid, 0u);
+        mac_small(&acc, lid, 1u);
+        mac_small(&acc, lid, 2u);
+        mac_small(&acc, lid, 3u);
+        workgroupBarrier();
+    }
+
+    let m = m0 + lid;
+    store4(m, n0, 1u, acc[0]);
+    if (NQ > 1u) {
+        store4(m, n0 + 4u, 1u, acc[1]);
+    }
+    if (NQ > 2u) {
+        store4(m, n0 + 8u, 1u, acc[2]);
+    }
+    if (NQ > 3u) {
+        store4(m, n0 + 12u, 1u, acc[3]);
+    }
 }

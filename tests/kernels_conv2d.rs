@@ -1,5 +1,8 @@
 //! conv2d (implicit GEMM, NHWC) against the f64 reference: awkward sizes, every padding/stride
-//! mode, with and without bias/residual, both dtypes, NaN-poisoned outputs, and SD 1.5 shapes.
+//! mode, with and without bias/residual, the fused input modes (2× nearest upsampling, two-source
+//! channel concatenation), both dtypes, NaN-poisoned outputs, and SD 1.5 shapes. Every case runs
+//! on every kernel variant (tile × K step) the adapter can hold, forced, not left to the shape
+//! heuristic; the heuristic itself is tested separately.
 //!
 //! Tolerances (relative L2): f32 ≤ 1e-5: the kernel accumulates K = KH·KW·Cin products in f32 in a
 //! different order than the f64 reference; the error of such a sum grows like √K·2⁻²⁴ relative to
@@ -10,11 +13,26 @@
 mod common;
 
 use common::*;
+use ldm_wgpu::kernels::conv2d::{choose_variant, Conv, Input, Tile, Variant};
 use ldm_wgpu::kernels::{conv2d, fill};
-use ldm_wgpu::{DType, Error};
+use ldm_wgpu::{DType, Error, Gpu, GpuOptions, Tensor};
+
+/// How the kernel receives the input x [b, h, w, cin] of a case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Plain,
+    /// `Input::Upsampled2x`: the convolution sees x upsampled to [b, 2h, 2w, cin].
+    Upsampled,
+    /// `Input::Concat`: x is uploaded as two tensors, channels [0, ca) and [ca, cin), and the
+    /// convolution sees their concatenation, i.e. x again.
+    Concat {
+        ca: usize,
+    },
+}
 
 #[derive(Clone, Copy, Debug)]
 struct Case {
+    mode: Mode,
     name: &'static str,
     b: usize,
     h: usize,
@@ -44,6 +62,7 @@ const fn case(
     residual: bool,
 ) -> Case {
     Case {
+        mode: Mode::Plain,
         name,
         b,
         h,
@@ -59,10 +78,35 @@ const fn case(
     }
 }
 
+/// The case with its input upsampled 2× (nearest) by the kernel.
+const fn up(c: Case) -> Case {
+    Case {
+        mode: Mode::Upsampled,
+        ..c
+    }
+}
+
+/// The case with its input split into two tensors at channel `ca` and concatenated by the kernel.
+const fn cat(ca: usize, c: Case) -> Case {
+    Case {
+        mode: Mode::Concat { ca },
+        ..c
+    }
+}
+
 impl Case {
+    /// Input height and width as the convolution sees them.
+    fn in_hw(&self) -> (usize, usize) {
+        match self.mode {
+            Mode::Upsampled => (2 * self.h, 2 * self.w),
+            _ => (self.h, self.w),
+        }
+    }
+
     fn out_hw(&self) -> (usize, usize) {
-        let ho = (self.h + self.pads[0] + self.pads[1] - self.kh) / self.stride + 1;
-        let wo = (self.w + self.pads[2] + self.pads[3] - self.kw) / self.stride + 1;
+        let (h, w) = self.in_hw();
+        let ho = (h + self.pads[0] + self.pads[1] - self.kh) / self.stride + 1;
+        let wo = (w + self.pads[2] + self.pads[3] - self.kw) / self.stride + 1;
         (ho, wo)
     }
 }
@@ -92,15 +136,26 @@ fn inputs(c: &Case, seed: u64) -> Inputs {
     }
 }
 
+/// The specification: the f64 reference on the input as the convolution sees it (upsampled on
+/// the host for `Mode::Upsampled`).
 fn reference(c: &Case, i: &Inputs) -> Vec<f64> {
+    let x = match c.mode {
+        Mode::Plain => i.x.clone(),
+        Mode::Upsampled => conv2d::upsample_nearest2x_host(&i.x, c.b, c.h, c.w, c.cin),
+        Mode::Concat { ca } => {
+            let (a, b) = split_channels(&i.x, ca, c.cin);
+            conv2d::concat_channels_host(&a, &b, c.b * c.h * c.w, ca, c.cin - ca)
+        }
+    };
+    let (h, w) = c.in_hw();
     conv2d::reference(
-        &i.x,
+        &x,
         &i.w,
         i.bias.as_deref(),
         i.residual.as_deref(),
         c.b,
-        c.h,
-        c.w,
+        h,
+        w,
         c.cin,
         c.cout,
         c.kh,
@@ -110,31 +165,60 @@ fn reference(c: &Case, i: &Inputs) -> Vec<f64> {
     )
 }
 
-/// Upload `i` in `dtype` (values already representable, or rounded here), run the kernel into a
-/// NaN-poisoned output, return the output on the host.
-fn run_gpu(c: &Case, i: &Inputs, dtype: DType) -> Vec<f32> {
-    let g = gpu();
+/// NHWC x [.., cin] as (x[.., :ca], x[.., ca:]).
+fn split_channels(x: &[f32], ca: usize, cin: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for px in x.chunks(cin) {
+        a.extend_from_slice(&px[..ca]);
+        b.extend_from_slice(&px[ca..]);
+    }
+    (a, b)
+}
+
+/// Upload `i` to `g` in `dtype` (values already representable, or rounded on upload) and run the
+/// kernel (`variant` forced, or chosen by shape when `None`) into a NaN-poisoned output.
+fn run_on(g: &Gpu, c: &Case, i: &Inputs, dtype: DType, variant: Option<Variant>) -> Tensor {
+    let up = |data: &[f32], shape: &[usize]| g.upload(data, shape, dtype).unwrap();
     let (ho, wo) = c.out_hw();
-    let (x, _) = upload(&i.x, &[c.b, c.h, c.w, c.cin], dtype);
-    let (w, _) = upload(&i.w, &[c.cout, c.kh, c.kw, c.cin], dtype);
-    let bias = i.bias.as_ref().map(|v| upload(v, &[c.cout], dtype).0);
-    let residual = i
-        .residual
-        .as_ref()
-        .map(|v| upload(v, &[c.b, ho, wo, c.cout], dtype).0);
+    let x = up(&i.x, &[c.b, c.h, c.w, c.cin]);
+    // Concat: the two parts (`x` itself is then unused).
+    let parts = match c.mode {
+        Mode::Concat { ca } => {
+            let (a, b) = split_channels(&i.x, ca, c.cin);
+            Some((
+                up(&a, &[c.b, c.h, c.w, ca]),
+                up(&b, &[c.b, c.h, c.w, c.cin - ca]),
+            ))
+        }
+        _ => None,
+    };
+    let w = up(&i.w, &[c.cout, c.kh, c.kw, c.cin]);
+    let bias = i.bias.as_ref().map(|v| up(v, &[c.cout]));
+    let residual = i.residual.as_ref().map(|v| up(v, &[c.b, ho, wo, c.cout]));
     let out = fill::poisoned(g, &[c.b, ho, wo, c.cout], dtype).unwrap();
-    conv2d::conv2d_into(
-        g,
-        &x,
-        &w,
-        bias.as_ref(),
-        residual.as_ref(),
-        c.stride,
-        c.pads,
-        &out,
-    )
+    let input = match (&c.mode, &parts) {
+        (Mode::Upsampled, _) => Input::Upsampled2x(&x),
+        (Mode::Concat { .. }, Some((a, b))) => Input::Concat(a, b),
+        _ => Input::Plain(&x),
+    };
+    Conv {
+        input,
+        weight: &w,
+        bias: bias.as_ref(),
+        residual: residual.as_ref(),
+        stride: c.stride,
+        pads: c.pads,
+        variant,
+    }
+    .run_into(g, &out)
     .unwrap();
-    g.download(&out).unwrap()
+    out
+}
+
+/// [`run_on`] the shared engine, the output on the host.
+fn run_gpu(c: &Case, i: &Inputs, dtype: DType, variant: Option<Variant>) -> Vec<f32> {
+    let g = gpu();
+    g.download(&run_on(g, c, i, dtype, variant)).unwrap()
 }
 
 fn quantized(i: &Inputs, dtype: DType) -> Inputs {
@@ -146,19 +230,22 @@ fn quantized(i: &Inputs, dtype: DType) -> Inputs {
     }
 }
 
+/// Every kernel variant this adapter can run (lavapipe: all of them).
+fn all_variants() -> Vec<Variant> {
+    conv2d::variants(gpu().caps.max_workgroup_storage)
+}
+
 fn check(c: &Case, seed: u64) {
     for dtype in dtypes() {
         let i = quantized(&inputs(c, seed), dtype);
         let want = reference(c, &i);
-        let got = run_gpu(c, &i, dtype);
-        let e = rel_l2(&got, &want);
-        eprintln!("{:<40} {:>4} rel_l2 {e:.2e}", c.name, dtype.name());
-        assert_close(
-            &format!("{} ({})", c.name, dtype.name()),
-            &got,
-            &want,
-            tol(dtype, 1e-5, 2e-3),
-        );
+        for v in all_variants() {
+            let got = run_gpu(c, &i, dtype, Some(v));
+            let e = rel_l2(&got, &want);
+            let what = format!("{} [{}] ({})", c.name, v.name(), dtype.name());
+            eprintln!("{what:<52} rel_l2 {e:.2e}");
+            assert_close(&what, &got, &want, tol(dtype, 1e-5, 2e-3));
+        }
     }
 }
 
@@ -213,6 +300,54 @@ fn every_mode() {
     }
 }
 
+/// Upsample2D fused into the conv: the kernel reads x [b, h, w, cin] at (iy / 2, ix / 2) and must
+/// equal the reference convolution of the host-upsampled x. Awkward (odd, prime, 1-pixel) stored
+/// sizes, 1 channel, the scalar path, several M and N tiles, and the other conv modes on an
+/// upsampled input (the index map is independent of kernel size, stride and padding).
+#[rustfmt::skip]
+const UPSAMPLED_CASES: &[Case] = &[
+    up(case("up 5x7 cin8 cout13 3x3 p1", 1, 5, 7, 8, 13, (3, 3), 1, P1, true, false)),
+    up(case("up 1x1 image cin4 cout6 3x3 p1 B2", 2, 1, 1, 4, 6, (3, 3), 1, P1, true, true)),
+    up(case("up 3x5 cin1 cout1 3x3 p1", 1, 3, 5, 1, 1, (3, 3), 1, P1, false, false)),
+    up(case("up 7x3 cin3 cout67 3x3 p1 B2", 2, 7, 3, 3, 67, (3, 3), 1, P1, true, true)),
+    up(case("up 9x11 cin36 cout70 3x3 p1 B2", 2, 9, 11, 36, 70, (3, 3), 1, P1, false, true)),
+    up(case("up 13x1 cin20 cout130 3x3 p1", 1, 13, 1, 20, 130, (3, 3), 1, P1, true, false)),
+    up(case("up 4x6 cin12 cout9 1x1", 1, 4, 6, 12, 9, (1, 1), 1, P0, true, true)),
+    up(case("up 5x5 cin8 cout16 3x3 s2 p1", 2, 5, 5, 8, 16, (3, 3), 2, P1, true, false)),
+    up(case("up 6x5 cin6 cout7 2x3 pads(0,1,2,0)", 1, 6, 5, 6, 7, (2, 3), 1, [0, 1, 2, 0], false, true)),
+];
+
+#[test]
+fn upsampled_input() {
+    for (s, c) in UPSAMPLED_CASES.iter().enumerate() {
+        check(c, 700 + s as u64);
+    }
+}
+
+/// Two-source channel concatenation: awkward splits (odd Ca and/or Cb: the scalar path even when
+/// Ca + Cb is a multiple of 4; both multiples of 4: the vec4 path), 1-channel parts, 1×1 (the
+/// decoder's ResnetBlock2D shortcut) and 3×3, several M and N tiles, with bias and residual.
+#[rustfmt::skip]
+const CONCAT_CASES: &[Case] = &[
+    cat(8, case("cat 1x1 8+12 -> 13 (vec4)", 2, 7, 9, 20, 13, (1, 1), 1, P0, true, true)),
+    cat(3, case("cat 1x1 3+5 -> 10 (odd parts, scalar)", 1, 5, 11, 8, 10, (1, 1), 1, P0, true, false)),
+    cat(4, case("cat 1x1 4+1 -> 6", 1, 6, 3, 5, 6, (1, 1), 1, P0, false, true)),
+    cat(1, case("cat 1x1 1+1 -> 1", 2, 3, 7, 2, 1, (1, 1), 1, P0, true, false)),
+    cat(17, case("cat 1x1 17+4 -> 70", 1, 9, 9, 21, 70, (1, 1), 1, P0, true, true)),
+    cat(12, case("cat 3x3 p1 12+20 -> 67 B2 (vec4)", 2, 11, 7, 32, 67, (3, 3), 1, P1, true, true)),
+    cat(7, case("cat 3x3 p1 7+9 -> 19 (scalar)", 1, 9, 13, 16, 19, (3, 3), 1, P1, true, false)),
+    cat(36, case("cat 3x3 p1 36+4 -> 130 B2", 2, 13, 5, 40, 130, (3, 3), 1, P1, false, true)),
+    cat(5, case("cat 3x3 s2 p1 5+3 -> 9", 2, 9, 8, 8, 9, (3, 3), 2, P1, true, false)),
+    cat(1, case("cat 1x1 image 3x3 p1 1+2 -> 5", 1, 1, 1, 3, 5, (3, 3), 1, P1, true, true)),
+];
+
+#[test]
+fn concatenated_input() {
+    for (s, c) in CONCAT_CASES.iter().enumerate() {
+        check(c, 800 + s as u64);
+    }
+}
+
 /// Real SD 1.5 shapes. Inputs are drawn once and rounded to f16 so that one f64 reference serves
 /// both dtypes (f16 × f16 products are exact in f32, so the f32 run still tests accumulation).
 /// The VAE's 3×3 convs at 256×256 and 512×512 take minutes on lavapipe; "vae 128ch 64x64" is the
@@ -226,6 +361,14 @@ const SD15_SHAPES_CASES: &[Case] = &[
     case("vae 128ch 3x3 64x64", 1, 64, 64, 128, 128, (3, 3), 1, P1, true, true),
     case("vae.enc downsample 128 64x64", 1, 64, 64, 128, 128, (3, 3), 2, PVAE, true, false),
     case("vae.dec.conv_out 128->3 64x64", 1, 64, 64, 128, 3, (3, 3), 1, P1, true, false),
+    // Upsample2D: the U-Net's up0 upsampler at half size (1280 ch, 4x4 -> 8x8), and the VAE's
+    // 128-channel path (32x32 -> 64x64).
+    up(case("unet.up0.upsample 1280 4x4->8x8 B2", 2, 4, 4, 1280, 1280, (3, 3), 1, P1, true, false)),
+    up(case("vae upsample 128ch 32x32->64x64", 1, 32, 32, 128, 128, (3, 3), 1, P1, true, false)),
+    // The up blocks' ResnetBlock2D shortcut on cat([h, skip]) (16x16 instead of 64x64 for the
+    // last one), residual fused.
+    cat(1280, case("unet.up1.shortcut 1280+1280->1280 8x8", 2, 8, 8, 2560, 1280, (1, 1), 1, P0, true, true)),
+    cat(640, case("unet.up3.shortcut 640+320->320 16x16", 2, 16, 16, 960, 320, (1, 1), 1, P0, true, true)),
 ];
 
 #[test]
@@ -233,22 +376,24 @@ fn sd15_shapes() {
     for (s, c) in SD15_SHAPES_CASES.iter().enumerate() {
         let i = quantized(&inputs(c, 300 + s as u64), DType::F16);
         let want = reference(c, &i);
+        // The small tile on wide Cout is covered by the awkward sizes; here it only runs where
+        // it would be chosen.
+        let variants: Vec<Variant> = all_variants()
+            .into_iter()
+            .filter(|v| v.tile != Tile::Small || c.cout <= 16)
+            .collect();
         for dtype in dtypes() {
-            let t = std::time::Instant::now();
-            let got = run_gpu(c, &i, dtype);
-            let e = rel_l2(&got, &want);
-            eprintln!(
-                "{:<40} {:>4} rel_l2 {e:.2e} ({:.2} s on GPU)",
-                c.name,
-                dtype.name(),
-                t.elapsed().as_secs_f64()
-            );
-            assert_close(
-                &format!("{} ({})", c.name, dtype.name()),
-                &got,
-                &want,
-                tol(dtype, 1e-5, 2e-3),
-            );
+            for &v in &variants {
+                let t = std::time::Instant::now();
+                let got = run_gpu(c, &i, dtype, Some(v));
+                let e = rel_l2(&got, &want);
+                let what = format!("{} [{}] ({})", c.name, v.name(), dtype.name());
+                eprintln!(
+                    "{what:<52} rel_l2 {e:.2e} ({:.2} s on GPU)",
+                    t.elapsed().as_secs_f64()
+                );
+                assert_close(&what, &got, &want, tol(dtype, 1e-5, 2e-3));
+            }
         }
     }
 }
@@ -295,9 +440,18 @@ fn sd15_unet_res_320_64x64() {
             want.extend(part);
         }
     }
-    for dtype in dtypes() {
+    // The shape picks 64 (192 tiles of 128); 128 is what it gets at larger images (SD 2.x at
+    // 768²), so both run here.
+    let tiles: Vec<Variant> = all_variants()
+        .into_iter()
+        .filter(|v| v.tile != Tile::Small)
+        .collect();
+    for (dtype, v) in dtypes()
+        .into_iter()
+        .flat_map(|d| tiles.iter().map(move |&v| (d, v)))
+    {
         let t = std::time::Instant::now();
-        let full = run_gpu(&c, &i, dtype);
+        let full = run_gpu(&c, &i, dtype, Some(v));
         let secs = t.elapsed().as_secs_f64();
         let mut got = Vec::new();
         for b in 0..c.b {
@@ -311,17 +465,9 @@ fn sd15_unet_res_320_64x64() {
             c.name
         );
         let e = rel_l2(&got, &want);
-        eprintln!(
-            "{:<40} {:>4} rel_l2 {e:.2e} ({secs:.2} s on GPU)",
-            c.name,
-            dtype.name()
-        );
-        assert_close(
-            &format!("{} ({})", c.name, dtype.name()),
-            &got,
-            &want,
-            tol(dtype, 1e-5, 2e-3),
-        );
+        let what = format!("{} [{}] ({})", c.name, v.name(), dtype.name());
+        eprintln!("{what:<52} rel_l2 {e:.2e} ({secs:.2} s on GPU)");
+        assert_close(&what, &got, &want, tol(dtype, 1e-5, 2e-3));
     }
 }
 
@@ -342,6 +488,16 @@ fn allocating_wrapper_shapes() {
     assert_eq!(c.out_hw(), (4, 3));
     assert_close(
         "alloc",
+        &g.download(&out).unwrap(),
+        &reference(&c, &i),
+        1e-5,
+    );
+    // Upsample2D: [1, 9, 6, 4] seen as [1, 18, 12, 4], 3×3 s1 p1 keeps that size.
+    let c = up(case("alloc up", 1, 9, 6, 4, 5, (3, 3), 1, P1, true, false));
+    let out = conv2d::conv2d_upsampled(g, &x, &w, Some(&bias), None, 1, P1).unwrap();
+    assert_eq!(out.shape(), &[1, 18, 12, 5]);
+    assert_close(
+        "alloc up",
         &g.download(&out).unwrap(),
         &reference(&c, &i),
         1e-5,
@@ -481,8 +637,45 @@ fn rejects_bad_shapes() {
         [1; 4],
         &res
     )));
+    // Upsampled input: the kernel must fit the upsampled size, not the stored one.
+    let x1 = g.empty(&[1, 1, 1, 4], f).unwrap();
+    assert!(is_shape(conv2d::conv2d_upsampled(
+        g, &x1, &w, None, None, 1, [0; 4]
+    )));
+    assert!(conv2d::conv2d_upsampled(g, &x1, &w, None, None, 1, [1; 4]).is_ok());
+    assert!(is_shape(conv2d::conv2d_upsampled(
+        g, &x3, &w, None, None, 1, [1; 4]
+    )));
+    assert!(is_shape(conv2d::conv2d_upsampled(
+        g, &x, &w5, None, None, 1, [1; 4]
+    )));
+    // Concatenation: parts disagreeing on [B, H, W], Cin != Ca + Cb, out aliasing the second
+    // part (a read-only and read-write binding of one buffer), a rank-3 part.
+    let xb = g.empty(&[1, 8, 8, 2], f).unwrap();
+    let w6 = g.empty(&[6, 3, 3, 6], f).unwrap();
+    let cat = |a: &ldm_wgpu::Tensor, b: &ldm_wgpu::Tensor, w: &ldm_wgpu::Tensor| {
+        conv2d::conv2d_concat(g, a, b, w, None, None, 1, [1; 4])
+    };
+    assert!(cat(&x, &xb, &w6).is_ok());
+    assert!(is_shape(cat(&x, &g.empty(&[1, 8, 7, 2], f).unwrap(), &w6)));
+    assert!(is_shape(cat(&x, &g.empty(&[2, 8, 8, 2], f).unwrap(), &w6)));
+    assert!(is_shape(cat(&x, &xb, &w)));
+    assert!(is_shape(cat(&x3, &xb, &w6)));
+    let out6 = g.empty(&[1, 8, 8, 6], f).unwrap();
+    let aliased = Conv {
+        input: Input::Concat(&x, &out6),
+        weight: &g.empty(&[6, 1, 1, 10], f).unwrap(),
+        bias: None,
+        residual: None,
+        stride: 1,
+        pads: [0; 4],
+        variant: None,
+    };
+    assert!(is_shape(aliased.run_into(g, &out6)));
     // Mixed dtypes.
     if g.caps.shader_f16 {
+        let xbh = g.empty(&[1, 8, 8, 2], DType::F16).unwrap();
+        assert!(is_shape(cat(&x, &xbh, &w6)));
         let wh = g.empty(&[6, 3, 3, 4], DType::F16).unwrap();
         assert!(is_shape(conv2d::conv2d(g, &x, &wh, None, None, 1, [1; 4])));
     }
@@ -498,4 +691,228 @@ fn sd15_shape_table_is_consistent() {
         assert!(k == 1 || k == 3, "{name}: SD 1.5 convs are 1x1 or 3x3");
         assert!(stride == 1 || (stride == 2 && k == 3), "{name}");
     }
+}
+
+/// The shape heuristic on the SD 1.5 table, on adapters with NVIDIA's 48 KiB, lavapipe's (and
+/// Apple's) 32 KiB and WebGPU's minimum 16 KiB of workgroup memory.
+#[test]
+fn variant_choice_follows_the_shape() {
+    let v = |tile, k_step| Variant { tile, k_step };
+    for &(name, b, h, w, _, cout, _, stride) in conv2d::SD15_SHAPES {
+        let m = b * (h / stride) * (w / stride);
+        let large = m.div_ceil(128) * cout.div_ceil(128) >= conv2d::LARGE_TILE_MIN_TILES;
+        let want = if cout <= 16 {
+            v(Tile::Small, 16)
+        } else if large {
+            v(Tile::T128, 16)
+        } else {
+            v(Tile::T64, 32)
+        };
+        for wg in [48 << 10, 32 << 10] {
+            assert_eq!(choose_variant(m, cout, wg, None), want, "{name} at {wg} B");
+        }
+        // 16 KiB: the 128 tile does not fit (20 KiB), 64 falls back to K step 16, small fits.
+        let want16 = if cout <= 16 {
+            v(Tile::Small, 16)
+        } else {
+            v(Tile::T64, 16)
+        };
+        assert_eq!(
+            choose_variant(m, cout, 16 << 10, None),
+            want16,
+            "{name} at 16 KiB"
+        );
+        // What the table says in words.
+        if name.ends_with("conv_out") {
+            assert_eq!(want.tile, Tile::Small, "{name}");
+        } else if name == "unet.up2.upsample 64x64" {
+            // 640 channels at 64², batch 2: 64 × 5 = 320 tiles of 128.
+            assert_eq!(want.tile, Tile::T128, "{name}");
+        } else if name.starts_with("unet.") {
+            assert_eq!(want.tile, Tile::T64, "{name}: < 256 tiles of 128 at 512²");
+        } else if name.starts_with("vae.dec") && h >= 128 {
+            assert_eq!(want.tile, Tile::T128, "{name}");
+        }
+    }
+    // LDM_CONV_TILE's tile wins whatever the shape, except where it does not fit.
+    assert_eq!(
+        choose_variant(8192, 4, 32 << 10, Some(Tile::T64)),
+        v(Tile::T64, 32)
+    );
+    assert_eq!(
+        choose_variant(64, 320, 32 << 10, Some(Tile::T128)),
+        v(Tile::T128, 16)
+    );
+    assert_eq!(
+        choose_variant(1 << 18, 512, 32 << 10, Some(Tile::Small)),
+        v(Tile::Small, 16)
+    );
+    assert_eq!(
+        choose_variant(1 << 18, 512, 16 << 10, Some(Tile::T128)),
+        v(Tile::T64, 16)
+    );
+    assert_eq!(Tile::parse("64"), Some(Tile::T64));
+    assert_eq!(Tile::parse("128"), Some(Tile::T128));
+    assert_eq!(Tile::parse("small"), Some(Tile::Small));
+    assert_eq!(Tile::parse("256"), None);
+    // The workgroup memory of each variant, as the shader header states it.
+    let bytes: Vec<u32> = Variant::ALL.iter().map(|v| v.workgroup_bytes()).collect();
+    assert_eq!(bytes, [18_432, 10_240, 20_480, 6_144]);
+    assert_eq!(
+        conv2d::variants(16 << 10),
+        [v(Tile::T64, 16), v(Tile::Small, 16)]
+    );
+}
+
+/// A forced variant the shader does not implement is refused, not silently replaced.
+#[test]
+fn rejects_unknown_variant() {
+    let g = gpu();
+    let x = g.empty(&[1, 4, 4, 4], DType::F32).unwrap();
+    let w = g.empty(&[8, 3, 3, 4], DType::F32).unwrap();
+    let conv = Conv {
+        input: Input::Plain(&x),
+        weight: &w,
+        bias: None,
+        residual: None,
+        stride: 1,
+        pads: [1; 4],
+        variant: Some(Variant {
+            tile: Tile::T128,
+            k_step: 32,
+        }),
+    };
+    assert!(matches!(conv.run(g), Err(Error::Unsupported(_))));
+}
+
+/// The conv2d entry points run without naga's runtime checks (`shaders::indexing_proven`): each
+/// variant and input mode must give the same bits with and without them (a kernel whose output
+/// depended on the checks' index clamping would differ). tests/shader_checks.rs does this for
+/// the shape-chosen variant; this covers every forced one.
+#[test]
+fn every_variant_gives_the_same_bits_with_and_without_bounds_checks() {
+    let open = |checks| {
+        Gpu::new(&GpuOptions {
+            shader_checks: Some(checks),
+            ..Default::default()
+        })
+        .expect("a wgpu adapter")
+    };
+    let (checked, unchecked) = (open(true), open(false));
+    #[rustfmt::skip]
+    let cases = [
+        case("3x3 vec4 13x11 cin12 cout21", 2, 13, 11, 12, 21, (3, 3), 1, P1, true, true),
+        case("3x3 s2 scalar 9x7 cin3 cout5", 1, 9, 7, 3, 5, (3, 3), 2, P1, true, false),
+        up(case("up 5x3 cin8 cout70", 2, 5, 3, 8, 70, (3, 3), 1, P1, true, false)),
+        cat(8, case("cat 1x1 8+4 cout133", 1, 7, 9, 12, 133, (1, 1), 1, P0, false, true)),
+        cat(3, case("cat 3x3 3+6 cout9", 1, 6, 5, 9, 9, (3, 3), 1, P1, true, true)),
+    ];
+    let max_wg = checked
+        .caps
+        .max_workgroup_storage
+        .min(unchecked.caps.max_workgroup_storage);
+    for (s, c) in cases.iter().enumerate() {
+        let i = quantized(&inputs(c, 900 + s as u64), DType::F16);
+        for dtype in dtypes() {
+            let mut vs = conv2d::variants(max_wg);
+            // The tensor-core kernel too, where both engines can run it.
+            let coop = |g: &Gpu| ldm_wgpu::kernels::matmul::coop_plan(g, dtype).is_some();
+            if coop(&checked) && coop(&unchecked) && coop_takes(c) {
+                vs.push(Variant::COOP);
+            }
+            for v in vs {
+                let run = |g: &Gpu| g.download_bytes(&run_on(g, c, &i, dtype, Some(v))).unwrap();
+                assert!(
+                    run(&checked) == run(&unchecked),
+                    "{} [{}] ({}): bits differ with and without bounds checks",
+                    c.name,
+                    v.name(),
+                    dtype.name()
+                );
+            }
+        }
+    }
+}
+
+/// Whether the tensor-core kernel can take case `c` (f16; channels of each part % 4 == 0).
+fn coop_takes(c: &Case) -> bool {
+    let parts_ok = match c.mode {
+        Mode::Concat { ca } => ca % 4 == 0 && (c.cin - ca) % 4 == 0,
+        _ => true,
+    };
+    c.cin % 4 == 0 && parts_ok
+}
+
+/// The tensor-core kernel (`shaders/conv2d_coop.wgsl`, forced) against the same f64 reference on
+/// every case it takes, where the adapter offers f16 cooperative matrices and the path is on (CI
+/// runs this file on Mesa 26's lavapipe with `LDM_COOP_MATMUL=1`: 8×8 fragments). Elsewhere,
+/// forcing it must be refused with a clear error, not replaced by another kernel.
+#[test]
+fn coop_variant_matches_reference() {
+    let g = gpu();
+    let plan = ldm_wgpu::kernels::matmul::coop_plan(g, DType::F16);
+    let all: Vec<&Case> = AWKWARD_SIZES_CASES
+        .iter()
+        .chain(EVERY_MODE_CASES)
+        .chain(UPSAMPLED_CASES)
+        .chain(CONCAT_CASES)
+        .chain(SD15_SHAPES_CASES.iter().take(4))
+        .collect();
+    let Some(plan) = plan else {
+        let c = all.iter().find(|c| coop_takes(c)).unwrap();
+        let i = quantized(&inputs(c, 1), DType::F16);
+        let up = |data: &[f32], shape: &[usize]| g.upload(data, shape, DType::F16).unwrap();
+        let x = up(&i.x, &[c.b, c.h, c.w, c.cin]);
+        let w = up(&i.w, &[c.cout, c.kh, c.kw, c.cin]);
+        let conv = Conv {
+            input: Input::Plain(&x),
+            weight: &w,
+            bias: None,
+            residual: None,
+            stride: c.stride,
+            pads: c.pads,
+            variant: Some(Variant::COOP),
+        };
+        assert!(matches!(conv.run(g), Err(Error::Unsupported(_))));
+        eprintln!(
+            "no tensor-core conv on {}: forcing it is refused",
+            g.adapter
+        );
+        return;
+    };
+    let mut ran = 0;
+    for (s, c) in all.into_iter().enumerate() {
+        if !coop_takes(c) {
+            continue;
+        }
+        let i = quantized(&inputs(c, 1000 + s as u64), DType::F16);
+        let want = reference(c, &i);
+        let got = run_gpu(c, &i, DType::F16, Some(Variant::COOP));
+        let what = format!("{} [coop{}] (f16)", c.name, plan.frag);
+        eprintln!("{what:<52} rel_l2 {:.2e}", rel_l2(&got, &want));
+        assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
+        ran += 1;
+    }
+    assert!(ran >= 10, "only {ran} cases suit the tensor-core kernel");
+    let shader = plan.conv_shader();
+    assert!(
+        g.compiled_pipelines()
+            .iter()
+            .any(|&(s, e)| s == shader && e == "conv2d_coop"),
+        "{shader} never ran"
+    );
+    // f32 cannot take it: refused, not silently run on another kernel.
+    let c = &AWKWARD_SIZES_CASES[0];
+    let x = g.empty(&[1, 4, 4, 4], DType::F32).unwrap();
+    let w = g.empty(&[8, 3, 3, 4], DType::F32).unwrap();
+    let conv = Conv {
+        input: Input::Plain(&x),
+        weight: &w,
+        bias: None,
+        residual: None,
+        stride: 1,
+        pads: c.pads,
+        variant: Some(Variant::COOP),
+    };
+    assert!(matches!(conv.run(g), Err(Error::Unsupported(_))));
 }

@@ -5,15 +5,204 @@
 //! Weights are reordered once on the host from PyTorch's [Cout, Cin, KH, KW] to
 //! [Cout, KH, KW, Cin] ([`weight_oihw_to_ohwi`]) so that the GEMM's K index is contiguous in both
 //! operands.
+//!
+//! The input can also be read through an index map instead of being materialised
+//! ([`Input::Upsampled2x`] for diffusers' Upsample2D, [`Input::Concat`] for the U-Net decoder's
+//! skip concatenation), and the kernel comes in three output tiles ([`Tile`]) chosen by shape
+//! ([`choose_variant`]); `LDM_CONV_TILE=64|128|small` forces one for benchmarking.
+
+use std::sync::OnceLock;
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::kernels::matmul::{self, CoopPlan};
 use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
 use crate::{Error, Result};
 
-/// Output tile of one workgroup (pixels × output channels), fixed by the shader's thread layout.
-const TILE_M: usize = 64;
-const TILE_N: usize = 64;
+/// Output tile of a kernel variant: one entry point of `shaders/conv2d.wgsl` each (its header has
+/// the geometry and the reasoning).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tile {
+    /// `conv2d_64`: 64 pixels × 64 channels, 4 × 4 outputs per thread.
+    T64,
+    /// `conv2d_128`: 128 pixels × 128 channels, 8 × 8 outputs per thread (twice the FMAs per
+    /// workgroup-memory read); for shapes with enough tiles to fill a large GPU.
+    T128,
+    /// `conv2d_small`: 64 pixels × 4·⌈Cout/4⌉ channels (at most 16), one pixel per thread; for
+    /// the conv_out layers (Cout = 3 or 4), which waste 94-95% of a 64-wide tile.
+    Small,
+    /// `shaders/conv2d_coop.wgsl`: the same implicit GEMM on cooperative matrices (tensor cores),
+    /// 4·frag × 4·frag tiles; f16 only, where [`matmul::coop_plan`] allows it and the channels
+    /// (of each concatenated part) are a multiple of 4.
+    Coop,
+}
+
+impl Tile {
+    /// The `LDM_CONV_TILE` spelling: `64`, `128` or `small`.
+    pub fn parse(s: &str) -> Option<Tile> {
+        match s.trim() {
+            "64" => Some(Tile::T64),
+            "128" => Some(Tile::T128),
+            "small" => Some(Tile::Small),
+            "coop" => Some(Tile::Coop),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tile::T64 => "64",
+            Tile::T128 => "128",
+            Tile::Small => "small",
+            Tile::Coop => "coop",
+        }
+    }
+
+    /// Output pixels and channels of one workgroup (for Cout = `cout`).
+    fn size(self, cout: usize) -> (usize, usize) {
+        match self {
+            Tile::T64 => (64, 64),
+            Tile::T128 => (128, 128),
+            Tile::Small => (64, 4 * small_quads(cout)),
+            // Per CoopPlan; the dispatch uses the plan's tile.
+            Tile::Coop => (64, 64),
+        }
+    }
+}
+
+/// `conv2d_small`'s NQ: channel quads per thread, ⌈Cout/4⌉ up to 4 (wider Cout: several N tiles).
+fn small_quads(cout: usize) -> usize {
+    cout.div_ceil(4).clamp(1, 4)
+}
+
+/// One compiled form of the kernel: the tile and its K step (the workgroup-memory footprint).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Variant {
+    pub tile: Tile,
+    /// K consumed per workgroup barrier pair: 32 or 16 for [`Tile::T64`], 16 for the others.
+    pub k_step: u32,
+}
+
+impl Variant {
+    /// The tensor-core kernel (`shaders/conv2d_coop.wgsl`), not one of [`Variant::ALL`]: it runs
+    /// only where [`matmul::coop_plan`] allows (see [`Tile::Coop`]).
+    pub const COOP: Variant = Variant {
+        tile: Tile::Coop,
+        k_step: 0,
+    };
+
+    /// Every variant the FMA shader implements. Tests force each one the adapter can run.
+    pub const ALL: [Variant; 4] = [
+        Variant {
+            tile: Tile::T64,
+            k_step: 32,
+        },
+        Variant {
+            tile: Tile::T64,
+            k_step: 16,
+        },
+        Variant {
+            tile: Tile::T128,
+            k_step: 16,
+        },
+        Variant {
+            tile: Tile::Small,
+            k_step: 16,
+        },
+    ];
+
+    /// Bytes of workgroup memory the entry point declares (see the shader header).
+    pub fn workgroup_bytes(self) -> u32 {
+        let rows_padded = |rows: u32| rows * (self.k_step / 4 + 1) * 16;
+        match self.tile {
+            Tile::T64 => 2 * rows_padded(64),
+            Tile::T128 => 2 * rows_padded(128),
+            Tile::Small => rows_padded(64) + 16 * 4 * 16,
+            // As matmul_coop at 16×16 fragments (the larger variant): two 64 × 40 f16 tiles and
+            // a 64 × 64 f32 tile.
+            Tile::Coop => 2 * 64 * 40 * 2 + 64 * 64 * 4,
+        }
+    }
+
+    /// `64`, `64/k16` (the small-workgroup-memory fallback), `128`, `small`.
+    pub fn name(self) -> String {
+        match (self.tile, self.k_step) {
+            (Tile::T64, 16) => "64/k16".into(),
+            (t, _) => t.name().into(),
+        }
+    }
+}
+
+/// The variants an adapter with `max_workgroup_storage` bytes of workgroup memory can run.
+pub fn variants(max_workgroup_storage: u32) -> Vec<Variant> {
+    Variant::ALL
+        .into_iter()
+        .filter(|v| v.workgroup_bytes() <= max_workgroup_storage)
+        .collect()
+}
+
+/// 128 × 128 tiles are used from this many upward. The 128 tile's advantage (16 FMA per
+/// workgroup-memory read instead of 8, half the loads per FLOP) only pays when every SM gets
+/// several of its workgroups: below that, the 64 tile's 4× more workgroups fill the GPU and
+/// balance its last wave better. 256 is about 2× the SM count of the large GPUs this targets
+/// (H100: 132 SMs, RTX 4090: 128, RX 7900 XTX: 96 CUs); wgpu does not report SM counts, and on
+/// smaller GPUs 256 tiles are several waves, where the 128 tile is the better choice anyway.
+/// SD 1.5 at 512²: the VAE decoder's convs at 128² and up (~90% of its FLOPs) get 128 tiles;
+/// the U-Net stays on 64 (at most 192 tiles of 128) except up-block 2's upsampler conv (640
+/// channels at 64², 320 tiles).
+pub const LARGE_TILE_MIN_TILES: usize = 256;
+
+/// The variant for a convolution with `m` output pixels and `cout` channels on an adapter with
+/// `max_workgroup_storage` bytes of workgroup memory; `forced` (from `LDM_CONV_TILE`) overrides
+/// the tile. Every tile computes every shape; a tile the adapter cannot hold falls back to 64,
+/// whose K step is the largest that fits.
+pub fn choose_variant(
+    m: usize,
+    cout: usize,
+    max_workgroup_storage: u32,
+    forced: Option<Tile>,
+) -> Variant {
+    let tile = forced.unwrap_or(if cout <= 16 {
+        Tile::Small
+    } else if m.div_ceil(128) * cout.div_ceil(128) >= LARGE_TILE_MIN_TILES {
+        Tile::T128
+    } else {
+        Tile::T64
+    });
+    let fits = |v: &Variant| v.workgroup_bytes() <= max_workgroup_storage;
+    Variant::ALL
+        .into_iter()
+        .filter(|v| v.tile == tile)
+        .find(fits)
+        .or_else(|| {
+            Variant::ALL
+                .into_iter()
+                .filter(|v| v.tile == Tile::T64)
+                .find(fits)
+        })
+        .unwrap_or(Variant {
+            // 10 KiB: below WebGPU's 16 KiB minimum, so every adapter has it.
+            tile: Tile::T64,
+            k_step: 16,
+        })
+}
+
+/// `LDM_CONV_TILE`, read once: `None` when unset or empty.
+fn tile_from_env() -> Result<Option<Tile>> {
+    static FORCED: OnceLock<std::result::Result<Option<Tile>, String>> = OnceLock::new();
+    FORCED
+        .get_or_init(|| match std::env::var("LDM_CONV_TILE") {
+            Ok(v) if !v.trim().is_empty() => Tile::parse(&v).map(Some).ok_or(v),
+            _ => Ok(None),
+        })
+        .clone()
+        .map_err(|v| {
+            Error::InvalidInput(format!(
+                "LDM_CONV_TILE={v:?}: expected 64, 128 or small (HINT: unset it to let the \
+                 convolution pick its tile by shape)"
+            ))
+        })
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -34,6 +223,10 @@ struct Params {
     k: u32,
     n_tiles: u32,
     flags: u32,
+    xh: u32,
+    xw: u32,
+    ca: u32,
+    _pad: u32,
 }
 
 /// One convolution of Stable Diffusion 1.5 at 512×512 (64×64 latents):
@@ -208,51 +401,433 @@ fn out_size(n: usize, pad_a: usize, pad_b: usize, k: usize, stride: usize) -> Op
     Some((padded - k) / stride + 1)
 }
 
-/// Output shape [B, Ho, Wo, Cout] of a convolution, checking x / w against each other.
-fn output_shape(x: &Tensor, w: &Tensor, stride: usize, pads: [usize; 4]) -> Result<[usize; 4]> {
-    let op = "conv2d";
-    let (xs, ws) = (x.shape(), w.shape());
-    if xs.len() != 4 {
-        return Err(Error::shape(
-            op,
-            format!("x must be NHWC [B, H, W, Cin], got {:?}", xs),
-        ));
+/// What a convolution reads as its input (NHWC).
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// `x` [B, H, W, Cin].
+    Plain(&'a Tensor),
+    /// The nearest-neighbour 2× upsampling of `x` [B, H, W, Cin]: the convolution sees
+    /// [B, 2H, 2W, Cin] (diffusers `Upsample2D`: `F.interpolate(x, scale_factor=2.0,
+    /// mode="nearest")`, then its conv). The kernel reads `x` through the index map
+    /// (iy, ix) -> (iy / 2, ix / 2), so the 4×-sized tensor is never written.
+    Upsampled2x(&'a Tensor),
+    /// The channel concatenation of `a` [B, H, W, Ca] and `b` [B, H, W, Cb]: the convolution sees
+    /// [B, H, W, Ca + Cb], channels of `a` first (the U-Net decoder's `torch.cat([h, skip],
+    /// dim=1)`). Each load picks `a` or `b` by channel, so the concatenation is never written.
+    Concat(&'a Tensor, &'a Tensor),
+}
+
+impl Input<'_> {
+    /// The tensor bound at binding 0 (x, or the first part of a concatenation).
+    fn x(&self) -> &Tensor {
+        match self {
+            Input::Plain(x) | Input::Upsampled2x(x) | Input::Concat(x, _) => x,
+        }
     }
-    if ws.len() != 4 {
-        return Err(Error::shape(
-            op,
-            format!("w must be [Cout, KH, KW, Cin] (reorder PyTorch weights with weight_oihw_to_ohwi), got {:?}", ws),
-        ));
+
+    /// The second part of a concatenation.
+    fn second(&self) -> Option<&Tensor> {
+        match self {
+            Input::Concat(_, b) => Some(b),
+            _ => None,
+        }
     }
-    if ws[3] != xs[3] {
-        return Err(Error::shape(
-            op,
-            format!(
-                "w {:?} has Cin = {} but x {:?} has {} channels",
-                ws, ws[3], xs, xs[3]
-            ),
-        ));
+
+    /// [B, H, W, Cin] as the convolution sees it (after upsampling or concatenation).
+    fn shape(&self) -> Result<[usize; 4]> {
+        let nhwc = |t: &Tensor| match *t.shape() {
+            [b, h, w, c] => Ok([b, h, w, c]),
+            _ => Err(Error::shape(
+                "conv2d",
+                format!(
+                    "{} must be NHWC [B, H, W, C], got {:?}",
+                    self.describe(),
+                    t.shape()
+                ),
+            )),
+        };
+        let [b, h, w, c] = nhwc(self.x())?;
+        Ok(match self {
+            Input::Plain(_) => [b, h, w, c],
+            Input::Upsampled2x(_) => [b, 2 * h, 2 * w, c],
+            Input::Concat(_, second) => {
+                let [b2, h2, w2, c2] = nhwc(second)?;
+                if [b2, h2, w2] != [b, h, w] {
+                    return Err(Error::shape(
+                        "conv2d",
+                        format!("{}: both parts must share [B, H, W]", self.describe()),
+                    ));
+                }
+                [b, h, w, c + c2]
+            }
+        })
     }
-    if xs.contains(&0) || ws.contains(&0) {
-        return Err(Error::shape(
-            op,
-            format!("empty tensor: x {:?}, w {:?}", xs, ws),
-        ));
+
+    fn describe(&self) -> String {
+        match self {
+            Input::Plain(x) => format!("x {:?}", x.shape()),
+            Input::Upsampled2x(x) => format!("x {:?} upsampled 2×", x.shape()),
+            Input::Concat(a, b) => {
+                format!("concat(a {:?}, b {:?})", a.shape(), b.shape())
+            }
+        }
     }
-    if stride == 0 {
-        return Err(Error::shape(op, "stride must be at least 1"));
+}
+
+/// One convolution with all its options. [`conv2d`], [`conv2d_into`], [`conv2d_upsampled`] and
+/// [`conv2d_concat`] are shorthands for it.
+///
+/// `weight` is [Cout, KH, KW, Cin] (PyTorch weights reordered by [`weight_oihw_to_ohwi`]), `bias`
+/// [Cout], `residual` [B, Ho, Wo, Cout] (added after the bias); `pads = [top, bottom, left,
+/// right]`; Ho = (H + top + bottom - KH) / stride + 1 with H the input height as the convolution
+/// sees it, likewise Wo. The output is [B, Ho, Wo, Cout].
+#[derive(Clone, Copy, Debug)]
+pub struct Conv<'a> {
+    pub input: Input<'a>,
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub residual: Option<&'a Tensor>,
+    pub stride: usize,
+    pub pads: [usize; 4],
+    /// The kernel variant; `None` picks one by shape ([`choose_variant`], `LDM_CONV_TILE`).
+    pub variant: Option<Variant>,
+}
+
+impl Conv<'_> {
+    /// [B, Ho, Wo, Cout], checking the input and the weight against each other.
+    pub fn output_shape(&self) -> Result<[usize; 4]> {
+        let op = "conv2d";
+        let (xs, ws) = (self.input.shape()?, self.weight.shape());
+        let (stride, pads) = (self.stride, self.pads);
+        if ws.len() != 4 {
+            return Err(Error::shape(
+                op,
+                format!("w must be [Cout, KH, KW, Cin] (reorder PyTorch weights with weight_oihw_to_ohwi), got {:?}", ws),
+            ));
+        }
+        if ws[3] != xs[3] {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "w {:?} has Cin = {} but {} has {} channels",
+                    ws,
+                    ws[3],
+                    self.input.describe(),
+                    xs[3]
+                ),
+            ));
+        }
+        if xs.contains(&0) || ws.contains(&0) {
+            return Err(Error::shape(
+                op,
+                format!("empty tensor: {}, w {:?}", self.input.describe(), ws),
+            ));
+        }
+        if stride == 0 {
+            return Err(Error::shape(op, "stride must be at least 1"));
+        }
+        let ho = out_size(xs[1], pads[0], pads[1], ws[1], stride);
+        let wo = out_size(xs[2], pads[2], pads[3], ws[2], stride);
+        match (ho, wo) {
+            (Some(ho), Some(wo)) => Ok([xs[0], ho, wo, ws[0]]),
+            _ => Err(Error::shape(
+                op,
+                format!(
+                    "kernel {}x{} larger than the padded input {:?} (pads [t, b, l, r] = {:?})",
+                    ws[1], ws[2], xs, pads
+                ),
+            )),
+        }
     }
-    let ho = out_size(xs[1], pads[0], pads[1], ws[1], stride);
-    let wo = out_size(xs[2], pads[2], pads[3], ws[2], stride);
-    match (ho, wo) {
-        (Some(ho), Some(wo)) => Ok([xs[0], ho, wo, ws[0]]),
-        _ => Err(Error::shape(
-            op,
-            format!(
-                "kernel {}x{} larger than the padded input {:?} (pads [t, b, l, r] = {:?})",
-                ws[1], ws[2], xs, pads
-            ),
-        )),
+
+    /// The uniform parameters (shared by conv2d.wgsl and conv2d_coop.wgsl) for an output tile
+    /// grid of `n_tiles` along Cout.
+    fn params(
+        &self,
+        [b, ho, wo, cout]: [usize; 4],
+        [h, wi, cin]: [usize; 3],
+        k: usize,
+        n_tiles: usize,
+    ) -> Params {
+        let x = self.input.x();
+        let [kh, kw] = [self.weight.shape()[1], self.weight.shape()[2]];
+        Params {
+            batch: b as u32,
+            h: h as u32,
+            w: wi as u32,
+            cin: cin as u32,
+            ho: ho as u32,
+            wo: wo as u32,
+            cout: cout as u32,
+            kh: kh as u32,
+            kw: kw as u32,
+            stride: self.stride as u32,
+            pad_top: self.pads[0] as u32,
+            pad_left: self.pads[2] as u32,
+            m: (b * ho * wo) as u32,
+            k: k as u32,
+            n_tiles: n_tiles as u32,
+            flags: self.bias.is_some() as u32 | (self.residual.is_some() as u32) << 1,
+            xh: x.shape()[1] as u32,
+            xw: x.shape()[2] as u32,
+            ca: x.shape()[3] as u32,
+            _pad: 0,
+        }
+    }
+
+    /// The tensors at bindings 0-5 (unused ones get x, read-only like them) and their bytes.
+    fn bindings<'t>(&'t self, out: &'t Tensor) -> ([&'t Tensor; 6], f64) {
+        let x = self.input.x();
+        let second = self.input.second();
+        let tensors = [
+            x,
+            second.unwrap_or(x),
+            self.weight,
+            self.bias.unwrap_or(x),
+            self.residual.unwrap_or(x),
+            out,
+        ];
+        let bytes = [
+            Some(x),
+            second,
+            Some(self.weight),
+            self.bias,
+            self.residual,
+            Some(out),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|t| t.size_bytes() as f64)
+        .sum();
+        (tensors, bytes)
+    }
+
+    /// Record the tensor-core kernel (`shaders/conv2d_coop.wgsl`); shapes already checked.
+    fn dispatch_coop(
+        &self,
+        gpu: &Gpu,
+        out: &Tensor,
+        plan: CoopPlan,
+        out_shape: [usize; 4],
+        in_shape: [usize; 3],
+        k: usize,
+    ) -> Result<()> {
+        let [b, ho, wo, cout] = out_shape;
+        let m = b * ho * wo;
+        let tile = plan.tile();
+        let n_tiles = cout.div_ceil(tile);
+        let params = self.params(out_shape, in_shape, k, n_tiles);
+        let (tensors, bytes) = self.bindings(out);
+        let flag = |on: bool| f64::from(u8::from(on));
+        gpu.dispatch(&Dispatch {
+            shader: plan.conv_shader(),
+            entry: "conv2d_coop",
+            dtype: out.dtype(),
+            overrides: &[
+                ("SG", plan.subgroup as f64),
+                (
+                    "UPSAMPLE",
+                    flag(matches!(self.input, Input::Upsampled2x(_))),
+                ),
+                ("CONCAT", flag(self.input.second().is_some())),
+            ],
+            tensors: &tensors,
+            params: bytemuck::bytes_of(&params),
+            workgroups: grid_1d((m.div_ceil(tile) * n_tiles) as u64),
+            label: "conv2d_coop",
+            work: Work {
+                flops: 2.0 * (m * cout * k) as f64,
+                bytes,
+            },
+        })
+    }
+
+    /// Run into a new tensor.
+    pub fn run(&self, gpu: &Gpu) -> Result<Tensor> {
+        let out = gpu.empty(&self.output_shape()?, self.input.x().dtype())?;
+        self.run_into(gpu, &out)?;
+        Ok(out)
+    }
+
+    /// Run into `out`, which must not share a buffer with any input.
+    pub fn run_into(&self, gpu: &Gpu, out: &Tensor) -> Result<()> {
+        let op = "conv2d";
+        let [b, ho, wo, cout] = self.output_shape()?;
+        let [_, h, wi, cin] = self.input.shape()?;
+        let (x, w) = (self.input.x(), self.weight);
+        let (bias, residual, stride, pads) = (self.bias, self.residual, self.stride, self.pads);
+        let dtype = x.dtype();
+        let mut inputs = vec![("x", x), ("w", w)];
+        if let Some(t) = self.input.second() {
+            inputs[0].0 = "a";
+            inputs.insert(1, ("b", t));
+        }
+        if let Some(t) = bias {
+            if t.shape() != [cout] {
+                return Err(Error::shape(
+                    op,
+                    format!("bias must be [{cout}], got {:?}", t.shape()),
+                ));
+            }
+            inputs.push(("bias", t));
+        }
+        if let Some(t) = residual {
+            if t.shape() != [b, ho, wo, cout] {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "residual must be {:?}, got {:?}",
+                        [b, ho, wo, cout],
+                        t.shape()
+                    ),
+                ));
+            }
+            inputs.push(("residual", t));
+        }
+        if out.shape() != [b, ho, wo, cout] {
+            return Err(Error::shape(
+                op,
+                format!("out must be {:?}, got {:?}", [b, ho, wo, cout], out.shape()),
+            ));
+        }
+        for (name, t) in inputs.iter().chain([("out", out)].iter()) {
+            if t.dtype() != dtype {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "{name} is {} but {} is {}",
+                        t.dtype().name(),
+                        inputs[0].0,
+                        dtype.name()
+                    ),
+                ));
+            }
+        }
+        // wgpu refuses a buffer bound read-only and read-write in one dispatch (wgpu#8470).
+        for (name, t) in &inputs {
+            if t.buffer_id() == out.buffer_id() {
+                return Err(Error::shape(
+                    op,
+                    format!("out shares its buffer with {name}: convolution cannot run in place"),
+                ));
+            }
+        }
+        let [kh, kw] = [w.shape()[1], w.shape()[2]];
+        let m = b * ho * wo;
+        let k = kh * kw * cin;
+        // The shader indexes in u32 elements; the binding limits keep tensors far below this, but a
+        // pathological shape on a huge-binding adapter must not wrap silently.
+        let second_numel = self.input.second().map_or(0, |t| t.numel());
+        let too_big = [x.numel(), second_numel, w.numel(), out.numel(), m, k]
+            .iter()
+            .any(|&v| v >= u32::MAX as usize / 2)
+            || [h, wi, stride, pads[0], pads[2]]
+                .iter()
+                .any(|&v| v >= i32::MAX as usize / 4);
+        if too_big {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "shapes too large for 32-bit indexing: {}, w {:?}",
+                    self.input.describe(),
+                    w.shape()
+                ),
+            ));
+        }
+
+        // The vec4 paths need every aligned group of 4 channels inside one source.
+        let vec4_ok = cin.is_multiple_of(4) && x.shape()[3].is_multiple_of(4);
+        let coop_plan = matmul::coop_plan(gpu, dtype).filter(|_| vec4_ok);
+        let variant = match self.variant {
+            Some(v) if v.tile == Tile::Coop => {
+                if coop_plan.is_none() {
+                    return Err(Error::Unsupported(format!(
+                        "conv2d coop variant for {} {}: needs f16, an adapter with f16 \
+                         cooperative matrices with the path on (LDM_COOP_MATMUL), and channels \
+                         (of each concatenated part) a multiple of 4",
+                        self.input.describe(),
+                        dtype.name()
+                    )));
+                }
+                v
+            }
+            Some(v) => {
+                if !Variant::ALL.contains(&v) {
+                    return Err(Error::Unsupported(format!(
+                        "conv2d variant {v:?}: the shader implements {:?}",
+                        Variant::ALL
+                    )));
+                }
+                if v.workgroup_bytes() > gpu.caps.max_workgroup_storage {
+                    return Err(Error::LimitExceeded {
+                        what: format!("conv2d variant {}: workgroup memory", v.name()),
+                        requested: v.workgroup_bytes() as u64,
+                        limit: gpu.caps.max_workgroup_storage as u64,
+                        hint: "force a variant from conv2d::variants(..) for this adapter, or \
+                               none"
+                            .into(),
+                    });
+                }
+                v
+            }
+            None => {
+                let max_wg = gpu.caps.max_workgroup_storage;
+                match (tile_from_env()?, coop_plan) {
+                    // Tensor cores for every convolution they suit; the conv_out layers
+                    // (Cout ≤ 16) would waste most of a fragment: the small FMA tile.
+                    (None, Some(_)) if cout > 16 => Variant::COOP,
+                    (Some(Tile::Coop), Some(_)) => Variant::COOP,
+                    (Some(Tile::Coop), None) => choose_variant(m, cout, max_wg, None),
+                    (forced, _) => choose_variant(m, cout, max_wg, forced),
+                }
+            }
+        };
+        if variant.tile == Tile::Coop {
+            let plan = coop_plan.expect("checked above");
+            return self.dispatch_coop(gpu, out, plan, [b, ho, wo, cout], [h, wi, cin], k);
+        }
+        let (tile_m, tile_n) = variant.tile.size(cout);
+        let n_tiles = cout.div_ceil(tile_n);
+        let m_tiles = m.div_ceil(tile_m);
+        let params = self.params([b, ho, wo, cout], [h, wi, cin], k, n_tiles);
+        let vec4_k = f64::from(u8::from(vec4_ok));
+        let upsample = f64::from(u8::from(matches!(self.input, Input::Upsampled2x(_))));
+        let concat = f64::from(u8::from(self.input.second().is_some()));
+        let (tensors, bytes) = self.bindings(out);
+        // Only the overrides an entry point reads (each distinct set is a pipeline).
+        let mut overrides = vec![
+            ("VEC4_K", vec4_k),
+            ("UPSAMPLE", upsample),
+            ("CONCAT", concat),
+        ];
+        let entry = match variant.tile {
+            Tile::T64 => {
+                // BK = 32 halves the barriers per FLOP; its tiles need 18 KiB of workgroup memory,
+                // 2 KiB over WebGPU's minimum, hence the 16 fallback (chosen in choose_variant).
+                overrides.push(("BK", variant.k_step as f64));
+                "conv2d_64"
+            }
+            Tile::T128 => "conv2d_128",
+            Tile::Small => {
+                overrides.push(("NQ", small_quads(cout) as f64));
+                "conv2d_small"
+            }
+            Tile::Coop => unreachable!("dispatched by dispatch_coop above"),
+        };
+        gpu.dispatch(&Dispatch {
+            shader: "conv2d",
+            entry,
+            dtype,
+            overrides: &overrides,
+            tensors: &tensors,
+            params: bytemuck::bytes_of(&params),
+            workgroups: grid_1d((m_tiles * n_tiles) as u64),
+            label: "conv2d",
+            work: Work {
+                flops: 2.0 * (m * cout * k) as f64,
+                bytes,
+            },
+        })
     }
 }
 
@@ -268,10 +843,16 @@ pub fn conv2d(
     stride: usize,
     pads: [usize; 4],
 ) -> Result<Tensor> {
-    let shape = output_shape(x, w, stride, pads)?;
-    let out = gpu.empty(&shape, x.dtype())?;
-    conv2d_into(gpu, x, w, bias, residual, stride, pads, &out)?;
-    Ok(out)
+    Conv {
+        input: Input::Plain(x),
+        weight: w,
+        bias,
+        residual,
+        stride,
+        pads,
+        variant: None,
+    }
+    .run(gpu)
 }
 
 /// [`conv2d`] into a given output tensor (which must not share a buffer with any input).
@@ -286,127 +867,108 @@ pub fn conv2d_into(
     pads: [usize; 4],
     out: &Tensor,
 ) -> Result<()> {
-    let op = "conv2d";
-    let [b, ho, wo, cout] = output_shape(x, w, stride, pads)?;
-    let dtype = x.dtype();
-    let mut inputs = vec![("x", x), ("w", w)];
-    if let Some(t) = bias {
-        if t.shape() != [cout] {
-            return Err(Error::shape(
-                op,
-                format!("bias must be [{cout}], got {:?}", t.shape()),
-            ));
-        }
-        inputs.push(("bias", t));
+    Conv {
+        input: Input::Plain(x),
+        weight: w,
+        bias,
+        residual,
+        stride,
+        pads,
+        variant: None,
     }
-    if let Some(t) = residual {
-        if t.shape() != [b, ho, wo, cout] {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "residual must be {:?}, got {:?}",
-                    [b, ho, wo, cout],
-                    t.shape()
-                ),
-            ));
-        }
-        inputs.push(("residual", t));
-    }
-    if out.shape() != [b, ho, wo, cout] {
-        return Err(Error::shape(
-            op,
-            format!("out must be {:?}, got {:?}", [b, ho, wo, cout], out.shape()),
-        ));
-    }
-    for (name, t) in inputs.iter().chain([("out", out)].iter()) {
-        if t.dtype() != dtype {
-            return Err(Error::shape(
-                op,
-                format!("{name} is {} but x is {}", t.dtype().name(), dtype.name()),
-            ));
-        }
-    }
-    for (name, t) in &inputs {
-        if t.buffer_id() == out.buffer_id() {
-            return Err(Error::shape(
-                op,
-                format!("out shares its buffer with {name}: convolution cannot run in place"),
-            ));
-        }
-    }
-    let [_, h, wi, cin] = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
-    let [kh, kw] = [w.shape()[1], w.shape()[2]];
-    let m = b * ho * wo;
-    let k = kh * kw * cin;
-    // The shader indexes in u32 elements; the binding limits keep tensors far below this, but a
-    // pathological shape on a huge-binding adapter must not wrap silently.
-    let too_big = [x.numel(), w.numel(), out.numel(), m, k]
-        .iter()
-        .any(|&v| v >= u32::MAX as usize / 2)
-        || [h, wi, stride, pads[0], pads[2]]
-            .iter()
-            .any(|&v| v >= i32::MAX as usize / 4);
-    if too_big {
-        return Err(Error::shape(
-            op,
-            format!(
-                "shapes too large for 32-bit indexing: x {:?}, w {:?}",
-                x.shape(),
-                w.shape()
-            ),
-        ));
-    }
+    .run_into(gpu, out)
+}
 
-    let n_tiles = cout.div_ceil(TILE_N);
-    let m_tiles = m.div_ceil(TILE_M);
-    let flags = bias.is_some() as u32 | (residual.is_some() as u32) << 1;
-    let params = Params {
-        batch: b as u32,
-        h: h as u32,
-        w: wi as u32,
-        cin: cin as u32,
-        ho: ho as u32,
-        wo: wo as u32,
-        cout: cout as u32,
-        kh: kh as u32,
-        kw: kw as u32,
-        stride: stride as u32,
-        pad_top: pads[0] as u32,
-        pad_left: pads[2] as u32,
-        m: m as u32,
-        k: k as u32,
-        n_tiles: n_tiles as u32,
-        flags,
-    };
-    // BK = 32 halves the barriers per FLOP; its tiles need 18 KiB of workgroup memory, 2 KiB over
-    // WebGPU's minimum, so fall back to 16 on adapters that only offer the minimum.
-    let bk = if gpu.caps.max_workgroup_storage >= 18_432 {
-        32.0
-    } else {
-        16.0
-    };
-    let vec4_k = if cin % 4 == 0 { 1.0 } else { 0.0 };
-    // Unused bias / residual bindings get x (read-only like them) as a placeholder.
-    let tensors = [x, w, bias.unwrap_or(x), residual.unwrap_or(x), out];
-    let bytes = (x.size_bytes()
-        + w.size_bytes()
-        + out.size_bytes()
-        + bias.map_or(0, |t| t.size_bytes())
-        + residual.map_or(0, |t| t.size_bytes())) as f64;
-    gpu.dispatch(&Dispatch {
-        shader: "conv2d",
-        entry: "conv2d",
-        dtype,
-        overrides: &[("BK", bk), ("VEC4_K", vec4_k)],
-        tensors: &tensors,
-        params: bytemuck::bytes_of(&params),
-        workgroups: grid_1d((m_tiles * n_tiles) as u64),
-        label: "conv2d",
-        work: Work {
-            flops: 2.0 * (m * cout * k) as f64,
-            bytes,
-        },
-    })
+/// The convolution of `x` [B, H, W, Cin] upsampled 2× (nearest), without writing the upsampled
+/// tensor: diffusers `Upsample2D` in one kernel. Returns [B, Ho, Wo, Cout] with Ho computed
+/// from 2H (Ho = 2H for the 3×3, stride 1, padding 1 conv of Upsample2D).
+pub fn conv2d_upsampled(
+    gpu: &Gpu,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    stride: usize,
+    pads: [usize; 4],
+) -> Result<Tensor> {
+    Conv {
+        input: Input::Upsampled2x(x),
+        weight: w,
+        bias,
+        residual,
+        stride,
+        pads,
+        variant: None,
+    }
+    .run(gpu)
+}
+
+/// The convolution of the channel concatenation [a | b] of `a` [B, H, W, Ca] and `b`
+/// [B, H, W, Cb] (channels of `a` first) without writing it: `w` is [Cout, KH, KW, Ca + Cb].
+/// The U-Net decoder's ResnetBlock2D shortcut on `torch.cat([h, skip], dim=1)`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_concat(
+    gpu: &Gpu,
+    a: &Tensor,
+    b: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    stride: usize,
+    pads: [usize; 4],
+) -> Result<Tensor> {
+    Conv {
+        input: Input::Concat(a, b),
+        weight: w,
+        bias,
+        residual,
+        stride,
+        pads,
+        variant: None,
+    }
+    .run(gpu)
+}
+
+/// Nearest-neighbour 2× upsampling of NHWC `x` [B, H, W, C] on the host: the input that
+/// [`Input::Upsampled2x`] stands for (`reference(upsample_nearest2x_host(x), ..)` is its
+/// specification).
+pub fn upsample_nearest2x_host(x: &[f32], b: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
+    assert_eq!(
+        x.len(),
+        b * h * w * c,
+        "upsample_nearest2x_host: x is not [{b}, {h}, {w}, {c}]"
+    );
+    let mut out = Vec::with_capacity(4 * x.len());
+    for bi in 0..b {
+        for y in 0..2 * h {
+            for xx in 0..2 * w {
+                let src = ((bi * h + y / 2) * w + xx / 2) * c;
+                out.extend_from_slice(&x[src..src + c]);
+            }
+        }
+    }
+    out
+}
+
+/// Channel concatenation of NHWC `a` [.., Ca] and `b` [.., Cb] over `pixels` pixels on the host:
+/// the input that [`Input::Concat`] stands for.
+pub fn concat_channels_host(a: &[f32], b: &[f32], pixels: usize, ca: usize, cb: usize) -> Vec<f32> {
+    assert_eq!(
+        a.len(),
+        pixels * ca,
+        "concat_channels_host: a is not [{pixels}, {ca}]"
+    );
+    assert_eq!(
+        b.len(),
+        pixels * cb,
+        "concat_channels_host: b is not [{pixels}, {cb}]"
+    );
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    for p in 0..pixels {
+        out.extend_from_slice(&a[p * ca..(p + 1) * ca]);
+        out.extend_from_slice(&b[p * cb..(p + 1) * cb]);
+    }
+    out
 }
 
 /// PyTorch's conv weight [Cout, Cin, KH, KW] reordered to [Cout, KH, KW, Cin] (done once, at

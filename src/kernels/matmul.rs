@@ -152,6 +152,14 @@ impl CoopPlan {
             "matmul_coop8"
         }
     }
+    /// The `conv2d_coop` variant for this fragment size (same geometry and workgroup memory).
+    pub fn conv_shader(self) -> &'static str {
+        if self.frag == 16 {
+            "conv2d_coop16"
+        } else {
+            "conv2d_coop8"
+        }
+    }
     /// Workgroup memory the shader declares: two 4f × (2f + 8) f16 tiles and a 4f × 4f f32 tile.
     fn workgroup_bytes(self) -> u32 {
         let f = self.frag as u32;

@@ -87,6 +87,35 @@ impl ResnetBlock2D {
         };
         self.conv2.forward_residual(gpu, &h, &shortcut) // [B, H, W, Cout]
     }
+
+    /// `forward(concat_channels(a, b), temb)` for the U-Net decoder, whose resnets take
+    /// `torch.cat([hidden_states, res_hidden_states], dim=1)`: norm1 and the 1×1 shortcut read
+    /// the two tensors directly, so the concatenation is never written. a [B, H, W, Ca],
+    /// b [B, H, W, Cb] with Ca + Cb = Cin.
+    pub fn forward_concat(
+        &self,
+        gpu: &Gpu,
+        a: &Tensor,
+        b: &Tensor,
+        temb_silu: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let Some(conv_shortcut) = &self.conv_shortcut else {
+            // An identity shortcut would have to add the concatenation itself: build it.
+            let x = elementwise::concat_channels(gpu, a, b)?;
+            return self.forward(gpu, &x, temb_silu);
+        };
+        let mut h = {
+            let normed = self.norm1.forward_concat(gpu, a, b, true)?; // [B, H, W, Ca + Cb]
+            self.conv1.forward(gpu, &normed)? // [B, H, W, Cout]
+        };
+        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_silu) {
+            let t = proj.forward(gpu, t)?; // [B, Cout]
+            h = elementwise::add_channel_bias(gpu, &h, &t)?; // [B, H, W, Cout]
+        }
+        h = self.norm2.forward(gpu, &h, true)?;
+        let shortcut = conv_shortcut.forward_concat(gpu, a, b)?; // [B, H, W, Cout]
+        self.conv2.forward_residual(gpu, &h, &shortcut) // [B, H, W, Cout]
+    }
 }
 
 /// The VAE's mid-block self-attention (diffusers `Attention` built from the deprecated

@@ -158,6 +158,23 @@ struct Layer {
 impl Layer {
     fn forward(&self, gpu: &Gpu, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
         let h = self.resnet.forward(gpu, x, Some(temb))?; // [B, H, W, Cout]
+        self.attend(gpu, h, context)
+    }
+
+    /// The decoder's layer on `torch.cat([h, skip], dim=1)`, the concatenation never written.
+    fn forward_concat(
+        &self,
+        gpu: &Gpu,
+        h: &Tensor,
+        skip: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let h = self.resnet.forward_concat(gpu, h, skip, Some(temb))?; // [B, H, W, Cout]
+        self.attend(gpu, h, context)
+    }
+
+    fn attend(&self, gpu: &Gpu, h: Tensor, context: &Tensor) -> Result<Tensor> {
         match &self.transformer {
             Some(t) => t.forward(gpu, &h, context),
             None => Ok(h),
@@ -590,12 +607,12 @@ impl UNet2DConditionModel {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
-                let cat = elementwise::concat_channels(gpu, &h, &skip)?; // [B, h, w, C + C_skip]
-                h = layer.forward(gpu, &cat, temb_silu, context)?; // [B, h, w, C]
+                // ResnetBlock2D on [h, skip] (channels concatenated, as torch.cat(dim=1)).
+                h = layer.forward_concat(gpu, &h, &skip, temb_silu, context)?; // [B, h, w, C]
             }
             if let Some(up) = &block.upsampler {
-                let u = elementwise::upsample_nearest2x(gpu, &h)?; // [B, 2h, 2w, C]
-                h = up.forward(gpu, &u)?; // [B, 2h, 2w, C]
+                // Upsample2D: nearest 2× then conv, the upsampling done by the conv's loads.
+                h = up.forward_upsampled(gpu, &h)?; // [B, 2h, 2w, C]
             }
         }
         let h = self.conv_norm_out.forward(gpu, &h, true)?; // [B, h, w, C0]

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::kernels::{elementwise, tiling};
+use crate::kernels::tiling;
 use crate::models::blocks::{ResnetBlock2D, VaeAttention};
 use crate::models::config::Config;
 use crate::nn::{Conv2d, GroupNorm};
@@ -645,8 +645,8 @@ impl AutoencoderKL {
                 h = r.forward(gpu, &h, None)?; // [B, h, w, C]
             }
             if let Some(up) = &block.resample {
-                let u = elementwise::upsample_nearest2x(gpu, &h)?; // [B, 2h, 2w, C]
-                h = up.forward(gpu, &u)?; // [B, 2h, 2w, C]
+                // Upsample2D: nearest 2× then conv, the upsampling done by the conv's loads.
+                h = up.forward_upsampled(gpu, &h)?; // [B, 2h, 2w, C]
             }
         }
         h = dec.conv_norm_out.forward(gpu, &h, true)?; // [B, H, W, C0]
@@ -687,9 +687,10 @@ impl AutoencoderKL {
                 t.resnet(z, (hh, ww), if j == 0 { prev } else { out }, out);
             }
             if i + 1 < boc.len() {
-                // Upsample2D: the input, its nearest-2× copy and the conv output.
+                // Upsample2D: the input and the conv output (the conv reads the input through
+                // the 2× index map, so no upsampled copy exists).
                 let up = t.t(2 * hh, 2 * ww, out);
-                t.live(&[z, t.t(hh, ww, out), up, up]);
+                t.live(&[z, t.t(hh, ww, out), up]);
                 (hh, ww) = (2 * hh, 2 * ww);
             }
             prev = out;

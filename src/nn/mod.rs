@@ -181,6 +181,56 @@ impl Conv2d {
             self.pads,
         )
     }
+
+    /// conv(concat_channels(a, b)) without writing the concatenation: a [B, H, W, Ca],
+    /// b [B, H, W, Cb], this conv's Cin = Ca + Cb (the U-Net decoder's `torch.cat([h, skip])`).
+    pub fn forward_concat(&self, gpu: &Gpu, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        conv2d::conv2d_concat(
+            gpu,
+            a,
+            b,
+            &self.weight,
+            self.bias.as_ref(),
+            None,
+            self.stride,
+            self.pads,
+        )
+    }
+
+    /// conv(concat_channels(a, b)) + residual, neither the concatenation nor the sum written
+    /// separately.
+    pub fn forward_concat_residual(
+        &self,
+        gpu: &Gpu,
+        a: &Tensor,
+        b: &Tensor,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        conv2d::conv2d_concat(
+            gpu,
+            a,
+            b,
+            &self.weight,
+            self.bias.as_ref(),
+            Some(residual),
+            self.stride,
+            self.pads,
+        )
+    }
+
+    /// conv(upsample_nearest_2x(x)), the upsampling folded into the conv's loads (diffusers
+    /// `Upsample2D`): [B, H, W, C] -> [B, 2H, 2W, Cout] for the 3×3, stride 1, padding 1 conv.
+    pub fn forward_upsampled(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        conv2d::conv2d_upsampled(
+            gpu,
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            None,
+            self.stride,
+            self.pads,
+        )
+    }
 }
 
 /// torch.nn.GroupNorm over NHWC (or [B, N, C]) activations, with an optional fused SiLU.
