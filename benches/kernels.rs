@@ -7,7 +7,9 @@
 //!
 //! Options (environment): LDM_BENCH_DTYPE=f16|f32, LDM_BENCH_REPS=N, LDM_BENCH_FILTER=substring,
 //! LDM_BENCH_QUICK=1 (small peak runs and only the cheaper cases; automatic on CPU adapters).
-//! Convolutions print one line per kernel tile (`conv2d[64]`, `conv2d[128]`, `conv2d[small]`),
+//! Matmuls print `matmul[fma]` and, on adapters with f16 cooperative matrices, `matmul[coop]`.
+//! Convolutions print one line per kernel tile (`conv2d[64]`, `conv2d[128]`, `conv2d[small]`,
+//! `conv2d[coop]` where tensor cores are offered),
 //! the one the shape heuristic picks marked `*`.
 
 use ldm_wgpu::kernels::attention::{self, HeadsView};
@@ -23,6 +25,9 @@ struct Bench {
     quick: bool,
     fma_peak: f64,
     copy_peak: f64,
+    /// Measured tensor-core (cooperative-matrix) throughput, where the adapter has it: the
+    /// denominator of the `[coop]` lines.
+    coop_peak: Option<f64>,
 }
 
 impl Bench {
@@ -64,9 +69,13 @@ impl Bench {
 
     fn line(&self, kernel: &str, shape: &str, secs: f64, flops: f64, bytes: f64) {
         let (rate, pct) = if flops > 0.0 {
+            let peak = match self.coop_peak {
+                Some(p) if kernel.contains("[coop]") => p,
+                _ => self.fma_peak,
+            };
             (
                 format!("{:>9.1} GFLOP/s", flops / secs * 1e-9),
-                100.0 * flops / secs / self.fma_peak,
+                100.0 * flops / secs / peak,
             )
         } else {
             (
@@ -120,6 +129,7 @@ fn main() -> Result<()> {
         quick,
         fma_peak: 1.0,
         copy_peak: 1.0,
+        coop_peak: None,
     };
 
     // Peaks, measured now on this device.
@@ -141,6 +151,19 @@ fn main() -> Result<()> {
         b.copy_peak * 1e-9
     );
     drop((src, dst));
+    matmul::override_coop(Some(true));
+    if let Some(plan) = matmul::coop_plan(&b.gpu, DType::F16) {
+        let scratch = b.gpu.empty(&[256], DType::F32)?;
+        let (wg, iters) = if quick { (64u32, 64u32) } else { (4096, 4096) };
+        let t = b.time(&mut || peak::coop_peak(&b.gpu, plan, &scratch, wg, iters))?;
+        b.coop_peak = Some(peak::coop_flops(plan, wg, iters) / t);
+        println!(
+            "measured tensor-core peak: {:.1} GFLOP/s (coop_mat{f}x{f}<f16>, f32 accumulators; the [coop] lines' %)",
+            b.coop_peak.unwrap_or(0.0) * 1e-9,
+            f = plan.frag
+        );
+    }
+    matmul::override_coop(None);
 
     // Matmul / linear.
     let mut cases: Vec<(String, usize, usize, usize)> = matmul::SD15_SHAPES
@@ -148,22 +171,38 @@ fn main() -> Result<()> {
         .map(|&(n, m, nn, k)| (n.to_string(), m, nn, k))
         .collect();
     cases.push(("square 4096^3".into(), 4096, 4096, 4096));
+    // Both paths where the adapter has tensor cores: `matmul[fma]` and `matmul[coop]` (the
+    // default on GPUs marked `*`).
+    matmul::override_coop(Some(true));
+    let coop = matmul::coop_plan(&b.gpu, dtype);
+    matmul::override_coop(None);
+    let default_coop = matmul::coop_plan(&b.gpu, dtype).is_some();
     for (name, m, n, k) in cases {
         if !b.wanted(&name) || (b.quick && m * n * k > 1 << 30) {
             continue;
         }
         let x = b.random(&[m, k])?;
         let w = b.random(&[n, k])?;
-        let t = b.time(&mut || {
-            matmul::linear(&b.gpu, &x, &w, None, None, Activation::None).map(|_| ())
-        })?;
-        b.line(
-            "matmul",
-            &format!("{name} {m}x{n}x{k}"),
-            t,
-            2.0 * (m * n * k) as f64,
-            0.0,
-        );
+        let mut paths = vec![false];
+        if coop.is_some() && k % 4 == 0 {
+            paths.push(true);
+        }
+        for on in paths {
+            matmul::override_coop(Some(on));
+            let t = b.time(&mut || {
+                matmul::linear(&b.gpu, &x, &w, None, None, Activation::None).map(|_| ())
+            })?;
+            let mark = if on == default_coop { "*" } else { "" };
+            let path = if on { "coop" } else { "fma" };
+            b.line(
+                &format!("matmul[{path}]{mark}"),
+                &format!("{name} {m}x{n}x{k}"),
+                t,
+                2.0 * (m * n * k) as f64,
+                0.0,
+            );
+        }
+        matmul::override_coop(None);
     }
 
     // Convolution: one line per kernel variant that applies (`conv2d[64]` and `conv2d[128]`
@@ -185,17 +224,30 @@ fn main() -> Result<()> {
         let wt = b.random(&[cout, k, k, cin])?;
         let pad = k / 2;
         let m = bt * (h / stride) * (w / stride);
-        let chosen = conv2d::choose_variant(m, cout, max_wg, None);
+        let coop_ok = coop.is_some() && cin % 4 == 0;
+        let chosen = if default_coop && coop_ok && cout > 16 {
+            conv2d::Variant::COOP
+        } else {
+            conv2d::choose_variant(m, cout, max_wg, None)
+        };
         let mut tiles = vec![conv2d::Tile::T64, conv2d::Tile::T128];
         if cout <= 16 {
             tiles.push(conv2d::Tile::Small);
         }
+        if coop_ok {
+            tiles.push(conv2d::Tile::Coop);
+        }
         for tile in tiles {
             // The tile's largest K step that fits this adapter (what the heuristic would run).
-            let variant = conv2d::choose_variant(m, cout, max_wg, Some(tile));
+            let variant = if tile == conv2d::Tile::Coop {
+                conv2d::Variant::COOP
+            } else {
+                conv2d::choose_variant(m, cout, max_wg, Some(tile))
+            };
             if variant.tile != tile {
                 continue; // does not fit this adapter's workgroup memory
             }
+            matmul::override_coop(Some(tile == conv2d::Tile::Coop));
             let conv = conv2d::Conv {
                 input: if upsampled {
                     conv2d::Input::Upsampled2x(&x)
@@ -210,6 +262,7 @@ fn main() -> Result<()> {
                 variant: Some(variant),
             };
             let t = b.time(&mut || conv.run(&b.gpu).map(|_| ()))?;
+            matmul::override_coop(None);
             let mark = if variant == chosen { "*" } else { "" };
             b.line(
                 &format!("conv2d[{}]{mark}", tile.name()),

@@ -20,6 +20,11 @@ pub const SHADERS: &[(&str, &str, &[DType])] = &[
         &[DType::F32, DType::F16],
     ),
     (
+        "peak_coop",
+        include_str!("../shaders/peak_coop.wgsl"),
+        &[DType::F16],
+    ),
+    (
         "matmul",
         include_str!("../shaders/matmul.wgsl"),
         &[DType::F32, DType::F16],
@@ -81,6 +86,8 @@ pub type Variant = (
 pub const VARIANTS: &[Variant] = &[
     ("matmul_coop16", "matmul_coop", &[]),
     ("matmul_coop8", "matmul_coop", COOP_8X8),
+    ("peak_coop16", "peak_coop", &[]),
+    ("peak_coop8", "peak_coop", COOP_8X8),
     ("conv2d_coop16", "conv2d_coop", &[]),
     ("conv2d_coop8", "conv2d_coop", COOP_8X8),
 ];

@@ -167,6 +167,21 @@ impl CoopPlan {
     }
 }
 
+/// Process-wide override of `LDM_COOP_MATMUL` (0 none, 1 off, 2 on), for benchmarks that time
+/// both paths in one run.
+static COOP_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Turn the tensor-core path off (`Some(false)`), on where it can run (`Some(true)`), or back to
+/// `LDM_COOP_MATMUL` / the default (`None`) for every engine in this process. For benchmarks.
+pub fn override_coop(choice: Option<bool>) {
+    let v = match choice {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    };
+    COOP_OVERRIDE.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Whether the tensor-core path runs, and how. Needs f16 storage, a square f16 × f16 → f32
 /// configuration of side 8 or 16, one fixed subgroup width (the work split assigns fragments by
 /// subgroup id, so the workgroup must be exactly 4 subgroups) and enough workgroup memory.
@@ -175,11 +190,16 @@ impl CoopPlan {
 /// FMA kernel there — the test suite forces it on to check it).
 pub fn coop_plan(gpu: &Gpu, dtype: crate::DType) -> Option<CoopPlan> {
     static CHOICE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let choice = *CHOICE.get_or_init(|| match std::env::var("LDM_COOP_MATMUL").as_deref() {
+    let from_env = *CHOICE.get_or_init(|| match std::env::var("LDM_COOP_MATMUL").as_deref() {
         Ok("1") => Some(true),
         Ok("0") => Some(false),
         _ => None,
     });
+    let choice = match COOP_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => Some(false),
+        2 => Some(true),
+        _ => from_env,
+    };
     let c = &gpu.caps;
     let wanted = choice.unwrap_or(gpu.adapter.device_type != "Cpu");
     let plan = CoopPlan {

@@ -82,3 +82,49 @@ pub fn copy(gpu: &Gpu, src: &Tensor, dst: &Tensor) -> Result<()> {
         },
     })
 }
+
+/// FLOPs one `coop_peak` dispatch performs (4 subgroups × 4 chains of FRAG³ multiply-adds).
+pub fn coop_flops(plan: crate::kernels::matmul::CoopPlan, workgroups: u32, iterations: u32) -> f64 {
+    let f = plan.frag as f64;
+    workgroups as f64 * 4.0 * iterations as f64 * 4.0 * 2.0 * f * f * f
+}
+
+/// Record a tensor-core throughput run (`shaders/peak_coop.wgsl`) of `workgroups` workgroups of
+/// 4 subgroups; `scratch` is any f32 tensor of at least 1 element (written only in theory).
+pub fn coop_peak(
+    gpu: &Gpu,
+    plan: crate::kernels::matmul::CoopPlan,
+    scratch: &Tensor,
+    workgroups: u32,
+    iterations: u32,
+) -> Result<()> {
+    if scratch.dtype() != DType::F32 || scratch.numel() == 0 {
+        return Err(Error::shape(
+            "coop_peak",
+            "scratch must be a non-empty f32 tensor",
+        ));
+    }
+    let params = Params {
+        n4: scratch.numel() as u32,
+        iterations,
+        _pad: [0; 2],
+    };
+    gpu.dispatch(&Dispatch {
+        shader: if plan.frag == 16 {
+            "peak_coop16"
+        } else {
+            "peak_coop8"
+        },
+        entry: "coop_peak",
+        dtype: DType::F16,
+        overrides: &[("SG", plan.subgroup as f64)],
+        tensors: &[scratch, scratch],
+        params: bytemuck::bytes_of(&params),
+        workgroups: grid_1d(workgroups as u64),
+        label: "coop_peak",
+        work: Work {
+            flops: coop_flops(plan, workgroups, iterations),
+            bytes: 0.0,
+        },
+    })
+}
