@@ -55,6 +55,11 @@ pub const SHADERS: &[(&str, &str, &[DType])] = &[
         &[DType::F32, DType::F16],
     ),
     (
+        "attention_coop",
+        include_str!("../shaders/attention_coop.wgsl"),
+        &[DType::F16],
+    ),
+    (
         "elementwise",
         include_str!("../shaders/elementwise.wgsl"),
         &[DType::F32, DType::F16],
@@ -90,6 +95,8 @@ pub const VARIANTS: &[Variant] = &[
     ("peak_coop8", "peak_coop", COOP_8X8),
     ("conv2d_coop16", "conv2d_coop", &[]),
     ("conv2d_coop8", "conv2d_coop", COOP_8X8),
+    ("attention_coop16", "attention_coop", &[]),
+    ("attention_coop8", "attention_coop", COOP_8X8),
 ];
 
 /// The renaming that turns a 16×16-fragment kernel into its 8×8 variant.

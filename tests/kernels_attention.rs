@@ -1,17 +1,26 @@
-//! `shaders/attention.wgsl` against the naive f64 reference (`kernels::attention::reference`).
+//! `shaders/attention.wgsl` and, where the tensor-core path is on (f16, `matmul::coop_plan`),
+//! `shaders/attention_coop.wgsl` against the naive f64 reference
+//! (`kernels::attention::reference`). Every f16 case below runs on whichever kernel the adapter
+//! gets; the log line names it. CI's cooperative-matrix lavapipe run (`LDM_COOP_MATMUL=1`) puts
+//! the f16 cases on the tensor-core kernel with 8×8 fragments.
 //!
 //! Tolerances (relative L2): f32 1e-5 — scores, softmax and P·V are all f32 on the GPU, the only
 //! differences from the f64 reference are rounding and accumulation order (measured ~1e-7..1e-6);
 //! f16 2e-3 — inputs are the same f16 values on both sides, the output is rounded to f16 (2^-11
-//! relative) and nothing else is stored in f16.
+//! relative); the FMA kernel stores nothing else in f16, the tensor-core kernel also rounds the
+//! softmax numerators P to f16 for the P·V product (normalised by the sum of the rounded values,
+//! so only their ratios are perturbed: measured at most 2.8e-4 on lavapipe's 8×8 path, against
+//! ~2.1e-4 for the FMA kernel, whose error is the output rounding alone).
 
 mod common;
 
 use common::{dtypes, gpu, rel_l2, tol, upload, Rng};
 use ldm_wgpu::kernels::attention::{
-    self, attention_into, attention_into_with, config, Config, HeadsView, SD15_SHAPES,
+    self, attention_coop_into_with, attention_into, attention_into_with, config, coop_choice,
+    coop_config, Config, CoopConfig, HeadsView, SD15_SHAPES,
 };
 use ldm_wgpu::kernels::fill::poisoned;
+use ldm_wgpu::kernels::matmul::{self, CoopPlan};
 use ldm_wgpu::DType;
 
 #[derive(Clone, Copy, Debug)]
@@ -48,8 +57,13 @@ impl Case {
     }
 }
 
-/// Run one case in `dtype`; returns the relative L2 error against the reference.
+/// Run one case in `dtype` (on the tensor-core kernel with tile shape `coop` if given, else on
+/// the kernel `attention_into` picks); returns the relative L2 error against the reference.
 fn run(case: Case, dtype: DType, seed: u64) -> f64 {
+    run_on(case, dtype, seed, None)
+}
+
+fn run_on(case: Case, dtype: DType, seed: u64, coop: Option<CoopConfig>) -> f64 {
     let g = gpu();
     let mut rng = Rng::new(seed);
     let Case {
@@ -84,19 +98,8 @@ fn run(case: Case, dtype: DType, seed: u64) -> f64 {
             offset,
         };
         let out = poisoned(g, &[batch, nq, c], dtype).unwrap();
-        attention_into(
-            g,
-            view(pad),
-            view(pad + c),
-            view(pad + 2 * c),
-            batch,
-            heads,
-            d,
-            causal,
-            scale,
-            &out,
-        )
-        .unwrap();
+        let qkv = (view(pad), view(pad + c), view(pad + 2 * c));
+        launch(qkv, (batch, heads, d, causal, scale), &out, coop);
         let want = attention::reference(
             &data,
             &data,
@@ -141,19 +144,8 @@ fn run(case: Case, dtype: DType, seed: u64) -> f64 {
             row_stride: stride,
             offset: off,
         };
-        attention_into(
-            g,
-            view(&qt, nq),
-            view(&kt, nk),
-            view(&vt, nk),
-            batch,
-            heads,
-            d,
-            causal,
-            scale,
-            &out,
-        )
-        .unwrap();
+        let qkv = (view(&qt, nq), view(&kt, nk), view(&vt, nk));
+        launch(qkv, (batch, heads, d, causal, scale), &out, coop);
         let want = attention::reference(
             &qd, &kd, &vd, batch, heads, d, nq, stride, off, nk, stride, off, stride, off, causal,
             scale,
@@ -164,14 +156,44 @@ fn run(case: Case, dtype: DType, seed: u64) -> f64 {
     rel_l2(&got, &want)
 }
 
+type Qkv<'a> = (HeadsView<'a>, HeadsView<'a>, HeadsView<'a>);
+
+fn launch(
+    (q, k, v): Qkv,
+    (batch, heads, d, causal, scale): (usize, usize, usize, bool, Option<f32>),
+    out: &ldm_wgpu::Tensor,
+    coop: Option<CoopConfig>,
+) {
+    let g = gpu();
+    match coop {
+        None => attention_into(g, q, k, v, batch, heads, d, causal, scale, out),
+        Some(cfg) => attention_coop_into_with(g, q, k, v, batch, heads, d, causal, scale, out, cfg),
+    }
+    .unwrap();
+}
+
+/// Which kernel `attention_into` runs for this dtype and head dim, for the log.
+fn kernel_name(dtype: DType, d: usize) -> String {
+    match coop_choice(gpu(), dtype, d) {
+        Some((plan, cfg)) => format!(
+            "coop{0}x{0} {1}x{2}",
+            plan.frag,
+            cfg.block_rows(plan),
+            cfg.block_keys(plan)
+        ),
+        None => "fma".into(),
+    }
+}
+
 fn check(what: &str, case: Case, seed: u64) {
     for dtype in dtypes() {
         let t0 = std::time::Instant::now();
         let e = run(case, dtype, seed);
         eprintln!(
-            "{what} {:?} {}: rel L2 {e:.2e} ({:.2?})",
+            "{what} {:?} {} [{}]: rel L2 {e:.2e} ({:.2?})",
             case,
             dtype.name(),
+            kernel_name(dtype, case.d),
             t0.elapsed()
         );
         let limit = tol(dtype, 1e-5, 2e-3);
@@ -274,8 +296,9 @@ fn sd15_shapes() {
             let t0 = std::time::Instant::now();
             let e = run(case, dtype, 200 + i as u64);
             eprintln!(
-                "{what} {case:?} {}: rel L2 {e:.2e} ({:.2?})",
+                "{what} {case:?} {} [{}]: rel L2 {e:.2e} ({:.2?})",
                 dtype.name(),
+                kernel_name(dtype, case.d),
                 t0.elapsed()
             );
             assert!(
@@ -348,6 +371,14 @@ fn rejects_bad_inputs() {
     // k/v token mismatch.
     let short = HeadsView { tokens: 9, ..view };
     assert!(attention::attention(g, view, view, short, 2, 2, 8, false, None).is_err());
+    // The tensor-core kernel takes f16 storage only.
+    let tile = CoopConfig {
+        row_frags: 1,
+        key_frags: 1,
+    };
+    assert!(
+        attention_coop_into_with(g, view, view, view, 2, 2, 8, false, None, &out, tile).is_err()
+    );
     // Wrong output size.
     let small = g.empty(&[2, 10, 8], DType::F32).unwrap();
     assert!(attention_into(g, view, view, view, 2, 2, 8, false, None, &small).is_err());
@@ -470,4 +501,275 @@ fn every_split_agrees() {
         }
     }
     assert!(ran >= 10);
+}
+
+/// The head dims the tensor-core kernel pads differently (1 and 13: within one fragment; 40, 80,
+/// 160: SD 1.5; 64: SD 2.x and CLIP; 256: the largest) with token counts that are multiples of
+/// no tile (33 queries, 77 keys), strided views (stride C + 8, offset 4: 4-aligned where d is),
+/// and causal self-attention on a fused QKV tensor with offsets (3: never aligned); on whichever
+/// kernel runs, in every dtype.
+#[test]
+fn head_dims_with_awkward_tokens() {
+    for (i, d) in [1usize, 13, 40, 64, 80, 160, 256].into_iter().enumerate() {
+        let mut cross = Case::new(2, 2, 33, 77, d);
+        cross.pad = 8;
+        check(&format!("cross 33x77 strided d{d}"), cross, 300 + i as u64);
+        let mut fused = Case::new(1, 2, 33, 33, d);
+        fused.fused = true;
+        fused.pad = 3;
+        fused.causal = true;
+        check(&format!("causal fused 33 d{d}"), fused, 320 + i as u64);
+    }
+}
+
+/// Where the adapter offers cooperative matrices and the path is on (forced by
+/// `LDM_COOP_MATMUL=1` in CI's lavapipe run), f16 attention really runs on the tensor-core
+/// kernel, so that the f16 results above are its proof.
+#[test]
+fn tensor_core_path_runs_where_offered() {
+    let g = gpu();
+    let forced = std::env::var("LDM_COOP_MATMUL").is_ok_and(|v| v == "1");
+    let plan = matmul::coop_plan(g, DType::F16);
+    if forced && g.caps.shader_f16 && g.caps.coop_f16_frag.is_some() {
+        assert!(
+            plan.is_some(),
+            "LDM_COOP_MATMUL=1 and the adapter offers {:?}, but the path is off: {:?}",
+            g.caps.coop_f16_frag,
+            g.caps
+        );
+    }
+    let Some(plan) = plan else {
+        eprintln!(
+            "tensor-core attention not in use on {} (FMA kernel tested)",
+            g.adapter
+        );
+        return;
+    };
+    // Every head dim gets a tile shape within this adapter's workgroup memory (lavapipe: 32 KiB).
+    for d in 1..=attention::MAX_HEAD_DIM {
+        assert!(
+            coop_choice(g, DType::F16, d).is_some(),
+            "no tensor-core tile shape for head_dim {d} on {plan:?}"
+        );
+    }
+    assert!(coop_choice(g, DType::F32, 40).is_none());
+    let mut case = Case::new(1, 2, 33, 77, 40);
+    case.pad = 2;
+    let e = run(case, DType::F16, 400);
+    assert!(e <= 2e-3, "{case:?}: {e:.3e}");
+    let shader = format!("attention_coop{}", plan.frag);
+    let ran = g.compiled_pipelines();
+    assert!(
+        ran.iter()
+            .any(|&(s, e)| s == shader && e == "attention_coop"),
+        "{shader}/attention_coop never compiled; pipelines: {ran:?}"
+    );
+    eprintln!("tensor-core attention ran: {shader} with {plan:?}");
+}
+
+/// Every tile shape the tensor-core kernel supports on this adapter gives the right answer
+/// (the picker only chooses among them by workgroup memory): 1, 2 and 4 fragments of rows (1, 2
+/// and 4 softmax lanes per row with 8-wide subgroups) × 1, 2 and 4 fragments of keys, on padded
+/// head dims, a cross-attention tail tile, causal fused views.
+#[test]
+fn every_coop_shape_agrees() {
+    let g = gpu();
+    let Some(plan) = matmul::coop_plan(g, DType::F16) else {
+        eprintln!("tensor-core attention not in use on {}", g.adapter);
+        return;
+    };
+    let limit = g.caps.max_workgroup_storage as u64;
+    let mut ran = 0;
+    let mut worst: f64 = 0.0;
+    for cfg in CoopConfig::CANDIDATES {
+        if !cfg.valid_for(plan) {
+            continue;
+        }
+        for (i, (d, causal, fused)) in [(40, false, false), (13, true, true), (160, false, true)]
+            .into_iter()
+            .enumerate()
+        {
+            if cfg.workgroup_bytes(plan.frag, d) > limit {
+                continue;
+            }
+            let mut case = if fused {
+                Case::new(2, 2, 45, 45, d)
+            } else {
+                Case::new(2, 2, 37, 77, d)
+            };
+            case.causal = causal;
+            case.fused = fused;
+            // d 40 cross-attention: views 4-aligned (stride C + 8, offset 4), the vec4 staging;
+            // the others: offset 3, element staging.
+            case.pad = if fused { 3 } else { 8 };
+            let seed = 500 + 10 * ran as u64 + i as u64;
+            let e = run_on(case, DType::F16, seed, Some(cfg));
+            eprintln!(
+                "{cfg:?} ({}x{}) d={d} causal={causal} fused={fused}: rel L2 {e:.2e}",
+                cfg.block_rows(plan),
+                cfg.block_keys(plan)
+            );
+            assert!(e <= 2e-3, "{cfg:?} {case:?}: {e:.3e}");
+            worst = worst.max(e);
+            ran += 1;
+        }
+    }
+    eprintln!("{ran} tile-shape cases on {plan:?}, worst rel L2 {worst:.2e}");
+    assert!(ran >= 9);
+}
+
+/// The tensor-core tile picker covers every head dim on the adapters we target (NVIDIA: 16×16
+/// fragments, 32-wide subgroups, 48 KiB; lavapipe: 8×8, 8-wide, 32 KiB; also a 64-wide, 16×16
+/// one), within the memory it is given, and naga turns every shape it picks into SPIR-V for
+/// both variants: the 16×16 shapes cannot run here, so this at least proves they compile once
+/// their overrides are applied (naga 30 has SPIR-V writer panics that only show then).
+#[test]
+fn every_coop_shape_fits_and_compiles_to_spirv() {
+    let plans = [
+        (
+            CoopPlan {
+                frag: 16,
+                subgroup: 32,
+            },
+            48 * 1024u64,
+        ),
+        (
+            CoopPlan {
+                frag: 16,
+                subgroup: 32,
+            },
+            32 * 1024,
+        ),
+        (
+            CoopPlan {
+                frag: 16,
+                subgroup: 64,
+            },
+            64 * 1024,
+        ),
+        (
+            CoopPlan {
+                frag: 8,
+                subgroup: 8,
+            },
+            32 * 1024,
+        ),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    for (plan, limit) in plans {
+        let shader = format!("attention_coop{}", plan.frag);
+        let src = ldm_wgpu::shaders::specialised_source(&shader, DType::F16).unwrap();
+        let (module, info) = ldm_wgpu::shaders::validate(&src).unwrap();
+        for d in 1..=attention::MAX_HEAD_DIM {
+            let Some(cfg) = coop_config(plan, d, limit) else {
+                // Only a 32 KiB adapter with 16×16 fragments runs out (head dims past 224).
+                assert!(
+                    plan.frag == 16 && limit < 48 * 1024 && d > 176,
+                    "{plan:?} d={d}"
+                );
+                continue;
+            };
+            assert!(cfg.valid_for(plan));
+            assert!(cfg.workgroup_bytes(plan.frag, d) <= limit.min(48 * 1024));
+            // The generated code depends on the plan, the shape, the padded head dim and
+            // whether padding columns exist.
+            let dp = d.div_ceil(plan.frag) * plan.frag;
+            if !seen.insert((plan.frag, plan.subgroup, cfg, dp, dp == d)) {
+                continue;
+            }
+            for vec4 in [false, d.is_multiple_of(4)] {
+                let mut constants = naga::back::PipelineConstants::default();
+                for (name, value) in cfg.overrides(plan, d, vec4) {
+                    constants.insert(name.to_string(), value);
+                }
+                let (m, i) = naga::back::pipeline_constants::process_overrides(
+                    &module,
+                    &info,
+                    Some((naga::ShaderStage::Compute, "attention_coop")),
+                    &constants,
+                )
+                .unwrap_or_else(|e| panic!("{plan:?} d={d} {cfg:?} vec4={vec4}: {e:?}"));
+                naga::back::spv::write_vec(&m, &i, &naga::back::spv::Options::default(), None)
+                    .unwrap_or_else(|e| panic!("{plan:?} d={d} {cfg:?} vec4={vec4}: {e:?}"));
+            }
+        }
+    }
+    // SD's head dims on NVIDIA (16×16, 48 KiB): rows × keys per tile.
+    let nvidia = CoopPlan {
+        frag: 16,
+        subgroup: 32,
+    };
+    for d in [40, 64, 80, 160] {
+        let cfg = coop_config(nvidia, d, 48 * 1024).unwrap();
+        eprintln!(
+            "NVIDIA d={d}: {} rows x {} keys per tile, {} bytes",
+            cfg.block_rows(nvidia),
+            cfg.block_keys(nvidia),
+            cfg.workgroup_bytes(16, d)
+        );
+    }
+    assert_eq!(
+        coop_config(nvidia, 40, 48 * 1024),
+        Some(CoopConfig {
+            row_frags: 2,
+            key_frags: 4
+        })
+    );
+}
+
+/// The tensor-core kernel gives the same bits with and without naga's runtime checks (it is
+/// compiled without them by default): a result that depended on clamped indices would differ.
+#[test]
+fn coop_same_bits_with_and_without_bounds_checks() {
+    if matmul::coop_plan(gpu(), DType::F16).is_none() {
+        eprintln!("tensor-core attention not in use on {}", gpu().adapter);
+        return;
+    }
+    let open = |checks| {
+        ldm_wgpu::Gpu::new(&ldm_wgpu::GpuOptions {
+            shader_checks: Some(checks),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let engines = [open(true), open(false)];
+    let mut rng = Rng::new(77);
+    for &(nq, nk, heads, d, causal) in &[
+        (37usize, 77usize, 2usize, 40usize, false),
+        (33, 33, 3, 13, true),
+        (21, 45, 1, 160, false),
+    ] {
+        let inputs = [
+            rng.normals(2 * nq * heads * d, 1.0),
+            rng.normals(2 * nk * heads * d, 1.0),
+            rng.normals(2 * nk * heads * d, 1.0),
+        ];
+        let bits: Vec<Vec<u8>> = engines
+            .iter()
+            .map(|g| {
+                let t: Vec<_> = inputs
+                    .iter()
+                    .zip([nq, nk, nk])
+                    .map(|(x, n)| g.upload(x, &[2, n, heads * d], DType::F16).unwrap())
+                    .collect();
+                let view = HeadsView::contiguous;
+                let y = attention::attention(
+                    g,
+                    view(&t[0]),
+                    view(&t[1]),
+                    view(&t[2]),
+                    2,
+                    heads,
+                    d,
+                    causal,
+                    None,
+                )
+                .unwrap();
+                let shader = format!("attention_coop{}", g.caps.coop_f16_frag.unwrap());
+                assert!(g.compiled_pipelines().iter().any(|&(s, _)| s == shader));
+                g.download_bytes(&y).unwrap()
+            })
+            .collect();
+        assert_eq!(bits[0], bits[1], "d={d} causal={causal}: bits differ");
+    }
 }

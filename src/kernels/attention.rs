@@ -1,13 +1,20 @@
-//! `shaders/attention.wgsl`: fused multi-head attention (FlashAttention-2 style, online softmax in
-//! f32, the score matrix never materialised) for self-attention, cross-attention and the causal
-//! CLIP text encoder.
+//! `shaders/attention.wgsl` and `shaders/attention_coop.wgsl`: fused multi-head attention
+//! (FlashAttention-2 style, online softmax in f32, the score matrix never materialised) for
+//! self-attention, cross-attention and the causal CLIP text encoder.
 //!
 //! Ports the attention core of diffusers' `AttnProcessor2_0` (`F.scaled_dot_product_attention`
 //! between `head_to_batch_dim` and `batch_to_head_dim`): q, k and v are read straight out of the
 //! projection outputs through [`HeadsView`]s and the output comes back as `[B, Nq, heads·d]`.
+//!
+//! Two kernels, one contract: where the tensor-core matmul runs ([`matmul::coop_plan`], f16
+//! storage), `shaders/attention_coop.wgsl` computes Q·Kᵀ and P·V on cooperative matrices with the
+//! tile shape [`coop_config`] picks for the head dim; elsewhere, and where no tile shape fits the
+//! adapter's workgroup memory, the FMA kernel `shaders/attention.wgsl` with the split [`config`]
+//! picks. Both follow [`reference`].
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::kernels::matmul::{self, CoopPlan};
 use crate::runtime::{Dispatch, Gpu, Tensor, Work};
 use crate::{DType, Error, Result};
 
@@ -156,6 +163,125 @@ pub fn config(head_dim: usize, max_workgroup_bytes: u64) -> Option<Config> {
     None
 }
 
+/// Tile shape of the tensor-core kernel (`shaders/attention_coop.wgsl`): BM query rows per
+/// workgroup and BN keys per tile, both in fragments of the adapter's [`CoopPlan`] side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoopConfig {
+    /// Query rows per workgroup, in fragments.
+    pub row_frags: u32,
+    /// Keys per K/V tile, in fragments.
+    pub key_frags: u32,
+}
+
+impl CoopConfig {
+    /// The shapes [`coop_config`] tries, best first (untuned on real GPUs): the largest BM·BN
+    /// tile, then the most keys per tile (each tile costs four barriers and a load and store of
+    /// the f32 O accumulator, so keys per tile amortise that), then more rows (each staged K/V
+    /// tile serves more queries). 1 × 1 always fits where anything does.
+    pub const CANDIDATES: [CoopConfig; 9] = {
+        const fn c(row_frags: u32, key_frags: u32) -> CoopConfig {
+            CoopConfig {
+                row_frags,
+                key_frags,
+            }
+        }
+        [
+            c(4, 4),
+            c(2, 4),
+            c(4, 2),
+            c(2, 2),
+            c(1, 4),
+            c(1, 2),
+            c(2, 1),
+            c(4, 1),
+            c(1, 1),
+        ]
+    };
+
+    /// BM: query rows per workgroup.
+    pub fn block_rows(self, plan: CoopPlan) -> u32 {
+        self.row_frags * plan.frag as u32
+    }
+    /// BN: keys per tile.
+    pub fn block_keys(self, plan: CoopPlan) -> u32 {
+        self.key_frags * plan.frag as u32
+    }
+    /// Whether the shader supports this shape with this plan: the 4·SG invocations split into
+    /// whole rows of T = 4·SG / BM softmax lanes, a power of two dividing SG so that a row's
+    /// lanes are in one subgroup (they exchange max and sum with xor shuffles).
+    pub fn valid_for(self, plan: CoopPlan) -> bool {
+        let (bm, nt) = (self.block_rows(plan), 4 * plan.subgroup);
+        self.row_frags >= 1
+            && self.key_frags >= 1
+            && nt % bm == 0
+            && (nt / bm).is_power_of_two()
+            && plan.subgroup.is_multiple_of(nt / bm)
+    }
+    /// Override constants for the shader. `vec4`: every view row starts at a multiple of 4
+    /// elements and head_dim % 4 == 0, so staging loads whole vec4s.
+    pub fn overrides(
+        self,
+        plan: CoopPlan,
+        head_dim: usize,
+        vec4: bool,
+    ) -> [(&'static str, f64); 5] {
+        [
+            ("SG", plan.subgroup as f64),
+            ("HEAD_DIM", head_dim as f64),
+            ("VEC4", vec4 as u8 as f64),
+            ("BM", self.block_rows(plan) as f64),
+            ("BN", self.block_keys(plan) as f64),
+        ]
+    }
+    /// Workgroup memory the shader declares, in bytes (mirrors its override expressions):
+    /// q_sh BM·(DP+8) and kv_sh BN·(DP+8) halves, s_sh BM·(BN+4) floats, p_sh BM·(BN+8) halves,
+    /// o_sh BM·(DP+4) floats, with DP = head_dim rounded up to the fragment side.
+    pub fn workgroup_bytes(self, frag: usize, head_dim: usize) -> u64 {
+        let f = frag as u64;
+        let dp = (head_dim as u64).div_ceil(f) * f;
+        let (bm, bn) = (self.row_frags as u64 * f, self.key_frags as u64 * f);
+        let halves = bm * (dp + 8) + bn * (dp + 8) + bm * (bn + 8);
+        let floats = bm * (bn + 4) + bm * (dp + 4);
+        2 * halves + 4 * floats
+    }
+}
+
+/// The tensor-core tile shape for `head_dim` within `max_workgroup_bytes` (capped at NVIDIA's
+/// 48 KiB): the first of [`CoopConfig::CANDIDATES`] that the plan supports and that fits.
+/// With 16 × 16 fragments in 48 KiB: 4 × 4 fragments (64 rows × 64 keys) up to head dim 32,
+/// 2 × 4 up to 96 (SD's 40, 64 and 80), 2 × 2 up to 144, 1 × 4 up to 176 (SD's 160), 1 × 2 up to
+/// 256. None: use the FMA kernel.
+pub fn coop_config(
+    plan: CoopPlan,
+    head_dim: usize,
+    max_workgroup_bytes: u64,
+) -> Option<CoopConfig> {
+    let limit = max_workgroup_bytes.min(SMEM_CAP);
+    CoopConfig::CANDIDATES
+        .into_iter()
+        .find(|c| c.valid_for(plan) && c.workgroup_bytes(plan.frag, head_dim) <= limit)
+}
+
+/// The tensor-core kernel's plan and tile shape where it will run for this dtype and head dim
+/// (f16 storage, [`matmul::coop_plan`] on, a tile shape that fits); None where the FMA kernel
+/// runs.
+pub fn coop_choice(gpu: &Gpu, dtype: DType, head_dim: usize) -> Option<(CoopPlan, CoopConfig)> {
+    if head_dim == 0 || head_dim > MAX_HEAD_DIM {
+        return None;
+    }
+    let plan = matmul::coop_plan(gpu, dtype)?;
+    let cfg = coop_config(plan, head_dim, gpu.caps.max_workgroup_storage as u64)?;
+    Some((plan, cfg))
+}
+
+fn coop_shader(plan: CoopPlan) -> &'static str {
+    if plan.frag == 16 {
+        "attention_coop16"
+    } else {
+        "attention_coop8"
+    }
+}
+
 fn check_view(
     op: &str,
     name: &str,
@@ -218,6 +344,7 @@ pub fn attention(
 }
 
 /// [`attention`] into an existing `[B, Nq, heads·head_dim]` tensor (which must not be q, k or v).
+/// Runs the tensor-core kernel where [`coop_choice`] offers it, the FMA kernel otherwise.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_into(
     gpu: &Gpu,
@@ -231,6 +358,10 @@ pub fn attention_into(
     scale: Option<f32>,
     out: &Tensor,
 ) -> Result<()> {
+    if let Some((plan, cfg)) = coop_choice(gpu, q.tensor.dtype(), head_dim) {
+        let call = Call::new(q, k, v, batch, heads, head_dim, causal, scale, out)?;
+        return call.record_coop(gpu, plan, cfg);
+    }
     let cfg = config(head_dim, gpu.caps.max_workgroup_storage as u64).ok_or_else(|| {
         Error::LimitExceeded {
             what: format!("attention workgroup memory for head_dim {head_dim}"),
@@ -248,7 +379,8 @@ pub fn attention_into(
     )
 }
 
-/// [`attention_into`] with an explicit work split (for tests of every split, and tuning).
+/// [`attention_into`] on the FMA kernel with an explicit work split (for tests of every split,
+/// and tuning), whatever the adapter offers.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_into_with(
     gpu: &Gpu,
@@ -263,55 +395,7 @@ pub fn attention_into_with(
     out: &Tensor,
     cfg: Config,
 ) -> Result<()> {
-    const OP: &str = "attention";
-    if batch == 0 || heads == 0 {
-        return Err(Error::shape(
-            OP,
-            format!("batch {batch} and heads {heads} must be at least 1"),
-        ));
-    }
-    if head_dim == 0 || head_dim > MAX_HEAD_DIM {
-        return Err(Error::shape(
-            OP,
-            format!("head_dim {head_dim} is outside 1..={MAX_HEAD_DIM}"),
-        ));
-    }
-    check_view(OP, "q", &q, batch, heads, head_dim)?;
-    check_view(OP, "k", &k, batch, heads, head_dim)?;
-    check_view(OP, "v", &v, batch, heads, head_dim)?;
-    if k.tokens != v.tokens {
-        return Err(Error::shape(
-            OP,
-            format!("k has {} tokens but v has {}", k.tokens, v.tokens),
-        ));
-    }
-    let dtype: DType = q.tensor.dtype();
-    for (name, t) in [("k", k.tensor), ("v", v.tensor), ("out", out)] {
-        if t.dtype() != dtype {
-            return Err(Error::shape(
-                OP,
-                format!("{name} is {} but q is {}", t.dtype().name(), dtype.name()),
-            ));
-        }
-    }
-    let (nq, nk) = (q.tokens, k.tokens);
-    let out_shape = [batch, nq, heads * head_dim];
-    if out.numel() != batch * nq * heads * head_dim {
-        return Err(Error::shape(
-            OP,
-            format!("out is {:?}, expected {:?}", out, out_shape),
-        ));
-    }
-    if [q.tensor, k.tensor, v.tensor]
-        .iter()
-        .any(|t| t.buffer_id() == out.buffer_id())
-    {
-        return Err(Error::shape(OP, "out must not share its buffer with q, k or v (read-only and read-write bindings of one buffer)".to_string()));
-    }
-    let scale = scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
-    if !scale.is_finite() {
-        return Err(Error::shape(OP, format!("scale {scale} is not finite")));
-    }
+    let call = Call::new(q, k, v, batch, heads, head_dim, causal, scale, out)?;
     if !cfg.valid_for(head_dim) {
         return Err(Error::shape(
             OP,
@@ -326,46 +410,229 @@ pub fn attention_into_with(
             hint: "use `config()` to pick a split that fits this adapter".into(),
         });
     }
-    let block_rows = cfg.block_rows() as usize;
-    let row_blocks = nq.div_ceil(block_rows);
-    if row_blocks > u32::MAX as usize || batch * heads > gpu.caps.max_workgroups_per_dim as usize {
+    call.record(
+        gpu,
+        "attention",
+        "attention",
+        &cfg.overrides(head_dim),
+        cfg.block_rows() as usize,
+    )
+}
+
+/// [`attention_into`] on the tensor-core kernel with an explicit tile shape (for tests of every
+/// shape, and tuning). Errors where the tensor-core path is off ([`matmul::coop_plan`]: f16
+/// storage, an adapter offering square f16 fragments, `LDM_COOP_MATMUL`) or the shape does not
+/// fit the adapter.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_coop_into_with(
+    gpu: &Gpu,
+    q: HeadsView,
+    k: HeadsView,
+    v: HeadsView,
+    batch: usize,
+    heads: usize,
+    head_dim: usize,
+    causal: bool,
+    scale: Option<f32>,
+    out: &Tensor,
+    cfg: CoopConfig,
+) -> Result<()> {
+    let call = Call::new(q, k, v, batch, heads, head_dim, causal, scale, out)?;
+    let Some(plan) = matmul::coop_plan(gpu, call.dtype) else {
         return Err(Error::shape(
             OP,
-            format!("{batch} × {heads} (batch × heads) exceeds the grid limit"),
+            format!(
+                "the tensor-core kernel is not in use for {} on {} (f16 storage, cooperative \
+                 matrices and LDM_COOP_MATMUL decide)",
+                call.dtype.name(),
+                gpu.adapter
+            ),
+        ));
+    };
+    if !cfg.valid_for(plan) {
+        return Err(Error::shape(
+            OP,
+            format!("{cfg:?} is not a valid tile shape for {plan:?}"),
         ));
     }
-    let params = Params {
-        nq: nq as u32,
-        nk: nk as u32,
-        heads: heads as u32,
-        causal: causal as u32,
-        q_stride: q.row_stride as u32,
-        q_off: q.offset as u32,
-        k_stride: k.row_stride as u32,
-        k_off: k.offset as u32,
-        v_stride: v.row_stride as u32,
-        v_off: v.offset as u32,
-        scale_log2e: scale * std::f32::consts::LOG2_E,
-        _pad: 0,
-    };
-    // Causal: about half the score matrix is skipped.
-    let pairs = (batch * heads) as f64 * nq as f64 * nk as f64 * if causal { 0.5 } else { 1.0 };
-    let elem = dtype.size() as f64;
-    let bytes = elem * (batch * (nq + 2 * nk) * heads * head_dim) as f64 + out.size_bytes() as f64;
-    gpu.dispatch(&Dispatch {
-        shader: "attention",
-        entry: "attention",
-        dtype,
-        overrides: &cfg.overrides(head_dim),
-        tensors: &[q.tensor, k.tensor, v.tensor, out],
-        params: bytemuck::bytes_of(&params),
-        workgroups: [row_blocks as u32, (batch * heads) as u32, 1],
-        label: "attention",
-        work: Work {
-            flops: 4.0 * pairs * head_dim as f64,
-            bytes,
-        },
-    })
+    let bytes = cfg.workgroup_bytes(plan.frag, head_dim);
+    if bytes > gpu.caps.max_workgroup_storage as u64 {
+        return Err(Error::LimitExceeded {
+            what: format!("attention_coop {cfg:?} workgroup memory for head_dim {head_dim}"),
+            requested: bytes,
+            limit: gpu.caps.max_workgroup_storage as u64,
+            hint: "use `coop_config()` to pick a tile shape that fits this adapter".into(),
+        });
+    }
+    call.record_coop(gpu, plan, cfg)
+}
+
+const OP: &str = "attention";
+
+/// One validated attention call, ready to record on either kernel.
+struct Call<'a> {
+    q: HeadsView<'a>,
+    k: HeadsView<'a>,
+    v: HeadsView<'a>,
+    batch: usize,
+    heads: usize,
+    head_dim: usize,
+    causal: bool,
+    scale: f32,
+    out: &'a Tensor,
+    dtype: DType,
+}
+
+impl<'a> Call<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        q: HeadsView<'a>,
+        k: HeadsView<'a>,
+        v: HeadsView<'a>,
+        batch: usize,
+        heads: usize,
+        head_dim: usize,
+        causal: bool,
+        scale: Option<f32>,
+        out: &'a Tensor,
+    ) -> Result<Self> {
+        if batch == 0 || heads == 0 {
+            return Err(Error::shape(
+                OP,
+                format!("batch {batch} and heads {heads} must be at least 1"),
+            ));
+        }
+        if head_dim == 0 || head_dim > MAX_HEAD_DIM {
+            return Err(Error::shape(
+                OP,
+                format!("head_dim {head_dim} is outside 1..={MAX_HEAD_DIM}"),
+            ));
+        }
+        check_view(OP, "q", &q, batch, heads, head_dim)?;
+        check_view(OP, "k", &k, batch, heads, head_dim)?;
+        check_view(OP, "v", &v, batch, heads, head_dim)?;
+        if k.tokens != v.tokens {
+            return Err(Error::shape(
+                OP,
+                format!("k has {} tokens but v has {}", k.tokens, v.tokens),
+            ));
+        }
+        let dtype: DType = q.tensor.dtype();
+        for (name, t) in [("k", k.tensor), ("v", v.tensor), ("out", out)] {
+            if t.dtype() != dtype {
+                return Err(Error::shape(
+                    OP,
+                    format!("{name} is {} but q is {}", t.dtype().name(), dtype.name()),
+                ));
+            }
+        }
+        let nq = q.tokens;
+        let out_shape = [batch, nq, heads * head_dim];
+        if out.numel() != batch * nq * heads * head_dim {
+            return Err(Error::shape(
+                OP,
+                format!("out is {:?}, expected {:?}", out, out_shape),
+            ));
+        }
+        if [q.tensor, k.tensor, v.tensor]
+            .iter()
+            .any(|t| t.buffer_id() == out.buffer_id())
+        {
+            return Err(Error::shape(OP, "out must not share its buffer with q, k or v (read-only and read-write bindings of one buffer)".to_string()));
+        }
+        let scale = scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
+        if !scale.is_finite() {
+            return Err(Error::shape(OP, format!("scale {scale} is not finite")));
+        }
+        Ok(Call {
+            q,
+            k,
+            v,
+            batch,
+            heads,
+            head_dim,
+            causal,
+            scale,
+            out,
+            dtype,
+        })
+    }
+
+    /// Whether every row of the three views starts at a multiple of 4 elements and head_dim is
+    /// a multiple of 4 (the tensor-core kernel's VEC4 staging).
+    fn vec4_aligned(&self) -> bool {
+        self.head_dim.is_multiple_of(4)
+            && [&self.q, &self.k, &self.v]
+                .iter()
+                .all(|v| v.row_stride.is_multiple_of(4) && v.offset.is_multiple_of(4))
+    }
+
+    fn record_coop(&self, gpu: &Gpu, plan: CoopPlan, cfg: CoopConfig) -> Result<()> {
+        self.record(
+            gpu,
+            coop_shader(plan),
+            "attention_coop",
+            &cfg.overrides(plan, self.head_dim, self.vec4_aligned()),
+            cfg.block_rows(plan) as usize,
+        )
+    }
+
+    /// Record one dispatch of (ceil(Nq / block_rows), B·heads) workgroups.
+    fn record(
+        &self,
+        gpu: &Gpu,
+        shader: &'static str,
+        entry: &'static str,
+        overrides: &[(&'static str, f64)],
+        block_rows: usize,
+    ) -> Result<()> {
+        let (batch, heads, head_dim) = (self.batch, self.heads, self.head_dim);
+        let (q, k, v) = (&self.q, &self.k, &self.v);
+        let (nq, nk) = (q.tokens, k.tokens);
+        let row_blocks = nq.div_ceil(block_rows);
+        if row_blocks > u32::MAX as usize
+            || batch * heads > gpu.caps.max_workgroups_per_dim as usize
+        {
+            return Err(Error::shape(
+                OP,
+                format!("{batch} × {heads} (batch × heads) exceeds the grid limit"),
+            ));
+        }
+        let params = Params {
+            nq: nq as u32,
+            nk: nk as u32,
+            heads: heads as u32,
+            causal: self.causal as u32,
+            q_stride: q.row_stride as u32,
+            q_off: q.offset as u32,
+            k_stride: k.row_stride as u32,
+            k_off: k.offset as u32,
+            v_stride: v.row_stride as u32,
+            v_off: v.offset as u32,
+            scale_log2e: self.scale * std::f32::consts::LOG2_E,
+            _pad: 0,
+        };
+        // Causal: about half the score matrix is skipped.
+        let pairs =
+            (batch * heads) as f64 * nq as f64 * nk as f64 * if self.causal { 0.5 } else { 1.0 };
+        let elem = self.dtype.size() as f64;
+        let bytes =
+            elem * (batch * (nq + 2 * nk) * heads * head_dim) as f64 + self.out.size_bytes() as f64;
+        gpu.dispatch(&Dispatch {
+            shader,
+            entry,
+            dtype: self.dtype,
+            overrides,
+            tensors: &[q.tensor, k.tensor, v.tensor, self.out],
+            params: bytemuck::bytes_of(&params),
+            workgroups: [row_blocks as u32, (batch * heads) as u32, 1],
+            label: "attention",
+            work: Work {
+                flops: 4.0 * pairs * head_dim as f64,
+                bytes,
+            },
+        })
+    }
 }
 
 /// The naive softmax(q·kᵀ·scale)·v in f64 — the specification. `q`, `k` and `v` are the whole
