@@ -286,42 +286,43 @@ fn main() -> Result<()> {
         let c = heads * d;
         let q = b.random(&[batch, nq, c])?;
         let kv = b.random(&[batch, nk, 2 * c])?;
-        let t = b.time(&mut || {
-            attention::attention(
-                &b.gpu,
-                HeadsView {
-                    tensor: &q,
-                    tokens: nq,
-                    row_stride: c,
-                    offset: 0,
-                },
-                HeadsView {
-                    tensor: &kv,
-                    tokens: nk,
-                    row_stride: 2 * c,
-                    offset: 0,
-                },
-                HeadsView {
-                    tensor: &kv,
-                    tokens: nk,
-                    row_stride: 2 * c,
-                    offset: c,
-                },
-                batch,
-                heads,
-                d,
-                false,
-                None,
-            )
-            .map(|_| ())
-        })?;
-        b.line(
-            "attention",
-            &format!("{name} b{batch} h{heads} {nq}x{nk} d{d}"),
-            t,
-            flops,
-            0.0,
-        );
+        let view = |tensor, tokens, row_stride, offset| HeadsView {
+            tensor,
+            tokens,
+            row_stride,
+            offset,
+        };
+        let mut paths = vec![false];
+        if coop.is_some() {
+            paths.push(true);
+        }
+        for on in paths {
+            matmul::override_coop(Some(on));
+            let t = b.time(&mut || {
+                attention::attention(
+                    &b.gpu,
+                    view(&q, nq, c, 0),
+                    view(&kv, nk, 2 * c, 0),
+                    view(&kv, nk, 2 * c, c),
+                    batch,
+                    heads,
+                    d,
+                    false,
+                    None,
+                )
+                .map(|_| ())
+            })?;
+            matmul::override_coop(None);
+            let mark = if on == default_coop { "*" } else { "" };
+            let path = if on { "coop" } else { "fma" };
+            b.line(
+                &format!("attention[{path}]{mark}"),
+                &format!("{name} b{batch} h{heads} {nq}x{nk} d{d}"),
+                t,
+                flops,
+                0.0,
+            );
+        }
     }
 
     // Group norm and layer norm (memory-bound: read + write).
