@@ -115,6 +115,12 @@ impl BatchNoise {
 }
 
 /// NCHW host data -> NHWC host data (the RNG draws in torch's NCHW order; our tensors are NHWC).
+/// The result of a model-loading thread (a panic there becomes an error, not a crash).
+fn join_loader<T>(h: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
+    h.join()
+        .unwrap_or_else(|_| Err(Error::Device("a model-loading thread panicked".into())))
+}
+
 fn nchw_to_nhwc_host(x: &[f32], b: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
     let mut out = vec![0.0; x.len()];
     for bi in 0..b {
@@ -277,30 +283,34 @@ impl StableDiffusion {
             // SD 2.x (OpenCLIP) pads with id 0 ("!"); single files carry no tokenizer.
             tokenizer.set_pad_id(0);
         }
-        let text_encoder = ClipTextModel::load(
-            &gpu,
-            &w.text_encoder.weights.root(),
-            ClipConfig::from_json(&w.text_encoder.config)?,
-            dtype,
-        )?;
-        let unet = UNet2DConditionModel::load(
-            &gpu,
-            &w.unet.weights.root(),
-            UNetConfig::from_json(&w.unet.config)?,
-            dtype,
-        )?;
         let vae_config = VaeConfig::from_json(&w.vae.config)?;
         let vae_dtype = match (dtype, opts.vae_f32.unwrap_or(vae_config.force_upcast)) {
             (DType::F16, true) => DType::F32,
             (d, _) => d,
         };
-        let vae = AutoencoderKL::load(
-            &gpu,
-            &w.vae.weights.root(),
-            vae_config,
-            vae_dtype,
-            opts.with_encoder,
-        )?;
+        let clip_config = ClipConfig::from_json(&w.text_encoder.config)?;
+        let unet_config = UNetConfig::from_json(&w.unet.config)?;
+        // The three models load on their own threads: reading, converting and reordering the
+        // U-Net's ~1.7 GB dominates, and the text encoder and VAE overlap with it (wgpu's device
+        // and queue are thread-safe; uploads are copied into staging memory as they come).
+        let (text_encoder, unet, vae) = std::thread::scope(|s| {
+            let gpu = &gpu;
+            let text_encoder = s.spawn(|| {
+                ClipTextModel::load(gpu, &w.text_encoder.weights.root(), clip_config, dtype)
+            });
+            let vae = s.spawn(|| {
+                AutoencoderKL::load(
+                    gpu,
+                    &w.vae.weights.root(),
+                    vae_config,
+                    vae_dtype,
+                    opts.with_encoder,
+                )
+            });
+            let unet = UNet2DConditionModel::load(gpu, &w.unet.weights.root(), unet_config, dtype);
+            (join_loader(text_encoder), unet, join_loader(vae))
+        });
+        let (text_encoder, unet, vae) = (text_encoder?, unet?, vae?);
         let scheduler_config = SchedulerConfig::from_value(&w.scheduler_config)?;
         gpu.flush()?;
         Ok(StableDiffusion {

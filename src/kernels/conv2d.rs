@@ -974,14 +974,20 @@ pub fn concat_channels_host(a: &[f32], b: &[f32], pixels: usize, ca: usize, cb: 
 /// PyTorch's conv weight [Cout, Cin, KH, KW] reordered to [Cout, KH, KW, Cin] (done once, at
 /// weight-load time). Panics if `w.len() != cout·cin·kh·kw` (a loader bug, not user input: the
 /// weight loader checks checkpoint shapes first).
-pub fn weight_oihw_to_ohwi(w: &[f32], cout: usize, cin: usize, kh: usize, kw: usize) -> Vec<f32> {
+pub fn weight_oihw_to_ohwi<T: Copy + Default>(
+    w: &[T],
+    cout: usize,
+    cin: usize,
+    kh: usize,
+    kw: usize,
+) -> Vec<T> {
     assert_eq!(
         w.len(),
         cout * cin * kh * kw,
         "weight_oihw_to_ohwi: {} values for [{cout}, {cin}, {kh}, {kw}]",
         w.len()
     );
-    let mut out = vec![0.0; w.len()];
+    let mut out = vec![T::default(); w.len()];
     for o in 0..cout {
         for i in 0..cin {
             for y in 0..kh {

@@ -134,11 +134,19 @@ impl Conv2d {
         padding: usize,
         dtype: DType,
     ) -> Result<Self> {
-        let w = vb
-            .get("weight", &[c_out, c_in, kernel, kernel])?
-            .to_f32_vec();
-        let w = conv2d::weight_oihw_to_ohwi(&w, c_out, c_in, kernel, kernel);
-        let weight = gpu.upload(&w, &[c_out, kernel, kernel, c_in], dtype)?;
+        let t = vb.get("weight", &[c_out, c_in, kernel, kernel])?;
+        let ohwi = [c_out, kernel, kernel, c_in];
+        // Reordered in the storage dtype: a permutation, no round trip through f32.
+        let weight = match dtype {
+            DType::F16 => {
+                let w = conv2d::weight_oihw_to_ohwi(&t.to_f16_vec(), c_out, c_in, kernel, kernel);
+                gpu.upload_f16(&w, &ohwi, dtype)?
+            }
+            DType::F32 => {
+                let w = conv2d::weight_oihw_to_ohwi(&t.to_f32_vec(), c_out, c_in, kernel, kernel);
+                gpu.upload(&w, &ohwi, dtype)?
+            }
+        };
         let bias = match vb.get_opt("bias", &[c_out])? {
             Some(b) => Some(upload_host(gpu, &b, dtype)?),
             None => None,
