@@ -837,10 +837,10 @@ fn every_variant_gives_the_same_bits_with_and_without_bounds_checks() {
 /// Whether the tensor-core kernel can take case `c` (f16; channels of each part % 4 == 0).
 fn coop_takes(c: &Case) -> bool {
     let parts_ok = match c.mode {
-        Mode::Concat { ca } => ca % 4 == 0 && (c.cin - ca) % 4 == 0,
+        Mode::Concat { ca } => ca.is_multiple_of(4) && (c.cin - ca).is_multiple_of(4),
         _ => true,
     };
-    c.cin % 4 == 0 && parts_ok
+    c.cin.is_multiple_of(4) && parts_ok
 }
 
 /// The tensor-core kernel (`shaders/conv2d_coop.wgsl`, forced) against the same f64 reference on

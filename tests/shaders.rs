@@ -47,6 +47,7 @@ fn every_shader_validates_and_translates_to_spirv_msl_hlsl() {
                     &Default::default(),
                 )
                 .map(|(m, i)| (m.into_owned(), i.into_owned()))
+                .map_err(|e| e.to_string())
             });
             let (module, info) = match processed {
                 Ok(Ok(v)) => v,
