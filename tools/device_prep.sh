@@ -57,7 +57,7 @@ cargo bench --locked --no-run --bench kernels --bench pipeline --message-format=
     | python3 -c 'import json, shutil, sys
 for line in sys.stdin:
     j = json.loads(line)
-    if j.get("executable"):
+    if j.get("executable") and "bench" in j["target"]["kind"]:
         shutil.copy(j["executable"], ".bench/stage/bench_" + j["target"]["name"])'
 strip .bench/stage/*
 tar -C .bench/stage -cf - . | xz -9e -T1 --lzma2=dict=64MiB >.bench/bins.tar.xz
