@@ -10,7 +10,10 @@
 //!    token there: `"wow!!!"` gives `wow</w>`, 0, 0, 0 (SD 1.x: `wow</w>`,
 //!    `!!!</w>`). Tokens flagged `normalized: false` match the raw text,
 //!    the others the normalised text (see [`ClipTokenizer::from_files`]).
-//! 2. Normaliser: NFC, `\s+` -> `" "`, per-char lower-casing.
+//! 2. Normaliser: NFC, `\s+` -> `" "`, per-char lower-casing, in that order,
+//!    on each piece of text between the raw-matched added tokens (see
+//!    `normalize`). NFC is [`nfc()`] (`tokenizer/nfc.rs`), with the
+//!    reference's Unicode 9.0.0 data ([`NFC_UNICODE_VERSION`]).
 //! 3. Pre-tokeniser: CLIP's regex
 //!    `<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+`
 //!    (whitespace between matches dropped), then GPT-2's ByteLevel split,
@@ -20,10 +23,22 @@
 //!    carries `</w>`.
 //! 5. BOS + ids + EOS; diffusers then pads/truncates to 77.
 //!
-//! Known gap: NFC is not applied (it needs Unicode composition tables and
-//! the crate has no such dependency). Prompts typed on a keyboard are NFC
-//! already; decomposed input such as `e` + U+0301 tokenizes differently
-//! from transformers (`e</w>` + mark instead of `é</w>`).
+//! transformers 4.x's pure-Python `CLIPTokenizer` cleaned text differently:
+//! with ftfy installed, `ftfy.fix_text` (NFC plus mojibake and HTML-entity
+//! repairs, curly quotes, ligatures and full-width forms made plain); without
+//! it, BERT's `BasicTokenizer` (control chars dropped, CJK chars split
+//! apart, then Python's NFC, of its own newer Unicode). Neither runs in
+//! transformers 5, which is what diffusers uses and what we match
+//! (tools/make_tokenizer_fixtures.py --slow-transformers lists the
+//! differences).
+
+mod nfc;
+mod nfc_tables;
+
+pub use nfc::nfc;
+/// Unicode version of the NFC data: that of `tokenizers`' NFC, which
+/// leaves code points assigned later unnormalised.
+pub use nfc_tables::UNICODE_VERSION as NFC_UNICODE_VERSION;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -595,11 +610,20 @@ impl ClipTokenizer {
     }
 }
 
-/// The normaliser minus NFC (see module docs): runs of `\s` become one
+/// The normaliser (see module docs): NFC, then runs of `\s` become one
 /// space, then each char is lower-cased on its own. Per-char matters:
 /// `tokenizers` maps every `Σ` to `σ` where Python's `str.lower` and
-/// Rust's `str::to_lowercase` would write a final `ς`.
+/// Rust's `str::to_lowercase` would write a final `ς`. NFC comes first
+/// because it can change what the later steps see: `A` + U+030A becomes
+/// `Å` before lower-casing, U+212A KELVIN SIGN becomes `K`, U+037E GREEK
+/// QUESTION MARK becomes `;`.
+///
+/// `text` is one piece between raw-matched added tokens, so a mark right
+/// after `<|endoftext|>` does not compose across it (SD 1.x); where that
+/// token is matched on normalised text (SD 2.x), `>` + U+0338 becomes `≯`
+/// first and the token is no longer found.
 fn normalize(text: &str) -> String {
+    let text = nfc(text);
     let mut out = String::with_capacity(text.len());
     let mut in_space = false;
     for c in text.chars() {

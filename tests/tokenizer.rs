@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ldm_wgpu::tokenizer::{ClipTokenizer, TokenizerError};
+use ldm_wgpu::tokenizer::{nfc, ClipTokenizer, TokenizerError, NFC_UNICODE_VERSION};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -45,10 +45,13 @@ fn want_ids(case: &serde_json::Value, name: &str) -> Vec<u32> {
     }
 }
 
-fn cases() -> Vec<serde_json::Value> {
+fn fixture() -> serde_json::Value {
     let text = std::fs::read_to_string(root().join("tests/fixtures/tokenizer_cases.json")).unwrap();
-    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
-    doc["cases"].as_array().unwrap().clone()
+    serde_json::from_str(&text).unwrap()
+}
+
+fn cases() -> Vec<serde_json::Value> {
+    fixture()["cases"].as_array().unwrap().clone()
 }
 
 #[test]
@@ -106,6 +109,165 @@ fn fixture_cases_bit_exact() {
         failures.is_empty(),
         "{} mismatches:\n{}",
         failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// `U+0065 U+0301`-style spelling, since most NFC cases are invisible marks.
+fn code_points(s: &str) -> String {
+    let cps: Vec<String> = s.chars().map(|c| format!("U+{:04X}", c as u32)).collect();
+    format!("[{}]", cps.join(" "))
+}
+
+/// `nfc` alone against `tokenizers`' NFC on the fixture's few hundred strings
+/// (decomposed accents, Vietnamese, Hangul jamo, marks out of order,
+/// singletons, exclusions, compatibility characters, post-Unicode-9 marks).
+#[test]
+fn nfc_fixture_cases() {
+    let doc = fixture();
+    let nfc_doc = &doc["nfc"];
+    assert_eq!(nfc_doc["unicode_version"], NFC_UNICODE_VERSION);
+    let cases = nfc_doc["cases"].as_array().unwrap();
+    assert!(cases.len() >= 300, "only {} NFC cases", cases.len());
+    let mut failures = Vec::new();
+    let mut changed = 0;
+    let mut newer_unicode = 0;
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want = case["nfc"].as_str().unwrap();
+        let got = nfc(text);
+        if got != want {
+            failures.push(format!(
+                "{}\n  got  {}\n  want {}",
+                code_points(text),
+                code_points(&got),
+                code_points(want)
+            ));
+        }
+        assert_eq!(nfc(want), want, "NFC is idempotent: {}", code_points(want));
+        changed += usize::from(text != want);
+        // Where Python's unicodedata (Unicode 14) disagrees with the reference
+        // (Unicode 9); kept so that tables built from the newer data fail here.
+        newer_unicode += usize::from(case.get("python_nfc").is_some());
+    }
+    assert!(changed >= 200, "only {changed} cases that NFC changes");
+    assert!(
+        newer_unicode >= 5,
+        "only {newer_unicode} post-Unicode-9 cases"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} NFC cases differ from tokenizers':\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+/// The inputs of one sweep of tools/make_nfc_table.py (`sweep_inputs`), in
+/// the same order; change both together.
+fn sweep_inputs(name: &str, marks: &[char], emit: &mut dyn FnMut(&[char])) {
+    let chars = |lo: u32, hi: u32| (lo..hi).filter_map(char::from_u32);
+    match name {
+        "single" => chars(0, 0x11_0000).for_each(|c| emit(&[c])),
+        "after_a" => chars(0, 0x11_0000).for_each(|c| emit(&['a', c, '\u{334}'])),
+        "mark_pairs" => {
+            for &m1 in marks {
+                for &m2 in marks {
+                    emit(&['a', m1, m2]);
+                }
+            }
+        }
+        // Conjoining jamo, one past each end of the L, V and T ranges.
+        "hangul_lvt" => {
+            for l in chars(0x10FF, 0x1114) {
+                for v in chars(0x1160, 0x1177) {
+                    for t in chars(0x11A6, 0x11C4) {
+                        emit(&[l, v, t]);
+                    }
+                }
+            }
+        }
+        "hangul_syllable_t" => {
+            for s in chars(0xAC00, 0xD7A4) {
+                for t in chars(0x11A6, 0x11C4) {
+                    emit(&[s, t]);
+                }
+            }
+        }
+        other => panic!("unknown NFC sweep {other:?} in the fixture"),
+    }
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xCBF2_9CE4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3)
+    })
+}
+
+/// `nfc` against `tokenizers`' NFC over every code point alone and after `a`,
+/// `a` + every ordered pair of combining marks, and every Hangul jamo
+/// triple and syllable + trailing jamo (about 3.4 million strings): the
+/// fixture holds an FNV-1a hash of the reference's output per 65,536 inputs.
+#[test]
+fn nfc_sweeps_match_reference() {
+    let doc = fixture();
+    let nfc_doc = &doc["nfc"];
+    let chunk = nfc_doc["chunk"].as_u64().unwrap() as usize;
+    let marks: Vec<char> = nfc_doc["mark_ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r[0].as_u64().unwrap() as u32..=r[1].as_u64().unwrap() as u32)
+        .filter_map(char::from_u32)
+        .collect();
+    let sweeps = nfc_doc["sweeps"].as_array().unwrap();
+    assert_eq!(sweeps.len(), 5);
+    let mut failures = Vec::new();
+    for sweep in sweeps {
+        let name = sweep["name"].as_str().unwrap();
+        let want: Vec<&str> = sweep["fnv1a64"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_str().unwrap())
+            .collect();
+        // Each input followed by U+0000, `chunk` inputs to a string.
+        let mut got: Vec<String> = Vec::new();
+        let mut text = String::new();
+        let mut in_chunk = 0;
+        let mut total = 0;
+        let hash = |text: &str| format!("{:016x}", fnv1a64(nfc(text).as_bytes()));
+        sweep_inputs(name, &marks, &mut |input| {
+            text.extend(input);
+            text.push('\0');
+            in_chunk += 1;
+            total += 1;
+            if in_chunk == chunk {
+                got.push(hash(&text));
+                text.clear();
+                in_chunk = 0;
+            }
+        });
+        if in_chunk > 0 {
+            got.push(hash(&text));
+        }
+        assert_eq!(total as u64, sweep["inputs"].as_u64().unwrap(), "{name}");
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            if g != w {
+                failures.push(format!(
+                    "{name}: inputs {}..{}",
+                    i * chunk,
+                    ((i + 1) * chunk).min(total)
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "NFC differs from tokenizers' in these sweep chunks (HINT: tools/make_nfc_table.py runs \
+         the same sweeps against its Python copy of nfc.rs and names the strings):\n{}",
         failures.join("\n")
     );
 }
@@ -227,8 +389,7 @@ fn malformed_files_are_clear_errors() {
 /// Extra parity sweep over a larger case file with the same layout as
 /// tokenizer_cases.json (`sd1_ids`/`sd2_ids` per prompt), e.g. random
 /// strings made with transformers: `LDM_TOKENIZER_CASES=/tmp/cases.json
-/// cargo test --test tokenizer -- --ignored`. Prompts whose NFC form
-/// differs are skipped (NFC is not implemented, see src/tokenizer.rs).
+/// cargo test --test tokenizer -- --ignored`.
 #[test]
 #[ignore = "needs LDM_TOKENIZER_CASES=<file>"]
 fn extra_cases_from_env() {

@@ -15,8 +15,18 @@ Prompts: the 43 hand-written PROMPTS, then deterministic generated classes
 negative prompts, 12+ languages/scripts, emoji (ZWJ, skin tones, flags,
 keycaps, tag sequences), numbers and dates, URLs and code, punctuation runs,
 every Unicode whitespace kind, special-token look-alikes, random character
-mixes, prompts of exactly 76-79 ids, and 150-300-token prompts. All are NFC
-(asserted), since src/tokenizer.rs does not apply NFC.
+mixes, prompts of exactly 76-79 ids, 150-300-token prompts, and text that
+NFC changes (decomposed accents, Vietnamese stacked marks, Hangul jamo,
+marks out of canonical order, singletons, exclusions: NFC_PROMPTS).
+
+The same file's "nfc" object tests src/tokenizer/nfc.rs on its own: "cases",
+a few hundred strings (NFC_STRINGS, then seeded samples of composition
+pairs, random mark soups, jamo runs and singletons) with the reference NFC,
+which is `tokenizers`' normalizers.NFC() (Unicode 9.0.0), plus "python_nfc"
+where Python's unicodedata (a newer Unicode) answers differently; and
+"sweeps", FNV-1a hashes of the reference NFC over every code point, every
+pair of combining marks and all Hangul sequences (defined in
+tools/make_nfc_table.py, mirrored in tests/tokenizer.rs).
 
 Since transformers 5, `CLIPTokenizer` is the `tokenizers`-backed (formerly
 "fast") class; the pure-Python one is gone. If a `CLIPTokenizerFast` or a
@@ -49,8 +59,13 @@ import sys
 import tempfile
 import unicodedata
 
+import tokenizers
 import transformers
+from tokenizers import normalizers
 from transformers import CLIPTokenizer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_nfc_table  # noqa: E402 - the sweep definitions shared with the table generator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD1_DIR = os.path.join(ROOT, "weights", "tiny-shapes", "tokenizer")
@@ -406,15 +421,155 @@ def generated_prompts(tok):
 
 
 def all_prompts(tok):
-    """The hand-written PROMPTS, then the generated classes; every one must be NFC already
-    (src/tokenizer.rs does not normalise to NFC, see its module docs)."""
+    """The hand-written PROMPTS, then the generated classes, then NFC_PROMPTS (each of which NFC
+    changes, asserted, so none is a no-op by accident)."""
     prompts = list(PROMPTS)
     for text in generated_prompts(tok):
         if text not in prompts:
             prompts.append(text)
-    not_nfc = [t for t in prompts if unicodedata.normalize("NFC", t) != t]
-    assert not not_nfc, f"prompts not in NFC: {not_nfc!r}"
+    ref_nfc = normalizers.NFC()
+    unchanged = [t for t in NFC_PROMPTS if ref_nfc.normalize_str(t) == t]
+    assert not unchanged, f"NFC_PROMPTS that NFC leaves alone: {unchanged!r}"
+    for text in NFC_PROMPTS:
+        if text not in prompts:
+            prompts.append(text)
     return prompts
+
+
+# ---------------------------------------------------------------------------------------------
+# NFC: prompts that NFC changes, and the unit cases of src/tokenizer/nfc.rs
+# ---------------------------------------------------------------------------------------------
+
+NFC_PROMPTS = [
+    "cafe\u0301",
+    "a photo of a cafe\u0301 in Paris, re\u0301sume\u0301, nai\u0308ve, jalapen\u0303o",
+    "A\u030Angstro\u0308m and \u212Bngstr\u00f6m and \u00C5ngstr\u00f6m",
+    "A\u030A",
+    "\u2126 ohm, 10\u212A kelvin, \u212B",
+    # Vietnamese: stacked marks decomposed, in canonical and in non-canonical order
+    "Tie\u0302\u0301ng Vie\u0323\u0302t: pho\u031B\u0309 bo\u0300, ba\u0301nh mi\u0300, Ha\u0300 No\u0323\u0302i",
+    "Vie\u0302\u0323t Nam, \u0110a\u0300 Na\u0306\u0303ng, Nguye\u0302\u0303n",
+    "o\u0301\u031B o\u031B\u0301 u\u031B\u0300 a\u0306\u0323 a\u0323\u0306 e\u0301\u0302 e\u0302\u0301",
+    # Hangul: conjoining jamo (L V T), syllable + T, archaic jamo, the T_BASE edge
+    "\u1112\u1161\u11AB\u1100\u116E\u11A8\u110B\u1165 \u1109\u1165\u110B\u116E\u11AF",
+    "\uAC00\u11A8 \uAC01\u11A8 \u1100\u1161\u11A7 \u1113\u1161 \u1100\u1176 \u1100\u1161\u11C3",
+    "\u110B\u1161\u11AB\u1102\u1167\u11BC\u1112\u1161\u1109\u1166\u110B\u116D \uc138\uacc4!",
+    # Compatibility characters are NFKC's business: NFC keeps them (only the accent changes here)
+    "\ufb01ne \ufb02ower \ufb03 \u00b2 \u2460 \uff21\uff42 \u3392 \u01c5 cafe\u0301",
+    # Singleton decompositions and composition exclusions
+    "what\u037E why\u0387 \u2000en quad\u2001em quad \u1FEFgrave \u2329angle\u232A",
+    "\uF900\uF901\uF902 \U0002F800\U0002F801 \uFA10 compatibility ideographs",
+    "\u0915\u093C \u0958 \u09A1\u09BC \u09DC \u0A32\u0A3C \u0A33 \uFB1D \u05D9\u05B4",
+    "\u0344 \u0F73 \u0F75 \u0F81 \u0340\u0341\u0343 \u0374 non-starter decompositions",
+    "\u2ADC \u2ADD\u0338 \U0001D15E \U0001D157\U0001D165",
+    # Greek with breathing, accent and iota subscript in every order
+    "\u03B1\u0313\u0301\u0345 \u03C9\u0345\u0313 \u03B7\u0345\u0342\u0314 \u039F\u0301\u03A3\u039F\u03A3 \u1F71",
+    # Kana voicing marks, Indic two-part vowels
+    "\u304B\u3099\u30CF\u309A\u30D8\u3099 \u30A6\u3099 \u3046\u3099",
+    "\u0B47\u0B3E \u0B47\u0B56 \u0BC6\u0BBE \u0D46\u0D3E \u0DD9\u0DCF \u1B05\u1B35",
+    # Marks: leading, stacked, blocked, and next to special tokens
+    "\u0301leading mark, a\u0301\u0301 double, a\u0328\u0301 ogonek, a\u0316\u0301 below, a\u0301\u0316",
+    "a<|endoftext|>\u0301b <|endoftext|>\u0338 x<|startoftext|>\u0301",
+    "=\u0338 <\u0338 >\u0338 \u2203\u0338 \u2208\u0338",
+    # Code points after Unicode 9: the reference leaves them where Python 3.11 reorders/composes
+    "e\u1AC1\u0323 a\u0898\u0316 o\u1ACB\u031B\u0301 a\u0345\u1ABF e\u0301 \U00011935\U00011930",
+    "\u0130\u0307 I\u0307 I\u0307\u0301 \u1E9E SS\u0308 e\u0301",
+    "C\u0327\u0301 c\u0301\u0327 \u00C7\u0301 Z\u030C\u0327 s\u0323\u0307 s\u0307\u0323",
+    "A\u030A\u0301 \u00C5\u0301 \u01FA a\u030A\u0301",
+    # Long decomposed text: NFC happens before the 77-token cut
+    ", ".join(["cafe\u0301 cre\u0300me bru\u0302le\u0301e"] * 12),
+]
+
+# Hand-written NFC unit cases (every class the NFC code has a branch for), before the samples.
+NFC_STRINGS = [
+    "", "a", "abc", "caf\u00e9", "cafe\u0301", "CAFE\u0301", "e\u0301", "\u00e9\u0301",
+    "A\u030A", "\u212B", "\u00C5", "a\u030A", "A\u030A\u0301", "\u01FA",
+    # singletons, exclusions, non-starter decompositions
+    "\u2126", "\u212A", "\u037E", "\u0387", "\u1FEF", "\u2000\u2001", "\u2329\u232A", "\u0340\u0341\u0343\u0374",
+    "\u1F71", "\u1FFD", "\u0344", "\u0F73", "\u0F75", "\u0F81", "\u0958", "\u0915\u093C", "\u09DC", "\u0A33",
+    "\u0A36", "\u0F43", "\u0F42\u0FB7", "\uFB1D", "\u05D9\u05B4", "\uFB2A", "\u05E9\u05C1", "\u2ADC",
+    "\u2ADD\u0338", "\U0001D15E", "\U0001D157\U0001D165", "\U0001D1BB", "\uF900", "\uFA10", "\uFA0E",
+    "\U0002F800", "\U0002FA1D",
+    # compatibility characters: NFC keeps them
+    "\ufb01", "\ufb00\ufb01\ufb02\ufb03\ufb04\ufb05\ufb06", "\u00b2\u00b3\u00b9", "\u2460", "\uff21", "\u3392",
+    "\u01c4\u01c5\u01c6", "\u017f", "\u1e9b", "\u1e9b\u0323", "\u017f\u0323\u0307", "\u2075", "\u00bd",
+    "\u2126\u0301",
+    # Vietnamese stacked marks
+    "e\u0302\u0301", "e\u0301\u0302", "e\u0323\u0302", "e\u0302\u0323", "o\u031B\u0301", "o\u0301\u031B",
+    "o\u031B\u0323", "o\u0323\u031B", "u\u031B\u0303", "a\u0306\u0309", "a\u0323\u0306", "a\u0306\u0323",
+    "Vie\u0323\u0302t", "Vie\u0302\u0323t", "\u1EC7", "\u1EC7\u0301", "\u1EDB\u0323",
+    # Hangul
+    "\u1100\u1161", "\u1100\u1161\u11A8", "\u1100\u1161\u11A7", "\u1100\u1161\u11C2", "\u1100\u1161\u11C3",
+    "\uAC00\u11A8", "\uAC01\u11A8", "\uAC00\u11A7", "\uD7A3", "\uD7A3\u11A8", "\u1112\u1175\u11C2",
+    "\u1113\u1161", "\u1100\u1176", "\u1100\u1100\u1161", "\u1100\u1161\u1161", "\u1161\u11A8", "\u11A8",
+    "\u1100\u0301\u1161", "\u1100\u1161\u0301\u11A8", "\u115F\u1160", "\u1112\u1161\u11AB\u1100\u116E\u11A8",
+    # combining marks out of canonical order, blocking, leading non-starters
+    "a\u0301\u0316", "a\u0316\u0301", "a\u0301\u0301", "a\u0328\u0301", "a\u0301\u0328", "a\u0334\u0301",
+    "a\u0345\u0301", "a\u0315\u0300\u05AE\u0300b", "a\u0300\u0315\u0300", "\u0301", "\u0301a",
+    "\u0301\u0316\u0300", "\u0345\u0334\u0327\u0301\u0316\u0315", "\u03B1\u0313\u0301\u0345",
+    "\u03C9\u0345\u0313", "\u03B7\u0345\u0342\u0314", "\u03B9\u0308\u0301", "\u03C5\u0301\u0308",
+    "\u0399\u0308", "\u0301\u0308\u0300", "a\u05B0\u05B1\u0301", "a\u0651\u064E", "a\u064E\u0651",
+    "\u0627\u0653", "\u0627\u0654", "\u0648\u0654", "\u064A\u0654",
+    # two-part vowels (the second part is a starter), nukta, kana voicing
+    "\u0B47\u0B3E", "\u0B47\u0B56", "\u0B47\u0B57", "\u0BC6\u0BBE", "\u0BC7\u0BBE", "\u0BC6\u0BD7",
+    "\u0BD7\u0BC6", "\u0CBF\u0CD5", "\u0CC6\u0CC2\u0CD5", "\u0D46\u0D3E", "\u0DD9\u0DCA", "\u0DD9\u0DCF\u0DCA",
+    "\u1025\u102E", "\u1B05\u1B35", "\U00011099\U000110BA", "\U00011131\U00011127", "\U00011347\U0001133E",
+    "\U000114B9\U000114BA", "\U000115B8\U000115AF", "\u304B\u3099", "\u30CF\u309A", "\u3099",
+    "\u304B\u0301\u3099", "\u3046\u3099", "\u309D\u3099",
+    # after Unicode 9: the reference does not know these (Python 3.11's NFC differs)
+    "a\u0345\u1ABF", "\U00011935\U00011930", "a\u0898\u0316", "a\u0345\u08D3", "e\u1AC1\u0323",
+    "o\u1ACB\u031B\u0301", "x\u0345\u07FD", "x\u1AC0\u0301", "\U00011938", "a\u0898\u0301",
+    "a\u0301\u0898", "\u08D3\u0345", "a\u0C3C\u0315", "a\u0301\u0C3C",
+    # mixtures, special-token text, interplay with lower-casing and whitespace
+    "<|endoftext|>\u0338", ">\u0338", "=\u0338", "\u0130", "\u0130\u0307", "I\u0307", "\u1E9E", "\u00DF\u0301",
+    "\u00C7\u0301", "C\u0327\u0301", "c\u0301\u0327", "Z\u030C\u0327", "s\u0323\u0307", "s\u0307\u0323",
+    "\u1E69", "A\u0308\u0304", "\u01DE", "\u01D5\u0301", "U\u0308\u0301",
+    "\u00a0\u0301", " \u0301", "\t\u0301", "\n\u0301", "\u0000\u0301", "\ufeff\u0301", "\u200d\u0301",
+    "\U0001F44D\U0001F3FD\u0301", "\u6771\u4EAC\u0301", "\ud55c\uad6d\uc5b4",
+]
+
+
+def nfc_cases():
+    """NFC_STRINGS, then seeded samples: composition pairs (one level and fully decomposed,
+    exclusions included), singletons, random mark soups, jamo runs."""
+    ref_nfc = normalizers.NFC()
+    rng = random.Random(20240615)
+    _, singles, pairs = make_nfc_table.python_data()
+    strings = list(NFC_STRINGS)
+    for cp, (a, b) in rng.sample(sorted(pairs.items()), 90):
+        strings.append(chr(a) + chr(b))
+        strings.append(unicodedata.normalize("NFD", chr(cp)))
+    strings += [chr(cp) for cp in rng.sample(sorted(singles), 20)]
+    strings += make_nfc_table.random_soups(n=60, seed=20240616)
+    jamo = [chr(c) for c in (*range(0x10FF, 0x1114), *range(0x1160, 0x1177), *range(0x11A6, 0x11C4))]
+    jamo += ["\uAC00", "\uAC01", "\uD7A3"]
+    strings += ["".join(rng.choice(jamo) for _ in range(rng.randrange(2, 7))) for _ in range(40)]
+    cases, seen = [], set()
+    for text in strings:
+        if text in seen:
+            continue
+        seen.add(text)
+        case = {"text": text, "nfc": ref_nfc.normalize_str(text)}
+        python = unicodedata.normalize("NFC", text)
+        if python != case["nfc"]:
+            case["python_nfc"] = python
+        cases.append(case)
+    return cases
+
+
+def nfc_sweeps():
+    """FNV-1a 64 of the reference NFC of each chunk of each sweep (see make_nfc_table.py)."""
+    ref_nfc = normalizers.NFC()
+    marks = make_nfc_table.mark_ranges()
+    sweeps = []
+    for name in make_nfc_table.SWEEPS:
+        inputs = make_nfc_table.sweep_inputs(name, marks)
+        hashes = [
+            f"{make_nfc_table.fnv1a64(ref_nfc.normalize_str(chunk).encode()):016x}"
+            for chunk in make_nfc_table.sweep_chunks(inputs)
+        ]
+        sweeps.append({"name": name, "inputs": len(inputs), "fnv1a64": hashes})
+    return {"chunk": make_nfc_table.SWEEP_CHUNK, "mark_ranges": marks, "sweeps": sweeps}
 
 
 def sd2_dir(tmp):
@@ -544,16 +699,26 @@ def main():
         print(f"transformers {transformers.__version__}: {type(tok1).__name__}")
         cross_check("sd1", SD1_DIR, tok1, prompts)
         cross_check("sd2", folder2, tok2, prompts)
+    nfc = {
+        "source": f"tokenizers {tokenizers.__version__} normalizers.NFC (Unicode {make_nfc_table.REFERENCE_UNICODE}); "
+        f"python_nfc: Python unicodedata {unicodedata.unidata_version}, only where it differs",
+        "unicode_version": make_nfc_table.REFERENCE_UNICODE,
+        "cases": nfc_cases(),
+        **nfc_sweeps(),
+    }
     doc = {
         "source": f"transformers {transformers.__version__} CLIPTokenizer, tools/make_tokenizer_fixtures.py",
         "note": "sd2_ids is left out where it equals sd1_ids (same vocabulary; only the pad token differs)",
         "cases": cases,
+        "nfc": nfc,
     }
     with open(OUT, "w", encoding="utf-8") as f:
         json.dump(doc, f, ensure_ascii=False, indent=None, separators=(",", ":"))
         f.write("\n")
     long_ = sum(len(c["sd1_ids"]) > 77 for c in cases)
-    print(f"wrote {OUT}: {len(cases)} cases, {long_} longer than 77 ids")
+    changed = sum(normalizers.NFC().normalize_str(c["prompt"]) != c["prompt"] for c in cases)
+    print(f"wrote {OUT}: {len(cases)} cases, {long_} longer than 77 ids, {changed} changed by NFC; "
+          f"{len(nfc['cases'])} NFC cases, {len(nfc['sweeps'])} NFC sweeps")
 
 
 if __name__ == "__main__":
