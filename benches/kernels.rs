@@ -7,13 +7,14 @@
 //!
 //! Options (environment): LDM_BENCH_DTYPE=f16|f32, LDM_BENCH_REPS=N, LDM_BENCH_FILTER=substring,
 //! LDM_BENCH_QUICK=1 (small peak runs and only the cheaper cases; automatic on CPU adapters).
-//! Matmuls print `matmul[fma]` and, on adapters with f16 cooperative matrices, `matmul[coop]`.
+//! Matmuls print `matmul[fma]` and, on adapters with f16 cooperative matrices, `matmul[coop]`
+//! (64 tile) and `matmul[coop128]` (the large tile, `matmul::CoopTile`).
 //! Convolutions print one line per kernel tile (`conv2d[64]`, `conv2d[128]`, `conv2d[small]`,
 //! `conv2d[coop]` where tensor cores are offered),
 //! the one the shape heuristic picks marked `*`.
 
 use ldm_wgpu::kernels::attention::{self, HeadsView};
-use ldm_wgpu::kernels::matmul::{self, Activation};
+use ldm_wgpu::kernels::matmul::{self, Activation, CoopTile};
 use ldm_wgpu::kernels::{conv2d, norm, peak};
 use ldm_wgpu::{DType, Gpu, GpuOptions, Result, Tensor};
 
@@ -70,7 +71,7 @@ impl Bench {
     fn line(&self, kernel: &str, shape: &str, secs: f64, flops: f64, bytes: f64) {
         let (rate, pct) = if flops > 0.0 {
             let peak = match self.coop_peak {
-                Some(p) if kernel.contains("[coop]") => p,
+                Some(p) if kernel.contains("[coop") => p,
                 _ => self.fma_peak,
             };
             (
@@ -171,8 +172,9 @@ fn main() -> Result<()> {
         .map(|&(n, m, nn, k)| (n.to_string(), m, nn, k))
         .collect();
     cases.push(("square 4096^3".into(), 4096, 4096, 4096));
-    // Both paths where the adapter has tensor cores: `matmul[fma]` and `matmul[coop]` (the
-    // default on GPUs marked `*`).
+    // Every path where the adapter has tensor cores: `matmul[fma]`, `matmul[coop]` (the 64
+    // tile) and `matmul[coop128]` (the large tile, where the adapter holds it); the one the
+    // engine picks by default marked `*`.
     matmul::override_coop(Some(true));
     let coop = matmul::coop_plan(&b.gpu, dtype);
     matmul::override_coop(None);
@@ -183,17 +185,25 @@ fn main() -> Result<()> {
         }
         let x = b.random(&[m, k])?;
         let w = b.random(&[n, k])?;
-        let mut paths = vec![false];
-        if coop.is_some() && k % 4 == 0 {
-            paths.push(true);
+        // (label, coop tile or None for the FMA kernel)
+        let mut paths = vec![("fma", None)];
+        let mut chosen = None;
+        if let (Some(plan), true) = (coop, k % 4 == 0) {
+            paths.push(("coop", Some(CoopTile::T64)));
+            if CoopTile::T128.fits(plan, &b.gpu.caps) {
+                paths.push(("coop128", Some(CoopTile::T128)));
+            }
+            if default_coop {
+                chosen = Some(CoopTile::choose(plan, &b.gpu.caps, 1, m, n, None));
+            }
         }
-        for on in paths {
-            matmul::override_coop(Some(on));
+        for (path, tile) in paths {
+            matmul::override_coop(Some(tile.is_some()));
+            matmul::force_coop_tile(tile);
             let t = b.time(&mut || {
                 matmul::linear(&b.gpu, &x, &w, None, None, Activation::None).map(|_| ())
             })?;
-            let mark = if on == default_coop { "*" } else { "" };
-            let path = if on { "coop" } else { "fma" };
+            let mark = if tile == chosen { "*" } else { "" };
             b.line(
                 &format!("matmul[{path}]{mark}"),
                 &format!("{name} {m}x{n}x{k}"),
@@ -203,6 +213,7 @@ fn main() -> Result<()> {
             );
         }
         matmul::override_coop(None);
+        matmul::force_coop_tile(None);
     }
 
     // Convolution: one line per kernel variant that applies (`conv2d[64]` and `conv2d[128]`

@@ -10,15 +10,43 @@
 //
 // Bindings: 0 x (elem4, read), 1 w (elem4, read), 2 bias, 3 residual, 4 out (read_write),
 //           5 params — as matmul.wgsl.
-// Geometry: 4 subgroups of SG invocations; output tile TM × TN = 4·FRAG × 4·FRAG (64 × 64 for
-// FRAG 16; geglu: TM rows × TN/2 outputs, i.e. TN/2 hidden + TN/2 gate weight rows); K step
-// TK = 2·FRAG. Subgroup s owns the 2·FRAG × 2·FRAG quarter (s / 2, s % 2) of the tile as 2 × 2
-// accumulator fragments. Grid as matmul.wgsl with TM = TN = 4·FRAG.
-// Flow per K step: all threads stage x and w tiles (zero-padded at the edges, so the matrix ops
-// never see out-of-range data) into workgroup memory as f16; each subgroup does 2 × 2 × 2 matrix
-// multiply-adds. At the end each subgroup stores its f32 accumulators to workgroup memory and all
-// threads run the fused epilogue from there with coalesced stores.
 // K % 4 == 0 is required (vec4 staging loads); the host uses matmul.wgsl otherwise.
+//
+// Two tile sizes, each with a linear and a geglu entry point; the host picks by the number of
+// workgroups (src/kernels/matmul.rs `CoopTile`). Both share the flow: per K step (TK = 2·FRAG)
+// all threads stage x and w tiles (zero-padded at the edges, so the matrix ops never see
+// out-of-range data) into workgroup memory as f16, then each subgroup multiplies its fragments;
+// the f32 accumulators reach the fused epilogue (bias, activation, residual / GELU gate) through
+// workgroup memory, whose stores are coalesced along rows. Grid: (ceil(N / outputs per tile
+// row), ceil(M / tile rows), batch).
+//
+// `linear_coop` / `geglu_coop`: 4 subgroups; output tile TM × TN = 4·FRAG × 4·FRAG (64 × 64 at
+// FRAG 16; geglu: TM rows × TN/2 outputs, i.e. TN/2 hidden + TN/2 gate weight rows). Subgroup s
+// owns the 2·FRAG × 2·FRAG quarter (s / 2, s % 2) as 2 × 2 accumulator fragments; per FRAG of K
+// it loads 2 + 2 fragments for 4 multiply-adds. The whole f32 tile goes to workgroup memory for
+// the epilogue. Workgroup memory 2·TM·AS f16 + TM·TN f32: 26 KiB at FRAG 16, 7 KiB at FRAG 8.
+//
+// `linear_coop_l` / `geglu_coop_l` (the large tile): 8 subgroups arranged 2 (rows) × 4
+// (columns); output tile TL × TL = 8·FRAG × 8·FRAG (128 × 128 at FRAG 16). Subgroup s owns the
+// 4·FRAG × 2·FRAG block (s / 4, s % 4) as 4 × 2 accumulator fragments c00 .. c31; per FRAG of K
+// it loads 4 A + 2 B fragments for 8 multiply-adds. Why: per K step the workgroup reads
+// 2 · TL · TK f16 from L2 for 2 · TL² · TK FLOP, i.e. TL / 2 FLOP per byte — 64 at TL = 128,
+// twice the 64 tile's 32, which cannot feed an H100's tensor cores from its L2 — and a
+// subgroup loads 0.75 fragments from workgroup memory per multiply-add instead of 1.
+// Why 4 × 2 fragments per subgroup (not 2 × 4): the same loads per multiply-add either way, but
+// a subgroup's two column fragments are then one GEGLU pair: for geglu the staged w rows of
+// column block j are FRAG hidden rows followed by the FRAG gate rows of the same outputs
+// (`b_row_l`), so each output's hidden and gate accumulators sit in one subgroup, side by side.
+// The 64 KiB f32 tile does not fit beside the staging, so the epilogue runs in 4 passes: in
+// pass i every subgroup stores its fragment row i (ci0 | ci1, FRAG × 2·FRAG f32, a whole GEGLU
+// pair) into its own slot of c_shl, and after a barrier all threads finish the 8 slots
+// (linear: 2·FRAG outputs per slot row; geglu: FRAG hidden · gelu(gate) outputs).
+// Workgroup memory 2·TL·AS f16 + 8·FRAG·2·FRAG f32: 20 + 16 = 36 KiB at FRAG 16 (NVIDIA allows
+// 48), 6 + 4 = 10 KiB at FRAG 8 (lavapipe allows 32). The host checks the same formula
+// (`CoopTile::workgroup_bytes`) and keeps the 64 tile where it does not fit.
+// Staging stays scalar f16 stores: coopLoad would accept a vec4<f16> array in naga, but then
+// SPIR-V measures the stride in vec4s while naga's MSL wrapper takes a `half*`, so the same
+// WGSL would not mean the same on every back end.
 
 enable wgpu_cooperative_matrix;
 
@@ -49,9 +77,12 @@ const FRAG: u32 = 16u;
 const TM: u32 = 4u * FRAG;
 const TN: u32 = 4u * FRAG;
 const TK: u32 = 2u * FRAG;
-// Subgroup width (32 on NVIDIA, 8 on lavapipe): the workgroup is exactly 4 subgroups.
+// Subgroup width (32 on NVIDIA, 8 on lavapipe): the workgroup is exactly 4 subgroups (NT), or
+// 8 for the large tile (NT_L). Overrides come before the arrays: naga 30 can panic evaluating
+// overrides declared after an override-sized array.
 override SG: u32 = 32u;
 override NT: u32 = 4u * SG;
+override NT_L: u32 = 8u * SG;
 // Row stride of the staged tiles in halves: TK + 8 keeps every fragment's rows 16-byte aligned
 // (TK + 8 halves is a multiple of 8) and staggers rows across banks.
 const AS: u32 = TK + 8u;
@@ -230,4 +261,197 @@ fn geglu_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
             out[m * params.n + n] = elem(h * gelu1(g));
         }
     }
+}
+
+// ------------------------------------------------------------------ large tile (8 subgroups)
+
+const TL: u32 = 8u * FRAG;
+// Each subgroup's epilogue slot: one of its fragment rows, FRAG × 2·FRAG f32, row-major.
+const SLOT_W: u32 = 2u * FRAG;
+const SLOT: u32 = FRAG * SLOT_W;
+
+var<workgroup> a_shl: array<f16, TL * AS>;    // a_shl[r * AS + k] = x[m0 + r, k0 + k]
+var<workgroup> b_shl: array<f16, TL * AS>;    // b_shl[r * AS + k] = w[b_row_l(r), k0 + k] (Bᵀ)
+var<workgroup> c_shl: array<f32, 8u * SLOT>;  // slot s: c_shl[s * SLOT + r * SLOT_W + c]
+
+// The w row staged as B column rr of the large tile, and whether it exists. geglu: column block
+// j (2·FRAG wide, subgroup column j's) is FRAG hidden rows then the FRAG gate rows of the same
+// outputs n0 + j·FRAG .. n0 + j·FRAG + FRAG, so a subgroup's two column fragments pair up.
+fn b_row_l(rr: u32, n0: u32, geglu: bool) -> vec2<u32> {
+    if (geglu) {
+        let pair = rr / (2u * FRAG);
+        let within = rr - pair * 2u * FRAG;
+        let hi = within / FRAG;
+        let n = n0 + pair * FRAG + within - hi * FRAG;
+        return vec2<u32>(n + hi * params.n, u32(n < params.n));
+    }
+    let n = n0 + rr;
+    return vec2<u32>(n, u32(n < params.n));
+}
+
+fn stage_tiles_l(lid: u32, m0: u32, n0: u32, k0: u32, a_base: u32, b_base: u32, geglu: bool) {
+    let kk = params.k;
+    let chunks = TK / 4u;
+    for (var i = lid; i < TL * chunks; i += NT_L) {
+        let r = i / chunks;
+        let c = i - r * chunks;
+        let m = m0 + r;
+        let k = k0 + 4u * c;
+        var v = vec4<f16>(0.0);
+        if (m < params.m && k < kk) {
+            v = vec4<f16>(x4[(a_base + m * kk + k) >> 2u]);
+        }
+        let o = r * AS + 4u * c;
+        a_shl[o] = v.x;
+        a_shl[o + 1u] = v.y;
+        a_shl[o + 2u] = v.z;
+        a_shl[o + 3u] = v.w;
+    }
+    for (var i = lid; i < TL * chunks; i += NT_L) {
+        let r = i / chunks;
+        let c = i - r * chunks;
+        let row = b_row_l(r, n0, geglu);
+        let k = k0 + 4u * c;
+        var v = vec4<f16>(0.0);
+        if (row.y != 0u && k < kk) {
+            v = vec4<f16>(w4[(b_base + row.x * kk + k) >> 2u]);
+        }
+        let o = r * AS + 4u * c;
+        b_shl[o] = v.x;
+        b_shl[o + 1u] = v.y;
+        b_shl[o + 2u] = v.z;
+        b_shl[o + 3u] = v.w;
+    }
+}
+
+// Epilogue pass `i`: every subgroup s has stored its fragment row i (block (s / 4, s % 4),
+// rows 4·FRAG·(s / 4) + i·FRAG ..) in slot s; all threads write those 8 · SLOT results.
+fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32, c_base: u32, geglu: bool) {
+    if (geglu) {
+        // Slot row: FRAG hidden then FRAG gate accumulators of outputs n0 + (s % 4)·FRAG + c.
+        for (var e = lid; e < 8u * FRAG * FRAG; e += NT_L) {
+            let s = e / (FRAG * FRAG);
+            let rc = e - s * FRAG * FRAG;
+            let r = rc / FRAG;
+            let c = rc - r * FRAG;
+            let m = m0 + (s >> 2u) * 4u * FRAG + i * FRAG + r;
+            let n = n0 + (s & 3u) * FRAG + c;
+            if (m < params.m && n < params.n) {
+                let o = s * SLOT + r * SLOT_W + c;
+                var h = c_shl[o];
+                var g = c_shl[o + FRAG];
+                if (params.bias_mode != 0u) {
+                    h += f32(bias[n]);
+                    g += f32(bias[params.n + n]);
+                }
+                out[m * params.n + n] = elem(h * gelu1(g));
+            }
+        }
+        return;
+    }
+    for (var e = lid; e < 8u * SLOT; e += NT_L) {
+        let s = e / SLOT;
+        let rc = e - s * SLOT;
+        let r = rc / SLOT_W;
+        let c = rc - r * SLOT_W;
+        let m = m0 + (s >> 2u) * 4u * FRAG + i * FRAG + r;
+        let n = n0 + (s & 3u) * SLOT_W + c;
+        if (m < params.m && n < params.n) {
+            var v = c_shl[e];
+            if (params.bias_mode != 0u) {
+                v += f32(bias[n]);
+            }
+            v = activate(v);
+            let o = c_base + m * params.n + n;
+            if (params.residual_mode == 1u) {
+                v += f32(residual[o]);
+            } else if (params.residual_mode == 2u) {
+                v += f32(out[o]);
+            }
+            out[o] = elem(v);
+        }
+    }
+}
+
+// The large tile at (m0, n0): x_tile · w_tileᵀ over all of K, then the epilogue in 4 passes.
+// The accumulators are named variables, not an array: naga 30 validates arrays of cooperative
+// matrices but gives them an ArrayStride (their layout is opaque in SPIR-V), and a dynamically
+// indexed array of fragments would live in local memory anyway.
+fn tile_l(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, c_base: u32,
+          geglu: bool) {
+    let wm = (sg >> 2u) * 4u * FRAG;   // this subgroup's 4·FRAG × 2·FRAG block of the tile
+    let wn = (sg & 3u) * 2u * FRAG;
+    var c00 = coop_mat16x16<f32, C>();
+    var c01 = coop_mat16x16<f32, C>();
+    var c10 = coop_mat16x16<f32, C>();
+    var c11 = coop_mat16x16<f32, C>();
+    var c20 = coop_mat16x16<f32, C>();
+    var c21 = coop_mat16x16<f32, C>();
+    var c30 = coop_mat16x16<f32, C>();
+    var c31 = coop_mat16x16<f32, C>();
+    for (var k0 = 0u; k0 < params.k; k0 += TK) {
+        stage_tiles_l(lid, m0, n0, k0, a_base, b_base, geglu);
+        workgroupBarrier();
+        for (var kb = 0u; kb < TK; kb += FRAG) {
+            // A blocks are row-major (m, k); B = Wᵀ is column-major: column n is w's row n.
+            let ia0 = wm * AS + kb;
+            let ia1 = (wm + FRAG) * AS + kb;
+            let ia2 = (wm + 2u * FRAG) * AS + kb;
+            let ia3 = (wm + 3u * FRAG) * AS + kb;
+            let ib0 = wn * AS + kb;
+            let ib1 = (wn + FRAG) * AS + kb;
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&a_shl[ia0], AS);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&a_shl[ia1], AS);
+            let a2 = coopLoadT<coop_mat16x16<f16, A>>(&a_shl[ia2], AS);
+            let a3 = coopLoadT<coop_mat16x16<f16, A>>(&a_shl[ia3], AS);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&b_shl[ib0], AS);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&b_shl[ib1], AS);
+            c00 = coopMultiplyAdd(a0, b0, c00);
+            c01 = coopMultiplyAdd(a0, b1, c01);
+            c10 = coopMultiplyAdd(a1, b0, c10);
+            c11 = coopMultiplyAdd(a1, b1, c11);
+            c20 = coopMultiplyAdd(a2, b0, c20);
+            c21 = coopMultiplyAdd(a2, b1, c21);
+            c30 = coopMultiplyAdd(a3, b0, c30);
+            c31 = coopMultiplyAdd(a3, b1, c31);
+        }
+        workgroupBarrier();
+    }
+    // naga 30 can panic on compound pointer indices in coopStore: bind them to lets. The slot is
+    // reused by every pass, so a barrier separates each pass's reads from the next pass's stores.
+    let s0 = sg * SLOT;
+    let s1 = sg * SLOT + FRAG;
+    let stride = SLOT_W;
+    coopStoreT(c00, &c_shl[s0], stride);
+    coopStoreT(c01, &c_shl[s1], stride);
+    workgroupBarrier();
+    epilogue_pass_l(lid, 0u, m0, n0, c_base, geglu);
+    workgroupBarrier();
+    coopStoreT(c10, &c_shl[s0], stride);
+    coopStoreT(c11, &c_shl[s1], stride);
+    workgroupBarrier();
+    epilogue_pass_l(lid, 1u, m0, n0, c_base, geglu);
+    workgroupBarrier();
+    coopStoreT(c20, &c_shl[s0], stride);
+    coopStoreT(c21, &c_shl[s1], stride);
+    workgroupBarrier();
+    epilogue_pass_l(lid, 2u, m0, n0, c_base, geglu);
+    workgroupBarrier();
+    coopStoreT(c30, &c_shl[s0], stride);
+    coopStoreT(c31, &c_shl[s1], stride);
+    workgroupBarrier();
+    epilogue_pass_l(lid, 3u, m0, n0, c_base, geglu);
+}
+
+@compute @workgroup_size(NT_L)
+fn linear_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+                 @builtin(subgroup_id) sg: u32) {
+    tile_l(lid, sg, wid.y * TL, wid.x * TL, wid.z * params.stride_a, wid.z * params.stride_b,
+           wid.z * params.stride_c, false);
+}
+
+@compute @workgroup_size(NT_L)
+fn geglu_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+                @builtin(subgroup_id) sg: u32) {
+    tile_l(lid, sg, wid.y * TL, wid.x * (TL / 2u), 0u, 0u, 0u, true);
 }

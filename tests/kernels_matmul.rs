@@ -1,7 +1,10 @@
 //! `shaders/matmul.wgsl` against its f64 reference: linear (every activation, with and without
 //! bias and residual, in-place residual), fused GEGLU, batched A·Bᵀ; awkward sizes that hit every
 //! edge of the 64 × 64 and 128 × 128 tiles and both the vec4 and scalar load paths; and SD 1.5 /
-//! CLIP shapes.
+//! CLIP shapes. Where the tensor-core path runs (`LDM_COOP_MATMUL=1` on a lavapipe with
+//! cooperative matrices, or a GPU), the f16 cases go through `shaders/matmul_coop.wgsl`, and the
+//! large coop tile is also forced on the awkward shapes and compared with and without bounds
+//! checks (the `coop_large_tile_*` tests, each on its own engine).
 //!
 //! Tolerances: f32 1e-5 relative L2 — inputs are O(1) and weights scaled by 1/√K, so f32
 //! accumulation error grows like √K·2⁻²⁴ ≈ 4e-6 even at K = 5120 in the worst case (the random
@@ -10,10 +13,10 @@
 
 mod common;
 
-use common::{assert_close, dtypes, gpu, rel_l2, tol, upload, Rng};
+use common::{assert_close, dtypes, gpu, quantize, rel_l2, tol, Rng};
 use ldm_wgpu::kernels::fill::poisoned;
-use ldm_wgpu::kernels::matmul::{self, Activation};
-use ldm_wgpu::DType;
+use ldm_wgpu::kernels::matmul::{self, Activation, CoopPlan, CoopTile};
+use ldm_wgpu::{DType, Gpu, GpuOptions, Tensor};
 
 const ACTS: [Activation; 4] = [
     Activation::None,
@@ -26,7 +29,13 @@ fn tol_for(dtype: DType) -> f64 {
     tol(dtype, 1e-5, 2e-3)
 }
 
-/// Run `linear_into` on random data and compare rows `rows` (all when None) with the reference.
+/// Upload to `g` (any engine, not only the shared one), returning the exact values it holds.
+fn upload_on(g: &Gpu, data: &[f32], shape: &[usize], dtype: DType) -> (Tensor, Vec<f32>) {
+    let q = quantize(data, dtype);
+    (g.upload(&q, shape, dtype).unwrap(), q)
+}
+
+/// Run `linear_into` on random data and compare every `row_step`-th row with the reference.
 #[allow(clippy::too_many_arguments)]
 fn check_linear(
     dtype: DType,
@@ -39,17 +48,49 @@ fn check_linear(
     seed: u64,
     row_step: usize,
 ) -> f64 {
-    let g = gpu();
+    check_linear_on(
+        gpu(),
+        dtype,
+        lead,
+        n,
+        k,
+        bias,
+        residual,
+        act,
+        seed,
+        row_step,
+    )
+}
+
+/// [`check_linear`] on engine `g`.
+#[allow(clippy::too_many_arguments)]
+fn check_linear_on(
+    g: &Gpu,
+    dtype: DType,
+    lead: &[usize],
+    n: usize,
+    k: usize,
+    bias: bool,
+    residual: bool,
+    act: Activation,
+    seed: u64,
+    row_step: usize,
+) -> f64 {
     let m: usize = lead.iter().product();
     let mut rng = Rng::new(seed);
     let mut x_shape = lead.to_vec();
     x_shape.push(k);
     let mut y_shape = lead.to_vec();
     y_shape.push(n);
-    let (x, xq) = upload(&rng.normals(m * k, 1.0), &x_shape, dtype);
-    let (w, wq) = upload(&rng.normals(n * k, 1.0 / (k as f64).sqrt()), &[n, k], dtype);
-    let (b, bq) = upload(&rng.normals(n, 0.5), &[n], dtype);
-    let (r, rq) = upload(&rng.normals(m * n, 1.0), &y_shape, dtype);
+    let (x, xq) = upload_on(g, &rng.normals(m * k, 1.0), &x_shape, dtype);
+    let (w, wq) = upload_on(
+        g,
+        &rng.normals(n * k, 1.0 / (k as f64).sqrt()),
+        &[n, k],
+        dtype,
+    );
+    let (b, bq) = upload_on(g, &rng.normals(n, 0.5), &[n], dtype);
+    let (r, rq) = upload_on(g, &rng.normals(m * n, 1.0), &y_shape, dtype);
     let out = poisoned(g, &y_shape, dtype).unwrap();
     matmul::linear_into(
         g,
@@ -199,26 +240,28 @@ fn activations_match_f64() {
     }
 }
 
+/// `y = y + silu(x·wᵀ + b)` with the residual being the output tensor itself, on engine `g`.
+fn check_residual_in_place(g: &Gpu, dtype: DType, m: usize, n: usize, k: usize, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let (x, xq) = upload_on(g, &rng.normals(m * k, 1.0), &[m, k], dtype);
+    let (w, wq) = upload_on(g, &rng.normals(n * k, 0.2), &[n, k], dtype);
+    let (b, bq) = upload_on(g, &rng.normals(n, 0.5), &[n], dtype);
+    let (y, yq) = upload_on(g, &rng.normals(m * n, 1.0), &[m, n], dtype);
+    matmul::linear_into(g, &x, &w, Some(&b), Some(&y), Activation::Silu, &y).unwrap();
+    let want = matmul::reference_linear(&xq, &wq, Some(&bq), Some(&yq), Activation::Silu, m, n, k);
+    assert_close(
+        &format!("in-place residual {m}x{n}x{k} {dtype:?}"),
+        &g.download(&y).unwrap(),
+        &want,
+        tol_for(dtype),
+    );
+}
+
 /// `x = x + linear(x')`: the residual is the output tensor itself.
 #[test]
 fn linear_residual_in_place() {
-    let g = gpu();
     for &dtype in &dtypes() {
-        let (m, n, k) = (37, 45, 24);
-        let mut rng = Rng::new(7);
-        let (x, xq) = upload(&rng.normals(m * k, 1.0), &[m, k], dtype);
-        let (w, wq) = upload(&rng.normals(n * k, 0.2), &[n, k], dtype);
-        let (b, bq) = upload(&rng.normals(n, 0.5), &[n], dtype);
-        let (y, yq) = upload(&rng.normals(m * n, 1.0), &[m, n], dtype);
-        matmul::linear_into(g, &x, &w, Some(&b), Some(&y), Activation::Silu, &y).unwrap();
-        let want =
-            matmul::reference_linear(&xq, &wq, Some(&bq), Some(&yq), Activation::Silu, m, n, k);
-        assert_close(
-            &format!("in-place residual {dtype:?}"),
-            &g.download(&y).unwrap(),
-            &want,
-            tol_for(dtype),
-        );
+        check_residual_in_place(gpu(), dtype, 37, 45, 24, 7);
     }
 }
 
@@ -231,20 +274,35 @@ fn check_geglu(
     seed: u64,
     row_step: usize,
 ) {
-    let g = gpu();
+    check_geglu_on(gpu(), dtype, lead, n, k, bias, seed, row_step)
+}
+
+/// [`check_geglu`] on engine `g`.
+#[allow(clippy::too_many_arguments)]
+fn check_geglu_on(
+    g: &Gpu,
+    dtype: DType,
+    lead: &[usize],
+    n: usize,
+    k: usize,
+    bias: bool,
+    seed: u64,
+    row_step: usize,
+) {
     let m: usize = lead.iter().product();
     let mut rng = Rng::new(seed);
     let mut x_shape = lead.to_vec();
     x_shape.push(k);
     let mut y_shape = lead.to_vec();
     y_shape.push(n);
-    let (x, xq) = upload(&rng.normals(m * k, 1.0), &x_shape, dtype);
-    let (w, wq) = upload(
+    let (x, xq) = upload_on(g, &rng.normals(m * k, 1.0), &x_shape, dtype);
+    let (w, wq) = upload_on(
+        g,
         &rng.normals(2 * n * k, 1.0 / (k as f64).sqrt()),
         &[2 * n, k],
         dtype,
     );
-    let (b, bq) = upload(&rng.normals(2 * n, 0.5), &[2 * n], dtype);
+    let (b, bq) = upload_on(g, &rng.normals(2 * n, 0.5), &[2 * n], dtype);
     let out = poisoned(g, &y_shape, dtype).unwrap();
     matmul::linear_geglu_into(g, &x, &w, bias.then_some(&b), &out).unwrap();
     let got = g.download(&out).unwrap();
@@ -304,9 +362,32 @@ fn geglu_awkward_shapes() {
     eprintln!("geglu awkward shapes: {:.1} s", t.elapsed().as_secs_f64());
 }
 
+/// Batched `a · btᵀ` (B × M × N × K) on engine `g` against the reference.
+fn check_batched(g: &Gpu, dtype: DType, (b, m, n, k): (usize, usize, usize, usize), seed: u64) {
+    let mut rng = Rng::new(seed);
+    let (a, aq) = upload_on(g, &rng.normals(b * m * k, 1.0), &[b, m, k], dtype);
+    let (bt, btq) = upload_on(
+        g,
+        &rng.normals(b * n * k, 1.0 / (k as f64).sqrt()),
+        &[b, n, k],
+        dtype,
+    );
+    let out = poisoned(g, &[b, m, n], dtype).unwrap();
+    matmul::batched_matmul_bt_into(g, &a, &bt, &out).unwrap();
+    let want = matmul::reference_batched_matmul_bt(&aq, &btq, b, m, n, k);
+    assert_close(
+        &format!("batched {b}x{m}x{n}x{k} {dtype:?}"),
+        &g.download(&out).unwrap(),
+        &want,
+        tol_for(dtype),
+    );
+    // The allocating form gives the same numbers.
+    let c = matmul::batched_matmul_bt(g, &a, &bt).unwrap();
+    assert_eq!(c.shape(), &[b, m, n]);
+}
+
 #[test]
 fn batched_matmul_bt_awkward_shapes() {
-    let g = gpu();
     // (B, M, N, K)
     let cases = [
         (1, 1, 1, 1),
@@ -318,27 +399,9 @@ fn batched_matmul_bt_awkward_shapes() {
     ];
     let mut seed = 300;
     for &dtype in &dtypes() {
-        for (b, m, n, k) in cases {
+        for case in cases {
             seed += 1;
-            let mut rng = Rng::new(seed);
-            let (a, aq) = upload(&rng.normals(b * m * k, 1.0), &[b, m, k], dtype);
-            let (bt, btq) = upload(
-                &rng.normals(b * n * k, 1.0 / (k as f64).sqrt()),
-                &[b, n, k],
-                dtype,
-            );
-            let out = poisoned(g, &[b, m, n], dtype).unwrap();
-            matmul::batched_matmul_bt_into(g, &a, &bt, &out).unwrap();
-            let want = matmul::reference_batched_matmul_bt(&aq, &btq, b, m, n, k);
-            assert_close(
-                &format!("batched {b}x{m}x{n}x{k} {dtype:?}"),
-                &g.download(&out).unwrap(),
-                &want,
-                tol_for(dtype),
-            );
-            // The allocating form gives the same numbers.
-            let c = matmul::batched_matmul_bt(g, &a, &bt).unwrap();
-            assert_eq!(c.shape(), &[b, m, n]);
+            check_batched(gpu(), dtype, case, seed);
         }
     }
 }
@@ -445,11 +508,267 @@ fn tensor_core_path_runs_where_offered() {
     check_geglu(DType::F16, &[1, 37], 29, 44, true, 501, 1);
     let ran = g.compiled_pipelines();
     let shader = format!("matmul_coop{}", plan.frag);
+    // Either tile (`LDM_COOP_TILE=128` forces the large one everywhere).
     for entry in ["linear_coop", "geglu_coop"] {
         assert!(
-            ran.iter().any(|&(s, e)| s == shader && e == entry),
-            "{shader}/{entry} never compiled; pipelines: {ran:?}"
+            ran.iter()
+                .any(|&(s, e)| s == shader && e.strip_suffix("_l").unwrap_or(e) == entry),
+            "{shader}/{entry}[_l] never compiled; pipelines: {ran:?}"
         );
     }
     eprintln!("tensor-core matmul ran: {shader} with {plan:?}");
+}
+
+// ------------------------------------------------------ tensor cores: the large (8·frag) tile
+
+/// The tile heuristic and the workgroup-memory formula, for NVIDIA's plan (16 × 16 fragments,
+/// 32-wide subgroups) and lavapipe's (8 × 8, 8-wide); needs no cooperative matrices.
+#[test]
+fn coop_tile_choice_and_budget() {
+    let nvidia = CoopPlan {
+        frag: 16,
+        subgroup: 32,
+    };
+    let lavapipe = CoopPlan {
+        frag: 8,
+        subgroup: 8,
+    };
+    // The shader's declarations: 2 staged tiles of side × (2f + 8) f16, plus the f32 epilogue
+    // tile (T64) or 8 subgroup slots of f × 2f f32 (T128).
+    assert_eq!(CoopTile::T64.workgroup_bytes(nvidia), 26 * 1024);
+    assert_eq!(CoopTile::T128.workgroup_bytes(nvidia), 36 * 1024);
+    assert_eq!(CoopTile::T64.workgroup_bytes(lavapipe), 7 * 1024);
+    assert_eq!(CoopTile::T128.workgroup_bytes(lavapipe), 10 * 1024);
+    assert!(CoopTile::T128.workgroup_bytes(nvidia) <= 48 * 1024);
+    assert!(CoopTile::T128.workgroup_bytes(lavapipe) <= 32 * 1024);
+    assert_eq!(CoopTile::T128.invocations(nvidia), 256);
+    assert_eq!(CoopTile::T128.invocations(lavapipe), 64);
+    assert_eq!(CoopTile::parse("128"), Some(CoopTile::T128));
+    assert_eq!(CoopTile::parse("64"), Some(CoopTile::T64));
+    assert_eq!(CoopTile::parse("coop"), None);
+
+    let mut caps = gpu().caps.clone();
+    caps.max_workgroup_storage = 48 * 1024;
+    caps.max_invocations = 1024;
+    let choose =
+        |m, n_tile_cols, forced| CoopTile::choose(nvidia, &caps, 1, m, n_tile_cols, forced);
+    // SD 1.5 at 512² (batch 2 in M): the 64² attention projections and ff.out launch 64 × 3
+    // = 192 large tiles (T64); the GEGLUs (2N weight rows) and a 4096² square are T128.
+    assert_eq!(choose(8192, 320, None), CoopTile::T64);
+    assert_eq!(choose(8192, 2 * 1280, None), CoopTile::T128);
+    assert_eq!(choose(2048, 2 * 2560, None), CoopTile::T128);
+    assert_eq!(choose(512, 2 * 5120, None), CoopTile::T128);
+    assert_eq!(choose(154, 3072, None), CoopTile::T64);
+    assert_eq!(choose(4096, 4096, None), CoopTile::T128);
+    // The threshold: 16 × 16 = 256 tiles of 128.
+    assert_eq!(choose(16 * 128, 16 * 128, None), CoopTile::T128);
+    assert_eq!(choose(16 * 128, 15 * 128, None), CoopTile::T64);
+    assert_eq!(
+        CoopTile::choose(nvidia, &caps, 2, 8 * 128, 16 * 128, None),
+        CoopTile::T128,
+        "the batch counts"
+    );
+    // Forcing, and the fallback where the adapter cannot hold the large tile.
+    assert_eq!(choose(1, 1, Some(CoopTile::T128)), CoopTile::T128);
+    assert_eq!(choose(4096, 4096, Some(CoopTile::T64)), CoopTile::T64);
+    caps.max_workgroup_storage = 32 * 1024;
+    let choose = |plan, forced| CoopTile::choose(plan, &caps, 1, 4096, 4096, forced);
+    assert_eq!(choose(nvidia, Some(CoopTile::T128)), CoopTile::T64);
+    assert_eq!(choose(lavapipe, Some(CoopTile::T128)), CoopTile::T128);
+    caps.max_workgroup_storage = 48 * 1024;
+    caps.max_invocations = 128;
+    assert_eq!(
+        CoopTile::choose(nvidia, &caps, 1, 4096, 4096, None),
+        CoopTile::T64,
+        "256 invocations do not fit"
+    );
+}
+
+/// A fresh engine (so that its pipeline list shows only what ran here) with the tensor-core
+/// path on, or None where it cannot run (then the FMA kernel is what the other tests cover).
+fn coop_engine(options: &GpuOptions) -> Option<(Gpu, CoopPlan)> {
+    let g = Gpu::new(options).expect("a wgpu adapter");
+    let Some(plan) = matmul::coop_plan(&g, DType::F16) else {
+        eprintln!(
+            "tensor-core matmul not in use on {} (large tile not tested)",
+            g.adapter
+        );
+        return None;
+    };
+    if !CoopTile::T128.fits(plan, &g.caps) {
+        eprintln!("{} cannot hold the large coop tile: not tested", g.adapter);
+        return None;
+    }
+    Some((g, plan))
+}
+
+/// The entry points that compiled on `g` from the coop matmul shader.
+fn coop_entries(g: &Gpu, plan: CoopPlan) -> Vec<&'static str> {
+    let shader = format!("matmul_coop{}", plan.frag);
+    g.compiled_pipelines()
+        .into_iter()
+        .filter(|&(s, _)| s == shader)
+        .map(|(_, e)| e)
+        .collect()
+}
+
+/// The large tile forced on the awkward shapes the 64 tile passes: M, N, K that are multiples
+/// of neither 8·frag nor 2·frag, K = 4, more than one tile in each direction, every epilogue,
+/// the in-place residual, GEGLU with and without bias, batched A·Bᵀ; and the shape heuristic
+/// picking it by itself on a big shape. On a fresh engine, whose pipeline list then proves that
+/// only the large entry points ran.
+#[test]
+fn coop_large_tile_awkward_shapes_all_epilogues() {
+    let Some((g, plan)) = coop_engine(&GpuOptions::default()) else {
+        return;
+    };
+    let t = std::time::Instant::now();
+    let f16 = DType::F16;
+    // Chosen by shape: 2053 × 2050 is ≥ 256 large tiles at frag 16 (17 × 17) and at 8 (33 × 33).
+    matmul::force_coop_tile(None);
+    let e = check_linear_on(
+        &g,
+        f16,
+        &[2053],
+        2050,
+        4,
+        true,
+        true,
+        Activation::Gelu,
+        600,
+        7,
+    );
+    eprintln!("large tile by shape 2053x2050x4: rel L2 {e:.2e}");
+    assert_eq!(coop_entries(&g, plan), ["linear_coop_l"]);
+
+    matmul::force_coop_tile(Some(CoopTile::T128));
+    let mut worst = 0.0f64;
+    let cases: &[(&[usize], usize, usize)] = &[
+        (&[1], 1, 4),
+        (&[1], 7, 12),
+        (&[67], 129, 44),
+        (&[3, 33], 5, 8),
+        (&[2, 65], 70, 100),
+        (&[13], 300, 4),
+        (&[130], 131, 36),
+        (&[259], 257, 68),
+    ];
+    let mut seed = 610;
+    for &(lead, n, k) in cases {
+        for (i, &act) in ACTS.iter().enumerate() {
+            seed += 1;
+            let e = check_linear_on(&g, f16, lead, n, k, i % 2 == 0, i / 2 == 1, act, seed, 1);
+            worst = worst.max(e);
+        }
+    }
+    check_residual_in_place(&g, f16, 37, 45, 24, 650);
+    check_residual_in_place(&g, f16, 130, 131, 36, 651);
+    let geglu: &[(&[usize], usize, usize)] = &[
+        (&[1], 1, 4),
+        (&[67], 129, 44),
+        (&[2, 65], 33, 40),
+        (&[130], 70, 12),
+        (&[131], 200, 68),
+    ];
+    for &(lead, n, k) in geglu {
+        for bias in [true, false] {
+            seed += 1;
+            check_geglu_on(&g, f16, lead, n, k, bias, seed, 1);
+        }
+    }
+    for case in [
+        (1, 1, 1, 4),
+        (3, 7, 13, 8),
+        (2, 67, 129, 44),
+        (2, 77, 77, 40),
+        (4, 130, 70, 64),
+    ] {
+        seed += 1;
+        check_batched(&g, f16, case, seed);
+    }
+    matmul::force_coop_tile(None);
+    let mut ran = coop_entries(&g, plan);
+    ran.sort();
+    assert_eq!(
+        ran,
+        ["geglu_coop_l", "linear_coop_l"],
+        "only the large tile may have run"
+    );
+    eprintln!(
+        "large coop tile, {plan:?}: awkward shapes pass, worst linear rel L2 {worst:.2e}, {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// tests/shader_checks.rs for the large tile: the same bits with and without naga's bounds
+/// checks (the shader is compiled unchecked by default, `shaders::indexing_proven`).
+#[test]
+fn coop_large_tile_same_bits_with_and_without_bounds_checks() {
+    let open = |checks| {
+        coop_engine(&GpuOptions {
+            shader_checks: Some(checks),
+            ..Default::default()
+        })
+    };
+    let (Some((checked, plan)), Some((unchecked, _))) = (open(true), open(false)) else {
+        return;
+    };
+    assert!(checked.shader_checks_everywhere());
+    assert!(!unchecked.shader_checks_everywhere());
+    matmul::force_coop_tile(Some(CoopTile::T128));
+    let mut rng = Rng::new(0x1a26e);
+    let mut random = |shape: &[usize]| (rng.normals(shape.iter().product(), 1.0), shape.to_vec());
+    // Bytes of `case`'s output on `g` from `inputs` uploaded as f16.
+    let run =
+        |g: &Gpu, inputs: &[(Vec<f32>, Vec<usize>)], case: &dyn Fn(&Gpu, &[Tensor]) -> Tensor| {
+            let t: Vec<Tensor> = inputs
+                .iter()
+                .map(|(d, s)| g.upload(d, s, DType::F16).unwrap())
+                .collect();
+            g.download_bytes(&case(g, &t)).unwrap()
+        };
+    let same = |what: &str,
+                inputs: &[(Vec<f32>, Vec<usize>)],
+                case: &dyn Fn(&Gpu, &[Tensor]) -> Tensor| {
+        let (a, b) = (run(&checked, inputs, case), run(&unchecked, inputs, case));
+        let differing = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        assert_eq!(a.len(), b.len(), "{what}: output sizes differ");
+        assert_eq!(
+            differing,
+            0,
+            "{what}: {differing} of {} bytes differ",
+            a.len()
+        );
+    };
+    for &(m, n, k) in &[(37usize, 29usize, 20usize), (131, 67, 44), (67, 130, 4)] {
+        let lin = [
+            random(&[m, k]),
+            random(&[n, k]),
+            random(&[n]),
+            random(&[m, n]),
+        ];
+        same("linear gelu + bias + residual", &lin, &|g, t| {
+            matmul::linear(g, &t[0], &t[1], Some(&t[2]), Some(&t[3]), Activation::Gelu).unwrap()
+        });
+        same("linear in-place residual", &lin, &|g, t| {
+            matmul::linear_into(g, &t[0], &t[1], None, Some(&t[3]), Activation::Silu, &t[3])
+                .unwrap();
+            t[3].clone()
+        });
+        let geglu = [random(&[m, k]), random(&[2 * n, k]), random(&[2 * n])];
+        same("linear_geglu", &geglu, &|g, t| {
+            matmul::linear_geglu(g, &t[0], &t[1], Some(&t[2])).unwrap()
+        });
+        let bat = [random(&[3, m, k]), random(&[3, n, k])];
+        same("batched_matmul_bt", &bat, &|g, t| {
+            matmul::batched_matmul_bt(g, &t[0], &t[1]).unwrap()
+        });
+    }
+    matmul::force_coop_tile(None);
+    for g in [&checked, &unchecked] {
+        let mut ran = coop_entries(g, plan);
+        ran.sort();
+        assert_eq!(ran, ["geglu_coop_l", "linear_coop_l"]);
+    }
+    eprintln!("large coop tile: same bits with and without bounds checks");
 }

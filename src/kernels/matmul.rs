@@ -5,6 +5,10 @@
 //! One kernel family: 128 × 128 (or 64 × 64 for small problems) output tiles in workgroup memory,
 //! 8 × 8 outputs per thread, vec4 loads along K when K % 4 == 0 and a scalar-load entry otherwise.
 //! Accumulation is f32 whatever the storage dtype.
+//!
+//! The tensor-core path (`shaders/matmul_coop.wgsl`, [`coop_plan`]) runs the same three
+//! operations on f16 cooperative matrices in two tiles ([`CoopTile`]: 4·frag or 8·frag square,
+//! chosen by the number of workgroups; `LDM_COOP_TILE=64|128` forces one for benchmarking).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -133,8 +137,9 @@ impl Tiles {
 }
 
 /// How the tensor-core path runs on this adapter: `shaders/matmul_coop.wgsl` compiled for
-/// `frag` × `frag` fragments (the `matmul_coop{frag}` variant) with 4 subgroups of `subgroup`
-/// invocations per workgroup and a 4·frag square output tile.
+/// `frag` × `frag` fragments (the `matmul_coop{frag}` variant) with subgroups of `subgroup`
+/// invocations: 4 per workgroup and a 4·frag square output tile ([`CoopTile::T64`]), or 8 and
+/// an 8·frag square tile ([`CoopTile::T128`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CoopPlan {
     pub frag: usize,
@@ -142,6 +147,7 @@ pub struct CoopPlan {
 }
 
 impl CoopPlan {
+    /// Side of the 4-subgroup tile (64 at frag 16), which conv2d_coop shares.
     pub fn tile(self) -> usize {
         4 * self.frag
     }
@@ -162,9 +168,131 @@ impl CoopPlan {
     }
     /// Workgroup memory the shader declares: two 4f × (2f + 8) f16 tiles and a 4f × 4f f32 tile.
     fn workgroup_bytes(self) -> u32 {
-        let f = self.frag as u32;
-        2 * (4 * f) * (2 * f + 8) * 2 + (4 * f) * (4 * f) * 4
+        CoopTile::T64.workgroup_bytes(self)
     }
+}
+
+/// The output tile of the tensor-core matmul, named by its side at 16 × 16 fragments (NVIDIA);
+/// with 8 × 8 fragments (lavapipe) the same kernels have tiles of 32 and 64.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoopTile {
+    /// `linear_coop` / `geglu_coop`: 4·frag square, 4 subgroups of 2 × 2 fragments.
+    T64,
+    /// `linear_coop_l` / `geglu_coop_l`: 8·frag square, 8 subgroups of 4 × 2 fragments. Half the
+    /// L2 traffic per FLOP of [`CoopTile::T64`] and 0.75 fragment loads per multiply-add
+    /// instead of 1; the epilogue runs in 4 passes through a small f32 slot per subgroup.
+    T128,
+}
+
+impl CoopTile {
+    /// The `LDM_COOP_TILE` spelling.
+    pub fn parse(s: &str) -> Option<CoopTile> {
+        match s.trim() {
+            "64" => Some(CoopTile::T64),
+            "128" => Some(CoopTile::T128),
+            _ => None,
+        }
+    }
+    /// Side of the square output tile in elements.
+    pub fn side(self, plan: CoopPlan) -> usize {
+        match self {
+            CoopTile::T64 => 4 * plan.frag,
+            CoopTile::T128 => 8 * plan.frag,
+        }
+    }
+    /// Invocations per workgroup: 4 or 8 subgroups.
+    pub fn invocations(self, plan: CoopPlan) -> u32 {
+        match self {
+            CoopTile::T64 => 4 * plan.subgroup,
+            CoopTile::T128 => 8 * plan.subgroup,
+        }
+    }
+    /// Workgroup memory the entry points declare, from the shader's own formulas (AS = 2f + 8
+    /// halves per staged row): T64 `a_sh`, `b_sh` (4f × AS f16 each) and `c_sh` (4f × 4f f32):
+    /// 26 KiB at f = 16, 7 KiB at f = 8; T128 `a_shl`, `b_shl` (8f × AS f16 each) and `c_shl`
+    /// (8 subgroup slots of f × 2f f32): 36 KiB at f = 16, 10 KiB at f = 8.
+    pub fn workgroup_bytes(self, plan: CoopPlan) -> u32 {
+        let f = plan.frag as u32;
+        let staged_row = 2 * f + 8;
+        match self {
+            CoopTile::T64 => 2 * (4 * f) * staged_row * 2 + (4 * f) * (4 * f) * 4,
+            CoopTile::T128 => 2 * (8 * f) * staged_row * 2 + 8 * f * (2 * f) * 4,
+        }
+    }
+    /// Whether this adapter can run the tile's workgroup (memory and invocations).
+    pub fn fits(self, plan: CoopPlan, caps: &crate::runtime::Caps) -> bool {
+        self.workgroup_bytes(plan) <= caps.max_workgroup_storage
+            && self.invocations(plan) <= caps.max_invocations
+    }
+    fn entry(self, geglu: bool) -> &'static str {
+        match (self, geglu) {
+            (CoopTile::T64, false) => "linear_coop",
+            (CoopTile::T64, true) => "geglu_coop",
+            (CoopTile::T128, false) => "linear_coop_l",
+            (CoopTile::T128, true) => "geglu_coop_l",
+        }
+    }
+    /// The tile for `batch` GEMMs of `m` rows and `n_tile_cols` weight rows (2N for GEGLU):
+    /// `forced` if given, else the large tile where it still launches
+    /// [`conv2d::LARGE_TILE_MIN_TILES`](crate::kernels::conv2d::LARGE_TILE_MIN_TILES) (256)
+    /// workgroups — about 2 per SM on an H100, so every SM gets several and the last wave stays
+    /// balanced; below that the 64 tile's 4× more workgroups fill the GPU better. A tile the
+    /// adapter cannot hold falls back to T64 (which [`coop_plan`] has checked).
+    pub fn choose(
+        plan: CoopPlan,
+        caps: &crate::runtime::Caps,
+        batch: usize,
+        m: usize,
+        n_tile_cols: usize,
+        forced: Option<CoopTile>,
+    ) -> CoopTile {
+        let side = CoopTile::T128.side(plan);
+        let groups = batch * m.div_ceil(side) * n_tile_cols.div_ceil(side);
+        let tile = forced.unwrap_or(if groups >= crate::kernels::conv2d::LARGE_TILE_MIN_TILES {
+            CoopTile::T128
+        } else {
+            CoopTile::T64
+        });
+        if tile.fits(plan, caps) {
+            tile
+        } else {
+            CoopTile::T64
+        }
+    }
+}
+
+std::thread_local! {
+    static COOP_TILE_OVERRIDE: std::cell::Cell<Option<CoopTile>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Force the tensor-core tile for the matmuls recorded on this thread (`None`: back to
+/// `LDM_COOP_TILE` / the shape heuristic). Thread-local, unlike [`override_coop`], because the
+/// tests of one binary run concurrently and each forces the tile for its own calls only. For
+/// tests and benchmarks; a tile the adapter cannot hold still falls back to T64.
+pub fn force_coop_tile(tile: Option<CoopTile>) {
+    COOP_TILE_OVERRIDE.with(|t| t.set(tile));
+}
+
+/// The forced tile: this thread's [`force_coop_tile`], else `LDM_COOP_TILE` (read once).
+fn forced_coop_tile() -> Result<Option<CoopTile>> {
+    if let Some(t) = COOP_TILE_OVERRIDE.with(|t| t.get()) {
+        return Ok(Some(t));
+    }
+    static FROM_ENV: std::sync::OnceLock<std::result::Result<Option<CoopTile>, String>> =
+        std::sync::OnceLock::new();
+    FROM_ENV
+        .get_or_init(|| match std::env::var("LDM_COOP_TILE") {
+            Ok(v) if !v.trim().is_empty() => CoopTile::parse(&v).map(Some).ok_or(v),
+            _ => Ok(None),
+        })
+        .clone()
+        .map_err(|v| {
+            Error::InvalidInput(format!(
+                "LDM_COOP_TILE={v:?}: expected 64 or 128 (HINT: unset it to let the tensor-core \
+                 matmul pick its tile by shape)"
+            ))
+        })
 }
 
 /// Process-wide override of `LDM_COOP_MATMUL` (0 none, 1 off, 2 on), for benchmarks that time
@@ -184,10 +312,11 @@ pub fn override_coop(choice: Option<bool>) {
 
 /// Whether the tensor-core path runs, and how. Needs f16 storage, a square f16 × f16 → f32
 /// configuration of side 8 or 16, one fixed subgroup width (the work split assigns fragments by
-/// subgroup id, so the workgroup must be exactly 4 subgroups) and enough workgroup memory.
+/// subgroup id, so the workgroup must be exactly 4 subgroups) and enough workgroup memory for
+/// the 64 tile; the large tile is used only where it fits too ([`CoopTile::choose`]).
 /// `LDM_COOP_MATMUL=0` turns it off, `=1` forces it on wherever it can run; by default it runs on
-/// GPUs and not on CPU adapters (lavapipe emulates the matrix ops: correct, but slower than the
-/// FMA kernel there — the test suite forces it on to check it).
+/// GPUs that offer 16×16 fragments and not on CPU adapters (lavapipe emulates the matrix ops:
+/// correct, but slower than the FMA kernel there — the test suite forces it on to check it).
 pub fn coop_plan(gpu: &Gpu, dtype: crate::DType) -> Option<CoopPlan> {
     static CHOICE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
     let from_env = *CHOICE.get_or_init(|| match std::env::var("LDM_COOP_MATMUL").as_deref() {
@@ -201,11 +330,15 @@ pub fn coop_plan(gpu: &Gpu, dtype: crate::DType) -> Option<CoopPlan> {
         _ => from_env,
     };
     let c = &gpu.caps;
-    let wanted = choice.unwrap_or(gpu.adapter.device_type != "Cpu");
     let plan = CoopPlan {
         frag: c.coop_f16_frag? as usize,
         subgroup: c.subgroup_min_size,
     };
+    // Default: tensor cores proper (16×16 fragments: NVIDIA, AMD) on GPUs. 8×8 fragments
+    // (lavapipe, Apple's simdgroup matrices) run only when asked for: their 4·8 = 32-wide tiles
+    // stage as many bytes per multiply-add as our FMA kernels spend, so they are no clear win
+    // without a measurement, and on CPUs the matrix ops are emulated.
+    let wanted = choice.unwrap_or(gpu.adapter.device_type != "Cpu" && plan.frag == 16);
     let usable = wanted
         && dtype == crate::DType::F16
         && matches!(plan.frag, 8 | 16)
@@ -297,13 +430,21 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
     let coop_overrides;
     let (shader, entry, overrides, tm, tn): (_, _, &[(&str, f64)], _, _) = if let Some(plan) = coop
     {
+        let tile = CoopTile::choose(
+            plan,
+            &gpu.caps,
+            g.batch,
+            g.m,
+            n_tile_cols,
+            forced_coop_tile()?,
+        );
         coop_overrides = [("SG", plan.subgroup as f64)];
         (
             plan.shader(),
-            if g.geglu { "geglu_coop" } else { "linear_coop" },
+            tile.entry(g.geglu),
             &coop_overrides,
-            plan.tile(),
-            plan.tile(),
+            tile.side(plan),
+            tile.side(plan),
         )
     } else {
         let entry = match (g.geglu, vec4) {
