@@ -62,17 +62,21 @@ pub fn report(options: &GpuOptions) -> Result<String> {
         if c.subgroups { "yes" } else { "no" }
     );
     out += &format!(
-        "  tensor-core matmul {}\n",
+        "  tensor cores       {}\n",
         match crate::kernels::matmul::coop_plan(&gpu, DType::F16) {
             Some(p) => format!(
-                "yes (coop_mat{f}x{f}<f16>, f32 accumulators, {}-wide subgroups)",
+                "yes: matmul ({}² and {}² tiles), conv2d, attention on coop_mat{f}x{f}<f16>, \
+                 f32 accumulators, {}-wide subgroups",
+                4 * p.frag,
+                8 * p.frag,
                 p.subgroup,
                 f = p.frag
             ),
             None => match c.coop_f16_frag {
-                Some(f) =>
-                    format!("no (offers {f}x{f} f16; off here, LDM_COOP_MATMUL=1 forces it)"),
-                None => "no (tiled FMA matmul)".to_string(),
+                Some(f) => format!(
+                    "no (offers {f}x{f} f16; off here, LDM_COOP_MATMUL=1 forces it): FMA kernels"
+                ),
+                None => "no: tiled FMA kernels".to_string(),
             },
         }
     );
