@@ -7,7 +7,9 @@ f16 x f16 -> f16/f32, subgroup scope), which is enough to execute `shaders/matmu
 so this script unpacks Debian 13's mesa-vulkan-drivers (from trixie-backports) together with
 every library it needs, glibc included, into one directory, without installing anything, and
 prints the environment that runs a test binary on it: the Vulkan ICD file, and a cargo runner
-that starts the binary with that directory's dynamic loader and libraries.
+that starts the binary with that directory's dynamic loader and libraries. It also unpacks that
+release's spirv-tools and names its `spirv-val` in LDM_SPIRV_VAL (tests/shaders.rs validates the
+SPIR-V naga writes for every kernel with it).
 
     eval "$(python3 tools/lavapipe_coop.py /tmp/ldm-lavapipe-coop)"
     LDM_COOP_MATMUL=1 cargo test --test kernels_matmul --test shader_checks
@@ -26,7 +28,7 @@ import urllib.request
 MIRROR = "http://deb.debian.org/debian"
 # mesa-vulkan-drivers comes from backports (Mesa >= 25.2 has the extension); the rest from trixie.
 SUITES = ["trixie-backports", "trixie"]
-ROOTS = ["mesa-vulkan-drivers", "libc6", "libvulkan1"]
+ROOTS = ["mesa-vulkan-drivers", "libc6", "libvulkan1", "spirv-tools"]
 # Packages that only carry scripts or data the loader never reads.
 SKIP = {"libc-bin", "debconf", "tzdata", "gcc-14-base", "libgcc-s1-dbg"}
 
@@ -97,8 +99,11 @@ def main():
         print(f"# unpacked Mesa {mesa} lavapipe and {len(chosen)} packages into {root}",
               file=sys.stderr)
     loader = os.path.join(libdir, "ld-linux-x86-64.so.2")
+    spirv_val = os.path.join(root, "usr/bin/spirv-val")
     print(f"export VK_ICD_FILENAMES={icd}")
     print(f"export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER='{loader} --library-path {libdir}'")
+    # The Khronos SPIR-V validator from the same release, for tests/shaders.rs.
+    print(f"export LDM_SPIRV_VAL='{loader} --library-path {libdir} {spirv_val}'")
 
 
 if __name__ == "__main__":
