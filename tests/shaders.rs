@@ -133,7 +133,10 @@ fn every_entry_point_passes_spirv_val_where_available() {
     let cmd: Vec<&str> = cmd.split_whitespace().collect();
     let dir = std::env::temp_dir().join(format!("ldm-spirv-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let names = SHADERS.iter().map(|s| s.0).chain(VARIANTS.iter().map(|v| v.0));
+    let names = SHADERS
+        .iter()
+        .map(|s| s.0)
+        .chain(VARIANTS.iter().map(|v| v.0));
     let (mut checked, mut failures) = (0, Vec::new());
     for name in names {
         for &dtype in dtypes(name) {
@@ -181,5 +184,9 @@ fn every_entry_point_passes_spirv_val_where_available() {
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!("spirv-val: {checked} entry points checked");
     assert!(checked > 50, "only {checked} entry points found");
-    assert!(failures.is_empty(), "spirv-val failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "spirv-val failures:\n{}",
+        failures.join("\n")
+    );
 }
