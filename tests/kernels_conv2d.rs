@@ -894,7 +894,7 @@ fn coop_variant_matches_reference() {
         ran += 1;
     }
     assert!(ran >= 10, "only {ran} cases suit the tensor-core kernel");
-    let shader = plan.conv_shader();
+    let shader = plan.shader("conv2d_coop");
     assert!(
         g.compiled_pipelines()
             .iter()

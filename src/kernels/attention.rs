@@ -274,14 +274,6 @@ pub fn coop_choice(gpu: &Gpu, dtype: DType, head_dim: usize) -> Option<(CoopPlan
     Some((plan, cfg))
 }
 
-fn coop_shader(plan: CoopPlan) -> &'static str {
-    if plan.frag == 16 {
-        "attention_coop16"
-    } else {
-        "attention_coop8"
-    }
-}
-
 fn check_view(
     op: &str,
     name: &str,
@@ -570,7 +562,7 @@ impl<'a> Call<'a> {
     fn record_coop(&self, gpu: &Gpu, plan: CoopPlan, cfg: CoopConfig) -> Result<()> {
         self.record(
             gpu,
-            coop_shader(plan),
+            plan.shader("attention_coop"),
             "attention_coop",
             &cfg.overrides(plan, self.head_dim, self.vec4_aligned()),
             cfg.block_rows(plan) as usize,

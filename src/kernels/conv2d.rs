@@ -64,11 +64,20 @@ impl Tile {
             Tile::T64 => (64, 64),
             Tile::T128 => (128, 128),
             Tile::Small => (64, 4 * small_quads(cout)),
-            // Per CoopPlan; the dispatch uses the plan's tile.
-            Tile::Coop => (64, 64),
+            // At 16×16 fragments; `dispatch_coop` uses the plan's own tile.
+            Tile::Coop => {
+                let side = matmul::CoopTile::T64.side(COOP_16X16);
+                (side, side)
+            }
         }
     }
 }
+
+/// The tensor-core plan the [`Tile::Coop`] figures are quoted for (the larger fragments).
+const COOP_16X16: CoopPlan = CoopPlan {
+    frag: 16,
+    subgroup: 32,
+};
 
 /// `conv2d_small`'s NQ: channel quads per thread, ⌈Cout/4⌉ up to 4 (wider Cout: several N tiles).
 fn small_quads(cout: usize) -> usize {
@@ -118,9 +127,9 @@ impl Variant {
             Tile::T64 => 2 * rows_padded(64),
             Tile::T128 => 2 * rows_padded(128),
             Tile::Small => rows_padded(64) + 16 * 4 * 16,
-            // As matmul_coop at 16×16 fragments (the larger variant): two 64 × 40 f16 tiles and
-            // a 64 × 64 f32 tile.
-            Tile::Coop => 2 * 64 * 40 * 2 + 64 * 64 * 4,
+            // conv2d_coop declares what matmul_coop's 4·frag tile does; at 16×16 fragments (the
+            // larger variant).
+            Tile::Coop => matmul::CoopTile::T64.workgroup_bytes(COOP_16X16),
         }
     }
 
@@ -620,7 +629,7 @@ impl Conv<'_> {
         let (tensors, bytes) = self.bindings(out);
         let flag = |on: bool| f64::from(u8::from(on));
         gpu.dispatch(&Dispatch {
-            shader: plan.conv_shader(),
+            shader: plan.shader("conv2d_coop"),
             entry: "conv2d_coop",
             dtype: out.dtype(),
             overrides: &[

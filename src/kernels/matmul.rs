@@ -151,20 +151,17 @@ impl CoopPlan {
     pub fn tile(self) -> usize {
         4 * self.frag
     }
-    fn shader(self) -> &'static str {
-        if self.frag == 16 {
-            "matmul_coop16"
-        } else {
-            "matmul_coop8"
-        }
-    }
-    /// The `conv2d_coop` variant for this fragment size (same geometry and workgroup memory).
-    pub fn conv_shader(self) -> &'static str {
-        if self.frag == 16 {
-            "conv2d_coop16"
-        } else {
-            "conv2d_coop8"
-        }
+    /// The variant of tensor-core shader `base` (`matmul_coop`, `conv2d_coop`, `attention_coop`,
+    /// `peak_coop`) compiled for this fragment size: `{base}16` or `{base}8` in
+    /// [`shaders::VARIANTS`](crate::shaders::VARIANTS). Every such base registers both (the shader
+    /// tests walk them), so a miss is a bug in this crate, not in the input.
+    pub fn shader(self, base: &str) -> &'static str {
+        let suffix = if self.frag == 16 { "16" } else { "8" };
+        crate::shaders::VARIANTS
+            .iter()
+            .find(|v| v.1 == base && v.0.strip_prefix(base) == Some(suffix))
+            .map(|v| v.0)
+            .unwrap_or_else(|| panic!("no {base}{suffix} in shaders::VARIANTS"))
     }
     /// Workgroup memory the shader declares: two 4f × (2f + 8) f16 tiles and a 4f × 4f f32 tile.
     fn workgroup_bytes(self) -> u32 {
@@ -440,7 +437,7 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
         );
         coop_overrides = [("SG", plan.subgroup as f64)];
         (
-            plan.shader(),
+            plan.shader("matmul_coop"),
             tile.entry(g.geglu),
             &coop_overrides,
             tile.side(plan),

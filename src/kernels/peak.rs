@@ -110,11 +110,7 @@ pub fn coop_peak(
         _pad: [0; 2],
     };
     gpu.dispatch(&Dispatch {
-        shader: if plan.frag == 16 {
-            "peak_coop16"
-        } else {
-            "peak_coop8"
-        },
+        shader: plan.shader("peak_coop"),
         entry: "coop_peak",
         dtype: DType::F16,
         overrides: &[("SG", plan.subgroup as f64)],
