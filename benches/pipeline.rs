@@ -1,7 +1,7 @@
 //! End-to-end benchmark (`cargo bench --bench pipeline -- [--model DIR] [--size N] [--steps N]
 //! [--sampler NAME] [--dtype f16|f32]`): cold and warm start, seconds per image, U-Net it/s,
-//! text-encode and VAE-decode time, peak GPU memory held by the buffer pool, and the top 15
-//! kernels by GPU time with GFLOP/s and GB/s.
+//! text-encode and VAE-decode time, peak GPU memory held by the buffer pool (steady state with
+//! profiling off), then one profiled image: every kernel by GPU time with GFLOP/s and GB/s.
 //!
 //! Default model: the shipped weights/tiny-shapes. For the SD 1.5 / 2.1 architectures, make a
 //! random-weight folder with `tools/make_random_sd.py --arch sd15` and pass `--model`.
@@ -65,8 +65,8 @@ fn main() -> Result<()> {
 
     // Warm start: the same with the driver's pipeline cache on disk.
     let t0 = Instant::now();
-    let sd = StableDiffusion::load(Gpu::new(&options(true))?, &model, &model_options)?;
-    let first = sd.generate(&req, &mut |_| true)?;
+    let sd = StableDiffusion::load(Gpu::new(&options(false))?, &model, &model_options)?;
+    sd.generate(&req, &mut |_| true)?;
     let warm = t0.elapsed();
     println!(
         "device: {} ({}, {})",
@@ -84,22 +84,38 @@ fn main() -> Result<()> {
         warm.as_secs_f64(),
         sd.gpu.caps.pipeline_cache
     );
-    sd.gpu.reset_profile();
 
-    // Steady state: wall-clock per image (timestamps add a pass per dispatch, so the
-    // per-kernel table comes from the same runs but the seconds are wall clock).
+    // Steady state, profiling off: timestamps put every dispatch in its own pass, which would
+    // add wall time, so the per-kernel table comes from separate profiled images below.
     let mut per_image = Vec::new();
     let mut unet_its = Vec::new();
     let mut text = Vec::new();
     let mut decode = Vec::new();
-    let _ = first;
     for _ in 0..images {
         let out = sd.generate(&req, &mut |_| true)?;
         per_image.push(out.timings.total.as_secs_f64());
-        let denoise: f64 = out.timings.steps.iter().map(|d| d.as_secs_f64()).sum();
-        unet_its.push(out.timings.steps.len() as f64 / denoise);
         text.push(out.timings.text_encode.as_secs_f64());
         decode.push(out.timings.decode.as_secs_f64());
+    }
+    // U-Net it/s as diffusers' progress bar counts it, on the GPU's timeline: the step times in
+    // `Timings` are CPU recording times (submission does not wait), so these images wait for
+    // the GPU at the end of the first and of the last step and count the steps in between,
+    // which ran back to back as in the untimed images.
+    for _ in 0..images {
+        let mut marks = Vec::new();
+        sd.generate(&req, &mut |p| {
+            if p.call == 0 || p.call + 1 == p.calls {
+                let waited = sd.gpu.wait();
+                marks.push((p.call, Instant::now(), waited.is_ok()));
+            }
+            true
+        })?;
+        if let [(first, t_first, true), (last, t_last, true)] = marks[..] {
+            unet_its.push((last - first) as f64 / (t_last - t_first).as_secs_f64());
+        }
+    }
+    if unet_its.is_empty() {
+        unet_its.push(f64::NAN); // fewer than 2 steps, or a wait failed
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -109,18 +125,36 @@ fn main() -> Result<()> {
         "seconds per image:   {:.3} (median of {images})",
         median(&mut per_image)
     );
-    println!("U-Net it/s:          {:.2}", median(&mut unet_its));
+    println!(
+        "U-Net it/s:          {:.2} (GPU timeline, steps 2..N)",
+        median(&mut unet_its)
+    );
     println!("text encode:         {:.3} s", median(&mut text));
     println!("VAE decode:          {:.3} s", median(&mut decode));
     println!(
         "peak pool memory:    {:.1} MiB",
         sd.gpu.pool_stats().peak_bytes as f64 / 1048576.0
     );
+    if !sd.gpu.set_profiling(true)? {
+        println!("no timestamp queries on this adapter: no per-kernel table");
+        return Ok(());
+    }
+    let profiled_images = 1;
+    let mut profiled_s = 0.0;
+    for _ in 0..profiled_images {
+        profiled_s += sd.generate(&req, &mut |_| true)?.timings.total.as_secs_f64();
+    }
     let table = sd.gpu.profile()?;
-    let mut rows: Vec<_> = table.into_iter().collect();
-    rows.sort_by(|a, b| b.1.total_ns.total_cmp(&a.1.total_ns));
-    rows.truncate(15);
-    println!("top kernels by GPU time ({images} images):");
-    print!("{}", format_table(&rows.into_iter().collect()));
+    let gpu_ns: f64 = table.values().map(|k| k.total_ns).sum();
+    println!(
+        "profiled image:      {:.3} s wall, {:.3} s summed kernel time ({} dispatches timed one per pass)",
+        profiled_s / profiled_images as f64,
+        gpu_ns / 1e9 / profiled_images as f64,
+        table.values().map(|k| k.calls).sum::<u64>() / profiled_images as u64
+    );
+    // The whole table (sorted by GPU time, so its head is the top 15), so the % column is of
+    // the image's total kernel time.
+    println!("kernels by GPU time ({profiled_images} profiled image):");
+    print!("{}", format_table(&table));
     Ok(())
 }

@@ -6,20 +6,32 @@
 #                                     # default on GPUs) and, again, the FMA paths; ldm info
 #   bash tools/device_call.sh sd15    # kernel bench (f16), diffusers vs ldm end to end, SD 1.5 512²
 #   bash tools/device_call.sh sd21    # kernel bench (f32), diffusers vs ldm end to end, SD 2.1 768²
+#   bash tools/device_call.sh firstlight  # all of a first lease in one call (~6 min): ldm info,
+#                                     # tests (tensor cores, then FMA), kernel bench, diffusers vs
+#                                     # ldm at SD 1.5 512², profile, memory, cold/warm start
+#   bash tools/device_call.sh perf    # the short rerun after a change: diffusers vs ldm only
 #
 # Everything it prints is also written under $OUT (gpu.txt, tests.txt, kernels_*.txt,
 # diffusers_*.jsonl/.txt, pipeline_*.txt); benches/RESULTS.md says how to fill its tables.
 set -uo pipefail
-step=${1:?usage: device_call.sh tests|sd15|sd21}
+step=${1:?usage: device_call.sh firstlight|perf|tests|sd15|sd21}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# Mesa's loader complains on every start without one; a compute engine has no windows.
+[ -n "${XDG_RUNTIME_DIR:-}" ] || { mkdir -p -m 700 /tmp/xdg && export XDG_RUNTIME_DIR=/tmp/xdg; }
 
 # Setup (a fresh machine is bare): Vulkan loader, NVIDIA ICD, diffusers, our binaries.
-for f in .gl/*.deb; do dpkg -x "$f" /; done
-ldconfig
-icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-[ -f "$icd" ] && export VK_DRIVER_FILES=$icd
+if ! ldconfig -p | grep -q libvulkan.so.1; then
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+fi
+# The NVIDIA ICD: the first manifest with which the loader finds a Vulkan adapter (without one
+# wgpu would fall back to GL, and every number would be about the wrong backend).
+for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json \
+    /usr/share/vulkan/icd.d/nvidia_icd.json; do
+    [ -f "$icd" ] && { export VK_DRIVER_FILES=$icd; break; }
+done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 bins=/tmp/bins
@@ -57,6 +69,81 @@ sd15 | sd21)
         timeout -k 5 120 $bins/bench_pipeline --bench --model /tmp/$step --sampler "$1" --steps "$2" \
             2>&1 | tee -a "$out/pipeline_$step.txt"
     done
+    ;;
+firstlight | perf)
+    # One call that fits a lease (issue "first light"): everything in order, each step with its
+    # own timeout, at most 8 files under $OUT (the tool brings back no more). `perf` is the short
+    # rerun after a change: no tests, no kernel bench.
+    t_start=$(date +%s)
+    stamp() { echo "[$(($(date +%s) - t_start)) s] $*"; }
+    elapsed() { echo $(($(date +%s) - t_start)); }
+    # The random SD 1.5 folder is made on the CPU cores and in GPU memory by PyTorch while the
+    # Vulkan tests run; it is done long before the benchmarks need it.
+    # FL_ARCH=tiny FL_INIT=cpu rehearse the whole call on a machine without CUDA (lavapipe).
+    (python3 tools/make_random_sd.py --arch "${FL_ARCH:-sd15}" --dtype fp16 \
+        --init-device "${FL_INIT:-cuda}" --out /tmp/sd15 \
+        >"$out/make_sd15.txt" 2>&1; echo "exit $?" >>"$out/make_sd15.txt") &
+    maker=$!
+    {
+        stamp "gpu"
+        nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total \
+            --format=csv || echo "no nvidia-smi"
+        timeout -k 5 60 $bins/ldm info 2>&1
+        if ! timeout -k 5 60 $bins/ldm info 2>&1 | grep -q "^chosen:.*Vulkan"; then
+            echo "NO VULKAN ADAPTER: VK_DRIVER_FILES=${VK_DRIVER_FILES:-unset}"
+            ls -la /usr/local/nvidia/share/vulkan/icd.d /etc/vulkan/icd.d /usr/share/vulkan/icd.d
+            ldconfig -p | grep -E "vulkan|GLX_nvidia|nvidia-glcore" | head
+            VK_LOADER_DEBUG=error,warn timeout 30 $bins/ldm info 2>&1 | head -n 40
+        fi
+    } 2>&1 | tee "$out/gpu.txt"
+    if [ "$step" = firstlight ]; then
+        {
+            # Tensor-core paths are the default on this adapter; then the same suites forced to FMA.
+            for t in kernels_matmul kernels_conv2d kernels_attention kernels_norm kernels_elementwise \
+                kernels_sampler_step kernels_tiling shader_checks runtime models pipeline; do
+                [ "$(elapsed)" -lt 150 ] || { stamp "test_$t skipped: out of time"; continue; }
+                stamp "test_$t (default paths)"
+                timeout -k 5 75 $bins/test_$t 2>&1 | grep -E "^test |test result|panicked|rel|error" \
+                    | tail -n 60
+            done
+            for t in kernels_matmul kernels_conv2d kernels_attention models; do
+                [ "$(elapsed)" -lt 190 ] || { stamp "test_$t (FMA) skipped: out of time"; continue; }
+                stamp "test_$t with LDM_COOP_MATMUL=0 (FMA kernels)"
+                LDM_COOP_MATMUL=0 timeout -k 5 60 $bins/test_$t 2>&1 \
+                    | grep -E "test result|panicked|FAILED"
+            done
+        } 2>&1 | tee "$out/tests.txt"
+        stamp "kernel bench"
+        LDM_BENCH_DTYPE=f16 LDM_BENCH_REPS=10 timeout -k 5 100 $bins/bench_kernels --bench 2>&1 \
+            | tee "$out/kernels_f16.txt"
+    fi
+    stamp "waiting for the model folder"
+    wait $maker
+    tail -n 5 "$out/make_sd15.txt"
+    stamp "diffusers"
+    timeout -k 5 120 python3 tools/bench_diffusers.py /tmp/sd15 --sampler dpmpp_2m --steps 25 \
+        --runs 3 --warmup 1 --json "$out/diffusers_sd15.jsonl" 2>&1 | tee "$out/diffusers_sd15.txt"
+    # GPU memory as the driver sees it, every 100 ms, while our engine runs (the pool's own peak
+    # is printed by the bench). Cold start: an empty driver shader cache of its own.
+    nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 100 \
+        >"$out/smi_memory.csv" 2>&1 &
+    smi=$!
+    stamp "ldm"
+    export __GL_SHADER_DISK_CACHE_PATH=/tmp/ldm-cold-cache
+    rm -rf "$__GL_SHADER_DISK_CACHE_PATH" && mkdir -p "$__GL_SHADER_DISK_CACHE_PATH"
+    {
+        timeout -k 5 150 $bins/bench_pipeline --bench --model /tmp/sd15 --sampler dpmpp_2m \
+            --steps 25 --images 3
+        stamp "ldm done"
+        if [ "$step" = firstlight ] && [ "$(elapsed)" -lt 330 ]; then
+            stamp "ldm, FMA kernels only (LDM_COOP_MATMUL=0)"
+            LDM_COOP_MATMUL=0 timeout -k 5 100 $bins/bench_pipeline --bench --model /tmp/sd15 \
+                --sampler dpmpp_2m --steps 25 --images 2 | grep -E "per image|it/s|total"
+        fi
+    } 2>&1 | tee "$out/pipeline_sd15.txt"
+    kill $smi
+    sort -t, -k2 -n "$out/smi_memory.csv" | tail -n 1 | sed 's/^/peak nvidia-smi memory.used: /'
+    stamp "end"
     ;;
 *)
     echo "unknown step $step" >&2

@@ -41,8 +41,7 @@ fi
 echo "== release binaries =="
 mkdir -p .bench/stage && rm -f .bench/stage/* .bench/bins.tar.xz
 tests=(kernels_matmul kernels_conv2d kernels_attention kernels_norm kernels_elementwise
-    kernels_sampler_step kernels_tiling runtime shader_checks models pipeline steady_state
-    tiny_model vae_tiling)
+    kernels_sampler_step kernels_tiling runtime shader_checks models pipeline)
 args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 cargo build --release --locked --bin ldm

@@ -724,6 +724,24 @@ impl Gpu {
         lock(&self.recorder).profiler.is_some()
     }
 
+    /// Turn timestamp profiling on or off from here on (flushes first). Profiling puts every
+    /// dispatch in its own timestamped pass, which costs wall time, so benchmarks time steady
+    /// state with it off and switch it on for the per-kernel table. Returns whether it is on
+    /// (false when the adapter has no timestamp queries).
+    pub fn set_profiling(&self, on: bool) -> Result<bool> {
+        self.flush()?;
+        let mut rec = lock(&self.recorder);
+        if on && rec.profiler.is_none() && self.caps.timestamps {
+            rec.profiler = Some(Profiler::new(
+                &self.device,
+                self.queue.get_timestamp_period(),
+            ));
+        } else if !on {
+            rec.profiler = None;
+        }
+        Ok(rec.profiler.is_some())
+    }
+
     /// Per-kernel GPU times gathered so far (flushes first).
     pub fn profile(&self) -> Result<BTreeMap<String, KernelTime>> {
         self.flush()?;
