@@ -236,10 +236,13 @@ fn main() -> Result<()> {
         let pad = k / 2;
         let m = bt * (h / stride) * (w / stride);
         let coop_ok = coop.is_some() && cin % 4 == 0;
-        let chosen = if default_coop && coop_ok && cout > 16 {
-            conv2d::Variant::COOP
-        } else {
-            conv2d::choose_variant(m, cout, max_wg, None)
+        // The default (`Conv::run_into`): tensor cores where the shape gets their large tile.
+        let large = |plan| conv2d::coop_conv_tile(plan, &b.gpu.caps, m, cout, None);
+        let chosen = match coop {
+            Some(plan) if default_coop && coop_ok && cout > 16 && large(plan) == CoopTile::T128 => {
+                (conv2d::Variant::COOP, Some(CoopTile::T128))
+            }
+            _ => (conv2d::choose_variant(m, cout, max_wg, None), None),
         };
         let mut tiles = vec![conv2d::Tile::T64, conv2d::Tile::T128];
         if cout <= 16 {
@@ -248,7 +251,22 @@ fn main() -> Result<()> {
         if coop_ok {
             tiles.push(conv2d::Tile::Coop);
         }
+        // (tile, tensor-core tile): the tensor-core kernel in both its tiles where it can run.
+        let mut runs: Vec<(conv2d::Tile, Option<CoopTile>)> = Vec::new();
         for tile in tiles {
+            if tile != conv2d::Tile::Coop {
+                runs.push((tile, None));
+                continue;
+            }
+            for coop_tile in [CoopTile::T64, CoopTile::T128] {
+                let plan = coop.expect("coop_ok");
+                if conv2d::coop_conv_tile(plan, &b.gpu.caps, m, cout, Some(coop_tile)) == coop_tile
+                {
+                    runs.push((tile, Some(coop_tile)));
+                }
+            }
+        }
+        for (tile, coop_tile) in runs {
             // The tile's largest K step that fits this adapter (what the heuristic would run).
             let variant = if tile == conv2d::Tile::Coop {
                 conv2d::Variant::COOP
@@ -259,6 +277,7 @@ fn main() -> Result<()> {
                 continue; // does not fit this adapter's workgroup memory
             }
             matmul::override_coop(Some(tile == conv2d::Tile::Coop));
+            matmul::force_coop_tile(coop_tile);
             let conv = conv2d::Conv {
                 input: if upsampled {
                     conv2d::Input::Upsampled2x(&x)
@@ -274,9 +293,18 @@ fn main() -> Result<()> {
             };
             let t = b.time(&mut || conv.run(&b.gpu).map(|_| ()))?;
             matmul::override_coop(None);
-            let mark = if variant == chosen { "*" } else { "" };
+            matmul::force_coop_tile(None);
+            let mark = if (variant, coop_tile) == chosen {
+                "*"
+            } else {
+                ""
+            };
+            let label = match coop_tile {
+                Some(CoopTile::T128) => "coop128",
+                _ => tile.name(),
+            };
             b.line(
-                &format!("conv2d[{}]{mark}", tile.name()),
+                &format!("conv2d[{label}]{mark}"),
                 &format!(
                     "{name} {bt}x{h}x{w}x{cin}->{cout} k{k}s{stride}{}",
                     if upsampled { " (fused up2x)" } else { "" }

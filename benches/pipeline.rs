@@ -142,7 +142,11 @@ fn main() -> Result<()> {
     let profiled_images = 1;
     let mut profiled_s = 0.0;
     for _ in 0..profiled_images {
-        profiled_s += sd.generate(&req, &mut |_| true)?.timings.total.as_secs_f64();
+        profiled_s += sd
+            .generate(&req, &mut |_| true)?
+            .timings
+            .total
+            .as_secs_f64();
     }
     let table = sd.gpu.profile()?;
     let gpu_ns: f64 = table.values().map(|k| k.total_ns).sum();

@@ -206,3 +206,279 @@ fn conv2d_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         }
     }
 }
+
+// ------------------------------------------------------------------ large tile (8 subgroups)
+//
+// `conv2d_coop_l`: matmul_coop.wgsl's large tile for the convolution. 8 subgroups arranged
+// 2 (rows) × 4 (columns), output tile TL × TL = 8·FRAG pixels × 8·FRAG channels (128 × 128 at
+// FRAG 16), subgroup s owns the 4·FRAG × 2·FRAG block (s / 4, s % 4) as 4 × 2 accumulator
+// fragments; the epilogue runs in 4 passes through one FRAG × 2·FRAG slot per subgroup. Twice
+// the FLOP per staged byte of the 64 tile (see matmul_coop.wgsl), and two changes to staging:
+// - No divisions in the K loop. With NT_L = 8·SG invocations and TK / 4 vec4 chunks per staged
+//   row, an invocation always stages the same chunk column c = lid % (TK / 4) of the same 4 rows
+//   lid / (TK / 4) + j·ROWS_PER_PASS (j = 0..3; the host runs this tile only where
+//   TL · TK / 4 = 4 · NT_L, i.e. FRAG² = 8·SG: 16 × 16 with 32-wide subgroups, 8 × 8 with
+//   8-wide). So each invocation decodes its 4 output pixels once, and walks its filter tap
+//   (ky, kx, ci) forward by TK per step with additions.
+// - The next K step's 8 vec4 loads are issued into registers before the current step's
+//   matrix products, so global-memory latency overlaps the tensor-core work.
+// Workgroup memory as matmul_coop's large tile: 36 KiB at FRAG 16, 10 KiB at FRAG 8.
+
+const TL: u32 = 8u * FRAG;
+const SLOT_W: u32 = 2u * FRAG;
+const SLOT: u32 = FRAG * SLOT_W;
+const CHUNKS: u32 = TK / 4u;                 // vec4 chunks per staged row
+override NT_L: u32 = 8u * SG;
+override ROWS_PER_PASS: u32 = NT_L / CHUNKS; // staged rows covered by one pass of all invocations
+
+var<workgroup> a_shl: array<f16, TL * AS>;    // a_shl[r * AS + k] = A[m0 + r, k0 + k]
+var<workgroup> b_shl: array<f16, TL * AS>;    // b_shl[r * AS + k] = w[n0 + r, k0 + k] (Bᵀ)
+var<workgroup> c_shl: array<f32, 8u * SLOT>;  // slot s: c_shl[s * SLOT + r * SLOT_W + c]
+
+// One output pixel's place in the input, decoded once: the top-left input coordinate its
+// filter window starts at (may be negative: padding), the first row of its image in x, and
+// whether the pixel exists (m < M).
+struct Pixel {
+    iy0: i32,
+    ix0: i32,
+    row0: u32,
+    valid: bool,
+};
+
+fn pixel_of(m: u32) -> Pixel {
+    let hw = params.ho * params.wo;
+    let b = m / hw;
+    let rem = m - b * hw;
+    let oy = rem / params.wo;
+    let ox = rem - oy * params.wo;
+    return Pixel(i32(oy * params.stride) - i32(params.pad_top),
+                 i32(ox * params.stride) - i32(params.pad_left), b * params.xh, m < params.m);
+}
+
+// A[pixel, k .. k + 4] for the filter tap (ky, kx) and channel ci that k stands for (k < K
+// checked by the caller): zero in the padding, x or xb by channel with CONCAT.
+fn a_chunk(p: Pixel, ky: u32, kx: u32, ci: u32) -> vec4<f16> {
+    let iy = p.iy0 + i32(ky);
+    let ix = p.ix0 + i32(kx);
+    // Negative coordinates wrap to huge u32 and fail the same test as the far edge.
+    if (!p.valid || u32(iy) >= params.h || u32(ix) >= params.w) {
+        return vec4<f16>(0.0);
+    }
+    var y = u32(iy);
+    var x = u32(ix);
+    if (UPSAMPLE) {
+        y = y >> 1u;
+        x = x >> 1u;
+    }
+    let pixel = (p.row0 + y) * params.xw + x;
+    if (CONCAT && ci >= params.ca) {
+        let cb = params.cin - params.ca;
+        return vec4<f16>(xb4[(pixel * cb + ci - params.ca) >> 2u]);
+    }
+    return vec4<f16>(x4[(pixel * params.ca + ci) >> 2u]);
+}
+
+// B[k .. k + 4] of weight row n (row index n·K/4 + k/4 precomputed as `at`), zero past Cout/K.
+fn b_chunk(n: u32, at: u32, k: u32) -> vec4<f16> {
+    if (n >= params.cout || k >= params.k) {
+        return vec4<f16>(0.0);
+    }
+    return vec4<f16>(w4[at]);
+}
+
+fn store_a(r: u32, c: u32, v: vec4<f16>) {
+    let o = r * AS + 4u * c;
+    a_shl[o] = v.x;
+    a_shl[o + 1u] = v.y;
+    a_shl[o + 2u] = v.z;
+    a_shl[o + 3u] = v.w;
+}
+
+fn store_b(r: u32, c: u32, v: vec4<f16>) {
+    let o = r * AS + 4u * c;
+    b_shl[o] = v.x;
+    b_shl[o + 1u] = v.y;
+    b_shl[o + 2u] = v.z;
+    b_shl[o + 3u] = v.w;
+}
+
+// Epilogue pass `i`: every subgroup s has stored its fragment row i (block (s / 4, s % 4),
+// rows 4·FRAG·(s / 4) + i·FRAG ..) in slot s; all invocations finish those 8 · SLOT outputs.
+fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32) {
+    for (var e = lid; e < 8u * SLOT; e += NT_L) {
+        let s = e / SLOT;
+        let rc = e - s * SLOT;
+        let r = rc / SLOT_W;
+        let c = rc - r * SLOT_W;
+        let m = m0 + (s >> 2u) * 4u * FRAG + i * FRAG + r;
+        let n = n0 + (s & 3u) * SLOT_W + c;
+        if (m < params.m && n < params.cout) {
+            var v = c_shl[e];
+            if ((params.flags & 1u) != 0u) {
+                v += f32(bias[n]);
+            }
+            let o = m * params.cout + n;
+            if ((params.flags & 2u) != 0u) {
+                v += f32(residual[o]);
+            }
+            out[o] = elem(v);
+        }
+    }
+}
+
+// Dispatch: ceil(M / TL) · ceil(Cout / TL) workgroups folded by `grid_1d`, tile index
+// m_tile · n_tiles + n_tile (params.n_tiles = ceil(Cout / TL)).
+@compute @workgroup_size(NT_L)
+fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32) {
+    let tile = wid.x + wid.y * nwg.x;
+    let m_tiles = (params.m + TL - 1u) / TL;
+    // Whole workgroups leave together, so the barriers below stay in uniform control flow.
+    if (tile >= m_tiles * params.n_tiles) {
+        return;
+    }
+    let m0 = (tile / params.n_tiles) * TL;
+    let n0 = (tile % params.n_tiles) * TL;
+
+    // This invocation's staging slots: chunk column c of rows r0 + j·ROWS_PER_PASS.
+    let c = lid % CHUNKS;
+    let r0 = lid / CHUNKS;
+    let r1 = r0 + ROWS_PER_PASS;
+    let r2 = r0 + 2u * ROWS_PER_PASS;
+    let r3 = r0 + 3u * ROWS_PER_PASS;
+    let p0 = pixel_of(m0 + r0);
+    let p1 = pixel_of(m0 + r1);
+    let p2 = pixel_of(m0 + r2);
+    let p3 = pixel_of(m0 + r3);
+    // Weight rows as vec4 indices at k = 4c; each step adds TK / 4.
+    let kq = params.k >> 2u;
+    var wq0 = (n0 + r0) * kq + c;
+    var wq1 = (n0 + r1) * kq + c;
+    var wq2 = (n0 + r2) * kq + c;
+    var wq3 = (n0 + r3) * kq + c;
+    // The filter tap of k = 4c, decoded once (the only divisions outside the pixel decode).
+    var k = 4u * c;
+    let tap = k / params.cin;
+    var ci = k - tap * params.cin;
+    var ky = tap / params.kw;
+    var kx = tap - ky * params.kw;
+
+    // The first step's chunks, then per step: store, barrier, fetch the next step's chunks,
+    // multiply the stored ones, barrier.
+    var a0 = vec4<f16>(0.0);
+    var a1 = vec4<f16>(0.0);
+    var a2 = vec4<f16>(0.0);
+    var a3 = vec4<f16>(0.0);
+    if (k < params.k) {
+        a0 = a_chunk(p0, ky, kx, ci);
+        a1 = a_chunk(p1, ky, kx, ci);
+        a2 = a_chunk(p2, ky, kx, ci);
+        a3 = a_chunk(p3, ky, kx, ci);
+    }
+    var b0 = b_chunk(n0 + r0, wq0, k);
+    var b1 = b_chunk(n0 + r1, wq1, k);
+    var b2 = b_chunk(n0 + r2, wq2, k);
+    var b3 = b_chunk(n0 + r3, wq3, k);
+
+    let wm = (sg >> 2u) * 4u * FRAG;   // this subgroup's 4·FRAG × 2·FRAG block of the tile
+    let wn = (sg & 3u) * 2u * FRAG;
+    var c00 = coop_mat16x16<f32, C>();
+    var c01 = coop_mat16x16<f32, C>();
+    var c10 = coop_mat16x16<f32, C>();
+    var c11 = coop_mat16x16<f32, C>();
+    var c20 = coop_mat16x16<f32, C>();
+    var c21 = coop_mat16x16<f32, C>();
+    var c30 = coop_mat16x16<f32, C>();
+    var c31 = coop_mat16x16<f32, C>();
+    for (var k0 = 0u; k0 < params.k; k0 += TK) {
+        store_a(r0, c, a0);
+        store_a(r1, c, a1);
+        store_a(r2, c, a2);
+        store_a(r3, c, a3);
+        store_b(r0, c, b0);
+        store_b(r1, c, b1);
+        store_b(r2, c, b2);
+        store_b(r3, c, b3);
+        workgroupBarrier();
+
+        // Advance this invocation's k by TK: the channel, then the tap (a step of TK may cross
+        // several taps when Cin < TK, e.g. the 4-channel conv_in).
+        k += TK;
+        ci += TK;
+        while (ci >= params.cin) {
+            ci -= params.cin;
+            kx += 1u;
+            if (kx == params.kw) {
+                kx = 0u;
+                ky += 1u;
+            }
+        }
+        wq0 += CHUNKS;
+        wq1 += CHUNKS;
+        wq2 += CHUNKS;
+        wq3 += CHUNKS;
+        a0 = vec4<f16>(0.0);
+        a1 = vec4<f16>(0.0);
+        a2 = vec4<f16>(0.0);
+        a3 = vec4<f16>(0.0);
+        if (k < params.k) {
+            a0 = a_chunk(p0, ky, kx, ci);
+            a1 = a_chunk(p1, ky, kx, ci);
+            a2 = a_chunk(p2, ky, kx, ci);
+            a3 = a_chunk(p3, ky, kx, ci);
+        }
+        b0 = b_chunk(n0 + r0, wq0, k);
+        b1 = b_chunk(n0 + r1, wq1, k);
+        b2 = b_chunk(n0 + r2, wq2, k);
+        b3 = b_chunk(n0 + r3, wq3, k);
+
+        for (var kb = 0u; kb < TK; kb += FRAG) {
+            // A blocks are row-major (m, k); B = Wᵀ is column-major: column n is w's row n.
+            let ia0 = wm * AS + kb;
+            let ia1 = (wm + FRAG) * AS + kb;
+            let ia2 = (wm + 2u * FRAG) * AS + kb;
+            let ia3 = (wm + 3u * FRAG) * AS + kb;
+            let ib0 = wn * AS + kb;
+            let ib1 = (wn + FRAG) * AS + kb;
+            let fa0 = coopLoadT<coop_mat16x16<f16, A>>(&a_shl[ia0], AS);
+            let fa1 = coopLoadT<coop_mat16x16<f16, A>>(&a_shl[ia1], AS);
+            let fa2 = coopLoadT<coop_mat16x16<f16, A>>(&a_shl[ia2], AS);
+            let fa3 = coopLoadT<coop_mat16x16<f16, A>>(&a_shl[ia3], AS);
+            let fb0 = coopLoad<coop_mat16x16<f16, B>>(&b_shl[ib0], AS);
+            let fb1 = coopLoad<coop_mat16x16<f16, B>>(&b_shl[ib1], AS);
+            c00 = coopMultiplyAdd(fa0, fb0, c00);
+            c01 = coopMultiplyAdd(fa0, fb1, c01);
+            c10 = coopMultiplyAdd(fa1, fb0, c10);
+            c11 = coopMultiplyAdd(fa1, fb1, c11);
+            c20 = coopMultiplyAdd(fa2, fb0, c20);
+            c21 = coopMultiplyAdd(fa2, fb1, c21);
+            c30 = coopMultiplyAdd(fa3, fb0, c30);
+            c31 = coopMultiplyAdd(fa3, fb1, c31);
+        }
+        workgroupBarrier();
+    }
+    // naga 30 can panic on compound pointer indices in coopStore: bind them to lets. The slot is
+    // reused by every pass, so a barrier separates each pass's reads from the next pass's stores.
+    let s0 = sg * SLOT;
+    let s1 = sg * SLOT + FRAG;
+    let stride = SLOT_W;
+    coopStoreT(c00, &c_shl[s0], stride);
+    coopStoreT(c01, &c_shl[s1], stride);
+    workgroupBarrier();
+    epilogue_pass_l(lid, 0u, m0, n0);
+    workgroupBarrier();
+    coopStoreT(c10, &c_shl[s0], stride);
+    coopStoreT(c11, &c_shl[s1], stride);
+    workgroupBarrier();
+    epilogue_pass_l(lid, 1u, m0, n0);
+    workgroupBarrier();
+    coopStoreT(c20, &c_shl[s0], stride);
+    coopStoreT(c21, &c_shl[s1], stride);
+    workgroupBarrier();
+    epilogue_pass_l(lid, 2u, m0, n0);
+    workgroupBarrier();
+    coopStoreT(c30, &c_shl[s0], stride);
+    coopStoreT(c31, &c_shl[s1], stride);
+    workgroupBarrier();
+    epilogue_pass_l(lid, 3u, m0, n0);
+}

@@ -14,6 +14,7 @@ mod common;
 
 use common::*;
 use ldm_wgpu::kernels::conv2d::{choose_variant, Conv, Input, Tile, Variant};
+use ldm_wgpu::kernels::matmul::CoopTile;
 use ldm_wgpu::kernels::{conv2d, fill};
 use ldm_wgpu::{DType, Error, Gpu, GpuOptions, Tensor};
 
@@ -821,14 +822,26 @@ fn every_variant_gives_the_same_bits_with_and_without_bounds_checks() {
                 vs.push(Variant::COOP);
             }
             for v in vs {
-                let run = |g: &Gpu| g.download_bytes(&run_on(g, c, &i, dtype, Some(v))).unwrap();
-                assert!(
-                    run(&checked) == run(&unchecked),
-                    "{} [{}] ({}): bits differ with and without bounds checks",
-                    c.name,
-                    v.name(),
-                    dtype.name()
-                );
+                // The tensor-core kernel in both its tiles (the large one where it can run).
+                let tiles: &[Option<CoopTile>] = if v == Variant::COOP {
+                    &[Some(CoopTile::T64), Some(CoopTile::T128)]
+                } else {
+                    &[None]
+                };
+                for &tile in tiles {
+                    ldm_wgpu::kernels::matmul::force_coop_tile(tile);
+                    let run =
+                        |g: &Gpu| g.download_bytes(&run_on(g, c, &i, dtype, Some(v))).unwrap();
+                    let same = run(&checked) == run(&unchecked);
+                    ldm_wgpu::kernels::matmul::force_coop_tile(None);
+                    assert!(
+                        same,
+                        "{} [{} {tile:?}] ({}): bits differ with and without bounds checks",
+                        c.name,
+                        v.name(),
+                        dtype.name()
+                    );
+                }
             }
         }
     }
@@ -880,27 +893,42 @@ fn coop_variant_matches_reference() {
         );
         return;
     };
-    let mut ran = 0;
-    for (s, c) in all.into_iter().enumerate() {
-        if !coop_takes(c) {
-            continue;
+    // Both tiles (the large one where its staging geometry holds), forced on this thread.
+    let large = conv2d::coop_conv_tile(plan, &g.caps, 1 << 20, 1 << 10, Some(CoopTile::T128))
+        == CoopTile::T128;
+    let tiles: &[(CoopTile, &str)] = if large {
+        &[
+            (CoopTile::T64, "conv2d_coop"),
+            (CoopTile::T128, "conv2d_coop_l"),
+        ]
+    } else {
+        &[(CoopTile::T64, "conv2d_coop")]
+    };
+    for &(tile, entry) in tiles {
+        ldm_wgpu::kernels::matmul::force_coop_tile(Some(tile));
+        let mut ran = 0;
+        for (s, c) in all.iter().enumerate() {
+            if !coop_takes(c) {
+                continue;
+            }
+            let i = quantized(&inputs(c, 1000 + s as u64), DType::F16);
+            let want = reference(c, &i);
+            let got = run_gpu(c, &i, DType::F16, Some(Variant::COOP));
+            let what = format!("{} [{entry} frag {}] (f16)", c.name, plan.frag);
+            eprintln!("{what:<60} rel_l2 {:.2e}", rel_l2(&got, &want));
+            assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
+            ran += 1;
         }
-        let i = quantized(&inputs(c, 1000 + s as u64), DType::F16);
-        let want = reference(c, &i);
-        let got = run_gpu(c, &i, DType::F16, Some(Variant::COOP));
-        let what = format!("{} [coop{}] (f16)", c.name, plan.frag);
-        eprintln!("{what:<52} rel_l2 {:.2e}", rel_l2(&got, &want));
-        assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
-        ran += 1;
+        ldm_wgpu::kernels::matmul::force_coop_tile(None);
+        assert!(ran >= 10, "only {ran} cases suit the tensor-core kernel");
+        let shader = plan.shader("conv2d_coop");
+        assert!(
+            g.compiled_pipelines()
+                .iter()
+                .any(|&(s, e)| s == shader && e == entry),
+            "{shader} {entry} never ran"
+        );
     }
-    assert!(ran >= 10, "only {ran} cases suit the tensor-core kernel");
-    let shader = plan.shader("conv2d_coop");
-    assert!(
-        g.compiled_pipelines()
-            .iter()
-            .any(|&(s, e)| s == shader && e == "conv2d_coop"),
-        "{shader} never ran"
-    );
     // f32 cannot take it: refused, not silently run on another kernel.
     let c = &AWKWARD_SIZES_CASES[0];
     let x = g.empty(&[1, 4, 4, 4], DType::F32).unwrap();

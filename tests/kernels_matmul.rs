@@ -15,7 +15,7 @@ mod common;
 
 use common::{assert_close, dtypes, gpu, quantize, rel_l2, tol, Rng};
 use ldm_wgpu::kernels::fill::poisoned;
-use ldm_wgpu::kernels::matmul::{self, Activation, CoopPlan, CoopTile};
+use ldm_wgpu::kernels::matmul::{self, Activation, CoopPlan, CoopTile, COOP_LARGE_TILE_MIN_GROUPS};
 use ldm_wgpu::{DType, Gpu, GpuOptions, Tensor};
 
 const ACTS: [Activation; 4] = [
@@ -552,19 +552,24 @@ fn coop_tile_choice_and_budget() {
     caps.max_invocations = 1024;
     let choose =
         |m, n_tile_cols, forced| CoopTile::choose(nvidia, &caps, 1, m, n_tile_cols, forced);
-    // SD 1.5 at 512² (batch 2 in M): the 64² attention projections and ff.out launch 64 × 3
-    // = 192 large tiles (T64); the GEGLUs (2N weight rows) and a 4096² square are T128.
-    assert_eq!(choose(8192, 320, None), CoopTile::T64);
+    // SD 1.5 at 512² (batch 2 in M), as measured on an H200: every shape with 40 or more large
+    // tiles is T128 (the 64² projections and ff.out, 192; the 16² projections, 40; the
+    // GEGLUs); the 8² mid-block projections and ff.out (10) and the 77-token K/V (6) are T64.
+    assert_eq!(choose(8192, 320, None), CoopTile::T128);
+    assert_eq!(choose(512, 1280, None), CoopTile::T128);
     assert_eq!(choose(8192, 2 * 1280, None), CoopTile::T128);
     assert_eq!(choose(2048, 2 * 2560, None), CoopTile::T128);
     assert_eq!(choose(512, 2 * 5120, None), CoopTile::T128);
-    assert_eq!(choose(154, 3072, None), CoopTile::T64);
+    assert_eq!(choose(128, 2 * 5120, None), CoopTile::T128);
+    assert_eq!(choose(128, 1280, None), CoopTile::T64);
+    assert_eq!(choose(154, 320, None), CoopTile::T64);
     assert_eq!(choose(4096, 4096, None), CoopTile::T128);
-    // The threshold: 16 × 16 = 256 tiles of 128.
-    assert_eq!(choose(16 * 128, 16 * 128, None), CoopTile::T128);
-    assert_eq!(choose(16 * 128, 15 * 128, None), CoopTile::T64);
+    // The threshold: 32 tiles of 128.
+    assert_eq!(COOP_LARGE_TILE_MIN_GROUPS, 32);
+    assert_eq!(choose(4 * 128, 8 * 128, None), CoopTile::T128);
+    assert_eq!(choose(4 * 128, 7 * 128, None), CoopTile::T64);
     assert_eq!(
-        CoopTile::choose(nvidia, &caps, 2, 8 * 128, 16 * 128, None),
+        CoopTile::choose(nvidia, &caps, 2, 2 * 128, 8 * 128, None),
         CoopTile::T128,
         "the batch counts"
     );

@@ -9,7 +9,10 @@
 #   bash tools/device_call.sh firstlight  # all of a first lease in one call (~6 min): ldm info,
 #                                     # tests (tensor cores, then FMA), kernel bench, diffusers vs
 #                                     # ldm at SD 1.5 512², profile, memory, cold/warm start
-#   bash tools/device_call.sh perf    # the short rerun after a change: diffusers vs ldm only
+#   PERF_EXTRA="LDM_CONV_TILE=coop" PERF_DIFFUSERS=0 bash tools/device_call.sh perf
+#                                     # the short rerun after a change: the touched kernels' tests,
+#                                     # kernel bench, ldm (and diffusers) end to end, then ldm
+#                                     # again under each PERF_EXTRA setting
 #
 # Everything it prints is also written under $OUT (gpu.txt, tests.txt, kernels_*.txt,
 # diffusers_*.jsonl/.txt, pipeline_*.txt); benches/RESULTS.md says how to fill its tables.
@@ -73,7 +76,7 @@ sd15 | sd21)
 firstlight | perf)
     # One call that fits a lease (issue "first light"): everything in order, each step with its
     # own timeout, at most 8 files under $OUT (the tool brings back no more). `perf` is the short
-    # rerun after a change: no tests, no kernel bench.
+    # rerun after a change (see the header).
     t_start=$(date +%s)
     stamp() { echo "[$(($(date +%s) - t_start)) s] $*"; }
     elapsed() { echo $(($(date +%s) - t_start)); }
@@ -96,6 +99,17 @@ firstlight | perf)
             VK_LOADER_DEBUG=error,warn timeout 30 $bins/ldm info 2>&1 | head -n 40
         fi
     } 2>&1 | tee "$out/gpu.txt"
+    if [ "$step" = perf ]; then
+        # The suites of the kernels a performance change touches, with every line of output
+        # (a failure's message names the case and the error).
+        for t in kernels_conv2d kernels_matmul kernels_attention shader_checks; do
+            stamp "test_$t"
+            timeout -k 5 75 $bins/test_$t 2>&1 | grep -vE "^test .* ok$|^$|XDG_RUNTIME_DIR"
+        done 2>&1 | tee "$out/tests.txt"
+        stamp "kernel bench"
+        LDM_BENCH_DTYPE=f16 LDM_BENCH_REPS=10 timeout -k 5 100 $bins/bench_kernels --bench 2>&1 \
+            | tee "$out/kernels_f16.txt"
+    fi
     if [ "$step" = firstlight ]; then
         {
             # Tensor-core paths are the default on this adapter; then the same suites forced to FMA.
@@ -121,6 +135,7 @@ firstlight | perf)
     wait $maker
     tail -n 5 "$out/make_sd15.txt"
     stamp "diffusers"
+    [ "$step" = perf ] && [ "${PERF_DIFFUSERS:-1}" = 0 ] && echo "skipped (PERF_DIFFUSERS=0)" ||
     timeout -k 5 120 python3 tools/bench_diffusers.py /tmp/sd15 --sampler dpmpp_2m --steps 25 \
         --runs 3 --warmup 1 --json "$out/diffusers_sd15.jsonl" 2>&1 | tee "$out/diffusers_sd15.txt"
     # GPU memory as the driver sees it, every 100 ms, while our engine runs (the pool's own peak
@@ -135,6 +150,13 @@ firstlight | perf)
         timeout -k 5 150 $bins/bench_pipeline --bench --model /tmp/sd15 --sampler dpmpp_2m \
             --steps 25 --images 3
         stamp "ldm done"
+        # perf: the same with other settings, one run each (PERF_EXTRA="VAR=value ...").
+        for setting in ${PERF_EXTRA:-}; do
+            [ "$step" = perf ] && [ "$(elapsed)" -lt 330 ] || break
+            stamp "ldm with $setting"
+            env "$setting" timeout -k 5 100 $bins/bench_pipeline --bench --model /tmp/sd15 \
+                --sampler dpmpp_2m --steps 25 --images 2
+        done
         if [ "$step" = firstlight ] && [ "$(elapsed)" -lt 330 ]; then
             stamp "ldm, FMA kernels only (LDM_COOP_MATMUL=0)"
             LDM_COOP_MATMUL=0 timeout -k 5 100 $bins/bench_pipeline --bench --model /tmp/sd15 \

@@ -79,6 +79,25 @@ const COOP_16X16: CoopPlan = CoopPlan {
     subgroup: 32,
 };
 
+/// The tensor-core conv's tile: the matmul's choice by shape ([`matmul::CoopTile::choose`]),
+/// except that `conv2d_coop_l` needs its staging to come out at exactly 4 rows per invocation
+/// (frag² = 8 · subgroup: 16 × 16 fragments on 32-wide subgroups, 8 × 8 on 8-wide; see the
+/// shader), and keeps the 64 tile elsewhere.
+pub fn coop_conv_tile(
+    plan: CoopPlan,
+    caps: &crate::runtime::Caps,
+    m: usize,
+    cout: usize,
+    forced: Option<matmul::CoopTile>,
+) -> matmul::CoopTile {
+    let tile = matmul::CoopTile::choose(plan, caps, 1, m, cout, forced);
+    if plan.frag * plan.frag == 8 * plan.subgroup as usize {
+        tile
+    } else {
+        matmul::CoopTile::T64
+    }
+}
+
 /// `conv2d_small`'s NQ: channel quads per thread, ⌈Cout/4⌉ up to 4 (wider Cout: several N tiles).
 fn small_quads(cout: usize) -> usize {
     cout.div_ceil(4).clamp(1, 4)
@@ -623,14 +642,19 @@ impl Conv<'_> {
     ) -> Result<()> {
         let [b, ho, wo, cout] = out_shape;
         let m = b * ho * wo;
-        let tile = plan.tile();
+        let coop_tile = coop_conv_tile(plan, &gpu.caps, m, cout, matmul::forced_coop_tile()?);
+        let tile = coop_tile.side(plan);
         let n_tiles = cout.div_ceil(tile);
         let params = self.params(out_shape, in_shape, k, n_tiles);
         let (tensors, bytes) = self.bindings(out);
         let flag = |on: bool| f64::from(u8::from(on));
+        let entry = match coop_tile {
+            matmul::CoopTile::T64 => "conv2d_coop",
+            matmul::CoopTile::T128 => "conv2d_coop_l",
+        };
         gpu.dispatch(&Dispatch {
             shader: plan.shader("conv2d_coop"),
-            entry: "conv2d_coop",
+            entry,
             dtype: out.dtype(),
             overrides: &[
                 ("SG", plan.subgroup as f64),
@@ -643,7 +667,7 @@ impl Conv<'_> {
             tensors: &tensors,
             params: bytemuck::bytes_of(&params),
             workgroups: grid_1d((m.div_ceil(tile) * n_tiles) as u64),
-            label: "conv2d_coop",
+            label: entry,
             work: Work {
                 flops: 2.0 * (m * cout * k) as f64,
                 bytes,
@@ -782,9 +806,18 @@ impl Conv<'_> {
             None => {
                 let max_wg = gpu.caps.max_workgroup_storage;
                 match (tile_from_env()?, coop_plan) {
-                    // Tensor cores for every convolution they suit; the conv_out layers
-                    // (Cout ≤ 16) would waste most of a fragment: the small FMA tile.
-                    (None, Some(_)) if cout > 16 => Variant::COOP,
+                    // Tensor cores where the shape gets the large tile (`conv2d_coop_l`:
+                    // division-free staging, prefetch); the FMA tiles elsewhere. On the first
+                    // real GPU (NVIDIA H200, 2026-12-04, benches/RESULTS.md) the 64-tile
+                    // tensor-core kernel ran every SD 1.5 conv 1.3-2.4× slower than the FMA
+                    // tiles (9-19 against 18-31 TFLOP/s), so it runs only when forced.
+                    (None, Some(plan))
+                        if cout > 16
+                            && coop_conv_tile(plan, &gpu.caps, m, cout, None)
+                                == matmul::CoopTile::T128 =>
+                    {
+                        Variant::COOP
+                    }
                     (Some(Tile::Coop), Some(_)) => Variant::COOP,
                     (Some(Tile::Coop), None) => choose_variant(m, cout, max_wg, None),
                     (forced, _) => choose_variant(m, cout, max_wg, forced),

@@ -230,11 +230,10 @@ impl CoopTile {
         }
     }
     /// The tile for `batch` GEMMs of `m` rows and `n_tile_cols` weight rows (2N for GEGLU):
-    /// `forced` if given, else the large tile where it still launches
-    /// [`conv2d::LARGE_TILE_MIN_TILES`](crate::kernels::conv2d::LARGE_TILE_MIN_TILES) (256)
-    /// workgroups — about 2 per SM on an H100, so every SM gets several and the last wave stays
-    /// balanced; below that the 64 tile's 4× more workgroups fill the GPU better. A tile the
-    /// adapter cannot hold falls back to T64 (which [`coop_plan`] has checked).
+    /// `forced` if given, else the large tile where it launches at least
+    /// [`COOP_LARGE_TILE_MIN_GROUPS`] workgroups; below that the 64 tile's 4× more workgroups
+    /// fill the GPU better. A tile the adapter cannot hold falls back to T64 (which
+    /// [`coop_plan`] has checked).
     pub fn choose(
         plan: CoopPlan,
         caps: &crate::runtime::Caps,
@@ -245,7 +244,7 @@ impl CoopTile {
     ) -> CoopTile {
         let side = CoopTile::T128.side(plan);
         let groups = batch * m.div_ceil(side) * n_tile_cols.div_ceil(side);
-        let tile = forced.unwrap_or(if groups >= crate::kernels::conv2d::LARGE_TILE_MIN_TILES {
+        let tile = forced.unwrap_or(if groups >= COOP_LARGE_TILE_MIN_GROUPS {
             CoopTile::T128
         } else {
             CoopTile::T64
@@ -257,6 +256,14 @@ impl CoopTile {
         }
     }
 }
+
+/// Workgroups of the 128 tile from which it beats the 64 tile. Measured on an NVIDIA H200
+/// (132 SMs, 2026-12-04, `benches/RESULTS.md`): the 128 tile won every SD 1.5 shape with 40 or
+/// more of its workgroups (8192×320×320: 53 against 73 µs; 512×1280×1280, 40 groups: 70
+/// against 83 µs) and lost every shape with 12 or fewer (128×1280×1280: 72 against 46 µs).
+/// The 1.6-2.2× rate of its 8 subgroups per tile outweighs an unfilled last wave long before
+/// every SM has two workgroups.
+pub const COOP_LARGE_TILE_MIN_GROUPS: usize = 32;
 
 std::thread_local! {
     static COOP_TILE_OVERRIDE: std::cell::Cell<Option<CoopTile>> =
@@ -272,7 +279,7 @@ pub fn force_coop_tile(tile: Option<CoopTile>) {
 }
 
 /// The forced tile: this thread's [`force_coop_tile`], else `LDM_COOP_TILE` (read once).
-fn forced_coop_tile() -> Result<Option<CoopTile>> {
+pub(crate) fn forced_coop_tile() -> Result<Option<CoopTile>> {
     if let Some(t) = COOP_TILE_OVERRIDE.with(|t| t.get()) {
         return Ok(Some(t));
     }

@@ -271,11 +271,15 @@ impl Gpu {
     pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         self.require_dtype(dtype)?;
         let bytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
-        let size = bucket_size(bytes);
-        if size > self.caps.max_storage_binding {
+        // The granule rounding must not push a tensor that fits over the binding limit (NVIDIA
+        // reports 2^31 - 4 bytes, which no multiple of the granule equals): at the limit the
+        // buffer is exactly the limit.
+        let binding_limit = self.caps.max_storage_binding & !3;
+        let size = bucket_size(bytes).min(binding_limit.max(bytes));
+        if bytes > self.caps.max_storage_binding {
             return Err(Error::LimitExceeded {
                 what: format!("tensor {:?} {} ({} bytes) as one storage binding", shape, dtype.name(), bytes),
-                requested: size,
+                requested: bytes,
                 limit: self.caps.max_storage_binding,
                 hint:
                     "this adapter's max_storage_buffer_binding_size is too small for the tensor: use a smaller image \
