@@ -362,6 +362,47 @@ fn main() -> Result<()> {
                 0.0,
             );
         }
+        // Every tensor-core tile shape that fits (rows × keys per workgroup), for tuning
+        // `attention::coop_config`; the one it picks is the `[coop]` line above.
+        if let Some(plan) = coop {
+            matmul::override_coop(Some(true));
+            let picked = attention::coop_config(plan, d, b.gpu.caps.max_workgroup_storage as u64);
+            let out = b.gpu.empty(&[batch, nq, c], dtype)?;
+            for cfg in attention::CoopConfig::CANDIDATES {
+                let limit = (b.gpu.caps.max_workgroup_storage as u64).min(48 * 1024);
+                if !cfg.valid_for(plan) || cfg.workgroup_bytes(plan.frag, d) > limit {
+                    continue;
+                }
+                let t = b.time(&mut || {
+                    attention::attention_coop_into_with(
+                        &b.gpu,
+                        view(&q, nq, c, 0),
+                        view(&kv, nk, 2 * c, 0),
+                        view(&kv, nk, 2 * c, c),
+                        batch,
+                        heads,
+                        d,
+                        false,
+                        None,
+                        &out,
+                        cfg,
+                    )
+                })?;
+                let mark = if Some(cfg) == picked { "*" } else { "" };
+                b.line(
+                    &format!(
+                        "attention[coop {}x{}]{mark}",
+                        cfg.block_rows(plan),
+                        cfg.block_keys(plan)
+                    ),
+                    &format!("{name} b{batch} h{heads} {nq}x{nk} d{d}"),
+                    t,
+                    flops,
+                    0.0,
+                );
+            }
+            matmul::override_coop(None);
+        }
     }
 
     // Group norm and layer norm (memory-bound: read + write).

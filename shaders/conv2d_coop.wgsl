@@ -40,7 +40,7 @@ struct Params {
     xh: u32,      // x as stored: h, w, or h / 2, w / 2 with UPSAMPLE
     xw: u32,
     ca: u32,      // channels of x (CONCAT: of its first part; cin otherwise)
-    _pad: u32,
+    k_chunk: u32, // conv2d_coop_l split along K: K per split (a multiple of TK); 0: no split
 };
 
 @group(0) @binding(0) var<storage, read> x4: array<elem4>;
@@ -50,6 +50,10 @@ struct Params {
 @group(0) @binding(4) var<storage, read> residual: array<elem>;
 @group(0) @binding(5) var<storage, read_write> out: array<elem>;
 @group(0) @binding(6) var<uniform> params: Params;
+// conv2d_coop_l with SPLIT and conv2d_split_reduce: the f32 partial sums of every K split,
+// partial[(split · M + m) · Cout + n]. (conv2d_coop_l declares it either way: the host binds a
+// small scratch buffer when it does not split.)
+@group(0) @binding(7) var<storage, read_write> partial: array<f32>;
 
 // Fragment side: the `conv2d_coop8` variant replaces this 16 by 8 along with the matrix types.
 const FRAG: u32 = 16u;
@@ -222,6 +226,10 @@ fn conv2d_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 //   (ky, kx, ci) forward by TK per step with additions.
 // - The next K step's 8 vec4 loads are issued into registers before the current step's
 //   matrix products, so global-memory latency overlaps the tensor-core work.
+// - Split K (override SPLIT) for the shapes whose tile grid cannot fill the GPU (SD's 16×16 and
+//   8×8 levels: 10-40 tiles of 128 against a K of 5-23 thousand): workgroup z takes K range
+//   [z·k_chunk, (z + 1)·k_chunk) and stores its raw f32 sums in `partial`; conv2d_split_reduce
+//   then adds the splits in order, the bias and the residual, and rounds once.
 // Workgroup memory as matmul_coop's large tile: 36 KiB at FRAG 16, 10 KiB at FRAG 8.
 
 const TL: u32 = 8u * FRAG;
@@ -230,6 +238,7 @@ const SLOT: u32 = FRAG * SLOT_W;
 const CHUNKS: u32 = TK / 4u;                 // vec4 chunks per staged row
 override NT_L: u32 = 8u * SG;
 override ROWS_PER_PASS: u32 = NT_L / CHUNKS; // staged rows covered by one pass of all invocations
+override SPLIT: bool = false;
 
 var<workgroup> a_shl: array<f16, TL * AS>;    // a_shl[r * AS + k] = A[m0 + r, k0 + k]
 var<workgroup> b_shl: array<f16, TL * AS>;    // b_shl[r * AS + k] = w[n0 + r, k0 + k] (Bᵀ)
@@ -278,9 +287,10 @@ fn a_chunk(p: Pixel, ky: u32, kx: u32, ci: u32) -> vec4<f16> {
     return vec4<f16>(x4[(pixel * params.ca + ci) >> 2u]);
 }
 
-// B[k .. k + 4] of weight row n (row index n·K/4 + k/4 precomputed as `at`), zero past Cout/K.
-fn b_chunk(n: u32, at: u32, k: u32) -> vec4<f16> {
-    if (n >= params.cout || k >= params.k) {
+// B[k .. k + 4] of weight row n (row index n·K/4 + k/4 precomputed as `at`), zero past Cout
+// and past the end of this workgroup's K range.
+fn b_chunk(n: u32, at: u32, k: u32, k_end: u32) -> vec4<f16> {
+    if (n >= params.cout || k >= k_end) {
         return vec4<f16>(0.0);
     }
     return vec4<f16>(w4[at]);
@@ -303,8 +313,9 @@ fn store_b(r: u32, c: u32, v: vec4<f16>) {
 }
 
 // Epilogue pass `i`: every subgroup s has stored its fragment row i (block (s / 4, s % 4),
-// rows 4·FRAG·(s / 4) + i·FRAG ..) in slot s; all invocations finish those 8 · SLOT outputs.
-fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32) {
+// rows 4·FRAG·(s / 4) + i·FRAG ..) in slot s; all invocations finish those 8 · SLOT outputs
+// (SPLIT: store them raw as split z's partial sums).
+fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32, z: u32) {
     for (var e = lid; e < 8u * SLOT; e += NT_L) {
         let s = e / SLOT;
         let rc = e - s * SLOT;
@@ -314,10 +325,14 @@ fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32) {
         let n = n0 + (s & 3u) * SLOT_W + c;
         if (m < params.m && n < params.cout) {
             var v = c_shl[e];
+            let o = m * params.cout + n;
+            if (SPLIT) {
+                partial[z * params.m * params.cout + o] = v;
+                continue;
+            }
             if ((params.flags & 1u) != 0u) {
                 v += f32(bias[n]);
             }
-            let o = m * params.cout + n;
             if ((params.flags & 2u) != 0u) {
                 v += f32(residual[o]);
             }
@@ -326,8 +341,9 @@ fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32) {
     }
 }
 
-// Dispatch: ceil(M / TL) · ceil(Cout / TL) workgroups folded by `grid_1d`, tile index
-// m_tile · n_tiles + n_tile (params.n_tiles = ceil(Cout / TL)).
+// Dispatch: ceil(M / TL) · ceil(Cout / TL) workgroups folded over (x, y) by `grid_1d`, tile
+// index m_tile · n_tiles + n_tile (params.n_tiles = ceil(Cout / TL)); z: the K splits (1
+// without SPLIT).
 @compute @workgroup_size(NT_L)
 fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32) {
@@ -350,14 +366,23 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let p1 = pixel_of(m0 + r1);
     let p2 = pixel_of(m0 + r2);
     let p3 = pixel_of(m0 + r3);
-    // Weight rows as vec4 indices at k = 4c; each step adds TK / 4.
+    // This workgroup's K range (all of K without SPLIT; k_chunk is a multiple of TK).
+    var k_begin = 0u;
+    var k_end = params.k;
+    if (SPLIT) {
+        k_begin = wid.z * params.k_chunk;
+        k_end = min(params.k, k_begin + params.k_chunk);
+    }
+    // Weight rows as vec4 indices at k = k_begin + 4c; each step adds TK / 4.
     let kq = params.k >> 2u;
-    var wq0 = (n0 + r0) * kq + c;
-    var wq1 = (n0 + r1) * kq + c;
-    var wq2 = (n0 + r2) * kq + c;
-    var wq3 = (n0 + r3) * kq + c;
-    // The filter tap of k = 4c, decoded once (the only divisions outside the pixel decode).
-    var k = 4u * c;
+    let c0 = (k_begin >> 2u) + c;
+    var wq0 = (n0 + r0) * kq + c0;
+    var wq1 = (n0 + r1) * kq + c0;
+    var wq2 = (n0 + r2) * kq + c0;
+    var wq3 = (n0 + r3) * kq + c0;
+    // The filter tap of k = k_begin + 4c, decoded once (the only divisions outside the pixel
+    // decode).
+    var k = k_begin + 4u * c;
     let tap = k / params.cin;
     var ci = k - tap * params.cin;
     var ky = tap / params.kw;
@@ -369,16 +394,16 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     var a1 = vec4<f16>(0.0);
     var a2 = vec4<f16>(0.0);
     var a3 = vec4<f16>(0.0);
-    if (k < params.k) {
+    if (k < k_end) {
         a0 = a_chunk(p0, ky, kx, ci);
         a1 = a_chunk(p1, ky, kx, ci);
         a2 = a_chunk(p2, ky, kx, ci);
         a3 = a_chunk(p3, ky, kx, ci);
     }
-    var b0 = b_chunk(n0 + r0, wq0, k);
-    var b1 = b_chunk(n0 + r1, wq1, k);
-    var b2 = b_chunk(n0 + r2, wq2, k);
-    var b3 = b_chunk(n0 + r3, wq3, k);
+    var b0 = b_chunk(n0 + r0, wq0, k, k_end);
+    var b1 = b_chunk(n0 + r1, wq1, k, k_end);
+    var b2 = b_chunk(n0 + r2, wq2, k, k_end);
+    var b3 = b_chunk(n0 + r3, wq3, k, k_end);
 
     let wm = (sg >> 2u) * 4u * FRAG;   // this subgroup's 4·FRAG × 2·FRAG block of the tile
     let wn = (sg & 3u) * 2u * FRAG;
@@ -390,7 +415,7 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     var c21 = coop_mat16x16<f32, C>();
     var c30 = coop_mat16x16<f32, C>();
     var c31 = coop_mat16x16<f32, C>();
-    for (var k0 = 0u; k0 < params.k; k0 += TK) {
+    for (var k0 = k_begin; k0 < k_end; k0 += TK) {
         store_a(r0, c, a0);
         store_a(r1, c, a1);
         store_a(r2, c, a2);
@@ -421,16 +446,16 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         a1 = vec4<f16>(0.0);
         a2 = vec4<f16>(0.0);
         a3 = vec4<f16>(0.0);
-        if (k < params.k) {
+        if (k < k_end) {
             a0 = a_chunk(p0, ky, kx, ci);
             a1 = a_chunk(p1, ky, kx, ci);
             a2 = a_chunk(p2, ky, kx, ci);
             a3 = a_chunk(p3, ky, kx, ci);
         }
-        b0 = b_chunk(n0 + r0, wq0, k);
-        b1 = b_chunk(n0 + r1, wq1, k);
-        b2 = b_chunk(n0 + r2, wq2, k);
-        b3 = b_chunk(n0 + r3, wq3, k);
+        b0 = b_chunk(n0 + r0, wq0, k, k_end);
+        b1 = b_chunk(n0 + r1, wq1, k, k_end);
+        b2 = b_chunk(n0 + r2, wq2, k, k_end);
+        b3 = b_chunk(n0 + r3, wq3, k, k_end);
 
         for (var kb = 0u; kb < TK; kb += FRAG) {
             // A blocks are row-major (m, k); B = Wᵀ is column-major: column n is w's row n.
@@ -465,20 +490,45 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     coopStoreT(c00, &c_shl[s0], stride);
     coopStoreT(c01, &c_shl[s1], stride);
     workgroupBarrier();
-    epilogue_pass_l(lid, 0u, m0, n0);
+    epilogue_pass_l(lid, 0u, m0, n0, wid.z);
     workgroupBarrier();
     coopStoreT(c10, &c_shl[s0], stride);
     coopStoreT(c11, &c_shl[s1], stride);
     workgroupBarrier();
-    epilogue_pass_l(lid, 1u, m0, n0);
+    epilogue_pass_l(lid, 1u, m0, n0, wid.z);
     workgroupBarrier();
     coopStoreT(c20, &c_shl[s0], stride);
     coopStoreT(c21, &c_shl[s1], stride);
     workgroupBarrier();
-    epilogue_pass_l(lid, 2u, m0, n0);
+    epilogue_pass_l(lid, 2u, m0, n0, wid.z);
     workgroupBarrier();
     coopStoreT(c30, &c_shl[s0], stride);
     coopStoreT(c31, &c_shl[s1], stride);
     workgroupBarrier();
-    epilogue_pass_l(lid, 3u, m0, n0);
+    epilogue_pass_l(lid, 3u, m0, n0, wid.z);
+}
+
+// The K splits of conv2d_coop_l summed in split order, plus bias and residual, rounded once:
+// one invocation per output element, (M · Cout) / 256 workgroups folded by `grid_1d`.
+// The number of splits is ceil(K / k_chunk).
+@compute @workgroup_size(256)
+fn conv2d_split_reduce(@builtin(global_invocation_id) gid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let o = gid.x + gid.y * nwg.x * 256u;
+    let total = params.m * params.cout;
+    if (o >= total) {
+        return;
+    }
+    let splits = (params.k + params.k_chunk - 1u) / params.k_chunk;
+    var v = 0.0;
+    for (var z = 0u; z < splits; z++) {
+        v += partial[z * total + o];
+    }
+    if ((params.flags & 1u) != 0u) {
+        v += f32(bias[o % params.cout]);
+    }
+    if ((params.flags & 2u) != 0u) {
+        v += f32(residual[o]);
+    }
+    out[o] = elem(v);
 }

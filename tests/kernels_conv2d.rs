@@ -14,7 +14,7 @@ mod common;
 
 use common::*;
 use ldm_wgpu::kernels::conv2d::{choose_variant, Conv, Input, Tile, Variant};
-use ldm_wgpu::kernels::matmul::CoopTile;
+use ldm_wgpu::kernels::matmul::{CoopPlan, CoopTile};
 use ldm_wgpu::kernels::{conv2d, fill};
 use ldm_wgpu::{DType, Error, Gpu, GpuOptions, Tensor};
 
@@ -929,6 +929,17 @@ fn coop_variant_matches_reference() {
             "{shader} {entry} never ran"
         );
     }
+    // The SD 1.5 8×8 and 16×16 shapes above split K on the large tile (`conv2d::split_k`): the
+    // reduction ran, so the split path is what those cases checked.
+    if large {
+        let shader = plan.shader("conv2d_coop");
+        assert!(
+            g.compiled_pipelines()
+                .iter()
+                .any(|&(s, e)| s == shader && e == "conv2d_split_reduce"),
+            "the split-K path never ran"
+        );
+    }
     // f32 cannot take it: refused, not silently run on another kernel.
     let c = &AWKWARD_SIZES_CASES[0];
     let x = g.empty(&[1, 4, 4, 4], DType::F32).unwrap();
@@ -943,4 +954,40 @@ fn coop_variant_matches_reference() {
         variant: Some(Variant::COOP),
     };
     assert!(matches!(conv.run(g), Err(Error::Unsupported(_))));
+}
+
+/// Where the large tensor-core tile splits K (pure arithmetic, every adapter): SD 1.5's small
+/// grids get enough splits for ~256 workgroups, each split at least 8 K steps and a whole
+/// number of them; large grids and short K run unsplit.
+#[test]
+fn split_k_choice() {
+    let nvidia = CoopPlan {
+        frag: 16,
+        subgroup: 32,
+    };
+    let splits = |tiles: usize, k: usize| conv2d::split_k(nvidia, tiles, k).map(|c| k.div_ceil(c));
+    // 8×8 level, 3×3 over 1280 channels (K 11520): 10 tiles of 128 → 26 splits.
+    assert_eq!(splits(10, 9 * 1280), Some(26));
+    // 16×16 level: 40 tiles → 7; 32×32 level: 80 tiles → 4.
+    assert_eq!(splits(40, 9 * 1280), Some(7));
+    assert_eq!(splits(80, 9 * 640), Some(4));
+    // 64×64 level: 192 tiles, unsplit; a short K (1×1 over 64 channels: 2 steps), unsplit.
+    assert_eq!(splits(192, 9 * 320), None);
+    assert_eq!(splits(10, 64), None);
+    // At most K / 8 steps splits: 1×1 over 1280 channels is 40 steps → 5 splits.
+    assert_eq!(splits(10, 1280), Some(5));
+    for (tiles, k) in [
+        (1, 4),
+        (3, 36),
+        (10, 11520),
+        (63, 324),
+        (40, 23040),
+        (127, 99_996),
+    ] {
+        if let Some(chunk) = conv2d::split_k(nvidia, tiles, k) {
+            assert_eq!(chunk % 32, 0, "chunk {chunk} not a whole number of K steps");
+            assert!(chunk >= 8 * 32);
+            assert!(k.div_ceil(chunk) >= 2 && k.div_ceil(chunk) * tiles <= 2 * 256 + tiles);
+        }
+    }
 }

@@ -102,7 +102,7 @@ firstlight | perf)
     if [ "$step" = perf ]; then
         # The suites of the kernels a performance change touches, with every line of output
         # (a failure's message names the case and the error).
-        for t in kernels_conv2d kernels_matmul kernels_attention shader_checks; do
+        for t in kernels_conv2d kernels_matmul kernels_attention shader_checks models pipeline; do
             stamp "test_$t"
             timeout -k 5 75 $bins/test_$t 2>&1 | grep -vE "^test .* ok$|^$|XDG_RUNTIME_DIR"
         done 2>&1 | tee "$out/tests.txt"

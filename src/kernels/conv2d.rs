@@ -17,7 +17,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::kernels::matmul::{self, CoopPlan};
 use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
-use crate::{Error, Result};
+use crate::{DType, Error, Result};
 
 /// Output tile of a kernel variant: one entry point of `shaders/conv2d.wgsl` each (its header has
 /// the geometry and the reasoning).
@@ -79,23 +79,52 @@ const COOP_16X16: CoopPlan = CoopPlan {
     subgroup: 32,
 };
 
-/// The tensor-core conv's tile: the matmul's choice by shape ([`matmul::CoopTile::choose`]),
-/// except that `conv2d_coop_l` needs its staging to come out at exactly 4 rows per invocation
-/// (frag² = 8 · subgroup: 16 × 16 fragments on 32-wide subgroups, 8 × 8 on 8-wide; see the
-/// shader), and keeps the 64 tile elsewhere.
+/// The tensor-core conv's tile: `forced` if given, else the large one (`conv2d_coop_l`, with
+/// [`split_k`] where its grid is small), which on the H200 ran every SD 1.5 conv it could take
+/// 1.5-3.5× faster than the 64 tile. The large tile needs its staging to come out at exactly 4
+/// rows per invocation (frag² = 8 · subgroup: 16 × 16 fragments on 32-wide subgroups, 8 × 8 on
+/// 8-wide; see the shader) and its workgroup to fit; elsewhere the 64 tile.
 pub fn coop_conv_tile(
     plan: CoopPlan,
     caps: &crate::runtime::Caps,
-    m: usize,
-    cout: usize,
+    _m: usize,
+    _cout: usize,
     forced: Option<matmul::CoopTile>,
 ) -> matmul::CoopTile {
-    let tile = matmul::CoopTile::choose(plan, caps, 1, m, cout, forced);
-    if plan.frag * plan.frag == 8 * plan.subgroup as usize {
-        tile
-    } else {
-        matmul::CoopTile::T64
+    let large = matmul::CoopTile::T128;
+    let large_ok = plan.frag * plan.frag == 8 * plan.subgroup as usize && large.fits(plan, caps);
+    match forced {
+        Some(matmul::CoopTile::T64) => matmul::CoopTile::T64,
+        _ if large_ok => large,
+        _ => matmul::CoopTile::T64,
     }
+}
+
+/// Workgroups below which the large tensor-core conv tile splits K: about two per SM on an
+/// H200's 132, enough that the last wave does not leave most of the GPU idle.
+pub const SPLIT_K_TARGET_GROUPS: usize = 256;
+/// The fewest K steps (2 · frag each) a split gets, so that its partial sums (4 bytes per
+/// output per split, written and read once) stay small against its matrix work.
+pub const SPLIT_K_MIN_STEPS: usize = 8;
+
+/// K per split for a large-tile conv of `tiles` workgroups and reduction length `k`, or None
+/// to run unsplit: enough splits to reach [`SPLIT_K_TARGET_GROUPS`] workgroups, each at least
+/// [`SPLIT_K_MIN_STEPS`] K steps long. SD 1.5 at 512²: the 8×8 level's 10 tiles × 26 splits,
+/// the 16×16 level's 40 × 7, the 32×32 level's 80 × 4; the 64×64 level (192 tiles) unsplit.
+pub fn split_k(plan: CoopPlan, tiles: usize, k: usize) -> Option<usize> {
+    let step = 2 * plan.frag;
+    let steps = k.div_ceil(step);
+    if tiles >= SPLIT_K_TARGET_GROUPS / 2 {
+        return None;
+    }
+    let splits = SPLIT_K_TARGET_GROUPS
+        .div_ceil(tiles.max(1))
+        .min(steps / SPLIT_K_MIN_STEPS);
+    if splits < 2 {
+        return None;
+    }
+    let chunk = steps.div_ceil(splits) * step;
+    (k.div_ceil(chunk) > 1).then_some(chunk)
 }
 
 /// `conv2d_small`'s NQ: channel quads per thread, ⌈Cout/4⌉ up to 4 (wider Cout: several N tiles).
@@ -254,7 +283,8 @@ struct Params {
     xh: u32,
     xw: u32,
     ca: u32,
-    _pad: u32,
+    /// `conv2d_coop_l` split along K: K per split (a multiple of its K step); 0: no split.
+    k_chunk: u32,
 }
 
 /// One convolution of Stable Diffusion 1.5 at 512×512 (64×64 latents):
@@ -599,7 +629,7 @@ impl Conv<'_> {
             xh: x.shape()[1] as u32,
             xw: x.shape()[2] as u32,
             ca: x.shape()[3] as u32,
-            _pad: 0,
+            k_chunk: 0,
         }
     }
 
@@ -630,7 +660,9 @@ impl Conv<'_> {
         (tensors, bytes)
     }
 
-    /// Record the tensor-core kernel (`shaders/conv2d_coop.wgsl`); shapes already checked.
+    /// Record the tensor-core kernel (`shaders/conv2d_coop.wgsl`); shapes already checked. The
+    /// large tile splits K where its grid is small ([`split_k`]): then one more dispatch adds
+    /// the splits' f32 partial sums.
     fn dispatch_coop(
         &self,
         gpu: &Gpu,
@@ -645,13 +677,31 @@ impl Conv<'_> {
         let coop_tile = coop_conv_tile(plan, &gpu.caps, m, cout, matmul::forced_coop_tile()?);
         let tile = coop_tile.side(plan);
         let n_tiles = cout.div_ceil(tile);
-        let params = self.params(out_shape, in_shape, k, n_tiles);
+        let tiles = m.div_ceil(tile) * n_tiles;
+        let mut params = self.params(out_shape, in_shape, k, n_tiles);
         let (tensors, bytes) = self.bindings(out);
         let flag = |on: bool| f64::from(u8::from(on));
-        let entry = match coop_tile {
-            matmul::CoopTile::T64 => "conv2d_coop",
-            matmul::CoopTile::T128 => "conv2d_coop_l",
+        let (entry, k_chunk) = match coop_tile {
+            matmul::CoopTile::T64 => ("conv2d_coop", None),
+            matmul::CoopTile::T128 => {
+                let chunk = split_k(plan, tiles, k);
+                // The partial sums must fit one binding; else no split.
+                let fits = |c: usize| {
+                    (k.div_ceil(c) * m * cout * 4) as u64 <= gpu.caps.max_storage_binding
+                };
+                ("conv2d_coop_l", chunk.filter(|&c| fits(c)))
+            }
         };
+        let splits = k_chunk.map_or(1, |c| k.div_ceil(c));
+        params.k_chunk = k_chunk.unwrap_or(0) as u32;
+        // Binding 7: the partial sums, or a small stand-in (the large tile declares it always).
+        let partial = gpu.empty(
+            &[if splits > 1 { splits * m * cout } else { 1 }],
+            DType::F32,
+        )?;
+        let [x, xb, w, bias, residual, out_t] = tensors;
+        let with_partial = [x, xb, w, bias, residual, out_t, x, &partial];
+        let grid = grid_1d(tiles as u64);
         gpu.dispatch(&Dispatch {
             shader: plan.shader("conv2d_coop"),
             entry,
@@ -663,14 +713,32 @@ impl Conv<'_> {
                     flag(matches!(self.input, Input::Upsampled2x(_))),
                 ),
                 ("CONCAT", flag(self.input.second().is_some())),
+                ("SPLIT", flag(splits > 1)),
             ],
-            tensors: &tensors,
+            tensors: &with_partial,
             params: bytemuck::bytes_of(&params),
-            workgroups: grid_1d((m.div_ceil(tile) * n_tiles) as u64),
+            workgroups: [grid[0], grid[1], splits as u32],
             label: entry,
             work: Work {
                 flops: 2.0 * (m * cout * k) as f64,
-                bytes,
+                bytes: bytes + (splits > 1) as u8 as f64 * partial.size_bytes() as f64,
+            },
+        })?;
+        if splits == 1 {
+            return Ok(());
+        }
+        gpu.dispatch(&Dispatch {
+            shader: plan.shader("conv2d_coop"),
+            entry: "conv2d_split_reduce",
+            dtype: out.dtype(),
+            overrides: &[],
+            tensors: &with_partial,
+            params: bytemuck::bytes_of(&params),
+            workgroups: grid_1d((m * cout).div_ceil(256) as u64),
+            label: "conv2d_split_reduce",
+            work: Work {
+                flops: (splits * m * cout) as f64,
+                bytes: partial.size_bytes() as f64 + out.size_bytes() as f64,
             },
         })
     }
@@ -806,11 +874,13 @@ impl Conv<'_> {
             None => {
                 let max_wg = gpu.caps.max_workgroup_storage;
                 match (tile_from_env()?, coop_plan) {
-                    // Tensor cores where the shape gets the large tile (`conv2d_coop_l`:
-                    // division-free staging, prefetch); the FMA tiles elsewhere. On the first
-                    // real GPU (NVIDIA H200, 2026-12-04, benches/RESULTS.md) the 64-tile
-                    // tensor-core kernel ran every SD 1.5 conv 1.3-2.4× slower than the FMA
-                    // tiles (9-19 against 18-31 TFLOP/s), so it runs only when forced.
+                    // Tensor cores where the adapter runs their large tile (`conv2d_coop_l`:
+                    // division-free staging, prefetch, split K on small grids), except the
+                    // conv_out layers (Cout ≤ 16 would waste most of a fragment); the FMA tiles
+                    // elsewhere. On the first real GPU (NVIDIA H200, 2026-12-04,
+                    // benches/RESULTS.md) the 64-tile tensor-core kernel ran every SD 1.5 conv
+                    // 1.3-2.4× slower than the FMA tiles, so it runs only when forced
+                    // (LDM_CONV_TILE=coop LDM_COOP_TILE=64).
                     (None, Some(plan))
                         if cout > 16
                             && coop_conv_tile(plan, &gpu.caps, m, cout, None)
