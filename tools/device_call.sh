@@ -12,7 +12,8 @@
 #   PERF_EXTRA="LDM_CONV_TILE=coop" PERF_DIFFUSERS=0 bash tools/device_call.sh perf
 #                                     # the short rerun after a change: the touched kernels' tests,
 #                                     # kernel bench, ldm (and diffusers) end to end, then ldm
-#                                     # again under each PERF_EXTRA setting
+#                                     # again under each PERF_EXTRA setting (PERF_QUICK=1: only
+#                                     # the end-to-end part)
 #
 # Everything it prints is also written under $OUT (gpu.txt, tests.txt, kernels_*.txt,
 # diffusers_*.jsonl/.txt, pipeline_*.txt); benches/RESULTS.md says how to fill its tables.
@@ -99,7 +100,7 @@ firstlight | perf)
             VK_LOADER_DEBUG=error,warn timeout 30 $bins/ldm info 2>&1 | head -n 40
         fi
     } 2>&1 | tee "$out/gpu.txt"
-    if [ "$step" = perf ]; then
+    if [ "$step" = perf ] && [ "${PERF_QUICK:-0}" = 0 ]; then
         # The suites of the kernels a performance change touches, with every line of output
         # (a failure's message names the case and the error).
         for t in kernels_conv2d kernels_matmul kernels_attention shader_checks models pipeline; do
