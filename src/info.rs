@@ -65,11 +65,11 @@ pub fn report(options: &GpuOptions) -> Result<String> {
         "  tensor cores       {}\n",
         match crate::kernels::matmul::coop_plan(&gpu, DType::F16) {
             Some(p) => format!(
-                "yes: matmul ({}² and {}² tiles) and attention on coop_mat{f}x{f}<f16>, \
-                 f32 accumulators, {}-wide subgroups; conv2d on FMA tiles (faster on the GPUs \
-                 measured; LDM_CONV_TILE=coop forces its tensor-core kernel)",
+                "yes: matmul ({}² and {}² tiles), conv2d ({}² tile, split K on small grids) \
+                 and attention on coop_mat{f}x{f}<f16>, f32 accumulators, {}-wide subgroups",
                 4 * p.frag,
                 8 * p.frag,
+                crate::kernels::conv2d::coop_conv_tile(p, &gpu.caps, 0, 0, None).side(p),
                 p.subgroup,
                 f = p.frag
             ),
