@@ -57,6 +57,7 @@ OUTPUT
 ";
 
 fn main() -> ExitCode {
+    quiet_window_system_probe();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -66,6 +67,31 @@ fn main() -> ExitCode {
                 eprintln!("hint: {h}");
             }
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Mesa's Vulkan drivers probe Wayland when wgpu creates an instance and print "XDG_RUNTIME_DIR
+/// is invalid or not set in the environment" for each instance when the variable is missing (a
+/// headless server, a container, CI). wgpu 30 has no switch to leave the window-system
+/// extensions out, and a compute engine has no windows, so the CLI points the probe at a private
+/// empty directory instead: it finds no display and stays silent. Runs first in `main`, while
+/// the process has one thread; a set, valid XDG_RUNTIME_DIR is left alone.
+fn quiet_window_system_probe() {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let valid =
+            std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| std::path::Path::new(&d).is_dir());
+        if valid {
+            return;
+        }
+        let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
+        let dir = std::env::temp_dir().join(format!("ldm-runtime-{user}"));
+        let made = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)));
+        if made.is_ok() {
+            std::env::set_var("XDG_RUNTIME_DIR", &dir);
         }
     }
 }
