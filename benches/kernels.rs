@@ -10,8 +10,11 @@
 //! Matmuls print `matmul[fma]` and, on adapters with f16 cooperative matrices, `matmul[coop]`
 //! (64 tile) and `matmul[coop128]` (the large tile, `matmul::CoopTile`).
 //! Convolutions print one line per kernel tile (`conv2d[64]`, `conv2d[128]`, `conv2d[small]`,
-//! `conv2d[coop]` where tensor cores are offered),
-//! the one the shape heuristic picks marked `*`.
+//! and where tensor cores are offered `conv2d[coop]` (64 tile) and `conv2d[coop128]` (the large
+//! tile, with split K where `conv2d::split_k` splits)), the one the default policy picks marked
+//! `*`. Attention prints `attention[fma]`, `attention[coop]` and one `attention[coop RxK]` line
+//! per tensor-core tile shape that fits (R query rows × K keys per workgroup), for tuning
+//! `attention::coop_config`.
 
 use ldm_wgpu::kernels::attention::{self, HeadsView};
 use ldm_wgpu::kernels::matmul::{self, Activation, CoopTile};
