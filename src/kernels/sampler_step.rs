@@ -7,7 +7,8 @@
 //! given by the `b` coefficients.
 //!
 //! The same file holds the one other per-latent update a pipeline needs: [`posterior_sample`],
-//! the img2img / inpainting initial latents from the VAE encoder's moments.
+//! the img2img / inpainting initial latents from the VAE encoder's moments; and [`lincomb`], the
+//! step kernel as a plain linear combination.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -210,6 +211,34 @@ pub fn sampler_step(
             bytes: (reads + writes) as f64,
         },
     })
+}
+
+/// `out = sum_k c_k * t_k` over up to five tensors shaped like `out`: [`sampler_step`] with no
+/// model term and no second output (img2img's `add_noise`, inpainting's latent blend). The kernel
+/// still reads a model input: `model_out` is any finite unguided tensor shaped like `out` (its
+/// coefficient is 0; an infinite one would give 0 · inf = NaN).
+pub fn lincomb(
+    gpu: &Gpu,
+    model_out: &Tensor,
+    terms: &[(f32, &Tensor)],
+    out: &Tensor,
+) -> Result<()> {
+    if terms.len() > 5 {
+        return Err(Error::shape(
+            "sampler_step",
+            format!(
+                "lincomb of {} tensors (the kernel has 5 slots)",
+                terms.len()
+            ),
+        ));
+    }
+    let mut slots: [Option<&Tensor>; 5] = [None; 5];
+    let mut coefs = StepCoefs::default();
+    for (k, &(c, t)) in terms.iter().enumerate() {
+        slots[k] = Some(t);
+        coefs.a[k] = c;
+    }
+    sampler_step(gpu, model_out, None, slots, &coefs, out, None)
 }
 
 #[repr(C)]

@@ -13,7 +13,8 @@
 //! A sampler turns each model call into a [`StepPlan`]: one or more [`LinearStep`]s over
 //! sampler-owned latent-sized buffers ([`Buf`]), followed by buffer swaps (pointer swaps: a
 //! kernel never writes a buffer it reads, which wgpu forbids within one dispatch anyway).
-//! [`execute_on_cpu`] is the specification of what the GPU does with a plan.
+//! [`execute_on_cpu`] is the specification of what the GPU does with a plan; [`execute_on_gpu`]
+//! (gpu.rs) does it.
 //!
 //! Samplers are written like the diffusers code they port, but over [`Lin`], a symbolic linear
 //! combination of buffers and the model output, so `x0 = (x - sigma * eps)` reads as in Python.
@@ -27,7 +28,7 @@
 //!     model_out = unet(unet_in, s.timesteps()[call], text)
 //!     plan = s.step(call)
 //!     if plan.needs_noise { Noise <- rng.randn(n) }     (same generator as the latents)
-//!     run plan (GPU kernel, or execute_on_cpu)
+//!     run plan (execute_on_gpu, or execute_on_cpu)
 //! ```
 //! img2img / inpainting: call [`Sampler::truncate_for_strength`] right after building, then
 //! `latents = c.original * init_latents + c.noise * noise` with `c = s.add_noise(0)`; inpainting
@@ -38,6 +39,7 @@ mod ddpm;
 mod dpm_solver_multistep;
 mod euler;
 mod euler_ancestral;
+mod gpu;
 mod heun;
 mod lms;
 mod pndm;
@@ -47,6 +49,7 @@ pub use ddpm::Ddpm;
 pub use dpm_solver_multistep::DpmSolverMultistep;
 pub use euler::Euler;
 pub use euler_ancestral::EulerAncestral;
+pub use gpu::{execute_on_gpu, GpuBuffers};
 pub use heun::Heun;
 pub use lms::Lms;
 pub use pndm::Pndm;
@@ -326,17 +329,22 @@ pub fn execute_on_cpu(
             bufs.set(buf, data);
         }
     }
-    for &(x, y) in &plan.swaps {
-        let bx = bufs.bufs.remove(&x);
-        let by = bufs.bufs.remove(&y);
+    apply_swaps(&mut bufs.bufs, &plan.swaps);
+    Ok(())
+}
+
+/// A plan's swaps, in order, on either side's buffers (handles move; a missing one stays missing).
+fn apply_swaps<T>(bufs: &mut HashMap<Buf, T>, swaps: &[(Buf, Buf)]) {
+    for &(x, y) in swaps {
+        let bx = bufs.remove(&x);
+        let by = bufs.remove(&y);
         if let Some(v) = bx {
-            bufs.bufs.insert(y, v);
+            bufs.insert(y, v);
         }
         if let Some(v) = by {
-            bufs.bufs.insert(x, v);
+            bufs.insert(x, v);
         }
     }
-    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------------
