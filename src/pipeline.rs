@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use crate::image::Image;
 use crate::kernels::{elementwise, sampler_step};
 use crate::models::clip::{ClipConfig, ClipTextModel};
-use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::models::unet::{TimeEmbeddingTable, UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig, VaeTiling};
 use crate::rng::{PhiloxRng, RandnVariant, TorchCpuRng};
-use crate::sched::{build_sampler, Buf, Sampler, SchedulerConfig};
+use crate::sched::{build_sampler, execute_on_gpu, Buf, GpuBuffers, Sampler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{self, LoadOptions, ModelFamily};
 use crate::{DType, Error, Gpu, Result, Tensor};
@@ -114,13 +114,13 @@ impl BatchNoise {
     }
 }
 
-/// NCHW host data -> NHWC host data (the RNG draws in torch's NCHW order; our tensors are NHWC).
 /// The result of a model-loading thread (a panic there becomes an error, not a crash).
 fn join_loader<T>(h: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
     h.join()
         .unwrap_or_else(|_| Err(Error::Device("a model-loading thread panicked".into())))
 }
 
+/// NCHW host data -> NHWC host data (the RNG draws in torch's NCHW order; our tensors are NHWC).
 fn nchw_to_nhwc_host(x: &[f32], b: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
     let mut out = vec![0.0; x.len()];
     for bi in 0..b {
@@ -215,14 +215,14 @@ pub struct Generated {
     pub truncated_prompt: bool,
 }
 
-/// A loaded Stable Diffusion 1.x / 2.x model.
-/// `StableDiffusion` is shared across threads by apps (load once, generate from anywhere);
-/// concurrent `generate` calls are serialised.
+// `StableDiffusion` is shared across threads by apps (load once, generate from anywhere);
+// concurrent `generate` calls are serialised.
 const _: fn() = || {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<StableDiffusion>();
 };
 
+/// A loaded Stable Diffusion 1.x / 2.x model.
 pub struct StableDiffusion {
     pub gpu: Gpu,
     pub tokenizer: ClipTokenizer,
@@ -340,7 +340,7 @@ impl StableDiffusion {
 
     /// Text embeddings [B, 77·chunks, C] for `prompt` repeated `batch` times, and the matching
     /// negative embeddings when guided (diffusers' `encode_prompt`).
-    fn encode_prompts(&self, req: &GenerateRequest, guided: bool) -> Result<(Tensor, bool)> {
+    fn encode_prompt(&self, req: &GenerateRequest, guided: bool) -> Result<(Tensor, bool)> {
         let (mut pos, truncated) = self.token_rows(&req.prompt, req.long_prompts);
         let (mut neg, _) = self.token_rows(&req.negative_prompt, req.long_prompts);
         // Chunked prompt and negative prompt must have the same length (A1111 pads the shorter
@@ -379,7 +379,8 @@ impl StableDiffusion {
         Ok((ctx, truncated))
     }
 
-    fn check_request(&self, req: &GenerateRequest) -> Result<()> {
+    /// diffusers' `check_inputs`: sizes, counts and the images a request needs.
+    fn check_inputs(&self, req: &GenerateRequest) -> Result<()> {
         let f = 1 << (self.vae.config.block_out_channels.len() - 1);
         let m = f * self.unet.config.latent_multiple();
         if req.width == 0
@@ -437,63 +438,80 @@ impl StableDiffusion {
     }
 
     /// Run the pipeline. `progress` is called after each model call; returning false cancels.
+    ///
+    /// The phases of diffusers' `StableDiffusionPipeline.__call__`, in its order: check the
+    /// inputs, encode the prompt, prepare the timesteps and the latents, denoise, decode.
     pub fn generate(
         &self,
         req: &GenerateRequest,
         progress: &mut dyn FnMut(&Progress<'_>) -> bool,
     ) -> Result<Generated> {
         let _one_at_a_time = self.generation.lock().unwrap_or_else(|p| p.into_inner());
-        self.check_request(req)?;
-        let gpu = &self.gpu;
-        let t0 = Instant::now();
+        self.check_inputs(req)?;
+        let job = self.job(req);
         let mut timings = Timings {
             load: self.load_time,
             ..Default::default()
         };
-        let guided = req.guidance_scale > 1.0;
-        let b = req.batch_size;
-        let f = 1 << (self.vae.config.block_out_channels.len() - 1);
-        let (h, w, lc) = (
-            req.height / f,
-            req.width / f,
-            self.vae.config.latent_channels,
-        );
-        let per_image = lc * h * w;
 
-        let (context, truncated) = self.encode_prompts(req, guided)?;
-        gpu.flush()?;
-        timings.text_encode = t0.elapsed();
+        let (context, truncated) = self.encode_prompt(req, job.guided)?;
+        self.gpu.flush()?;
+        timings.text_encode = job.start.elapsed();
 
-        let mut sampler: Box<dyn Sampler> =
-            build_sampler(&self.scheduler_config, req.sampler.as_deref(), req.steps)?;
+        let mut sampler = self.prepare_timesteps(req)?;
+        let mut noise = BatchNoise::new(req.rng, req.seed, job.batch, req.seed_mode);
+        let (latents, init) = self.prepare_latents(&job, sampler.as_ref(), &mut noise)?;
+        let mut bufs = GpuBuffers::new(latents);
+        let inputs = self.loop_inputs(&job, sampler.as_ref(), context, init)?;
+
+        timings.steps = self.denoise(
+            &job,
+            sampler.as_mut(),
+            &mut noise,
+            &inputs,
+            &mut bufs,
+            progress,
+        )?;
+
+        let decode_start = Instant::now();
+        let (images, latents) = self.decode(&job, bufs.take_latents())?;
+        timings.decode = decode_start.elapsed();
+        timings.total = job.start.elapsed();
+        Ok(Generated {
+            images,
+            timings,
+            latents,
+            truncated_prompt: truncated,
+        })
+    }
+
+    /// The values `generate` derives from `req` once; the clock starts here.
+    fn job<'r>(&self, req: &'r GenerateRequest) -> Job<'r> {
+        let vae = &self.vae.config;
+        let f = 1 << (vae.block_out_channels.len() - 1);
+        Job {
+            req,
+            start: Instant::now(),
+            guided: req.guidance_scale > 1.0,
+            batch: req.batch_size,
+            h: req.height / f,
+            w: req.width / f,
+            channels: vae.latent_channels,
+            vae_scale: f,
+            inpaint9: self.unet.config.in_channels == 9,
+            scaling_factor: vae.scaling_factor,
+            shift_factor: vae.shift_factor.unwrap_or(0.0),
+        }
+    }
+
+    /// The sampler for `req.steps` (diffusers' "prepare timesteps"); img2img and inpainting keep
+    /// the last `strength` of its schedule (their `get_timesteps`).
+    fn prepare_timesteps(&self, req: &GenerateRequest) -> Result<Box<dyn Sampler>> {
+        let mut sampler = build_sampler(&self.scheduler_config, req.sampler.as_deref(), req.steps)?;
         if let Some(eta) = req.eta {
             sampler.set_eta(eta);
         }
-        let mut noise = BatchNoise::new(req.rng, req.seed, b, req.seed_mode);
-        let upload_latent = |v: Vec<f32>| -> Result<Tensor> {
-            gpu.upload(
-                &nchw_to_nhwc_host(&v, b, lc, h, w),
-                &[b, h, w, lc],
-                DType::F32,
-            )
-        };
-        let sf = self.vae.config.scaling_factor;
-        let shift = self.vae.config.shift_factor.unwrap_or(0.0);
-
-        // Initial latents, drawing from the generator in diffusers' order:
-        //   img2img (StableDiffusionImg2ImgPipeline.prepare_latents): posterior sample of the
-        //     init image, then the noise; latents = add_noise(image_latents, noise, t_start).
-        //   inpainting (StableDiffusionInpaintPipeline): posterior sample of the init image
-        //     (skipped for a 9-channel U-Net at strength 1), the noise, then the posterior sample
-        //     of the masked image in prepare_mask_latents (drawn for 4-channel U-Nets too, which
-        //     never use it: the draw still moves the generator that ancestral samplers use
-        //     later). At strength 1 the latents are pure noise * init_noise_sigma.
-        let mut image_latents: Option<Tensor> = None; // scaled clean latents (f32)
-        let mut first_noise: Option<Tensor> = None;
-        let mut mask_latent: Option<Tensor> = None; // [B, h, w, 1] (9-channel) or [B, h, w, L]
-        let mut masked_image_latents: Option<Tensor> = None;
-        let inpaint9 = self.unet.config.in_channels == 9;
-        let latents = if let Some(init) = &req.init_image {
+        if req.init_image.is_some() {
             sampler.truncate_for_strength(req.steps, req.strength);
             if sampler.timesteps().is_empty() {
                 return Err(Error::InvalidInput(format!(
@@ -501,289 +519,358 @@ impl StableDiffusion {
                     req.strength, req.steps
                 )));
             }
-            // VAE encode, then the posterior sample on the GPU: diffusers'
-            // `vae.encode(image).latent_dist.sample(generator) * scaling_factor` (less the
-            // shift_factor first, for VAEs that have one). Only the generator's draws come from
-            // the host: they are data, reordered NCHW -> NHWC (layout only). Returns the scaled
-            // latents [B, h, w, L] (f32).
-            let encode = |pixels: Vec<f32>, noise: &mut BatchNoise| -> Result<Tensor> {
-                let image_shape = [1, req.height, req.width, 3];
-                let img = gpu.upload(&pixels, &image_shape, self.vae_dtype)?; // [1, H, W, 3]
-                let tiling = req.vae_tiling;
-                let moments = self.vae.encode_moments_with(gpu, &img, tiling)?; // [1, h, w, 2L]
-                let eps = upload_latent(noise.draw_shared(b, per_image))?; // [B, h, w, L]
-                let lat = gpu.empty(&[b, h, w, lc], DType::F32)?; // [B, h, w, L]
-                sampler_step::posterior_sample(gpu, &moments, &eps, sf as f32, shift as f32, &lat)?;
-                Ok(lat)
-            };
-            let inpainting = req.mask.is_some();
-            let pure_noise = inpainting && req.strength == 1.0; // diffusers' is_strength_max
-            let clean = if inpaint9 && pure_noise {
-                None
-            } else {
-                Some(encode(init.to_model_input(), &mut noise)?)
-            };
-            let raw_noise = noise.draw(b, per_image);
-            let eps = upload_latent(raw_noise.clone())?;
-            let x = match &clean {
-                Some(clean) if !pure_noise => {
-                    let mix = sampler.add_noise(0);
-                    let x = gpu.empty(&[b, h, w, lc], DType::F32)?;
-                    let coefs = sampler_step::StepCoefs {
-                        a: [mix.original as f32, mix.noise as f32, 0.0, 0.0, 0.0],
-                        a_model: 0.0,
-                        b: [0.0; 5],
-                        b_model: 0.0,
-                    };
-                    sampler_step::sampler_step(
-                        gpu,
-                        &eps,
-                        None,
-                        [Some(clean), Some(&eps), None, None, None],
-                        &coefs,
-                        &x,
-                        None,
-                    )?;
-                    x
-                }
-                _ => {
-                    let s = sampler.init_noise_sigma() as f32;
-                    upload_latent(raw_noise.iter().map(|v| v * s).collect())?
-                }
-            };
-            if let Some(mask) = &req.mask {
-                // prepare_mask_latents: F.interpolate(mask, size=(h, w)), mode "nearest".
-                let m = downsample_mask_nearest(&mask.to_mask(), req.width, req.height, f);
-                // [B, h, w, 1] for the 9-channel U-Net input; the legacy blend multiplies
-                // it elementwise with [B, h, w, L] latents, so it is widened on the host there.
-                let channels = if inpaint9 { 1 } else { lc };
-                let mut mb = Vec::with_capacity(b * h * w * channels);
-                for _ in 0..b {
-                    for &v in &m {
-                        mb.extend(std::iter::repeat_n(v, channels));
-                    }
-                }
-                mask_latent = Some(gpu.upload(&mb, &[b, h, w, channels], DType::F32)?);
-                if inpaint9 {
-                    // masked_image = image * (mask < 0.5), posterior-sampled like the image.
-                    let full_mask = mask.to_mask();
-                    let pixels: Vec<f32> = init
-                        .to_model_input()
-                        .chunks_exact(3)
-                        .zip(&full_mask)
-                        .flat_map(|(p, &mk)| {
-                            let keep = if mk < 0.5 { 1.0 } else { 0.0 };
-                            [p[0] * keep, p[1] * keep, p[2] * keep]
-                        })
-                        .collect();
-                    masked_image_latents = Some(encode(pixels, &mut noise)?);
-                } else {
-                    // The legacy path never uses the masked image's latents; only its draw.
-                    noise.draw_shared(b, per_image);
-                }
-            }
-            image_latents = clean;
-            first_noise = Some(eps);
-            x
-        } else {
-            let v: Vec<f32> = noise.draw(b, per_image);
-            let s = sampler.init_noise_sigma() as f32;
-            upload_latent(v.iter().map(|x| x * s).collect())?
-        };
+        }
+        Ok(sampler)
+    }
 
-        let mut bufs: std::collections::HashMap<Buf, Tensor> = std::collections::HashMap::new();
-        bufs.insert(Buf::Latents, latents);
-        let calls = sampler.timesteps().len();
-        // The whole schedule's time embeddings, before the loop: a step then uploads nothing but
-        // its noise (first, before recording anything), so that each step is one submit. Each
-        // step copies its row into the same tensor, so the U-Net binds the same buffers every step.
-        let unet_batch = if guided { 2 * b } else { b };
+    /// The initial latents [B, h, w, L] (f32) and what inpainting keeps for the loop, drawing from
+    /// the generator in diffusers' order (one function per kind of request below says which).
+    fn prepare_latents(
+        &self,
+        job: &Job<'_>,
+        sampler: &dyn Sampler,
+        noise: &mut BatchNoise,
+    ) -> Result<(Tensor, InitImage)> {
+        match (&job.req.init_image, &job.req.mask) {
+            (None, _) => Ok((
+                self.txt2img_latents(job, sampler, noise)?,
+                InitImage::default(),
+            )),
+            (Some(init), None) => self.img2img_latents(job, init, sampler, noise),
+            (Some(init), Some(mask)) if job.inpaint9 => {
+                self.inpaint9_latents(job, init, mask, sampler, noise)
+            }
+            (Some(init), Some(mask)) => self.inpaint_blend_latents(job, init, mask, sampler, noise),
+        }
+    }
+
+    /// txt2img (StableDiffusionPipeline.prepare_latents): the noise, times init_noise_sigma.
+    fn txt2img_latents(
+        &self,
+        job: &Job<'_>,
+        sampler: &dyn Sampler,
+        noise: &mut BatchNoise,
+    ) -> Result<Tensor> {
+        let raw = noise.draw(job.batch, job.per_image());
+        self.pure_noise_latents(job, sampler, &raw)
+    }
+
+    /// img2img (StableDiffusionImg2ImgPipeline.prepare_latents): the posterior sample of the init
+    /// image, then the noise; latents = add_noise(image_latents, noise, t_start).
+    fn img2img_latents(
+        &self,
+        job: &Job<'_>,
+        init: &Image,
+        sampler: &dyn Sampler,
+        noise: &mut BatchNoise,
+    ) -> Result<(Tensor, InitImage)> {
+        let clean = self.encode_image(job, init.to_model_input(), noise)?;
+        let eps = job.upload_nchw(&self.gpu, &noise.draw(job.batch, job.per_image()))?;
+        let latents = self.add_noise(job, sampler, &clean, &eps)?;
+        let kept = InitImage {
+            image_latents: Some(clean),
+            noise: Some(eps),
+            ..Default::default()
+        };
+        Ok((latents, kept))
+    }
+
+    /// Inpainting with a 9-channel U-Net (StableDiffusionInpaintPipeline): the posterior sample of
+    /// the init image (skipped at strength 1, diffusers' is_strength_max, where the latents are
+    /// pure noise * init_noise_sigma), the noise, then in prepare_mask_latents the posterior
+    /// sample of the masked image, which the U-Net sees with the mask at every call.
+    fn inpaint9_latents(
+        &self,
+        job: &Job<'_>,
+        init: &Image,
+        mask: &Image,
+        sampler: &dyn Sampler,
+        noise: &mut BatchNoise,
+    ) -> Result<(Tensor, InitImage)> {
+        let clean = if job.req.strength == 1.0 {
+            None
+        } else {
+            Some(self.encode_image(job, init.to_model_input(), noise)?)
+        };
+        let raw = noise.draw(job.batch, job.per_image());
+        let eps = job.upload_nchw(&self.gpu, &raw)?;
+        let latents = match &clean {
+            Some(clean) => self.add_noise(job, sampler, clean, &eps)?,
+            None => self.pure_noise_latents(job, sampler, &raw)?,
+        };
+        let mask_latents = self.mask_latents(job, mask)?;
+        let masked_image = self.encode_image(job, masked_image_pixels(init, mask), noise)?;
+        let kept = InitImage {
+            image_latents: clean,
+            noise: Some(eps),
+            mask: Some(mask_latents),
+            masked_image_latents: Some(masked_image),
+        };
+        Ok((latents, kept))
+    }
+
+    /// Inpainting with an ordinary 4-channel U-Net (the 4-channel branch of
+    /// StableDiffusionInpaintPipeline, as StableDiffusionInpaintPipelineLegacy): the posterior
+    /// sample of the init image, the noise (at strength 1 the latents are pure noise *
+    /// init_noise_sigma), then the posterior sample of the masked image in prepare_mask_latents.
+    /// The loop blends the unmasked region back after each step ([`Self::blend_unmasked`]).
+    fn inpaint_blend_latents(
+        &self,
+        job: &Job<'_>,
+        init: &Image,
+        mask: &Image,
+        sampler: &dyn Sampler,
+        noise: &mut BatchNoise,
+    ) -> Result<(Tensor, InitImage)> {
+        let clean = self.encode_image(job, init.to_model_input(), noise)?;
+        let raw = noise.draw(job.batch, job.per_image());
+        let eps = job.upload_nchw(&self.gpu, &raw)?;
+        let latents = if job.req.strength == 1.0 {
+            self.pure_noise_latents(job, sampler, &raw)?
+        } else {
+            self.add_noise(job, sampler, &clean, &eps)?
+        };
+        let mask_latents = self.mask_latents(job, mask)?;
+        // This path never uses the masked image's latents, only its draw: it still moves the
+        // generator that ancestral samplers use later.
+        noise.draw_shared(job.batch, job.per_image());
+        let kept = InitImage {
+            image_latents: Some(clean),
+            noise: Some(eps),
+            mask: Some(mask_latents),
+            masked_image_latents: None,
+        };
+        Ok((latents, kept))
+    }
+
+    /// `raw` (generator draws, NCHW) * init_noise_sigma, as latents [B, h, w, L] f32.
+    fn pure_noise_latents(
+        &self,
+        job: &Job<'_>,
+        sampler: &dyn Sampler,
+        raw: &[f32],
+    ) -> Result<Tensor> {
+        let s = sampler.init_noise_sigma() as f32;
+        job.upload_nchw(&self.gpu, &raw.iter().map(|v| v * s).collect::<Vec<f32>>())
+    }
+
+    /// `scheduler.add_noise(image_latents, noise, timesteps[0])`: [B, h, w, L] f32.
+    fn add_noise(
+        &self,
+        job: &Job<'_>,
+        sampler: &dyn Sampler,
+        clean: &Tensor,
+        eps: &Tensor,
+    ) -> Result<Tensor> {
+        let mix = sampler.add_noise(0);
+        let x = self.gpu.empty(&job.latent_shape(), DType::F32)?; // [B, h, w, L]
+        let terms = [(mix.original as f32, clean), (mix.noise as f32, eps)];
+        sampler_step::lincomb(&self.gpu, eps, &terms, &x)?;
+        Ok(x)
+    }
+
+    /// VAE encode, then the posterior sample on the GPU: diffusers'
+    /// `vae.encode(image).latent_dist.sample(generator) * scaling_factor` (less the shift_factor
+    /// first, for VAEs that have one). Only the generator's draws come from the host: they are
+    /// data, reordered NCHW -> NHWC (layout only). `pixels` is model input [H, W, 3]; returns the
+    /// scaled latents [B, h, w, L] (f32).
+    fn encode_image(
+        &self,
+        job: &Job<'_>,
+        pixels: Vec<f32>,
+        noise: &mut BatchNoise,
+    ) -> Result<Tensor> {
+        let gpu = &self.gpu;
+        let req = job.req;
+        let image_shape = [1, req.height, req.width, 3];
+        let img = gpu.upload(&pixels, &image_shape, self.vae_dtype)?; // [1, H, W, 3]
+        let moments = self.vae.encode_moments_with(gpu, &img, req.vae_tiling)?; // [1, h, w, 2L]
+        let eps = job.upload_nchw(gpu, &noise.draw_shared(job.batch, job.per_image()))?; // [B, h, w, L]
+        let lat = gpu.empty(&job.latent_shape(), DType::F32)?; // [B, h, w, L]
+        let (scale, shift) = (job.scaling_factor as f32, job.shift_factor as f32);
+        sampler_step::posterior_sample(gpu, &moments, &eps, scale, shift, &lat)?;
+        Ok(lat)
+    }
+
+    /// prepare_mask_latents: the mask at latent resolution, repeated over the batch.
+    fn mask_latents(&self, job: &Job<'_>, mask: &Image) -> Result<Tensor> {
+        let (req, b, h, w) = (job.req, job.batch, job.h, job.w);
+        // F.interpolate(mask, size=(h, w)), mode "nearest".
+        let m = downsample_mask_nearest(&mask.to_mask(), req.width, req.height, job.vae_scale);
+        // [B, h, w, 1] for the 9-channel U-Net input; the legacy blend multiplies it elementwise
+        // with [B, h, w, L] latents, so it is widened on the host there.
+        let channels = if job.inpaint9 { 1 } else { job.channels };
+        let mut mb = Vec::with_capacity(b * h * w * channels);
+        for _ in 0..b {
+            for &v in &m {
+                mb.extend(std::iter::repeat_n(v, channels));
+            }
+        }
+        self.gpu.upload(&mb, &[b, h, w, channels], DType::F32)
+    }
+
+    /// What every model call reads: the text embeddings and the whole schedule's time embeddings
+    /// (made before the loop: a step then uploads nothing but its noise, first, before recording
+    /// anything, so that each step is one submit), and what img2img and inpainting kept.
+    fn loop_inputs(
+        &self,
+        job: &Job<'_>,
+        sampler: &dyn Sampler,
+        context: Tensor,
+        init: InitImage,
+    ) -> Result<LoopInputs> {
+        let unet_batch = if job.guided { 2 * job.batch } else { job.batch };
         let time_table =
             self.unet
-                .schedule_time_embeddings(gpu, sampler.timesteps(), unet_batch)?; // [calls·2B, 4C0]
-        let temb = gpu.empty(&[unet_batch, self.unet.time_embedding_dim()], self.dtype)?; // [2B, 4C0]
+                .schedule_time_embeddings(&self.gpu, sampler.timesteps(), unet_batch)?; // [calls·2B, 4C0]
+        let temb = self
+            .gpu
+            .empty(&[unet_batch, self.unet.time_embedding_dim()], self.dtype)?; // [2B, 4C0]
+        Ok(LoopInputs {
+            context,
+            init,
+            time_table,
+            temb,
+        })
+    }
+
+    /// The denoising loop (diffusers' `for i, t in enumerate(timesteps)`): per model call, the
+    /// U-Net, the sampler's plan on the GPU and (legacy inpainting) the blend, as one submit.
+    /// Returns each call's time.
+    fn denoise(
+        &self,
+        job: &Job<'_>,
+        sampler: &mut dyn Sampler,
+        noise: &mut BatchNoise,
+        inputs: &LoopInputs,
+        bufs: &mut GpuBuffers,
+        progress: &mut dyn FnMut(&Progress<'_>) -> bool,
+    ) -> Result<Vec<Duration>> {
+        let gpu = &self.gpu;
+        let calls = sampler.timesteps().len();
+        let mut steps = Vec::with_capacity(calls);
         for call in 0..calls {
             let step_start = Instant::now();
             let t = sampler.timesteps()[call];
-            let x = bufs[&Buf::Latents].clone();
+            let x = bufs.latents().clone();
             let scale = sampler.model_input_scale(call);
             // The plan does not depend on the model output (the GPU applies it), so it is made
             // before the U-Net is recorded: an upload submits what has been recorded, and here
             // nothing has been yet. The generator draws in the same order as diffusers' loop.
             let plan = sampler.step(call);
             if plan.needs_noise {
-                let v = noise.draw(b, per_image);
-                bufs.insert(Buf::Noise, upload_latent(v)?);
+                let v = noise.draw(job.batch, job.per_image());
+                bufs.set(Buf::Noise, job.upload_nchw(gpu, &v)?);
             }
-            // scale_model_input, the 9-channel inpainting concat, the CFG duplication and the
-            // cast to the U-Net's dtype, as one pass (or none when there is nothing to do).
-            let inpaint = match (inpaint9, &mask_latent, &masked_image_latents) {
-                (true, Some(mask), Some(masked)) => Some((mask, masked)),
-                (true, _, _) => {
-                    return Err(Error::Device(
-                        "9-channel inpainting without its mask latents".into(),
-                    ))
-                }
-                _ => None,
-            };
-            let repeat = if guided { 2 } else { 1 };
-            let unet_in =
-                if scale == 1.0 && inpaint.is_none() && !guided && self.dtype == DType::F32 {
-                    x.clone()
-                } else {
-                    elementwise::unet_input(gpu, &x, scale as f32, inpaint, repeat, self.dtype)?
-                }; // [2B, h, w, C]
-            time_table.row_into(gpu, call, &temb)?;
-            let mut model_out = self
-                .unet
-                .forward_with_time_embedding(gpu, &unet_in, &temb, &context)?;
+            let unet_in = self.unet_input(job, &x, scale, &inputs.init)?; // [2B, h, w, C]
+                                                                          // Each call copies its row into the same tensor, so the U-Net binds the same buffers
+                                                                          // every step.
+            inputs.time_table.row_into(gpu, call, &inputs.temb)?;
+            let mut model_out = self.unet.forward_with_time_embedding(
+                gpu,
+                &unet_in,
+                &inputs.temb,
+                &inputs.context,
+            )?;
             if model_out.dtype() != DType::F32 {
                 model_out = elementwise::cast(gpu, &model_out, DType::F32)?;
             }
-            let guidance = guided.then_some(req.guidance_scale as f32);
-            for op in &plan.ops {
-                let slot = |i: usize| op.inputs[i].map(|buf| bufs.get(&buf).cloned());
-                let mut slots: [Option<Tensor>; 5] = Default::default();
-                for (i, s) in slots.iter_mut().enumerate() {
-                    match slot(i) {
-                        Some(Some(t)) => *s = Some(t),
-                        Some(None) => {
-                            return Err(Error::Device(format!(
-                                "sampler read {:?} before writing it",
-                                op.inputs[i]
-                            )))
-                        }
-                        None => {}
-                    }
-                }
-                let out_a = gpu.empty(&[b, h, w, lc], DType::F32)?;
-                let out_b = match &op.b {
-                    Some(_) => Some(gpu.empty(&[b, h, w, lc], DType::F32)?),
-                    None => None,
-                };
-                let coefs = sampler_step::StepCoefs {
-                    a: op.a.map(|c| c as f32),
-                    a_model: op.a_model as f32,
-                    b: op
-                        .b
-                        .as_ref()
-                        .map(|s| s.b.map(|c| c as f32))
-                        .unwrap_or([0.0; 5]),
-                    b_model: op.b.as_ref().map(|s| s.b_model as f32).unwrap_or(0.0),
-                };
-                let refs: [Option<&Tensor>; 5] = [0, 1, 2, 3, 4].map(|i| slots[i].as_ref());
-                sampler_step::sampler_step(
-                    gpu,
-                    &model_out,
-                    guidance,
-                    refs,
-                    &coefs,
-                    &out_a,
-                    out_b.as_ref(),
-                )?;
-                bufs.insert(op.out_a, out_a);
-                if let (Some(sb), Some(t)) = (&op.b, out_b) {
-                    bufs.insert(sb.out, t);
-                }
-            }
-            for &(x, y) in &plan.swaps {
-                let bx = bufs.remove(&x);
-                let by = bufs.remove(&y);
-                if let Some(v) = bx {
-                    bufs.insert(y, v);
-                }
-                if let Some(v) = by {
-                    bufs.insert(x, v);
-                }
-            }
-            // Legacy inpainting with an ordinary U-Net: keep the unmasked region on the
-            // original image's noise trajectory (diffusers' StableDiffusionInpaintPipelineLegacy
-            // / the 4-channel branch of StableDiffusionInpaintPipeline).
-            if let (false, Some(mask), Some(clean), Some(eps)) =
-                (inpaint9, &mask_latent, &image_latents, &first_noise)
-            {
-                let (orig_c, noise_c) = if call + 1 < calls {
-                    let mix = sampler.add_noise(call + 1);
-                    (mix.original, mix.noise)
-                } else {
-                    (1.0, 0.0)
-                };
-                let x = bufs[&Buf::Latents].clone();
-                let proper = gpu.empty(&[b, h, w, lc], DType::F32)?;
-                let c1 = sampler_step::StepCoefs {
-                    a: [orig_c as f32, noise_c as f32, 0.0, 0.0, 0.0],
-                    a_model: 0.0,
-                    b: [0.0; 5],
-                    b_model: 0.0,
-                };
-                sampler_step::sampler_step(
-                    gpu,
-                    eps,
-                    None,
-                    [Some(clean), Some(eps), None, None, None],
-                    &c1,
-                    &proper,
-                    None,
-                )?;
-                // latents = proper + mask * (x - proper)
-                let diff = gpu.empty(&[b, h, w, lc], DType::F32)?;
-                let c2 = sampler_step::StepCoefs {
-                    a: [1.0, -1.0, 0.0, 0.0, 0.0],
-                    a_model: 0.0,
-                    b: [0.0; 5],
-                    b_model: 0.0,
-                };
-                sampler_step::sampler_step(
-                    gpu,
-                    eps,
-                    None,
-                    [Some(&x), Some(&proper), None, None, None],
-                    &c2,
-                    &diff,
-                    None,
-                )?;
-                let masked = elementwise::mul(gpu, &diff, mask)?;
-                bufs.insert(Buf::Latents, elementwise::add(gpu, &proper, &masked)?);
+            let guidance = job.guided.then_some(job.req.guidance_scale);
+            execute_on_gpu(gpu, &plan, &model_out, guidance, bufs)?;
+            if let Some(blend) = inputs.init.legacy_blend(job.inpaint9) {
+                self.blend_unmasked(job, sampler, call, blend, bufs)?;
             }
             // One submit per model call: what the step recorded (the progress callback gets the
             // latents of a finished step).
             gpu.flush()?;
-            timings.steps.push(step_start.elapsed());
+            steps.push(step_start.elapsed());
             let keep_going = progress(&Progress {
                 call,
                 calls,
                 timestep: t,
-                elapsed: t0.elapsed(),
-                latents: &bufs[&Buf::Latents],
+                elapsed: job.start.elapsed(),
+                latents: bufs.latents(),
             });
             if !keep_going {
                 return Err(Error::InvalidInput("cancelled".into()));
             }
         }
+        Ok(steps)
+    }
 
-        // Decode: latents / scaling_factor + shift_factor, VAE decoder, postprocess.
-        let decode_start = Instant::now();
-        let latents = bufs.remove(&Buf::Latents).expect("latents present");
+    /// scale_model_input, the 9-channel inpainting concat, the CFG duplication and the cast to
+    /// the U-Net's dtype, as one pass (or none when there is nothing to do): [2B, h, w, C].
+    fn unet_input(
+        &self,
+        job: &Job<'_>,
+        x: &Tensor,
+        scale: f64,
+        init: &InitImage,
+    ) -> Result<Tensor> {
+        let inpaint = init.unet_inpaint(job.inpaint9)?;
+        let repeat = if job.guided { 2 } else { 1 };
+        if scale == 1.0 && inpaint.is_none() && !job.guided && self.dtype == DType::F32 {
+            Ok(x.clone())
+        } else {
+            elementwise::unet_input(&self.gpu, x, scale as f32, inpaint, repeat, self.dtype)
+        }
+    }
+
+    /// Legacy inpainting with an ordinary U-Net: keep the unmasked region on the original image's
+    /// noise trajectory (diffusers' StableDiffusionInpaintPipelineLegacy / the 4-channel branch
+    /// of StableDiffusionInpaintPipeline): `proper` is the init image noised to the next call's
+    /// timestep (clean after the last call), and `latents = proper + mask * (latents - proper)`.
+    fn blend_unmasked(
+        &self,
+        job: &Job<'_>,
+        sampler: &dyn Sampler,
+        call: usize,
+        (mask, clean, eps): (&Tensor, &Tensor, &Tensor),
+        bufs: &mut GpuBuffers,
+    ) -> Result<()> {
+        let gpu = &self.gpu;
+        let (orig_c, noise_c) = if call + 1 < sampler.timesteps().len() {
+            let mix = sampler.add_noise(call + 1);
+            (mix.original, mix.noise)
+        } else {
+            (1.0, 0.0)
+        };
+        let x = bufs.latents().clone();
+        let proper = gpu.empty(&job.latent_shape(), DType::F32)?; // [B, h, w, L]
+        let terms = [(orig_c as f32, clean), (noise_c as f32, eps)];
+        sampler_step::lincomb(gpu, eps, &terms, &proper)?;
+        let diff = gpu.empty(&job.latent_shape(), DType::F32)?; // [B, h, w, L]
+        sampler_step::lincomb(gpu, eps, &[(1.0, &x), (-1.0, &proper)], &diff)?;
+        let masked = elementwise::mul(gpu, &diff, mask)?;
+        bufs.set(Buf::Latents, elementwise::add(gpu, &proper, &masked)?);
+        Ok(())
+    }
+
+    /// Decode: latents / scaling_factor + shift_factor, VAE decoder, postprocess. Returns the
+    /// images and the final latents NHWC [B, h, w, L] as downloaded.
+    fn decode(&self, job: &Job<'_>, latents: Tensor) -> Result<(Vec<Image>, Vec<f32>)> {
+        let gpu = &self.gpu;
         let final_latents = gpu.download(&latents)?;
         if final_latents.iter().any(|v| !v.is_finite()) {
             return Err(Error::NonFinite {
                 what: "the denoising loop (latents)".into(),
             });
         }
-        if shift != 0.0 {
+        if job.shift_factor != 0.0 {
             return Err(Error::Unsupported(
                 "VAE shift_factor (SD3-style VAEs)".into(),
             ));
         }
         drop(latents);
-        let mut images = Vec::with_capacity(b);
+        let (req, per_image) = (job.req, job.per_image());
+        let mut images = Vec::with_capacity(job.batch);
         // One image at a time keeps the decoder's largest activation within binding limits
         // (the last block of the SD VAE at 512×512 in f32 is exactly 128 MiB per image). The
         // latents are tiny, so each image's slice is re-uploaded from the host copy.
-        for bi in 0..b {
+        for bi in 0..job.batch {
             let slice = &final_latents[bi * per_image..(bi + 1) * per_image];
-            let zi = gpu.upload(slice, &[1, h, w, lc], DType::F32)?;
-            let mut z = elementwise::scale(gpu, &zi, (1.0 / sf) as f32)?; // [1, h, w, L]
+            let zi = gpu.upload(slice, &[1, job.h, job.w, job.channels], DType::F32)?;
+            let mut z = elementwise::scale(gpu, &zi, (1.0 / job.scaling_factor) as f32)?; // [1, h, w, L]
             if self.vae_dtype != DType::F32 {
                 z = elementwise::cast(gpu, &z, self.vae_dtype)?;
             }
@@ -791,15 +878,103 @@ impl StableDiffusion {
             let pixels = gpu.download(&img)?;
             images.push(Image::from_model_output(&pixels, req.width, req.height)?);
         }
-        timings.decode = decode_start.elapsed();
-        timings.total = t0.elapsed();
-        Ok(Generated {
-            images,
-            timings,
-            latents: final_latents,
-            truncated_prompt: truncated,
-        })
+        Ok((images, final_latents))
     }
+}
+
+/// One `generate` call: the request and the values derived from it once (diffusers works them
+/// out at the top of `__call__`).
+struct Job<'r> {
+    req: &'r GenerateRequest,
+    start: Instant,
+    /// Classifier-free guidance (guidance_scale > 1): the U-Net runs on [uncond; cond], 2B.
+    guided: bool,
+    batch: usize,
+    /// The latents are [B, h, w, L]: h, w, L = `channels`.
+    h: usize,
+    w: usize,
+    channels: usize,
+    /// The VAE's downsampling factor (image size / latent size).
+    vae_scale: usize,
+    /// The U-Net takes 9 channels: latents, mask and masked-image latents (inpainting models).
+    inpaint9: bool,
+    scaling_factor: f64,
+    shift_factor: f64,
+}
+
+impl Job<'_> {
+    fn per_image(&self) -> usize {
+        self.channels * self.h * self.w
+    }
+    fn latent_shape(&self) -> [usize; 4] {
+        [self.batch, self.h, self.w, self.channels]
+    }
+    /// Generator draws (NCHW, torch's order) as latents [B, h, w, L] f32 (our tensors are NHWC).
+    fn upload_nchw(&self, gpu: &Gpu, nchw: &[f32]) -> Result<Tensor> {
+        let (b, h, w, c) = (self.batch, self.h, self.w, self.channels);
+        gpu.upload(
+            &nchw_to_nhwc_host(nchw, b, c, h, w),
+            &self.latent_shape(),
+            DType::F32,
+        )
+    }
+}
+
+/// What img2img and inpainting keep from `prepare_latents` for the loop (all None for txt2img).
+#[derive(Default)]
+struct InitImage {
+    /// The init image's scaled clean latents [B, h, w, L] f32 (None: 9-channel inpainting at
+    /// strength 1, which does not encode it).
+    image_latents: Option<Tensor>,
+    /// The noise the latents started from, [B, h, w, L] f32.
+    noise: Option<Tensor>,
+    /// Inpainting: the mask at latent resolution, [B, h, w, 1] (9-channel) or [B, h, w, L].
+    mask: Option<Tensor>,
+    /// 9-channel inpainting: the masked image's latents [B, h, w, L] f32.
+    masked_image_latents: Option<Tensor>,
+}
+
+impl InitImage {
+    /// The mask and masked-image latents the 9-channel U-Net takes beside the latents.
+    fn unet_inpaint(&self, inpaint9: bool) -> Result<Option<(&Tensor, &Tensor)>> {
+        match (inpaint9, &self.mask, &self.masked_image_latents) {
+            (true, Some(mask), Some(masked)) => Ok(Some((mask, masked))),
+            (true, _, _) => Err(Error::Device(
+                "9-channel inpainting without its mask latents".into(),
+            )),
+            _ => Ok(None),
+        }
+    }
+    /// (mask, image latents, noise) when a 4-channel U-Net inpaints (the legacy blend).
+    fn legacy_blend(&self, inpaint9: bool) -> Option<(&Tensor, &Tensor, &Tensor)> {
+        match (inpaint9, &self.mask, &self.image_latents, &self.noise) {
+            (false, Some(mask), Some(clean), Some(eps)) => Some((mask, clean, eps)),
+            _ => None,
+        }
+    }
+}
+
+/// What every model call reads and none changes.
+struct LoopInputs {
+    /// Text embeddings [2B, 77·chunks, C] (uncond first) when guided, else [B, ..].
+    context: Tensor,
+    init: InitImage,
+    /// The schedule's time embeddings [calls·2B, 4C0], and the tensor [2B, 4C0] each call copies
+    /// its rows into.
+    time_table: TimeEmbeddingTable,
+    temb: Tensor,
+}
+
+/// masked_image = image * (mask < 0.5), as model input [H, W, 3].
+fn masked_image_pixels(init: &Image, mask: &Image) -> Vec<f32> {
+    init.to_model_input()
+        .chunks_exact(3)
+        .zip(&mask.to_mask())
+        .flat_map(|(p, &mk)| {
+            let keep = if mk < 0.5 { 1.0 } else { 0.0 };
+            [p[0] * keep, p[1] * keep, p[2] * keep]
+        })
+        .collect()
 }
 
 /// The mask at latent resolution as diffusers' `prepare_mask_latents` gets it:
