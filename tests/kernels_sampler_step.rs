@@ -1,6 +1,7 @@
 //! The fused sampler update against its f64 reference: guided and unguided, 0-5 slots, with and
 //! without the second output, vec4 and scalar paths, SD latents, NaN-poisoned outputs. Then the
-//! VAE posterior sample (img2img initial latents) against its reference, the same way.
+//! VAE posterior sample (img2img initial latents) against its reference, the same way; `lincomb`;
+//! and the GPU interpreter of sampler plans (`sched::execute_on_gpu`) against its CPU spec.
 
 mod common;
 
@@ -375,4 +376,69 @@ fn posterior_sample_shape_errors() {
         assert!(run(&moments, &eps16, &out).is_err(), "f16 noise");
     }
     gpu.flush().unwrap();
+}
+
+/// `lincomb` is the step kernel with no model term: `out = sum_k c_k * t_k`.
+#[test]
+fn lincomb_against_reference() {
+    let gpu = gpu();
+    let shape = [2, 5, 7, 4];
+    let n: usize = shape.iter().product();
+    let mut rng = Rng::new(11);
+    let (model, _) = upload(&rng.normals(n, 1.0), &shape, DType::F32);
+    let data: Vec<(f32, (Tensor, Vec<f32>))> = (0..3)
+        .map(|_| {
+            let c = rng.normal() as f32;
+            (c, upload(&rng.normals(n, 1.0), &shape, DType::F32))
+        })
+        .collect();
+    let terms: Vec<(f32, &Tensor)> = data.iter().map(|(c, (t, _))| (*c, t)).collect();
+    let out = fill::poisoned(gpu, &shape, DType::F32).unwrap();
+    step::lincomb(gpu, &model, &terms, &out).unwrap();
+    let want: Vec<f64> = (0..n)
+        .map(|i| data.iter().map(|(c, (_, h))| *c as f64 * h[i] as f64).sum())
+        .collect();
+    assert_close("lincomb", &gpu.download(&out).unwrap(), &want, F32_TOL);
+    let six = [terms[0]; 6];
+    assert!(step::lincomb(gpu, &model, &six, &out).is_err());
+}
+
+/// `sched::execute_on_gpu` does what its specification `sched::execute_on_cpu` says, for every
+/// sampler's plans over a whole (guided) loop, fresh noise included.
+#[test]
+fn execute_on_gpu_follows_execute_on_cpu() {
+    use ldm_wgpu::sched::{
+        build_sampler, execute_on_cpu, execute_on_gpu, Buf, CpuBuffers, GpuBuffers,
+        SchedulerConfig, SAMPLER_NAMES,
+    };
+    let gpu = gpu();
+    let shape = [2, 4, 6, 4];
+    let n: usize = shape.iter().product();
+    let config = SchedulerConfig::sd15();
+    for &(name, _) in SAMPLER_NAMES {
+        let mut rng = Rng::new(5);
+        let mut sampler = build_sampler(&config, Some(name), 5).unwrap();
+        let sigma = sampler.init_noise_sigma();
+        let init: Vec<f32> = rng.normals(n, sigma);
+        let mut cpu = CpuBuffers::new(init.clone());
+        let mut gpu_bufs = GpuBuffers::new(gpu.upload(&init, &shape, DType::F32).unwrap());
+        for call in 0..sampler.timesteps().len() {
+            let plan = sampler.step(call);
+            if plan.needs_noise {
+                let noise = rng.normals(n, 1.0);
+                gpu_bufs.set(Buf::Noise, gpu.upload(&noise, &shape, DType::F32).unwrap());
+                cpu.set(Buf::Noise, noise);
+            }
+            let model_out = rng.normals(2 * n, 1.0); // [uncond; cond]
+            let mut model_shape = shape;
+            model_shape[0] *= 2;
+            let model = gpu.upload(&model_out, &model_shape, DType::F32).unwrap();
+            execute_on_gpu(gpu, &plan, &model, Some(7.5), &mut gpu_bufs).unwrap();
+            execute_on_cpu(&plan, &model_out, Some(7.5), &mut cpu).unwrap();
+            let want: Vec<f64> = cpu.latents().iter().map(|&v| v as f64).collect();
+            let got = gpu.download(gpu_bufs.latents()).unwrap();
+            // f32 on the GPU against f64 accumulation, over a few steps of a loop.
+            assert_close(&format!("{name} call {call}"), &got, &want, 1e-5);
+        }
+    }
 }
