@@ -342,3 +342,31 @@ fn too_many_steps_is_an_error_not_a_panic() {
         }
     }
 }
+
+/// img2img at a strength that keeps no step: every sampler keeps what diffusers'
+/// `timesteps[t_start * order:]` keeps (nothing, or PNDM's repeated last timestep), never
+/// skipping past the end. Heun's 2·steps − 1 calls once made `steps · order` skip past it and
+/// panic; the pipeline now reports "no denoising step" there.
+#[test]
+fn strength_that_keeps_no_step_never_skips_past_the_schedule() {
+    let config = SchedulerConfig::sd15();
+    for &(name, _) in ldm_wgpu::sched::SAMPLER_NAMES {
+        for steps in [1, 2, 6, 25] {
+            let mut sampler = build_sampler(&config, Some(name), steps).unwrap();
+            let full = sampler.timesteps().len();
+            let left = sampler.truncate_for_strength(steps, 0.1 / steps as f64);
+            assert_eq!(left, 0, "{name} {steps} steps");
+            let kept = sampler.timesteps().len();
+            assert_eq!(
+                kept,
+                full.saturating_sub(steps * sampler.order()),
+                "{name} {steps} steps of {full} calls"
+            );
+            // A strength that keeps one step keeps some calls.
+            let mut sampler = build_sampler(&config, Some(name), steps).unwrap();
+            let left = sampler.truncate_for_strength(steps, 1.5 / steps as f64);
+            assert_eq!(left, 1, "{name} {steps} steps");
+            assert!(!sampler.timesteps().is_empty(), "{name} {steps} steps");
+        }
+    }
+}

@@ -397,7 +397,12 @@ pub trait Sampler: Send {
         let init_timestep =
             ((num_inference_steps as f64 * strength) as usize).min(num_inference_steps);
         let t_start = num_inference_steps - init_timestep;
-        self.skip_calls(t_start * self.order());
+        // A second-order sampler has 2·steps − 1 calls, so t_start · order can pass the end
+        // (Heun, 6 steps, strength 0.1: 12 of 11): diffusers' `timesteps[t_start * order:]` is
+        // then empty, and so is ours; the caller reports "no denoising step". (On a fresh
+        // sampler, as the pipeline calls it: `timesteps()` is then the whole schedule.)
+        let calls = self.timesteps().len();
+        self.skip_calls((t_start * self.order()).min(calls));
         num_inference_steps - t_start
     }
 }
