@@ -254,6 +254,16 @@ fn generate(args: &[String]) -> Result<(), Error> {
     if let Some(p) = &mask_path {
         req.mask = Some(Image::load_png(p)?);
     }
+    // Every check that needs no model, before the adapter and the weights are touched. A size
+    // left to the model's default is not known yet: it stands in as 8 here (the default is
+    // always valid) and is set after loading, where `generate` checks the request again.
+    req.width = width
+        .or(req.init_image.as_ref().map(|i| i.width))
+        .unwrap_or(8);
+    req.height = height
+        .or(req.init_image.as_ref().map(|i| i.height))
+        .unwrap_or(8);
+    req.validate()?;
     model_options.with_encoder = req.init_image.is_some();
     let model = model.unwrap_or_else(pipeline::default_model_dir);
     if use_cache {

@@ -188,6 +188,64 @@ impl Default for GenerateRequest {
     }
 }
 
+impl GenerateRequest {
+    /// The checks that need no model: sizes, counts, ranges, finite numbers, and that the
+    /// images match the requested size. `generate` runs them first; a caller can run them
+    /// before loading anything (the CLI does), so a bad request fails in milliseconds.
+    pub fn validate(&self) -> Result<()> {
+        if self.width == 0
+            || self.height == 0
+            || !self.width.is_multiple_of(8)
+            || !self.height.is_multiple_of(8)
+        {
+            return Err(Error::InvalidInput(format!(
+                "width and height must be positive multiples of 8 (got {}×{})",
+                self.width, self.height
+            )));
+        }
+        if self.batch_size == 0 || self.steps == 0 {
+            return Err(Error::InvalidInput(
+                "batch size and steps must be at least 1".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.strength) {
+            return Err(Error::InvalidInput(format!(
+                "strength must be in [0, 1] (got {})",
+                self.strength
+            )));
+        }
+        // NaN compares false with everything, so a NaN guidance scale would silently switch
+        // classifier-free guidance off (`guidance_scale > 1` is false) instead of failing.
+        if !self.guidance_scale.is_finite() {
+            return Err(Error::InvalidInput(format!(
+                "guidance scale must be a finite number (got {})",
+                self.guidance_scale
+            )));
+        }
+        if let Some(eta) = self.eta {
+            if !eta.is_finite() || eta < 0.0 {
+                return Err(Error::InvalidInput(format!(
+                    "eta must be a finite number ≥ 0 (got {eta})"
+                )));
+            }
+        }
+        if self.mask.is_some() && self.init_image.is_none() {
+            return Err(Error::InvalidInput("a mask needs an init image".into()));
+        }
+        for (what, img) in [("init image", &self.init_image), ("mask", &self.mask)] {
+            if let Some(img) = img {
+                if img.width != self.width || img.height != self.height {
+                    return Err(Error::InvalidInput(format!(
+                        "{what} is {}×{}, but the requested size is {}×{}",
+                        img.width, img.height, self.width, self.height
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Reported after each model call; return `false` from the callback to cancel.
 pub struct Progress<'a> {
     pub call: usize,
@@ -381,47 +439,14 @@ impl StableDiffusion {
 
     /// diffusers' `check_inputs`: sizes, counts and the images a request needs.
     fn check_inputs(&self, req: &GenerateRequest) -> Result<()> {
+        req.validate()?;
         let f = 1 << (self.vae.config.block_out_channels.len() - 1);
         let m = f * self.unet.config.latent_multiple();
-        if req.width == 0
-            || req.height == 0
-            || !req.width.is_multiple_of(8)
-            || !req.height.is_multiple_of(8)
-        {
-            return Err(Error::InvalidInput(format!(
-                "width and height must be positive multiples of 8 (got {}×{})",
-                req.width, req.height
-            )));
-        }
         if !req.width.is_multiple_of(m) || !req.height.is_multiple_of(m) {
             return Err(Error::InvalidInput(format!(
                 "this model needs width and height that are multiples of {m} (got {}×{})",
                 req.width, req.height
             )));
-        }
-        if req.batch_size == 0 || req.steps == 0 {
-            return Err(Error::InvalidInput(
-                "batch size and steps must be at least 1".into(),
-            ));
-        }
-        if !(0.0..=1.0).contains(&req.strength) {
-            return Err(Error::InvalidInput(format!(
-                "strength must be in [0, 1] (got {})",
-                req.strength
-            )));
-        }
-        if req.mask.is_some() && req.init_image.is_none() {
-            return Err(Error::InvalidInput("a mask needs an init image".into()));
-        }
-        for (what, img) in [("init image", &req.init_image), ("mask", &req.mask)] {
-            if let Some(img) = img {
-                if img.width != req.width || img.height != req.height {
-                    return Err(Error::InvalidInput(format!(
-                        "{what} is {}×{}, but the requested size is {}×{}",
-                        img.width, img.height, req.width, req.height
-                    )));
-                }
-            }
         }
         if self.unet.config.in_channels == 9 && req.mask.is_none() {
             return Err(Error::InvalidInput(

@@ -133,3 +133,94 @@ fn shipped_model_loads_with_every_tensor_used() {
         "weights/tiny-shapes is {total} bytes"
     );
 }
+
+/// The checks that need no model reject bad requests before anything loads: sizes, counts,
+/// ranges and non-finite numbers (a NaN guidance scale once switched guidance off silently).
+#[test]
+fn requests_are_checked_without_a_model() {
+    let ok = GenerateRequest {
+        width: 64,
+        height: 48,
+        ..Default::default()
+    };
+    assert!(ok.validate().is_ok());
+    let bad = [
+        (
+            "width 100",
+            GenerateRequest {
+                width: 100,
+                ..ok.clone()
+            },
+        ),
+        (
+            "height 0",
+            GenerateRequest {
+                height: 0,
+                ..ok.clone()
+            },
+        ),
+        (
+            "0 steps",
+            GenerateRequest {
+                steps: 0,
+                ..ok.clone()
+            },
+        ),
+        (
+            "batch 0",
+            GenerateRequest {
+                batch_size: 0,
+                ..ok.clone()
+            },
+        ),
+        (
+            "strength 1.5",
+            GenerateRequest {
+                strength: 1.5,
+                ..ok.clone()
+            },
+        ),
+        (
+            "strength NaN",
+            GenerateRequest {
+                strength: f64::NAN,
+                ..ok.clone()
+            },
+        ),
+        (
+            "guidance NaN",
+            GenerateRequest {
+                guidance_scale: f64::NAN,
+                ..ok.clone()
+            },
+        ),
+        (
+            "guidance inf",
+            GenerateRequest {
+                guidance_scale: f64::INFINITY,
+                ..ok.clone()
+            },
+        ),
+        (
+            "eta NaN",
+            GenerateRequest {
+                eta: Some(f64::NAN),
+                ..ok.clone()
+            },
+        ),
+        (
+            "eta -1",
+            GenerateRequest {
+                eta: Some(-1.0),
+                ..ok.clone()
+            },
+        ),
+    ];
+    for (what, req) in bad {
+        let err = req.validate().expect_err(what);
+        assert!(
+            matches!(err, ldm_wgpu::Error::InvalidInput(_)),
+            "{what}: {err}"
+        );
+    }
+}
