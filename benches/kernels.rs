@@ -8,7 +8,7 @@
 //! Options (environment): LDM_BENCH_DTYPE=f16|f32, LDM_BENCH_REPS=N, LDM_BENCH_FILTER=substring,
 //! LDM_BENCH_QUICK=1 (small peak runs and only the cheaper cases; automatic on CPU adapters).
 //! Matmuls print `matmul[fma]` and, on adapters with f16 cooperative matrices, `matmul[coop]`
-//! (64 tile) and `matmul[coop128]` (the large tile, `matmul::CoopTile`).
+//! (64 tile) and `matmul[coop128]` (the large tile, `coop::CoopTile`).
 //! Convolutions print one line per kernel tile (`conv2d[64]`, `conv2d[128]`, `conv2d[small]`,
 //! and where tensor cores are offered `conv2d[coop]` (64 tile) and `conv2d[coop128]` (the large
 //! tile, with split K where `conv2d::split_k` splits)), the one the default policy picks marked
@@ -17,8 +17,9 @@
 //! `attention::coop_config`.
 
 use ldm_wgpu::kernels::attention::{self, HeadsView};
-use ldm_wgpu::kernels::matmul::{self, Activation, CoopTile};
-use ldm_wgpu::kernels::{conv2d, norm, peak};
+use ldm_wgpu::kernels::coop::{self, CoopTile};
+use ldm_wgpu::kernels::matmul::{self, Activation};
+use ldm_wgpu::kernels::{conv2d, norm, peak, sd15};
 use ldm_wgpu::{DType, Gpu, GpuOptions, Result, Tensor};
 
 struct Bench {
@@ -155,8 +156,8 @@ fn main() -> Result<()> {
         b.copy_peak * 1e-9
     );
     drop((src, dst));
-    matmul::override_coop(Some(true));
-    if let Some(plan) = matmul::coop_plan(&b.gpu, DType::F16) {
+    coop::override_coop(Some(true));
+    if let Some(plan) = coop::coop_plan(&b.gpu, DType::F16) {
         let scratch = b.gpu.empty(&[256], DType::F32)?;
         let (wg, iters) = if quick { (64u32, 64u32) } else { (4096, 4096) };
         let t = b.time(&mut || peak::coop_peak(&b.gpu, plan, &scratch, wg, iters))?;
@@ -167,10 +168,10 @@ fn main() -> Result<()> {
             f = plan.frag
         );
     }
-    matmul::override_coop(None);
+    coop::override_coop(None);
 
     // Matmul / linear.
-    let mut cases: Vec<(String, usize, usize, usize)> = matmul::SD15_SHAPES
+    let mut cases: Vec<(String, usize, usize, usize)> = sd15::MATMUL
         .iter()
         .map(|&(n, m, nn, k)| (n.to_string(), m, nn, k))
         .collect();
@@ -178,10 +179,10 @@ fn main() -> Result<()> {
     // Every path where the adapter has tensor cores: `matmul[fma]`, `matmul[coop]` (the 64
     // tile) and `matmul[coop128]` (the large tile, where the adapter holds it); the one the
     // engine picks by default marked `*`.
-    matmul::override_coop(Some(true));
-    let coop = matmul::coop_plan(&b.gpu, dtype);
-    matmul::override_coop(None);
-    let default_coop = matmul::coop_plan(&b.gpu, dtype).is_some();
+    coop::override_coop(Some(true));
+    let coop = coop::coop_plan(&b.gpu, dtype);
+    coop::override_coop(None);
+    let default_coop = coop::coop_plan(&b.gpu, dtype).is_some();
     for (name, m, n, k) in cases {
         if !b.wanted(&name) || (b.quick && m * n * k > 1 << 30) {
             continue;
@@ -201,8 +202,8 @@ fn main() -> Result<()> {
             }
         }
         for (path, tile) in paths {
-            matmul::override_coop(Some(tile.is_some()));
-            matmul::force_coop_tile(tile);
+            coop::override_coop(Some(tile.is_some()));
+            coop::force_coop_tile(tile);
             let t = b.time(&mut || {
                 matmul::linear(&b.gpu, &x, &w, None, None, Activation::None).map(|_| ())
             })?;
@@ -215,8 +216,8 @@ fn main() -> Result<()> {
                 0.0,
             );
         }
-        matmul::override_coop(None);
-        matmul::force_coop_tile(None);
+        coop::override_coop(None);
+        coop::force_coop_tile(None);
     }
 
     // Convolution: one line per kernel variant that applies (`conv2d[64]` and `conv2d[128]`
@@ -224,7 +225,7 @@ fn main() -> Result<()> {
     // so one GPU run compares the tiles. Upsample2D rows run as the models do: the conv reads
     // the half-size input through the fused 2x nearest upsampling.
     let max_wg = b.gpu.caps.max_workgroup_storage;
-    for &(name, bt, h, w, cin, cout, k, stride) in conv2d::SD15_SHAPES {
+    for &(name, bt, h, w, cin, cout, k, stride) in sd15::CONV {
         let flops = 2.0 * (bt * (h / stride) * (w / stride) * cout * cin * k * k) as f64;
         if !b.wanted(name) || (b.quick && flops > 4e9) {
             continue;
@@ -279,8 +280,8 @@ fn main() -> Result<()> {
             if variant.tile != tile {
                 continue; // does not fit this adapter's workgroup memory
             }
-            matmul::override_coop(Some(tile == conv2d::Tile::Coop));
-            matmul::force_coop_tile(coop_tile);
+            coop::override_coop(Some(tile == conv2d::Tile::Coop));
+            coop::force_coop_tile(coop_tile);
             let conv = conv2d::Conv {
                 input: if upsampled {
                     conv2d::Input::Upsampled2x(&x)
@@ -295,8 +296,8 @@ fn main() -> Result<()> {
                 variant: Some(variant),
             };
             let t = b.time(&mut || conv.run(&b.gpu).map(|_| ()))?;
-            matmul::override_coop(None);
-            matmul::force_coop_tile(None);
+            coop::override_coop(None);
+            coop::force_coop_tile(None);
             let mark = if (variant, coop_tile) == chosen {
                 "*"
             } else {
@@ -320,7 +321,7 @@ fn main() -> Result<()> {
     }
 
     // Attention.
-    for &(name, batch, heads, nq, nk, d) in attention::SD15_SHAPES {
+    for &(name, batch, heads, nq, nk, d) in sd15::ATTENTION {
         let flops = 4.0 * (batch * heads * nq * nk * d) as f64;
         if !b.wanted(name) || (b.quick && flops > 4e9) {
             continue;
@@ -339,7 +340,7 @@ fn main() -> Result<()> {
             paths.push(true);
         }
         for on in paths {
-            matmul::override_coop(Some(on));
+            coop::override_coop(Some(on));
             let t = b.time(&mut || {
                 attention::attention(
                     &b.gpu,
@@ -354,7 +355,7 @@ fn main() -> Result<()> {
                 )
                 .map(|_| ())
             })?;
-            matmul::override_coop(None);
+            coop::override_coop(None);
             let mark = if on == default_coop { "*" } else { "" };
             let path = if on { "coop" } else { "fma" };
             b.line(
@@ -368,7 +369,7 @@ fn main() -> Result<()> {
         // Every tensor-core tile shape that fits (rows × keys per workgroup), for tuning
         // `attention::coop_config`; the one it picks is the `[coop]` line above.
         if let Some(plan) = coop {
-            matmul::override_coop(Some(true));
+            coop::override_coop(Some(true));
             let picked = attention::coop_config(plan, d, b.gpu.caps.max_workgroup_storage as u64);
             let out = b.gpu.empty(&[batch, nq, c], dtype)?;
             for cfg in attention::CoopConfig::CANDIDATES {
@@ -404,12 +405,12 @@ fn main() -> Result<()> {
                     0.0,
                 );
             }
-            matmul::override_coop(None);
+            coop::override_coop(None);
         }
     }
 
     // Group norm and layer norm (memory-bound: read + write).
-    for case in norm::SD15_SHAPES {
+    for case in sd15::NORM {
         let n: usize = case.shape.iter().product();
         if !b.wanted(case.name) || (b.quick && n > 1 << 22) {
             continue;

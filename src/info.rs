@@ -63,7 +63,7 @@ pub fn report(options: &GpuOptions) -> Result<String> {
     );
     out += &format!(
         "  tensor cores       {}\n",
-        match crate::kernels::matmul::coop_plan(&gpu, DType::F16) {
+        match crate::kernels::coop::coop_plan(&gpu, DType::F16) {
             Some(p) => format!(
                 "yes: matmul ({}² and {}² tiles), conv2d ({}² tile, split K on small grids) \
                  and attention on coop_mat{f}x{f}<f16>, f32 accumulators, {}-wide subgroups",

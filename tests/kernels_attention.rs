@@ -1,4 +1,4 @@
-//! `shaders/attention.wgsl` and, where the tensor-core path is on (f16, `matmul::coop_plan`),
+//! `shaders/attention.wgsl` and, where the tensor-core path is on (f16, `coop::coop_plan`),
 //! `shaders/attention_coop.wgsl` against the naive f64 reference
 //! (`kernels::attention::reference`). Every f16 case below runs on whichever kernel the adapter
 //! gets; the log line names it. CI's cooperative-matrix lavapipe run (`LDM_COOP_MATMUL=1`) puts
@@ -17,10 +17,11 @@ mod common;
 use common::{dtypes, gpu, rel_l2, tol, upload, Rng};
 use ldm_wgpu::kernels::attention::{
     self, attention_coop_into_with, attention_into, attention_into_with, config, coop_choice,
-    coop_config, Config, CoopConfig, HeadsView, SD15_SHAPES,
+    coop_config, Config, CoopConfig, HeadsView,
 };
+use ldm_wgpu::kernels::coop::{self, CoopPlan};
 use ldm_wgpu::kernels::fill::poisoned;
-use ldm_wgpu::kernels::matmul::{self, CoopPlan};
+use ldm_wgpu::kernels::sd15::ATTENTION;
 use ldm_wgpu::DType;
 
 #[derive(Clone, Copy, Debug)]
@@ -267,7 +268,7 @@ fn views_scale_and_causal() {
 /// the 64×64 self-attention runs with one head of one batch, 32×32 in full (batch 2, 8 heads).
 #[test]
 fn sd15_shapes() {
-    let big = SD15_SHAPES[0];
+    let big = ATTENTION[0];
     assert_eq!((big.3, big.5), (4096, 40));
     let mut cases = vec![
         (
@@ -276,7 +277,7 @@ fn sd15_shapes() {
         ),
         ("self 32x32", Case::new(2, 8, 1024, 1024, 80)),
     ];
-    for &(name, batch, heads, nq, nk, d) in &SD15_SHAPES[1..] {
+    for &(name, batch, heads, nq, nk, d) in &ATTENTION[1..] {
         if name.starts_with("self 32") {
             continue;
         }
@@ -529,7 +530,7 @@ fn head_dims_with_awkward_tokens() {
 fn tensor_core_path_runs_where_offered() {
     let g = gpu();
     let forced = std::env::var("LDM_COOP_MATMUL").is_ok_and(|v| v == "1");
-    let plan = matmul::coop_plan(g, DType::F16);
+    let plan = coop::coop_plan(g, DType::F16);
     if forced && g.caps.shader_f16 && g.caps.coop_f16_frag.is_some() {
         assert!(
             plan.is_some(),
@@ -574,7 +575,7 @@ fn tensor_core_path_runs_where_offered() {
 #[test]
 fn every_coop_shape_agrees() {
     let g = gpu();
-    let Some(plan) = matmul::coop_plan(g, DType::F16) else {
+    let Some(plan) = coop::coop_plan(g, DType::F16) else {
         eprintln!("tensor-core attention not in use on {}", g.adapter);
         return;
     };
@@ -729,7 +730,7 @@ fn every_coop_shape_fits_and_compiles_to_spirv() {
 /// compiled without them by default): a result that depended on clamped indices would differ.
 #[test]
 fn coop_same_bits_with_and_without_bounds_checks() {
-    if matmul::coop_plan(gpu(), DType::F16).is_none() {
+    if coop::coop_plan(gpu(), DType::F16).is_none() {
         eprintln!("tensor-core attention not in use on {}", gpu().adapter);
         return;
     }

@@ -14,7 +14,7 @@ mod common;
 
 use common::*;
 use ldm_wgpu::kernels::conv2d::{choose_variant, Conv, Input, Tile, Variant};
-use ldm_wgpu::kernels::matmul::{CoopPlan, CoopTile};
+use ldm_wgpu::kernels::coop::{CoopPlan, CoopTile};
 use ldm_wgpu::kernels::{conv2d, fill};
 use ldm_wgpu::{DType, Error, Gpu, GpuOptions, Tensor};
 
@@ -684,7 +684,7 @@ fn rejects_bad_shapes() {
 
 #[test]
 fn sd15_shape_table_is_consistent() {
-    for &(name, b, h, w, cin, cout, k, stride) in conv2d::SD15_SHAPES {
+    for &(name, b, h, w, cin, cout, k, stride) in ldm_wgpu::kernels::sd15::CONV {
         assert!(
             b >= 1 && h >= 1 && w >= 1 && cin >= 1 && cout >= 1,
             "{name}"
@@ -699,7 +699,7 @@ fn sd15_shape_table_is_consistent() {
 #[test]
 fn variant_choice_follows_the_shape() {
     let v = |tile, k_step| Variant { tile, k_step };
-    for &(name, b, h, w, _, cout, _, stride) in conv2d::SD15_SHAPES {
+    for &(name, b, h, w, _, cout, _, stride) in ldm_wgpu::kernels::sd15::CONV {
         let m = b * (h / stride) * (w / stride);
         let large = m.div_ceil(128) * cout.div_ceil(128) >= conv2d::LARGE_TILE_MIN_TILES;
         let want = if cout <= 16 {
@@ -817,7 +817,7 @@ fn every_variant_gives_the_same_bits_with_and_without_bounds_checks() {
         for dtype in dtypes() {
             let mut vs = conv2d::variants(max_wg);
             // The tensor-core kernel too, where both engines can run it.
-            let coop = |g: &Gpu| ldm_wgpu::kernels::matmul::coop_plan(g, dtype).is_some();
+            let coop = |g: &Gpu| ldm_wgpu::kernels::coop::coop_plan(g, dtype).is_some();
             if coop(&checked) && coop(&unchecked) && coop_takes(c) {
                 vs.push(Variant::COOP);
             }
@@ -829,11 +829,11 @@ fn every_variant_gives_the_same_bits_with_and_without_bounds_checks() {
                     &[None]
                 };
                 for &tile in tiles {
-                    ldm_wgpu::kernels::matmul::force_coop_tile(tile);
+                    ldm_wgpu::kernels::coop::force_coop_tile(tile);
                     let run =
                         |g: &Gpu| g.download_bytes(&run_on(g, c, &i, dtype, Some(v))).unwrap();
                     let same = run(&checked) == run(&unchecked);
-                    ldm_wgpu::kernels::matmul::force_coop_tile(None);
+                    ldm_wgpu::kernels::coop::force_coop_tile(None);
                     assert!(
                         same,
                         "{} [{} {tile:?}] ({}): bits differ with and without bounds checks",
@@ -863,7 +863,7 @@ fn coop_takes(c: &Case) -> bool {
 #[test]
 fn coop_variant_matches_reference() {
     let g = gpu();
-    let plan = ldm_wgpu::kernels::matmul::coop_plan(g, DType::F16);
+    let plan = ldm_wgpu::kernels::coop::coop_plan(g, DType::F16);
     let all: Vec<&Case> = AWKWARD_SIZES_CASES
         .iter()
         .chain(EVERY_MODE_CASES)
@@ -905,7 +905,7 @@ fn coop_variant_matches_reference() {
         &[(CoopTile::T64, "conv2d_coop")]
     };
     for &(tile, entry) in tiles {
-        ldm_wgpu::kernels::matmul::force_coop_tile(Some(tile));
+        ldm_wgpu::kernels::coop::force_coop_tile(Some(tile));
         let mut ran = 0;
         for (s, c) in all.iter().enumerate() {
             if !coop_takes(c) {
@@ -919,7 +919,7 @@ fn coop_variant_matches_reference() {
             assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
             ran += 1;
         }
-        ldm_wgpu::kernels::matmul::force_coop_tile(None);
+        ldm_wgpu::kernels::coop::force_coop_tile(None);
         assert!(ran >= 10, "only {ran} cases suit the tensor-core kernel");
         let shader = plan.shader("conv2d_coop");
         assert!(

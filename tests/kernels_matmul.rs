@@ -14,8 +14,9 @@
 mod common;
 
 use common::{assert_close, dtypes, gpu, quantize, rel_l2, tol, Rng};
+use ldm_wgpu::kernels::coop::{self, CoopPlan, CoopTile, COOP_LARGE_TILE_MIN_GROUPS};
 use ldm_wgpu::kernels::fill::poisoned;
-use ldm_wgpu::kernels::matmul::{self, Activation, CoopPlan, CoopTile, COOP_LARGE_TILE_MIN_GROUPS};
+use ldm_wgpu::kernels::matmul::{self, Activation};
 use ldm_wgpu::{DType, Gpu, GpuOptions, Tensor};
 
 const ACTS: [Activation; 4] = [
@@ -478,7 +479,7 @@ fn shape_errors_are_errors() {
 fn tensor_core_path_runs_where_offered() {
     let g = gpu();
     let forced = std::env::var("LDM_COOP_MATMUL").is_ok_and(|v| v == "1");
-    let plan = matmul::coop_plan(g, DType::F16);
+    let plan = coop::coop_plan(g, DType::F16);
     if forced && g.caps.shader_f16 && g.caps.coop_f16_frag.is_some() {
         assert!(
             plan.is_some(),
@@ -593,7 +594,7 @@ fn coop_tile_choice_and_budget() {
 /// path on, or None where it cannot run (then the FMA kernel is what the other tests cover).
 fn coop_engine(options: &GpuOptions) -> Option<(Gpu, CoopPlan)> {
     let g = Gpu::new(options).expect("a wgpu adapter");
-    let Some(plan) = matmul::coop_plan(&g, DType::F16) else {
+    let Some(plan) = coop::coop_plan(&g, DType::F16) else {
         eprintln!(
             "tensor-core matmul not in use on {} (large tile not tested)",
             g.adapter
@@ -630,7 +631,7 @@ fn coop_large_tile_awkward_shapes_all_epilogues() {
     let t = std::time::Instant::now();
     let f16 = DType::F16;
     // Chosen by shape: 2053 × 2050 is ≥ 256 large tiles at frag 16 (17 × 17) and at 8 (33 × 33).
-    matmul::force_coop_tile(None);
+    coop::force_coop_tile(None);
     let e = check_linear_on(
         &g,
         f16,
@@ -646,7 +647,7 @@ fn coop_large_tile_awkward_shapes_all_epilogues() {
     eprintln!("large tile by shape 2053x2050x4: rel L2 {e:.2e}");
     assert_eq!(coop_entries(&g, plan), ["linear_coop_l"]);
 
-    matmul::force_coop_tile(Some(CoopTile::T128));
+    coop::force_coop_tile(Some(CoopTile::T128));
     let mut worst = 0.0f64;
     let cases: &[(&[usize], usize, usize)] = &[
         (&[1], 1, 4),
@@ -691,7 +692,7 @@ fn coop_large_tile_awkward_shapes_all_epilogues() {
         seed += 1;
         check_batched(&g, f16, case, seed);
     }
-    matmul::force_coop_tile(None);
+    coop::force_coop_tile(None);
     let mut ran = coop_entries(&g, plan);
     ran.sort();
     assert_eq!(
@@ -720,7 +721,7 @@ fn coop_large_tile_same_bits_with_and_without_bounds_checks() {
     };
     assert!(checked.shader_checks_everywhere());
     assert!(!unchecked.shader_checks_everywhere());
-    matmul::force_coop_tile(Some(CoopTile::T128));
+    coop::force_coop_tile(Some(CoopTile::T128));
     let mut rng = Rng::new(0x1a26e);
     let mut random = |shape: &[usize]| (rng.normals(shape.iter().product(), 1.0), shape.to_vec());
     // Bytes of `case`'s output on `g` from `inputs` uploaded as f16.
@@ -769,7 +770,7 @@ fn coop_large_tile_same_bits_with_and_without_bounds_checks() {
             matmul::batched_matmul_bt(g, &t[0], &t[1]).unwrap()
         });
     }
-    matmul::force_coop_tile(None);
+    coop::force_coop_tile(None);
     for g in [&checked, &unchecked] {
         let mut ran = coop_entries(g, plan);
         ran.sort();

@@ -11,7 +11,7 @@ mod common;
 
 use common::Rng;
 use ldm_wgpu::kernels::matmul::Activation;
-use ldm_wgpu::kernels::{attention, conv2d, elementwise, matmul, norm};
+use ldm_wgpu::kernels::{attention, conv2d, coop, elementwise, matmul, norm};
 use ldm_wgpu::pipeline::{default_model_dir, GenerateRequest, ModelOptions, StableDiffusion};
 use ldm_wgpu::{DType, Gpu, GpuOptions, Tensor};
 
@@ -171,7 +171,7 @@ fn kernels_give_the_same_bits_with_and_without_bounds_checks() {
     }
     // Where the tensor-core matmul is on (CI's cooperative-matrix lavapipe run), the f16 linear
     // cases above went through it: make sure, so that its proof is not vacuous.
-    if let Some(plan) = matmul::coop_plan(&unchecked, DType::F16) {
+    if let Some(plan) = coop::coop_plan(&unchecked, DType::F16) {
         let shader = format!("matmul_coop{}", plan.frag);
         for gpu in [&checked, &unchecked] {
             assert!(

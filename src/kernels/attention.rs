@@ -6,7 +6,7 @@
 //! between `head_to_batch_dim` and `batch_to_head_dim`): q, k and v are read straight out of the
 //! projection outputs through [`HeadsView`]s and the output comes back as `[B, Nq, heads·d]`.
 //!
-//! Two kernels, one contract: where the tensor-core matmul runs ([`matmul::coop_plan`], f16
+//! Two kernels, one contract: where the tensor-core matmul runs ([`coop::coop_plan`], f16
 //! storage), `shaders/attention_coop.wgsl` computes Q·Kᵀ and P·V on cooperative matrices with the
 //! tile shape [`coop_config`] picks for the head dim; elsewhere, and where no tile shape fits the
 //! adapter's workgroup memory, the FMA kernel `shaders/attention.wgsl` with the split [`config`]
@@ -14,7 +14,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::kernels::matmul::{self, CoopPlan};
+use crate::kernels::coop::{self, CoopPlan};
 use crate::runtime::{Dispatch, Gpu, Tensor, Work};
 use crate::{DType, Error, Result};
 
@@ -47,20 +47,6 @@ impl<'a> HeadsView<'a> {
         }
     }
 }
-
-/// SD 1.5 at 512×512 (64×64 latents) with classifier-free guidance (batch 2): every attention
-/// call of one U-Net step, as (name, batch, heads, Nq, Nk, head_dim). Self-attention at 64², 32²,
-/// 16² and the 8² mid block; cross-attention against the 77 CLIP tokens.
-pub const SD15_SHAPES: &[(&str, usize, usize, usize, usize, usize)] = &[
-    ("self 64x64", 2, 8, 4096, 4096, 40),
-    ("cross 64x64", 2, 8, 4096, 77, 40),
-    ("self 32x32", 2, 8, 1024, 1024, 80),
-    ("cross 32x32", 2, 8, 1024, 77, 80),
-    ("self 16x16", 2, 8, 256, 256, 160),
-    ("cross 16x16", 2, 8, 256, 77, 160),
-    ("self 8x8 (mid)", 2, 8, 64, 64, 160),
-    ("cross 8x8 (mid)", 2, 8, 64, 77, 160),
-];
 
 /// Largest head dimension the kernel takes.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -278,13 +264,13 @@ pub fn coop_config(
 }
 
 /// The tensor-core kernel's plan and tile shape where it will run for this dtype and head dim
-/// (f16 storage, [`matmul::coop_plan`] on, a tile shape that fits); None where the FMA kernel
+/// (f16 storage, [`coop::coop_plan`] on, a tile shape that fits); None where the FMA kernel
 /// runs.
 pub fn coop_choice(gpu: &Gpu, dtype: DType, head_dim: usize) -> Option<(CoopPlan, CoopConfig)> {
     if head_dim == 0 || head_dim > MAX_HEAD_DIM {
         return None;
     }
-    let plan = matmul::coop_plan(gpu, dtype)?;
+    let plan = coop::coop_plan(gpu, dtype)?;
     let cfg = coop_config(plan, head_dim, gpu.caps.max_workgroup_storage as u64)?;
     Some((plan, cfg))
 }
@@ -427,7 +413,7 @@ pub fn attention_into_with(
 }
 
 /// [`attention_into`] on the tensor-core kernel with an explicit tile shape (for tests of every
-/// shape, and tuning). Errors where the tensor-core path is off ([`matmul::coop_plan`]: f16
+/// shape, and tuning). Errors where the tensor-core path is off ([`coop::coop_plan`]: f16
 /// storage, an adapter offering square f16 fragments, `LDM_COOP_MATMUL`) or the shape does not
 /// fit the adapter.
 #[allow(clippy::too_many_arguments)]
@@ -445,7 +431,7 @@ pub fn attention_coop_into_with(
     cfg: CoopConfig,
 ) -> Result<()> {
     let call = Call::new(q, k, v, batch, heads, head_dim, causal, scale, out)?;
-    let Some(plan) = matmul::coop_plan(gpu, call.dtype) else {
+    let Some(plan) = coop::coop_plan(gpu, call.dtype) else {
         return Err(Error::shape(
             OP,
             format!(

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::kernels::matmul::{self, CoopPlan};
+use crate::kernels::coop::{self, CoopPlan};
 use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
 use crate::{DType, Error, Result};
 
@@ -32,7 +32,7 @@ pub enum Tile {
     /// the conv_out layers (Cout = 3 or 4), which waste 94-95% of a 64-wide tile.
     Small,
     /// `shaders/conv2d_coop.wgsl`: the same implicit GEMM on cooperative matrices (tensor cores),
-    /// 4·frag × 4·frag tiles; f16 only, where [`matmul::coop_plan`] allows it and the channels
+    /// 4·frag × 4·frag tiles; f16 only, where [`coop::coop_plan`] allows it and the channels
     /// (of each concatenated part) are a multiple of 4.
     Coop,
 }
@@ -66,7 +66,7 @@ impl Tile {
             Tile::Small => (64, 4 * small_quads(cout)),
             // At 16×16 fragments; `dispatch_coop` uses the plan's own tile.
             Tile::Coop => {
-                let side = matmul::CoopTile::T64.side(COOP_16X16);
+                let side = coop::CoopTile::T64.side(COOP_16X16);
                 (side, side)
             }
         }
@@ -89,14 +89,14 @@ pub fn coop_conv_tile(
     caps: &crate::runtime::Caps,
     _m: usize,
     _cout: usize,
-    forced: Option<matmul::CoopTile>,
-) -> matmul::CoopTile {
-    let large = matmul::CoopTile::T128;
+    forced: Option<coop::CoopTile>,
+) -> coop::CoopTile {
+    let large = coop::CoopTile::T128;
     let large_ok = plan.frag * plan.frag == 8 * plan.subgroup as usize && large.fits(plan, caps);
     match forced {
-        Some(matmul::CoopTile::T64) => matmul::CoopTile::T64,
+        Some(coop::CoopTile::T64) => coop::CoopTile::T64,
         _ if large_ok => large,
-        _ => matmul::CoopTile::T64,
+        _ => coop::CoopTile::T64,
     }
 }
 
@@ -142,7 +142,7 @@ pub struct Variant {
 
 impl Variant {
     /// The tensor-core kernel (`shaders/conv2d_coop.wgsl`), not one of [`Variant::ALL`]: it runs
-    /// only where [`matmul::coop_plan`] allows (see [`Tile::Coop`]).
+    /// only where [`coop::coop_plan`] allows (see [`Tile::Coop`]).
     pub const COOP: Variant = Variant {
         tile: Tile::Coop,
         k_step: 0,
@@ -177,7 +177,7 @@ impl Variant {
             Tile::Small => rows_padded(64) + 16 * 4 * 16,
             // conv2d_coop declares what matmul_coop's 4·frag tile does; at 16×16 fragments (the
             // larger variant).
-            Tile::Coop => matmul::CoopTile::T64.workgroup_bytes(COOP_16X16),
+            Tile::Coop => coop::CoopTile::T64.workgroup_bytes(COOP_16X16),
         }
     }
 
@@ -286,169 +286,6 @@ struct Params {
     /// `conv2d_coop_l` split along K: K per split (a multiple of its K step); 0: no split.
     k_chunk: u32,
 }
-
-/// One convolution of Stable Diffusion 1.5 at 512×512 (64×64 latents):
-/// (name, batch, height, width, cin, cout, kernel size, stride). Padding is `k / 2` on every side
-/// (diffusers' `Conv2d(..., padding=1)` for 3×3, 0 for 1×1). U-Net rows use batch 2
-/// (classifier-free guidance); VAE decoder rows batch 1. Each distinct shape is listed once (e.g.
-/// "unet.res 320 64x64" stands for down-block 0's four resnet convs and up-block 3's conv2s).
-#[rustfmt::skip]
-/// (name, batch, height, width, c_in, c_out, kernel, stride)
-pub type ConvCase = (&'static str, usize, usize, usize, usize, usize, usize, usize);
-
-pub const SD15_SHAPES: &[ConvCase] = &[
-    // U-Net (diffusers UNet2DConditionModel, stable-diffusion-v1-5/unet/config.json)
-    ("unet.conv_in", 2, 64, 64, 4, 320, 3, 1),
-    ("unet.res 320 64x64", 2, 64, 64, 320, 320, 3, 1),
-    ("unet.proj_in/out 320 64x64", 2, 64, 64, 320, 320, 1, 1),
-    ("unet.down0.downsample", 2, 64, 64, 320, 320, 3, 2),
-    ("unet.down1.res0.conv1", 2, 32, 32, 320, 640, 3, 1),
-    ("unet.down1.res0.shortcut", 2, 32, 32, 320, 640, 1, 1),
-    ("unet.res 640 32x32", 2, 32, 32, 640, 640, 3, 1),
-    ("unet.proj_in/out 640 32x32", 2, 32, 32, 640, 640, 1, 1),
-    ("unet.down1.downsample", 2, 32, 32, 640, 640, 3, 2),
-    ("unet.down2.res0.conv1", 2, 16, 16, 640, 1280, 3, 1),
-    ("unet.down2.res0.shortcut", 2, 16, 16, 640, 1280, 1, 1),
-    ("unet.res 1280 16x16", 2, 16, 16, 1280, 1280, 3, 1),
-    ("unet.proj_in/out 1280 16x16", 2, 16, 16, 1280, 1280, 1, 1),
-    ("unet.down2.downsample", 2, 16, 16, 1280, 1280, 3, 2),
-    ("unet.res 1280 8x8", 2, 8, 8, 1280, 1280, 3, 1),
-    ("unet.mid.proj_in/out 1280 8x8", 2, 8, 8, 1280, 1280, 1, 1),
-    ("unet.up0.res.conv1 2560 8x8", 2, 8, 8, 2560, 1280, 3, 1),
-    ("unet.up0.res.shortcut 2560 8x8", 2, 8, 8, 2560, 1280, 1, 1),
-    ("unet.up0.upsample 16x16", 2, 16, 16, 1280, 1280, 3, 1),
-    ("unet.up1.res.conv1 2560 16x16", 2, 16, 16, 2560, 1280, 3, 1),
-    (
-        "unet.up1.res.shortcut 2560 16x16",
-        2,
-        16,
-        16,
-        2560,
-        1280,
-        1,
-        1,
-    ),
-    (
-        "unet.up1.res2.conv1 1920 16x16",
-        2,
-        16,
-        16,
-        1920,
-        1280,
-        3,
-        1,
-    ),
-    (
-        "unet.up1.res2.shortcut 1920 16x16",
-        2,
-        16,
-        16,
-        1920,
-        1280,
-        1,
-        1,
-    ),
-    ("unet.up1.upsample 32x32", 2, 32, 32, 1280, 1280, 3, 1),
-    ("unet.up2.res0.conv1 1920 32x32", 2, 32, 32, 1920, 640, 3, 1),
-    (
-        "unet.up2.res0.shortcut 1920 32x32",
-        2,
-        32,
-        32,
-        1920,
-        640,
-        1,
-        1,
-    ),
-    ("unet.up2.res1.conv1 1280 32x32", 2, 32, 32, 1280, 640, 3, 1),
-    (
-        "unet.up2.res1.shortcut 1280 32x32",
-        2,
-        32,
-        32,
-        1280,
-        640,
-        1,
-        1,
-    ),
-    ("unet.up2.res2.conv1 960 32x32", 2, 32, 32, 960, 640, 3, 1),
-    (
-        "unet.up2.res2.shortcut 960 32x32",
-        2,
-        32,
-        32,
-        960,
-        640,
-        1,
-        1,
-    ),
-    ("unet.up2.upsample 64x64", 2, 64, 64, 640, 640, 3, 1),
-    ("unet.up3.res0.conv1 960 64x64", 2, 64, 64, 960, 320, 3, 1),
-    (
-        "unet.up3.res0.shortcut 960 64x64",
-        2,
-        64,
-        64,
-        960,
-        320,
-        1,
-        1,
-    ),
-    ("unet.up3.res.conv1 640 64x64", 2, 64, 64, 640, 320, 3, 1),
-    ("unet.up3.res.shortcut 640 64x64", 2, 64, 64, 640, 320, 1, 1),
-    ("unet.conv_out", 2, 64, 64, 320, 4, 3, 1),
-    // VAE decoder (diffusers AutoencoderKL, stable-diffusion-v1-5/vae/config.json)
-    ("vae.post_quant_conv", 1, 64, 64, 4, 4, 1, 1),
-    ("vae.dec.conv_in", 1, 64, 64, 4, 512, 3, 1),
-    ("vae.dec.res 512 64x64", 1, 64, 64, 512, 512, 3, 1),
-    ("vae.dec.up0.upsample 128x128", 1, 128, 128, 512, 512, 3, 1),
-    ("vae.dec.res 512 128x128", 1, 128, 128, 512, 512, 3, 1),
-    ("vae.dec.up1.upsample 256x256", 1, 256, 256, 512, 512, 3, 1),
-    (
-        "vae.dec.up2.res0.conv1 512->256",
-        1,
-        256,
-        256,
-        512,
-        256,
-        3,
-        1,
-    ),
-    (
-        "vae.dec.up2.res0.shortcut 512->256",
-        1,
-        256,
-        256,
-        512,
-        256,
-        1,
-        1,
-    ),
-    ("vae.dec.res 256 256x256", 1, 256, 256, 256, 256, 3, 1),
-    ("vae.dec.up2.upsample 512x512", 1, 512, 512, 256, 256, 3, 1),
-    (
-        "vae.dec.up3.res0.conv1 256->128",
-        1,
-        512,
-        512,
-        256,
-        128,
-        3,
-        1,
-    ),
-    (
-        "vae.dec.up3.res0.shortcut 256->128",
-        1,
-        512,
-        512,
-        256,
-        128,
-        1,
-        1,
-    ),
-    ("vae.dec.res 128 512x512", 1, 512, 512, 128, 128, 3, 1),
-    ("vae.dec.conv_out", 1, 512, 512, 128, 3, 3, 1),
-];
 
 /// Output spatial size for one axis, `None` if the padded input is smaller than the kernel.
 fn out_size(n: usize, pad_a: usize, pad_b: usize, k: usize, stride: usize) -> Option<usize> {
@@ -674,7 +511,7 @@ impl Conv<'_> {
     ) -> Result<()> {
         let [b, ho, wo, cout] = out_shape;
         let m = b * ho * wo;
-        let coop_tile = coop_conv_tile(plan, &gpu.caps, m, cout, matmul::forced_coop_tile()?);
+        let coop_tile = coop_conv_tile(plan, &gpu.caps, m, cout, coop::forced_coop_tile()?);
         let tile = coop_tile.side(plan);
         let n_tiles = cout.div_ceil(tile);
         let tiles = m.div_ceil(tile) * n_tiles;
@@ -682,8 +519,8 @@ impl Conv<'_> {
         let (tensors, bytes) = self.bindings(out);
         let flag = |on: bool| f64::from(u8::from(on));
         let (entry, k_chunk) = match coop_tile {
-            matmul::CoopTile::T64 => ("conv2d_coop", None),
-            matmul::CoopTile::T128 => {
+            coop::CoopTile::T64 => ("conv2d_coop", None),
+            coop::CoopTile::T128 => {
                 let chunk = split_k(plan, tiles, k);
                 // The partial sums must fit one binding; else no split.
                 let fits = |c: usize| {
@@ -838,7 +675,7 @@ impl Conv<'_> {
 
         // The vec4 paths need every aligned group of 4 channels inside one source.
         let vec4_ok = cin.is_multiple_of(4) && x.shape()[3].is_multiple_of(4);
-        let coop_plan = matmul::coop_plan(gpu, dtype).filter(|_| vec4_ok);
+        let coop_plan = coop::coop_plan(gpu, dtype).filter(|_| vec4_ok);
         let variant = match self.variant {
             Some(v) if v.tile == Tile::Coop => {
                 if coop_plan.is_none() {
@@ -884,7 +721,7 @@ impl Conv<'_> {
                     (None, Some(plan))
                         if cout > 16
                             && coop_conv_tile(plan, &gpu.caps, m, cout, None)
-                                == matmul::CoopTile::T128 =>
+                                == coop::CoopTile::T128 =>
                     {
                         Variant::COOP
                     }

@@ -5,10 +5,12 @@
 pub mod attention;
 pub mod cast;
 pub mod conv2d;
+pub mod coop;
 pub mod elementwise;
 pub mod fill;
 pub mod matmul;
 pub mod norm;
 pub mod peak;
 pub mod sampler_step;
+pub mod sd15;
 pub mod tiling;

@@ -84,7 +84,7 @@ pub fn copy(gpu: &Gpu, src: &Tensor, dst: &Tensor) -> Result<()> {
 }
 
 /// FLOPs one `coop_peak` dispatch performs (4 subgroups × 4 chains of FRAG³ multiply-adds).
-pub fn coop_flops(plan: crate::kernels::matmul::CoopPlan, workgroups: u32, iterations: u32) -> f64 {
+pub fn coop_flops(plan: crate::kernels::coop::CoopPlan, workgroups: u32, iterations: u32) -> f64 {
     let f = plan.frag as f64;
     workgroups as f64 * 4.0 * iterations as f64 * 4.0 * 2.0 * f * f * f
 }
@@ -93,7 +93,7 @@ pub fn coop_flops(plan: crate::kernels::matmul::CoopPlan, workgroups: u32, itera
 /// 4 subgroups; `scratch` is any f32 tensor of at least 1 element (written only in theory).
 pub fn coop_peak(
     gpu: &Gpu,
-    plan: crate::kernels::matmul::CoopPlan,
+    plan: crate::kernels::coop::CoopPlan,
     scratch: &Tensor,
     workgroups: u32,
     iterations: u32,
