@@ -587,8 +587,19 @@ impl Conv<'_> {
         Ok(out)
     }
 
-    /// Run into `out`, which must not share a buffer with any input.
+    /// Run into `out`, which must not share a buffer with any input: check the shapes, choose
+    /// the kernel, record it.
     pub fn run_into(&self, gpu: &Gpu, out: &Tensor) -> Result<()> {
+        let shape = self.validate(out)?;
+        match self.choose(gpu, &shape)? {
+            (_, Some(plan)) => self.dispatch_coop(gpu, out, plan, shape.out, shape.input, shape.k),
+            (variant, None) => self.dispatch_fma(gpu, out, variant, &shape),
+        }
+    }
+
+    /// Every input's shape and dtype against the convolution's, no aliasing of `out`, and
+    /// sizes that 32-bit indexing covers.
+    fn validate(&self, out: &Tensor) -> Result<Checked> {
         let op = "conv2d";
         let [b, ho, wo, cout] = self.output_shape()?;
         let [_, h, wi, cin] = self.input.shape()?;
@@ -672,10 +683,22 @@ impl Conv<'_> {
                 ),
             ));
         }
+        Ok(Checked {
+            out: [b, ho, wo, cout],
+            input: [h, wi, cin],
+            m,
+            k,
+            dtype,
+            // The vec4 paths need every aligned group of 4 channels inside one source.
+            vec4_ok: cin.is_multiple_of(4) && x.shape()[3].is_multiple_of(4),
+        })
+    }
 
-        // The vec4 paths need every aligned group of 4 channels inside one source.
-        let vec4_ok = cin.is_multiple_of(4) && x.shape()[3].is_multiple_of(4);
-        let coop_plan = coop::coop_plan(gpu, dtype).filter(|_| vec4_ok);
+    /// The kernel: the forced variant if any (refused where this adapter cannot run it), else
+    /// the default policy. Returns the tensor-core plan when the tensor-core kernel runs.
+    fn choose(&self, gpu: &Gpu, shape: &Checked) -> Result<(Variant, Option<CoopPlan>)> {
+        let (m, cout, dtype) = (shape.m, shape.out[3], shape.dtype);
+        let coop_plan = coop::coop_plan(gpu, dtype).filter(|_| shape.vec4_ok);
         let variant = match self.variant {
             Some(v) if v.tile == Tile::Coop => {
                 if coop_plan.is_none() {
@@ -731,15 +754,24 @@ impl Conv<'_> {
                 }
             }
         };
-        if variant.tile == Tile::Coop {
-            let plan = coop_plan.expect("checked above");
-            return self.dispatch_coop(gpu, out, plan, [b, ho, wo, cout], [h, wi, cin], k);
-        }
+        let plan = (variant.tile == Tile::Coop).then_some(coop_plan).flatten();
+        Ok((variant, plan))
+    }
+
+    /// Record an FMA variant (`shaders/conv2d.wgsl`); shapes already checked.
+    fn dispatch_fma(
+        &self,
+        gpu: &Gpu,
+        out: &Tensor,
+        variant: Variant,
+        shape: &Checked,
+    ) -> Result<()> {
+        let (m, k, cout) = (shape.m, shape.k, shape.out[3]);
         let (tile_m, tile_n) = variant.tile.size(cout);
         let n_tiles = cout.div_ceil(tile_n);
         let m_tiles = m.div_ceil(tile_m);
-        let params = self.params([b, ho, wo, cout], [h, wi, cin], k, n_tiles);
-        let vec4_k = f64::from(u8::from(vec4_ok));
+        let params = self.params(shape.out, shape.input, k, n_tiles);
+        let vec4_k = f64::from(u8::from(shape.vec4_ok));
         let upsample = f64::from(u8::from(matches!(self.input, Input::Upsampled2x(_))));
         let concat = f64::from(u8::from(self.input.second().is_some()));
         let (tensors, bytes) = self.bindings(out);
@@ -761,12 +793,12 @@ impl Conv<'_> {
                 overrides.push(("NQ", small_quads(cout) as f64));
                 "conv2d_small"
             }
-            Tile::Coop => unreachable!("dispatched by dispatch_coop above"),
+            Tile::Coop => unreachable!("the tensor-core kernel is dispatch_coop's"),
         };
         gpu.dispatch(&Dispatch {
             shader: "conv2d",
             entry,
-            dtype,
+            dtype: shape.dtype,
             overrides: &overrides,
             tensors: &tensors,
             params: bytemuck::bytes_of(&params),
@@ -778,6 +810,18 @@ impl Conv<'_> {
             },
         })
     }
+}
+
+/// What [`Conv::validate`] established: the output [B, Ho, Wo, Cout] and input [H, W, Cin]
+/// shapes as the convolution sees them, the GEMM's M and K, the dtype, and whether every
+/// aligned group of 4 channels lies in one source (the vec4 paths).
+struct Checked {
+    out: [usize; 4],
+    input: [usize; 3],
+    m: usize,
+    k: usize,
+    dtype: DType,
+    vec4_ok: bool,
 }
 
 /// 2-D convolution: `x` [B, H, W, Cin] NHWC, `w` [Cout, KH, KW, Cin], `bias` [Cout],
