@@ -5,6 +5,13 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
+/// The largest side an input image may declare. Latent diffusion models work at up to a few
+/// thousand pixels; a header claiming more is either a mistake or an attempt to make us allocate
+/// an absurd buffer before a single pixel has been decoded.
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+/// The largest pixel count an input image may declare (8192², 192 MiB as 8-bit RGB).
+pub const MAX_IMAGE_PIXELS: u64 = 8192 * 8192;
+
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Image {
@@ -19,9 +26,27 @@ impl Image {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
         decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+        // The decoder's own budget, in case a chunk other than the frame asks for memory.
+        decoder.set_limits(png::Limits {
+            bytes: (MAX_IMAGE_PIXELS * 8) as usize,
+        });
         let mut reader = decoder
             .read_info()
             .map_err(|e| Error::io(path, format!("not a readable PNG: {e}")))?;
+        // The output buffer is sized from the header, so bound the header before allocating.
+        let (declared_w, declared_h) = (reader.info().width, reader.info().height);
+        if declared_w > MAX_IMAGE_SIDE
+            || declared_h > MAX_IMAGE_SIDE
+            || declared_w as u64 * declared_h as u64 > MAX_IMAGE_PIXELS
+        {
+            return Err(Error::io(
+                path,
+                format!(
+                    "PNG declares {declared_w}×{declared_h} pixels; the limit is \
+                     {MAX_IMAGE_SIDE} per side and {MAX_IMAGE_PIXELS} pixels in all"
+                ),
+            ));
+        }
         let size = reader
             .output_buffer_size()
             .ok_or_else(|| Error::io(path, "PNG too large"))?;
@@ -126,5 +151,80 @@ impl Image {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CRC-32 (IEEE), as PNG chunks carry it: enough to forge a header by hand.
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &b in bytes {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+        out
+    }
+
+    /// A PNG whose header claims `width`×`height` RGB pixels and carries no image data.
+    fn forged_png(width: u32, height: u32) -> Vec<u8> {
+        let mut ihdr = width.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB, deflate, no filter/interlace tricks
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend(chunk(b"IHDR", &ihdr));
+        png.extend(chunk(b"IDAT", &[]));
+        png.extend(chunk(b"IEND", &[]));
+        png
+    }
+
+    #[test]
+    fn huge_declared_size_is_an_error_before_any_allocation() {
+        let dir = std::env::temp_dir().join(format!("ldm-image-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (w, h) in [(100_000, 100_000), (16_385, 8), (12_000, 12_000)] {
+            let path = dir.join(format!("forged-{w}x{h}.png"));
+            std::fs::write(&path, forged_png(w, h)).unwrap();
+            let err = Image::load_png(&path).unwrap_err().to_string();
+            assert!(err.contains(&format!("declares {w}×{h}")), "{w}×{h}: {err}");
+        }
+        // A small forged header passes the bound and fails later, on the missing data.
+        let path = dir.join("forged-small.png");
+        std::fs::write(&path, forged_png(64, 64)).unwrap();
+        let err = Image::load_png(&path).unwrap_err().to_string();
+        assert!(!err.contains("declares"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn round_trip_keeps_pixels() {
+        let dir = std::env::temp_dir().join(format!("ldm-image-rt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = Image {
+            width: 5,
+            height: 3,
+            rgb: (0..45).map(|i| (i * 5) as u8).collect(),
+        };
+        let path = dir.join("rt.png");
+        image.save_png(&path).unwrap();
+        assert_eq!(Image::load_png(&path).unwrap(), image);
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
