@@ -251,7 +251,7 @@ fn scratch(target: &str) -> PathBuf {
 
 fn safetensors_bytes(header: &str, data: &[u8]) -> Vec<u8> {
     let mut header = header.as_bytes().to_vec();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let mut out = (header.len() as u64).to_le_bytes().to_vec();
