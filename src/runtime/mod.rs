@@ -3,6 +3,7 @@
 //! explicit `flush()`, so a whole denoising step is one submit.
 
 pub mod device;
+mod disk_cache;
 pub mod pipeline;
 pub mod tensor;
 pub mod timing;
@@ -194,13 +195,16 @@ impl Gpu {
 
         let driver_cache = match (&options.pipeline_cache_path, caps.pipeline_cache) {
             (Some(path), true) => {
-                let data = std::fs::read(path).ok();
-                // SAFETY: the data was written by `save_pipeline_cache` for this adapter; the
-                // driver validates the header and falls back to an empty cache on mismatch.
+                let file = std::fs::read(path).ok();
+                // A damaged file is ignored (and rewritten on save), never handed to the driver.
+                let data = file.as_deref().and_then(|f| disk_cache::unseal(f).ok());
+                // SAFETY: `data` passed our checksum, so it is exactly what `save_pipeline_cache`
+                // wrote; wgpu then checks its header against this adapter and driver version and
+                // falls back to an empty cache on any mismatch.
                 let cache = unsafe {
                     device.create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
                         label: Some("ldm pipeline cache"),
-                        data: data.as_deref(),
+                        data,
                         fallback: true,
                     })
                 };
@@ -777,7 +781,7 @@ impl Gpu {
     pub fn save_pipeline_cache(&self) -> Result<()> {
         if let Some((cache, path)) = &self.driver_cache {
             if let Some(data) = cache.get_data() {
-                crate::util::write_atomic(path, &data)?;
+                crate::util::write_atomic(path, &disk_cache::seal(&data))?;
             }
         }
         Ok(())
