@@ -4,6 +4,7 @@
 
 pub mod device;
 mod disk_cache;
+mod faults;
 pub mod pipeline;
 pub mod tensor;
 pub mod timing;
@@ -44,6 +45,11 @@ pub struct GpuOptions {
     /// shaders whose indexing is unproven (`Some(false)`); `None` reads `LDM_SHADER_CHECKS`.
     /// See [`pipeline::shader_checks_from_env`].
     pub shader_checks: Option<bool>,
+    /// The most bytes of tensors this engine may hold on the GPU (live plus pooled), or `None`
+    /// for whatever the driver grants. A request that would pass it fails with an error naming
+    /// the numbers, before the allocation, and the engine stays usable: for sharing a GPU with
+    /// other programs, and for testing out-of-memory handling on any device.
+    pub memory_budget: Option<u64>,
 }
 
 /// Counters for tests and the profile report.
@@ -153,9 +159,11 @@ pub struct Gpu {
     pub features: wgpu::Features,
     pub limits: wgpu::Limits,
     pool: Arc<Mutex<BufferPool>>,
+    memory_budget: Option<u64>,
     pipelines: Mutex<PipelineCache>,
     driver_cache: Option<(wgpu::PipelineCache, PathBuf)>,
     recorder: Mutex<Recorder>,
+    faults: Arc<faults::Faults>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -192,6 +200,7 @@ impl Gpu {
         }))
         .map_err(|e| Error::Device(format!("request_device on {}: {e}", summary.name)))?;
         let caps = device::caps_for(&adapter, features, &limits);
+        let faults = faults::Faults::install(&device);
 
         let driver_cache = match (&options.pipeline_cache_path, caps.pipeline_cache) {
             (Some(path), true) => {
@@ -229,6 +238,7 @@ impl Gpu {
             features,
             limits,
             pool: Arc::new(Mutex::new(BufferPool::default())),
+            memory_budget: options.memory_budget,
             pipelines: Mutex::new(PipelineCache::new(
                 options
                     .shader_checks
@@ -244,7 +254,20 @@ impl Gpu {
                 stats: RecorderStats::default(),
                 bind_groups: BindGroupCache::default(),
             }),
+            faults,
         })
+    }
+
+    /// Whether the device has been lost (a driver reset, the GPU removed): every later call
+    /// returns an error, and a new `Gpu` is needed.
+    pub fn is_lost(&self) -> bool {
+        self.faults.is_lost()
+    }
+
+    /// Destroy the device as a driver reset would, to test recovery from device loss.
+    #[doc(hidden)]
+    pub fn simulate_device_loss(&self) {
+        self.device.destroy();
     }
 
     /// Whether naga's runtime checks are compiled into every shader (see [`GpuOptions`]).
@@ -274,6 +297,7 @@ impl Gpu {
     /// storage buffer (the kernels bind whole tensors).
     pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         self.require_dtype(dtype)?;
+        self.faults.check()?;
         let bytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
         // The granule rounding must not push a tensor that fits over the binding limit (NVIDIA
         // reports 2^31 - 4 bytes, which no multiple of the granule equals): at the limit the
@@ -303,6 +327,7 @@ impl Gpu {
         let (id, buffer) = match reused {
             Some(entry) => entry,
             None => {
+                self.check_budget(shape, size)?;
                 let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
                 let b = self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: None,
@@ -320,6 +345,35 @@ impl Gpu {
         };
         let storage = Arc::new(PooledBuffer::new(buffer, self.pool.clone(), id));
         Ok(Tensor::from_parts(storage, shape.to_vec(), dtype))
+    }
+
+    /// Before creating a buffer of `size` bytes: within the memory budget, if one is set? Free
+    /// pooled buffers are released first, since only live tensors really need the memory.
+    fn check_budget(&self, shape: &[usize], size: u64) -> Result<()> {
+        let Some(budget) = self.memory_budget else {
+            return Ok(());
+        };
+        let held = |s: PoolStats| s.live_bytes + s.free_bytes;
+        if held(self.pool_stats()) + size > budget {
+            self.trim_pool();
+        }
+        let stats = self.pool_stats();
+        if held(stats) + size > budget {
+            const MIB: f64 = 1024.0 * 1024.0;
+            return Err(Error::LimitExceeded {
+                what: format!(
+                    "GPU memory budget: tensor {shape:?} needs {:.1} MiB with {:.1} MiB in use",
+                    size as f64 / MIB,
+                    stats.live_bytes as f64 / MIB
+                ),
+                requested: stats.live_bytes + size,
+                limit: budget,
+                hint: "use a smaller image size or batch, tiled VAE decode (--vae-tiling) or f16, \
+                       or raise the budget"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 
     pub fn pool_stats(&self) -> PoolStats {
@@ -493,10 +547,11 @@ impl Gpu {
 
     /// Block until the GPU is idle.
     pub fn wait(&self) -> Result<()> {
+        self.faults.check()?;
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
-            .map_err(|e| Error::Device(format!("poll: {e}")))
+            .map_err(|e| Error::Device(format!("poll: {e}")))?;
+        self.faults.check()
     }
 
     // ---------------------------------------------------------------- recording
@@ -660,6 +715,7 @@ impl Gpu {
     /// Submit everything recorded so far (one command buffer). Does not wait, except when
     /// profiling, where the timestamps are read back.
     pub fn flush(&self) -> Result<()> {
+        self.faults.check()?;
         let mut rec = lock(&self.recorder);
         self.end_pass(&mut rec);
         let Some(mut encoder) = rec.encoder.take() else {
