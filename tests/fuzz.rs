@@ -579,3 +579,144 @@ fn tokenizer_long_prompt_is_bounded() {
         started.elapsed().as_secs_f64()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Single-file architecture detection: the real SD 1.5 and 2.1 key → shape maps, with keys
+// dropped, renamed and added and dimensions made absurd, through renaming and config inference.
+
+type Shapes = std::collections::BTreeMap<String, Vec<usize>>;
+
+fn real_shapes(name: &str) -> Shapes {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("tests/fixtures/weights/{name}-real.shapes.json"));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    doc["ldm_shapes"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, s)| {
+            let dims = s.as_array().unwrap().iter();
+            (
+                k.clone(),
+                dims.map(|d| d.as_u64().unwrap() as usize).collect(),
+            )
+        })
+        .collect()
+}
+
+fn mutate_shapes(rng: &mut Rng, shapes: &mut Shapes) {
+    const DIMS: &[usize] = &[0, 1, 2, 3, 7, 8, 320, 1 << 20, 1 << 40, usize::MAX];
+    for _ in 0..1 + rng.below(4) {
+        let keys: Vec<String> = shapes.keys().cloned().collect();
+        let key = rng.pick(&keys).clone();
+        match rng.below(5) {
+            0 => {
+                shapes.remove(&key);
+            }
+            1 => {
+                let dims = shapes.get_mut(&key).unwrap();
+                if !dims.is_empty() {
+                    let i = rng.below(dims.len());
+                    dims[i] = *rng.pick(DIMS);
+                }
+            }
+            2 => {
+                let dims = shapes.get_mut(&key).unwrap();
+                if rng.below(2) == 0 {
+                    dims.pop();
+                } else {
+                    dims.push(*rng.pick(DIMS));
+                }
+            }
+            3 => {
+                // Renumber one index in the key: blocks appear, vanish or collide.
+                let shape = shapes.remove(&key).unwrap();
+                let digits: Vec<usize> = key
+                    .char_indices()
+                    .filter(|(_, c)| c.is_ascii_digit())
+                    .map(|(i, _)| i)
+                    .collect();
+                let renamed = if digits.is_empty() {
+                    format!("{key}.0")
+                } else {
+                    let at = *rng.pick(&digits);
+                    let with = rng.pick(&["0", "1", "9", "99", "4294967296"]).to_string();
+                    format!("{}{}{}", &key[..at], with, &key[at + 1..])
+                };
+                shapes.insert(renamed, shape);
+            }
+            _ => {
+                let prefix = rng.pick(&[
+                    "model.diffusion_model.input_blocks.",
+                    "first_stage_model.decoder.up.",
+                    "cond_stage_model.transformer.text_model.encoder.layers.",
+                    "cond_stage_model.model.transformer.resblocks.",
+                ]);
+                let junk = format!("{prefix}{}.x.weight", rng.below(40));
+                shapes.insert(junk, vec![*rng.pick(DIMS), *rng.pick(DIMS)]);
+            }
+        }
+    }
+}
+
+fn check_single_file_detection(stored: &Shapes) {
+    use ldm_wgpu::weights::rename::{self, InferHints};
+    let Ok(plan) = rename::plan_single_file(stored) else {
+        return;
+    };
+    let present = |m: &std::collections::BTreeMap<String, rename::Renamed>| -> Shapes {
+        m.iter()
+            .filter_map(|(k, r)| {
+                let shape = r.transform.apply_shape(stored.get(&r.source_key)?)?;
+                Some((k.clone(), shape))
+            })
+            .collect()
+    };
+    let (unet, vae, text) = (
+        present(&plan.unet),
+        present(&plan.vae),
+        present(&plan.text_encoder),
+    );
+    let family = plan.family(&unet);
+    let hints = InferHints::default();
+    let _ = rename::infer_unet_config(&unet, family, &hints);
+    let _ = rename::infer_vae_config(&vae, family, &hints);
+    let _ = rename::infer_text_encoder_config(&text, family);
+    let _ = rename::cross_attention_dim(&unet);
+}
+
+#[test]
+fn fuzz_single_file_detection() {
+    let seeds = [real_shapes("sd15"), real_shapes("sd21")];
+    let n = cases() / 5; // each case walks a ~1,100-key map
+    let mut rng = Rng::new(base_seed() ^ 0x51f);
+    let started = Instant::now();
+    for case in 0..n {
+        let mut shapes = seeds[case as usize % 2].clone();
+        mutate_shapes(&mut rng, &mut shapes);
+        let kept = shapes.clone();
+        let outcome = run_bounded(move || {
+            check_single_file_detection(&shapes);
+            Ok(())
+        });
+        if let Err(why) = outcome {
+            let before = &seeds[case as usize % 2];
+            let changed: Vec<_> = kept
+                .iter()
+                .filter(|(k, v)| before.get(*k) != Some(v))
+                .map(|(k, v)| format!("{k}: {v:?}"))
+                .chain(
+                    before
+                        .keys()
+                        .filter(|k| !kept.contains_key(*k))
+                        .map(|k| format!("{k}: removed")),
+                )
+                .collect();
+            panic!("single-file case {case}: {why}\nchanged keys: {changed:#?}");
+        }
+    }
+    eprintln!(
+        "fuzz single-file detection: {n} cases in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
