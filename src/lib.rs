@@ -9,6 +9,7 @@ pub mod models;
 pub mod nn;
 pub mod pipeline;
 pub mod preview;
+pub mod prompt;
 pub mod rng;
 pub mod runtime;
 pub mod sched;

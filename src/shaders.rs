@@ -71,6 +71,11 @@ pub const SHADERS: &[(&str, &str, &[DType])] = &[
     ),
     ("cast", include_str!("../shaders/cast.wgsl"), &[DType::F16]),
     (
+        "emphasis",
+        include_str!("../shaders/emphasis.wgsl"),
+        &[DType::F32, DType::F16],
+    ),
+    (
         "tiling",
         include_str!("../shaders/tiling.wgsl"),
         &[DType::F32, DType::F16],

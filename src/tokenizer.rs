@@ -402,6 +402,11 @@ impl ClipTokenizer {
         Ok(ranks)
     }
 
+    /// Id of a vocabulary entry by its BPE spelling (e.g. `",</w>"`), if present.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.encoder.get(token).copied()
+    }
+
     /// Id of the beginning-of-sequence token (49406 in CLIP).
     pub fn bos_id(&self) -> u32 {
         self.bos_id

@@ -168,6 +168,12 @@ fn kernels_give_the_same_bits_with_and_without_bounds_checks() {
         same_bits("softmax", pair, &sm, dtype, |g, t| {
             elementwise::softmax_last_dim(g, &t[0]).unwrap()
         });
+        // prompt emphasis over two 77-token chunks at an odd width.
+        let em = [random(&mut rng, &[2, 77, 45])];
+        let weights: Vec<f32> = (0..154).map(|r| 0.7 + (r % 5) as f32 * 0.2).collect();
+        same_bits("emphasis", pair, &em, dtype, |g, t| {
+            ldm_wgpu::kernels::emphasis::emphasis(g, &t[0], &weights).unwrap()
+        });
     }
     // Where the tensor-core matmul is on (CI's cooperative-matrix lavapipe run), the f16 linear
     // cases above went through it: make sure, so that its proof is not vacuous.

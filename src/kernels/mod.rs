@@ -7,6 +7,7 @@ pub mod cast;
 pub mod conv2d;
 pub mod coop;
 pub mod elementwise;
+pub mod emphasis;
 pub mod fill;
 pub mod matmul;
 pub mod norm;
