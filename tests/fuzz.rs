@@ -720,3 +720,15 @@ fn fuzz_single_file_detection() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Found by the long fuzz run: a declared dimension of usize::MAX overflowed the element count
+/// in `Transform::apply_shape` (a panic in debug builds, a wrong answer in release).
+#[test]
+fn single_file_regression_overflowing_dimensions() {
+    let mut shapes = real_shapes("sd15");
+    shapes.insert(
+        "first_stage_model.decoder.mid.attn_1.proj_out.weight".into(),
+        vec![usize::MAX, 512, 1, 1],
+    );
+    check_single_file_detection(&shapes);
+}

@@ -28,12 +28,13 @@ impl Transform {
         match self {
             Transform::None => Some(stored.to_vec()),
             Transform::Reshape(to) => {
-                let n: usize = stored.iter().product();
-                (to.iter().product::<usize>() == n).then(|| to.clone())
+                // Checked: a hostile header may declare dimensions whose product overflows.
+                let numel = |dims: &[usize]| dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+                (numel(to)? == numel(stored)?).then(|| to.clone())
             }
             Transform::Rows { start, count } => {
                 let rows = *stored.first()?;
-                if start + count > rows {
+                if start.checked_add(*count)? > rows {
                     return None;
                 }
                 let mut s = stored.to_vec();
