@@ -17,6 +17,7 @@
 //! `CLIPTextModel` without it.
 
 pub mod diffusers;
+pub mod lora;
 pub mod rename;
 pub mod safetensors;
 pub mod store;
