@@ -8,7 +8,10 @@
 //! text encoder's output by `kernels::emphasis` (A1111's "Original" emphasis: multiply each token's
 //! row, then restore the chunk's mean).
 
+use crate::kernels::{elementwise, emphasis};
+use crate::models::clip::ClipTextModel;
 use crate::tokenizer::ClipTokenizer;
+use crate::{Gpu, Result, Tensor};
 
 /// A piece of a parsed prompt: text with its weight, or a `BREAK` (start a new 75-token chunk).
 #[derive(Clone, Debug, PartialEq)]
@@ -266,7 +269,7 @@ pub fn extract_network_tags(prompt: &str) -> (String, Vec<NetworkTag>) {
 
 impl NetworkTag {
     /// Read a `lora`/`lyco` tag's name and weights; `Err` names what is wrong.
-    pub fn as_lora(&self) -> Result<Option<LoraTag>, String> {
+    pub fn as_lora(&self) -> std::result::Result<Option<LoraTag>, String> {
         if self.kind != "lora" && self.kind != "lyco" {
             return Ok(None);
         }
@@ -274,7 +277,7 @@ impl NetworkTag {
         if name.is_empty() {
             return Err(format!("<{}:...> without a name", self.kind));
         }
-        let number = |s: &str| -> Result<f64, String> {
+        let number = |s: &str| -> std::result::Result<f64, String> {
             s.trim()
                 .parse::<f64>()
                 .ok()
@@ -322,27 +325,93 @@ impl WeightedChunk {
 /// the next chunk (A1111's default "comma_padding_backtrack").
 pub const COMMA_BACKTRACK: usize = 20;
 
-/// Tokenize a parsed prompt into weighted 77-token chunks as A1111's `tokenize_line` does: each
-/// piece is tokenized on its own, chunks hold 75 tokens, a `BREAK` starts a new chunk, and when a
-/// chunk fills up within `COMMA_BACKTRACK` tokens of a comma the text after the comma moves to
-/// the next chunk. `max_chunks` limits the result (`Some(1)`: truncate to the first chunk, as
-/// diffusers truncates); padding uses the tokenizer's pad id after the first EOS (SD 2.x pads
-/// with `!`, as A1111 does for it).
+/// How a prompt longer than one window is handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chunking {
+    /// diffusers: keep the first 75 tokens (a `BREAK` then has nothing to start).
+    Truncate,
+    /// A1111: as many 75-token chunks as needed, `BREAK` and the comma backtrack included.
+    Chunks,
+}
+
+/// A prompt as the text encoder takes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightedPrompt {
+    pub chunks: Vec<WeightedChunk>,
+    /// Tokens were dropped to fit one window ([`Chunking::Truncate`]).
+    pub truncated: bool,
+}
+
+impl WeightedPrompt {
+    pub fn is_weighted(&self) -> bool {
+        self.chunks.iter().any(WeightedChunk::is_weighted)
+    }
+}
+
+/// Tokenize a parsed prompt into weighted 77-token windows. With [`Chunking::Chunks`] this is
+/// A1111's `tokenize_line`: each piece is tokenized on its own, chunks hold 75 tokens, a `BREAK`
+/// starts a new chunk, and when a chunk fills up within `COMMA_BACKTRACK` tokens of a comma the
+/// text after the comma moves to the next chunk. With [`Chunking::Truncate`] the pieces' tokens
+/// are cut after 75, as diffusers cuts. Padding uses the tokenizer's pad id after the EOS (SD 2.x
+/// pads with `!`, as A1111 does for it).
 pub fn tokenize_weighted(
     tokenizer: &ClipTokenizer,
     pieces: &[Piece],
-    max_chunks: Option<usize>,
-) -> Vec<WeightedChunk> {
+    chunking: Chunking,
+) -> WeightedPrompt {
     let chunk_len = tokenizer.model_max_length() - 2;
+    let mut windows: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
+    let mut truncated = false;
+    match chunking {
+        Chunking::Truncate => {
+            let (mut ids, mut weights) = (Vec::new(), Vec::new());
+            for piece in pieces {
+                if let Piece::Text(text, weight) = piece {
+                    for token in tokenizer.tokenize(text) {
+                        ids.push(token);
+                        weights.push(*weight as f32);
+                    }
+                }
+            }
+            truncated = ids.len() > chunk_len;
+            ids.truncate(chunk_len);
+            weights.truncate(chunk_len);
+            windows.push((ids, weights));
+        }
+        Chunking::Chunks => windows = a1111_chunks(tokenizer, pieces, chunk_len),
+    }
+    let chunks = windows
+        .into_iter()
+        .map(|(tokens, token_weights)| {
+            let mut ids = Vec::with_capacity(chunk_len + 2);
+            ids.push(tokenizer.bos_id());
+            ids.extend_from_slice(&tokens);
+            ids.push(tokenizer.eos_id());
+            ids.resize(chunk_len + 2, tokenizer.pad_id());
+            let mut weights = Vec::with_capacity(chunk_len + 2);
+            weights.push(1.0);
+            weights.extend_from_slice(&token_weights);
+            weights.resize(chunk_len + 2, 1.0);
+            WeightedChunk { ids, weights }
+        })
+        .collect();
+    WeightedPrompt { chunks, truncated }
+}
+
+/// A1111's chunk filling (`tokenize_line`), without BOS/EOS/padding.
+fn a1111_chunks(
+    tokenizer: &ClipTokenizer,
+    pieces: &[Piece],
+    chunk_len: usize,
+) -> Vec<(Vec<u32>, Vec<f32>)> {
     let comma = tokenizer.token_id(",</w>");
     let mut chunks: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
     let (mut ids, mut weights): (Vec<u32>, Vec<f32>) = (Vec::new(), Vec::new());
     let mut last_comma: Option<usize> = None;
-
-    fn close(chunks: &mut Vec<(Vec<u32>, Vec<f32>)>, ids: &mut Vec<u32>, weights: &mut Vec<f32>) {
-        chunks.push((std::mem::take(ids), std::mem::take(weights)));
-    }
-
+    let close =
+        |chunks: &mut Vec<(Vec<u32>, Vec<f32>)>, ids: &mut Vec<u32>, weights: &mut Vec<f32>| {
+            chunks.push((std::mem::take(ids), std::mem::take(weights)));
+        };
     for piece in pieces {
         let (text, weight) = match piece {
             Piece::Break => {
@@ -376,24 +445,45 @@ pub fn tokenize_weighted(
     if !ids.is_empty() || chunks.is_empty() {
         close(&mut chunks, &mut ids, &mut weights);
     }
-    if let Some(max) = max_chunks {
-        chunks.truncate(max.max(1));
-    }
     chunks
-        .into_iter()
-        .map(|(tokens, token_weights)| {
-            let mut ids = Vec::with_capacity(chunk_len + 2);
-            ids.push(tokenizer.bos_id());
-            ids.extend_from_slice(&tokens);
-            ids.push(tokenizer.eos_id());
-            ids.resize(chunk_len + 2, tokenizer.pad_id());
-            let mut weights = Vec::with_capacity(chunk_len + 2);
-            weights.push(1.0);
-            weights.extend_from_slice(&token_weights);
-            weights.resize(chunk_len + 2, 1.0);
-            WeightedChunk { ids, weights }
-        })
-        .collect()
+}
+
+/// The text encoder's output for a weighted prompt, [1, chunks·77, C]: each chunk encoded on its
+/// own (positions restart) and concatenated along the sequence; chunks with weights get A1111's
+/// emphasis (rows weighted, chunk mean restored) on the GPU. An unweighted prompt goes through
+/// the encoder as one batch, exactly as without emphasis.
+pub fn encode_weighted(
+    gpu: &Gpu,
+    encoder: &ClipTextModel,
+    prompt: &WeightedPrompt,
+    clip_skip: Option<usize>,
+) -> Result<Tensor> {
+    let n = prompt.chunks.len();
+    let width = encoder.config.hidden_size;
+    let window = prompt.chunks.first().map_or(0, |c| c.ids.len());
+    if !prompt.is_weighted() {
+        let ids: Vec<u32> = prompt
+            .chunks
+            .iter()
+            .flat_map(|c| c.ids.iter().copied())
+            .collect();
+        return encoder
+            .forward(gpu, &ids, n, clip_skip)?
+            .reshape(&[1, n * window, width]);
+    }
+    let mut out: Option<Tensor> = None;
+    for chunk in &prompt.chunks {
+        let mut z = encoder.forward(gpu, &chunk.ids, 1, clip_skip)?; // [1, 77, C]
+        if chunk.is_weighted() {
+            z = emphasis::emphasis(gpu, &z, &chunk.weights)?;
+        }
+        out = Some(match out {
+            None => z,
+            Some(prev) => elementwise::concat_batch(gpu, &prev, &z)?, // [k+1, 77, C]
+        });
+    }
+    out.expect("at least one chunk")
+        .reshape(&[1, n * window, width])
 }
 
 #[cfg(test)]

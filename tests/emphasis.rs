@@ -1,0 +1,104 @@
+//! A1111 prompt emphasis end to end on the shipped model's text encoder, against the reference in
+//! tools/make_emphasis_fixtures.py (our Python port of A1111's documented behaviour, run with
+//! transformers on CPU in f32): the parsed pieces, the token ids and weights of every chunk
+//! (exactly), and the weighted embeddings (relative L2).
+
+mod common;
+
+use ldm_wgpu::pipeline::{default_model_dir, ModelOptions, StableDiffusion};
+use ldm_wgpu::prompt::{encode_weighted, parse_attention, tokenize_weighted, Chunking, Piece};
+use ldm_wgpu::weights::SafetensorsFile;
+use ldm_wgpu::{DType, Gpu, GpuOptions};
+use serde_json::Value;
+
+/// f32 text encoder vs torch (~1e-6, see tests/models.rs) plus the emphasis kernel's sums.
+const TOL: f64 = 2e-5;
+
+fn fixtures() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/emphasis")
+}
+
+#[test]
+fn weighted_prompts_match_the_reference() {
+    let doc: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("cases.json")).unwrap()).unwrap();
+    let embeddings = SafetensorsFile::open(fixtures().join("embeddings.safetensors")).unwrap();
+    let gpu = Gpu::new(&GpuOptions::default()).expect("adapter");
+    let options = ModelOptions {
+        dtype: Some(DType::F32),
+        ..Default::default()
+    };
+    let sd = StableDiffusion::load(gpu, &default_model_dir(), &options).unwrap();
+    for (n, case) in doc["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let pieces = parse_attention(prompt);
+        let want_pieces: Vec<Piece> = case["pieces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let (text, w) = (p[0].as_str().unwrap(), p[1].as_f64().unwrap());
+                if text == "BREAK" && w == -1.0 {
+                    Piece::Break
+                } else {
+                    Piece::Text(text.into(), w)
+                }
+            })
+            .collect();
+        // serde_json's default float parsing may be 1 ulp off Python's repr: compare to 1e-12.
+        let same = pieces.len() == want_pieces.len()
+            && pieces.iter().zip(&want_pieces).all(|(a, b)| match (a, b) {
+                (Piece::Text(s, w), Piece::Text(s2, w2)) => s == s2 && (w - w2).abs() <= 1e-12,
+                (Piece::Break, Piece::Break) => true,
+                _ => false,
+            });
+        assert!(
+            same,
+            "case {n}: {prompt:?}\n got {pieces:?}\nwant {want_pieces:?}"
+        );
+
+        let weighted = tokenize_weighted(&sd.tokenizer, &pieces, Chunking::Chunks);
+        let want_ids: Vec<Vec<u32>> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let want_weights: Vec<Vec<f32>> = serde_json::from_value(case["weights"].clone()).unwrap();
+        let ids: Vec<Vec<u32>> = weighted.chunks.iter().map(|c| c.ids.clone()).collect();
+        let weights: Vec<Vec<f32>> = weighted.chunks.iter().map(|c| c.weights.clone()).collect();
+        assert_eq!(ids, want_ids, "case {n}: token ids of {prompt:?}");
+        assert_eq!(weights, want_weights, "case {n}: weights of {prompt:?}");
+
+        let z = encode_weighted(&sd.gpu, &sd.text_encoder, &weighted, None).unwrap();
+        let got = sd.gpu.download(&z).unwrap();
+        let want = embeddings.tensor(&format!("case_{n:02}")).unwrap();
+        assert_eq!(z.numel(), want.numel(), "case {n}");
+        let want64: Vec<f64> = want.to_f32_vec().iter().map(|&v| v as f64).collect();
+        let err = common::rel_l2(&got, &want64);
+        eprintln!(
+            "case {n}: {} chunk(s), rel-L2 {err:.2e}  {prompt:?}",
+            ids.len()
+        );
+        assert!(
+            err <= TOL,
+            "case {n}: embeddings differ by {err:.2e} for {prompt:?}"
+        );
+    }
+}
+
+/// Truncation (diffusers' behaviour) keeps the first 75 tokens and no comma backtrack, and an
+/// unweighted prompt tokenizes exactly as the plain tokenizer does.
+#[test]
+fn truncation_matches_the_plain_tokenizer() {
+    let tokenizer =
+        ldm_wgpu::tokenizer::ClipTokenizer::from_dir(&default_model_dir().join("tokenizer"))
+            .unwrap();
+    let long = (0..60)
+        .map(|i| format!("word{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for prompt in ["a blue circle on a yellow background", long.as_str(), ""] {
+        let w = tokenize_weighted(&tokenizer, &parse_attention(prompt), Chunking::Truncate);
+        let plain = tokenizer.encode_padded(prompt);
+        assert_eq!(w.chunks.len(), 1);
+        assert_eq!(w.chunks[0].ids, plain.ids, "{prompt:?}");
+        assert_eq!(w.truncated, plain.truncated, "{prompt:?}");
+        assert!(!w.is_weighted());
+    }
+}
