@@ -732,3 +732,62 @@ fn single_file_regression_overflowing_dimensions() {
     );
     check_single_file_detection(&shapes);
 }
+
+// ---------------------------------------------------------------------------------------------
+// LoRA files: a kohya file and a PEFT file for the shipped model, mutated (header, names,
+// shapes, alphas), matched against the model's weights.
+
+fn lora_seeds() -> Vec<Vec<u8>> {
+    let q = "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q";
+    let kohya = format!(
+        r#"{{"lora_unet_{q}.lora_down.weight":{{"dtype":"F32","shape":[2,128],"data_offsets":[0,1024]}},"lora_unet_{q}.lora_up.weight":{{"dtype":"F32","shape":[128,2],"data_offsets":[1024,2048]}},"lora_unet_{q}.alpha":{{"dtype":"F32","shape":[],"data_offsets":[2048,2052]}}}}"#
+    );
+    let peft = r#"{"unet.down_blocks.1.resnets.0.conv1.lora_A.weight":{"dtype":"F16","shape":[1,64,3,3],"data_offsets":[0,1152]},"unet.down_blocks.1.resnets.0.conv1.lora_B.weight":{"dtype":"F16","shape":[128,1,1,1],"data_offsets":[1152,1408]}}"#;
+    vec![
+        safetensors_bytes(&kohya, &[0u8; 2052]),
+        safetensors_bytes(peft, &[0u8; 1408]),
+    ]
+}
+
+fn lora_targets() -> &'static ldm_wgpu::weights::lora::LoraTargets {
+    use ldm_wgpu::weights::lora::{LoraTarget, LoraTargets};
+    static TARGETS: std::sync::OnceLock<LoraTargets> = std::sync::OnceLock::new();
+    TARGETS.get_or_init(|| {
+        let dir = ldm_wgpu::pipeline::default_model_dir();
+        let model = ldm_wgpu::weights::open_model(dir, &Default::default()).unwrap();
+        LoraTargets::default()
+            .with(LoraTarget::Unet, model.unet.weights.shapes())
+            .with(LoraTarget::TextEncoder, model.text_encoder.weights.shapes())
+    })
+}
+
+fn check_lora(path: &Path) -> Result<bool, String> {
+    let Ok(lora) = ldm_wgpu::weights::lora::open_lora(path, lora_targets()) else {
+        return Ok(false);
+    };
+    // Every accepted layer's tensors exist and convert.
+    for layer in &lora.layers {
+        for name in [Some(&layer.down), Some(&layer.up), layer.mid.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            let t = lora.tensor(name).map_err(|e| e.to_string())?;
+            if t.to_f32_vec().len() != t.numel() {
+                return Err(format!("{name}: conversion length"));
+            }
+        }
+    }
+    Ok(true)
+}
+
+#[test]
+fn fuzz_lora() {
+    let dir = scratch("lora");
+    for (i, seed) in lora_seeds().iter().enumerate() {
+        let path = dir.join(format!("seed-{i}.safetensors"));
+        std::fs::write(&path, seed).unwrap();
+        assert_eq!(check_lora(&path), Ok(true), "seed {i} must be a valid LoRA");
+    }
+    fuzz("lora", &lora_seeds(), &dir, check_lora);
+    std::fs::remove_dir_all(&dir).ok();
+}
