@@ -5,6 +5,7 @@ pub mod error;
 pub mod image;
 pub mod info;
 pub mod kernels;
+pub mod lora;
 pub mod models;
 pub mod nn;
 pub mod pipeline;

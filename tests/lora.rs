@@ -16,8 +16,8 @@ fn targets() -> LoraTargets {
         .with(LoraTarget::TextEncoder, model.text_encoder.weights.shapes())
 }
 
-/// Write a safetensors file of zero-filled f32 tensors (shapes matter here, not values) plus
-/// scalar alphas.
+/// Write a safetensors file of f32 tensors with deterministic pseudo-random values, and scalar
+/// alphas of 4.
 fn write(dir: &Path, name: &str, tensors: &[(&str, Vec<usize>)]) -> PathBuf {
     let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
@@ -26,7 +26,16 @@ fn write(dir: &Path, name: &str, tensors: &[(&str, Vec<usize>)]) -> PathBuf {
             let bytes: Vec<u8> = if k.ends_with(".alpha") {
                 4.0f32.to_le_bytes().to_vec()
             } else {
-                vec![0; n * 4]
+                // Deterministic values in [-0.5, 0.5), different per tensor.
+                let mut state = k
+                    .bytes()
+                    .fold(0x9e37_79b9u32, |h, b| h.wrapping_mul(31) ^ b as u32);
+                (0..n)
+                    .flat_map(|_| {
+                        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                        ((state >> 8) as f32 / (1u32 << 24) as f32 - 0.5).to_le_bytes()
+                    })
+                    .collect()
             };
             (k.to_string(), shape.clone(), bytes)
         })
@@ -258,5 +267,109 @@ fn bad_files_are_refused_with_a_reason() {
     std::fs::write(dir.join("old.pt"), b"\x80\x02").unwrap();
     let err = find_lora(&dir, "old").unwrap_err().to_string();
     assert!(err.contains("pickle"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Merging on the GPU (our matmul, the base as its residual) against the f64 reference, for a
+/// linear, a LoCon 3×3 conv, a 1×1 conv with a 2-D down matrix and a Tucker conv, at odd ranks,
+/// in both dtypes.
+#[test]
+fn merged_weights_match_the_reference() {
+    use ldm_wgpu::lora::{merged_weight, reference_merged};
+    use ldm_wgpu::{DType, Gpu, GpuOptions};
+    let dir = scratch("merge");
+    let (uq, uc) = (under(Q), under(CONV));
+    let shortcut = under("down_blocks.1.resnets.0.conv_shortcut"); // [128, 64, 1, 1]
+    let path = write(
+        &dir,
+        "merge",
+        &[
+            (&format!("lora_unet_{uq}.lora_down.weight"), vec![3, 128]),
+            (&format!("lora_unet_{uq}.lora_up.weight"), vec![128, 3]),
+            (&format!("lora_unet_{uq}.alpha"), vec![]),
+            (
+                &format!("lora_unet_{uc}.lora_down.weight"),
+                vec![5, 64, 3, 3],
+            ),
+            (
+                &format!("lora_unet_{uc}.lora_up.weight"),
+                vec![128, 5, 1, 1],
+            ),
+            (
+                &format!("lora_unet_{shortcut}.lora_down.weight"),
+                vec![2, 64],
+            ),
+            (
+                &format!("lora_unet_{shortcut}.lora_up.weight"),
+                vec![128, 2],
+            ),
+        ],
+    );
+    let tucker_path = write(
+        &dir,
+        "tucker",
+        &[
+            (
+                &format!("lora_unet_{uc}.lora_down.weight"),
+                vec![3, 64, 1, 1],
+            ),
+            (&format!("lora_unet_{uc}.lora_mid.weight"), vec![3, 3, 3, 3]),
+            (
+                &format!("lora_unet_{uc}.lora_up.weight"),
+                vec![128, 3, 1, 1],
+            ),
+        ],
+    );
+    let gpu = Gpu::new(&GpuOptions::default()).expect("adapter");
+    let targets = targets();
+    let mut dtypes = vec![DType::F32];
+    if gpu.caps.shader_f16 {
+        dtypes.push(DType::F16);
+    }
+    for path in [&path, &tucker_path] {
+        let lora = open_lora(path, &targets).unwrap();
+        for layer in &lora.layers {
+            let ws = &layer.weight_shape;
+            let ours: Vec<usize> = if ws.len() == 2 {
+                ws.clone()
+            } else {
+                vec![ws[0], ws[2], ws[3], ws[1]]
+            };
+            let n: usize = ours.iter().product();
+            let base: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+                .collect();
+            for &dtype in &dtypes {
+                let base_t = gpu.upload(&base, &ours, dtype).unwrap();
+                let base_q = gpu.download(&base_t).unwrap();
+                let scale = -0.7 * layer.alpha_scale();
+                let merged = merged_weight(&gpu, &lora, layer, &base_t, scale).unwrap();
+                assert_eq!(merged.shape(), ours.as_slice());
+                let got = gpu.download(&merged).unwrap();
+                let want = reference_merged(&lora, layer, &base_q, scale).unwrap();
+                let num: f64 = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(&g, &w)| (g as f64 - w).powi(2))
+                    .sum();
+                let den: f64 = want.iter().map(|w| w * w).sum();
+                let err = (num / den).sqrt();
+                // f32: one accumulation of ≤ 64·9 products; f16: the output rounding (and the
+                // f16 intermediate of the Tucker product).
+                let tol = if dtype == DType::F32 { 1e-6 } else { 2e-3 };
+                eprintln!(
+                    "{} {:?} {}: rel-L2 {err:.2e}",
+                    lora.name,
+                    layer.key,
+                    dtype.name()
+                );
+                assert!(
+                    err <= tol && got.iter().all(|v| v.is_finite()),
+                    "{}: {err:.2e}",
+                    layer.key
+                );
+            }
+        }
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
