@@ -6,7 +6,8 @@
 // over ceil(n / 4) vectors even when n % 4 != 0: every buffer is a multiple of 256 bytes
 // (BUFFER_GRANULE in runtime/tensor.rs), so the last vector's loads and stores stay inside the
 // buffer and only touch its padding.
-//   unary4              out = f(a): op 0 copy, 1 a*s, 2 silu, 3 gelu (erf), 4 quick_gelu
+//   unary4              out = f(a): op 0 copy, 1 a*s, 2 silu, 3 gelu (erf), 4 quick_gelu,
+//                       5 relu, 6 s*tanh(a/s) (TAESD's soft clamp), 7 a*s + t (t: d0's f32 bits)
 //   binary4             out = a op b: op 0 add, 1 mul                   (same shapes)
 //   channel_bias4/1     out[b, m, c] = a[b, m, c] + v[b, c]             a [B, M, C], v [B, C]
 //   concat_channels4/1  out[p, :] = [a[p, 0..C1], b[p, 0..C2]]          pixels p = 0..B*H*W
@@ -102,6 +103,9 @@ fn unary4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         case 2u: { r = v * sigmoid4(v); }
         case 3u: { r = gelu4(v); }
         case 4u: { r = v * sigmoid4(1.702 * v); }
+        case 5u: { r = max(v, vec4<f32>(0.0)); }
+        case 6u: { r = params.s * tanh(v / params.s); }
+        case 7u: { r = v * params.s + bitcast<f32>(params.d0); }
         default: { r = v; }
     }
     out4[i] = elem4(r);

@@ -55,7 +55,7 @@ fn unary_and_binary() {
             let n: usize = shape.iter().product();
             let (a, aq) = upload(&rng.normals(n, 3.0), shape, dtype);
             let (b, bq) = upload(&rng.normals(n, 1.0), shape, dtype);
-            let unary: [UnaryCase; 5] = [
+            let unary: [UnaryCase; 8] = [
                 ("silu", ew::silu_into, ew::reference_silu(&aq), MATH_TOL),
                 ("gelu", ew::gelu_into, ew::reference_gelu(&aq), MATH_TOL),
                 (
@@ -69,6 +69,19 @@ fn unary_and_binary() {
                     "scale",
                     |g, x, o| ew::scale_into(g, x, 0.18215, o),
                     ew::reference_scale(&aq, 0.18215),
+                    MATH_TOL,
+                ),
+                ("relu", ew::relu_into, ew::reference_relu(&aq), move_tol()),
+                (
+                    "tanh_clamp",
+                    |g, x, o| ew::tanh_clamp_into(g, x, 3.0, o),
+                    ew::reference_tanh_clamp(&aq, 3.0),
+                    MATH_TOL,
+                ),
+                (
+                    "affine",
+                    |g, x, o| ew::affine_into(g, x, 2.0, -1.0, o),
+                    ew::reference_affine(&aq, 2.0, -1.0),
                     MATH_TOL,
                 ),
             ];

@@ -22,6 +22,9 @@ const UNARY_SCALE: u32 = 1;
 const UNARY_SILU: u32 = 2;
 const UNARY_GELU: u32 = 3;
 const UNARY_QUICK_GELU: u32 = 4;
+const UNARY_RELU: u32 = 5;
+const UNARY_TANH_CLAMP: u32 = 6;
+const UNARY_AFFINE: u32 = 7;
 const BINARY_ADD: u32 = 0;
 const BINARY_MUL: u32 = 1;
 
@@ -105,22 +108,43 @@ fn upload_u32(gpu: &Gpu, data: &[u32]) -> Result<Tensor> {
 
 // ------------------------------------------------------------------------------ unary / binary
 
-fn unary_into(
-    gpu: &Gpu,
-    x: &Tensor,
-    out: &Tensor,
+/// One op of the `unary4` entry: its selector, scalars, name and FLOPs per element.
+struct Unary {
     op: u32,
     s: f32,
+    /// The affine op's offset (travels as f32 bits in `d0`; the other ops ignore it).
+    t: f32,
     name: &'static str,
     flops: f64,
-) -> Result<()> {
+}
+
+impl Unary {
+    const fn new(op: u32, name: &'static str, flops: f64) -> Unary {
+        Unary {
+            op,
+            s: 0.0,
+            t: 0.0,
+            name,
+            flops,
+        }
+    }
+}
+
+fn unary_into(gpu: &Gpu, x: &Tensor, out: &Tensor, unary: Unary) -> Result<()> {
+    let Unary {
+        op,
+        s,
+        t,
+        name,
+        flops,
+    } = unary;
     check_out(name, out, x.shape(), x.dtype(), &[x])?;
     let vecs = x.numel().div_ceil(4);
     let params = Params {
         n: u32_of(name, vecs)?,
         op,
         s,
-        ..Default::default()
+        d: [t.to_bits(), 0, 0, 0, 0],
     };
     let work = Work {
         flops: flops * x.numel() as f64,
@@ -218,23 +242,70 @@ pub fn mul_into(gpu: &Gpu, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<()> {
 }
 
 pub fn scale_into(gpu: &Gpu, a: &Tensor, s: f32, out: &Tensor) -> Result<()> {
-    unary_into(gpu, a, out, UNARY_SCALE, s, "scale", 1.0)
+    unary_into(
+        gpu,
+        a,
+        out,
+        Unary {
+            s,
+            ..Unary::new(UNARY_SCALE, "scale", 1.0)
+        },
+    )
 }
 
 pub fn silu_into(gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<()> {
-    unary_into(gpu, x, out, UNARY_SILU, 0.0, "silu", 4.0)
+    unary_into(gpu, x, out, Unary::new(UNARY_SILU, "silu", 4.0))
 }
 
 pub fn gelu_into(gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<()> {
-    unary_into(gpu, x, out, UNARY_GELU, 0.0, "gelu", 30.0)
+    unary_into(gpu, x, out, Unary::new(UNARY_GELU, "gelu", 30.0))
 }
 
 pub fn quick_gelu_into(gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<()> {
-    unary_into(gpu, x, out, UNARY_QUICK_GELU, 0.0, "quick_gelu", 5.0)
+    unary_into(gpu, x, out, Unary::new(UNARY_QUICK_GELU, "quick_gelu", 5.0))
 }
 
 pub fn copy_into(gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<()> {
-    unary_into(gpu, x, out, UNARY_COPY, 0.0, "copy", 0.0)
+    unary_into(gpu, x, out, Unary::new(UNARY_COPY, "copy", 0.0))
+}
+
+/// `max(x, 0)`.
+pub fn relu(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+    let out = like(gpu, x)?;
+    relu_into(gpu, x, &out)?;
+    Ok(out)
+}
+pub fn relu_into(gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<()> {
+    unary_into(gpu, x, out, Unary::new(UNARY_RELU, "relu", 1.0))
+}
+
+/// `m · tanh(x / m)`: a soft clamp to (-m, m) (TAESD's decoder input, m = 3).
+pub fn tanh_clamp(gpu: &Gpu, x: &Tensor, m: f32) -> Result<Tensor> {
+    let out = like(gpu, x)?;
+    tanh_clamp_into(gpu, x, m, &out)?;
+    Ok(out)
+}
+pub fn tanh_clamp_into(gpu: &Gpu, x: &Tensor, m: f32, out: &Tensor) -> Result<()> {
+    let op = Unary {
+        s: m,
+        ..Unary::new(UNARY_TANH_CLAMP, "tanh_clamp", 20.0)
+    };
+    unary_into(gpu, x, out, op)
+}
+
+/// `x · s + t` (range changes such as [-1, 1] ↔ [0, 1]).
+pub fn affine(gpu: &Gpu, x: &Tensor, s: f32, t: f32) -> Result<Tensor> {
+    let out = like(gpu, x)?;
+    affine_into(gpu, x, s, t, &out)?;
+    Ok(out)
+}
+pub fn affine_into(gpu: &Gpu, x: &Tensor, s: f32, t: f32, out: &Tensor) -> Result<()> {
+    let op = Unary {
+        s,
+        t,
+        ..Unary::new(UNARY_AFFINE, "affine", 2.0)
+    };
+    unary_into(gpu, x, out, op)
 }
 
 // ------------------------------------------------------------------------------ broadcast / layout
@@ -857,6 +928,20 @@ pub fn reference_mul(a: &[f32], b: &[f32]) -> Vec<f64> {
 
 pub fn reference_scale(a: &[f32], s: f32) -> Vec<f64> {
     f64s(a).map(|x| x * s as f64).collect()
+}
+
+pub fn reference_relu(x: &[f32]) -> Vec<f64> {
+    f64s(x).map(|v| v.max(0.0)).collect()
+}
+
+pub fn reference_tanh_clamp(x: &[f32], m: f32) -> Vec<f64> {
+    let m = m as f64;
+    f64s(x).map(|v| m * (v / m).tanh()).collect()
+}
+
+/// `x · s + t`, with `s` and `t` as the kernel sees them (f32).
+pub fn reference_affine(x: &[f32], s: f32, t: f32) -> Vec<f64> {
+    f64s(x).map(|v| v * s as f64 + t as f64).collect()
 }
 
 pub fn reference_silu(x: &[f32]) -> Vec<f64> {
