@@ -4,6 +4,7 @@
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub mod taesd;
 pub mod transformer;
 pub mod unet;
 pub mod vae;

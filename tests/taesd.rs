@@ -1,0 +1,88 @@
+//! The tiny autoencoder (diffusers `AutoencoderTiny`) against diffusers on CPU: a small config from
+//! a diffusers folder and the real TAESD architecture from the original two-file layout, decoder
+//! and encoder, f32 and f16. Fixtures: tools/make_taesd_fixtures.py.
+
+mod common;
+
+use ldm_wgpu::models::taesd::AutoencoderTiny;
+use ldm_wgpu::weights::SafetensorsFile;
+use ldm_wgpu::DType;
+
+fn fixtures(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/taesd")
+        .join(name)
+}
+
+/// NCHW → NHWC on the host (layout only).
+fn nhwc(x: &[f32], shape: &[usize]) -> Vec<f32> {
+    let (b, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+    let mut out = vec![0.0; x.len()];
+    for n in 0..b {
+        for ch in 0..c {
+            for y in 0..h {
+                for xx in 0..w {
+                    out[((n * h + y) * w + xx) * c + ch] = x[((n * c + ch) * h + y) * w + xx];
+                }
+            }
+        }
+    }
+    out
+}
+
+fn check(name: &str) {
+    let gpu = common::gpu();
+    let io = SafetensorsFile::open(fixtures(name).join("io.safetensors")).unwrap();
+    let tensor = |k: &str| {
+        let t = io.tensor(k).unwrap();
+        let s = t.shape.clone();
+        (nhwc(&t.to_f32_vec(), &s), vec![s[0], s[2], s[3], s[1]])
+    };
+    for dtype in common::dtypes() {
+        let model = AutoencoderTiny::open(gpu, &fixtures(name), dtype).unwrap();
+        // ~30 convs deep on random weights: f32 summation order (~1e-6 measured), f16 storage of
+        // every activation (~7e-4 measured).
+        let tol = common::tol(dtype, 1e-5, 3e-3);
+        for (input, output, decode) in [("latents", "decoded", true), ("image", "encoded", false)] {
+            let (x, shape) = tensor(input);
+            let (want, want_shape) = tensor(output);
+            let x = gpu.upload(&x, &shape, dtype).unwrap();
+            let y = if decode {
+                model.decode(gpu, &x)
+            } else {
+                model.encode(gpu, &x)
+            }
+            .unwrap();
+            assert_eq!(y.shape(), want_shape.as_slice(), "{name} {output}");
+            let got = gpu.download(&y).unwrap();
+            let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+            let err = common::rel_l2(&got, &want64);
+            eprintln!("{name} {output} {}: rel-L2 {err:.2e}", dtype.name());
+            common::assert_close(
+                &format!("{name} {output} {}", dtype.name()),
+                &got,
+                &want64,
+                tol,
+            );
+        }
+    }
+}
+
+#[test]
+fn tiny_config_from_a_diffusers_folder() {
+    check("tiny");
+}
+
+#[test]
+fn real_architecture_from_the_original_files() {
+    check("real");
+}
+
+#[test]
+fn a_folder_without_taesd_is_an_error() {
+    let gpu = common::gpu();
+    let err = AutoencoderTiny::open(gpu, &fixtures("does-not-exist"), DType::F32)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("AutoencoderTiny"), "{err}");
+}
