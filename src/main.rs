@@ -507,6 +507,8 @@ fn a1111_parameters(
         "ddim" | "DDIMScheduler" => "DDIM",
         "pndm" | "plms" | "PNDMScheduler" => "PLMS",
         "ddpm" | "DDPMScheduler" => "DDPM",
+        "lcm" | "LCMScheduler" => "LCM",
+        "tcd" | "TCDScheduler" => "TCD",
         other => other,
     };
     let mut out = r.prompt.clone();

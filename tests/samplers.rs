@@ -268,6 +268,14 @@ fn lms_karras() {
 fn dpmpp_2m_sde() {
     check_sampler("dpmpp_sde");
 }
+#[test]
+fn lcm() {
+    check_sampler("lcm");
+}
+#[test]
+fn tcd() {
+    check_sampler("tcd");
+}
 
 #[test]
 fn pndm_takes_steps_plus_one_calls() {

@@ -10,7 +10,7 @@ run the model on a batch of 2 (the second half using a different f) with guidanc
 img2img cases follow StableDiffusionImg2ImgPipeline (get_timesteps, set_begin_index, add_noise)
 and record add_noise at the next timestep after every call (inpainting's latent blending).
 
-Usage: HF_HUB_OFFLINE=1 /work/venv/bin/python tools/make_sampler_fixtures.py
+Usage: HF_HUB_OFFLINE=1 /work/venv/bin/python tools/make_sampler_fixtures.py [SAMPLER ...]
 """
 import inspect, json, math, os
 
@@ -19,7 +19,9 @@ import torch
 import diffusers
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
+                       HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler,
+                       TCDScheduler)
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(HERE, "..", "tests", "fixtures", "samplers")
@@ -49,6 +51,8 @@ SAMPLERS = {  # name -> (class, config overrides applied on top, as the --sample
     "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
     "lms_karras": (LMSDiscreteScheduler, {"use_karras_sigmas": True}),
     "dpmpp_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "lcm": (LCMScheduler, {}),
+    "tcd": (TCDScheduler, {}),
 }
 GUIDANCE = 7.5
 SHAPE = (1, 4, 4, 4)
@@ -101,8 +105,10 @@ def run(sched, steps, guided=False, strength=None, eta=None):
     step_kwargs = {}
     if "generator" in inspect.signature(sched.step).parameters:
         step_kwargs["generator"] = gen
-    if eta is not None:
-        step_kwargs["eta"] = eta  # the pipeline passes eta only to samplers whose step takes it
+    if "eta" in inspect.signature(sched.step).parameters:
+        # The pipeline passes its eta (default 0.0) to every sampler whose step takes one; TCD's
+        # own default of 0.3 is never used by StableDiffusionPipeline.
+        step_kwargs["eta"] = 0.0 if eta is None else eta
     scales = []
     for i, t in enumerate(timesteps):
         x_in = torch.cat([latents] * 2) if guided else latents
@@ -127,10 +133,13 @@ def run(sched, steps, guided=False, strength=None, eta=None):
 def main():
     os.makedirs(OUT_DIR, exist_ok=True)
     acp = build(DDIMScheduler, {}, SD15).alphas_cumprod
+    only = sys.argv[1:]  # regenerate only these samplers (default: all)
     for name, (cls, overrides) in SAMPLERS.items():
+        if only and name not in only:
+            continue
         cases = []
         variants = [("sd15", SD15, s, False, None) for s in (20, 50)]
-        eta = 0.5 if name == "ddim" else None
+        eta = {"ddim": 0.5, "tcd": 0.3}.get(name)
         variants.append(("sd15_img2img", SD15, 20, False, 0.6))
         variants.append(("sd2_v_trailing", SD2_V, 20, False, None))
         variants.append(("sd15_hub_config", SD15_HUB, 20, False, None))
@@ -138,13 +147,15 @@ def main():
             variants.append(("sd15_guided", SD15, 20, True, None))
         if name.startswith("dpmpp"):
             variants.append(("sd15", SD15, 10, False, None))  # < 15 steps: lower_order_final path
+        if name in ("lcm", "tcd"):
+            variants.append(("sd15", SD15, 4, False, None))  # what they are for: few steps
         for label, base, steps, guided, strength in variants:
             sched = build(cls, overrides, base)
             case = run(sched, steps, guided, strength)
             case.update(label=label, steps=steps, guidance=GUIDANCE if guided else None,
                         config=base, sampler_overrides=overrides, eta=None)
             cases.append(case)
-        if eta is not None:  # DDIM with eta > 0: noise of std_dev_t on every step
+        if eta is not None:  # DDIM / TCD with eta > 0: fresh noise on every step
             case = run(build(cls, overrides, SD15), 20, eta=eta)
             case.update(label="sd15_eta", steps=20, guidance=None, config=SD15,
                         sampler_overrides=overrides, eta=eta)

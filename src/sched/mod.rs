@@ -41,8 +41,10 @@ mod euler;
 mod euler_ancestral;
 mod gpu;
 mod heun;
+mod lcm;
 mod lms;
 mod pndm;
+mod tcd;
 
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;
@@ -51,8 +53,10 @@ pub use euler::Euler;
 pub use euler_ancestral::EulerAncestral;
 pub use gpu::{execute_on_gpu, GpuBuffers};
 pub use heun::Heun;
+pub use lcm::Lcm;
 pub use lms::Lms;
 pub use pndm::Pndm;
+pub use tcd::Tcd;
 
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
@@ -565,6 +569,8 @@ pub const SAMPLER_NAMES: &[(&str, &str)] = &[
     ("euler_karras", "EulerDiscreteScheduler + use_karras_sigmas"),
     ("heun", "HeunDiscreteScheduler"),
     ("ddpm", "DDPMScheduler"),
+    ("lcm", "LCMScheduler (LCM models and LCM-LoRA, 2-8 steps)"),
+    ("tcd", "TCDScheduler (gamma = --eta, 0.3 suggested)"),
 ];
 
 /// Builds the sampler named by `sampler` (a `--sampler` name or a diffusers class name), or by
@@ -621,6 +627,8 @@ pub fn build_sampler(
         }
         "heun" | "heundiscretescheduler" => ("Heun", "heun"),
         "ddpm" | "ddpmscheduler" => ("DDPM", "ddpm"),
+        "lcm" | "lcmscheduler" => ("LCM", "lcm"),
+        "tcd" | "tcdscheduler" => ("TCD", "tcd"),
         _ => {
             let names: Vec<&str> = SAMPLER_NAMES.iter().map(|(n, _)| *n).collect();
             return Err(Error::InvalidInput(format!(
@@ -638,6 +646,8 @@ pub fn build_sampler(
         "DPM" => Box::new(DpmSolverMultistep::new(&cfg, num_inference_steps, label)?),
         "LMS" => Box::new(Lms::new(&cfg, num_inference_steps, label)?),
         "Heun" => Box::new(Heun::new(&cfg, num_inference_steps, label)?),
+        "LCM" => Box::new(Lcm::new(&cfg, num_inference_steps, label)?),
+        "TCD" => Box::new(Tcd::new(&cfg, num_inference_steps, label)?),
         _ => Box::new(Ddpm::new(&cfg, num_inference_steps, label)?),
     };
     Ok(s)
