@@ -28,7 +28,10 @@ fn main() -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(default_model_dir);
     let steps: usize = get("--steps").and_then(|v| v.parse().ok()).unwrap_or(25);
-    let sampler = get("--sampler").unwrap_or_else(|| "dpmpp_2m".into());
+    let sampler: ldm_wgpu::sched::SamplerKind = get("--sampler")
+        .unwrap_or_else(|| "dpmpp_2m".into())
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"));
     let dtype: Option<DType> = get("--dtype").map(|d| d.parse().expect("f16 or f32"));
     let images: usize = get("--images").and_then(|v| v.parse().ok()).unwrap_or(3);
     let cache = std::env::temp_dir().join("ldm-bench-pipeline-cache.bin");
@@ -54,7 +57,7 @@ fn main() -> Result<()> {
         width: size,
         height: size,
         steps,
-        sampler: Some(sampler.clone()),
+        sampler: Some(sampler),
         seed: 1,
         ..Default::default()
     };

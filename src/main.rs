@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use ldm_wgpu::sched::{SamplerKind, SchedulerClass};
 use ldm_wgpu::{Error, GpuOptions};
 
 const USAGE: &str = "\
@@ -121,8 +122,19 @@ fn run(args: &[String]) -> Result<(), Error> {
         }
         "generate" | "gen" | "txt2img" => generate(rest),
         "samplers" => {
-            for (name, what) in ldm_wgpu::sched::SAMPLER_NAMES {
-                println!("{name:<18} {what}");
+            println!("{:<18} {:<18} diffusers class", "--sampler", "A1111 name");
+            for kind in ldm_wgpu::sched::SamplerKind::ALL {
+                let noise = if kind.is_stochastic() {
+                    ", stochastic"
+                } else {
+                    ""
+                };
+                println!(
+                    "{:<18} {:<18} {}{noise}",
+                    kind.name(),
+                    kind.a1111_name(),
+                    kind.description()
+                );
             }
             Ok(())
         }
@@ -188,7 +200,7 @@ fn generate(args: &[String]) -> Result<(), Error> {
             "-g" | "--guidance" | "--cfg-scale" => {
                 req.guidance_scale = parse(&value(&mut it, flag)?, flag)?
             }
-            "--sampler" | "--scheduler" => req.sampler = Some(value(&mut it, flag)?),
+            "--sampler" | "--scheduler" => req.sampler = Some(value(&mut it, flag)?.parse()?),
             "--eta" => req.eta = Some(parse(&value(&mut it, flag)?, flag)?),
             "--seed" => seed = Some(parse(&value(&mut it, flag)?, flag)?),
             "--karras" => karras = true,
@@ -277,26 +289,17 @@ fn generate(args: &[String]) -> Result<(), Error> {
     let sd = StableDiffusion::load(gpu, &model, &model_options)?;
     if karras {
         // Karras sigmas exist for the sigma-based samplers; name the Karras variant.
-        let base = req.sampler.clone().unwrap_or_else(|| {
-            match sd.scheduler_config.class_name().unwrap_or("") {
-                "EulerDiscreteScheduler" => "euler",
-                "DPMSolverMultistepScheduler" => "dpmpp_2m",
-                "LMSDiscreteScheduler" => "lms",
-                other => other,
-            }
-            .to_string()
-        });
-        let with_karras = match base.as_str() {
-            "euler" | "euler_karras" => "euler_karras",
-            "dpmpp_2m" | "dpmpp_2m_karras" => "dpmpp_2m_karras",
-            "lms" | "lms_karras" => "lms_karras",
-            other => {
-                return Err(Error::InvalidInput(format!(
-                    "--karras works with --sampler euler, dpmpp_2m or lms (not `{other}`)"
-                )))
-            }
-        };
-        req.sampler = Some(with_karras.to_string());
+        let base = req.sampler.or_else(|| config_sampler(&sd));
+        let with_karras = base.and_then(SamplerKind::karras).ok_or_else(|| {
+            let named = base.map_or_else(
+                || sd.scheduler_config.class_name().unwrap_or("?").to_string(),
+                |k| k.name().to_string(),
+            );
+            Error::InvalidInput(format!(
+                "--karras works with --sampler euler, dpmpp_2m or lms (not `{named}`)"
+            ))
+        })?;
+        req.sampler = Some(with_karras);
     }
     // Default size: the init image's, else the model's native one (sample_size × VAE factor).
     let native = sd.unet.config.sample_size * sd.vae.config.downscale();
@@ -483,6 +486,12 @@ fn progress_line(p: &ldm_wgpu::pipeline::Progress<'_>, terminal: bool) {
 
 /// The generation parameters in the A1111 web UI's `parameters` text format, which image
 /// browsers and other SD tools read from the PNG.
+/// The sampler the model's own scheduler config gives, when it is one we run.
+fn config_sampler(sd: &ldm_wgpu::pipeline::StableDiffusion) -> Option<SamplerKind> {
+    let class = sd.scheduler_config.class_name()?;
+    SchedulerClass::from_diffusers_name(class).map(SchedulerClass::default_kind)
+}
+
 fn a1111_parameters(
     r: &ldm_wgpu::pipeline::GenerateRequest,
     sd: &ldm_wgpu::pipeline::StableDiffusion,
@@ -490,26 +499,9 @@ fn a1111_parameters(
     seed: u64,
     index: usize,
 ) -> String {
-    let sampler = r
-        .sampler
-        .clone()
-        .unwrap_or_else(|| sd.scheduler_config.class_name().unwrap_or("").to_string());
-    let name = match sampler.as_str() {
-        "euler_a" | "EulerAncestralDiscreteScheduler" => "Euler a",
-        "euler" | "EulerDiscreteScheduler" => "Euler",
-        "euler_karras" => "Euler Karras",
-        "dpmpp_2m" | "DPMSolverMultistepScheduler" => "DPM++ 2M",
-        "dpmpp_2m_karras" => "DPM++ 2M Karras",
-        "dpmpp_sde" => "DPM++ 2M SDE",
-        "lms" | "LMSDiscreteScheduler" => "LMS",
-        "lms_karras" => "LMS Karras",
-        "heun" | "HeunDiscreteScheduler" => "Heun",
-        "ddim" | "DDIMScheduler" => "DDIM",
-        "pndm" | "plms" | "PNDMScheduler" => "PLMS",
-        "ddpm" | "DDPMScheduler" => "DDPM",
-        "lcm" | "LCMScheduler" => "LCM",
-        "tcd" | "TCDScheduler" => "TCD",
-        other => other,
+    let name = match r.sampler.or_else(|| config_sampler(sd)) {
+        Some(kind) => kind.a1111_name(),
+        None => sd.scheduler_config.class_name().unwrap_or(""),
     };
     let mut out = r.prompt.clone();
     if !r.negative_prompt.is_empty() {

@@ -12,7 +12,9 @@ use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::unet::{TimeEmbeddingTable, UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig, VaeTiling};
 use crate::rng::{PhiloxRng, RandnVariant, TorchCpuRng};
-use crate::sched::{build_sampler, execute_on_gpu, Buf, GpuBuffers, Sampler, SchedulerConfig};
+use crate::sched::{
+    build_sampler, execute_on_gpu, Buf, GpuBuffers, Sampler, SamplerKind, SchedulerConfig,
+};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{self, LoadOptions, ModelFamily};
 use crate::{DType, Error, Gpu, Result, Tensor};
@@ -146,7 +148,7 @@ pub struct GenerateRequest {
     pub guidance_scale: f64,
     pub seed: u64,
     pub batch_size: usize,
-    pub sampler: Option<String>,
+    pub sampler: Option<SamplerKind>,
     pub clip_skip: Option<usize>,
     pub rng: RngKind,
     pub seed_mode: SeedMode,
@@ -532,7 +534,7 @@ impl StableDiffusion {
     /// The sampler for `req.steps` (diffusers' "prepare timesteps"); img2img and inpainting keep
     /// the last `strength` of its schedule (their `get_timesteps`).
     fn prepare_timesteps(&self, req: &GenerateRequest) -> Result<Box<dyn Sampler>> {
-        let mut sampler = build_sampler(&self.scheduler_config, req.sampler.as_deref(), req.steps)?;
+        let mut sampler = build_sampler(&self.scheduler_config, req.sampler, req.steps)?;
         if let Some(eta) = req.eta {
             sampler.set_eta(eta);
         }

@@ -74,7 +74,7 @@ fn request(size: usize) -> GenerateRequest {
         height: size,
         steps: 2,
         seed: 7,
-        sampler: Some("euler".into()),
+        sampler: Some("euler".parse().unwrap()),
         ..Default::default()
     }
 }

@@ -469,7 +469,7 @@ fn sd15_f16_512_memory() {
         // DDIM, not the config's PNDM: with steps 1 our PNDM schedules two calls ([1, 1], the
         // second indexing t = 1001) where diffusers' PNDMScheduler gives one ([1]). One call
         // either way is what the memory report needs.
-        sampler: Some("ddim".into()),
+        sampler: Some("ddim".parse().unwrap()),
         seed: 0,
         ..Default::default()
     };

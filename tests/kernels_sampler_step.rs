@@ -408,14 +408,14 @@ fn lincomb_against_reference() {
 #[test]
 fn execute_on_gpu_follows_execute_on_cpu() {
     use ldm_wgpu::sched::{
-        build_sampler, execute_on_cpu, execute_on_gpu, Buf, CpuBuffers, GpuBuffers,
-        SchedulerConfig, SAMPLER_NAMES,
+        build_sampler, execute_on_cpu, execute_on_gpu, Buf, CpuBuffers, GpuBuffers, SamplerKind,
+        SchedulerConfig,
     };
     let gpu = gpu();
     let shape = [2, 4, 6, 4];
     let n: usize = shape.iter().product();
     let config = SchedulerConfig::sd15();
-    for &(name, _) in SAMPLER_NAMES {
+    for name in SamplerKind::ALL {
         let mut rng = Rng::new(5);
         let mut sampler = build_sampler(&config, Some(name), 5).unwrap();
         let sigma = sampler.init_noise_sigma();

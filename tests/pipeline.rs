@@ -96,7 +96,7 @@ fn request(case: &Value) -> GenerateRequest {
         guidance_scale: s["guidance_scale"].as_f64().unwrap(),
         seed: s["seed"].as_u64().unwrap(),
         batch_size: case["batch"].as_u64().unwrap() as usize,
-        sampler: Some(case["sampler"].as_str().unwrap().into()),
+        sampler: Some(case["sampler"].as_str().unwrap().parse().unwrap()),
         ..Default::default()
     };
     // Option cases override some shared settings (make_pipeline_fixtures.py, GROUP_OPTIONS).

@@ -71,7 +71,8 @@ fn run_case(sampler_name: &str, case: &Value) -> Vec<String> {
     let mut errors = Vec::new();
     let cfg = SchedulerConfig::from_value(&case["config"]).unwrap();
     let steps = case["steps"].as_u64().unwrap() as usize;
-    let mut s: Box<dyn Sampler> = build_sampler(&cfg, Some(sampler_name), steps).unwrap();
+    let mut s: Box<dyn Sampler> =
+        build_sampler(&cfg, Some(sampler_name.parse().unwrap()), steps).unwrap();
     if let Some(eta) = case.get("eta").and_then(Value::as_f64) {
         assert!(s.set_eta(eta), "{sampler_name} takes no eta");
     }
@@ -300,7 +301,8 @@ fn alphas_cumprod_matches_torch() {
 
 #[test]
 fn unknown_sampler_is_an_error_listing_names() {
-    let err = build_sampler(&SchedulerConfig::sd15(), Some("nope"), 20)
+    let err = "nope"
+        .parse::<ldm_wgpu::sched::SamplerKind>()
         .err()
         .unwrap();
     assert!(err.to_string().contains("dpmpp_2m_karras"), "{err}");
@@ -311,10 +313,10 @@ fn unknown_sampler_is_an_error_listing_names() {
 #[test]
 fn every_sampler_runs_with_few_steps() {
     use ldm_wgpu::sched::{
-        build_sampler, execute_on_cpu, Buf, CpuBuffers, SchedulerConfig, SAMPLER_NAMES,
+        build_sampler, execute_on_cpu, Buf, CpuBuffers, SamplerKind, SchedulerConfig,
     };
     let config = SchedulerConfig::sd15();
-    for &(name, _) in SAMPLER_NAMES {
+    for name in SamplerKind::ALL {
         for steps in [1usize, 2, 3, 4] {
             let mut s = build_sampler(&config, Some(name), steps).unwrap();
             let n = 16;
@@ -338,9 +340,9 @@ fn every_sampler_runs_with_few_steps() {
 /// More steps than training timesteps is refused with an error, as diffusers refuses it.
 #[test]
 fn too_many_steps_is_an_error_not_a_panic() {
-    use ldm_wgpu::sched::{build_sampler, SchedulerConfig, SAMPLER_NAMES};
+    use ldm_wgpu::sched::{build_sampler, SamplerKind, SchedulerConfig};
     let config = SchedulerConfig::sd15();
-    for &(name, _) in SAMPLER_NAMES {
+    for name in SamplerKind::ALL {
         let result =
             std::panic::catch_unwind(|| build_sampler(&config, Some(name), 1500).map(|_| ()));
         match result {
@@ -358,7 +360,7 @@ fn too_many_steps_is_an_error_not_a_panic() {
 #[test]
 fn strength_that_keeps_no_step_never_skips_past_the_schedule() {
     let config = SchedulerConfig::sd15();
-    for &(name, _) in ldm_wgpu::sched::SAMPLER_NAMES {
+    for name in ldm_wgpu::sched::SamplerKind::ALL {
         for steps in [1, 2, 6, 25] {
             let mut sampler = build_sampler(&config, Some(name), steps).unwrap();
             let full = sampler.timesteps().len();

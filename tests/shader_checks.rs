@@ -205,7 +205,7 @@ fn a_whole_generation_gives_the_same_bits_with_and_without_bounds_checks() {
         steps: 3,
         guidance_scale: 7.5,
         seed: 7,
-        sampler: Some("euler_a".into()),
+        sampler: Some("euler_a".parse().unwrap()),
         ..Default::default()
     };
     let generate = |gpu: Gpu| {

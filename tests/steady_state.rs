@@ -43,7 +43,7 @@ fn request(sampler: &str, steps: usize) -> GenerateRequest {
         steps,
         guidance_scale: 7.5,
         seed: 42,
-        sampler: Some(sampler.into()),
+        sampler: Some(sampler.parse().unwrap()),
         ..Default::default()
     }
 }

@@ -73,7 +73,7 @@ fn shipped_model_matches_diffusers() {
             steps: meta["steps"].as_u64().unwrap() as usize,
             guidance_scale: meta["guidance_scale"].as_f64().unwrap(),
             seed: meta["seed"].as_u64().unwrap(),
-            sampler: Some(meta["sampler"].as_str().unwrap().into()),
+            sampler: Some(meta["sampler"].as_str().unwrap().parse().unwrap()),
             ..Default::default()
         };
         let out = sd.generate(&req, &mut |_| true).unwrap();

@@ -21,7 +21,7 @@
 //!
 //! Pipeline loop (txt2img), mirroring `StableDiffusionPipeline.__call__`:
 //! ```text
-//! let mut s = build_sampler(&config, sampler_name, steps)?;
+//! let mut s = build_sampler(&config, Some(SamplerKind::EulerA), steps)?;
 //! latents = rng.randn(n) * s.init_noise_sigma()
 //! for call in 0..s.timesteps().len():
 //!     unet_in = latents * s.model_input_scale(call)       (duplicated to 2B when guided)
@@ -41,6 +41,7 @@ mod euler;
 mod euler_ancestral;
 mod gpu;
 mod heun;
+mod kind;
 mod lcm;
 mod lms;
 mod pndm;
@@ -53,6 +54,7 @@ pub use euler::Euler;
 pub use euler_ancestral::EulerAncestral;
 pub use gpu::{execute_on_gpu, GpuBuffers};
 pub use heun::Heun;
+pub use kind::{SamplerKind, SchedulerClass};
 pub use lcm::Lcm;
 pub use lms::Lms;
 pub use pndm::Pndm;
@@ -546,38 +548,12 @@ pub(crate) enum Spacing {
     Linspace,
 }
 
-/// The names `--sampler` accepts, with the diffusers class and config overrides each means.
-pub const SAMPLER_NAMES: &[(&str, &str)] = &[
-    ("ddim", "DDIMScheduler"),
-    ("pndm", "PNDMScheduler (PLMS, skip_prk_steps)"),
-    ("euler", "EulerDiscreteScheduler"),
-    ("euler_a", "EulerAncestralDiscreteScheduler"),
-    (
-        "dpmpp_2m",
-        "DPMSolverMultistepScheduler (dpmsolver++, order 2)",
-    ),
-    (
-        "dpmpp_2m_karras",
-        "DPMSolverMultistepScheduler + use_karras_sigmas",
-    ),
-    (
-        "dpmpp_sde",
-        "DPMSolverMultistepScheduler (sde-dpmsolver++, order 2)",
-    ),
-    ("lms", "LMSDiscreteScheduler"),
-    ("lms_karras", "LMSDiscreteScheduler + use_karras_sigmas"),
-    ("euler_karras", "EulerDiscreteScheduler + use_karras_sigmas"),
-    ("heun", "HeunDiscreteScheduler"),
-    ("ddpm", "DDPMScheduler"),
-    ("lcm", "LCMScheduler (LCM models and LCM-LoRA, 2-8 steps)"),
-    ("tcd", "TCDScheduler (gamma = --eta, 0.3 suggested)"),
-];
-
-/// Builds the sampler named by `sampler` (a `--sampler` name or a diffusers class name), or by
-/// the config's `_class_name` when `None`, keeping the config's beta schedule.
+/// Builds the sampler `kind`, or the one the config's `_class_name` names when `None`, keeping
+/// the config's beta schedule (as `X.from_config(pipe.scheduler.config)` does) plus the overrides
+/// the kind implies (Karras sigmas, the SDE algorithm, PLMS).
 pub fn build_sampler(
     config: &SchedulerConfig,
-    sampler: Option<&str>,
+    kind: Option<SamplerKind>,
     num_inference_steps: usize,
 ) -> Result<Box<dyn Sampler>> {
     if num_inference_steps == 0 {
@@ -592,63 +568,50 @@ pub fn build_sampler(
             "{num_inference_steps} steps exceed the {train} timesteps the model was trained with"
         )));
     }
-    let requested = sampler.or(config.class_name()).unwrap_or("PNDMScheduler");
-    let mut cfg = config.clone();
-    let canonical = requested.to_ascii_lowercase().replace(['-', ' ', '+'], "_");
-    let (class, label): (&str, &str) = match canonical.as_str() {
-        "ddim" | "ddimscheduler" => ("DDIM", "ddim"),
-        "pndmscheduler" => ("PNDM", "pndm"),
-        "pndm" | "plms" => {
-            // The name asks for PLMS, which is PNDM without the PRK warm-up.
-            if cfg.get("skip_prk_steps").is_none() {
-                cfg.set("skip_prk_steps", Value::Bool(true));
-            }
-            ("PNDM", "pndm")
-        }
-        "euler" | "eulerdiscretescheduler" => ("Euler", "euler"),
-        "euler_karras" => {
-            cfg.set("use_karras_sigmas", Value::Bool(true));
-            ("Euler", "euler_karras")
-        }
-        "euler_a" | "euler_ancestral" | "eulerancestraldiscretescheduler" => ("EulerA", "euler_a"),
-        "dpmpp_2m" | "dpm__2m" | "dpmsolvermultistepscheduler" => ("DPM", "dpmpp_2m"),
-        "dpmpp_2m_karras" | "dpm__2m_karras" => {
-            cfg.set("use_karras_sigmas", Value::Bool(true));
-            ("DPM", "dpmpp_2m_karras")
-        }
-        "dpmpp_sde" | "dpmpp_2m_sde" | "dpm__2m_sde" => {
-            cfg.set("algorithm_type", Value::from("sde-dpmsolver++"));
-            ("DPM", "dpmpp_sde")
-        }
-        "lms" | "lmsdiscretescheduler" => ("LMS", "lms"),
-        "lms_karras" => {
-            cfg.set("use_karras_sigmas", Value::Bool(true));
-            ("LMS", "lms_karras")
-        }
-        "heun" | "heundiscretescheduler" => ("Heun", "heun"),
-        "ddpm" | "ddpmscheduler" => ("DDPM", "ddpm"),
-        "lcm" | "lcmscheduler" => ("LCM", "lcm"),
-        "tcd" | "tcdscheduler" => ("TCD", "tcd"),
-        _ => {
-            let names: Vec<&str> = SAMPLER_NAMES.iter().map(|(n, _)| *n).collect();
-            return Err(Error::InvalidInput(format!(
-                "unknown sampler `{requested}`; choose one of {}",
-                names.join(", ")
-            )));
-        }
+    let kind = match kind {
+        Some(kind) => kind,
+        None => match config.class_name() {
+            None => SamplerKind::Pndm,
+            Some(name) => SchedulerClass::from_diffusers_name(name)
+                .map(SchedulerClass::default_kind)
+                .ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "scheduler `{name}` from the model's scheduler_config.json; choose one with \
+                         --sampler (`ldm samplers` lists them)"
+                    ))
+                })?,
+        },
     };
-    let label = label.to_string();
-    let s: Box<dyn Sampler> = match class {
-        "DDIM" => Box::new(Ddim::new(&cfg, num_inference_steps, label)?),
-        "PNDM" => Box::new(Pndm::new(&cfg, num_inference_steps, label)?),
-        "Euler" => Box::new(Euler::new(&cfg, num_inference_steps, label)?),
-        "EulerA" => Box::new(EulerAncestral::new(&cfg, num_inference_steps, label)?),
-        "DPM" => Box::new(DpmSolverMultistep::new(&cfg, num_inference_steps, label)?),
-        "LMS" => Box::new(Lms::new(&cfg, num_inference_steps, label)?),
-        "Heun" => Box::new(Heun::new(&cfg, num_inference_steps, label)?),
-        "LCM" => Box::new(Lcm::new(&cfg, num_inference_steps, label)?),
-        "TCD" => Box::new(Tcd::new(&cfg, num_inference_steps, label)?),
-        _ => Box::new(Ddpm::new(&cfg, num_inference_steps, label)?),
+    let mut cfg = config.clone();
+    match kind {
+        // The name asks for PLMS, which is PNDM without the PRK warm-up (a PNDMScheduler config
+        // given no sampler keeps its own setting).
+        SamplerKind::Pndm if cfg.get("skip_prk_steps").is_none() => {
+            cfg.set("skip_prk_steps", Value::Bool(true))
+        }
+        SamplerKind::EulerKarras | SamplerKind::DpmPP2MKarras | SamplerKind::LmsKarras => {
+            cfg.set("use_karras_sigmas", Value::Bool(true))
+        }
+        SamplerKind::DpmPP2MSde => cfg.set("algorithm_type", Value::from("sde-dpmsolver++")),
+        _ => {}
+    }
+    let label = kind.name().to_string();
+    let steps = num_inference_steps;
+    let s: Box<dyn Sampler> = match kind.class() {
+        SchedulerClass::Ddim => Box::new(Ddim::new(&cfg, steps, label)?),
+        SchedulerClass::Pndm => Box::new(Pndm::new(&cfg, steps, label)?),
+        SchedulerClass::EulerDiscrete => Box::new(Euler::new(&cfg, steps, label)?),
+        SchedulerClass::EulerAncestralDiscrete => {
+            Box::new(EulerAncestral::new(&cfg, steps, label)?)
+        }
+        SchedulerClass::DpmSolverMultistep => {
+            Box::new(DpmSolverMultistep::new(&cfg, steps, label)?)
+        }
+        SchedulerClass::LmsDiscrete => Box::new(Lms::new(&cfg, steps, label)?),
+        SchedulerClass::HeunDiscrete => Box::new(Heun::new(&cfg, steps, label)?),
+        SchedulerClass::Ddpm => Box::new(Ddpm::new(&cfg, steps, label)?),
+        SchedulerClass::Lcm => Box::new(Lcm::new(&cfg, steps, label)?),
+        SchedulerClass::Tcd => Box::new(Tcd::new(&cfg, steps, label)?),
     };
     Ok(s)
 }

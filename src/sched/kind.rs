@@ -1,0 +1,308 @@
+//! The closed set of samplers as a type: every name the CLI, the library, PNG metadata and
+//! (later) the server use for a sampler comes from here, so the tables cannot drift apart.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::Error;
+
+/// The diffusers scheduler class a sampler is (`_class_name` in scheduler_config.json).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SchedulerClass {
+    Ddim,
+    Pndm,
+    EulerDiscrete,
+    EulerAncestralDiscrete,
+    DpmSolverMultistep,
+    LmsDiscrete,
+    HeunDiscrete,
+    Ddpm,
+    Lcm,
+    Tcd,
+}
+
+impl SchedulerClass {
+    pub const ALL: [SchedulerClass; 10] = [
+        SchedulerClass::Ddim,
+        SchedulerClass::Pndm,
+        SchedulerClass::EulerDiscrete,
+        SchedulerClass::EulerAncestralDiscrete,
+        SchedulerClass::DpmSolverMultistep,
+        SchedulerClass::LmsDiscrete,
+        SchedulerClass::HeunDiscrete,
+        SchedulerClass::Ddpm,
+        SchedulerClass::Lcm,
+        SchedulerClass::Tcd,
+    ];
+
+    /// diffusers' class name.
+    pub fn diffusers_name(self) -> &'static str {
+        match self {
+            SchedulerClass::Ddim => "DDIMScheduler",
+            SchedulerClass::Pndm => "PNDMScheduler",
+            SchedulerClass::EulerDiscrete => "EulerDiscreteScheduler",
+            SchedulerClass::EulerAncestralDiscrete => "EulerAncestralDiscreteScheduler",
+            SchedulerClass::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            SchedulerClass::LmsDiscrete => "LMSDiscreteScheduler",
+            SchedulerClass::HeunDiscrete => "HeunDiscreteScheduler",
+            SchedulerClass::Ddpm => "DDPMScheduler",
+            SchedulerClass::Lcm => "LCMScheduler",
+            SchedulerClass::Tcd => "TCDScheduler",
+        }
+    }
+
+    /// The class named by a config's `_class_name`, if we implement it.
+    pub fn from_diffusers_name(name: &str) -> Option<SchedulerClass> {
+        Self::ALL.into_iter().find(|c| c.diffusers_name() == name)
+    }
+
+    /// The sampler a config of this class gives when none is asked for (its own settings kept:
+    /// a PNDMScheduler config keeps its `skip_prk_steps`, a DPMSolver config its algorithm).
+    pub fn default_kind(self) -> SamplerKind {
+        match self {
+            SchedulerClass::Ddim => SamplerKind::Ddim,
+            SchedulerClass::Pndm => SamplerKind::Pndm,
+            SchedulerClass::EulerDiscrete => SamplerKind::Euler,
+            SchedulerClass::EulerAncestralDiscrete => SamplerKind::EulerA,
+            SchedulerClass::DpmSolverMultistep => SamplerKind::DpmPP2M,
+            SchedulerClass::LmsDiscrete => SamplerKind::Lms,
+            SchedulerClass::HeunDiscrete => SamplerKind::Heun,
+            SchedulerClass::Ddpm => SamplerKind::Ddpm,
+            SchedulerClass::Lcm => SamplerKind::Lcm,
+            SchedulerClass::Tcd => SamplerKind::Tcd,
+        }
+    }
+}
+
+/// A sampler the engine runs: a diffusers scheduler class plus the config overrides the name
+/// implies (Karras sigmas, the SDE algorithm, PLMS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SamplerKind {
+    Ddim,
+    Pndm,
+    Euler,
+    EulerA,
+    DpmPP2M,
+    DpmPP2MKarras,
+    DpmPP2MSde,
+    Lms,
+    LmsKarras,
+    EulerKarras,
+    Heun,
+    Ddpm,
+    Lcm,
+    Tcd,
+}
+
+impl SamplerKind {
+    /// Every sampler, in the order `ldm samplers` lists them.
+    pub const ALL: [SamplerKind; 14] = [
+        SamplerKind::Ddim,
+        SamplerKind::Pndm,
+        SamplerKind::Euler,
+        SamplerKind::EulerA,
+        SamplerKind::DpmPP2M,
+        SamplerKind::DpmPP2MKarras,
+        SamplerKind::DpmPP2MSde,
+        SamplerKind::Lms,
+        SamplerKind::LmsKarras,
+        SamplerKind::EulerKarras,
+        SamplerKind::Heun,
+        SamplerKind::Ddpm,
+        SamplerKind::Lcm,
+        SamplerKind::Tcd,
+    ];
+
+    /// The `--sampler` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SamplerKind::Ddim => "ddim",
+            SamplerKind::Pndm => "pndm",
+            SamplerKind::Euler => "euler",
+            SamplerKind::EulerA => "euler_a",
+            SamplerKind::DpmPP2M => "dpmpp_2m",
+            SamplerKind::DpmPP2MKarras => "dpmpp_2m_karras",
+            SamplerKind::DpmPP2MSde => "dpmpp_sde",
+            SamplerKind::Lms => "lms",
+            SamplerKind::LmsKarras => "lms_karras",
+            SamplerKind::EulerKarras => "euler_karras",
+            SamplerKind::Heun => "heun",
+            SamplerKind::Ddpm => "ddpm",
+            SamplerKind::Lcm => "lcm",
+            SamplerKind::Tcd => "tcd",
+        }
+    }
+
+    /// What `ldm samplers` prints beside the name: the diffusers class and settings.
+    pub fn description(self) -> &'static str {
+        match self {
+            SamplerKind::Ddim => "DDIMScheduler",
+            SamplerKind::Pndm => "PNDMScheduler (PLMS, skip_prk_steps)",
+            SamplerKind::Euler => "EulerDiscreteScheduler",
+            SamplerKind::EulerA => "EulerAncestralDiscreteScheduler",
+            SamplerKind::DpmPP2M => "DPMSolverMultistepScheduler (dpmsolver++, order 2)",
+            SamplerKind::DpmPP2MKarras => "DPMSolverMultistepScheduler + use_karras_sigmas",
+            SamplerKind::DpmPP2MSde => "DPMSolverMultistepScheduler (sde-dpmsolver++, order 2)",
+            SamplerKind::Lms => "LMSDiscreteScheduler",
+            SamplerKind::LmsKarras => "LMSDiscreteScheduler + use_karras_sigmas",
+            SamplerKind::EulerKarras => "EulerDiscreteScheduler + use_karras_sigmas",
+            SamplerKind::Heun => "HeunDiscreteScheduler",
+            SamplerKind::Ddpm => "DDPMScheduler",
+            SamplerKind::Lcm => "LCMScheduler (LCM models and LCM-LoRA, 2-8 steps)",
+            SamplerKind::Tcd => "TCDScheduler (gamma = --eta, 0.3 suggested)",
+        }
+    }
+
+    /// The name AUTOMATIC1111's web UI gives it (PNG `parameters`, the web API's sampler list).
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            SamplerKind::Ddim => "DDIM",
+            SamplerKind::Pndm => "PLMS",
+            SamplerKind::Euler => "Euler",
+            SamplerKind::EulerA => "Euler a",
+            SamplerKind::DpmPP2M => "DPM++ 2M",
+            SamplerKind::DpmPP2MKarras => "DPM++ 2M Karras",
+            SamplerKind::DpmPP2MSde => "DPM++ 2M SDE",
+            SamplerKind::Lms => "LMS",
+            SamplerKind::LmsKarras => "LMS Karras",
+            SamplerKind::EulerKarras => "Euler Karras",
+            SamplerKind::Heun => "Heun",
+            SamplerKind::Ddpm => "DDPM",
+            SamplerKind::Lcm => "LCM",
+            SamplerKind::Tcd => "TCD",
+        }
+    }
+
+    pub fn class(self) -> SchedulerClass {
+        match self {
+            SamplerKind::Ddim => SchedulerClass::Ddim,
+            SamplerKind::Pndm => SchedulerClass::Pndm,
+            SamplerKind::Euler | SamplerKind::EulerKarras => SchedulerClass::EulerDiscrete,
+            SamplerKind::EulerA => SchedulerClass::EulerAncestralDiscrete,
+            SamplerKind::DpmPP2M | SamplerKind::DpmPP2MKarras | SamplerKind::DpmPP2MSde => {
+                SchedulerClass::DpmSolverMultistep
+            }
+            SamplerKind::Lms | SamplerKind::LmsKarras => SchedulerClass::LmsDiscrete,
+            SamplerKind::Heun => SchedulerClass::HeunDiscrete,
+            SamplerKind::Ddpm => SchedulerClass::Ddpm,
+            SamplerKind::Lcm => SchedulerClass::Lcm,
+            SamplerKind::Tcd => SchedulerClass::Tcd,
+        }
+    }
+
+    /// The Karras-sigma variant (`--karras`), itself for one already, None where diffusers'
+    /// class has no `use_karras_sigmas`.
+    pub fn karras(self) -> Option<SamplerKind> {
+        match self {
+            SamplerKind::Euler | SamplerKind::EulerKarras => Some(SamplerKind::EulerKarras),
+            SamplerKind::DpmPP2M | SamplerKind::DpmPP2MKarras => Some(SamplerKind::DpmPP2MKarras),
+            SamplerKind::Lms | SamplerKind::LmsKarras => Some(SamplerKind::LmsKarras),
+            _ => None,
+        }
+    }
+
+    /// Whether each step draws fresh noise (the same seed still gives the same image).
+    pub fn is_stochastic(self) -> bool {
+        matches!(
+            self,
+            SamplerKind::EulerA | SamplerKind::DpmPP2MSde | SamplerKind::Ddpm | SamplerKind::Lcm
+        )
+    }
+}
+
+impl fmt::Display for SamplerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SamplerKind {
+    type Err = Error;
+
+    /// A `--sampler` name, an alias (`plms`, `euler_ancestral`, `dpm++_2m`, ...), an A1111 name
+    /// (`"DPM++ 2M Karras"`, `"Euler a"`) or a diffusers class name (`"DDIMScheduler"`).
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if let Some(kind) = SamplerKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s || k.a1111_name() == s)
+        {
+            return Ok(kind);
+        }
+        if let Some(class) = SchedulerClass::from_diffusers_name(s) {
+            return Ok(class.default_kind());
+        }
+        let canonical = s.to_ascii_lowercase().replace(['-', ' ', '+'], "_");
+        let kind = match canonical.as_str() {
+            "plms" => SamplerKind::Pndm,
+            "euler_ancestral" => SamplerKind::EulerA,
+            "dpm__2m" => SamplerKind::DpmPP2M,
+            "dpm__2m_karras" => SamplerKind::DpmPP2MKarras,
+            "dpmpp_2m_sde" | "dpm__2m_sde" => SamplerKind::DpmPP2MSde,
+            other => {
+                return SamplerKind::ALL
+                    .into_iter()
+                    .find(|k| {
+                        k.name() == other
+                            || k.a1111_name()
+                                .to_ascii_lowercase()
+                                .replace(['-', ' ', '+'], "_")
+                                == other
+                    })
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = SamplerKind::ALL.iter().map(|k| k.name()).collect();
+                        Error::InvalidInput(format!(
+                            "unknown sampler `{s}`; choose one of {}",
+                            names.join(", ")
+                        ))
+                    })
+            }
+        };
+        Ok(kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_parses_back() {
+        for kind in SamplerKind::ALL {
+            assert_eq!(kind.name().parse::<SamplerKind>().unwrap(), kind);
+            assert_eq!(
+                kind.a1111_name().parse::<SamplerKind>().unwrap(),
+                kind,
+                "{}",
+                kind.a1111_name()
+            );
+            assert_eq!(kind.to_string(), kind.name());
+            if let Some(k) = kind.karras() {
+                assert_eq!(k.karras(), Some(k));
+                assert_eq!(k.class(), kind.class());
+            }
+        }
+        for class in SchedulerClass::ALL {
+            let kind: SamplerKind = class.diffusers_name().parse().unwrap();
+            assert_eq!(kind.class(), class);
+        }
+    }
+
+    #[test]
+    fn aliases_and_errors() {
+        for (alias, kind) in [
+            ("plms", SamplerKind::Pndm),
+            ("euler_ancestral", SamplerKind::EulerA),
+            ("dpm++_2m", SamplerKind::DpmPP2M),
+            ("DPM++ 2M Karras", SamplerKind::DpmPP2MKarras),
+            ("dpmpp_2m_sde", SamplerKind::DpmPP2MSde),
+            ("Euler-A", SamplerKind::EulerA),
+        ] {
+            assert_eq!(alias.parse::<SamplerKind>().unwrap(), kind, "{alias}");
+        }
+        let err = "nope".parse::<SamplerKind>().unwrap_err().to_string();
+        assert!(
+            err.contains("unknown sampler `nope`") && err.contains("dpmpp_2m_karras"),
+            "{err}"
+        );
+    }
+}
