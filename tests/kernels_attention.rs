@@ -413,7 +413,8 @@ fn rejects_bad_inputs() {
 /// compile (naga 30 has SPIR-V writer panics that only show once overrides are applied).
 #[test]
 fn every_split_compiles_to_spirv() {
-    let src = ldm_wgpu::shaders::specialised_source("attention", DType::F32).unwrap();
+    let src =
+        ldm_wgpu::shaders::specialised_source(ldm_wgpu::shaders::ShaderId::Attention, DType::F32);
     let (module, info) = ldm_wgpu::shaders::validate(&src).unwrap();
     let mut seen = std::collections::HashSet::new();
     for d in 1..=attention::MAX_HEAD_DIM {
@@ -558,7 +559,7 @@ fn tensor_core_path_runs_where_offered() {
     case.pad = 2;
     let e = run(case, DType::F16, 400);
     assert!(e <= 2e-3, "{case:?}: {e:.3e}");
-    let shader = format!("attention_coop{}", plan.frag);
+    let shader = plan.shader(ldm_wgpu::shaders::ShaderId::AttentionCoop);
     let ran = g.compiled_pipelines();
     assert!(
         ran.iter()
@@ -658,8 +659,8 @@ fn every_coop_shape_fits_and_compiles_to_spirv() {
     ];
     let mut seen = std::collections::HashSet::new();
     for (plan, limit) in plans {
-        let shader = format!("attention_coop{}", plan.frag);
-        let src = ldm_wgpu::shaders::specialised_source(&shader, DType::F16).unwrap();
+        let shader = plan.shader(ldm_wgpu::shaders::ShaderId::AttentionCoop);
+        let src = ldm_wgpu::shaders::specialised_source(shader, DType::F16);
         let (module, info) = ldm_wgpu::shaders::validate(&src).unwrap();
         for d in 1..=attention::MAX_HEAD_DIM {
             let Some(cfg) = coop_config(plan, d, limit) else {
@@ -774,7 +775,9 @@ fn coop_same_bits_with_and_without_bounds_checks() {
                     None,
                 )
                 .unwrap();
-                let shader = format!("attention_coop{}", g.caps.coop_f16_frag.unwrap());
+                let shader = ldm_wgpu::shaders::ShaderId::AttentionCoop
+                    .coop_variant(g.caps.coop_f16_frag.unwrap() as usize)
+                    .unwrap();
                 assert!(g.compiled_pipelines().iter().any(|&(s, _)| s == shader));
                 g.download_bytes(&y).unwrap()
             })

@@ -921,7 +921,7 @@ fn coop_variant_matches_reference() {
         }
         ldm_wgpu::kernels::coop::force_coop_tile(None);
         assert!(ran >= 10, "only {ran} cases suit the tensor-core kernel");
-        let shader = plan.shader("conv2d_coop");
+        let shader = plan.shader(ldm_wgpu::shaders::ShaderId::Conv2dCoop);
         assert!(
             g.compiled_pipelines()
                 .iter()
@@ -932,7 +932,7 @@ fn coop_variant_matches_reference() {
     // The SD 1.5 8×8 and 16×16 shapes above split K on the large tile (`conv2d::split_k`): the
     // reduction ran, so the split path is what those cases checked.
     if large {
-        let shader = plan.shader("conv2d_coop");
+        let shader = plan.shader(ldm_wgpu::shaders::ShaderId::Conv2dCoop);
         assert!(
             g.compiled_pipelines()
                 .iter()

@@ -508,7 +508,7 @@ fn tensor_core_path_runs_where_offered() {
     );
     check_geglu(DType::F16, &[1, 37], 29, 44, true, 501, 1);
     let ran = g.compiled_pipelines();
-    let shader = format!("matmul_coop{}", plan.frag);
+    let shader = plan.shader(ldm_wgpu::shaders::ShaderId::MatmulCoop);
     // Either tile (`LDM_COOP_TILE=128` forces the large one everywhere).
     for entry in ["linear_coop", "geglu_coop"] {
         assert!(
@@ -610,7 +610,7 @@ fn coop_engine(options: &GpuOptions) -> Option<(Gpu, CoopPlan)> {
 
 /// The entry points that compiled on `g` from the coop matmul shader.
 fn coop_entries(g: &Gpu, plan: CoopPlan) -> Vec<&'static str> {
-    let shader = format!("matmul_coop{}", plan.frag);
+    let shader = plan.shader(ldm_wgpu::shaders::ShaderId::MatmulCoop);
     g.compiled_pipelines()
         .into_iter()
         .filter(|&(s, _)| s == shader)

@@ -178,7 +178,7 @@ fn kernels_give_the_same_bits_with_and_without_bounds_checks() {
     // Where the tensor-core matmul is on (CI's cooperative-matrix lavapipe run), the f16 linear
     // cases above went through it: make sure, so that its proof is not vacuous.
     if let Some(plan) = coop::coop_plan(&unchecked, DType::F16) {
-        let shader = format!("matmul_coop{}", plan.frag);
+        let shader = plan.shader(ldm_wgpu::shaders::ShaderId::MatmulCoop);
         for gpu in [&checked, &unchecked] {
             assert!(
                 gpu.compiled_pipelines().iter().any(|&(s, _)| s == shader),

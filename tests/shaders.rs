@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use ldm_wgpu::shaders::{dtypes, specialised_source, validate, SHADERS, VARIANTS};
+use ldm_wgpu::shaders::{specialised_source, validate, ShaderId};
 
 #[test]
 fn every_shader_file_is_registered() {
@@ -16,20 +16,19 @@ fn every_shader_file_is_registered() {
             (p.extension()? == "wgsl").then(|| p.file_stem().unwrap().to_string_lossy().to_string())
         })
         .collect();
-    let registered: BTreeSet<String> = SHADERS.iter().map(|s| s.0.to_string()).collect();
+    let registered: BTreeSet<String> = ShaderId::FILES
+        .iter()
+        .map(|s| s.name().to_string())
+        .collect();
     assert_eq!(files, registered, "shaders/ and src/shaders.rs disagree");
 }
 
 #[test]
 fn every_shader_validates_and_translates_to_spirv_msl_hlsl() {
     let mut failures = Vec::new();
-    let names = SHADERS
-        .iter()
-        .map(|s| s.0)
-        .chain(VARIANTS.iter().map(|v| v.0));
-    for name in names {
-        for &dtype in dtypes(name) {
-            let src = specialised_source(name, dtype).unwrap();
+    for name in ShaderId::ALL {
+        for &dtype in name.dtypes() {
+            let src = specialised_source(name, dtype);
             let what = format!("{name} ({})", dtype.name());
             let (module, info) = match validate(&src) {
                 Ok(v) => v,
@@ -133,14 +132,10 @@ fn every_entry_point_passes_spirv_val_where_available() {
     let cmd: Vec<&str> = cmd.split_whitespace().collect();
     let dir = std::env::temp_dir().join(format!("ldm-spirv-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let names = SHADERS
-        .iter()
-        .map(|s| s.0)
-        .chain(VARIANTS.iter().map(|v| v.0));
     let (mut checked, mut failures) = (0, Vec::new());
-    for name in names {
-        for &dtype in dtypes(name) {
-            let src = specialised_source(name, dtype).unwrap();
+    for name in ShaderId::ALL {
+        for &dtype in name.dtypes() {
+            let src = specialised_source(name, dtype);
             let (module, info) = validate(&src).unwrap();
             let (module, info) = naga::back::pipeline_constants::process_overrides(
                 &module,

@@ -12,6 +12,7 @@
 //! adapter's workgroup memory, the FMA kernel `shaders/attention.wgsl` with the split [`config`]
 //! picks. Both follow [`reference`].
 
+use crate::shaders::ShaderId;
 use bytemuck::{Pod, Zeroable};
 
 use crate::kernels::coop::{self, CoopPlan};
@@ -405,7 +406,7 @@ pub fn attention_into_with(
     }
     call.record(
         gpu,
-        "attention",
+        ShaderId::Attention,
         "attention",
         &cfg.overrides(head_dim),
         cfg.block_rows() as usize,
@@ -563,7 +564,7 @@ impl<'a> Call<'a> {
     fn record_coop(&self, gpu: &Gpu, plan: CoopPlan, cfg: CoopConfig) -> Result<()> {
         self.record(
             gpu,
-            plan.shader("attention_coop"),
+            plan.shader(ShaderId::AttentionCoop),
             "attention_coop",
             &cfg.overrides(plan, self.head_dim, self.vec4_aligned()),
             cfg.block_rows(plan) as usize,
@@ -574,7 +575,7 @@ impl<'a> Call<'a> {
     fn record(
         &self,
         gpu: &Gpu,
-        shader: &'static str,
+        shader: ShaderId,
         entry: &'static str,
         overrides: &[(&'static str, f64)],
         block_rows: usize,

@@ -1,6 +1,7 @@
 //! `shaders/cast.wgsl`: storage dtype conversion (f32 <-> f16). The public entry point is
 //! [`crate::kernels::elementwise::cast`]; this file holds the dispatch and the reference.
 
+use crate::shaders::ShaderId;
 use bytemuck::{Pod, Zeroable};
 
 use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
@@ -33,7 +34,7 @@ pub fn cast_into(gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<()> {
     let n = u32::try_from(vecs).map_err(|_| Error::shape("cast", format!("{x:?} is too large")))?;
     let params = Params { n, _pad: [0; 3] };
     gpu.dispatch(&Dispatch {
-        shader: "cast",
+        shader: ShaderId::Cast,
         entry,
         // The shader is registered for the f16 prelude only (it names both types).
         dtype: DType::F16,

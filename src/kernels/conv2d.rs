@@ -11,6 +11,7 @@
 //! skip concatenation), and the kernel comes in three output tiles ([`Tile`]) chosen by shape
 //! ([`choose_variant`]); `LDM_CONV_TILE=64|128|small` forces one for benchmarking.
 
+use crate::shaders::ShaderId;
 use std::sync::OnceLock;
 
 use bytemuck::{Pod, Zeroable};
@@ -540,7 +541,7 @@ impl Conv<'_> {
         let with_partial = [x, xb, w, bias, residual, out_t, x, &partial];
         let grid = grid_1d(tiles as u64);
         gpu.dispatch(&Dispatch {
-            shader: plan.shader("conv2d_coop"),
+            shader: plan.shader(ShaderId::Conv2dCoop),
             entry,
             dtype: out.dtype(),
             overrides: &[
@@ -565,7 +566,7 @@ impl Conv<'_> {
             return Ok(());
         }
         gpu.dispatch(&Dispatch {
-            shader: plan.shader("conv2d_coop"),
+            shader: plan.shader(ShaderId::Conv2dCoop),
             entry: "conv2d_split_reduce",
             dtype: out.dtype(),
             overrides: &[],
@@ -796,7 +797,7 @@ impl Conv<'_> {
             Tile::Coop => unreachable!("the tensor-core kernel is dispatch_coop's"),
         };
         gpu.dispatch(&Dispatch {
-            shader: "conv2d",
+            shader: ShaderId::Conv2d,
             entry,
             dtype: shape.dtype,
             overrides: &overrides,

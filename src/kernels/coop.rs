@@ -5,6 +5,7 @@
 //! [`force_coop_tile`]). The kernels themselves stay in their own files.
 
 use crate::runtime::Gpu;
+use crate::shaders::ShaderId;
 use crate::{Error, Result};
 
 /// How the tensor-core path runs on this adapter: `shaders/matmul_coop.wgsl` compiled for
@@ -22,17 +23,12 @@ impl CoopPlan {
     pub fn tile(self) -> usize {
         4 * self.frag
     }
-    /// The variant of tensor-core shader `base` (`matmul_coop`, `conv2d_coop`, `attention_coop`,
-    /// `peak_coop`) compiled for this fragment size: `{base}16` or `{base}8` in
-    /// [`shaders::VARIANTS`](crate::shaders::VARIANTS). Every such base registers both (the shader
-    /// tests walk them), so a miss is a bug in this crate, not in the input.
-    pub fn shader(self, base: &str) -> &'static str {
-        let suffix = if self.frag == 16 { "16" } else { "8" };
-        crate::shaders::VARIANTS
-            .iter()
-            .find(|v| v.1 == base && v.0.strip_prefix(base) == Some(suffix))
-            .map(|v| v.0)
-            .unwrap_or_else(|| panic!("no {base}{suffix} in shaders::VARIANTS"))
+    /// The variant of tensor-core shader `base` ([`ShaderId::MatmulCoop`], `Conv2dCoop`,
+    /// `AttentionCoop`, `PeakCoop`) compiled for this fragment size. Passing another shader is a
+    /// bug in this crate, not in the input.
+    pub fn shader(self, base: ShaderId) -> ShaderId {
+        base.coop_variant(self.frag)
+            .unwrap_or_else(|| panic!("{base} has no tensor-core variants"))
     }
     /// Workgroup memory the shader declares: two 4f × (2f + 8) f16 tiles and a 4f × 4f f32 tile.
     fn workgroup_bytes(self) -> u32 {

@@ -3,6 +3,7 @@
 //! share a buffer with any input. All tensors are NHWC / token-major and of one dtype (except
 //! [`cast`]). Each `reference_*` function is the op's specification, in f64.
 
+use crate::shaders::ShaderId;
 use bytemuck::{Pod, Zeroable};
 
 use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
@@ -80,7 +81,7 @@ fn launch(
         return Ok(());
     }
     gpu.dispatch(&Dispatch {
-        shader: "elementwise",
+        shader: ShaderId::Elementwise,
         entry,
         dtype: tensors[2].dtype(),
         overrides: &[],
@@ -847,7 +848,7 @@ pub fn softmax_last_dim_into(gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<()> 
         ..Default::default()
     };
     gpu.dispatch(&Dispatch {
-        shader: "elementwise",
+        shader: ShaderId::Elementwise,
         entry: "softmax_rows",
         dtype: x.dtype(),
         overrides: &[],

@@ -2,6 +2,7 @@
 //! weight each token row, then restore the chunk's mean (`modules/sd_emphasis.py`,
 //! `EmphasisOriginal.after_transformers`).
 
+use crate::shaders::ShaderId;
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::Error;
@@ -78,7 +79,7 @@ pub fn emphasis_into(gpu: &Gpu, z: &Tensor, weights: &[f32], out: &Tensor) -> Re
     ];
     for (entry, workgroups, flops_per_element, bytes) in passes {
         gpu.dispatch(&Dispatch {
-            shader: "emphasis",
+            shader: ShaderId::Emphasis,
             entry,
             dtype: z.dtype(),
             overrides: &[],

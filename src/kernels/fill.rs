@@ -1,5 +1,6 @@
 //! `shaders/fill.wgsl`: set every element of a tensor to one value (NaN poisoning, zeroing).
 
+use crate::shaders::ShaderId;
 use bytemuck::{Pod, Zeroable};
 
 use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
@@ -22,7 +23,7 @@ pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<()> {
         _pad: [0; 2],
     };
     gpu.dispatch(&Dispatch {
-        shader: "fill",
+        shader: ShaderId::Fill,
         entry: "fill",
         dtype: out.dtype(),
         overrides: &[],

@@ -10,6 +10,7 @@
 //! operations on f16 cooperative matrices in two tiles ([`CoopTile`]: 4·frag or 8·frag square,
 //! chosen by the number of workgroups; `LDM_COOP_TILE=64|128` forces one for benchmarking).
 
+use crate::shaders::ShaderId;
 use bytemuck::{Pod, Zeroable};
 
 use crate::kernels::coop::{coop_plan, forced_coop_tile, CoopTile};
@@ -210,7 +211,7 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
         );
         coop_overrides = [("SG", plan.subgroup as f64)];
         (
-            plan.shader("matmul_coop"),
+            plan.shader(ShaderId::MatmulCoop),
             coop_entry(tile, g.geglu),
             &coop_overrides,
             tile.side(plan),
@@ -223,7 +224,13 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
             (true, true) => "geglu_vec4",
             (true, false) => "geglu_scalar",
         };
-        ("matmul", entry, &tiles.overrides(), tiles.tm(), tiles.tn())
+        (
+            ShaderId::Matmul,
+            entry,
+            &tiles.overrides(),
+            tiles.tm(),
+            tiles.tn(),
+        )
     };
     let cols_per_group = if g.geglu { tn / 2 } else { tn };
     let params = Params {

@@ -5,6 +5,7 @@
 //! merge-and-normalise with the same many workgroups. See the shader header for the numerics.
 //! [`group_norm_concat`] normalises the channel concatenation of two tensors without building it.
 
+use crate::shaders::ShaderId;
 use bytemuck::{Pod, Zeroable};
 
 use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
@@ -250,7 +251,7 @@ fn record_group_norm(
     let concat = [("CONCAT", if x_b.is_some() { 1.0 } else { 0.0 })];
     let bytes = out.size_bytes() as f64;
     gpu.dispatch(&Dispatch {
-        shader: "norm",
+        shader: ShaderId::Norm,
         entry: "gn_partial",
         dtype: x.dtype(),
         overrides: &concat,
@@ -268,7 +269,7 @@ fn record_group_norm(
         },
     })?;
     gpu.dispatch(&Dispatch {
-        shader: "norm",
+        shader: ShaderId::Norm,
         entry: "gn_normalize",
         dtype: x.dtype(),
         overrides: &concat,
@@ -337,7 +338,7 @@ pub fn layer_norm_into(
         cb: 0,
     };
     gpu.dispatch(&Dispatch {
-        shader: "norm",
+        shader: ShaderId::Norm,
         entry: "layer_norm",
         dtype: x.dtype(),
         overrides: &[],

@@ -1,6 +1,7 @@
 //! `shaders/peak.wgsl`: the device's measured FMA throughput and copy bandwidth, the
 //! denominators of every "% of peak" the benchmarks print.
 
+use crate::shaders::ShaderId;
 use bytemuck::{Pod, Zeroable};
 
 use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
@@ -34,7 +35,7 @@ pub fn fma_peak(gpu: &Gpu, scratch: &Tensor, workgroups: u32, iterations: u32) -
         _pad: [0; 2],
     };
     gpu.dispatch(&Dispatch {
-        shader: "peak",
+        shader: ShaderId::Peak,
         entry: "fma_peak",
         dtype: scratch.dtype(),
         overrides: &[],
@@ -68,7 +69,7 @@ pub fn copy(gpu: &Gpu, src: &Tensor, dst: &Tensor) -> Result<()> {
         _pad: [0; 2],
     };
     gpu.dispatch(&Dispatch {
-        shader: "peak",
+        shader: ShaderId::Peak,
         entry: "copy",
         dtype: src.dtype(),
         overrides: &[],
@@ -110,7 +111,7 @@ pub fn coop_peak(
         _pad: [0; 2],
     };
     gpu.dispatch(&Dispatch {
-        shader: plan.shader("peak_coop"),
+        shader: plan.shader(ShaderId::PeakCoop),
         entry: "coop_peak",
         dtype: DType::F16,
         overrides: &[("SG", plan.subgroup as f64)],

@@ -10,6 +10,7 @@
 //! the img2img / inpainting initial latents from the VAE encoder's moments; and [`lincomb`], the
 //! step kernel as a plain linear combination.
 
+use crate::shaders::ShaderId;
 use bytemuck::{Pod, Zeroable};
 
 use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
@@ -198,7 +199,7 @@ pub fn sampler_step(
     let writes = out_a.size_bytes() * outputs.len() as u64;
     let terms = mask.count_ones() as f64 + 1.0;
     gpu.dispatch(&Dispatch {
-        shader: "sampler_step",
+        shader: ShaderId::SamplerStep,
         entry,
         dtype,
         overrides: &[("HAS_B", if out_b.is_some() { 1.0 } else { 0.0 })],
@@ -326,7 +327,7 @@ pub fn posterior_sample(
         _pad2: [0.0; 2],
     };
     gpu.dispatch(&Dispatch {
-        shader: "sampler_step",
+        shader: ShaderId::SamplerStep,
         entry: "posterior_sample",
         dtype: moments.dtype(),
         overrides: &[],

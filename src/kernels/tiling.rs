@@ -4,6 +4,7 @@
 //! writing its `row_limit` window into the assembled output. The `reference_*` functions are the
 //! specification, in f64.
 
+use crate::shaders::ShaderId;
 use bytemuck::{Pod, Zeroable};
 
 use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
@@ -50,7 +51,7 @@ fn launch(
         return Ok(());
     }
     gpu.dispatch(&Dispatch {
-        shader: "tiling",
+        shader: ShaderId::Tiling,
         entry,
         dtype: tensors[2].dtype(),
         overrides: &[],

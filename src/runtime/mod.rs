@@ -21,6 +21,8 @@ pub use timing::{KernelTime, Work};
 use crate::error::{Error, Result};
 use crate::shaders::BindingKind;
 use pipeline::PipelineCache;
+
+use crate::shaders::ShaderId;
 use tensor::{bucket_size, BufferPool, PooledBuffer};
 use timing::Profiler;
 
@@ -69,7 +71,7 @@ pub struct RecorderStats {
 /// One kernel launch: which pipeline, which tensors (indexed by binding number), the uniform
 /// parameters and the grid.
 pub struct Dispatch<'a> {
-    pub shader: &'static str,
+    pub shader: ShaderId,
     pub entry: &'static str,
     pub dtype: DType,
     pub overrides: &'a [(&'static str, f64)],
@@ -763,7 +765,7 @@ impl Gpu {
     }
 
     /// The (shader, entry point) of every pipeline compiled so far: which code paths ran.
-    pub fn compiled_pipelines(&self) -> Vec<(&'static str, &'static str)> {
+    pub fn compiled_pipelines(&self) -> Vec<(ShaderId, &'static str)> {
         let mut keys: Vec<_> = lock(&self.pipelines)
             .pipelines
             .keys()

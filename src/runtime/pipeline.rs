@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::runtime::tensor::DType;
-use crate::shaders::{self, BindingKind};
+use crate::shaders::{self, BindingKind, ShaderId};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PipelineKey {
-    pub shader: &'static str,
+    pub shader: ShaderId,
     pub entry: &'static str,
     pub dtype: DType,
     /// Override constants, as (name, value bits) so the key is hashable.
@@ -28,7 +28,7 @@ pub struct Pipeline {
 pub(crate) struct PipelineCache {
     pub(crate) pipelines: HashMap<PipelineKey, Arc<Pipeline>>,
     modules:
-        HashMap<(&'static str, DType), (wgpu::ShaderModule, naga::Module, naga::valid::ModuleInfo)>,
+        HashMap<(ShaderId, DType), (wgpu::ShaderModule, naga::Module, naga::valid::ModuleInfo)>,
     pub(crate) compiled: u64,
     /// Compile naga's runtime checks (index clamping, loop bounding) into every shader, not only
     /// into the ones whose indexing is unproven. See [`shader_checks_from_env`].
@@ -75,13 +75,12 @@ impl PipelineCache {
         if let std::collections::hash_map::Entry::Vacant(e) =
             self.modules.entry((key.shader, key.dtype))
         {
-            let source = shaders::specialised_source(key.shader, key.dtype)
-                .ok_or_else(|| shader_err("no shader with this name is registered".into()))?;
+            let source = shaders::specialised_source(key.shader, key.dtype);
             // Validate with naga first: wgpu would report the same error asynchronously and
             // without the shader's name.
             let (naga_module, naga_info) = shaders::validate(&source).map_err(shader_err)?;
             let desc = wgpu::ShaderModuleDescriptor {
-                label: Some(key.shader),
+                label: Some(key.shader.name()),
                 source: wgpu::ShaderSource::Wgsl(source.into()),
             };
             let module = if !self.all_checks && shaders::indexing_proven(key.shader) {
