@@ -20,6 +20,7 @@ use ldm_wgpu::kernels::attention::{self, HeadsView};
 use ldm_wgpu::kernels::coop::{self, CoopTile};
 use ldm_wgpu::kernels::matmul::{self, Activation};
 use ldm_wgpu::kernels::{conv2d, norm, peak, sd15};
+use ldm_wgpu::runtime::KernelPolicy;
 use ldm_wgpu::{DType, Gpu, GpuOptions, Result, Tensor};
 
 struct Bench {
@@ -99,7 +100,7 @@ impl Bench {
 fn main() -> Result<()> {
     let gpu = Gpu::new(&GpuOptions {
         profile: true,
-        ..Default::default()
+        ..GpuOptions::from_env().unwrap()
     })?;
     if !gpu.caps.timestamps {
         eprintln!("this adapter has no TIMESTAMP_QUERY: GPU timing is impossible here");
@@ -156,7 +157,14 @@ fn main() -> Result<()> {
         b.copy_peak * 1e-9
     );
     drop((src, dst));
-    coop::override_coop(Some(true));
+    // What the environment asked for; each path below is forced on top of it, then restored.
+    let base = b.gpu.policy();
+    let forced = |tensor_cores: Option<bool>, coop_tile: Option<CoopTile>| KernelPolicy {
+        tensor_cores,
+        coop_tile,
+        ..base
+    };
+    b.gpu.set_policy(forced(Some(true), None));
     if let Some(plan) = coop::coop_plan(&b.gpu, DType::F16) {
         let scratch = b.gpu.empty(&[256], DType::F32)?;
         let (wg, iters) = if quick { (64u32, 64u32) } else { (4096, 4096) };
@@ -168,7 +176,7 @@ fn main() -> Result<()> {
             f = plan.frag
         );
     }
-    coop::override_coop(None);
+    b.gpu.set_policy(base);
 
     // Matmul / linear.
     let mut cases: Vec<(String, usize, usize, usize)> = sd15::MATMUL
@@ -179,9 +187,9 @@ fn main() -> Result<()> {
     // Every path where the adapter has tensor cores: `matmul[fma]`, `matmul[coop]` (the 64
     // tile) and `matmul[coop128]` (the large tile, where the adapter holds it); the one the
     // engine picks by default marked `*`.
-    coop::override_coop(Some(true));
+    b.gpu.set_policy(forced(Some(true), None));
     let coop = coop::coop_plan(&b.gpu, dtype);
-    coop::override_coop(None);
+    b.gpu.set_policy(base);
     let default_coop = coop::coop_plan(&b.gpu, dtype).is_some();
     for (name, m, n, k) in cases {
         if !b.wanted(&name) || (b.quick && m * n * k > 1 << 30) {
@@ -202,8 +210,7 @@ fn main() -> Result<()> {
             }
         }
         for (path, tile) in paths {
-            coop::override_coop(Some(tile.is_some()));
-            coop::force_coop_tile(tile);
+            b.gpu.set_policy(forced(Some(tile.is_some()), tile));
             let t = b.time(&mut || {
                 matmul::linear(&b.gpu, &x, &w, None, None, Activation::None).map(|_| ())
             })?;
@@ -216,8 +223,7 @@ fn main() -> Result<()> {
                 0.0,
             );
         }
-        coop::override_coop(None);
-        coop::force_coop_tile(None);
+        b.gpu.set_policy(base);
     }
 
     // Convolution: one line per kernel variant that applies (`conv2d[64]` and `conv2d[128]`
@@ -280,8 +286,8 @@ fn main() -> Result<()> {
             if variant.tile != tile {
                 continue; // does not fit this adapter's workgroup memory
             }
-            coop::override_coop(Some(tile == conv2d::Tile::Coop));
-            coop::force_coop_tile(coop_tile);
+            b.gpu
+                .set_policy(forced(Some(tile == conv2d::Tile::Coop), coop_tile));
             let conv = conv2d::Conv {
                 input: if upsampled {
                     conv2d::Input::Upsampled2x(&x)
@@ -296,8 +302,7 @@ fn main() -> Result<()> {
                 variant: Some(variant),
             };
             let t = b.time(&mut || conv.run(&b.gpu).map(|_| ()))?;
-            coop::override_coop(None);
-            coop::force_coop_tile(None);
+            b.gpu.set_policy(base);
             let mark = if (variant, coop_tile) == chosen {
                 "*"
             } else {
@@ -340,7 +345,7 @@ fn main() -> Result<()> {
             paths.push(true);
         }
         for on in paths {
-            coop::override_coop(Some(on));
+            b.gpu.set_policy(forced(Some(on), None));
             let t = b.time(&mut || {
                 attention::attention(
                     &b.gpu,
@@ -355,7 +360,7 @@ fn main() -> Result<()> {
                 )
                 .map(|_| ())
             })?;
-            coop::override_coop(None);
+            b.gpu.set_policy(base);
             let mark = if on == default_coop { "*" } else { "" };
             let path = if on { "coop" } else { "fma" };
             b.line(
@@ -369,7 +374,7 @@ fn main() -> Result<()> {
         // Every tensor-core tile shape that fits (rows × keys per workgroup), for tuning
         // `attention::coop_config`; the one it picks is the `[coop]` line above.
         if let Some(plan) = coop {
-            coop::override_coop(Some(true));
+            b.gpu.set_policy(forced(Some(true), None));
             let picked = attention::coop_config(plan, d, b.gpu.caps.max_workgroup_storage as u64);
             let out = b.gpu.empty(&[batch, nq, c], dtype)?;
             for cfg in attention::CoopConfig::CANDIDATES {
@@ -405,7 +410,7 @@ fn main() -> Result<()> {
                     0.0,
                 );
             }
-            coop::override_coop(None);
+            b.gpu.set_policy(base);
         }
     }
 

@@ -6,7 +6,7 @@ use crate::{DType, Gpu, GpuOptions, Result};
 
 pub fn report(options: &GpuOptions) -> Result<String> {
     let mut out = String::from("adapters:\n");
-    for (i, a) in device::enumerate().iter().enumerate() {
+    for (i, a) in device::enumerate(options.backends).iter().enumerate() {
         out += &format!("  {}\n", AdapterSummary::from_info(i, &a.get_info()));
     }
     let gpu = Gpu::new(options)?;
@@ -101,5 +101,6 @@ pub fn report(options: &GpuOptions) -> Result<String> {
             "only in shaders with unproven indexing (LDM_SHADER_CHECKS=1: everywhere)"
         }
     );
+    out += &format!("  kernel policy      {}\n", gpu.policy().summary());
     Ok(out)
 }

@@ -105,7 +105,7 @@ fn run(args: &[String]) -> Result<(), Error> {
     let rest = &args[1..];
     match command.as_str() {
         "info" => {
-            let mut options = GpuOptions::default();
+            let mut options = GpuOptions::from_env()?;
             let mut it = rest.iter();
             while let Some(a) = it.next() {
                 match a.as_str() {
@@ -170,7 +170,7 @@ fn generate(args: &[String]) -> Result<(), Error> {
     let (mut width, mut height) = (None::<usize>, None::<usize>);
     let mut model: Option<PathBuf> = None;
     let mut output = PathBuf::from("ldm-out.png");
-    let mut gpu_options = GpuOptions::default();
+    let mut gpu_options = GpuOptions::from_env()?;
     let mut model_options = ModelOptions::default();
     let mut batch_count = 1usize;
     let mut quiet = false;
@@ -411,11 +411,7 @@ fn pipeline_cache_path(options: &GpuOptions) -> Option<std::path::PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
-    let tag = options
-        .adapter
-        .clone()
-        .or_else(|| std::env::var("LDM_ADAPTER").ok())
-        .unwrap_or_else(|| "default".into());
+    let tag = options.adapter.clone().unwrap_or_else(|| "default".into());
     let safe: String = tag
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })

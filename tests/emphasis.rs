@@ -23,7 +23,7 @@ fn weighted_prompts_match_the_reference() {
     let doc: Value =
         serde_json::from_slice(&std::fs::read(fixtures().join("cases.json")).unwrap()).unwrap();
     let embeddings = SafetensorsFile::open(fixtures().join("embeddings.safetensors")).unwrap();
-    let gpu = Gpu::new(&GpuOptions::default()).expect("adapter");
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("adapter");
     let options = ModelOptions {
         dtype: Some(DType::F32),
         ..Default::default()

@@ -34,7 +34,7 @@ fn triple(gpu: &Gpu) -> Result<Vec<f32>> {
 #[test]
 fn a_lost_device_is_an_error_and_a_new_engine_works() {
     bounded("device loss", || {
-        let gpu = Gpu::new(&GpuOptions::default()).expect("adapter");
+        let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("adapter");
         assert_eq!(triple(&gpu).unwrap(), vec![3.0, -6.0, 1.5]);
         gpu.simulate_device_loss();
         // The first call may see the loss as the driver reports it (an invalid buffer, a failed
@@ -48,7 +48,8 @@ fn a_lost_device_is_an_error_and_a_new_engine_works() {
         assert!(err.to_string().contains("lost"), "{err}");
         assert!(gpu.wait().is_err());
         drop(gpu);
-        let fresh = Gpu::new(&GpuOptions::default()).expect("a new engine after a lost one");
+        let fresh =
+            Gpu::new(&GpuOptions::from_env().unwrap()).expect("a new engine after a lost one");
         assert_eq!(triple(&fresh).unwrap(), vec![3.0, -6.0, 1.5]);
     });
 }
@@ -56,7 +57,7 @@ fn a_lost_device_is_an_error_and_a_new_engine_works() {
 fn load(budget: Option<u64>) -> StableDiffusion {
     let gpu = Gpu::new(&GpuOptions {
         memory_budget: budget,
-        ..GpuOptions::default()
+        ..GpuOptions::from_env().unwrap()
     })
     .expect("adapter");
     let options = ModelOptions {

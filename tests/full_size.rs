@@ -96,7 +96,7 @@ fn root() -> PathBuf {
 }
 
 fn gpu() -> Gpu {
-    let gpu = Gpu::new(&GpuOptions::default())
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap())
         .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
     eprintln!("full-size tests run on: {}", gpu.adapter);
     gpu

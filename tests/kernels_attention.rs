@@ -737,8 +737,11 @@ fn coop_same_bits_with_and_without_bounds_checks() {
     }
     let open = |checks| {
         ldm_wgpu::Gpu::new(&ldm_wgpu::GpuOptions {
-            shader_checks: Some(checks),
-            ..Default::default()
+            policy: ldm_wgpu::runtime::KernelPolicy {
+                shader_checks: checks,
+                ..ldm_wgpu::runtime::KernelPolicy::from_env().unwrap()
+            },
+            ..ldm_wgpu::GpuOptions::from_env().unwrap()
         })
         .unwrap()
     };

@@ -794,8 +794,11 @@ fn rejects_unknown_variant() {
 fn every_variant_gives_the_same_bits_with_and_without_bounds_checks() {
     let open = |checks| {
         Gpu::new(&GpuOptions {
-            shader_checks: Some(checks),
-            ..Default::default()
+            policy: ldm_wgpu::runtime::KernelPolicy {
+                shader_checks: checks,
+                ..ldm_wgpu::runtime::KernelPolicy::from_env().unwrap()
+            },
+            ..ldm_wgpu::GpuOptions::from_env().unwrap()
         })
         .expect("a wgpu adapter")
     };
@@ -829,11 +832,13 @@ fn every_variant_gives_the_same_bits_with_and_without_bounds_checks() {
                     &[None]
                 };
                 for &tile in tiles {
-                    ldm_wgpu::kernels::coop::force_coop_tile(tile);
+                    set_coop_tile(&checked, tile);
+                    set_coop_tile(&unchecked, tile);
                     let run =
                         |g: &Gpu| g.download_bytes(&run_on(g, c, &i, dtype, Some(v))).unwrap();
                     let same = run(&checked) == run(&unchecked);
-                    ldm_wgpu::kernels::coop::force_coop_tile(None);
+                    set_coop_tile(&checked, None);
+                    set_coop_tile(&unchecked, None);
                     assert!(
                         same,
                         "{} [{} {tile:?}] ({}): bits differ with and without bounds checks",
@@ -862,7 +867,9 @@ fn coop_takes(c: &Case) -> bool {
 /// forcing it must be refused with a clear error, not replaced by another kernel.
 #[test]
 fn coop_variant_matches_reference() {
-    let g = gpu();
+    // An engine of its own: this test forces tiles, which must not reach the other tests.
+    let engine = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+    let g = &engine;
     let plan = ldm_wgpu::kernels::coop::coop_plan(g, DType::F16);
     let all: Vec<&Case> = AWKWARD_SIZES_CASES
         .iter()
@@ -893,7 +900,7 @@ fn coop_variant_matches_reference() {
         );
         return;
     };
-    // Both tiles (the large one where its staging geometry holds), forced on this thread.
+    // Both tiles (the large one where its staging geometry holds), forced on this engine.
     let large = conv2d::coop_conv_tile(plan, &g.caps, 1 << 20, 1 << 10, Some(CoopTile::T128))
         == CoopTile::T128;
     let tiles: &[(CoopTile, &str)] = if large {
@@ -905,7 +912,7 @@ fn coop_variant_matches_reference() {
         &[(CoopTile::T64, "conv2d_coop")]
     };
     for &(tile, entry) in tiles {
-        ldm_wgpu::kernels::coop::force_coop_tile(Some(tile));
+        set_coop_tile(g, Some(tile));
         let mut ran = 0;
         for (s, c) in all.iter().enumerate() {
             if !coop_takes(c) {
@@ -919,7 +926,7 @@ fn coop_variant_matches_reference() {
             assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
             ran += 1;
         }
-        ldm_wgpu::kernels::coop::force_coop_tile(None);
+        set_coop_tile(g, None);
         assert!(ran >= 10, "only {ran} cases suit the tensor-core kernel");
         let shader = plan.shader(ldm_wgpu::shaders::ShaderId::Conv2dCoop);
         assert!(

@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{assert_close, dtypes, gpu, quantize, rel_l2, tol, Rng};
+use common::{assert_close, dtypes, gpu, quantize, rel_l2, set_coop_tile, tol, Rng};
 use ldm_wgpu::kernels::coop::{self, CoopPlan, CoopTile, COOP_LARGE_TILE_MIN_GROUPS};
 use ldm_wgpu::kernels::fill::poisoned;
 use ldm_wgpu::kernels::matmul::{self, Activation};
@@ -625,13 +625,13 @@ fn coop_entries(g: &Gpu, plan: CoopPlan) -> Vec<&'static str> {
 /// only the large entry points ran.
 #[test]
 fn coop_large_tile_awkward_shapes_all_epilogues() {
-    let Some((g, plan)) = coop_engine(&GpuOptions::default()) else {
+    let Some((g, plan)) = coop_engine(&GpuOptions::from_env().unwrap()) else {
         return;
     };
     let t = std::time::Instant::now();
     let f16 = DType::F16;
     // Chosen by shape: 2053 × 2050 is ≥ 256 large tiles at frag 16 (17 × 17) and at 8 (33 × 33).
-    coop::force_coop_tile(None);
+    set_coop_tile(&g, None);
     let e = check_linear_on(
         &g,
         f16,
@@ -647,7 +647,7 @@ fn coop_large_tile_awkward_shapes_all_epilogues() {
     eprintln!("large tile by shape 2053x2050x4: rel L2 {e:.2e}");
     assert_eq!(coop_entries(&g, plan), ["linear_coop_l"]);
 
-    coop::force_coop_tile(Some(CoopTile::T128));
+    set_coop_tile(&g, Some(CoopTile::T128));
     let mut worst = 0.0f64;
     let cases: &[(&[usize], usize, usize)] = &[
         (&[1], 1, 4),
@@ -692,7 +692,7 @@ fn coop_large_tile_awkward_shapes_all_epilogues() {
         seed += 1;
         check_batched(&g, f16, case, seed);
     }
-    coop::force_coop_tile(None);
+    set_coop_tile(&g, None);
     let mut ran = coop_entries(&g, plan);
     ran.sort();
     assert_eq!(
@@ -712,8 +712,11 @@ fn coop_large_tile_awkward_shapes_all_epilogues() {
 fn coop_large_tile_same_bits_with_and_without_bounds_checks() {
     let open = |checks| {
         coop_engine(&GpuOptions {
-            shader_checks: Some(checks),
-            ..Default::default()
+            policy: ldm_wgpu::runtime::KernelPolicy {
+                shader_checks: checks,
+                ..ldm_wgpu::runtime::KernelPolicy::from_env().unwrap()
+            },
+            ..ldm_wgpu::GpuOptions::from_env().unwrap()
         })
     };
     let (Some((checked, plan)), Some((unchecked, _))) = (open(true), open(false)) else {
@@ -721,7 +724,8 @@ fn coop_large_tile_same_bits_with_and_without_bounds_checks() {
     };
     assert!(checked.shader_checks_everywhere());
     assert!(!unchecked.shader_checks_everywhere());
-    coop::force_coop_tile(Some(CoopTile::T128));
+    set_coop_tile(&checked, Some(CoopTile::T128));
+    set_coop_tile(&unchecked, Some(CoopTile::T128));
     let mut rng = Rng::new(0x1a26e);
     let mut random = |shape: &[usize]| (rng.normals(shape.iter().product(), 1.0), shape.to_vec());
     // Bytes of `case`'s output on `g` from `inputs` uploaded as f16.
@@ -770,7 +774,8 @@ fn coop_large_tile_same_bits_with_and_without_bounds_checks() {
             matmul::batched_matmul_bt(g, &t[0], &t[1]).unwrap()
         });
     }
-    coop::force_coop_tile(None);
+    set_coop_tile(&checked, None);
+    set_coop_tile(&unchecked, None);
     for g in [&checked, &unchecked] {
         let mut ran = coop_entries(g, plan);
         ran.sort();

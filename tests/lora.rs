@@ -320,7 +320,7 @@ fn merged_weights_match_the_reference() {
             ),
         ],
     );
-    let gpu = Gpu::new(&GpuOptions::default()).expect("adapter");
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("adapter");
     let targets = targets();
     let mut dtypes = vec![DType::F32];
     if gpu.caps.shader_f16 {

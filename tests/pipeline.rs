@@ -54,7 +54,7 @@ fn settings() -> &'static Value {
 }
 
 fn load(dtype: DType) -> StableDiffusion {
-    let gpu = Gpu::new(&GpuOptions::default())
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap())
         .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
     let opts = ModelOptions {
         dtype: Some(dtype),
@@ -379,7 +379,7 @@ fn assemble_inpaint_model() -> PathBuf {
 #[test]
 fn inpainting_unet_9ch_matches_diffusers_f32() {
     let dir = assemble_inpaint_model();
-    let gpu = Gpu::new(&GpuOptions::default()).unwrap();
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).unwrap();
     let opts = ModelOptions {
         dtype: Some(DType::F32),
         vae_f32: Some(true),
@@ -394,7 +394,7 @@ fn inpainting_unet_9ch_matches_diffusers_f32() {
 
 #[test]
 fn f16_smoke_run_stays_close() {
-    let gpu_probe = Gpu::new(&GpuOptions::default()).unwrap();
+    let gpu_probe = Gpu::new(&GpuOptions::from_env().unwrap()).unwrap();
     if !gpu_probe.caps.shader_f16 {
         eprintln!("skipped: adapter `{}` has no SHADER_F16", gpu_probe.adapter);
         return;
@@ -438,7 +438,7 @@ fn size_not_multiple_of_8_is_invalid_input() {
 
 #[test]
 fn missing_model_folder_is_a_weights_error() {
-    let gpu = Gpu::new(&GpuOptions::default()).unwrap();
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).unwrap();
     let opts = ModelOptions {
         dtype: Some(DType::F32),
         tokenizer_dir: Some(tokenizer_dir()),

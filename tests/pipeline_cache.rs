@@ -8,7 +8,7 @@ use ldm_wgpu::{DType, Gpu, GpuOptions};
 fn run_once(path: &std::path::Path) -> Gpu {
     let gpu = Gpu::new(&GpuOptions {
         pipeline_cache_path: Some(path.to_path_buf()),
-        ..GpuOptions::default()
+        ..GpuOptions::from_env().unwrap()
     })
     .expect("a damaged cache file must not stop the engine from opening");
     let x = gpu.upload(&[1.0, -2.0, 3.5], &[3], DType::F32).unwrap();

@@ -40,7 +40,7 @@ fn upload_rejects_wrong_length() {
 #[test]
 fn many_dispatches_one_submit() {
     // A private engine so no other test's work is counted.
-    let g = Gpu::new(&GpuOptions::default()).unwrap();
+    let g = Gpu::new(&GpuOptions::from_env().unwrap()).unwrap();
     let t = g.empty(&[1000], DType::F32).unwrap();
     let before = g.stats();
     for i in 0..200 {
@@ -87,7 +87,7 @@ fn grid_folding_covers_large_1d_grids() {
 
 #[test]
 fn pool_reuses_buffers_in_a_steady_loop() {
-    let g = Gpu::new(&GpuOptions::default()).unwrap();
+    let g = Gpu::new(&GpuOptions::from_env().unwrap()).unwrap();
     let step = |g: &Gpu| {
         let a = g.empty(&[4, 64, 64, 320], DType::F32).unwrap();
         fill::fill(g, &a, 1.0).unwrap();
@@ -141,7 +141,7 @@ fn tensors_beyond_the_binding_limit_are_refused_with_a_hint() {
 fn profiling_table_reports_each_kernel() {
     let g = Gpu::new(&GpuOptions {
         profile: true,
-        ..Default::default()
+        ..GpuOptions::from_env().unwrap()
     })
     .unwrap();
     if !g.caps.timestamps {
@@ -165,7 +165,7 @@ fn profiling_table_reports_each_kernel() {
 fn unknown_adapter_is_a_clear_error() {
     let err = Gpu::new(&GpuOptions {
         adapter: Some("no-such-gpu-xyz".into()),
-        ..Default::default()
+        ..GpuOptions::from_env().unwrap()
     })
     .err()
     .expect("must fail");
@@ -182,7 +182,7 @@ fn reshape_checks_element_count() {
 
 #[test]
 fn bind_groups_are_cached_by_pipeline_buffers_and_ring_slot() {
-    let g = Gpu::new(&GpuOptions::default()).unwrap();
+    let g = Gpu::new(&GpuOptions::from_env().unwrap()).unwrap();
     let t = g.empty(&[1000], DType::F32).unwrap();
     let s0 = g.stats();
     fill::fill(&g, &t, 1.0).unwrap();
@@ -254,7 +254,7 @@ fn bind_groups_are_cached_by_pipeline_buffers_and_ring_slot() {
 
 #[test]
 fn pool_hands_out_the_same_buffers_whatever_the_order_they_were_freed_in() {
-    let g = Gpu::new(&GpuOptions::default()).unwrap();
+    let g = Gpu::new(&GpuOptions::from_env().unwrap()).unwrap();
     let ids = |ts: &[ldm_wgpu::Tensor]| ts.iter().map(|t| t.buffer_id()).collect::<Vec<_>>();
     let a: Vec<_> = (0..4)
         .map(|_| g.empty(&[64], DType::F32).unwrap())
@@ -280,7 +280,7 @@ fn pool_hands_out_the_same_buffers_whatever_the_order_they_were_freed_in() {
 
 #[test]
 fn copy_bytes_records_a_copy_without_submitting() {
-    let g = Gpu::new(&GpuOptions::default()).unwrap();
+    let g = Gpu::new(&GpuOptions::from_env().unwrap()).unwrap();
     let src = g
         .upload(
             &(0..16).map(|i| i as f32).collect::<Vec<_>>(),

@@ -18,8 +18,11 @@ use ldm_wgpu::{DType, Gpu, GpuOptions, Tensor};
 fn engines() -> (Gpu, Gpu) {
     let open = |checks| {
         Gpu::new(&GpuOptions {
-            shader_checks: Some(checks),
-            ..Default::default()
+            policy: ldm_wgpu::runtime::KernelPolicy {
+                shader_checks: checks,
+                ..ldm_wgpu::runtime::KernelPolicy::from_env().unwrap()
+            },
+            ..ldm_wgpu::GpuOptions::from_env().unwrap()
         })
         .expect("a wgpu adapter")
     };

@@ -20,7 +20,7 @@ fn fixture_dir() -> PathBuf {
 
 /// A private engine per test, so counters see only that test's work.
 fn load() -> StableDiffusion {
-    let gpu = Gpu::new(&GpuOptions::default())
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap())
         .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
     let opts = ModelOptions {
         dtype: Some(DType::F32),

@@ -22,7 +22,7 @@ fn request(seed: u64) -> GenerateRequest {
 
 #[test]
 fn threads_generating_and_cancelling_share_one_engine() {
-    let gpu = Gpu::new(&GpuOptions::default()).expect("adapter");
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("adapter");
     let options = ModelOptions {
         dtype: Some(DType::F32),
         ..Default::default()

@@ -48,7 +48,7 @@ fn nchw_to_nhwc(x: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
 
 #[test]
 fn shipped_model_matches_diffusers() {
-    let gpu = Gpu::new(&GpuOptions::default()).expect("adapter");
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("adapter");
     let options = ModelOptions {
         dtype: Some(DType::F32),
         vae_f32: Some(true),
@@ -104,7 +104,7 @@ fn shipped_model_matches_diffusers() {
 #[test]
 fn shipped_model_loads_with_every_tensor_used() {
     let w = ldm_wgpu::weights::open_model(default_model_dir(), &Default::default()).unwrap();
-    let gpu = Gpu::new(&GpuOptions::default()).unwrap();
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).unwrap();
     use ldm_wgpu::models::{clip, unet, vae};
     let c = clip::ClipConfig::from_json(&w.text_encoder.config).unwrap();
     clip::ClipTextModel::load(&gpu, &w.text_encoder.weights.root(), c, DType::F32).unwrap();

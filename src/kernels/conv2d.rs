@@ -12,53 +12,16 @@
 //! ([`choose_variant`]); `LDM_CONV_TILE=64|128|small` forces one for benchmarking.
 
 use crate::shaders::ShaderId;
-use std::sync::OnceLock;
-
 use bytemuck::{Pod, Zeroable};
 
 use crate::kernels::coop::{self, CoopPlan};
 use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
 use crate::{DType, Error, Result};
 
-/// Output tile of a kernel variant: one entry point of `shaders/conv2d.wgsl` each (its header has
-/// the geometry and the reasoning).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Tile {
-    /// `conv2d_64`: 64 pixels × 64 channels, 4 × 4 outputs per thread.
-    T64,
-    /// `conv2d_128`: 128 pixels × 128 channels, 8 × 8 outputs per thread (twice the FMAs per
-    /// workgroup-memory read); for shapes with enough tiles to fill a large GPU.
-    T128,
-    /// `conv2d_small`: 64 pixels × 4·⌈Cout/4⌉ channels (at most 16), one pixel per thread; for
-    /// the conv_out layers (Cout = 3 or 4), which waste 94-95% of a 64-wide tile.
-    Small,
-    /// `shaders/conv2d_coop.wgsl`: the same implicit GEMM on cooperative matrices (tensor cores),
-    /// 4·frag × 4·frag tiles; f16 only, where [`coop::coop_plan`] allows it and the channels
-    /// (of each concatenated part) are a multiple of 4.
-    Coop,
-}
+/// The kernel variants' output tiles (defined beside the policy that can force one).
+pub use crate::runtime::policy::ConvTile as Tile;
 
 impl Tile {
-    /// The `LDM_CONV_TILE` spelling: `64`, `128` or `small`.
-    pub fn parse(s: &str) -> Option<Tile> {
-        match s.trim() {
-            "64" => Some(Tile::T64),
-            "128" => Some(Tile::T128),
-            "small" => Some(Tile::Small),
-            "coop" => Some(Tile::Coop),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Tile::T64 => "64",
-            Tile::T128 => "128",
-            Tile::Small => "small",
-            Tile::Coop => "coop",
-        }
-    }
-
     /// Output pixels and channels of one workgroup (for Cout = `cout`).
     fn size(self, cout: usize) -> (usize, usize) {
         match self {
@@ -242,23 +205,6 @@ pub fn choose_variant(
             // 10 KiB: below WebGPU's 16 KiB minimum, so every adapter has it.
             tile: Tile::T64,
             k_step: 16,
-        })
-}
-
-/// `LDM_CONV_TILE`, read once: `None` when unset or empty.
-fn tile_from_env() -> Result<Option<Tile>> {
-    static FORCED: OnceLock<std::result::Result<Option<Tile>, String>> = OnceLock::new();
-    FORCED
-        .get_or_init(|| match std::env::var("LDM_CONV_TILE") {
-            Ok(v) if !v.trim().is_empty() => Tile::parse(&v).map(Some).ok_or(v),
-            _ => Ok(None),
-        })
-        .clone()
-        .map_err(|v| {
-            Error::InvalidInput(format!(
-                "LDM_CONV_TILE={v:?}: expected 64, 128 or small (HINT: unset it to let the \
-                 convolution pick its tile by shape)"
-            ))
         })
 }
 
@@ -512,7 +458,7 @@ impl Conv<'_> {
     ) -> Result<()> {
         let [b, ho, wo, cout] = out_shape;
         let m = b * ho * wo;
-        let coop_tile = coop_conv_tile(plan, &gpu.caps, m, cout, coop::forced_coop_tile()?);
+        let coop_tile = coop_conv_tile(plan, &gpu.caps, m, cout, coop::forced_coop_tile(gpu));
         let tile = coop_tile.side(plan);
         let n_tiles = cout.div_ceil(tile);
         let tiles = m.div_ceil(tile) * n_tiles;
@@ -734,7 +680,7 @@ impl Conv<'_> {
             }
             None => {
                 let max_wg = gpu.caps.max_workgroup_storage;
-                match (tile_from_env()?, coop_plan) {
+                match (gpu.policy().conv_tile, coop_plan) {
                     // Tensor cores where the adapter runs their large tile (`conv2d_coop_l`:
                     // division-free staging, prefetch, split K on small grids), except the
                     // conv_out layers (Cout ≤ 16 would waste most of a fragment); the FMA tiles

@@ -1,12 +1,11 @@
 //! Tensor-core (cooperative-matrix) planning shared by the matmul, conv2d and attention
 //! kernels: whether the path runs on this adapter and with which fragments ([`coop_plan`],
-//! [`CoopPlan`]), the two output tiles and how one is chosen ([`CoopTile`]), and the overrides
-//! tests and benchmarks use (`LDM_COOP_MATMUL`, `LDM_COOP_TILE`, [`override_coop`],
-//! [`force_coop_tile`]). The kernels themselves stay in their own files.
+//! [`CoopPlan`]), the two output tiles and how one is chosen ([`CoopTile`]); what is forced comes
+//! from the engine's [`KernelPolicy`](crate::runtime::KernelPolicy). The kernels themselves stay
+//! in their own files.
 
 use crate::runtime::Gpu;
 use crate::shaders::ShaderId;
-use crate::{Error, Result};
 
 /// How the tensor-core path runs on this adapter: `shaders/matmul_coop.wgsl` compiled for
 /// `frag` × `frag` fragments (the `matmul_coop{frag}` variant) with subgroups of `subgroup`
@@ -36,28 +35,9 @@ impl CoopPlan {
     }
 }
 
-/// The output tile of the tensor-core matmul and convolution, named by its side at 16 × 16
-/// fragments (NVIDIA);
-/// with 8 × 8 fragments (lavapipe) the same kernels have tiles of 32 and 64.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CoopTile {
-    /// `linear_coop` / `geglu_coop`: 4·frag square, 4 subgroups of 2 × 2 fragments.
-    T64,
-    /// `linear_coop_l` / `geglu_coop_l`: 8·frag square, 8 subgroups of 4 × 2 fragments. Half the
-    /// L2 traffic per FLOP of [`CoopTile::T64`] and 0.75 fragment loads per multiply-add
-    /// instead of 1; the epilogue runs in 4 passes through a small f32 slot per subgroup.
-    T128,
-}
+pub use crate::runtime::policy::CoopTile;
 
 impl CoopTile {
-    /// The `LDM_COOP_TILE` spelling.
-    pub fn parse(s: &str) -> Option<CoopTile> {
-        match s.trim() {
-            "64" => Some(CoopTile::T64),
-            "128" => Some(CoopTile::T128),
-            _ => None,
-        }
-    }
     /// Side of the square output tile in elements.
     pub fn side(self, plan: CoopPlan) -> usize {
         match self {
@@ -125,74 +105,21 @@ impl CoopTile {
 /// every SM has two workgroups.
 pub const COOP_LARGE_TILE_MIN_GROUPS: usize = 32;
 
-std::thread_local! {
-    static COOP_TILE_OVERRIDE: std::cell::Cell<Option<CoopTile>> =
-        const { std::cell::Cell::new(None) };
-}
-
-/// Force the tensor-core tile for the matmuls and convolutions recorded on this thread (`None`: back to
-/// `LDM_COOP_TILE` / the shape heuristic). Thread-local, unlike [`override_coop`], because the
-/// tests of one binary run concurrently and each forces the tile for its own calls only. For
-/// tests and benchmarks; a tile the adapter cannot hold still falls back to T64.
-pub fn force_coop_tile(tile: Option<CoopTile>) {
-    COOP_TILE_OVERRIDE.with(|t| t.set(tile));
-}
-
-/// The forced tile: this thread's [`force_coop_tile`], else `LDM_COOP_TILE` (read once).
-pub(crate) fn forced_coop_tile() -> Result<Option<CoopTile>> {
-    if let Some(t) = COOP_TILE_OVERRIDE.with(|t| t.get()) {
-        return Ok(Some(t));
-    }
-    static FROM_ENV: std::sync::OnceLock<std::result::Result<Option<CoopTile>, String>> =
-        std::sync::OnceLock::new();
-    FROM_ENV
-        .get_or_init(|| match std::env::var("LDM_COOP_TILE") {
-            Ok(v) if !v.trim().is_empty() => CoopTile::parse(&v).map(Some).ok_or(v),
-            _ => Ok(None),
-        })
-        .clone()
-        .map_err(|v| {
-            Error::InvalidInput(format!(
-                "LDM_COOP_TILE={v:?}: expected 64 or 128 (HINT: unset it to let the tensor-core \
-                 matmul pick its tile by shape)"
-            ))
-        })
-}
-
-/// Process-wide override of `LDM_COOP_MATMUL` (0 none, 1 off, 2 on), for benchmarks that time
-/// both paths in one run.
-static COOP_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Turn the tensor-core path off (`Some(false)`), on where it can run (`Some(true)`), or back to
-/// `LDM_COOP_MATMUL` / the default (`None`) for every engine in this process. For benchmarks.
-pub fn override_coop(choice: Option<bool>) {
-    let v = match choice {
-        None => 0,
-        Some(false) => 1,
-        Some(true) => 2,
-    };
-    COOP_OVERRIDE.store(v, std::sync::atomic::Ordering::Relaxed);
+/// The forced tensor-core tile of this engine's policy (`LDM_COOP_TILE`), if any.
+pub(crate) fn forced_coop_tile(gpu: &Gpu) -> Option<CoopTile> {
+    gpu.policy().coop_tile
 }
 
 /// Whether the tensor-core path runs, and how. Needs f16 storage, a square f16 × f16 → f32
 /// configuration of side 8 or 16, one fixed subgroup width (the work split assigns fragments by
 /// subgroup id, so the workgroup must be exactly 4 subgroups) and enough workgroup memory for
 /// the 64 tile; the large tile is used only where it fits too ([`CoopTile::choose`]).
-/// `LDM_COOP_MATMUL=0` turns it off, `=1` forces it on wherever it can run; by default it runs on
-/// GPUs that offer 16×16 fragments and not on CPU adapters (lavapipe emulates the matrix ops:
-/// correct, but slower than the FMA kernel there — the test suite forces it on to check it).
+/// The engine's [`KernelPolicy::tensor_cores`](crate::runtime::KernelPolicy) turns it off or
+/// forces it on wherever it can run (`LDM_COOP_MATMUL=0|1`); by default it runs on GPUs that
+/// offer 16×16 fragments and not on CPU adapters (lavapipe emulates the matrix ops: correct, but
+/// slower than the FMA kernel there — the test suite forces it on to check it).
 pub fn coop_plan(gpu: &Gpu, dtype: crate::DType) -> Option<CoopPlan> {
-    static CHOICE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let from_env = *CHOICE.get_or_init(|| match std::env::var("LDM_COOP_MATMUL").as_deref() {
-        Ok("1") => Some(true),
-        Ok("0") => Some(false),
-        _ => None,
-    });
-    let choice = match COOP_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => Some(false),
-        2 => Some(true),
-        _ => from_env,
-    };
+    let choice = gpu.policy().tensor_cores;
     let c = &gpu.caps;
     let plan = CoopPlan {
         frag: c.coop_f16_frag? as usize,

@@ -207,7 +207,7 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
             g.batch,
             g.m,
             n_tile_cols,
-            forced_coop_tile()?,
+            forced_coop_tile(gpu),
         );
         coop_overrides = [("SG", plan.subgroup as f64)];
         (

@@ -149,8 +149,8 @@ impl VaeAttention {
         dtype: DType,
     ) -> Result<Self> {
         let c = channels;
-        // `LDM_VAE_ATTENTION=unfused` forces the unfused path (for tests and for comparing).
-        let forced_unfused = std::env::var("LDM_VAE_ATTENTION").is_ok_and(|v| v == "unfused");
+        // The policy can force the unfused path (`LDM_VAE_ATTENTION=unfused`: tests, comparing).
+        let forced_unfused = gpu.policy().vae_attention_unfused;
         let flash_fits = !forced_unfused
             && attention::config(c, gpu.caps.max_workgroup_storage as u64).is_some();
         let projections = if flash_fits {

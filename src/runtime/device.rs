@@ -76,15 +76,17 @@ impl std::fmt::Display for AdapterSummary {
 
 fn instance_for(backends: wgpu::Backends) -> wgpu::Instance {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-    if std::env::var("WGPU_BACKEND").is_err() {
-        desc.backends = backends;
-    }
+    desc.backends = backends;
     wgpu::Instance::new(desc)
 }
 
 /// Vulkan, Metal and DX12 adapters; GL only as a last resort when none of those exists (and only
 /// then, because initialising GL needs a display server on Linux and prints errors without one).
-pub fn enumerate() -> Vec<wgpu::Adapter> {
+/// `forced` (e.g. from `WGPU_BACKEND`) looks only there.
+pub fn enumerate(forced: Option<wgpu::Backends>) -> Vec<wgpu::Adapter> {
+    if let Some(backends) = forced {
+        return pollster::block_on(instance_for(backends).enumerate_adapters(backends));
+    }
     let primary = instance_for(wgpu::Backends::PRIMARY);
     let adapters = pollster::block_on(primary.enumerate_adapters(wgpu::Backends::all()));
     if !adapters.is_empty() {

@@ -6,6 +6,7 @@ pub mod device;
 mod disk_cache;
 mod faults;
 pub mod pipeline;
+pub mod policy;
 pub mod tensor;
 pub mod timing;
 
@@ -21,6 +22,7 @@ pub use timing::{KernelTime, Work};
 use crate::error::{Error, Result};
 use crate::shaders::BindingKind;
 use pipeline::PipelineCache;
+pub use policy::{ConvTile, CoopTile, KernelPolicy};
 
 use crate::shaders::ShaderId;
 use tensor::{bucket_size, BufferPool, PooledBuffer};
@@ -37,21 +39,39 @@ const BIND_GROUP_GENERATION: usize = 4096;
 /// How to open the engine.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
-    /// Adapter name substring or index; falls back to the `LDM_ADAPTER` environment variable.
+    /// Adapter name substring or index (the CLI fills it from `--adapter` or `LDM_ADAPTER`).
     pub adapter: Option<String>,
+    /// Graphics APIs to look for adapters on; `None`: Vulkan, Metal and DX12, then GL if none of
+    /// those has an adapter (the CLI fills it from `WGPU_BACKEND`).
+    pub backends: Option<wgpu::Backends>,
     /// Record per-dispatch GPU time with timestamp queries.
     pub profile: bool,
     /// Where to persist the driver's pipeline cache (Vulkan `PIPELINE_CACHE`).
     pub pipeline_cache_path: Option<PathBuf>,
-    /// Compile naga's runtime bounds checks into every shader (`Some(true)`), or only into the
-    /// shaders whose indexing is unproven (`Some(false)`); `None` reads `LDM_SHADER_CHECKS`.
-    /// See [`pipeline::shader_checks_from_env`].
-    pub shader_checks: Option<bool>,
+    /// Which kernels run (tensor cores, tiles, VAE attention path, bounds checks); the CLI fills
+    /// it from the `LDM_*` variables with [`KernelPolicy::from_env`].
+    pub policy: KernelPolicy,
     /// The most bytes of tensors this engine may hold on the GPU (live plus pooled), or `None`
     /// for whatever the driver grants. A request that would pass it fails with an error naming
     /// the numbers, before the allocation, and the engine stays usable: for sharing a GPU with
     /// other programs, and for testing out-of-memory handling on any device.
     pub memory_budget: Option<u64>,
+}
+
+impl GpuOptions {
+    /// What the environment asks of an engine: `LDM_ADAPTER`, `WGPU_BACKEND` and the kernel
+    /// policy variables ([`KernelPolicy::from_env`]). For the CLI, the benches and the tests: the
+    /// library never calls it itself.
+    pub fn from_env() -> Result<GpuOptions> {
+        Ok(GpuOptions {
+            adapter: std::env::var("LDM_ADAPTER").ok().filter(|a| !a.is_empty()),
+            backends: std::env::var("WGPU_BACKEND")
+                .ok()
+                .map(|_| wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY)),
+            policy: KernelPolicy::from_env()?,
+            ..GpuOptions::default()
+        })
+    }
 }
 
 /// Counters for tests and the profile report.
@@ -161,6 +181,9 @@ pub struct Gpu {
     pub features: wgpu::Features,
     pub limits: wgpu::Limits,
     pool: Arc<Mutex<BufferPool>>,
+    /// Behind a lock so that one engine can switch paths between dispatches (the benches time
+    /// both kernels of a shape on one device); `shader_checks` is fixed when the engine opens.
+    policy: Mutex<KernelPolicy>,
     memory_budget: Option<u64>,
     pipelines: Mutex<PipelineCache>,
     driver_cache: Option<(wgpu::PipelineCache, PathBuf)>,
@@ -176,11 +199,8 @@ impl Gpu {
     /// Open the best adapter (or the one requested) with its own limits and every optional
     /// feature we can use.
     pub fn new(options: &GpuOptions) -> Result<Gpu> {
-        let requested = options
-            .adapter
-            .clone()
-            .or_else(|| std::env::var("LDM_ADAPTER").ok());
-        let all = device::enumerate();
+        let requested = options.adapter.clone();
+        let all = device::enumerate(options.backends);
         let infos: Vec<wgpu::AdapterInfo> = all.iter().map(|a| a.get_info()).collect();
         let adapter = device::choose_adapter(all, requested.as_deref())?;
         let index = infos
@@ -241,11 +261,8 @@ impl Gpu {
             limits,
             pool: Arc::new(Mutex::new(BufferPool::default())),
             memory_budget: options.memory_budget,
-            pipelines: Mutex::new(PipelineCache::new(
-                options
-                    .shader_checks
-                    .unwrap_or_else(pipeline::shader_checks_from_env),
-            )),
+            pipelines: Mutex::new(PipelineCache::new(options.policy.shader_checks)),
+            policy: Mutex::new(options.policy),
             driver_cache,
             recorder: Mutex::new(Recorder {
                 encoder: None,
@@ -272,9 +289,25 @@ impl Gpu {
         self.device.destroy();
     }
 
-    /// Whether naga's runtime checks are compiled into every shader (see [`GpuOptions`]).
+    /// Whether naga's runtime checks are compiled into every shader (see [`KernelPolicy`]).
     pub fn shader_checks_everywhere(&self) -> bool {
         lock(&self.pipelines).all_checks
+    }
+
+    /// The kernel policy in force.
+    pub fn policy(&self) -> KernelPolicy {
+        *lock(&self.policy)
+    }
+
+    /// Change the kernel policy for the dispatches recorded from now on (pipelines already
+    /// compiled stay cached). Bounds checks are fixed when the engine opens: `shader_checks`
+    /// here is ignored (see [`Gpu::shader_checks_everywhere`]).
+    pub fn set_policy(&self, policy: KernelPolicy) {
+        let checks = lock(&self.policy).shader_checks;
+        *lock(&self.policy) = KernelPolicy {
+            shader_checks: checks,
+            ..policy
+        };
     }
 
     /// Storage dtype the models use on this device.

@@ -31,23 +31,17 @@ pub(crate) struct PipelineCache {
         HashMap<(ShaderId, DType), (wgpu::ShaderModule, naga::Module, naga::valid::ModuleInfo)>,
     pub(crate) compiled: u64,
     /// Compile naga's runtime checks (index clamping, loop bounding) into every shader, not only
-    /// into the ones whose indexing is unproven. See [`shader_checks_from_env`].
+    /// into the ones whose indexing is unproven ([`crate::runtime::KernelPolicy::shader_checks`]).
+    ///
+    /// By default they are compiled only into shaders whose indexing the test suite has not
+    /// proven ([`crate::shaders::indexing_proven`]). The checks clamp every workgroup- and
+    /// local-array index and give every loop an extra counter on Vulkan; public reports measure
+    /// 1.5x on a matmul and far more on loop-heavy kernels. Our kernels guard every global load
+    /// and store explicitly (edges are loaded as zeros, stores test bounds), and
+    /// `tests/shader_checks.rs` runs them with and without the checks on awkward sizes and
+    /// demands identical bits: a kernel that relied on clamping would differ there. The switch
+    /// exists to rule the checks out when chasing a suspected bug.
     pub(crate) all_checks: bool,
-}
-
-/// Whether `LDM_SHADER_CHECKS=1` asks for naga's runtime checks in every shader.
-///
-/// By default they are compiled only into shaders whose indexing the test suite has not proven
-/// ([`crate::shaders::indexing_proven`]). The checks clamp every workgroup- and local-array index
-/// and give every loop an extra counter on Vulkan; public reports measure 1.5x on a matmul and far
-/// more on loop-heavy kernels. Our kernels guard every global load and store explicitly (edges are
-/// loaded as zeros, stores test bounds), and `tests/shader_checks.rs` runs them with and without
-/// the checks on awkward sizes and demands identical bits: a kernel that relied on clamping would
-/// differ there. The variable exists to rule the checks out when chasing a suspected bug.
-pub fn shader_checks_from_env() -> bool {
-    std::env::var("LDM_SHADER_CHECKS")
-        .map(|v| v == "1")
-        .unwrap_or(false)
 }
 
 impl PipelineCache {

@@ -10,7 +10,7 @@ use ldm_wgpu::{DType, Gpu, GpuOptions, Tensor};
 pub fn gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
     GPU.get_or_init(|| {
-        let g = Gpu::new(&GpuOptions::default())
+        let g = Gpu::new(&GpuOptions::from_env().unwrap())
             .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
         eprintln!("tests run on: {}", g.adapter);
         g
@@ -103,4 +103,12 @@ pub fn tol(dtype: DType, f32_tol: f64, f16_tol: f64) -> f64 {
         DType::F32 => f32_tol,
         DType::F16 => f16_tol,
     }
+}
+
+/// Force (or release, `None`) the tensor-core tile on engine `g` for what it records next.
+pub fn set_coop_tile(g: &Gpu, tile: Option<ldm_wgpu::runtime::CoopTile>) {
+    g.set_policy(ldm_wgpu::runtime::KernelPolicy {
+        coop_tile: tile,
+        ..g.policy()
+    });
 }
