@@ -920,7 +920,9 @@ fn coop_variant_matches_reference() {
             }
             let i = quantized(&inputs(c, 1000 + s as u64), DType::F16);
             let want = reference(c, &i);
-            let got = run_gpu(c, &i, DType::F16, Some(Variant::COOP));
+            let got = g
+                .download(&run_on(g, c, &i, DType::F16, Some(Variant::COOP)))
+                .unwrap();
             let what = format!("{} [{entry} frag {}] (f16)", c.name, plan.frag);
             eprintln!("{what:<60} rel_l2 {:.2e}", rel_l2(&got, &want));
             assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
