@@ -347,17 +347,17 @@ fn main() -> Result<()> {
         for on in paths {
             b.gpu.set_policy(forced(Some(on), None));
             let t = b.time(&mut || {
-                attention::attention(
-                    &b.gpu,
-                    view(&q, nq, c, 0),
-                    view(&kv, nk, 2 * c, 0),
-                    view(&kv, nk, 2 * c, c),
+                attention::Sdpa {
+                    q: view(&q, nq, c, 0),
+                    k: view(&kv, nk, 2 * c, 0),
+                    v: view(&kv, nk, 2 * c, c),
                     batch,
                     heads,
-                    d,
-                    false,
-                    None,
-                )
+                    head_dim: d,
+                    causal: false,
+                    scale: None,
+                }
+                .run(&b.gpu)
                 .map(|_| ())
             })?;
             b.gpu.set_policy(base);
@@ -383,19 +383,17 @@ fn main() -> Result<()> {
                     continue;
                 }
                 let t = b.time(&mut || {
-                    attention::attention_coop_into_with(
-                        &b.gpu,
-                        view(&q, nq, c, 0),
-                        view(&kv, nk, 2 * c, 0),
-                        view(&kv, nk, 2 * c, c),
+                    attention::Sdpa {
+                        q: view(&q, nq, c, 0),
+                        k: view(&kv, nk, 2 * c, 0),
+                        v: view(&kv, nk, 2 * c, c),
                         batch,
                         heads,
-                        d,
-                        false,
-                        None,
-                        &out,
-                        cfg,
-                    )
+                        head_dim: d,
+                        causal: false,
+                        scale: None,
+                    }
+                    .run_coop_into_with(&b.gpu, &out, cfg)
                 })?;
                 let mark = if Some(cfg) == picked { "*" } else { "" };
                 b.line(

@@ -16,8 +16,7 @@ mod common;
 
 use common::{dtypes, gpu, rel_l2, tol, upload, Rng};
 use ldm_wgpu::kernels::attention::{
-    self, attention_coop_into_with, attention_into, attention_into_with, config, coop_choice,
-    coop_config, Config, CoopConfig, HeadsView,
+    self, config, coop_choice, coop_config, Config, CoopConfig, HeadsView,
 };
 use ldm_wgpu::kernels::coop::{self, CoopPlan};
 use ldm_wgpu::kernels::fill::poisoned;
@@ -101,24 +100,32 @@ fn run_on(case: Case, dtype: DType, seed: u64, coop: Option<CoopConfig>) -> f64 
         let out = poisoned(g, &[batch, nq, c], dtype).unwrap();
         let qkv = (view(pad), view(pad + c), view(pad + 2 * c));
         launch(qkv, (batch, heads, d, causal, scale), &out, coop);
-        let want = attention::reference(
-            &data,
-            &data,
-            &data,
+        let want = attention::Sdpa {
+            q: attention::HostHeads {
+                data: &data,
+                tokens: nq,
+                row_stride: stride,
+                offset: pad,
+            },
+            k: attention::HostHeads {
+                data: &data,
+                tokens: nk,
+                row_stride: stride,
+                offset: pad + c,
+            },
+            v: attention::HostHeads {
+                data: &data,
+                tokens: nk,
+                row_stride: stride,
+                offset: pad + 2 * c,
+            },
             batch,
             heads,
-            d,
-            nq,
-            stride,
-            pad,
-            nk,
-            stride,
-            pad + c,
-            stride,
-            pad + 2 * c,
+            head_dim: d,
             causal,
             scale,
-        );
+        }
+        .reference();
         (out, want)
     } else {
         let stride = c + pad;
@@ -147,10 +154,32 @@ fn run_on(case: Case, dtype: DType, seed: u64, coop: Option<CoopConfig>) -> f64 
         };
         let qkv = (view(&qt, nq), view(&kt, nk), view(&vt, nk));
         launch(qkv, (batch, heads, d, causal, scale), &out, coop);
-        let want = attention::reference(
-            &qd, &kd, &vd, batch, heads, d, nq, stride, off, nk, stride, off, stride, off, causal,
+        let want = attention::Sdpa {
+            q: attention::HostHeads {
+                data: &qd,
+                tokens: nq,
+                row_stride: stride,
+                offset: off,
+            },
+            k: attention::HostHeads {
+                data: &kd,
+                tokens: nk,
+                row_stride: stride,
+                offset: off,
+            },
+            v: attention::HostHeads {
+                data: &vd,
+                tokens: nk,
+                row_stride: stride,
+                offset: off,
+            },
+            batch,
+            heads,
+            head_dim: d,
+            causal,
             scale,
-        );
+        }
+        .reference();
         (out, want)
     };
     let got = g.download(&out).unwrap();
@@ -167,8 +196,28 @@ fn launch(
 ) {
     let g = gpu();
     match coop {
-        None => attention_into(g, q, k, v, batch, heads, d, causal, scale, out),
-        Some(cfg) => attention_coop_into_with(g, q, k, v, batch, heads, d, causal, scale, out, cfg),
+        None => attention::Sdpa {
+            q,
+            k,
+            v,
+            batch,
+            heads,
+            head_dim: d,
+            causal,
+            scale,
+        }
+        .run_into(g, out),
+        Some(cfg) => attention::Sdpa {
+            q,
+            k,
+            v,
+            batch,
+            heads,
+            head_dim: d,
+            causal,
+            scale,
+        }
+        .run_coop_into_with(g, out, cfg),
     }
     .unwrap();
 }
@@ -361,47 +410,133 @@ fn rejects_bad_inputs() {
         row_stride: 16,
         offset: 0,
     };
-    assert!(attention_into(g, alias, view, view, 2, 2, 8, false, None, &out).is_err());
+    assert!(attention::Sdpa {
+        q: alias,
+        k: view,
+        v: view,
+        batch: 2,
+        heads: 2,
+        head_dim: 8,
+        causal: false,
+        scale: None
+    }
+    .run_into(g, &out)
+    .is_err());
     // Heads past the row.
     let off = HeadsView { offset: 9, ..view };
-    assert!(attention::attention(g, off, view, view, 2, 2, 8, false, None).is_err());
+    assert!(attention::Sdpa {
+        q: off,
+        k: view,
+        v: view,
+        batch: 2,
+        heads: 2,
+        head_dim: 8,
+        causal: false,
+        scale: None
+    }
+    .run(g)
+    .is_err());
     // Tensor too small for the batch.
-    assert!(attention::attention(g, view, view, view, 3, 2, 8, false, None).is_err());
+    assert!(attention::Sdpa {
+        q: view,
+        k: view,
+        v: view,
+        batch: 3,
+        heads: 2,
+        head_dim: 8,
+        causal: false,
+        scale: None
+    }
+    .run(g)
+    .is_err());
     // head_dim 0 and too large.
-    assert!(attention::attention(g, view, view, view, 2, 2, 0, false, None).is_err());
+    assert!(attention::Sdpa {
+        q: view,
+        k: view,
+        v: view,
+        batch: 2,
+        heads: 2,
+        head_dim: 0,
+        causal: false,
+        scale: None
+    }
+    .run(g)
+    .is_err());
     // k/v token mismatch.
     let short = HeadsView { tokens: 9, ..view };
-    assert!(attention::attention(g, view, view, short, 2, 2, 8, false, None).is_err());
+    assert!(attention::Sdpa {
+        q: view,
+        k: view,
+        v: short,
+        batch: 2,
+        heads: 2,
+        head_dim: 8,
+        causal: false,
+        scale: None
+    }
+    .run(g)
+    .is_err());
     // The tensor-core kernel takes f16 storage only.
     let tile = CoopConfig {
         row_frags: 1,
         key_frags: 1,
     };
-    assert!(
-        attention_coop_into_with(g, view, view, view, 2, 2, 8, false, None, &out, tile).is_err()
-    );
+    assert!(attention::Sdpa {
+        q: view,
+        k: view,
+        v: view,
+        batch: 2,
+        heads: 2,
+        head_dim: 8,
+        causal: false,
+        scale: None
+    }
+    .run_coop_into_with(g, &out, tile)
+    .is_err());
     // Wrong output size.
     let small = g.empty(&[2, 10, 8], DType::F32).unwrap();
-    assert!(attention_into(g, view, view, view, 2, 2, 8, false, None, &small).is_err());
+    assert!(attention::Sdpa {
+        q: view,
+        k: view,
+        v: view,
+        batch: 2,
+        heads: 2,
+        head_dim: 8,
+        causal: false,
+        scale: None
+    }
+    .run_into(g, &small)
+    .is_err());
     if g.caps.shader_f16 {
         let h = g
             .upload(&vec![0.0; 2 * 10 * 16], &[2, 10, 16], DType::F16)
             .unwrap();
         let hv = HeadsView { tensor: &h, ..view };
-        assert!(attention::attention(g, view, hv, hv, 2, 2, 8, false, None).is_err());
+        assert!(attention::Sdpa {
+            q: view,
+            k: hv,
+            v: hv,
+            batch: 2,
+            heads: 2,
+            head_dim: 8,
+            causal: false,
+            scale: None
+        }
+        .run(g)
+        .is_err());
     }
     // The allocating form works on a fused view (q = k = v = one buffer, three read-only bindings).
-    let y = attention::attention(
-        g,
-        view,
-        HeadsView { offset: 0, ..view },
-        view,
-        2,
-        2,
-        8,
-        false,
-        Some(0.5),
-    )
+    let y = attention::Sdpa {
+        q: view,
+        k: HeadsView { offset: 0, ..view },
+        v: view,
+        batch: 2,
+        heads: 2,
+        head_dim: 8,
+        causal: false,
+        scale: Some(0.5),
+    }
+    .run(g)
     .unwrap();
     assert_eq!(y.shape(), &[2, 10, 16]);
     let got = g.download(&y).unwrap();
@@ -491,10 +626,44 @@ fn every_split_agrees() {
                     HeadsView::contiguous(&kt),
                     HeadsView::contiguous(&vt),
                 );
-                attention_into_with(g, q, k, v, batch, heads, d, causal, None, &out, cfg).unwrap();
-                let want = attention::reference(
-                    &qd, &kd, &vd, batch, heads, d, nq, c, 0, nk, c, 0, c, 0, causal, None,
-                );
+                attention::Sdpa {
+                    q,
+                    k,
+                    v,
+                    batch,
+                    heads,
+                    head_dim: d,
+                    causal,
+                    scale: None,
+                }
+                .run_into_with(g, &out, cfg)
+                .unwrap();
+                let want = attention::Sdpa {
+                    q: attention::HostHeads {
+                        data: &qd,
+                        tokens: nq,
+                        row_stride: c,
+                        offset: 0,
+                    },
+                    k: attention::HostHeads {
+                        data: &kd,
+                        tokens: nk,
+                        row_stride: c,
+                        offset: 0,
+                    },
+                    v: attention::HostHeads {
+                        data: &vd,
+                        tokens: nk,
+                        row_stride: c,
+                        offset: 0,
+                    },
+                    batch,
+                    heads,
+                    head_dim: d,
+                    causal,
+                    scale: None,
+                }
+                .reference();
                 let e = rel_l2(&g.download(&out).unwrap(), &want);
                 eprintln!("d={d} {cfg:?} causal={causal}: rel L2 {e:.2e}");
                 assert!(e <= 1e-5, "d={d} {cfg:?} causal={causal}: {e:.3e}");
@@ -766,17 +935,17 @@ fn coop_same_bits_with_and_without_bounds_checks() {
                     .map(|(x, n)| g.upload(x, &[2, n, heads * d], DType::F16).unwrap())
                     .collect();
                 let view = HeadsView::contiguous;
-                let y = attention::attention(
-                    g,
-                    view(&t[0]),
-                    view(&t[1]),
-                    view(&t[2]),
-                    2,
+                let y = attention::Sdpa {
+                    q: view(&t[0]),
+                    k: view(&t[1]),
+                    v: view(&t[2]),
+                    batch: 2,
                     heads,
-                    d,
+                    head_dim: d,
                     causal,
-                    None,
-                )
+                    scale: None,
+                }
+                .run(g)
                 .unwrap();
                 let shader = ldm_wgpu::shaders::ShaderId::AttentionCoop
                     .coop_variant(g.caps.coop_f16_frag.unwrap() as usize)

@@ -144,17 +144,17 @@ fn kernels_give_the_same_bits_with_and_without_bounds_checks() {
             ];
             same_bits("attention", pair, &inputs, dtype, |g, t| {
                 let view = attention::HeadsView::contiguous;
-                attention::attention(
-                    g,
-                    view(&t[0]),
-                    view(&t[1]),
-                    view(&t[2]),
-                    2,
+                attention::Sdpa {
+                    q: view(&t[0]),
+                    k: view(&t[1]),
+                    v: view(&t[2]),
+                    batch: 2,
                     heads,
-                    d,
+                    head_dim: d,
                     causal,
-                    None,
-                )
+                    scale: None,
+                }
+                .run(g)
                 .unwrap()
             });
         }

@@ -318,147 +318,129 @@ fn check_view(
     Ok(())
 }
 
-/// softmax(q·kᵀ·scale [+ causal mask]) · v per (batch, head), into a new `[B, Nq, heads·head_dim]`
-/// tensor. `scale` defaults to 1/sqrt(head_dim).
-#[allow(clippy::too_many_arguments)]
-pub fn attention(
-    gpu: &Gpu,
-    q: HeadsView,
-    k: HeadsView,
-    v: HeadsView,
-    batch: usize,
-    heads: usize,
-    head_dim: usize,
-    causal: bool,
-    scale: Option<f32>,
-) -> Result<Tensor> {
-    let out = gpu.empty(&[batch, q.tokens, heads * head_dim], q.tensor.dtype())?;
-    attention_into(gpu, q, k, v, batch, heads, head_dim, causal, scale, &out)?;
-    Ok(out)
+/// One scaled-dot-product attention problem: softmax(q·kᵀ·scale [+ causal mask]) · v per
+/// (batch, head), with q, k and v seen through views ([`HeadsView`] on the GPU, [`HostHeads`]
+/// for the f64 [`Sdpa::reference`]). `scale` defaults to 1/sqrt(head_dim); the causal mask lets
+/// query i see keys 0..=i.
+#[derive(Clone, Copy, Debug)]
+pub struct Sdpa<V> {
+    pub q: V,
+    pub k: V,
+    pub v: V,
+    pub batch: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    pub scale: Option<f32>,
 }
 
-/// [`attention`] into an existing `[B, Nq, heads·head_dim]` tensor (which must not be q, k or v).
-/// Runs the tensor-core kernel where [`coop_choice`] offers it, the FMA kernel otherwise.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_into(
-    gpu: &Gpu,
-    q: HeadsView,
-    k: HeadsView,
-    v: HeadsView,
-    batch: usize,
-    heads: usize,
-    head_dim: usize,
-    causal: bool,
-    scale: Option<f32>,
-    out: &Tensor,
-) -> Result<()> {
-    if let Some((plan, cfg)) = coop_choice(gpu, q.tensor.dtype(), head_dim) {
-        let call = Call::new(q, k, v, batch, heads, head_dim, causal, scale, out)?;
-        return call.record_coop(gpu, plan, cfg);
+impl<'a> Sdpa<HeadsView<'a>> {
+    /// Into a new `[B, Nq, heads·head_dim]` tensor.
+    pub fn run(self, gpu: &Gpu) -> Result<Tensor> {
+        let out = gpu.empty(
+            &[self.batch, self.q.tokens, self.heads * self.head_dim],
+            self.q.tensor.dtype(),
+        )?;
+        self.run_into(gpu, &out)?;
+        Ok(out)
     }
-    let cfg = config(head_dim, gpu.caps.max_workgroup_storage as u64).ok_or_else(|| {
-        Error::LimitExceeded {
-            what: format!("attention workgroup memory for head_dim {head_dim}"),
-            requested: Config {
-                key_lanes: 1,
-                d_split: 32,
-            }
-            .workgroup_bytes(head_dim),
-            limit: gpu.caps.max_workgroup_storage as u64,
-            hint: "this adapter has too little workgroup memory for the attention kernel".into(),
+
+    /// Into an existing `[B, Nq, heads·head_dim]` tensor (which must not be q, k or v). Runs
+    /// the tensor-core kernel where [`coop_choice`] offers it, the FMA kernel otherwise.
+    pub fn run_into(self, gpu: &Gpu, out: &Tensor) -> Result<()> {
+        let head_dim = self.head_dim;
+        if let Some((plan, cfg)) = coop_choice(gpu, self.q.tensor.dtype(), head_dim) {
+            return Call::new(self, out)?.record_coop(gpu, plan, cfg);
         }
-    })?;
-    attention_into_with(
-        gpu, q, k, v, batch, heads, head_dim, causal, scale, out, cfg,
-    )
+        let cfg = config(head_dim, gpu.caps.max_workgroup_storage as u64).ok_or_else(|| {
+            Error::LimitExceeded {
+                what: format!("attention workgroup memory for head_dim {head_dim}"),
+                requested: Config {
+                    key_lanes: 1,
+                    d_split: 32,
+                }
+                .workgroup_bytes(head_dim),
+                limit: gpu.caps.max_workgroup_storage as u64,
+                hint: "this adapter has too little workgroup memory for the attention kernel"
+                    .into(),
+            }
+        })?;
+        self.run_into_with(gpu, out, cfg)
+    }
+
+    /// [`Sdpa::run_into`] on the FMA kernel with an explicit work split (for tests of every
+    /// split, and tuning), whatever the adapter offers.
+    pub fn run_into_with(self, gpu: &Gpu, out: &Tensor, cfg: Config) -> Result<()> {
+        let head_dim = self.head_dim;
+        let call = Call::new(self, out)?;
+        if !cfg.valid_for(head_dim) {
+            return Err(Error::shape(
+                OP,
+                format!("{cfg:?} is not a valid split for head_dim {head_dim}"),
+            ));
+        }
+        if cfg.workgroup_bytes(head_dim) > gpu.caps.max_workgroup_storage as u64 {
+            return Err(Error::LimitExceeded {
+                what: format!("attention {cfg:?} workgroup memory for head_dim {head_dim}"),
+                requested: cfg.workgroup_bytes(head_dim),
+                limit: gpu.caps.max_workgroup_storage as u64,
+                hint: "use `config()` to pick a split that fits this adapter".into(),
+            });
+        }
+        call.record(
+            gpu,
+            ShaderId::Attention,
+            "attention",
+            &cfg.overrides(head_dim),
+            cfg.block_rows() as usize,
+        )
+    }
+
+    /// [`Sdpa::run_into`] on the tensor-core kernel with an explicit tile shape (for tests of
+    /// every shape, and tuning). Errors where the tensor-core path is off ([`coop::coop_plan`]:
+    /// f16 storage, an adapter offering square f16 fragments, the engine's policy) or the shape
+    /// does not fit the adapter.
+    pub fn run_coop_into_with(self, gpu: &Gpu, out: &Tensor, cfg: CoopConfig) -> Result<()> {
+        let head_dim = self.head_dim;
+        let call = Call::new(self, out)?;
+        let Some(plan) = coop::coop_plan(gpu, call.dtype) else {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "the tensor-core kernel is not in use for {} on {} (f16 storage, cooperative \
+                     matrices and the kernel policy decide)",
+                    call.dtype.name(),
+                    gpu.adapter
+                ),
+            ));
+        };
+        if !cfg.valid_for(plan) {
+            return Err(Error::shape(
+                OP,
+                format!("{cfg:?} is not a valid tile shape for {plan:?}"),
+            ));
+        }
+        let bytes = cfg.workgroup_bytes(plan.frag, head_dim);
+        if bytes > gpu.caps.max_workgroup_storage as u64 {
+            return Err(Error::LimitExceeded {
+                what: format!("attention_coop {cfg:?} workgroup memory for head_dim {head_dim}"),
+                requested: bytes,
+                limit: gpu.caps.max_workgroup_storage as u64,
+                hint: "use `coop_config()` to pick a tile shape that fits this adapter".into(),
+            });
+        }
+        call.record_coop(gpu, plan, cfg)
+    }
 }
 
-/// [`attention_into`] on the FMA kernel with an explicit work split (for tests of every split,
-/// and tuning), whatever the adapter offers.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_into_with(
-    gpu: &Gpu,
-    q: HeadsView,
-    k: HeadsView,
-    v: HeadsView,
-    batch: usize,
-    heads: usize,
-    head_dim: usize,
-    causal: bool,
-    scale: Option<f32>,
-    out: &Tensor,
-    cfg: Config,
-) -> Result<()> {
-    let call = Call::new(q, k, v, batch, heads, head_dim, causal, scale, out)?;
-    if !cfg.valid_for(head_dim) {
-        return Err(Error::shape(
-            OP,
-            format!("{cfg:?} is not a valid split for head_dim {head_dim}"),
-        ));
-    }
-    if cfg.workgroup_bytes(head_dim) > gpu.caps.max_workgroup_storage as u64 {
-        return Err(Error::LimitExceeded {
-            what: format!("attention {cfg:?} workgroup memory for head_dim {head_dim}"),
-            requested: cfg.workgroup_bytes(head_dim),
-            limit: gpu.caps.max_workgroup_storage as u64,
-            hint: "use `config()` to pick a split that fits this adapter".into(),
-        });
-    }
-    call.record(
-        gpu,
-        ShaderId::Attention,
-        "attention",
-        &cfg.overrides(head_dim),
-        cfg.block_rows() as usize,
-    )
-}
-
-/// [`attention_into`] on the tensor-core kernel with an explicit tile shape (for tests of every
-/// shape, and tuning). Errors where the tensor-core path is off ([`coop::coop_plan`]: f16
-/// storage, an adapter offering square f16 fragments, `LDM_COOP_MATMUL`) or the shape does not
-/// fit the adapter.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_coop_into_with(
-    gpu: &Gpu,
-    q: HeadsView,
-    k: HeadsView,
-    v: HeadsView,
-    batch: usize,
-    heads: usize,
-    head_dim: usize,
-    causal: bool,
-    scale: Option<f32>,
-    out: &Tensor,
-    cfg: CoopConfig,
-) -> Result<()> {
-    let call = Call::new(q, k, v, batch, heads, head_dim, causal, scale, out)?;
-    let Some(plan) = coop::coop_plan(gpu, call.dtype) else {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "the tensor-core kernel is not in use for {} on {} (f16 storage, cooperative \
-                 matrices and LDM_COOP_MATMUL decide)",
-                call.dtype.name(),
-                gpu.adapter
-            ),
-        ));
-    };
-    if !cfg.valid_for(plan) {
-        return Err(Error::shape(
-            OP,
-            format!("{cfg:?} is not a valid tile shape for {plan:?}"),
-        ));
-    }
-    let bytes = cfg.workgroup_bytes(plan.frag, head_dim);
-    if bytes > gpu.caps.max_workgroup_storage as u64 {
-        return Err(Error::LimitExceeded {
-            what: format!("attention_coop {cfg:?} workgroup memory for head_dim {head_dim}"),
-            requested: bytes,
-            limit: gpu.caps.max_workgroup_storage as u64,
-            hint: "use `coop_config()` to pick a tile shape that fits this adapter".into(),
-        });
-    }
-    call.record_coop(gpu, plan, cfg)
+/// A host tensor seen as heads, like [`HeadsView`]: `data` holds `[B, tokens, row_stride]` and
+/// each row's heads start at `offset`.
+#[derive(Clone, Copy, Debug)]
+pub struct HostHeads<'a> {
+    pub data: &'a [f32],
+    pub tokens: usize,
+    pub row_stride: usize,
+    pub offset: usize,
 }
 
 const OP: &str = "attention";
@@ -478,18 +460,17 @@ struct Call<'a> {
 }
 
 impl<'a> Call<'a> {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        q: HeadsView<'a>,
-        k: HeadsView<'a>,
-        v: HeadsView<'a>,
-        batch: usize,
-        heads: usize,
-        head_dim: usize,
-        causal: bool,
-        scale: Option<f32>,
-        out: &'a Tensor,
-    ) -> Result<Self> {
+    fn new(sdpa: Sdpa<HeadsView<'a>>, out: &'a Tensor) -> Result<Self> {
+        let Sdpa {
+            q,
+            k,
+            v,
+            batch,
+            heads,
+            head_dim,
+            causal,
+            scale,
+        } = sdpa;
         if batch == 0 || heads == 0 {
             return Err(Error::shape(
                 OP,
@@ -629,62 +610,59 @@ impl<'a> Call<'a> {
     }
 }
 
-/// The naive softmax(q·kᵀ·scale)·v in f64 — the specification. `q`, `k` and `v` are the whole
-/// host tensors seen through the same (tokens, row_stride, offset) views as [`HeadsView`];
-/// returns `[B, nq, heads·head_dim]`. The causal mask allows key j for query i iff j ≤ i.
-#[allow(clippy::too_many_arguments)]
-pub fn reference(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    batch: usize,
-    heads: usize,
-    head_dim: usize,
-    nq: usize,
-    q_stride: usize,
-    q_offset: usize,
-    nk: usize,
-    k_stride: usize,
-    k_offset: usize,
-    v_stride: usize,
-    v_offset: usize,
-    causal: bool,
-    scale: Option<f32>,
-) -> Vec<f64> {
-    let scale = scale
-        .map(f64::from)
-        .unwrap_or(1.0 / (head_dim as f64).sqrt());
-    let width = heads * head_dim;
-    let mut out = vec![0.0f64; batch * nq * width];
-    let mut scores = vec![0.0f64; nk];
-    for b in 0..batch {
-        for h in 0..heads {
-            for i in 0..nq {
-                let qi = b * nq * q_stride + i * q_stride + q_offset + h * head_dim;
-                let allowed = if causal { nk.min(i + 1) } else { nk };
-                let mut max = f64::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate().take(allowed) {
-                    let kj = b * nk * k_stride + j * k_stride + k_offset + h * head_dim;
-                    let dot: f64 = (0..head_dim)
-                        .map(|d| q[qi + d] as f64 * k[kj + d] as f64)
-                        .sum();
-                    *s = dot * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0.0;
-                for s in scores.iter_mut().take(allowed) {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let o = &mut out[(b * nq + i) * width + h * head_dim..][..head_dim];
-                for (j, p) in scores.iter().enumerate().take(allowed) {
-                    let vj = b * nk * v_stride + j * v_stride + v_offset + h * head_dim;
-                    for d in 0..head_dim {
-                        o[d] += p / sum * v[vj + d] as f64;
+impl Sdpa<HostHeads<'_>> {
+    /// The naive softmax(q·kᵀ·scale)·v in f64 — the specification, over the same views as the
+    /// GPU kernel; returns `[B, nq, heads·head_dim]`. The causal mask allows key j for query i
+    /// iff j ≤ i.
+    pub fn reference(&self) -> Vec<f64> {
+        let Sdpa {
+            q,
+            k,
+            v,
+            batch,
+            heads,
+            head_dim,
+            causal,
+            scale,
+        } = *self;
+        let (nq, q_stride, q_offset, q) = (q.tokens, q.row_stride, q.offset, q.data);
+        let (nk, k_stride, k_offset, k) = (k.tokens, k.row_stride, k.offset, k.data);
+        let (v_stride, v_offset, v) = (v.row_stride, v.offset, v.data);
+        let scale = scale
+            .map(f64::from)
+            .unwrap_or(1.0 / (head_dim as f64).sqrt());
+        let width = heads * head_dim;
+        let mut out = vec![0.0f64; batch * nq * width];
+        let mut scores = vec![0.0f64; nk];
+        for b in 0..batch {
+            for h in 0..heads {
+                for i in 0..nq {
+                    let qi = b * nq * q_stride + i * q_stride + q_offset + h * head_dim;
+                    let allowed = if causal { nk.min(i + 1) } else { nk };
+                    let mut max = f64::NEG_INFINITY;
+                    for (j, s) in scores.iter_mut().enumerate().take(allowed) {
+                        let kj = b * nk * k_stride + j * k_stride + k_offset + h * head_dim;
+                        let dot: f64 = (0..head_dim)
+                            .map(|d| q[qi + d] as f64 * k[kj + d] as f64)
+                            .sum();
+                        *s = dot * scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0.0;
+                    for s in scores.iter_mut().take(allowed) {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let o = &mut out[(b * nq + i) * width + h * head_dim..][..head_dim];
+                    for (j, p) in scores.iter().enumerate().take(allowed) {
+                        let vj = b * nk * v_stride + j * v_stride + v_offset + h * head_dim;
+                        for d in 0..head_dim {
+                            o[d] += p / sum * v[vj + d] as f64;
+                        }
                     }
                 }
             }
         }
+        out
     }
-    out
 }

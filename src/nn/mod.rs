@@ -333,5 +333,15 @@ pub fn multi_head_attention(
     head_dim: usize,
     causal: bool,
 ) -> Result<Tensor> {
-    attention::attention(gpu, q, k, v, batch, heads, head_dim, causal, None)
+    attention::Sdpa {
+        q,
+        k,
+        v,
+        batch,
+        heads,
+        head_dim,
+        causal,
+        scale: None,
+    }
+    .run(gpu)
 }
