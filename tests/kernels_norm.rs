@@ -32,7 +32,14 @@ fn check_group_norm(shape: &[usize], groups: usize, silu: bool, offset: f64, see
         let (gamma, gq) = upload(&rng.normals(c, 1.0), &[c], dtype);
         let (beta, bq) = upload(&rng.normals(c, 1.0), &[c], dtype);
         let out = fill::poisoned(gpu, shape, dtype).unwrap();
-        norm::group_norm_into(gpu, &x, groups, 1e-5, &gamma, &beta, silu, &out).unwrap();
+        let op = norm::GroupNormOp {
+            groups,
+            eps: 1e-5,
+            gamma: &gamma,
+            beta: &beta,
+            silu,
+        };
+        op.run_into(gpu, &x, &out).unwrap();
         let got = gpu.download(&out).unwrap();
         let want = norm::reference_group_norm(&xq, shape, groups, 1e-5, &gq, &bq, silu);
         eprintln!(
@@ -159,7 +166,15 @@ fn shape_errors_are_errors() {
         "gamma of the wrong size"
     );
     assert!(
-        norm::group_norm_into(gpu, &x, 3, 1e-5, &g, &g, false, &x).is_err(),
+        norm::GroupNormOp {
+            groups: 3,
+            eps: 1e-5,
+            gamma: &g,
+            beta: &g,
+            silu: false
+        }
+        .run_into(gpu, &x, &x)
+        .is_err(),
         "aliased output"
     );
     assert!(
@@ -199,19 +214,23 @@ fn check_group_norm_concat(
         let (gamma, gq) = upload(&rng.normals(c, 1.0), &[c], dtype);
         let (beta, bq2) = upload(&rng.normals(c, 1.0), &[c], dtype);
         let out = fill::poisoned(gpu, &shape(c), dtype).unwrap();
-        norm::group_norm_concat_into(gpu, &a, &b, groups, 1e-5, &gamma, &beta, silu, &out).unwrap();
-        let got = gpu.download(&out).unwrap();
-        let want = norm::reference_group_norm_concat(
-            &aq,
-            &bq,
-            &shape(c),
-            ca,
+        let op = norm::GroupNormOp {
             groups,
-            1e-5,
-            &gq,
-            &bq2,
+            eps: 1e-5,
+            gamma: &gamma,
+            beta: &beta,
             silu,
-        );
+        };
+        op.run_concat_into(gpu, &a, &b, &out).unwrap();
+        let got = gpu.download(&out).unwrap();
+        let host = norm::GroupNormHost {
+            groups,
+            eps: 1e-5,
+            gamma: &gq,
+            beta: &bq2,
+            silu,
+        };
+        let want = norm::reference_group_norm_concat((&aq, &bq), &shape(c), ca, &host);
         let what = format!(
             "group_norm_concat {lead:?} x ({ca} + {cb}) G={groups} silu={silu} offset={offset} {}",
             dtype.name()
@@ -317,7 +336,14 @@ fn group_norm_concat_shape_errors() {
     let g8 = gpu.empty(&[8], DType::F32).unwrap();
     let g3 = gpu.empty(&[3], DType::F32).unwrap();
     let run = |a, b, groups, gamma, out| {
-        norm::group_norm_concat_into(gpu, a, b, groups, 1e-5, gamma, gamma, false, out)
+        norm::GroupNormOp {
+            groups,
+            eps: 1e-5,
+            gamma,
+            beta: gamma,
+            silu: false,
+        }
+        .run_concat_into(gpu, a, b, out)
     };
     let out = gpu.empty(&[1, 4, 4, 8], DType::F32).unwrap();
     run(&a, &b, 4, &g8, &out).unwrap();

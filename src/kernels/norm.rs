@@ -68,10 +68,100 @@ fn u32_of(op: &str, what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::shape(op, format!("{what} = {v} does not fit in u32")))
 }
 
-/// torch GroupNorm on NHWC `x` [B, ..spatial.., C] (spatial dims flattened; also [B, N, C] token
-/// tensors): groups of C/G consecutive channels, f32 statistics over (spatial × C/G) per
-/// (batch, group), biased variance, `y = (x-mean)/sqrt(var+eps)*gamma[c]+beta[c]`, then SiLU if
-/// `silu`. `gamma`/`beta` are [C] in x's dtype.
+/// One torch GroupNorm (+ optional fused SiLU) with its affine parameters: groups of C/G
+/// consecutive channels, f32 statistics over (spatial × C/G) per (batch, group), biased variance,
+/// `y = (x-mean)/sqrt(var+eps)*gamma[c]+beta[c]`, then SiLU if `silu`. `gamma`/`beta` are [C] in
+/// the input's dtype.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupNormOp<'a> {
+    pub groups: usize,
+    pub eps: f32,
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub silu: bool,
+}
+
+impl GroupNormOp<'_> {
+    /// On NHWC `x` [B, ..spatial.., C] (spatial dims flattened; also [B, N, C] token tensors).
+    pub fn run(self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        let out = gpu.empty(x.shape(), x.dtype())?;
+        self.run_into(gpu, x, &out)?;
+        Ok(out)
+    }
+
+    /// [`GroupNormOp::run`] into a caller-provided `out` (same shape and dtype as `x`, not
+    /// aliasing it).
+    pub fn run_into(self, gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<()> {
+        const OP: &str = "group_norm";
+        let shape = x.shape();
+        if shape.len() < 2 {
+            return Err(Error::shape(OP, format!("input {x:?} must be [B, ..., C]")));
+        }
+        let c = shape[shape.len() - 1];
+        check_groups(OP, x, c, self.groups)?;
+        check_affine(OP, x, c, self.gamma, self.beta)?;
+        check_out(OP, x, out)?;
+        record_group_norm(gpu, OP, &self, (x, None), out)
+    }
+
+    /// Of the channel concatenation `cat([a, b], dim=C)` without materialising it: `a` is
+    /// [B, ..spatial.., Ca], `b` [B, ..spatial.., Cb] (same leading dims and dtype), the result
+    /// [B, ..spatial.., Ca + Cb] equals [`GroupNormOp::run`] of the concatenation, groups of
+    /// (Ca + Cb) / G channels included when they straddle the a/b boundary; `gamma`/`beta` are
+    /// [Ca + Cb]. This is the first op of a diffusers up-block ResnetBlock2D, whose input is
+    /// `torch.cat([h, skip], 1)`.
+    pub fn run_concat(self, gpu: &Gpu, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let mut shape = a.shape().to_vec();
+        if let (Some(c), Some(&cb)) = (shape.last_mut(), b.shape().last()) {
+            *c += cb;
+        }
+        let out = gpu.empty(&shape, a.dtype())?;
+        self.run_concat_into(gpu, a, b, &out)?;
+        Ok(out)
+    }
+
+    /// [`GroupNormOp::run_concat`] into a caller-provided `out` ([B, ..., Ca + Cb], aliasing
+    /// neither input).
+    pub fn run_concat_into(self, gpu: &Gpu, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<()> {
+        const OP: &str = "group_norm_concat";
+        let (sa, sb) = (a.shape(), b.shape());
+        if sa.len() < 2 || sa.len() != sb.len() || sa[..sa.len() - 1] != sb[..sb.len() - 1] {
+            return Err(Error::shape(
+                OP,
+                format!("inputs {a:?} and {b:?} must be [B, ..., Ca] and [B, ..., Cb]"),
+            ));
+        }
+        if a.dtype() != b.dtype() {
+            return Err(Error::shape(
+                OP,
+                format!("inputs {a:?} and {b:?} must share a dtype"),
+            ));
+        }
+        let c = sa[sa.len() - 1] + sb[sb.len() - 1];
+        let mut shape = sa.to_vec();
+        *shape.last_mut().expect("rank checked") = c;
+        check_groups(OP, a, c, self.groups)?;
+        check_affine(OP, a, c, self.gamma, self.beta)?;
+        if out.shape() != shape.as_slice() || out.dtype() != a.dtype() {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "output {out:?} must be {shape:?} {} (the concatenation of {a:?} and {b:?})",
+                    a.dtype().name()
+                ),
+            ));
+        }
+        if out.buffer_id() == a.buffer_id() || out.buffer_id() == b.buffer_id() {
+            return Err(Error::shape(
+                OP,
+                "output must not alias an input (use a separate tensor)",
+            ));
+        }
+        record_group_norm(gpu, OP, &self, (a, Some(b)), out)
+    }
+}
+
+/// [`GroupNormOp::run`] as a function.
 pub fn group_norm(
     gpu: &Gpu,
     x: &Tensor,
@@ -81,108 +171,14 @@ pub fn group_norm(
     beta: &Tensor,
     silu: bool,
 ) -> Result<Tensor> {
-    let out = gpu.empty(x.shape(), x.dtype())?;
-    group_norm_into(gpu, x, groups, eps, gamma, beta, silu, &out)?;
-    Ok(out)
-}
-
-/// [`group_norm`] into a caller-provided `out` (same shape and dtype as `x`, not aliasing it).
-#[allow(clippy::too_many_arguments)]
-pub fn group_norm_into(
-    gpu: &Gpu,
-    x: &Tensor,
-    groups: usize,
-    eps: f32,
-    gamma: &Tensor,
-    beta: &Tensor,
-    silu: bool,
-    out: &Tensor,
-) -> Result<()> {
-    const OP: &str = "group_norm";
-    let shape = x.shape();
-    if shape.len() < 2 {
-        return Err(Error::shape(OP, format!("input {x:?} must be [B, ..., C]")));
+    GroupNormOp {
+        groups,
+        eps,
+        gamma,
+        beta,
+        silu,
     }
-    let c = shape[shape.len() - 1];
-    check_groups(OP, x, c, groups)?;
-    check_affine(OP, x, c, gamma, beta)?;
-    check_out(OP, x, out)?;
-    record_group_norm(gpu, OP, x, None, groups, eps, gamma, beta, silu, out)
-}
-
-/// GroupNorm (+ SiLU) of the channel concatenation `cat([a, b], dim=C)` without materialising it:
-/// `a` is [B, ..spatial.., Ca], `b` [B, ..spatial.., Cb] (same leading dims and dtype), the result
-/// [B, ..spatial.., Ca + Cb] equals [`group_norm`] of the concatenation, groups of (Ca + Cb) / G
-/// channels included when they straddle the a/b boundary. `gamma`/`beta` are [Ca + Cb]. This is
-/// the first op of a diffusers up-block ResnetBlock2D, whose input is `torch.cat([h, skip], 1)`.
-#[allow(clippy::too_many_arguments)]
-pub fn group_norm_concat(
-    gpu: &Gpu,
-    a: &Tensor,
-    b: &Tensor,
-    groups: usize,
-    eps: f32,
-    gamma: &Tensor,
-    beta: &Tensor,
-    silu: bool,
-) -> Result<Tensor> {
-    let mut shape = a.shape().to_vec();
-    if let (Some(c), Some(&cb)) = (shape.last_mut(), b.shape().last()) {
-        *c += cb;
-    }
-    let out = gpu.empty(&shape, a.dtype())?;
-    group_norm_concat_into(gpu, a, b, groups, eps, gamma, beta, silu, &out)?;
-    Ok(out)
-}
-
-/// [`group_norm_concat`] into a caller-provided `out` ([B, ..., Ca + Cb], aliasing neither input).
-#[allow(clippy::too_many_arguments)]
-pub fn group_norm_concat_into(
-    gpu: &Gpu,
-    a: &Tensor,
-    b: &Tensor,
-    groups: usize,
-    eps: f32,
-    gamma: &Tensor,
-    beta: &Tensor,
-    silu: bool,
-    out: &Tensor,
-) -> Result<()> {
-    const OP: &str = "group_norm_concat";
-    let (sa, sb) = (a.shape(), b.shape());
-    if sa.len() < 2 || sa.len() != sb.len() || sa[..sa.len() - 1] != sb[..sb.len() - 1] {
-        return Err(Error::shape(
-            OP,
-            format!("inputs {a:?} and {b:?} must be [B, ..., Ca] and [B, ..., Cb]"),
-        ));
-    }
-    if a.dtype() != b.dtype() {
-        return Err(Error::shape(
-            OP,
-            format!("inputs {a:?} and {b:?} must share a dtype"),
-        ));
-    }
-    let c = sa[sa.len() - 1] + sb[sb.len() - 1];
-    let mut shape = sa.to_vec();
-    *shape.last_mut().expect("rank checked") = c;
-    check_groups(OP, a, c, groups)?;
-    check_affine(OP, a, c, gamma, beta)?;
-    if out.shape() != shape.as_slice() || out.dtype() != a.dtype() {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "output {out:?} must be {shape:?} {} (the concatenation of {a:?} and {b:?})",
-                a.dtype().name()
-            ),
-        ));
-    }
-    if out.buffer_id() == a.buffer_id() || out.buffer_id() == b.buffer_id() {
-        return Err(Error::shape(
-            OP,
-            "output must not alias an input (use a separate tensor)",
-        ));
-    }
-    record_group_norm(gpu, OP, a, Some(b), groups, eps, gamma, beta, silu, out)
+    .run(gpu, x)
 }
 
 fn check_groups(op: &str, x: &Tensor, c: usize, groups: usize) -> Result<()> {
@@ -197,19 +193,20 @@ fn check_groups(op: &str, x: &Tensor, c: usize, groups: usize) -> Result<()> {
 
 /// Records both group-norm dispatches over `out` [B, R, C] once the shapes are checked: the input
 /// is `x`, or `cat(x, x_b)` along channels when `x_b` is given.
-#[allow(clippy::too_many_arguments)]
 fn record_group_norm(
     gpu: &Gpu,
     op: &str,
-    x: &Tensor,
-    x_b: Option<&Tensor>,
-    groups: usize,
-    eps: f32,
-    gamma: &Tensor,
-    beta: &Tensor,
-    silu: bool,
+    norm: &GroupNormOp<'_>,
+    (x, x_b): (&Tensor, Option<&Tensor>),
     out: &Tensor,
 ) -> Result<()> {
+    let GroupNormOp {
+        groups,
+        eps,
+        gamma,
+        beta,
+        silu,
+    } = *norm;
     if out.numel() == 0 {
         return Ok(());
     }
@@ -400,21 +397,32 @@ pub fn reference_group_norm(
     y
 }
 
-/// The specification of [`group_norm_concat`]: [`reference_group_norm`] of the concatenation,
-/// built on the host. `shape` is the output's [B, ..., Ca + Cb]; `a` holds the rows of `ca`
-/// channels, `b` the rows of the remaining ones.
-#[allow(clippy::too_many_arguments)]
+/// Host-side group-norm parameters for the references.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupNormHost<'a> {
+    pub groups: usize,
+    pub eps: f32,
+    pub gamma: &'a [f32],
+    pub beta: &'a [f32],
+    pub silu: bool,
+}
+
+/// The specification of [`GroupNormOp::run_concat`]: [`reference_group_norm`] of the
+/// concatenation, built on the host. `shape` is the output's [B, ..., Ca + Cb]; `a` holds the
+/// rows of `ca` channels, `b` the rows of the remaining ones.
 pub fn reference_group_norm_concat(
-    a: &[f32],
-    b: &[f32],
+    (a, b): (&[f32], &[f32]),
     shape: &[usize],
     ca: usize,
-    groups: usize,
-    eps: f32,
-    gamma: &[f32],
-    beta: &[f32],
-    silu: bool,
+    p: &GroupNormHost<'_>,
 ) -> Vec<f64> {
+    let GroupNormHost {
+        groups,
+        eps,
+        gamma,
+        beta,
+        silu,
+    } = *p;
     let c = shape[shape.len() - 1];
     let cb = c - ca;
     let rows = shape.iter().product::<usize>() / c.max(1);

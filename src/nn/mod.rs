@@ -272,24 +272,25 @@ impl GroupNorm {
         })
     }
 
+    fn op(&self, silu: bool) -> norm::GroupNormOp<'_> {
+        norm::GroupNormOp {
+            groups: self.groups,
+            eps: self.eps,
+            gamma: &self.gamma,
+            beta: &self.beta,
+            silu,
+        }
+    }
+
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, silu: bool) -> Result<Tensor> {
-        norm::group_norm(gpu, x, self.groups, self.eps, &self.gamma, &self.beta, silu)
+        self.op(silu).run(gpu, x)
     }
 
     /// `forward(concat_channels(a, b))` without building the concatenation: a [B, H, W, Ca] and
     /// b [B, H, W, Cb] give [B, H, W, Ca + Cb]. For the up-block ResnetBlock2D, whose input is
     /// `torch.cat([hidden_states, res_hidden_states], dim=1)`.
     pub fn forward_concat(&self, gpu: &Gpu, a: &Tensor, b: &Tensor, silu: bool) -> Result<Tensor> {
-        norm::group_norm_concat(
-            gpu,
-            a,
-            b,
-            self.groups,
-            self.eps,
-            &self.gamma,
-            &self.beta,
-            silu,
-        )
+        self.op(silu).run_concat(gpu, a, b)
     }
 }
 
