@@ -149,21 +149,18 @@ fn reference(c: &Case, i: &Inputs) -> Vec<f64> {
         }
     };
     let (h, w) = c.in_hw();
-    conv2d::reference(
-        &x,
-        &i.w,
-        i.bias.as_deref(),
-        i.residual.as_deref(),
-        c.b,
+    let shape = conv2d::ConvShape {
+        b: c.b,
         h,
         w,
-        c.cin,
-        c.cout,
-        c.kh,
-        c.kw,
-        c.stride,
-        c.pads,
-    )
+        cin: c.cin,
+        cout: c.cout,
+        kh: c.kh,
+        kw: c.kw,
+        stride: c.stride,
+        pads: c.pads,
+    };
+    conv2d::reference(&x, &i.w, (i.bias.as_deref(), i.residual.as_deref()), &shape)
 }
 
 /// NHWC x [.., cin] as (x[.., :ca], x[.., ca:]).
@@ -422,21 +419,18 @@ fn sd15_unet_res_320_64x64() {
                 [(b * hh + r0) * ww * cout..(b * hh + r1) * ww * cout]
                 .to_vec();
             let pads = [usize::from(r0 == 0), usize::from(r1 == hh), 1, 1];
-            let part = conv2d::reference(
-                xs,
-                &i.w,
-                i.bias.as_deref(),
-                Some(&rs),
-                1,
-                i1 - i0,
-                ww,
+            let shape = conv2d::ConvShape {
+                b: 1,
+                h: i1 - i0,
+                w: ww,
                 cin,
                 cout,
-                3,
-                3,
-                1,
+                kh: 3,
+                kw: 3,
+                stride: 1,
                 pads,
-            );
+            };
+            let part = conv2d::reference(xs, &i.w, (i.bias.as_deref(), Some(&rs)), &shape);
             assert_eq!(part.len(), (r1 - r0) * ww * cout);
             want.extend(part);
         }
@@ -552,9 +546,18 @@ fn weight_reorder_matches_pytorch_layout() {
         }
     }
     let w_ohwi = conv2d::weight_oihw_to_ohwi(&w_oihw, cout, cin, kh, kw);
-    let got = conv2d::reference(
-        &x_nhwc, &w_ohwi, None, None, b, h, w, cin, cout, kh, kw, stride, [pad; 4],
-    );
+    let shape = conv2d::ConvShape {
+        b,
+        h,
+        w,
+        cin,
+        cout,
+        kh,
+        kw,
+        stride,
+        pads: [pad; 4],
+    };
+    let got = conv2d::reference(&x_nhwc, &w_ohwi, (None, None), &shape);
     for n in 0..b {
         for o in 0..cout {
             for oy in 0..ho {
@@ -623,21 +626,32 @@ fn rejects_bad_shapes() {
         [1; 4]
     )));
     let bad_out = g.empty(&[1, 4, 4, 6], f).unwrap();
-    assert!(is_shape(conv2d::conv2d_into(
-        g, &x, &w, None, None, 1, [1; 4], &bad_out
-    )));
+    assert!(is_shape(
+        Conv {
+            input: Input::Plain(&x),
+            weight: &w,
+            bias: None,
+            residual: None,
+            stride: 1,
+            pads: [1; 4],
+            variant: None,
+        }
+        .run_into(g, &bad_out)
+    ));
     // In place: out == residual.
     let res = g.empty(&[1, 8, 8, 6], f).unwrap();
-    assert!(is_shape(conv2d::conv2d_into(
-        g,
-        &x,
-        &w,
-        None,
-        Some(&res),
-        1,
-        [1; 4],
-        &res
-    )));
+    assert!(is_shape(
+        Conv {
+            input: Input::Plain(&x),
+            weight: &w,
+            bias: None,
+            residual: Some(&res),
+            stride: 1,
+            pads: [1; 4],
+            variant: None,
+        }
+        .run_into(g, &res)
+    ));
     // Upsampled input: the kernel must fit the upsampled size, not the stored one.
     let x1 = g.empty(&[1, 1, 1, 4], f).unwrap();
     assert!(is_shape(conv2d::conv2d_upsampled(
@@ -655,7 +669,16 @@ fn rejects_bad_shapes() {
     let xb = g.empty(&[1, 8, 8, 2], f).unwrap();
     let w6 = g.empty(&[6, 3, 3, 6], f).unwrap();
     let cat = |a: &ldm_wgpu::Tensor, b: &ldm_wgpu::Tensor, w: &ldm_wgpu::Tensor| {
-        conv2d::conv2d_concat(g, a, b, w, None, None, 1, [1; 4])
+        Conv {
+            input: Input::Concat(a, b),
+            weight: w,
+            bias: None,
+            residual: None,
+            stride: 1,
+            pads: [1; 4],
+            variant: None,
+        }
+        .run(g)
     };
     assert!(cat(&x, &xb, &w6).is_ok());
     assert!(is_shape(cat(&x, &g.empty(&[1, 8, 7, 2], f).unwrap(), &w6)));

@@ -795,30 +795,6 @@ pub fn conv2d(
     .run(gpu)
 }
 
-/// [`conv2d`] into a given output tensor (which must not share a buffer with any input).
-#[allow(clippy::too_many_arguments)]
-pub fn conv2d_into(
-    gpu: &Gpu,
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    residual: Option<&Tensor>,
-    stride: usize,
-    pads: [usize; 4],
-    out: &Tensor,
-) -> Result<()> {
-    Conv {
-        input: Input::Plain(x),
-        weight: w,
-        bias,
-        residual,
-        stride,
-        pads,
-        variant: None,
-    }
-    .run_into(gpu, out)
-}
-
 /// The convolution of `x` [B, H, W, Cin] upsampled 2× (nearest), without writing the upsampled
 /// tensor: diffusers `Upsample2D` in one kernel. Returns [B, Ho, Wo, Cout] with Ho computed
 /// from 2H (Ho = 2H for the 3×3, stride 1, padding 1 conv of Upsample2D).
@@ -843,30 +819,19 @@ pub fn conv2d_upsampled(
     .run(gpu)
 }
 
-/// The convolution of the channel concatenation [a | b] of `a` [B, H, W, Ca] and `b`
-/// [B, H, W, Cb] (channels of `a` first) without writing it: `w` is [Cout, KH, KW, Ca + Cb].
-/// The U-Net decoder's ResnetBlock2D shortcut on `torch.cat([h, skip], dim=1)`.
-#[allow(clippy::too_many_arguments)]
-pub fn conv2d_concat(
-    gpu: &Gpu,
-    a: &Tensor,
-    b: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    residual: Option<&Tensor>,
-    stride: usize,
-    pads: [usize; 4],
-) -> Result<Tensor> {
-    Conv {
-        input: Input::Concat(a, b),
-        weight: w,
-        bias,
-        residual,
-        stride,
-        pads,
-        variant: None,
-    }
-    .run(gpu)
+/// The geometry of one convolution, for the host [`reference`]: input [B, H, W, Cin], weight
+/// [Cout, KH, KW, Cin], stride and `pads = [top, bottom, left, right]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub b: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pads: [usize; 4],
 }
 
 /// Nearest-neighbour 2× upsampling of NHWC `x` [B, H, W, C] on the host: the input that
@@ -943,22 +908,23 @@ pub fn weight_oihw_to_ohwi<T: Copy + Default>(
 /// The specification: direct convolution in f64 over NHWC `x`, OHWI `w_ohwi`, with zero padding
 /// `pads = [top, bottom, left, right]`, then `+ bias[co] + residual[b, oy, ox, co]`.
 /// Returns [B, Ho, Wo, Cout].
-#[allow(clippy::too_many_arguments)]
 pub fn reference(
     x: &[f32],
     w_ohwi: &[f32],
-    bias: Option<&[f32]>,
-    residual: Option<&[f32]>,
-    b: usize,
-    h: usize,
-    w: usize,
-    cin: usize,
-    cout: usize,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    pads: [usize; 4],
+    (bias, residual): (Option<&[f32]>, Option<&[f32]>),
+    shape: &ConvShape,
 ) -> Vec<f64> {
+    let ConvShape {
+        b,
+        h,
+        w,
+        cin,
+        cout,
+        kh,
+        kw,
+        stride,
+        pads,
+    } = *shape;
     let ho = out_size(h, pads[0], pads[1], kh, stride).expect("kernel larger than padded input");
     let wo = out_size(w, pads[2], pads[3], kw, stride).expect("kernel larger than padded input");
     assert_eq!(x.len(), b * h * w * cin);

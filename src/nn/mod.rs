@@ -193,16 +193,16 @@ impl Conv2d {
     /// conv(concat_channels(a, b)) without writing the concatenation: a [B, H, W, Ca],
     /// b [B, H, W, Cb], this conv's Cin = Ca + Cb (the U-Net decoder's `torch.cat([h, skip])`).
     pub fn forward_concat(&self, gpu: &Gpu, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        conv2d::conv2d_concat(
-            gpu,
-            a,
-            b,
-            &self.weight,
-            self.bias.as_ref(),
-            None,
-            self.stride,
-            self.pads,
-        )
+        conv2d::Conv {
+            input: conv2d::Input::Concat(a, b),
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+            residual: None,
+            stride: self.stride,
+            pads: self.pads,
+            variant: None,
+        }
+        .run(gpu)
     }
 
     /// conv(concat_channels(a, b)) + residual, neither the concatenation nor the sum written
@@ -214,16 +214,16 @@ impl Conv2d {
         b: &Tensor,
         residual: &Tensor,
     ) -> Result<Tensor> {
-        conv2d::conv2d_concat(
-            gpu,
-            a,
-            b,
-            &self.weight,
-            self.bias.as_ref(),
-            Some(residual),
-            self.stride,
-            self.pads,
-        )
+        conv2d::Conv {
+            input: conv2d::Input::Concat(a, b),
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+            residual: Some(residual),
+            stride: self.stride,
+            pads: self.pads,
+            variant: None,
+        }
+        .run(gpu)
     }
 
     /// conv(upsample_nearest_2x(x)), the upsampling folded into the conv's loads (diffusers
