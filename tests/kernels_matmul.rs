@@ -118,12 +118,9 @@ fn check_linear_on(
     let want = matmul::reference_linear(
         &xs,
         &wq,
-        bias.then_some(&bq[..]),
-        residual.then_some(&rs[..]),
+        (bias.then_some(&bq[..]), residual.then_some(&rs[..])),
         act,
-        rows.len(),
-        n,
-        k,
+        [rows.len(), n, k],
     );
     let got_rows: Vec<f32> = rows
         .iter()
@@ -249,7 +246,13 @@ fn check_residual_in_place(g: &Gpu, dtype: DType, m: usize, n: usize, k: usize, 
     let (b, bq) = upload_on(g, &rng.normals(n, 0.5), &[n], dtype);
     let (y, yq) = upload_on(g, &rng.normals(m * n, 1.0), &[m, n], dtype);
     matmul::linear_into(g, &x, &w, Some(&b), Some(&y), Activation::Silu, &y).unwrap();
-    let want = matmul::reference_linear(&xq, &wq, Some(&bq), Some(&yq), Activation::Silu, m, n, k);
+    let want = matmul::reference_linear(
+        &xq,
+        &wq,
+        (Some(&bq), Some(&yq)),
+        Activation::Silu,
+        [m, n, k],
+    );
     assert_close(
         &format!("in-place residual {m}x{n}x{k} {dtype:?}"),
         &g.download(&y).unwrap(),

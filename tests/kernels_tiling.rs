@@ -247,11 +247,9 @@ fn blend_tile_matches_reference() {
                 (&tile_q, tile_shape),
                 above.as_ref().map(|a| (&a.1[..], a.2)),
                 left.as_ref().map(|l| (&l.1[..], l.2)),
-                case.blend_extent,
-                case.row_limit,
+                (case.blend_extent, case.row_limit),
                 case.origin,
-                &mut want_out,
-                out_shape,
+                (&mut want_out, out_shape),
             );
             let tol = tol(dtype, BLEND_TOL.0, BLEND_TOL.1);
             let what = format!(
@@ -307,11 +305,9 @@ fn tile_chain_assembles_like_diffusers() {
                     (&q, s),
                     above_row.get(j).map(|a| (&a.1[..], a.2)),
                     row.last().map(|l| (&l.1[..], l.2)),
-                    blend_extent,
-                    row_limit,
+                    (blend_extent, row_limit),
                     origin,
-                    &mut want_out,
-                    out_shape,
+                    (&mut want_out, out_shape),
                 );
                 let blend = tiling::TileBlend {
                     above: above_row.get(j).map(|a| &a.0),

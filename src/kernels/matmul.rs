@@ -549,16 +549,12 @@ pub fn gelu_f64(x: f64) -> f64 {
 }
 
 /// `y[m, n] = act(Σ_k x[m, k] w[n, k] + bias[n]) + residual[m, n]` in f64. x `[M, K]`, w `[N, K]`.
-#[allow(clippy::too_many_arguments)]
 pub fn reference_linear(
     x: &[f32],
     w: &[f32],
-    bias: Option<&[f32]>,
-    residual: Option<&[f32]>,
+    (bias, residual): (Option<&[f32]>, Option<&[f32]>),
     act: Activation,
-    m: usize,
-    n: usize,
-    k: usize,
+    [m, n, k]: [usize; 3],
 ) -> Vec<f64> {
     let mut y = vec![0.0f64; m * n];
     for i in 0..m {
@@ -589,7 +585,7 @@ pub fn reference_geglu(
     n: usize,
     k: usize,
 ) -> Vec<f64> {
-    let proj = reference_linear(x, w, bias, None, Activation::None, m, 2 * n, k);
+    let proj = reference_linear(x, w, (bias, None), Activation::None, [m, 2 * n, k]);
     let mut y = vec![0.0f64; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -613,12 +609,9 @@ pub fn reference_batched_matmul_bt(
             reference_linear(
                 &a[i * m * k..(i + 1) * m * k],
                 &bt[i * n * k..(i + 1) * n * k],
-                None,
-                None,
+                (None, None),
                 Activation::None,
-                m,
-                n,
-                k,
+                [m, n, k],
             )
         })
         .collect()

@@ -246,16 +246,13 @@ pub type HostTensor<'a> = (&'a [f32], [usize; 4]);
 /// above, then `blend_h` with the tile to the left, on the whole tile (weights `y / extent`,
 /// extents clamped to both tiles), then the `[:row_limit, :row_limit]` window copied into `out`.
 /// Returns the blended tile; `out` ([B, H, W, C]) is updated in place.
-#[allow(clippy::too_many_arguments)]
 pub fn reference_blend_tile(
     tile: HostTensor<'_>,
     above: Option<HostTensor<'_>>,
     left: Option<HostTensor<'_>>,
-    blend_extent: usize,
-    row_limit: usize,
+    (blend_extent, row_limit): (usize, usize),
     origin: [usize; 2],
-    out: &mut [f64],
-    out_shape: [usize; 4],
+    (out, out_shape): (&mut [f64], [usize; 4]),
 ) -> Vec<f64> {
     let (data, [b, h, w, c]) = tile;
     let mut t: Vec<f64> = data.iter().map(|&v| v as f64).collect();
