@@ -791,3 +791,75 @@ fn fuzz_lora() {
     fuzz("lora", &lora_seeds(), &dir, check_lora);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Configs: the shipped model's config.json files and scheduler_config.json, and the TAESD
+// fixture's, mutated as text (numbers made absurd, types broken), then read; a scheduler config
+// that reads also builds every sampler and runs its whole loop on the CPU specification.
+
+fn config_seeds() -> Vec<Vec<u8>> {
+    let model = ldm_wgpu::pipeline::default_model_dir();
+    let taesd =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/taesd/tiny/config.json");
+    [
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+    ]
+    .iter()
+    .map(|p| std::fs::read(model.join(p)).unwrap())
+    .chain([std::fs::read(taesd).unwrap()])
+    .collect()
+}
+
+fn check_config(path: &Path) -> Result<bool, String> {
+    use ldm_wgpu::models::{
+        clip::ClipConfig, taesd::TaesdConfig, unet::UNetConfig, vae::VaeConfig,
+    };
+    use ldm_wgpu::sched::{
+        build_sampler, execute_on_cpu, Buf, CpuBuffers, SamplerKind, SchedulerConfig,
+    };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(&std::fs::read(path).unwrap())
+    else {
+        return Ok(false);
+    };
+    let mut accepted = false;
+    accepted |= UNetConfig::from_json(&value).is_ok();
+    accepted |= VaeConfig::from_json(&value).is_ok();
+    accepted |= ClipConfig::from_json(&value).is_ok();
+    accepted |= TaesdConfig::from_json(&value).is_ok();
+    if let Ok(config) = SchedulerConfig::from_value(&value) {
+        accepted = true;
+        for kind in SamplerKind::ALL {
+            for steps in [1, 4, 25] {
+                let Ok(mut sampler) = build_sampler(&config, Some(kind), steps) else {
+                    continue;
+                };
+                let n = 8;
+                let mut bufs = CpuBuffers::new(vec![0.5; n]);
+                for call in 0..sampler.timesteps().len() {
+                    let plan = sampler.step(call);
+                    if plan.needs_noise {
+                        bufs.set(Buf::Noise, vec![0.1; n]);
+                    }
+                    execute_on_cpu(&plan, &vec![0.25; n], None, &mut bufs)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+    Ok(accepted)
+}
+
+#[test]
+fn fuzz_configs() {
+    let dir = scratch("configs");
+    for (i, seed) in config_seeds().iter().enumerate() {
+        let path = dir.join(format!("seed-{i}.json"));
+        std::fs::write(&path, seed).unwrap();
+        assert_eq!(check_config(&path), Ok(true), "seed {i} must be accepted");
+    }
+    fuzz("configs", &config_seeds(), &dir, check_config);
+    std::fs::remove_dir_all(&dir).ok();
+}

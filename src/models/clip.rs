@@ -46,7 +46,7 @@ impl ClipConfig {
             num_attention_heads: c.usize("num_attention_heads")?,
             max_position_embeddings: c.usize_or("max_position_embeddings", 77)?,
             hidden_act,
-            layer_norm_eps: c.f64_or("layer_norm_eps", 1e-5)? as f32,
+            layer_norm_eps: c.f64_in("layer_norm_eps", 1e-5, 1e-12..=1.0)? as f32,
         };
         if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(Error::Unsupported(format!(

@@ -5,6 +5,12 @@ use serde_json::Value;
 
 use crate::{Error, Result};
 
+/// The largest integer a model config may hold (layer, channel, head and token counts, vocabulary
+/// sizes). Real models stay far below it; a corrupted or hostile config that declares more is
+/// refused before anything is sized from it (10^12 layers once aborted the process on a failed
+/// allocation).
+pub const MAX_CONFIG_INT: u64 = 1 << 20;
+
 pub struct Config<'a> {
     pub what: &'static str,
     pub value: &'a Value,
@@ -28,10 +34,21 @@ impl<'a> Config<'a> {
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
-        self.field(key)
+        let v = self
+            .field(key)
             .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .ok_or_else(|| self.bad(key, "an integer"))
+            .ok_or_else(|| self.bad(key, "an integer"))?;
+        self.bounded(key, v)
+    }
+    /// `v` if it is a plausible size (see [`MAX_CONFIG_INT`]).
+    fn bounded(&self, key: &str, v: u64) -> Result<usize> {
+        if v > MAX_CONFIG_INT {
+            return Err(Error::Weights(format!(
+                "{} config: `{key}` = {v} is beyond any real model (at most {MAX_CONFIG_INT})",
+                self.what
+            )));
+        }
+        Ok(v as usize)
     }
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         if self.field(key).is_none() {
@@ -44,6 +61,32 @@ impl<'a> Config<'a> {
             None => Ok(default),
             Some(v) => v.as_f64().ok_or_else(|| self.bad(key, "a number")),
         }
+    }
+    /// A number that must be finite and within `range` when present; an explicit `null` is an
+    /// error (diffusers would divide by `None`), absence gives `default`.
+    pub fn f64_in(
+        &self,
+        key: &str,
+        default: f64,
+        range: std::ops::RangeInclusive<f64>,
+    ) -> Result<f64> {
+        let v = match self.value.get(key) {
+            None => return Ok(default),
+            Some(Value::Null) => {
+                return Err(Error::Weights(format!(
+                    "{} config: `{key}` is null (a number in {range:?} is needed)",
+                    self.what
+                )))
+            }
+            Some(v) => v.as_f64().ok_or_else(|| self.bad(key, "a number"))?,
+        };
+        if !v.is_finite() || !range.contains(&v) {
+            return Err(Error::Weights(format!(
+                "{} config: `{key}` = {v} is outside {range:?}",
+                self.what
+            )));
+        }
+        Ok(v)
     }
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.field(key) {
@@ -65,11 +108,15 @@ impl<'a> Config<'a> {
             .field(key)
             .and_then(Value::as_array)
             .ok_or_else(|| self.bad(key, "a list of integers"))?;
+        if arr.len() as u64 > MAX_CONFIG_INT {
+            return Err(self.bad(key, "a list of plausible length"));
+        }
         arr.iter()
             .map(|v| {
-                v.as_u64()
-                    .map(|x| x as usize)
-                    .ok_or_else(|| self.bad(key, "a list of integers"))
+                let x = v
+                    .as_u64()
+                    .ok_or_else(|| self.bad(key, "a list of integers"))?;
+                self.bounded(key, x)
             })
             .collect()
     }
@@ -91,11 +138,10 @@ impl<'a> Config<'a> {
     pub fn per_block(&self, key: &str, blocks: usize) -> Result<Option<Vec<usize>>> {
         match self.field(key) {
             None => Ok(None),
-            Some(Value::Number(n)) => Ok(Some(vec![
-                n.as_u64().ok_or_else(|| self.bad(key, "an integer"))?
-                    as usize;
-                blocks
-            ])),
+            Some(Value::Number(n)) => {
+                let v = n.as_u64().ok_or_else(|| self.bad(key, "an integer"))?;
+                Ok(Some(vec![self.bounded(key, v)?; blocks]))
+            }
             Some(Value::Array(_)) => {
                 let v = self.usize_list(key)?;
                 if v.len() != blocks {

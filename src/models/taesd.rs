@@ -92,9 +92,9 @@ impl TaesdConfig {
             )?,
             num_encoder_blocks: list("num_encoder_blocks", &d.num_encoder_blocks)?,
             num_decoder_blocks: list("num_decoder_blocks", &d.num_decoder_blocks)?,
-            latent_magnitude: c.f64_or("latent_magnitude", d.latent_magnitude)?,
-            latent_shift: c.f64_or("latent_shift", d.latent_shift)?,
-            scaling_factor: c.f64_or("scaling_factor", d.scaling_factor)?,
+            latent_magnitude: c.f64_in("latent_magnitude", d.latent_magnitude, 1e-3..=1e3)?,
+            latent_shift: c.f64_in("latent_shift", d.latent_shift, -16.0..=16.0)?,
+            scaling_factor: c.f64_in("scaling_factor", d.scaling_factor, 1e-4..=100.0)?,
         };
         config.validate()?;
         Ok(config)

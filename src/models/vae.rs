@@ -64,7 +64,8 @@ impl VaeConfig {
             layers_per_block: c.usize_or("layers_per_block", 1)?,
             latent_channels: c.usize_or("latent_channels", 4)?,
             norm_num_groups: c.usize_or("norm_num_groups", 32)?,
-            scaling_factor: c.f64_or("scaling_factor", 0.18215)?,
+            // Real VAEs: 0.18215 (SD 1.x/2.x), 0.13025 (SDXL), 1.5305 (SD3), 0.3611 (FLUX).
+            scaling_factor: c.f64_in("scaling_factor", 0.18215, 1e-4..=100.0)?,
             shift_factor: (!shift.is_nan()).then_some(shift),
             force_upcast: c.bool_or("force_upcast", true)?,
             mid_block_add_attention: c.bool_or("mid_block_add_attention", true)?,

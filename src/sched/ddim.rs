@@ -36,7 +36,7 @@ impl Ddim {
             steps,
             cfg.usize_or("steps_offset", 0)?,
             true,
-        );
+        )?;
         Ok(Ddim {
             name,
             alphas_cumprod,

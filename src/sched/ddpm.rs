@@ -32,7 +32,7 @@ impl Ddpm {
             steps,
             cfg.usize_or("steps_offset", 0)?,
             true,
-        );
+        )?;
         Ok(Ddpm {
             name,
             alphas_cumprod,

@@ -94,7 +94,7 @@ impl DpmSolverMultistep {
                     .map(|i| (i * ratio + offset) as f64)
                     .collect()
             }
-            Spacing::Trailing => spaced_timesteps(spacing, num_train, steps, offset, true),
+            Spacing::Trailing => spaced_timesteps(spacing, num_train, steps, offset, true)?,
         };
         let train = train_sigmas(&acp);
         let mut sigmas: Vec<f64> = if cfg.bool_or("use_karras_sigmas", false)? {

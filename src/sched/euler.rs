@@ -46,7 +46,7 @@ impl SigmaSchedule {
                 "{steps} steps > num_train_timesteps {num_train}"
             )));
         }
-        let mut timesteps = spaced_timesteps(spacing, num_train, steps, offset, false);
+        let mut timesteps = spaced_timesteps(spacing, num_train, steps, offset, false)?;
         let train = train_sigmas(&acp);
         let log_sigmas = log_sigmas_f32(&train);
         let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp_index(t, &train)).collect();

@@ -435,13 +435,64 @@ pub struct SchedulerConfig {
 impl SchedulerConfig {
     pub fn from_value(value: &Value) -> Result<Self> {
         match value {
-            Value::Object(map) => Ok(Self {
-                values: map.clone(),
-            }),
+            Value::Object(map) => {
+                let config = Self {
+                    values: map.clone(),
+                };
+                config.validate()?;
+                Ok(config)
+            }
             _ => Err(Error::InvalidInput(
                 "scheduler config is not a JSON object".into(),
             )),
         }
+    }
+
+    /// What every sampler sizes its tables from must be plausible before anything is allocated
+    /// or indexed: 1..=100000 training timesteps (10^12 once aborted the process), betas in
+    /// (0, 1), `trained_betas` one per training timestep, a `steps_offset` inside the schedule.
+    pub fn validate(&self) -> Result<()> {
+        const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+        let n = self.usize_or("num_train_timesteps", 1000)?;
+        if !(1..=MAX_TRAIN_TIMESTEPS).contains(&n) {
+            return Err(Error::InvalidInput(format!(
+                "scheduler config: num_train_timesteps {n} is outside 1..={MAX_TRAIN_TIMESTEPS}"
+            )));
+        }
+        let offset = self.usize_or("steps_offset", 0)?;
+        if offset >= n {
+            return Err(Error::InvalidInput(format!(
+                "scheduler config: steps_offset {offset} is not below num_train_timesteps {n}"
+            )));
+        }
+        for key in ["beta_start", "beta_end"] {
+            let b = self.f64_or(key, 0.001)?;
+            if !(b.is_finite() && b > 0.0 && b < 1.0) {
+                return Err(Error::InvalidInput(format!(
+                    "scheduler config: `{key}` {b} is outside (0, 1)"
+                )));
+            }
+        }
+        if let Some(trained) = self.get("trained_betas") {
+            let list = trained
+                .as_array()
+                .ok_or_else(|| self.bad("trained_betas", "a list"))?;
+            if list.len() != n {
+                return Err(Error::InvalidInput(format!(
+                    "scheduler config: trained_betas has {} values for {n} training timesteps",
+                    list.len()
+                )));
+            }
+            if !list
+                .iter()
+                .all(|v| v.as_f64().is_some_and(|b| b > 0.0 && b < 1.0))
+            {
+                return Err(Error::InvalidInput(
+                    "scheduler config: trained_betas must be numbers in (0, 1)".into(),
+                ));
+            }
+        }
+        Ok(())
     }
     pub fn from_json_str(text: &str) -> Result<Self> {
         let value: Value = serde_json::from_str(text)
@@ -752,8 +803,8 @@ pub(crate) fn spaced_timesteps(
     steps: usize,
     steps_offset: usize,
     linspace_round: bool,
-) -> Vec<f64> {
-    match spacing {
+) -> Result<Vec<f64>> {
+    Ok(match spacing {
         Spacing::Linspace => {
             let mut t = np_linspace(0.0, (num_train - 1) as f64, steps);
             t.reverse();
@@ -765,6 +816,15 @@ pub(crate) fn spaced_timesteps(
         }
         Spacing::Leading => {
             let ratio = num_train / steps;
+            let last = (steps - 1) * ratio + steps_offset;
+            if last >= num_train {
+                // diffusers indexes past alphas_cumprod here (IndexError); we say why.
+                return Err(Error::InvalidInput(format!(
+                    "scheduler config: steps_offset {steps_offset} with {steps} steps gives \
+                     timestep {last}, past the {num_train} training timesteps (use fewer steps \
+                     or a smaller steps_offset)"
+                )));
+            }
             (0..steps)
                 .rev()
                 .map(|i| (i * ratio + steps_offset) as f64)
@@ -777,7 +837,7 @@ pub(crate) fn spaced_timesteps(
                 .map(|v| v.round_ties_even() - 1.0)
                 .collect()
         }
-    }
+    })
 }
 
 /// `np.interp(x, arange(len(fp)), fp)` for `x` in [0, len-1].

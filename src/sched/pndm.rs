@@ -47,7 +47,7 @@ impl Pndm {
                 .map(|v| v.round_ties_even())
                 .collect(),
             _ => {
-                let mut t = spaced_timesteps(spacing, num_train, steps, offset, true);
+                let mut t = spaced_timesteps(spacing, num_train, steps, offset, true)?;
                 t.reverse();
                 t
             }

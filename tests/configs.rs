@@ -1,0 +1,150 @@
+//! Configs from strangers: every value a table, a loop or an allocation is sized from is checked
+//! before use, and a bad one is an error naming the field, never an abort or a panic. The cases
+//! are the ones found by trying corrupted model folders.
+
+use ldm_wgpu::models::clip::ClipConfig;
+use ldm_wgpu::models::unet::UNetConfig;
+use ldm_wgpu::models::vae::VaeConfig;
+use ldm_wgpu::pipeline::{default_model_dir, ModelOptions, StableDiffusion};
+use ldm_wgpu::sched::{build_sampler, SamplerKind, SchedulerConfig};
+use ldm_wgpu::{Gpu, GpuOptions};
+use serde_json::{json, Value};
+
+fn shipped(part: &str) -> Value {
+    let path = default_model_dir().join(part).join(if part == "scheduler" {
+        "scheduler_config.json"
+    } else {
+        "config.json"
+    });
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn with(mut v: Value, key: &str, value: Value) -> Value {
+    v[key] = value;
+    v
+}
+
+fn err_text<T, E: std::fmt::Display>(r: Result<T, E>) -> String {
+    match r {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn absurd_sizes_are_errors_before_any_allocation() {
+    let text = shipped("text_encoder");
+    assert!(ClipConfig::from_json(&text).is_ok());
+    let e = err_text(ClipConfig::from_json(&with(
+        text,
+        "num_hidden_layers",
+        json!(1_000_000_000_000u64),
+    )));
+    assert!(e.contains("num_hidden_layers"), "{e}");
+
+    let unet = shipped("unet");
+    assert!(UNetConfig::from_json(&unet).is_ok());
+    let e = err_text(UNetConfig::from_json(&with(
+        unet.clone(),
+        "block_out_channels",
+        json!([64, 1u64 << 40, 128]),
+    )));
+    assert!(e.contains("block_out_channels"), "{e}");
+    let e = err_text(UNetConfig::from_json(&with(
+        unet,
+        "layers_per_block",
+        json!(1u64 << 50),
+    )));
+    assert!(e.contains("layers_per_block"), "{e}");
+
+    let sched = shipped("scheduler");
+    assert!(SchedulerConfig::from_value(&sched).is_ok());
+    let e = err_text(SchedulerConfig::from_value(&with(
+        sched,
+        "num_train_timesteps",
+        json!(1_000_000_000_000u64),
+    )));
+    assert!(e.contains("num_train_timesteps"), "{e}");
+}
+
+#[test]
+fn scheduler_offsets_and_betas_out_of_range() {
+    let sched = shipped("scheduler");
+    let e = err_text(SchedulerConfig::from_value(&with(
+        sched.clone(),
+        "steps_offset",
+        json!(5000),
+    )));
+    assert!(e.contains("steps_offset"), "{e}");
+    // An offset inside the schedule that still pushes the last leading timestep past it (with
+    // as many steps as training timesteps): diffusers raises IndexError, we say why.
+    let cfg = SchedulerConfig::from_value(&with(sched.clone(), "steps_offset", json!(1))).unwrap();
+    let e = err_text(build_sampler(&cfg, Some(SamplerKind::Ddim), 1000));
+    assert!(e.contains("steps_offset"), "{e}");
+    assert!(build_sampler(&cfg, Some(SamplerKind::Ddim), 50).is_ok());
+
+    let e = err_text(SchedulerConfig::from_value(&with(
+        sched.clone(),
+        "trained_betas",
+        json!([0.001, 0.002]),
+    )));
+    assert!(e.contains("trained_betas has 2 values"), "{e}");
+    let mut betas = vec![json!(0.01); 1000];
+    betas[10] = json!(1.5);
+    let e = err_text(SchedulerConfig::from_value(&with(
+        sched.clone(),
+        "trained_betas",
+        Value::Array(betas),
+    )));
+    assert!(e.contains("(0, 1)"), "{e}");
+    let e = err_text(SchedulerConfig::from_value(&with(
+        sched,
+        "beta_end",
+        json!(-3.0),
+    )));
+    assert!(e.contains("beta_end"), "{e}");
+}
+
+#[test]
+fn vae_scaling_factor_must_be_a_real_number() {
+    let vae = shipped("vae");
+    assert!(VaeConfig::from_json(&vae).is_ok());
+    for bad in [Value::Null, json!(1e308), json!(0.0), json!(-0.18215)] {
+        let e = err_text(VaeConfig::from_json(&with(
+            vae.clone(),
+            "scaling_factor",
+            bad.clone(),
+        )));
+        assert!(e.contains("scaling_factor"), "{bad}: {e}");
+    }
+}
+
+/// The whole loader on a model folder whose text encoder declares 10^12 layers: an error, and
+/// the process goes on (this once aborted on a failed allocation).
+#[test]
+fn a_corrupted_model_folder_fails_to_load_cleanly() {
+    let dir = std::env::temp_dir().join(format!("ldm-bad-config-{}", std::process::id()));
+    let src = default_model_dir();
+    for part in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        std::fs::create_dir_all(dir.join(part)).unwrap();
+        for entry in std::fs::read_dir(src.join(part)).unwrap() {
+            let p = entry.unwrap().path();
+            std::fs::copy(&p, dir.join(part).join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    for f in ["model_index.json"] {
+        if src.join(f).exists() {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+    }
+    let text = with(
+        shipped("text_encoder"),
+        "num_hidden_layers",
+        json!(1_000_000_000_000u64),
+    );
+    std::fs::write(dir.join("text_encoder/config.json"), text.to_string()).unwrap();
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("adapter");
+    let e = err_text(StableDiffusion::load(gpu, &dir, &ModelOptions::default()));
+    assert!(e.contains("num_hidden_layers"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
