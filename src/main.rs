@@ -59,6 +59,7 @@ OUTPUT
 
 fn main() -> ExitCode {
     quiet_window_system_probe();
+    install_interrupt_handler();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -95,6 +96,23 @@ fn quiet_window_system_probe() {
             std::env::set_var("XDG_RUNTIME_DIR", &dir);
         }
     }
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Ctrl-C (SIGINT): the first asks the generation to stop after the current model
+/// call (the progress callback cancels) so no half-written output is left; a second one exits at
+/// once. Either way the exit status is 130, as shells expect from an interrupted command.
+fn install_interrupt_handler() {
+    let _ = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            std::process::exit(130);
+        }
+    });
 }
 
 fn run(args: &[String]) -> Result<(), Error> {
@@ -349,9 +367,19 @@ fn generate(args: &[String]) -> Result<(), Error> {
             if !quiet {
                 progress_line(p, terminal);
             }
-            true
+            // Ctrl-C: returning false cancels after this model call.
+            !interrupted()
         };
-        let out = sd.generate(&r, &mut report)?;
+        let out = match sd.generate(&r, &mut report) {
+            Err(_) if interrupted() => {
+                // Whatever a batch already finished is on disk, complete; nothing else is.
+                eprintln!(
+                    "\ninterrupted: stopped after the current step; nothing written for this image"
+                );
+                std::process::exit(130);
+            }
+            other => other?,
+        };
         if !quiet {
             if terminal {
                 eprintln!();
@@ -480,14 +508,14 @@ fn progress_line(p: &ldm_wgpu::pipeline::Progress<'_>, terminal: bool) {
     }
 }
 
-/// The generation parameters in the A1111 web UI's `parameters` text format, which image
-/// browsers and other SD tools read from the PNG.
 /// The sampler the model's own scheduler config gives, when it is one we run.
 fn config_sampler(sd: &ldm_wgpu::pipeline::StableDiffusion) -> Option<SamplerKind> {
     let class = sd.scheduler_config.class_name()?;
     SchedulerClass::from_diffusers_name(class).map(SchedulerClass::default_kind)
 }
 
+/// The generation parameters in the A1111 web UI's `parameters` text format, which image
+/// browsers and other SD tools read from the PNG.
 fn a1111_parameters(
     r: &ldm_wgpu::pipeline::GenerateRequest,
     sd: &ldm_wgpu::pipeline::StableDiffusion,
