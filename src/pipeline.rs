@@ -297,6 +297,13 @@ pub struct StableDiffusion {
     /// Held for the duration of a `generate`, so calls from several threads run one after
     /// another (they share one device queue and command recorder anyway).
     generation: std::sync::Mutex<()>,
+    /// Peak activation bytes per pixel of work, measured on the runs so far (for refusing
+    /// requests over a memory budget up front).
+    bytes_per_pixel: std::sync::Mutex<Option<f64>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Options for loading a model.
@@ -385,6 +392,7 @@ impl StableDiffusion {
             vae_dtype,
             load_time: start.elapsed(),
             generation: std::sync::Mutex::new(()),
+            bytes_per_pixel: std::sync::Mutex::new(None),
         })
     }
 
@@ -475,6 +483,8 @@ impl StableDiffusion {
     ) -> Result<Generated> {
         let _one_at_a_time = self.generation.lock().unwrap_or_else(|p| p.into_inner());
         self.check_inputs(req)?;
+        self.check_memory(req)?;
+        let baseline = self.gpu.begin_peak_window();
         let job = self.job(req);
         let mut timings = Timings {
             load: self.load_time,
@@ -504,12 +514,59 @@ impl StableDiffusion {
         let (images, latents) = self.decode(&job, bufs.take_latents())?;
         timings.decode = decode_start.elapsed();
         timings.total = job.start.elapsed();
+        self.record_memory(req, baseline);
         Ok(Generated {
             images,
             timings,
             latents,
             truncated_prompt: truncated,
         })
+    }
+
+    /// Pixels of work in a request, the unit the activation memory grows with.
+    fn request_pixels(req: &GenerateRequest) -> f64 {
+        (req.batch_size * req.width * req.height) as f64
+    }
+
+    /// Under a memory budget, refuse a request the last run's measurement says cannot fit,
+    /// before anything is allocated for it (without a measurement yet, the allocation-time check
+    /// of the budget still refuses it cleanly).
+    fn check_memory(&self, req: &GenerateRequest) -> Result<()> {
+        let (Some(budget), Some(per_pixel)) =
+            (self.gpu.memory_budget(), *lock(&self.bytes_per_pixel))
+        else {
+            return Ok(());
+        };
+        let held = self.gpu.pool_stats().live_bytes as f64;
+        let estimate = held + per_pixel * Self::request_pixels(req);
+        if estimate > budget as f64 {
+            const MIB: f64 = 1024.0 * 1024.0;
+            return Err(Error::LimitExceeded {
+                what: format!(
+                    "GPU memory budget: {}×{} × {} needs about {:.0} MiB ({:.0} MiB of weights \
+                     plus activations measured on the last run)",
+                    req.width,
+                    req.height,
+                    req.batch_size,
+                    estimate / MIB,
+                    held / MIB
+                ),
+                requested: estimate as u64,
+                limit: budget,
+                hint: "use a smaller image size or batch, tiled VAE decode (--vae-tiling) or f16"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Remember how many bytes per pixel of work this run held at its peak (the largest ratio
+    /// seen, so the estimate errs on the side of refusing).
+    fn record_memory(&self, req: &GenerateRequest, baseline: u64) {
+        let peak = self.gpu.pool_stats().peak_bytes.saturating_sub(baseline) as f64;
+        let per_pixel = peak / Self::request_pixels(req).max(1.0);
+        let mut slot = lock(&self.bytes_per_pixel);
+        *slot = Some(slot.map_or(per_pixel, |old: f64| old.max(per_pixel)));
     }
 
     /// The values `generate` derives from `req` once; the clock starts here.

@@ -411,6 +411,19 @@ impl Gpu {
         Ok(())
     }
 
+    /// The memory budget this engine was opened with.
+    pub fn memory_budget(&self) -> Option<u64> {
+        self.memory_budget
+    }
+
+    /// Start measuring a new peak: the pool's peak is reset to what it holds now, which is
+    /// returned (live bytes: the baseline a request's activations come on top of).
+    pub fn begin_peak_window(&self) -> u64 {
+        let mut pool = lock(&self.pool);
+        pool.stats.peak_bytes = pool.stats.live_bytes + pool.stats.free_bytes;
+        pool.stats.live_bytes
+    }
+
     pub fn pool_stats(&self) -> PoolStats {
         lock(&self.pool).stats
     }
