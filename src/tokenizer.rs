@@ -98,7 +98,7 @@ impl From<TokenizerError> for crate::Error {
                 path: path.display().to_string(),
                 message: e.to_string(),
             },
-            TokenizerError::Format { .. } => crate::Error::Weights(e.to_string()),
+            TokenizerError::Format { .. } => crate::Error::config("tokenizer", e.to_string()),
         }
     }
 }

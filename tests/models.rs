@@ -267,7 +267,8 @@ fn unet_wrong_shaped_weight_names_the_key() {
     let config =
         UNetConfig::from_json(&with(&comp.config, "block_out_channels", json!([16, 24]))).unwrap();
     match UNet2DConditionModel::load(gpu(), &comp.weights.root(), config, DType::F32) {
-        Err(Error::Weights(msg)) => {
+        Err(Error::Weights(e)) => {
+            let msg = e.to_string();
             assert!(
                 msg.contains("`down_blocks.1.resnets.0.conv_shortcut.weight`"),
                 "error does not name the key: {msg}"

@@ -445,7 +445,7 @@ fn missing_model_folder_is_a_weights_error() {
         ..Default::default()
     };
     match StableDiffusion::load(gpu, Path::new("/nonexistent/ldm-model"), &opts) {
-        Err(Error::Weights(msg)) => assert!(msg.contains("nonexistent"), "{msg}"),
+        Err(Error::Weights(e)) => assert!(e.to_string().contains("nonexistent"), "{e}"),
         Err(e) => panic!("expected a Weights error, got {e:?}"),
         Ok(_) => panic!("a missing folder loaded"),
     }

@@ -26,11 +26,10 @@ impl<'a> Config<'a> {
     }
 
     fn bad(&self, key: &str, expected: &str) -> Error {
-        Error::Weights(format!(
-            "{} config: `{key}` should be {expected}, found {:?}",
+        Error::config(
             self.what,
-            self.field(key)
-        ))
+            format!("`{key}` should be {expected}, found {:?}", self.field(key)),
+        )
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
@@ -43,10 +42,10 @@ impl<'a> Config<'a> {
     /// `v` if it is a plausible size (see [`MAX_CONFIG_INT`]).
     fn bounded(&self, key: &str, v: u64) -> Result<usize> {
         if v > MAX_CONFIG_INT {
-            return Err(Error::Weights(format!(
-                "{} config: `{key}` = {v} is beyond any real model (at most {MAX_CONFIG_INT})",
-                self.what
-            )));
+            return Err(Error::config(
+                self.what,
+                format!("`{key}` = {v} is beyond any real model (at most {MAX_CONFIG_INT})",),
+            ));
         }
         Ok(v as usize)
     }
@@ -73,18 +72,18 @@ impl<'a> Config<'a> {
         let v = match self.value.get(key) {
             None => return Ok(default),
             Some(Value::Null) => {
-                return Err(Error::Weights(format!(
-                    "{} config: `{key}` is null (a number in {range:?} is needed)",
-                    self.what
-                )))
+                return Err(Error::config(
+                    self.what,
+                    format!("`{key}` is null (a number in {range:?} is needed)",),
+                ))
             }
             Some(v) => v.as_f64().ok_or_else(|| self.bad(key, "a number"))?,
         };
         if !v.is_finite() || !range.contains(&v) {
-            return Err(Error::Weights(format!(
-                "{} config: `{key}` = {v} is outside {range:?}",
-                self.what
-            )));
+            return Err(Error::config(
+                self.what,
+                format!("`{key}` = {v} is outside {range:?}",),
+            ));
         }
         Ok(v)
     }

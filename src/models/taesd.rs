@@ -101,7 +101,7 @@ impl TaesdConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        let bad = |why: String| Err(Error::Weights(format!("AutoencoderTiny config: {why}")));
+        let bad = |why: String| Err(Error::config("AutoencoderTiny", why));
         let levels = self.num_decoder_blocks.len();
         if levels == 0 || levels > 8 || self.decoder_block_out_channels.len() != levels {
             return bad(format!(
@@ -362,10 +362,10 @@ impl AutoencoderTiny {
             None
         };
         if encoder.is_none() && decoder.is_none() {
-            return Err(Error::Weights(format!(
-                "{}: no `encoder.layers.*` or `decoder.layers.*` tensors: not an AutoencoderTiny",
-                store.name()
-            )));
+            return Err(Error::config(
+                store.name(),
+                "no `encoder.layers.*` or `decoder.layers.*` tensors: not an AutoencoderTiny",
+            ));
         }
         Ok(AutoencoderTiny {
             config,

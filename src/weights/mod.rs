@@ -30,31 +30,35 @@ pub use self::rename::{ModelFamily, PredictionType};
 pub use self::safetensors::{HostTensor, SafetensorsFile, SourceDType};
 pub use self::store::{Transform, WeightStore, WeightView};
 
-use std::fmt;
 use std::path::PathBuf;
 
 pub type Result<T> = std::result::Result<T, WeightError>;
 
 /// Everything that can go wrong between a path and a host tensor. Keys are always the full
 /// key (prefix included) that model code asked for.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum WeightError {
     /// The OS refused to open, stat or map a file.
+    #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
     /// A file or folder that should be there is not.
+    #[error("{}: not found", path.display())]
     NotFound { path: PathBuf, hint: String },
     /// The file exists but is not a valid safetensors file (garbage header, truncated data, ...).
+    #[error("{}: not a valid safetensors file: {reason}", path.display())]
     Malformed { path: PathBuf, reason: String },
     /// Model code asked for a tensor the store does not have.
+    #[error("weight `{key}` is missing from {store}")]
     Missing {
         key: String,
         store: String,
         nearest: Option<String>,
     },
     /// The tensor exists but has another shape. `location` says where it came from.
+    #[error("weight `{key}` has shape {found:?}, expected {expected:?} (from {location})")]
     Shape {
         key: String,
         expected: Vec<usize>,
@@ -62,13 +66,28 @@ pub enum WeightError {
         location: String,
     },
     /// The tensor is stored in a dtype we do not convert (e.g. I64 buffers, F64, F8).
+    #[error("weight `{key}` has dtype {found}, which is not F32, F16 or BF16")]
     DType { key: String, found: String },
     /// A config could not be read or inferred.
+    #[error("config of {what}: {reason}")]
     Config { what: String, reason: String },
     /// A model or file kind we deliberately do not read (SDXL, pickles).
+    #[error("unsupported: {what}")]
     Unsupported { what: String, hint: String },
     /// Tensors nobody asked for (see [`WeightStore::check_all_used`]).
+    #[error("{} unused tensor(s) in {store}: {}", keys.len(), unused_list(keys))]
     Unused { store: String, keys: Vec<String> },
+}
+
+/// The first 8 keys, then how many more.
+fn unused_list(keys: &[String]) -> String {
+    let shown: Vec<&str> = keys.iter().take(8).map(|k| k.as_str()).collect();
+    let more = keys.len().saturating_sub(shown.len());
+    if more > 0 {
+        format!("{}, ... ({more} more)", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
 }
 
 impl WeightError {
@@ -92,82 +111,6 @@ impl WeightError {
                 Some("only F32, F16 and BF16 tensors are read; re-save the weights in one of them".into())
             }
             _ => None,
-        }
-    }
-}
-
-impl fmt::Display for WeightError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            WeightError::Io { path, source } => write!(f, "{}: {source}", path.display()),
-            WeightError::NotFound { path, .. } => write!(f, "{}: not found", path.display()),
-            WeightError::Malformed { path, reason } => {
-                write!(
-                    f,
-                    "{}: not a valid safetensors file: {reason}",
-                    path.display()
-                )
-            }
-            WeightError::Missing { key, store, .. } => {
-                write!(f, "weight `{key}` is missing from {store}")
-            }
-            WeightError::Shape {
-                key,
-                expected,
-                found,
-                location,
-            } => write!(
-                f,
-                "weight `{key}` has shape {found:?}, expected {expected:?} (from {location})"
-            ),
-            WeightError::DType { key, found } => {
-                write!(
-                    f,
-                    "weight `{key}` has dtype {found}, which is not F32, F16 or BF16"
-                )
-            }
-            WeightError::Config { what, reason } => write!(f, "config of {what}: {reason}"),
-            WeightError::Unsupported { what, .. } => write!(f, "unsupported: {what}"),
-            WeightError::Unused { store, keys } => {
-                let shown: Vec<&str> = keys.iter().take(8).map(|k| k.as_str()).collect();
-                let more = keys.len().saturating_sub(shown.len());
-                write!(
-                    f,
-                    "{} unused tensor(s) in {store}: {}",
-                    keys.len(),
-                    shown.join(", ")
-                )?;
-                if more > 0 {
-                    write!(f, ", ... ({more} more)")?;
-                }
-                Ok(())
-            }
-        }
-    }
-}
-
-impl std::error::Error for WeightError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            WeightError::Io { source, .. } => Some(source),
-            _ => None,
-        }
-    }
-}
-
-impl From<WeightError> for crate::error::Error {
-    fn from(e: WeightError) -> Self {
-        let with_hint = match e.hint() {
-            Some(h) => format!("{e} (hint: {h})"),
-            None => e.to_string(),
-        };
-        match e {
-            WeightError::Io { path, source } => crate::error::Error::Io {
-                path: path.display().to_string(),
-                message: source.to_string(),
-            },
-            WeightError::Unsupported { .. } => crate::error::Error::Unsupported(with_hint),
-            _ => crate::error::Error::Weights(with_hint),
         }
     }
 }
