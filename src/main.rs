@@ -31,6 +31,8 @@ PROMPT
     -n, --negative-prompt TEXT
     --clip-skip N             use the hidden state N layers before the last (diffusers clip_skip)
     --long-prompts            encode prompts over 75 tokens in chunks instead of truncating
+    --no-prompt-weighting     brackets are plain text (default: A1111 emphasis, `(word:1.3)`,
+                              `[word]`, `BREAK`)
 IMAGE
     -W, --width N  -H, --height N   multiples of 8 (default: the model's native size)
     -s, --steps N             denoising steps (default 25)
@@ -238,6 +240,7 @@ fn generate(args: &[String]) -> Result<(), Error> {
             "--batch-count" => batch_count = parse(&value(&mut it, flag)?, flag)?,
             "--clip-skip" => req.clip_skip = Some(parse(&value(&mut it, flag)?, flag)?),
             "--long-prompts" => req.long_prompts = true,
+            "--no-prompt-weighting" => req.prompt_weighting = false,
             "-i" | "--init-image" => init_path = Some(PathBuf::from(value(&mut it, flag)?)),
             "--mask" => mask_path = Some(PathBuf::from(value(&mut it, flag)?)),
             "--strength" => req.strength = parse(&value(&mut it, flag)?, flag)?,

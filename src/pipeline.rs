@@ -11,6 +11,7 @@ use crate::kernels::{elementwise, sampler_step};
 use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::unet::{TimeEmbeddingTable, UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig, VaeTiling};
+use crate::prompt::{encode_weighted, tokenize_weighted, Chunking, WeightedChunk, WeightedPrompt};
 use crate::rng::{PhiloxRng, RandnVariant, TorchCpuRng};
 use crate::sched::{
     build_sampler, execute_on_gpu, Buf, GpuBuffers, Sampler, SamplerKind, SchedulerConfig,
@@ -155,6 +156,10 @@ pub struct GenerateRequest {
     /// Split prompts longer than 75 tokens into chunks encoded separately (A1111 style)
     /// instead of truncating (diffusers style).
     pub long_prompts: bool,
+    /// A1111 prompt emphasis: `(word)`, `[word]`, `(word:1.3)`, `BREAK` (on by default, as in
+    /// A1111; off, brackets are plain text as in diffusers). Prompts without that syntax are
+    /// encoded exactly as diffusers encodes them either way.
+    pub prompt_weighting: bool,
     pub eta: Option<f64>,
     /// img2img / inpainting source image and how much of it to repaint (diffusers `strength`).
     pub init_image: Option<Image>,
@@ -181,6 +186,7 @@ impl Default for GenerateRequest {
             rng: RngKind::TorchCpu,
             seed_mode: SeedMode::Batch,
             long_prompts: false,
+            prompt_weighting: true,
             eta: None,
             init_image: None,
             strength: 0.8,
@@ -396,35 +402,54 @@ impl StableDiffusion {
         })
     }
 
-    /// Token ids for one prompt: one 77-token row, or several when chunking long prompts.
-    fn token_rows(&self, prompt: &str, long: bool) -> (Vec<Vec<u32>>, bool) {
-        if long {
+    /// Token ids (and emphasis weights) for one prompt: one 77-token window, or several when
+    /// chunking long prompts; true when tokens were dropped to fit one window.
+    fn prompt_windows(&self, prompt: &str, req: &GenerateRequest) -> (WeightedPrompt, bool) {
+        let pieces = crate::prompt::parse_attention(prompt);
+        let plain = pieces == [crate::prompt::Piece::Text(prompt.to_string(), 1.0)];
+        if req.prompt_weighting && !plain {
+            let chunking = if req.long_prompts {
+                Chunking::Chunks
+            } else {
+                Chunking::Truncate
+            };
+            let w = tokenize_weighted(&self.tokenizer, &pieces, chunking);
+            let truncated = w.truncated;
+            return (w, truncated);
+        }
+        // No emphasis syntax (or weighting off): the tokenizer exactly as diffusers calls it.
+        let (rows, truncated) = if req.long_prompts {
             (self.tokenizer.encode_chunked(prompt), false)
         } else {
             let e = self.tokenizer.encode_padded(prompt);
             (vec![e.ids], e.truncated)
-        }
+        };
+        let chunks = rows
+            .into_iter()
+            .map(|ids| WeightedChunk {
+                weights: vec![1.0; ids.len()],
+                ids,
+            })
+            .collect();
+        (WeightedPrompt { chunks, truncated }, truncated)
     }
 
     /// Text embeddings [B, 77·chunks, C] for `prompt` repeated `batch` times, and the matching
-    /// negative embeddings when guided (diffusers' `encode_prompt`).
+    /// negative embeddings when guided (diffusers' `encode_prompt`; A1111's emphasis where the
+    /// prompt uses it).
     fn encode_prompt(&self, req: &GenerateRequest, guided: bool) -> Result<(Tensor, bool)> {
-        let (mut pos, truncated) = self.token_rows(&req.prompt, req.long_prompts);
-        let (mut neg, _) = self.token_rows(&req.negative_prompt, req.long_prompts);
+        let (mut pos, truncated) = self.prompt_windows(&req.prompt, req);
+        let (mut neg, _) = self.prompt_windows(&req.negative_prompt, req);
         // Chunked prompt and negative prompt must have the same length (A1111 pads the shorter
         // with empty chunks).
-        let chunks = pos.len().max(neg.len());
-        let empty = self.token_rows("", false).0.remove(0);
-        pos.resize(chunks, empty.clone());
-        neg.resize(chunks, empty);
-        let encode = |rows: &[Vec<u32>], clip_skip: Option<usize>| -> Result<Tensor> {
+        let chunks = pos.chunks.len().max(neg.chunks.len());
+        let empty = self.prompt_windows("", req).0.chunks.remove(0);
+        pos.chunks.resize(chunks, empty.clone());
+        neg.chunks.resize(chunks, empty);
+        let encode = |p: &WeightedPrompt, clip_skip: Option<usize>| {
             // Each chunk is encoded on its own (positions restart), then concatenated along
             // the sequence: [chunks, 77, C] -> [1, chunks·77, C].
-            let ids: Vec<u32> = rows.iter().flatten().copied().collect();
-            let e = self
-                .text_encoder
-                .forward(&self.gpu, &ids, rows.len(), clip_skip)?;
-            e.reshape(&[1, rows.len() * 77, self.text_encoder.config.hidden_size])
+            encode_weighted(&self.gpu, &self.text_encoder, p, clip_skip)
         };
         let cond = encode(&pos, req.clip_skip)?;
         let b = req.batch_size;

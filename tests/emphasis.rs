@@ -102,3 +102,95 @@ fn truncation_matches_the_plain_tokenizer() {
         assert!(!w.is_weighted());
     }
 }
+
+/// Through the whole pipeline: a prompt without emphasis syntax gives the same image with
+/// weighting on or off; a weighted one changes it only when weighting is on.
+#[test]
+fn pipeline_applies_emphasis_only_where_asked() {
+    use ldm_wgpu::pipeline::GenerateRequest;
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("adapter");
+    let options = ModelOptions {
+        dtype: Some(DType::F32),
+        ..Default::default()
+    };
+    let sd = StableDiffusion::load(gpu, &default_model_dir(), &options).unwrap();
+    let run = |prompt: &str, weighting: bool| {
+        let req = GenerateRequest {
+            prompt: prompt.into(),
+            width: 64,
+            height: 64,
+            steps: 3,
+            seed: 5,
+            prompt_weighting: weighting,
+            ..Default::default()
+        };
+        sd.generate(&req, &mut |_| true).unwrap().images
+    };
+    let plain = "a blue circle on a yellow background";
+    assert_eq!(run(plain, true), run(plain, false));
+    let weighted = "a (blue:1.6) circle on a [yellow] background";
+    let (on, off) = (run(weighted, true), run(weighted, false));
+    assert_ne!(on, off, "emphasis changed nothing");
+    // With weighting off the brackets are text: the prompt differs from the plain one.
+    assert_ne!(off, run(plain, false));
+}
+
+/// The whole pipeline against diffusers' StableDiffusionPipeline given the reference weighted
+/// embeddings as `prompt_embeds` (tools/make_emphasis_fixtures.py): same image (PSNR ≥ 40 dB, the
+/// pipeline parity bound) and final latents (rel-L2 ≤ 1e-3), f32.
+#[test]
+fn weighted_prompt_pipeline_matches_diffusers_with_prompt_embeds() {
+    use ldm_wgpu::image::Image;
+    use ldm_wgpu::pipeline::GenerateRequest;
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("pipeline.json")).unwrap()).unwrap();
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("adapter");
+    let options = ModelOptions {
+        dtype: Some(DType::F32),
+        vae_f32: Some(true),
+        ..Default::default()
+    };
+    let sd = StableDiffusion::load(gpu, &default_model_dir(), &options).unwrap();
+    let req = GenerateRequest {
+        prompt: meta["prompt"].as_str().unwrap().into(),
+        width: 64,
+        height: 64,
+        steps: meta["steps"].as_u64().unwrap() as usize,
+        guidance_scale: meta["guidance_scale"].as_f64().unwrap(),
+        seed: meta["seed"].as_u64().unwrap(),
+        sampler: Some(meta["sampler"].as_str().unwrap().parse().unwrap()),
+        ..Default::default()
+    };
+    let out = sd.generate(&req, &mut |_| true).unwrap();
+    let want = Image::load_png(&fixtures().join("pipeline.png")).unwrap();
+    let mse: f64 = out.images[0]
+        .rgb
+        .iter()
+        .zip(&want.rgb)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum::<f64>()
+        / want.rgb.len() as f64;
+    let psnr = if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    };
+    let tensors = SafetensorsFile::open(fixtures().join("pipeline.safetensors")).unwrap();
+    let lat = tensors.tensor("latents").unwrap();
+    let (c, h, w) = (lat.shape[1], lat.shape[2], lat.shape[3]);
+    let nchw = lat.to_f32_vec();
+    let mut want_latents = vec![0.0f64; nchw.len()];
+    for ci in 0..c {
+        for y in 0..h {
+            for x in 0..w {
+                want_latents[(y * w + x) * c + ci] = nchw[(ci * h + y) * w + x] as f64;
+            }
+        }
+    }
+    let err = common::rel_l2(&out.latents, &want_latents);
+    eprintln!(
+        "weighted prompt vs diffusers(prompt_embeds): PSNR {psnr:.1} dB, latents rel-L2 {err:.2e}"
+    );
+    assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
+    assert!(err <= 1e-3, "latents differ by {err:.2e}");
+}

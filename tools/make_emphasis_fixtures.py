@@ -17,7 +17,10 @@ encoder with transformers in float32 on CPU:
      output: see the comment in main).
 
 Writes tests/fixtures/emphasis/cases.json (prompts, ids and weights per chunk) and
-tests/fixtures/emphasis/embeddings.safetensors (case_NN: [chunks, 77, C] float32).
+tests/fixtures/emphasis/embeddings.safetensors (case_NN: [chunks, 77, C] float32), and a whole
+pipeline: diffusers' StableDiffusionPipeline given the reference embeddings of a weighted prompt as
+`prompt_embeds` (negative: the empty prompt), Euler, 10 steps, CFG 7.5, seed 42, 64x64 ->
+pipeline.png and pipeline.safetensors (`latents`, the final latents) in the same folder.
 
     HF_HUB_OFFLINE=1 python tools/make_emphasis_fixtures.py weights/tiny-shapes tests/fixtures/emphasis
 """
@@ -166,9 +169,44 @@ def main():
                 }
             )
     save_file(tensors, os.path.join(out_dir, "embeddings.safetensors"))
+    pipeline_fixture(model_dir, out_dir, tokenizer, encoder)
     with open(os.path.join(out_dir, "cases.json"), "w") as f:
         json.dump({"model": model_dir, "cases": cases}, f, indent=1)
     print(f"{len(cases)} cases -> {out_dir}")
+
+
+PIPELINE_PROMPT = "a (blue:1.4) circle on a [[yellow]] background"
+
+
+def pipeline_fixture(model_dir, out_dir, tokenizer, encoder):
+    import numpy as np
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        (ids, weights), = chunks_of(tokenizer, PIPELINE_PROMPT)
+        z = encoder(torch.tensor([ids])).last_hidden_state
+        w = torch.tensor([weights], dtype=torch.float64)
+        cond = emphasize(z.double(), w).float()
+        (neg_ids, _), = chunks_of(tokenizer, "")
+        uncond = encoder(torch.tensor([neg_ids])).last_hidden_state
+    gen = torch.Generator("cpu").manual_seed(42)
+    final = {}
+
+    def on_step(pipe_, i, t, kw):
+        final["latents"] = kw["latents"].detach().clone()
+        return kw
+
+    out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=10, guidance_scale=7.5,
+               width=64, height=64, generator=gen, output_type="np", callback_on_step_end=on_step,
+               callback_on_step_end_tensor_inputs=["latents"])
+    pipe.numpy_to_pil(out.images)[0].save(os.path.join(out_dir, "pipeline.png"))
+    save_file({"latents": final["latents"].float().contiguous()}, os.path.join(out_dir, "pipeline.safetensors"))
+    with open(os.path.join(out_dir, "pipeline.json"), "w") as f:
+        json.dump({"prompt": PIPELINE_PROMPT, "negative_prompt": "", "sampler": "euler", "steps": 10,
+                   "guidance_scale": 7.5, "seed": 42, "width": 64, "height": 64}, f, indent=1)
 
 
 if __name__ == "__main__":
