@@ -56,6 +56,9 @@ OUTPUT
     --no-pipeline-cache       do not read/write the compiled-pipeline cache (~/.cache/ldm-wgpu)
     --adapter NAME|INDEX      choose the GPU (also LDM_ADAPTER)
     --preview PNG             write a cheap latent preview of image 1 after every step
+    --preview-vae DIR         make that preview with a tiny autoencoder (TAESD: a diffusers
+                              AutoencoderTiny folder or taesd_decoder.safetensors)
+    --vae-decoder DIR         decode the final image with a tiny autoencoder (faster, coarser)
     -q, --quiet               no progress output
 ";
 
@@ -196,6 +199,8 @@ fn generate(args: &[String]) -> Result<(), Error> {
     let mut quiet = false;
     let mut use_cache = true;
     let mut preview: Option<PathBuf> = None;
+    let mut preview_vae: Option<PathBuf> = None;
+    let mut vae_decoder: Option<PathBuf> = None;
     let mut prompt_given = false;
     let mut init_path = None;
     let mut mask_path = None;
@@ -264,6 +269,8 @@ fn generate(args: &[String]) -> Result<(), Error> {
             "-q" | "--quiet" => quiet = true,
             "--no-pipeline-cache" => use_cache = false,
             "--preview" => preview = Some(PathBuf::from(value(&mut it, flag)?)),
+            "--preview-vae" => preview_vae = Some(PathBuf::from(value(&mut it, flag)?)),
+            "--vae-decoder" => vae_decoder = Some(PathBuf::from(value(&mut it, flag)?)),
             other => {
                 return Err(Error::InvalidInput(format!(
                     "unknown option `{other}`; see `ldm generate --help`"
@@ -307,7 +314,15 @@ fn generate(args: &[String]) -> Result<(), Error> {
         eprintln!("adapter: {}", gpu.adapter);
         eprintln!("model:   {}", model.display());
     }
-    let sd = StableDiffusion::load(gpu, &model, &model_options)?;
+    let mut sd = StableDiffusion::load(gpu, &model, &model_options)?;
+    // Tiny autoencoders (TAESD): a live full-resolution preview, and/or the final decode.
+    let open_tiny =
+        |dir: &PathBuf| ldm_wgpu::models::taesd::AutoencoderTiny::open(&sd.gpu, dir, sd.dtype);
+    let preview_tiny = preview_vae.as_ref().map(open_tiny).transpose()?;
+    if let Some(dir) = &vae_decoder {
+        let tiny = open_tiny(dir)?;
+        sd.set_tiny_decoder(Some(tiny))?;
+    }
     if karras {
         // Karras sigmas exist for the sigma-based samplers; name the Karras variant.
         let base = req.sampler.or_else(|| config_sampler(&sd));
@@ -356,11 +371,22 @@ fn generate(args: &[String]) -> Result<(), Error> {
         let gpu_ref = &sd.gpu;
         let mut report = |p: &pipeline::Progress<'_>| {
             if let Some(path) = &preview {
-                // A cheap latent-space preview of the first image, rewritten after every step.
-                match ldm_wgpu::preview::latent_preview(gpu_ref, p.latents, 0) {
+                // A preview of the first image, rewritten after every step: through TAESD when
+                // one is given (--preview-vae), else the cheap linear latent projection.
+                let img = match &preview_tiny {
+                    Some(tiny) => ldm_wgpu::preview::tiny_vae_preview(
+                        gpu_ref,
+                        tiny,
+                        p.latents,
+                        0,
+                        p.preview_scale,
+                    ),
+                    None => ldm_wgpu::preview::latent_preview(gpu_ref, p.latents, 0)
+                        .map(|img| ldm_wgpu::preview::upscale(&img, vae_factor)),
+                };
+                match img {
                     Ok(img) => {
-                        if let Err(e) = ldm_wgpu::preview::upscale(&img, vae_factor).save_png(path)
-                        {
+                        if let Err(e) = img.save_png(path) {
                             eprintln!("\npreview not written: {e}");
                         }
                     }

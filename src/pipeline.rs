@@ -262,6 +262,10 @@ pub struct Progress<'a> {
     pub elapsed: Duration,
     /// The current latents, NHWC [B, h, w, 4] (download only if you need a preview).
     pub latents: &'a Tensor,
+    /// What the U-Net's input scaling does to these latents (1 for the DDPM family, 1/√(σ²+1)
+    /// for the sigma-based samplers, 1 after the last step): multiplied in, they are in the
+    /// range a decoder expects (for previews).
+    pub preview_scale: f64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -306,6 +310,9 @@ pub struct StableDiffusion {
     /// Peak activation bytes per pixel of work, measured on the runs so far (for refusing
     /// requests over a memory budget up front).
     bytes_per_pixel: std::sync::Mutex<Option<f64>>,
+    /// Decode final images with this tiny autoencoder (TAESD) instead of the VAE: much faster,
+    /// a little less detailed (`--vae-decoder`); set with [`StableDiffusion::set_tiny_decoder`].
+    tiny_decoder: Option<crate::models::taesd::AutoencoderTiny>,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -399,6 +406,7 @@ impl StableDiffusion {
             load_time: start.elapsed(),
             generation: std::sync::Mutex::new(()),
             bytes_per_pixel: std::sync::Mutex::new(None),
+            tiny_decoder: None,
         })
     }
 
@@ -592,6 +600,38 @@ impl StableDiffusion {
         let per_pixel = peak / Self::request_pixels(req).max(1.0);
         let mut slot = lock(&self.bytes_per_pixel);
         *slot = Some(slot.map_or(per_pixel, |old: f64| old.max(per_pixel)));
+    }
+
+    /// Decode final images with `tiny` (TAESD, loaded in `self.dtype`) instead of the VAE, or
+    /// with the VAE again (`None`). Refused when its latent space does not fit this model's
+    /// (channels, or the pixels per latent).
+    pub fn set_tiny_decoder(
+        &mut self,
+        tiny: Option<crate::models::taesd::AutoencoderTiny>,
+    ) -> Result<()> {
+        if let Some(t) = &tiny {
+            let vae = &self.vae.config;
+            let factor = 1usize << (vae.block_out_channels.len() - 1);
+            if t.decoder.is_none()
+                || t.config.latent_channels != vae.latent_channels
+                || t.config.factor() != factor
+            {
+                return Err(Error::InvalidInput(format!(
+                    "this tiny autoencoder ({} latent channels, {}× upscale{}) does not fit the \
+                     model's VAE ({} channels, {factor}×)",
+                    t.config.latent_channels,
+                    t.config.factor(),
+                    if t.decoder.is_none() {
+                        ", no decoder"
+                    } else {
+                        ""
+                    },
+                    vae.latent_channels
+                )));
+            }
+        }
+        self.tiny_decoder = tiny;
+        Ok(())
     }
 
     /// The values `generate` derives from `req` once; the clock starts here.
@@ -893,12 +933,18 @@ impl StableDiffusion {
             // latents of a finished step).
             gpu.flush()?;
             steps.push(step_start.elapsed());
+            let preview_scale = if call + 1 < calls {
+                sampler.model_input_scale(call + 1)
+            } else {
+                1.0
+            };
             let keep_going = progress(&Progress {
                 call,
                 calls,
                 timestep: t,
                 elapsed: job.start.elapsed(),
                 latents: bufs.latents(),
+                preview_scale,
             });
             if !keep_going {
                 return Err(Error::InvalidInput("cancelled".into()));
@@ -979,6 +1025,18 @@ impl StableDiffusion {
         for bi in 0..job.batch {
             let slice = &final_latents[bi * per_image..(bi + 1) * per_image];
             let zi = gpu.upload(slice, &[1, job.h, job.w, job.channels], DType::F32)?;
+            if let Some(tiny) = &self.tiny_decoder {
+                // TAESD reads the latents as the U-Net sees them (its own scaling factor is 1).
+                // It runs in the model's dtype (see `tiny_decoder`).
+                let z = match self.dtype {
+                    DType::F32 => zi,
+                    dtype => elementwise::cast(gpu, &zi, dtype)?,
+                };
+                let img = tiny.decode(gpu, &z)?; // [1, H, W, 3] in [-1, 1]
+                let pixels = gpu.download(&img)?;
+                images.push(Image::from_model_output(&pixels, req.width, req.height)?);
+                continue;
+            }
             let mut z = elementwise::scale(gpu, &zi, (1.0 / job.scaling_factor) as f32)?; // [1, h, w, L]
             if self.vae_dtype != DType::F32 {
                 z = elementwise::cast(gpu, &z, self.vae_dtype)?;

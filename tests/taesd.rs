@@ -86,3 +86,41 @@ fn a_folder_without_taesd_is_an_error() {
         .unwrap();
     assert!(err.to_string().contains("AutoencoderTiny"), "{err}");
 }
+
+/// `--vae-decoder`: the pipeline decodes its final latents with the tiny autoencoder (the same
+/// image as decoding them directly), and one made for another latent space is refused.
+#[test]
+fn pipeline_decodes_with_a_tiny_autoencoder() {
+    use ldm_wgpu::image::Image;
+    use ldm_wgpu::pipeline::{default_model_dir, GenerateRequest, ModelOptions, StableDiffusion};
+    use ldm_wgpu::{Gpu, GpuOptions};
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("adapter");
+    let options = ModelOptions {
+        dtype: Some(DType::F32),
+        ..Default::default()
+    };
+    let mut sd = StableDiffusion::load(gpu, &default_model_dir(), &options).unwrap();
+    let wrong = AutoencoderTiny::open(&sd.gpu, &fixtures("real"), DType::F32).unwrap();
+    let err = sd.set_tiny_decoder(Some(wrong)).unwrap_err().to_string();
+    assert!(err.contains("does not fit"), "{err}");
+    let tiny = AutoencoderTiny::open(&sd.gpu, &fixtures("tiny_f4"), DType::F32).unwrap();
+    sd.set_tiny_decoder(Some(tiny)).unwrap();
+    let req = GenerateRequest {
+        prompt: "a blue circle".into(),
+        width: 64,
+        height: 64,
+        steps: 3,
+        seed: 3,
+        ..Default::default()
+    };
+    let out = sd.generate(&req, &mut |_| true).unwrap();
+    assert_eq!((out.images[0].width, out.images[0].height), (64, 64));
+    let direct = AutoencoderTiny::open(&sd.gpu, &fixtures("tiny_f4"), DType::F32).unwrap();
+    let z = sd
+        .gpu
+        .upload(&out.latents, &[1, 16, 16, 4], DType::F32)
+        .unwrap();
+    let img = direct.decode(&sd.gpu, &z).unwrap();
+    let want = Image::from_model_output(&sd.gpu.download(&img).unwrap(), 64, 64).unwrap();
+    assert_eq!(out.images[0], want);
+}

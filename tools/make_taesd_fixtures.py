@@ -4,6 +4,7 @@
 Two randomly initialised models, run by diffusers in float32 on CPU:
 
   tiny/   a small config (16 channels, 1-2 blocks per level), saved as a diffusers folder;
+  tiny_f4/ three levels (4 pixels per latent, the shipped tiny model's VAE factor), weights only;
   real/   the real TAESD architecture (64 channels, blocks 1-3-3-3 / 3-3-3-1), saved in the
           original two-file layout (taesd_encoder.safetensors, taesd_decoder.safetensors: keys
           `N.…`, the decoder's shifted by its leading Clamp module), weights stored in float16 and
@@ -55,6 +56,17 @@ def main():
     randomise(tiny, 1)
     tiny.save_pretrained(os.path.join(out, "tiny"), safe_serialization=True)
     save_file({k: v.contiguous() for k, v in run(tiny, 2).items()}, os.path.join(out, "tiny", "io.safetensors"))
+
+    # tiny_f4: three levels (4 pixels per latent), the shipped tiny model's latent space, for the
+    # pipeline's --vae-decoder path.
+    f4 = AutoencoderTiny(
+        encoder_block_out_channels=(16, 16, 16),
+        decoder_block_out_channels=(16, 16, 16),
+        num_encoder_blocks=(1, 1, 1),
+        num_decoder_blocks=(1, 1, 1),
+    ).eval()
+    randomise(f4, 5)
+    f4.save_pretrained(os.path.join(out, "tiny_f4"), safe_serialization=True)
 
     # real: the TAESD architecture, original file layout, f16 weights.
     real = AutoencoderTiny().eval()
