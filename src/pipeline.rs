@@ -1027,12 +1027,7 @@ impl StableDiffusion {
             let zi = gpu.upload(slice, &[1, job.h, job.w, job.channels], DType::F32)?;
             if let Some(tiny) = &self.tiny_decoder {
                 // TAESD reads the latents as the U-Net sees them (its own scaling factor is 1).
-                // It runs in the model's dtype (see `tiny_decoder`).
-                let z = match self.dtype {
-                    DType::F32 => zi,
-                    dtype => elementwise::cast(gpu, &zi, dtype)?,
-                };
-                let img = tiny.decode(gpu, &z)?; // [1, H, W, 3] in [-1, 1]
+                let img = tiny.decode(gpu, &zi)?; // [1, H, W, 3] in [-1, 1]
                 let pixels = gpu.download(&img)?;
                 images.push(Image::from_model_output(&pixels, req.width, req.height)?);
                 continue;

@@ -124,3 +124,42 @@ fn pipeline_decodes_with_a_tiny_autoencoder() {
     let want = Image::from_model_output(&sd.gpu.download(&img).unwrap(), 64, 64).unwrap();
     assert_eq!(out.images[0], want);
 }
+
+/// The CLI's live preview through TAESD (`--preview-vae`, here in f16 as the CLI defaults to on
+/// f16 adapters while the sampler keeps f32 latents) and its final decode (`--vae-decoder`).
+#[test]
+fn cli_previews_and_decodes_with_taesd() {
+    let dir = std::env::temp_dir().join(format!("ldm-taesd-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tiny = fixtures("tiny_f4");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args([
+            "generate",
+            "-q",
+            "-p",
+            "a blue circle",
+            "--seed",
+            "1",
+            "-W",
+            "64",
+            "-H",
+            "64",
+        ])
+        .args(["--steps", "3", "-o"])
+        .arg(dir.join("out.png"))
+        .arg("--preview")
+        .arg(dir.join("preview.png"))
+        .arg("--preview-vae")
+        .arg(&tiny)
+        .arg("--vae-decoder")
+        .arg(&tiny)
+        .env("XDG_CACHE_HOME", &dir)
+        .status()
+        .expect("run ldm");
+    assert!(status.success());
+    for name in ["out.png", "preview.png"] {
+        let img = ldm_wgpu::image::Image::load_png(&dir.join(name)).unwrap();
+        assert_eq!((img.width, img.height), (64, 64), "{name}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

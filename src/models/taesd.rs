@@ -332,6 +332,8 @@ impl EncoderTiny {
 /// files, and a preview needs only the decoder).
 pub struct AutoencoderTiny {
     pub config: TaesdConfig,
+    /// The storage dtype of its weights; inputs of another dtype are cast to it.
+    pub dtype: DType,
     pub encoder: Option<EncoderTiny>,
     pub decoder: Option<DecoderTiny>,
 }
@@ -369,6 +371,7 @@ impl AutoencoderTiny {
         }
         Ok(AutoencoderTiny {
             config,
+            dtype,
             encoder,
             decoder,
         })
@@ -460,6 +463,15 @@ impl AutoencoderTiny {
         Self::load(gpu, &store, TaesdConfig::taesd(), dtype)
     }
 
+    /// `x` in this model's dtype (a cast where it differs: the sampler keeps latents in f32).
+    fn in_dtype(&self, gpu: &Gpu, x: Tensor) -> Result<Tensor> {
+        if x.dtype() == self.dtype {
+            Ok(x)
+        } else {
+            elementwise::cast(gpu, &x, self.dtype)
+        }
+    }
+
     /// Latents as the U-Net sees them → image in [-1, 1].
     pub fn decode(&self, gpu: &Gpu, latents: &Tensor) -> Result<Tensor> {
         let decoder = self
@@ -472,7 +484,7 @@ impl AutoencoderTiny {
         } else {
             elementwise::scale(gpu, latents, (1.0 / s) as f32)?
         };
-        decoder.forward(gpu, &x)
+        decoder.forward(gpu, &self.in_dtype(gpu, x)?)
     }
 
     /// Image in [-1, 1] → latents as the U-Net sees them.
@@ -481,7 +493,7 @@ impl AutoencoderTiny {
             .encoder
             .as_ref()
             .ok_or_else(|| Error::InvalidInput("this tiny autoencoder has no encoder".into()))?;
-        let z = encoder.forward(gpu, image)?;
+        let z = encoder.forward(gpu, &self.in_dtype(gpu, image.clone())?)?;
         let s = self.config.scaling_factor;
         if s == 1.0 {
             Ok(z)
