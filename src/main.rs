@@ -2,71 +2,197 @@
 
 use std::process::ExitCode;
 
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use ldm_wgpu::sched::{SamplerKind, SchedulerClass};
 use ldm_wgpu::{Error, GpuOptions};
 
-const USAGE: &str = "\
-ldm — latent diffusion (Stable Diffusion 1.x / 2.x) on wgpu
+/// ldm — latent diffusion (Stable Diffusion 1.x / 2.x) on wgpu
+#[derive(Parser, Debug)]
+#[command(
+    name = "ldm",
+    version,
+    about = "ldm — latent diffusion (Stable Diffusion 1.x / 2.x) on wgpu",
+    after_help = "Run `ldm generate --help` for the generation options.",
+    args_override_self = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-USAGE:
-    ldm generate -p PROMPT [options]    text-to-image, img2img (--init-image), inpainting (--mask)
-    ldm info [--adapter NAME|INDEX]     adapters, features, limits and compute paths
-    ldm samplers                        list the samplers
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// text-to-image, img2img (--init-image), inpainting (--mask)
+    #[command(visible_aliases = ["gen", "txt2img"], args_override_self = true)]
+    Generate(Box<GenerateArgs>),
+    /// adapters, features, limits and compute paths
+    #[command(args_override_self = true)]
+    Info {
+        /// choose the GPU (also LDM_ADAPTER)
+        #[arg(long, value_name = "NAME|INDEX")]
+        adapter: Option<String>,
+    },
+    /// list the samplers
+    Samplers,
+    /// print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
 
-Run `ldm generate --help` for the generation options.
-";
+/// The options of `ldm generate`. Values whose parsing is ours (sampler, dtype, ...) stay text
+/// here and are parsed in `generate`, so their errors read as before; options left out take
+/// `GenerateRequest::default()`'s values.
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// diffusers folder or single-file .safetensors checkpoint (default: the small model shipped
+    /// in weights/tiny-shapes)
+    #[arg(short = 'm', long, value_name = "PATH", help_heading = "Model")]
+    model: Option<PathBuf>,
+    /// storage dtype (default: f16 when the adapter supports it)
+    #[arg(long, value_name = "f16|f32", help_heading = "Model")]
+    dtype: Option<String>,
+    /// keep the VAE in f32 (default: the VAE config's force_upcast)
+    #[arg(long, help_heading = "Model")]
+    vae_f32: bool,
+    /// tiled VAE decode/encode (default auto: only when it would not fit)
+    #[arg(long, value_name = "auto|on|off", help_heading = "Model")]
+    vae_tiling: Option<String>,
+    /// for single files (SD 2.x 768 models are v)
+    #[arg(long, value_name = "epsilon|v_prediction", help_heading = "Model")]
+    prediction_type: Option<String>,
 
-const GENERATE_USAGE: &str = "\
-ldm generate -p PROMPT [options]
+    /// the prompt (an empty one is allowed: -p "")
+    #[arg(
+        short = 'p',
+        long,
+        value_name = "TEXT",
+        allow_hyphen_values = true,
+        help_heading = "Prompt"
+    )]
+    prompt: Option<String>,
+    /// the negative prompt
+    #[arg(
+        short = 'n',
+        long,
+        value_name = "TEXT",
+        allow_hyphen_values = true,
+        help_heading = "Prompt"
+    )]
+    negative_prompt: Option<String>,
+    /// use the hidden state N layers before the last (diffusers clip_skip)
+    #[arg(long, value_name = "N", help_heading = "Prompt")]
+    clip_skip: Option<usize>,
+    /// encode prompts over 75 tokens in chunks instead of truncating
+    #[arg(long, help_heading = "Prompt")]
+    long_prompts: bool,
+    /// brackets are plain text (default: A1111 emphasis, `(word:1.3)`, `[word]`, `BREAK`)
+    #[arg(long, help_heading = "Prompt")]
+    no_prompt_weighting: bool,
 
-MODEL
-    -m, --model PATH          diffusers folder or single-file .safetensors checkpoint
-                              (default: the small model shipped in weights/tiny-shapes)
-    --dtype f16|f32           storage dtype (default: f16 when the adapter supports it)
-    --vae-f32                 keep the VAE in f32 (default: the VAE config's force_upcast)
-    --vae-tiling auto|on|off  tiled VAE decode/encode (default auto: only when it would not fit)
-    --prediction-type epsilon|v_prediction   for single files (SD 2.x 768 models are v)
-PROMPT
-    -p, --prompt TEXT         the prompt
-    -n, --negative-prompt TEXT
-    --clip-skip N             use the hidden state N layers before the last (diffusers clip_skip)
-    --long-prompts            encode prompts over 75 tokens in chunks instead of truncating
-    --no-prompt-weighting     brackets are plain text (default: A1111 emphasis, `(word:1.3)`,
-                              `[word]`, `BREAK`)
-IMAGE
-    -W, --width N  -H, --height N   multiples of 8 (default: the model's native size)
-    -s, --steps N             denoising steps (default 25)
-    -g, --guidance F          classifier-free guidance scale (default 7.5; <= 1 disables CFG)
-    --sampler NAME            ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lms, heun, ddpm, ...
-                              (default: the model's scheduler_config.json; `ldm samplers` lists them)
-    --karras                  Karras sigmas (euler, dpmpp_2m, lms)
-    --eta F                   DDIM eta
-    --seed N                  (default: random, printed)
-    --rng cpu|cpu-scalar|philox   noise as torch's CPU randn (diffusers, default) or CUDA Philox (A1111)
-    -b, --batch-size N        images per batch
-    --batch-count N           batches (seed advances by batch size each time)
-    --seed-mode batch|per-image   one generator for the batch (diffusers) or seed+i per image (A1111)
-    -i, --init-image PNG      img2img source   --strength F (default 0.8)
-    --mask PNG                inpainting mask (white = repaint), with --init-image
-OUTPUT
-    -o, --output PATH         PNG path (default ldm-out.png; batches get -N suffixes, or use
-                              a pattern: {n} or %d = image number, {seed}); the generation
-                              parameters are stored in the PNG (A1111 `parameters` text)
-    --profile                 per-kernel GPU time table (needs TIMESTAMP_QUERY)
-    --no-pipeline-cache       do not read/write the compiled-pipeline cache (~/.cache/ldm-wgpu)
-    --adapter NAME|INDEX      choose the GPU (also LDM_ADAPTER)
-    --preview PNG             write a cheap latent preview of image 1 after every step
-    --preview-vae DIR         make that preview with a tiny autoencoder (TAESD: a diffusers
-                              AutoencoderTiny folder or taesd_decoder.safetensors)
-    --vae-decoder DIR         decode the final image with a tiny autoencoder (faster, coarser)
-    -q, --quiet               no progress output
-";
+    /// image width, a multiple of 8 (default: the model's native size)
+    #[arg(short = 'W', long, value_name = "N", help_heading = "Image")]
+    width: Option<usize>,
+    /// image height, a multiple of 8 (default: the model's native size)
+    #[arg(short = 'H', long, value_name = "N", help_heading = "Image")]
+    height: Option<usize>,
+    /// denoising steps (default 25)
+    #[arg(short = 's', long, value_name = "N", help_heading = "Image")]
+    steps: Option<usize>,
+    /// classifier-free guidance scale (default 7.5; <= 1 disables CFG)
+    #[arg(
+        short = 'g',
+        long,
+        visible_alias = "cfg-scale",
+        value_name = "F",
+        allow_negative_numbers = true,
+        help_heading = "Image"
+    )]
+    guidance: Option<f64>,
+    /// ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lms, heun, ddpm, ... (default: the
+    /// model's scheduler_config.json; `ldm samplers` lists them)
+    #[arg(
+        long,
+        visible_alias = "scheduler",
+        value_name = "NAME",
+        help_heading = "Image"
+    )]
+    sampler: Option<String>,
+    /// Karras sigmas (euler, dpmpp_2m, lms)
+    #[arg(long, help_heading = "Image")]
+    karras: bool,
+    /// DDIM eta; TCD's gamma
+    #[arg(long, value_name = "F", help_heading = "Image")]
+    eta: Option<f64>,
+    /// the seed (default: random, printed)
+    #[arg(long, value_name = "N", help_heading = "Image")]
+    seed: Option<u64>,
+    /// noise as torch's CPU randn (diffusers, default) or CUDA Philox (A1111)
+    #[arg(long, value_name = "cpu|cpu-scalar|philox", help_heading = "Image")]
+    rng: Option<String>,
+    /// images per batch
+    #[arg(short = 'b', long, value_name = "N", help_heading = "Image")]
+    batch_size: Option<usize>,
+    /// batches (seed advances by batch size each time)
+    #[arg(long, value_name = "N", default_value_t = 1, help_heading = "Image")]
+    batch_count: usize,
+    /// one generator for the batch (diffusers) or seed+i per image (A1111)
+    #[arg(long, value_name = "batch|per-image", help_heading = "Image")]
+    seed_mode: Option<String>,
+    /// img2img source
+    #[arg(short = 'i', long, value_name = "PNG", help_heading = "Image")]
+    init_image: Option<PathBuf>,
+    /// img2img strength (default 0.8)
+    #[arg(long, value_name = "F", help_heading = "Image")]
+    strength: Option<f64>,
+    /// inpainting mask (white = repaint), with --init-image
+    #[arg(long, value_name = "PNG", help_heading = "Image")]
+    mask: Option<PathBuf>,
+
+    /// PNG path; batches get -N suffixes, or use a pattern: %d = image number, {seed} = its
+    /// seed. The generation parameters are stored in the PNG (A1111 `parameters` text)
+    // (`{n}` works as `%d` too, but clap turns `{n}` in help text into a line break.)
+    #[arg(
+        short = 'o',
+        long,
+        value_name = "PATH",
+        default_value = "ldm-out.png",
+        help_heading = "Output"
+    )]
+    output: PathBuf,
+    /// per-kernel GPU time table (needs TIMESTAMP_QUERY)
+    #[arg(long, help_heading = "Output")]
+    profile: bool,
+    /// do not read/write the compiled-pipeline cache (~/.cache/ldm-wgpu)
+    #[arg(long, help_heading = "Output")]
+    no_pipeline_cache: bool,
+    /// choose the GPU (also LDM_ADAPTER)
+    #[arg(long, value_name = "NAME|INDEX", help_heading = "Output")]
+    adapter: Option<String>,
+    /// write a cheap latent preview of image 1 after every step
+    #[arg(long, value_name = "PNG", help_heading = "Output")]
+    preview: Option<PathBuf>,
+    /// make that preview with a tiny autoencoder (TAESD: a diffusers AutoencoderTiny folder or
+    /// taesd_decoder.safetensors)
+    #[arg(long, value_name = "DIR", help_heading = "Output")]
+    preview_vae: Option<PathBuf>,
+    /// decode the final image with a tiny autoencoder (TAESD; faster, coarser)
+    #[arg(long, value_name = "DIR", help_heading = "Output")]
+    vae_decoder: Option<PathBuf>,
+    /// no progress output
+    #[arg(short = 'q', long, help_heading = "Output")]
+    quiet: bool,
+}
 
 fn main() -> ExitCode {
     quiet_window_system_probe();
     install_interrupt_handler();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&args) {
+    // Usage errors, --help and --version are clap's (usage errors exit with 2).
+    let cli = Cli::parse();
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -120,31 +246,24 @@ fn install_interrupt_handler() {
     });
 }
 
-fn run(args: &[String]) -> Result<(), Error> {
-    let Some(command) = args.first() else {
-        print!("{USAGE}");
-        return Ok(());
-    };
-    let rest = &args[1..];
-    match command.as_str() {
-        "info" => {
+fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        None => {
+            Cli::command()
+                .print_help()
+                .map_err(|e| Error::io("stdout", e))?;
+            Ok(())
+        }
+        Some(Command::Info { adapter }) => {
             let mut options = GpuOptions::from_env()?;
-            let mut it = rest.iter();
-            while let Some(a) = it.next() {
-                match a.as_str() {
-                    "--adapter" => options.adapter = Some(value(&mut it, a)?),
-                    _ => {
-                        return Err(Error::InvalidInput(format!(
-                            "unknown option `{a}` for `ldm info`"
-                        )))
-                    }
-                }
+            if adapter.is_some() {
+                options.adapter = adapter;
             }
             print!("{}", ldm_wgpu::info::report(&options)?);
             Ok(())
         }
-        "generate" | "gen" | "txt2img" => generate(rest),
-        "samplers" => {
+        Some(Command::Generate(args)) => generate(*args),
+        Some(Command::Samplers) => {
             println!("{:<18} {:<18} diffusers class", "--sampler", "A1111 name");
             for kind in ldm_wgpu::sched::SamplerKind::ALL {
                 let noise = if kind.is_stochastic() {
@@ -161,128 +280,126 @@ fn run(args: &[String]) -> Result<(), Error> {
             }
             Ok(())
         }
-        "-h" | "--help" | "help" => {
-            print!("{USAGE}");
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(shell, &mut Cli::command(), "ldm", &mut std::io::stdout());
             Ok(())
         }
-        other => Err(Error::InvalidInput(format!(
-            "unknown command `{other}`; try `ldm --help`"
-        ))),
     }
 }
 
-fn value<'a>(it: &mut impl Iterator<Item = &'a String>, flag: &str) -> Result<String, Error> {
-    it.next()
-        .cloned()
-        .ok_or_else(|| Error::InvalidInput(format!("{flag} needs a value")))
-}
-
-fn parse<T: std::str::FromStr>(v: &str, flag: &str) -> Result<T, Error> {
-    v.parse()
-        .map_err(|_| Error::InvalidInput(format!("{flag}: cannot parse `{v}`")))
-}
-
-fn generate(args: &[String]) -> Result<(), Error> {
+fn generate(args: GenerateArgs) -> Result<(), Error> {
     use ldm_wgpu::image::Image;
     use ldm_wgpu::pipeline::{self, GenerateRequest, ModelOptions, StableDiffusion};
-    use std::path::PathBuf;
 
+    let GenerateArgs {
+        model,
+        dtype,
+        vae_f32,
+        vae_tiling,
+        prediction_type,
+        prompt,
+        negative_prompt,
+        clip_skip,
+        long_prompts,
+        no_prompt_weighting,
+        width,
+        height,
+        steps,
+        guidance,
+        sampler,
+        karras,
+        eta,
+        seed,
+        rng,
+        batch_size,
+        batch_count,
+        seed_mode,
+        init_image: init_path,
+        strength,
+        mask: mask_path,
+        output,
+        profile,
+        no_pipeline_cache,
+        adapter,
+        preview,
+        preview_vae,
+        vae_decoder,
+        quiet,
+    } = args;
     let mut req = GenerateRequest::default();
-    let mut seed: Option<u64> = None;
-    let mut karras = false;
-    let (mut width, mut height) = (None::<usize>, None::<usize>);
-    let mut model: Option<PathBuf> = None;
-    let mut output = PathBuf::from("ldm-out.png");
     let mut gpu_options = GpuOptions::from_env()?;
     let mut model_options = ModelOptions::default();
-    let mut batch_count = 1usize;
-    let mut quiet = false;
-    let mut use_cache = true;
-    let mut preview: Option<PathBuf> = None;
-    let mut preview_vae: Option<PathBuf> = None;
-    let mut vae_decoder: Option<PathBuf> = None;
-    let mut prompt_given = false;
-    let mut init_path = None;
-    let mut mask_path = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let flag = a.as_str();
-        match flag {
-            "-h" | "--help" => {
-                print!("{GENERATE_USAGE}");
-                return Ok(());
-            }
-            "-p" | "--prompt" => {
-                req.prompt = value(&mut it, flag)?;
-                prompt_given = true;
-            }
-            "-n" | "--negative-prompt" => req.negative_prompt = value(&mut it, flag)?,
-            "-m" | "--model" => model = Some(PathBuf::from(value(&mut it, flag)?)),
-            "-o" | "--output" => output = PathBuf::from(value(&mut it, flag)?),
-            "-W" | "--width" => width = Some(parse(&value(&mut it, flag)?, flag)?),
-            "-H" | "--height" => height = Some(parse(&value(&mut it, flag)?, flag)?),
-            "-s" | "--steps" => req.steps = parse(&value(&mut it, flag)?, flag)?,
-            "-g" | "--guidance" | "--cfg-scale" => {
-                req.guidance_scale = parse(&value(&mut it, flag)?, flag)?
-            }
-            "--sampler" | "--scheduler" => req.sampler = Some(value(&mut it, flag)?.parse()?),
-            "--eta" => req.eta = Some(parse(&value(&mut it, flag)?, flag)?),
-            "--seed" => seed = Some(parse(&value(&mut it, flag)?, flag)?),
-            "--karras" => karras = true,
-            "--rng" => req.rng = value(&mut it, flag)?.parse()?,
-            "--seed-mode" => {
-                req.seed_mode = match value(&mut it, flag)?.as_str() {
-                    "batch" => pipeline::SeedMode::Batch,
-                    "per-image" => pipeline::SeedMode::PerImage,
-                    other => {
-                        return Err(Error::InvalidInput(format!(
-                            "--seed-mode `{other}` (batch or per-image)"
-                        )))
-                    }
-                }
-            }
-            "-b" | "--batch-size" => req.batch_size = parse(&value(&mut it, flag)?, flag)?,
-            "--batch-count" => batch_count = parse(&value(&mut it, flag)?, flag)?,
-            "--clip-skip" => req.clip_skip = Some(parse(&value(&mut it, flag)?, flag)?),
-            "--long-prompts" => req.long_prompts = true,
-            "--no-prompt-weighting" => req.prompt_weighting = false,
-            "-i" | "--init-image" => init_path = Some(PathBuf::from(value(&mut it, flag)?)),
-            "--mask" => mask_path = Some(PathBuf::from(value(&mut it, flag)?)),
-            "--strength" => req.strength = parse(&value(&mut it, flag)?, flag)?,
-            "--dtype" => {
-                model_options.dtype =
-                    Some(value(&mut it, flag)?.parse().map_err(Error::InvalidInput)?)
-            }
-            "--vae-f32" => model_options.vae_f32 = Some(true),
-            "--vae-tiling" => req.vae_tiling = value(&mut it, flag)?.parse()?,
-            "--prediction-type" => {
-                model_options.load.prediction_type = Some(match value(&mut it, flag)?.as_str() {
-                    "epsilon" => ldm_wgpu::weights::PredictionType::Epsilon,
-                    "v_prediction" | "v" => ldm_wgpu::weights::PredictionType::VPrediction,
-                    other => {
-                        return Err(Error::InvalidInput(format!("--prediction-type `{other}`")))
-                    }
-                })
-            }
-            "--profile" => gpu_options.profile = true,
-            "--adapter" => gpu_options.adapter = Some(value(&mut it, flag)?),
-            "-q" | "--quiet" => quiet = true,
-            "--no-pipeline-cache" => use_cache = false,
-            "--preview" => preview = Some(PathBuf::from(value(&mut it, flag)?)),
-            "--preview-vae" => preview_vae = Some(PathBuf::from(value(&mut it, flag)?)),
-            "--vae-decoder" => vae_decoder = Some(PathBuf::from(value(&mut it, flag)?)),
+    if let Some(v) = negative_prompt {
+        req.negative_prompt = v;
+    }
+    if let Some(v) = steps {
+        req.steps = v;
+    }
+    if let Some(v) = guidance {
+        req.guidance_scale = v;
+    }
+    if let Some(v) = sampler {
+        req.sampler = Some(v.parse()?);
+    }
+    if eta.is_some() {
+        req.eta = eta;
+    }
+    if let Some(v) = rng {
+        req.rng = v.parse()?;
+    }
+    if let Some(v) = seed_mode {
+        req.seed_mode = match v.as_str() {
+            "batch" => pipeline::SeedMode::Batch,
+            "per-image" => pipeline::SeedMode::PerImage,
             other => {
                 return Err(Error::InvalidInput(format!(
-                    "unknown option `{other}`; see `ldm generate --help`"
+                    "--seed-mode `{other}` (batch or per-image)"
                 )))
             }
         }
     }
-    if !prompt_given {
+    if let Some(v) = batch_size {
+        req.batch_size = v;
+    }
+    if clip_skip.is_some() {
+        req.clip_skip = clip_skip;
+    }
+    req.prompt_weighting = !no_prompt_weighting;
+    if long_prompts {
+        req.long_prompts = true;
+    }
+    if let Some(v) = strength {
+        req.strength = v;
+    }
+    if let Some(v) = dtype {
+        model_options.dtype = Some(v.parse().map_err(Error::InvalidInput)?);
+    }
+    if vae_f32 {
+        model_options.vae_f32 = Some(true);
+    }
+    if let Some(v) = vae_tiling {
+        req.vae_tiling = v.parse()?;
+    }
+    if let Some(v) = prediction_type {
+        model_options.load.prediction_type = Some(match v.as_str() {
+            "epsilon" => ldm_wgpu::weights::PredictionType::Epsilon,
+            "v_prediction" | "v" => ldm_wgpu::weights::PredictionType::VPrediction,
+            other => return Err(Error::InvalidInput(format!("--prediction-type `{other}`"))),
+        })
+    }
+    if profile {
+        gpu_options.profile = true;
+    }
+    if adapter.is_some() {
+        gpu_options.adapter = adapter;
+    }
+    let use_cache = !no_pipeline_cache;
+    let Some(prompt) = prompt else {
         return Err(Error::InvalidInput(
             "give a prompt with -p \"...\" (an empty one is allowed: -p \"\")".into(),
         ));
-    }
+    };
+    req.prompt = prompt;
     if req.steps == 0 {
         return Err(Error::InvalidInput("--steps must be at least 1".into()));
     }
