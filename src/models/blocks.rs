@@ -5,9 +5,8 @@
 use crate::kernels::attention::{self, HeadsView};
 use crate::kernels::elementwise;
 use crate::kernels::matmul::{self, Activation};
-use crate::nn::{self, Conv2d, GroupNorm, Linear};
-use crate::weights::WeightView;
-use crate::{DType, Gpu, Result, Tensor};
+use crate::nn::{self, AttentionShape, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use crate::{Gpu, Result, Tensor};
 
 /// diffusers `ResnetBlock2D` (time_embedding_norm "default", output_scale_factor 1):
 /// h = conv1(silu(norm1(x))) [+ time_emb_proj(silu(temb))]; h = conv2(silu(norm2(h)));
@@ -21,48 +20,44 @@ pub struct ResnetBlock2D {
     conv_shortcut: Option<Conv2d>,
 }
 
+/// [`ResnetBlock2D`]'s constructor arguments (diffusers' `in_channels`, `out_channels`,
+/// `temb_channels`, `groups`, `eps`).
+#[derive(Clone, Copy, Debug)]
+pub struct ResnetBlock2DConfig {
+    pub c_in: usize,
+    pub c_out: usize,
+    /// None: no `time_emb_proj` (the VAE's blocks).
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f32,
+}
+
 impl ResnetBlock2D {
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        gpu: &Gpu,
-        vb: &WeightView<'_>,
-        c_in: usize,
-        c_out: usize,
-        temb_channels: Option<usize>,
-        groups: usize,
-        eps: f32,
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn load(vb: VarBuilder<'_>, cfg: ResnetBlock2DConfig) -> Result<Self> {
+        let ResnetBlock2DConfig {
+            c_in,
+            c_out,
+            temb_channels,
+            groups,
+            eps,
+        } = cfg;
         let conv_shortcut = if c_in != c_out {
             Some(Conv2d::load(
-                gpu,
-                &vb.pp("conv_shortcut"),
-                c_in,
-                c_out,
-                1,
-                1,
-                0,
-                dtype,
+                vb.pp("conv_shortcut"),
+                Conv2dConfig::k1(c_in, c_out),
             )?)
         } else {
             None
         };
         Ok(ResnetBlock2D {
-            norm1: GroupNorm::load(gpu, &vb.pp("norm1"), groups, c_in, eps, dtype)?,
-            conv1: Conv2d::load(gpu, &vb.pp("conv1"), c_in, c_out, 3, 1, 1, dtype)?,
+            norm1: GroupNorm::load(vb.pp("norm1"), groups, c_in, eps)?,
+            conv1: vb.pp("conv1").conv3x3(c_in, c_out)?,
             time_emb_proj: match temb_channels {
-                Some(t) => Some(Linear::load(
-                    gpu,
-                    &vb.pp("time_emb_proj"),
-                    t,
-                    c_out,
-                    true,
-                    dtype,
-                )?),
+                Some(t) => Some(Linear::load(vb.pp("time_emb_proj"), t, c_out, true)?),
                 None => None,
             },
-            norm2: GroupNorm::load(gpu, &vb.pp("norm2"), groups, c_out, eps, dtype)?,
-            conv2: Conv2d::load(gpu, &vb.pp("conv2"), c_out, c_out, 3, 1, 1, dtype)?,
+            norm2: GroupNorm::load(vb.pp("norm2"), groups, c_out, eps)?,
+            conv2: vb.pp("conv2").conv3x3(c_out, c_out)?,
             conv_shortcut,
         })
     }
@@ -140,31 +135,23 @@ enum VaeAttentionProjections {
 }
 
 impl VaeAttention {
-    pub fn load(
-        gpu: &Gpu,
-        vb: &WeightView<'_>,
-        channels: usize,
-        groups: usize,
-        eps: f32,
-        dtype: DType,
-    ) -> Result<Self> {
-        let c = channels;
+    pub fn load(vb: VarBuilder<'_>, channels: usize, groups: usize, eps: f32) -> Result<Self> {
+        let (gpu, c) = (vb.gpu(), channels);
         // The policy can force the unfused path (`LDM_VAE_ATTENTION=unfused`: tests, comparing).
         let forced_unfused = gpu.policy().vae_attention_unfused;
         let flash_fits = !forced_unfused
             && attention::config(c, gpu.caps.max_workgroup_storage as u64).is_some();
         let projections = if flash_fits {
             VaeAttentionProjections::Fused(Linear::load_fused(
-                gpu,
-                &[vb.pp("to_q"), vb.pp("to_k"), vb.pp("to_v")],
+                vb.clone(),
+                &["to_q", "to_k", "to_v"],
                 c,
                 &[c, c, c],
                 true,
-                dtype,
             )?)
         } else {
             // Fold the softmax scale into q's weights and bias: (x·Wᵀ + b)/√C.
-            let qv = vb.pp("to_q");
+            let qv = vb.view().pp("to_q");
             let s = 1.0 / (c as f32).sqrt();
             let w: Vec<f32> = qv
                 .get("weight", &[c, c])?
@@ -180,17 +167,17 @@ impl VaeAttention {
                 .collect();
             VaeAttentionProjections::Separate {
                 q: Linear {
-                    weight: gpu.upload(&w, &[c, c], dtype)?,
-                    bias: Some(gpu.upload(&b, &[c], dtype)?),
+                    weight: vb.upload(&w, &[c, c])?,
+                    bias: Some(vb.upload(&b, &[c])?),
                 },
-                k: Linear::load(gpu, &vb.pp("to_k"), c, c, true, dtype)?,
-                v: Linear::load(gpu, &vb.pp("to_v"), c, c, true, dtype)?,
+                k: Linear::load(vb.pp("to_k"), c, c, true)?,
+                v: Linear::load(vb.pp("to_v"), c, c, true)?,
             }
         };
         Ok(VaeAttention {
-            group_norm: GroupNorm::load(gpu, &vb.pp("group_norm"), groups, c, eps, dtype)?,
+            group_norm: GroupNorm::load(vb.pp("group_norm"), groups, c, eps)?,
             projections,
-            to_out: Linear::load(gpu, &vb.pp("to_out.0"), c, c, true, dtype)?,
+            to_out: Linear::load(vb.pp("to_out.0"), c, c, true)?,
             channels,
         })
     }
@@ -215,7 +202,13 @@ impl VaeAttention {
                     row_stride: 3 * c,
                     offset,
                 };
-                nn::multi_head_attention(gpu, view(0), view(c), view(2 * c), b, 1, c, false)?
+                let shape = AttentionShape {
+                    batch: b,
+                    heads: 1,
+                    head_dim: c,
+                    causal: false,
+                };
+                nn::multi_head_attention(gpu, view(0), view(c), view(2 * c), shape)?
                 // [B, HW, C]
             }
             VaeAttentionProjections::Separate { q, k, v } => {

@@ -8,7 +8,7 @@ use crate::kernels::attention::HeadsView;
 use crate::kernels::elementwise;
 use crate::kernels::matmul::Activation;
 use crate::models::config::Config;
-use crate::nn::{self, LayerNorm, Linear};
+use crate::nn::{self, AttentionShape, LayerNorm, Linear, VarBuilder};
 use crate::weights::WeightView;
 use crate::{DType, Error, Gpu, Result, Tensor};
 
@@ -109,39 +109,39 @@ impl ClipTextModel {
     pub fn load(gpu: &Gpu, vb: &WeightView<'_>, config: ClipConfig, dtype: DType) -> Result<Self> {
         let c = &config;
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        let tm = vb.pp("text_model");
+        let tm = VarBuilder::new(gpu, vb, dtype).pp("text_model");
         let emb = tm.pp("embeddings");
-        let token_embedding =
-            load_token_table(gpu, &emb.pp("token_embedding"), c.vocab_size, h, dtype)?;
-        let position_embedding = nn::load(
+        let token_embedding = load_token_table(
             gpu,
-            &emb.pp("position_embedding"),
-            "weight",
-            &[c.max_position_embeddings, h],
+            emb.pp("token_embedding").view(),
+            c.vocab_size,
+            h,
             dtype,
         )?;
+        let position_embedding = emb
+            .pp("position_embedding")
+            .get("weight", &[c.max_position_embeddings, h])?;
         let eps = c.layer_norm_eps;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let lv = tm.pp("encoder.layers").pp(&l.to_string());
             let attn = lv.pp("self_attn");
             layers.push(EncoderLayer {
-                layer_norm1: LayerNorm::load(gpu, &lv.pp("layer_norm1"), h, eps, dtype)?,
+                layer_norm1: LayerNorm::load(lv.pp("layer_norm1"), h, eps)?,
                 qkv: Linear::load_fused(
-                    gpu,
-                    &[attn.pp("q_proj"), attn.pp("k_proj"), attn.pp("v_proj")],
+                    attn.clone(),
+                    &["q_proj", "k_proj", "v_proj"],
                     h,
                     &[h, h, h],
                     true,
-                    dtype,
                 )?,
-                out_proj: Linear::load(gpu, &attn.pp("out_proj"), h, h, true, dtype)?,
-                layer_norm2: LayerNorm::load(gpu, &lv.pp("layer_norm2"), h, eps, dtype)?,
-                fc1: Linear::load(gpu, &lv.pp("mlp.fc1"), h, i, true, dtype)?,
-                fc2: Linear::load(gpu, &lv.pp("mlp.fc2"), i, h, true, dtype)?,
+                out_proj: Linear::load(attn.pp("out_proj"), h, h, true)?,
+                layer_norm2: LayerNorm::load(lv.pp("layer_norm2"), h, eps)?,
+                fc1: Linear::load(lv.pp("mlp.fc1"), h, i, true)?,
+                fc2: Linear::load(lv.pp("mlp.fc2"), i, h, true)?,
             });
         }
-        let final_layer_norm = LayerNorm::load(gpu, &tm.pp("final_layer_norm"), h, eps, dtype)?;
+        let final_layer_norm = LayerNorm::load(tm.pp("final_layer_norm"), h, eps)?;
         Ok(ClipTextModel {
             config,
             token_embedding,
@@ -220,16 +220,13 @@ impl ClipTextModel {
                 row_stride: 3 * hsz,
                 offset,
             };
-            let attn = nn::multi_head_attention(
-                gpu,
-                view(0),
-                view(hsz),
-                view(2 * hsz),
+            let shape = AttentionShape {
                 batch,
                 heads,
-                hsz / heads,
-                true,
-            )?;
+                head_dim: hsz / heads,
+                causal: true,
+            };
+            let attn = nn::multi_head_attention(gpu, view(0), view(hsz), view(2 * hsz), shape)?; // [B, N, C]
             hidden = layer
                 .out_proj
                 .forward_fused(gpu, &attn, Activation::None, Some(&hidden))?;

@@ -7,4 +7,6 @@ pub mod config;
 pub mod taesd;
 pub mod transformer;
 pub mod unet;
+pub mod unet_blocks;
 pub mod vae;
+pub mod vae_tiling;

@@ -18,9 +18,9 @@ use serde_json::Value;
 
 use super::config::Config;
 use crate::kernels::elementwise;
-use crate::nn::Conv2d;
+use crate::nn::{Conv2d, Conv2dConfig, VarBuilder};
 use crate::weights::store::Entry;
-use crate::weights::{SafetensorsFile, Transform, WeightStore, WeightView};
+use crate::weights::{SafetensorsFile, Transform, WeightStore};
 use crate::{DType, Error, Gpu, Result, Tensor};
 
 /// `AutoencoderTiny`'s config.json.
@@ -146,16 +146,22 @@ impl TaesdConfig {
     }
 }
 
+/// A conv with "same" padding (kernel / 2), as every TAESD conv has.
 fn conv(
-    gpu: &Gpu,
-    vb: &WeightView<'_>,
+    vb: VarBuilder<'_>,
     cin: usize,
     cout: usize,
     kernel: usize,
     stride: usize,
-    dtype: DType,
 ) -> Result<Conv2d> {
-    Conv2d::load(gpu, vb, cin, cout, kernel, stride, kernel / 2, dtype)
+    let cfg = Conv2dConfig {
+        cin,
+        cout,
+        kernel,
+        stride,
+        padding: kernel / 2,
+    };
+    Conv2d::load(vb, cfg)
 }
 
 /// diffusers `AutoencoderTinyBlock`: `relu(conv(relu(conv(relu(conv(x))))) + skip(x))`.
@@ -166,16 +172,16 @@ pub struct AutoencoderTinyBlock {
 }
 
 impl AutoencoderTinyBlock {
-    fn load(gpu: &Gpu, vb: &WeightView<'_>, cin: usize, cout: usize, dtype: DType) -> Result<Self> {
+    fn load(vb: VarBuilder<'_>, cin: usize, cout: usize) -> Result<Self> {
         let c = vb.pp("conv");
         Ok(AutoencoderTinyBlock {
             conv: [
-                conv(gpu, &c.pp("0"), cin, cout, 3, 1, dtype)?,
-                conv(gpu, &c.pp("2"), cout, cout, 3, 1, dtype)?,
-                conv(gpu, &c.pp("4"), cout, cout, 3, 1, dtype)?,
+                conv(c.pp("0"), cin, cout, 3, 1)?,
+                conv(c.pp("2"), cout, cout, 3, 1)?,
+                conv(c.pp("4"), cout, cout, 3, 1)?,
             ],
             skip: if cin != cout {
-                Some(conv(gpu, &vb.pp("skip"), cin, cout, 1, 1, dtype)?)
+                Some(conv(vb.pp("skip"), cin, cout, 1, 1)?)
             } else {
                 None
             },
@@ -221,7 +227,7 @@ pub struct DecoderTiny {
 }
 
 impl DecoderTiny {
-    fn load(gpu: &Gpu, vb: &WeightView<'_>, c: &TaesdConfig, dtype: DType) -> Result<Self> {
+    fn load(vb: VarBuilder<'_>, c: &TaesdConfig) -> Result<Self> {
         let mut layers = Vec::new();
         let chans = &c.decoder_block_out_channels;
         // Sequential indices: each conv, ReLU, block and Upsample takes one.
@@ -231,44 +237,26 @@ impl DecoderTiny {
             (index - 1).to_string()
         };
         layers.push(Layer::Conv(conv(
-            gpu,
-            &vb.pp(&next()),
+            vb.pp(&next()),
             c.latent_channels,
             chans[0],
             3,
             1,
-            dtype,
         )?));
         next(); // ReLU
         layers.push(Layer::Relu);
         let last = chans.len() - 1;
         for (i, (&n, &ch)) in c.num_decoder_blocks.iter().zip(chans).enumerate() {
             for _ in 0..n {
-                let block = AutoencoderTinyBlock::load(gpu, &vb.pp(&next()), ch, ch, dtype)?;
+                let block = AutoencoderTinyBlock::load(vb.pp(&next()), ch, ch)?;
                 layers.push(Layer::Block(Box::new(block)));
             }
             if i < last {
                 next(); // Upsample
                         // The conv keeps the level's width (diffusers: `conv_out_channel = num_channels`).
-                layers.push(Layer::UpsampleConv(conv(
-                    gpu,
-                    &vb.pp(&next()),
-                    ch,
-                    ch,
-                    3,
-                    1,
-                    dtype,
-                )?));
+                layers.push(Layer::UpsampleConv(conv(vb.pp(&next()), ch, ch, 3, 1)?));
             } else {
-                layers.push(Layer::Conv(conv(
-                    gpu,
-                    &vb.pp(&next()),
-                    ch,
-                    c.out_channels,
-                    3,
-                    1,
-                    dtype,
-                )?));
+                layers.push(Layer::Conv(conv(vb.pp(&next()), ch, c.out_channels, 3, 1)?));
             }
         }
         Ok(DecoderTiny { layers })
@@ -288,7 +276,7 @@ pub struct EncoderTiny {
 }
 
 impl EncoderTiny {
-    fn load(gpu: &Gpu, vb: &WeightView<'_>, c: &TaesdConfig, dtype: DType) -> Result<Self> {
+    fn load(vb: VarBuilder<'_>, c: &TaesdConfig) -> Result<Self> {
         let mut layers = Vec::new();
         let chans = &c.encoder_block_out_channels;
         let mut index = 0usize;
@@ -298,25 +286,23 @@ impl EncoderTiny {
         };
         for (i, (&n, &ch)) in c.num_encoder_blocks.iter().zip(chans).enumerate() {
             let first = if i == 0 {
-                conv(gpu, &vb.pp(&next()), c.in_channels, ch, 3, 1, dtype)?
+                conv(vb.pp(&next()), c.in_channels, ch, 3, 1)?
             } else {
-                conv(gpu, &vb.pp(&next()), ch, ch, 3, 2, dtype)? // stride 2, no bias
+                conv(vb.pp(&next()), ch, ch, 3, 2)? // stride 2, no bias
             };
             layers.push(Layer::Conv(first));
             for _ in 0..n {
-                let block = AutoencoderTinyBlock::load(gpu, &vb.pp(&next()), ch, ch, dtype)?;
+                let block = AutoencoderTinyBlock::load(vb.pp(&next()), ch, ch)?;
                 layers.push(Layer::Block(Box::new(block)));
             }
         }
         let last = *chans.last().expect("validated");
         layers.push(Layer::Conv(conv(
-            gpu,
-            &vb.pp(&next()),
+            vb.pp(&next()),
             last,
             c.latent_channels,
             3,
             1,
-            dtype,
         )?));
         Ok(EncoderTiny { layers })
     }
@@ -344,22 +330,14 @@ impl AutoencoderTiny {
         gpu.require_dtype(dtype)?;
         let has = |prefix: &str| store.keys().any(|k| k.starts_with(prefix));
         let encoder = if has("encoder.") {
-            Some(EncoderTiny::load(
-                gpu,
-                &store.pp("encoder.layers"),
-                &config,
-                dtype,
-            )?)
+            let vb = VarBuilder::new(gpu, &store.pp("encoder.layers"), dtype);
+            Some(EncoderTiny::load(vb, &config)?)
         } else {
             None
         };
         let decoder = if has("decoder.") {
-            Some(DecoderTiny::load(
-                gpu,
-                &store.pp("decoder.layers"),
-                &config,
-                dtype,
-            )?)
+            let vb = VarBuilder::new(gpu, &store.pp("decoder.layers"), dtype);
+            Some(DecoderTiny::load(vb, &config)?)
         } else {
             None
         };

@@ -6,9 +6,8 @@
 
 use crate::kernels::attention::HeadsView;
 use crate::kernels::matmul::Activation;
-use crate::nn::{self, GroupNorm, LayerNorm, Linear};
-use crate::weights::WeightView;
-use crate::{DType, Gpu, Result, Tensor};
+use crate::nn::{self, AttentionShape, GroupNorm, LayerNorm, Linear, VarBuilder};
+use crate::{Error, Gpu, Result, Tensor};
 
 /// Settings shared by every transformer of a U-Net block.
 #[derive(Clone, Copy, Debug)]
@@ -23,24 +22,172 @@ pub struct TransformerSpec {
     pub norm_groups: usize,
 }
 
-/// diffusers `BasicTransformerBlock` (norm_type "layer_norm", activation "geglu").
+/// Column block `index` (of width `width`) of a packed [B, N, k·width] projection, read by the
+/// attention kernel in place: q, k and v of a fused projection need no split.
+fn packed(tensor: &Tensor, width: usize, index: usize) -> HeadsView<'_> {
+    HeadsView {
+        tensor,
+        tokens: tensor.dim(1),
+        row_stride: tensor.dim(2),
+        offset: index * width,
+    }
+}
+
+/// [`Attention`]'s constructor arguments.
+#[derive(Clone, Copy, Debug)]
+struct AttentionConfig {
+    /// Width of the hidden states (heads·head_dim in Stable Diffusion).
+    query_dim: usize,
+    /// Some(width of the context): k and v are read from the context (cross-attention).
+    cross_attention_dim: Option<usize>,
+    heads: usize,
+    head_dim: usize,
+}
+
+/// diffusers `Attention` (attention_processor.py, `AttnProcessor2_0`, no bias on q/k/v):
+/// out = to_out(softmax(q·kᵀ/√d)·v) + residual, the residual added in to_out's epilogue.
+struct Attention {
+    /// Self-attention: to_q, to_k, to_v fused ([3·inner, query_dim]); cross-attention: to_q.
+    to_q_or_qkv: Linear,
+    /// Cross-attention: to_k and to_v fused ([2·inner, cross_attention_dim]).
+    to_kv: Option<Linear>,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder<'_>, cfg: AttentionConfig) -> Result<Self> {
+        let inner = cfg.heads * cfg.head_dim;
+        let (to_q_or_qkv, to_kv) = match cfg.cross_attention_dim {
+            Some(ctx) => (
+                Linear::load(vb.pp("to_q"), cfg.query_dim, inner, false)?,
+                Some(Linear::load_fused(
+                    vb.clone(),
+                    &["to_k", "to_v"],
+                    ctx,
+                    &[inner, inner],
+                    false,
+                )?),
+            ),
+            None => (
+                Linear::load_fused(
+                    vb.clone(),
+                    &["to_q", "to_k", "to_v"],
+                    cfg.query_dim,
+                    &[inner; 3],
+                    false,
+                )?,
+                None,
+            ),
+        };
+        Ok(Attention {
+            to_q_or_qkv,
+            to_kv,
+            to_out: Linear::load(vb.pp("to_out.0"), inner, cfg.query_dim, true)?,
+            heads: cfg.heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    /// x: [B, N, query_dim] (already normed); context: [B, Nc, cross_attention_dim], read only
+    /// by cross-attention. Returns to_out(attention) + residual, [B, N, query_dim].
+    fn forward(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let inner = self.heads * self.head_dim;
+        let shape = AttentionShape {
+            batch: x.dim(0),
+            heads: self.heads,
+            head_dim: self.head_dim,
+            causal: false,
+        };
+        let attn = match (&self.to_kv, context) {
+            (Some(kv_proj), Some(context)) => {
+                let q = self.to_q_or_qkv.forward(gpu, x)?; // [B, N, inner]
+                let kv = kv_proj.forward(gpu, context)?; // [B, Nc, 2·inner]
+                let (k, v) = (packed(&kv, inner, 0), packed(&kv, inner, 1));
+                nn::multi_head_attention(gpu, packed(&q, inner, 0), k, v, shape)?
+                // [B, N, inner]
+            }
+            (None, _) => {
+                let qkv = self.to_q_or_qkv.forward(gpu, x)?; // [B, N, 3·inner]
+                let (q, k, v) = (
+                    packed(&qkv, inner, 0),
+                    packed(&qkv, inner, 1),
+                    packed(&qkv, inner, 2),
+                );
+                nn::multi_head_attention(gpu, q, k, v, shape)? // [B, N, inner]
+            }
+            (Some(_), None) => {
+                return Err(Error::Unsupported(
+                    "cross-attention called without a context".into(),
+                ))
+            }
+        };
+        // [B, N, query_dim]
+        self.to_out
+            .forward_fused(gpu, &attn, Activation::None, Some(residual))
+    }
+}
+
+/// diffusers `BasicTransformerBlock` (norm_type "layer_norm", activation "geglu"):
+/// self-attention (context attention with only_cross_attention), cross-attention on the text
+/// context, GEGLU feed-forward; each pre-normed, each with a residual.
 struct BasicTransformerBlock {
     norm1: LayerNorm,
-    /// Self-attention: to_q, to_k, to_v fused ([3C, C], no bias). With only_cross_attention,
-    /// attn1 attends to the context instead: q alone, k/v from the context.
-    attn1_q_or_qkv: Linear,
-    attn1_kv: Option<Linear>,
-    attn1_out: Linear,
+    attn1: Attention,
     norm2: LayerNorm,
-    attn2_q: Linear,
-    /// to_k and to_v of the cross-attention fused ([2C, context_dim]).
-    attn2_kv: Linear,
-    attn2_out: Linear,
+    attn2: Attention,
     norm3: LayerNorm,
+    /// ff.net.0 (GEGLU): [8·inner, inner], hidden and gate halves.
     ff_geglu: Linear,
     ff_out: Linear,
 }
 
+impl BasicTransformerBlock {
+    fn load(vb: VarBuilder<'_>, spec: &TransformerSpec) -> Result<Self> {
+        let inner = spec.heads * spec.head_dim;
+        let attention = |cross: bool| AttentionConfig {
+            query_dim: inner,
+            cross_attention_dim: cross.then_some(spec.cross_attention_dim),
+            heads: spec.heads,
+            head_dim: spec.head_dim,
+        };
+        Ok(BasicTransformerBlock {
+            norm1: LayerNorm::load(vb.pp("norm1"), inner, 1e-5)?,
+            attn1: Attention::load(vb.pp("attn1"), attention(spec.only_cross_attention))?,
+            norm2: LayerNorm::load(vb.pp("norm2"), inner, 1e-5)?,
+            attn2: Attention::load(vb.pp("attn2"), attention(true))?,
+            norm3: LayerNorm::load(vb.pp("norm3"), inner, 1e-5)?,
+            ff_geglu: Linear::load(vb.pp("ff.net.0.proj"), inner, 8 * inner, true)?,
+            ff_out: Linear::load(vb.pp("ff.net.2"), 4 * inner, inner, true)?,
+        })
+    }
+
+    /// hidden: [B, HW, inner]; context: [B, Nc, context_dim]. Returns [B, HW, inner].
+    fn forward(&self, gpu: &Gpu, mut hidden: Tensor, context: &Tensor) -> Result<Tensor> {
+        // Self-attention (or context attention when only_cross_attention).
+        let normed = self.norm1.forward(gpu, &hidden)?; // [B, HW, inner]
+        hidden = self.attn1.forward(gpu, &normed, Some(context), &hidden)?; // [B, HW, inner]
+                                                                            // Cross-attention on the text context.
+        let normed = self.norm2.forward(gpu, &hidden)?; // [B, HW, inner]
+        hidden = self.attn2.forward(gpu, &normed, Some(context), &hidden)?; // [B, HW, inner]
+                                                                            // GEGLU feed-forward. [B, HW, inner] -> [B, HW, 4·inner] -> [B, HW, inner]
+        let normed = self.norm3.forward(gpu, &hidden)?; // [B, HW, inner]
+        let mid = self.ff_geglu.forward_geglu(gpu, &normed)?; // [B, HW, 4·inner]
+                                                              // [B, HW, inner]
+        self.ff_out
+            .forward_fused(gpu, &mid, Activation::None, Some(&hidden))
+    }
+}
+
+/// diffusers `Transformer2DModel` (continuous input): group norm, proj_in, the blocks, proj_out
+/// plus the input as residual.
 pub struct Transformer2DModel {
     spec: TransformerSpec,
     norm: GroupNorm,
@@ -50,20 +197,13 @@ pub struct Transformer2DModel {
 }
 
 /// proj_in / proj_out: a Linear [out, in], or a 1×1 Conv2d [out, in, 1, 1] read as one.
-fn load_projection(
-    gpu: &Gpu,
-    vb: &WeightView<'_>,
-    c_in: usize,
-    c_out: usize,
-    linear: bool,
-    dtype: DType,
-) -> Result<Linear> {
+fn load_projection(vb: VarBuilder<'_>, c_in: usize, c_out: usize, linear: bool) -> Result<Linear> {
     if linear {
-        return Linear::load(gpu, vb, c_in, c_out, true, dtype);
+        return Linear::load(vb, c_in, c_out, true);
     }
-    let w = vb.get("weight", &[c_out, c_in, 1, 1])?;
-    let weight = gpu.upload(&w.to_f32_vec(), &[c_out, c_in], dtype)?;
-    let bias = nn::load(gpu, vb, "bias", &[c_out], dtype)?;
+    let w = vb.view().get("weight", &[c_out, c_in, 1, 1])?;
+    let weight = vb.upload(&w.to_f32_vec(), &[c_out, c_in])?;
+    let bias = vb.get("bias", &[c_out])?;
     Ok(Linear {
         weight,
         bias: Some(bias),
@@ -71,94 +211,20 @@ fn load_projection(
 }
 
 impl Transformer2DModel {
-    pub fn load(
-        gpu: &Gpu,
-        vb: &WeightView<'_>,
-        spec: TransformerSpec,
-        dtype: DType,
-    ) -> Result<Self> {
-        let c = spec.channels;
-        let inner = spec.heads * spec.head_dim;
-        let ctx = spec.cross_attention_dim;
-        let mut blocks = Vec::with_capacity(spec.layers);
-        for i in 0..spec.layers {
-            let bv = vb.pp("transformer_blocks").pp(&i.to_string());
-            let a1 = bv.pp("attn1");
-            let a2 = bv.pp("attn2");
-            let (attn1_q_or_qkv, attn1_kv) = if spec.only_cross_attention {
-                (
-                    Linear::load(gpu, &a1.pp("to_q"), inner, inner, false, dtype)?,
-                    Some(Linear::load_fused(
-                        gpu,
-                        &[a1.pp("to_k"), a1.pp("to_v")],
-                        ctx,
-                        &[inner, inner],
-                        false,
-                        dtype,
-                    )?),
-                )
-            } else {
-                (
-                    Linear::load_fused(
-                        gpu,
-                        &[a1.pp("to_q"), a1.pp("to_k"), a1.pp("to_v")],
-                        inner,
-                        &[inner; 3],
-                        false,
-                        dtype,
-                    )?,
-                    None,
-                )
-            };
-            blocks.push(BasicTransformerBlock {
-                norm1: LayerNorm::load(gpu, &bv.pp("norm1"), inner, 1e-5, dtype)?,
-                attn1_q_or_qkv,
-                attn1_kv,
-                attn1_out: Linear::load(gpu, &a1.pp("to_out.0"), inner, inner, true, dtype)?,
-                norm2: LayerNorm::load(gpu, &bv.pp("norm2"), inner, 1e-5, dtype)?,
-                attn2_q: Linear::load(gpu, &a2.pp("to_q"), inner, inner, false, dtype)?,
-                attn2_kv: Linear::load_fused(
-                    gpu,
-                    &[a2.pp("to_k"), a2.pp("to_v")],
-                    ctx,
-                    &[inner, inner],
-                    false,
-                    dtype,
-                )?,
-                attn2_out: Linear::load(gpu, &a2.pp("to_out.0"), inner, inner, true, dtype)?,
-                norm3: LayerNorm::load(gpu, &bv.pp("norm3"), inner, 1e-5, dtype)?,
-                ff_geglu: Linear::load(
-                    gpu,
-                    &bv.pp("ff.net.0.proj"),
-                    inner,
-                    8 * inner,
-                    true,
-                    dtype,
-                )?,
-                ff_out: Linear::load(gpu, &bv.pp("ff.net.2"), 4 * inner, inner, true, dtype)?,
-            });
-        }
+    pub fn load(vb: VarBuilder<'_>, spec: TransformerSpec) -> Result<Self> {
+        let (c, inner) = (spec.channels, spec.heads * spec.head_dim);
+        let blocks_vb = vb.pp("transformer_blocks");
+        let blocks = (0..spec.layers)
+            .map(|i| BasicTransformerBlock::load(blocks_vb.pp(&i.to_string()), &spec))
+            .collect::<Result<Vec<_>>>()?;
+        let linear = spec.use_linear_projection;
         Ok(Transformer2DModel {
             spec,
             // Transformer2DModel's group norm uses eps 1e-6 whatever the U-Net's norm_eps.
-            norm: GroupNorm::load(gpu, &vb.pp("norm"), spec.norm_groups, c, 1e-6, dtype)?,
-            proj_in: load_projection(
-                gpu,
-                &vb.pp("proj_in"),
-                c,
-                inner,
-                spec.use_linear_projection,
-                dtype,
-            )?,
+            norm: GroupNorm::load(vb.pp("norm"), spec.norm_groups, c, 1e-6)?,
+            proj_in: load_projection(vb.pp("proj_in"), c, inner, linear)?,
             blocks,
-            proj_out: load_projection(
-                gpu,
-                &vb.pp("proj_out"),
-                inner,
-                c,
-                spec.use_linear_projection,
-                dtype,
-            )?,
+            proj_out: load_projection(vb.pp("proj_out"), inner, c, linear)?,
         })
     }
 
@@ -166,94 +232,15 @@ impl Transformer2DModel {
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let s = &self.spec;
         let (b, h, w) = (x.dim(0), x.dim(1), x.dim(2));
-        let n = h * w;
-        let inner = s.heads * s.head_dim;
-        let nc = context.dim(1);
-        let residual = x.reshape(&[b, n, s.channels])?; // [B, HW, C]
+        let residual = x.reshape(&[b, h * w, s.channels])?; // [B, HW, C]
         let normed = self.norm.forward(gpu, &residual, false)?; // [B, HW, C]
         let mut hidden = self.proj_in.forward(gpu, &normed)?; // [B, HW, inner]
-        let attend = |q: HeadsView<'_>, k: HeadsView<'_>, v: HeadsView<'_>| {
-            nn::multi_head_attention(gpu, q, k, v, b, s.heads, s.head_dim, false)
-        };
         for blk in &self.blocks {
-            // Self-attention (or context attention when only_cross_attention). [B, HW, inner]
-            let normed = blk.norm1.forward(gpu, &hidden)?; // [B, HW, inner]
-            let attn = match &blk.attn1_kv {
-                None => {
-                    let qkv = blk.attn1_q_or_qkv.forward(gpu, &normed)?; // [B, HW, 3·inner]
-                    let v = |o| HeadsView {
-                        tensor: &qkv,
-                        tokens: n,
-                        row_stride: 3 * inner,
-                        offset: o,
-                    };
-                    attend(v(0), v(inner), v(2 * inner))?
-                }
-                Some(kv_proj) => {
-                    let q = blk.attn1_q_or_qkv.forward(gpu, &normed)?; // [B, HW, inner]
-                    let kv = kv_proj.forward(gpu, context)?; // [B, Nc, 2·inner]
-                    attend(
-                        HeadsView {
-                            tensor: &q,
-                            tokens: n,
-                            row_stride: inner,
-                            offset: 0,
-                        },
-                        HeadsView {
-                            tensor: &kv,
-                            tokens: nc,
-                            row_stride: 2 * inner,
-                            offset: 0,
-                        },
-                        HeadsView {
-                            tensor: &kv,
-                            tokens: nc,
-                            row_stride: 2 * inner,
-                            offset: inner,
-                        },
-                    )?
-                }
-            };
-            hidden = blk
-                .attn1_out
-                .forward_fused(gpu, &attn, Activation::None, Some(&hidden))?;
-            // Cross-attention on the text context. [B, HW, inner]
-            let normed = blk.norm2.forward(gpu, &hidden)?; // [B, HW, inner]
-            let q = blk.attn2_q.forward(gpu, &normed)?; // [B, HW, inner]
-            let kv = blk.attn2_kv.forward(gpu, context)?; // [B, Nc, 2·inner]
-            let attn = attend(
-                HeadsView {
-                    tensor: &q,
-                    tokens: n,
-                    row_stride: inner,
-                    offset: 0,
-                },
-                HeadsView {
-                    tensor: &kv,
-                    tokens: nc,
-                    row_stride: 2 * inner,
-                    offset: 0,
-                },
-                HeadsView {
-                    tensor: &kv,
-                    tokens: nc,
-                    row_stride: 2 * inner,
-                    offset: inner,
-                },
-            )?;
-            hidden = blk
-                .attn2_out
-                .forward_fused(gpu, &attn, Activation::None, Some(&hidden))?;
-            // GEGLU feed-forward. [B, HW, inner] -> [B, HW, 4·inner] -> [B, HW, inner]
-            let normed = blk.norm3.forward(gpu, &hidden)?; // [B, HW, inner]
-            let mid = blk.ff_geglu.forward_geglu(gpu, &normed)?;
-            hidden = blk
-                .ff_out
-                .forward_fused(gpu, &mid, Activation::None, Some(&hidden))?;
+            hidden = blk.forward(gpu, hidden, context)?; // [B, HW, inner]
         }
         let out = self
             .proj_out
             .forward_fused(gpu, &hidden, Activation::None, Some(&residual))?; // [B, HW, C]
-        out.reshape(&[b, h, w, s.channels])
+        out.reshape(&[b, h, w, s.channels]) // [B, H, W, C]
     }
 }

@@ -7,10 +7,13 @@ use serde_json::Value;
 
 use crate::kernels::elementwise;
 use crate::kernels::matmul::Activation;
-use crate::models::blocks::ResnetBlock2D;
 use crate::models::config::Config;
-use crate::models::transformer::{Transformer2DModel, TransformerSpec};
-use crate::nn::{Conv2d, GroupNorm, Linear};
+use crate::models::transformer::TransformerSpec;
+use crate::models::unet_blocks::{
+    CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlockConfig, MidBlockConfig, ResnetSettings,
+    UNetMidBlock2DCrossAttn, UpBlockConfig,
+};
+use crate::nn::{Conv2d, GroupNorm, Linear, VarBuilder};
 use crate::weights::WeightView;
 use crate::{DType, Error, Gpu, Result, Tensor};
 
@@ -150,48 +153,6 @@ impl UNetConfig {
 }
 
 /// A resnet, optionally followed by a transformer (the Cross-Attn blocks).
-struct Layer {
-    resnet: ResnetBlock2D,
-    transformer: Option<Transformer2DModel>,
-}
-
-impl Layer {
-    fn forward(&self, gpu: &Gpu, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let h = self.resnet.forward(gpu, x, Some(temb))?; // [B, H, W, Cout]
-        self.attend(gpu, h, context)
-    }
-
-    /// The decoder's layer on `torch.cat([h, skip], dim=1)`, the concatenation never written.
-    fn forward_concat(
-        &self,
-        gpu: &Gpu,
-        h: &Tensor,
-        skip: &Tensor,
-        temb: &Tensor,
-        context: &Tensor,
-    ) -> Result<Tensor> {
-        let h = self.resnet.forward_concat(gpu, h, skip, Some(temb))?; // [B, H, W, Cout]
-        self.attend(gpu, h, context)
-    }
-
-    fn attend(&self, gpu: &Gpu, h: Tensor, context: &Tensor) -> Result<Tensor> {
-        match &self.transformer {
-            Some(t) => t.forward(gpu, &h, context),
-            None => Ok(h),
-        }
-    }
-}
-
-struct DownBlock {
-    layers: Vec<Layer>,
-    downsampler: Option<Conv2d>,
-}
-
-struct UpBlock {
-    layers: Vec<Layer>,
-    upsampler: Option<Conv2d>,
-}
-
 /// `silu(time_embedding(time_proj(t)))` for every model call of a schedule: [calls·batch, 4C0],
 /// rows `call·batch .. (call+1)·batch` for call `call`.
 pub struct TimeEmbeddingTable {
@@ -237,228 +198,119 @@ impl TimeEmbeddingTable {
     }
 }
 
+/// diffusers `UNet2DConditionModel`: time embedding, conv_in, down blocks, mid block, up blocks
+/// (each taking the down path's skips in reverse), norm, conv_out.
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     pub dtype: DType,
     time_linear_1: Linear,
     time_linear_2: Linear,
     conv_in: Conv2d,
-    down_blocks: Vec<DownBlock>,
-    mid_resnet0: ResnetBlock2D,
-    mid_transformer: Transformer2DModel,
-    mid_resnet1: ResnetBlock2D,
-    up_blocks: Vec<UpBlock>,
+    down_blocks: Vec<CrossAttnDownBlock2D>,
+    mid_block: UNetMidBlock2DCrossAttn,
+    up_blocks: Vec<CrossAttnUpBlock2D>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
 }
 
+impl UNetConfig {
+    /// The transformer settings of level `block` (an index into the down-block lists).
+    fn transformer_spec(&self, channels: usize, block: usize, only_cross: bool) -> TransformerSpec {
+        TransformerSpec {
+            channels,
+            heads: self.num_attention_heads[block],
+            head_dim: channels / self.num_attention_heads[block],
+            layers: self.transformer_layers_per_block[block],
+            cross_attention_dim: self.cross_attention_dim,
+            use_linear_projection: self.use_linear_projection,
+            only_cross_attention: only_cross,
+            norm_groups: self.norm_num_groups,
+        }
+    }
+
+    fn resnet_settings(&self) -> ResnetSettings {
+        ResnetSettings {
+            temb_channels: 4 * self.block_out_channels[0],
+            groups: self.norm_num_groups,
+            eps: self.norm_eps,
+        }
+    }
+
+    /// Down block `i`'s config (diffusers `get_down_block`).
+    fn down_block(&self, i: usize) -> DownBlockConfig {
+        let boc = &self.block_out_channels;
+        let out = boc[i];
+        DownBlockConfig {
+            in_channels: if i == 0 { boc[0] } else { boc[i - 1] },
+            out_channels: out,
+            num_layers: self.layers_per_block[i],
+            resnet: self.resnet_settings(),
+            downsample_padding: (i + 1 < boc.len()).then_some(self.downsample_padding),
+            transformer: self.down_has_attention[i]
+                .then(|| self.transformer_spec(out, i, self.only_cross_attention[i])),
+        }
+    }
+
+    /// Up block `i`'s config (diffusers `get_up_block` over the reversed_* lists); it mirrors
+    /// down block `n - 1 - i` (heads, transformer layers, only_cross_attention).
+    fn up_block(&self, i: usize) -> UpBlockConfig {
+        let n = self.block_out_channels.len();
+        let rboc = |k: usize| self.block_out_channels[n - 1 - k];
+        let mirror = n - 1 - i;
+        let out = rboc(i);
+        UpBlockConfig {
+            in_channels: rboc((i + 1).min(n - 1)),
+            prev_output_channels: if i == 0 { rboc(0) } else { rboc(i - 1) },
+            out_channels: out,
+            num_layers: self.layers_per_block[mirror] + 1,
+            resnet: self.resnet_settings(),
+            add_upsample: i + 1 < n,
+            transformer: self.up_has_attention[i]
+                .then(|| self.transformer_spec(out, mirror, self.only_cross_attention[mirror])),
+        }
+    }
+}
+
 impl UNet2DConditionModel {
     pub fn load(gpu: &Gpu, vb: &WeightView<'_>, config: UNetConfig, dtype: DType) -> Result<Self> {
+        let vb = VarBuilder::new(gpu, vb, dtype);
         let c = &config;
-        let boc = &c.block_out_channels;
-        let n = boc.len();
-        let (groups, eps) = (c.norm_num_groups, c.norm_eps);
-        let temb_dim = boc[0] * 4;
-        let spec = |channels: usize, block: usize, only_cross: bool| TransformerSpec {
-            channels,
-            heads: c.num_attention_heads[block],
-            head_dim: channels / c.num_attention_heads[block],
-            layers: c.transformer_layers_per_block[block],
-            cross_attention_dim: c.cross_attention_dim,
-            use_linear_projection: c.use_linear_projection,
-            only_cross_attention: only_cross,
-            norm_groups: groups,
+        let (n, c0) = (c.block_out_channels.len(), c.block_out_channels[0]);
+        let last = c.block_out_channels[n - 1];
+        let temb_dim = 4 * c0;
+        let down_blocks = (0..n)
+            .map(|i| {
+                CrossAttnDownBlock2D::load(vb.pp("down_blocks").pp(&i.to_string()), c.down_block(i))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mid = MidBlockConfig {
+            channels: last,
+            resnet: c.resnet_settings(),
+            transformer: c.transformer_spec(last, n - 1, false),
         };
-
-        let mut down_blocks = Vec::with_capacity(n);
-        let mut out_ch = boc[0];
-        for (i, &block_ch) in boc.iter().enumerate() {
-            let in_ch = out_ch;
-            out_ch = block_ch;
-            let bv = vb.pp("down_blocks").pp(&i.to_string());
-            let mut layers = Vec::new();
-            for j in 0..c.layers_per_block[i] {
-                let cin = if j == 0 { in_ch } else { out_ch };
-                let resnet = ResnetBlock2D::load(
-                    gpu,
-                    &bv.pp("resnets").pp(&j.to_string()),
-                    cin,
-                    out_ch,
-                    Some(temb_dim),
-                    groups,
-                    eps,
-                    dtype,
-                )?;
-                let transformer = if c.down_has_attention[i] {
-                    Some(Transformer2DModel::load(
-                        gpu,
-                        &bv.pp("attentions").pp(&j.to_string()),
-                        spec(out_ch, i, c.only_cross_attention[i]),
-                        dtype,
-                    )?)
-                } else {
-                    None
-                };
-                layers.push(Layer {
-                    resnet,
-                    transformer,
-                });
-            }
-            let downsampler = if i + 1 < n {
-                let p = c.downsample_padding;
-                Some(Conv2d::load(
-                    gpu,
-                    &bv.pp("downsamplers.0.conv"),
-                    out_ch,
-                    out_ch,
-                    3,
-                    2,
-                    p,
-                    dtype,
-                )?)
-            } else {
-                None
-            };
-            down_blocks.push(DownBlock {
-                layers,
-                downsampler,
-            });
-        }
-
-        let last = boc[n - 1];
-        let mv = vb.pp("mid_block");
-        let mid_resnet0 = ResnetBlock2D::load(
-            gpu,
-            &mv.pp("resnets.0"),
-            last,
-            last,
-            Some(temb_dim),
-            groups,
-            eps,
-            dtype,
-        )?;
-        let mid_transformer =
-            Transformer2DModel::load(gpu, &mv.pp("attentions.0"), spec(last, n - 1, false), dtype)?;
-        let mid_resnet1 = ResnetBlock2D::load(
-            gpu,
-            &mv.pp("resnets.1"),
-            last,
-            last,
-            Some(temb_dim),
-            groups,
-            eps,
-            dtype,
-        )?;
-
-        // Up blocks walk the reversed lists (diffusers' reversed_* variables).
-        let rev = |v: &Vec<usize>| v.iter().rev().copied().collect::<Vec<_>>();
-        let (rboc, rlayers) = (rev(boc), rev(&c.layers_per_block));
-        let ronly: Vec<bool> = c.only_cross_attention.iter().rev().copied().collect();
-        let mut up_blocks = Vec::with_capacity(n);
-        let mut out_ch = rboc[0];
-        for i in 0..n {
-            let prev_out = out_ch;
-            out_ch = rboc[i];
-            let in_ch = rboc[(i + 1).min(n - 1)];
-            let block_index = n - 1 - i; // the down block this one mirrors (heads, transformer layers)
-            let bv = vb.pp("up_blocks").pp(&i.to_string());
-            let num_layers = rlayers[i] + 1;
-            let mut layers = Vec::new();
-            for j in 0..num_layers {
-                let skip = if j == num_layers - 1 { in_ch } else { out_ch };
-                let res_in = if j == 0 { prev_out } else { out_ch };
-                let resnet = ResnetBlock2D::load(
-                    gpu,
-                    &bv.pp("resnets").pp(&j.to_string()),
-                    res_in + skip,
-                    out_ch,
-                    Some(temb_dim),
-                    groups,
-                    eps,
-                    dtype,
-                )?;
-                let transformer = if c.up_has_attention[i] {
-                    Some(Transformer2DModel::load(
-                        gpu,
-                        &bv.pp("attentions").pp(&j.to_string()),
-                        spec(out_ch, block_index, ronly[i]),
-                        dtype,
-                    )?)
-                } else {
-                    None
-                };
-                layers.push(Layer {
-                    resnet,
-                    transformer,
-                });
-            }
-            let upsampler = if i + 1 < n {
-                Some(Conv2d::load(
-                    gpu,
-                    &bv.pp("upsamplers.0.conv"),
-                    out_ch,
-                    out_ch,
-                    3,
-                    1,
-                    1,
-                    dtype,
-                )?)
-            } else {
-                None
-            };
-            up_blocks.push(UpBlock { layers, upsampler });
-        }
-
+        let mid_block = UNetMidBlock2DCrossAttn::load(vb.pp("mid_block"), mid)?;
+        let up_blocks = (0..n)
+            .map(|i| CrossAttnUpBlock2D::load(vb.pp("up_blocks").pp(&i.to_string()), c.up_block(i)))
+            .collect::<Result<Vec<_>>>()?;
         Ok(UNet2DConditionModel {
-            time_linear_1: Linear::load(
-                gpu,
-                &vb.pp("time_embedding.linear_1"),
-                boc[0],
-                temb_dim,
-                true,
-                dtype,
-            )?,
+            time_linear_1: Linear::load(vb.pp("time_embedding.linear_1"), c0, temb_dim, true)?,
             time_linear_2: Linear::load(
-                gpu,
-                &vb.pp("time_embedding.linear_2"),
+                vb.pp("time_embedding.linear_2"),
                 temb_dim,
                 temb_dim,
                 true,
-                dtype,
             )?,
-            conv_in: Conv2d::load(
-                gpu,
-                &vb.pp("conv_in"),
-                c.in_channels,
-                boc[0],
-                3,
-                1,
-                1,
-                dtype,
-            )?,
+            conv_in: vb.pp("conv_in").conv3x3(c.in_channels, c0)?,
             down_blocks,
-            mid_resnet0,
-            mid_transformer,
-            mid_resnet1,
+            mid_block,
             up_blocks,
             conv_norm_out: GroupNorm::load(
-                gpu,
-                &vb.pp("conv_norm_out"),
-                groups,
-                boc[0],
-                eps,
-                dtype,
+                vb.pp("conv_norm_out"),
+                c.norm_num_groups,
+                c0,
+                c.norm_eps,
             )?,
-            conv_out: Conv2d::load(
-                gpu,
-                &vb.pp("conv_out"),
-                boc[0],
-                c.out_channels,
-                3,
-                1,
-                1,
-                dtype,
-            )?,
+            conv_out: vb.pp("conv_out").conv3x3(c0, c.out_channels)?,
             config,
             dtype,
         })
@@ -590,30 +442,11 @@ impl UNet2DConditionModel {
         let mut h = self.conv_in.forward(gpu, sample)?; // [B, h, w, C0]
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
-            for layer in &block.layers {
-                h = layer.forward(gpu, &h, temb_silu, context)?; // [B, h, w, C]
-                skips.push(h.clone());
-            }
-            if let Some(down) = &block.downsampler {
-                h = down.forward(gpu, &h)?; // [B, h/2, w/2, C]
-                skips.push(h.clone());
-            }
+            h = block.forward(gpu, h, temb_silu, context, &mut skips)?; // [B, h/2, w/2, C]
         }
-        h = self.mid_resnet0.forward(gpu, &h, Some(temb_silu))?; // [B, h/f, w/f, C_last]
-        h = self.mid_transformer.forward(gpu, &h, context)?; // [B, h/f, w/f, C_last]
-        h = self.mid_resnet1.forward(gpu, &h, Some(temb_silu))?; // [B, h/f, w/f, C_last]
+        h = self.mid_block.forward(gpu, &h, temb_silu, context)?; // [B, h/f, w/f, C_last]
         for block in &self.up_blocks {
-            for layer in &block.layers {
-                let skip = skips
-                    .pop()
-                    .ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
-                // ResnetBlock2D on [h, skip] (channels concatenated, as torch.cat(dim=1)).
-                h = layer.forward_concat(gpu, &h, &skip, temb_silu, context)?; // [B, h, w, C]
-            }
-            if let Some(up) = &block.upsampler {
-                // Upsample2D: nearest 2× then conv, the upsampling done by the conv's loads.
-                h = up.forward_upsampled(gpu, &h)?; // [B, 2h, 2w, C]
-            }
+            h = block.forward(gpu, h, temb_silu, context, &mut skips)?; // [B, 2h, 2w, C]
         }
         let h = self.conv_norm_out.forward(gpu, &h, true)?; // [B, h, w, C0]
         self.conv_out.forward(gpu, &h) // [B, h, w, C_out]

@@ -3,11 +3,10 @@
 
 use serde_json::Value;
 
-use crate::kernels::tiling;
-use crate::models::blocks::{ResnetBlock2D, VaeAttention};
+use crate::models::blocks::{ResnetBlock2D, ResnetBlock2DConfig, VaeAttention};
 use crate::models::config::Config;
-use crate::nn::{Conv2d, GroupNorm};
-use crate::runtime::tensor::bucket_size;
+pub use crate::models::vae_tiling::{ActivationBytes, TileConfig, VaeTiling};
+use crate::nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use crate::weights::WeightView;
 use crate::{DType, Error, Gpu, Result, Tensor};
 
@@ -85,289 +84,61 @@ impl VaeConfig {
     }
 }
 
-/// Which path `decode_with` / `encode_moments_with` take (`ldm generate --vae-tiling`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum VaeTiling {
-    /// Untiled unless an activation would exceed the device's binding limits or the activations
-    /// the memory budget; then tiles of the config's size (halved until one fits).
-    #[default]
-    Auto,
-    /// diffusers' `enable_tiling()`: tile whenever the input is larger than one tile.
-    On,
-    /// Never tile.
-    Off,
-}
-
-impl std::str::FromStr for VaeTiling {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(VaeTiling::Auto),
-            "on" => Ok(VaeTiling::On),
-            "off" => Ok(VaeTiling::Off),
-            other => Err(Error::InvalidInput(format!(
-                "--vae-tiling `{other}` (auto, on or off)"
-            ))),
-        }
-    }
-}
-
-/// Tile settings of diffusers' tiled VAE (`AutoencoderKL.__init__`: `tile_sample_min_size`,
-/// `tile_latent_min_size = tile_sample_min_size / 2^(len(block_out_channels) - 1)`,
-/// `tile_overlap_factor`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct TileConfig {
-    /// Tile side in pixels (diffusers `tile_sample_min_size`; default the config's `sample_size`).
-    pub tile_sample_size: usize,
-    /// Share of a tile overlapping its neighbour (diffusers `tile_overlap_factor`, 0.25).
-    pub overlap_factor: f64,
-}
-
-impl TileConfig {
-    /// diffusers' defaults for this VAE.
-    pub fn from_config(config: &VaeConfig) -> Self {
-        TileConfig {
-            tile_sample_size: config.sample_size,
-            overlap_factor: 0.25,
-        }
-    }
-}
-
-/// Smallest tile side, in latents, that the automatic choice tries (halving from the default).
-const MIN_TILE_LATENT: usize = 4;
-
-/// One tiled pass in diffusers' integer arithmetic. Decode: the input is latents, tiles of
-/// `tile_latent_min_size` start every `overlap_size = int(tile_latent · (1 - overlap))` latents,
-/// `blend_extent = int(tile_sample · overlap)` and `row_limit = tile_sample - blend_extent` are
-/// in pixels. Encode: the roles of pixels and latents swap.
-#[derive(Clone, Copy, Debug)]
-struct TileGeometry {
-    /// Tile side in the input.
-    tile: usize,
-    /// Step between tile origins in the input (diffusers `overlap_size`).
-    stride: usize,
-    /// Output size of a tile of input size n: n · up / down.
-    up: usize,
-    down: usize,
-    blend_extent: usize,
-    row_limit: usize,
-}
-
-/// One row (or column) of tiles: where it starts in the input, its sizes, where its kept part
-/// lands in the output.
-#[derive(Clone, Copy, Debug)]
-struct Span {
-    start: usize,
-    len: usize,
-    out_len: usize,
-    offset: usize,
-}
-
-impl TileGeometry {
-    fn check_settings(tile: &TileConfig, f: usize) -> Result<(usize, usize)> {
-        let (ts, o) = (tile.tile_sample_size, tile.overlap_factor);
-        if ts == 0 || !ts.is_multiple_of(f) || !(0.0..1.0).contains(&o) {
-            return Err(Error::InvalidInput(format!(
-                "VAE tiles of {ts} px with overlap {o}: the size must be a positive multiple of {f} \
-                 and the overlap in [0, 1)"
-            )));
-        }
-        Ok((ts, ts / f))
-    }
-
-    /// diffusers `tiled_decode`.
-    fn decode(tile: &TileConfig, f: usize) -> Result<Self> {
-        let (ts, tl) = Self::check_settings(tile, f)?;
-        let o = tile.overlap_factor;
-        let stride = (tl as f64 * (1.0 - o)) as usize;
-        let blend_extent = (ts as f64 * o) as usize;
-        let g = TileGeometry {
-            tile: tl,
-            stride,
-            up: f,
-            down: 1,
-            blend_extent,
-            row_limit: ts - blend_extent,
-        };
-        g.check_consistent(tile)
-    }
-
-    /// diffusers `_tiled_encode`.
-    fn encode(tile: &TileConfig, f: usize) -> Result<Self> {
-        let (ts, tl) = Self::check_settings(tile, f)?;
-        let o = tile.overlap_factor;
-        let stride = (ts as f64 * (1.0 - o)) as usize;
-        let blend_extent = (tl as f64 * o) as usize;
-        let g = TileGeometry {
-            tile: ts,
-            stride,
-            up: 1,
-            down: f,
-            blend_extent,
-            row_limit: tl - blend_extent,
-        };
-        g.check_consistent(tile)
-    }
-
-    /// diffusers concatenates the kept windows without checking that they tile the output: the
-    /// step between tiles in output units must equal `row_limit`, or the result has gaps or
-    /// repeats (and the wrong size). Holds when `tile_latent · overlap` is an integer.
-    fn check_consistent(self, tile: &TileConfig) -> Result<Self> {
-        if self.stride == 0
-            || !(self.stride * self.up).is_multiple_of(self.down)
-            || self.stride * self.up / self.down != self.row_limit
-        {
-            return Err(Error::InvalidInput(format!(
-                "VAE tiles of {} px with overlap {}: tile origins {} apart do not match the kept \
-                 width {} (pick a tile size whose latent side times the overlap is an integer)",
-                tile.tile_sample_size, tile.overlap_factor, self.stride, self.row_limit
-            )));
-        }
-        Ok(self)
-    }
-
-    /// `for i in range(0, n, overlap_size)`, each tile clipped to the input as slicing does.
-    fn spans(&self, n: usize) -> (Vec<Span>, usize) {
-        let mut offset = 0;
-        let spans = (0..n)
-            .step_by(self.stride)
-            .map(|start| {
-                let len = self.tile.min(n - start);
-                let out_len = len * self.up / self.down;
-                let s = Span {
-                    start,
-                    len,
-                    out_len,
-                    offset,
-                };
-                offset += self.row_limit.min(out_len);
-                s
-            })
-            .collect();
-        (spans, offset)
-    }
-}
-
-/// Activation memory of one encoder or decoder forward, counted from the block structure (each
-/// tensor rounded to the pool's buffer granule); weights are not included.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ActivationBytes {
-    /// The largest single tensor: it has to fit one storage binding.
-    pub largest: u64,
-    /// The most bytes alive at once (inputs, tensors held for residuals, outputs).
-    pub peak: u64,
-}
-
-/// Walks a forward pass noting the tensors alive at each step.
-struct Tally {
-    batch: usize,
-    elem: usize,
-    bytes: ActivationBytes,
-}
-
-impl Tally {
-    fn new(batch: usize, dtype: DType) -> Self {
-        Tally {
-            batch,
-            elem: dtype.size(),
-            bytes: ActivationBytes::default(),
-        }
-    }
-
-    fn t(&self, h: usize, w: usize, c: usize) -> u64 {
-        bucket_size((self.batch * h * w * c * self.elem) as u64)
-    }
-
-    fn live(&mut self, tensors: &[u64]) {
-        let b = &mut self.bytes;
-        b.largest = b.largest.max(tensors.iter().copied().max().unwrap_or(0));
-        b.peak = b.peak.max(tensors.iter().sum());
-    }
-
-    /// `ResnetBlock2D.forward` (blocks.rs) keeps its input, both norms, conv1, the shortcut and
-    /// the output alive until it returns (shadowed `let`s are not dropped).
-    fn resnet(&mut self, held: u64, (h, w): (usize, usize), cin: usize, cout: usize) {
-        let (i, o) = (self.t(h, w, cin), self.t(h, w, cout));
-        let shortcut = if cin != cout { o } else { 0 };
-        self.live(&[held, i, i, o, o, shortcut, o]);
-    }
-
-    /// `MidBlock.forward`; the caller holds the block's input throughout.
-    /// `unfused`: the attention materialises its [B, N, N] scores (see `VaeAttention`).
-    fn mid(&mut self, held: u64, hw: (usize, usize), c: usize, attention: bool, unfused: bool) {
-        let x = self.t(hw.0, hw.1, c);
-        self.resnet(held, hw, c, c);
-        if attention && unfused {
-            // block input, resnet output, group norm, v, scores and probabilities
-            let n = hw.0 * hw.1;
-            let scores = self.t(n, n, 1);
-            self.live(&[held, x, x, x, x, scores, scores]);
-        } else if attention {
-            // block input, resnet output, group norm, fused qkv, attention, projected output
-            let qkv = self.t(hw.0, hw.1, 3 * c);
-            self.live(&[held, x, x, x, qkv, x, x]);
-        }
-        self.resnet(held + x, hw, c, c);
-    }
-}
-
 /// diffusers `UNetMidBlock2D` as the autoencoder uses it: resnet, attention, resnet.
-struct MidBlock {
+struct UNetMidBlock2D {
     resnet0: ResnetBlock2D,
     attention: Option<VaeAttention>,
     resnet1: ResnetBlock2D,
 }
 
-impl MidBlock {
-    fn load(
-        gpu: &Gpu,
-        vb: &WeightView<'_>,
-        c: usize,
-        groups: usize,
-        attn: bool,
-        dtype: DType,
-    ) -> Result<Self> {
-        Ok(MidBlock {
-            resnet0: ResnetBlock2D::load(
-                gpu,
-                &vb.pp("resnets.0"),
+/// A VAE resnet (no time embedding, eps 1e-6).
+fn vae_resnet(
+    vb: VarBuilder<'_>,
+    c_in: usize,
+    c_out: usize,
+    groups: usize,
+) -> Result<ResnetBlock2D> {
+    let cfg = ResnetBlock2DConfig {
+        c_in,
+        c_out,
+        temb_channels: None,
+        groups,
+        eps: VAE_EPS,
+    };
+    ResnetBlock2D::load(vb, cfg)
+}
+
+impl UNetMidBlock2D {
+    fn load(vb: VarBuilder<'_>, c: usize, groups: usize, attn: bool) -> Result<Self> {
+        let attention = if attn {
+            Some(VaeAttention::load(
+                vb.pp("attentions.0"),
                 c,
-                c,
-                None,
                 groups,
                 VAE_EPS,
-                dtype,
-            )?,
-            attention: if attn {
-                Some(VaeAttention::load(
-                    gpu,
-                    &vb.pp("attentions.0"),
-                    c,
-                    groups,
-                    VAE_EPS,
-                    dtype,
-                )?)
-            } else {
-                None
-            },
-            resnet1: ResnetBlock2D::load(
-                gpu,
-                &vb.pp("resnets.1"),
-                c,
-                c,
-                None,
-                groups,
-                VAE_EPS,
-                dtype,
-            )?,
+            )?)
+        } else {
+            None
+        };
+        Ok(UNetMidBlock2D {
+            resnet0: vae_resnet(vb.pp("resnets.0"), c, c, groups)?,
+            attention,
+            resnet1: vae_resnet(vb.pp("resnets.1"), c, c, groups)?,
         })
     }
+
+    /// True when the attention materialises its [B, N, N] scores (see the tiling planner).
+    fn attention_unfused(&self) -> bool {
+        self.attention.as_ref().is_some_and(|a| a.is_unfused())
+    }
+
+    /// x: [B, h, w, C] -> [B, h, w, C].
     fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
         let mut h = self.resnet0.forward(gpu, x, None)?; // [B, h, w, C]
         if let Some(a) = &self.attention {
             h = a.forward(gpu, &h)?; // [B, h, w, C]
         }
-        self.resnet1.forward(gpu, &h, None)
+        self.resnet1.forward(gpu, &h, None) // [B, h, w, C]
     }
 }
 
@@ -378,29 +149,190 @@ struct ResampleBlock {
     resample: Option<Conv2d>,
 }
 
+impl ResampleBlock {
+    fn load_resnets(
+        vb: &VarBuilder<'_>,
+        n: usize,
+        (c_in, c_out): (usize, usize),
+        groups: usize,
+    ) -> Result<Vec<ResnetBlock2D>> {
+        let rv = vb.pp("resnets");
+        (0..n)
+            .map(|j| {
+                vae_resnet(
+                    rv.pp(&j.to_string()),
+                    if j == 0 { c_in } else { c_out },
+                    c_out,
+                    groups,
+                )
+            })
+            .collect()
+    }
+
+    /// diffusers `DownEncoderBlock2D`; `downsample`: end with Downsample2D
+    /// (F.pad(x, (0, 1, 0, 1)) then conv 3×3 stride 2 padding 0).
+    fn load_down(
+        vb: VarBuilder<'_>,
+        chans: (usize, usize),
+        c: &VaeConfig,
+        downsample: bool,
+    ) -> Result<Self> {
+        let out = chans.1;
+        let resnets = Self::load_resnets(&vb, c.layers_per_block, chans, c.norm_num_groups)?;
+        let resample = if downsample {
+            let cfg = Conv2dConfig {
+                cin: out,
+                cout: out,
+                kernel: 3,
+                stride: 2,
+                padding: 0,
+            };
+            Some(Conv2d::load(vb.pp("downsamplers.0.conv"), cfg)?.with_pads([0, 1, 0, 1]))
+        } else {
+            None
+        };
+        Ok(ResampleBlock { resnets, resample })
+    }
+
+    /// diffusers `UpDecoderBlock2D`; `upsample`: end with Upsample2D (nearest 2× then conv).
+    fn load_up(
+        vb: VarBuilder<'_>,
+        chans: (usize, usize),
+        c: &VaeConfig,
+        upsample: bool,
+    ) -> Result<Self> {
+        let out = chans.1;
+        let resnets = Self::load_resnets(&vb, c.layers_per_block + 1, chans, c.norm_num_groups)?;
+        let resample = if upsample {
+            Some(vb.pp("upsamplers.0.conv").conv3x3(out, out)?)
+        } else {
+            None
+        };
+        Ok(ResampleBlock { resnets, resample })
+    }
+
+    /// x: [B, h, w, Cin] -> [B, h/2, w/2, Cout] (down) or [B, 2h, 2w, Cout] (up).
+    fn forward(&self, gpu: &Gpu, mut h: Tensor, up: bool) -> Result<Tensor> {
+        for r in &self.resnets {
+            h = r.forward(gpu, &h, None)?; // [B, h, w, Cout]
+        }
+        match &self.resample {
+            // Upsample2D: nearest 2× then conv, the upsampling done by the conv's loads.
+            Some(conv) if up => conv.forward_upsampled(gpu, &h), // [B, 2h, 2w, Cout]
+            Some(conv) => conv.forward(gpu, &h),                 // [B, h/2, w/2, Cout]
+            None => Ok(h),
+        }
+    }
+}
+
+/// diffusers `Encoder` (vae.py): conv_in, DownEncoderBlock2Ds, UNetMidBlock2D, norm, conv_out
+/// to the 2·latent moments.
 pub struct Encoder {
     conv_in: Conv2d,
     down_blocks: Vec<ResampleBlock>,
-    mid_block: MidBlock,
+    mid_block: UNetMidBlock2D,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
 }
 
+impl Encoder {
+    fn load(vb: VarBuilder<'_>, c: &VaeConfig) -> Result<Self> {
+        let boc = &c.block_out_channels;
+        let (g, last) = (c.norm_num_groups, boc[boc.len() - 1]);
+        let bv = vb.pp("down_blocks");
+        let down_blocks = (0..boc.len())
+            .map(|i| {
+                let chans = (if i == 0 { boc[0] } else { boc[i - 1] }, boc[i]);
+                ResampleBlock::load_down(bv.pp(&i.to_string()), chans, c, i + 1 < boc.len())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mid_block =
+            UNetMidBlock2D::load(vb.pp("mid_block"), last, g, c.mid_block_add_attention)?;
+        Ok(Encoder {
+            conv_in: vb.pp("conv_in").conv3x3(c.in_channels, boc[0])?,
+            down_blocks,
+            mid_block,
+            conv_norm_out: GroupNorm::load(vb.pp("conv_norm_out"), g, last, VAE_EPS)?,
+            conv_out: vb.pp("conv_out").conv3x3(last, 2 * c.latent_channels)?,
+        })
+    }
+
+    /// True when the mid-block attention materialises its scores.
+    pub(crate) fn attention_unfused(&self) -> bool {
+        self.mid_block.attention_unfused()
+    }
+
+    /// image [B, H, W, 3] -> [B, H/f, W/f, 2L].
+    fn forward(&self, gpu: &Gpu, image: &Tensor) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(gpu, image)?; // [B, H, W, C0]
+        for block in &self.down_blocks {
+            h = block.forward(gpu, h, false)?; // [B, H/2, W/2, C]
+        }
+        h = self.mid_block.forward(gpu, &h)?; // [B, H/f, W/f, C_last]
+        h = self.conv_norm_out.forward(gpu, &h, true)?; // [B, H/f, W/f, C_last]
+        self.conv_out.forward(gpu, &h) // [B, H/f, W/f, 2L]
+    }
+}
+
+/// diffusers `Decoder` (vae.py): conv_in, UNetMidBlock2D, UpDecoderBlock2Ds, norm, conv_out.
 pub struct Decoder {
     conv_in: Conv2d,
-    mid_block: MidBlock,
+    mid_block: UNetMidBlock2D,
     up_blocks: Vec<ResampleBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
 }
 
+impl Decoder {
+    fn load(vb: VarBuilder<'_>, c: &VaeConfig) -> Result<Self> {
+        let boc = &c.block_out_channels;
+        let n = boc.len();
+        let (g, last) = (c.norm_num_groups, boc[n - 1]);
+        let reversed = |k: usize| boc[n - 1 - k];
+        let bv = vb.pp("up_blocks");
+        let up_blocks = (0..n)
+            .map(|i| {
+                let chans = (if i == 0 { last } else { reversed(i - 1) }, reversed(i));
+                ResampleBlock::load_up(bv.pp(&i.to_string()), chans, c, i + 1 < n)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mid_block =
+            UNetMidBlock2D::load(vb.pp("mid_block"), last, g, c.mid_block_add_attention)?;
+        Ok(Decoder {
+            conv_in: vb.pp("conv_in").conv3x3(c.latent_channels, last)?,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNorm::load(vb.pp("conv_norm_out"), g, boc[0], VAE_EPS)?,
+            conv_out: vb.pp("conv_out").conv3x3(boc[0], c.out_channels)?,
+        })
+    }
+
+    /// True when the mid-block attention materialises its scores.
+    pub(crate) fn attention_unfused(&self) -> bool {
+        self.mid_block.attention_unfused()
+    }
+
+    /// z: [B, h, w, L] (after post_quant_conv, dropped once read) -> [B, H, W, 3].
+    fn forward(&self, gpu: &Gpu, z: Tensor) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(gpu, &z)?; // [B, h, w, C_last]
+        drop(z);
+        h = self.mid_block.forward(gpu, &h)?; // [B, h, w, C_last]
+        for block in &self.up_blocks {
+            h = block.forward(gpu, h, true)?; // [B, 2h, 2w, C]
+        }
+        h = self.conv_norm_out.forward(gpu, &h, true)?; // [B, H, W, C0]
+        self.conv_out.forward(gpu, &h) // [B, H, W, 3]
+    }
+}
+
+/// diffusers `AutoencoderKL`: encoder, quant_conv, post_quant_conv, decoder.
 pub struct AutoencoderKL {
     pub config: VaeConfig,
     pub dtype: DType,
-    encoder: Option<Encoder>,
-    decoder: Decoder,
-    quant_conv: Option<Conv2d>,
-    post_quant_conv: Option<Conv2d>,
+    pub(crate) encoder: Option<Encoder>,
+    pub(crate) decoder: Decoder,
+    pub(crate) quant_conv: Option<Conv2d>,
+    pub(crate) post_quant_conv: Option<Conv2d>,
     /// Bytes of activations one encode or decode may hold at once (weights excluded); `None`:
     /// only the device's binding limits count. The `_auto` paths tile to stay under it.
     pub memory_budget: Option<u64>,
@@ -415,172 +347,30 @@ impl AutoencoderKL {
         dtype: DType,
         with_encoder: bool,
     ) -> Result<Self> {
+        let vb = VarBuilder::new(gpu, vb, dtype);
         let c = &config;
-        let g = c.norm_num_groups;
-        let boc = &c.block_out_channels;
-        if boc.is_empty() {
+        if c.block_out_channels.is_empty() {
             return Err(Error::Unsupported("VAE with no blocks".into()));
         }
-        let last = *boc.last().expect("non-empty");
         let l = c.latent_channels;
-
         let encoder = if with_encoder {
-            let ev = vb.pp("encoder");
-            let mut down_blocks = Vec::new();
-            let mut prev = boc[0];
-            for (i, &out) in boc.iter().enumerate() {
-                let bv = ev.pp("down_blocks").pp(&i.to_string());
-                let mut resnets = Vec::new();
-                for j in 0..c.layers_per_block {
-                    let cin = if j == 0 { prev } else { out };
-                    resnets.push(ResnetBlock2D::load(
-                        gpu,
-                        &bv.pp("resnets").pp(&j.to_string()),
-                        cin,
-                        out,
-                        None,
-                        g,
-                        VAE_EPS,
-                        dtype,
-                    )?);
-                }
-                let resample = if i + 1 < boc.len() {
-                    // F.pad(x, (0, 1, 0, 1)) then conv 3×3 stride 2 padding 0.
-                    Some(
-                        Conv2d::load(gpu, &bv.pp("downsamplers.0.conv"), out, out, 3, 2, 0, dtype)?
-                            .with_pads([0, 1, 0, 1]),
-                    )
-                } else {
-                    None
-                };
-                down_blocks.push(ResampleBlock { resnets, resample });
-                prev = out;
-            }
-            Some(Encoder {
-                conv_in: Conv2d::load(
-                    gpu,
-                    &ev.pp("conv_in"),
-                    c.in_channels,
-                    boc[0],
-                    3,
-                    1,
-                    1,
-                    dtype,
-                )?,
-                down_blocks,
-                mid_block: MidBlock::load(
-                    gpu,
-                    &ev.pp("mid_block"),
-                    last,
-                    g,
-                    c.mid_block_add_attention,
-                    dtype,
-                )?,
-                conv_norm_out: GroupNorm::load(
-                    gpu,
-                    &ev.pp("conv_norm_out"),
-                    g,
-                    last,
-                    VAE_EPS,
-                    dtype,
-                )?,
-                conv_out: Conv2d::load(gpu, &ev.pp("conv_out"), last, 2 * l, 3, 1, 1, dtype)?,
-            })
+            Some(Encoder::load(vb.pp("encoder"), c)?)
         } else {
             None
         };
-
-        let dv = vb.pp("decoder");
-        let reversed: Vec<usize> = boc.iter().rev().copied().collect();
-        let mut up_blocks = Vec::new();
-        let mut prev = reversed[0];
-        for (i, &out) in reversed.iter().enumerate() {
-            let bv = dv.pp("up_blocks").pp(&i.to_string());
-            let mut resnets = Vec::new();
-            for j in 0..c.layers_per_block + 1 {
-                let cin = if j == 0 { prev } else { out };
-                resnets.push(ResnetBlock2D::load(
-                    gpu,
-                    &bv.pp("resnets").pp(&j.to_string()),
-                    cin,
-                    out,
-                    None,
-                    g,
-                    VAE_EPS,
-                    dtype,
-                )?);
-            }
-            let resample = if i + 1 < reversed.len() {
-                Some(Conv2d::load(
-                    gpu,
-                    &bv.pp("upsamplers.0.conv"),
-                    out,
-                    out,
-                    3,
-                    1,
-                    1,
-                    dtype,
-                )?)
-            } else {
-                None
-            };
-            up_blocks.push(ResampleBlock { resnets, resample });
-            prev = out;
-        }
-        let decoder = Decoder {
-            conv_in: Conv2d::load(gpu, &dv.pp("conv_in"), l, last, 3, 1, 1, dtype)?,
-            mid_block: MidBlock::load(
-                gpu,
-                &dv.pp("mid_block"),
-                last,
-                g,
-                c.mid_block_add_attention,
-                dtype,
-            )?,
-            up_blocks,
-            conv_norm_out: GroupNorm::load(
-                gpu,
-                &dv.pp("conv_norm_out"),
-                g,
-                boc[0],
-                VAE_EPS,
-                dtype,
-            )?,
-            conv_out: Conv2d::load(
-                gpu,
-                &dv.pp("conv_out"),
-                boc[0],
-                c.out_channels,
-                3,
-                1,
-                1,
-                dtype,
-            )?,
-        };
+        let decoder = Decoder::load(vb.pp("decoder"), c)?;
         let quant_conv = if with_encoder && c.use_quant_conv {
             Some(Conv2d::load(
-                gpu,
-                &vb.pp("quant_conv"),
-                2 * l,
-                2 * l,
-                1,
-                1,
-                0,
-                dtype,
+                vb.pp("quant_conv"),
+                Conv2dConfig::k1(2 * l, 2 * l),
             )?)
         } else {
             None
         };
         let post_quant_conv = if c.use_post_quant_conv {
             Some(Conv2d::load(
-                gpu,
-                &vb.pp("post_quant_conv"),
-                l,
-                l,
-                1,
-                1,
-                0,
-                dtype,
+                vb.pp("post_quant_conv"),
+                Conv2dConfig::k1(l, l),
             )?)
         } else {
             None
@@ -612,20 +402,9 @@ impl AutoencoderKL {
                 image.dim(1)
             )));
         }
-        let mut h = enc.conv_in.forward(gpu, image)?; // [B, H, W, C0]
-        for block in &enc.down_blocks {
-            for r in &block.resnets {
-                h = r.forward(gpu, &h, None)?; // [B, h, w, C]
-            }
-            if let Some(down) = &block.resample {
-                h = down.forward(gpu, &h)?; // [B, H/2, W/2, C]
-            }
-        }
-        h = enc.mid_block.forward(gpu, &h)?; // [B, H/f, W/f, C_last]
-        h = enc.conv_norm_out.forward(gpu, &h, true)?; // [B, H/f, W/f, C_last]
-        h = enc.conv_out.forward(gpu, &h)?; // [B, h, w, 2L]
+        let h = enc.forward(gpu, image)?; // [B, H/f, W/f, 2L]
         match &self.quant_conv {
-            Some(q) => q.forward(gpu, &h),
+            Some(q) => q.forward(gpu, &h), // [B, H/f, W/f, 2L]
             None => Ok(h),
         }
     }
@@ -634,351 +413,10 @@ impl AutoencoderKL {
     /// set) by the caller, as the pipeline does before `vae.decode`: [B, h, w, L] -> image
     /// [B, H, W, 3] in about [-1, 1].
     pub fn decode(&self, gpu: &Gpu, z: &Tensor) -> Result<Tensor> {
-        let dec = &self.decoder;
-        let mut h = match &self.post_quant_conv {
+        let h = match &self.post_quant_conv {
             Some(p) => p.forward(gpu, z)?, // [B, h, w, L]
             None => z.clone(),
         };
-        h = dec.conv_in.forward(gpu, &h)?; // [B, h, w, C_last]
-        h = dec.mid_block.forward(gpu, &h)?; // [B, h, w, C_last]
-        for block in &dec.up_blocks {
-            for r in &block.resnets {
-                h = r.forward(gpu, &h, None)?; // [B, h, w, C]
-            }
-            if let Some(up) = &block.resample {
-                // Upsample2D: nearest 2× then conv, the upsampling done by the conv's loads.
-                h = up.forward_upsampled(gpu, &h)?; // [B, 2h, 2w, C]
-            }
-        }
-        h = dec.conv_norm_out.forward(gpu, &h, true)?; // [B, H, W, C0]
-        dec.conv_out.forward(gpu, &h) // [B, H, W, 3]
-    }
-}
-
-// ------------------------------------------------------------------------------------ tiling
-
-/// `[B, H, W, C]` of a rank-4 shape.
-fn dims4(op: &str, shape: &[usize]) -> Result<[usize; 4]> {
-    match *shape {
-        [b, h, w, c] => Ok([b, h, w, c]),
-        _ => Err(Error::shape(op, format!("{shape:?} must be [B, H, W, C]"))),
-    }
-}
-
-impl AutoencoderKL {
-    /// Activations of [`decode`](Self::decode) on latents [batch, h, w, L].
-    pub fn decoder_activation_bytes(&self, batch: usize, h: usize, w: usize) -> ActivationBytes {
-        let c = &self.config;
-        let boc = &c.block_out_channels;
-        let last = *boc.last().expect("checked at load");
-        let mut t = Tally::new(batch, self.dtype);
-        let z = t.t(h, w, c.latent_channels); // the caller's latents, held throughout
-        let post_quant = if self.post_quant_conv.is_some() { z } else { 0 };
-        t.live(&[z, post_quant, t.t(h, w, last)]); // conv_in reads the post_quant_conv output
-        let unfused = self
-            .decoder
-            .mid_block
-            .attention
-            .as_ref()
-            .is_some_and(|a| a.is_unfused());
-        t.mid(z, (h, w), last, c.mid_block_add_attention, unfused);
-        let (mut hh, mut ww, mut prev) = (h, w, last);
-        for (i, &out) in boc.iter().rev().enumerate() {
-            for j in 0..c.layers_per_block + 1 {
-                t.resnet(z, (hh, ww), if j == 0 { prev } else { out }, out);
-            }
-            if i + 1 < boc.len() {
-                // Upsample2D: the input and the conv output (the conv reads the input through
-                // the 2× index map, so no upsampled copy exists).
-                let up = t.t(2 * hh, 2 * ww, out);
-                t.live(&[z, t.t(hh, ww, out), up]);
-                (hh, ww) = (2 * hh, 2 * ww);
-            }
-            prev = out;
-        }
-        let full = t.t(hh, ww, boc[0]);
-        t.live(&[z, full, full]); // conv_norm_out
-        t.live(&[z, full, t.t(hh, ww, c.out_channels)]); // conv_out
-        t.bytes
-    }
-
-    /// Activations of [`encode_moments`](Self::encode_moments) on an image [batch, h, w, 3].
-    pub fn encoder_activation_bytes(&self, batch: usize, h: usize, w: usize) -> ActivationBytes {
-        let c = &self.config;
-        let boc = &c.block_out_channels;
-        let last = *boc.last().expect("checked at load");
-        let mut t = Tally::new(batch, self.dtype);
-        let x = t.t(h, w, c.in_channels); // the caller's image, held throughout
-        t.live(&[x, t.t(h, w, boc[0])]); // conv_in
-        let (mut hh, mut ww, mut prev) = (h, w, boc[0]);
-        for (i, &out) in boc.iter().enumerate() {
-            for j in 0..c.layers_per_block {
-                t.resnet(x, (hh, ww), if j == 0 { prev } else { out }, out);
-            }
-            if i + 1 < boc.len() {
-                t.live(&[x, t.t(hh, ww, out), t.t(hh / 2, ww / 2, out)]); // Downsample2D
-                (hh, ww) = (hh / 2, ww / 2);
-            }
-            prev = out;
-        }
-        let unfused = self
-            .encoder
-            .as_ref()
-            .and_then(|e| e.mid_block.attention.as_ref())
-            .is_some_and(|a| a.is_unfused());
-        t.mid(x, (hh, ww), last, c.mid_block_add_attention, unfused);
-        let top = t.t(hh, ww, last);
-        let moments = t.t(hh, ww, 2 * c.latent_channels);
-        t.live(&[x, top, top]); // conv_norm_out
-        t.live(&[x, top, moments]); // conv_out
-        t.live(&[x, moments, moments]); // quant_conv
-        t.bytes
-    }
-
-    /// Activations of a tiled pass: one tile's forward plus what the assembly holds (the whole
-    /// input, the output, and two rows of blended tiles).
-    fn tiled_bytes(&self, geo: &TileGeometry, shape: [usize; 4], decode: bool) -> ActivationBytes {
-        let [b, h, w, c_in] = shape;
-        let (th, tw) = (geo.tile.min(h), geo.tile.min(w));
-        let tile = if decode {
-            self.decoder_activation_bytes(b, th, tw)
-        } else {
-            self.encoder_activation_bytes(b, th, tw)
-        };
-        let c_out = if decode {
-            self.config.out_channels
-        } else {
-            2 * self.config.latent_channels
-        };
-        let t = Tally::new(b, self.dtype);
-        let out = t.t(h * geo.up / geo.down, w * geo.up / geo.down, c_out);
-        let tile_out = t.t(th * geo.up / geo.down, tw * geo.up / geo.down, c_out);
-        let cols = w.div_ceil(geo.stride) as u64;
-        ActivationBytes {
-            largest: tile.largest.max(out),
-            peak: tile.peak + t.t(h, w, c_in) + out + 2 * cols * tile_out,
-        }
-    }
-
-    /// `Ok` when `bytes` fits the device's bindings and the memory budget.
-    fn check_fit(&self, gpu: &Gpu, what: &str, bytes: ActivationBytes) -> Result<()> {
-        let binding = gpu.caps.max_storage_binding.min(gpu.caps.max_buffer);
-        if bytes.largest > binding {
-            return Err(Error::LimitExceeded {
-                what: format!("{what}: largest activation as one storage binding"),
-                requested: bytes.largest,
-                limit: binding,
-                hint: "use a smaller image size or batch, or smaller VAE tiles".into(),
-            });
-        }
-        if let Some(budget) = self.memory_budget {
-            if bytes.peak > budget {
-                return Err(Error::LimitExceeded {
-                    what: format!("{what}: activation memory"),
-                    requested: bytes.peak,
-                    limit: budget,
-                    hint: "raise the VAE memory budget, or use a smaller image size or batch"
-                        .into(),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// The tile the automatic paths use: the config's (diffusers' default), halved until one
-    /// tile's activations fit; `LimitExceeded` when even the smallest does not.
-    fn choose_tile(&self, gpu: &Gpu, shape: [usize; 4], decode: bool) -> Result<TileConfig> {
-        let f = self.config.downscale();
-        let mut tile = TileConfig::from_config(&self.config);
-        let mut last_err = None;
-        while tile.tile_sample_size >= MIN_TILE_LATENT * f {
-            let geo = if decode {
-                TileGeometry::decode(&tile, f)
-            } else {
-                TileGeometry::encode(&tile, f)
-            };
-            if let Ok(geo) = geo {
-                let what = format!(
-                    "VAE {} tile of {} px",
-                    if decode { "decode" } else { "encode" },
-                    tile.tile_sample_size
-                );
-                match self.check_fit(gpu, &what, self.tiled_bytes(&geo, shape, decode)) {
-                    Ok(()) => return Ok(tile),
-                    Err(e) => last_err = Some(e),
-                }
-            }
-            tile.tile_sample_size /= 2;
-        }
-        Err(last_err.unwrap_or_else(|| {
-            Error::Unsupported(format!(
-                "no valid VAE tile size below the config's {} px",
-                self.config.sample_size
-            ))
-        }))
-    }
-
-    /// `None`: run untiled; `Some(tile)`: tiles of that size. `shape` is the input's [B, H, W, C]
-    /// (latents for decode, the image for encode).
-    fn plan(
-        &self,
-        gpu: &Gpu,
-        shape: [usize; 4],
-        mode: VaeTiling,
-        decode: bool,
-    ) -> Result<Option<TileConfig>> {
-        let [b, h, w, _] = shape;
-        let untiled = if decode {
-            self.decoder_activation_bytes(b, h, w)
-        } else {
-            self.encoder_activation_bytes(b, h, w)
-        };
-        let fits = self.check_fit(gpu, "VAE", untiled).is_ok();
-        let default_tile =
-            self.config.sample_size / if decode { self.config.downscale() } else { 1 };
-        let untiled_ok = match mode {
-            VaeTiling::Off => return Ok(None),
-            VaeTiling::Auto => fits,
-            // diffusers `_decode` / `_encode` with `use_tiling`: tile only inputs larger than one tile.
-            VaeTiling::On => fits && h <= default_tile && w <= default_tile,
-        };
-        if untiled_ok {
-            return Ok(None);
-        }
-        self.choose_tile(gpu, shape, decode).map(Some)
-    }
-
-    /// The decode plan for latents of `z_shape` [B, h, w, L] under `mode`.
-    pub fn plan_decode(
-        &self,
-        gpu: &Gpu,
-        z_shape: &[usize],
-        mode: VaeTiling,
-    ) -> Result<Option<TileConfig>> {
-        self.plan(gpu, dims4("vae decode", z_shape)?, mode, true)
-    }
-
-    /// The encode plan for an image of `shape` [B, H, W, 3] under `mode`.
-    pub fn plan_encode(
-        &self,
-        gpu: &Gpu,
-        shape: &[usize],
-        mode: VaeTiling,
-    ) -> Result<Option<TileConfig>> {
-        self.plan(gpu, dims4("vae encode", shape)?, mode, false)
-    }
-
-    /// Cut `x` into overlapping tiles, run `forward` on each, blend and assemble (diffusers'
-    /// loops, with the blending and the concatenation fused into one kernel per tile).
-    fn run_tiled(
-        &self,
-        gpu: &Gpu,
-        x: &Tensor,
-        geo: &TileGeometry,
-        out_channels: usize,
-        forward: &dyn Fn(&Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        let [b, h, w, _] = dims4("vae tiled", x.shape())?;
-        let (rows, out_h) = geo.spans(h);
-        let (cols, out_w) = geo.spans(w);
-        let out = gpu.empty(&[b, out_h, out_w, out_channels], self.dtype)?; // [B, H', W', C']
-        let mut above_row: Vec<Tensor> = Vec::new();
-        for r in &rows {
-            let mut row: Vec<Tensor> = Vec::with_capacity(cols.len());
-            for (j, c) in cols.iter().enumerate() {
-                let input = tiling::crop(gpu, x, r.start, c.start, r.len, c.len)?; // [B, th, tw, C]
-                let tile = forward(&input)?; // [B, th', tw', C']
-                if tile.shape() != [b, r.out_len, c.out_len, out_channels] {
-                    return Err(Error::shape(
-                        "vae tiled",
-                        format!(
-                            "tile output {tile:?} is not [{b}, {}, {}, {out_channels}]",
-                            r.out_len, c.out_len
-                        ),
-                    ));
-                }
-                let blend = tiling::TileBlend {
-                    above: above_row.get(j),
-                    left: row.last(),
-                    blend_extent: geo.blend_extent,
-                    row_limit: geo.row_limit,
-                    origin: [r.offset, c.offset],
-                };
-                tiling::blend_tile_into(gpu, &tile, &blend, &out)?; // tile blended in place
-                row.push(tile);
-            }
-            above_row = row;
-        }
-        Ok(out)
-    }
-
-    /// diffusers `AutoencoderKL.tiled_decode`: latents [B, h, w, L] (scaled as for
-    /// [`decode`](Self::decode)) in overlapping tiles of `tile.tile_sample_size / f` latents,
-    /// each decoded alone and blended with linear ramps into its neighbours -> [B, H, W, 3].
-    /// Differs from an untiled decode near the seams (every tile normalises and attends over
-    /// itself only), as diffusers' does.
-    pub fn decode_tiled(&self, gpu: &Gpu, z: &Tensor, tile: TileConfig) -> Result<Tensor> {
-        let shape = dims4("vae decode", z.shape())?;
-        let geo = TileGeometry::decode(&tile, self.config.downscale())?;
-        let what = format!("VAE decode tile of {} px", tile.tile_sample_size);
-        self.check_fit(gpu, &what, self.tiled_bytes(&geo, shape, true))?;
-        self.run_tiled(gpu, z, &geo, self.config.out_channels, &|t| {
-            self.decode(gpu, t)
-        })
-    }
-
-    /// diffusers `AutoencoderKL._tiled_encode`: the image [B, H, W, 3] in overlapping tiles of
-    /// `tile.tile_sample_size` pixels -> moments [B, H/f, W/f, 2·latent], as
-    /// [`encode_moments`](Self::encode_moments).
-    pub fn encode_moments_tiled(
-        &self,
-        gpu: &Gpu,
-        image: &Tensor,
-        tile: TileConfig,
-    ) -> Result<Tensor> {
-        let shape = dims4("vae encode", image.shape())?;
-        let f = self.config.downscale();
-        if !shape[1].is_multiple_of(f) || !shape[2].is_multiple_of(f) {
-            return Err(Error::InvalidInput(format!(
-                "image size {}×{} is not a multiple of {f}",
-                shape[2], shape[1]
-            )));
-        }
-        let geo = TileGeometry::encode(&tile, f)?;
-        let what = format!("VAE encode tile of {} px", tile.tile_sample_size);
-        self.check_fit(gpu, &what, self.tiled_bytes(&geo, shape, false))?;
-        self.run_tiled(gpu, image, &geo, 2 * self.config.latent_channels, &|t| {
-            self.encode_moments(gpu, t)
-        })
-    }
-
-    /// Decode untiled when the activations fit the device's bindings and the memory budget,
-    /// tiled otherwise (see [`VaeTiling::Auto`]).
-    pub fn decode_auto(&self, gpu: &Gpu, z: &Tensor) -> Result<Tensor> {
-        self.decode_with(gpu, z, VaeTiling::Auto)
-    }
-
-    /// Encode untiled when the activations fit, tiled otherwise.
-    pub fn encode_moments_auto(&self, gpu: &Gpu, image: &Tensor) -> Result<Tensor> {
-        self.encode_moments_with(gpu, image, VaeTiling::Auto)
-    }
-
-    pub fn decode_with(&self, gpu: &Gpu, z: &Tensor, mode: VaeTiling) -> Result<Tensor> {
-        match self.plan_decode(gpu, z.shape(), mode)? {
-            None => self.decode(gpu, z),
-            Some(tile) => self.decode_tiled(gpu, z, tile),
-        }
-    }
-
-    pub fn encode_moments_with(
-        &self,
-        gpu: &Gpu,
-        image: &Tensor,
-        mode: VaeTiling,
-    ) -> Result<Tensor> {
-        match self.plan_encode(gpu, image.shape(), mode)? {
-            None => self.encode_moments(gpu, image),
-            Some(tile) => self.encode_moments_tiled(gpu, image, tile),
-        }
+        self.decoder.forward(gpu, h) // [B, H, W, 3]
     }
 }

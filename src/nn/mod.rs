@@ -17,16 +17,66 @@ pub fn upload_host(gpu: &Gpu, t: &HostTensor<'_>, dtype: DType) -> Result<Tensor
     }
 }
 
-/// Read `name` with `shape` and upload it.
-pub fn load(
-    gpu: &Gpu,
-    vb: &WeightView<'_>,
-    name: &str,
-    shape: &[usize],
+/// The loader context (candle's `VarBuilder`): a [`WeightView`] key path plus the GPU and the
+/// compute dtype every layer needs, so constructors read `Conv2d::load(vb.pp("conv_in"), cfg)`.
+/// A missing or misshapen tensor still fails with its full key.
+#[derive(Clone)]
+pub struct VarBuilder<'a> {
+    view: WeightView<'a>,
+    gpu: &'a Gpu,
     dtype: DType,
-) -> Result<Tensor> {
-    let t = vb.get(name, shape)?;
-    upload_host(gpu, &t, dtype)
+}
+
+impl<'a> VarBuilder<'a> {
+    pub fn new(gpu: &'a Gpu, view: &WeightView<'a>, dtype: DType) -> Self {
+        VarBuilder {
+            view: view.clone(),
+            gpu,
+            dtype,
+        }
+    }
+
+    /// A sub-path: `vb.pp("down_blocks.0").pp("resnets.1")` reads `down_blocks.0.resnets.1.*`.
+    pub fn pp(&self, name: &str) -> VarBuilder<'a> {
+        VarBuilder {
+            view: self.view.pp(name),
+            gpu: self.gpu,
+            dtype: self.dtype,
+        }
+    }
+
+    pub fn gpu(&self) -> &'a Gpu {
+        self.gpu
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The underlying key view, for layers that transform weights on the host.
+    pub fn view(&self) -> &WeightView<'a> {
+        &self.view
+    }
+
+    pub fn prefix(&self) -> &str {
+        self.view.prefix()
+    }
+
+    /// Read `name` with `shape` and upload it in the compute dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.view.get(name, shape)?;
+        upload_host(self.gpu, &t, self.dtype)
+    }
+
+    /// Upload host values computed by the caller (e.g. a rescaled weight) in the compute dtype.
+    pub fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        self.gpu.upload(data, shape, self.dtype)
+    }
+
+    /// The 3×3, stride 1, padding 1 convolution most blocks use.
+    pub fn conv3x3(&self, cin: usize, cout: usize) -> Result<Conv2d> {
+        Conv2d::load(self.clone(), Conv2dConfig::k3(cin, cout))
+    }
 }
 
 /// torch.nn.Linear: y = x·Wᵀ + b, W [out, in].
@@ -36,17 +86,10 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn load(
-        gpu: &Gpu,
-        vb: &WeightView<'_>,
-        d_in: usize,
-        d_out: usize,
-        bias: bool,
-        dtype: DType,
-    ) -> Result<Self> {
-        let weight = load(gpu, vb, "weight", &[d_out, d_in], dtype)?;
+    pub fn load(vb: VarBuilder<'_>, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get("weight", &[d_out, d_in])?;
         let bias = if bias {
-            Some(load(gpu, vb, "bias", &[d_out], dtype)?)
+            Some(vb.get("bias", &[d_out])?)
         } else {
             None
         };
@@ -55,26 +98,27 @@ impl Linear {
 
     /// Several linears applied to the same input fused into one (rows stacked): q, k and v
     /// projections become one [3C, C] matmul that attention reads through strided views.
+    /// `parts` are sub-paths of `vb` (`["to_q", "to_k", "to_v"]`), `d_outs` their widths.
     pub fn load_fused(
-        gpu: &Gpu,
-        views: &[WeightView<'_>],
+        vb: VarBuilder<'_>,
+        parts: &[&str],
         d_in: usize,
         d_outs: &[usize],
         bias: bool,
-        dtype: DType,
     ) -> Result<Self> {
         let mut w: Vec<f32> = Vec::new();
         let mut b: Vec<f32> = Vec::new();
-        for (vb, &d_out) in views.iter().zip(d_outs) {
-            w.extend(vb.get("weight", &[d_out, d_in])?.to_f32_vec());
+        for (part, &d_out) in parts.iter().zip(d_outs) {
+            let pv = vb.view().pp(part);
+            w.extend(pv.get("weight", &[d_out, d_in])?.to_f32_vec());
             if bias {
-                b.extend(vb.get("bias", &[d_out])?.to_f32_vec());
+                b.extend(pv.get("bias", &[d_out])?.to_f32_vec());
             }
         }
         let total: usize = d_outs.iter().sum();
-        let weight = gpu.upload(&w, &[total, d_in], dtype)?;
+        let weight = vb.upload(&w, &[total, d_in])?;
         let bias = if bias {
-            Some(gpu.upload(&b, &[total], dtype)?)
+            Some(vb.upload(&b, &[total])?)
         } else {
             None
         };
@@ -113,6 +157,40 @@ impl Linear {
     }
 }
 
+/// torch.nn.Conv2d's geometry: square kernel, one stride and one padding on every side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dConfig {
+    pub cin: usize,
+    pub cout: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2dConfig {
+    /// 3×3, stride 1, padding 1: shape-preserving.
+    pub fn k3(cin: usize, cout: usize) -> Self {
+        Conv2dConfig {
+            cin,
+            cout,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        }
+    }
+
+    /// 1×1, stride 1, no padding (a per-pixel linear, e.g. `conv_shortcut`).
+    pub fn k1(cin: usize, cout: usize) -> Self {
+        Conv2dConfig {
+            cin,
+            cout,
+            kernel: 1,
+            stride: 1,
+            padding: 0,
+        }
+    }
+}
+
 /// torch.nn.Conv2d on NHWC activations; the weight is reordered to [Cout, kh, kw, Cin] at load.
 pub struct Conv2d {
     pub weight: Tensor,
@@ -123,18 +201,16 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        gpu: &Gpu,
-        vb: &WeightView<'_>,
-        c_in: usize,
-        c_out: usize,
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-        dtype: DType,
-    ) -> Result<Self> {
-        let t = vb.get("weight", &[c_out, c_in, kernel, kernel])?;
+    pub fn load(vb: VarBuilder<'_>, cfg: Conv2dConfig) -> Result<Self> {
+        let Conv2dConfig {
+            cin: c_in,
+            cout: c_out,
+            kernel,
+            stride,
+            padding,
+        } = cfg;
+        let (gpu, dtype) = (vb.gpu(), vb.dtype());
+        let t = vb.view().get("weight", &[c_out, c_in, kernel, kernel])?;
         let ohwi = [c_out, kernel, kernel, c_in];
         // Reordered in the storage dtype: a permutation, no round trip through f32.
         let weight = match dtype {
@@ -147,7 +223,7 @@ impl Conv2d {
                 gpu.upload(&w, &ohwi, dtype)?
             }
         };
-        let bias = match vb.get_opt("bias", &[c_out])? {
+        let bias = match vb.view().get_opt("bias", &[c_out])? {
             Some(b) => Some(upload_host(gpu, &b, dtype)?),
             None => None,
         };
@@ -250,14 +326,7 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
-    pub fn load(
-        gpu: &Gpu,
-        vb: &WeightView<'_>,
-        groups: usize,
-        channels: usize,
-        eps: f32,
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn load(vb: VarBuilder<'_>, groups: usize, channels: usize, eps: f32) -> Result<Self> {
         if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(Error::Unsupported(format!(
                 "GroupNorm `{}`: {channels} channels are not divisible into {groups} groups",
@@ -265,8 +334,8 @@ impl GroupNorm {
             )));
         }
         Ok(GroupNorm {
-            gamma: load(gpu, vb, "weight", &[channels], dtype)?,
-            beta: load(gpu, vb, "bias", &[channels], dtype)?,
+            gamma: vb.get("weight", &[channels])?,
+            beta: vb.get("bias", &[channels])?,
             groups,
             eps,
         })
@@ -302,16 +371,10 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn load(
-        gpu: &Gpu,
-        vb: &WeightView<'_>,
-        channels: usize,
-        eps: f32,
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn load(vb: VarBuilder<'_>, channels: usize, eps: f32) -> Result<Self> {
         Ok(LayerNorm {
-            gamma: load(gpu, vb, "weight", &[channels], dtype)?,
-            beta: load(gpu, vb, "bias", &[channels], dtype)?,
+            gamma: vb.get("weight", &[channels])?,
+            beta: vb.get("bias", &[channels])?,
             eps,
         })
     }
@@ -321,19 +384,31 @@ impl LayerNorm {
     }
 }
 
+/// The geometry of a multi-head attention call: q is [batch, N, heads·head_dim].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Mask future positions (CLIP's text encoder).
+    pub causal: bool,
+}
+
 /// Multi-head attention over [B, N, heads·head_dim] tensors (diffusers' head layout), reading q,
 /// k and v through strided views so a fused QKV projection needs no split.
-#[allow(clippy::too_many_arguments)]
 pub fn multi_head_attention(
     gpu: &Gpu,
     q: HeadsView<'_>,
     k: HeadsView<'_>,
     v: HeadsView<'_>,
-    batch: usize,
-    heads: usize,
-    head_dim: usize,
-    causal: bool,
+    shape: AttentionShape,
 ) -> Result<Tensor> {
+    let AttentionShape {
+        batch,
+        heads,
+        head_dim,
+        causal,
+    } = shape;
     attention::Sdpa {
         q,
         k,

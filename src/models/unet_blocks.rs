@@ -1,0 +1,247 @@
+//! The U-Net's down, mid and up blocks (diffusers models/unets/unet_2d_blocks.py), each a struct
+//! named after its class with `load` (a per-block config) and `forward`. Nothing here assumes
+//! SD 1.5's layout: which levels attend, how many resnets and transformer layers each has, and
+//! whether it resamples all come from the config. Activations NHWC: [B, H, W, C].
+
+use crate::models::blocks::{ResnetBlock2D, ResnetBlock2DConfig};
+use crate::models::transformer::{Transformer2DModel, TransformerSpec};
+use crate::nn::{Conv2d, Conv2dConfig, VarBuilder};
+use crate::{Error, Gpu, Result, Tensor};
+
+/// What every block's resnets share.
+#[derive(Clone, Copy, Debug)]
+pub struct ResnetSettings {
+    pub temb_channels: usize,
+    pub groups: usize,
+    pub eps: f32,
+}
+
+impl ResnetSettings {
+    fn load(&self, vb: VarBuilder<'_>, c_in: usize, c_out: usize) -> Result<ResnetBlock2D> {
+        let cfg = ResnetBlock2DConfig {
+            c_in,
+            c_out,
+            temb_channels: Some(self.temb_channels),
+            groups: self.groups,
+            eps: self.eps,
+        };
+        ResnetBlock2D::load(vb, cfg)
+    }
+}
+
+/// Config of a `DownBlock2D` / `CrossAttnDownBlock2D`.
+#[derive(Clone, Copy, Debug)]
+pub struct DownBlockConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub num_layers: usize,
+    pub resnet: ResnetSettings,
+    /// Some(padding): end with `Downsample2D` (a 3×3 stride-2 conv).
+    pub downsample_padding: Option<usize>,
+    /// Some: `CrossAttnDownBlock2D`, one transformer after each resnet.
+    pub transformer: Option<TransformerSpec>,
+}
+
+/// Config of an `UpBlock2D` / `CrossAttnUpBlock2D`.
+#[derive(Clone, Copy, Debug)]
+pub struct UpBlockConfig {
+    /// Channels of the last skip this block takes (the mirrored down block's input).
+    pub in_channels: usize,
+    /// Channels of the hidden state coming from the block below.
+    pub prev_output_channels: usize,
+    pub out_channels: usize,
+    pub num_layers: usize,
+    pub resnet: ResnetSettings,
+    /// End with `Upsample2D` (nearest 2× then a 3×3 conv).
+    pub add_upsample: bool,
+    /// Some: `CrossAttnUpBlock2D`, one transformer after each resnet.
+    pub transformer: Option<TransformerSpec>,
+}
+
+/// Config of `UNetMidBlock2DCrossAttn` (num_layers 1: resnet, transformer, resnet).
+#[derive(Clone, Copy, Debug)]
+pub struct MidBlockConfig {
+    pub channels: usize,
+    pub resnet: ResnetSettings,
+    pub transformer: TransformerSpec,
+}
+
+fn load_transformers(
+    vb: &VarBuilder<'_>,
+    spec: Option<TransformerSpec>,
+    n: usize,
+) -> Result<Vec<Transformer2DModel>> {
+    let Some(spec) = spec else {
+        return Ok(Vec::new());
+    };
+    let av = vb.pp("attentions");
+    (0..n)
+        .map(|j| Transformer2DModel::load(av.pp(&j.to_string()), spec))
+        .collect()
+}
+
+/// diffusers `DownBlock2D` (no `attentions`) and `CrossAttnDownBlock2D` (a Transformer2DModel
+/// after each resnet): the two differ only in whether `attentions` is empty.
+pub struct CrossAttnDownBlock2D {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    /// Downsample2D's conv (stride 2).
+    downsampler: Option<Conv2d>,
+}
+
+/// diffusers `DownBlock2D`: a [`CrossAttnDownBlock2D`] without attentions.
+pub type DownBlock2D = CrossAttnDownBlock2D;
+
+impl CrossAttnDownBlock2D {
+    pub fn load(vb: VarBuilder<'_>, cfg: DownBlockConfig) -> Result<Self> {
+        let (cin, cout) = (cfg.in_channels, cfg.out_channels);
+        let rv = vb.pp("resnets");
+        let resnets = (0..cfg.num_layers)
+            .map(|j| {
+                let c_in = if j == 0 { cin } else { cout };
+                cfg.resnet.load(rv.pp(&j.to_string()), c_in, cout)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let attentions = load_transformers(&vb, cfg.transformer, cfg.num_layers)?;
+        let downsampler = match cfg.downsample_padding {
+            Some(padding) => Some(Conv2d::load(
+                vb.pp("downsamplers.0.conv"),
+                Conv2dConfig {
+                    cin: cout,
+                    cout,
+                    kernel: 3,
+                    stride: 2,
+                    padding,
+                },
+            )?),
+            None => None,
+        };
+        Ok(CrossAttnDownBlock2D {
+            resnets,
+            attentions,
+            downsampler,
+        })
+    }
+
+    /// h: [B, H, W, Cin] -> [B, H/2, W/2, Cout] (or [B, H, W, Cout] without downsampler);
+    /// pushes each layer's output (and the downsampled one) onto `skips`.
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        mut h: Tensor,
+        temb_silu: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        for (j, resnet) in self.resnets.iter().enumerate() {
+            h = resnet.forward(gpu, &h, Some(temb_silu))?; // [B, H, W, Cout]
+            if let Some(t) = self.attentions.get(j) {
+                h = t.forward(gpu, &h, context)?; // [B, H, W, Cout]
+            }
+            skips.push(h.clone());
+        }
+        if let Some(down) = &self.downsampler {
+            h = down.forward(gpu, &h)?; // [B, H/2, W/2, Cout]
+            skips.push(h.clone());
+        }
+        Ok(h)
+    }
+}
+
+/// diffusers `UNetMidBlock2DCrossAttn` (num_layers 1): resnet, transformer, resnet.
+pub struct UNetMidBlock2DCrossAttn {
+    resnets: [ResnetBlock2D; 2],
+    attention: Transformer2DModel,
+}
+
+impl UNetMidBlock2DCrossAttn {
+    pub fn load(vb: VarBuilder<'_>, cfg: MidBlockConfig) -> Result<Self> {
+        let c = cfg.channels;
+        let resnet0 = cfg.resnet.load(vb.pp("resnets.0"), c, c)?;
+        let attention = Transformer2DModel::load(vb.pp("attentions.0"), cfg.transformer)?;
+        let resnet1 = cfg.resnet.load(vb.pp("resnets.1"), c, c)?;
+        Ok(UNetMidBlock2DCrossAttn {
+            resnets: [resnet0, resnet1],
+            attention,
+        })
+    }
+
+    /// h: [B, H, W, C] -> [B, H, W, C].
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        h: &Tensor,
+        temb_silu: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let h = self.resnets[0].forward(gpu, h, Some(temb_silu))?; // [B, H, W, C]
+        let h = self.attention.forward(gpu, &h, context)?; // [B, H, W, C]
+        self.resnets[1].forward(gpu, &h, Some(temb_silu)) // [B, H, W, C]
+    }
+}
+
+/// diffusers `UpBlock2D` (no `attentions`) and `CrossAttnUpBlock2D`: each resnet takes
+/// `torch.cat([h, skip], dim=1)`, the concatenation never written.
+pub struct CrossAttnUpBlock2D {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    /// Upsample2D's conv, the nearest 2× folded into its loads.
+    upsampler: Option<Conv2d>,
+}
+
+/// diffusers `UpBlock2D`: a [`CrossAttnUpBlock2D`] without attentions.
+pub type UpBlock2D = CrossAttnUpBlock2D;
+
+impl CrossAttnUpBlock2D {
+    pub fn load(vb: VarBuilder<'_>, cfg: UpBlockConfig) -> Result<Self> {
+        let (n, cout) = (cfg.num_layers, cfg.out_channels);
+        let rv = vb.pp("resnets");
+        let resnets = (0..n)
+            .map(|j| {
+                let skip = if j == n - 1 { cfg.in_channels } else { cout };
+                let res_in = if j == 0 {
+                    cfg.prev_output_channels
+                } else {
+                    cout
+                };
+                cfg.resnet.load(rv.pp(&j.to_string()), res_in + skip, cout)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let attentions = load_transformers(&vb, cfg.transformer, n)?;
+        let upsampler = if cfg.add_upsample {
+            Some(vb.pp("upsamplers.0.conv").conv3x3(cout, cout)?)
+        } else {
+            None
+        };
+        Ok(CrossAttnUpBlock2D {
+            resnets,
+            attentions,
+            upsampler,
+        })
+    }
+
+    /// h: [B, H, W, Cprev] -> [B, 2H, 2W, Cout] (or [B, H, W, Cout] without upsampler); pops one
+    /// skip per resnet from `skips`.
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        mut h: Tensor,
+        temb_silu: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        for (j, resnet) in self.resnets.iter().enumerate() {
+            let skip = skips
+                .pop()
+                .ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
+            h = resnet.forward_concat(gpu, &h, &skip, Some(temb_silu))?; // [B, H, W, Cout]
+            if let Some(t) = self.attentions.get(j) {
+                h = t.forward(gpu, &h, context)?; // [B, H, W, Cout]
+            }
+        }
+        if let Some(up) = &self.upsampler {
+            h = up.forward_upsampled(gpu, &h)?; // [B, 2H, 2W, Cout]
+        }
+        Ok(h)
+    }
+}
