@@ -201,6 +201,15 @@ impl GenerateRequest {
     /// images match the requested size. `generate` runs them first; a caller can run them
     /// before loading anything (the CLI does), so a bad request fails in milliseconds.
     pub fn validate(&self) -> Result<()> {
+        if self.prompt_weighting {
+            for (what, text) in [
+                ("prompt", &self.prompt),
+                ("negative prompt", &self.negative_prompt),
+            ] {
+                crate::prompt::check_weights(text)
+                    .map_err(|m| Error::InvalidInput(format!("{what}: {m}")))?;
+            }
+        }
         if self.width == 0
             || self.height == 0
             || !self.width.is_multiple_of(8)

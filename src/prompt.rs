@@ -207,6 +207,27 @@ pub fn parse_attention(text: &str) -> Vec<Piece> {
         .collect()
 }
 
+/// The largest emphasis weight accepted (either sign). A1111 takes any number; beyond this the
+/// weighted rows dominate the chunk mean and f16 activations overflow, so a larger one is almost
+/// certainly a typo (`(word:11)` for `(word:1.1)`) and is refused instead of giving a NaN image.
+pub const MAX_EMPHASIS: f64 = 100.0;
+
+/// Check the emphasis weights of `prompt`: each finite and within ±[`MAX_EMPHASIS`].
+pub fn check_weights(prompt: &str) -> std::result::Result<(), String> {
+    for piece in parse_attention(prompt) {
+        if let Piece::Text(text, w) = piece {
+            let out_of_range = !w.is_finite() || w.abs() > MAX_EMPHASIS;
+            if out_of_range && !text.trim().is_empty() {
+                return Err(format!(
+                    "emphasis weight {w} on `{}` is outside [-{MAX_EMPHASIS}, {MAX_EMPHASIS}]",
+                    text.trim()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// An extra-network tag, `<kind:arg1:arg2...>`, removed from the prompt before encoding.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NetworkTag {
@@ -560,6 +581,15 @@ mod tests {
         assert_eq!(parse_attention("(x:-1)"), vec![t("x", -1.0)]);
         // An unreadable number counts as a plain bracket instead of an error.
         assert!(close(&parse_attention("(x:1.2.3)"), &[t("x", 1.1)]));
+    }
+
+    #[test]
+    fn absurd_weights_are_refused() {
+        assert!(check_weights("a (cat:1.3) [dog] (x:-2)").is_ok());
+        let e = check_weights("a (cat:99999999999999999999) dog").unwrap_err();
+        assert!(e.contains("`cat`"), "{e}");
+        assert!(check_weights("((((((((((((((((((((((((((((((((((((((((((((((((((x)))))))))))))))))))))))))))))))))))))))))))))))))").is_err());
+        assert!(check_weights("(x:100)").is_ok());
     }
 
     #[test]
