@@ -8,9 +8,7 @@ use crate::error::Result;
 
 pub struct Ddim {
     name: String,
-    alphas_cumprod: Vec<f32>,
-    /// alpha_prod before timestep 0: 1 with set_alpha_to_one, else alphas_cumprod[0].
-    final_alpha_cumprod: f64,
+    alphas: AlphaTable,
     timesteps: Vec<f64>,
     /// `num_train_timesteps // num_inference_steps`: DDIM's previous timestep is t - step_ratio.
     step_ratio: i64,
@@ -23,13 +21,8 @@ pub struct Ddim {
 impl Ddim {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
         cfg.reject_nonlinear(true)?;
-        let alphas_cumprod = super::alphas_cumprod(cfg, "linear")?;
+        let alphas = AlphaTable::new(cfg, "linear", true)?;
         let num_train = cfg.usize_or("num_train_timesteps", 1000)?;
-        let final_alpha_cumprod = if cfg.bool_or("set_alpha_to_one", true)? {
-            1.0
-        } else {
-            alphas_cumprod[0] as f64
-        };
         let timesteps = spaced_timesteps(
             cfg.spacing("leading")?,
             num_train,
@@ -39,22 +32,13 @@ impl Ddim {
         )?;
         Ok(Ddim {
             name,
-            alphas_cumprod,
-            final_alpha_cumprod,
+            alphas,
             timesteps,
             step_ratio: (num_train / steps) as i64,
             prediction: cfg.prediction()?,
             eta: 0.0,
             begin: 0,
         })
-    }
-
-    fn alpha_prod(&self, t: i64) -> f64 {
-        if t >= 0 {
-            self.alphas_cumprod[t as usize] as f64
-        } else {
-            self.final_alpha_cumprod
-        }
     }
 }
 
@@ -74,7 +58,8 @@ impl Sampler for Ddim {
     fn step(&mut self, call: usize) -> StepPlan {
         let t = self.timesteps()[call] as i64;
         let prev_t = t - self.step_ratio;
-        let (alpha_prod_t, alpha_prod_prev) = (self.alpha_prod(t), self.alpha_prod(prev_t));
+        let (alpha_prod_t, alpha_prod_prev) =
+            (self.alphas.at(t as f64), self.alphas.at(prev_t as f64));
         let x = Lin::buf(Buf::Latents);
         let (x0, eps) = alpha_x0_eps(self.prediction, &x, &Lin::model(), alpha_prod_t);
         // _get_variance
@@ -94,10 +79,53 @@ impl Sampler for Ddim {
         true
     }
     fn add_noise(&self, call: usize) -> NoiseMix {
-        alpha_add_noise(&self.alphas_cumprod, self.timesteps()[call])
+        self.alphas.add_noise(self.timesteps()[call])
     }
     fn skip_calls(&mut self, calls: usize) {
         self.begin = calls;
+    }
+}
+
+/// `alphas_cumprod` with its value "before timestep 0" (`final_alpha_cumprod`: 1 with
+/// `set_alpha_to_one`, else `alphas_cumprod[0]`): the `alpha_prod_t` lookup of DDIM, PNDM, LCM
+/// and TCD, where a previous timestep below 0 means the end of the schedule.
+pub(crate) struct AlphaTable {
+    pub(crate) alphas_cumprod: Vec<f32>,
+    final_alpha_cumprod: f64,
+}
+
+impl AlphaTable {
+    /// From the config's beta schedule (`default_schedule` where it names none) and its
+    /// `set_alpha_to_one` (the class's `set_alpha_to_one_default` where absent).
+    pub(crate) fn new(
+        cfg: &SchedulerConfig,
+        default_schedule: &str,
+        set_alpha_to_one_default: bool,
+    ) -> Result<Self> {
+        let alphas_cumprod = super::alphas_cumprod(cfg, default_schedule)?;
+        let final_alpha_cumprod = if cfg.bool_or("set_alpha_to_one", set_alpha_to_one_default)? {
+            1.0
+        } else {
+            alphas_cumprod[0] as f64
+        };
+        Ok(AlphaTable {
+            alphas_cumprod,
+            final_alpha_cumprod,
+        })
+    }
+
+    /// `alpha_prod_t`: `alphas_cumprod[t]`, or the final value for t < 0.
+    pub(crate) fn at(&self, t: f64) -> f64 {
+        if t >= 0.0 {
+            self.alphas_cumprod[t as usize] as f64
+        } else {
+            self.final_alpha_cumprod
+        }
+    }
+
+    /// `scheduler.add_noise` at timestep `t`.
+    pub(crate) fn add_noise(&self, t: f64) -> NoiseMix {
+        alpha_add_noise(&self.alphas_cumprod, t)
     }
 }
 

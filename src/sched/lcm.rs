@@ -3,15 +3,14 @@
 //! scalings and re-noises it to the next timestep with fresh noise (none after the last step).
 
 use super::{
-    alpha_x0_eps, ddim::alpha_add_noise, Buf, Lin, NoiseMix, Prediction, Sampler, SchedulerConfig,
+    alpha_x0_eps, ddim::AlphaTable, Buf, Lin, NoiseMix, Prediction, Sampler, SchedulerConfig,
     StepPlan,
 };
 use crate::error::{Error, Result};
 
 pub struct Lcm {
     name: String,
-    alphas_cumprod: Vec<f32>,
-    final_alpha_cumprod: f64,
+    alphas: AlphaTable,
     timesteps: Vec<f64>,
     prediction: Prediction,
     timestep_scaling: f64,
@@ -51,29 +50,14 @@ pub(crate) fn consistency_timesteps(
 impl Lcm {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
         cfg.reject_nonlinear(false)?;
-        let alphas_cumprod = super::alphas_cumprod(cfg, "scaled_linear")?;
-        let final_alpha_cumprod = if cfg.bool_or("set_alpha_to_one", true)? {
-            1.0
-        } else {
-            alphas_cumprod[0] as f64
-        };
         Ok(Lcm {
             name,
-            alphas_cumprod,
-            final_alpha_cumprod,
+            alphas: AlphaTable::new(cfg, "scaled_linear", true)?,
             timesteps: consistency_timesteps(cfg, steps, "LCM")?,
             prediction: cfg.prediction()?,
             timestep_scaling: cfg.f64_or("timestep_scaling", 10.0)?,
             begin: 0,
         })
-    }
-
-    fn alpha_prod(&self, t: f64) -> f64 {
-        if t >= 0.0 {
-            self.alphas_cumprod[t as usize] as f64
-        } else {
-            self.final_alpha_cumprod
-        }
     }
 
     /// `get_scalings_for_boundary_condition_discrete`: (c_skip, c_out), sigma_data = 0.5.
@@ -104,7 +88,7 @@ impl Sampler for Lcm {
         let t = self.timesteps[index];
         let last = index + 1 == self.timesteps.len();
         let prev_t = if last { t } else { self.timesteps[index + 1] };
-        let (alpha_t, alpha_prev) = (self.alpha_prod(t), self.alpha_prod(prev_t));
+        let (alpha_t, alpha_prev) = (self.alphas.at(t), self.alphas.at(prev_t));
         let (c_skip, c_out) = self.boundary_scalings(t);
         let x = Lin::buf(Buf::Latents);
         let (x0, _) = alpha_x0_eps(self.prediction, &x, &Lin::model(), alpha_t);
@@ -117,7 +101,7 @@ impl Sampler for Lcm {
         StepPlan::update_latents(&prev)
     }
     fn add_noise(&self, call: usize) -> NoiseMix {
-        alpha_add_noise(&self.alphas_cumprod, self.timesteps()[call])
+        self.alphas.add_noise(self.timesteps()[call])
     }
     fn skip_calls(&mut self, calls: usize) {
         self.begin = calls;

@@ -3,7 +3,7 @@
 //! model calls: call 1 re-evaluates the first step's target and averages the two outputs
 //! (a Heun-like start), after which Adams-Bashforth combinations of up to 4 stored outputs are used.
 
-use super::ddim::alpha_add_noise;
+use super::ddim::AlphaTable;
 use super::{
     spaced_timesteps, Buf, Lin, NoiseMix, Prediction, Sampler, SchedulerConfig, Spacing, StepPlan,
 };
@@ -11,8 +11,7 @@ use crate::error::{Error, Result};
 
 pub struct Pndm {
     name: String,
-    alphas_cumprod: Vec<f32>,
-    final_alpha_cumprod: f64,
+    alphas: AlphaTable,
     /// plms_timesteps: [t0, t1, t1, t2, ...]; one U-Net call each.
     timesteps: Vec<f64>,
     step_ratio: i64,
@@ -31,13 +30,8 @@ impl Pndm {
                 "PNDM with skip_prk_steps = false (PRK warm-up); SD configs set it to true".into(),
             ));
         }
-        let alphas_cumprod = super::alphas_cumprod(cfg, "linear")?;
+        let alphas = AlphaTable::new(cfg, "linear", false)?;
         let num_train = cfg.usize_or("num_train_timesteps", 1000)?;
-        let final_alpha_cumprod = if cfg.bool_or("set_alpha_to_one", false)? {
-            1.0
-        } else {
-            alphas_cumprod[0] as f64
-        };
         let spacing = cfg.spacing("leading")?;
         let offset = cfg.usize_or("steps_offset", 0)?;
         // Ascending `_timesteps`.
@@ -61,8 +55,7 @@ impl Pndm {
         base.reverse();
         Ok(Pndm {
             name,
-            alphas_cumprod,
-            final_alpha_cumprod,
+            alphas,
             timesteps: base,
             step_ratio: (num_train / steps) as i64,
             prediction: cfg.prediction()?,
@@ -71,17 +64,10 @@ impl Pndm {
         })
     }
 
-    fn alpha_prod(&self, t: i64) -> f64 {
-        if t >= 0 {
-            self.alphas_cumprod[t as usize] as f64
-        } else {
-            self.final_alpha_cumprod
-        }
-    }
-
     /// `_get_prev_sample` (formula (9) of the PNDM paper), linear in sample and model output.
     fn prev_sample(&self, sample: Lin, model_output: Lin, t: i64, prev_t: i64) -> Lin {
-        let (alpha_prod_t, alpha_prod_prev) = (self.alpha_prod(t), self.alpha_prod(prev_t));
+        let (alpha_prod_t, alpha_prod_prev) =
+            (self.alphas.at(t as f64), self.alphas.at(prev_t as f64));
         let (beta_prod_t, beta_prod_prev) = (1.0 - alpha_prod_t, 1.0 - alpha_prod_prev);
         let model_output = match self.prediction {
             Prediction::VPrediction => {
@@ -159,7 +145,7 @@ impl Sampler for Pndm {
         }
     }
     fn add_noise(&self, call: usize) -> NoiseMix {
-        alpha_add_noise(&self.alphas_cumprod, self.timesteps()[call])
+        self.alphas.add_noise(self.timesteps()[call])
     }
     fn skip_calls(&mut self, calls: usize) {
         self.begin = calls;

@@ -4,15 +4,14 @@
 
 use super::lcm::consistency_timesteps;
 use super::{
-    alpha_x0_eps, ddim::alpha_add_noise, Buf, Lin, NoiseMix, Prediction, Sampler, SchedulerConfig,
+    alpha_x0_eps, ddim::AlphaTable, Buf, Lin, NoiseMix, Prediction, Sampler, SchedulerConfig,
     StepPlan,
 };
 use crate::error::Result;
 
 pub struct Tcd {
     name: String,
-    alphas_cumprod: Vec<f32>,
-    final_alpha_cumprod: f64,
+    alphas: AlphaTable,
     timesteps: Vec<f64>,
     prediction: Prediction,
     gamma: f64,
@@ -22,29 +21,14 @@ pub struct Tcd {
 impl Tcd {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
         cfg.reject_nonlinear(false)?;
-        let alphas_cumprod = super::alphas_cumprod(cfg, "scaled_linear")?;
-        let final_alpha_cumprod = if cfg.bool_or("set_alpha_to_one", true)? {
-            1.0
-        } else {
-            alphas_cumprod[0] as f64
-        };
         Ok(Tcd {
             name,
-            alphas_cumprod,
-            final_alpha_cumprod,
+            alphas: AlphaTable::new(cfg, "scaled_linear", true)?,
             timesteps: consistency_timesteps(cfg, steps, "TCD")?,
             prediction: cfg.prediction()?,
             gamma: 0.0,
             begin: 0,
         })
-    }
-
-    fn alpha_prod(&self, t: f64) -> f64 {
-        if t >= 0.0 {
-            self.alphas_cumprod[t as usize] as f64
-        } else {
-            self.final_alpha_cumprod
-        }
     }
 }
 
@@ -68,11 +52,8 @@ impl Sampler for Tcd {
         let prev_t = if last { 0.0 } else { self.timesteps[index + 1] };
         // torch: floor((1 - eta) * prev_timestep) on a float32 tensor.
         let s = ((1.0 - self.gamma) as f32 * prev_t as f32).floor() as f64;
-        let (alpha_t, alpha_prev, alpha_s) = (
-            self.alpha_prod(t),
-            self.alpha_prod(prev_t),
-            self.alpha_prod(s),
-        );
+        let (alpha_t, alpha_prev, alpha_s) =
+            (self.alphas.at(t), self.alphas.at(prev_t), self.alphas.at(s));
         let x = Lin::buf(Buf::Latents);
         let (x0, eps) = alpha_x0_eps(self.prediction, &x, &Lin::model(), alpha_t);
         let noised = x0 * alpha_s.sqrt() + eps * (1.0 - alpha_s).sqrt();
@@ -89,7 +70,7 @@ impl Sampler for Tcd {
         true
     }
     fn add_noise(&self, call: usize) -> NoiseMix {
-        alpha_add_noise(&self.alphas_cumprod, self.timesteps()[call])
+        self.alphas.add_noise(self.timesteps()[call])
     }
     fn skip_calls(&mut self, calls: usize) {
         self.begin = calls;
