@@ -403,6 +403,17 @@ fn rejects_bad_inputs() {
         offset: 0,
     };
     let out = g.empty(&[2, 10, 16], DType::F32).unwrap();
+    // Every case below changes one field of this valid call.
+    let ok = attention::Sdpa {
+        q: view,
+        k: view,
+        v: view,
+        batch: 2,
+        heads: 2,
+        head_dim: 8,
+        causal: false,
+        scale: None,
+    };
     // Aliasing the output with an input.
     let alias = HeadsView {
         tensor: &out,
@@ -410,131 +421,40 @@ fn rejects_bad_inputs() {
         row_stride: 16,
         offset: 0,
     };
-    assert!(attention::Sdpa {
-        q: alias,
-        k: view,
-        v: view,
-        batch: 2,
-        heads: 2,
-        head_dim: 8,
-        causal: false,
-        scale: None
-    }
-    .run_into(g, &out)
-    .is_err());
+    assert!(attention::Sdpa { q: alias, ..ok }
+        .run_into(g, &out)
+        .is_err());
     // Heads past the row.
     let off = HeadsView { offset: 9, ..view };
-    assert!(attention::Sdpa {
-        q: off,
-        k: view,
-        v: view,
-        batch: 2,
-        heads: 2,
-        head_dim: 8,
-        causal: false,
-        scale: None
-    }
-    .run(g)
-    .is_err());
+    assert!(attention::Sdpa { q: off, ..ok }.run(g).is_err());
     // Tensor too small for the batch.
-    assert!(attention::Sdpa {
-        q: view,
-        k: view,
-        v: view,
-        batch: 3,
-        heads: 2,
-        head_dim: 8,
-        causal: false,
-        scale: None
-    }
-    .run(g)
-    .is_err());
+    assert!(attention::Sdpa { batch: 3, ..ok }.run(g).is_err());
     // head_dim 0 and too large.
-    assert!(attention::Sdpa {
-        q: view,
-        k: view,
-        v: view,
-        batch: 2,
-        heads: 2,
-        head_dim: 0,
-        causal: false,
-        scale: None
-    }
-    .run(g)
-    .is_err());
+    assert!(attention::Sdpa { head_dim: 0, ..ok }.run(g).is_err());
     // k/v token mismatch.
     let short = HeadsView { tokens: 9, ..view };
-    assert!(attention::Sdpa {
-        q: view,
-        k: view,
-        v: short,
-        batch: 2,
-        heads: 2,
-        head_dim: 8,
-        causal: false,
-        scale: None
-    }
-    .run(g)
-    .is_err());
+    assert!(attention::Sdpa { v: short, ..ok }.run(g).is_err());
     // The tensor-core kernel takes f16 storage only.
     let tile = CoopConfig {
         row_frags: 1,
         key_frags: 1,
     };
-    assert!(attention::Sdpa {
-        q: view,
-        k: view,
-        v: view,
-        batch: 2,
-        heads: 2,
-        head_dim: 8,
-        causal: false,
-        scale: None
-    }
-    .run_coop_into_with(g, &out, tile)
-    .is_err());
+    assert!(ok.run_coop_into_with(g, &out, tile).is_err());
     // Wrong output size.
     let small = g.empty(&[2, 10, 8], DType::F32).unwrap();
-    assert!(attention::Sdpa {
-        q: view,
-        k: view,
-        v: view,
-        batch: 2,
-        heads: 2,
-        head_dim: 8,
-        causal: false,
-        scale: None
-    }
-    .run_into(g, &small)
-    .is_err());
+    assert!(ok.run_into(g, &small).is_err());
     if g.caps.shader_f16 {
         let h = g
             .upload(&vec![0.0; 2 * 10 * 16], &[2, 10, 16], DType::F16)
             .unwrap();
         let hv = HeadsView { tensor: &h, ..view };
-        assert!(attention::Sdpa {
-            q: view,
-            k: hv,
-            v: hv,
-            batch: 2,
-            heads: 2,
-            head_dim: 8,
-            causal: false,
-            scale: None
-        }
-        .run(g)
-        .is_err());
+        assert!(attention::Sdpa { k: hv, v: hv, ..ok }.run(g).is_err());
     }
     // The allocating form works on a fused view (q = k = v = one buffer, three read-only bindings).
     let y = attention::Sdpa {
-        q: view,
         k: HeadsView { offset: 0, ..view },
-        v: view,
-        batch: 2,
-        heads: 2,
-        head_dim: 8,
-        causal: false,
         scale: Some(0.5),
+        ..ok
     }
     .run(g)
     .unwrap();
