@@ -148,3 +148,100 @@ fn a_corrupted_model_folder_fails_to_load_cleanly() {
     assert!(e.contains("num_hidden_layers"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A value of the wrong type is an error naming the config and the key path, whatever the key.
+#[test]
+fn wrong_types_name_their_key() {
+    let e = err_text(UNetConfig::from_json(&with(
+        shipped("unet"),
+        "block_out_channels",
+        json!([32, "64"]),
+    )));
+    assert!(e.contains("block_out_channels[1]"), "{e}");
+    let e = err_text(ClipConfig::from_json(&with(
+        shipped("text_encoder"),
+        "hidden_act",
+        json!(7),
+    )));
+    assert!(e.contains("hidden_act"), "{e}");
+    let e = err_text(SchedulerConfig::from_value(&with(
+        shipped("scheduler"),
+        "use_karras_sigmas",
+        json!("yes"),
+    )));
+    assert!(e.contains("use_karras_sigmas"), "{e}");
+    let e = err_text(UNetConfig::from_json(&with(
+        shipped("unet"),
+        "layers_per_block",
+        json!([1, 2, 3, 4, 5]),
+    )));
+    assert!(
+        e.contains("layers_per_block") && e.contains("one per block"),
+        "{e}"
+    );
+}
+
+/// diffusers writes DPMSolverMultistepScheduler's default `lambda_min_clipped` (-inf) with
+/// Python's json module, as the bare token `-Infinity`; such a config must load and mean -inf.
+#[test]
+fn python_json_infinity_reads_as_the_class_default() {
+    let text = r#"{"_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "beta_end": 0.012, "lambda_min_clipped": -Infinity,
+        "note": "a string with -Infinity and NaN inside stays as it is", "steps_offset": 1}"#;
+    assert!(
+        serde_json::from_str::<Value>(text).is_err(),
+        "strict JSON accepted it"
+    );
+    let cfg = SchedulerConfig::from_json_str(text).unwrap();
+    assert_eq!(cfg.lambda_min_clipped, None);
+    assert_eq!(cfg.class_name(), Some("DPMSolverMultistepScheduler"));
+    assert!(build_sampler(&cfg, None, 20).is_ok());
+    let value = ldm_wgpu::models::config::parse_python_json(text).unwrap();
+    assert_eq!(
+        value["note"],
+        json!("a string with -Infinity and NaN inside stays as it is")
+    );
+    // Garbage stays an error (with strict JSON's message).
+    assert!(SchedulerConfig::from_json_str("{\"a\": Infinit}").is_err());
+}
+
+/// `model_index.json`: the shipped model's passes; an SDXL folder (a second text encoder we
+/// would silently ignore) and component classes we do not implement are refused by name, before
+/// any weight is opened.
+#[test]
+fn model_index_refuses_pipelines_we_would_misread() {
+    use ldm_wgpu::weights::diffusers::ModelIndex;
+    use ldm_wgpu::weights::{open_diffusers_folder, LoadOptions};
+    let shipped_index = default_model_dir().join("model_index.json");
+    let index = ModelIndex::load(&shipped_index).unwrap();
+    assert_eq!(index.pipeline.as_deref(), Some("StableDiffusionPipeline"));
+    assert_eq!(index.component_class("unet"), Some("UNet2DConditionModel"));
+    assert_eq!(index.component_class("safety_checker"), None);
+
+    let base: Value = serde_json::from_slice(&std::fs::read(&shipped_index).unwrap()).unwrap();
+    let sdxl = with(
+        with(
+            base.clone(),
+            "_class_name",
+            json!("StableDiffusionXLPipeline"),
+        ),
+        "text_encoder_2",
+        json!(["transformers", "CLIPTextModelWithProjection"]),
+    );
+    let asymmetric = with(base, "vae", json!(["diffusers", "AsymmetricAutoencoderKL"]));
+    for (case, index, needle) in [
+        ("sdxl", sdxl, "text_encoder_2"),
+        ("vae", asymmetric, "AsymmetricAutoencoderKL"),
+    ] {
+        let dir = std::env::temp_dir().join(format!("ldm-index-{case}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("model_index.json"), index.to_string()).unwrap();
+        // No unet/ at all: the index is what must be reported.
+        let e = err_text(open_diffusers_folder(&dir, &LoadOptions::default()));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            e.contains("unsupported") && e.contains(needle),
+            "{case}: {e}"
+        );
+    }
+}

@@ -2,12 +2,13 @@
 //! Diffusion uses it — SD 1.x (ViT-L/14 text, quick_gelu) and SD 2.x (OpenCLIP ViT-H text,
 //! gelu, exported with 23 layers). Causal self-attention; `clip_skip` as diffusers applies it.
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::kernels::attention::HeadsView;
 use crate::kernels::elementwise;
 use crate::kernels::matmul::Activation;
-use crate::models::config::Config;
+use crate::models::config::{parse, size_or, Number, Size};
 use crate::nn::{self, AttentionShape, LayerNorm, Linear, VarBuilder};
 use crate::weights::WeightView;
 use crate::{DType, Error, Gpu, Result, Tensor};
@@ -27,9 +28,27 @@ pub struct ClipConfig {
 impl ClipConfig {
     /// From `text_encoder/config.json` (transformers CLIPTextConfig).
     pub fn from_json(v: &Value) -> Result<Self> {
-        let c = Config::new("text_encoder", v);
-        let act = c.str_or("hidden_act", "quick_gelu")?;
-        let hidden_act = match act {
+        parse::<ClipConfigFile>("text_encoder", v)?.validate()
+    }
+}
+
+/// `text_encoder/config.json` as transformers writes it (`CLIPTextConfig`; the keys we read).
+#[derive(Debug, Deserialize)]
+struct ClipConfigFile {
+    vocab_size: Size,
+    hidden_size: Size,
+    intermediate_size: Size,
+    num_hidden_layers: Size,
+    num_attention_heads: Size,
+    max_position_embeddings: Option<Size>,
+    hidden_act: Option<String>,
+    #[serde(default)]
+    layer_norm_eps: Number,
+}
+
+impl ClipConfigFile {
+    fn validate(self) -> Result<ClipConfig> {
+        let hidden_act = match self.hidden_act.as_deref().unwrap_or("quick_gelu") {
             "quick_gelu" => Activation::QuickGelu,
             "gelu" => Activation::Gelu,
             other => {
@@ -38,23 +57,27 @@ impl ClipConfig {
                 )))
             }
         };
-        let cfg = ClipConfig {
-            vocab_size: c.usize("vocab_size")?,
-            hidden_size: c.usize("hidden_size")?,
-            intermediate_size: c.usize("intermediate_size")?,
-            num_hidden_layers: c.usize("num_hidden_layers")?,
-            num_attention_heads: c.usize("num_attention_heads")?,
-            max_position_embeddings: c.usize_or("max_position_embeddings", 77)?,
-            hidden_act,
-            layer_norm_eps: c.f64_in("layer_norm_eps", 1e-5, 1e-12..=1.0)? as f32,
-        };
-        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
+        let (hidden, heads) = (self.hidden_size.0, self.num_attention_heads.0);
+        if heads == 0 || !hidden.is_multiple_of(heads) {
             return Err(Error::Unsupported(format!(
-                "text encoder hidden_size {} not divisible by {} heads",
-                cfg.hidden_size, cfg.num_attention_heads
+                "text encoder hidden_size {hidden} not divisible by {heads} heads"
             )));
         }
-        Ok(cfg)
+        Ok(ClipConfig {
+            vocab_size: self.vocab_size.0,
+            hidden_size: hidden,
+            intermediate_size: self.intermediate_size.0,
+            num_hidden_layers: self.num_hidden_layers.0,
+            num_attention_heads: heads,
+            max_position_embeddings: size_or(self.max_position_embeddings, 77),
+            hidden_act,
+            layer_norm_eps: self.layer_norm_eps.within(
+                "text_encoder",
+                "layer_norm_eps",
+                1e-5,
+                1e-12..=1.0,
+            )? as f32,
+        })
     }
 }
 

@@ -14,9 +14,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use serde::Deserialize;
 use serde_json::Value;
 
-use super::config::Config;
+use super::config::{parse, require_str, size_or, sizes, Number, Size};
 use crate::kernels::elementwise;
 use crate::nn::{Conv2d, Conv2dConfig, VarBuilder};
 use crate::weights::store::Entry;
@@ -38,6 +39,27 @@ pub struct TaesdConfig {
     pub scaling_factor: f64,
 }
 
+/// An `AutoencoderTiny` `config.json` as diffusers writes it (the keys we read).
+#[derive(Debug, Deserialize)]
+struct TaesdConfigFile {
+    in_channels: Option<Size>,
+    out_channels: Option<Size>,
+    latent_channels: Option<Size>,
+    encoder_block_out_channels: Option<Vec<Size>>,
+    decoder_block_out_channels: Option<Vec<Size>>,
+    num_encoder_blocks: Option<Vec<Size>>,
+    num_decoder_blocks: Option<Vec<Size>>,
+    act_fn: Option<String>,
+    upsample_fn: Option<String>,
+    upsampling_scaling_factor: Option<Size>,
+    #[serde(default)]
+    latent_magnitude: Number,
+    #[serde(default)]
+    latent_shift: Number,
+    #[serde(default)]
+    scaling_factor: Number,
+}
+
 impl TaesdConfig {
     /// TAESD for SD 1.x/2.x and TAESDXL share this architecture (diffusers' defaults).
     pub fn taesd() -> TaesdConfig {
@@ -55,46 +77,55 @@ impl TaesdConfig {
         }
     }
 
+    /// From an `AutoencoderTiny` `config.json`; absent keys take TAESD's values.
     pub fn from_json(v: &Value) -> Result<Self> {
-        let c = Config::new("AutoencoderTiny", v);
-        let d = TaesdConfig::taesd();
-        for (key, want) in [("act_fn", "relu"), ("upsample_fn", "nearest")] {
-            let got = c.str_or(key, want)?;
-            if got != want {
-                return Err(Error::Unsupported(format!(
-                    "AutoencoderTiny {key} `{got}` (only {want})"
-                )));
-            }
+        let file: TaesdConfigFile = parse("AutoencoderTiny", v)?;
+        for (key, value, want) in [
+            ("act_fn", &file.act_fn, "relu"),
+            ("upsample_fn", &file.upsample_fn, "nearest"),
+        ] {
+            require_str("AutoencoderTiny", key, value, want)?;
         }
-        if c.usize_or("upsampling_scaling_factor", 2)? != 2 {
+        if size_or(file.upsampling_scaling_factor, 2) != 2 {
             return Err(Error::Unsupported(
                 "AutoencoderTiny upsampling_scaling_factor other than 2".into(),
             ));
         }
-        let list = |key: &str, default: &[usize]| -> Result<Vec<usize>> {
-            if c.is_set(key) {
-                c.usize_list(key)
-            } else {
-                Ok(default.to_vec())
-            }
-        };
+        let d = TaesdConfig::taesd();
+        let list = |v: Option<Vec<Size>>, default: Vec<usize>| v.map_or(default, |l| sizes(&l));
+        const WHAT: &str = "AutoencoderTiny";
         let config = TaesdConfig {
-            in_channels: c.usize_or("in_channels", d.in_channels)?,
-            out_channels: c.usize_or("out_channels", d.out_channels)?,
-            latent_channels: c.usize_or("latent_channels", d.latent_channels)?,
+            in_channels: size_or(file.in_channels, d.in_channels),
+            out_channels: size_or(file.out_channels, d.out_channels),
+            latent_channels: size_or(file.latent_channels, d.latent_channels),
             encoder_block_out_channels: list(
-                "encoder_block_out_channels",
-                &d.encoder_block_out_channels,
-            )?,
+                file.encoder_block_out_channels,
+                d.encoder_block_out_channels,
+            ),
             decoder_block_out_channels: list(
-                "decoder_block_out_channels",
-                &d.decoder_block_out_channels,
+                file.decoder_block_out_channels,
+                d.decoder_block_out_channels,
+            ),
+            num_encoder_blocks: list(file.num_encoder_blocks, d.num_encoder_blocks),
+            num_decoder_blocks: list(file.num_decoder_blocks, d.num_decoder_blocks),
+            latent_magnitude: file.latent_magnitude.within(
+                WHAT,
+                "latent_magnitude",
+                d.latent_magnitude,
+                1e-3..=1e3,
             )?,
-            num_encoder_blocks: list("num_encoder_blocks", &d.num_encoder_blocks)?,
-            num_decoder_blocks: list("num_decoder_blocks", &d.num_decoder_blocks)?,
-            latent_magnitude: c.f64_in("latent_magnitude", d.latent_magnitude, 1e-3..=1e3)?,
-            latent_shift: c.f64_in("latent_shift", d.latent_shift, -16.0..=16.0)?,
-            scaling_factor: c.f64_in("scaling_factor", d.scaling_factor, 1e-4..=100.0)?,
+            latent_shift: file.latent_shift.within(
+                WHAT,
+                "latent_shift",
+                d.latent_shift,
+                -16.0..=16.0,
+            )?,
+            scaling_factor: file.scaling_factor.within(
+                WHAT,
+                "scaling_factor",
+                d.scaling_factor,
+                1e-4..=100.0,
+            )?,
         };
         config.validate()?;
         Ok(config)
@@ -371,8 +402,8 @@ impl AutoencoderTiny {
             let config_path = path.join("config.json");
             let text = std::fs::read_to_string(&config_path)
                 .map_err(|e| io(&config_path, e.to_string()))?;
-            let json: Value =
-                serde_json::from_str(&text).map_err(|e| io(&config_path, e.to_string()))?;
+            let json: Value = super::config::parse_python_json(&text)
+                .map_err(|e| io(&config_path, e.to_string()))?;
             let file = Arc::new(SafetensorsFile::open(&folder_weights)?);
             let store = WeightStore::from_files("AutoencoderTiny", vec![file])?;
             return Self::load(gpu, &store, TaesdConfig::from_json(&json)?, dtype);

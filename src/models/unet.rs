@@ -3,11 +3,14 @@
 //! (CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D, CrossAttnUpBlock2D).
 //! Activations NHWC: sample [B, h, w, C_in] -> [B, h, w, C_out].
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::kernels::elementwise;
 use crate::kernels::matmul::Activation;
-use crate::models::config::Config;
+use crate::models::config::{
+    parse, per_block_or, require_str, size_or, sizes, Number, PerBlock, Size,
+};
 use crate::models::transformer::TransformerSpec;
 use crate::models::unet_blocks::{
     CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlockConfig, MidBlockConfig, ResnetSettings,
@@ -39,57 +42,106 @@ pub struct UNetConfig {
     pub sample_size: usize,
 }
 
-impl UNetConfig {
-    /// From `unet/config.json`. Configurations we do not run (SDXL's added embeddings, class
-    /// embeddings, other block types) are refused by name.
-    ///
-    /// `upcast_attention` (SD 2.1) needs nothing here: the attention kernel computes scores,
-    /// softmax and the weighted sum in f32 whatever the storage dtype.
-    pub fn from_json(v: &Value) -> Result<Self> {
-        let c = Config::new("unet", v);
-        let unsupported = |what: String| Err(Error::Unsupported(format!("U-Net config: {what}")));
-        for key in [
-            "addition_embed_type",
-            "class_embed_type",
-            "encoder_hid_dim_type",
-            "time_cond_proj_dim",
+/// `unet/config.json` as diffusers writes it (the keys we read; others are ignored).
+#[derive(Debug, Deserialize)]
+struct UNetConfigFile {
+    in_channels: Option<Size>,
+    out_channels: Option<Size>,
+    block_out_channels: Vec<Size>,
+    down_block_types: Vec<String>,
+    up_block_types: Vec<String>,
+    mid_block_type: Option<String>,
+    layers_per_block: Option<PerBlock<Size>>,
+    transformer_layers_per_block: Option<PerBlock<Size>>,
+    num_attention_heads: Option<PerBlock<Size>>,
+    attention_head_dim: Option<PerBlock<Size>>,
+    cross_attention_dim: Option<PerBlock<Size>>,
+    use_linear_projection: Option<bool>,
+    only_cross_attention: Option<PerBlock<bool>>,
+    dual_cross_attention: Option<bool>,
+    flip_sin_to_cos: Option<bool>,
+    #[serde(default)]
+    freq_shift: Number,
+    norm_num_groups: Option<Size>,
+    #[serde(default)]
+    norm_eps: Number,
+    downsample_padding: Option<Size>,
+    sample_size: Option<Size>,
+    conv_in_kernel: Option<Size>,
+    conv_out_kernel: Option<Size>,
+    act_fn: Option<String>,
+    resnet_time_scale_shift: Option<String>,
+    time_embedding_type: Option<String>,
+    // Conditioning we do not run yet: any non-null value is refused by name.
+    addition_embed_type: Option<Value>,
+    class_embed_type: Option<Value>,
+    encoder_hid_dim_type: Option<Value>,
+    time_cond_proj_dim: Option<Value>,
+}
+
+impl UNetConfigFile {
+    fn validate(self) -> Result<UNetConfig> {
+        const WHAT: &str = "unet";
+        for (key, value) in [
+            ("addition_embed_type", &self.addition_embed_type),
+            ("class_embed_type", &self.class_embed_type),
+            ("encoder_hid_dim_type", &self.encoder_hid_dim_type),
+            ("time_cond_proj_dim", &self.time_cond_proj_dim),
         ] {
-            if c.is_set(key) {
-                return unsupported(format!(
-                    "`{key}` = {} (SDXL-style and conditioned U-Nets are not supported yet)",
-                    v[key]
-                ));
+            if let Some(v) = value {
+                return Err(Error::Unsupported(format!(
+                    "U-Net config: `{key}` = {v} (SDXL-style and conditioned U-Nets are not supported yet)"
+                )));
             }
         }
-        if c.bool_or("dual_cross_attention", false)? {
-            return unsupported("dual_cross_attention".into());
+        if self.dual_cross_attention == Some(true) {
+            return Err(Error::Unsupported(
+                "U-Net config: dual_cross_attention".into(),
+            ));
         }
-        if c.str_or("resnet_time_scale_shift", "default")? != "default" {
-            return unsupported("resnet_time_scale_shift other than `default`".into());
+        let what = "U-Net config:";
+        require_str(
+            what,
+            "resnet_time_scale_shift",
+            &self.resnet_time_scale_shift,
+            "default",
+        )?;
+        require_str(
+            what,
+            "time_embedding_type",
+            &self.time_embedding_type,
+            "positional",
+        )?;
+        require_str(what, "act_fn", &self.act_fn, "silu")?;
+        require_str(
+            what,
+            "mid_block_type",
+            &self.mid_block_type,
+            "UNetMidBlock2DCrossAttn",
+        )?;
+        if size_or(self.conv_in_kernel, 3) != 3 || size_or(self.conv_out_kernel, 3) != 3 {
+            return Err(Error::Unsupported(
+                "U-Net config: conv kernels other than 3".into(),
+            ));
         }
-        if c.str_or("time_embedding_type", "positional")? != "positional" {
-            return unsupported("time_embedding_type other than `positional`".into());
-        }
-        if c.str_or("act_fn", "silu")? != "silu" {
-            return unsupported("act_fn other than silu".into());
-        }
-        if c.str_or("mid_block_type", "UNetMidBlock2DCrossAttn")? != "UNetMidBlock2DCrossAttn" {
-            return unsupported(format!("mid_block_type {}", v["mid_block_type"]));
-        }
-        if c.usize_or("conv_in_kernel", 3)? != 3 || c.usize_or("conv_out_kernel", 3)? != 3 {
-            return unsupported("conv kernels other than 3".into());
-        }
-        if c.is_set("cross_attention_dim") && !v["cross_attention_dim"].is_u64() {
-            return unsupported("per-block cross_attention_dim".into());
-        }
-        let block_out_channels = c.usize_list("block_out_channels")?;
+        let cross_attention_dim = match &self.cross_attention_dim {
+            None => 1280,
+            Some(PerBlock::All(d)) => d.0,
+            Some(PerBlock::Each(_)) => {
+                return Err(Error::Unsupported(
+                    "U-Net config: per-block cross_attention_dim".into(),
+                ))
+            }
+        };
+        let block_out_channels = sizes(&self.block_out_channels);
         let n = block_out_channels.len();
-        let down_types = c.str_list("down_block_types")?;
-        let up_types = c.str_list("up_block_types")?;
-        if down_types.len() != n || up_types.len() != n {
-            return unsupported(
-                "block type lists must have one entry per block_out_channels".into(),
-            );
+        if n == 0 {
+            return Err(Error::config(WHAT, "`block_out_channels` is empty"));
+        }
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(Error::Unsupported(
+                "U-Net config: block type lists must have one entry per block_out_channels".into(),
+            ));
         }
         let kind = |t: &String, plain: &str, attn: &str| -> Result<bool> {
             if t == plain {
@@ -100,50 +152,77 @@ impl UNetConfig {
                 Err(Error::Unsupported(format!("U-Net block type `{t}`")))
             }
         };
-        let down_has_attention = down_types
+        let down_has_attention = self
+            .down_block_types
             .iter()
             .map(|t| kind(t, "DownBlock2D", "CrossAttnDownBlock2D"))
             .collect::<Result<Vec<_>>>()?;
-        let up_has_attention = up_types
+        let up_has_attention = self
+            .up_block_types
             .iter()
             .map(|t| kind(t, "UpBlock2D", "CrossAttnUpBlock2D"))
             .collect::<Result<Vec<_>>>()?;
         // diffusers keeps a historical naming quirk: `attention_head_dim` is really the number of
         // heads unless `num_attention_heads` is given.
-        let heads = match c.per_block("num_attention_heads", n)? {
-            Some(h) => h,
-            None => c.per_block("attention_head_dim", n)?.unwrap_or(vec![8; n]),
+        let heads = match (&self.num_attention_heads, &self.attention_head_dim) {
+            (Some(h), _) => h.expand(WHAT, "num_attention_heads", n)?,
+            (None, Some(h)) => h.expand(WHAT, "attention_head_dim", n)?,
+            (None, None) => vec![Size(8); n],
         };
-        let layers_per_block = c.per_block("layers_per_block", n)?.unwrap_or(vec![2; n]);
-        let transformer_layers_per_block = c
-            .per_block("transformer_layers_per_block", n)?
-            .unwrap_or(vec![1; n]);
+        let heads = sizes(&heads);
         for (i, (&ch, &h)) in block_out_channels.iter().zip(&heads).enumerate() {
             if h == 0 || ch % h != 0 {
-                return unsupported(format!(
-                    "block {i}: {ch} channels not divisible by {h} heads"
-                ));
+                return Err(Error::Unsupported(format!(
+                    "U-Net config: block {i}: {ch} channels not divisible by {h} heads"
+                )));
             }
         }
+        let layers = per_block_or(&self.layers_per_block, WHAT, "layers_per_block", n, Size(2))?;
+        let transformer_layers = per_block_or(
+            &self.transformer_layers_per_block,
+            WHAT,
+            "transformer_layers_per_block",
+            n,
+            Size(1),
+        )?;
         Ok(UNetConfig {
-            in_channels: c.usize_or("in_channels", 4)?,
-            out_channels: c.usize_or("out_channels", 4)?,
+            in_channels: size_or(self.in_channels, 4),
+            out_channels: size_or(self.out_channels, 4),
             down_has_attention,
             up_has_attention,
-            layers_per_block,
-            transformer_layers_per_block,
+            layers_per_block: sizes(&layers),
+            transformer_layers_per_block: sizes(&transformer_layers),
             num_attention_heads: heads,
-            cross_attention_dim: c.usize_or("cross_attention_dim", 1280)?,
-            use_linear_projection: c.bool_or("use_linear_projection", false)?,
-            only_cross_attention: c.per_block_bool("only_cross_attention", n, false)?,
-            flip_sin_to_cos: c.bool_or("flip_sin_to_cos", true)?,
-            freq_shift: c.f64_in("freq_shift", 0.0, -16.0..=16.0)? as f32,
-            norm_num_groups: c.usize_or("norm_num_groups", 32)?,
-            norm_eps: c.f64_in("norm_eps", 1e-5, 1e-12..=1.0)? as f32,
-            downsample_padding: c.usize_or("downsample_padding", 1)?,
-            sample_size: c.usize_or("sample_size", 64)?,
+            cross_attention_dim,
+            use_linear_projection: self.use_linear_projection.unwrap_or(false),
+            only_cross_attention: per_block_or(
+                &self.only_cross_attention,
+                WHAT,
+                "only_cross_attention",
+                n,
+                false,
+            )?,
+            flip_sin_to_cos: self.flip_sin_to_cos.unwrap_or(true),
+            freq_shift: self
+                .freq_shift
+                .within(WHAT, "freq_shift", 0.0, -16.0..=16.0)? as f32,
+            norm_num_groups: size_or(self.norm_num_groups, 32),
+            norm_eps: self.norm_eps.within(WHAT, "norm_eps", 1e-5, 1e-12..=1.0)? as f32,
+            downsample_padding: size_or(self.downsample_padding, 1),
+            sample_size: size_or(self.sample_size, 64),
             block_out_channels,
         })
+    }
+}
+
+impl UNetConfig {
+    /// From `unet/config.json`. Configurations we do not run (SDXL's added embeddings, class
+    /// embeddings, other block types) are refused by name.
+    ///
+    /// `upcast_attention` (SD 2.1) needs nothing here: the attention kernel computes scores,
+    /// softmax and the weighted sum in f32 whatever the storage dtype.
+    pub fn from_json(v: &Value) -> Result<Self> {
+        parse::<UNetConfigFile>("unet", v)?.validate()
     }
 
     /// Latent sides must be divisible by this (one halving per downsampler).

@@ -1,10 +1,11 @@
 //! KL autoencoder: a port of diffusers' `AutoencoderKL` (models/autoencoders/autoencoder_kl.py,
 //! vae.py `Encoder` / `Decoder`). Images and latents are NHWC on the GPU.
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::models::blocks::{ResnetBlock2D, ResnetBlock2DConfig, VaeAttention};
-use crate::models::config::Config;
+use crate::models::config::{parse, require_str, size_or, sizes, Number, PerBlock, Size};
 pub use crate::models::vae_tiling::{ActivationBytes, TileConfig, VaeTiling};
 use crate::nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use crate::weights::WeightView;
@@ -31,51 +32,82 @@ pub struct VaeConfig {
     pub sample_size: usize,
 }
 
+/// `vae/config.json` as diffusers writes it (`AutoencoderKL`; the keys we read).
+#[derive(Debug, Deserialize)]
+struct VaeConfigFile {
+    in_channels: Option<Size>,
+    out_channels: Option<Size>,
+    block_out_channels: Vec<Size>,
+    down_block_types: Option<Vec<String>>,
+    up_block_types: Option<Vec<String>>,
+    layers_per_block: Option<Size>,
+    latent_channels: Option<Size>,
+    norm_num_groups: Option<Size>,
+    act_fn: Option<String>,
+    #[serde(default)]
+    scaling_factor: Number,
+    shift_factor: Option<f64>,
+    force_upcast: Option<bool>,
+    mid_block_add_attention: Option<bool>,
+    use_quant_conv: Option<bool>,
+    use_post_quant_conv: Option<bool>,
+    /// An int or an [h, w] list; diffusers tiles with the first entry.
+    sample_size: Option<PerBlock<Size>>,
+}
+
+impl VaeConfigFile {
+    fn validate(self) -> Result<VaeConfig> {
+        const WHAT: &str = "vae";
+        require_str("VAE", "act_fn", &self.act_fn, "silu")?;
+        for (key, types, want) in [
+            (
+                "down_block_types",
+                &self.down_block_types,
+                "DownEncoderBlock2D",
+            ),
+            ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
+        ] {
+            if let Some(t) = types.iter().flatten().find(|t| *t != want) {
+                return Err(Error::Unsupported(format!(
+                    "VAE {key} entry `{t}` (only {want})"
+                )));
+            }
+        }
+        if self.block_out_channels.is_empty() {
+            return Err(Error::config(WHAT, "`block_out_channels` is empty"));
+        }
+        Ok(VaeConfig {
+            in_channels: size_or(self.in_channels, 3),
+            out_channels: size_or(self.out_channels, 3),
+            block_out_channels: sizes(&self.block_out_channels),
+            layers_per_block: size_or(self.layers_per_block, 1),
+            latent_channels: size_or(self.latent_channels, 4),
+            norm_num_groups: size_or(self.norm_num_groups, 32),
+            // Real VAEs: 0.18215 (SD 1.x/2.x), 0.13025 (SDXL), 1.5305 (SD3), 0.3611 (FLUX).
+            scaling_factor: self.scaling_factor.within(
+                WHAT,
+                "scaling_factor",
+                0.18215,
+                1e-4..=100.0,
+            )?,
+            shift_factor: self.shift_factor,
+            force_upcast: self.force_upcast.unwrap_or(true),
+            mid_block_add_attention: self.mid_block_add_attention.unwrap_or(true),
+            use_quant_conv: self.use_quant_conv.unwrap_or(true),
+            use_post_quant_conv: self.use_post_quant_conv.unwrap_or(true),
+            sample_size: match &self.sample_size {
+                None => 32,
+                Some(PerBlock::All(s)) => s.0,
+                Some(PerBlock::Each(list)) => list.first().map_or(32, |s| s.0),
+            },
+        })
+    }
+}
+
 impl VaeConfig {
     /// From `vae/config.json`.
     pub fn from_json(v: &Value) -> Result<Self> {
-        let c = Config::new("vae", v);
-        let act = c.str_or("act_fn", "silu")?;
-        if act != "silu" {
-            return Err(Error::Unsupported(format!(
-                "VAE act_fn `{act}` (only silu)"
-            )));
-        }
-        for (key, want) in [
-            ("down_block_types", "DownEncoderBlock2D"),
-            ("up_block_types", "UpDecoderBlock2D"),
-        ] {
-            if c.is_set(key) {
-                for t in c.str_list(key)? {
-                    if t != want {
-                        return Err(Error::Unsupported(format!(
-                            "VAE {key} entry `{t}` (only {want})"
-                        )));
-                    }
-                }
-            }
-        }
-        let shift = c.f64_or("shift_factor", f64::NAN)?;
-        Ok(VaeConfig {
-            in_channels: c.usize_or("in_channels", 3)?,
-            out_channels: c.usize_or("out_channels", 3)?,
-            block_out_channels: c.usize_list("block_out_channels")?,
-            layers_per_block: c.usize_or("layers_per_block", 1)?,
-            latent_channels: c.usize_or("latent_channels", 4)?,
-            norm_num_groups: c.usize_or("norm_num_groups", 32)?,
-            // Real VAEs: 0.18215 (SD 1.x/2.x), 0.13025 (SDXL), 1.5305 (SD3), 0.3611 (FLUX).
-            scaling_factor: c.f64_in("scaling_factor", 0.18215, 1e-4..=100.0)?,
-            shift_factor: (!shift.is_nan()).then_some(shift),
-            force_upcast: c.bool_or("force_upcast", true)?,
-            mid_block_add_attention: c.bool_or("mid_block_add_attention", true)?,
-            use_quant_conv: c.bool_or("use_quant_conv", true)?,
-            use_post_quant_conv: c.bool_or("use_post_quant_conv", true)?,
-            // diffusers accepts an int or a [h, w] list and tiles with the first entry.
-            sample_size: match v.get("sample_size") {
-                Some(Value::Array(a)) => a.first().and_then(Value::as_u64).unwrap_or(32) as usize,
-                _ => c.usize_or("sample_size", 32)?,
-            },
-        })
+        parse::<VaeConfigFile>("vae", v)?.validate()
     }
 
     /// Pixels per latent along each side: 2^(number of downsamplers).

@@ -22,12 +22,12 @@ impl Ddim {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
         cfg.reject_nonlinear(true)?;
         let alphas = AlphaTable::new(cfg, "linear", true)?;
-        let num_train = cfg.usize_or("num_train_timesteps", 1000)?;
+        let num_train = cfg.train_timesteps();
         let timesteps = spaced_timesteps(
             cfg.spacing("leading")?,
             num_train,
             steps,
-            cfg.usize_or("steps_offset", 0)?,
+            cfg.offset(),
             true,
         )?;
         Ok(Ddim {
@@ -103,7 +103,7 @@ impl AlphaTable {
         set_alpha_to_one_default: bool,
     ) -> Result<Self> {
         let alphas_cumprod = super::alphas_cumprod(cfg, default_schedule)?;
-        let final_alpha_cumprod = if cfg.bool_or("set_alpha_to_one", set_alpha_to_one_default)? {
+        let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(set_alpha_to_one_default) {
             1.0
         } else {
             alphas_cumprod[0] as f64

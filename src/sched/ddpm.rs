@@ -18,19 +18,19 @@ pub struct Ddpm {
 impl Ddpm {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
         cfg.reject_nonlinear(true)?;
-        let variance_type = cfg.str_or("variance_type", "fixed_small")?;
+        let variance_type = cfg.variance_type.as_deref().unwrap_or("fixed_small");
         if variance_type != "fixed_small" {
             return Err(Error::Unsupported(format!(
                 "DDPM variance_type `{variance_type}`"
             )));
         }
         let alphas_cumprod = super::alphas_cumprod(cfg, "linear")?;
-        let num_train = cfg.usize_or("num_train_timesteps", 1000)?;
+        let num_train = cfg.train_timesteps();
         let timesteps = spaced_timesteps(
             cfg.spacing("leading")?,
             num_train,
             steps,
-            cfg.usize_or("steps_offset", 0)?,
+            cfg.offset(),
             true,
         )?;
         Ok(Ddpm {

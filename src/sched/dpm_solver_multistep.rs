@@ -28,8 +28,8 @@ pub struct DpmSolverMultistep {
 impl DpmSolverMultistep {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
         let acp = super::alphas_cumprod(cfg, "linear")?;
-        let num_train = cfg.usize_or("num_train_timesteps", 1000)?;
-        let sde = match cfg.str_or("algorithm_type", "dpmsolver++")? {
+        let num_train = cfg.train_timesteps();
+        let sde = match cfg.algorithm_type.as_deref().unwrap_or("dpmsolver++") {
             "dpmsolver++" => false,
             "sde-dpmsolver++" => true,
             other => {
@@ -38,7 +38,7 @@ impl DpmSolverMultistep {
                 )))
             }
         };
-        let heun = match cfg.str_or("solver_type", "midpoint")? {
+        let heun = match cfg.solver_type.as_deref().unwrap_or("midpoint") {
             "midpoint" => false,
             "heun" => true,
             other => {
@@ -47,37 +47,35 @@ impl DpmSolverMultistep {
                 )))
             }
         };
-        let solver_order = cfg.usize_or("solver_order", 2)?;
+        let solver_order = cfg.solver_order.unwrap_or(2);
         if !(1..=2).contains(&solver_order) {
             return Err(Error::Unsupported(format!(
                 "DPM-Solver solver_order {solver_order}"
             )));
         }
-        if cfg.bool_or("thresholding", false)? {
+        if cfg.thresholding.unwrap_or(false) {
             return Err(Error::Unsupported(
                 "DPM-Solver thresholding (not linear)".into(),
             ));
         }
-        if cfg.f64_or("lambda_min_clipped", f64::NEG_INFINITY)? != f64::NEG_INFINITY {
+        if cfg.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY) != f64::NEG_INFINITY {
             return Err(Error::Unsupported("DPM-Solver lambda_min_clipped".into()));
         }
-        for key in [
-            "use_exponential_sigmas",
-            "use_beta_sigmas",
-            "use_lu_lambdas",
-            "use_flow_sigmas",
-        ] {
-            if cfg.bool_or(key, false)? {
-                return Err(Error::Unsupported(format!("DPM-Solver `{key}`")));
-            }
+        if let Some(key) = SchedulerConfig::first_set(&[
+            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
+            ("use_beta_sigmas", cfg.use_beta_sigmas),
+            ("use_lu_lambdas", cfg.use_lu_lambdas),
+            ("use_flow_sigmas", cfg.use_flow_sigmas),
+        ]) {
+            return Err(Error::Unsupported(format!("DPM-Solver `{key}`")));
         }
-        if cfg.get("variance_type").is_some() {
+        if cfg.variance_type.is_some() {
             return Err(Error::Unsupported(
                 "DPM-Solver variance_type (learned variance)".into(),
             ));
         }
         let spacing = cfg.spacing("linspace")?;
-        let offset = cfg.usize_or("steps_offset", 0)?;
+        let offset = cfg.offset();
         // lambda_min_clipped = -inf: last_timestep = num_train_timesteps.
         let last = num_train;
         let mut timesteps: Vec<f64> = match spacing {
@@ -97,12 +95,12 @@ impl DpmSolverMultistep {
             Spacing::Trailing => spaced_timesteps(spacing, num_train, steps, offset, true)?,
         };
         let train = train_sigmas(&acp);
-        let mut sigmas: Vec<f64> = if cfg.bool_or("use_karras_sigmas", false)? {
+        let mut sigmas: Vec<f64> = if cfg.use_karras_sigmas.unwrap_or(false) {
             let log_sigmas = log_sigmas_f32(&train);
-            let sigma_min = cfg.f64_or("sigma_min", train[0] as f64)?;
-            let sigma_max = cfg.f64_or("sigma_max", *train.last().unwrap() as f64)?;
+            let sigma_min = cfg.sigma_min.unwrap_or(train[0] as f64);
+            let sigma_max = cfg.sigma_max.unwrap_or(*train.last().unwrap() as f64);
             let sigmas = karras_sigmas(sigma_min, sigma_max, steps);
-            let round = cfg.str_or("beta_schedule", "linear")? != "squaredcos_cap_v2";
+            let round = cfg.beta_schedule.as_deref().unwrap_or("linear") != "squaredcos_cap_v2";
             timesteps = sigmas
                 .iter()
                 .map(|&s| {
@@ -120,7 +118,7 @@ impl DpmSolverMultistep {
         };
         // Timesteps are int64 in diffusers.
         let timesteps: Vec<f64> = timesteps.iter().map(|t| t.trunc()).collect();
-        let final_sigmas_type = cfg.str_or("final_sigmas_type", "zero")?;
+        let final_sigmas_type = cfg.final_sigmas_type.as_deref().unwrap_or("zero");
         sigmas.push(match final_sigmas_type {
             "zero" => 0.0,
             "sigma_min" => train[0] as f64,
@@ -134,8 +132,8 @@ impl DpmSolverMultistep {
             sde,
             heun,
             solver_order,
-            lower_order_final: cfg.bool_or("lower_order_final", true)?,
-            euler_at_final: cfg.bool_or("euler_at_final", false)?,
+            lower_order_final: cfg.lower_order_final.unwrap_or(true),
+            euler_at_final: cfg.euler_at_final.unwrap_or(false),
             final_sigma_zero: final_sigmas_type == "zero",
             lower_order_nums: 0,
             begin: 0,

@@ -23,23 +23,24 @@ impl SigmaSchedule {
         allow_final: bool,
     ) -> Result<Self> {
         let acp = super::alphas_cumprod(cfg, "linear")?;
-        let num_train = cfg.usize_or("num_train_timesteps", 1000)?;
+        let num_train = cfg.train_timesteps();
         let spacing = cfg.spacing("linspace")?;
-        let offset = cfg.usize_or("steps_offset", 0)?;
-        if cfg.str_or("interpolation_type", "linear")? != "linear" {
+        let offset = cfg.offset();
+        if cfg.interpolation_type.as_deref().unwrap_or("linear") != "linear" {
             return Err(Error::Unsupported(
                 "interpolation_type other than `linear`".into(),
             ));
         }
-        if cfg.str_or("timestep_type", "discrete")? != "discrete" {
+        if cfg.timestep_type.as_deref().unwrap_or("discrete") != "discrete" {
             return Err(Error::Unsupported(
                 "timestep_type other than `discrete`".into(),
             ));
         }
-        for key in ["use_exponential_sigmas", "use_beta_sigmas"] {
-            if cfg.bool_or(key, false)? {
-                return Err(Error::Unsupported(format!("`{key}`")));
-            }
+        if let Some(key) = SchedulerConfig::first_set(&[
+            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
+            ("use_beta_sigmas", cfg.use_beta_sigmas),
+        ]) {
+            return Err(Error::Unsupported(format!("`{key}`")));
         }
         if steps > num_train {
             return Err(Error::InvalidInput(format!(
@@ -50,14 +51,14 @@ impl SigmaSchedule {
         let train = train_sigmas(&acp);
         let log_sigmas = log_sigmas_f32(&train);
         let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp_index(t, &train)).collect();
-        if allow_karras && cfg.bool_or("use_karras_sigmas", false)? {
-            let sigma_min = cfg.f64_or("sigma_min", *sigmas.last().unwrap())?;
-            let sigma_max = cfg.f64_or("sigma_max", sigmas[0])?;
+        if allow_karras && cfg.use_karras_sigmas.unwrap_or(false) {
+            let sigma_min = cfg.sigma_min.unwrap_or(*sigmas.last().unwrap());
+            let sigma_max = cfg.sigma_max.unwrap_or(sigmas[0]);
             sigmas = karras_sigmas(sigma_min, sigma_max, steps);
             timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
         }
         let last = match if allow_final {
-            cfg.str_or("final_sigmas_type", "zero")?
+            cfg.final_sigmas_type.as_deref().unwrap_or("zero")
         } else {
             "zero"
         } {

@@ -25,8 +25,8 @@ pub(crate) fn consistency_timesteps(
     steps: usize,
     what: &str,
 ) -> Result<Vec<f64>> {
-    let train = cfg.usize_or("num_train_timesteps", 1000)?;
-    let original = cfg.usize_or("original_inference_steps", 50)?;
+    let train = cfg.train_timesteps();
+    let original = cfg.original_inference_steps.unwrap_or(50);
     if original == 0 || original > train {
         return Err(Error::InvalidInput(format!(
             "{what}: original_inference_steps {original} must be 1..={train} (num_train_timesteps)"
@@ -55,7 +55,7 @@ impl Lcm {
             alphas: AlphaTable::new(cfg, "scaled_linear", true)?,
             timesteps: consistency_timesteps(cfg, steps, "LCM")?,
             prediction: cfg.prediction()?,
-            timestep_scaling: cfg.f64_or("timestep_scaling", 10.0)?,
+            timestep_scaling: cfg.timestep_scaling.unwrap_or(10.0),
             begin: 0,
         })
     }

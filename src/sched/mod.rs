@@ -61,7 +61,8 @@ pub use pndm::Pndm;
 pub use tcd::Tcd;
 
 use crate::error::{Error, Result};
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::Value;
 use std::collections::HashMap;
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
@@ -425,27 +426,60 @@ pub enum Prediction {
 // Configuration
 // ------------------------------------------------------------------------------------------------
 
-/// A diffusers `scheduler_config.json`. Keys that are absent or `null` take the default of the
-/// class being built, as `X.from_config(pipe.scheduler.config)` does.
-#[derive(Clone, Debug, Default)]
+/// A diffusers `scheduler_config.json`: the keys any of our samplers reads, typed. Keys that are
+/// absent or `null` are `None` and take the default of the class being built, as
+/// `X.from_config(pipe.scheduler.config)` does; other keys are ignored, as diffusers ignores keys
+/// a class does not declare.
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct SchedulerConfig {
-    values: Map<String, Value>,
+    #[serde(rename = "_class_name")]
+    pub class_name: Option<String>,
+    pub num_train_timesteps: Option<usize>,
+    pub beta_start: Option<f64>,
+    pub beta_end: Option<f64>,
+    pub beta_schedule: Option<String>,
+    pub trained_betas: Option<Vec<f64>>,
+    pub rescale_betas_zero_snr: Option<bool>,
+    pub prediction_type: Option<String>,
+    pub timestep_spacing: Option<String>,
+    pub steps_offset: Option<usize>,
+    pub set_alpha_to_one: Option<bool>,
+    pub skip_prk_steps: Option<bool>,
+    pub clip_sample: Option<bool>,
+    pub thresholding: Option<bool>,
+    pub use_karras_sigmas: Option<bool>,
+    pub use_exponential_sigmas: Option<bool>,
+    pub use_beta_sigmas: Option<bool>,
+    pub use_lu_lambdas: Option<bool>,
+    pub use_flow_sigmas: Option<bool>,
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    pub final_sigmas_type: Option<String>,
+    pub interpolation_type: Option<String>,
+    pub timestep_type: Option<String>,
+    pub algorithm_type: Option<String>,
+    pub solver_type: Option<String>,
+    pub solver_order: Option<usize>,
+    pub lambda_min_clipped: Option<f64>,
+    pub lower_order_final: Option<bool>,
+    pub euler_at_final: Option<bool>,
+    pub variance_type: Option<String>,
+    pub original_inference_steps: Option<usize>,
+    pub timestep_scaling: Option<f64>,
 }
 
 impl SchedulerConfig {
+    /// Reads and validates a parsed `scheduler_config.json`; a value of the wrong type is an error
+    /// naming its key.
     pub fn from_value(value: &Value) -> Result<Self> {
-        match value {
-            Value::Object(map) => {
-                let config = Self {
-                    values: map.clone(),
-                };
-                config.validate()?;
-                Ok(config)
-            }
-            _ => Err(Error::InvalidInput(
+        if !value.is_object() {
+            return Err(Error::InvalidInput(
                 "scheduler config is not a JSON object".into(),
-            )),
+            ));
         }
+        let config: SchedulerConfig = crate::models::config::parse("scheduler config", value)?;
+        config.validate()?;
+        Ok(config)
     }
 
     /// What every sampler sizes its tables from must be plausible before anything is allocated
@@ -453,40 +487,34 @@ impl SchedulerConfig {
     /// (0, 1), `trained_betas` one per training timestep, a `steps_offset` inside the schedule.
     pub fn validate(&self) -> Result<()> {
         const MAX_TRAIN_TIMESTEPS: usize = 100_000;
-        let n = self.usize_or("num_train_timesteps", 1000)?;
+        let n = self.train_timesteps();
         if !(1..=MAX_TRAIN_TIMESTEPS).contains(&n) {
             return Err(Error::InvalidInput(format!(
                 "scheduler config: num_train_timesteps {n} is outside 1..={MAX_TRAIN_TIMESTEPS}"
             )));
         }
-        let offset = self.usize_or("steps_offset", 0)?;
+        let offset = self.offset();
         if offset >= n {
             return Err(Error::InvalidInput(format!(
                 "scheduler config: steps_offset {offset} is not below num_train_timesteps {n}"
             )));
         }
-        for key in ["beta_start", "beta_end"] {
-            let b = self.f64_or(key, 0.001)?;
+        for (key, b) in [("beta_start", self.beta_start), ("beta_end", self.beta_end)] {
+            let b = b.unwrap_or(0.001);
             if !(b.is_finite() && b > 0.0 && b < 1.0) {
                 return Err(Error::InvalidInput(format!(
                     "scheduler config: `{key}` {b} is outside (0, 1)"
                 )));
             }
         }
-        if let Some(trained) = self.get("trained_betas") {
-            let list = trained
-                .as_array()
-                .ok_or_else(|| self.bad("trained_betas", "a list"))?;
-            if list.len() != n {
+        if let Some(trained) = &self.trained_betas {
+            if trained.len() != n {
                 return Err(Error::InvalidInput(format!(
                     "scheduler config: trained_betas has {} values for {n} training timesteps",
-                    list.len()
+                    trained.len()
                 )));
             }
-            if !list
-                .iter()
-                .all(|v| v.as_f64().is_some_and(|b| b > 0.0 && b < 1.0))
-            {
+            if !trained.iter().all(|&b| b > 0.0 && b < 1.0) {
                 return Err(Error::InvalidInput(
                     "scheduler config: trained_betas must be numbers in (0, 1)".into(),
                 ));
@@ -495,7 +523,7 @@ impl SchedulerConfig {
         Ok(())
     }
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text)
+        let value = crate::models::config::parse_python_json(text)
             .map_err(|e| Error::InvalidInput(format!("scheduler config: {e}")))?;
         Self::from_value(&value)
     }
@@ -517,54 +545,35 @@ impl SchedulerConfig {
         .expect("valid built-in config")
     }
     pub fn class_name(&self) -> Option<&str> {
-        self.values.get("_class_name").and_then(Value::as_str)
-    }
-    pub fn set(&mut self, key: &str, value: Value) {
-        self.values.insert(key.to_string(), value);
+        self.class_name.as_deref()
     }
     /// What `StableDiffusionPipeline.__init__` enforces on old configs: `steps_offset = 1` and
     /// `clip_sample = false`.
     pub fn apply_sd_pipeline_fixes(&mut self) {
-        self.set("steps_offset", Value::from(1));
-        if self.values.contains_key("clip_sample") {
-            self.set("clip_sample", Value::Bool(false));
+        self.steps_offset = Some(1);
+        if self.clip_sample.is_some() {
+            self.clip_sample = Some(false);
         }
     }
 
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.values.get(key).filter(|v| !v.is_null())
+    /// `num_train_timesteps` (every class defaults to 1000).
+    pub fn train_timesteps(&self) -> usize {
+        self.num_train_timesteps.unwrap_or(1000)
     }
-    fn bad(&self, key: &str, want: &str) -> Error {
-        Error::InvalidInput(format!(
-            "scheduler config: `{key}` should be {want}, got {}",
-            self.values[key]
-        ))
+    /// `steps_offset` (every class defaults to 0).
+    pub fn offset(&self) -> usize {
+        self.steps_offset.unwrap_or(0)
     }
-    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
-        self.get(key).map_or(Ok(default), |v| {
-            v.as_f64().ok_or_else(|| self.bad(key, "a number"))
-        })
-    }
-    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
-        self.get(key).map_or(Ok(default), |v| {
-            v.as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| self.bad(key, "an integer"))
-        })
-    }
-    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        self.get(key).map_or(Ok(default), |v| {
-            v.as_bool().ok_or_else(|| self.bad(key, "true or false"))
-        })
-    }
-    pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> Result<&'a str> {
-        self.get(key).map_or(Ok(default), |v| {
-            v.as_str().ok_or_else(|| self.bad(key, "a string"))
-        })
+    /// The first of `flags` that is set to true, by name: for refusing options we do not run.
+    pub(crate) fn first_set<'a>(flags: &[(&'a str, Option<bool>)]) -> Option<&'a str> {
+        flags
+            .iter()
+            .find(|(_, v)| *v == Some(true))
+            .map(|(key, _)| *key)
     }
 
     pub(crate) fn prediction(&self) -> Result<Prediction> {
-        match self.str_or("prediction_type", "epsilon")? {
+        match self.prediction_type.as_deref().unwrap_or("epsilon") {
             "epsilon" => Ok(Prediction::Epsilon),
             "v_prediction" => Ok(Prediction::VPrediction),
             "sample" => Ok(Prediction::Sample),
@@ -572,7 +581,7 @@ impl SchedulerConfig {
         }
     }
     pub(crate) fn spacing(&self, default: &str) -> Result<Spacing> {
-        match self.str_or("timestep_spacing", default)? {
+        match self.timestep_spacing.as_deref().unwrap_or(default) {
             "leading" => Ok(Spacing::Leading),
             "trailing" => Ok(Spacing::Trailing),
             "linspace" => Ok(Spacing::Linspace),
@@ -582,7 +591,7 @@ impl SchedulerConfig {
     /// Sample clipping and dynamic thresholding are not linear in the model output; SD never
     /// uses them (the SD pipelines force clip_sample off).
     pub(crate) fn reject_nonlinear(&self, clip_default: bool) -> Result<()> {
-        if self.bool_or("clip_sample", clip_default)? || self.bool_or("thresholding", false)? {
+        if self.clip_sample.unwrap_or(clip_default) || self.thresholding.unwrap_or(false) {
             return Err(Error::Unsupported(
                 "clip_sample / thresholding in the scheduler config (not linear; SD configs set clip_sample=false)"
                     .into(),
@@ -613,7 +622,7 @@ pub fn build_sampler(
         ));
     }
     // diffusers' set_timesteps refuses this too: the schedule has no more distinct timesteps.
-    let train = config.usize_or("num_train_timesteps", 1000)?;
+    let train = config.train_timesteps();
     if num_inference_steps > train {
         return Err(Error::InvalidInput(format!(
             "{num_inference_steps} steps exceed the {train} timesteps the model was trained with"
@@ -637,13 +646,11 @@ pub fn build_sampler(
     match kind {
         // The name asks for PLMS, which is PNDM without the PRK warm-up (a PNDMScheduler config
         // given no sampler keeps its own setting).
-        SamplerKind::Pndm if cfg.get("skip_prk_steps").is_none() => {
-            cfg.set("skip_prk_steps", Value::Bool(true))
-        }
+        SamplerKind::Pndm if cfg.skip_prk_steps.is_none() => cfg.skip_prk_steps = Some(true),
         SamplerKind::EulerKarras | SamplerKind::DpmPP2MKarras | SamplerKind::LmsKarras => {
-            cfg.set("use_karras_sigmas", Value::Bool(true))
+            cfg.use_karras_sigmas = Some(true)
         }
-        SamplerKind::DpmPP2MSde => cfg.set("algorithm_type", Value::from("sde-dpmsolver++")),
+        SamplerKind::DpmPP2MSde => cfg.algorithm_type = Some("sde-dpmsolver++".into()),
         _ => {}
     }
     let label = kind.name().to_string();
@@ -675,22 +682,13 @@ pub fn build_sampler(
 /// betas from `torch.linspace(..., dtype=float32)` (squared for scaled_linear), `1 - betas` in f32,
 /// and `torch.cumprod`, whose CPU kernel accumulates in double and rounds each output to f32.
 pub fn alphas_cumprod(cfg: &SchedulerConfig, default_schedule: &str) -> Result<Vec<f32>> {
-    let n = cfg.usize_or("num_train_timesteps", 1000)?;
-    let beta_start = cfg.f64_or("beta_start", 0.0001)?;
-    let beta_end = cfg.f64_or("beta_end", 0.02)?;
-    let betas: Vec<f32> = if let Some(trained) = cfg.get("trained_betas") {
-        let list = trained
-            .as_array()
-            .ok_or_else(|| cfg.bad("trained_betas", "a list"))?;
-        list.iter()
-            .map(|v| {
-                v.as_f64()
-                    .map(|b| b as f32)
-                    .ok_or_else(|| cfg.bad("trained_betas", "numbers"))
-            })
-            .collect::<Result<_>>()?
+    let n = cfg.train_timesteps();
+    let beta_start = cfg.beta_start.unwrap_or(0.0001);
+    let beta_end = cfg.beta_end.unwrap_or(0.02);
+    let betas: Vec<f32> = if let Some(trained) = &cfg.trained_betas {
+        trained.iter().map(|&b| b as f32).collect()
     } else {
-        match cfg.str_or("beta_schedule", default_schedule)? {
+        match cfg.beta_schedule.as_deref().unwrap_or(default_schedule) {
             "linear" => torch_linspace_f32(beta_start, beta_end, n),
             "scaled_linear" => torch_linspace_f32(beta_start.sqrt(), beta_end.sqrt(), n)
                 .into_iter()
@@ -700,7 +698,7 @@ pub fn alphas_cumprod(cfg: &SchedulerConfig, default_schedule: &str) -> Result<V
             other => return Err(Error::Unsupported(format!("beta_schedule `{other}`"))),
         }
     };
-    let betas = if cfg.bool_or("rescale_betas_zero_snr", false)? {
+    let betas = if cfg.rescale_betas_zero_snr.unwrap_or(false) {
         rescale_zero_terminal_snr(&betas)
     } else {
         betas

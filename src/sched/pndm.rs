@@ -24,16 +24,16 @@ pub struct Pndm {
 
 impl Pndm {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
-        if !cfg.bool_or("skip_prk_steps", false)? {
+        if !cfg.skip_prk_steps.unwrap_or(false) {
             // The PRK warm-up (4 model calls per step for the first 3 steps) is not ported.
             return Err(Error::Unsupported(
                 "PNDM with skip_prk_steps = false (PRK warm-up); SD configs set it to true".into(),
             ));
         }
         let alphas = AlphaTable::new(cfg, "linear", false)?;
-        let num_train = cfg.usize_or("num_train_timesteps", 1000)?;
+        let num_train = cfg.train_timesteps();
         let spacing = cfg.spacing("leading")?;
-        let offset = cfg.usize_or("steps_offset", 0)?;
+        let offset = cfg.offset();
         // Ascending `_timesteps`.
         let mut base = match spacing {
             Spacing::Linspace => super::np_linspace(0.0, (num_train - 1) as f64, steps)

@@ -7,6 +7,7 @@
 //! vae/diffusion_pytorch_model[.fp16].safetensors    vae/config.json
 //! text_encoder/model[.fp16].safetensors             text_encoder/config.json
 //! scheduler/scheduler_config.json                   (optional)
+//! model_index.json                                   (optional: checked when present)
 //! ```
 //! Sharded weights (`*.safetensors.index.json`) are followed. Pickled `.bin` weights are
 //! refused with a conversion hint.
@@ -15,6 +16,7 @@ use super::rename::{self, InferHints, ModelFamily, PredictionType};
 use super::safetensors::{SafetensorsFile, PICKLE_HINT};
 use super::store::{Entry, Transform, WeightStore};
 use super::{Result, WeightError};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -121,12 +123,96 @@ pub fn open_model(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Pipeline
     }
 }
 
+/// `model_index.json` (written by `DiffusionPipeline.save_pretrained`): the pipeline class and,
+/// per component, `[library, class]` (`[null, null]` for a component left out, such as a removed
+/// safety checker). Read to refuse folders we would otherwise misread: an SDXL folder has the
+/// same `unet/`, `vae/` and `text_encoder/` plus a second text encoder we would silently ignore.
+#[derive(Debug, Deserialize)]
+pub struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    pub pipeline: Option<String>,
+    #[serde(rename = "_diffusers_version")]
+    pub diffusers_version: Option<String>,
+    /// Every other key: components (`[library, class]` pairs) and pipeline options
+    /// (`requires_safety_checker`, `force_zeros_for_empty_prompt`, ...).
+    #[serde(flatten)]
+    pub entries: BTreeMap<String, Value>,
+}
+
+impl ModelIndex {
+    pub fn load(path: &Path) -> Result<Self> {
+        let value = read_json(path)?;
+        let index: ModelIndex = serde_json::from_value(value).map_err(|e| WeightError::Config {
+            what: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        index.validate()?;
+        Ok(index)
+    }
+
+    /// The class of component `name` (`UNet2DConditionModel`), if the folder has one.
+    pub fn component_class(&self, name: &str) -> Option<&str> {
+        match self.entries.get(name)?.as_array()?.as_slice() {
+            [_library, class] => class.as_str(),
+            _ => None,
+        }
+    }
+
+    /// The components we load must be the classes we implement, and nothing the pipeline needs
+    /// may be one we lack (a second text encoder, a prior, an image encoder for conditioning).
+    pub fn validate(&self) -> Result<()> {
+        let unsupported = |what: String| {
+            Err(WeightError::Unsupported {
+                what,
+                hint: "ldm-wgpu runs Stable Diffusion 1.x/2.x pipelines (StableDiffusionPipeline \
+                       and its img2img/inpaint variants)"
+                    .into(),
+            })
+        };
+        let pipeline = self
+            .pipeline
+            .as_deref()
+            .unwrap_or("StableDiffusionPipeline");
+        for extra in [
+            "text_encoder_2",
+            "tokenizer_2",
+            "prior",
+            "image_encoder",
+            "text_encoder_3",
+        ] {
+            if self.component_class(extra).is_some() {
+                return unsupported(format!(
+                    "{pipeline}: its `{extra}` component (SDXL-style and other multi-encoder \
+                     pipelines are not supported yet)"
+                ));
+            }
+        }
+        for (name, want) in [
+            ("unet", "UNet2DConditionModel"),
+            ("vae", "AutoencoderKL"),
+            ("text_encoder", "CLIPTextModel"),
+        ] {
+            match self.component_class(name) {
+                Some(class) if class != want => {
+                    return unsupported(format!("{pipeline}: `{name}` is a {class} (only {want})"))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Opens `root/unet`, `root/vae`, `root/text_encoder` (and `root/scheduler` if present).
 pub fn open_diffusers_folder(
     root: impl AsRef<Path>,
     opts: &LoadOptions,
 ) -> Result<PipelineWeights> {
     let root = root.as_ref();
+    let index_path = root.join("model_index.json");
+    if index_path.is_file() {
+        ModelIndex::load(&index_path)?;
+    }
     let unet = open_component(root.join("unet"), ComponentKind::Unet, opts)?;
     let vae = open_component(root.join("vae"), ComponentKind::Vae, opts)?;
     let text_encoder = open_component(root.join("text_encoder"), ComponentKind::TextEncoder, opts)?;
@@ -484,7 +570,7 @@ fn read_json(path: &Path) -> Result<Value> {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|e| WeightError::Config {
+    crate::models::config::parse_python_json(&text).map_err(|e| WeightError::Config {
         what: path.display().to_string(),
         reason: format!("invalid JSON: {e}"),
     })
