@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use common::*;
 use ldm_wgpu::models::vae::{AutoencoderKL, TileConfig, VaeConfig, VaeTiling};
 use ldm_wgpu::weights::{open_component, ComponentKind, LoadOptions, SafetensorsFile};
-use ldm_wgpu::{DType, Error, Tensor};
+use ldm_wgpu::{DType, Error, Gpu, GpuOptions, Tensor};
 
 const F32_TOL: f64 = 1e-4;
 const F16_TOL: f64 = 1e-2;
@@ -41,6 +41,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn load(dtype: DType) -> AutoencoderKL {
+    load_on(gpu(), dtype)
+}
+
+fn load_on(g: &Gpu, dtype: DType) -> AutoencoderKL {
     let comp = open_component(
         fixtures().join("models/vae"),
         ComponentKind::Vae,
@@ -48,7 +52,7 @@ fn load(dtype: DType) -> AutoencoderKL {
     )
     .unwrap();
     let cfg = VaeConfig::from_json(&comp.config).unwrap();
-    AutoencoderKL::load(gpu(), &comp.weights.root(), cfg, dtype, true).unwrap()
+    AutoencoderKL::load(g, &comp.weights.root(), cfg, dtype, true).unwrap()
 }
 
 struct Io(SafetensorsFile);
@@ -253,7 +257,7 @@ fn auto_picks_untiled_when_it_fits_and_tiles_under_a_budget() {
     );
 
     // A budget just under the untiled decode: the default 32-px tiles fit.
-    let untiled_bytes = vae.decoder_activation_bytes(1, 20, 24);
+    let untiled_bytes = vae.decoder_activation_bytes(g, 1, 20, 24).unwrap();
     vae.memory_budget = Some(untiled_bytes.peak - 1);
     assert_eq!(
         vae.plan_decode(g, z.shape(), VaeTiling::Auto).unwrap(),
@@ -262,7 +266,7 @@ fn auto_picks_untiled_when_it_fits_and_tiles_under_a_budget() {
 
     // Under one 16-latent tile's decode: the tile halves to 16 px, the fixture's setting, so
     // decode_auto reproduces diffusers' tiled_decode.
-    vae.memory_budget = Some(vae.decoder_activation_bytes(1, 16, 16).peak - 1);
+    vae.memory_budget = Some(vae.decoder_activation_bytes(g, 1, 16, 16).unwrap().peak - 1);
     assert_eq!(
         vae.plan_decode(g, z.shape(), VaeTiling::Auto).unwrap(),
         Some(TILE)
@@ -282,7 +286,7 @@ fn auto_picks_untiled_when_it_fits_and_tiles_under_a_budget() {
         vae.plan_encode(g, x.shape(), VaeTiling::Auto).unwrap(),
         None
     );
-    vae.memory_budget = Some(vae.encoder_activation_bytes(1, 32, 32).peak - 1);
+    vae.memory_budget = Some(vae.encoder_activation_bytes(g, 1, 32, 32).unwrap().peak - 1);
     assert_eq!(
         vae.plan_encode(g, x.shape(), VaeTiling::Auto).unwrap(),
         Some(TILE)
@@ -312,29 +316,63 @@ fn auto_picks_untiled_when_it_fits_and_tiles_under_a_budget() {
     assert_eq!(vae.plan_decode(g, z.shape(), VaeTiling::Off).unwrap(), None);
 }
 
+/// The planner's numbers come from a dry run of the same code: they must equal what the real
+/// pass allocates, tensor for tensor (peak live bytes above what was alive before, and the
+/// largest buffer), for decode, encode and a tiled decode, in both dtypes.
 #[test]
-fn activation_estimate_follows_the_decoder() {
-    let vae = load(DType::F32);
-    // Decoder of the fixture (channels 32 -> 16, f = 2) on 20×24 latents: the largest tensor is
-    // the full-resolution upsampled [1, 40, 48, 32] (2× block_out_channels[0]), f32.
-    let a = vae.decoder_activation_bytes(1, 20, 24);
-    assert_eq!(a.largest, 40 * 48 * 32 * 4);
-    assert!(
-        a.peak > 3 * a.largest,
-        "peak {} vs largest {}",
-        a.peak,
-        a.largest
-    );
-    // Linear in the batch and in the pixel count (sizes here are multiples of the 256-byte granule).
-    assert_eq!(vae.decoder_activation_bytes(2, 20, 24).peak, 2 * a.peak);
-    assert_eq!(
-        vae.decoder_activation_bytes(1, 40, 48).largest,
-        4 * a.largest
-    );
-    let e = vae.encoder_activation_bytes(1, 40, 48);
-    // The encoder's full-resolution [1, 40, 48, 16] is outgrown by the mid-block's fused QKV
-    // projection [1, 20·24, 3·32].
-    assert_eq!(e.largest, 20 * 24 * 96 * 4);
+fn dry_run_measures_what_the_real_pass_allocates() {
+    // An engine of its own: the shared one's pool also holds the tensors of tests running beside.
+    let own = Gpu::new(&GpuOptions::from_env().unwrap()).unwrap();
+    let g = &own;
+    for dtype in [DType::F32, DType::F16] {
+        let vae = load_on(g, dtype);
+        let real = |input: &Tensor, pass: &dyn Fn(&Tensor) -> Tensor| {
+            g.trim_pool();
+            let before = g.begin_peak_window();
+            let out = pass(input);
+            g.wait().unwrap();
+            drop(out);
+            let stats = g.pool_stats();
+            // The dry run counts its own input as alive throughout; so does this.
+            (
+                stats.peak_live_bytes - before + input_bytes(input),
+                stats.largest_buffer,
+            )
+        };
+        let z = g
+            .upload(&vec![0.5; 20 * 24 * 4], &[1, 20, 24, 4], dtype)
+            .unwrap();
+        let x = g
+            .upload(&vec![0.1; 40 * 48 * 3], &[1, 40, 48, 3], dtype)
+            .unwrap();
+        let dec = vae.decoder_activation_bytes(g, 1, 20, 24).unwrap();
+        let (peak, largest) = real(&z, &|z| vae.decode(g, z).unwrap());
+        assert_eq!((dec.peak, dec.largest), (peak, largest), "{dtype:?} decode");
+        let enc = vae.encoder_activation_bytes(g, 1, 40, 48).unwrap();
+        let (peak, largest) = real(&x, &|x| vae.encode_moments(g, x).unwrap());
+        assert_eq!((enc.peak, enc.largest), (peak, largest), "{dtype:?} encode");
+        // Plausibility of what was measured: the decoder's full-resolution activations
+        // [1, 40, 48, 32] (2× block_out_channels[0]) are its largest tensors, and more than two
+        // of them are alive at once (a resnet's input, its norm and conv outputs).
+        let full = (40 * 48 * 32 * dtype.size()) as u64;
+        assert!(
+            dec.largest == full && dec.peak > 2 * full,
+            "{dtype:?} {dec:?}"
+        );
+        // Linear in the batch (sizes here are multiples of the 256-byte granule).
+        let dec2 = vae.decoder_activation_bytes(g, 2, 20, 24).unwrap();
+        assert_eq!(dec2.peak, 2 * dec.peak, "{dtype:?}");
+    }
+    // The dry run leaves the real engine's pool as it was, and runs no kernel on it.
+    let vae = load_on(g, DType::F32);
+    g.wait().unwrap();
+    let before = (g.pool_stats(), g.stats().dispatches);
+    vae.decoder_activation_bytes(g, 1, 20, 24).unwrap();
+    assert_eq!((g.pool_stats(), g.stats().dispatches), before);
+}
+
+fn input_bytes(t: &Tensor) -> u64 {
+    t.size_bytes().div_ceil(256) * 256
 }
 
 #[test]

@@ -159,11 +159,6 @@ impl UNetMidBlock2D {
         })
     }
 
-    /// True when the attention materialises its [B, N, N] scores (see the tiling planner).
-    fn attention_unfused(&self) -> bool {
-        self.attention.as_ref().is_some_and(|a| a.is_unfused())
-    }
-
     /// x: [B, h, w, C] -> [B, h, w, C].
     fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
         let mut h = self.resnet0.forward(gpu, x, None)?; // [B, h, w, C]
@@ -289,11 +284,6 @@ impl Encoder {
         })
     }
 
-    /// True when the mid-block attention materialises its scores.
-    pub(crate) fn attention_unfused(&self) -> bool {
-        self.mid_block.attention_unfused()
-    }
-
     /// image [B, H, W, 3] -> [B, H/f, W/f, 2L].
     fn forward(&self, gpu: &Gpu, image: &Tensor) -> Result<Tensor> {
         let mut h = self.conv_in.forward(gpu, image)?; // [B, H, W, C0]
@@ -337,11 +327,6 @@ impl Decoder {
             conv_norm_out: GroupNorm::load(vb.pp("conv_norm_out"), g, boc[0], VAE_EPS)?,
             conv_out: vb.pp("conv_out").conv3x3(boc[0], c.out_channels)?,
         })
-    }
-
-    /// True when the mid-block attention materialises its scores.
-    pub(crate) fn attention_unfused(&self) -> bool {
-        self.mid_block.attention_unfused()
     }
 
     /// z: [B, h, w, L] (after post_quant_conv, dropped once read) -> [B, H, W, 3].

@@ -1,11 +1,10 @@
 //! The tiled VAE and its planner: diffusers' `AutoencoderKL.tiled_decode` / `_tiled_encode`
 //! (overlapping tiles blended with linear ramps), the automatic choice between untiled and tiled
-//! passes, and the activation-memory estimate that choice rests on.
+//! passes, and the activation-memory measurement (a dry run) that choice rests on.
 
 use crate::kernels::tiling;
 use crate::models::vae::{AutoencoderKL, VaeConfig};
-use crate::runtime::tensor::bucket_size;
-use crate::{DType, Error, Gpu, Result, Tensor};
+use crate::{Error, Gpu, Result, Tensor};
 
 /// Which path `decode_with` / `encode_moments_with` take (`ldm generate --vae-tiling`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -170,67 +169,15 @@ impl TileGeometry {
     }
 }
 
-/// Activation memory of one encoder or decoder forward, counted from the block structure (each
-/// tensor rounded to the pool's buffer granule); weights are not included.
+/// Activation memory of a VAE pass, measured by running it on a dry-run twin of the engine
+/// ([`Gpu::dry_run`]): every tensor the real pass would allocate, as the pool would size it;
+/// weights are not included.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ActivationBytes {
     /// The largest single tensor: it has to fit one storage binding.
     pub largest: u64,
-    /// The most bytes alive at once (inputs, tensors held for residuals, outputs).
+    /// The most bytes alive at once (the caller's input, tensors held for residuals, outputs).
     pub peak: u64,
-}
-
-/// Walks a forward pass noting the tensors alive at each step.
-struct Tally {
-    batch: usize,
-    elem: usize,
-    bytes: ActivationBytes,
-}
-
-impl Tally {
-    fn new(batch: usize, dtype: DType) -> Self {
-        Tally {
-            batch,
-            elem: dtype.size(),
-            bytes: ActivationBytes::default(),
-        }
-    }
-
-    fn t(&self, h: usize, w: usize, c: usize) -> u64 {
-        bucket_size((self.batch * h * w * c * self.elem) as u64)
-    }
-
-    fn live(&mut self, tensors: &[u64]) {
-        let b = &mut self.bytes;
-        b.largest = b.largest.max(tensors.iter().copied().max().unwrap_or(0));
-        b.peak = b.peak.max(tensors.iter().sum());
-    }
-
-    /// `ResnetBlock2D.forward` (blocks.rs) keeps its input, both norms, conv1, the shortcut and
-    /// the output alive until it returns (shadowed `let`s are not dropped).
-    fn resnet(&mut self, held: u64, (h, w): (usize, usize), cin: usize, cout: usize) {
-        let (i, o) = (self.t(h, w, cin), self.t(h, w, cout));
-        let shortcut = if cin != cout { o } else { 0 };
-        self.live(&[held, i, i, o, o, shortcut, o]);
-    }
-
-    /// `MidBlock.forward`; the caller holds the block's input throughout.
-    /// `unfused`: the attention materialises its [B, N, N] scores (see `VaeAttention`).
-    fn mid(&mut self, held: u64, hw: (usize, usize), c: usize, attention: bool, unfused: bool) {
-        let x = self.t(hw.0, hw.1, c);
-        self.resnet(held, hw, c, c);
-        if attention && unfused {
-            // block input, resnet output, group norm, v, scores and probabilities
-            let n = hw.0 * hw.1;
-            let scores = self.t(n, n, 1);
-            self.live(&[held, x, x, x, x, scores, scores]);
-        } else if attention {
-            // block input, resnet output, group norm, fused qkv, attention, projected output
-            let qkv = self.t(hw.0, hw.1, 3 * c);
-            self.live(&[held, x, x, x, qkv, x, x]);
-        }
-        self.resnet(held + x, hw, c, c);
-    }
 }
 
 /// `[B, H, W, C]` of a rank-4 shape.
@@ -242,88 +189,70 @@ fn dims4(op: &str, shape: &[usize]) -> Result<[usize; 4]> {
 }
 
 impl AutoencoderKL {
-    /// Activations of [`decode`](Self::decode) on latents [batch, h, w, L].
-    pub fn decoder_activation_bytes(&self, batch: usize, h: usize, w: usize) -> ActivationBytes {
-        let c = &self.config;
-        let boc = &c.block_out_channels;
-        let last = *boc.last().expect("checked at load");
-        let mut t = Tally::new(batch, self.dtype);
-        let z = t.t(h, w, c.latent_channels); // the caller's latents, held throughout
-        let post_quant = if self.post_quant_conv.is_some() { z } else { 0 };
-        t.live(&[z, post_quant, t.t(h, w, last)]); // conv_in reads the post_quant_conv output
-        let unfused = self.decoder.attention_unfused();
-        t.mid(z, (h, w), last, c.mid_block_add_attention, unfused);
-        let (mut hh, mut ww, mut prev) = (h, w, last);
-        for (i, &out) in boc.iter().rev().enumerate() {
-            for j in 0..c.layers_per_block + 1 {
-                t.resnet(z, (hh, ww), if j == 0 { prev } else { out }, out);
-            }
-            if i + 1 < boc.len() {
-                // Upsample2D: the input and the conv output (the conv reads the input through
-                // the 2× index map, so no upsampled copy exists).
-                let up = t.t(2 * hh, 2 * ww, out);
-                t.live(&[z, t.t(hh, ww, out), up]);
-                (hh, ww) = (2 * hh, 2 * ww);
-            }
-            prev = out;
-        }
-        let full = t.t(hh, ww, boc[0]);
-        t.live(&[z, full, full]); // conv_norm_out
-        t.live(&[z, full, t.t(hh, ww, c.out_channels)]); // conv_out
-        t.bytes
+    /// Run `pass` on an input of `shape` on a dry-run twin of `gpu` and report what it
+    /// allocated. Nothing is computed: the kernels' wrappers take the same decisions (variant,
+    /// scratch, fused or unfused attention) as on `gpu` and allocate the same tensors, so the
+    /// measurement follows the code whatever a block does, with no model of it to keep in step.
+    fn measure(
+        &self,
+        gpu: &Gpu,
+        shape: [usize; 4],
+        pass: &dyn Fn(&Gpu, &Tensor) -> Result<Tensor>,
+    ) -> Result<ActivationBytes> {
+        let probe = gpu.dry_run()?;
+        let input = probe.empty(&shape, self.dtype)?; // the caller's input, held throughout
+        drop(pass(&probe, &input)?);
+        let stats = probe.pool_stats();
+        Ok(ActivationBytes {
+            largest: stats.largest_buffer,
+            peak: stats.peak_live_bytes,
+        })
     }
 
-    /// Activations of [`encode_moments`](Self::encode_moments) on an image [batch, h, w, 3].
-    pub fn encoder_activation_bytes(&self, batch: usize, h: usize, w: usize) -> ActivationBytes {
-        let c = &self.config;
-        let boc = &c.block_out_channels;
-        let last = *boc.last().expect("checked at load");
-        let mut t = Tally::new(batch, self.dtype);
-        let x = t.t(h, w, c.in_channels); // the caller's image, held throughout
-        t.live(&[x, t.t(h, w, boc[0])]); // conv_in
-        let (mut hh, mut ww, mut prev) = (h, w, boc[0]);
-        for (i, &out) in boc.iter().enumerate() {
-            for j in 0..c.layers_per_block {
-                t.resnet(x, (hh, ww), if j == 0 { prev } else { out }, out);
-            }
-            if i + 1 < boc.len() {
-                t.live(&[x, t.t(hh, ww, out), t.t(hh / 2, ww / 2, out)]); // Downsample2D
-                (hh, ww) = (hh / 2, ww / 2);
-            }
-            prev = out;
-        }
-        let unfused = self.encoder.as_ref().is_some_and(|e| e.attention_unfused());
-        t.mid(x, (hh, ww), last, c.mid_block_add_attention, unfused);
-        let top = t.t(hh, ww, last);
-        let moments = t.t(hh, ww, 2 * c.latent_channels);
-        t.live(&[x, top, top]); // conv_norm_out
-        t.live(&[x, top, moments]); // conv_out
-        t.live(&[x, moments, moments]); // quant_conv
-        t.bytes
+    /// Activations of [`decode`](Self::decode) on latents [batch, h, w, L], measured.
+    pub fn decoder_activation_bytes(
+        &self,
+        gpu: &Gpu,
+        batch: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<ActivationBytes> {
+        let shape = [batch, h, w, self.config.latent_channels];
+        self.measure(gpu, shape, &|g, z| self.decode(g, z))
     }
 
-    /// Activations of a tiled pass: one tile's forward plus what the assembly holds (the whole
-    /// input, the output, and two rows of blended tiles).
-    fn tiled_bytes(&self, geo: &TileGeometry, shape: [usize; 4], decode: bool) -> ActivationBytes {
-        let [b, h, w, c_in] = shape;
-        let (th, tw) = (geo.tile.min(h), geo.tile.min(w));
-        let tile = if decode {
-            self.decoder_activation_bytes(b, th, tw)
+    /// Activations of [`encode_moments`](Self::encode_moments) on an image [batch, h, w, 3],
+    /// measured.
+    pub fn encoder_activation_bytes(
+        &self,
+        gpu: &Gpu,
+        batch: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<ActivationBytes> {
+        let shape = [batch, h, w, self.config.in_channels];
+        self.measure(gpu, shape, &|g, x| self.encode_moments(g, x))
+    }
+
+    /// Activations of a whole tiled pass (every tile's forward, the blending, the assembled
+    /// output), measured.
+    fn tiled_bytes(
+        &self,
+        gpu: &Gpu,
+        geo: &TileGeometry,
+        shape: [usize; 4],
+        decode: bool,
+    ) -> Result<ActivationBytes> {
+        if decode {
+            let c = self.config.out_channels;
+            self.measure(gpu, shape, &|g, z| {
+                self.run_tiled(g, z, geo, c, &|t| self.decode(g, t))
+            })
         } else {
-            self.encoder_activation_bytes(b, th, tw)
-        };
-        let c_out = if decode {
-            self.config.out_channels
-        } else {
-            2 * self.config.latent_channels
-        };
-        let t = Tally::new(b, self.dtype);
-        let out = t.t(h * geo.up / geo.down, w * geo.up / geo.down, c_out);
-        let tile_out = t.t(th * geo.up / geo.down, tw * geo.up / geo.down, c_out);
-        let cols = w.div_ceil(geo.stride) as u64;
-        ActivationBytes {
-            largest: tile.largest.max(out),
-            peak: tile.peak + t.t(h, w, c_in) + out + 2 * cols * tile_out,
+            let c = 2 * self.config.latent_channels;
+            self.measure(gpu, shape, &|g, x| {
+                self.run_tiled(g, x, geo, c, &|t| self.encode_moments(g, t))
+            })
         }
     }
 
@@ -370,7 +299,7 @@ impl AutoencoderKL {
                     if decode { "decode" } else { "encode" },
                     tile.tile_sample_size
                 );
-                match self.check_fit(gpu, &what, self.tiled_bytes(&geo, shape, decode)) {
+                match self.check_fit(gpu, &what, self.tiled_bytes(gpu, &geo, shape, decode)?) {
                     Ok(()) => return Ok(tile),
                     Err(e) => last_err = Some(e),
                 }
@@ -395,10 +324,13 @@ impl AutoencoderKL {
         decode: bool,
     ) -> Result<Option<TileConfig>> {
         let [b, h, w, _] = shape;
+        if mode == VaeTiling::Off {
+            return Ok(None);
+        }
         let untiled = if decode {
-            self.decoder_activation_bytes(b, h, w)
+            self.decoder_activation_bytes(gpu, b, h, w)?
         } else {
-            self.encoder_activation_bytes(b, h, w)
+            self.encoder_activation_bytes(gpu, b, h, w)?
         };
         let fits = self.check_fit(gpu, "VAE", untiled).is_ok();
         let default_tile =
@@ -488,7 +420,7 @@ impl AutoencoderKL {
         let shape = dims4("vae decode", z.shape())?;
         let geo = TileGeometry::decode(&tile, self.config.downscale())?;
         let what = format!("VAE decode tile of {} px", tile.tile_sample_size);
-        self.check_fit(gpu, &what, self.tiled_bytes(&geo, shape, true))?;
+        self.check_fit(gpu, &what, self.tiled_bytes(gpu, &geo, shape, true)?)?;
         self.run_tiled(gpu, z, &geo, self.config.out_channels, &|t| {
             self.decode(gpu, t)
         })
@@ -513,7 +445,7 @@ impl AutoencoderKL {
         }
         let geo = TileGeometry::encode(&tile, f)?;
         let what = format!("VAE encode tile of {} px", tile.tile_sample_size);
-        self.check_fit(gpu, &what, self.tiled_bytes(&geo, shape, false))?;
+        self.check_fit(gpu, &what, self.tiled_bytes(gpu, &geo, shape, false)?)?;
         self.run_tiled(gpu, image, &geo, 2 * self.config.latent_channels, &|t| {
             self.encode_moments(gpu, t)
         })

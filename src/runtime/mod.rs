@@ -189,6 +189,9 @@ pub struct Gpu {
     driver_cache: Option<(wgpu::PipelineCache, PathBuf)>,
     recorder: Mutex<Recorder>,
     faults: Arc<faults::Faults>,
+    /// A dry-run engine (see [`Gpu::dry_run`]): allocations are counted, nothing is created,
+    /// recorded or submitted.
+    dry_run: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -274,7 +277,55 @@ impl Gpu {
                 bind_groups: BindGroupCache::default(),
             }),
             faults,
+            dry_run: false,
         })
+    }
+
+    /// A dry-run twin of this engine, for measuring what a forward pass allocates without
+    /// running it: the same device, capabilities and kernel policy, so every kernel wrapper
+    /// takes the same decisions and allocates the same tensors, but `empty` creates no buffer
+    /// (the twin's own pool counts the bytes: `pool_stats().peak_live_bytes` is the most alive
+    /// at once, `largest_buffer` the largest), dispatches and copies are checked and dropped, and
+    /// nothing is submitted. Weights of models loaded on the real engine may be passed in (they
+    /// are never bound); reading a tensor back is an error. Memory budgets do not apply, since
+    /// measuring is how the planner finds out whether something fits.
+    pub fn dry_run(&self) -> Result<Gpu> {
+        self.faults.check()?;
+        let ring = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dry-run params"),
+            size: PARAMS_SLOT,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(Gpu {
+            device: self.device.clone(),
+            queue: self.queue.clone(),
+            adapter: self.adapter.clone(),
+            caps: self.caps.clone(),
+            features: self.features,
+            limits: self.limits.clone(),
+            pool: Arc::new(Mutex::new(BufferPool::default())),
+            memory_budget: None,
+            pipelines: Mutex::new(PipelineCache::new(self.shader_checks_everywhere())),
+            policy: Mutex::new(self.policy()),
+            driver_cache: None,
+            recorder: Mutex::new(Recorder {
+                encoder: None,
+                pass: None,
+                params: Vec::new(),
+                ring,
+                profiler: None,
+                stats: RecorderStats::default(),
+                bind_groups: BindGroupCache::default(),
+            }),
+            faults: self.faults.clone(),
+            dry_run: true,
+        })
+    }
+
+    /// Whether this is a dry-run engine ([`Gpu::dry_run`]).
+    pub fn is_dry_run(&self) -> bool {
+        self.dry_run
     }
 
     /// Whether the device has been lost (a driver reset, the GPU removed): every later call
@@ -339,6 +390,12 @@ impl Gpu {
         // buffer is exactly the limit.
         let binding_limit = self.caps.max_storage_binding & !3;
         let size = bucket_size(bytes).min(binding_limit.max(bytes));
+        if self.dry_run {
+            // Counted even beyond the device's limits: the measurement says how far beyond.
+            let id = lock(&self.pool).note_created(size);
+            let storage = Arc::new(PooledBuffer::virtual_buffer(size, self.pool.clone(), id));
+            return Ok(Tensor::from_parts(storage, shape.to_vec(), dtype));
+        }
         if bytes > self.caps.max_storage_binding {
             return Err(Error::LimitExceeded {
                 what: format!("tensor {:?} {} ({} bytes) as one storage binding", shape, dtype.name(), bytes),
@@ -416,11 +473,14 @@ impl Gpu {
         self.memory_budget
     }
 
-    /// Start measuring a new peak: the pool's peak is reset to what it holds now, which is
-    /// returned (live bytes: the baseline a request's activations come on top of).
+    /// Start measuring a new peak: the pool's peaks are reset to what it holds now and the
+    /// largest buffer to none; returns the live bytes (the baseline a request's activations
+    /// come on top of).
     pub fn begin_peak_window(&self) -> u64 {
         let mut pool = lock(&self.pool);
         pool.stats.peak_bytes = pool.stats.live_bytes + pool.stats.free_bytes;
+        pool.stats.peak_live_bytes = pool.stats.live_bytes;
+        pool.stats.largest_buffer = 0;
         pool.stats.live_bytes
     }
 
@@ -485,6 +545,9 @@ impl Gpu {
                 format!("{} bytes for {:?}", bytes.len(), t),
             ));
         }
+        if self.dry_run {
+            return Ok(());
+        }
         // `write_buffer` lands before the commands still being recorded; the buffer may have been
         // recycled from a tensor those commands read, so submit them first.
         self.flush()?;
@@ -532,7 +595,7 @@ impl Gpu {
                 format!("{src:?} and {dst:?} share a buffer"),
             ));
         }
-        if bytes == 0 {
+        if bytes == 0 || self.dry_run {
             return Ok(());
         }
         let mut rec = lock(&self.recorder);
@@ -560,6 +623,11 @@ impl Gpu {
     }
 
     pub fn download_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
+        if self.dry_run {
+            return Err(Error::InvalidInput(
+                "a dry run computes nothing, so nothing can be read back".into(),
+            ));
+        }
         let n = t.size_bytes();
         let size = n.div_ceil(4) * 4;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -596,6 +664,9 @@ impl Gpu {
     /// Block until the GPU is idle.
     pub fn wait(&self) -> Result<()> {
         self.faults.check()?;
+        if self.dry_run {
+            return Ok(());
+        }
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Device(format!("poll: {e}")))?;
@@ -640,6 +711,10 @@ impl Gpu {
                 d.entry,
                 format!("params of {} bytes exceed {PARAMS_SLOT}", d.params.len()),
             ));
+        }
+        if self.dry_run {
+            lock(&self.recorder).stats.dispatches += 1;
+            return Ok(());
         }
         let key = PipelineKey {
             shader: d.shader,

@@ -60,6 +60,10 @@ pub struct PoolStats {
     pub reused: u64,
     /// Highest `live_bytes + free_bytes` seen: the pool's GPU memory footprint.
     pub peak_bytes: u64,
+    /// Highest `live_bytes` seen: what the tensors themselves needed at once.
+    pub peak_live_bytes: u64,
+    /// The largest buffer created: it had to fit one storage binding.
+    pub largest_buffer: u64,
 }
 
 /// Free buffers by bucket size, then by id. Each buffer keeps the id it was given at creation for
@@ -73,7 +77,6 @@ pub struct PoolStats {
 #[derive(Default)]
 pub(crate) struct BufferPool {
     free: HashMap<u64, BTreeMap<u64, wgpu::Buffer>>,
-    next_id: u64,
     pub(crate) stats: PoolStats,
 }
 
@@ -85,17 +88,27 @@ impl BufferPool {
         self.stats.reused += 1;
         self.stats.live_bytes += size;
         self.stats.live_buffers += 1;
+        self.stats.peak_live_bytes = self.stats.peak_live_bytes.max(self.stats.live_bytes);
         Some(entry)
     }
     /// Count a freshly created buffer as live; returns its id (never 0, never reused).
     pub(crate) fn note_created(&mut self, size: u64) -> u64 {
         self.stats.created += 1;
+        self.stats.largest_buffer = self.stats.largest_buffer.max(size);
         self.stats.live_bytes += size;
         self.stats.live_buffers += 1;
         let total = self.stats.live_bytes + self.stats.free_bytes;
         self.stats.peak_bytes = self.stats.peak_bytes.max(total);
-        self.next_id += 1;
-        self.next_id
+        self.stats.peak_live_bytes = self.stats.peak_live_bytes.max(self.stats.live_bytes);
+        // Unique across every pool of the process: a dry run's tensors (another pool) meet the
+        // real engine's weights in the same kernel calls, whose aliasing checks compare ids.
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+    /// A dry run's tensor (no buffer behind it) goes away: only the counters change.
+    fn release_virtual(&mut self, size: u64) {
+        self.stats.live_bytes -= size;
+        self.stats.live_buffers -= 1;
     }
     fn give_back(&mut self, id: u64, buffer: wgpu::Buffer) {
         let size = buffer.size();
@@ -120,8 +133,11 @@ impl BufferPool {
 }
 
 /// A buffer owned by one or more tensors; returns itself to the pool when the last owner drops.
+/// In a dry run (`Gpu::dry_run`) the buffer is absent: the tensor has a size and an id but no
+/// memory, and only a dry-run engine, which never binds or copies, sees it.
 pub struct PooledBuffer {
     buffer: Option<wgpu::Buffer>,
+    size: u64,
     pool: Arc<Mutex<BufferPool>>,
     id: u64,
 }
@@ -129,21 +145,34 @@ pub struct PooledBuffer {
 impl PooledBuffer {
     pub(crate) fn new(buffer: wgpu::Buffer, pool: Arc<Mutex<BufferPool>>, id: u64) -> Self {
         PooledBuffer {
+            size: buffer.size(),
             buffer: Some(buffer),
             pool,
             id,
         }
     }
+    /// A dry run's buffer: counted by the pool, never created.
+    pub(crate) fn virtual_buffer(size: u64, pool: Arc<Mutex<BufferPool>>, id: u64) -> Self {
+        PooledBuffer {
+            buffer: None,
+            size,
+            pool,
+            id,
+        }
+    }
     pub fn buffer(&self) -> &wgpu::Buffer {
-        self.buffer.as_ref().expect("buffer present until drop")
+        self.buffer
+            .as_ref()
+            .expect("a dry run's tensor was given to an engine that runs kernels")
     }
 }
 
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
-        if let Some(buffer) = self.buffer.take() {
-            if let Ok(mut pool) = self.pool.lock() {
-                pool.give_back(self.id, buffer);
+        if let Ok(mut pool) = self.pool.lock() {
+            match self.buffer.take() {
+                Some(buffer) => pool.give_back(self.id, buffer),
+                None => pool.release_virtual(self.size),
             }
         }
     }
