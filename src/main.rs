@@ -92,6 +92,10 @@ struct GenerateArgs {
     /// brackets are plain text (default: A1111 emphasis, `(word:1.3)`, `[word]`, `BREAK`)
     #[arg(long, help_heading = "Prompt")]
     no_prompt_weighting: bool,
+    /// textual-inversion embeddings (.safetensors): a prompt word equal to a file's name uses
+    /// its vectors (default: ./embeddings when it exists)
+    #[arg(long, value_name = "DIR", help_heading = "Prompt")]
+    embeddings: Option<PathBuf>,
 
     /// image width, a multiple of 8 (default: the model's native size)
     #[arg(short = 'W', long, value_name = "N", help_heading = "Image")]
@@ -302,6 +306,7 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         clip_skip,
         long_prompts,
         no_prompt_weighting,
+        embeddings,
         width,
         height,
         steps,
@@ -326,6 +331,7 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         vae_decoder,
         quiet,
     } = args;
+    let embeddings = embeddings_dir(embeddings)?;
     let mut req = GenerateRequest::default();
     let mut gpu_options = GpuOptions::from_env()?;
     let mut model_options = ModelOptions::default();
@@ -440,6 +446,7 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         let tiny = open_tiny(dir)?;
         sd.set_tiny_decoder(Some(tiny))?;
     }
+    load_embeddings(&mut sd, embeddings, &req, quiet)?;
     if karras {
         // Karras sigmas exist for the sigma-based samplers; name the Karras variant.
         let base = req.sampler.or_else(|| config_sampler(&sd));
@@ -658,6 +665,60 @@ fn progress_line(p: &ldm_wgpu::pipeline::Progress<'_>, terminal: bool) {
 fn config_sampler(sd: &ldm_wgpu::pipeline::StableDiffusion) -> Option<SamplerKind> {
     let class = sd.scheduler_config.class_name()?;
     SchedulerClass::from_diffusers_name(class).map(SchedulerClass::default_kind)
+}
+
+/// The embeddings folder: `--embeddings DIR` (which must exist), else ./embeddings when it
+/// exists. Checked before anything is loaded.
+fn embeddings_dir(flag: Option<PathBuf>) -> Result<Option<PathBuf>, Error> {
+    match flag {
+        Some(dir) if !dir.is_dir() => Err(Error::InvalidInput(format!(
+            "--embeddings {}: not a directory",
+            dir.display()
+        ))),
+        Some(dir) => Ok(Some(dir)),
+        None => Ok(Some(PathBuf::from("embeddings")).filter(|d| d.is_dir())),
+    }
+}
+
+/// Textual-inversion embeddings from `--embeddings DIR` (or ./embeddings when it exists): all
+/// are loaded, as in A1111; those the prompts use are printed, and files that cannot be used
+/// are reported when a prompt names them.
+fn load_embeddings(
+    sd: &mut ldm_wgpu::pipeline::StableDiffusion,
+    dir: Option<PathBuf>,
+    req: &ldm_wgpu::pipeline::GenerateRequest,
+    quiet: bool,
+) -> Result<(), Error> {
+    let Some(dir) = dir else {
+        return Ok(());
+    };
+    let (found, unreadable) = ldm_wgpu::embeddings::load_dir(&dir)?;
+    let report = sd.set_embeddings(&found)?;
+    if quiet {
+        return Ok(());
+    }
+    let text = format!("{} {}", req.prompt, req.negative_prompt).to_lowercase();
+    let mentioned = |name: &str| text.contains(&name.to_lowercase());
+    let skipped = unreadable.iter().map(|(path, why)| {
+        let name = path.file_stem().unwrap_or_default().to_string_lossy();
+        (name.to_string(), why.clone())
+    });
+    for (name, why) in report.skipped.iter().cloned().chain(skipped) {
+        if mentioned(&name) {
+            eprintln!("warning: embedding `{name}` not used: {why}");
+        }
+    }
+    let used: Vec<String> = [&req.prompt, &req.negative_prompt]
+        .iter()
+        .flat_map(|p| sd.embeddings_in(p))
+        .collect();
+    for (name, count) in &report.loaded {
+        if used.contains(name) {
+            let plural = if *count == 1 { "" } else { "s" };
+            eprintln!("embedding: {name} ({count} vector{plural})");
+        }
+    }
+    Ok(())
 }
 
 /// The generation parameters in the A1111 web UI's `parameters` text format, which image

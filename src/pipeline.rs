@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::embeddings::Embedding;
 use crate::image::Image;
 use crate::kernels::{elementwise, sampler_step};
 use crate::models::clip::{ClipConfig, ClipTextModel};
@@ -322,6 +323,17 @@ pub struct StableDiffusion {
     /// Decode final images with this tiny autoencoder (TAESD) instead of the VAE: much faster,
     /// a little less detailed (`--vae-decoder`); set with [`StableDiffusion::set_tiny_decoder`].
     tiny_decoder: Option<crate::models::taesd::AutoencoderTiny>,
+    /// Textual-inversion embeddings in use: (name, the token ids standing for its vectors).
+    embeddings: Vec<(String, Vec<u32>)>,
+}
+
+/// What [`StableDiffusion::set_embeddings`] did with each embedding.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EmbeddingsReport {
+    /// Usable with this model: (name, number of vectors).
+    pub loaded: Vec<(String, usize)>,
+    /// Not usable with this model, with the reason (e.g. SDXL vectors for an SD 1.x encoder).
+    pub skipped: Vec<(String, String)>,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -416,7 +428,66 @@ impl StableDiffusion {
             generation: std::sync::Mutex::new(()),
             bytes_per_pixel: std::sync::Mutex::new(None),
             tiny_decoder: None,
+            embeddings: Vec::new(),
         })
+    }
+
+    /// Textual-inversion embeddings for the following generations: an embedding's name, as a
+    /// word of the prompt or the negative prompt, stands for its vectors (diffusers'
+    /// `load_textual_inversion`, A1111's embeddings folder). Replaces any earlier set; an empty
+    /// slice removes them. Embeddings without vectors for this text encoder's width are skipped
+    /// and reported.
+    pub fn set_embeddings(&mut self, embeddings: &[Embedding]) -> Result<EmbeddingsReport> {
+        let width = self.text_encoder.config.hidden_size;
+        let first = self.text_encoder.config.vocab_size as u32;
+        let mut report = EmbeddingsReport::default();
+        let (mut rows, mut words): (Vec<f32>, Vec<(String, Vec<u32>)>) = (Vec::new(), Vec::new());
+        for e in embeddings {
+            let Some((count, values)) = e.vectors(width) else {
+                report.skipped.push((
+                    e.name.clone(),
+                    format!(
+                        "has vectors of width {:?}, this text encoder is {width} wide",
+                        e.widths()
+                    ),
+                ));
+                continue;
+            };
+            if words
+                .iter()
+                .any(|(name, _)| name.eq_ignore_ascii_case(&e.name))
+            {
+                report
+                    .skipped
+                    .push((e.name.clone(), "another embedding has this name".into()));
+                continue;
+            }
+            let start = first + (rows.len() / width) as u32;
+            words.push((e.name.clone(), (start..start + count as u32).collect()));
+            rows.extend_from_slice(values);
+            report.loaded.push((e.name.clone(), count));
+        }
+        self.text_encoder
+            .set_extra_tokens(&self.gpu, &rows, rows.len() / width)?;
+        self.tokenizer.set_embedding_tokens(&words);
+        self.embeddings = words;
+        Ok(report)
+    }
+
+    /// The embeddings `prompt` uses (by name, in order of first use).
+    pub fn embeddings_in(&self, prompt: &str) -> Vec<String> {
+        let ids = self.tokenizer.tokenize(prompt);
+        let mut used: Vec<(usize, String)> = self
+            .embeddings
+            .iter()
+            .filter_map(|(name, vectors)| {
+                ids.iter()
+                    .position(|id| vectors.contains(id))
+                    .map(|at| (at, name.clone()))
+            })
+            .collect();
+        used.sort();
+        used.into_iter().map(|(_, name)| name).collect()
     }
 
     /// Token ids (and emphasis weights) for one prompt: one 77-token window, or several when

@@ -164,6 +164,9 @@ pub struct ClipTokenizer {
     model_max_length: usize,
     /// Memo of piece -> ids, like the BPE model's cache.
     cache: Mutex<HashMap<String, Vec<u32>>>,
+    /// Textual-inversion words: (the word's own token ids, the ids standing for its vectors),
+    /// longest word first (see [`ClipTokenizer::set_embedding_tokens`]).
+    embedding_tokens: Vec<(Vec<u32>, Vec<u32>)>,
 }
 
 impl fmt::Debug for ClipTokenizer {
@@ -351,6 +354,7 @@ impl ClipTokenizer {
             unk_id,
             pad_id,
             model_max_length,
+            embedding_tokens: Vec::new(),
             cache: Mutex::new(HashMap::new()),
         })
     }
@@ -486,8 +490,51 @@ impl ClipTokenizer {
         ids
     }
 
-    /// Token ids of `text` without BOS/EOS.
+    /// Token ids of `text` without BOS/EOS, with textual-inversion words replaced by their
+    /// vectors' ids (see [`set_embedding_tokens`](Self::set_embedding_tokens)).
     pub fn tokenize(&self, text: &str) -> Vec<u32> {
+        let ids = self.tokenize_text(text);
+        if self.embedding_tokens.is_empty() {
+            return ids;
+        }
+        // A1111's `find_embedding_at_position`: at each position the longest word that starts
+        // there wins; matched tokens are replaced, the scan continues after them.
+        let mut out = Vec::with_capacity(ids.len());
+        let mut i = 0;
+        while i < ids.len() {
+            match self
+                .embedding_tokens
+                .iter()
+                .find(|(word, _)| ids[i..].starts_with(word))
+            {
+                Some((word, vectors)) => {
+                    out.extend_from_slice(vectors);
+                    i += word.len();
+                }
+                None => {
+                    out.push(ids[i]);
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// Make `word` (a textual-inversion embedding's name) stand for the token ids `vectors`
+    /// (ids past the vocabulary, whose rows the text encoder gains). Replaces any earlier set.
+    /// A word whose text tokenizes to nothing is ignored.
+    pub fn set_embedding_tokens(&mut self, words: &[(String, Vec<u32>)]) {
+        let mut list: Vec<(Vec<u32>, Vec<u32>)> = words
+            .iter()
+            .map(|(word, vectors)| (self.tokenize_text(word), vectors.clone()))
+            .filter(|(ids, _)| !ids.is_empty())
+            .collect();
+        list.sort_by_key(|(ids, _)| std::cmp::Reverse(ids.len()));
+        self.embedding_tokens = list;
+    }
+
+    /// The tokenizer's own ids for `text` (no embedding words).
+    fn tokenize_text(&self, text: &str) -> Vec<u32> {
         let mut ids = Vec::new();
         for raw in self.split_added(text, false) {
             let raw = match raw {

@@ -121,6 +121,9 @@ pub struct ClipTextModel {
     /// The token table in row slices `(first id, rows)`, each within one storage binding
     /// (CLIP-L's table in f32 is 145 MiB, over the common 128 MiB limit).
     token_embedding: Vec<(usize, Tensor)>,
+    /// Textual-inversion vectors as rows of ids `vocab_size..vocab_size + n` (see
+    /// [`set_extra_tokens`](Self::set_extra_tokens)): `(n, [n, C])`.
+    extra_tokens: Option<(usize, Tensor)>,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
@@ -168,11 +171,36 @@ impl ClipTextModel {
         Ok(ClipTextModel {
             config,
             token_embedding,
+            extra_tokens: None,
             position_embedding,
             layers,
             final_layer_norm,
             dtype,
         })
+    }
+
+    /// Give the token table `count` more rows (ids `vocab_size..vocab_size + count`) holding
+    /// `rows` ([count, hidden] row-major): textual-inversion vectors, as diffusers'
+    /// `load_textual_inversion` resizes the embedding. Replaces any earlier set; `count` 0
+    /// removes them.
+    pub fn set_extra_tokens(&mut self, gpu: &Gpu, rows: &[f32], count: usize) -> Result<()> {
+        let width = self.config.hidden_size;
+        if rows.len() != count * width {
+            return Err(Error::shape(
+                "clip extra tokens",
+                format!("{} values for {count} rows of {width}", rows.len()),
+            ));
+        }
+        self.extra_tokens = match count {
+            0 => None,
+            _ => Some((count, gpu.upload(rows, &[count, width], self.dtype)?)),
+        };
+        Ok(())
+    }
+
+    /// Token ids this encoder can embed: the vocabulary plus any extra tokens.
+    pub fn token_count(&self) -> usize {
+        self.config.vocab_size + self.extra_tokens.as_ref().map_or(0, |(n, _)| *n)
     }
 
     /// Encode `ids` ([batch, tokens] row-major, tokens ≤ max_position_embeddings).
@@ -204,9 +232,9 @@ impl ClipTextModel {
                 ),
             ));
         }
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.token_count()) {
             return Err(Error::InvalidInput(format!(
-                "token id {bad} outside the vocabulary ({})",
+                "token id {bad} outside the vocabulary ({}) and the embeddings' tokens",
                 c.vocab_size
             )));
         }
@@ -222,7 +250,11 @@ impl ClipTextModel {
         let (hsz, heads) = (c.hidden_size, c.num_attention_heads);
         // [B, N, C]
         let mut hidden = gpu.empty(&[batch, tokens, hsz], self.dtype)?;
-        for (first_id, table) in &self.token_embedding {
+        let extra = self
+            .extra_tokens
+            .as_ref()
+            .map(|(_, rows)| (c.vocab_size, rows.clone()));
+        for (first_id, table) in self.token_embedding.iter().chain(extra.as_ref()) {
             elementwise::embed_tokens_slice_into(
                 gpu,
                 ids,
