@@ -58,6 +58,10 @@ struct GenerateArgs {
     /// keep the VAE in f32 (default: the VAE config's force_upcast)
     #[arg(long, help_heading = "Model")]
     vae_f32: bool,
+    /// use this VAE folder instead of the model's (an AutoencoderKL such as sd-vae-ft-mse or
+    /// sdxl-vae-fp16-fix; an AutoencoderTiny folder acts as --vae-decoder)
+    #[arg(long, value_name = "DIR", help_heading = "Model")]
+    vae: Option<PathBuf>,
     /// tiled VAE decode/encode (default auto: only when it would not fit)
     #[arg(long, value_name = "auto|on|off", help_heading = "Model")]
     vae_tiling: Option<String>,
@@ -128,6 +132,9 @@ struct GenerateArgs {
     /// Karras sigmas (euler, dpmpp_2m, lms)
     #[arg(long, help_heading = "Image")]
     karras: bool,
+    /// override the scheduler config's timestep spacing (Turbo and zero-SNR models: trailing)
+    #[arg(long, value_name = "leading|trailing|linspace", help_heading = "Image")]
+    timestep_spacing: Option<String>,
     /// DDIM eta; TCD's gamma
     #[arg(long, value_name = "F", help_heading = "Image")]
     eta: Option<f64>,
@@ -299,6 +306,7 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         model,
         dtype,
         vae_f32,
+        vae,
         vae_tiling,
         prediction_type,
         prompt,
@@ -313,6 +321,7 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         guidance,
         sampler,
         karras,
+        timestep_spacing,
         eta,
         seed,
         rng,
@@ -332,6 +341,13 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         quiet,
     } = args;
     let embeddings = embeddings_dir(embeddings)?;
+    if let Some(v) = &timestep_spacing {
+        if !["leading", "trailing", "linspace"].contains(&v.as_str()) {
+            return Err(Error::InvalidInput(format!(
+                "--timestep-spacing `{v}` (leading, trailing or linspace)"
+            )));
+        }
+    }
     let mut req = GenerateRequest::default();
     let mut gpu_options = GpuOptions::from_env()?;
     let mut model_options = ModelOptions::default();
@@ -382,6 +398,21 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
     }
     if vae_f32 {
         model_options.vae_f32 = Some(true);
+    }
+    let mut vae_decoder = vae_decoder;
+    if let Some(dir) = vae {
+        if !dir.is_dir() {
+            return Err(Error::InvalidInput(format!(
+                "--vae {}: not a directory (give a diffusers AutoencoderKL or AutoencoderTiny \
+                 folder)",
+                dir.display()
+            )));
+        }
+        if is_tiny_autoencoder(&dir) {
+            vae_decoder = Some(dir);
+        } else {
+            model_options.vae_dir = Some(dir);
+        }
     }
     if let Some(v) = vae_tiling {
         req.vae_tiling = v.parse()?;
@@ -447,6 +478,11 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         sd.set_tiny_decoder(Some(tiny))?;
     }
     load_embeddings(&mut sd, embeddings, &req, quiet)?;
+    if let Some(v) = timestep_spacing {
+        // As if the folder's scheduler_config.json said so (diffusers: `from_config(config,
+        // timestep_spacing=...)`); every sampler reads it from there.
+        sd.scheduler_config.timestep_spacing = Some(v);
+    }
     if karras {
         // Karras sigmas exist for the sigma-based samplers; name the Karras variant.
         let base = req.sampler.or_else(|| config_sampler(&sd));
@@ -665,6 +701,14 @@ fn progress_line(p: &ldm_wgpu::pipeline::Progress<'_>, terminal: bool) {
 fn config_sampler(sd: &ldm_wgpu::pipeline::StableDiffusion) -> Option<SamplerKind> {
     let class = sd.scheduler_config.class_name()?;
     SchedulerClass::from_diffusers_name(class).map(SchedulerClass::default_kind)
+}
+
+/// Whether `dir` holds a diffusers `AutoencoderTiny` (TAESD) rather than an `AutoencoderKL`.
+fn is_tiny_autoencoder(dir: &std::path::Path) -> bool {
+    std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["_class_name"] == "AutoencoderTiny")
 }
 
 /// The embeddings folder: `--embeddings DIR` (which must exist), else ./embeddings when it

@@ -352,6 +352,10 @@ pub struct ModelOptions {
     pub load: LoadOptions,
     /// Tokenizer folder for single-file checkpoints (default: the one shipped in weights/).
     pub tokenizer_dir: Option<PathBuf>,
+    /// A stand-alone AutoencoderKL folder used instead of the model's VAE (diffusers layout, as
+    /// `AutoencoderKL.from_pretrained` reads it: e.g. sd-vae-ft-mse, or sdxl-vae-fp16-fix, which
+    /// runs in f16 where the original overflows).
+    pub vae_dir: Option<PathBuf>,
 }
 
 /// The model shipped in `weights/` (used when no `--model` is given).
@@ -370,7 +374,10 @@ impl StableDiffusion {
         let start = Instant::now();
         let dtype = opts.dtype.unwrap_or(gpu.compute_dtype());
         gpu.require_dtype(dtype)?;
-        let w = weights::open_model(model, &opts.load)?;
+        let mut w = weights::open_model(model, &opts.load)?;
+        if let Some(dir) = &opts.vae_dir {
+            w.vae = weights::open_component(dir, weights::ComponentKind::Vae, &opts.load)?;
+        }
         let tokenizer_dir = match &opts.tokenizer_dir {
             Some(d) => d.clone(),
             None if model.join("tokenizer").is_dir() => model.join("tokenizer"),
@@ -391,6 +398,13 @@ impl StableDiffusion {
         };
         let clip_config = ClipConfig::from_json(&w.text_encoder.config)?;
         let unet_config = UNetConfig::from_json(&w.unet.config)?;
+        if vae_config.latent_channels != unet_config.out_channels {
+            return Err(Error::InvalidInput(format!(
+                "the VAE has {} latent channels, the U-Net works on {}: they are not from one \
+                 model family",
+                vae_config.latent_channels, unet_config.out_channels
+            )));
+        }
         // The three models load on their own threads: reading, converting and reordering the
         // U-Net's ~1.7 GB dominates, and the text encoder and VAE overlap with it (wgpu's device
         // and queue are thread-safe; uploads are copied into staging memory as they come).

@@ -170,6 +170,14 @@ fn our_errors_keep_their_form() {
             &["generate", "-p", "x", "--seed-mode", "odd"],
             "--seed-mode `odd`",
         ),
+        (
+            &["generate", "-p", "x", "--timestep-spacing", "sideways"],
+            "--timestep-spacing `sideways`",
+        ),
+        (
+            &["generate", "-p", "x", "--embeddings", "/no/such/dir"],
+            "not a directory",
+        ),
     ] {
         let o = ldm(args);
         let err = stderr(&o);

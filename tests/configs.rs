@@ -245,3 +245,26 @@ fn model_index_refuses_pipelines_we_would_misread() {
         );
     }
 }
+
+/// A replacement VAE (`ModelOptions::vae_dir`, the CLI's `--vae`) from another model family (a
+/// different latent channel count) is refused by name before any weight is uploaded.
+#[test]
+fn a_vae_from_another_family_is_refused() {
+    let dir = std::env::temp_dir().join(format!("ldm-other-vae-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = default_model_dir().join("vae");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let vae = with(shipped("vae"), "latent_channels", json!(16));
+    std::fs::write(dir.join("config.json"), vae.to_string()).unwrap();
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("adapter");
+    let options = ModelOptions {
+        vae_dir: Some(dir.clone()),
+        ..Default::default()
+    };
+    let e = err_text(StableDiffusion::load(gpu, &default_model_dir(), &options));
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(e.contains("16 latent channels"), "{e}");
+}

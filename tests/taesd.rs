@@ -163,3 +163,44 @@ fn cli_previews_and_decodes_with_taesd() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--vae DIR`: an AutoencoderKL folder replaces the model's VAE (the model's own VAE given this
+/// way changes nothing), an AutoencoderTiny folder acts as `--vae-decoder`, and a path that is
+/// not a folder is refused before anything loads.
+#[test]
+fn cli_vae_flag_takes_either_autoencoder() {
+    let dir = std::env::temp_dir().join(format!("ldm-vae-flag-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |name: &str, extra: &[&std::ffi::OsStr]| {
+        let out = dir.join(name);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_ldm"))
+            .args(["generate", "-q", "-p", "a blue circle", "--seed", "2"])
+            .args(["-W", "64", "-H", "64", "--steps", "2", "-o"])
+            .arg(&out)
+            .args(extra)
+            .env("XDG_CACHE_HOME", &dir)
+            .output()
+            .expect("run ldm");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ldm_wgpu::image::Image::load_png(&out).unwrap().rgb
+    };
+    let own_vae = ldm_wgpu::pipeline::default_model_dir().join("vae");
+    let tiny = fixtures("tiny_f4");
+    let plain = run("plain.png", &[]);
+    let with_own = run("own.png", &["--vae".as_ref(), own_vae.as_os_str()]);
+    assert!(
+        plain == with_own,
+        "the model's own VAE given with --vae changed the image"
+    );
+    let decoder = run("dec.png", &["--vae-decoder".as_ref(), tiny.as_os_str()]);
+    let via_vae = run("tiny.png", &["--vae".as_ref(), tiny.as_os_str()]);
+    assert!(decoder == via_vae, "--vae with TAESD is not --vae-decoder");
+    assert!(decoder != plain);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(["generate", "-p", "x", "--vae", "/no/such/vae"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a directory"));
+    std::fs::remove_dir_all(&dir).ok();
+}
