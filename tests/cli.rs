@@ -201,6 +201,9 @@ heun               Heun               HeunDiscreteScheduler
 ddpm               DDPM               DDPMScheduler, stochastic
 lcm                LCM                LCMScheduler (LCM models and LCM-LoRA, 2-8 steps), stochastic
 tcd                TCD                TCDScheduler (gamma = --eta, 0.3 suggested)
+unipc              UniPC              UniPCMultistepScheduler (bh2, order 2)
+unipc_bh1          UniPC bh1          UniPCMultistepScheduler (bh1, order 2)
+unipc_karras       UniPC Karras       UniPCMultistepScheduler + use_karras_sigmas
 "
     );
 }

@@ -277,6 +277,20 @@ fn lcm() {
 fn tcd() {
     check_sampler("tcd");
 }
+#[test]
+fn unipc() {
+    check_sampler("unipc");
+}
+/// Compared with a final sigma_min: diffusers' bh1 ends in NaN at a final sigma 0 (see
+/// tools/make_sampler_fixtures.py); `every_sampler_runs_with_few_steps` covers that case here.
+#[test]
+fn unipc_bh1() {
+    check_sampler("unipc_bh1");
+}
+#[test]
+fn unipc_karras() {
+    check_sampler("unipc_karras");
+}
 
 #[test]
 fn pndm_takes_steps_plus_one_calls() {

@@ -19,10 +19,11 @@ pub enum SchedulerClass {
     Ddpm,
     Lcm,
     Tcd,
+    UniPcMultistep,
 }
 
 impl SchedulerClass {
-    pub const ALL: [SchedulerClass; 10] = [
+    pub const ALL: [SchedulerClass; 11] = [
         SchedulerClass::Ddim,
         SchedulerClass::Pndm,
         SchedulerClass::EulerDiscrete,
@@ -33,6 +34,7 @@ impl SchedulerClass {
         SchedulerClass::Ddpm,
         SchedulerClass::Lcm,
         SchedulerClass::Tcd,
+        SchedulerClass::UniPcMultistep,
     ];
 
     /// diffusers' class name.
@@ -48,6 +50,7 @@ impl SchedulerClass {
             SchedulerClass::Ddpm => "DDPMScheduler",
             SchedulerClass::Lcm => "LCMScheduler",
             SchedulerClass::Tcd => "TCDScheduler",
+            SchedulerClass::UniPcMultistep => "UniPCMultistepScheduler",
         }
     }
 
@@ -70,6 +73,7 @@ impl SchedulerClass {
             SchedulerClass::Ddpm => SamplerKind::Ddpm,
             SchedulerClass::Lcm => SamplerKind::Lcm,
             SchedulerClass::Tcd => SamplerKind::Tcd,
+            SchedulerClass::UniPcMultistep => SamplerKind::UniPc,
         }
     }
 }
@@ -92,11 +96,14 @@ pub enum SamplerKind {
     Ddpm,
     Lcm,
     Tcd,
+    UniPc,
+    UniPcBh1,
+    UniPcKarras,
 }
 
 impl SamplerKind {
     /// Every sampler, in the order `ldm samplers` lists them.
-    pub const ALL: [SamplerKind; 14] = [
+    pub const ALL: [SamplerKind; 17] = [
         SamplerKind::Ddim,
         SamplerKind::Pndm,
         SamplerKind::Euler,
@@ -111,6 +118,9 @@ impl SamplerKind {
         SamplerKind::Ddpm,
         SamplerKind::Lcm,
         SamplerKind::Tcd,
+        SamplerKind::UniPc,
+        SamplerKind::UniPcBh1,
+        SamplerKind::UniPcKarras,
     ];
 
     /// The `--sampler` name.
@@ -130,6 +140,9 @@ impl SamplerKind {
             SamplerKind::Ddpm => "ddpm",
             SamplerKind::Lcm => "lcm",
             SamplerKind::Tcd => "tcd",
+            SamplerKind::UniPc => "unipc",
+            SamplerKind::UniPcBh1 => "unipc_bh1",
+            SamplerKind::UniPcKarras => "unipc_karras",
         }
     }
 
@@ -150,6 +163,9 @@ impl SamplerKind {
             SamplerKind::Ddpm => "DDPMScheduler",
             SamplerKind::Lcm => "LCMScheduler (LCM models and LCM-LoRA, 2-8 steps)",
             SamplerKind::Tcd => "TCDScheduler (gamma = --eta, 0.3 suggested)",
+            SamplerKind::UniPc => "UniPCMultistepScheduler (bh2, order 2)",
+            SamplerKind::UniPcBh1 => "UniPCMultistepScheduler (bh1, order 2)",
+            SamplerKind::UniPcKarras => "UniPCMultistepScheduler + use_karras_sigmas",
         }
     }
 
@@ -170,6 +186,10 @@ impl SamplerKind {
             SamplerKind::Ddpm => "DDPM",
             SamplerKind::Lcm => "LCM",
             SamplerKind::Tcd => "TCD",
+            SamplerKind::UniPc => "UniPC",
+            // A1111 picks bh1 in a setting, not by name; these two follow its naming pattern.
+            SamplerKind::UniPcBh1 => "UniPC bh1",
+            SamplerKind::UniPcKarras => "UniPC Karras",
         }
     }
 
@@ -187,6 +207,9 @@ impl SamplerKind {
             SamplerKind::Ddpm => SchedulerClass::Ddpm,
             SamplerKind::Lcm => SchedulerClass::Lcm,
             SamplerKind::Tcd => SchedulerClass::Tcd,
+            SamplerKind::UniPc | SamplerKind::UniPcBh1 | SamplerKind::UniPcKarras => {
+                SchedulerClass::UniPcMultistep
+            }
         }
     }
 
@@ -197,6 +220,7 @@ impl SamplerKind {
             SamplerKind::Euler | SamplerKind::EulerKarras => Some(SamplerKind::EulerKarras),
             SamplerKind::DpmPP2M | SamplerKind::DpmPP2MKarras => Some(SamplerKind::DpmPP2MKarras),
             SamplerKind::Lms | SamplerKind::LmsKarras => Some(SamplerKind::LmsKarras),
+            SamplerKind::UniPc | SamplerKind::UniPcKarras => Some(SamplerKind::UniPcKarras),
             _ => None,
         }
     }

@@ -46,6 +46,7 @@ mod lcm;
 mod lms;
 mod pndm;
 mod tcd;
+mod unipc;
 
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;
@@ -59,6 +60,7 @@ pub use lcm::Lcm;
 pub use lms::Lms;
 pub use pndm::Pndm;
 pub use tcd::Tcd;
+pub use unipc::UniPc;
 
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
@@ -640,9 +642,11 @@ pub fn build_sampler(
         SamplerKind::Pndm if cfg.get("skip_prk_steps").is_none() => {
             cfg.set("skip_prk_steps", Value::Bool(true))
         }
-        SamplerKind::EulerKarras | SamplerKind::DpmPP2MKarras | SamplerKind::LmsKarras => {
-            cfg.set("use_karras_sigmas", Value::Bool(true))
-        }
+        SamplerKind::EulerKarras
+        | SamplerKind::DpmPP2MKarras
+        | SamplerKind::LmsKarras
+        | SamplerKind::UniPcKarras => cfg.set("use_karras_sigmas", Value::Bool(true)),
+        SamplerKind::UniPcBh1 => cfg.set("solver_type", Value::from("bh1")),
         SamplerKind::DpmPP2MSde => cfg.set("algorithm_type", Value::from("sde-dpmsolver++")),
         _ => {}
     }
@@ -663,6 +667,7 @@ pub fn build_sampler(
         SchedulerClass::Ddpm => Box::new(Ddpm::new(&cfg, steps, label)?),
         SchedulerClass::Lcm => Box::new(Lcm::new(&cfg, steps, label)?),
         SchedulerClass::Tcd => Box::new(Tcd::new(&cfg, steps, label)?),
+        SchedulerClass::UniPcMultistep => Box::new(UniPc::new(&cfg, steps, label)?),
     };
     Ok(s)
 }
