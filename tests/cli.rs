@@ -204,6 +204,7 @@ tcd                TCD                TCDScheduler (gamma = --eta, 0.3 suggested
 unipc              UniPC              UniPCMultistepScheduler (bh2, order 2)
 unipc_bh1          UniPC bh1          UniPCMultistepScheduler (bh1, order 2)
 unipc_karras       UniPC Karras       UniPCMultistepScheduler + use_karras_sigmas
+deis               DEIS               DEISMultistepScheduler (log-rho, order 2)
 "
     );
 }

@@ -291,6 +291,10 @@ fn unipc_bh1() {
 fn unipc_karras() {
     check_sampler("unipc_karras");
 }
+#[test]
+fn deis() {
+    check_sampler("deis");
+}
 
 #[test]
 fn pndm_takes_steps_plus_one_calls() {

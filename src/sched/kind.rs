@@ -20,10 +20,11 @@ pub enum SchedulerClass {
     Lcm,
     Tcd,
     UniPcMultistep,
+    DeisMultistep,
 }
 
 impl SchedulerClass {
-    pub const ALL: [SchedulerClass; 11] = [
+    pub const ALL: [SchedulerClass; 12] = [
         SchedulerClass::Ddim,
         SchedulerClass::Pndm,
         SchedulerClass::EulerDiscrete,
@@ -35,6 +36,7 @@ impl SchedulerClass {
         SchedulerClass::Lcm,
         SchedulerClass::Tcd,
         SchedulerClass::UniPcMultistep,
+        SchedulerClass::DeisMultistep,
     ];
 
     /// diffusers' class name.
@@ -51,6 +53,7 @@ impl SchedulerClass {
             SchedulerClass::Lcm => "LCMScheduler",
             SchedulerClass::Tcd => "TCDScheduler",
             SchedulerClass::UniPcMultistep => "UniPCMultistepScheduler",
+            SchedulerClass::DeisMultistep => "DEISMultistepScheduler",
         }
     }
 
@@ -74,6 +77,7 @@ impl SchedulerClass {
             SchedulerClass::Lcm => SamplerKind::Lcm,
             SchedulerClass::Tcd => SamplerKind::Tcd,
             SchedulerClass::UniPcMultistep => SamplerKind::UniPc,
+            SchedulerClass::DeisMultistep => SamplerKind::Deis,
         }
     }
 }
@@ -99,11 +103,12 @@ pub enum SamplerKind {
     UniPc,
     UniPcBh1,
     UniPcKarras,
+    Deis,
 }
 
 impl SamplerKind {
     /// Every sampler, in the order `ldm samplers` lists them.
-    pub const ALL: [SamplerKind; 17] = [
+    pub const ALL: [SamplerKind; 18] = [
         SamplerKind::Ddim,
         SamplerKind::Pndm,
         SamplerKind::Euler,
@@ -121,6 +126,7 @@ impl SamplerKind {
         SamplerKind::UniPc,
         SamplerKind::UniPcBh1,
         SamplerKind::UniPcKarras,
+        SamplerKind::Deis,
     ];
 
     /// The `--sampler` name.
@@ -143,6 +149,7 @@ impl SamplerKind {
             SamplerKind::UniPc => "unipc",
             SamplerKind::UniPcBh1 => "unipc_bh1",
             SamplerKind::UniPcKarras => "unipc_karras",
+            SamplerKind::Deis => "deis",
         }
     }
 
@@ -166,6 +173,7 @@ impl SamplerKind {
             SamplerKind::UniPc => "UniPCMultistepScheduler (bh2, order 2)",
             SamplerKind::UniPcBh1 => "UniPCMultistepScheduler (bh1, order 2)",
             SamplerKind::UniPcKarras => "UniPCMultistepScheduler + use_karras_sigmas",
+            SamplerKind::Deis => "DEISMultistepScheduler (log-rho, order 2)",
         }
     }
 
@@ -190,6 +198,7 @@ impl SamplerKind {
             // A1111 picks bh1 in a setting, not by name; these two follow its naming pattern.
             SamplerKind::UniPcBh1 => "UniPC bh1",
             SamplerKind::UniPcKarras => "UniPC Karras",
+            SamplerKind::Deis => "DEIS",
         }
     }
 
@@ -210,6 +219,7 @@ impl SamplerKind {
             SamplerKind::UniPc | SamplerKind::UniPcBh1 | SamplerKind::UniPcKarras => {
                 SchedulerClass::UniPcMultistep
             }
+            SamplerKind::Deis => SchedulerClass::DeisMultistep,
         }
     }
 

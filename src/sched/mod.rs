@@ -36,6 +36,7 @@
 
 mod ddim;
 mod ddpm;
+mod deis;
 mod dpm_solver_multistep;
 mod euler;
 mod euler_ancestral;
@@ -50,6 +51,7 @@ mod unipc;
 
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;
+pub use deis::Deis;
 pub use dpm_solver_multistep::DpmSolverMultistep;
 pub use euler::Euler;
 pub use euler_ancestral::EulerAncestral;
@@ -668,6 +670,7 @@ pub fn build_sampler(
         SchedulerClass::Lcm => Box::new(Lcm::new(&cfg, steps, label)?),
         SchedulerClass::Tcd => Box::new(Tcd::new(&cfg, steps, label)?),
         SchedulerClass::UniPcMultistep => Box::new(UniPc::new(&cfg, steps, label)?),
+        SchedulerClass::DeisMultistep => Box::new(Deis::new(&cfg, steps, label)?),
     };
     Ok(s)
 }
