@@ -43,6 +43,37 @@ fn check_table(what: &str, got: &[f64], want: &[f64], rel: f64, errors: &mut Vec
     }
 }
 
+/// KDPM2's midpoint timesteps (every second call, starting from an even step index):
+/// diffusers computes them in float32 through torch's CPU sqrt, log and exp, which are not
+/// correctly rounded here (MKL: `torch.sqrt` of 53.04254 is one ulp below IEEE's), after the
+/// cancelling `sqrt(next² - up²)` of sigma_down; we round the same f32 steps correctly. Measured
+/// worst 3.4e-6 (KDPM2 a, t ≈ 0); every other timestep keeps the 1e-6 of the tables.
+const KDPM2_MIDPOINT_TOL: f64 = 5e-6;
+
+fn check_timesteps(
+    sampler_name: &str,
+    what: &str,
+    got: &[f64],
+    want: &[f64],
+    errors: &mut Vec<String>,
+) {
+    let midpoints = sampler_name.starts_with("kdpm2");
+    if got.len() != want.len() {
+        check_table(what, got, want, 1e-6, errors);
+        return;
+    }
+    let rel = |i: usize| {
+        if midpoints && i % 2 == 1 {
+            KDPM2_MIDPOINT_TOL
+        } else {
+            1e-6
+        }
+    };
+    if let Some(i) = (0..got.len()).find(|&i| !close(got[i], want[i], rel(i))) {
+        errors.push(format!("{what}[{i}]: {} vs diffusers {}", got[i], want[i]));
+    }
+}
+
 /// The fixture's fake U-Net: eps = 0.1 x cos(t/300) + 0.05 sin(t/200) (cond: a different f).
 fn fake_unet(x: &[f32], t: f64, cond: bool) -> Vec<f32> {
     let (a, b) = if cond {
@@ -77,11 +108,11 @@ fn run_case(sampler_name: &str, case: &Value) -> Vec<String> {
         assert!(s.set_eta(eta), "{sampler_name} takes no eta");
     }
 
-    check_table(
+    check_timesteps(
+        sampler_name,
         "timesteps",
         s.timesteps(),
         &floats(&case["timesteps"]),
-        1e-6,
         &mut errors,
     );
     if case.get("sigmas").is_some() {
@@ -106,11 +137,11 @@ fn run_case(sampler_name: &str, case: &Value) -> Vec<String> {
     let n = 64;
     let latents: Vec<f32> = if let Some(strength) = case.get("strength").and_then(Value::as_f64) {
         s.truncate_for_strength(steps, strength);
-        check_table(
+        check_timesteps(
+            sampler_name,
             "truncated timesteps",
             s.timesteps(),
             &floats(&case["truncated_timesteps"]),
-            1e-6,
             &mut errors,
         );
         let mix = s.add_noise(0);
@@ -294,6 +325,22 @@ fn unipc_karras() {
 #[test]
 fn deis() {
     check_sampler("deis");
+}
+#[test]
+fn kdpm2() {
+    check_sampler("kdpm2");
+}
+#[test]
+fn kdpm2_karras() {
+    check_sampler("kdpm2_karras");
+}
+#[test]
+fn kdpm2_ancestral() {
+    check_sampler("kdpm2_a");
+}
+#[test]
+fn kdpm2_ancestral_karras() {
+    check_sampler("kdpm2_a_karras");
 }
 
 #[test]

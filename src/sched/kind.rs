@@ -21,10 +21,12 @@ pub enum SchedulerClass {
     Tcd,
     UniPcMultistep,
     DeisMultistep,
+    Kdpm2Discrete,
+    Kdpm2AncestralDiscrete,
 }
 
 impl SchedulerClass {
-    pub const ALL: [SchedulerClass; 12] = [
+    pub const ALL: [SchedulerClass; 14] = [
         SchedulerClass::Ddim,
         SchedulerClass::Pndm,
         SchedulerClass::EulerDiscrete,
@@ -37,6 +39,8 @@ impl SchedulerClass {
         SchedulerClass::Tcd,
         SchedulerClass::UniPcMultistep,
         SchedulerClass::DeisMultistep,
+        SchedulerClass::Kdpm2Discrete,
+        SchedulerClass::Kdpm2AncestralDiscrete,
     ];
 
     /// diffusers' class name.
@@ -54,6 +58,8 @@ impl SchedulerClass {
             SchedulerClass::Tcd => "TCDScheduler",
             SchedulerClass::UniPcMultistep => "UniPCMultistepScheduler",
             SchedulerClass::DeisMultistep => "DEISMultistepScheduler",
+            SchedulerClass::Kdpm2Discrete => "KDPM2DiscreteScheduler",
+            SchedulerClass::Kdpm2AncestralDiscrete => "KDPM2AncestralDiscreteScheduler",
         }
     }
 
@@ -78,6 +84,8 @@ impl SchedulerClass {
             SchedulerClass::Tcd => SamplerKind::Tcd,
             SchedulerClass::UniPcMultistep => SamplerKind::UniPc,
             SchedulerClass::DeisMultistep => SamplerKind::Deis,
+            SchedulerClass::Kdpm2Discrete => SamplerKind::Kdpm2,
+            SchedulerClass::Kdpm2AncestralDiscrete => SamplerKind::Kdpm2A,
         }
     }
 }
@@ -104,11 +112,15 @@ pub enum SamplerKind {
     UniPcBh1,
     UniPcKarras,
     Deis,
+    Kdpm2,
+    Kdpm2Karras,
+    Kdpm2A,
+    Kdpm2AKarras,
 }
 
 impl SamplerKind {
     /// Every sampler, in the order `ldm samplers` lists them.
-    pub const ALL: [SamplerKind; 18] = [
+    pub const ALL: [SamplerKind; 22] = [
         SamplerKind::Ddim,
         SamplerKind::Pndm,
         SamplerKind::Euler,
@@ -127,6 +139,10 @@ impl SamplerKind {
         SamplerKind::UniPcBh1,
         SamplerKind::UniPcKarras,
         SamplerKind::Deis,
+        SamplerKind::Kdpm2,
+        SamplerKind::Kdpm2Karras,
+        SamplerKind::Kdpm2A,
+        SamplerKind::Kdpm2AKarras,
     ];
 
     /// The `--sampler` name.
@@ -150,6 +166,10 @@ impl SamplerKind {
             SamplerKind::UniPcBh1 => "unipc_bh1",
             SamplerKind::UniPcKarras => "unipc_karras",
             SamplerKind::Deis => "deis",
+            SamplerKind::Kdpm2 => "kdpm2",
+            SamplerKind::Kdpm2Karras => "kdpm2_karras",
+            SamplerKind::Kdpm2A => "kdpm2_a",
+            SamplerKind::Kdpm2AKarras => "kdpm2_a_karras",
         }
     }
 
@@ -174,6 +194,10 @@ impl SamplerKind {
             SamplerKind::UniPcBh1 => "UniPCMultistepScheduler (bh1, order 2)",
             SamplerKind::UniPcKarras => "UniPCMultistepScheduler + use_karras_sigmas",
             SamplerKind::Deis => "DEISMultistepScheduler (log-rho, order 2)",
+            SamplerKind::Kdpm2 => "KDPM2DiscreteScheduler",
+            SamplerKind::Kdpm2Karras => "KDPM2DiscreteScheduler + use_karras_sigmas",
+            SamplerKind::Kdpm2A => "KDPM2AncestralDiscreteScheduler",
+            SamplerKind::Kdpm2AKarras => "KDPM2AncestralDiscreteScheduler + use_karras_sigmas",
         }
     }
 
@@ -199,6 +223,10 @@ impl SamplerKind {
             SamplerKind::UniPcBh1 => "UniPC bh1",
             SamplerKind::UniPcKarras => "UniPC Karras",
             SamplerKind::Deis => "DEIS",
+            SamplerKind::Kdpm2 => "DPM2",
+            SamplerKind::Kdpm2Karras => "DPM2 Karras",
+            SamplerKind::Kdpm2A => "DPM2 a",
+            SamplerKind::Kdpm2AKarras => "DPM2 a Karras",
         }
     }
 
@@ -220,6 +248,10 @@ impl SamplerKind {
                 SchedulerClass::UniPcMultistep
             }
             SamplerKind::Deis => SchedulerClass::DeisMultistep,
+            SamplerKind::Kdpm2 | SamplerKind::Kdpm2Karras => SchedulerClass::Kdpm2Discrete,
+            SamplerKind::Kdpm2A | SamplerKind::Kdpm2AKarras => {
+                SchedulerClass::Kdpm2AncestralDiscrete
+            }
         }
     }
 
@@ -231,6 +263,8 @@ impl SamplerKind {
             SamplerKind::DpmPP2M | SamplerKind::DpmPP2MKarras => Some(SamplerKind::DpmPP2MKarras),
             SamplerKind::Lms | SamplerKind::LmsKarras => Some(SamplerKind::LmsKarras),
             SamplerKind::UniPc | SamplerKind::UniPcKarras => Some(SamplerKind::UniPcKarras),
+            SamplerKind::Kdpm2 | SamplerKind::Kdpm2Karras => Some(SamplerKind::Kdpm2Karras),
+            SamplerKind::Kdpm2A | SamplerKind::Kdpm2AKarras => Some(SamplerKind::Kdpm2AKarras),
             _ => None,
         }
     }
@@ -239,7 +273,12 @@ impl SamplerKind {
     pub fn is_stochastic(self) -> bool {
         matches!(
             self,
-            SamplerKind::EulerA | SamplerKind::DpmPP2MSde | SamplerKind::Ddpm | SamplerKind::Lcm
+            SamplerKind::EulerA
+                | SamplerKind::DpmPP2MSde
+                | SamplerKind::Ddpm
+                | SamplerKind::Lcm
+                | SamplerKind::Kdpm2A
+                | SamplerKind::Kdpm2AKarras
         )
     }
 }

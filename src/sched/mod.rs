@@ -42,6 +42,7 @@ mod euler;
 mod euler_ancestral;
 mod gpu;
 mod heun;
+mod kdpm2;
 mod kind;
 mod lcm;
 mod lms;
@@ -57,6 +58,7 @@ pub use euler::Euler;
 pub use euler_ancestral::EulerAncestral;
 pub use gpu::{execute_on_gpu, GpuBuffers};
 pub use heun::Heun;
+pub use kdpm2::{Kdpm2, Kdpm2Ancestral};
 pub use kind::{SamplerKind, SchedulerClass};
 pub use lcm::Lcm;
 pub use lms::Lms;
@@ -647,7 +649,9 @@ pub fn build_sampler(
         SamplerKind::EulerKarras
         | SamplerKind::DpmPP2MKarras
         | SamplerKind::LmsKarras
-        | SamplerKind::UniPcKarras => cfg.set("use_karras_sigmas", Value::Bool(true)),
+        | SamplerKind::UniPcKarras
+        | SamplerKind::Kdpm2Karras
+        | SamplerKind::Kdpm2AKarras => cfg.set("use_karras_sigmas", Value::Bool(true)),
         SamplerKind::UniPcBh1 => cfg.set("solver_type", Value::from("bh1")),
         SamplerKind::DpmPP2MSde => cfg.set("algorithm_type", Value::from("sde-dpmsolver++")),
         _ => {}
@@ -671,6 +675,10 @@ pub fn build_sampler(
         SchedulerClass::Tcd => Box::new(Tcd::new(&cfg, steps, label)?),
         SchedulerClass::UniPcMultistep => Box::new(UniPc::new(&cfg, steps, label)?),
         SchedulerClass::DeisMultistep => Box::new(Deis::new(&cfg, steps, label)?),
+        SchedulerClass::Kdpm2Discrete => Box::new(Kdpm2::new(&cfg, steps, label)?),
+        SchedulerClass::Kdpm2AncestralDiscrete => {
+            Box::new(Kdpm2Ancestral::new(&cfg, steps, label)?)
+        }
     };
     Ok(s)
 }
