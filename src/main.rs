@@ -121,7 +121,7 @@ struct GenerateArgs {
         help_heading = "Image"
     )]
     sampler: Option<String>,
-    /// Karras sigmas (euler, dpmpp_2m, lms)
+    /// Karras sigmas (euler, dpmpp_2m, lms, unipc, kdpm2, kdpm2_a)
     #[arg(long, help_heading = "Image")]
     karras: bool,
     /// DDIM eta; TCD's gamma
