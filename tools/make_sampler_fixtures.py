@@ -70,11 +70,14 @@ EXTRA_CONFIGS = {
     "unipc": [("sd15_order3", dict(SD15, solver_order=3)),
               ("sd15_disable_corrector", dict(SD15, disable_corrector=[0, 1, 5])),
               ("sd15_no_lower_order_final", dict(SD15, lower_order_final=False,
-                                                 final_sigmas_type="sigma_min"))],
+                                                 final_sigmas_type="sigma_min")),
+              ("sd15_order1", dict(SD15, solver_order=1)),
+              ("sd2_v_zero_snr", dict(SD2_V, rescale_betas_zero_snr=True))],
     "unipc_bh1": [("sd15_order3", dict(SD15, solver_order=3))],
     "unipc_karras": [("sd15_sigma_min", dict(SD15, final_sigmas_type="sigma_min"))],
     "deis": [("sd15_order3", dict(SD15, solver_order=3)),
-             ("sd15_order1", dict(SD15, solver_order=1))],
+             ("sd15_order1", dict(SD15, solver_order=1)),
+             ("sd15_karras", dict(SD15, use_karras_sigmas=True))],
 }
 # Added to every case's config. UniPC bh1's last step to sigma 0 is NaN in diffusers (B(h) = h =
 # -inf times the `pred_res = 0` of a first-order step); with a final sigma_min it is finite, so the
