@@ -445,3 +445,45 @@ fn strength_that_keeps_no_step_never_skips_past_the_schedule() {
         }
     }
 }
+
+/// Tiny training schedules (1 to 3 timesteps), with Karras sigmas or other spacings: every
+/// sampler either refuses the config or runs its loop, never panics (`_sigma_to_t` over a
+/// one-entry table once indexed past it).
+#[test]
+fn tiny_training_schedules_never_panic() {
+    for train in [1usize, 2, 3] {
+        for extra in [
+            "",
+            r#", "use_karras_sigmas": true"#,
+            r#", "timestep_spacing": "trailing""#,
+            r#", "timestep_spacing": "leading", "steps_offset": 0"#,
+        ] {
+            let config = SchedulerConfig::from_json_str(&format!(
+                r#"{{"num_train_timesteps": {train}, "beta_schedule": "scaled_linear",
+                    "beta_start": 0.00085, "beta_end": 0.012{extra}}}"#
+            ))
+            .unwrap();
+            for kind in ldm_wgpu::sched::SamplerKind::ALL {
+                for steps in 1..=train {
+                    let run = std::panic::catch_unwind(|| {
+                        let Ok(mut s) = build_sampler(&config, Some(kind), steps) else {
+                            return;
+                        };
+                        let mut bufs = CpuBuffers::new(vec![0.5; 4]);
+                        for call in 0..s.timesteps().len() {
+                            let plan = s.step(call);
+                            if plan.needs_noise {
+                                bufs.set(Buf::Noise, vec![0.1; 4]);
+                            }
+                            execute_on_cpu(&plan, &[0.25; 4], None, &mut bufs).unwrap();
+                        }
+                    });
+                    assert!(
+                        run.is_ok(),
+                        "{kind}: {train} training timesteps, {steps} steps{extra} panicked"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -104,6 +104,9 @@ impl BaseSchedule {
         sigmas_interpol
             .iter()
             .map(|&sigma| {
+                if log_sigmas.len() < 2 {
+                    return 0.0; // as `sigma_to_t`: one training timestep
+                }
                 let log_sigma = sigma.max(1e-10).ln();
                 let count = log_sigmas
                     .iter()
@@ -255,15 +258,16 @@ impl Kdpm2Ancestral {
         // sigmas_next = sigmas.roll(-1) with its last 0; up and down as in Euler a, in f32 (the
         // subtractions cancel: the midpoint timesteps depend on their rounding).
         let next = |k: usize| if k < n { s(k + 1) } else { 0.0 };
+        let sq = |v: f32| v * v; // torch's `** 2`
         let sigmas_up: Vec<f32> = (0..=n)
-            .map(|k| (next(k).powi(2) * (s(k).powi(2) - next(k).powi(2)) / s(k).powi(2)).sqrt())
+            .map(|k| (sq(next(k)) * (sq(s(k)) - sq(next(k))) / sq(s(k))).sqrt())
             .collect();
         let sigmas_down: Vec<f32> = (0..=n)
             .map(|k| {
                 if k == n {
                     0.0
                 } else {
-                    (next(k).powi(2) - sigmas_up[k].powi(2)).sqrt()
+                    (sq(next(k)) - sq(sigmas_up[k])).sqrt()
                 }
             })
             .collect();

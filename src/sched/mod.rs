@@ -883,6 +883,10 @@ pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec
 /// `_sigma_to_t`: fractional training timestep of `sigma` by interpolating log-sigmas, with
 /// `log_sigmas` the float32 `np.log` of the training sigmas (so `low - high` is an f32 difference).
 pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    if log_sigmas.len() < 2 {
+        // One training timestep: nothing to interpolate (diffusers indexes past its table).
+        return 0.0;
+    }
     let log_sigma = sigma.max(1e-10).ln();
     // low_idx = last index whose log_sigma <= log(sigma), clipped to len - 2.
     let count = log_sigmas
