@@ -55,7 +55,9 @@ fn main() -> Result<()> {
 
     let side = size / f;
     let n = side * side * latent_channels;
-    let values: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let values: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
     let shape = [1, side, side, latent_channels];
     let time = |decode: &dyn Fn(&Tensor) -> Result<Tensor>, z: &Tensor| -> Result<f64> {
         decode(z)?;

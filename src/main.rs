@@ -129,7 +129,7 @@ struct GenerateArgs {
         help_heading = "Image"
     )]
     sampler: Option<String>,
-    /// Karras sigmas (euler, dpmpp_2m, lms)
+    /// Karras sigmas (euler, dpmpp_2m, lms, unipc, kdpm2, kdpm2_a)
     #[arg(long, help_heading = "Image")]
     karras: bool,
     /// override the scheduler config's timestep spacing (Turbo and zero-SNR models: trailing)
@@ -491,8 +491,15 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
                 || sd.scheduler_config.class_name().unwrap_or("?").to_string(),
                 |k| k.name().to_string(),
             );
+            // The samplers that have a Karras variant other than themselves.
+            let with: Vec<&str> = SamplerKind::ALL
+                .into_iter()
+                .filter(|&k| k.karras().is_some_and(|v| v != k))
+                .map(SamplerKind::name)
+                .collect();
             Error::InvalidInput(format!(
-                "--karras works with --sampler euler, dpmpp_2m or lms (not `{named}`)"
+                "--karras works with --sampler {} (not `{named}`)",
+                with.join(", ")
             ))
         })?;
         req.sampler = Some(with_karras);

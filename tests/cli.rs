@@ -209,6 +209,14 @@ heun               Heun               HeunDiscreteScheduler
 ddpm               DDPM               DDPMScheduler, stochastic
 lcm                LCM                LCMScheduler (LCM models and LCM-LoRA, 2-8 steps), stochastic
 tcd                TCD                TCDScheduler (gamma = --eta, 0.3 suggested)
+unipc              UniPC              UniPCMultistepScheduler (bh2, order 2)
+unipc_bh1          UniPC bh1          UniPCMultistepScheduler (bh1, order 2)
+unipc_karras       UniPC Karras       UniPCMultistepScheduler + use_karras_sigmas
+deis               DEIS               DEISMultistepScheduler (log-rho, order 2)
+kdpm2              DPM2               KDPM2DiscreteScheduler
+kdpm2_karras       DPM2 Karras        KDPM2DiscreteScheduler + use_karras_sigmas
+kdpm2_a            DPM2 a             KDPM2AncestralDiscreteScheduler, stochastic
+kdpm2_a_karras     DPM2 a Karras      KDPM2AncestralDiscreteScheduler + use_karras_sigmas, stochastic
 "
     );
 }

@@ -17,10 +17,12 @@ import inspect, json, math, os
 import numpy as np
 import torch
 import diffusers
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler,
-                       TCDScheduler)
+from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler,
+                       DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, HeunDiscreteScheduler,
+                       KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler,
+                       LMSDiscreteScheduler, PNDMScheduler, TCDScheduler,
+                       UniPCMultistepScheduler)
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,7 +55,34 @@ SAMPLERS = {  # name -> (class, config overrides applied on top, as the --sample
     "dpmpp_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
     "lcm": (LCMScheduler, {}),
     "tcd": (TCDScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "unipc_bh1": (UniPCMultistepScheduler, {"solver_type": "bh1"}),
+    "unipc_karras": (UniPCMultistepScheduler, {"use_karras_sigmas": True}),
+    "deis": (DEISMultistepScheduler, {}),
+    "kdpm2": (KDPM2DiscreteScheduler, {}),
+    "kdpm2_karras": (KDPM2DiscreteScheduler, {"use_karras_sigmas": True}),
+    "kdpm2_a": (KDPM2AncestralDiscreteScheduler, {}),
+    "kdpm2_a_karras": (KDPM2AncestralDiscreteScheduler, {"use_karras_sigmas": True}),
 }
+# Multistep solvers: solver order 3 and UniPC's other settings, given in the model's config (as
+# a scheduler_config.json would), on top of the sampler's own overrides.
+EXTRA_CONFIGS = {
+    "unipc": [("sd15_order3", dict(SD15, solver_order=3)),
+              ("sd15_disable_corrector", dict(SD15, disable_corrector=[0, 1, 5])),
+              ("sd15_no_lower_order_final", dict(SD15, lower_order_final=False,
+                                                 final_sigmas_type="sigma_min")),
+              ("sd15_order1", dict(SD15, solver_order=1)),
+              ("sd2_v_zero_snr", dict(SD2_V, rescale_betas_zero_snr=True))],
+    "unipc_bh1": [("sd15_order3", dict(SD15, solver_order=3))],
+    "unipc_karras": [("sd15_sigma_min", dict(SD15, final_sigmas_type="sigma_min"))],
+    "deis": [("sd15_order3", dict(SD15, solver_order=3)),
+             ("sd15_order1", dict(SD15, solver_order=1)),
+             ("sd15_karras", dict(SD15, use_karras_sigmas=True))],
+}
+# Added to every case's config. UniPC bh1's last step to sigma 0 is NaN in diffusers (B(h) = h =
+# -inf times the `pred_res = 0` of a first-order step); with a final sigma_min it is finite, so the
+# bh1 loops are compared there (our bh1 drops the absent term, as the code's intent is).
+BASE_EXTRA = {"unipc_bh1": {"final_sigmas_type": "sigma_min"}}
 GUIDANCE = 7.5
 SHAPE = (1, 4, 4, 4)
 
@@ -143,13 +172,19 @@ def main():
         variants.append(("sd15_img2img", SD15, 20, False, 0.6))
         variants.append(("sd2_v_trailing", SD2_V, 20, False, None))
         variants.append(("sd15_hub_config", SD15_HUB, 20, False, None))
-        if name in ("euler_a", "dpmpp_2m", "ddim"):
+        if name in ("euler_a", "dpmpp_2m", "ddim", "unipc", "deis", "kdpm2", "kdpm2_a"):
             variants.append(("sd15_guided", SD15, 20, True, None))
-        if name.startswith("dpmpp"):
+        if name.startswith(("dpmpp", "unipc", "deis")):
             variants.append(("sd15", SD15, 10, False, None))  # < 15 steps: lower_order_final path
+        if name.startswith(("unipc", "deis", "kdpm2")):
+            variants.append(("sd15", SD15, 4, False, None))  # few steps, the warm-up throughout
+            variants.append(("sd15_img2img", SD15, 10, False, 0.5))
+        for label, config in EXTRA_CONFIGS.get(name, []):
+            variants += [(label, config, 12, False, None), (label, config, 20, False, None)]
         if name in ("lcm", "tcd"):
             variants.append(("sd15", SD15, 4, False, None))  # what they are for: few steps
         for label, base, steps, guided, strength in variants:
+            base = dict(base, **BASE_EXTRA.get(name, {}))
             sched = build(cls, overrides, base)
             case = run(sched, steps, guided, strength)
             case.update(label=label, steps=steps, guidance=GUIDANCE if guided else None,

@@ -9,6 +9,34 @@ use super::{
 };
 use crate::error::{Error, Result};
 
+/// The `timestep_spacing` block of the multistep solvers' `set_timesteps` (DPMSolverMultistep,
+/// UniPCMultistep and DEISMultistep share it): `steps + 1` points with the last dropped, so the
+/// schedule stops short of timestep 0; the values numpy computes before the int64 cast.
+pub(crate) fn multistep_timesteps(
+    cfg: &SchedulerConfig,
+    num_train: usize,
+    steps: usize,
+) -> Result<Vec<f64>> {
+    let spacing = cfg.spacing("linspace")?;
+    let offset = cfg.offset();
+    Ok(match spacing {
+        Spacing::Linspace => {
+            let mut t = super::np_linspace(0.0, (num_train - 1) as f64, steps + 1);
+            t.reverse();
+            t.pop();
+            t.iter().map(|v| v.round_ties_even()).collect()
+        }
+        Spacing::Leading => {
+            let ratio = num_train / (steps + 1);
+            (1..=steps)
+                .rev()
+                .map(|i| (i * ratio + offset) as f64)
+                .collect()
+        }
+        Spacing::Trailing => spaced_timesteps(spacing, num_train, steps, offset, true)?,
+    })
+}
+
 pub struct DpmSolverMultistep {
     name: String,
     timesteps: Vec<f64>,
@@ -74,26 +102,8 @@ impl DpmSolverMultistep {
                 "DPM-Solver variance_type (learned variance)".into(),
             ));
         }
-        let spacing = cfg.spacing("linspace")?;
-        let offset = cfg.offset();
         // lambda_min_clipped = -inf: last_timestep = num_train_timesteps.
-        let last = num_train;
-        let mut timesteps: Vec<f64> = match spacing {
-            Spacing::Linspace => {
-                let mut t = super::np_linspace(0.0, (last - 1) as f64, steps + 1);
-                t.reverse();
-                t.pop();
-                t.iter().map(|v| v.round_ties_even()).collect()
-            }
-            Spacing::Leading => {
-                let ratio = last / (steps + 1);
-                (1..=steps)
-                    .rev()
-                    .map(|i| (i * ratio + offset) as f64)
-                    .collect()
-            }
-            Spacing::Trailing => spaced_timesteps(spacing, num_train, steps, offset, true)?,
-        };
+        let mut timesteps = multistep_timesteps(cfg, num_train, steps)?;
         let train = train_sigmas(&acp);
         let mut sigmas: Vec<f64> = if cfg.use_karras_sigmas.unwrap_or(false) {
             let log_sigmas = log_sigmas_f32(&train);

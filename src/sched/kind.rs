@@ -19,10 +19,14 @@ pub enum SchedulerClass {
     Ddpm,
     Lcm,
     Tcd,
+    UniPcMultistep,
+    DeisMultistep,
+    Kdpm2Discrete,
+    Kdpm2AncestralDiscrete,
 }
 
 impl SchedulerClass {
-    pub const ALL: [SchedulerClass; 10] = [
+    pub const ALL: [SchedulerClass; 14] = [
         SchedulerClass::Ddim,
         SchedulerClass::Pndm,
         SchedulerClass::EulerDiscrete,
@@ -33,6 +37,10 @@ impl SchedulerClass {
         SchedulerClass::Ddpm,
         SchedulerClass::Lcm,
         SchedulerClass::Tcd,
+        SchedulerClass::UniPcMultistep,
+        SchedulerClass::DeisMultistep,
+        SchedulerClass::Kdpm2Discrete,
+        SchedulerClass::Kdpm2AncestralDiscrete,
     ];
 
     /// diffusers' class name.
@@ -48,6 +56,10 @@ impl SchedulerClass {
             SchedulerClass::Ddpm => "DDPMScheduler",
             SchedulerClass::Lcm => "LCMScheduler",
             SchedulerClass::Tcd => "TCDScheduler",
+            SchedulerClass::UniPcMultistep => "UniPCMultistepScheduler",
+            SchedulerClass::DeisMultistep => "DEISMultistepScheduler",
+            SchedulerClass::Kdpm2Discrete => "KDPM2DiscreteScheduler",
+            SchedulerClass::Kdpm2AncestralDiscrete => "KDPM2AncestralDiscreteScheduler",
         }
     }
 
@@ -70,6 +82,10 @@ impl SchedulerClass {
             SchedulerClass::Ddpm => SamplerKind::Ddpm,
             SchedulerClass::Lcm => SamplerKind::Lcm,
             SchedulerClass::Tcd => SamplerKind::Tcd,
+            SchedulerClass::UniPcMultistep => SamplerKind::UniPc,
+            SchedulerClass::DeisMultistep => SamplerKind::Deis,
+            SchedulerClass::Kdpm2Discrete => SamplerKind::Kdpm2,
+            SchedulerClass::Kdpm2AncestralDiscrete => SamplerKind::Kdpm2A,
         }
     }
 }
@@ -92,11 +108,19 @@ pub enum SamplerKind {
     Ddpm,
     Lcm,
     Tcd,
+    UniPc,
+    UniPcBh1,
+    UniPcKarras,
+    Deis,
+    Kdpm2,
+    Kdpm2Karras,
+    Kdpm2A,
+    Kdpm2AKarras,
 }
 
 impl SamplerKind {
     /// Every sampler, in the order `ldm samplers` lists them.
-    pub const ALL: [SamplerKind; 14] = [
+    pub const ALL: [SamplerKind; 22] = [
         SamplerKind::Ddim,
         SamplerKind::Pndm,
         SamplerKind::Euler,
@@ -111,6 +135,14 @@ impl SamplerKind {
         SamplerKind::Ddpm,
         SamplerKind::Lcm,
         SamplerKind::Tcd,
+        SamplerKind::UniPc,
+        SamplerKind::UniPcBh1,
+        SamplerKind::UniPcKarras,
+        SamplerKind::Deis,
+        SamplerKind::Kdpm2,
+        SamplerKind::Kdpm2Karras,
+        SamplerKind::Kdpm2A,
+        SamplerKind::Kdpm2AKarras,
     ];
 
     /// The `--sampler` name.
@@ -130,6 +162,14 @@ impl SamplerKind {
             SamplerKind::Ddpm => "ddpm",
             SamplerKind::Lcm => "lcm",
             SamplerKind::Tcd => "tcd",
+            SamplerKind::UniPc => "unipc",
+            SamplerKind::UniPcBh1 => "unipc_bh1",
+            SamplerKind::UniPcKarras => "unipc_karras",
+            SamplerKind::Deis => "deis",
+            SamplerKind::Kdpm2 => "kdpm2",
+            SamplerKind::Kdpm2Karras => "kdpm2_karras",
+            SamplerKind::Kdpm2A => "kdpm2_a",
+            SamplerKind::Kdpm2AKarras => "kdpm2_a_karras",
         }
     }
 
@@ -150,6 +190,14 @@ impl SamplerKind {
             SamplerKind::Ddpm => "DDPMScheduler",
             SamplerKind::Lcm => "LCMScheduler (LCM models and LCM-LoRA, 2-8 steps)",
             SamplerKind::Tcd => "TCDScheduler (gamma = --eta, 0.3 suggested)",
+            SamplerKind::UniPc => "UniPCMultistepScheduler (bh2, order 2)",
+            SamplerKind::UniPcBh1 => "UniPCMultistepScheduler (bh1, order 2)",
+            SamplerKind::UniPcKarras => "UniPCMultistepScheduler + use_karras_sigmas",
+            SamplerKind::Deis => "DEISMultistepScheduler (log-rho, order 2)",
+            SamplerKind::Kdpm2 => "KDPM2DiscreteScheduler",
+            SamplerKind::Kdpm2Karras => "KDPM2DiscreteScheduler + use_karras_sigmas",
+            SamplerKind::Kdpm2A => "KDPM2AncestralDiscreteScheduler",
+            SamplerKind::Kdpm2AKarras => "KDPM2AncestralDiscreteScheduler + use_karras_sigmas",
         }
     }
 
@@ -170,6 +218,15 @@ impl SamplerKind {
             SamplerKind::Ddpm => "DDPM",
             SamplerKind::Lcm => "LCM",
             SamplerKind::Tcd => "TCD",
+            SamplerKind::UniPc => "UniPC",
+            // A1111 picks bh1 in a setting, not by name; these two follow its naming pattern.
+            SamplerKind::UniPcBh1 => "UniPC bh1",
+            SamplerKind::UniPcKarras => "UniPC Karras",
+            SamplerKind::Deis => "DEIS",
+            SamplerKind::Kdpm2 => "DPM2",
+            SamplerKind::Kdpm2Karras => "DPM2 Karras",
+            SamplerKind::Kdpm2A => "DPM2 a",
+            SamplerKind::Kdpm2AKarras => "DPM2 a Karras",
         }
     }
 
@@ -187,6 +244,14 @@ impl SamplerKind {
             SamplerKind::Ddpm => SchedulerClass::Ddpm,
             SamplerKind::Lcm => SchedulerClass::Lcm,
             SamplerKind::Tcd => SchedulerClass::Tcd,
+            SamplerKind::UniPc | SamplerKind::UniPcBh1 | SamplerKind::UniPcKarras => {
+                SchedulerClass::UniPcMultistep
+            }
+            SamplerKind::Deis => SchedulerClass::DeisMultistep,
+            SamplerKind::Kdpm2 | SamplerKind::Kdpm2Karras => SchedulerClass::Kdpm2Discrete,
+            SamplerKind::Kdpm2A | SamplerKind::Kdpm2AKarras => {
+                SchedulerClass::Kdpm2AncestralDiscrete
+            }
         }
     }
 
@@ -197,6 +262,9 @@ impl SamplerKind {
             SamplerKind::Euler | SamplerKind::EulerKarras => Some(SamplerKind::EulerKarras),
             SamplerKind::DpmPP2M | SamplerKind::DpmPP2MKarras => Some(SamplerKind::DpmPP2MKarras),
             SamplerKind::Lms | SamplerKind::LmsKarras => Some(SamplerKind::LmsKarras),
+            SamplerKind::UniPc | SamplerKind::UniPcKarras => Some(SamplerKind::UniPcKarras),
+            SamplerKind::Kdpm2 | SamplerKind::Kdpm2Karras => Some(SamplerKind::Kdpm2Karras),
+            SamplerKind::Kdpm2A | SamplerKind::Kdpm2AKarras => Some(SamplerKind::Kdpm2AKarras),
             _ => None,
         }
     }
@@ -205,7 +273,12 @@ impl SamplerKind {
     pub fn is_stochastic(self) -> bool {
         matches!(
             self,
-            SamplerKind::EulerA | SamplerKind::DpmPP2MSde | SamplerKind::Ddpm | SamplerKind::Lcm
+            SamplerKind::EulerA
+                | SamplerKind::DpmPP2MSde
+                | SamplerKind::Ddpm
+                | SamplerKind::Lcm
+                | SamplerKind::Kdpm2A
+                | SamplerKind::Kdpm2AKarras
         )
     }
 }

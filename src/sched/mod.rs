@@ -36,29 +36,35 @@
 
 mod ddim;
 mod ddpm;
+mod deis;
 mod dpm_solver_multistep;
 mod euler;
 mod euler_ancestral;
 mod gpu;
 mod heun;
+mod kdpm2;
 mod kind;
 mod lcm;
 mod lms;
 mod pndm;
 mod tcd;
+mod unipc;
 
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;
+pub use deis::Deis;
 pub use dpm_solver_multistep::DpmSolverMultistep;
 pub use euler::Euler;
 pub use euler_ancestral::EulerAncestral;
 pub use gpu::{execute_on_gpu, GpuBuffers};
 pub use heun::Heun;
+pub use kdpm2::{Kdpm2, Kdpm2Ancestral};
 pub use kind::{SamplerKind, SchedulerClass};
 pub use lcm::Lcm;
 pub use lms::Lms;
 pub use pndm::Pndm;
 pub use tcd::Tcd;
+pub use unipc::UniPc;
 
 use crate::error::{Error, Result};
 use serde::Deserialize;
@@ -452,6 +458,10 @@ pub struct SchedulerConfig {
     pub use_beta_sigmas: Option<bool>,
     pub use_lu_lambdas: Option<bool>,
     pub use_flow_sigmas: Option<bool>,
+    pub use_dynamic_shifting: Option<bool>,
+    pub predict_x0: Option<bool>,
+    /// UniPC: step indices whose corrector is skipped.
+    pub disable_corrector: Option<Vec<usize>>,
     pub sigma_min: Option<f64>,
     pub sigma_max: Option<f64>,
     pub final_sigmas_type: Option<String>,
@@ -647,9 +657,13 @@ pub fn build_sampler(
         // The name asks for PLMS, which is PNDM without the PRK warm-up (a PNDMScheduler config
         // given no sampler keeps its own setting).
         SamplerKind::Pndm if cfg.skip_prk_steps.is_none() => cfg.skip_prk_steps = Some(true),
-        SamplerKind::EulerKarras | SamplerKind::DpmPP2MKarras | SamplerKind::LmsKarras => {
-            cfg.use_karras_sigmas = Some(true)
-        }
+        SamplerKind::EulerKarras
+        | SamplerKind::DpmPP2MKarras
+        | SamplerKind::LmsKarras
+        | SamplerKind::UniPcKarras
+        | SamplerKind::Kdpm2Karras
+        | SamplerKind::Kdpm2AKarras => cfg.use_karras_sigmas = Some(true),
+        SamplerKind::UniPcBh1 => cfg.solver_type = Some("bh1".into()),
         SamplerKind::DpmPP2MSde => cfg.algorithm_type = Some("sde-dpmsolver++".into()),
         _ => {}
     }
@@ -670,6 +684,12 @@ pub fn build_sampler(
         SchedulerClass::Ddpm => Box::new(Ddpm::new(&cfg, steps, label)?),
         SchedulerClass::Lcm => Box::new(Lcm::new(&cfg, steps, label)?),
         SchedulerClass::Tcd => Box::new(Tcd::new(&cfg, steps, label)?),
+        SchedulerClass::UniPcMultistep => Box::new(UniPc::new(&cfg, steps, label)?),
+        SchedulerClass::DeisMultistep => Box::new(Deis::new(&cfg, steps, label)?),
+        SchedulerClass::Kdpm2Discrete => Box::new(Kdpm2::new(&cfg, steps, label)?),
+        SchedulerClass::Kdpm2AncestralDiscrete => {
+            Box::new(Kdpm2Ancestral::new(&cfg, steps, label)?)
+        }
     };
     Ok(s)
 }
@@ -865,6 +885,10 @@ pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec
 /// `_sigma_to_t`: fractional training timestep of `sigma` by interpolating log-sigmas, with
 /// `log_sigmas` the float32 `np.log` of the training sigmas (so `low - high` is an f32 difference).
 pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    if log_sigmas.len() < 2 {
+        // One training timestep: nothing to interpolate (diffusers indexes past its table).
+        return 0.0;
+    }
     let log_sigma = sigma.max(1e-10).ln();
     // low_idx = last index whose log_sigma <= log(sigma), clipped to len - 2.
     let count = log_sigmas
