@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::image::Image;
 use crate::kernels::{elementwise, sampler_step};
+use crate::lora::{lora_targets, AppliedLora, LoraSpec, LoraState, ModelSites};
 use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::unet::{TimeEmbeddingTable, UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig, VaeTiling};
@@ -17,6 +18,7 @@ use crate::sched::{
     build_sampler, execute_on_gpu, Buf, GpuBuffers, Sampler, SamplerKind, SchedulerConfig,
 };
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::lora::{open_lora, Lora, LoraTarget, LoraTargets};
 use crate::weights::{self, LoadOptions, ModelFamily};
 use crate::{DType, Error, Gpu, Result, Tensor};
 
@@ -322,6 +324,9 @@ pub struct StableDiffusion {
     /// Decode final images with this tiny autoencoder (TAESD) instead of the VAE: much faster,
     /// a little less detailed (`--vae-decoder`); set with [`StableDiffusion::set_tiny_decoder`].
     tiny_decoder: Option<crate::models::taesd::AutoencoderTiny>,
+    /// The LoRAs merged into the U-Net's and text encoder's weights, and the originals of the
+    /// weights they changed ([`StableDiffusion::set_loras`]).
+    loras: std::sync::Mutex<LoraState>,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -416,7 +421,59 @@ impl StableDiffusion {
             generation: std::sync::Mutex::new(()),
             bytes_per_pixel: std::sync::Mutex::new(None),
             tiny_decoder: None,
+            loras: std::sync::Mutex::new(LoraState::default()),
         })
+    }
+
+    /// The weights of this model a LoRA may change, by model (U-Net, text encoder).
+    fn lora_sites(&self) -> [ModelSites<'_>; 2] {
+        [
+            ModelSites {
+                target: LoraTarget::Unet,
+                sites: &self.unet.lora_sites,
+            },
+            ModelSites {
+                target: LoraTarget::TextEncoder,
+                sites: &self.text_encoder.lora_sites,
+            },
+        ]
+    }
+
+    /// The weights of this model a LoRA file may name (to open one with
+    /// [`crate::weights::lora::open_lora`]).
+    pub fn lora_targets(&self) -> LoraTargets {
+        lora_targets(&self.lora_sites())
+    }
+
+    /// Open a LoRA file for this model: every layer in it matched to one of its weights (else an
+    /// error listing those that match nothing).
+    pub fn open_lora(&self, path: &Path) -> Result<Lora> {
+        Ok(open_lora(path, &self.lora_targets())?)
+    }
+
+    /// Make `loras` the LoRAs applied to this model, replacing the ones applied before (an
+    /// empty list restores the base model, bit for bit). Each weight they change is merged on
+    /// the GPU from its original values, which are kept (on the GPU) while it is changed. Waits
+    /// for a running `generate` to finish. On an error the model is left as it was (if the
+    /// LoRAs could not be matched) or without LoRAs (if merging failed).
+    pub fn set_loras(&self, loras: &[LoraSpec]) -> Result<Vec<AppliedLora>> {
+        let _no_generation = lock(&self.generation);
+        lock(&self.loras).set(&self.gpu, &self.lora_sites(), loras)
+    }
+
+    /// Remove every LoRA: the base model's weights, bit for bit.
+    pub fn clear_loras(&self) -> Result<()> {
+        self.set_loras(&[]).map(|_| ())
+    }
+
+    /// The LoRAs applied now.
+    pub fn loras(&self) -> Vec<AppliedLora> {
+        lock(&self.loras).applied().to_vec()
+    }
+
+    /// GPU bytes held to restore the weights the applied LoRAs changed.
+    pub fn lora_saved_bytes(&self) -> u64 {
+        lock(&self.loras).saved_bytes()
     }
 
     /// Token ids (and emphasis weights) for one prompt: one 77-token window, or several when

@@ -373,3 +373,310 @@ fn merged_weights_match_the_reference() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+// ------------------------------------------------------------------ applying to a loaded model
+
+use ldm_wgpu::lora::{reference_merged, LoraSpec};
+use ldm_wgpu::pipeline::{GenerateRequest, ModelOptions, StableDiffusion};
+use ldm_wgpu::DType;
+
+/// The tiny SD 1.x model of the pipeline parity fixtures (32 channels, 2 text-encoder layers).
+fn parity_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline_parity/model")
+}
+
+fn load_parity(dtype: DType) -> StableDiffusion {
+    let gpu = ldm_wgpu::Gpu::new(&ldm_wgpu::GpuOptions::from_env().unwrap()).expect("adapter");
+    let opts = ModelOptions {
+        dtype: Some(dtype),
+        vae_f32: Some(true),
+        tokenizer_dir: Some(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/tiny-shapes/tokenizer"),
+        ),
+        ..Default::default()
+    };
+    StableDiffusion::load(gpu, &parity_model(), &opts).unwrap()
+}
+
+fn small_request() -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a red circle".into(),
+        negative_prompt: "blurry".into(),
+        width: 64,
+        height: 64,
+        steps: 4,
+        seed: 42,
+        ..Default::default()
+    }
+}
+
+/// (image bytes, latents) of one generation.
+fn render(sd: &StableDiffusion) -> (Vec<u8>, Vec<f32>) {
+    let out = sd.generate(&small_request(), &mut |_| true).unwrap();
+    (out.images[0].rgb.clone(), out.latents)
+}
+
+/// Every LoRA-able weight buffer of the model, as bytes, by buffer (fused layers once).
+fn weight_bytes(sd: &StableDiffusion) -> BTreeMap<u64, Vec<u8>> {
+    sd.unet
+        .lora_sites
+        .iter()
+        .chain(&sd.text_encoder.lora_sites)
+        .map(|s| {
+            let id = s.tensor.buffer_id();
+            (id, sd.gpu.download_bytes(&s.tensor).unwrap())
+        })
+        .collect()
+}
+
+const P_K: &str = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"; // fused q|k|v
+const P_V2: &str = "mid_block.attentions.0.transformer_blocks.0.attn2.to_v"; // fused k|v
+const P_CONV: &str = "down_blocks.1.resnets.0.conv1"; // [32, 32, 3, 3]
+const P_PROJ: &str = "up_blocks.1.attentions.0.proj_in"; // 1×1 conv read as a linear
+const P_FF: &str = "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"; // [256, 32]
+const P_TE_Q: &str = "text_model.encoder.layers.0.self_attn.q_proj"; // fused q|k|v
+const P_TE_V: &str = "text_model.encoder.layers.1.self_attn.v_proj";
+
+/// A kohya LoRA on fused and plain linears, a LoCon 3×3 conv, a 1×1 projection and two text
+/// encoder projections of the parity model.
+fn kohya_for_parity(dir: &Path) -> PathBuf {
+    let mut t: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut add = |prefix: &str, module: &str, down: Vec<usize>, up: Vec<usize>| {
+        let m = under(module);
+        t.push((format!("{prefix}_{m}.lora_down.weight"), down));
+        t.push((format!("{prefix}_{m}.lora_up.weight"), up));
+        t.push((format!("{prefix}_{m}.alpha"), vec![]));
+    };
+    add("lora_unet", P_K, vec![4, 32], vec![32, 4]);
+    add("lora_unet", P_V2, vec![4, 32], vec![32, 4]);
+    add("lora_unet", P_CONV, vec![4, 32, 3, 3], vec![32, 4, 1, 1]);
+    add("lora_unet", P_PROJ, vec![4, 32, 1, 1], vec![32, 4, 1, 1]);
+    add("lora_unet", P_FF, vec![4, 32], vec![256, 4]);
+    add("lora_te", P_TE_Q, vec![4, 32], vec![32, 4]);
+    add("lora_te", P_TE_V, vec![4, 32], vec![32, 4]);
+    let refs: Vec<(&str, Vec<usize>)> = t.iter().map(|(k, s)| (k.as_str(), s.clone())).collect();
+    write(dir, "kohya_parity", &refs)
+}
+
+/// A PEFT LoRA that changes one weight the kohya one changes too, and another.
+fn peft_for_parity(dir: &Path) -> PathBuf {
+    write(
+        dir,
+        "peft_parity",
+        &[
+            (&format!("unet.{P_K}.lora_A.weight"), vec![2, 32]),
+            (&format!("unet.{P_K}.lora_B.weight"), vec![32, 2]),
+            (&format!("unet.{P_FF}.lora_A.weight"), vec![2, 32]),
+            (&format!("unet.{P_FF}.lora_B.weight"), vec![256, 2]),
+        ],
+    )
+}
+
+/// Applying merges into the right row block of fused weights (and only there); changing the set
+/// between generations leaks nothing; removing restores the base weights and image bit for bit.
+#[test]
+fn set_and_clear_loras_on_a_loaded_model() {
+    let dir = scratch("apply");
+    let (kohya, peft) = (kohya_for_parity(&dir), peft_for_parity(&dir));
+    let gpu0 = ldm_wgpu::Gpu::new(&ldm_wgpu::GpuOptions::from_env().unwrap()).unwrap();
+    let mut dtypes = vec![DType::F32];
+    if gpu0.caps.shader_f16 {
+        dtypes.push(DType::F16);
+    }
+    drop(gpu0);
+    for dtype in dtypes {
+        let sd = load_parity(dtype);
+        let base_weights = weight_bytes(&sd);
+        let base = render(&sd);
+        let a = sd.open_lora(&kohya).unwrap();
+        let b = sd.open_lora(&peft).unwrap();
+
+        let start = std::time::Instant::now();
+        let applied = sd.set_loras(&[LoraSpec::new(a.clone(), 0.8)]).unwrap();
+        sd.gpu.wait().unwrap();
+        eprintln!(
+            "{}: applied {} layers in {:.1} ms, {} bytes of originals kept",
+            dtype.name(),
+            a.layers.len(),
+            start.elapsed().as_secs_f64() * 1e3,
+            sd.lora_saved_bytes()
+        );
+        assert_eq!(applied[0].name, "kohya_parity");
+        assert_eq!(applied[0].modules[&LoraTarget::Unet], 5);
+        assert_eq!(applied[0].modules[&LoraTarget::TextEncoder], 2);
+        // The fused q|k|v weight: only the k rows changed, to W + 0.8·(4/4)·up·down.
+        let k_key = format!("{P_K}.weight");
+        let site = sd.unet.lora_sites.iter().find(|s| s.key == k_key).unwrap();
+        let fused_before = to_f32(&base_weights[&site.tensor.buffer_id()], dtype);
+        let fused_now = sd.gpu.download(&site.tensor).unwrap();
+        let n = site.numel();
+        let (lo, hi) = (site.offset, site.offset + n);
+        assert_eq!((lo, hi), (32 * 32, 2 * 32 * 32));
+        assert_eq!(fused_now[..lo], fused_before[..lo], "q rows changed");
+        assert_eq!(fused_now[hi..], fused_before[hi..], "v rows changed");
+        let layer = a.layers.iter().find(|l| l.key == k_key).unwrap();
+        let want = reference_merged(&a, layer, &fused_before[lo..hi], 0.8).unwrap();
+        let err = rel_l2(&fused_now[lo..hi], &want);
+        let tol = if dtype == DType::F32 { 1e-6 } else { 2e-3 };
+        assert!(err <= tol, "{} k rows: rel-L2 {err:.2e}", dtype.name());
+        assert!(sd.lora_saved_bytes() > 0);
+
+        let with_a = render(&sd);
+        assert_ne!(with_a.1, base.1, "the LoRA changed nothing");
+        // Another set, then back: the same image as the first time (nothing accumulates).
+        sd.set_loras(&[
+            LoraSpec::new(a.clone(), 0.8),
+            LoraSpec::new(b.clone(), -1.5),
+        ])
+        .unwrap();
+        let with_ab = render(&sd);
+        assert_ne!(with_ab.1, with_a.1);
+        sd.set_loras(&[LoraSpec::new(a.clone(), 0.8)]).unwrap();
+        assert_eq!(render(&sd), with_a, "{}: A after A+B differs", dtype.name());
+
+        sd.clear_loras().unwrap();
+        assert!(sd.loras().is_empty());
+        assert_eq!(sd.lora_saved_bytes(), 0);
+        assert!(weight_bytes(&sd) == base_weights, "weights not restored");
+        assert_eq!(
+            render(&sd),
+            base,
+            "{}: base image not restored",
+            dtype.name()
+        );
+
+        // A text-encoder-only weight of 0 and a U-Net weight: only the U-Net changes.
+        let spec = LoraSpec {
+            lora: a.clone(),
+            text_encoder_weight: 0.0,
+            unet_weight: 1.0,
+        };
+        sd.set_loras(&[spec]).unwrap();
+        for s in &sd.text_encoder.lora_sites {
+            let now = sd.gpu.download_bytes(&s.tensor).unwrap();
+            assert!(
+                base_weights[&s.tensor.buffer_id()] == now,
+                "{} changed at weight 0",
+                s.key
+            );
+        }
+        sd.clear_loras().unwrap();
+        assert!(weight_bytes(&sd) == base_weights);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn to_f32(bytes: &[u8], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytemuck_f32(bytes),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+    }
+}
+
+fn bytemuck_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    if got.len() != want.len() || got.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, w)| (g as f64 - w).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    (num / den).sqrt()
+}
+
+/// What `set_loras` refuses, and that a refused set leaves the applied one in place.
+#[test]
+fn set_loras_refuses_what_does_not_fit() {
+    let dir = scratch("refuse");
+    let sd = load_parity(DType::F32);
+    let a = sd.open_lora(&kohya_for_parity(&dir)).unwrap();
+    sd.set_loras(&[LoraSpec::new(a.clone(), 1.0)]).unwrap();
+    let applied = sd.loras();
+    let weights = weight_bytes(&sd);
+
+    // Opened for another model (the shipped one, 128 channels): the shape error names the tensor.
+    let uq = under(Q);
+    let other = write(
+        &dir,
+        "other_size",
+        &[
+            (&format!("lora_unet_{uq}.lora_down.weight"), vec![4, 128]),
+            (&format!("lora_unet_{uq}.lora_up.weight"), vec![128, 4]),
+        ],
+    );
+    let wrong = open_lora(&other, &targets()).unwrap();
+    let err = sd
+        .set_loras(&[LoraSpec::new(a.clone(), 1.0), LoraSpec::new(wrong, 1.0)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("lora_unet_{uq}.lora_down.weight")),
+        "{err}"
+    );
+    // A weight this model stores but no LoRA can change here (the token table): listed.
+    let te = write(
+        &dir,
+        "token_table",
+        &[
+            (
+                "lora_te_text_model_embeddings_token_embedding.lora_down.weight",
+                vec![2, 32],
+            ),
+            (
+                "lora_te_text_model_embeddings_token_embedding.lora_up.weight",
+                vec![49408, 2],
+            ),
+        ],
+    );
+    let store = ldm_wgpu::weights::open_model(parity_model(), &Default::default()).unwrap();
+    let store_targets =
+        LoraTargets::default().with(LoraTarget::TextEncoder, store.text_encoder.weights.shapes());
+    let table = open_lora(&te, &store_targets).unwrap();
+    let err = sd
+        .set_loras(&[LoraSpec::new(table, 1.0)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("embeddings.token_embedding.weight"), "{err}");
+    assert!(err.contains("1 of its 1 layers"), "{err}");
+    // Refused sets changed nothing.
+    assert_eq!(sd.loras(), applied);
+    assert!(weight_bytes(&sd) == weights);
+
+    // Through the model's own targets: misfits, unknown modules (this model's third level has no
+    // attention) and files matching nothing fail to open.
+    let err = sd.open_lora(&other).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("lora_unet_{uq}.lora_down.weight")),
+        "{err}"
+    );
+    let absent = "down_blocks_2_attentions_0_proj_in";
+    let missing = write(
+        &dir,
+        "missing",
+        &[
+            (&format!("lora_unet_{absent}.lora_down.weight"), vec![4, 32]),
+            (&format!("lora_unet_{absent}.lora_up.weight"), vec![32, 4]),
+            (&format!("lora_unet_{uq}.lora_down.weight"), vec![4, 32]),
+            (&format!("lora_unet_{uq}.lora_up.weight"), vec![32, 4]),
+        ],
+    );
+    let err = sd.open_lora(&missing).unwrap_err().to_string();
+    assert!(err.contains(&format!("unet:{absent}")), "{err}");
+    assert!(err.contains("1 of its 2 layers"), "{err}");
+    let err = sd.open_lora(&te).unwrap_err().to_string();
+    assert!(err.contains("1 of its 1 layers"), "{err}");
+    sd.clear_loras().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
