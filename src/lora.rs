@@ -22,10 +22,12 @@
 //! layout, with no reordering on the GPU.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 
 use crate::kernels::matmul::{self, Activation};
 use crate::nn::WeightSite;
-use crate::weights::lora::{Lora, LoraLayer, LoraTarget, LoraTargets};
+use crate::prompt::{extract_network_tags, LoraTag, NetworkTag};
+use crate::weights::lora::{find_lora, Lora, LoraLayer, LoraTarget, LoraTargets};
 use crate::{Error, Gpu, Result, Tensor};
 
 /// The file's tensor as f32, with its shape.
@@ -421,4 +423,45 @@ fn write_site(gpu: &Gpu, site: &WeightSite, values: &Tensor) -> Result<()> {
     }
     let at = (site.offset * dtype.size()) as u64;
     gpu.copy_bytes(values, 0, &site.tensor, at, values.size_bytes())
+}
+
+/// What a prompt's A1111 extra-network tags ask for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptLoras {
+    /// The prompt without its `<kind:…>` tags: what the text encoder reads.
+    pub text: String,
+    /// Each `<lora:NAME…>` / `<lyco:NAME…>` tag, in order, with its file.
+    pub loras: Vec<(PathBuf, LoraTag)>,
+    /// Other extra-network tags (`<hypernet:…>`): removed from the text, not applied.
+    pub ignored: Vec<NetworkTag>,
+}
+
+/// Read `<lora:NAME:w>` tags out of `prompt` (A1111's `extra_networks.parse_prompt`): the tags
+/// leave the text, and each LoRA is looked up as `dir/NAME.safetensors`. Errors: a malformed
+/// tag, a LoRA not in `dir`.
+pub fn prompt_loras(prompt: &str, dir: &Path) -> Result<PromptLoras> {
+    let (text, tags) = extract_network_tags(prompt);
+    let mut loras = Vec::new();
+    let mut ignored = Vec::new();
+    for tag in tags {
+        match tag.as_lora().map_err(Error::InvalidInput)? {
+            Some(lora) => loras.push((find_lora(dir, &lora.name)?, lora)),
+            None => ignored.push(tag),
+        }
+    }
+    Ok(PromptLoras {
+        text,
+        loras,
+        ignored,
+    })
+}
+
+/// The tag A1111 writes for a LoRA in a prompt: `<lora:name:w>`, or `<lora:name:te:unet>` when
+/// the two weights differ.
+pub fn lora_tag_text(name: &str, text_encoder_weight: f32, unet_weight: f32) -> String {
+    if text_encoder_weight == unet_weight {
+        format!("<lora:{name}:{text_encoder_weight}>")
+    } else {
+        format!("<lora:{name}:{text_encoder_weight}:{unet_weight}>")
+    }
 }

@@ -680,3 +680,75 @@ fn set_loras_refuses_what_does_not_fit() {
     sd.clear_loras().unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+// ------------------------------------------------------------------ the command line
+
+/// `--lora FILE:W` and `<lora:NAME:W>` in the prompt: both applied (and reported), the tag gone
+/// from the text the encoder reads (the image is the library's with the same LoRAs and the bare
+/// prompt), both recorded in the PNG's prompt the A1111 way.
+#[test]
+fn cli_applies_lora_files_and_prompt_tags() {
+    let dir = scratch("cli");
+    let lora_dir = dir.join("loras");
+    std::fs::create_dir_all(&lora_dir).unwrap();
+    kohya_for_parity(&lora_dir);
+    let peft = peft_for_parity(&dir);
+    let png = dir.join("out.png");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args([
+            "generate", "--dtype", "f32", "-W", "64", "-H", "64", "-s", "4",
+        ])
+        .args(["--seed", "42", "-n", "blurry", "--no-pipeline-cache"])
+        .args(["-p", "a red circle <lora:kohya_parity:0.8>"])
+        .arg("-m")
+        .arg(parity_model())
+        .arg("--lora-dir")
+        .arg(&lora_dir)
+        .arg("--lora")
+        .arg(format!("{}:-1.5", peft.display()))
+        .arg("-o")
+        .arg(&png)
+        .env_remove("LDM_ADAPTER")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    for line in [
+        "lora:    peft_parity weight -1.5: 2 U-Net and 0 text-encoder modules",
+        "lora:    kohya_parity weight 0.8: 5 U-Net and 2 text-encoder modules",
+    ] {
+        assert!(stderr.contains(line), "`{line}` not in:\n{stderr}");
+    }
+
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    let params = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .map(|t| t.text.clone())
+        .unwrap();
+    assert!(
+        params.starts_with(
+            "a red circle <lora:kohya_parity:0.8> <lora:peft_parity:-1.5>\nNegative prompt: blurry\n"
+        ),
+        "{params}"
+    );
+
+    // The library with the same LoRAs, in the CLI's order (files, then tags), and no tag.
+    let sd = load_parity(DType::F32);
+    sd.set_loras(&[
+        LoraSpec::new(sd.open_lora(&peft).unwrap(), -1.5),
+        LoraSpec::new(
+            sd.open_lora(&lora_dir.join("kohya_parity.safetensors"))
+                .unwrap(),
+            0.8,
+        ),
+    ])
+    .unwrap();
+    let (want, _) = render(&sd);
+    let got = ldm_wgpu::image::Image::load_png(&png).unwrap();
+    assert!(got.rgb == want, "the CLI's image is not the library's");
+    std::fs::remove_dir_all(&dir).ok();
+}
