@@ -8,13 +8,16 @@
 //! dtype, the sum fused as its residual epilogue).
 //!
 //! Applying a set of LoRAs to a loaded model ([`LoraState::set`]) writes each merged weight into
-//! the layer's own buffer (a GPU copy), after copying the original values aside on the GPU; a
-//! later set starts again from those originals, and removing a LoRA copies them back, so the
-//! base model comes back bit for bit (no subtraction of the delta, which would round). Merging
-//! beats applying the LoRA unmerged as an extra low-rank matmul per layer per step: one merge
-//! (milliseconds) against two more matmuls in every one of the hundreds of LoRA'd layer calls of
-//! every step, and the denoising loop's kernels and bind groups stay exactly those of the base
-//! model. The price is GPU memory: one copy of every weight a LoRA changes, while it is applied.
+//! the layer's own buffer (a GPU copy), after setting the original values aside; a later set
+//! starts again from those originals, and removing a LoRA writes them back, so the base model
+//! comes back bit for bit (no subtraction of the delta, which would round). Merging beats
+//! applying the LoRA unmerged as an extra low-rank matmul per layer per step: one merge against
+//! two more matmuls in every one of the hundreds of LoRA'd layer calls of every step, and the
+//! denoising loop's kernels and bind groups stay exactly those of the base model. The price is
+//! memory for the originals: one copy of every weight a LoRA changes, while it is applied
+//! (SD 1.5 in f16 with a LoRA on every attention, feed-forward and text-encoder linear: 671 MiB).
+//! [`LoraBackup`] says where: host memory by default (as A1111 keeps its backups: GPU memory is
+//! what Stable Diffusion runs out of), or the GPU (no transfers; for GPUs with room to spare).
 //!
 //! Tucker-decomposed convs (`lora_mid`): `ΔW[o,i,h,w] = Σ_ab up[o,a]·mid[a,b,h,w]·down[b,i]`,
 //! as two products: `T[o,(h,w,b)] = up · mid'` with mid reordered to [a, h, w, b], which read as
@@ -235,23 +238,81 @@ type Merge = (usize, usize, f32);
 /// What to merge into each changed site: (model, site index) → its merges, in order.
 type Plan = BTreeMap<(LoraTarget, usize), Vec<Merge>>;
 
+/// Where the original values of LoRA'd weights are kept while a LoRA is applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoraBackup {
+    /// In host memory: no GPU memory, a download per weight when applying, an upload per
+    /// weight when changing or removing (A1111 keeps its backups on the CPU too).
+    #[default]
+    Host,
+    /// On the GPU: one more copy of each changed weight in GPU memory, no transfers.
+    Gpu,
+}
+
+/// A weight's values before any LoRA.
+enum Original {
+    Gpu(Tensor),
+    Host(Vec<u8>),
+}
+
+impl Original {
+    fn save(gpu: &Gpu, site: &WeightSite, backup: LoraBackup) -> Result<Self> {
+        let t = read_site(gpu, site)?;
+        Ok(match backup {
+            LoraBackup::Gpu => Original::Gpu(t),
+            LoraBackup::Host => Original::Host(gpu.download_bytes(&t)?),
+        })
+    }
+
+    /// The values on the GPU, in our layout ([out, in] or [out, kh, kw, in]).
+    fn tensor(&self, gpu: &Gpu, site: &WeightSite) -> Result<Tensor> {
+        match self {
+            Original::Gpu(t) => Ok(t.clone()),
+            Original::Host(bytes) => {
+                let t = gpu.empty(&site.our_shape(), site.tensor.dtype())?;
+                gpu.write_bytes(&t, bytes)?;
+                Ok(t)
+            }
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Original::Gpu(t) => t.size_bytes(),
+            Original::Host(b) => b.len() as u64,
+        }
+    }
+}
+
 /// The LoRAs applied to a model and the original values of the weights they changed.
 #[derive(Default)]
 pub struct LoraState {
+    backup: LoraBackup,
     applied: Vec<AppliedLora>,
     /// (model, site index) → the site's values before any LoRA, while a LoRA changes it.
-    originals: BTreeMap<(LoraTarget, usize), Tensor>,
+    originals: BTreeMap<(LoraTarget, usize), Original>,
 }
 
 impl LoraState {
+    pub fn new(backup: LoraBackup) -> Self {
+        LoraState {
+            backup,
+            ..Default::default()
+        }
+    }
+
     /// What is applied now.
     pub fn applied(&self) -> &[AppliedLora] {
         &self.applied
     }
 
-    /// GPU bytes held for restoring the original weights.
+    /// Bytes held (where [`LoraBackup`] says) to restore the original weights.
     pub fn saved_bytes(&self) -> u64 {
-        self.originals.values().map(|t| t.size_bytes()).sum()
+        self.originals.values().map(Original::bytes).sum()
+    }
+
+    pub fn backup(&self) -> LoraBackup {
+        self.backup
     }
 
     /// Make `specs` the applied set (an empty one restores the base model): every site a spec
@@ -300,20 +361,18 @@ impl LoraState {
         for key in restore {
             let site = &sites(key.0)[key.1];
             if let Some(original) = self.originals.remove(&key) {
-                write_site(gpu, site, &original)?;
+                write_site(gpu, site, &original.tensor(gpu, site)?)?;
             }
         }
         for (&(target, index), merges) in plan {
             let site = &sites(target)[index];
-            let original = match self.originals.get(&(target, index)) {
-                Some(t) => t.clone(),
-                None => {
-                    let t = read_site(gpu, site)?;
-                    self.originals.insert((target, index), t.clone());
-                    t
+            let original = match self.originals.entry((target, index)) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(Original::save(gpu, site, self.backup)?)
                 }
             };
-            let mut weight = original;
+            let mut weight = original.tensor(gpu, site)?;
             for &(spec, layer, scale) in merges {
                 let lora = &specs[spec].lora;
                 weight = merged_weight(gpu, lora, &lora.layers[layer], &weight, scale)?;

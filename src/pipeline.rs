@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::image::Image;
 use crate::kernels::{elementwise, sampler_step};
-use crate::lora::{lora_targets, AppliedLora, LoraSpec, LoraState, ModelSites};
+use crate::lora::{lora_targets, AppliedLora, LoraBackup, LoraSpec, LoraState, ModelSites};
 use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::unet::{TimeEmbeddingTable, UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig, VaeTiling};
@@ -345,6 +345,8 @@ pub struct ModelOptions {
     pub load: LoadOptions,
     /// Tokenizer folder for single-file checkpoints (default: the one shipped in weights/).
     pub tokenizer_dir: Option<PathBuf>,
+    /// Where [`StableDiffusion::set_loras`] keeps the original values of the weights it changes.
+    pub lora_backup: LoraBackup,
 }
 
 /// The model shipped in `weights/` (used when no `--model` is given).
@@ -421,7 +423,7 @@ impl StableDiffusion {
             generation: std::sync::Mutex::new(()),
             bytes_per_pixel: std::sync::Mutex::new(None),
             tiny_decoder: None,
-            loras: std::sync::Mutex::new(LoraState::default()),
+            loras: std::sync::Mutex::new(LoraState::new(opts.lora_backup)),
         })
     }
 
@@ -453,7 +455,8 @@ impl StableDiffusion {
 
     /// Make `loras` the LoRAs applied to this model, replacing the ones applied before (an
     /// empty list restores the base model, bit for bit). Each weight they change is merged on
-    /// the GPU from its original values, which are kept (on the GPU) while it is changed. Waits
+    /// the GPU from its original values, which are kept while it is changed (where
+    /// [`ModelOptions::lora_backup`] says: host memory by default). Waits
     /// for a running `generate` to finish. On an error the model is left as it was (if the
     /// LoRAs could not be matched) or without LoRAs (if merging failed).
     pub fn set_loras(&self, loras: &[LoraSpec]) -> Result<Vec<AppliedLora>> {
@@ -471,7 +474,8 @@ impl StableDiffusion {
         lock(&self.loras).applied().to_vec()
     }
 
-    /// GPU bytes held to restore the weights the applied LoRAs changed.
+    /// Bytes held (in host or GPU memory, [`ModelOptions::lora_backup`]) to restore the weights
+    /// the applied LoRAs changed.
     pub fn lora_saved_bytes(&self) -> u64 {
         lock(&self.loras).saved_bytes()
     }

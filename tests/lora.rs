@@ -376,7 +376,7 @@ fn merged_weights_match_the_reference() {
 
 // ------------------------------------------------------------------ applying to a loaded model
 
-use ldm_wgpu::lora::{reference_merged, LoraSpec};
+use ldm_wgpu::lora::{reference_merged, LoraBackup, LoraSpec};
 use ldm_wgpu::pipeline::{GenerateRequest, ModelOptions, StableDiffusion};
 use ldm_wgpu::DType;
 
@@ -386,9 +386,14 @@ fn parity_model() -> PathBuf {
 }
 
 fn load_parity(dtype: DType) -> StableDiffusion {
+    load_parity_with(dtype, LoraBackup::default())
+}
+
+fn load_parity_with(dtype: DType, lora_backup: LoraBackup) -> StableDiffusion {
     let gpu = ldm_wgpu::Gpu::new(&ldm_wgpu::GpuOptions::from_env().unwrap()).expect("adapter");
     let opts = ModelOptions {
         dtype: Some(dtype),
+        lora_backup,
         vae_f32: Some(true),
         tokenizer_dir: Some(
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/tiny-shapes/tokenizer"),
@@ -474,6 +479,7 @@ fn peft_for_parity(dir: &Path) -> PathBuf {
 
 /// Applying merges into the right row block of fused weights (and only there); changing the set
 /// between generations leaks nothing; removing restores the base weights and image bit for bit.
+/// In both dtypes, with the originals kept in host memory and on the GPU.
 #[test]
 fn set_and_clear_loras_on_a_loaded_model() {
     let dir = scratch("apply");
@@ -484,8 +490,9 @@ fn set_and_clear_loras_on_a_loaded_model() {
         dtypes.push(DType::F16);
     }
     drop(gpu0);
-    for dtype in dtypes {
-        let sd = load_parity(dtype);
+    let backups = [LoraBackup::Host, LoraBackup::Gpu];
+    for (dtype, backup) in dtypes.iter().flat_map(|&d| backups.map(|b| (d, b))) {
+        let sd = load_parity_with(dtype, backup);
         let base_weights = weight_bytes(&sd);
         let base = render(&sd);
         let a = sd.open_lora(&kohya).unwrap();
@@ -495,7 +502,7 @@ fn set_and_clear_loras_on_a_loaded_model() {
         let applied = sd.set_loras(&[LoraSpec::new(a.clone(), 0.8)]).unwrap();
         sd.gpu.wait().unwrap();
         eprintln!(
-            "{}: applied {} layers in {:.1} ms, {} bytes of originals kept",
+            "{} {backup:?}: applied {} layers in {:.1} ms, {} bytes of originals kept",
             dtype.name(),
             a.layers.len(),
             start.elapsed().as_secs_f64() * 1e3,
