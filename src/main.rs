@@ -452,7 +452,7 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         eprintln!("model:   {}", model.display());
     }
     let mut sd = StableDiffusion::load(gpu, &model, &model_options)?;
-    apply_loras(&sd, &lora_files, &tagged, quiet)?;
+    let lora_hashes = apply_loras(&sd, &lora_files, &tagged, quiet)?;
     // Tiny autoencoders (TAESD): a live full-resolution preview, and/or the final decode.
     let open_tiny =
         |dir: &PathBuf| ldm_wgpu::models::taesd::AutoencoderTiny::open(&sd.gpu, dir, sd.dtype);
@@ -572,7 +572,12 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
                 pipeline::SeedMode::PerImage => r.seed.wrapping_add(i as u64),
             };
             let path = output_path(&output, written, total_images, image_seed);
-            let params = a1111_parameters(&r, &recorded_prompt, &sd, &model_name, image_seed, i);
+            let recorded = Recorded {
+                prompt: &recorded_prompt,
+                model: &model_name,
+                lora_hashes: &lora_hashes,
+            };
+            let params = a1111_parameters(&r, &recorded, &sd, image_seed, i);
             img.save_png_with_text(&path, &[("parameters", &params)])?;
             println!("{}", path.display());
             written += 1;
@@ -735,13 +740,13 @@ fn recorded_prompt(prompt: &str, lora_files: &[(PathBuf, f32)]) -> String {
 }
 
 /// Open the `--lora` files and the prompt's tagged LoRAs for this model, apply them, and say
-/// what each changed.
+/// what each changed. Returns A1111's `Lora hashes:` entries (`name: short hash`).
 fn apply_loras(
     sd: &ldm_wgpu::pipeline::StableDiffusion,
     files: &[(PathBuf, f32)],
     tagged: &ldm_wgpu::lora::PromptLoras,
     quiet: bool,
-) -> Result<(), Error> {
+) -> Result<Vec<String>, Error> {
     use ldm_wgpu::lora::LoraSpec;
     use ldm_wgpu::weights::lora::LoraTarget;
     if !quiet {
@@ -765,7 +770,20 @@ fn apply_loras(
         });
     }
     if specs.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
+    }
+    // A1111's `Lora hashes`: one entry per name (`:` and `,` removed from it), first one wins.
+    let mut hashes: Vec<String> = Vec::new();
+    for spec in &specs {
+        let name: String = spec
+            .lora
+            .name
+            .chars()
+            .filter(|c| !":,".contains(*c))
+            .collect();
+        if !hashes.iter().any(|h| h.starts_with(&format!("{name}: "))) {
+            hashes.push(format!("{name}: {}", spec.lora.short_hash()));
+        }
     }
     let start = std::time::Instant::now();
     let applied = sd.set_loras(&specs)?;
@@ -791,7 +809,7 @@ fn apply_loras(
             sd.lora_saved_bytes() as f64 / 1048576.0
         );
     }
-    Ok(())
+    Ok(hashes)
 }
 
 /// The sampler the model's own scheduler config gives, when it is one we run.
@@ -800,16 +818,28 @@ fn config_sampler(sd: &ldm_wgpu::pipeline::StableDiffusion) -> Option<SamplerKin
     SchedulerClass::from_diffusers_name(class).map(SchedulerClass::default_kind)
 }
 
+/// What the PNG records beyond the request: the prompt as typed (LoRA tags kept), the model's
+/// name, A1111's `Lora hashes` entries.
+struct Recorded<'a> {
+    prompt: &'a str,
+    model: &'a str,
+    lora_hashes: &'a [String],
+}
+
 /// The generation parameters in the A1111 web UI's `parameters` text format, which image
 /// browsers and other SD tools read from the PNG.
 fn a1111_parameters(
     r: &ldm_wgpu::pipeline::GenerateRequest,
-    prompt: &str,
+    recorded: &Recorded<'_>,
     sd: &ldm_wgpu::pipeline::StableDiffusion,
-    model: &str,
     seed: u64,
     index: usize,
 ) -> String {
+    let Recorded {
+        prompt,
+        model,
+        lora_hashes,
+    } = *recorded;
     let name = match r.sampler.or_else(|| config_sampler(sd)) {
         Some(kind) => kind.a1111_name(),
         None => sd.scheduler_config.class_name().unwrap_or(""),
@@ -831,6 +861,11 @@ fn a1111_parameters(
     }
     if r.init_image.is_some() {
         out += &format!(", Denoising strength: {}", r.strength);
+    }
+    if !lora_hashes.is_empty() {
+        // A1111 quotes a value holding `:` or `,` as a JSON string.
+        let value = serde_json::Value::String(lora_hashes.join(", "));
+        out += &format!(", Lora hashes: {value}");
     }
     let rng = match r.rng {
         ldm_wgpu::pipeline::RngKind::Philox => "NV",

@@ -745,19 +745,64 @@ fn cli_applies_lora_files_and_prompt_tags() {
 
     // The library with the same LoRAs, in the CLI's order (files, then tags), and no tag.
     let sd = load_parity(DType::F32);
+    let kohya_path = lora_dir.join("kohya_parity.safetensors");
+    let hash = |p: &Path| sd.open_lora(p).unwrap().short_hash();
+    let hashes = format!(
+        ", Lora hashes: \"peft_parity: {}, kohya_parity: {}\",",
+        hash(&peft),
+        hash(&kohya_path)
+    );
+    assert!(params.contains(&hashes), "`{hashes}` not in {params}");
     sd.set_loras(&[
         LoraSpec::new(sd.open_lora(&peft).unwrap(), -1.5),
-        LoraSpec::new(
-            sd.open_lora(&lora_dir.join("kohya_parity.safetensors"))
-                .unwrap(),
-            0.8,
-        ),
+        LoraSpec::new(sd.open_lora(&kohya_path).unwrap(), 0.8),
     ])
     .unwrap();
     let (want, _) = render(&sd);
     let got = ldm_wgpu::image::Image::load_png(&png).unwrap();
     assert!(got.rgb == want, "the CLI's image is not the library's");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The short hash of a LoRA file opened for the parity model.
+fn sd_short_hash(path: &Path) -> String {
+    let store = ldm_wgpu::weights::open_model(parity_model(), &Default::default()).unwrap();
+    let targets = LoraTargets::default()
+        .with(LoraTarget::Unet, store.unet.weights.shapes())
+        .with(LoraTarget::TextEncoder, store.text_encoder.weights.shapes());
+    open_lora(path, &targets).unwrap().short_hash()
+}
+
+/// SHA-256 against FIPS 180-4's examples, and A1111's short LoRA hash against Python's hashlib
+/// on a fixture file (`sha256(data after the header)[:12]`, computed by hand with hashlib).
+#[test]
+fn lora_file_hashes_are_a1111s() {
+    use ldm_wgpu::util::sha256_hex;
+    assert_eq!(
+        sha256_hex(b"abc"),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    assert_eq!(
+        sha256_hex(b""),
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+    assert_eq!(
+        sha256_hex(b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
+    );
+    assert_eq!(
+        sha256_hex(&[b'a'; 1000]),
+        "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3"
+    );
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora_parity");
+    assert_eq!(
+        sd_short_hash(&fixtures.join("kohya_style.safetensors")),
+        "140a3035be2c"
+    );
+    assert_eq!(
+        sd_short_hash(&fixtures.join("peft_detail.safetensors")),
+        "83d92de2b4c2"
+    );
 }
 
 // ------------------------------------------------------------------ parity with diffusers
