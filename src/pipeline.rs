@@ -143,6 +143,9 @@ fn nchw_to_nhwc_host(x: &[f32], b: usize, c: usize, h: usize, w: usize) -> Vec<f
 /// One generation request (the CLI's flags).
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
+    /// The prompt, encoded as given: A1111's `<lora:NAME:w>` tags are not read here (resolve
+    /// them with [`crate::lora::prompt_loras`] and [`StableDiffusion::set_loras`], as the CLI
+    /// does, and pass the text without them).
     pub prompt: String,
     pub negative_prompt: String,
     pub width: usize,

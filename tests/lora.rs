@@ -904,3 +904,52 @@ fn nhwc_to_nchw(x: &[f32], shape: [usize; 4]) -> Vec<f32> {
     }
     out
 }
+
+/// Where `<lora:NAME>` looks without `--lora-dir`: `loras/` inside the model folder when there
+/// is one, else the current directory.
+#[test]
+fn cli_default_lora_dir() {
+    let dir = scratch("cli-dir");
+    // A copy of the parity model with a loras/ folder in it.
+    let model = dir.join("model");
+    for sub in ["unet", "vae", "text_encoder", "scheduler"] {
+        std::fs::create_dir_all(model.join(sub)).unwrap();
+        for f in std::fs::read_dir(parity_model().join(sub)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, model.join(sub).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::create_dir_all(model.join("loras")).unwrap();
+    kohya_for_parity(&model.join("loras"));
+    let cwd = dir.join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    peft_for_parity(&cwd);
+    let run = |model: &Path, prompt: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ldm"))
+            .args([
+                "generate", "--dtype", "f32", "-W", "64", "-H", "64", "-s", "1",
+            ])
+            .args(["--no-pipeline-cache", "-p", prompt, "-o", "out.png"])
+            .arg("-m")
+            .arg(model)
+            .current_dir(&cwd)
+            .env_remove("LDM_ADAPTER")
+            .output()
+            .unwrap()
+    };
+    // loras/ beside the model: found there, and only there.
+    let o = run(&model, "x <lora:kohya_parity:0.5>");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("lora:    kohya_parity weight 0.5"), "{err}");
+    let o = run(&model, "x <lora:peft_parity>");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("loras/peft_parity.safetensors"), "{err}");
+    // A model without loras/ (the fixture itself): the current directory.
+    let o = run(&parity_model(), "x <lora:peft_parity>");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("lora:    peft_parity weight 1"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
