@@ -68,6 +68,14 @@ struct GenerateArgs {
     /// for single files (SD 2.x 768 models are v)
     #[arg(long, value_name = "epsilon|v_prediction", help_heading = "Model")]
     prediction_type: Option<String>,
+    /// apply a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) with this weight (default 1,
+    /// may be negative) to the U-Net and the text encoder; repeatable
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT]", help_heading = "Model")]
+    loras: Vec<String>,
+    /// where `<lora:NAME:WEIGHT>` in the prompt finds NAME.safetensors (default: loras/ beside
+    /// the model if there is one, else the current directory)
+    #[arg(long, value_name = "DIR", help_heading = "Model")]
+    lora_dir: Option<PathBuf>,
 
     /// the prompt (an empty one is allowed: -p "")
     #[arg(
@@ -309,6 +317,8 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         vae,
         vae_tiling,
         prediction_type,
+        loras,
+        lora_dir,
         prompt,
         negative_prompt,
         clip_skip,
@@ -457,9 +467,19 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
     req.height = height
         .or(req.init_image.as_ref().map(|i| i.height))
         .unwrap_or(8);
+    let model = model.unwrap_or_else(pipeline::default_model_dir);
+    // LoRAs: `--lora` files and the prompt's `<lora:NAME:w>` tags, found before anything loads;
+    // the tags leave the prompt the text encoder reads, and stay in the one the PNG records.
+    let lora_files = loras
+        .iter()
+        .map(|arg| parse_lora_arg(arg))
+        .collect::<Result<Vec<_>, Error>>()?;
+    let lora_dir = lora_dir.unwrap_or_else(|| default_lora_dir(&model));
+    let tagged = ldm_wgpu::lora::prompt_loras(&req.prompt, &lora_dir)?;
+    let recorded_prompt = recorded_prompt(&req.prompt, &lora_files);
+    req.prompt = tagged.text.clone();
     req.validate()?;
     model_options.with_encoder = req.init_image.is_some();
-    let model = model.unwrap_or_else(pipeline::default_model_dir);
     if use_cache {
         gpu_options.pipeline_cache_path = pipeline_cache_path(&gpu_options);
     }
@@ -469,6 +489,7 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         eprintln!("model:   {}", model.display());
     }
     let mut sd = StableDiffusion::load(gpu, &model, &model_options)?;
+    let lora_hashes = apply_loras(&sd, &lora_files, &tagged, quiet)?;
     // Tiny autoencoders (TAESD): a live full-resolution preview, and/or the final decode.
     let open_tiny =
         |dir: &PathBuf| ldm_wgpu::models::taesd::AutoencoderTiny::open(&sd.gpu, dir, sd.dtype);
@@ -601,7 +622,12 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
                 pipeline::SeedMode::PerImage => r.seed.wrapping_add(i as u64),
             };
             let path = output_path(&output, written, total_images, image_seed);
-            let params = a1111_parameters(&r, &sd, &model_name, image_seed, i);
+            let recorded = Recorded {
+                prompt: &recorded_prompt,
+                model: &model_name,
+                lora_hashes: &lora_hashes,
+            };
+            let params = a1111_parameters(&r, &recorded, &sd, image_seed, i);
             img.save_png_with_text(&path, &[("parameters", &params)])?;
             println!("{}", path.display());
             written += 1;
@@ -704,6 +730,138 @@ fn progress_line(p: &ldm_wgpu::pipeline::Progress<'_>, terminal: bool) {
     }
 }
 
+/// `--lora FILE[:WEIGHT]`: the weight is what follows the last `:` when that is a number (so a
+/// path may hold colons), else 1.
+fn parse_lora_arg(arg: &str) -> Result<(PathBuf, f32), Error> {
+    let (path, weight) = match arg.rsplit_once(':') {
+        Some((path, w)) if !path.is_empty() && w.trim().parse::<f32>().is_ok() => {
+            let weight: f32 = w.trim().parse().unwrap_or(1.0);
+            if !weight.is_finite() {
+                return Err(Error::InvalidInput(format!(
+                    "--lora {arg}: the weight `{w}` is not a finite number"
+                )));
+            }
+            (PathBuf::from(path), weight)
+        }
+        _ => (PathBuf::from(arg), 1.0),
+    };
+    if !path.is_file() {
+        return Err(Error::InvalidInput(format!(
+            "--lora {arg}: no file {} (give FILE or FILE:WEIGHT)",
+            path.display()
+        )));
+    }
+    Ok((path, weight))
+}
+
+/// `loras/` beside the model (inside a diffusers folder, next to a single file) if it exists,
+/// else the current directory.
+fn default_lora_dir(model: &std::path::Path) -> PathBuf {
+    let beside = if model.is_dir() {
+        model.join("loras")
+    } else {
+        model
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("loras")
+    };
+    if beside.is_dir() {
+        beside
+    } else {
+        PathBuf::from(".")
+    }
+}
+
+/// The prompt as the PNG records it, the A1111 way: as typed (its `<lora:…>` tags kept), with a
+/// `<lora:name:w>` tag added for each `--lora` file.
+fn recorded_prompt(prompt: &str, lora_files: &[(PathBuf, f32)]) -> String {
+    let mut out = prompt.to_string();
+    for (path, weight) in lora_files {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out += &ldm_wgpu::lora::lora_tag_text(&name, *weight, *weight);
+    }
+    out
+}
+
+/// Open the `--lora` files and the prompt's tagged LoRAs for this model, apply them, and say
+/// what each changed. Returns A1111's `Lora hashes:` entries (`name: short hash`).
+fn apply_loras(
+    sd: &ldm_wgpu::pipeline::StableDiffusion,
+    files: &[(PathBuf, f32)],
+    tagged: &ldm_wgpu::lora::PromptLoras,
+    quiet: bool,
+) -> Result<Vec<String>, Error> {
+    use ldm_wgpu::lora::LoraSpec;
+    use ldm_wgpu::weights::lora::LoraTarget;
+    if !quiet {
+        for tag in &tagged.ignored {
+            eprintln!(
+                "warning: <{}:{}> ignored: only <lora:…> extra networks are applied",
+                tag.kind,
+                tag.args.join(":")
+            );
+        }
+    }
+    let mut specs = Vec::new();
+    for (path, weight) in files {
+        specs.push(LoraSpec::new(sd.open_lora(path)?, *weight));
+    }
+    for (path, tag) in &tagged.loras {
+        specs.push(LoraSpec {
+            lora: sd.open_lora(path)?,
+            text_encoder_weight: tag.text_encoder_weight as f32,
+            unet_weight: tag.unet_weight as f32,
+        });
+    }
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    // A1111's `Lora hashes`: one entry per name (`:` and `,` removed from it), first one wins.
+    let mut hashes: Vec<String> = Vec::new();
+    for spec in &specs {
+        let name: String = spec
+            .lora
+            .name
+            .chars()
+            .filter(|c| !":,".contains(*c))
+            .collect();
+        if !hashes.iter().any(|h| h.starts_with(&format!("{name}: "))) {
+            hashes.push(format!("{name}: {}", spec.lora.short_hash()));
+        }
+    }
+    let start = std::time::Instant::now();
+    let applied = sd.set_loras(&specs)?;
+    sd.gpu.wait()?;
+    if !quiet {
+        for a in &applied {
+            let count = |t| a.modules.get(&t).copied().unwrap_or(0);
+            let weight = if a.text_encoder_weight == a.unet_weight {
+                format!("{}", a.unet_weight)
+            } else {
+                format!("te {} / unet {}", a.text_encoder_weight, a.unet_weight)
+            };
+            eprintln!(
+                "lora:    {} weight {weight}: {} U-Net and {} text-encoder modules",
+                a.name,
+                count(LoraTarget::Unet),
+                count(LoraTarget::TextEncoder)
+            );
+        }
+        eprintln!(
+            "         merged in {:.0} ms ({:.1} MiB of original weights kept)",
+            start.elapsed().as_secs_f64() * 1e3,
+            sd.lora_saved_bytes() as f64 / 1048576.0
+        );
+    }
+    Ok(hashes)
+}
+
 /// The sampler the model's own scheduler config gives, when it is one we run.
 fn config_sampler(sd: &ldm_wgpu::pipeline::StableDiffusion) -> Option<SamplerKind> {
     let class = sd.scheduler_config.class_name()?;
@@ -772,20 +930,33 @@ fn load_embeddings(
     Ok(())
 }
 
+/// What the PNG records beyond the request: the prompt as typed (LoRA tags kept), the model's
+/// name, A1111's `Lora hashes` entries.
+struct Recorded<'a> {
+    prompt: &'a str,
+    model: &'a str,
+    lora_hashes: &'a [String],
+}
+
 /// The generation parameters in the A1111 web UI's `parameters` text format, which image
 /// browsers and other SD tools read from the PNG.
 fn a1111_parameters(
     r: &ldm_wgpu::pipeline::GenerateRequest,
+    recorded: &Recorded<'_>,
     sd: &ldm_wgpu::pipeline::StableDiffusion,
-    model: &str,
     seed: u64,
     index: usize,
 ) -> String {
+    let Recorded {
+        prompt,
+        model,
+        lora_hashes,
+    } = *recorded;
     let name = match r.sampler.or_else(|| config_sampler(sd)) {
         Some(kind) => kind.a1111_name(),
         None => sd.scheduler_config.class_name().unwrap_or(""),
     };
-    let mut out = r.prompt.clone();
+    let mut out = prompt.to_string();
     if !r.negative_prompt.is_empty() {
         out += &format!("\nNegative prompt: {}", r.negative_prompt);
     }
@@ -802,6 +973,11 @@ fn a1111_parameters(
     }
     if r.init_image.is_some() {
         out += &format!(", Denoising strength: {}", r.strength);
+    }
+    if !lora_hashes.is_empty() {
+        // A1111 quotes a value holding `:` or `,` as a JSON string.
+        let value = serde_json::Value::String(lora_hashes.join(", "));
+        out += &format!(", Lora hashes: {value}");
     }
     let rng = match r.rng {
         ldm_wgpu::pipeline::RngKind::Philox => "NV",

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::embeddings::Embedding;
 use crate::image::Image;
 use crate::kernels::{elementwise, sampler_step};
+use crate::lora::{lora_targets, AppliedLora, LoraBackup, LoraSpec, LoraState, ModelSites};
 use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::unet::{TimeEmbeddingTable, UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig, VaeTiling};
@@ -18,6 +19,7 @@ use crate::sched::{
     build_sampler, execute_on_gpu, Buf, GpuBuffers, Sampler, SamplerKind, SchedulerConfig,
 };
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::lora::{open_lora, Lora, LoraTarget, LoraTargets};
 use crate::weights::{self, LoadOptions, ModelFamily};
 use crate::{DType, Error, Gpu, Result, Tensor};
 
@@ -142,6 +144,9 @@ fn nchw_to_nhwc_host(x: &[f32], b: usize, c: usize, h: usize, w: usize) -> Vec<f
 /// One generation request (the CLI's flags).
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
+    /// The prompt, encoded as given: A1111's `<lora:NAME:w>` tags are not read here (resolve
+    /// them with [`crate::lora::prompt_loras`] and [`StableDiffusion::set_loras`], as the CLI
+    /// does, and pass the text without them).
     pub prompt: String,
     pub negative_prompt: String,
     pub width: usize,
@@ -323,6 +328,9 @@ pub struct StableDiffusion {
     /// Decode final images with this tiny autoencoder (TAESD) instead of the VAE: much faster,
     /// a little less detailed (`--vae-decoder`); set with [`StableDiffusion::set_tiny_decoder`].
     tiny_decoder: Option<crate::models::taesd::AutoencoderTiny>,
+    /// The LoRAs merged into the U-Net's and text encoder's weights, and the originals of the
+    /// weights they changed ([`StableDiffusion::set_loras`]).
+    loras: std::sync::Mutex<LoraState>,
     /// Textual-inversion embeddings in use: (name, the token ids standing for its vectors).
     embeddings: Vec<(String, Vec<u32>)>,
 }
@@ -356,6 +364,8 @@ pub struct ModelOptions {
     /// `AutoencoderKL.from_pretrained` reads it: e.g. sd-vae-ft-mse, or sdxl-vae-fp16-fix, which
     /// runs in f16 where the original overflows).
     pub vae_dir: Option<PathBuf>,
+    /// Where [`StableDiffusion::set_loras`] keeps the original values of the weights it changes.
+    pub lora_backup: LoraBackup,
 }
 
 /// The model shipped in `weights/` (used when no `--model` is given).
@@ -443,6 +453,7 @@ impl StableDiffusion {
             bytes_per_pixel: std::sync::Mutex::new(None),
             tiny_decoder: None,
             embeddings: Vec::new(),
+            loras: std::sync::Mutex::new(LoraState::new(opts.lora_backup)),
         })
     }
 
@@ -502,6 +513,59 @@ impl StableDiffusion {
             .collect();
         used.sort();
         used.into_iter().map(|(_, name)| name).collect()
+    }
+
+    /// The weights of this model a LoRA may change, by model (U-Net, text encoder).
+    fn lora_sites(&self) -> [ModelSites<'_>; 2] {
+        [
+            ModelSites {
+                target: LoraTarget::Unet,
+                sites: &self.unet.lora_sites,
+            },
+            ModelSites {
+                target: LoraTarget::TextEncoder,
+                sites: &self.text_encoder.lora_sites,
+            },
+        ]
+    }
+
+    /// The weights of this model a LoRA file may name (to open one with
+    /// [`crate::weights::lora::open_lora`]).
+    pub fn lora_targets(&self) -> LoraTargets {
+        lora_targets(&self.lora_sites())
+    }
+
+    /// Open a LoRA file for this model: every layer in it matched to one of its weights (else an
+    /// error listing those that match nothing).
+    pub fn open_lora(&self, path: &Path) -> Result<Lora> {
+        Ok(open_lora(path, &self.lora_targets())?)
+    }
+
+    /// Make `loras` the LoRAs applied to this model, replacing the ones applied before (an
+    /// empty list restores the base model, bit for bit). Each weight they change is merged on
+    /// the GPU from its original values, which are kept while it is changed (where
+    /// [`ModelOptions::lora_backup`] says: host memory by default). Waits
+    /// for a running `generate` to finish. On an error the model is left as it was (if the
+    /// LoRAs could not be matched) or without LoRAs (if merging failed).
+    pub fn set_loras(&self, loras: &[LoraSpec]) -> Result<Vec<AppliedLora>> {
+        let _no_generation = lock(&self.generation);
+        lock(&self.loras).set(&self.gpu, &self.lora_sites(), loras)
+    }
+
+    /// Remove every LoRA: the base model's weights, bit for bit.
+    pub fn clear_loras(&self) -> Result<()> {
+        self.set_loras(&[]).map(|_| ())
+    }
+
+    /// The LoRAs applied now.
+    pub fn loras(&self) -> Vec<AppliedLora> {
+        lock(&self.loras).applied().to_vec()
+    }
+
+    /// Bytes held (in host or GPU memory, [`ModelOptions::lora_backup`]) to restore the weights
+    /// the applied LoRAs changed.
+    pub fn lora_saved_bytes(&self) -> u64 {
+        lock(&self.loras).saved_bytes()
     }
 
     /// Token ids (and emphasis weights) for one prompt: one 77-token window, or several when

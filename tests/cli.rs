@@ -220,3 +220,39 @@ kdpm2_a_karras     DPM2 a Karras      KDPM2AncestralDiscreteScheduler + use_karr
 "
     );
 }
+
+/// LoRA arguments are checked before anything loads: a missing `--lora` file, a malformed
+/// `<lora:…>` tag, a tag whose file is not in the LoRA folder.
+#[test]
+fn lora_arguments_fail_early() {
+    let empty = std::env::temp_dir().join(format!("ldm-cli-loras-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let dir = empty.to_str().unwrap();
+    for (args, want) in [
+        (
+            &[
+                "generate",
+                "-p",
+                "x",
+                "--lora",
+                "/no/such/style.safetensors:0.5",
+            ][..],
+            "no file /no/such/style.safetensors",
+        ),
+        (
+            &["generate", "-p", "x <lora:a:nan>", "--lora-dir", dir],
+            "not a finite number",
+        ),
+        (
+            &["generate", "-p", "x <lora:missing:0.7>", "--lora-dir", dir],
+            "missing.safetensors",
+        ),
+    ] {
+        let o = ldm(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = stderr(&o);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("adapter:"), "{args:?} opened the GPU: {err}");
+    }
+    std::fs::remove_dir_all(&empty).ok();
+}

@@ -128,6 +128,8 @@ pub struct ClipTextModel {
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
     pub dtype: DType,
+    /// The linear weights a LoRA may change (q/k/v as row blocks of the fused projection).
+    pub lora_sites: Vec<nn::WeightSite>,
 }
 
 impl ClipTextModel {
@@ -135,7 +137,10 @@ impl ClipTextModel {
     pub fn load(gpu: &Gpu, vb: &WeightView<'_>, config: ClipConfig, dtype: DType) -> Result<Self> {
         let c = &config;
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        let tm = VarBuilder::new(gpu, vb, dtype).pp("text_model");
+        let sites = std::cell::RefCell::new(Vec::new());
+        let tm = VarBuilder::new(gpu, vb, dtype)
+            .recording_sites(&sites)
+            .pp("text_model");
         let emb = tm.pp("embeddings");
         let token_embedding = load_token_table(
             gpu,
@@ -176,6 +181,7 @@ impl ClipTextModel {
             layers,
             final_layer_norm,
             dtype,
+            lora_sites: sites.into_inner(),
         })
     }
 

@@ -203,6 +203,8 @@ fn load_projection(vb: VarBuilder<'_>, c_in: usize, c_out: usize, linear: bool) 
     }
     let w = vb.view().get("weight", &[c_out, c_in, 1, 1])?;
     let weight = vb.upload(&w.to_f32_vec(), &[c_out, c_in])?;
+    // A 1×1 conv's LoRA is a 1×1 conv too: the site keeps the checkpoint's 4-D shape.
+    vb.record_site("weight", &weight, 0, &[c_out, c_in, 1, 1]);
     let bias = vb.get("bias", &[c_out])?;
     Ok(Linear {
         weight,

@@ -16,7 +16,7 @@ use crate::models::unet_blocks::{
     CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlockConfig, MidBlockConfig, ResnetSettings,
     UNetMidBlock2DCrossAttn, UpBlockConfig,
 };
-use crate::nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use crate::nn::{Conv2d, GroupNorm, Linear, VarBuilder, WeightSite};
 use crate::weights::WeightView;
 use crate::{DType, Error, Gpu, Result, Tensor};
 
@@ -290,6 +290,8 @@ pub struct UNet2DConditionModel {
     up_blocks: Vec<CrossAttnUpBlock2D>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// The linear and conv weights a LoRA may change (fused q/k/v as row blocks).
+    pub lora_sites: Vec<WeightSite>,
 }
 
 impl UNetConfig {
@@ -352,7 +354,8 @@ impl UNetConfig {
 
 impl UNet2DConditionModel {
     pub fn load(gpu: &Gpu, vb: &WeightView<'_>, config: UNetConfig, dtype: DType) -> Result<Self> {
-        let vb = VarBuilder::new(gpu, vb, dtype);
+        let sites = std::cell::RefCell::new(Vec::new());
+        let vb = VarBuilder::new(gpu, vb, dtype).recording_sites(&sites);
         let c = &config;
         let (n, c0) = (c.block_out_channels.len(), c.block_out_channels[0]);
         let last = c.block_out_channels[n - 1];
@@ -392,6 +395,7 @@ impl UNet2DConditionModel {
             conv_out: vb.pp("conv_out").conv3x3(c0, c.out_channels)?,
             config,
             dtype,
+            lora_sites: sites.into_inner(),
         })
     }
 

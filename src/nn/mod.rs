@@ -6,6 +6,8 @@ use crate::kernels::attention::{self, HeadsView};
 use crate::kernels::conv2d;
 use crate::kernels::matmul::{self, Activation};
 use crate::kernels::norm;
+use std::cell::RefCell;
+
 use crate::weights::{HostTensor, WeightView};
 use crate::{DType, Error, Gpu, Result, Tensor};
 
@@ -25,6 +27,9 @@ pub struct VarBuilder<'a> {
     view: WeightView<'a>,
     gpu: &'a Gpu,
     dtype: DType,
+    /// Where the linear and conv layers record their weights as LoRA sites (the U-Net and the
+    /// text encoder; None for the VAE).
+    sites: Option<&'a RefCell<Vec<WeightSite>>>,
 }
 
 impl<'a> VarBuilder<'a> {
@@ -33,7 +38,15 @@ impl<'a> VarBuilder<'a> {
             view: view.clone(),
             gpu,
             dtype,
+            sites: None,
         }
+    }
+
+    /// Record every linear and conv weight loaded through this builder (and its sub-paths) in
+    /// `sites`, so a LoRA can later find it by its checkpoint key.
+    pub fn recording_sites(mut self, sites: &'a RefCell<Vec<WeightSite>>) -> Self {
+        self.sites = Some(sites);
+        self
     }
 
     /// A sub-path: `vb.pp("down_blocks.0").pp("resnets.1")` reads `down_blocks.0.resnets.1.*`.
@@ -42,6 +55,20 @@ impl<'a> VarBuilder<'a> {
             view: self.view.pp(name),
             gpu: self.gpu,
             dtype: self.dtype,
+            sites: self.sites,
+        }
+    }
+
+    /// Record `tensor` elements `[offset, offset + numel(torch_shape))` as the weight `name` of
+    /// this path, stored as the checkpoint's `torch_shape` tensor in our layout.
+    pub fn record_site(&self, name: &str, tensor: &Tensor, offset: usize, torch_shape: &[usize]) {
+        if let Some(sites) = self.sites {
+            sites.borrow_mut().push(WeightSite {
+                key: self.view.full_key(name),
+                tensor: tensor.clone(),
+                offset,
+                torch_shape: torch_shape.to_vec(),
+            });
         }
     }
 
@@ -79,6 +106,37 @@ impl<'a> VarBuilder<'a> {
     }
 }
 
+/// A loaded weight a LoRA may change: which checkpoint tensor it is, and where its values live
+/// on the GPU. `tensor` shares the layer's buffer, so writing into it changes the layer in place
+/// (its bind groups stay valid). Fused layers hold several checkpoint tensors in one buffer,
+/// each its own site at its element `offset`.
+#[derive(Clone, Debug)]
+pub struct WeightSite {
+    /// The checkpoint key (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.weight`).
+    pub key: String,
+    /// The layer's whole weight tensor.
+    pub tensor: Tensor,
+    /// First element of this checkpoint tensor in `tensor`.
+    pub offset: usize,
+    /// Its shape in the checkpoint: [out, in] (linear) or [out, in, kh, kw] (conv; stored as
+    /// [out, kh, kw, in], a 1×1 projection read as a linear as [out, in]).
+    pub torch_shape: Vec<usize>,
+}
+
+impl WeightSite {
+    /// Its shape in our layout ([out, in] or [out, kh, kw, in]).
+    pub fn our_shape(&self) -> Vec<usize> {
+        match self.torch_shape.as_slice() {
+            [o, i, kh, kw] => vec![*o, *kh, *kw, *i],
+            other => other.to_vec(),
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.torch_shape.iter().product()
+    }
+}
+
 /// torch.nn.Linear: y = x·Wᵀ + b, W [out, in].
 pub struct Linear {
     pub weight: Tensor,
@@ -88,6 +146,7 @@ pub struct Linear {
 impl Linear {
     pub fn load(vb: VarBuilder<'_>, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
         let weight = vb.get("weight", &[d_out, d_in])?;
+        vb.record_site("weight", &weight, 0, &[d_out, d_in]);
         let bias = if bias {
             Some(vb.get("bias", &[d_out])?)
         } else {
@@ -117,6 +176,12 @@ impl Linear {
         }
         let total: usize = d_outs.iter().sum();
         let weight = vb.upload(&w, &[total, d_in])?;
+        let mut row = 0;
+        for (part, &d_out) in parts.iter().zip(d_outs) {
+            vb.pp(part)
+                .record_site("weight", &weight, row * d_in, &[d_out, d_in]);
+            row += d_out;
+        }
         let bias = if bias {
             Some(vb.upload(&b, &[total])?)
         } else {
@@ -223,6 +288,7 @@ impl Conv2d {
                 gpu.upload(&w, &ohwi, dtype)?
             }
         };
+        vb.record_site("weight", &weight, 0, &[c_out, c_in, kernel, kernel]);
         let bias = match vb.view().get_opt("bias", &[c_out])? {
             Some(b) => Some(upload_host(gpu, &b, dtype)?),
             None => None,

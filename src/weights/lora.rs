@@ -87,6 +87,17 @@ impl Lora {
         self.file.tensor(name)
     }
 
+    /// A1111's short hash of the file (`Lora hashes:` in a PNG's parameters): the first 12 hex
+    /// digits of the SHA-256 of the tensor data after the header ("addnet" hash), or of the
+    /// `sshs_model_hash` kohya writes into the metadata, which A1111 prefers.
+    pub fn short_hash(&self) -> String {
+        let full = match self.file.metadata().get("sshs_model_hash") {
+            Some(h) if !h.is_empty() => h.clone(),
+            _ => crate::util::sha256_hex(self.file.data_bytes()),
+        };
+        full.chars().take(12).collect()
+    }
+
     /// How many layers it changes per target model.
     pub fn layer_counts(&self) -> BTreeMap<LoraTarget, usize> {
         let mut counts = BTreeMap::new();

@@ -222,6 +222,13 @@ impl SafetensorsFile {
     }
 
     /// The `__metadata__` string map of the header (often empty).
+    /// The bytes after the header (every tensor's data), as A1111's "addnet" file hash reads them.
+    pub fn data_bytes(&self) -> &[u8] {
+        // The header length was checked when the file was opened.
+        let n = u64::from_le_bytes(self.mmap[..8].try_into().unwrap_or([0; 8])) as usize;
+        &self.mmap[(8 + n).min(self.mmap.len())..]
+    }
+
     pub fn metadata(&self) -> &HashMap<String, String> {
         &self.metadata
     }
