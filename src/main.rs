@@ -283,15 +283,21 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Some(Command::Generate(args)) => generate(*args),
         Some(Command::Samplers) => {
-            println!("{:<18} {:<18} diffusers class", "--sampler", "A1111 name");
-            for kind in ldm_wgpu::sched::SamplerKind::ALL {
+            use ldm_wgpu::sched::SamplerKind;
+            // Columns as wide as their longest entry, plus one space.
+            let width = |f: fn(SamplerKind) -> &'static str| {
+                SamplerKind::ALL.iter().map(|&k| f(k).len()).max().unwrap_or(0)
+            };
+            let (w1, w2) = (width(SamplerKind::name), width(SamplerKind::a1111_name));
+            println!("{:<w1$} {:<w2$} diffusers class", "--sampler", "A1111 name");
+            for kind in SamplerKind::ALL {
                 let noise = if kind.is_stochastic() {
                     ", stochastic"
                 } else {
                     ""
                 };
                 println!(
-                    "{:<18} {:<18} {}{noise}",
+                    "{:<w1$} {:<w2$} {}{noise}",
                     kind.name(),
                     kind.a1111_name(),
                     kind.description()

@@ -194,29 +194,30 @@ fn samplers_output_is_unchanged() {
     assert_eq!(
         stdout(&o),
         "\
---sampler          A1111 name         diffusers class
-ddim               DDIM               DDIMScheduler
-pndm               PLMS               PNDMScheduler (PLMS, skip_prk_steps)
-euler              Euler              EulerDiscreteScheduler
-euler_a            Euler a            EulerAncestralDiscreteScheduler, stochastic
-dpmpp_2m           DPM++ 2M           DPMSolverMultistepScheduler (dpmsolver++, order 2)
-dpmpp_2m_karras    DPM++ 2M Karras    DPMSolverMultistepScheduler + use_karras_sigmas
-dpmpp_sde          DPM++ 2M SDE       DPMSolverMultistepScheduler (sde-dpmsolver++, order 2), stochastic
-lms                LMS                LMSDiscreteScheduler
-lms_karras         LMS Karras         LMSDiscreteScheduler + use_karras_sigmas
-euler_karras       Euler Karras       EulerDiscreteScheduler + use_karras_sigmas
-heun               Heun               HeunDiscreteScheduler
-ddpm               DDPM               DDPMScheduler, stochastic
-lcm                LCM                LCMScheduler (LCM models and LCM-LoRA, 2-8 steps), stochastic
-tcd                TCD                TCDScheduler (gamma = --eta, 0.3 suggested)
-unipc              UniPC              UniPCMultistepScheduler (bh2, order 2)
-unipc_bh1          UniPC bh1          UniPCMultistepScheduler (bh1, order 2)
-unipc_karras       UniPC Karras       UniPCMultistepScheduler + use_karras_sigmas
-deis               DEIS               DEISMultistepScheduler (log-rho, order 2)
-kdpm2              DPM2               KDPM2DiscreteScheduler
-kdpm2_karras       DPM2 Karras        KDPM2DiscreteScheduler + use_karras_sigmas
-kdpm2_a            DPM2 a             KDPM2AncestralDiscreteScheduler, stochastic
-kdpm2_a_karras     DPM2 a Karras      KDPM2AncestralDiscreteScheduler + use_karras_sigmas, stochastic
+--sampler        A1111 name          diffusers class
+ddim             DDIM                DDIMScheduler
+pndm             PLMS                PNDMScheduler (PLMS, skip_prk_steps)
+euler            Euler               EulerDiscreteScheduler
+euler_a          Euler a             EulerAncestralDiscreteScheduler, stochastic
+dpmpp_2m         DPM++ 2M            DPMSolverMultistepScheduler (dpmsolver++, order 2)
+dpmpp_2m_karras  DPM++ 2M Karras     DPMSolverMultistepScheduler + use_karras_sigmas
+dpmpp_sde        DPM++ 2M SDE        DPMSolverMultistepScheduler (sde-dpmsolver++, order 2), stochastic
+dpmpp_sde_karras DPM++ 2M SDE Karras DPMSolverMultistepScheduler (sde-dpmsolver++) + use_karras_sigmas, stochastic
+lms              LMS                 LMSDiscreteScheduler
+lms_karras       LMS Karras          LMSDiscreteScheduler + use_karras_sigmas
+euler_karras     Euler Karras        EulerDiscreteScheduler + use_karras_sigmas
+heun             Heun                HeunDiscreteScheduler
+ddpm             DDPM                DDPMScheduler, stochastic
+lcm              LCM                 LCMScheduler (LCM models and LCM-LoRA, 2-8 steps), stochastic
+tcd              TCD                 TCDScheduler (gamma = --eta, 0.3 suggested)
+unipc            UniPC               UniPCMultistepScheduler (bh2, order 2)
+unipc_bh1        UniPC bh1           UniPCMultistepScheduler (bh1, order 2)
+unipc_karras     UniPC Karras        UniPCMultistepScheduler + use_karras_sigmas
+deis             DEIS                DEISMultistepScheduler (log-rho, order 2)
+kdpm2            DPM2                KDPM2DiscreteScheduler
+kdpm2_karras     DPM2 Karras         KDPM2DiscreteScheduler + use_karras_sigmas
+kdpm2_a          DPM2 a              KDPM2AncestralDiscreteScheduler, stochastic
+kdpm2_a_karras   DPM2 a Karras       KDPM2AncestralDiscreteScheduler + use_karras_sigmas, stochastic
 "
     );
 }

@@ -301,6 +301,10 @@ fn dpmpp_2m_sde() {
     check_sampler("dpmpp_sde");
 }
 #[test]
+fn dpmpp_2m_sde_karras() {
+    check_sampler("dpmpp_sde_karras");
+}
+#[test]
 fn lcm() {
     check_sampler("lcm");
 }

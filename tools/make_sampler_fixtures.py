@@ -53,6 +53,8 @@ SAMPLERS = {  # name -> (class, config overrides applied on top, as the --sample
     "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
     "lms_karras": (LMSDiscreteScheduler, {"use_karras_sigmas": True}),
     "dpmpp_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_sde_karras": (DPMSolverMultistepScheduler,
+                         {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
     "lcm": (LCMScheduler, {}),
     "tcd": (TCDScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),

@@ -101,6 +101,7 @@ pub enum SamplerKind {
     DpmPP2M,
     DpmPP2MKarras,
     DpmPP2MSde,
+    DpmPP2MSdeKarras,
     Lms,
     LmsKarras,
     EulerKarras,
@@ -120,7 +121,7 @@ pub enum SamplerKind {
 
 impl SamplerKind {
     /// Every sampler, in the order `ldm samplers` lists them.
-    pub const ALL: [SamplerKind; 22] = [
+    pub const ALL: [SamplerKind; 23] = [
         SamplerKind::Ddim,
         SamplerKind::Pndm,
         SamplerKind::Euler,
@@ -128,6 +129,7 @@ impl SamplerKind {
         SamplerKind::DpmPP2M,
         SamplerKind::DpmPP2MKarras,
         SamplerKind::DpmPP2MSde,
+        SamplerKind::DpmPP2MSdeKarras,
         SamplerKind::Lms,
         SamplerKind::LmsKarras,
         SamplerKind::EulerKarras,
@@ -155,6 +157,7 @@ impl SamplerKind {
             SamplerKind::DpmPP2M => "dpmpp_2m",
             SamplerKind::DpmPP2MKarras => "dpmpp_2m_karras",
             SamplerKind::DpmPP2MSde => "dpmpp_sde",
+            SamplerKind::DpmPP2MSdeKarras => "dpmpp_sde_karras",
             SamplerKind::Lms => "lms",
             SamplerKind::LmsKarras => "lms_karras",
             SamplerKind::EulerKarras => "euler_karras",
@@ -183,6 +186,9 @@ impl SamplerKind {
             SamplerKind::DpmPP2M => "DPMSolverMultistepScheduler (dpmsolver++, order 2)",
             SamplerKind::DpmPP2MKarras => "DPMSolverMultistepScheduler + use_karras_sigmas",
             SamplerKind::DpmPP2MSde => "DPMSolverMultistepScheduler (sde-dpmsolver++, order 2)",
+            SamplerKind::DpmPP2MSdeKarras => {
+                "DPMSolverMultistepScheduler (sde-dpmsolver++) + use_karras_sigmas"
+            }
             SamplerKind::Lms => "LMSDiscreteScheduler",
             SamplerKind::LmsKarras => "LMSDiscreteScheduler + use_karras_sigmas",
             SamplerKind::EulerKarras => "EulerDiscreteScheduler + use_karras_sigmas",
@@ -211,6 +217,7 @@ impl SamplerKind {
             SamplerKind::DpmPP2M => "DPM++ 2M",
             SamplerKind::DpmPP2MKarras => "DPM++ 2M Karras",
             SamplerKind::DpmPP2MSde => "DPM++ 2M SDE",
+            SamplerKind::DpmPP2MSdeKarras => "DPM++ 2M SDE Karras",
             SamplerKind::Lms => "LMS",
             SamplerKind::LmsKarras => "LMS Karras",
             SamplerKind::EulerKarras => "Euler Karras",
@@ -236,9 +243,10 @@ impl SamplerKind {
             SamplerKind::Pndm => SchedulerClass::Pndm,
             SamplerKind::Euler | SamplerKind::EulerKarras => SchedulerClass::EulerDiscrete,
             SamplerKind::EulerA => SchedulerClass::EulerAncestralDiscrete,
-            SamplerKind::DpmPP2M | SamplerKind::DpmPP2MKarras | SamplerKind::DpmPP2MSde => {
-                SchedulerClass::DpmSolverMultistep
-            }
+            SamplerKind::DpmPP2M
+            | SamplerKind::DpmPP2MKarras
+            | SamplerKind::DpmPP2MSde
+            | SamplerKind::DpmPP2MSdeKarras => SchedulerClass::DpmSolverMultistep,
             SamplerKind::Lms | SamplerKind::LmsKarras => SchedulerClass::LmsDiscrete,
             SamplerKind::Heun => SchedulerClass::HeunDiscrete,
             SamplerKind::Ddpm => SchedulerClass::Ddpm,
@@ -261,6 +269,9 @@ impl SamplerKind {
         match self {
             SamplerKind::Euler | SamplerKind::EulerKarras => Some(SamplerKind::EulerKarras),
             SamplerKind::DpmPP2M | SamplerKind::DpmPP2MKarras => Some(SamplerKind::DpmPP2MKarras),
+            SamplerKind::DpmPP2MSde | SamplerKind::DpmPP2MSdeKarras => {
+                Some(SamplerKind::DpmPP2MSdeKarras)
+            }
             SamplerKind::Lms | SamplerKind::LmsKarras => Some(SamplerKind::LmsKarras),
             SamplerKind::UniPc | SamplerKind::UniPcKarras => Some(SamplerKind::UniPcKarras),
             SamplerKind::Kdpm2 | SamplerKind::Kdpm2Karras => Some(SamplerKind::Kdpm2Karras),
@@ -275,6 +286,7 @@ impl SamplerKind {
             self,
             SamplerKind::EulerA
                 | SamplerKind::DpmPP2MSde
+                | SamplerKind::DpmPP2MSdeKarras
                 | SamplerKind::Ddpm
                 | SamplerKind::Lcm
                 | SamplerKind::Kdpm2A
@@ -311,6 +323,7 @@ impl FromStr for SamplerKind {
             "dpm__2m" => SamplerKind::DpmPP2M,
             "dpm__2m_karras" => SamplerKind::DpmPP2MKarras,
             "dpmpp_2m_sde" | "dpm__2m_sde" => SamplerKind::DpmPP2MSde,
+            "dpmpp_2m_sde_karras" | "dpm__2m_sde_karras" => SamplerKind::DpmPP2MSdeKarras,
             other => {
                 return SamplerKind::ALL
                     .into_iter()
@@ -368,6 +381,7 @@ mod tests {
             ("dpm++_2m", SamplerKind::DpmPP2M),
             ("DPM++ 2M Karras", SamplerKind::DpmPP2MKarras),
             ("dpmpp_2m_sde", SamplerKind::DpmPP2MSde),
+            ("DPM++ 2M SDE Karras", SamplerKind::DpmPP2MSdeKarras),
             ("Euler-A", SamplerKind::EulerA),
         ] {
             assert_eq!(alias.parse::<SamplerKind>().unwrap(), kind, "{alias}");

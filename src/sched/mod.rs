@@ -665,6 +665,10 @@ pub fn build_sampler(
         | SamplerKind::Kdpm2AKarras => cfg.use_karras_sigmas = Some(true),
         SamplerKind::UniPcBh1 => cfg.solver_type = Some("bh1".into()),
         SamplerKind::DpmPP2MSde => cfg.algorithm_type = Some("sde-dpmsolver++".into()),
+        SamplerKind::DpmPP2MSdeKarras => {
+            cfg.algorithm_type = Some("sde-dpmsolver++".into());
+            cfg.use_karras_sigmas = Some(true);
+        }
         _ => {}
     }
     let label = kind.name().to_string();
