@@ -1,447 +1,64 @@
-//! Kernel benchmarks at the Stable Diffusion 1.5 512×512 shapes (`cargo bench --bench kernels`).
-//!
-//! Each case is validated elsewhere (tests/kernels_*.rs); here it is warmed up, then timed with
-//! GPU timestamp queries over several repetitions. One line per case: kernel, shape, dtype,
-//! median GPU time, GFLOP/s or GB/s, and the % of this device's peak measured in the same run by
-//! the FMA-throughput and copy-bandwidth microbenchmarks (shaders/peak.wgsl).
-//!
-//! Options (environment): LDM_BENCH_DTYPE=f16|f32, LDM_BENCH_REPS=N, LDM_BENCH_FILTER=substring,
+//! Kernel benchmarks at the Stable Diffusion 1.5 512×512 shapes (`cargo bench --bench kernels`);
+//! the same as `ldm bench` (the code is `ldm_wgpu::bench`), driven by the environment:
+//! LDM_BENCH_DTYPE=f16|f32, LDM_BENCH_REPS=N, LDM_BENCH_FILTER=a,b,c (substrings),
 //! LDM_BENCH_QUICK=1 (small peak runs and only the cheaper cases; automatic on CPU adapters).
+//!
+//! One line per case: kernel and path, shape, dtype, median GPU time, GFLOP/s or GB/s, and the %
+//! of this device's peak measured in the same run; `*` marks the path the default policy takes.
 //! Matmuls print `matmul[fma]` and, on adapters with f16 cooperative matrices, `matmul[coop]`
-//! (64 tile) and `matmul[coop128]` (the large tile, `coop::CoopTile`).
-//! Convolutions print one line per kernel tile (`conv2d[64]`, `conv2d[128]`, `conv2d[small]`,
-//! and where tensor cores are offered `conv2d[coop]` (64 tile) and `conv2d[coop128]` (the large
-//! tile, with split K where `conv2d::split_k` splits)), the one the default policy picks marked
-//! `*`. Attention prints `attention[fma]`, `attention[coop]` and one `attention[coop RxK]` line
-//! per tensor-core tile shape that fits (R query rows × K keys per workgroup), for tuning
-//! `attention::coop_config`.
+//! (64 tile) and `matmul[coop128]`; convolutions one line per kernel tile (`conv2d[64]`,
+//! `conv2d[128]`, `conv2d[small]`, `conv2d[coop]`, `conv2d[coop128]`); attention
+//! `attention[fma]`, `attention[coop]` and one `attention[coop RxK]` per tensor-core tile shape.
 
-use ldm_wgpu::kernels::attention::{self, HeadsView};
-use ldm_wgpu::kernels::coop::{self, CoopTile};
-use ldm_wgpu::kernels::matmul::{self, Activation};
-use ldm_wgpu::kernels::{conv2d, norm, peak, sd15};
-use ldm_wgpu::runtime::KernelPolicy;
-use ldm_wgpu::{DType, Gpu, GpuOptions, Result, Tensor};
-
-struct Bench {
-    gpu: Gpu,
-    dtype: DType,
-    reps: usize,
-    filter: Option<String>,
-    quick: bool,
-    fma_peak: f64,
-    copy_peak: f64,
-    /// Measured tensor-core (cooperative-matrix) throughput, where the adapter has it: the
-    /// denominator of the `[coop]` lines.
-    coop_peak: Option<f64>,
-}
-
-impl Bench {
-    fn random(&self, shape: &[usize]) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let mut s = 0x9E3779B97F4A7C15u64;
-        let data: Vec<f32> = (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.5
-            })
-            .collect();
-        self.gpu.upload(&data, shape, self.dtype)
-    }
-
-    /// Median GPU seconds of `op` (all its dispatches summed per repetition).
-    fn time(&self, op: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
-        for _ in 0..2 {
-            op()?;
-        }
-        self.gpu.take_samples()?;
-        let mut times = Vec::with_capacity(self.reps);
-        for _ in 0..self.reps {
-            op()?;
-            let samples = self.gpu.take_samples()?;
-            times.push(samples.iter().map(|s| s.1).sum::<f64>() * 1e-9);
-        }
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
-    }
-
-    fn wanted(&self, name: &str) -> bool {
-        self.filter
-            .as_ref()
-            .is_none_or(|f| name.contains(f.as_str()))
-    }
-
-    fn line(&self, kernel: &str, shape: &str, secs: f64, flops: f64, bytes: f64) {
-        let (rate, pct) = if flops > 0.0 {
-            let peak = match self.coop_peak {
-                Some(p) if kernel.contains("[coop") => p,
-                _ => self.fma_peak,
-            };
-            (
-                format!("{:>9.1} GFLOP/s", flops / secs * 1e-9),
-                100.0 * flops / secs / peak,
-            )
-        } else {
-            (
-                format!("{:>9.1} GB/s   ", bytes / secs * 1e-9),
-                100.0 * bytes / secs / self.copy_peak,
-            )
-        };
-        println!(
-            "{kernel:<10} {shape:<36} {:<4} {:>10.4} ms {rate} {pct:>6.1}% of peak",
-            self.dtype.name(),
-            secs * 1e3
-        );
-    }
-}
+use ldm_wgpu::bench::{run_kernels, KernelBenchOptions};
+use ldm_wgpu::{Gpu, GpuOptions, Result};
 
 fn main() -> Result<()> {
     let gpu = Gpu::new(&GpuOptions {
         profile: true,
-        ..GpuOptions::from_env().unwrap()
+        ..GpuOptions::from_env()?
     })?;
     if !gpu.caps.timestamps {
         eprintln!("this adapter has no TIMESTAMP_QUERY: GPU timing is impossible here");
         return Ok(());
     }
-    let dtype = std::env::var("LDM_BENCH_DTYPE")
-        .ok()
+    let env = |k: &str| std::env::var(k).ok();
+    let dtype = env("LDM_BENCH_DTYPE")
         .map(|s| s.parse().expect("f16 or f32"))
         .unwrap_or(gpu.compute_dtype());
-    let on_cpu = gpu.adapter.device_type == "Cpu";
-    let quick = std::env::var("LDM_BENCH_QUICK")
-        .map(|v| v == "1")
-        .unwrap_or(on_cpu);
-    let reps = std::env::var("LDM_BENCH_REPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if quick { 3 } else { 10 });
+    let quick = env("LDM_BENCH_QUICK").map_or(gpu.adapter.device_type == "Cpu", |v| v == "1");
+    let options = KernelBenchOptions {
+        dtype,
+        reps: env("LDM_BENCH_REPS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if quick { 3 } else { 10 }),
+        filter: env("LDM_BENCH_FILTER")
+            .map(|f| f.split(',').map(str::to_string).collect())
+            .unwrap_or_default(),
+        quick,
+    };
     println!(
         "device: {} ({} {}), dtype {}, {} reps{}",
         gpu.adapter.name,
         gpu.adapter.backend,
         gpu.adapter.driver,
         dtype.name(),
-        reps,
+        options.reps,
         if quick { ", quick" } else { "" }
     );
-    let mut b = Bench {
-        gpu,
-        dtype,
-        reps,
-        filter: std::env::var("LDM_BENCH_FILTER").ok(),
-        quick,
-        fma_peak: 1.0,
-        copy_peak: 1.0,
-        coop_peak: None,
-    };
-
-    // Peaks, measured now on this device.
-    let (wg, iters, copy_n) = if quick {
-        (256u32, 256u32, 1usize << 20)
-    } else {
-        (16384, 4096, 64 << 20)
-    };
-    let scratch = b.gpu.empty(&[1024], dtype)?;
-    let t = b.time(&mut || peak::fma_peak(&b.gpu, &scratch, wg, iters))?;
-    b.fma_peak = peak::fma_flops(wg, iters) / t;
-    let src = b.random(&[copy_n])?;
-    let dst = b.gpu.empty(&[copy_n], dtype)?;
-    let t = b.time(&mut || peak::copy(&b.gpu, &src, &dst))?;
-    b.copy_peak = 2.0 * src.size_bytes() as f64 / t;
-    println!(
-        "measured peaks: FMA {:.1} GFLOP/s, copy {:.1} GB/s",
-        b.fma_peak * 1e-9,
-        b.copy_peak * 1e-9
-    );
-    drop((src, dst));
-    // What the environment asked for; each path below is forced on top of it, then restored.
-    let base = b.gpu.policy();
-    let forced = |tensor_cores: Option<bool>, coop_tile: Option<CoopTile>| KernelPolicy {
-        tensor_cores,
-        coop_tile,
-        ..base
-    };
-    b.gpu.set_policy(forced(Some(true), None));
-    if let Some(plan) = coop::coop_plan(&b.gpu, DType::F16) {
-        let scratch = b.gpu.empty(&[256], DType::F32)?;
-        let (wg, iters) = if quick { (64u32, 64u32) } else { (4096, 4096) };
-        let t = b.time(&mut || peak::coop_peak(&b.gpu, plan, &scratch, wg, iters))?;
-        b.coop_peak = Some(peak::coop_flops(plan, wg, iters) / t);
-        println!(
-            "measured tensor-core peak: {:.1} GFLOP/s (coop_mat{f}x{f}<f16>, f32 accumulators; the [coop] lines' %)",
-            b.coop_peak.unwrap_or(0.0) * 1e-9,
-            f = plan.frag
-        );
-    }
-    b.gpu.set_policy(base);
-
-    // Matmul / linear.
-    let mut cases: Vec<(String, usize, usize, usize)> = sd15::MATMUL
-        .iter()
-        .map(|&(n, m, nn, k)| (n.to_string(), m, nn, k))
-        .collect();
-    cases.push(("square 4096^3".into(), 4096, 4096, 4096));
-    // Every path where the adapter has tensor cores: `matmul[fma]`, `matmul[coop]` (the 64
-    // tile) and `matmul[coop128]` (the large tile, where the adapter holds it); the one the
-    // engine picks by default marked `*`.
-    b.gpu.set_policy(forced(Some(true), None));
-    let coop = coop::coop_plan(&b.gpu, dtype);
-    b.gpu.set_policy(base);
-    let default_coop = coop::coop_plan(&b.gpu, dtype).is_some();
-    for (name, m, n, k) in cases {
-        if !b.wanted(&name) || (b.quick && m * n * k > 1 << 30) {
-            continue;
-        }
-        let x = b.random(&[m, k])?;
-        let w = b.random(&[n, k])?;
-        // (label, coop tile or None for the FMA kernel)
-        let mut paths = vec![("fma", None)];
-        let mut chosen = None;
-        if let (Some(plan), true) = (coop, k % 4 == 0) {
-            paths.push(("coop", Some(CoopTile::T64)));
-            if CoopTile::T128.fits(plan, &b.gpu.caps) {
-                paths.push(("coop128", Some(CoopTile::T128)));
-            }
-            if default_coop {
-                chosen = Some(CoopTile::choose(plan, &b.gpu.caps, 1, m, n, None));
-            }
-        }
-        for (path, tile) in paths {
-            b.gpu.set_policy(forced(Some(tile.is_some()), tile));
-            let t = b.time(&mut || {
-                matmul::linear(&b.gpu, &x, &w, None, None, Activation::None).map(|_| ())
-            })?;
-            let mark = if tile == chosen { "*" } else { "" };
-            b.line(
-                &format!("matmul[{path}]{mark}"),
-                &format!("{name} {m}x{n}x{k}"),
-                t,
-                2.0 * (m * n * k) as f64,
-                0.0,
+    run_kernels(
+        &gpu,
+        &options,
+        &mut |p| {
+            println!(
+                "measured peaks: FMA {:.1} GFLOP/s, copy {:.1} GB/s",
+                p.fma_gflops, p.copy_gbs
             );
-        }
-        b.gpu.set_policy(base);
-    }
-
-    // Convolution: one line per kernel variant that applies (`conv2d[64]` and `conv2d[128]`
-    // always, `conv2d[small]` for Cout <= 16), the one the shape heuristic picks marked `*`,
-    // so one GPU run compares the tiles. Upsample2D rows run as the models do: the conv reads
-    // the half-size input through the fused 2x nearest upsampling.
-    let max_wg = b.gpu.caps.max_workgroup_storage;
-    for &(name, bt, h, w, cin, cout, k, stride) in sd15::CONV {
-        let flops = 2.0 * (bt * (h / stride) * (w / stride) * cout * cin * k * k) as f64;
-        if !b.wanted(name) || (b.quick && flops > 4e9) {
-            continue;
-        }
-        let upsampled = name.contains("upsample");
-        let x = if upsampled {
-            b.random(&[bt, h / 2, w / 2, cin])?
-        } else {
-            b.random(&[bt, h, w, cin])?
-        };
-        let wt = b.random(&[cout, k, k, cin])?;
-        let pad = k / 2;
-        let m = bt * (h / stride) * (w / stride);
-        let coop_ok = coop.is_some() && cin % 4 == 0;
-        // The default (`Conv::run_into`): tensor cores where the shape gets their large tile.
-        let large = |plan| conv2d::coop_conv_tile(plan, &b.gpu.caps, m, cout, None);
-        let chosen = match coop {
-            Some(plan) if default_coop && coop_ok && cout > 16 && large(plan) == CoopTile::T128 => {
-                (conv2d::Variant::COOP, Some(CoopTile::T128))
+            if let Some(t) = p.tensor_core_gflops {
+                println!("measured tensor-core peak: {t:.1} GFLOP/s (the [coop] lines' %)");
             }
-            _ => (conv2d::choose_variant(m, cout, max_wg, None), None),
-        };
-        let mut tiles = vec![conv2d::Tile::T64, conv2d::Tile::T128];
-        if cout <= 16 {
-            tiles.push(conv2d::Tile::Small);
-        }
-        if coop_ok {
-            tiles.push(conv2d::Tile::Coop);
-        }
-        // (tile, tensor-core tile): the tensor-core kernel in both its tiles where it can run.
-        let mut runs: Vec<(conv2d::Tile, Option<CoopTile>)> = Vec::new();
-        for tile in tiles {
-            if tile != conv2d::Tile::Coop {
-                runs.push((tile, None));
-                continue;
-            }
-            for coop_tile in [CoopTile::T64, CoopTile::T128] {
-                let plan = coop.expect("coop_ok");
-                if conv2d::coop_conv_tile(plan, &b.gpu.caps, m, cout, Some(coop_tile)) == coop_tile
-                {
-                    runs.push((tile, Some(coop_tile)));
-                }
-            }
-        }
-        for (tile, coop_tile) in runs {
-            // The tile's largest K step that fits this adapter (what the heuristic would run).
-            let variant = if tile == conv2d::Tile::Coop {
-                conv2d::Variant::COOP
-            } else {
-                conv2d::choose_variant(m, cout, max_wg, Some(tile))
-            };
-            if variant.tile != tile {
-                continue; // does not fit this adapter's workgroup memory
-            }
-            b.gpu
-                .set_policy(forced(Some(tile == conv2d::Tile::Coop), coop_tile));
-            let conv = conv2d::Conv {
-                input: if upsampled {
-                    conv2d::Input::Upsampled2x(&x)
-                } else {
-                    conv2d::Input::Plain(&x)
-                },
-                weight: &wt,
-                bias: None,
-                residual: None,
-                stride,
-                pads: [pad; 4],
-                variant: Some(variant),
-            };
-            let t = b.time(&mut || conv.run(&b.gpu).map(|_| ()))?;
-            b.gpu.set_policy(base);
-            let mark = if (variant, coop_tile) == chosen {
-                "*"
-            } else {
-                ""
-            };
-            let label = match coop_tile {
-                Some(CoopTile::T128) => "coop128",
-                _ => tile.name(),
-            };
-            b.line(
-                &format!("conv2d[{label}]{mark}"),
-                &format!(
-                    "{name} {bt}x{h}x{w}x{cin}->{cout} k{k}s{stride}{}",
-                    if upsampled { " (fused up2x)" } else { "" }
-                ),
-                t,
-                flops,
-                0.0,
-            );
-        }
-    }
-
-    // Attention.
-    for &(name, batch, heads, nq, nk, d) in sd15::ATTENTION {
-        let flops = 4.0 * (batch * heads * nq * nk * d) as f64;
-        if !b.wanted(name) || (b.quick && flops > 4e9) {
-            continue;
-        }
-        let c = heads * d;
-        let q = b.random(&[batch, nq, c])?;
-        let kv = b.random(&[batch, nk, 2 * c])?;
-        let view = |tensor, tokens, row_stride, offset| HeadsView {
-            tensor,
-            tokens,
-            row_stride,
-            offset,
-        };
-        let mut paths = vec![false];
-        if coop.is_some() {
-            paths.push(true);
-        }
-        for on in paths {
-            b.gpu.set_policy(forced(Some(on), None));
-            let t = b.time(&mut || {
-                attention::Sdpa {
-                    q: view(&q, nq, c, 0),
-                    k: view(&kv, nk, 2 * c, 0),
-                    v: view(&kv, nk, 2 * c, c),
-                    batch,
-                    heads,
-                    head_dim: d,
-                    causal: false,
-                    scale: None,
-                }
-                .run(&b.gpu)
-                .map(|_| ())
-            })?;
-            b.gpu.set_policy(base);
-            let mark = if on == default_coop { "*" } else { "" };
-            let path = if on { "coop" } else { "fma" };
-            b.line(
-                &format!("attention[{path}]{mark}"),
-                &format!("{name} b{batch} h{heads} {nq}x{nk} d{d}"),
-                t,
-                flops,
-                0.0,
-            );
-        }
-        // Every tensor-core tile shape that fits (rows × keys per workgroup), for tuning
-        // `attention::coop_config`; the one it picks is the `[coop]` line above.
-        if let Some(plan) = coop {
-            b.gpu.set_policy(forced(Some(true), None));
-            let picked = attention::coop_config(plan, d, b.gpu.caps.max_workgroup_storage as u64);
-            let out = b.gpu.empty(&[batch, nq, c], dtype)?;
-            for cfg in attention::CoopConfig::CANDIDATES {
-                let limit = (b.gpu.caps.max_workgroup_storage as u64).min(48 * 1024);
-                if !cfg.valid_for(plan) || cfg.workgroup_bytes(plan.frag, d) > limit {
-                    continue;
-                }
-                let t = b.time(&mut || {
-                    attention::Sdpa {
-                        q: view(&q, nq, c, 0),
-                        k: view(&kv, nk, 2 * c, 0),
-                        v: view(&kv, nk, 2 * c, c),
-                        batch,
-                        heads,
-                        head_dim: d,
-                        causal: false,
-                        scale: None,
-                    }
-                    .run_coop_into_with(&b.gpu, &out, cfg)
-                })?;
-                let mark = if Some(cfg) == picked { "*" } else { "" };
-                b.line(
-                    &format!(
-                        "attention[coop {}x{}]{mark}",
-                        cfg.block_rows(plan),
-                        cfg.block_keys(plan)
-                    ),
-                    &format!("{name} b{batch} h{heads} {nq}x{nk} d{d}"),
-                    t,
-                    flops,
-                    0.0,
-                );
-            }
-            b.gpu.set_policy(base);
-        }
-    }
-
-    // Group norm and layer norm (memory-bound: read + write).
-    for case in sd15::NORM {
-        let n: usize = case.shape.iter().product();
-        if !b.wanted(case.name) || (b.quick && n > 1 << 22) {
-            continue;
-        }
-        let c = *case.shape.last().expect("shape");
-        let x = b.random(case.shape)?;
-        let gamma = b.random(&[c])?;
-        let beta = b.random(&[c])?;
-        let t = if case.groups > 0 {
-            b.time(&mut || {
-                norm::group_norm(&b.gpu, &x, case.groups, 1e-5, &gamma, &beta, case.silu)
-                    .map(|_| ())
-            })?
-        } else {
-            b.time(&mut || norm::layer_norm(&b.gpu, &x, &gamma, &beta, 1e-5).map(|_| ()))?
-        };
-        let kernel = if case.groups > 0 {
-            "groupnorm"
-        } else {
-            "layernorm"
-        };
-        b.line(
-            kernel,
-            &format!("{} {:?}", case.name, case.shape),
-            t,
-            0.0,
-            2.0 * x.size_bytes() as f64,
-        );
-    }
+        },
+        &mut |row| println!("{}", row.text()),
+    )?;
     Ok(())
 }

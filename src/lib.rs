@@ -1,6 +1,7 @@
 //! ldm-wgpu: latent diffusion models (Stable Diffusion 1.x / 2.x) on any Vulkan, Metal or DX12 GPU
 //! through wgpu, with our own WGSL kernels. See ARCHITECTURE.md for how data flows from prompt to PNG.
 
+pub mod bench;
 pub mod embeddings;
 pub mod error;
 pub mod image;

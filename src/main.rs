@@ -36,11 +36,172 @@ enum Command {
     },
     /// list the samplers
     Samplers,
+    /// benchmark this GPU: measured peaks and every kernel at SD 1.5 shapes, or with --model a
+    /// whole pipeline (cold/warm start, it/s, s/image, peak memory, per-kernel table)
+    #[command(args_override_self = true)]
+    Bench(BenchArgs),
     /// print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// The options of `ldm bench`.
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// only the kernel cases whose name contains one of these (comma list: attn,resnet)
+    #[arg(long, value_name = "A,B,..", value_delimiter = ',')]
+    filter: Vec<String>,
+    /// machine-readable output (one JSON document on stdout)
+    #[arg(long)]
+    json: bool,
+    /// f16 or f32 (default: f16 when the adapter supports it)
+    #[arg(long, value_name = "f16|f32")]
+    dtype: Option<String>,
+    /// timed repetitions per kernel case (default 10, 3 with --quick)
+    #[arg(long, value_name = "N")]
+    reps: Option<usize>,
+    /// short peak runs and only the cheaper kernel cases (default on CPU adapters)
+    #[arg(long)]
+    quick: bool,
+    /// end-to-end instead: this diffusers folder or single file
+    #[arg(short = 'm', long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// end-to-end: image side in pixels (default: the model's native size)
+    #[arg(long, value_name = "N")]
+    size: Option<usize>,
+    /// end-to-end: denoising steps
+    #[arg(short = 's', long, value_name = "N", default_value_t = 25)]
+    steps: usize,
+    /// end-to-end: sampler
+    #[arg(long, value_name = "NAME", default_value = "dpmpp_2m")]
+    sampler: String,
+    /// end-to-end: timed images (medians reported)
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    images: usize,
+    /// end-to-end: kernels listed from the profiled image (0: all)
+    #[arg(long, value_name = "N", default_value_t = 15)]
+    top: usize,
+    /// choose the GPU (also LDM_ADAPTER)
+    #[arg(long, value_name = "NAME|INDEX")]
+    adapter: Option<String>,
+}
+
+/// `ldm bench`: the kernel table or, with --model, the end-to-end benchmark.
+fn bench(args: BenchArgs) -> Result<(), Error> {
+    use ldm_wgpu::bench::{self, pipeline};
+    let mut gpu_options = GpuOptions::from_env()?;
+    if args.adapter.is_some() {
+        gpu_options.adapter = args.adapter.clone();
+    }
+    let dtype: Option<ldm_wgpu::DType> = args
+        .dtype
+        .as_deref()
+        .map(|d| d.parse().map_err(Error::InvalidInput))
+        .transpose()?;
+    if let Some(model) = args.model {
+        let sampler: SamplerKind = args.sampler.parse()?;
+        if args.steps == 0 || args.images == 0 {
+            return Err(Error::InvalidInput(
+                "--steps and --images must be at least 1".into(),
+            ));
+        }
+        let cache_dir = std::env::temp_dir().join(format!("ldm-bench-{}", std::process::id()));
+        // Before the first device opens: a cold start finds the driver's shader cache empty.
+        pipeline::point_driver_caches_at(&cache_dir)?;
+        let options = pipeline::PipelineBenchOptions {
+            model,
+            size: args.size,
+            steps: args.steps,
+            sampler,
+            dtype,
+            images: args.images,
+            gpu: gpu_options,
+            cache_dir: cache_dir.clone(),
+        };
+        let quiet = args.json;
+        let report = pipeline::run_pipeline(&options, &mut |stage| {
+            if !quiet {
+                eprintln!("bench: {stage}...");
+            }
+        });
+        let _ = std::fs::remove_dir_all(&cache_dir);
+        let report = report?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).expect("serialisable")
+            );
+        } else {
+            print!("{}", report.text(args.top));
+        }
+        return Ok(());
+    }
+    gpu_options.profile = true;
+    let gpu = ldm_wgpu::Gpu::new(&gpu_options)?;
+    let quick = args.quick || gpu.adapter.device_type == "Cpu";
+    let options = bench::KernelBenchOptions {
+        dtype: dtype.unwrap_or(gpu.compute_dtype()),
+        reps: args.reps.unwrap_or(if quick { 3 } else { 10 }),
+        filter: args.filter,
+        quick,
+    };
+    let text = !args.json;
+    if text {
+        println!(
+            "device: {} ({} {}), dtype {}, {} reps{}",
+            gpu.adapter.name,
+            gpu.adapter.backend,
+            gpu.adapter.driver,
+            options.dtype.name(),
+            options.reps,
+            if quick { ", quick" } else { "" }
+        );
+    }
+    let (peaks, rows) = bench::run_kernels(
+        &gpu,
+        &options,
+        &mut |p| {
+            if text {
+                print_peaks(p);
+            }
+        },
+        &mut |row| {
+            if text {
+                println!("{}", row.text());
+            }
+        },
+    )?;
+    if args.json {
+        let doc = serde_json::json!({
+            "device": gpu.adapter.name,
+            "backend": gpu.adapter.backend,
+            "driver": gpu.adapter.driver,
+            "dtype": options.dtype.name(),
+            "reps": options.reps,
+            "quick": quick,
+            "peaks": peaks,
+            "kernels": rows,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("serialisable")
+        );
+    } else {
+        println!("(* = the path the default kernel policy takes for that shape)");
+    }
+    Ok(())
+}
+
+fn print_peaks(p: &ldm_wgpu::bench::Peaks) {
+    println!(
+        "measured peaks: FMA {:.1} GFLOP/s, copy {:.1} GB/s",
+        p.fma_gflops, p.copy_gbs
+    );
+    if let Some(t) = p.tensor_core_gflops {
+        println!("measured tensor-core peak: {t:.1} GFLOP/s (f16, f32 accumulators; the [coop] lines' %)");
+    }
 }
 
 /// The options of `ldm generate`. Values whose parsing is ours (sampler, dtype, ...) stay text
@@ -282,11 +443,16 @@ fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Some(Command::Generate(args)) => generate(*args),
+        Some(Command::Bench(args)) => bench(args),
         Some(Command::Samplers) => {
             use ldm_wgpu::sched::SamplerKind;
             // Columns as wide as their longest entry, plus one space.
             let width = |f: fn(SamplerKind) -> &'static str| {
-                SamplerKind::ALL.iter().map(|&k| f(k).len()).max().unwrap_or(0)
+                SamplerKind::ALL
+                    .iter()
+                    .map(|&k| f(k).len())
+                    .max()
+                    .unwrap_or(0)
             };
             let (w1, w2) = (width(SamplerKind::name), width(SamplerKind::a1111_name));
             println!("{:<w1$} {:<w2$} diffusers class", "--sampler", "A1111 name");

@@ -1,0 +1,110 @@
+//! `ldm bench`, run as users run it: the kernel table as JSON (filtered to one cheap SD 1.5
+//! case) and the end-to-end benchmark on the shipped model at a tiny size. These check that the
+//! benchmark runs and reports sane numbers, not how fast anything is.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn ldm_json(args: &[&str]) -> Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(args)
+        .env_remove("LDM_ADAPTER")
+        .output()
+        .expect("run ldm");
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&o.stdout)
+        )
+    })
+}
+
+fn positive(v: &Value, what: &str) -> f64 {
+    let x = v
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what} is not a number: {v}"));
+    assert!(x.is_finite() && x > 0.0, "{what} = {x}");
+    x
+}
+
+#[test]
+fn kernel_table_as_json() {
+    let doc = ldm_json(&[
+        "bench",
+        "--json",
+        "--quick",
+        "--reps",
+        "1",
+        "--filter",
+        "8x8.mid.proj_in,unet.mid.proj_in",
+    ]);
+    positive(&doc["peaks"]["fma_gflops"], "FMA peak");
+    positive(&doc["peaks"]["copy_gbs"], "copy peak");
+    let rows = doc["kernels"].as_array().expect("kernels");
+    assert!(!rows.is_empty(), "no case matched the filter");
+    for row in rows {
+        let shape = row["shape"].as_str().unwrap();
+        assert!(
+            shape.contains("8x8.mid.proj_in") || shape.contains("unet.mid.proj_in"),
+            "{shape} does not match the filter"
+        );
+        positive(&row["ms"], "ms");
+        positive(&row["gflops"], "GFLOP/s");
+        positive(&row["percent_of_peak"], "% of peak");
+    }
+    // Each filtered shape has exactly one path marked as the default.
+    let mut shapes: Vec<&str> = rows.iter().map(|r| r["shape"].as_str().unwrap()).collect();
+    shapes.dedup();
+    for shape in shapes {
+        let defaults = rows
+            .iter()
+            .filter(|r| r["shape"] == shape && r["default"] == true)
+            .count();
+        assert_eq!(defaults, 1, "{shape}: {defaults} default paths");
+    }
+}
+
+#[test]
+fn end_to_end_on_the_shipped_model() {
+    let model = ldm_wgpu::pipeline::default_model_dir();
+    let doc = ldm_json(&[
+        "bench",
+        "--json",
+        "-m",
+        model.to_str().unwrap(),
+        "--size",
+        "64",
+        "-s",
+        "2",
+        "--images",
+        "1",
+    ]);
+    for key in [
+        "cold_start_s",
+        "warm_start_s",
+        "seconds_per_image",
+        "unet_its",
+        "step_ms",
+        "vae_decode_s",
+        "peak_pool_mib",
+    ] {
+        positive(&doc[key], key);
+    }
+    assert_eq!(doc["size"], 64);
+    assert_eq!(doc["steps"], 2);
+    let p = &doc["profiled"];
+    let wall = positive(&p["wall_s"], "profiled wall");
+    let kernels = positive(&p["kernel_sum_s"], "summed kernel time");
+    assert!(
+        kernels <= wall * 1.05,
+        "kernels {kernels} s > wall {wall} s"
+    );
+    let list = p["kernels"].as_array().expect("kernel list");
+    assert!(list.iter().any(|k| k["kernel"] == "conv2d"), "{list:?}");
+}
