@@ -7,9 +7,10 @@
 # at most 64 MiB (tree included). So this builds, here:
 #   .gl/     the Vulkan loader and GL libraries as .deb files (unpacked there by dpkg -x)
 #   .whl/    the diffusers wheel (pure Python; everything it needs is already there)
-#   .bench/  bins.tar.xz: the `ldm` binary, the two benchmarks and the test binaries that matter
-#            on a GPU (kernels against their references, the tensor-core paths, model and
-#            pipeline parity), stripped, in one xz stream so their shared code compresses once
+#   .bench/  bins.tar.xz: the `ldm` binary (whose `ldm bench` is the kernel and end-to-end
+#            benchmark) and the test binaries that matter on a GPU (kernels against their
+#            references, the tensor-core paths, model and pipeline parity), stripped, in one xz
+#            stream so their shared code compresses once
 # and prints what the call will carry. tools/device_call.sh is what runs there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,12 +53,6 @@ for line in sys.stdin:
     j = json.loads(line)
     if j.get("executable") and j.get("profile", {}).get("test"):
         shutil.copy(j["executable"], ".bench/stage/test_" + j["target"]["name"])'
-cargo bench --locked --no-run --bench kernels --bench pipeline --message-format=json 2>/dev/null \
-    | python3 -c 'import json, shutil, sys
-for line in sys.stdin:
-    j = json.loads(line)
-    if j.get("executable") and "bench" in j["target"]["kind"]:
-        shutil.copy(j["executable"], ".bench/stage/bench_" + j["target"]["name"])'
 strip .bench/stage/*
 tar -C .bench/stage -cf - . | xz -9e -T1 --lzma2=dict=64MiB >.bench/bins.tar.xz
 rm -rf .bench/stage
