@@ -163,30 +163,9 @@ fn weighted_prompt_pipeline_matches_diffusers_with_prompt_embeds() {
     };
     let out = sd.generate(&req, &mut |_| true).unwrap();
     let want = Image::load_png(&fixtures().join("pipeline.png")).unwrap();
-    let mse: f64 = out.images[0]
-        .rgb
-        .iter()
-        .zip(&want.rgb)
-        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-        .sum::<f64>()
-        / want.rgb.len() as f64;
-    let psnr = if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64 * 255.0 / mse).log10()
-    };
+    let psnr = common::psnr_rgb8(&out.images[0].rgb, &want.rgb);
     let tensors = SafetensorsFile::open(fixtures().join("pipeline.safetensors")).unwrap();
-    let lat = tensors.tensor("latents").unwrap();
-    let (c, h, w) = (lat.shape[1], lat.shape[2], lat.shape[3]);
-    let nchw = lat.to_f32_vec();
-    let mut want_latents = vec![0.0f64; nchw.len()];
-    for ci in 0..c {
-        for y in 0..h {
-            for x in 0..w {
-                want_latents[(y * w + x) * c + ci] = nchw[(ci * h + y) * w + x] as f64;
-            }
-        }
-    }
+    let want_latents = common::nchw_to_nhwc_f64(&tensors.tensor("latents").unwrap());
     let err = common::rel_l2(&out.latents, &want_latents);
     eprintln!(
         "weighted prompt vs diffusers(prompt_embeds): PSNR {psnr:.1} dB, latents rel-L2 {err:.2e}"

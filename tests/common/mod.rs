@@ -112,3 +112,39 @@ pub fn set_coop_tile(g: &Gpu, tile: Option<ldm_wgpu::runtime::CoopTile>) {
         ..g.policy()
     });
 }
+
+/// PSNR in dB between two 8-bit images of the same size (infinite when identical).
+pub fn psnr_rgb8(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len(), "images of different sizes");
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
+}
+
+/// A torch-layout fixture tensor [B, C, H, W] as NHWC values in f64 (our latents' layout).
+pub fn nchw_to_nhwc_f64(t: &ldm_wgpu::weights::HostTensor<'_>) -> Vec<f64> {
+    let [b, c, h, w] = t.shape[..] else {
+        panic!("{:?} is not [B, C, H, W]", t.shape)
+    };
+    let nchw = t.to_f32_vec();
+    let mut out = vec![0.0f64; nchw.len()];
+    for bi in 0..b {
+        for ci in 0..c {
+            for y in 0..h {
+                for x in 0..w {
+                    out[((bi * h + y) * w + x) * c + ci] =
+                        nchw[((bi * c + ci) * h + y) * w + x] as f64;
+                }
+            }
+        }
+    }
+    out
+}
