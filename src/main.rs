@@ -1025,8 +1025,12 @@ fn apply_loras(
                 count(LoraTarget::TextEncoder)
             );
         }
+        let kept = match sd.lora_backup() {
+            ldm_wgpu::lora::LoraBackup::Host => "in host memory",
+            ldm_wgpu::lora::LoraBackup::Gpu => "on the GPU",
+        };
         eprintln!(
-            "         merged in {:.0} ms ({:.1} MiB of original weights kept)",
+            "         merged in {:.0} ms ({:.1} MiB of original weights kept {kept})",
             start.elapsed().as_secs_f64() * 1e3,
             sd.lora_saved_bytes() as f64 / 1048576.0
         );

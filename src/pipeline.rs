@@ -557,6 +557,11 @@ impl StableDiffusion {
         self.set_loras(&[]).map(|_| ())
     }
 
+    /// Where the originals of LoRA'd weights are kept ([`ModelOptions::lora_backup`]).
+    pub fn lora_backup(&self) -> LoraBackup {
+        lock(&self.loras).backup()
+    }
+
     /// The LoRAs applied now.
     pub fn loras(&self) -> Vec<AppliedLora> {
         lock(&self.loras).applied().to_vec()

@@ -807,70 +807,83 @@ fn lora_file_hashes_are_a1111s() {
 
 // ------------------------------------------------------------------ parity with diffusers
 
-/// tests/fixtures/lora_parity, made by tools/make_lora_fixtures.py: a kohya LoRA (every
-/// attention and feed-forward linear, 1×1 projections, a LoCon 3×3 conv, a 1×1 shortcut, a
-/// time_emb_proj, every text-encoder linear; per-layer ranks under one alpha) and a PEFT one
-/// (q and v only, no alpha), applied by diffusers' `load_lora_weights` + `set_adapters` to the
-/// parity model in f32 on the CPU, alone (one at a negative weight) and together.
+/// tests/fixtures/lora_parity, made by tools/make_lora_fixtures.py: for the SD 1.x parity model
+/// (PNDM) and a tiny SD 2.x one (linear projections, gelu text encoder, v-prediction DDIM), a
+/// kohya LoRA (every attention and feed-forward linear, proj_in/proj_out, a LoCon 3×3 conv, a
+/// 1×1 shortcut, a time_emb_proj, every text-encoder linear; per-layer ranks under one alpha)
+/// and a PEFT one (q and v only, no alpha), applied by diffusers' `load_lora_weights` +
+/// `set_adapters` in f32 on the CPU, alone (one at a negative weight) and together.
 ///
 /// Bounds as tests/pipeline.rs: image PSNR >= 40 dB (the bound; the script measures each
-/// case 20..30 dB from no LoRA, 24..26 dB from its U-Net part alone and, both together, 24 dB
+/// case 18..30 dB from no LoRA, 18..26 dB from its U-Net part alone and, both together, 18..24 dB
 /// from the kohya LoRA alone, so a LoRA or a part of one left out fails by far; measured here
-/// 84..89 dB), final latents rel-L2 <= 1e-3 (f32 on both sides: what is left is summation order,
-/// the merged weight against PEFT's unmerged low-rank branch included; measured ~2.5e-6).
+/// 84 dB to identical), final latents rel-L2 <= 1e-3 (f32 on both sides: what is left is
+/// summation order, the merged weight against PEFT's unmerged low-rank branch included; measured
+/// ~2.5e-6).
 #[test]
 fn lora_parity_with_diffusers() {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora_parity");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let fixtures = root.join("tests/fixtures/lora_parity");
     let settings: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures.join("cases.json"))
             .expect("tests/fixtures/lora_parity/cases.json (run tools/make_lora_fixtures.py)"),
     )
     .unwrap();
-    let sd = load_parity(DType::F32);
     let s = &settings;
-    let req = GenerateRequest {
-        prompt: s["prompt"].as_str().unwrap().into(),
-        negative_prompt: s["negative_prompt"].as_str().unwrap().into(),
-        width: s["width"].as_u64().unwrap() as usize,
-        height: s["height"].as_u64().unwrap() as usize,
-        steps: s["steps"].as_u64().unwrap() as usize,
-        guidance_scale: s["guidance_scale"].as_f64().unwrap(),
-        seed: s["seed"].as_u64().unwrap(),
-        sampler: Some(s["sampler"].as_str().unwrap().parse().unwrap()),
-        ..Default::default()
-    };
     let mut failures = Vec::new();
-    for case in s["cases"].as_array().unwrap() {
-        let name = case["name"].as_str().unwrap();
-        let specs: Vec<LoraSpec> = case["loras"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| {
-                let path = fixtures.join(l["file"].as_str().unwrap());
-                LoraSpec::new(
-                    sd.open_lora(&path).unwrap(),
-                    l["weight"].as_f64().unwrap() as f32,
-                )
-            })
-            .collect();
-        sd.set_loras(&specs).unwrap();
-        let out = sd.generate(&req, &mut |_| true).unwrap();
-        let want =
-            ldm_wgpu::image::Image::load_png(&fixtures.join(case["image"].as_str().unwrap()))
-                .unwrap();
-        let psnr = psnr(&out.images[0].rgb, &want.rgb);
-        let want_latents =
-            bytemuck_f32(&std::fs::read(fixtures.join(case["latents"].as_str().unwrap())).unwrap());
-        let got_latents = nhwc_to_nchw(&out.latents, [1, 4, 8, 8]);
-        let wl: Vec<f64> = want_latents.iter().map(|&x| x as f64).collect();
-        let rel = rel_l2(&got_latents, &wl);
-        eprintln!("{name}: PSNR {psnr:.1} dB, latents rel-L2 {rel:.2e}");
-        if psnr < 40.0 || rel > 1e-3 {
-            failures.push(format!("{name}: {psnr:.1} dB, rel-L2 {rel:.2e}"));
+    for model in s["models"].as_array().unwrap() {
+        let gpu = ldm_wgpu::Gpu::new(&ldm_wgpu::GpuOptions::from_env().unwrap()).unwrap();
+        let opts = ModelOptions {
+            dtype: Some(DType::F32),
+            vae_f32: Some(true),
+            ..Default::default()
+        };
+        // No tokenizer folder in either: the shipped CLIP tokenizer (SD 2.x: padding with "!").
+        let sd = StableDiffusion::load(gpu, &root.join(model["model"].as_str().unwrap()), &opts)
+            .unwrap();
+        let req = GenerateRequest {
+            prompt: s["prompt"].as_str().unwrap().into(),
+            negative_prompt: s["negative_prompt"].as_str().unwrap().into(),
+            width: s["width"].as_u64().unwrap() as usize,
+            height: s["height"].as_u64().unwrap() as usize,
+            steps: s["steps"].as_u64().unwrap() as usize,
+            guidance_scale: s["guidance_scale"].as_f64().unwrap(),
+            seed: s["seed"].as_u64().unwrap(),
+            sampler: Some(model["sampler"].as_str().unwrap().parse().unwrap()),
+            ..Default::default()
+        };
+        for case in model["cases"].as_array().unwrap() {
+            let name = case["name"].as_str().unwrap();
+            let specs: Vec<LoraSpec> = case["loras"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| {
+                    let path = fixtures.join(l["file"].as_str().unwrap());
+                    LoraSpec::new(
+                        sd.open_lora(&path).unwrap(),
+                        l["weight"].as_f64().unwrap() as f32,
+                    )
+                })
+                .collect();
+            sd.set_loras(&specs).unwrap();
+            let out = sd.generate(&req, &mut |_| true).unwrap();
+            let image = fixtures.join(case["image"].as_str().unwrap());
+            let want = ldm_wgpu::image::Image::load_png(&image).unwrap();
+            let psnr = psnr(&out.images[0].rgb, &want.rgb);
+            let latents = fixtures.join(case["latents"].as_str().unwrap());
+            let want_latents: Vec<f64> = bytemuck_f32(&std::fs::read(latents).unwrap())
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            let rel = rel_l2(&nhwc_to_nchw(&out.latents, [1, 4, 8, 8]), &want_latents);
+            eprintln!("{name}: PSNR {psnr:.1} dB, latents rel-L2 {rel:.2e}");
+            if psnr < 40.0 || rel > 1e-3 {
+                failures.push(format!("{name}: {psnr:.1} dB, rel-L2 {rel:.2e}"));
+            }
         }
+        sd.clear_loras().unwrap();
     }
-    sd.clear_loras().unwrap();
     assert!(failures.is_empty(), "{failures:?}");
 }
 

@@ -3,14 +3,17 @@
 
 Run:  HF_HUB_OFFLINE=1 /work/venv/bin/python tools/make_lora_fixtures.py
 
-The model is the tiny random SD-1.x folder of the pipeline parity fixtures
-(tests/fixtures/pipeline_parity/model, made by tools/make_pipeline_fixtures.py; not copied), run
-by diffusers in f32 on the CPU with the same prompt, negative prompt, size, seed and guidance as
-those fixtures. What this script writes:
+Two models, run by diffusers in f32 on the CPU with the prompt, negative prompt, size, seed and
+guidance of the pipeline parity fixtures: the tiny random SD-1.x folder of those fixtures
+(tests/fixtures/pipeline_parity/model, made by tools/make_pipeline_fixtures.py; not copied; PNDM),
+and a tiny random SD-2.x one written here (sd2_model/: tools/make_random_sd.py --arch tiny21,
+linear proj_in/proj_out, gelu text encoder, v-prediction DDIM). What this script writes, per
+model (the SD 2.x files prefixed `sd2_`):
 
   kohya_style.safetensors   a kohya / A1111 LoRA (`lora_unet_…` / `lora_te_…`, `.alpha`): every
                             attention projection (q, k, v, out) of every transformer block,
-                            ff.net.0.proj and ff.net.2, proj_in / proj_out (1×1 convs), a
+                            ff.net.0.proj and ff.net.2, proj_in / proj_out (1×1 convs, SD 2.x
+                            linears), a
                             LoCon 3×3 resnet conv1, a 1×1 conv_shortcut, a time_emb_proj, and
                             the text encoder's q/k/v/out projections and fc1/fc2; alphas that
                             differ from the rank, so a missing alpha/rank scale shows.
@@ -24,7 +27,8 @@ those fixtures. What this script writes:
                             LoRA runs as PEFT's extra low-rank branch; set_adapters gives the
                             weight to the U-Net and the text encoder alike, A1111's meaning).
   <case>.latents.f32        final latents NCHW [1, 4, 8, 8], before the VAE
-  cases.json                the settings, and per case its LoRAs (file, weight) and files
+  cases.json                the settings, and per model its folder, sampler and cases (each
+                            with its LoRAs (file, weight) and files)
 
 Cases: each LoRA alone (kohya at 0.8, PEFT at -0.7: a negative weight), and both together. The
 script prints each image's PSNR against the image without LoRAs, against the case with the
@@ -37,19 +41,24 @@ weight's own size (RELATIVE): far past the 40 dB bound in the image, not saturat
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+import diffusers
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MODEL = os.path.join(ROOT, "tests", "fixtures", "pipeline_parity", "model")
 TOKENIZER = os.path.join(ROOT, "weights", "tiny-shapes", "tokenizer")
 OUT = os.path.join(ROOT, "tests", "fixtures", "lora_parity")
+SD2_MODEL = os.path.join(OUT, "sd2_model")
 
 PROMPT = "a red circle"
 NEGATIVE = "blurry"
@@ -153,16 +162,20 @@ def make_peft(unet, text_encoder):
     return tensors
 
 
-def load_pipe():
-    """The fixture folder has no model_index.json: the pipeline is assembled from its parts (as
-    make_pipeline_fixtures.py does), each read in f32 from its f16 file."""
+def load_pipe(model):
+    """The fixture folders have no model_index.json: the pipeline is assembled from its parts
+    (as make_pipeline_fixtures.py does), each read in f32 from its f16 file, with the model's own
+    scheduler class and config."""
+    d = model["dir"]
     f32 = dict(torch_dtype=torch.float32)
+    with open(os.path.join(d, "scheduler", "scheduler_config.json")) as f:
+        scheduler_class = getattr(diffusers, json.load(f)["_class_name"])
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(os.path.join(MODEL, "vae"), **f32).eval(),
-        text_encoder=CLIPTextModel.from_pretrained(os.path.join(MODEL, "text_encoder"), **f32).eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER),
-        unet=UNet2DConditionModel.from_pretrained(os.path.join(MODEL, "unet"), **f32).eval(),
-        scheduler=PNDMScheduler.from_pretrained(os.path.join(MODEL, "scheduler")),
+        vae=AutoencoderKL.from_pretrained(os.path.join(d, "vae"), **f32).eval(),
+        text_encoder=CLIPTextModel.from_pretrained(os.path.join(d, "text_encoder"), **f32).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER, pad_token=model["pad"]),
+        unet=UNet2DConditionModel.from_pretrained(os.path.join(d, "unet"), **f32).eval(),
+        scheduler=scheduler_class.from_pretrained(os.path.join(d, "scheduler")),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -217,24 +230,38 @@ def psnr(a, b):
     return 10 * np.log10(255**2 / max(mse, 1e-12))
 
 
-def main():
-    os.makedirs(OUT, exist_ok=True)
-    for f in os.listdir(OUT):
-        if f.endswith((".png", ".f32", ".json", ".safetensors")):
-            os.remove(os.path.join(OUT, f))
-    pipe = load_pipe()
-    save_file(make_kohya(pipe.unet, pipe.text_encoder), os.path.join(OUT, "kohya_style.safetensors"))
-    save_file(make_peft(pipe.unet, pipe.text_encoder), os.path.join(OUT, "peft_detail.safetensors"))
+def build_sd2_model(path):
+    """The tiny SD 2.x-style folder of tools/make_random_sd.py (`--arch tiny21`: linear
+    proj_in/proj_out, per-block head dims, gelu text encoder, v-prediction DDIM), without its
+    tokenizer copy: the engine gives an SD 2.x folder without one the shipped CLIP tokenizer
+    padding with "!", as diffusers is given here."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    script = os.path.join(ROOT, "tools", "make_random_sd.py")
+    subprocess.run(
+        [sys.executable, script, "--arch", "tiny21", "--dtype", "fp16", "--out", path],
+        check=True,
+    )
+    shutil.rmtree(os.path.join(path, "tokenizer"))
+    os.remove(os.path.join(path, "random_sd.json"))
 
+
+def run_model(model, prefix):
+    """Write `prefix`'s LoRA files and cases for one model; the cases.json entry."""
+    pipe = load_pipe(model)
+    for stem, make in (("kohya_style", make_kohya), ("peft_detail", make_peft)):
+        save_file(make(pipe.unet, pipe.text_encoder), os.path.join(OUT, f"{prefix}{stem}.safetensors"))
     base, _ = render(pipe, [])
     entries = []
     first = {}
     for name, loras in CASES:
+        name = prefix + name
+        loras = [(prefix + stem, w) for stem, w in loras]
         image, latents = render(pipe, loras)
         if len(loras) > 1:
             # Against the first LoRA alone: what ignoring the others would give.
             alone = first[loras[0][0]]
-            print(f"{name:16s} vs {loras[0][0]} alone {psnr(image, alone):5.1f} dB")
+            print(f"{name:20s} vs {loras[0][0]} alone {psnr(image, alone):5.1f} dB")
         elif loras:
             first[loras[0][0]] = image
         image.save(os.path.join(OUT, f"{name}.png"))
@@ -244,7 +271,7 @@ def main():
         a = np.asarray(image).astype(np.float32)
         clipped = float(((a == 0) | (a == 255)).mean())
         print(
-            f"{name:16s} vs no LoRA {psnr(image, base):5.1f} dB, "
+            f"{name:20s} vs no LoRA {psnr(image, base):5.1f} dB, "
             f"vs U-Net part only {psnr(image, unet_only):5.1f} dB; "
             f"mean {a.mean():5.1f} std {a.std():5.1f} clipped {100 * clipped:4.1f}%"
         )
@@ -257,9 +284,25 @@ def main():
                 latents_shape=list(arr.shape),
             )
         )
+    return dict(
+        model=os.path.relpath(model["dir"], ROOT),
+        sampler=model["sampler"],
+        cases=entries,
+    )
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    for f in os.listdir(OUT):
+        if f.endswith((".png", ".f32", ".json", ".safetensors")):
+            os.remove(os.path.join(OUT, f))
+    build_sd2_model(SD2_MODEL)
+    models = [
+        run_model(dict(dir=MODEL, sampler="pndm", pad="<|endoftext|>"), ""),
+        run_model(dict(dir=SD2_MODEL, sampler="ddim", pad="!"), "sd2_"),
+    ]
     settings = dict(
         generator="diffusers load_lora_weights + set_adapters (torch CPU generator, float32, CPU)",
-        model="tests/fixtures/pipeline_parity/model",
         tokenizer="weights/tiny-shapes/tokenizer",
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
@@ -268,8 +311,7 @@ def main():
         steps=STEPS,
         guidance_scale=GUIDANCE,
         seed=SEED,
-        sampler="pndm",
-        cases=entries,
+        models=models,
     )
     with open(os.path.join(OUT, "cases.json"), "w") as f:
         json.dump(settings, f, indent=1)
