@@ -1,6 +1,8 @@
 //! LoRA files in every format we read, matched to the shipped model's weights: which layers,
 //! which tensors, which scale; and the files that must be refused, with what the error says.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -870,7 +872,7 @@ fn lora_parity_with_diffusers() {
             let out = sd.generate(&req, &mut |_| true).unwrap();
             let image = fixtures.join(case["image"].as_str().unwrap());
             let want = ldm_wgpu::image::Image::load_png(&image).unwrap();
-            let psnr = psnr(&out.images[0].rgb, &want.rgb);
+            let psnr = common::psnr_rgb8(&out.images[0].rgb, &want.rgb);
             let latents = fixtures.join(case["latents"].as_str().unwrap());
             let want_latents: Vec<f64> = bytemuck_f32(&std::fs::read(latents).unwrap())
                 .iter()
@@ -885,21 +887,6 @@ fn lora_parity_with_diffusers() {
         sd.clear_loras().unwrap();
     }
     assert!(failures.is_empty(), "{failures:?}");
-}
-
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let mse = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum::<f64>()
-        / a.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64 * 255.0 / mse).log10()
-    }
 }
 
 /// NHWC [B, h, w, C] -> NCHW [B, C, h, w] (`shape` in NCHW), torch's layout.
