@@ -87,6 +87,22 @@ struct GenerateArgs {
         help_heading = "Prompt"
     )]
     negative_prompt: Option<String>,
+    /// SDXL: the prompt for the second text encoder (default: --prompt)
+    #[arg(
+        long,
+        value_name = "TEXT",
+        allow_hyphen_values = true,
+        help_heading = "Prompt"
+    )]
+    prompt_2: Option<String>,
+    /// SDXL: the negative prompt for the second text encoder (default: --negative-prompt)
+    #[arg(
+        long,
+        value_name = "TEXT",
+        allow_hyphen_values = true,
+        help_heading = "Prompt"
+    )]
+    negative_prompt_2: Option<String>,
     /// use the hidden state N layers before the last (diffusers clip_skip)
     #[arg(long, value_name = "N", help_heading = "Prompt")]
     clip_skip: Option<usize>,
@@ -107,6 +123,15 @@ struct GenerateArgs {
     /// image height, a multiple of 8 (default: the model's native size)
     #[arg(short = 'H', long, value_name = "N", help_heading = "Image")]
     height: Option<usize>,
+    /// SDXL micro-conditioning: the size the image claims to come from (default: its size)
+    #[arg(long, value_name = "W,H", help_heading = "Image")]
+    original_size: Option<String>,
+    /// SDXL micro-conditioning: the crop's top-left corner (default 0,0)
+    #[arg(long, value_name = "X,Y", help_heading = "Image")]
+    crop_top_left: Option<String>,
+    /// SDXL micro-conditioning: the target size (default: the image size)
+    #[arg(long, value_name = "W,H", help_heading = "Image")]
+    target_size: Option<String>,
     /// denoising steps (default 25)
     #[arg(short = 's', long, value_name = "N", help_heading = "Image")]
     steps: Option<usize>,
@@ -298,6 +323,18 @@ fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
+/// `A,B` (two non-negative integers) for the SDXL micro-conditioning flags.
+fn parse_pair(flag: &str, v: &str) -> Result<(usize, usize), Error> {
+    let parsed = v
+        .split_once(',')
+        .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
+    parsed.ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "{flag} `{v}`: give two whole numbers separated by a comma (e.g. 1024,1024)"
+        ))
+    })
+}
+
 fn generate(args: GenerateArgs) -> Result<(), Error> {
     use ldm_wgpu::image::Image;
     use ldm_wgpu::pipeline::{self, GenerateRequest, ModelOptions, StableDiffusion};
@@ -311,12 +348,17 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         prediction_type,
         prompt,
         negative_prompt,
+        prompt_2,
+        negative_prompt_2,
         clip_skip,
         long_prompts,
         no_prompt_weighting,
         embeddings,
         width,
         height,
+        original_size,
+        crop_top_left,
+        target_size,
         steps,
         guidance,
         sampler,
@@ -352,7 +394,20 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
     let mut gpu_options = GpuOptions::from_env()?;
     let mut model_options = ModelOptions::default();
     if let Some(v) = negative_prompt {
+        // Given, even empty: SDXL then encodes it instead of using zero embeddings.
+        req.encode_empty_negative = true;
         req.negative_prompt = v;
+    }
+    req.prompt_2 = prompt_2;
+    req.negative_prompt_2 = negative_prompt_2;
+    if let Some(v) = original_size {
+        req.original_size = Some(parse_pair("--original-size", &v)?);
+    }
+    if let Some(v) = crop_top_left {
+        req.crop_top_left = parse_pair("--crop-top-left", &v)?;
+    }
+    if let Some(v) = target_size {
+        req.target_size = Some(parse_pair("--target-size", &v)?);
     }
     if let Some(v) = steps {
         req.steps = v;
