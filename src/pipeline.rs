@@ -827,9 +827,9 @@ impl StableDiffusion {
 
     /// What the SDXL pipeline does not run yet is refused, not approximated.
     fn check_sdxl_request(req: &GenerateRequest) -> Result<()> {
-        if req.init_image.is_some() {
+        if req.mask.is_some() {
             return Err(Error::Unsupported(
-                "img2img and inpainting with SDXL (txt2img only so far)".into(),
+                "inpainting with SDXL (txt2img and img2img only so far)".into(),
             ));
         }
         if req.long_prompts {

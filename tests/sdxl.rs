@@ -2,7 +2,7 @@
 //! encoders of different widths, text_time added conditioning, transformer depth (1, 2), a
 //! DownBlock2D first level, linear projections, the SDXL VAE scaling 0.13025 with
 //! force_upcast): the text encoders, the U-Net with its added embedding at two timesteps, and
-//! whole `StableDiffusionXLPipeline` txt2img runs.
+//! whole `StableDiffusionXLPipeline` txt2img and `StableDiffusionXLImg2ImgPipeline` runs.
 //!
 //! Fixtures: tests/fixtures/sdxl, made by tools/make_sdxl_fixtures.py (see its header).
 //!
@@ -251,6 +251,7 @@ fn model_f32() -> &'static StableDiffusion {
         let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
         let opts = ModelOptions {
             dtype: Some(DType::F32),
+            with_encoder: true,
             ..Default::default()
         };
         StableDiffusion::load(gpu, &model_dir(), &opts).unwrap()
@@ -289,6 +290,10 @@ fn request(case: &Value) -> GenerateRequest {
         req.crop_top_left = c;
     }
     req.target_size = pair(&case["target_size"]);
+    if let Some(init) = case["init_image"].as_str() {
+        req.init_image = Some(Image::load_png(&fixture_dir().join(init)).unwrap());
+        req.strength = case["strength"].as_f64().unwrap();
+    }
     req
 }
 
@@ -311,14 +316,14 @@ fn read_f32(name: &str) -> Vec<f32> {
         .collect()
 }
 
-fn run_case(name: &str) {
+/// Run case `name` on `model`: (PSNR against diffusers' PNG, final latents relative L2).
+fn outcome(model: &StableDiffusion, name: &str) -> (f64, f64) {
     let case = settings()["cases"]
         .as_array()
         .unwrap()
         .iter()
         .find(|c| c["name"] == name)
         .unwrap_or_else(|| panic!("no case {name} in cases.json"));
-    let model = model_f32();
     let out = model
         .generate(&request(case), &mut |_| true)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -334,10 +339,41 @@ fn run_case(name: &str) {
         &read_f32(case["latents"].as_str().unwrap()),
         [s[0], s[1], s[2], s[3]],
     );
-    let rel = rel_l2(&out.latents, &as_f64(&want_latents));
+    (db, rel_l2(&out.latents, &as_f64(&want_latents)))
+}
+
+fn run_case(name: &str) {
+    let (db, rel) = outcome(model_f32(), name);
     eprintln!("{name}: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
     assert!(db >= 40.0, "{name}: PSNR {db:.1} dB < 40 dB");
     assert!(rel <= 1e-3, "{name}: latents rel-L2 {rel:.2e} > 1e-3");
+}
+
+/// f16 as tests/pipeline.rs checks it (a smoke bound, 25 dB: f16 rounding compounds over the
+/// guided steps); the VAE stays f32 because the SDXL VAE's config says force_upcast.
+#[test]
+fn f16_smoke_run_stays_close() {
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+    if !gpu.caps.shader_f16 {
+        eprintln!("skipped: adapter `{}` has no SHADER_F16", gpu.adapter);
+        return;
+    }
+    let opts = ModelOptions {
+        dtype: Some(DType::F16),
+        with_encoder: true,
+        ..Default::default()
+    };
+    let model = StableDiffusion::load(gpu, &model_dir(), &opts).unwrap();
+    assert_eq!(
+        model.vae_dtype,
+        DType::F32,
+        "force_upcast keeps the VAE in f32"
+    );
+    for name in ["euler_a_neg", "img2img_euler_neg"] {
+        let (db, rel) = outcome(&model, name);
+        eprintln!("f16 {name}: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
+        assert!(db >= 25.0, "{name}: f16 PSNR {db:.1} dB < 25 dB");
+    }
 }
 
 #[test]
@@ -386,6 +422,16 @@ fn txt2img_micro_conditioning() {
     run_case("euler_sizes");
 }
 
+/// StableDiffusionXLImg2ImgPipeline (the base model's: no aesthetic-score ids): strength 0.6
+/// with a negative prompt, 0.3 with zero negative embeddings (euler_a: the ancestral noise
+/// comes after the posterior sample and the initial noise), and without guidance.
+#[test]
+fn img2img() {
+    run_case("img2img_euler_neg");
+    run_case("img2img_euler_a_zero_neg");
+    run_case("img2img_dpmpp_2m_cfg1");
+}
+
 /// What the SDXL pipeline does not run yet is refused by name.
 #[test]
 fn sdxl_refuses_what_it_does_not_run() {
@@ -400,4 +446,10 @@ fn sdxl_refuses_what_it_does_not_run() {
     assert!(e.to_string().contains("emphasis"), "{e}");
     req.prompt_weighting = false;
     model.generate(&req, &mut |_| true).unwrap();
+    let mut req = request(&settings()["cases"][0]);
+    let init = Image::load_png(&fixture_dir().join("init.png")).unwrap();
+    req.init_image = Some(init.clone());
+    req.mask = Some(init);
+    let e = model.generate(&req, &mut |_| true).err().unwrap();
+    assert!(e.to_string().contains("inpainting"), "{e}");
 }

@@ -37,8 +37,9 @@ Reference outputs (f32, CPU):
       te2_text_embeds_legacy (eos_token_id 2: pooled at the largest id).
   unet_io.safetensors  sample [2, 4, 8, 8], encoder_hidden_states [2, 77, 48], text_embeds
       [2, 24], time_ids [2, 6] (rows differ), out_t999 / out_t421 [2, 4, 8, 8].
-  <case>.png, <case>.latents.f32 (NCHW [1, 4, 8, 8]) for StableDiffusionXLPipeline txt2img runs,
-  cases.json with every case's settings.
+  <case>.png, <case>.latents.f32 (NCHW [1, 4, 8, 8]) for StableDiffusionXLPipeline txt2img runs
+  and StableDiffusionXLImg2ImgPipeline runs on init.png (procedural), cases.json with every
+  case's settings.
 """
 
 import json
@@ -55,6 +56,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -276,6 +278,17 @@ def psnr_images(a, b):
     return 10 * np.log10(255**2 / max(mse, 1e-12))
 
 
+def procedural_image():
+    """64x64 RGB img2img input: a gradient with a disc (as make_pipeline_fixtures.py's)."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    r = 255 * x / (SIZE - 1)
+    g = 255 * y / (SIZE - 1)
+    b = np.full_like(r, 96.0)
+    disc = (x - 40) ** 2 + (y - 24) ** 2 < 14**2
+    r[disc], g[disc], b[disc] = 230, 40, 40
+    return Image.fromarray(np.stack([r, g, b], -1).round().clip(0, 255).astype(np.uint8))
+
+
 def render(pipe, base_config, case):
     cls, opts = SAMPLERS[case["sampler"]]
     pipe.scheduler = cls.from_config(base_config, **opts)
@@ -290,11 +303,13 @@ def render(pipe, base_config, case):
         num_inference_steps=STEPS,
         guidance_scale=case.get("guidance_scale", GUIDANCE),
         generator=torch.Generator("cpu").manual_seed(SEED),
-        height=SIZE,
-        width=SIZE,
         callback_on_step_end=on_step_end,
         callback_on_step_end_tensor_inputs=["latents"],
     )
+    if "init_image" in case:
+        kwargs.update(image=Image.open(os.path.join(OUT, case["init_image"])), strength=case["strength"])
+    else:
+        kwargs.update(height=SIZE, width=SIZE)
     for key in ("negative_prompt", "prompt_2", "negative_prompt_2", "clip_skip"):
         if key in case:
             kwargs[key] = case[key]
@@ -317,7 +332,7 @@ def render(pipe, base_config, case):
 def main():
     os.makedirs(OUT, exist_ok=True)
     for f in os.listdir(OUT):
-        if f.endswith((".png", ".f32", ".json", ".safetensors")):
+        if f.endswith((".png", ".f32", ".json", ".safetensors")) and f != "init.png":
             os.remove(os.path.join(OUT, f))
     te, te2, unet, vae = build_models()
     tok = CLIPTokenizer.from_pretrained(TOKENIZER)
@@ -344,6 +359,10 @@ def main():
     text_encoder_outputs(tok, tok2, te, te2)
     unet_outputs(unet)
 
+    img2img = StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    assert not img2img.config.requires_aesthetics_score
+    procedural_image().save(os.path.join(OUT, "init.png"))
     neg = dict(negative_prompt=NEGATIVE)
     cases = [
         dict(name="euler_neg", sampler="euler", **neg),
@@ -361,11 +380,17 @@ def main():
         # Micro-conditioning other than the defaults ((W, H) / (X, Y) here).
         dict(name="euler_sizes", sampler="euler", original_size=[128, 96], crop_top_left=[16, 8],
              target_size=[64, 128], **neg),
+        # StableDiffusionXLImg2ImgPipeline (base: no aesthetic-score ids): the posterior sample of
+        # the init image, then the noise, at strength 0.6 / 0.3.
+        dict(name="img2img_euler_neg", sampler="euler", init_image="init.png", strength=0.6, **neg),
+        dict(name="img2img_euler_a_zero_neg", sampler="euler_a", init_image="init.png", strength=0.3),
+        dict(name="img2img_dpmpp_2m_cfg1", sampler="dpmpp_2m", init_image="init.png", strength=0.6,
+             guidance_scale=1.0),
     ]
     entries = []
     ref = None
     for case in cases:
-        img, latents = render(pipe, scheduler.config, case)
+        img, latents = render(img2img if "init_image" in case else pipe, scheduler.config, case)
         name = case["name"]
         img.save(os.path.join(OUT, f"{name}.png"))
         entry = dict(case, image=f"{name}.png", latents=f"{name}.latents.f32")

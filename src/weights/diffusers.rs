@@ -187,7 +187,7 @@ impl ModelIndex {
             Err(WeightError::Unsupported {
                 what,
                 hint: "ldm-wgpu runs Stable Diffusion 1.x/2.x pipelines (StableDiffusionPipeline \
-                       and its img2img/inpaint variants) and SDXL txt2img \
+                       and its img2img/inpaint variants) and SDXL txt2img/img2img \
                        (StableDiffusionXLPipeline)"
                     .into(),
             })
@@ -220,6 +220,18 @@ impl ModelIndex {
         if sdxl && self.component_class("text_encoder").is_none() {
             return unsupported(format!(
                 "{pipeline} without `text_encoder` (the SDXL refiner's single-encoder layout)"
+            ));
+        }
+        if sdxl
+            && self
+                .entries
+                .get("requires_aesthetics_score")
+                .and_then(Value::as_bool)
+                == Some(true)
+        {
+            return unsupported(format!(
+                "{pipeline} with `requires_aesthetics_score` (the refiner's aesthetic-score \
+                 conditioning is not supported yet)"
             ));
         }
         if sdxl && self.component_class("tokenizer_2").is_none() {
