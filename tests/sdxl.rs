@@ -509,3 +509,94 @@ fn cli_micro_conditioning_flags_match_diffusers() {
     eprintln!("ldm generate (SDXL flags) vs diffusers: PSNR {db:.1} dB");
     assert!(db >= 40.0, "PSNR {db:.1} dB < 40 dB");
 }
+
+/// The real SDXL base 1.0 configs (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
+/// and text_encoder_2/config.json, the keys that matter) read as the architecture they
+/// describe: text_time conditioning 1280 + 6 × 256 = 2816, transformer depth (1, 2, 10), heads
+/// (5, 10, 20), 2048-wide context (768 + 1280), bigG's projection 1280 with the legacy EOS id.
+#[test]
+fn sdxl_base_configs_are_understood() {
+    let unet: Value = serde_json::from_str(
+        r#"{
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": false,
+    "class_embed_type": null,
+    "class_embeddings_concat": false,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": null,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": false,
+    "encoder_hid_dim": null,
+    "encoder_hid_dim_type": null,
+    "flip_sin_to_cos": true,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": null,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": null,
+    "num_class_embeds": null,
+    "only_cross_attention": false,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": false,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": null,
+    "time_embedding_act_fn": null,
+    "time_embedding_dim": null,
+    "time_embedding_type": "positional",
+    "timestep_post_act": null,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": null,
+    "use_linear_projection": true
+}"#,
+    )
+    .unwrap();
+    let u = UNetConfig::from_json(&unet).unwrap();
+    let tt = u.text_time.unwrap();
+    assert_eq!((tt.time_embed_dim, tt.input_dim), (256, 2816));
+    assert_eq!(u.transformer_layers_per_block, [1, 2, 10]);
+    assert_eq!(u.num_attention_heads, [5, 10, 20]);
+    assert_eq!(u.down_has_attention, [false, true, true]);
+    assert_eq!(u.up_has_attention, [true, true, false]);
+    assert!(u.use_linear_projection);
+    assert_eq!(u.cross_attention_dim, 2048);
+    let bigg = serde_json::json!({
+        "architectures": ["CLIPTextModelWithProjection"],
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "hidden_act": "gelu",
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 20,
+        "num_hidden_layers": 32,
+        "pad_token_id": 1,
+        "projection_dim": 1280,
+        "vocab_size": 49408
+    });
+    let c = ClipConfig::from_json(&bigg).unwrap();
+    assert_eq!((c.projection_dim, c.eos_token_id), (Some(1280), 2));
+    assert_eq!(768 + c.hidden_size, u.cross_attention_dim);
+    assert_eq!(
+        c.projection_dim.unwrap() + 6 * tt.time_embed_dim,
+        tt.input_dim
+    );
+}
