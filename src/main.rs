@@ -132,6 +132,23 @@ struct GenerateArgs {
     /// SDXL micro-conditioning: the target size (default: the image size)
     #[arg(long, value_name = "W,H", help_heading = "Image")]
     target_size: Option<String>,
+    /// SDXL models with aesthetic-score conditioning (requires_aesthetics_score): the prompt's
+    /// score (default 6.0)
+    #[arg(
+        long,
+        value_name = "F",
+        allow_negative_numbers = true,
+        help_heading = "Image"
+    )]
+    aesthetic_score: Option<f64>,
+    /// SDXL models with aesthetic-score conditioning: the negative pass's score (default 2.5)
+    #[arg(
+        long,
+        value_name = "F",
+        allow_negative_numbers = true,
+        help_heading = "Image"
+    )]
+    negative_aesthetic_score: Option<f64>,
     /// denoising steps (default 25)
     #[arg(short = 's', long, value_name = "N", help_heading = "Image")]
     steps: Option<usize>,
@@ -359,6 +376,8 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         original_size,
         crop_top_left,
         target_size,
+        aesthetic_score,
+        negative_aesthetic_score,
         steps,
         guidance,
         sampler,
@@ -408,6 +427,12 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
     }
     if let Some(v) = target_size {
         req.target_size = Some(parse_pair("--target-size", &v)?);
+    }
+    if let Some(v) = aesthetic_score {
+        req.aesthetic_score = v;
+    }
+    if let Some(v) = negative_aesthetic_score {
+        req.negative_aesthetic_score = v;
     }
     if let Some(v) = steps {
         req.steps = v;

@@ -184,6 +184,11 @@ pub struct GenerateRequest {
     pub original_size: Option<(usize, usize)>,
     pub crop_top_left: (usize, usize),
     pub target_size: Option<(usize, usize)>,
+    /// SDXL models whose folder sets `requires_aesthetics_score` (the refiner's conditioning):
+    /// the score in the prompt's time ids (in place of the target size) and the negative
+    /// pass's (diffusers' defaults 6.0 and 2.5).
+    pub aesthetic_score: f64,
+    pub negative_aesthetic_score: f64,
 }
 
 impl Default for GenerateRequest {
@@ -214,6 +219,8 @@ impl Default for GenerateRequest {
             original_size: None,
             crop_top_left: (0, 0),
             target_size: None,
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
         }
     }
 }
@@ -286,6 +293,16 @@ impl GenerateRequest {
                 }
             }
         }
+        for (what, v) in [
+            ("aesthetic score", self.aesthetic_score),
+            ("negative aesthetic score", self.negative_aesthetic_score),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::InvalidInput(format!(
+                    "{what} must be a finite number (got {v})"
+                )));
+            }
+        }
         if self.crop_top_left.0 > 1 << 16 || self.crop_top_left.1 > 1 << 16 {
             return Err(Error::InvalidInput(format!(
                 "crop top-left must be at most 65536 (got {:?})",
@@ -355,6 +372,9 @@ pub struct SdxlEncoder {
     pub text_encoder: ClipTextModelWithProjection,
     /// model_index.json's `force_zeros_for_empty_prompt`.
     pub force_zeros_for_empty_prompt: bool,
+    /// model_index.json's `requires_aesthetics_score`: time ids end with an aesthetic score
+    /// instead of the target size.
+    pub requires_aesthetics_score: bool,
 }
 
 /// The text conditioning of one generation.
@@ -469,7 +489,8 @@ impl StableDiffusion {
             Some(c) => Some(ClipConfig::from_json(&c.config)?),
             None => None,
         };
-        check_sdxl_widths(&clip_config, clip_2_config.as_ref(), &unet_config)?;
+        let time_ids = if w.requires_aesthetics_score { 5 } else { 6 };
+        check_sdxl_widths(&clip_config, clip_2_config.as_ref(), &unet_config, time_ids)?;
         let tokenizer_2 = match &w.text_encoder_2 {
             Some(_) if model.join("tokenizer_2").is_dir() => {
                 Some(ClipTokenizer::from_dir(&model.join("tokenizer_2"))?)
@@ -527,6 +548,7 @@ impl StableDiffusion {
                 tokenizer,
                 text_encoder,
                 force_zeros_for_empty_prompt: w.force_zeros_for_empty_prompt,
+                requires_aesthetics_score: w.requires_aesthetics_score,
             }),
             _ => None,
         };
@@ -775,20 +797,22 @@ impl StableDiffusion {
                 Some((context, pooled))
             }
         };
-        // Rows: [uncond × B; cond × B] (or cond × B).
+        // Rows: [uncond × B; cond × B] (or cond × B), each with its time ids.
         let b = req.batch_size;
-        let mut rows: Vec<(&Tensor, &Tensor)> = Vec::with_capacity(2 * b);
+        let aesthetics = xl.requires_aesthetics_score;
+        let mut rows: Vec<(&Tensor, &Tensor, Vec<f32>)> = Vec::with_capacity(2 * b);
         if let Some((context, pooled)) = &uncond {
-            rows.extend(std::iter::repeat_n((context, pooled), b));
+            let ids = add_time_ids(req, aesthetics, true);
+            rows.extend(std::iter::repeat_n((context, pooled, ids), b));
         }
-        rows.extend(std::iter::repeat_n((&cond, &cond_pooled), b));
+        let ids = add_time_ids(req, aesthetics, false);
+        rows.extend(std::iter::repeat_n((&cond, &cond_pooled, ids), b));
         let (mut context, mut pooled) = (rows[0].0.clone(), rows[0].1.clone());
-        for (c, p) in &rows[1..] {
+        for (c, p, _) in &rows[1..] {
             context = elementwise::concat_batch(gpu, &context, c)?; // [rows, 77, C]
             pooled = elementwise::concat_batch(gpu, &pooled, p)?; // [rows, P]
         }
-        let ids = add_time_ids(req);
-        let time_ids: Vec<f32> = std::iter::repeat_n(ids, rows.len()).flatten().collect();
+        let time_ids: Vec<f32> = rows.iter().flat_map(|(_, _, ids)| ids.clone()).collect();
         let added = self.unet.added_embedding(gpu, &pooled, &time_ids)?; // [rows, 4C0]
         Ok(PromptEmbeds {
             context,
@@ -1514,22 +1538,30 @@ fn downsample_mask_nearest(mask: &[f32], width: usize, height: usize, f: usize) 
 }
 
 /// SDXL's `add_time_ids` (`_get_add_time_ids`): `original_size + crops_coords_top_left +
-/// target_size`, each in diffusers' (height, width) / (top, left) order; the sizes default to the
-/// requested one.
-fn add_time_ids(req: &GenerateRequest) -> [f32; 6] {
+/// target_size`, each in diffusers' (height, width) / (top, left) order, the sizes defaulting to
+/// the requested one (the negative pass gets the same); with `requires_aesthetics_score`, the
+/// aesthetic score (the negative pass: the negative score) in place of the target size.
+fn add_time_ids(req: &GenerateRequest, aesthetics: bool, negative: bool) -> Vec<f32> {
     let (ow, oh) = req.original_size.unwrap_or((req.width, req.height));
     let (cx, cy) = req.crop_top_left;
     let (tw, th) = req.target_size.unwrap_or((req.width, req.height));
-    [oh, ow, cy, cx, th, tw].map(|v| v as f32)
+    let mut ids: Vec<f32> = [oh, ow, cy, cx].iter().map(|&v| v as f32).collect();
+    match (aesthetics, negative) {
+        (false, _) => ids.extend([th as f32, tw as f32]),
+        (true, false) => ids.push(req.aesthetic_score as f32),
+        (true, true) => ids.push(req.negative_aesthetic_score as f32),
+    }
+    ids
 }
 
 /// An SDXL folder's parts must fit together: the U-Net's cross-attention takes both encoders'
-/// widths, its added embedding the pooled projection and six time ids; an SD U-Net with
-/// text_time conditioning but one encoder cannot run.
+/// widths, its added embedding the pooled projection and `time_ids` ids (6, or 5 with an
+/// aesthetic score); an SD U-Net with text_time conditioning but one encoder cannot run.
 fn check_sdxl_widths(
     clip: &ClipConfig,
     clip_2: Option<&ClipConfig>,
     unet: &UNetConfig,
+    time_ids: usize,
 ) -> Result<()> {
     match (clip_2, unet.text_time) {
         (None, None) => Ok(()),
@@ -1544,13 +1576,13 @@ fn check_sdxl_widths(
         (Some(c2), Some(tt)) => {
             let context = clip.hidden_size + c2.hidden_size;
             let projection = c2.projection_dim.unwrap_or(0);
-            if context != unet.cross_attention_dim
-                || projection + 6 * tt.time_embed_dim != tt.input_dim
-            {
+            let added = projection + time_ids * tt.time_embed_dim;
+            if context != unet.cross_attention_dim || added != tt.input_dim {
                 return Err(Error::InvalidInput(format!(
                     "the SDXL parts do not fit: text encoders {} + {} wide (U-Net \
-                     cross_attention_dim {}), projection {projection} + 6 × {} time ids \
-                     (U-Net projection_class_embeddings_input_dim {})",
+                     cross_attention_dim {}), projection {projection} + {time_ids} × {} time ids \
+                     (U-Net projection_class_embeddings_input_dim {}; model_index.json's \
+                     requires_aesthetics_score decides between 6 and 5 ids)",
                     clip.hidden_size,
                     c2.hidden_size,
                     unet.cross_attention_dim,

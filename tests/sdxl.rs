@@ -290,6 +290,12 @@ fn request(case: &Value) -> GenerateRequest {
         req.crop_top_left = c;
     }
     req.target_size = pair(&case["target_size"]);
+    if let Some(score) = case["aesthetic_score"].as_f64() {
+        req.aesthetic_score = score;
+    }
+    if let Some(score) = case["negative_aesthetic_score"].as_f64() {
+        req.negative_aesthetic_score = score;
+    }
     if let Some(init) = case["init_image"].as_str() {
         req.init_image = Some(Image::load_png(&fixture_dir().join(init)).unwrap());
         req.strength = case["strength"].as_f64().unwrap();
@@ -316,16 +322,25 @@ fn read_f32(name: &str) -> Vec<f32> {
         .collect()
 }
 
-/// Run case `name` on `model`: (PSNR against diffusers' PNG, final latents relative L2).
-fn outcome(model: &StableDiffusion, name: &str) -> (f64, f64) {
-    let case = settings()["cases"]
+fn case(name: &str) -> &'static Value {
+    settings()["cases"]
         .as_array()
         .unwrap()
         .iter()
         .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no case {name} in cases.json"));
+        .unwrap_or_else(|| panic!("no case {name} in cases.json"))
+}
+
+/// Run case `name` on `model`: (PSNR against diffusers' PNG, final latents relative L2).
+fn outcome(model: &StableDiffusion, name: &str) -> (f64, f64) {
+    outcome_with(model, name, request(case(name)))
+}
+
+/// [`outcome`] with the request given (a case's request changed on purpose).
+fn outcome_with(model: &StableDiffusion, name: &str, req: GenerateRequest) -> (f64, f64) {
+    let case = case(name);
     let out = model
-        .generate(&request(case), &mut |_| true)
+        .generate(&req, &mut |_| true)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     let want = Image::load_png(&fixture_dir().join(case["image"].as_str().unwrap())).unwrap();
     let db = psnr(&out.images[0], &want);
@@ -430,6 +445,86 @@ fn img2img() {
     run_case("img2img_euler_neg");
     run_case("img2img_euler_a_zero_neg");
     run_case("img2img_dpmpp_2m_cfg1");
+}
+
+/// The fixture model with the aesthetic-score U-Net (`unet_aesthetic/`: its config and
+/// add_embedding.linear_1.weight, every other tensor model/unet/'s) and
+/// `"requires_aesthetics_score": true` in model_index.json, in a fresh temp folder.
+fn assemble_aesthetic_model() -> PathBuf {
+    use safetensors::tensor::{SafeTensors, TensorView};
+    let src = model_dir();
+    let dst = std::env::temp_dir().join(format!("ldm-sdxl-aesthetic-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        let to = dst.join(entry.file_name());
+        if entry.path().is_dir() {
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(entry.path()).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        }
+    }
+    let mut index: Value =
+        serde_json::from_slice(&std::fs::read(src.join("model_index.json")).unwrap()).unwrap();
+    index["requires_aesthetics_score"] = Value::Bool(true);
+    std::fs::write(dst.join("model_index.json"), index.to_string()).unwrap();
+    let aes = fixture_dir().join("unet_aesthetic");
+    std::fs::copy(aes.join("config.json"), dst.join("unet/config.json")).unwrap();
+    let base = std::fs::read(src.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let extra = std::fs::read(aes.join("add_embedding.safetensors")).unwrap();
+    let base = SafeTensors::deserialize(&base).unwrap();
+    let extra = SafeTensors::deserialize(&extra).unwrap();
+    let swapped: Vec<(String, TensorView)> = base
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| match extra.tensor(&name) {
+            Ok(new) => (name, new),
+            Err(_) => (name, view),
+        })
+        .collect();
+    safetensors::serialize_to_file(
+        swapped,
+        None,
+        &dst.join("unet/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    dst
+}
+
+/// Aesthetic-score conditioning (`requires_aesthetics_score`, as SDXL's refiner): the time ids
+/// are original size, crop and the score, the negative pass taking the negative score. Scores
+/// left at the defaults on the case that changed them must not pass.
+#[test]
+fn img2img_with_aesthetic_scores() {
+    let dir = assemble_aesthetic_model();
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+    let opts = ModelOptions {
+        dtype: Some(DType::F32),
+        with_encoder: true,
+        ..Default::default()
+    };
+    let model = StableDiffusion::load(gpu, &dir, &opts).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    for name in ["img2img_aesthetic_euler_neg", "img2img_aesthetic_scores"] {
+        let (db, rel) = outcome(&model, name);
+        eprintln!("{name}: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
+        assert!(db >= 40.0, "{name}: PSNR {db:.1} dB < 40 dB");
+        assert!(rel <= 1e-3, "{name}: latents rel-L2 {rel:.2e} > 1e-3");
+    }
+    let name = "img2img_aesthetic_scores";
+    let defaults = GenerateRequest {
+        aesthetic_score: 6.0,
+        negative_aesthetic_score: 2.5,
+        ..request(case(name))
+    };
+    let (db, rel) = outcome_with(&model, name, defaults);
+    eprintln!("{name} with the default scores: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
+    assert!(
+        rel > 1e-2,
+        "the aesthetic scores made no difference (rel-L2 {rel:.2e})"
+    );
 }
 
 /// What the SDXL pipeline does not run yet is refused by name.

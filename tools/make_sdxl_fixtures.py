@@ -22,6 +22,9 @@ as a diffusers folder by `StableDiffusionXLPipeline.save_pretrained`:
   model/vae/              AutoencoderKL, 4 levels (8x), scaling_factor 0.13025, force_upcast
   model/scheduler/        SDXL base's scheduler_config.json (EulerDiscreteScheduler, leading)
   model/model_index.json  StableDiffusionXLPipeline, force_zeros_for_empty_prompt true
+  unet_aesthetic/         config.json and add_embedding.linear_1.weight of a U-Net taking
+                          aesthetic-score ids (projection_class_embeddings_input_dim 24 + 5·8);
+                          every other weight is model/unet/'s
 
 The encoders have different widths and the projection another, so a swapped concatenation, a
 missing projection or the wrong encoder's pooled output changes shapes or values visibly.
@@ -278,6 +281,29 @@ def psnr_images(a, b):
     return 10 * np.log10(255**2 / max(mse, 1e-12))
 
 
+def build_aesthetic_unet(unet):
+    """The fixture U-Net taking aesthetic-score ids (requires_aesthetics_score, as SDXL's
+    refiner): 5 ids (original size, crop, score) instead of 6, so add_embedding.linear_1 takes
+    24 + 5 · 8 = 64 inputs. Every other weight is model/unet/'s; only the config and the new
+    linear_1 weight are stored (unet_aesthetic/), tests/sdxl.rs splices them in."""
+    config = dict(unet.config)
+    config["projection_class_embeddings_input_dim"] = 24 + 5 * 8
+    aes = UNet2DConditionModel.from_config(config).eval()
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    w = state["add_embedding.linear_1.weight"]  # [128, 72]
+    g = torch.Generator("cpu").manual_seed(11)
+    state["add_embedding.linear_1.weight"] = (torch.randn(w.shape[0], 64, generator=g) * w.std()).half().float()
+    aes.load_state_dict(state)
+    d = os.path.join(OUT, "unet_aesthetic")
+    if os.path.isdir(d):
+        shutil.rmtree(d)
+    os.makedirs(d)
+    aes.save_config(d)
+    save_file({"add_embedding.linear_1.weight": aes.add_embedding.linear_1.weight.detach().half().contiguous()},
+              os.path.join(d, "add_embedding.safetensors"))
+    return aes
+
+
 def procedural_image():
     """64x64 RGB img2img input: a gradient with a disc (as make_pipeline_fixtures.py's)."""
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
@@ -310,7 +336,8 @@ def render(pipe, base_config, case):
         kwargs.update(image=Image.open(os.path.join(OUT, case["init_image"])), strength=case["strength"])
     else:
         kwargs.update(height=SIZE, width=SIZE)
-    for key in ("negative_prompt", "prompt_2", "negative_prompt_2", "clip_skip"):
+    for key in ("negative_prompt", "prompt_2", "negative_prompt_2", "clip_skip", "aesthetic_score",
+                "negative_aesthetic_score"):
         if key in case:
             kwargs[key] = case[key]
     # Sizes in the cases are (width, height) as the CLI takes them; diffusers' tuples are
@@ -363,6 +390,11 @@ def main():
     img2img.set_progress_bar_config(disable=True)
     assert not img2img.config.requires_aesthetics_score
     procedural_image().save(os.path.join(OUT, "init.png"))
+    # requires_aesthetics_score (the refiner's conditioning) with both encoders: model_index.json
+    # of this variant is the model's plus `"requires_aesthetics_score": true`.
+    aesthetic = StableDiffusionXLImg2ImgPipeline(**{**pipe.components, "unet": build_aesthetic_unet(unet)},
+                                                 requires_aesthetics_score=True)
+    aesthetic.set_progress_bar_config(disable=True)
     neg = dict(negative_prompt=NEGATIVE)
     cases = [
         dict(name="euler_neg", sampler="euler", **neg),
@@ -386,11 +418,18 @@ def main():
         dict(name="img2img_euler_a_zero_neg", sampler="euler_a", init_image="init.png", strength=0.3),
         dict(name="img2img_dpmpp_2m_cfg1", sampler="dpmpp_2m", init_image="init.png", strength=0.6,
              guidance_scale=1.0),
+        # Aesthetic-score ids (unet_aesthetic/): the defaults 6.0 / 2.5 (the negative pass gets
+        # its own score), then other scores with zero negative embeddings.
+        dict(name="img2img_aesthetic_euler_neg", sampler="euler", init_image="init.png", strength=0.6,
+             unet="unet_aesthetic", **neg),
+        dict(name="img2img_aesthetic_scores", sampler="euler", init_image="init.png", strength=0.6,
+             unet="unet_aesthetic", aesthetic_score=8.5, negative_aesthetic_score=1.0),
     ]
     entries = []
     ref = None
     for case in cases:
-        img, latents = render(img2img if "init_image" in case else pipe, scheduler.config, case)
+        runner = aesthetic if "unet" in case else img2img if "init_image" in case else pipe
+        img, latents = render(runner, scheduler.config, case)
         name = case["name"]
         img.save(os.path.join(OUT, f"{name}.png"))
         entry = dict(case, image=f"{name}.png", latents=f"{name}.latents.f32")

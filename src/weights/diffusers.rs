@@ -106,6 +106,8 @@ pub struct PipelineWeights {
     /// model_index.json's `force_zeros_for_empty_prompt` (SDXL: a missing negative prompt
     /// gives zero embeddings); false when absent, as for the SD 1.x/2.x pipelines.
     pub force_zeros_for_empty_prompt: bool,
+    /// model_index.json's `requires_aesthetics_score` (false when absent).
+    pub requires_aesthetics_score: bool,
     /// diffusers scheduler_config.json (read, or diffusers' single-file default).
     pub scheduler_config: Value,
     pub family: ModelFamily,
@@ -175,6 +177,15 @@ impl ModelIndex {
             .unwrap_or(false)
     }
 
+    /// `requires_aesthetics_score` (SDXL img2img pipelines register it; the refiner's U-Net
+    /// takes an aesthetic score in place of the target size among its time ids).
+    pub fn requires_aesthetics_score(&self) -> bool {
+        self.entries
+            .get("requires_aesthetics_score")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
     /// Whether this is an SDXL pipeline (a second, projecting text encoder).
     pub fn is_sdxl(&self) -> bool {
         self.component_class("text_encoder_2").is_some()
@@ -220,18 +231,6 @@ impl ModelIndex {
         if sdxl && self.component_class("text_encoder").is_none() {
             return unsupported(format!(
                 "{pipeline} without `text_encoder` (the SDXL refiner's single-encoder layout)"
-            ));
-        }
-        if sdxl
-            && self
-                .entries
-                .get("requires_aesthetics_score")
-                .and_then(Value::as_bool)
-                == Some(true)
-        {
-            return unsupported(format!(
-                "{pipeline} with `requires_aesthetics_score` (the refiner's aesthetic-score \
-                 conditioning is not supported yet)"
             ));
         }
         if sdxl && self.component_class("tokenizer_2").is_none() {
@@ -303,6 +302,9 @@ pub fn open_diffusers_folder(
         force_zeros_for_empty_prompt: index
             .as_ref()
             .is_some_and(ModelIndex::force_zeros_for_empty_prompt),
+        requires_aesthetics_score: index
+            .as_ref()
+            .is_some_and(ModelIndex::requires_aesthetics_score),
         scheduler_config,
         family,
         layout: SourceLayout::DiffusersFolder,
@@ -433,6 +435,7 @@ pub fn open_single_file(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Pi
         text_encoder,
         text_encoder_2: None,
         force_zeros_for_empty_prompt: false,
+        requires_aesthetics_score: false,
         scheduler_config: rename::default_scheduler_config(prediction),
         family,
         layout: SourceLayout::SingleFile,
