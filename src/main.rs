@@ -256,6 +256,22 @@ struct GenerateArgs {
         help_heading = "Prompt"
     )]
     negative_prompt: Option<String>,
+    /// SDXL: the prompt for the second text encoder (default: --prompt)
+    #[arg(
+        long,
+        value_name = "TEXT",
+        allow_hyphen_values = true,
+        help_heading = "Prompt"
+    )]
+    prompt_2: Option<String>,
+    /// SDXL: the negative prompt for the second text encoder (default: --negative-prompt)
+    #[arg(
+        long,
+        value_name = "TEXT",
+        allow_hyphen_values = true,
+        help_heading = "Prompt"
+    )]
+    negative_prompt_2: Option<String>,
     /// use the hidden state N layers before the last (diffusers clip_skip)
     #[arg(long, value_name = "N", help_heading = "Prompt")]
     clip_skip: Option<usize>,
@@ -276,6 +292,32 @@ struct GenerateArgs {
     /// image height, a multiple of 8 (default: the model's native size)
     #[arg(short = 'H', long, value_name = "N", help_heading = "Image")]
     height: Option<usize>,
+    /// SDXL micro-conditioning: the size the image claims to come from (default: its size)
+    #[arg(long, value_name = "W,H", help_heading = "Image")]
+    original_size: Option<String>,
+    /// SDXL micro-conditioning: the crop's top-left corner (default 0,0)
+    #[arg(long, value_name = "X,Y", help_heading = "Image")]
+    crop_top_left: Option<String>,
+    /// SDXL micro-conditioning: the target size (default: the image size)
+    #[arg(long, value_name = "W,H", help_heading = "Image")]
+    target_size: Option<String>,
+    /// SDXL models with aesthetic-score conditioning (requires_aesthetics_score): the prompt's
+    /// score (default 6.0)
+    #[arg(
+        long,
+        value_name = "F",
+        allow_negative_numbers = true,
+        help_heading = "Image"
+    )]
+    aesthetic_score: Option<f64>,
+    /// SDXL models with aesthetic-score conditioning: the negative pass's score (default 2.5)
+    #[arg(
+        long,
+        value_name = "F",
+        allow_negative_numbers = true,
+        help_heading = "Image"
+    )]
+    negative_aesthetic_score: Option<f64>,
     /// denoising steps (default 25)
     #[arg(short = 's', long, value_name = "N", help_heading = "Image")]
     steps: Option<usize>,
@@ -478,6 +520,18 @@ fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
+/// `A,B` (two non-negative integers) for the SDXL micro-conditioning flags.
+fn parse_pair(flag: &str, v: &str) -> Result<(usize, usize), Error> {
+    let parsed = v
+        .split_once(',')
+        .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
+    parsed.ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "{flag} `{v}`: give two whole numbers separated by a comma (e.g. 1024,1024)"
+        ))
+    })
+}
+
 fn generate(args: GenerateArgs) -> Result<(), Error> {
     use ldm_wgpu::image::Image;
     use ldm_wgpu::pipeline::{self, GenerateRequest, ModelOptions, StableDiffusion};
@@ -493,12 +547,19 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         lora_dir,
         prompt,
         negative_prompt,
+        prompt_2,
+        negative_prompt_2,
         clip_skip,
         long_prompts,
         no_prompt_weighting,
         embeddings,
         width,
         height,
+        original_size,
+        crop_top_left,
+        target_size,
+        aesthetic_score,
+        negative_aesthetic_score,
         steps,
         guidance,
         sampler,
@@ -534,7 +595,26 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
     let mut gpu_options = GpuOptions::from_env()?;
     let mut model_options = ModelOptions::default();
     if let Some(v) = negative_prompt {
+        // Given, even empty: SDXL then encodes it instead of using zero embeddings.
+        req.encode_empty_negative = true;
         req.negative_prompt = v;
+    }
+    req.prompt_2 = prompt_2;
+    req.negative_prompt_2 = negative_prompt_2;
+    if let Some(v) = original_size {
+        req.original_size = Some(parse_pair("--original-size", &v)?);
+    }
+    if let Some(v) = crop_top_left {
+        req.crop_top_left = parse_pair("--crop-top-left", &v)?;
+    }
+    if let Some(v) = target_size {
+        req.target_size = Some(parse_pair("--target-size", &v)?);
+    }
+    if let Some(v) = aesthetic_score {
+        req.aesthetic_score = v;
+    }
+    if let Some(v) = negative_aesthetic_score {
+        req.negative_aesthetic_score = v;
     }
     if let Some(v) = steps {
         req.steps = v;

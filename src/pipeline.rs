@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use crate::embeddings::Embedding;
 use crate::image::Image;
-use crate::kernels::{elementwise, sampler_step};
+use crate::kernels::{elementwise, fill, sampler_step};
 use crate::lora::{lora_targets, AppliedLora, LoraBackup, LoraSpec, LoraState, ModelSites};
-use crate::models::clip::{ClipConfig, ClipTextModel};
+use crate::models::clip::{ClipConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::unet::{TimeEmbeddingTable, UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig, VaeTiling};
 use crate::prompt::{encode_weighted, tokenize_weighted, Chunking, WeightedChunk, WeightedPrompt};
@@ -174,6 +174,26 @@ pub struct GenerateRequest {
     pub mask: Option<Image>,
     /// Tiled VAE decode/encode: automatic (when the activations would not fit), on or off.
     pub vae_tiling: VaeTiling,
+    /// SDXL: the prompt for the second text encoder (diffusers' `prompt_2`; None or empty: the
+    /// prompt), and likewise the negative prompt's (`negative_prompt_2`).
+    pub prompt_2: Option<String>,
+    pub negative_prompt_2: Option<String>,
+    /// SDXL with `force_zeros_for_empty_prompt` (model_index.json): an empty `negative_prompt`
+    /// stands for none given, which diffusers turns into zero embeddings (pooled included);
+    /// set this for diffusers' explicit `negative_prompt=""`, which is encoded instead.
+    pub encode_empty_negative: bool,
+    /// SDXL micro-conditioning, as (width, height) and (x, y) here (diffusers' tuples are
+    /// (height, width) and (top, left)): the size the image claims to come from (default: the
+    /// requested size), the crop's top-left corner (default (0, 0)) and the target size
+    /// (default: the requested size). The negative pass gets the same ids.
+    pub original_size: Option<(usize, usize)>,
+    pub crop_top_left: (usize, usize),
+    pub target_size: Option<(usize, usize)>,
+    /// SDXL models whose folder sets `requires_aesthetics_score` (the refiner's conditioning):
+    /// the score in the prompt's time ids (in place of the target size) and the negative
+    /// pass's (diffusers' defaults 6.0 and 2.5).
+    pub aesthetic_score: f64,
+    pub negative_aesthetic_score: f64,
 }
 
 impl Default for GenerateRequest {
@@ -198,6 +218,14 @@ impl Default for GenerateRequest {
             strength: 0.8,
             mask: None,
             vae_tiling: VaeTiling::Auto,
+            prompt_2: None,
+            negative_prompt_2: None,
+            encode_empty_negative: false,
+            original_size: None,
+            crop_top_left: (0, 0),
+            target_size: None,
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
         }
     }
 }
@@ -208,9 +236,15 @@ impl GenerateRequest {
     /// before loading anything (the CLI does), so a bad request fails in milliseconds.
     pub fn validate(&self) -> Result<()> {
         if self.prompt_weighting {
+            let empty = String::new();
             for (what, text) in [
                 ("prompt", &self.prompt),
                 ("negative prompt", &self.negative_prompt),
+                ("prompt 2", self.prompt_2.as_ref().unwrap_or(&empty)),
+                (
+                    "negative prompt 2",
+                    self.negative_prompt_2.as_ref().unwrap_or(&empty),
+                ),
             ] {
                 crate::prompt::check_weights(text)
                     .map_err(|m| Error::InvalidInput(format!("{what}: {m}")))?;
@@ -251,6 +285,34 @@ impl GenerateRequest {
                     "eta must be a finite number ≥ 0 (got {eta})"
                 )));
             }
+        }
+        for (what, size) in [
+            ("original size", self.original_size),
+            ("target size", self.target_size),
+        ] {
+            if let Some((w, h)) = size {
+                if w == 0 || h == 0 || w > 1 << 16 || h > 1 << 16 {
+                    return Err(Error::InvalidInput(format!(
+                        "{what} must be positive and at most 65536 (got {w}×{h})"
+                    )));
+                }
+            }
+        }
+        for (what, v) in [
+            ("aesthetic score", self.aesthetic_score),
+            ("negative aesthetic score", self.negative_aesthetic_score),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::InvalidInput(format!(
+                    "{what} must be a finite number (got {v})"
+                )));
+            }
+        }
+        if self.crop_top_left.0 > 1 << 16 || self.crop_top_left.1 > 1 << 16 {
+            return Err(Error::InvalidInput(format!(
+                "crop top-left must be at most 65536 (got {:?})",
+                self.crop_top_left
+            )));
         }
         if self.mask.is_some() && self.init_image.is_none() {
             return Err(Error::InvalidInput("a mask needs an init image".into()));
@@ -307,11 +369,36 @@ const _: fn() = || {
     assert_send_sync::<StableDiffusion>();
 };
 
-/// A loaded Stable Diffusion 1.x / 2.x model.
+/// SDXL's second text encoder and what goes with it.
+pub struct SdxlEncoder {
+    /// `tokenizer_2` (pads with "!").
+    pub tokenizer: ClipTokenizer,
+    /// `text_encoder_2` (OpenCLIP ViT-bigG in SDXL base).
+    pub text_encoder: ClipTextModelWithProjection,
+    /// model_index.json's `force_zeros_for_empty_prompt`.
+    pub force_zeros_for_empty_prompt: bool,
+    /// model_index.json's `requires_aesthetics_score`: time ids end with an aesthetic score
+    /// instead of the target size.
+    pub requires_aesthetics_score: bool,
+}
+
+/// The text conditioning of one generation.
+struct PromptEmbeds {
+    /// [2B or B, 77·chunks, C] (uncond first when guided).
+    context: Tensor,
+    /// SDXL: the U-Net's added embedding per row ([2B or B, 4·C0], from the pooled embeddings
+    /// and the time ids).
+    added: Option<Tensor>,
+    truncated: bool,
+}
+
+/// A loaded Stable Diffusion 1.x / 2.x or SDXL model.
 pub struct StableDiffusion {
     pub gpu: Gpu,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
+    /// SDXL's second encoder (None for SD 1.x/2.x).
+    pub sdxl: Option<SdxlEncoder>,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub scheduler_config: SchedulerConfig,
@@ -408,6 +495,24 @@ impl StableDiffusion {
         };
         let clip_config = ClipConfig::from_json(&w.text_encoder.config)?;
         let unet_config = UNetConfig::from_json(&w.unet.config)?;
+        let clip_2_config = match &w.text_encoder_2 {
+            Some(c) => Some(ClipConfig::from_json(&c.config)?),
+            None => None,
+        };
+        let time_ids = if w.requires_aesthetics_score { 5 } else { 6 };
+        check_sdxl_widths(&clip_config, clip_2_config.as_ref(), &unet_config, time_ids)?;
+        let tokenizer_2 = match &w.text_encoder_2 {
+            Some(_) if model.join("tokenizer_2").is_dir() => {
+                Some(ClipTokenizer::from_dir(&model.join("tokenizer_2"))?)
+            }
+            Some(_) => {
+                // SDXL's tokenizer_2 is CLIP's vocabulary padding with "!" (id 0).
+                let mut t = ClipTokenizer::from_dir(&tokenizer_dir)?;
+                t.set_pad_id(0);
+                Some(t)
+            }
+            None => None,
+        };
         if vae_config.latent_channels != unet_config.out_channels {
             return Err(Error::InvalidInput(format!(
                 "the VAE has {} latent channels, the U-Net works on {}: they are not from one \
@@ -418,10 +523,17 @@ impl StableDiffusion {
         // The three models load on their own threads: reading, converting and reordering the
         // U-Net's ~1.7 GB dominates, and the text encoder and VAE overlap with it (wgpu's device
         // and queue are thread-safe; uploads are copied into staging memory as they come).
-        let (text_encoder, unet, vae) = std::thread::scope(|s| {
+        let (text_encoder, text_encoder_2, unet, vae) = std::thread::scope(|s| {
             let gpu = &gpu;
             let text_encoder = s.spawn(|| {
                 ClipTextModel::load(gpu, &w.text_encoder.weights.root(), clip_config, dtype)
+            });
+            let text_encoder_2 = s.spawn(|| match (&w.text_encoder_2, clip_2_config) {
+                (Some(c), Some(config)) => {
+                    ClipTextModelWithProjection::load(gpu, &c.weights.root(), config, dtype)
+                        .map(Some)
+                }
+                _ => Ok(None),
             });
             let vae = s.spawn(|| {
                 AutoencoderKL::load(
@@ -433,15 +545,30 @@ impl StableDiffusion {
                 )
             });
             let unet = UNet2DConditionModel::load(gpu, &w.unet.weights.root(), unet_config, dtype);
-            (join_loader(text_encoder), unet, join_loader(vae))
+            (
+                join_loader(text_encoder),
+                join_loader(text_encoder_2),
+                unet,
+                join_loader(vae),
+            )
         });
         let (text_encoder, unet, vae) = (text_encoder?, unet?, vae?);
+        let sdxl = match (text_encoder_2?, tokenizer_2) {
+            (Some(text_encoder), Some(tokenizer)) => Some(SdxlEncoder {
+                tokenizer,
+                text_encoder,
+                force_zeros_for_empty_prompt: w.force_zeros_for_empty_prompt,
+                requires_aesthetics_score: w.requires_aesthetics_score,
+            }),
+            _ => None,
+        };
         let scheduler_config = SchedulerConfig::from_value(&w.scheduler_config)?;
         gpu.flush()?;
         Ok(StableDiffusion {
             gpu,
             tokenizer,
             text_encoder,
+            sdxl,
             unet,
             vae,
             scheduler_config,
@@ -463,6 +590,19 @@ impl StableDiffusion {
     /// slice removes them. Embeddings without vectors for this text encoder's width are skipped
     /// and reported.
     pub fn set_embeddings(&mut self, embeddings: &[Embedding]) -> Result<EmbeddingsReport> {
+        if self.sdxl.is_some() {
+            let skipped = embeddings
+                .iter()
+                .map(|e| {
+                    let why = "textual inversion with SDXL is not supported yet".to_string();
+                    (e.name.clone(), why)
+                })
+                .collect();
+            return Ok(EmbeddingsReport {
+                loaded: Vec::new(),
+                skipped,
+            });
+        }
         let width = self.text_encoder.config.hidden_size;
         let first = self.text_encoder.config.vocab_size as u32;
         let mut report = EmbeddingsReport::default();
@@ -643,9 +783,119 @@ impl StableDiffusion {
         Ok((ctx, truncated))
     }
 
+    /// The text conditioning of `req`: SD 1.x/2.x's [`Self::encode_prompt`] or SDXL's
+    /// [`Self::encode_prompt_sdxl`].
+    fn prompt_embeds(&self, req: &GenerateRequest, guided: bool) -> Result<PromptEmbeds> {
+        match &self.sdxl {
+            Some(xl) => self.encode_prompt_sdxl(xl, req, guided),
+            None => {
+                let (context, truncated) = self.encode_prompt(req, guided)?;
+                Ok(PromptEmbeds {
+                    context,
+                    added: None,
+                    truncated,
+                })
+            }
+        }
+    }
+
+    /// One prompt through both SDXL encoders, as diffusers' `StableDiffusionXLPipeline
+    /// .encode_prompt` does per prompt: each tokenizer pads to 77 (tokenizer_2 with "!"), each
+    /// encoder's `hidden_states[-(clip_skip + 2)]` (no final layer norm), concatenated on
+    /// channels ([1, 77, C1 + C2]), and encoder 2's pooled, projected output [1, P]. True when
+    /// either tokenizer truncated.
+    fn encode_pair_sdxl(
+        &self,
+        xl: &SdxlEncoder,
+        prompt: &str,
+        prompt_2: &str,
+        clip_skip: Option<usize>,
+    ) -> Result<(Tensor, Tensor, bool)> {
+        let gpu = &self.gpu;
+        let ids_1 = self.tokenizer.encode_padded(prompt);
+        let ids_2 = xl.tokenizer.encode_padded(prompt_2);
+        let h1 = self
+            .text_encoder
+            .penultimate(gpu, &ids_1.ids, 1, clip_skip)?; // [1, 77, C1]
+        let (h2, pooled) = xl
+            .text_encoder
+            .forward_sdxl(gpu, &ids_2.ids, 1, clip_skip)?; // [1, 77, C2], [1, P]
+        let context = elementwise::concat_channels(gpu, &h1, &h2)?; // [1, 77, C1 + C2]
+        Ok((context, pooled, ids_1.truncated || ids_2.truncated))
+    }
+
+    /// SDXL's `encode_prompt` and `_get_add_time_ids`: the context [2B or B, 77, C1 + C2]
+    /// (uncond rows first when guided) and the U-Net's added embedding per row, from the pooled
+    /// embeddings and the micro-conditioning ids (the same for both passes). Without a negative
+    /// prompt and with `force_zeros_for_empty_prompt`, the uncond rows are zeros (pooled
+    /// included); the negative prompt ignores `clip_skip`, as in diffusers.
+    fn encode_prompt_sdxl(
+        &self,
+        xl: &SdxlEncoder,
+        req: &GenerateRequest,
+        guided: bool,
+    ) -> Result<PromptEmbeds> {
+        let gpu = &self.gpu;
+        // diffusers: `prompt_2 = prompt_2 or prompt`, `negative_prompt_2 = negative_prompt_2 or
+        // negative_prompt` (an empty string counts as none).
+        let or_first = |second: &Option<String>, first: &str| -> String {
+            match second.as_deref() {
+                Some(p) if !p.is_empty() => p.to_string(),
+                _ => first.to_string(),
+            }
+        };
+        let prompt_2 = or_first(&req.prompt_2, &req.prompt);
+        let (cond, cond_pooled, truncated) =
+            self.encode_pair_sdxl(xl, &req.prompt, &prompt_2, req.clip_skip)?;
+        let zero_negative = xl.force_zeros_for_empty_prompt
+            && req.negative_prompt.is_empty()
+            && !req.encode_empty_negative;
+        let uncond = match (guided, zero_negative) {
+            (false, _) => None,
+            (true, true) => {
+                let context = gpu.empty(cond.shape(), cond.dtype())?; // [1, 77, C]
+                fill::fill(gpu, &context, 0.0)?;
+                let pooled = gpu.empty(cond_pooled.shape(), cond_pooled.dtype())?; // [1, P]
+                fill::fill(gpu, &pooled, 0.0)?;
+                Some((context, pooled))
+            }
+            (true, false) => {
+                let negative_2 = or_first(&req.negative_prompt_2, &req.negative_prompt);
+                let (context, pooled, _) =
+                    self.encode_pair_sdxl(xl, &req.negative_prompt, &negative_2, None)?;
+                Some((context, pooled))
+            }
+        };
+        // Rows: [uncond × B; cond × B] (or cond × B), each with its time ids.
+        let b = req.batch_size;
+        let aesthetics = xl.requires_aesthetics_score;
+        let mut rows: Vec<(&Tensor, &Tensor, Vec<f32>)> = Vec::with_capacity(2 * b);
+        if let Some((context, pooled)) = &uncond {
+            let ids = add_time_ids(req, aesthetics, true);
+            rows.extend(std::iter::repeat_n((context, pooled, ids), b));
+        }
+        let ids = add_time_ids(req, aesthetics, false);
+        rows.extend(std::iter::repeat_n((&cond, &cond_pooled, ids), b));
+        let (mut context, mut pooled) = (rows[0].0.clone(), rows[0].1.clone());
+        for (c, p, _) in &rows[1..] {
+            context = elementwise::concat_batch(gpu, &context, c)?; // [rows, 77, C]
+            pooled = elementwise::concat_batch(gpu, &pooled, p)?; // [rows, P]
+        }
+        let time_ids: Vec<f32> = rows.iter().flat_map(|(_, _, ids)| ids.clone()).collect();
+        let added = self.unet.added_embedding(gpu, &pooled, &time_ids)?; // [rows, 4C0]
+        Ok(PromptEmbeds {
+            context,
+            added: Some(added),
+            truncated,
+        })
+    }
+
     /// diffusers' `check_inputs`: sizes, counts and the images a request needs.
     fn check_inputs(&self, req: &GenerateRequest) -> Result<()> {
         req.validate()?;
+        if self.sdxl.is_some() {
+            Self::check_sdxl_request(req)?;
+        }
         let f = 1 << (self.vae.config.block_out_channels.len() - 1);
         let m = f * self.unet.config.latent_multiple();
         if !req.width.is_multiple_of(m) || !req.height.is_multiple_of(m) {
@@ -664,6 +914,41 @@ impl StableDiffusion {
                 "U-Net with {} input channels",
                 self.unet.config.in_channels
             )));
+        }
+        Ok(())
+    }
+
+    /// What the SDXL pipeline does not run yet is refused, not approximated.
+    fn check_sdxl_request(req: &GenerateRequest) -> Result<()> {
+        if req.mask.is_some() {
+            return Err(Error::Unsupported(
+                "inpainting with SDXL (txt2img and img2img only so far)".into(),
+            ));
+        }
+        if req.long_prompts {
+            return Err(Error::Unsupported(
+                "long prompts (chunks) with SDXL: diffusers truncates to 77 tokens; drop \
+                 --long-prompts"
+                    .into(),
+            ));
+        }
+        let empty = String::new();
+        let prompts = [
+            &req.prompt,
+            &req.negative_prompt,
+            req.prompt_2.as_ref().unwrap_or(&empty),
+            req.negative_prompt_2.as_ref().unwrap_or(&empty),
+        ];
+        let weighted = |p: &String| {
+            crate::prompt::parse_attention(p) != [crate::prompt::Piece::Text(p.clone(), 1.0)]
+                && !p.is_empty()
+        };
+        if req.prompt_weighting && prompts.into_iter().any(weighted) {
+            return Err(Error::Unsupported(
+                "A1111 prompt emphasis with SDXL: give --no-prompt-weighting to read the \
+                 brackets as plain text, as diffusers does"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -687,7 +972,8 @@ impl StableDiffusion {
             ..Default::default()
         };
 
-        let (context, truncated) = self.encode_prompt(req, job.guided)?;
+        let embeds = self.prompt_embeds(req, job.guided)?;
+        let truncated = embeds.truncated;
         self.gpu.flush()?;
         timings.text_encode = job.start.elapsed();
 
@@ -695,7 +981,7 @@ impl StableDiffusion {
         let mut noise = BatchNoise::new(req.rng, req.seed, job.batch, req.seed_mode);
         let (latents, init) = self.prepare_latents(&job, sampler.as_ref(), &mut noise)?;
         let mut bufs = GpuBuffers::new(latents);
-        let inputs = self.loop_inputs(&job, sampler.as_ref(), context, init)?;
+        let inputs = self.loop_inputs(&job, sampler.as_ref(), embeds, init)?;
 
         timings.steps = self.denoise(
             &job,
@@ -1028,13 +1314,17 @@ impl StableDiffusion {
         &self,
         job: &Job<'_>,
         sampler: &dyn Sampler,
-        context: Tensor,
+        embeds: PromptEmbeds,
         init: InitImage,
     ) -> Result<LoopInputs> {
         let unet_batch = if job.guided { 2 * job.batch } else { job.batch };
-        let time_table =
-            self.unet
-                .schedule_time_embeddings(&self.gpu, sampler.timesteps(), unet_batch)?; // [calls·2B, 4C0]
+        let time_table = self.unet.schedule_time_embeddings_with(
+            &self.gpu,
+            sampler.timesteps(),
+            unet_batch,
+            embeds.added.as_ref(),
+        )?; // [calls·2B, 4C0]
+        let context = embeds.context;
         let temb = self
             .gpu
             .empty(&[unet_batch, self.unet.time_embedding_dim()], self.dtype)?; // [2B, 4C0]
@@ -1314,4 +1604,62 @@ fn downsample_mask_nearest(mask: &[f32], width: usize, height: usize, f: usize) 
         }
     }
     out
+}
+
+/// SDXL's `add_time_ids` (`_get_add_time_ids`): `original_size + crops_coords_top_left +
+/// target_size`, each in diffusers' (height, width) / (top, left) order, the sizes defaulting to
+/// the requested one (the negative pass gets the same); with `requires_aesthetics_score`, the
+/// aesthetic score (the negative pass: the negative score) in place of the target size.
+fn add_time_ids(req: &GenerateRequest, aesthetics: bool, negative: bool) -> Vec<f32> {
+    let (ow, oh) = req.original_size.unwrap_or((req.width, req.height));
+    let (cx, cy) = req.crop_top_left;
+    let (tw, th) = req.target_size.unwrap_or((req.width, req.height));
+    let mut ids: Vec<f32> = [oh, ow, cy, cx].iter().map(|&v| v as f32).collect();
+    match (aesthetics, negative) {
+        (false, _) => ids.extend([th as f32, tw as f32]),
+        (true, false) => ids.push(req.aesthetic_score as f32),
+        (true, true) => ids.push(req.negative_aesthetic_score as f32),
+    }
+    ids
+}
+
+/// An SDXL folder's parts must fit together: the U-Net's cross-attention takes both encoders'
+/// widths, its added embedding the pooled projection and `time_ids` ids (6, or 5 with an
+/// aesthetic score); an SD U-Net with text_time conditioning but one encoder cannot run.
+fn check_sdxl_widths(
+    clip: &ClipConfig,
+    clip_2: Option<&ClipConfig>,
+    unet: &UNetConfig,
+    time_ids: usize,
+) -> Result<()> {
+    match (clip_2, unet.text_time) {
+        (None, None) => Ok(()),
+        (None, Some(_)) => Err(Error::Unsupported(
+            "a U-Net with SDXL's text_time conditioning without a second text encoder \
+             (text_encoder_2)"
+                .into(),
+        )),
+        (Some(_), None) => Err(Error::Unsupported(
+            "two text encoders with a U-Net that has no text_time conditioning".into(),
+        )),
+        (Some(c2), Some(tt)) => {
+            let context = clip.hidden_size + c2.hidden_size;
+            let projection = c2.projection_dim.unwrap_or(0);
+            let added = projection + time_ids * tt.time_embed_dim;
+            if context != unet.cross_attention_dim || added != tt.input_dim {
+                return Err(Error::InvalidInput(format!(
+                    "the SDXL parts do not fit: text encoders {} + {} wide (U-Net \
+                     cross_attention_dim {}), projection {projection} + {time_ids} × {} time ids \
+                     (U-Net projection_class_embeddings_input_dim {}; model_index.json's \
+                     requires_aesthetics_score decides between 6 and 5 ids)",
+                    clip.hidden_size,
+                    c2.hidden_size,
+                    unet.cross_attention_dim,
+                    tt.time_embed_dim,
+                    tt.input_dim
+                )));
+            }
+            Ok(())
+        }
+    }
 }

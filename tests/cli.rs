@@ -257,3 +257,18 @@ fn lora_arguments_fail_early() {
     }
     std::fs::remove_dir_all(&empty).ok();
 }
+
+/// SDXL's size/crop flags take two comma-separated numbers; anything else is refused by name
+/// before a model is loaded.
+#[test]
+fn sdxl_size_flags_are_checked() {
+    for flag in ["--original-size", "--crop-top-left", "--target-size"] {
+        let o = ldm(&["generate", "-p", "x", flag, "1024x1024"]);
+        assert!(!o.status.success(), "{flag} 1024x1024 was accepted");
+        let err = stderr(&o);
+        assert!(
+            err.contains(flag) && err.contains("1024x1024"),
+            "{flag}: {err}"
+        );
+    }
+}

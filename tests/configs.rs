@@ -205,9 +205,10 @@ fn python_json_infinity_reads_as_the_class_default() {
     assert!(SchedulerConfig::from_json_str("{\"a\": Infinit}").is_err());
 }
 
-/// `model_index.json`: the shipped model's passes; an SDXL folder (a second text encoder we
-/// would silently ignore) and component classes we do not implement are refused by name, before
-/// any weight is opened.
+/// `model_index.json`: the shipped model's passes; a pipeline with a component we would
+/// silently ignore (SD3's third text encoder) and component classes we do not implement are
+/// refused by name, before any weight is opened. An SDXL index (two encoders, both tokenizers)
+/// passes now that SDXL runs; a two-encoder index of another pipeline does not.
 #[test]
 fn model_index_refuses_pipelines_we_would_misread() {
     use ldm_wgpu::weights::diffusers::ModelIndex;
@@ -221,16 +222,39 @@ fn model_index_refuses_pipelines_we_would_misread() {
     let base: Value = serde_json::from_slice(&std::fs::read(&shipped_index).unwrap()).unwrap();
     let sdxl = with(
         with(
-            base.clone(),
-            "_class_name",
-            json!("StableDiffusionXLPipeline"),
+            with(
+                base.clone(),
+                "_class_name",
+                json!("StableDiffusionXLPipeline"),
+            ),
+            "text_encoder_2",
+            json!(["transformers", "CLIPTextModelWithProjection"]),
         ),
-        "text_encoder_2",
-        json!(["transformers", "CLIPTextModelWithProjection"]),
+        "tokenizer_2",
+        json!(["transformers", "CLIPTokenizer"]),
     );
+    let parse = |v: &Value| serde_json::from_value::<ModelIndex>(v.clone()).unwrap();
+    parse(&sdxl).validate().unwrap();
+    assert!(parse(&sdxl).is_sdxl());
+    let sd3 = with(
+        with(
+            sdxl.clone(),
+            "_class_name",
+            json!("StableDiffusion3Pipeline"),
+        ),
+        "text_encoder_3",
+        json!(["transformers", "T5EncoderModel"]),
+    );
+    let other_two_encoders = with(sdxl.clone(), "_class_name", json!("KolorsPipeline"));
+    let aesthetics = with(sdxl.clone(), "requires_aesthetics_score", json!(true));
+    parse(&aesthetics).validate().unwrap();
+    assert!(parse(&aesthetics).requires_aesthetics_score());
+    let no_tokenizer_2 = with(sdxl, "tokenizer_2", json!([null, null]));
     let asymmetric = with(base, "vae", json!(["diffusers", "AsymmetricAutoencoderKL"]));
     for (case, index, needle) in [
-        ("sdxl", sdxl, "text_encoder_2"),
+        ("sd3", sd3, "text_encoder_3"),
+        ("kolors", other_two_encoders, "KolorsPipeline"),
+        ("sdxl-no-tokenizer-2", no_tokenizer_2, "tokenizer_2"),
         ("vae", asymmetric, "AsymmetricAutoencoderKL"),
     ] {
         let dir = std::env::temp_dir().join(format!("ldm-index-{case}-{}", std::process::id()));

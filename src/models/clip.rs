@@ -23,6 +23,12 @@ pub struct ClipConfig {
     pub max_position_embeddings: usize,
     pub hidden_act: Activation,
     pub layer_norm_eps: f32,
+    /// Width of `text_projection` (CLIPTextModelWithProjection).
+    pub projection_dim: Option<usize>,
+    /// Where the pooled output is taken: transformers' configs from before its PR #24773 say
+    /// 2 and pool at the largest id of each row (SDXL's encoders do), later ones pool at the
+    /// first occurrence of this id.
+    pub eos_token_id: u32,
 }
 
 impl ClipConfig {
@@ -44,6 +50,8 @@ struct ClipConfigFile {
     hidden_act: Option<String>,
     #[serde(default)]
     layer_norm_eps: Number,
+    projection_dim: Option<Size>,
+    eos_token_id: Option<Size>,
 }
 
 impl ClipConfigFile {
@@ -77,6 +85,9 @@ impl ClipConfigFile {
                 1e-5,
                 1e-12..=1.0,
             )? as f32,
+            projection_dim: self.projection_dim.map(|s| s.0),
+            // CLIPTextConfig's default.
+            eos_token_id: size_or(self.eos_token_id, 49407) as u32,
         })
     }
 }
@@ -221,6 +232,29 @@ impl ClipTextModel {
         batch: usize,
         clip_skip: Option<usize>,
     ) -> Result<Tensor> {
+        let skip = clip_skip.unwrap_or(0);
+        // diffusers accepts up to the layer count: clip_skip = layers is the embeddings
+        // themselves (through the final layer norm, as every skip is).
+        if skip > self.config.num_hidden_layers {
+            return Err(Error::InvalidInput(format!(
+                "clip_skip {skip} exceeds the number of layers ({})",
+                self.config.num_hidden_layers
+            )));
+        }
+        let layers = self.config.num_hidden_layers - skip;
+        let hidden = self.hidden_states(gpu, ids, batch, layers)?; // [B, N, C]
+        self.final_layer_norm.forward(gpu, &hidden) // [B, N, C]
+    }
+
+    /// `hidden_states[layers]` of transformers' `output_hidden_states` (0: the embeddings, i:
+    /// after encoder layer i), without the final layer norm: [batch, tokens, hidden].
+    pub fn hidden_states(
+        &self,
+        gpu: &Gpu,
+        ids: &[u32],
+        batch: usize,
+        layers: usize,
+    ) -> Result<Tensor> {
         let c = &self.config;
         if batch == 0 || !ids.len().is_multiple_of(batch) {
             return Err(Error::shape(
@@ -244,18 +278,14 @@ impl ClipTextModel {
                 c.vocab_size
             )));
         }
-        let skip = clip_skip.unwrap_or(0);
-        // diffusers accepts up to the layer count: clip_skip = layers is the embeddings
-        // themselves (through the final layer norm, as every skip is).
-        if skip > c.num_hidden_layers {
+        if layers > c.num_hidden_layers {
             return Err(Error::InvalidInput(format!(
-                "clip_skip {skip} exceeds the number of layers ({})",
+                "hidden state {layers} of a {}-layer text encoder",
                 c.num_hidden_layers
             )));
         }
-        let (hsz, heads) = (c.hidden_size, c.num_attention_heads);
         // [B, N, C]
-        let mut hidden = gpu.empty(&[batch, tokens, hsz], self.dtype)?;
+        let hidden = gpu.empty(&[batch, tokens, c.hidden_size], self.dtype)?;
         let extra = self
             .extra_tokens
             .as_ref()
@@ -271,7 +301,16 @@ impl ClipTextModel {
                 &hidden,
             )?;
         }
-        for layer in &self.layers[..c.num_hidden_layers - skip] {
+        self.run_layers(gpu, hidden, 0, layers)
+    }
+
+    /// Encoder layers `from..to` applied to `hidden` ([B, N, C], `hidden_states[from]`):
+    /// returns `hidden_states[to]`.
+    fn run_layers(&self, gpu: &Gpu, mut hidden: Tensor, from: usize, to: usize) -> Result<Tensor> {
+        let c = &self.config;
+        let (batch, tokens) = (hidden.dim(0), hidden.dim(1));
+        let (hsz, heads) = (c.hidden_size, c.num_attention_heads);
+        for layer in &self.layers[from..to] {
             // Self-attention block. [B, N, C] -> [B, N, 3C] -> [B, N, C]
             let normed = layer.layer_norm1.forward(gpu, &hidden)?; // [B, N, C]
             let qkv = layer.qkv.forward(gpu, &normed)?; // [B, N, 3C]
@@ -298,7 +337,106 @@ impl ClipTextModel {
                 .fc2
                 .forward_fused(gpu, &mid, Activation::None, Some(&hidden))?;
         }
-        // [B, N, C]
-        self.final_layer_norm.forward(gpu, &hidden)
+        Ok(hidden)
+    }
+
+    /// The hidden state SDXL's `encode_prompt` takes from each encoder:
+    /// `hidden_states[-(clip_skip + 2)]` (the penultimate layer's output for `None`), with no
+    /// final layer norm — unlike SD 1.x's clip_skip path. [batch, tokens, hidden].
+    pub fn penultimate(
+        &self,
+        gpu: &Gpu,
+        ids: &[u32],
+        batch: usize,
+        clip_skip: Option<usize>,
+    ) -> Result<Tensor> {
+        let back = clip_skip.unwrap_or(0) + 1;
+        let layers = self.config.num_hidden_layers;
+        if back > layers {
+            return Err(Error::InvalidInput(format!(
+                "clip_skip {} reaches past the first of {layers} layers",
+                back - 1
+            )));
+        }
+        self.hidden_states(gpu, ids, batch, layers - back)
+    }
+
+    /// The row of each sequence transformers' CLIPTextTransformer pools at: the largest id
+    /// when the config's eos_token_id is the legacy 2, else the first `eos_token_id`
+    /// (position 0 when there is none, as `argmax` of all zeros gives).
+    pub fn pooled_positions(&self, ids: &[u32], batch: usize) -> Vec<u32> {
+        let tokens = ids.len() / batch.max(1);
+        ids.chunks(tokens.max(1))
+            .map(|row| {
+                let at = if self.config.eos_token_id == 2 {
+                    // torch's argmax returns the first of equal maxima.
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    row.iter().position(|&id| id == max)
+                } else {
+                    row.iter().position(|&id| id == self.config.eos_token_id)
+                };
+                at.unwrap_or(0) as u32
+            })
+            .collect()
+    }
+}
+
+/// transformers' `CLIPTextModelWithProjection` (SDXL's second text encoder, OpenCLIP bigG):
+/// a CLIPTextModel whose pooled output goes through `text_projection` (no bias).
+pub struct ClipTextModelWithProjection {
+    pub text_model: ClipTextModel,
+    text_projection: Linear,
+    pub projection_dim: usize,
+}
+
+impl ClipTextModelWithProjection {
+    /// `vb` is the encoder's root view (keys `text_model.*`, `text_projection.weight`).
+    pub fn load(gpu: &Gpu, vb: &WeightView<'_>, config: ClipConfig, dtype: DType) -> Result<Self> {
+        let Some(projection_dim) = config.projection_dim else {
+            return Err(Error::config(
+                "text_encoder_2",
+                "a CLIPTextModelWithProjection config needs `projection_dim`",
+            ));
+        };
+        let hidden = config.hidden_size;
+        let text_projection = Linear::load(
+            VarBuilder::new(gpu, vb, dtype).pp("text_projection"),
+            hidden,
+            projection_dim,
+            false,
+        )?;
+        Ok(ClipTextModelWithProjection {
+            text_model: ClipTextModel::load(gpu, vb, config, dtype)?,
+            text_projection,
+            projection_dim,
+        })
+    }
+
+    /// What SDXL's `encode_prompt` takes from this encoder in one pass: the hidden state
+    /// [`ClipTextModel::penultimate`] gives [batch, tokens, hidden], and `text_embeds`, the
+    /// projected pooled output [batch, projection_dim] (final layer norm, the row
+    /// [`ClipTextModel::pooled_positions`] names, `text_projection`).
+    pub fn forward_sdxl(
+        &self,
+        gpu: &Gpu,
+        ids: &[u32],
+        batch: usize,
+        clip_skip: Option<usize>,
+    ) -> Result<(Tensor, Tensor)> {
+        let tm = &self.text_model;
+        let layers = tm.config.num_hidden_layers;
+        let back = clip_skip.unwrap_or(0) + 1;
+        if back > layers {
+            return Err(Error::InvalidInput(format!(
+                "clip_skip {} reaches past the first of {layers} layers",
+                back - 1
+            )));
+        }
+        let taken = tm.hidden_states(gpu, ids, batch, layers - back)?; // [B, N, C]
+        let last = tm.run_layers(gpu, taken.clone(), layers - back, layers)?; // [B, N, C]
+        let normed = tm.final_layer_norm.forward(gpu, &last)?; // [B, N, C]
+        let pooled = elementwise::gather_rows(gpu, &normed, &tm.pooled_positions(ids, batch))?; // [B, C]
+        let text_embeds = self.text_projection.forward(gpu, &pooled)?; // [B, P]
+        Ok((taken, text_embeds))
     }
 }

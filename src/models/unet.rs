@@ -40,6 +40,20 @@ pub struct UNetConfig {
     pub norm_eps: f32,
     pub downsample_padding: usize,
     pub sample_size: usize,
+    /// SDXL's added conditioning (`addition_embed_type: "text_time"`), when present.
+    pub text_time: Option<TextTimeConfig>,
+}
+
+/// diffusers' `addition_embed_type: "text_time"` (SDXL): the pooled text embedding and the
+/// sinusoidal embeddings of the micro-conditioning ids (`add_time_proj`), concatenated and put
+/// through `add_embedding` (a TimestepEmbedding), are added to the time embedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TextTimeConfig {
+    /// `addition_time_embed_dim`: the sinusoidal width of each time id (256 in SDXL).
+    pub time_embed_dim: usize,
+    /// `projection_class_embeddings_input_dim`: the pooled width + ids · time_embed_dim
+    /// (1280 + 6 · 256 = 2816 in SDXL base).
+    pub input_dim: usize,
 }
 
 /// `unet/config.json` as diffusers writes it (the keys we read; others are ignored).
@@ -72,8 +86,10 @@ struct UNetConfigFile {
     act_fn: Option<String>,
     resnet_time_scale_shift: Option<String>,
     time_embedding_type: Option<String>,
+    addition_embed_type: Option<String>,
+    addition_time_embed_dim: Option<Size>,
+    projection_class_embeddings_input_dim: Option<Size>,
     // Conditioning we do not run yet: any non-null value is refused by name.
-    addition_embed_type: Option<Value>,
     class_embed_type: Option<Value>,
     encoder_hid_dim_type: Option<Value>,
     time_cond_proj_dim: Option<Value>,
@@ -82,15 +98,41 @@ struct UNetConfigFile {
 impl UNetConfigFile {
     fn validate(self) -> Result<UNetConfig> {
         const WHAT: &str = "unet";
+        let text_time = match self.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let (Some(dim), Some(input)) = (
+                    self.addition_time_embed_dim,
+                    self.projection_class_embeddings_input_dim,
+                ) else {
+                    return Err(Error::Unsupported(
+                        "U-Net config: `addition_embed_type` \"text_time\" without \
+                         `addition_time_embed_dim` and `projection_class_embeddings_input_dim`"
+                            .into(),
+                    ));
+                };
+                if dim.0 == 0 || input.0 == 0 {
+                    return Err(Error::config(WHAT, "zero-width text_time embedding"));
+                }
+                Some(TextTimeConfig {
+                    time_embed_dim: dim.0,
+                    input_dim: input.0,
+                })
+            }
+            Some(other) => {
+                return Err(Error::Unsupported(format!(
+                    "U-Net config: `addition_embed_type` = \"{other}\" (only SDXL's \"text_time\")"
+                )))
+            }
+        };
         for (key, value) in [
-            ("addition_embed_type", &self.addition_embed_type),
             ("class_embed_type", &self.class_embed_type),
             ("encoder_hid_dim_type", &self.encoder_hid_dim_type),
             ("time_cond_proj_dim", &self.time_cond_proj_dim),
         ] {
             if let Some(v) = value {
                 return Err(Error::Unsupported(format!(
-                    "U-Net config: `{key}` = {v} (SDXL-style and conditioned U-Nets are not supported yet)"
+                    "U-Net config: `{key}` = {v} (class-, image- or guidance-conditioned U-Nets are not supported yet)"
                 )));
             }
         }
@@ -211,13 +253,14 @@ impl UNetConfigFile {
             downsample_padding: size_or(self.downsample_padding, 1),
             sample_size: size_or(self.sample_size, 64),
             block_out_channels,
+            text_time,
         })
     }
 }
 
 impl UNetConfig {
-    /// From `unet/config.json`. Configurations we do not run (SDXL's added embeddings, class
-    /// embeddings, other block types) are refused by name.
+    /// From `unet/config.json`. Configurations we do not run (class or image embeddings, other
+    /// block types) are refused by name.
     ///
     /// `upcast_attention` (SD 2.1) needs nothing here: the attention kernel computes scores,
     /// softmax and the weighted sum in f32 whatever the storage dtype.
@@ -284,6 +327,8 @@ pub struct UNet2DConditionModel {
     pub dtype: DType,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    /// SDXL's `add_embedding` (linear_1, SiLU, linear_2) for the text_time conditioning.
+    add_embedding: Option<(Linear, Linear)>,
     conv_in: Conv2d,
     down_blocks: Vec<CrossAttnDownBlock2D>,
     mid_block: UNetMidBlock2DCrossAttn,
@@ -374,7 +419,20 @@ impl UNet2DConditionModel {
         let up_blocks = (0..n)
             .map(|i| CrossAttnUpBlock2D::load(vb.pp("up_blocks").pp(&i.to_string()), c.up_block(i)))
             .collect::<Result<Vec<_>>>()?;
+        let add_embedding = match c.text_time {
+            Some(tt) => Some((
+                Linear::load(
+                    vb.pp("add_embedding.linear_1"),
+                    tt.input_dim,
+                    temb_dim,
+                    true,
+                )?,
+                Linear::load(vb.pp("add_embedding.linear_2"), temb_dim, temb_dim, true)?,
+            )),
+            None => None,
+        };
         Ok(UNet2DConditionModel {
+            add_embedding,
             time_linear_1: Linear::load(vb.pp("time_embedding.linear_1"), c0, temb_dim, true)?,
             time_linear_2: Linear::load(
                 vb.pp("time_embedding.linear_2"),
@@ -416,6 +474,21 @@ impl UNet2DConditionModel {
         self.forward_with_time_embedding(gpu, sample, &temb_silu, context)
     }
 
+    /// [`Self::forward`] for a U-Net with SDXL's added conditioning: `added` [B, 4·C0] from
+    /// [`Self::added_embedding`].
+    pub fn forward_added(
+        &self,
+        gpu: &Gpu,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: &Tensor,
+    ) -> Result<Tensor> {
+        let timesteps = vec![timestep as f32; sample.dim(0)];
+        let temb_silu = self.time_embeddings_with(gpu, &timesteps, Some(added))?; // [B, 4C0]
+        self.forward_with_time_embedding(gpu, sample, &temb_silu, context)
+    }
+
     /// Width of the time embedding the resnets take (4·C0).
     pub fn time_embedding_dim(&self) -> usize {
         4 * self.config.block_out_channels[0]
@@ -426,7 +499,26 @@ impl UNet2DConditionModel {
     /// once here, fused into linear_2). One row per timestep: [N] -> [N, 4·C0]. Uploads the
     /// timesteps.
     pub fn time_embeddings(&self, gpu: &Gpu, timesteps: &[f32]) -> Result<Tensor> {
+        self.time_embeddings_with(gpu, timesteps, None)
+    }
+
+    /// [`Self::time_embeddings`] with SDXL's added embedding (from [`Self::added_embedding`],
+    /// [`rows`, 4·C0]) added before the SiLU, as diffusers adds `aug_emb` to `emb`: row `r` of the
+    /// result takes row `r mod rows` of `added` (the rows of one call's batch repeat per call).
+    pub fn time_embeddings_with(
+        &self,
+        gpu: &Gpu,
+        timesteps: &[f32],
+        added: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let c = &self.config;
+        if self.config.text_time.is_some() && added.is_none() {
+            return Err(Error::InvalidInput(
+                "this U-Net (text_time) needs its added conditioning: pooled text embeddings \
+                         and time ids"
+                    .into(),
+            ));
+        }
         let t_emb = elementwise::timestep_embedding(
             gpu,
             timesteps,
@@ -438,8 +530,81 @@ impl UNet2DConditionModel {
         let emb = self
             .time_linear_1
             .forward_fused(gpu, &t_emb, Activation::Silu, None)?; // [N, 4C0]
-        self.time_linear_2
-            .forward_fused(gpu, &emb, Activation::Silu, None) // [N, 4C0]
+        let Some(added) = added else {
+            return self
+                .time_linear_2
+                .forward_fused(gpu, &emb, Activation::Silu, None); // [N, 4C0]
+        };
+        let (n, rows, dim) = (timesteps.len(), added.dim(0), self.time_embedding_dim());
+        if added.shape() != [rows, dim] || rows == 0 || !n.is_multiple_of(rows) {
+            return Err(Error::shape(
+                "unet added embedding",
+                format!("{added:?} for {n} timestep rows of width {dim}"),
+            ));
+        }
+        // The added rows repeated over the calls: [N, 4C0] (N / rows copies, one dispatch each).
+        let repeated = gpu.empty(&[n, dim], self.dtype)?;
+        let bytes = added.size_bytes();
+        for k in 0..n / rows {
+            gpu.copy_bytes(added, 0, &repeated, k as u64 * bytes, bytes)?;
+        }
+        let sum = self
+            .time_linear_2
+            .forward_fused(gpu, &emb, Activation::None, Some(&repeated))?; // [N, 4C0]: emb + aug_emb
+        elementwise::silu(gpu, &sum) // [N, 4C0]
+    }
+
+    /// SDXL's `aug_emb` (diffusers' `get_aug_embed` for "text_time"): `add_time_proj` of every
+    /// time id (sinusoidal, `addition_time_embed_dim` wide, f32), one row per batch row,
+    /// concatenated after the pooled `text_embeds` [B, P] and put through `add_embedding`
+    /// (linear_1, SiLU, linear_2). `time_ids`: [B, ids] row-major (6 ids per row in SDXL:
+    /// original size, crop top-left, target size, each (height, width)). Returns [B, 4·C0].
+    pub fn added_embedding(
+        &self,
+        gpu: &Gpu,
+        text_embeds: &Tensor,
+        time_ids: &[f32],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (Some(tt), Some((linear_1, linear_2))) = (c.text_time, &self.add_embedding) else {
+            return Err(Error::InvalidInput(
+                "this U-Net takes no added (text_time) conditioning".into(),
+            ));
+        };
+        let b = text_embeds.dim(0);
+        let ids_per_row = time_ids.len() / b.max(1);
+        let want = tt.input_dim;
+        if text_embeds.shape().len() != 2
+            || time_ids.len() != b * ids_per_row
+            || text_embeds.dim(1) + ids_per_row * tt.time_embed_dim != want
+        {
+            return Err(Error::shape(
+                "unet added embedding",
+                format!(
+                    "text_embeds {text_embeds:?} and {} time ids do not make the {want} inputs of \
+                     add_embedding ({} per id)",
+                    time_ids.len(),
+                    tt.time_embed_dim
+                ),
+            ));
+        }
+        let time_embeds = elementwise::timestep_embedding(
+            gpu,
+            time_ids,
+            tt.time_embed_dim,
+            c.flip_sin_to_cos,
+            c.freq_shift,
+            self.dtype,
+        )?; // [B·ids, D], read as [B, ids·D]
+        let time_embeds = time_embeds.reshape(&[b, ids_per_row * tt.time_embed_dim])?; // [B, ids·D]
+        let text_embeds = if text_embeds.dtype() == self.dtype {
+            text_embeds.clone()
+        } else {
+            elementwise::cast(gpu, text_embeds, self.dtype)? // [B, P]
+        };
+        let add_embeds = elementwise::concat_channels(gpu, &text_embeds, &time_embeds)?; // [B, P + ids·D]
+        let h = linear_1.forward_fused(gpu, &add_embeds, Activation::Silu, None)?; // [B, 4C0]
+        linear_2.forward(gpu, &h) // [B, 4C0]
     }
 
     /// The time embeddings of a whole schedule, computed before the denoising loop so that the
@@ -451,6 +616,27 @@ impl UNet2DConditionModel {
         timesteps: &[f64],
         batch: usize,
     ) -> Result<TimeEmbeddingTable> {
+        self.schedule_time_embeddings_with(gpu, timesteps, batch, None)
+    }
+
+    /// [`Self::schedule_time_embeddings`] with SDXL's added embedding ([batch, 4·C0] from
+    /// [`Self::added_embedding`]: rows differ where the uncond and cond rows' pooled embeddings
+    /// do) added to every call's rows.
+    pub fn schedule_time_embeddings_with(
+        &self,
+        gpu: &Gpu,
+        timesteps: &[f64],
+        batch: usize,
+        added: Option<&Tensor>,
+    ) -> Result<TimeEmbeddingTable> {
+        if let Some(a) = added {
+            if a.dim(0) != batch {
+                return Err(Error::shape(
+                    "time embedding",
+                    format!("added embedding {a:?} for batch {batch}"),
+                ));
+            }
+        }
         if timesteps.is_empty() || batch == 0 {
             return Err(Error::InvalidInput(format!(
                 "time embeddings for {} timesteps × batch {batch}",
@@ -461,7 +647,7 @@ impl UNet2DConditionModel {
             .iter()
             .flat_map(|&t| std::iter::repeat_n(t as f32, batch))
             .collect();
-        let table = self.time_embeddings(gpu, &rows)?; // [calls·batch, 4C0]
+        let table = self.time_embeddings_with(gpu, &rows, added)?; // [calls·batch, 4C0]
         Ok(TimeEmbeddingTable {
             table,
             calls: timesteps.len(),

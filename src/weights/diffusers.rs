@@ -6,6 +6,7 @@
 //! unet/diffusion_pytorch_model[.fp16].safetensors   unet/config.json
 //! vae/diffusion_pytorch_model[.fp16].safetensors    vae/config.json
 //! text_encoder/model[.fp16].safetensors             text_encoder/config.json
+//! text_encoder_2/model[.fp16].safetensors           text_encoder_2/config.json  (SDXL)
 //! scheduler/scheduler_config.json                   (optional)
 //! model_index.json                                   (optional: checked when present)
 //! ```
@@ -64,6 +65,8 @@ pub enum ComponentKind {
     Unet,
     Vae,
     TextEncoder,
+    /// SDXL's second text encoder (CLIPTextModelWithProjection).
+    TextEncoder2,
 }
 
 impl ComponentKind {
@@ -72,6 +75,7 @@ impl ComponentKind {
             ComponentKind::Unet => "unet",
             ComponentKind::Vae => "vae",
             ComponentKind::TextEncoder => "text_encoder",
+            ComponentKind::TextEncoder2 => "text_encoder_2",
         }
     }
 
@@ -79,7 +83,7 @@ impl ComponentKind {
     /// `model` for transformers models).
     pub fn weights_stem(self) -> &'static str {
         match self {
-            ComponentKind::TextEncoder => "model",
+            ComponentKind::TextEncoder | ComponentKind::TextEncoder2 => "model",
             _ => "diffusion_pytorch_model",
         }
     }
@@ -97,6 +101,13 @@ pub struct PipelineWeights {
     pub unet: Component,
     pub vae: Component,
     pub text_encoder: Component,
+    /// SDXL's second text encoder (`text_encoder_2/`, CLIPTextModelWithProjection).
+    pub text_encoder_2: Option<Component>,
+    /// model_index.json's `force_zeros_for_empty_prompt` (SDXL: a missing negative prompt
+    /// gives zero embeddings); false when absent, as for the SD 1.x/2.x pipelines.
+    pub force_zeros_for_empty_prompt: bool,
+    /// model_index.json's `requires_aesthetics_score` (false when absent).
+    pub requires_aesthetics_score: bool,
     /// diffusers scheduler_config.json (read, or diffusers' single-file default).
     pub scheduler_config: Value,
     pub family: ModelFamily,
@@ -158,14 +169,37 @@ impl ModelIndex {
         }
     }
 
+    /// `force_zeros_for_empty_prompt` (SDXL pipelines register it; false when absent).
+    pub fn force_zeros_for_empty_prompt(&self) -> bool {
+        self.entries
+            .get("force_zeros_for_empty_prompt")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    /// `requires_aesthetics_score` (SDXL img2img pipelines register it; the refiner's U-Net
+    /// takes an aesthetic score in place of the target size among its time ids).
+    pub fn requires_aesthetics_score(&self) -> bool {
+        self.entries
+            .get("requires_aesthetics_score")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    /// Whether this is an SDXL pipeline (a second, projecting text encoder).
+    pub fn is_sdxl(&self) -> bool {
+        self.component_class("text_encoder_2").is_some()
+    }
+
     /// The components we load must be the classes we implement, and nothing the pipeline needs
-    /// may be one we lack (a second text encoder, a prior, an image encoder for conditioning).
+    /// may be one we lack (a prior, an image encoder for conditioning, a third text encoder).
     pub fn validate(&self) -> Result<()> {
         let unsupported = |what: String| {
             Err(WeightError::Unsupported {
                 what,
                 hint: "ldm-wgpu runs Stable Diffusion 1.x/2.x pipelines (StableDiffusionPipeline \
-                       and its img2img/inpaint variants)"
+                       and its img2img/inpaint variants) and SDXL txt2img/img2img \
+                       (StableDiffusionXLPipeline)"
                     .into(),
             })
         };
@@ -173,24 +207,42 @@ impl ModelIndex {
             .pipeline
             .as_deref()
             .unwrap_or("StableDiffusionPipeline");
-        for extra in [
-            "text_encoder_2",
-            "tokenizer_2",
-            "prior",
-            "image_encoder",
-            "text_encoder_3",
-        ] {
+        for extra in ["prior", "image_encoder", "text_encoder_3"] {
             if self.component_class(extra).is_some() {
                 return unsupported(format!(
-                    "{pipeline}: its `{extra}` component (SDXL-style and other multi-encoder \
-                     pipelines are not supported yet)"
+                    "{pipeline}: its `{extra}` component (pipelines with priors, image \
+                     conditioning or a third text encoder are not supported)"
                 ));
             }
+        }
+        let sdxl = self.is_sdxl();
+        if sdxl
+            && !matches!(
+                pipeline,
+                "StableDiffusionXLPipeline"
+                    | "StableDiffusionXLImg2ImgPipeline"
+                    | "StableDiffusionXLInpaintPipeline"
+            )
+        {
+            return unsupported(format!(
+                "{pipeline} with a `text_encoder_2` (of the two-encoder pipelines only SDXL's)"
+            ));
+        }
+        if sdxl && self.component_class("text_encoder").is_none() {
+            return unsupported(format!(
+                "{pipeline} without `text_encoder` (the SDXL refiner's single-encoder layout)"
+            ));
+        }
+        if sdxl && self.component_class("tokenizer_2").is_none() {
+            return unsupported(format!(
+                "{pipeline}: `text_encoder_2` without `tokenizer_2`"
+            ));
         }
         for (name, want) in [
             ("unet", "UNet2DConditionModel"),
             ("vae", "AutoencoderKL"),
             ("text_encoder", "CLIPTextModel"),
+            ("text_encoder_2", "CLIPTextModelWithProjection"),
         ] {
             match self.component_class(name) {
                 Some(class) if class != want => {
@@ -210,13 +262,29 @@ pub fn open_diffusers_folder(
 ) -> Result<PipelineWeights> {
     let root = root.as_ref();
     let index_path = root.join("model_index.json");
-    if index_path.is_file() {
-        ModelIndex::load(&index_path)?;
-    }
+    let index = if index_path.is_file() {
+        Some(ModelIndex::load(&index_path)?)
+    } else {
+        None
+    };
     let unet = open_component(root.join("unet"), ComponentKind::Unet, opts)?;
     let vae = open_component(root.join("vae"), ComponentKind::Vae, opts)?;
     let text_encoder = open_component(root.join("text_encoder"), ComponentKind::TextEncoder, opts)?;
-    let family = folder_family(&unet.config, &text_encoder.config);
+    // SDXL by its index, or (a folder without model_index.json) by its second encoder.
+    let sdxl = index
+        .as_ref()
+        .map_or_else(|| root.join("text_encoder_2").is_dir(), ModelIndex::is_sdxl);
+    let text_encoder_2 = if sdxl {
+        let dir = root.join("text_encoder_2");
+        Some(open_component(dir, ComponentKind::TextEncoder2, opts)?)
+    } else {
+        None
+    };
+    let family = if sdxl {
+        ModelFamily::Sdxl
+    } else {
+        folder_family(&unet.config, &text_encoder.config)
+    };
     let sched_path = root.join("scheduler").join("scheduler_config.json");
     let mut scheduler_config = if sched_path.is_file() {
         read_json(&sched_path)?
@@ -230,6 +298,13 @@ pub fn open_diffusers_folder(
         unet,
         vae,
         text_encoder,
+        text_encoder_2,
+        force_zeros_for_empty_prompt: index
+            .as_ref()
+            .is_some_and(ModelIndex::force_zeros_for_empty_prompt),
+        requires_aesthetics_score: index
+            .as_ref()
+            .is_some_and(ModelIndex::requires_aesthetics_score),
         scheduler_config,
         family,
         layout: SourceLayout::DiffusersFolder,
@@ -264,7 +339,7 @@ pub fn open_component(
                 Some(1024) => ModelFamily::Sd2,
                 _ => ModelFamily::Sd1,
             },
-            ComponentKind::TextEncoder => {
+            ComponentKind::TextEncoder | ComponentKind::TextEncoder2 => {
                 match shapes.get("text_model.embeddings.token_embedding.weight") {
                     Some(s) if s.get(1) == Some(&1024) => ModelFamily::Sd2,
                     _ => ModelFamily::Sd1,
@@ -358,6 +433,9 @@ pub fn open_single_file(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Pi
         unet,
         vae,
         text_encoder,
+        text_encoder_2: None,
+        force_zeros_for_empty_prompt: false,
+        requires_aesthetics_score: false,
         scheduler_config: rename::default_scheduler_config(prediction),
         family,
         layout: SourceLayout::SingleFile,
@@ -379,19 +457,27 @@ fn infer(
         ComponentKind::Unet => rename::infer_unet_config(shapes, family, &hints),
         ComponentKind::Vae => rename::infer_vae_config(shapes, family, &hints),
         ComponentKind::TextEncoder => rename::infer_text_encoder_config(shapes, family),
+        ComponentKind::TextEncoder2 => Err(WeightError::Config {
+            what: "text_encoder_2".into(),
+            reason: "no config.json: an SDXL folder's second text encoder needs its config \
+                     (projection_dim, hidden_act)"
+                .into(),
+        }),
     }
 }
 
-fn overrides(kind: ComponentKind, opts: &LoadOptions) -> &Map<String, Value> {
+/// The user's config overrides for `kind` (none are offered for SDXL's second encoder).
+fn overrides(kind: ComponentKind, opts: &LoadOptions) -> Option<&Map<String, Value>> {
     match kind {
-        ComponentKind::Unet => &opts.unet_overrides,
-        ComponentKind::Vae => &opts.vae_overrides,
-        ComponentKind::TextEncoder => &opts.text_encoder_overrides,
+        ComponentKind::Unet => Some(&opts.unet_overrides),
+        ComponentKind::Vae => Some(&opts.vae_overrides),
+        ComponentKind::TextEncoder => Some(&opts.text_encoder_overrides),
+        ComponentKind::TextEncoder2 => None,
     }
 }
 
-fn apply_overrides(config: &mut Value, over: &Map<String, Value>) {
-    if let Some(obj) = config.as_object_mut() {
+fn apply_overrides(config: &mut Value, over: Option<&Map<String, Value>>) {
+    if let (Some(obj), Some(over)) = (config.as_object_mut(), over) {
         for (k, v) in over {
             obj.insert(k.clone(), v.clone());
         }

@@ -37,6 +37,10 @@ pub enum ModelFamily {
     /// SD 2.x: OpenCLIP ViT-H/14 text encoder (1024, penultimate layer), linear `proj_in`,
     /// head_dim 64.
     Sd2,
+    /// SDXL (diffusers folders only so far): CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text
+    /// encoders (penultimate layers concatenated, 2048), the text_time added conditioning,
+    /// head_dim 64.
+    Sdxl,
 }
 
 /// What the U-Net predicts. Weights do not tell (SD 2.x 768-v vs 2.x-base have identical
@@ -460,6 +464,10 @@ pub fn clip_key(rest: &str) -> ClipKey {
 /// A diffusers folder's text encoder key, presented with the `text_model.` prefix
 /// (transformers >= 5 saves without it). None for buffers that are not weights.
 pub fn text_encoder_folder_key(key: &str) -> Option<String> {
+    // CLIPTextModelWithProjection's projection sits beside `text_model`, not inside it.
+    if key.starts_with("text_projection.") {
+        return Some(key.to_string());
+    }
     match clip_key(key) {
         ClipKey::Tensor(k) => Some(k),
         ClipKey::Ignored(_) => None,
@@ -658,7 +666,7 @@ pub fn infer_unet_config(
     let use_linear_projection = proj_in == 2;
     let attention_head_dim = match family {
         ModelFamily::Sd1 => json!(8),
-        ModelFamily::Sd2 => json!(block_out_channels
+        ModelFamily::Sd2 | ModelFamily::Sdxl => json!(block_out_channels
             .iter()
             .map(|c| (c / 64).max(1))
             .collect::<Vec<_>>()),
@@ -761,7 +769,7 @@ pub fn infer_text_encoder_config(
 ) -> Result<Value> {
     let hidden = dim(text, "text_model.embeddings.token_embedding.weight", 1)?;
     let (act, projection_dim) = match family {
-        ModelFamily::Sd1 => ("quick_gelu", 768),
+        ModelFamily::Sd1 | ModelFamily::Sdxl => ("quick_gelu", 768),
         ModelFamily::Sd2 => ("gelu", 512),
     };
     Ok(json!({

@@ -1,0 +1,697 @@
+//! SDXL parity with diffusers on a tiny random model with the real structure (two text
+//! encoders of different widths, text_time added conditioning, transformer depth (1, 2), a
+//! DownBlock2D first level, linear projections, the SDXL VAE scaling 0.13025 with
+//! force_upcast): the text encoders, the U-Net with its added embedding at two timesteps, and
+//! whole `StableDiffusionXLPipeline` txt2img and `StableDiffusionXLImg2ImgPipeline` runs.
+//!
+//! Fixtures: tests/fixtures/sdxl, made by tools/make_sdxl_fixtures.py (see its header).
+//!
+//! Bounds, as in tests/models.rs and tests/pipeline.rs (see their headers for the reasons):
+//! - models: relative L2 ≤ 1e-4 in f32, ≤ 1e-2 in f16 against diffusers' f32 outputs;
+//! - pipelines (f32): PSNR ≥ 40 dB against diffusers' PNG and final latents relative L2 ≤ 1e-3.
+//!   The fixture makes the options matter: another sampler lands at 24-36 dB, zero negative
+//!   embeddings instead of the encoded empty prompt at 16-21 dB, other size/crop ids at 29.5 dB
+//!   (make_sdxl_fixtures.py prints each case against euler_neg).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::*;
+use ldm_wgpu::image::Image;
+use ldm_wgpu::models::clip::{ClipConfig, ClipTextModel, ClipTextModelWithProjection};
+use ldm_wgpu::models::unet::{UNet2DConditionModel, UNetConfig};
+use ldm_wgpu::pipeline::{GenerateRequest, ModelOptions, StableDiffusion};
+use ldm_wgpu::weights::{open_component, ComponentKind, LoadOptions, SafetensorsFile};
+use ldm_wgpu::{DType, Gpu, GpuOptions, Tensor};
+use serde_json::Value;
+
+const F32_TOL: f64 = 1e-4;
+const F16_TOL: f64 = 1e-2;
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sdxl")
+}
+
+fn model_dir() -> PathBuf {
+    fixture_dir().join("model")
+}
+
+struct Io(SafetensorsFile);
+
+impl Io {
+    fn new(name: &str) -> Self {
+        Io(SafetensorsFile::open(fixture_dir().join(name)).unwrap())
+    }
+    fn get(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
+        let t = self.0.tensor(name).unwrap();
+        (t.to_f32_vec(), t.shape.clone())
+    }
+    fn ids(&self, name: &str, row: usize) -> Vec<u32> {
+        let (v, s) = self.get(name);
+        v[row * s[1]..(row + 1) * s[1]]
+            .iter()
+            .map(|&x| x as u32)
+            .collect()
+    }
+}
+
+fn nchw_to_nhwc(v: &[f32], [b, c, h, w]: [usize; 4]) -> Vec<f32> {
+    let mut out = vec![0.0; v.len()];
+    for bi in 0..b {
+        for ci in 0..c {
+            for y in 0..h {
+                for x in 0..w {
+                    out[((bi * h + y) * w + x) * c + ci] = v[((bi * c + ci) * h + y) * w + x];
+                }
+            }
+        }
+    }
+    out
+}
+
+fn as_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+fn check(what: &str, dtype: DType, got: &Tensor, want: &[f32]) {
+    let got = gpu().download(got).unwrap();
+    let e = rel_l2(&got, &as_f64(want));
+    let tol = tol(dtype, F32_TOL, F16_TOL);
+    eprintln!(
+        "{what} {}: relative L2 {e:.2e} (tolerance {tol:.0e})",
+        dtype.name()
+    );
+    assert!(
+        e <= tol,
+        "{what} {}: relative L2 error {e:.3e} > tolerance {tol:.1e}",
+        dtype.name()
+    );
+}
+
+/// Both encoders' `hidden_states[-2]` (SDXL's choice: no final layer norm), `hidden_states[-3]`
+/// (clip_skip 1) and encoder 2's pooled, projected output against transformers.
+#[test]
+fn text_encoders_match_transformers() {
+    let gpu = gpu();
+    let io = Io::new("text_encoders.safetensors");
+    let (ids_1, ids_2) = (io.ids("input_ids", 0), io.ids("input_ids", 1));
+    for dtype in dtypes() {
+        let comp = open_component(
+            model_dir().join("text_encoder"),
+            ComponentKind::TextEncoder,
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        let cfg = ClipConfig::from_json(&comp.config).unwrap();
+        let te1 = ClipTextModel::load(gpu, &comp.weights.root(), cfg, dtype).unwrap();
+        let out = te1.penultimate(gpu, &ids_1, 1, None).unwrap();
+        check(
+            "text_encoder hidden_states[-2]",
+            dtype,
+            &out,
+            &io.get("te1_penultimate").0,
+        );
+        let out = te1.penultimate(gpu, &ids_1, 1, Some(1)).unwrap();
+        check(
+            "text_encoder hidden_states[-3]",
+            dtype,
+            &out,
+            &io.get("te1_skip1").0,
+        );
+
+        let comp = open_component(
+            model_dir().join("text_encoder_2"),
+            ComponentKind::TextEncoder2,
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        let cfg = ClipConfig::from_json(&comp.config).unwrap();
+        let te2 = ClipTextModelWithProjection::load(gpu, &comp.weights.root(), cfg, dtype).unwrap();
+        comp.weights.check_all_used().unwrap();
+        let (hidden, pooled) = te2.forward_sdxl(gpu, &ids_2, 1, None).unwrap();
+        check(
+            "text_encoder_2 hidden_states[-2]",
+            dtype,
+            &hidden,
+            &io.get("te2_penultimate").0,
+        );
+        check(
+            "text_encoder_2 text_embeds",
+            dtype,
+            &pooled,
+            &io.get("te2_text_embeds").0,
+        );
+        let (hidden, pooled) = te2.forward_sdxl(gpu, &ids_2, 1, Some(1)).unwrap();
+        check(
+            "text_encoder_2 hidden_states[-3]",
+            dtype,
+            &hidden,
+            &io.get("te2_skip1").0,
+        );
+        check(
+            "text_encoder_2 text_embeds (clip_skip 1)",
+            dtype,
+            &pooled,
+            &io.get("te2_text_embeds").0,
+        );
+    }
+}
+
+/// Pooling rules: eos_token_id 2 (SDXL's configs) pools at the largest id, a newer config
+/// (49407) at the first EOS; on a row without EOS they differ (0 against the largest id's 7).
+#[test]
+fn pooled_output_follows_the_configs_eos_rule() {
+    let gpu = gpu();
+    let io = Io::new("text_encoders.safetensors");
+    let ids = io.ids("ids_eos", 0);
+    let comp = open_component(
+        model_dir().join("text_encoder_2"),
+        ComponentKind::TextEncoder2,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let legacy = ClipConfig::from_json(&comp.config).unwrap();
+    assert_eq!(
+        legacy.eos_token_id, 2,
+        "the fixture keeps SDXL's legacy eos_token_id"
+    );
+    let mut newer = legacy.clone();
+    newer.eos_token_id = 49407;
+    for (config, at, want) in [
+        (legacy, 7, "te2_text_embeds_legacy"),
+        (newer, 0, "te2_text_embeds_eos"),
+    ] {
+        let te2 = ClipTextModelWithProjection::load(gpu, &comp.weights.root(), config, DType::F32)
+            .unwrap();
+        assert_eq!(te2.text_model.pooled_positions(&ids, 1), vec![at]);
+        let (_, pooled) = te2.forward_sdxl(gpu, &ids, 1, None).unwrap();
+        check(
+            &format!("text_embeds pooled at {at}"),
+            DType::F32,
+            &pooled,
+            &io.get(want).0,
+        );
+    }
+}
+
+/// The U-Net with text_time conditioning (different ids and pooled embeddings per row) at two
+/// timesteps, against diffusers.
+#[test]
+fn unet_with_added_conditioning_matches_diffusers() {
+    let gpu = gpu();
+    let io = Io::new("unet_io.safetensors");
+    let (sample, s) = io.get("sample");
+    let sample = nchw_to_nhwc(&sample, [s[0], s[1], s[2], s[3]]);
+    let sample_shape = [s[0], s[2], s[3], s[1]];
+    let (ctx, ctx_shape) = io.get("encoder_hidden_states");
+    let (text_embeds, te_shape) = io.get("text_embeds");
+    let (time_ids, _) = io.get("time_ids");
+    for dtype in dtypes() {
+        let comp = open_component(
+            model_dir().join("unet"),
+            ComponentKind::Unet,
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        let cfg = UNetConfig::from_json(&comp.config).unwrap();
+        assert!(cfg.text_time.is_some());
+        let unet = UNet2DConditionModel::load(gpu, &comp.weights.root(), cfg, dtype).unwrap();
+        comp.weights.check_all_used().unwrap();
+        let x = gpu.upload(&sample, &sample_shape, dtype).unwrap();
+        let c = gpu.upload(&ctx, &ctx_shape, dtype).unwrap();
+        let pooled = gpu.upload(&text_embeds, &te_shape, dtype).unwrap();
+        let added = unet.added_embedding(gpu, &pooled, &time_ids).unwrap();
+        for t in [999, 421] {
+            let out = unet.forward_added(gpu, &x, t as f64, &c, &added).unwrap();
+            let (want, ws) = io.get(&format!("out_t{t}"));
+            let want = nchw_to_nhwc(&want, [ws[0], ws[1], ws[2], ws[3]]);
+            check(&format!("sdxl unet t={t}"), dtype, &out, &want);
+        }
+        // Without its added conditioning the U-Net refuses to run rather than guess.
+        assert!(unet.forward(gpu, &x, 999.0, &c).is_err());
+    }
+}
+
+// ------------------------------------------------------------------------------ whole pipeline
+
+fn settings() -> &'static Value {
+    static S: OnceLock<Value> = OnceLock::new();
+    S.get_or_init(|| {
+        let text = std::fs::read_to_string(fixture_dir().join("cases.json"))
+            .expect("tests/fixtures/sdxl/cases.json (run tools/make_sdxl_fixtures.py)");
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+fn model_f32() -> &'static StableDiffusion {
+    static M: OnceLock<StableDiffusion> = OnceLock::new();
+    M.get_or_init(|| {
+        let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+        let opts = ModelOptions {
+            dtype: Some(DType::F32),
+            with_encoder: true,
+            ..Default::default()
+        };
+        StableDiffusion::load(gpu, &model_dir(), &opts).unwrap()
+    })
+}
+
+fn pair(v: &Value) -> Option<(usize, usize)> {
+    let a = v.as_array()?;
+    Some((a[0].as_u64()? as usize, a[1].as_u64()? as usize))
+}
+
+/// The request diffusers ran for one case (sizes in cases.json are (W, H) / (X, Y)).
+fn request(case: &Value) -> GenerateRequest {
+    let s = settings();
+    let mut req = GenerateRequest {
+        prompt: s["prompt"].as_str().unwrap().into(),
+        width: s["width"].as_u64().unwrap() as usize,
+        height: s["height"].as_u64().unwrap() as usize,
+        steps: s["steps"].as_u64().unwrap() as usize,
+        guidance_scale: case["guidance_scale"]
+            .as_f64()
+            .unwrap_or(s["guidance_scale"].as_f64().unwrap()),
+        seed: s["seed"].as_u64().unwrap(),
+        sampler: Some(case["sampler"].as_str().unwrap().parse().unwrap()),
+        ..Default::default()
+    };
+    if let Some(negative) = case["negative_prompt"].as_str() {
+        // Given (even empty): encoded, as diffusers does with an explicit negative_prompt.
+        req.negative_prompt = negative.into();
+        req.encode_empty_negative = true;
+    }
+    req.prompt_2 = case["prompt_2"].as_str().map(String::from);
+    req.negative_prompt_2 = case["negative_prompt_2"].as_str().map(String::from);
+    req.original_size = pair(&case["original_size"]);
+    if let Some(c) = pair(&case["crop_top_left"]) {
+        req.crop_top_left = c;
+    }
+    req.target_size = pair(&case["target_size"]);
+    if let Some(score) = case["aesthetic_score"].as_f64() {
+        req.aesthetic_score = score;
+    }
+    if let Some(score) = case["negative_aesthetic_score"].as_f64() {
+        req.negative_aesthetic_score = score;
+    }
+    if let Some(init) = case["init_image"].as_str() {
+        req.init_image = Some(Image::load_png(&fixture_dir().join(init)).unwrap());
+        req.strength = case["strength"].as_f64().unwrap();
+    }
+    req
+}
+
+fn psnr(a: &Image, b: &Image) -> f64 {
+    let mse = a
+        .rgb
+        .iter()
+        .zip(&b.rgb)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
+        / a.rgb.len() as f64;
+    10.0 * (255.0f64 * 255.0 / mse.max(1e-12)).log10()
+}
+
+fn read_f32(name: &str) -> Vec<f32> {
+    std::fs::read(fixture_dir().join(name))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn case(name: &str) -> &'static Value {
+    settings()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name} in cases.json"))
+}
+
+/// Run case `name` on `model`: (PSNR against diffusers' PNG, final latents relative L2).
+fn outcome(model: &StableDiffusion, name: &str) -> (f64, f64) {
+    outcome_with(model, name, request(case(name)))
+}
+
+/// [`outcome`] with the request given (a case's request changed on purpose).
+fn outcome_with(model: &StableDiffusion, name: &str, req: GenerateRequest) -> (f64, f64) {
+    let case = case(name);
+    let out = model
+        .generate(&req, &mut |_| true)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let want = Image::load_png(&fixture_dir().join(case["image"].as_str().unwrap())).unwrap();
+    let db = psnr(&out.images[0], &want);
+    let s: Vec<usize> = case["latents_shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let want_latents = nchw_to_nhwc(
+        &read_f32(case["latents"].as_str().unwrap()),
+        [s[0], s[1], s[2], s[3]],
+    );
+    (db, rel_l2(&out.latents, &as_f64(&want_latents)))
+}
+
+fn run_case(name: &str) {
+    let (db, rel) = outcome(model_f32(), name);
+    eprintln!("{name}: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
+    assert!(db >= 40.0, "{name}: PSNR {db:.1} dB < 40 dB");
+    assert!(rel <= 1e-3, "{name}: latents rel-L2 {rel:.2e} > 1e-3");
+}
+
+/// f16 as tests/pipeline.rs checks it (a smoke bound, 25 dB: f16 rounding compounds over the
+/// guided steps); the VAE stays f32 because the SDXL VAE's config says force_upcast.
+#[test]
+fn f16_smoke_run_stays_close() {
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+    if !gpu.caps.shader_f16 {
+        eprintln!("skipped: adapter `{}` has no SHADER_F16", gpu.adapter);
+        return;
+    }
+    let opts = ModelOptions {
+        dtype: Some(DType::F16),
+        with_encoder: true,
+        ..Default::default()
+    };
+    let model = StableDiffusion::load(gpu, &model_dir(), &opts).unwrap();
+    assert_eq!(
+        model.vae_dtype,
+        DType::F32,
+        "force_upcast keeps the VAE in f32"
+    );
+    for name in ["euler_a_neg", "img2img_euler_neg"] {
+        let (db, rel) = outcome(&model, name);
+        eprintln!("f16 {name}: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
+        assert!(db >= 25.0, "{name}: f16 PSNR {db:.1} dB < 25 dB");
+    }
+}
+
+#[test]
+fn txt2img_euler_with_negative_prompt() {
+    run_case("euler_neg");
+}
+
+#[test]
+fn txt2img_euler_a_with_negative_prompt() {
+    run_case("euler_a_neg");
+}
+
+#[test]
+fn txt2img_dpmpp_2m_with_negative_prompt() {
+    run_case("dpmpp_2m_neg");
+}
+
+/// No negative prompt: force_zeros_for_empty_prompt gives zero uncond embeddings, pooled too.
+#[test]
+fn txt2img_without_negative_prompt_uses_zeros() {
+    run_case("euler_zero_neg");
+}
+
+/// An explicit empty negative prompt is encoded, not zeroed (diffusers checks `is None`).
+#[test]
+fn txt2img_explicit_empty_negative_prompt_is_encoded() {
+    run_case("euler_empty_neg");
+}
+
+/// Guidance ≤ 1: one U-Net pass on the prompt alone.
+#[test]
+fn txt2img_without_guidance() {
+    run_case("euler_cfg1");
+    run_case("dpmpp_2m_cfg1");
+}
+
+#[test]
+fn txt2img_second_prompts() {
+    run_case("euler_prompt2");
+}
+
+/// original_size, crops_coords_top_left and target_size other than the defaults, in diffusers'
+/// (height, width) order inside the ids.
+#[test]
+fn txt2img_micro_conditioning() {
+    run_case("euler_sizes");
+}
+
+/// StableDiffusionXLImg2ImgPipeline (the base model's: no aesthetic-score ids): strength 0.6
+/// with a negative prompt, 0.3 with zero negative embeddings (euler_a: the ancestral noise
+/// comes after the posterior sample and the initial noise), and without guidance.
+#[test]
+fn img2img() {
+    run_case("img2img_euler_neg");
+    run_case("img2img_euler_a_zero_neg");
+    run_case("img2img_dpmpp_2m_cfg1");
+}
+
+/// The fixture model with the aesthetic-score U-Net (`unet_aesthetic/`: its config and
+/// add_embedding.linear_1.weight, every other tensor model/unet/'s) and
+/// `"requires_aesthetics_score": true` in model_index.json, in a fresh temp folder.
+fn assemble_aesthetic_model() -> PathBuf {
+    use safetensors::tensor::{SafeTensors, TensorView};
+    let src = model_dir();
+    let dst = std::env::temp_dir().join(format!("ldm-sdxl-aesthetic-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        let to = dst.join(entry.file_name());
+        if entry.path().is_dir() {
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(entry.path()).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        }
+    }
+    let mut index: Value =
+        serde_json::from_slice(&std::fs::read(src.join("model_index.json")).unwrap()).unwrap();
+    index["requires_aesthetics_score"] = Value::Bool(true);
+    std::fs::write(dst.join("model_index.json"), index.to_string()).unwrap();
+    let aes = fixture_dir().join("unet_aesthetic");
+    std::fs::copy(aes.join("config.json"), dst.join("unet/config.json")).unwrap();
+    let base = std::fs::read(src.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let extra = std::fs::read(aes.join("add_embedding.safetensors")).unwrap();
+    let base = SafeTensors::deserialize(&base).unwrap();
+    let extra = SafeTensors::deserialize(&extra).unwrap();
+    let swapped: Vec<(String, TensorView)> = base
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| match extra.tensor(&name) {
+            Ok(new) => (name, new),
+            Err(_) => (name, view),
+        })
+        .collect();
+    safetensors::serialize_to_file(
+        swapped,
+        None,
+        &dst.join("unet/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    dst
+}
+
+/// Aesthetic-score conditioning (`requires_aesthetics_score`, as SDXL's refiner): the time ids
+/// are original size, crop and the score, the negative pass taking the negative score. Scores
+/// left at the defaults on the case that changed them must not pass.
+#[test]
+fn img2img_with_aesthetic_scores() {
+    let dir = assemble_aesthetic_model();
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+    let opts = ModelOptions {
+        dtype: Some(DType::F32),
+        with_encoder: true,
+        ..Default::default()
+    };
+    let model = StableDiffusion::load(gpu, &dir, &opts).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    for name in ["img2img_aesthetic_euler_neg", "img2img_aesthetic_scores"] {
+        let (db, rel) = outcome(&model, name);
+        eprintln!("{name}: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
+        assert!(db >= 40.0, "{name}: PSNR {db:.1} dB < 40 dB");
+        assert!(rel <= 1e-3, "{name}: latents rel-L2 {rel:.2e} > 1e-3");
+    }
+    let name = "img2img_aesthetic_scores";
+    let defaults = GenerateRequest {
+        aesthetic_score: 6.0,
+        negative_aesthetic_score: 2.5,
+        ..request(case(name))
+    };
+    let (db, rel) = outcome_with(&model, name, defaults);
+    eprintln!("{name} with the default scores: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
+    assert!(
+        rel > 1e-2,
+        "the aesthetic scores made no difference (rel-L2 {rel:.2e})"
+    );
+}
+
+/// What the SDXL pipeline does not run yet is refused by name.
+#[test]
+fn sdxl_refuses_what_it_does_not_run() {
+    let model = model_f32();
+    let mut req = request(&settings()["cases"][0]);
+    req.long_prompts = true;
+    let e = model.generate(&req, &mut |_| true).err().unwrap();
+    assert!(e.to_string().contains("long prompts"), "{e}");
+    let mut req = request(&settings()["cases"][0]);
+    req.prompt = "a (red:1.3) circle".into();
+    let e = model.generate(&req, &mut |_| true).err().unwrap();
+    assert!(e.to_string().contains("emphasis"), "{e}");
+    req.prompt_weighting = false;
+    model.generate(&req, &mut |_| true).unwrap();
+    let mut req = request(&settings()["cases"][0]);
+    let init = Image::load_png(&fixture_dir().join("init.png")).unwrap();
+    req.init_image = Some(init.clone());
+    req.mask = Some(init);
+    let e = model.generate(&req, &mut |_| true).err().unwrap();
+    assert!(e.to_string().contains("inpainting"), "{e}");
+}
+
+/// The CLI end to end: `ldm generate` with the SDXL flags (`--original-size W,H`,
+/// `--crop-top-left X,Y`, `--target-size W,H`: width first, where diffusers' tuples are
+/// (height, width)) writes diffusers' image for the same settings.
+#[test]
+fn cli_micro_conditioning_flags_match_diffusers() {
+    let out = std::env::temp_dir().join(format!("ldm-sdxl-cli-{}.png", std::process::id()));
+    let s = settings();
+    let model = model_dir();
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "-p",
+        s["prompt"].as_str().unwrap(),
+        "-n",
+        "blurry",
+        "-W",
+        "64",
+        "-H",
+        "64",
+        "-s",
+        "6",
+        "-g",
+        "5",
+        "--seed",
+        "42",
+        "--sampler",
+        "euler",
+        "--original-size",
+        "128,96",
+        "--crop-top-left",
+        "16,8",
+        "--target-size",
+        "64,128",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(args)
+        .output()
+        .expect("run ldm");
+    assert!(
+        o.status.success(),
+        "ldm failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let got = Image::load_png(&out).unwrap();
+    std::fs::remove_file(&out).ok();
+    let want = Image::load_png(&fixture_dir().join("euler_sizes.png")).unwrap();
+    let db = psnr(&got, &want);
+    eprintln!("ldm generate (SDXL flags) vs diffusers: PSNR {db:.1} dB");
+    assert!(db >= 40.0, "PSNR {db:.1} dB < 40 dB");
+}
+
+/// The real SDXL base 1.0 configs (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
+/// and text_encoder_2/config.json, the keys that matter) read as the architecture they
+/// describe: text_time conditioning 1280 + 6 × 256 = 2816, transformer depth (1, 2, 10), heads
+/// (5, 10, 20), 2048-wide context (768 + 1280), bigG's projection 1280 with the legacy EOS id.
+#[test]
+fn sdxl_base_configs_are_understood() {
+    let unet: Value = serde_json::from_str(
+        r#"{
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": false,
+    "class_embed_type": null,
+    "class_embeddings_concat": false,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": null,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": false,
+    "encoder_hid_dim": null,
+    "encoder_hid_dim_type": null,
+    "flip_sin_to_cos": true,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": null,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": null,
+    "num_class_embeds": null,
+    "only_cross_attention": false,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": false,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": null,
+    "time_embedding_act_fn": null,
+    "time_embedding_dim": null,
+    "time_embedding_type": "positional",
+    "timestep_post_act": null,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": null,
+    "use_linear_projection": true
+}"#,
+    )
+    .unwrap();
+    let u = UNetConfig::from_json(&unet).unwrap();
+    let tt = u.text_time.unwrap();
+    assert_eq!((tt.time_embed_dim, tt.input_dim), (256, 2816));
+    assert_eq!(u.transformer_layers_per_block, [1, 2, 10]);
+    assert_eq!(u.num_attention_heads, [5, 10, 20]);
+    assert_eq!(u.down_has_attention, [false, true, true]);
+    assert_eq!(u.up_has_attention, [true, true, false]);
+    assert!(u.use_linear_projection);
+    assert_eq!(u.cross_attention_dim, 2048);
+    let bigg = serde_json::json!({
+        "architectures": ["CLIPTextModelWithProjection"],
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "hidden_act": "gelu",
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 20,
+        "num_hidden_layers": 32,
+        "pad_token_id": 1,
+        "projection_dim": 1280,
+        "vocab_size": 49408
+    });
+    let c = ClipConfig::from_json(&bigg).unwrap();
+    assert_eq!((c.projection_dim, c.eos_token_id), (Some(1280), 2));
+    assert_eq!(768 + c.hidden_size, u.cross_attention_dim);
+    assert_eq!(
+        c.projection_dim.unwrap() + 6 * tt.time_embed_dim,
+        tt.input_dim
+    );
+}
