@@ -513,7 +513,7 @@ fn null_and_invalid_arguments_are_errors() {
             ),
             (
                 "embeddings",
-                Box::new(|q| q.embeddings_dir = c"/nonexistent".as_ptr()),
+                Box::new(|q| q.embeddings_dir = c"/dev/null/embeddings".as_ptr()),
             ),
             (
                 "prompt not UTF-8",
@@ -584,7 +584,8 @@ fn null_and_invalid_arguments_are_errors() {
         );
         ok(ldm_result_info(r, 0, null_mut(), null_mut()));
         assert_eq!(ldm_result_save_png(r, 0, null()), LDM_ERR_INVALID_ARGUMENT);
-        let unwritable = CString::new("/nonexistent/dir/out.png").unwrap();
+        // Under a file, so no directory can be made for it.
+        let unwritable = CString::new("/dev/null/out.png").unwrap();
         assert_eq!(ldm_result_save_png(r, 0, unwritable.as_ptr()), LDM_ERR_IO);
         // A result handle is not a job handle.
         assert_eq!(ldm_cancel(r as *mut ldm_job), LDM_ERR_INVALID_HANDLE);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds libldm (the C API) and examples/c/ldm_example.c against include/ldm.h with `cc`, runs it
 # on the shipped model, and checks that its PNG is the very file the `ldm` CLI writes for the
-# same settings. What CI runs; needs a Vulkan driver (lavapipe will do).
+# same settings; then links the static library, and runs examples/python/ldm_ctypes.py on the
+# shared one. What CI runs; needs a Vulkan driver (lavapipe will do).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 target="${CARGO_TARGET_DIR:-target}"
@@ -24,6 +25,11 @@ model=weights/tiny-shapes
     -o "$out/cli.png" -q --no-pipeline-cache >/dev/null
 cmp "$out/c.png" "$out/cli.png"
 echo "the C API's PNG equals the CLI's, byte for byte ($(wc -c <"$out/c.png") bytes)"
-"$out/ldm_example_static" "$model" "$out/c-static.png" >/dev/null
-cmp "$out/c-static.png" "$out/cli.png"
-echo "static library: same PNG"
+"$out/ldm_example_static" --version
+# Python through ctypes (no build step) on the shared library: the same file again.
+if command -v python3 >/dev/null; then
+    python3 examples/python/ldm_ctypes.py --lib "$lib/libldm.so" --model "$model" \
+        -o "$out/python.png" >/dev/null
+    cmp "$out/python.png" "$out/cli.png"
+    echo "the Python (ctypes) example's PNG equals it too"
+fi

@@ -4,6 +4,7 @@
  * error path. examples/c/build.sh builds and runs it (CI does, on the CPU Vulkan driver).
  *
  *   ldm_example MODEL_DIR OUT.png
+ *   ldm_example --version
  *
  * writes OUT.png for "a blue circle on a yellow background", seed 42, 10 steps, which is the
  * same file `ldm generate -m MODEL_DIR -p "..." --seed 42 -s 10 -o OUT.png` writes.
@@ -64,6 +65,10 @@ static ldm_request blue_circle(void) {
 static size_t image_bytes(const ldm_image *img) { return (size_t)img->width * img->height * 3; }
 
 int main(int argc, char **argv) {
+    if (argc == 2 && strcmp(argv[1], "--version") == 0) {
+        printf("libldm %s (ABI %u)\n", ldm_version(), ldm_abi_version());
+        return ldm_abi_version() == LDM_ABI_VERSION ? 0 : 1;
+    }
     if (argc != 3) {
         fprintf(stderr, "usage: %s MODEL_DIR OUT.png\n", argv[0]);
         return 2;
