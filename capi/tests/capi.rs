@@ -144,6 +144,67 @@ fn same_image_as_the_rust_api_and_metadata() {
     assert!(bytes.windows(needle.len()).any(|w| w == needle));
     std::fs::remove_dir_all(&dir).ok();
 
+    // Inpainting (the init image, a mask over its left half, strength 0.5) with a sampler by
+    // A1111 name, a negative prompt and a batch of two: the same pixels as the Rust API again.
+    let init = out.images[0].clone();
+    let mask_rgb: Vec<u8> = (0..64 * 64)
+        .flat_map(|i| if i % 64 < 32 { [255u8; 3] } else { [0u8; 3] })
+        .collect();
+    let as_c = |rgb: &[u8]| ldm_image {
+        width: 64,
+        height: 64,
+        rgb: rgb.as_ptr(),
+    };
+    let (c_init, c_mask) = (as_c(&init.rgb), as_c(&mask_rgb));
+    let negative = CString::new("red").unwrap();
+    let mut req = p.request(7);
+    req.init_image = &c_init;
+    req.mask = &c_mask;
+    req.strength = 0.5;
+    req.sampler = c"Euler a".as_ptr();
+    req.negative_prompt = negative.as_ptr();
+    req.batch = 2;
+    let mut inpainted = null_mut();
+    unsafe { ok(ldm_generate(m, &req, &mut inpainted)) };
+    let rust_req = ldm_wgpu::pipeline::GenerateRequest {
+        negative_prompt: "red".into(),
+        seed: 7,
+        init_image: Some(init),
+        mask: Some(ldm_wgpu::image::Image {
+            width: 64,
+            height: 64,
+            rgb: mask_rgb.clone(),
+        }),
+        strength: 0.5,
+        sampler: Some("euler_a".parse().unwrap()),
+        batch_size: 2,
+        ..rust_req
+    };
+    let expected = sd.generate(&rust_req, &mut |_| true).unwrap();
+    let mut count = 0;
+    unsafe { ok(ldm_result_count(inpainted, &mut count)) };
+    assert_eq!(count, 2);
+    for i in 0..2 {
+        let mut image = ldm_image {
+            width: 0,
+            height: 0,
+            rgb: null(),
+        };
+        unsafe { ok(ldm_result_image(inpainted, i, &mut image)) };
+        let got = unsafe { std::slice::from_raw_parts(image.rgb, 64 * 64 * 3) };
+        assert_eq!(got, &expected.images[i as usize].rgb[..], "image {i}");
+    }
+    let mut text = null();
+    unsafe { ok(ldm_result_info(inpainted, 1, null_mut(), &mut text)) };
+    let text = unsafe { CStr::from_ptr(text) }.to_str().unwrap();
+    assert!(
+        text.contains("Negative prompt: red\nSteps: 4, Sampler: Euler a"),
+        "{text}"
+    );
+    assert!(text.contains("Batch size: 2, Batch pos: 1"), "{text}");
+    assert!(text.contains("Denoising strength: 0.5"), "{text}");
+    ok(ldm_result_free(inpainted));
+
     ok(ldm_result_free(result));
     ok(ldm_model_free(m));
     ok(ldm_engine_free(e));
