@@ -405,20 +405,59 @@ fn unload_and_reload_give_the_memory_back() {
     ok(ldm_engine_free(e));
 }
 
-#[test]
-fn memory_budget_refuses_a_load_that_cannot_fit() {
+fn budget_engine(budget: u64) -> *mut ldm_engine {
     let mut options = unsafe { std::mem::zeroed::<ldm_engine_options>() };
     unsafe { ok(ldm_engine_options_default(&mut options)) };
     options.use_env = 1;
-    options.memory_budget = 64 * 1024; // far less than the tiny model's weights
+    options.memory_budget = budget;
     let mut e = null_mut();
     unsafe { ok(ldm_engine_new(&options, &mut e)) };
+    e
+}
+
+#[test]
+fn memory_budget_refuses_loads_and_requests_that_cannot_fit() {
     let path = model_path();
+    // Far less than the tiny model's weights: the load is refused.
+    let e = budget_engine(64 * 1024);
     let mut m = null_mut();
     let status = unsafe { ldm_model_load(e, path.as_ptr(), null(), &mut m) };
     assert_eq!(status, LDM_ERR_MEMORY, "{}", last_error());
     assert!(m.is_null());
     assert!(last_error().contains("budget"), "{}", last_error());
+    ok(ldm_engine_free(e));
+
+    // What loading takes, measured without a budget; a budget of that plus 16 KiB lets the
+    // model load, but not generate (the VAE decode alone needs more), nor a second model load.
+    let free = engine();
+    let probe = load(free);
+    let mut loaded = ldm_memory::default();
+    unsafe { ok(ldm_model_memory(probe, &mut loaded)) };
+    ok(ldm_model_free(probe));
+    ok(ldm_engine_free(free));
+    let e = budget_engine(loaded.peak_bytes + 16 * 1024);
+    let m = load(e);
+    let p = Prompt::new("a green square");
+    let mut result = null_mut();
+    let status = unsafe { ldm_generate(m, &p.request(1), &mut result) };
+    assert_eq!(status, LDM_ERR_MEMORY, "{}", last_error());
+    assert!(result.is_null());
+    assert!(last_error().contains("hint:"), "{}", last_error());
+    let mut second = null_mut();
+    let status = unsafe { ldm_model_load(e, path.as_ptr(), null(), &mut second) };
+    assert_eq!(status, LDM_ERR_MEMORY, "{}", last_error());
+    let mut mem = ldm_memory::default();
+    unsafe { ok(ldm_engine_memory(e, &mut mem)) };
+    assert!(
+        mem.live_bytes + mem.pooled_bytes <= mem.budget_bytes,
+        "{mem:?}"
+    );
+    // Unloading the first makes room for the second.
+    ok(ldm_model_unload(m));
+    unsafe { ok(ldm_model_load(e, path.as_ptr(), null(), &mut second)) };
+    for h in [m, second] {
+        ok(ldm_model_free(h));
+    }
     ok(ldm_engine_free(e));
 }
 
