@@ -568,13 +568,16 @@ pub extern "C" fn ldm_model_unload(model: *mut ldm_model) -> ldm_status {
 pub extern "C" fn ldm_model_reload(model: *mut ldm_model) -> ldm_status {
     guard(|| {
         let m = MODELS.get(model)?;
+        // The requests lock keeps other reloads, unloads and generations of this model out; the
+        // pipeline's own lock is not held while the engine reads what its other models hold
+        // (they may be reloading too, reading this one).
         let _in_use = m.requests.lock().unwrap_or_else(|p| p.into_inner());
-        let mut slot = m.sd.write().unwrap_or_else(|p| p.into_inner());
-        if slot.is_some() {
+        if m.sd.read().unwrap_or_else(|p| p.into_inner()).is_some() {
             return Ok(());
         }
         let gpu = Gpu::new(&m.engine.options_for_model(Some(&*m))?)?;
-        *slot = Some(StableDiffusion::load(gpu, &m.path, &m.options)?);
+        let sd = StableDiffusion::load(gpu, &m.path, &m.options)?;
+        *m.sd.write().unwrap_or_else(|p| p.into_inner()) = Some(sd);
         Ok(())
     })
 }

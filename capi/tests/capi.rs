@@ -461,6 +461,9 @@ fn memory_budget_refuses_loads_and_requests_that_cannot_fit() {
     ok(ldm_engine_free(e));
 }
 
+/// One way to spoil a good request.
+type RequestChange = Box<dyn Fn(&mut ldm_request)>;
+
 /// A C string that is not UTF-8.
 const NOT_UTF8: &[u8] = b"\xff\xfe\0";
 
@@ -600,7 +603,7 @@ fn null_and_invalid_arguments_are_errors() {
             ldm_generate_async(model, &good, null_mut()),
             LDM_ERR_INVALID_ARGUMENT
         );
-        let bad_requests: Vec<(&str, Box<dyn Fn(&mut ldm_request)>)> = vec![
+        let bad_requests: Vec<(&str, RequestChange)> = vec![
             ("no prompt", Box::new(|q| q.prompt = null())),
             ("width 7", Box::new(|q| q.width = 7)),
             ("0 steps", Box::new(|q| q.steps = 0)),
@@ -625,7 +628,7 @@ fn null_and_invalid_arguments_are_errors() {
             height: 64,
             rgb: null(),
         };
-        let small = vec![0u8; 8 * 8 * 3];
+        let small = [0u8; 8 * 8 * 3];
         let small_img = ldm_image {
             width: 8,
             height: 8,
