@@ -10,6 +10,7 @@ pub mod kernels;
 pub mod lora;
 pub mod models;
 pub mod nn;
+pub mod parameters;
 pub mod pipeline;
 pub mod preview;
 pub mod prompt;

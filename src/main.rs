@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::path::PathBuf;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use ldm_wgpu::sched::{SamplerKind, SchedulerClass};
+use ldm_wgpu::sched::SamplerKind;
 use ldm_wgpu::{Error, GpuOptions};
 
 /// ldm — latent diffusion (Stable Diffusion 1.x / 2.x) on wgpu
@@ -758,7 +758,9 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
     }
     if karras {
         // Karras sigmas exist for the sigma-based samplers; name the Karras variant.
-        let base = req.sampler.or_else(|| config_sampler(&sd));
+        let base = req
+            .sampler
+            .or_else(|| ldm_wgpu::parameters::config_sampler(&sd));
         let with_karras = base.and_then(SamplerKind::karras).ok_or_else(|| {
             let named = base.map_or_else(
                 || sd.scheduler_config.class_name().unwrap_or("?").to_string(),
@@ -798,10 +800,7 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         );
     }
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let model_name = model
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_default();
+    let model_name = ldm_wgpu::parameters::model_name(&model);
     let total_images = req.batch_size * batch_count;
     let mut written = 0;
     for batch in 0..batch_count {
@@ -874,12 +873,12 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
                 pipeline::SeedMode::PerImage => r.seed.wrapping_add(i as u64),
             };
             let path = output_path(&output, written, total_images, image_seed);
-            let recorded = Recorded {
+            let recorded = ldm_wgpu::parameters::Recorded {
                 prompt: &recorded_prompt,
                 model: &model_name,
                 lora_hashes: &lora_hashes,
             };
-            let params = a1111_parameters(&r, &recorded, &sd, image_seed, i);
+            let params = ldm_wgpu::parameters::a1111_parameters(&r, &recorded, &sd, image_seed, i);
             img.save_png_with_text(&path, &[("parameters", &params)])?;
             println!("{}", path.display());
             written += 1;
@@ -1118,12 +1117,6 @@ fn apply_loras(
     Ok(hashes)
 }
 
-/// The sampler the model's own scheduler config gives, when it is one we run.
-fn config_sampler(sd: &ldm_wgpu::pipeline::StableDiffusion) -> Option<SamplerKind> {
-    let class = sd.scheduler_config.class_name()?;
-    SchedulerClass::from_diffusers_name(class).map(SchedulerClass::default_kind)
-}
-
 /// Whether `dir` holds a diffusers `AutoencoderTiny` (TAESD) rather than an `AutoencoderKL`.
 fn is_tiny_autoencoder(dir: &std::path::Path) -> bool {
     std::fs::read(dir.join("config.json"))
@@ -1184,64 +1177,4 @@ fn load_embeddings(
         }
     }
     Ok(())
-}
-
-/// What the PNG records beyond the request: the prompt as typed (LoRA tags kept), the model's
-/// name, A1111's `Lora hashes` entries.
-struct Recorded<'a> {
-    prompt: &'a str,
-    model: &'a str,
-    lora_hashes: &'a [String],
-}
-
-/// The generation parameters in the A1111 web UI's `parameters` text format, which image
-/// browsers and other SD tools read from the PNG.
-fn a1111_parameters(
-    r: &ldm_wgpu::pipeline::GenerateRequest,
-    recorded: &Recorded<'_>,
-    sd: &ldm_wgpu::pipeline::StableDiffusion,
-    seed: u64,
-    index: usize,
-) -> String {
-    let Recorded {
-        prompt,
-        model,
-        lora_hashes,
-    } = *recorded;
-    let name = match r.sampler.or_else(|| config_sampler(sd)) {
-        Some(kind) => kind.a1111_name(),
-        None => sd.scheduler_config.class_name().unwrap_or(""),
-    };
-    let mut out = prompt.to_string();
-    if !r.negative_prompt.is_empty() {
-        out += &format!("\nNegative prompt: {}", r.negative_prompt);
-    }
-    out += &format!(
-        "\nSteps: {}, Sampler: {name}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model: {model}",
-        r.steps, r.guidance_scale, r.width, r.height
-    );
-    if r.batch_size > 1 {
-        out += &format!(", Batch size: {}, Batch pos: {index}", r.batch_size);
-    }
-    if let Some(k) = r.clip_skip {
-        // A1111 counts the last layer as 1; diffusers' clip_skip=1 is A1111's "Clip skip: 2".
-        out += &format!(", Clip skip: {}", k + 1);
-    }
-    if r.init_image.is_some() {
-        out += &format!(", Denoising strength: {}", r.strength);
-    }
-    if !lora_hashes.is_empty() {
-        // A1111 quotes a value holding `:` or `,` as a JSON string.
-        let value = serde_json::Value::String(lora_hashes.join(", "));
-        out += &format!(", Lora hashes: {value}");
-    }
-    let rng = match r.rng {
-        ldm_wgpu::pipeline::RngKind::Philox => "NV",
-        _ => "CPU",
-    };
-    out += &format!(
-        ", RNG: {rng}, Version: ldm-wgpu {}",
-        env!("CARGO_PKG_VERSION")
-    );
-    out
 }
