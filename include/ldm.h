@@ -27,7 +27,7 @@
  The ABI version of this header. It changes whenever a struct layout or a function signature
  changes; compare it with `ldm_abi_version()` at run time.
  */
-#define LDM_ABI_VERSION 1
+#define LDM_ABI_VERSION 2
 
 /*
  The result of every call.
@@ -179,6 +179,18 @@ typedef struct ldm_image {
 } ldm_image;
 
 /*
+ A LoRA file to apply for a request, with its weight (A1111's one number for the U-Net and the
+ text encoders; negative weights are allowed).
+ */
+typedef struct ldm_lora {
+  /*
+   Path of a LoRA `.safetensors` file (kohya/A1111, LyCORIS LoCon, PEFT or diffusers names).
+   */
+  const char *path;
+  float weight;
+} ldm_lora;
+
+/*
  What the progress callback receives after each denoising step. Valid during the call only.
  */
 typedef struct ldm_progress {
@@ -268,6 +280,18 @@ typedef struct ldm_request {
    a file's name stands for its vectors.
    */
   const char *embeddings_dir;
+  /*
+   NULL, or `lora_count` LoRA files to apply for this request (merged into the model's
+   weights before it runs, removed exactly when a later request asks for others).
+   */
+  const struct ldm_lora *loras;
+  uint32_t lora_count;
+  /*
+   NULL, or where the prompt's `<lora:NAME:WEIGHT>` tags find NAME.safetensors (default:
+   `loras/` beside the model if it exists, else the current directory). The tags leave the
+   prompt the text encoder reads and stay in the recorded `parameters` text.
+   */
+  const char *lora_dir;
   /*
    NULL, or called after each step with `user_data`.
    */

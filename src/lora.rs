@@ -198,6 +198,24 @@ impl LoraSpec {
     }
 }
 
+/// A1111's `Lora hashes` entries for the PNG's parameters (`name: short hash`): one per name
+/// (`:` and `,` removed from it), the first one wins.
+pub fn a1111_lora_hashes(specs: &[LoraSpec]) -> Vec<String> {
+    let mut hashes: Vec<String> = Vec::new();
+    for spec in specs {
+        let name: String = spec
+            .lora
+            .name
+            .chars()
+            .filter(|c| !":,".contains(*c))
+            .collect();
+        if !hashes.iter().any(|h| h.starts_with(&format!("{name}: "))) {
+            hashes.push(format!("{name}: {}", spec.lora.short_hash()));
+        }
+    }
+    hashes
+}
+
 /// What one applied LoRA changed (for the CLI's report and the PNG's parameters).
 #[derive(Clone, Debug, PartialEq)]
 pub struct AppliedLora {
@@ -513,6 +531,38 @@ pub fn prompt_loras(prompt: &str, dir: &Path) -> Result<PromptLoras> {
         loras,
         ignored,
     })
+}
+
+/// Where `<lora:NAME:w>` tags look when no folder is given: `loras/` beside the model (inside a
+/// diffusers folder, next to a single file) if it exists, else the current directory.
+pub fn default_lora_dir(model: &Path) -> PathBuf {
+    let beside = if model.is_dir() {
+        model.join("loras")
+    } else {
+        model.parent().unwrap_or(Path::new(".")).join("loras")
+    };
+    if beside.is_dir() {
+        beside
+    } else {
+        PathBuf::from(".")
+    }
+}
+
+/// The prompt as a PNG records it, the A1111 way: as typed (its `<lora:…>` tags kept), with a
+/// `<lora:name:w>` tag added for each LoRA given apart from the prompt (`files`: path, weight).
+pub fn prompt_with_lora_tags(prompt: &str, files: &[(PathBuf, f32)]) -> String {
+    let mut out = prompt.to_string();
+    for (path, weight) in files {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out += &lora_tag_text(&name, *weight, *weight);
+    }
+    out
 }
 
 /// The tag A1111 writes for a LoRA in a prompt: `<lora:name:w>`, or `<lora:name:te:unet>` when

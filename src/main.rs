@@ -726,9 +726,9 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         .iter()
         .map(|arg| parse_lora_arg(arg))
         .collect::<Result<Vec<_>, Error>>()?;
-    let lora_dir = lora_dir.unwrap_or_else(|| default_lora_dir(&model));
+    let lora_dir = lora_dir.unwrap_or_else(|| ldm_wgpu::lora::default_lora_dir(&model));
     let tagged = ldm_wgpu::lora::prompt_loras(&req.prompt, &lora_dir)?;
-    let recorded_prompt = recorded_prompt(&req.prompt, &lora_files);
+    let recorded_prompt = ldm_wgpu::lora::prompt_with_lora_tags(&req.prompt, &lora_files);
     req.prompt = tagged.text.clone();
     req.validate()?;
     model_options.with_encoder = req.init_image.is_some();
@@ -1005,41 +1005,6 @@ fn parse_lora_arg(arg: &str) -> Result<(PathBuf, f32), Error> {
     Ok((path, weight))
 }
 
-/// `loras/` beside the model (inside a diffusers folder, next to a single file) if it exists,
-/// else the current directory.
-fn default_lora_dir(model: &std::path::Path) -> PathBuf {
-    let beside = if model.is_dir() {
-        model.join("loras")
-    } else {
-        model
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join("loras")
-    };
-    if beside.is_dir() {
-        beside
-    } else {
-        PathBuf::from(".")
-    }
-}
-
-/// The prompt as the PNG records it, the A1111 way: as typed (its `<lora:…>` tags kept), with a
-/// `<lora:name:w>` tag added for each `--lora` file.
-fn recorded_prompt(prompt: &str, lora_files: &[(PathBuf, f32)]) -> String {
-    let mut out = prompt.to_string();
-    for (path, weight) in lora_files {
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        out += &ldm_wgpu::lora::lora_tag_text(&name, *weight, *weight);
-    }
-    out
-}
-
 /// Open the `--lora` files and the prompt's tagged LoRAs for this model, apply them, and say
 /// what each changed. Returns A1111's `Lora hashes:` entries (`name: short hash`).
 fn apply_loras(
@@ -1048,7 +1013,6 @@ fn apply_loras(
     tagged: &ldm_wgpu::lora::PromptLoras,
     quiet: bool,
 ) -> Result<Vec<String>, Error> {
-    use ldm_wgpu::lora::LoraSpec;
     use ldm_wgpu::weights::lora::LoraTarget;
     if !quiet {
         for tag in &tagged.ignored {
@@ -1059,33 +1023,11 @@ fn apply_loras(
             );
         }
     }
-    let mut specs = Vec::new();
-    for (path, weight) in files {
-        specs.push(LoraSpec::new(sd.open_lora(path)?, *weight));
-    }
-    for (path, tag) in &tagged.loras {
-        specs.push(LoraSpec {
-            lora: sd.open_lora(path)?,
-            text_encoder_weight: tag.text_encoder_weight as f32,
-            unet_weight: tag.unet_weight as f32,
-        });
-    }
+    let specs = sd.open_lora_specs(files, tagged)?;
     if specs.is_empty() {
         return Ok(Vec::new());
     }
-    // A1111's `Lora hashes`: one entry per name (`:` and `,` removed from it), first one wins.
-    let mut hashes: Vec<String> = Vec::new();
-    for spec in &specs {
-        let name: String = spec
-            .lora
-            .name
-            .chars()
-            .filter(|c| !":,".contains(*c))
-            .collect();
-        if !hashes.iter().any(|h| h.starts_with(&format!("{name}: "))) {
-            hashes.push(format!("{name}: {}", spec.lora.short_hash()));
-        }
-    }
+    let hashes = ldm_wgpu::lora::a1111_lora_hashes(&specs);
     let start = std::time::Instant::now();
     let applied = sd.set_loras(&specs)?;
     sd.gpu.wait()?;

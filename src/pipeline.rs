@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use crate::embeddings::Embedding;
 use crate::image::Image;
 use crate::kernels::{elementwise, fill, sampler_step};
-use crate::lora::{lora_targets, AppliedLora, LoraBackup, LoraSpec, LoraState, ModelSites};
+use crate::lora::{
+    lora_targets, AppliedLora, LoraBackup, LoraSpec, LoraState, ModelSites, PromptLoras,
+};
 use crate::models::clip::{ClipConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::unet::{TimeEmbeddingTable, UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig, VaeTiling};
@@ -679,6 +681,27 @@ impl StableDiffusion {
     /// error listing those that match nothing).
     pub fn open_lora(&self, path: &Path) -> Result<Lora> {
         Ok(open_lora(path, &self.lora_targets())?)
+    }
+
+    /// Open the LoRAs of a request for this model: `files` (path, weight: A1111's one number
+    /// for the U-Net and the text encoders), then the prompt's `<lora:…>` tags.
+    pub fn open_lora_specs(
+        &self,
+        files: &[(PathBuf, f32)],
+        tagged: &PromptLoras,
+    ) -> Result<Vec<LoraSpec>> {
+        let mut specs = Vec::new();
+        for (path, weight) in files {
+            specs.push(LoraSpec::new(self.open_lora(path)?, *weight));
+        }
+        for (path, tag) in &tagged.loras {
+            specs.push(LoraSpec {
+                lora: self.open_lora(path)?,
+                text_encoder_weight: tag.text_encoder_weight as f32,
+                unet_weight: tag.unet_weight as f32,
+            });
+        }
+        Ok(specs)
     }
 
     /// Make `loras` the LoRAs applied to this model, replacing the ones applied before (an

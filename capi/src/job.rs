@@ -44,7 +44,7 @@ pub unsafe extern "C" fn ldm_generate_async(
         let slot = out(job, "job")?;
         *slot = std::ptr::null_mut();
         let m = MODELS.get(model)?;
-        let request = OwnedRequest::from_c(request)?;
+        let request = OwnedRequest::from_c(request, &m.path)?;
         let state = Arc::new(Job {
             cancel: AtomicBool::new(false),
             outcome: Mutex::new(None),

@@ -32,12 +32,13 @@ use handles::Handles;
 use job::Job;
 pub use job::{ldm_cancel, ldm_generate_async, ldm_job, ldm_job_free, ldm_job_poll, ldm_job_wait};
 pub use request::{
-    ldm_generate, ldm_image, ldm_progress, ldm_progress_fn, ldm_request, ldm_request_default,
+    ldm_generate, ldm_image, ldm_lora, ldm_progress, ldm_progress_fn, ldm_request,
+    ldm_request_default,
 };
 
 /// The ABI version of this header. It changes whenever a struct layout or a function signature
 /// changes; compare it with `ldm_abi_version()` at run time.
-pub const LDM_ABI_VERSION: u32 = 1;
+pub const LDM_ABI_VERSION: u32 = 2;
 
 /// The result of every call.
 #[repr(C)]
@@ -313,6 +314,16 @@ impl Engine {
     }
 }
 
+/// A LoRA applied to a model: its file and its text-encoder and U-Net weights.
+pub(crate) type AppliedKey = (PathBuf, f32, f32);
+
+/// What a model's requests have set on it: the embeddings folder and the LoRAs in use.
+#[derive(Default)]
+pub(crate) struct InUse {
+    pub(crate) embeddings: Option<PathBuf>,
+    pub(crate) loras: Vec<AppliedKey>,
+}
+
 pub(crate) struct Model {
     pub(crate) engine: Arc<Engine>,
     pub(crate) path: PathBuf,
@@ -321,9 +332,9 @@ pub(crate) struct Model {
     /// `None` once unloaded. Generations hold the read lock; unload and embedding changes the
     /// write lock (an unload waits for the generation running on the model).
     pub(crate) sd: RwLock<Option<StableDiffusion>>,
-    /// Held from setting a request's embeddings to the end of its generation, so requests
-    /// with different embedding folders do not mix; remembers the folder in use.
-    pub(crate) requests: Mutex<Option<PathBuf>>,
+    /// Held from setting a request's embeddings and LoRAs to the end of its generation, so
+    /// requests with different ones do not mix; remembers those in use.
+    pub(crate) requests: Mutex<InUse>,
 }
 
 impl Model {
@@ -336,7 +347,7 @@ impl Model {
             path,
             options,
             sd: RwLock::new(Some(sd)),
-            requests: Mutex::new(None),
+            requests: Mutex::new(InUse::default()),
         })
     }
 
@@ -557,7 +568,7 @@ pub extern "C" fn ldm_model_unload(model: *mut ldm_model) -> ldm_status {
         let mut in_use = m.requests.lock().unwrap_or_else(|p| p.into_inner());
         let old = m.sd.write().unwrap_or_else(|p| p.into_inner()).take();
         drop(old);
-        *in_use = None;
+        *in_use = InUse::default();
         Ok(())
     })
 }

@@ -2,15 +2,16 @@
 //! caller's memory is kept), the run with progress and cancellation, and the result.
 
 use std::ffi::{c_char, c_void, CString};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use ldm_wgpu::image::Image;
+use ldm_wgpu::lora::PromptLoras;
 use ldm_wgpu::pipeline::{GenerateRequest, Progress, SeedMode, StableDiffusion};
 
 use crate::{
-    guard, ldm_model, ldm_result, ldm_status, opt_str, out, Failure, Model, Outcome, MODELS,
-    RESULTS,
+    guard, ldm_model, ldm_result, ldm_status, opt_str, out, AppliedKey, Failure, Model, Outcome,
+    MODELS, RESULTS,
 };
 use ldm_status::*;
 
@@ -21,6 +22,16 @@ pub struct ldm_image {
     pub width: u32,
     pub height: u32,
     pub rgb: *const u8,
+}
+
+/// A LoRA file to apply for a request, with its weight (A1111's one number for the U-Net and the
+/// text encoders; negative weights are allowed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ldm_lora {
+    /// Path of a LoRA `.safetensors` file (kohya/A1111, LyCORIS LoCon, PEFT or diffusers names).
+    pub path: *const c_char,
+    pub weight: f32,
 }
 
 /// What the progress callback receives after each denoising step. Valid during the call only.
@@ -80,6 +91,14 @@ pub struct ldm_request {
     /// NULL, or a folder of textual-inversion embeddings (.safetensors): a prompt word equal to
     /// a file's name stands for its vectors.
     pub embeddings_dir: *const c_char,
+    /// NULL, or `lora_count` LoRA files to apply for this request (merged into the model's
+    /// weights before it runs, removed exactly when a later request asks for others).
+    pub loras: *const ldm_lora,
+    pub lora_count: u32,
+    /// NULL, or where the prompt's `<lora:NAME:WEIGHT>` tags find NAME.safetensors (default:
+    /// `loras/` beside the model if it exists, else the current directory). The tags leave the
+    /// prompt the text encoder reads and stay in the recorded `parameters` text.
+    pub lora_dir: *const c_char,
     /// NULL, or called after each step with `user_data`.
     pub progress: ldm_progress_fn,
     pub user_data: *mut c_void,
@@ -109,6 +128,9 @@ pub unsafe extern "C" fn ldm_request_default(out: *mut ldm_request) -> ldm_statu
             strength: d.strength,
             mask: std::ptr::null(),
             embeddings_dir: std::ptr::null(),
+            loras: std::ptr::null(),
+            lora_count: 0,
+            lora_dir: std::ptr::null(),
             progress: None,
             user_data: std::ptr::null_mut(),
             preview: 0,
@@ -136,6 +158,11 @@ pub(crate) struct OwnedRequest {
     width: Option<usize>,
     height: Option<usize>,
     embeddings_dir: Option<PathBuf>,
+    /// `request.loras` (path, weight), then the prompt's `<lora:…>` tags.
+    lora_files: Vec<(PathBuf, f32)>,
+    tagged: PromptLoras,
+    /// The prompt as typed with a tag per `request.loras` file: what `parameters` records.
+    recorded_prompt: String,
     callback: Callback,
 }
 
@@ -165,8 +192,42 @@ fn copy_image(ptr: *const ldm_image, what: &str) -> Outcome<Option<Image>> {
     }))
 }
 
+fn copy_loras(ptr: *const ldm_lora, count: u32) -> Outcome<Vec<(PathBuf, f32)>> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    if ptr.is_null() {
+        return Err(Failure::invalid(format!(
+            "request.loras is NULL with request.lora_count {count}"
+        )));
+    }
+    // SAFETY: the caller promises `count` readable `ldm_lora`s (header).
+    let loras = unsafe { std::slice::from_raw_parts(ptr, count as usize) };
+    loras
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let path = PathBuf::from(crate::req_str(l.path, &format!("request.loras[{i}].path"))?);
+            if !l.weight.is_finite() {
+                return Err(Failure::invalid(format!(
+                    "request.loras[{i}].weight {} is not a finite number",
+                    l.weight
+                )));
+            }
+            if !path.is_file() {
+                return Err(Failure::invalid(format!(
+                    "request.loras[{i}].path: no file {}",
+                    path.display()
+                )));
+            }
+            Ok((path, l.weight))
+        })
+        .collect()
+}
+
 impl OwnedRequest {
-    pub(crate) fn from_c(r: *const ldm_request) -> Outcome<OwnedRequest> {
+    /// Copies `r` for the model at `model_path` (where `<lora:…>` tags look by default).
+    pub(crate) fn from_c(r: *const ldm_request, model_path: &Path) -> Outcome<OwnedRequest> {
         // SAFETY: null or pointing to an `ldm_request` (header).
         let r = unsafe { r.as_ref() }.ok_or_else(|| Failure::invalid("request is NULL"))?;
         let mut req = GenerateRequest {
@@ -209,11 +270,22 @@ impl OwnedRequest {
                 )));
             }
         }
+        let lora_files = copy_loras(r.loras, r.lora_count)?;
+        let lora_dir = match opt_str(r.lora_dir, "request.lora_dir")? {
+            Some(dir) => PathBuf::from(dir),
+            None => ldm_wgpu::lora::default_lora_dir(model_path),
+        };
+        let tagged = ldm_wgpu::lora::prompt_loras(&req.prompt, &lora_dir)?;
+        let recorded_prompt = ldm_wgpu::lora::prompt_with_lora_tags(&req.prompt, &lora_files);
+        req.prompt = tagged.text.clone();
         Ok(OwnedRequest {
             req,
             width,
             height,
             embeddings_dir,
+            lora_files,
+            tagged,
+            recorded_prompt,
             callback: Callback {
                 f: r.progress,
                 user_data: r.user_data,
@@ -267,6 +339,32 @@ fn use_embeddings(
     Ok(())
 }
 
+/// Applies the request's LoRAs (when they are not the set applied now: merging is skipped for
+/// a repeated set) and returns A1111's `Lora hashes` entries for its `parameters` text.
+fn use_loras(
+    sd: &StableDiffusion,
+    request: &OwnedRequest,
+    in_use: &mut Vec<AppliedKey>,
+) -> Outcome<Vec<String>> {
+    let specs = sd.open_lora_specs(&request.lora_files, &request.tagged)?;
+    let wanted: Vec<AppliedKey> = request
+        .lora_files
+        .iter()
+        .map(|(p, w)| (p.clone(), *w, *w))
+        .chain(request.tagged.loras.iter().map(|(p, tag)| {
+            let (te, unet) = (tag.text_encoder_weight as f32, tag.unet_weight as f32);
+            (p.clone(), te, unet)
+        }))
+        .collect();
+    if wanted != *in_use {
+        // On an error the model may be left without LoRAs: forget the set in use first.
+        in_use.clear();
+        sd.set_loras(&specs)?;
+        *in_use = wanted;
+    }
+    Ok(ldm_wgpu::lora::a1111_lora_hashes(&specs))
+}
+
 /// Runs a request on a model. `cancel` is read after every step (and before starting); a cancel
 /// that arrives during the final decode discards its images.
 pub(crate) fn run(model: &Model, request: OwnedRequest, cancel: &AtomicBool) -> Outcome<Output> {
@@ -274,12 +372,13 @@ pub(crate) fn run(model: &Model, request: OwnedRequest, cancel: &AtomicBool) -> 
     if cancel.load(Ordering::SeqCst) {
         return Err(cancelled());
     }
-    use_embeddings(model, &request.embeddings_dir, &mut in_use)?;
+    use_embeddings(model, &request.embeddings_dir, &mut in_use.embeddings)?;
     let sd = model.sd.read().unwrap_or_else(|p| p.into_inner());
     let sd = sd
         .as_ref()
         .ok_or_else(|| Failure::new(LDM_ERR_UNLOADED, "the model is unloaded"))?;
-    let mut req = request.req;
+    let lora_hashes = use_loras(sd, &request, &mut in_use.loras)?;
+    let mut req = request.req.clone();
     let native = sd.unet.config.sample_size * sd.vae.config.downscale();
     req.width = request.width.unwrap_or(native);
     req.height = request.height.unwrap_or(native);
@@ -332,9 +431,9 @@ pub(crate) fn run(model: &Model, request: OwnedRequest, cancel: &AtomicBool) -> 
         let text = ldm_wgpu::parameters::a1111_parameters(
             &req,
             &ldm_wgpu::parameters::Recorded {
-                prompt: &req.prompt,
+                prompt: &request.recorded_prompt,
                 model: &model.name,
-                lora_hashes: &[],
+                lora_hashes: &lora_hashes,
             },
             sd,
             seed,
@@ -370,7 +469,7 @@ pub unsafe extern "C" fn ldm_generate(
         let slot = out(result, "result")?;
         *slot = std::ptr::null_mut();
         let m = MODELS.get(model)?;
-        let request = OwnedRequest::from_c(request)?;
+        let request = OwnedRequest::from_c(request, &m.path)?;
         let output = run(&m, request, &AtomicBool::new(false))?;
         *slot = RESULTS.insert(output);
         Ok(())

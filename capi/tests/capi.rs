@@ -706,3 +706,181 @@ fn null_and_invalid_arguments_are_errors() {
         assert_eq!(ldm_generate(model, &good, &mut r), LDM_ERR_INVALID_HANDLE);
     }
 }
+
+/// A kohya LoRA for the shipped model (a U-Net attention projection, a resnet conv as LoCon, a
+/// text-encoder projection) with deterministic values, written to `dir/style.safetensors`.
+fn write_lora(dir: &std::path::Path) -> std::path::PathBuf {
+    use safetensors::tensor::{Dtype, TensorView};
+    let tensors: [(&str, Vec<usize>); 9] = [
+        (
+            "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+            vec![4, 128],
+        ),
+        (
+            "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight",
+            vec![128, 4],
+        ),
+        (
+            "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.alpha",
+            vec![],
+        ),
+        (
+            "lora_unet_mid_block_resnets_0_conv1.lora_down.weight",
+            vec![4, 128, 3, 3],
+        ),
+        (
+            "lora_unet_mid_block_resnets_0_conv1.lora_up.weight",
+            vec![128, 4, 1, 1],
+        ),
+        ("lora_unet_mid_block_resnets_0_conv1.alpha", vec![]),
+        (
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+            vec![4, 128],
+        ),
+        (
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+            vec![128, 4],
+        ),
+        (
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha",
+            vec![],
+        ),
+    ];
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, shape)| {
+            let n: usize = shape.iter().product();
+            let mut state = k
+                .bytes()
+                .fold(0x9e37_79b9u32, |h, b| h.wrapping_mul(31) ^ b as u32);
+            let bytes = if k.ends_with(".alpha") {
+                4.0f32.to_le_bytes().to_vec()
+            } else {
+                (0..n)
+                    .flat_map(|_| {
+                        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                        ((state >> 8) as f32 / (1u32 << 24) as f32 - 0.5).to_le_bytes()
+                    })
+                    .collect()
+            };
+            (k.to_string(), shape.clone(), bytes)
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = data
+        .iter()
+        .map(|(k, s, b)| {
+            (
+                k.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let path = dir.join("style.safetensors");
+    safetensors::tensor::serialize_to_file(views, None, &path).unwrap();
+    path
+}
+
+/// LoRAs through the request: a file with a weight gives the Rust API's pixels with the same
+/// LoRA, a `<lora:style:0.8>` tag found in `lora_dir` the same as the file at 0.8, the
+/// `parameters` text records the tag and the hash, and a request without LoRAs gives the base
+/// model's pixels again (the merge is undone exactly). Missing files and bad weights are errors.
+#[test]
+fn loras_in_the_request() {
+    let dir = std::env::temp_dir().join(format!("ldm-capi-lora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = write_lora(&dir);
+    let c_file = CString::new(file.to_str().unwrap()).unwrap();
+    let c_dir = CString::new(dir.to_str().unwrap()).unwrap();
+    let e = engine();
+    let m = load(e);
+    let p = Prompt::new("a red square on a blue background");
+    let base = generate(m, &p.request(3));
+
+    let lora = ldm_lora {
+        path: c_file.as_ptr(),
+        weight: 0.8,
+    };
+    let mut req = p.request(3);
+    req.loras = &lora;
+    req.lora_count = 1;
+    let mut result = null_mut();
+    unsafe { ok(ldm_generate(m, &req, &mut result)) };
+    let with_file = pixels(result);
+    let mut text = null();
+    unsafe { ok(ldm_result_info(result, 0, null_mut(), &mut text)) };
+    let text = unsafe { CStr::from_ptr(text) }
+        .to_str()
+        .unwrap()
+        .to_string();
+    ok(ldm_result_free(result));
+    assert_ne!(with_file, base, "the LoRA changed nothing");
+    assert!(
+        text.starts_with("a red square on a blue background <lora:style:0.8>\n"),
+        "{text}"
+    );
+    assert!(text.contains("Lora hashes: \"style: "), "{text}");
+
+    // The Rust API with the same LoRA on its own engine.
+    let gpu = ldm_wgpu::Gpu::new(&ldm_wgpu::GpuOptions::from_env().unwrap()).unwrap();
+    let sd = ldm_wgpu::pipeline::StableDiffusion::load(
+        gpu,
+        &ldm_wgpu::pipeline::default_model_dir(),
+        &Default::default(),
+    )
+    .unwrap();
+    let spec = ldm_wgpu::lora::LoraSpec::new(sd.open_lora(&file).unwrap(), 0.8);
+    sd.set_loras(&[spec]).unwrap();
+    let rust_req = ldm_wgpu::pipeline::GenerateRequest {
+        prompt: "a red square on a blue background".into(),
+        width: 64,
+        height: 64,
+        steps: 4,
+        seed: 3,
+        ..Default::default()
+    };
+    let out = sd.generate(&rust_req, &mut |_| true).unwrap();
+    assert_eq!(with_file, out.images[0].rgb);
+
+    // The same LoRA as a prompt tag.
+    let tagged = Prompt::new("a red square on a blue background <lora:style:0.8>");
+    let mut req = tagged.request(3);
+    req.lora_dir = c_dir.as_ptr();
+    assert_eq!(generate(m, &req), with_file);
+
+    // No LoRA: the base model, bit for bit.
+    assert_eq!(generate(m, &p.request(3)), base);
+
+    // Errors: a missing file, a weight that is not finite, a tag whose file is not there.
+    let missing = CString::new(dir.join("nope.safetensors").to_str().unwrap()).unwrap();
+    for (path, weight, want) in [
+        (missing.as_ptr(), 1.0, "no file"),
+        (c_file.as_ptr(), f32::NAN, "not a finite number"),
+    ] {
+        let bad = ldm_lora { path, weight };
+        let mut req = p.request(3);
+        req.loras = &bad;
+        req.lora_count = 1;
+        let mut result = null_mut();
+        assert_eq!(
+            unsafe { ldm_generate(m, &req, &mut result) },
+            LDM_ERR_INVALID_ARGUMENT
+        );
+        assert!(last_error().contains(want), "{}", last_error());
+    }
+    let untagged = Prompt::new("x <lora:absent:1>");
+    let mut req = untagged.request(3);
+    req.lora_dir = c_dir.as_ptr();
+    let mut result = null_mut();
+    assert_ne!(unsafe { ldm_generate(m, &req, &mut result) }, LDM_OK);
+    assert!(last_error().contains("absent"), "{}", last_error());
+    let mut req = p.request(3);
+    req.lora_count = 2;
+    assert_eq!(
+        unsafe { ldm_generate(m, &req, &mut result) },
+        LDM_ERR_INVALID_ARGUMENT
+    );
+
+    ok(ldm_model_free(m));
+    ok(ldm_engine_free(e));
+    std::fs::remove_dir_all(&dir).ok();
+}

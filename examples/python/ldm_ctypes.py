@@ -6,7 +6,7 @@
 
 Generates an image with a progress callback, writes the PNG (with its A1111 `parameters` text),
 then shows that a cancel from another thread stops a generation within a step. The structs below
-mirror include/ldm.h (ABI version 1).
+mirror include/ldm.h (ABI version 2).
 """
 
 import argparse
@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 LDM_OK, LDM_PENDING, LDM_ERR_CANCELLED = 0, 1, -3
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 class Image(C.Structure):
@@ -53,6 +53,9 @@ class Request(C.Structure):
         ("strength", C.c_double),
         ("mask", C.POINTER(Image)),
         ("embeddings_dir", C.c_char_p),
+        ("loras", C.c_void_p),
+        ("lora_count", C.c_uint32),
+        ("lora_dir", C.c_char_p),
         ("progress", PROGRESS_FN),
         ("user_data", C.c_void_p),
         ("preview", C.c_int32),
