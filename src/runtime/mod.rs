@@ -648,7 +648,7 @@ impl Gpu {
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.wait()?;
+        self.poll_idle()?;
         rx.recv()
             .map_err(|e| Error::Device(format!("readback: {e}")))?
             .map_err(|e| Error::Device(format!("readback map: {e}")))?;
@@ -661,8 +661,17 @@ impl Gpu {
         Ok(out)
     }
 
-    /// Block until the GPU is idle.
+    /// Submit what is recorded and block until the GPU has finished it (and all earlier work).
+    /// Recorded dispatches are otherwise submitted only at a step's end or a download, so a
+    /// wait that did not flush could time nothing.
     pub fn wait(&self) -> Result<()> {
+        self.flush()?;
+        self.poll_idle()
+    }
+
+    /// Block until the GPU is idle (what is submitted; the recorder is not touched, so this may
+    /// run while it is locked).
+    fn poll_idle(&self) -> Result<()> {
         self.faults.check()?;
         if self.dry_run {
             return Ok(());
@@ -872,7 +881,7 @@ impl Gpu {
             let prof = rec.profiler.as_mut().expect("checked");
             let slice = prof.readback.slice(0..profiled as u64 * 8);
             slice.map_async(wgpu::MapMode::Read, |_| {});
-            self.wait()?;
+            self.poll_idle()?;
             let ticks: Vec<u64> = {
                 let data = slice
                     .get_mapped_range()
