@@ -338,10 +338,15 @@ fn outcome(model: &StableDiffusion, name: &str) -> (f64, f64) {
 
 /// [`outcome`] with the request given (a case's request changed on purpose).
 fn outcome_with(model: &StableDiffusion, name: &str, req: GenerateRequest) -> (f64, f64) {
-    let case = case(name);
     let out = model
         .generate(&req, &mut |_| true)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
+    score(name, &out)
+}
+
+/// (PSNR against case `name`'s PNG, final latents relative L2) of an output.
+fn score(name: &str, out: &ldm_wgpu::pipeline::Generated) -> (f64, f64) {
+    let case = case(name);
     let want = Image::load_png(&fixture_dir().join(case["image"].as_str().unwrap())).unwrap();
     let db = psnr(&out.images[0], &want);
     let s: Vec<usize> = case["latents_shape"]
@@ -694,4 +699,236 @@ fn sdxl_base_configs_are_understood() {
         c.projection_dim.unwrap() + 6 * tt.time_embed_dim,
         tt.input_dim
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Single-file SDXL checkpoints (generative-models names)
+// ---------------------------------------------------------------------------------------------
+
+/// The fixture model as one SGM-named `.safetensors` file, assembled in a temp folder from the
+/// folder's tensors by tools/make_sdxl_single_file.py's recipe (`single_file_map.json`; that
+/// script checked that diffusers' `from_single_file` turns the file back into the folder's
+/// tensors, every one bit for bit).
+fn assemble_single_file() -> PathBuf {
+    use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+    let recipe: Value = serde_json::from_slice(
+        &std::fs::read(fixture_dir().join("single_file_map.json"))
+            .expect("tests/fixtures/sdxl/single_file_map.json"),
+    )
+    .unwrap();
+    let files: Vec<(&str, Vec<u8>)> = [
+        ("unet", "unet/diffusion_pytorch_model.safetensors"),
+        ("vae", "vae/diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "text_encoder/model.safetensors"),
+        ("text_encoder_2", "text_encoder_2/model.safetensors"),
+    ]
+    .into_iter()
+    .map(|(c, f)| (c, std::fs::read(model_dir().join(f)).unwrap()))
+    .collect();
+    let parsed: Vec<(&str, SafeTensors)> = files
+        .iter()
+        .map(|(c, b)| (*c, SafeTensors::deserialize(b).unwrap()))
+        .collect();
+    let tensor = |c: &str, k: &str| {
+        let st = &parsed.iter().find(|(n, _)| *n == c).unwrap().1;
+        st.tensor(k).unwrap_or_else(|_| panic!("{c}: {k}"))
+    };
+    let mut out: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for e in recipe.as_array().unwrap() {
+        let parts: Vec<TensorView> = e["from"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| tensor(p[0].as_str().unwrap(), p[1].as_str().unwrap()))
+            .collect();
+        let shape: Vec<usize> = e["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let dtype = parts[0].dtype();
+        let bytes = match e["op"].as_str().unwrap() {
+            // [R, C] stored as [C, R] (OpenCLIP's text_projection)
+            "transpose" => {
+                let (s, src) = (parts[0].shape(), parts[0].data());
+                let size = dtype.bitsize() / 8;
+                let mut t = vec![0u8; src.len()];
+                for r in 0..s[0] {
+                    for c in 0..s[1] {
+                        let (from, to) = ((r * s[1] + c) * size, (c * s[0] + r) * size);
+                        t[to..to + size].copy_from_slice(&src[from..from + size]);
+                    }
+                }
+                t
+            }
+            // copy, reshape, concat along dim 0: the bytes one after another
+            _ => parts.iter().flat_map(|p| p.data().to_vec()).collect(),
+        };
+        out.push((e["key"].as_str().unwrap().to_string(), dtype, shape, bytes));
+    }
+    let views: Vec<(String, TensorView)> = out
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let path = std::env::temp_dir().join(format!(
+        "ldm-sdxl-single-{}-{:?}.safetensors",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    path
+}
+
+/// What the tiny single file's shapes cannot say, as a user would pass it (real SDXL files need
+/// none of these): head counts (head_dim 16 in the U-Net, 2 heads in each text encoder, where
+/// the real models use head_dim 64), 8 norm groups instead of 32, the 64 px training size.
+/// text_encoder's `projection_dim` is unused by CLIPTextModel; set to the folder's so the
+/// configs compare equal.
+fn tiny_single_file_options() -> LoadOptions {
+    let mut opts = LoadOptions {
+        image_size: Some(64),
+        ..LoadOptions::default()
+    };
+    let set = |m: &mut serde_json::Map<String, Value>, k: &str, v: Value| {
+        m.insert(k.into(), v);
+    };
+    set(
+        &mut opts.unet_overrides,
+        "attention_head_dim",
+        serde_json::json!([2, 4]),
+    );
+    set(&mut opts.unet_overrides, "norm_num_groups", 8.into());
+    set(&mut opts.vae_overrides, "norm_num_groups", 8.into());
+    set(
+        &mut opts.text_encoder_overrides,
+        "num_attention_heads",
+        2.into(),
+    );
+    set(
+        &mut opts.text_encoder_overrides,
+        "projection_dim",
+        24.into(),
+    );
+    set(
+        &mut opts.text_encoder_2_overrides,
+        "num_attention_heads",
+        2.into(),
+    );
+    opts
+}
+
+/// Recognised as SDXL by its keys; configs inferred from the shapes (plus the overrides above)
+/// equal the folder's config.json files field by field, the scheduler is SDXL base's, and every
+/// tensor of the file is used.
+#[test]
+fn single_file_configs_match_the_folder() {
+    use ldm_wgpu::models::vae::VaeConfig;
+    use ldm_wgpu::weights::{open_model, ModelFamily, SourceLayout};
+    let path = assemble_single_file();
+    let single = open_model(&path, &tiny_single_file_options()).unwrap();
+    let folder = open_model(model_dir(), &LoadOptions::default()).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(single.layout, SourceLayout::SingleFile);
+    assert_eq!(single.family, ModelFamily::Sdxl);
+    assert!(
+        single.unrecognized_keys.is_empty(),
+        "{:?}",
+        single.unrecognized_keys
+    );
+    assert!(single.force_zeros_for_empty_prompt && !single.requires_aesthetics_score);
+    let same = |what: &str, f: String, s: String| {
+        assert!(
+            f == s,
+            "{what}: configs differ\nfolder: {f}\nsingle file: {s}"
+        );
+    };
+    same(
+        "unet",
+        format!("{:#?}", UNetConfig::from_json(&folder.unet.config).unwrap()),
+        format!("{:#?}", UNetConfig::from_json(&single.unet.config).unwrap()),
+    );
+    same(
+        "vae",
+        format!("{:#?}", VaeConfig::from_json(&folder.vae.config).unwrap()),
+        format!("{:#?}", VaeConfig::from_json(&single.vae.config).unwrap()),
+    );
+    same(
+        "text_encoder",
+        format!(
+            "{:#?}",
+            ClipConfig::from_json(&folder.text_encoder.config).unwrap()
+        ),
+        format!(
+            "{:#?}",
+            ClipConfig::from_json(&single.text_encoder.config).unwrap()
+        ),
+    );
+    let (f2, s2) = (
+        folder.text_encoder_2.unwrap(),
+        single.text_encoder_2.unwrap(),
+    );
+    same(
+        "text_encoder_2",
+        format!("{:#?}", ClipConfig::from_json(&f2.config).unwrap()),
+        format!("{:#?}", ClipConfig::from_json(&s2.config).unwrap()),
+    );
+    // the fixture's scheduler_config.json is SDXL base's, which the single file defaults to
+    let (fs, ss) = (&folder.scheduler_config, &single.scheduler_config);
+    for (k, v) in fs.as_object().unwrap() {
+        if !k.starts_with('_') || k == "_class_name" {
+            assert_eq!(Some(v), ss.get(k), "scheduler_config `{k}`");
+        }
+    }
+    // every presented tensor equals the folder's
+    for (what, f, s) in [
+        ("unet", &folder.unet.weights, &single.unet.weights),
+        ("vae", &folder.vae.weights, &single.vae.weights),
+        (
+            "text_encoder",
+            &folder.text_encoder.weights,
+            &single.text_encoder.weights,
+        ),
+        ("text_encoder_2", &f2.weights, &s2.weights),
+    ] {
+        let (fk, sk) = (f.shapes(), s.shapes());
+        assert_eq!(
+            fk.keys().collect::<Vec<_>>(),
+            sk.keys().collect::<Vec<_>>(),
+            "{what}: presented keys"
+        );
+        for (k, shape) in &fk {
+            let (a, b) = (f.get(k, shape).unwrap(), s.get(k, shape).unwrap());
+            assert_eq!(a.to_f32_vec(), b.to_f32_vec(), "{what}: {k}");
+        }
+    }
+}
+
+/// The single file generates the folder's images, bit for bit (same tensors, same configs, same
+/// kernels), and so matches diffusers' reference for the folder (which
+/// `StableDiffusionXLPipeline.from_single_file` reproduces: make_sdxl_single_file.py).
+#[test]
+fn single_file_generates_the_folders_images() {
+    let path = assemble_single_file();
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+    let opts = ModelOptions {
+        dtype: Some(DType::F32),
+        with_encoder: true,
+        load: tiny_single_file_options(),
+        ..Default::default()
+    };
+    let single = StableDiffusion::load(gpu, &path, &opts).unwrap();
+    let _ = std::fs::remove_file(&path);
+    for name in ["euler_neg", "euler_zero_neg", "img2img_euler_neg"] {
+        let req = request(case(name));
+        let a = model_f32().generate(&req, &mut |_| true).unwrap();
+        let b = single.generate(&req, &mut |_| true).unwrap();
+        assert!(
+            a.latents == b.latents && a.images[0].rgb == b.images[0].rgb,
+            "{name}: the single file's output differs from the folder's"
+        );
+        let (db, rel) = score(name, &b);
+        eprintln!("single file {name}: identical to the folder; PSNR {db:.1} dB vs diffusers, latents rel-L2 {rel:.2e}");
+        assert!(db >= 40.0 && rel <= 1e-3, "{name}: {db:.1} dB, {rel:.2e}");
+    }
 }

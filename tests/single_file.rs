@@ -46,6 +46,10 @@ fn single_file_options(unet_heads: Value) -> LoadOptions {
         .insert("norm_num_groups".into(), json!(8));
     opts.text_encoder_overrides
         .insert("num_attention_heads".into(), json!(2));
+    // unused by CLIPTextModel (only SDXL's second encoder projects); the folders' value, so that
+    // the configs compare equal
+    opts.text_encoder_overrides
+        .insert("projection_dim".into(), json!(32));
     opts
 }
 
