@@ -655,9 +655,10 @@ impl StableDiffusion {
         used.into_iter().map(|(_, name)| name).collect()
     }
 
-    /// The weights of this model a LoRA may change, by model (U-Net, text encoder).
-    fn lora_sites(&self) -> [ModelSites<'_>; 2] {
-        [
+    /// The weights of this model a LoRA may change, by model (U-Net, text encoder, SDXL's
+    /// second text encoder).
+    fn lora_sites(&self) -> Vec<ModelSites<'_>> {
+        let mut models = vec![
             ModelSites {
                 target: LoraTarget::Unet,
                 sites: &self.unet.lora_sites,
@@ -666,7 +667,14 @@ impl StableDiffusion {
                 target: LoraTarget::TextEncoder,
                 sites: &self.text_encoder.lora_sites,
             },
-        ]
+        ];
+        if let Some(xl) = &self.sdxl {
+            models.push(ModelSites {
+                target: LoraTarget::TextEncoder2,
+                sites: &xl.text_encoder.text_model.lora_sites,
+            });
+        }
+        models
     }
 
     /// The weights of this model a LoRA file may name (to open one with

@@ -706,14 +706,14 @@ fn sdxl_base_configs_are_understood() {
 // ---------------------------------------------------------------------------------------------
 
 /// The fixture model as one SGM-named `.safetensors` file, assembled in a temp folder from the
-/// folder's tensors by tools/make_sdxl_single_file.py's recipe (`single_file_map.json`; that
+/// folder's tensors by tools/make_sdxl_single_file.py's recipe (`single_file/recipe.json`; that
 /// script checked that diffusers' `from_single_file` turns the file back into the folder's
 /// tensors, every one bit for bit).
 fn assemble_single_file() -> PathBuf {
     use safetensors::tensor::{Dtype, SafeTensors, TensorView};
     let recipe: Value = serde_json::from_slice(
-        &std::fs::read(fixture_dir().join("single_file_map.json"))
-            .expect("tests/fixtures/sdxl/single_file_map.json"),
+        &std::fs::read(fixture_dir().join("single_file/recipe.json"))
+            .expect("tests/fixtures/sdxl/single_file/recipe.json"),
     )
     .unwrap();
     let files: Vec<(&str, Vec<u8>)> = [
@@ -931,4 +931,113 @@ fn single_file_generates_the_folders_images() {
         eprintln!("single file {name}: identical to the folder; PSNR {db:.1} dB vs diffusers, latents rel-L2 {rel:.2e}");
         assert!(db >= 40.0 && rel <= 1e-3, "{name}: {db:.1} dB, {rel:.2e}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoRA (tests/fixtures/sdxl/lora: tools/make_sdxl_lora_fixtures.py)
+// ---------------------------------------------------------------------------------------------
+
+fn lora_case(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixture_dir().join("lora/cases.json"))
+        .expect("tests/fixtures/sdxl/lora/cases.json (run tools/make_sdxl_lora_fixtures.py)");
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    doc["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no LoRA case {name}"))
+        .clone()
+}
+
+/// (PSNR, latents rel-L2) of `out` against LoRA case `name`'s diffusers reference.
+fn lora_score(name: &str, out: &ldm_wgpu::pipeline::Generated) -> (f64, f64) {
+    let case = lora_case(name);
+    let want = Image::load_png(&fixture_dir().join(case["image"].as_str().unwrap())).unwrap();
+    let want_latents = nchw_to_nhwc(&read_f32(case["latents"].as_str().unwrap()), [1, 4, 8, 8]);
+    (
+        psnr(&out.images[0], &want),
+        rel_l2(&out.latents, &as_f64(&want_latents)),
+    )
+}
+
+/// A LoRA on all three SDXL models (U-Net, text_encoder, text_encoder_2), as diffusers'
+/// `load_lora_weights` + `set_adapters` applies it: the PEFT file at 0.8 and -0.6, and the same
+/// LoRA in kohya's SDXL spelling (`lora_unet_input_blocks_…` SGM module names, `lora_te1_`,
+/// `lora_te2_`, alpha ≠ rank) against the PEFT file's reference. Without text_encoder_2's part
+/// the image lands at 14.8 dB (make_sdxl_lora_fixtures.py), so a skipped second encoder fails.
+/// Clearing the LoRAs restores the model bit for bit.
+#[test]
+fn lora_on_all_three_models_matches_diffusers() {
+    use ldm_wgpu::lora::LoraSpec;
+    use ldm_wgpu::weights::lora::LoraTarget;
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+    let opts = ModelOptions {
+        dtype: Some(DType::F32),
+        ..Default::default()
+    };
+    let model = StableDiffusion::load(gpu, &model_dir(), &opts).unwrap();
+    let req = request(case("euler_neg"));
+    let before = model.generate(&req, &mut |_| true).unwrap();
+    for (file, weight, reference) in [
+        ("peft", 0.8, "lora_peft"),
+        ("peft", -0.6, "lora_peft_negative"),
+        ("kohya_sgm", 0.8, "lora_peft"),
+    ] {
+        let path = fixture_dir().join(format!("lora/{file}.safetensors"));
+        let lora = model.open_lora(&path).unwrap();
+        let counts = lora.layer_counts();
+        // U-Net: 8 transformer blocks × 10 linears, proj_in/out of 4 attentions, 4 resnet and
+        // upsampler weights; 3 layers × 6 linears in each text encoder
+        let want = [
+            (LoraTarget::Unet, 92),
+            (LoraTarget::TextEncoder, 18),
+            (LoraTarget::TextEncoder2, 18),
+        ];
+        assert_eq!(
+            counts,
+            want.into_iter().collect(),
+            "{file}: layers per model"
+        );
+        let applied = model.set_loras(&[LoraSpec::new(lora, weight)]).unwrap();
+        assert_eq!(applied[0].modules, counts, "{file}: merged per model");
+        let out = model.generate(&req, &mut |_| true).unwrap();
+        let (db, rel) = lora_score(reference, &out);
+        eprintln!("{file} at {weight}: PSNR {db:.1} dB vs diffusers ({reference}), latents rel-L2 {rel:.2e}");
+        assert!(db >= 40.0, "{file} at {weight}: PSNR {db:.1} dB < 40 dB");
+        assert!(rel <= 1e-3, "{file} at {weight}: latents rel-L2 {rel:.2e}");
+    }
+    model.clear_loras().unwrap();
+    let after = model.generate(&req, &mut |_| true).unwrap();
+    assert!(
+        before.latents == after.latents && before.images[0].rgb == after.images[0].rgb,
+        "clear_loras did not restore the base model"
+    );
+}
+
+/// Every U-Net key of the fixture survives diffusers → LDM/SGM name → diffusers
+/// (`rename::ldm_unet_names` is the inverse of the single-file renaming).
+#[test]
+fn ldm_unet_names_invert_the_single_file_renaming() {
+    use ldm_wgpu::weights::rename::{ldm_unet_names, unet_key};
+    let comp = open_component(
+        model_dir().join("unet"),
+        ComponentKind::Unet,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let keys: Vec<String> = comp.weights.shapes().into_keys().collect();
+    let names = ldm_unet_names(keys.iter());
+    assert_eq!(names.len(), keys.len(), "every key has an LDM name");
+    for (key, ldm) in &names {
+        assert_eq!(unet_key(ldm, 1).as_deref(), Some(key.as_str()), "{ldm}");
+    }
+    assert_eq!(
+        names["down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k.weight"],
+        "input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight"
+    );
+    assert_eq!(
+        names["up_blocks.0.upsamplers.0.conv.weight"],
+        "output_blocks.1.2.conv.weight"
+    );
 }

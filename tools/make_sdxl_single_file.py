@@ -14,7 +14,7 @@ conversion on its output: every tensor of the pipeline diffusers builds from the
 equal the folder's, bit for bit. The folder's reference images (cases.json) are then the single
 file's references too.
 
-Written: tests/fixtures/sdxl/single_file_map.json, the recipe tests/sdxl_files.rs follows to
+Written: tests/fixtures/sdxl/single_file/recipe.json, the recipe tests/sdxl.rs follows to
 assemble the single file from the folder's tensors at test time (so the fixture does not store the
 8 MB of weights twice): a list of {"key": SGM name, "from": [[component, diffusers key], ...],
 "op": "copy" | "concat" (along dim 0: OpenCLIP's fused in_proj) | "transpose" (OpenCLIP's
@@ -238,9 +238,9 @@ def main():
         check_with_diffusers(path)
     doc = [{"key": k, "from": [list(p) for p in parts], "op": op, "shape": list(sd[k].shape)}
            for k, parts, op in steps]
-    with open(os.path.join(FIXTURE, "single_file_map.json"), "w") as f:
+    with open(os.path.join(FIXTURE, "single_file", "recipe.json"), "w") as f:
         f.write("[\n" + ",\n".join(json.dumps(e) for e in doc) + "\n]\n")
-    print("wrote", os.path.join(FIXTURE, "single_file_map.json"))
+    print("wrote", os.path.join(FIXTURE, "single_file", "recipe.json"))
 
 
 if __name__ == "__main__":

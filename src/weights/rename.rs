@@ -363,6 +363,81 @@ pub fn unet_key(ldm: &str, lpb: usize) -> Option<String> {
     None
 }
 
+/// The LDM/SGM name of every diffusers U-Net key in `keys` (the inverse of [`unet_key`]), for
+/// LoRA files that name U-Net modules the way the original code does (kohya's SDXL LoRAs:
+/// `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`). Layers per block and which up
+/// levels have attentions (the upsampler's slot) are read from the keys, so any depth works.
+pub fn ldm_unet_names<'a>(
+    keys: impl IntoIterator<Item = &'a String> + Clone,
+) -> BTreeMap<String, String> {
+    let lpb = count_indices(keys.clone(), "down_blocks.0.resnets.").max(1);
+    let attn_up: BTreeSet<usize> = keys
+        .clone()
+        .into_iter()
+        .filter(|k| k.contains(".attentions."))
+        .filter_map(|k| split_index(k.strip_prefix("up_blocks.")?).map(|(i, _)| i))
+        .collect();
+    keys.into_iter()
+        .filter_map(|k| Some((k.clone(), unet_key_to_ldm(k, lpb, &attn_up)?)))
+        .collect()
+}
+
+/// One diffusers U-Net key -> its LDM name (see [`ldm_unet_names`]); checked against
+/// [`unet_key`] by a round trip in tests/sdxl.rs.
+fn unet_key_to_ldm(key: &str, lpb: usize, attn_up: &BTreeSet<usize>) -> Option<String> {
+    fn swap(&(a, b): &(&'static str, &'static str)) -> (&'static str, &'static str) {
+        (b, a)
+    }
+    let top: Vec<(&str, &str)> = UNET_TOP_PARTS.iter().map(swap).collect();
+    if let Some(name) = replace_prefix(key, &top) {
+        return Some(name);
+    }
+    let resnet_parts: Vec<(&str, &str)> = UNET_RESNET_PARTS.iter().map(swap).collect();
+    let resnet = |block: String, rest: &str| {
+        replace_prefix(rest, &resnet_parts).map(|r| format!("{block}.{r}"))
+    };
+    // "<kind>.<j>.<rest>" after a block prefix
+    let member = |r: &str| -> Option<(String, usize, String)> {
+        let (kind, r) = r.split_once('.')?;
+        let (j, rest) = split_index(r)?;
+        Some((kind.to_string(), j, rest.to_string()))
+    };
+    if let Some(r) = key.strip_prefix("down_blocks.") {
+        let (level, r) = split_index(r)?;
+        let (kind, j, rest) = member(r)?;
+        let base = 1 + level * (lpb + 1);
+        return match kind.as_str() {
+            "resnets" => resnet(format!("input_blocks.{}.0", base + j), &rest),
+            "attentions" => Some(format!("input_blocks.{}.1.{rest}", base + j)),
+            "downsamplers" => rest
+                .strip_prefix("conv.")
+                .map(|t| format!("input_blocks.{}.0.op.{t}", base + lpb)),
+            _ => None,
+        };
+    }
+    if let Some(r) = key.strip_prefix("mid_block.") {
+        let (kind, j, rest) = member(r)?;
+        return match kind.as_str() {
+            "resnets" if j < 2 => resnet(format!("middle_block.{}", 2 * j), &rest),
+            "attentions" => Some(format!("middle_block.1.{rest}")),
+            _ => None,
+        };
+    }
+    let r = key.strip_prefix("up_blocks.")?;
+    let (level, r) = split_index(r)?;
+    let (kind, j, rest) = member(r)?;
+    let base = level * (lpb + 1);
+    match kind.as_str() {
+        "resnets" => resnet(format!("output_blocks.{}.0", base + j), &rest),
+        "attentions" => Some(format!("output_blocks.{}.1.{rest}", base + j)),
+        "upsamplers" => {
+            let slot = if attn_up.contains(&level) { 2 } else { 1 };
+            Some(format!("output_blocks.{}.{slot}.{rest}", base + lpb))
+        }
+        _ => None,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // VAE
 // ---------------------------------------------------------------------------------------------
