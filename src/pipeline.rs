@@ -588,35 +588,49 @@ impl StableDiffusion {
     /// word of the prompt or the negative prompt, stands for its vectors (diffusers'
     /// `load_textual_inversion`, A1111's embeddings folder). Replaces any earlier set; an empty
     /// slice removes them. Embeddings without vectors for this text encoder's width are skipped
-    /// and reported.
+    /// and reported. SDXL needs vectors for both encoders (`clip_l` for text_encoder, `clip_g`
+    /// for text_encoder_2, told apart by their widths), the same number of each; each encoder
+    /// gets its own rows and each tokenizer the same words (diffusers: `load_textual_inversion`
+    /// once per encoder and tokenizer).
     pub fn set_embeddings(&mut self, embeddings: &[Embedding]) -> Result<EmbeddingsReport> {
-        if self.sdxl.is_some() {
-            let skipped = embeddings
-                .iter()
-                .map(|e| {
-                    let why = "textual inversion with SDXL is not supported yet".to_string();
-                    (e.name.clone(), why)
-                })
-                .collect();
-            return Ok(EmbeddingsReport {
-                loaded: Vec::new(),
-                skipped,
-            });
-        }
         let width = self.text_encoder.config.hidden_size;
+        let width_2 = self
+            .sdxl
+            .as_ref()
+            .map(|xl| xl.text_encoder.text_model.config.hidden_size);
         let first = self.text_encoder.config.vocab_size as u32;
+        let first_2 = self
+            .sdxl
+            .as_ref()
+            .map_or(0, |xl| xl.text_encoder.text_model.config.vocab_size as u32);
         let mut report = EmbeddingsReport::default();
-        let (mut rows, mut words): (Vec<f32>, Vec<(String, Vec<u32>)>) = (Vec::new(), Vec::new());
+        let (mut rows, mut words) = (Vec::<f32>::new(), Vec::<(String, Vec<u32>)>::new());
+        let (mut rows_2, mut words_2) = (Vec::<f32>::new(), Vec::<(String, Vec<u32>)>::new());
         for e in embeddings {
-            let Some((count, values)) = e.vectors(width) else {
-                report.skipped.push((
-                    e.name.clone(),
-                    format!(
-                        "has vectors of width {:?}, this text encoder is {width} wide",
-                        e.widths()
-                    ),
-                ));
-                continue;
+            let usable = match (e.vectors(width), width_2.map(|w| e.vectors(w))) {
+                (Some(v), None) => Ok((v, None)),
+                (Some(v), Some(Some(v2))) if v.0 == v2.0 => Ok((v, Some(v2))),
+                (Some(v), Some(Some(v2))) => Err(format!(
+                    "has {} vectors for text_encoder and {} for text_encoder_2",
+                    v.0, v2.0
+                )),
+                (_, Some(_)) => Err(format!(
+                    "has vectors of width {:?}; this SDXL model needs both {width} (clip_l) and \
+                     {} (clip_g)",
+                    e.widths(),
+                    width_2.unwrap_or(0)
+                )),
+                (None, None) => Err(format!(
+                    "has vectors of width {:?}, this text encoder is {width} wide",
+                    e.widths()
+                )),
+            };
+            let ((count, values), second) = match usable {
+                Ok(v) => v,
+                Err(why) => {
+                    report.skipped.push((e.name.clone(), why));
+                    continue;
+                }
             };
             if words
                 .iter()
@@ -630,11 +644,22 @@ impl StableDiffusion {
             let start = first + (rows.len() / width) as u32;
             words.push((e.name.clone(), (start..start + count as u32).collect()));
             rows.extend_from_slice(values);
+            if let (Some((_, values_2)), Some(w2)) = (second, width_2) {
+                let start = first_2 + (rows_2.len() / w2) as u32;
+                words_2.push((e.name.clone(), (start..start + count as u32).collect()));
+                rows_2.extend_from_slice(values_2);
+            }
             report.loaded.push((e.name.clone(), count));
         }
         self.text_encoder
             .set_extra_tokens(&self.gpu, &rows, rows.len() / width)?;
         self.tokenizer.set_embedding_tokens(&words);
+        if let (Some(xl), Some(w2)) = (self.sdxl.as_mut(), width_2) {
+            xl.text_encoder
+                .text_model
+                .set_extra_tokens(&self.gpu, &rows_2, rows_2.len() / w2)?;
+            xl.tokenizer.set_embedding_tokens(&words_2);
+        }
         self.embeddings = words;
         Ok(report)
     }

@@ -1041,3 +1041,57 @@ fn ldm_unet_names_invert_the_single_file_renaming() {
         "output_blocks.1.2.conv.weight"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Textual inversion (tests/fixtures/sdxl/embeddings: tools/make_sdxl_embedding_fixtures.py)
+// ---------------------------------------------------------------------------------------------
+
+/// SDXL embeddings (`clip_l` for text_encoder, `clip_g` for text_encoder_2) in the prompt (two
+/// vectors) and the negative prompt (one), as diffusers' `load_textual_inversion` per encoder
+/// gives them, the second encoder's legacy argmax pooling landing on the embedding's id as in
+/// transformers; a file with only `clip_l` is skipped with the reason. Without the embeddings the
+/// image is at 12.9 dB (make_sdxl_embedding_fixtures.py).
+#[test]
+fn textual_inversion_on_both_encoders_matches_diffusers() {
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+    let opts = ModelOptions {
+        dtype: Some(DType::F32),
+        ..Default::default()
+    };
+    let mut model = StableDiffusion::load(gpu, &model_dir(), &opts).unwrap();
+    let dir = fixture_dir().join("embeddings");
+    let (found, unreadable) = ldm_wgpu::embeddings::load_dir(&dir.join("lib")).unwrap();
+    assert!(unreadable.is_empty(), "{unreadable:?}");
+    let report = model.set_embeddings(&found).unwrap();
+    assert_eq!(
+        report.loaded,
+        vec![("xldot".to_string(), 1), ("xlstyle".to_string(), 2)]
+    );
+    assert_eq!(report.skipped.len(), 1, "{:?}", report.skipped);
+    assert_eq!(report.skipped[0].0, "l_only");
+    assert!(
+        report.skipped[0].1.contains("clip_g"),
+        "{:?}",
+        report.skipped
+    );
+
+    let doc: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("cases.json")).unwrap()).unwrap();
+    let case = &doc["cases"][0];
+    let mut req = request(case);
+    req.prompt = case["prompt"].as_str().unwrap().into();
+    assert_eq!(
+        model.embeddings_in(&req.prompt),
+        vec!["xlstyle".to_string()]
+    );
+    let out = model.generate(&req, &mut |_| true).unwrap();
+    let want = Image::load_png(&fixture_dir().join(case["image"].as_str().unwrap())).unwrap();
+    let want_latents = nchw_to_nhwc(&read_f32(case["latents"].as_str().unwrap()), [1, 4, 8, 8]);
+    let (db, rel) = (
+        psnr(&out.images[0], &want),
+        rel_l2(&out.latents, &as_f64(&want_latents)),
+    );
+    eprintln!("textual inversion: PSNR {db:.1} dB vs diffusers, latents rel-L2 {rel:.2e}");
+    assert!(db >= 40.0, "PSNR {db:.1} dB < 40 dB");
+    assert!(rel <= 1e-3, "latents rel-L2 {rel:.2e}");
+}
