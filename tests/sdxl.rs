@@ -1147,3 +1147,93 @@ fn emphasis_invariants() {
         "brackets read as text should change the prompt"
     );
 }
+
+/// SDXL base at real size (tools/make_sdxl_single_file.py wrote its key shapes under both
+/// namings from the real configs, no weights): every SGM key renamed to diffusers' key and shape
+/// (OpenCLIP bigG's 32 layers with fused q/k/v, the transposed projection), and the configs
+/// inferred from the shapes alone, without the overrides the tiny fixture needs, equal to
+/// stabilityai/stable-diffusion-xl-base-1.0's where they shape the models.
+#[test]
+fn real_sdxl_base_shapes_rename_and_infer() {
+    use ldm_wgpu::models::vae::VaeConfig;
+    use ldm_wgpu::weights::rename::{self, InferHints, Renamed};
+    use ldm_wgpu::weights::ModelFamily;
+    use std::collections::BTreeMap;
+    let doc: Value = serde_json::from_slice(
+        &std::fs::read(fixture_dir().join("single_file/sdxl-base-real.shapes.json")).unwrap(),
+    )
+    .unwrap();
+    let to_map = |v: &Value| -> BTreeMap<String, Vec<usize>> {
+        let dims = |s: &Value| -> Vec<usize> {
+            let a = s.as_array().unwrap();
+            a.iter().map(|d| d.as_u64().unwrap() as usize).collect()
+        };
+        let obj = v.as_object().unwrap();
+        obj.iter().map(|(k, s)| (k.clone(), dims(s))).collect()
+    };
+    let stored = to_map(&doc["ldm_shapes"]);
+    let plan = rename::plan_single_file(&stored).unwrap();
+    assert!(plan.unrecognized.is_empty(), "{:?}", plan.unrecognized);
+    let present = |m: &BTreeMap<String, Renamed>| -> BTreeMap<String, Vec<usize>> {
+        m.iter()
+            .map(|(k, r)| {
+                let shape = r.transform.apply_shape(&stored[&r.source_key]).unwrap();
+                (k.clone(), shape)
+            })
+            .collect()
+    };
+    let mut shapes = BTreeMap::new();
+    for (part, map) in [
+        ("unet", &plan.unet),
+        ("vae", &plan.vae),
+        ("text_encoder", &plan.text_encoder),
+        ("text_encoder_2", &plan.text_encoder_2),
+    ] {
+        let got = present(map);
+        let want = to_map(&doc["diffusers_shapes"][part]);
+        // transformers keeps CLIPTextModel's weights without `text_model.` (>= 5.6); ours with
+        let want: BTreeMap<String, Vec<usize>> = want
+            .into_iter()
+            .map(|(k, s)| match part {
+                "text_encoder" if !k.starts_with("text_model.") => (format!("text_model.{k}"), s),
+                _ => (k, s),
+            })
+            .collect();
+        assert_eq!(got, want, "{part}: presented keys and shapes");
+        shapes.insert(part, got);
+    }
+    assert_eq!(plan.family(&shapes["unet"]), ModelFamily::Sdxl);
+    let hints = InferHints {
+        text_embeds_dim: Some(shapes["text_encoder_2"]["text_projection.weight"][0]),
+        ..InferHints::default()
+    };
+    let configs = &doc["configs"];
+    let unet = rename::infer_unet_config(&shapes["unet"], ModelFamily::Sdxl, &hints).unwrap();
+    let vae = rename::infer_vae_config(&shapes["vae"], ModelFamily::Sdxl, &hints).unwrap();
+    let te = rename::infer_text_encoder_config(&shapes["text_encoder"], ModelFamily::Sdxl).unwrap();
+    let te2 = rename::infer_text_encoder_2_config(&shapes["text_encoder_2"]).unwrap();
+    for (part, got) in [
+        ("unet", &unet),
+        ("vae", &vae),
+        ("text_encoder", &te),
+        ("text_encoder_2", &te2),
+    ] {
+        for (k, want) in configs[part].as_object().unwrap() {
+            let got = got.get(k).cloned().unwrap_or(match k.as_str() {
+                "force_upcast" => Value::Bool(true), // AutoencoderKL's default
+                _ => Value::Null,
+            });
+            let same = match (got.as_f64(), want.as_f64()) {
+                (Some(a), Some(b)) => (a - b).abs() < 1e-12,
+                _ => &got == want,
+            };
+            assert!(same, "{part} `{k}`: inferred {got}, SDXL base has {want}");
+        }
+    }
+    UNetConfig::from_json(&unet).unwrap();
+    VaeConfig::from_json(&vae).unwrap();
+    assert_eq!(
+        ClipConfig::from_json(&te2).unwrap().projection_dim,
+        Some(1280)
+    );
+}

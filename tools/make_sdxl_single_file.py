@@ -19,7 +19,8 @@ assemble the single file from the folder's tensors at test time (so the fixture 
 8 MB of weights twice): a list of {"key": SGM name, "from": [[component, diffusers key], ...],
 "op": "copy" | "concat" (along dim 0: OpenCLIP's fused in_proj) | "transpose" (OpenCLIP's
 text_projection, x @ P, is diffusers' Linear weight P.T) | "reshape" (the VAE attention's linear
-weights as LDM's 1x1 convs), "shape": stored shape}.
+weights as LDM's 1x1 convs), "shape": stored shape}; and single_file/sdxl-base-real.shapes.json,
+SDXL base's key shapes under both namings with its configs (see `write_real_shapes`).
 """
 
 import json
@@ -224,7 +225,61 @@ def check_with_diffusers(path):
           "force_zeros_for_empty_prompt:", pipe.config.force_zeros_for_empty_prompt)
 
 
+# stabilityai/stable-diffusion-xl-base-1.0's configs, the keys that shape the models (what
+# from_single_file fetches for an SDXL base checkpoint).
+REAL_UNET = dict(
+    addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    in_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=4,
+    projection_class_embeddings_input_dim=2816, sample_size=128,
+    transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    use_linear_projection=True,
+)
+REAL_VAE = dict(
+    block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, in_channels=3, out_channels=3, latent_channels=4,
+    layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025,
+    force_upcast=True,
+)
+REAL_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                 projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+REAL_TEXT_2 = dict(REAL_TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                   num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+
+
+def write_real_shapes():
+    """single_file/sdxl-base-real.shapes.json: SDXL base's SGM key shapes (through the same
+    recipe, on meta tensors: no weights), the diffusers shapes, and the configs, so the test can
+    check renaming and config inference at real size without the 7 GB file."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        models = {
+            "unet": UNet2DConditionModel(**REAL_UNET),
+            "vae": AutoencoderKL(**REAL_VAE),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**REAL_TEXT)),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**REAL_TEXT_2)),
+        }
+    folder = {c: dict(m.state_dict()) for c, m in models.items()}
+    sd = build(folder, recipe(folder))
+    doc = {
+        "ldm_shapes": {k: list(v.shape) for k, v in sd.items()},
+        "diffusers_shapes": {c: {k: list(v.shape) for k, v in f.items()} for c, f in folder.items()},
+        "configs": {"unet": REAL_UNET, "vae": REAL_VAE, "text_encoder": REAL_TEXT,
+                    "text_encoder_2": REAL_TEXT_2},
+    }
+    path = os.path.join(FIXTURE, "single_file", "sdxl-base-real.shapes.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, separators=(",", ":"))
+    print(f"wrote {path}: {len(sd)} SGM keys")
+
+
 def main():
+    write_real_shapes()
     folder = {c: load_file(os.path.join(MODEL, f)) for c, f in FILES.items()}
     steps = recipe(folder)
     used = {(c, k) for _, parts, _ in steps for c, k in parts}
