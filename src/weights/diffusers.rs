@@ -420,7 +420,10 @@ pub fn open_single_file(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Pi
     };
     let unet_w = store("unet", &plan.unet)?;
     let vae_w = store("vae (`first_stage_model.*`)", &plan.vae)?;
-    let text_w = store("text_encoder (`cond_stage_model.*`)", &plan.text_encoder)?;
+    let text_w = store(
+        "text_encoder (`cond_stage_model.*` / `conditioner.embedders.0.*`)",
+        &plan.text_encoder,
+    )?;
     let text_2_w = match plan.text_encoder_2.is_empty() {
         true => None,
         false => Some(store(

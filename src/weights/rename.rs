@@ -205,6 +205,7 @@ pub fn plan_single_file(stored: &BTreeMap<String, Vec<usize>>) -> Result<RenameP
                 None => plan.unrecognized.push(key.clone()),
             }
         } else if let Some(rest) = key.strip_prefix(SGM_CLIP_PREFIX) {
+            plan.text_kind = Some(TextKind::Clip);
             match clip_key(rest) {
                 ClipKey::Tensor(name) => put(&mut plan.text_encoder, name, Transform::None),
                 ClipKey::Ignored(why) => plan.ignored.push((key.clone(), why)),
