@@ -271,7 +271,7 @@ const UNET_RESNET_PARTS: [(&str, &str); 6] = [
 ];
 
 /// Keys outside the down/mid/up blocks (DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], and
-/// ["unet"]["layers"]'s SDXL additions: `label_emb` is the text_time added embedding; other
+/// ["unet"]["addition_embed_type"]: SDXL's `label_emb` is the text_time added embedding; other
 /// models with `label_emb` are refused by [`check_supported`]).
 const UNET_TOP_PARTS: [(&str, &str); 7] = [
     ("time_embed.0.", "time_embedding.linear_1."),
