@@ -1039,8 +1039,12 @@ fn apply_loras(
             } else {
                 format!("te {} / unet {}", a.text_encoder_weight, a.unet_weight)
             };
+            let te2 = match count(LoraTarget::TextEncoder2) {
+                0 => String::new(),
+                n => format!(" (+ {n} in text_encoder_2)"),
+            };
             eprintln!(
-                "lora:    {} weight {weight}: {} U-Net and {} text-encoder modules",
+                "lora:    {} weight {weight}: {} U-Net and {} text-encoder modules{te2}",
                 a.name,
                 count(LoraTarget::Unet),
                 count(LoraTarget::TextEncoder)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::embeddings::Embedding;
 use crate::image::Image;
-use crate::kernels::{elementwise, fill, sampler_step};
+use crate::kernels::{elementwise, emphasis, fill, sampler_step};
 use crate::lora::{
     lora_targets, AppliedLora, LoraBackup, LoraSpec, LoraState, ModelSites, PromptLoras,
 };
@@ -590,35 +590,49 @@ impl StableDiffusion {
     /// word of the prompt or the negative prompt, stands for its vectors (diffusers'
     /// `load_textual_inversion`, A1111's embeddings folder). Replaces any earlier set; an empty
     /// slice removes them. Embeddings without vectors for this text encoder's width are skipped
-    /// and reported.
+    /// and reported. SDXL needs vectors for both encoders (`clip_l` for text_encoder, `clip_g`
+    /// for text_encoder_2, told apart by their widths), the same number of each; each encoder
+    /// gets its own rows and each tokenizer the same words (diffusers: `load_textual_inversion`
+    /// once per encoder and tokenizer).
     pub fn set_embeddings(&mut self, embeddings: &[Embedding]) -> Result<EmbeddingsReport> {
-        if self.sdxl.is_some() {
-            let skipped = embeddings
-                .iter()
-                .map(|e| {
-                    let why = "textual inversion with SDXL is not supported yet".to_string();
-                    (e.name.clone(), why)
-                })
-                .collect();
-            return Ok(EmbeddingsReport {
-                loaded: Vec::new(),
-                skipped,
-            });
-        }
         let width = self.text_encoder.config.hidden_size;
+        let width_2 = self
+            .sdxl
+            .as_ref()
+            .map(|xl| xl.text_encoder.text_model.config.hidden_size);
         let first = self.text_encoder.config.vocab_size as u32;
+        let first_2 = self
+            .sdxl
+            .as_ref()
+            .map_or(0, |xl| xl.text_encoder.text_model.config.vocab_size as u32);
         let mut report = EmbeddingsReport::default();
-        let (mut rows, mut words): (Vec<f32>, Vec<(String, Vec<u32>)>) = (Vec::new(), Vec::new());
+        let (mut rows, mut words) = (Vec::<f32>::new(), Vec::<(String, Vec<u32>)>::new());
+        let (mut rows_2, mut words_2) = (Vec::<f32>::new(), Vec::<(String, Vec<u32>)>::new());
         for e in embeddings {
-            let Some((count, values)) = e.vectors(width) else {
-                report.skipped.push((
-                    e.name.clone(),
-                    format!(
-                        "has vectors of width {:?}, this text encoder is {width} wide",
-                        e.widths()
-                    ),
-                ));
-                continue;
+            let usable = match (e.vectors(width), width_2.map(|w| e.vectors(w))) {
+                (Some(v), None) => Ok((v, None)),
+                (Some(v), Some(Some(v2))) if v.0 == v2.0 => Ok((v, Some(v2))),
+                (Some(v), Some(Some(v2))) => Err(format!(
+                    "has {} vectors for text_encoder and {} for text_encoder_2",
+                    v.0, v2.0
+                )),
+                (_, Some(_)) => Err(format!(
+                    "has vectors of width {:?}; this SDXL model needs both {width} (clip_l) and \
+                     {} (clip_g)",
+                    e.widths(),
+                    width_2.unwrap_or(0)
+                )),
+                (None, None) => Err(format!(
+                    "has vectors of width {:?}, this text encoder is {width} wide",
+                    e.widths()
+                )),
+            };
+            let ((count, values), second) = match usable {
+                Ok(v) => v,
+                Err(why) => {
+                    report.skipped.push((e.name.clone(), why));
+                    continue;
+                }
             };
             if words
                 .iter()
@@ -632,11 +646,22 @@ impl StableDiffusion {
             let start = first + (rows.len() / width) as u32;
             words.push((e.name.clone(), (start..start + count as u32).collect()));
             rows.extend_from_slice(values);
+            if let (Some((_, values_2)), Some(w2)) = (second, width_2) {
+                let start = first_2 + (rows_2.len() / w2) as u32;
+                words_2.push((e.name.clone(), (start..start + count as u32).collect()));
+                rows_2.extend_from_slice(values_2);
+            }
             report.loaded.push((e.name.clone(), count));
         }
         self.text_encoder
             .set_extra_tokens(&self.gpu, &rows, rows.len() / width)?;
         self.tokenizer.set_embedding_tokens(&words);
+        if let (Some(xl), Some(w2)) = (self.sdxl.as_mut(), width_2) {
+            xl.text_encoder
+                .text_model
+                .set_extra_tokens(&self.gpu, &rows_2, rows_2.len() / w2)?;
+            xl.tokenizer.set_embedding_tokens(&words_2);
+        }
         self.embeddings = words;
         Ok(report)
     }
@@ -657,9 +682,10 @@ impl StableDiffusion {
         used.into_iter().map(|(_, name)| name).collect()
     }
 
-    /// The weights of this model a LoRA may change, by model (U-Net, text encoder).
-    fn lora_sites(&self) -> [ModelSites<'_>; 2] {
-        [
+    /// The weights of this model a LoRA may change, by model (U-Net, text encoder, SDXL's
+    /// second text encoder).
+    fn lora_sites(&self) -> Vec<ModelSites<'_>> {
+        let mut models = vec![
             ModelSites {
                 target: LoraTarget::Unet,
                 sites: &self.unet.lora_sites,
@@ -668,7 +694,14 @@ impl StableDiffusion {
                 target: LoraTarget::TextEncoder,
                 sites: &self.text_encoder.lora_sites,
             },
-        ]
+        ];
+        if let Some(xl) = &self.sdxl {
+            models.push(ModelSites {
+                target: LoraTarget::TextEncoder2,
+                sites: &xl.text_encoder.text_model.lora_sites,
+            });
+        }
+        models
     }
 
     /// The weights of this model a LoRA file may name (to open one with
@@ -826,25 +859,34 @@ impl StableDiffusion {
     /// .encode_prompt` does per prompt: each tokenizer pads to 77 (tokenizer_2 with "!"), each
     /// encoder's `hidden_states[-(clip_skip + 2)]` (no final layer norm), concatenated on
     /// channels ([1, 77, C1 + C2]), and encoder 2's pooled, projected output [1, P]. True when
-    /// either tokenizer truncated.
+    /// either tokenizer truncated. A prompt with A1111's emphasis syntax (when `weighting`) is
+    /// weighted as A1111's SDXL conditioner does it: each embedder
+    /// (`FrozenCLIPEmbedderWithCustomWordsBase`) tokenizes the pieces and weights its own
+    /// output's rows, restoring that output's mean, before the two are concatenated; the pooled
+    /// output is the unweighted one.
     fn encode_pair_sdxl(
         &self,
         xl: &SdxlEncoder,
-        prompt: &str,
-        prompt_2: &str,
+        prompts: [&str; 2],
         clip_skip: Option<usize>,
+        weighting: bool,
     ) -> Result<(Tensor, Tensor, bool)> {
         let gpu = &self.gpu;
-        let ids_1 = self.tokenizer.encode_padded(prompt);
-        let ids_2 = xl.tokenizer.encode_padded(prompt_2);
+        let w1 = sdxl_window(&self.tokenizer, prompts[0], weighting);
+        let w2 = sdxl_window(&xl.tokenizer, prompts[1], weighting);
         let h1 = self
             .text_encoder
-            .penultimate(gpu, &ids_1.ids, 1, clip_skip)?; // [1, 77, C1]
+            .penultimate(gpu, &w1.chunk.ids, 1, clip_skip)?; // [1, 77, C1]
         let (h2, pooled) = xl
             .text_encoder
-            .forward_sdxl(gpu, &ids_2.ids, 1, clip_skip)?; // [1, 77, C2], [1, P]
+            .forward_sdxl(gpu, &w2.chunk.ids, 1, clip_skip)?; // [1, 77, C2], [1, P]
+        let weigh = |h: Tensor, w: &WeightedChunk| match w.is_weighted() {
+            true => emphasis::emphasis(gpu, &h, &w.weights), // [1, 77, C]
+            false => Ok(h),
+        };
+        let (h1, h2) = (weigh(h1, &w1.chunk)?, weigh(h2, &w2.chunk)?);
         let context = elementwise::concat_channels(gpu, &h1, &h2)?; // [1, 77, C1 + C2]
-        Ok((context, pooled, ids_1.truncated || ids_2.truncated))
+        Ok((context, pooled, w1.truncated || w2.truncated))
     }
 
     /// SDXL's `encode_prompt` and `_get_add_time_ids`: the context [2B or B, 77, C1 + C2]
@@ -868,8 +910,9 @@ impl StableDiffusion {
             }
         };
         let prompt_2 = or_first(&req.prompt_2, &req.prompt);
+        let weighting = req.prompt_weighting;
         let (cond, cond_pooled, truncated) =
-            self.encode_pair_sdxl(xl, &req.prompt, &prompt_2, req.clip_skip)?;
+            self.encode_pair_sdxl(xl, [&req.prompt, &prompt_2], req.clip_skip, weighting)?;
         let zero_negative = xl.force_zeros_for_empty_prompt
             && req.negative_prompt.is_empty()
             && !req.encode_empty_negative;
@@ -884,8 +927,8 @@ impl StableDiffusion {
             }
             (true, false) => {
                 let negative_2 = or_first(&req.negative_prompt_2, &req.negative_prompt);
-                let (context, pooled, _) =
-                    self.encode_pair_sdxl(xl, &req.negative_prompt, &negative_2, None)?;
+                let prompts = [req.negative_prompt.as_str(), &negative_2];
+                let (context, pooled, _) = self.encode_pair_sdxl(xl, prompts, None, weighting)?;
                 Some((context, pooled))
             }
         };
@@ -952,24 +995,6 @@ impl StableDiffusion {
             return Err(Error::Unsupported(
                 "long prompts (chunks) with SDXL: diffusers truncates to 77 tokens; drop \
                  --long-prompts"
-                    .into(),
-            ));
-        }
-        let empty = String::new();
-        let prompts = [
-            &req.prompt,
-            &req.negative_prompt,
-            req.prompt_2.as_ref().unwrap_or(&empty),
-            req.negative_prompt_2.as_ref().unwrap_or(&empty),
-        ];
-        let weighted = |p: &String| {
-            crate::prompt::parse_attention(p) != [crate::prompt::Piece::Text(p.clone(), 1.0)]
-                && !p.is_empty()
-        };
-        if req.prompt_weighting && prompts.into_iter().any(weighted) {
-            return Err(Error::Unsupported(
-                "A1111 prompt emphasis with SDXL: give --no-prompt-weighting to read the \
-                 brackets as plain text, as diffusers does"
                     .into(),
             ));
         }
@@ -1649,6 +1674,37 @@ fn add_time_ids(req: &GenerateRequest, aesthetics: bool, negative: bool) -> Vec<
 /// An SDXL folder's parts must fit together: the U-Net's cross-attention takes both encoders'
 /// widths, its added embedding the pooled projection and `time_ids` ids (6, or 5 with an
 /// aesthetic score); an SD U-Net with text_time conditioning but one encoder cannot run.
+/// One SDXL encoder's 77-token window for `prompt`.
+struct SdxlWindow {
+    /// Token ids (BOS, tokens, EOS, padding) and one weight per token.
+    chunk: WeightedChunk,
+    truncated: bool,
+}
+
+/// The ids diffusers' tokenizer call gives (`encode_padded`); where `weighting` is on and the
+/// prompt uses A1111's emphasis syntax, the pieces tokenized one by one with their weights
+/// (`tokenize_weighted`, cut after 75 tokens as diffusers cuts; long prompts are refused for
+/// SDXL before this).
+fn sdxl_window(tokenizer: &ClipTokenizer, prompt: &str, weighting: bool) -> SdxlWindow {
+    let pieces = crate::prompt::parse_attention(prompt);
+    let plain = pieces == [crate::prompt::Piece::Text(prompt.to_string(), 1.0)];
+    if weighting && !plain && !prompt.is_empty() {
+        let w = tokenize_weighted(tokenizer, &pieces, Chunking::Truncate);
+        return SdxlWindow {
+            chunk: w.chunks.into_iter().next().expect("one window"),
+            truncated: w.truncated,
+        };
+    }
+    let e = tokenizer.encode_padded(prompt);
+    SdxlWindow {
+        chunk: WeightedChunk {
+            weights: vec![1.0; e.ids.len()],
+            ids: e.ids,
+        },
+        truncated: e.truncated,
+    }
+}
+
 fn check_sdxl_widths(
     clip: &ClipConfig,
     clip_2: Option<&ClipConfig>,

@@ -621,14 +621,15 @@ fn dtypes_convert_and_unknown_dtypes_error() {
 }
 
 #[test]
-fn sdxl_and_non_ldm_files_are_refused() {
+fn sdxl_refiner_and_non_ldm_files_are_refused() {
     let dir = scratch_dir("sdxl");
     let path = dir.join("sdxl.safetensors");
+    // the SDXL refiner: OpenCLIP bigG alone, in slot 0 (SDXL base files are read: tests/sdxl.rs)
     write_safetensors(
         &path,
         &[
             (
-                "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
+                "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias",
                 "F32",
                 vec![1],
                 f32_bytes(&[0.0]),
@@ -642,7 +643,9 @@ fn sdxl_and_non_ldm_files_are_refused() {
         ],
     );
     match open_model(&path, &LoadOptions::default()) {
-        Err(e @ WeightError::Unsupported { .. }) => assert!(e.to_string().contains("SDXL"), "{e}"),
+        Err(e @ WeightError::Unsupported { .. }) => {
+            assert!(e.to_string().contains("SDXL refiner"), "{e}")
+        }
         other => panic!("expected unsupported, got {other:?}"),
     }
     // a diffusers component file is not a single-file checkpoint

@@ -49,6 +49,17 @@ pub struct LoadOptions {
     pub unet_overrides: Map<String, Value>,
     pub vae_overrides: Map<String, Value>,
     pub text_encoder_overrides: Map<String, Value>,
+    /// SDXL single files: written over text_encoder_2's inferred config.
+    pub text_encoder_2_overrides: Map<String, Value>,
+}
+
+impl LoadOptions {
+    fn hints(&self) -> InferHints {
+        InferHints {
+            image_size: self.image_size,
+            text_embeds_dim: None,
+        }
+    }
 }
 
 /// One model's weights and its diffusers config.json.
@@ -347,7 +358,7 @@ pub fn open_component(
             }
             ComponentKind::Vae => ModelFamily::Sd1,
         };
-        (infer(kind, &shapes, family, opts)?, true)
+        (infer(kind, &shapes, family, &opts.hints())?, true)
     };
     apply_overrides(&mut config, overrides(kind, opts));
     Ok(Component {
@@ -357,7 +368,8 @@ pub fn open_component(
     })
 }
 
-/// Opens a single-file CompVis/LDM checkpoint: one memory map, three renamed views.
+/// Opens a single-file CompVis/LDM or SDXL (generative-models) checkpoint: one memory map, three
+/// renamed views (four for SDXL).
 pub fn open_single_file(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<PipelineWeights> {
     let path = path.as_ref();
     if path
@@ -408,12 +420,30 @@ pub fn open_single_file(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Pi
     };
     let unet_w = store("unet", &plan.unet)?;
     let vae_w = store("vae (`first_stage_model.*`)", &plan.vae)?;
-    let text_w = store("text_encoder (`cond_stage_model.*`)", &plan.text_encoder)?;
+    let text_w = store(
+        "text_encoder (`cond_stage_model.*` / `conditioner.embedders.0.*`)",
+        &plan.text_encoder,
+    )?;
+    let text_2_w = match plan.text_encoder_2.is_empty() {
+        true => None,
+        false => Some(store(
+            "text_encoder_2 (`conditioner.embedders.1.model.*`)",
+            &plan.text_encoder_2,
+        )?),
+    };
     let unet_shapes = unet_w.shapes();
     let family = plan.family(&unet_shapes);
+    let text_2_shapes = text_2_w.as_ref().map(WeightStore::shapes);
+    let hints = InferHints {
+        text_embeds_dim: text_2_shapes
+            .as_ref()
+            .and_then(|s| s.get("text_projection.weight"))
+            .and_then(|s| s.first().copied()),
+        ..opts.hints()
+    };
     let component =
         |kind: ComponentKind, weights: WeightStore, shapes: &BTreeMap<String, Vec<usize>>| {
-            let mut config = infer(kind, shapes, family, opts)?;
+            let mut config = infer(kind, shapes, family, &hints)?;
             apply_overrides(&mut config, overrides(kind, opts));
             Ok::<_, WeightError>(Component {
                 weights,
@@ -426,17 +456,27 @@ pub fn open_single_file(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Pi
     let vae = component(ComponentKind::Vae, vae_w, &vae_shapes)?;
     let text_shapes = text_w.shapes();
     let text_encoder = component(ComponentKind::TextEncoder, text_w, &text_shapes)?;
+    let text_encoder_2 = match (text_2_w, &text_2_shapes) {
+        (Some(w), Some(shapes)) => Some(component(ComponentKind::TextEncoder2, w, shapes)?),
+        _ => None,
+    };
     let prediction = opts
         .prediction_type
         .unwrap_or_else(|| default_prediction(family, &unet.config));
+    let sdxl = family == ModelFamily::Sdxl;
     Ok(PipelineWeights {
         unet,
         vae,
         text_encoder,
-        text_encoder_2: None,
-        force_zeros_for_empty_prompt: false,
+        text_encoder_2,
+        // StableDiffusionXLPipeline's default, which from_single_file keeps
+        force_zeros_for_empty_prompt: sdxl,
         requires_aesthetics_score: false,
-        scheduler_config: rename::default_scheduler_config(prediction),
+        scheduler_config: if sdxl {
+            rename::sdxl_scheduler_config(prediction)
+        } else {
+            rename::default_scheduler_config(prediction)
+        },
         family,
         layout: SourceLayout::SingleFile,
         ignored_keys: plan.ignored,
@@ -448,31 +488,23 @@ fn infer(
     kind: ComponentKind,
     shapes: &BTreeMap<String, Vec<usize>>,
     family: ModelFamily,
-    opts: &LoadOptions,
+    hints: &InferHints,
 ) -> Result<Value> {
-    let hints = InferHints {
-        image_size: opts.image_size,
-    };
     match kind {
-        ComponentKind::Unet => rename::infer_unet_config(shapes, family, &hints),
-        ComponentKind::Vae => rename::infer_vae_config(shapes, family, &hints),
+        ComponentKind::Unet => rename::infer_unet_config(shapes, family, hints),
+        ComponentKind::Vae => rename::infer_vae_config(shapes, family, hints),
         ComponentKind::TextEncoder => rename::infer_text_encoder_config(shapes, family),
-        ComponentKind::TextEncoder2 => Err(WeightError::Config {
-            what: "text_encoder_2".into(),
-            reason: "no config.json: an SDXL folder's second text encoder needs its config \
-                     (projection_dim, hidden_act)"
-                .into(),
-        }),
+        ComponentKind::TextEncoder2 => rename::infer_text_encoder_2_config(shapes),
     }
 }
 
-/// The user's config overrides for `kind` (none are offered for SDXL's second encoder).
+/// The user's config overrides for `kind`.
 fn overrides(kind: ComponentKind, opts: &LoadOptions) -> Option<&Map<String, Value>> {
     match kind {
         ComponentKind::Unet => Some(&opts.unet_overrides),
         ComponentKind::Vae => Some(&opts.vae_overrides),
         ComponentKind::TextEncoder => Some(&opts.text_encoder_overrides),
-        ComponentKind::TextEncoder2 => None,
+        ComponentKind::TextEncoder2 => Some(&opts.text_encoder_2_overrides),
     }
 }
 

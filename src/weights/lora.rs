@@ -12,7 +12,9 @@
 //!   `…to_q.lora.down.weight`, `…lora_linear_layer.down.weight`).
 //!
 //! Underscored kohya names are matched against the target model's own module names (each
-//! module's dotted name with `.` → `_`), as A1111 and diffusers do, so no rename table can drift.
+//! module's dotted name with `.` → `_`), as A1111 and diffusers do, so no rename table can drift;
+//! U-Net modules also under their LDM/SGM names (`input_blocks_4_1_…`: kohya's SDXL LoRAs), from
+//! the inverse of the single-file renaming (`rename::ldm_unet_names`).
 //! Scale (diffusers' and A1111's): `weight × alpha / rank`, or `weight` when the file has no alpha.
 
 use std::collections::{BTreeMap, HashMap};
@@ -138,10 +140,25 @@ impl LoraTargets {
     }
 
     /// Underscored module name (`down_blocks_0_attentions_0_…_to_q`, text encoders with and
-    /// without `text_model_`) → canonical weight key, per target.
+    /// without `text_model_`; U-Net modules also under their LDM/SGM names,
+    /// `input_blocks_4_1_…_to_q`, as kohya's SDXL LoRAs spell them) → canonical weight key, per
+    /// target.
     fn underscored(&self, target: LoraTarget) -> HashMap<String, String> {
         let mut out = HashMap::new();
-        for key in self.models.get(&target).into_iter().flat_map(|m| m.keys()) {
+        let keys: Vec<&String> = self
+            .models
+            .get(&target)
+            .into_iter()
+            .flat_map(|m| m.keys())
+            .collect();
+        if target == LoraTarget::Unet {
+            for (key, ldm) in super::rename::ldm_unet_names(keys.iter().copied()) {
+                if let Some(module) = ldm.strip_suffix(".weight") {
+                    out.insert(module.replace('.', "_"), key);
+                }
+            }
+        }
+        for key in keys {
             if let Some(module) = key.strip_suffix(".weight") {
                 let under = module.replace('.', "_");
                 if target != LoraTarget::Unet {

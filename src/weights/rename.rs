@@ -6,7 +6,11 @@
 //! - `convert_ldm_unet_checkpoint`  -> [`unet_key`]        (`model.diffusion_model.*`)
 //! - `convert_ldm_vae_checkpoint`   -> [`vae_key`]         (`first_stage_model.*`)
 //! - `convert_ldm_clip_checkpoint`  -> [`clip_key`]        (`cond_stage_model.transformer.*`, SD 1.x)
-//! - `convert_open_clip_checkpoint` -> [`open_clip_key`]   (`cond_stage_model.model.*`, SD 2.x)
+//! - `convert_open_clip_checkpoint` -> [`open_clip_key`]   (`cond_stage_model.model.*`, SD 2.x;
+//!   `conditioner.embedders.1.model.*`, SDXL's OpenCLIP bigG)
+//! - SDXL (Stability's generative-models names): `conditioner.embedders.0.transformer.*` is a
+//!   Hugging Face CLIPTextModel ([`clip_key`]), the U-Net's `label_emb.0.{0,2}` is diffusers'
+//!   `add_embedding.linear_{1,2}`, everything else as SD 1.x/2.x.
 //! - `create_unet_diffusers_config_from_ldm` / `create_vae_diffusers_config_from_ldm` ideas ->
 //!   [`infer_unet_config`], [`infer_vae_config`], [`infer_text_encoder_config`], which read the
 //!   shapes instead of the original YAML.
@@ -21,13 +25,19 @@
 
 use super::store::Transform;
 use super::{Result, WeightError};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
 
 pub const LDM_UNET_PREFIX: &str = "model.diffusion_model.";
 pub const LDM_VAE_PREFIX: &str = "first_stage_model.";
 pub const LDM_CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 pub const LDM_OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// SDXL base: CLIP ViT-L/14 (text_encoder) under Hugging Face names.
+pub const SGM_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// SDXL base: OpenCLIP ViT-bigG/14 (text_encoder_2) under OpenCLIP names.
+pub const SGM_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
+/// The SDXL refiner's only text encoder (OpenCLIP bigG in slot 0).
+pub const SGM_REFINER_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.0.model.";
 
 /// Stable Diffusion generation, as far as the weights tell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,7 +47,7 @@ pub enum ModelFamily {
     /// SD 2.x: OpenCLIP ViT-H/14 text encoder (1024, penultimate layer), linear `proj_in`,
     /// head_dim 64.
     Sd2,
-    /// SDXL (diffusers folders only so far): CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text
+    /// SDXL (diffusers folders and SGM single files): CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text
     /// encoders (penultimate layers concatenated, 2048), the text_time added conditioning,
     /// head_dim 64.
     Sdxl,
@@ -84,6 +94,8 @@ pub struct RenamePlan {
     pub unet: BTreeMap<String, Renamed>,
     pub vae: BTreeMap<String, Renamed>,
     pub text_encoder: BTreeMap<String, Renamed>,
+    /// SDXL's second text encoder (`conditioner.embedders.1.model.*`); empty otherwise.
+    pub text_encoder_2: BTreeMap<String, Renamed>,
     pub text_kind: Option<TextKind>,
     /// Stored keys dropped on purpose, with the reason (scheduler buffers, EMA copies, the
     /// OpenCLIP layer SD 2.x skips, ...).
@@ -93,10 +105,13 @@ pub struct RenamePlan {
 }
 
 impl RenamePlan {
-    /// SD 2.x if the text encoder is OpenCLIP; else SD 1.x if it is CLIP; without a text
-    /// encoder, by the U-Net's cross-attention width (1024 -> SD 2.x, as diffusers'
-    /// `infer_diffusers_model_type`).
+    /// SDXL if there is a second text encoder; SD 2.x if the text encoder is OpenCLIP; else
+    /// SD 1.x if it is CLIP; without a text encoder, by the U-Net's cross-attention width
+    /// (1024 -> SD 2.x, as diffusers' `infer_diffusers_model_type`).
     pub fn family(&self, unet_shapes: &BTreeMap<String, Vec<usize>>) -> ModelFamily {
+        if !self.text_encoder_2.is_empty() {
+            return ModelFamily::Sdxl;
+        }
         match self.text_kind {
             Some(TextKind::OpenClip) => ModelFamily::Sd2,
             Some(TextKind::Clip) => ModelFamily::Sd1,
@@ -111,13 +126,27 @@ impl RenamePlan {
 /// Refuses checkpoints we know we cannot run, with a reason.
 pub fn check_supported<'a>(keys: impl IntoIterator<Item = &'a str> + Clone) -> Result<()> {
     let has = |p: &str| keys.clone().into_iter().any(|k| k.starts_with(p));
-    if has("conditioner.embedders.") {
+    if has(SGM_REFINER_OPEN_CLIP_PREFIX) {
         return Err(WeightError::Unsupported {
-            what: "SDXL checkpoint (`conditioner.embedders.*`)".into(),
-            hint: "ldm-wgpu runs Stable Diffusion 1.x and 2.x only".into(),
+            what: "SDXL refiner checkpoint (`conditioner.embedders.0.model.*`: one OpenCLIP \
+                   encoder, aesthetic-score time ids)"
+                .into(),
+            hint: "single-file SDXL base models and their fine-tunes are supported, the refiner \
+                   is not"
+                .into(),
         });
     }
-    if has("model.diffusion_model.label_emb.") {
+    let sdxl = has(SGM_CLIP_PREFIX) && has(SGM_OPEN_CLIP_PREFIX);
+    if has("conditioner.embedders.") && !sdxl {
+        return Err(WeightError::Unsupported {
+            what: "generative-models checkpoint (`conditioner.embedders.*`) without SDXL's two \
+                   text encoders (`conditioner.embedders.0.transformer.*` and \
+                   `conditioner.embedders.1.model.*`)"
+                .into(),
+            hint: "ldm-wgpu runs Stable Diffusion 1.x, 2.x and SDXL base checkpoints".into(),
+        });
+    }
+    if has("model.diffusion_model.label_emb.") && !sdxl {
         return Err(WeightError::Unsupported {
             what: "class/size-conditioned U-Net (`label_emb`: SDXL, unCLIP or the x4 upscaler)"
                 .into(),
@@ -175,6 +204,22 @@ pub fn plan_single_file(stored: &BTreeMap<String, Vec<usize>>) -> Result<RenameP
                 Some((name, t)) => put(&mut plan.vae, name, t),
                 None => plan.unrecognized.push(key.clone()),
             }
+        } else if let Some(rest) = key.strip_prefix(SGM_CLIP_PREFIX) {
+            plan.text_kind = Some(TextKind::Clip);
+            match clip_key(rest) {
+                ClipKey::Tensor(name) => put(&mut plan.text_encoder, name, Transform::None),
+                ClipKey::Ignored(why) => plan.ignored.push((key.clone(), why)),
+            }
+        } else if let Some(rest) = key.strip_prefix(SGM_OPEN_CLIP_PREFIX) {
+            match open_clip_key(rest, OpenClipUse::Sdxl, shape) {
+                OpenClipKey::Tensors(list) => {
+                    for (name, t) in list {
+                        put(&mut plan.text_encoder_2, name, t);
+                    }
+                }
+                OpenClipKey::Ignored(why) => plan.ignored.push((key.clone(), why)),
+                OpenClipKey::Unknown => plan.unrecognized.push(key.clone()),
+            }
         } else if let Some(rest) = key.strip_prefix(LDM_CLIP_PREFIX) {
             plan.text_kind = Some(TextKind::Clip);
             match clip_key(rest) {
@@ -183,7 +228,8 @@ pub fn plan_single_file(stored: &BTreeMap<String, Vec<usize>>) -> Result<RenameP
             }
         } else if let Some(rest) = key.strip_prefix(LDM_OPEN_CLIP_PREFIX) {
             plan.text_kind = Some(TextKind::OpenClip);
-            match open_clip_key(rest, open_clip_last, shape) {
+            let last_layer = open_clip_last;
+            match open_clip_key(rest, OpenClipUse::Sd2 { last_layer }, shape) {
                 OpenClipKey::Tensors(list) => {
                     for (name, t) in list {
                         put(&mut plan.text_encoder, name, t);
@@ -224,10 +270,14 @@ const UNET_RESNET_PARTS: [(&str, &str); 6] = [
     ("skip_connection.", "conv_shortcut."),
 ];
 
-/// Keys outside the down/mid/up blocks (DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]).
-const UNET_TOP_PARTS: [(&str, &str); 5] = [
+/// Keys outside the down/mid/up blocks (DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], and
+/// ["unet"]["addition_embed_type"]: SDXL's `label_emb` is the text_time added embedding; other
+/// models with `label_emb` are refused by [`check_supported`]).
+const UNET_TOP_PARTS: [(&str, &str); 7] = [
     ("time_embed.0.", "time_embedding.linear_1."),
     ("time_embed.2.", "time_embedding.linear_2."),
+    ("label_emb.0.0.", "add_embedding.linear_1."),
+    ("label_emb.0.2.", "add_embedding.linear_2."),
     ("input_blocks.0.0.", "conv_in."),
     ("out.0.", "conv_norm_out."),
     ("out.2.", "conv_out."),
@@ -312,6 +362,81 @@ pub fn unet_key(ldm: &str, lpb: usize) -> Option<String> {
         };
     }
     None
+}
+
+/// The LDM/SGM name of every diffusers U-Net key in `keys` (the inverse of [`unet_key`]), for
+/// LoRA files that name U-Net modules the way the original code does (kohya's SDXL LoRAs:
+/// `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`). Layers per block and which up
+/// levels have attentions (the upsampler's slot) are read from the keys, so any depth works.
+pub fn ldm_unet_names<'a>(
+    keys: impl IntoIterator<Item = &'a String> + Clone,
+) -> BTreeMap<String, String> {
+    let lpb = count_indices(keys.clone(), "down_blocks.0.resnets.").max(1);
+    let attn_up: BTreeSet<usize> = keys
+        .clone()
+        .into_iter()
+        .filter(|k| k.contains(".attentions."))
+        .filter_map(|k| split_index(k.strip_prefix("up_blocks.")?).map(|(i, _)| i))
+        .collect();
+    keys.into_iter()
+        .filter_map(|k| Some((k.clone(), unet_key_to_ldm(k, lpb, &attn_up)?)))
+        .collect()
+}
+
+/// One diffusers U-Net key -> its LDM name (see [`ldm_unet_names`]); checked against
+/// [`unet_key`] by a round trip in tests/sdxl.rs.
+fn unet_key_to_ldm(key: &str, lpb: usize, attn_up: &BTreeSet<usize>) -> Option<String> {
+    fn swap(&(a, b): &(&'static str, &'static str)) -> (&'static str, &'static str) {
+        (b, a)
+    }
+    let top: Vec<(&str, &str)> = UNET_TOP_PARTS.iter().map(swap).collect();
+    if let Some(name) = replace_prefix(key, &top) {
+        return Some(name);
+    }
+    let resnet_parts: Vec<(&str, &str)> = UNET_RESNET_PARTS.iter().map(swap).collect();
+    let resnet = |block: String, rest: &str| {
+        replace_prefix(rest, &resnet_parts).map(|r| format!("{block}.{r}"))
+    };
+    // "<kind>.<j>.<rest>" after a block prefix
+    let member = |r: &str| -> Option<(String, usize, String)> {
+        let (kind, r) = r.split_once('.')?;
+        let (j, rest) = split_index(r)?;
+        Some((kind.to_string(), j, rest.to_string()))
+    };
+    if let Some(r) = key.strip_prefix("down_blocks.") {
+        let (level, r) = split_index(r)?;
+        let (kind, j, rest) = member(r)?;
+        let base = 1 + level * (lpb + 1);
+        return match kind.as_str() {
+            "resnets" => resnet(format!("input_blocks.{}.0", base + j), &rest),
+            "attentions" => Some(format!("input_blocks.{}.1.{rest}", base + j)),
+            "downsamplers" => rest
+                .strip_prefix("conv.")
+                .map(|t| format!("input_blocks.{}.0.op.{t}", base + lpb)),
+            _ => None,
+        };
+    }
+    if let Some(r) = key.strip_prefix("mid_block.") {
+        let (kind, j, rest) = member(r)?;
+        return match kind.as_str() {
+            "resnets" if j < 2 => resnet(format!("middle_block.{}", 2 * j), &rest),
+            "attentions" => Some(format!("middle_block.1.{rest}")),
+            _ => None,
+        };
+    }
+    let r = key.strip_prefix("up_blocks.")?;
+    let (level, r) = split_index(r)?;
+    let (kind, j, rest) = member(r)?;
+    let base = level * (lpb + 1);
+    match kind.as_str() {
+        "resnets" => resnet(format!("output_blocks.{}.0", base + j), &rest),
+        "attentions" => Some(format!("output_blocks.{}.1.{rest}", base + j)),
+        "upsamplers" => {
+            let slot = if attn_up.contains(&level) { 2 } else { 1 };
+            Some(format!("output_blocks.{}.{slot}.{rest}", base + lpb))
+        }
+        _ => None,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -490,15 +615,37 @@ const OPEN_CLIP_LAYER_PARTS: [(&str, &str); 5] = [
     ("attn.out_proj.", "self_attn.out_proj."),
 ];
 
-/// SD 2.x: one OpenCLIP key (without `cond_stage_model.model.`) -> diffusers CLIPTextModel
-/// key(s). Port of `convert_open_clip_checkpoint`:
+/// Which diffusers model an OpenCLIP text tower becomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenClipUse {
+    /// SD 2.x's CLIPTextModel: the last resblock (`last_layer`) and the projection dropped.
+    Sd2 { last_layer: Option<usize> },
+    /// SDXL's CLIPTextModelWithProjection (`text_encoder_2`): every layer, and the projection.
+    Sdxl,
+}
+
+/// One OpenCLIP key (without `cond_stage_model.model.` / `conditioner.embedders.1.model.`) ->
+/// diffusers key(s). Port of `convert_open_clip_checkpoint`:
 /// - the fused `attn.in_proj_{weight,bias}` [3C(, C)] becomes q/k/v rows 0..C, C..2C, 2C..3C;
 /// - SD 2.x conditions on the penultimate layer (`FrozenOpenCLIPEmbedder(layer="penultimate")`),
 ///   so the last resblock (`last_layer`, 23 of 0..=23 in SD 2.x; diffusers hard-codes
 ///   resblocks.23 in SD_2_TEXT_ENCODER_KEYS_TO_IGNORE) is dropped, and so are
-///   `text_projection` and `logit_scale`, which CLIPTextModel has no use for.
-pub fn open_clip_key(rest: &str, last_layer: Option<usize>, shape: &[usize]) -> OpenClipKey {
+///   `text_projection` and `logit_scale`, which CLIPTextModel has no use for;
+/// - SDXL keeps every layer (its pipeline picks the hidden state it needs) and the projection
+///   [C, P], applied as `x @ P`, becomes `text_projection.weight` [P, C] (diffusers:
+///   `checkpoint[text_projection].T`).
+pub fn open_clip_key(rest: &str, usage: OpenClipUse, shape: &[usize]) -> OpenClipKey {
     let one = |s: &str| OpenClipKey::Tensors(vec![(s.to_string(), Transform::None)]);
+    let last_layer = match usage {
+        OpenClipUse::Sd2 { last_layer } => last_layer,
+        OpenClipUse::Sdxl => None,
+    };
+    if rest == "text_projection" && usage == OpenClipUse::Sdxl {
+        return OpenClipKey::Tensors(vec![(
+            "text_projection.weight".into(),
+            Transform::Transpose,
+        )]);
+    }
     match rest {
         "positional_embedding" => return one("text_model.embeddings.position_embedding.weight"),
         "token_embedding.weight" => return one("text_model.embeddings.token_embedding.weight"),
@@ -573,7 +720,13 @@ pub struct InferHints {
     /// Training resolution in pixels (SD 1.x: 512; SD 2.x: 768, as diffusers' "v2" default,
     /// but 512 for 2.x-base and inpainting).
     pub image_size: Option<usize>,
+    /// SDXL: the width of text_encoder_2's pooled, projected output (its `text_projection`
+    /// rows), which shares the added embedding's input with the time ids.
+    pub text_embeds_dim: Option<usize>,
 }
+
+/// SDXL base's number of micro-conditioning ids (original size, crop, target size: 2 each).
+pub const SDXL_TIME_IDS: usize = 6;
 
 fn shape<'a>(shapes: &'a BTreeMap<String, Vec<usize>>, key: &str) -> Result<&'a [usize]> {
     shapes
@@ -606,6 +759,7 @@ pub fn cross_attention_dim(unet: &BTreeMap<String, Vec<usize>>) -> Option<usize>
 fn default_image_size(family: ModelFamily, in_channels: usize) -> usize {
     match family {
         ModelFamily::Sd2 if in_channels == 4 => 768,
+        ModelFamily::Sdxl => 1024,
         _ => 512,
     }
 }
@@ -671,20 +825,23 @@ pub fn infer_unet_config(
             .map(|c| (c / 64).max(1))
             .collect::<Vec<_>>()),
     };
-    let first_attn = (0..levels).find(|i| has(format!("down_blocks.{i}.attentions.0.")));
-    let transformer_layers_per_block = first_attn
+    // Transformer depth per level, as the keys show it (SDXL base: 1 for its attention-free
+    // first level, 2, 10); diffusers' mid block takes the last level's.
+    let depths: Vec<usize> = (0..levels)
         .map(|i| {
-            count_indices(
-                unet.keys(),
-                &format!("down_blocks.{i}.attentions.0.transformer_blocks."),
-            )
+            let prefix = format!("down_blocks.{i}.attentions.0.transformer_blocks.");
+            count_indices(unet.keys(), &prefix).max(1)
         })
-        .unwrap_or(1)
-        .max(1);
+        .collect();
+    let first_attn = (0..levels).find(|i| has(format!("down_blocks.{i}.attentions.0.")));
+    let transformer_layers_per_block = match family {
+        ModelFamily::Sdxl => json!(depths),
+        _ => json!(first_attn.map_or(1, |i| depths[i])),
+    };
     let image_size = hints
         .image_size
         .unwrap_or_else(|| default_image_size(family, in_channels));
-    Ok(json!({
+    let mut config = json!({
         "_class_name": "UNet2DConditionModel",
         "act_fn": "silu",
         "attention_head_dim": attention_head_dim,
@@ -711,7 +868,44 @@ pub fn infer_unet_config(
         "transformer_layers_per_block": transformer_layers_per_block,
         "up_block_types": up_block_types,
         "use_linear_projection": use_linear_projection,
-    }))
+    });
+    if family == ModelFamily::Sdxl {
+        let (add, obj) = (
+            sdxl_added_conditioning(unet, hints)?,
+            config.as_object_mut(),
+        );
+        obj.expect("a JSON object").extend(add);
+    }
+    Ok(config)
+}
+
+/// SDXL's `text_time` added conditioning: `add_embedding.linear_1` reads the pooled text
+/// embedding and [`SDXL_TIME_IDS`] sinusoidal embeddings of `addition_time_embed_dim` each
+/// (SDXL base: 1280 + 6 x 256 = 2816).
+fn sdxl_added_conditioning(
+    unet: &BTreeMap<String, Vec<usize>>,
+    hints: &InferHints,
+) -> Result<Map<String, Value>> {
+    let input = dim(unet, "add_embedding.linear_1.weight", 1)?;
+    let pooled = hints.text_embeds_dim.ok_or_else(|| WeightError::Config {
+        what: "unet".into(),
+        reason: "SDXL U-Net config without the second text encoder's projection width".into(),
+    })?;
+    let ids = input.saturating_sub(pooled);
+    if ids == 0 || !ids.is_multiple_of(SDXL_TIME_IDS) {
+        return Err(WeightError::Config {
+            what: "unet".into(),
+            reason: format!(
+                "`add_embedding.linear_1` reads {input} values: not {pooled} (the pooled text \
+                 embedding) plus {SDXL_TIME_IDS} time ids of equal width"
+            ),
+        });
+    }
+    let mut add = Map::new();
+    add.insert("addition_embed_type".into(), json!("text_time"));
+    add.insert("addition_time_embed_dim".into(), json!(ids / SDXL_TIME_IDS));
+    add.insert("projection_class_embeddings_input_dim".into(), json!(input));
+    Ok(add)
 }
 
 /// `AutoencoderKL` config.json from diffusers-named VAE shapes
@@ -753,7 +947,9 @@ pub fn infer_vae_config(
         "norm_num_groups": 32,
         "out_channels": dim(vae, "decoder.conv_out.weight", 0)?,
         "sample_size": image_size,
-        "scaling_factor": 0.18215,
+        // SDXL's VAE: stabilityai/stable-diffusion-xl-base-1.0/vae/config.json (force_upcast,
+        // absent here, defaults to true as in AutoencoderKL: that VAE overflows in f16).
+        "scaling_factor": if family == ModelFamily::Sdxl { 0.13025 } else { 0.18215 },
         "up_block_types": vec!["UpDecoderBlock2D"; levels],
         "use_quant_conv": vae.contains_key("quant_conv.weight"),
         "use_post_quant_conv": vae.contains_key("post_quant_conv.weight"),
@@ -791,6 +987,46 @@ pub fn infer_text_encoder_config(
         "projection_dim": projection_dim,
         "vocab_size": dim(text, "text_model.embeddings.token_embedding.weight", 0)?,
     }))
+}
+
+/// SDXL's `CLIPTextModelWithProjection` config.json (text_encoder_2: OpenCLIP ViT-bigG/14, exact
+/// gelu, head_dim 64, `projection_dim` from `text_projection.weight` [P, C]); `eos_token_id` 2
+/// as stabilityai/stable-diffusion-xl-base-1.0/text_encoder_2/config.json has it (transformers
+/// then pools at the largest token id, which is the EOS in CLIP's vocabulary).
+pub fn infer_text_encoder_2_config(text: &BTreeMap<String, Vec<usize>>) -> Result<Value> {
+    let mut config = infer_text_encoder_config(text, ModelFamily::Sd2)?;
+    let obj = config.as_object_mut().expect("a JSON object");
+    obj.insert(
+        "architectures".into(),
+        json!(["CLIPTextModelWithProjection"]),
+    );
+    obj.insert(
+        "projection_dim".into(),
+        json!(dim(text, "text_projection.weight", 0)?),
+    );
+    Ok(config)
+}
+
+/// stabilityai/stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json, which diffusers'
+/// `StableDiffusionXLPipeline.from_single_file` uses for SDXL base checkpoints.
+pub fn sdxl_scheduler_config(prediction_type: PredictionType) -> Value {
+    json!({
+        "_class_name": "EulerDiscreteScheduler",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": false,
+        "interpolation_type": "linear",
+        "num_train_timesteps": 1000,
+        "prediction_type": prediction_type.as_str(),
+        "sample_max_value": 1.0,
+        "set_alpha_to_one": false,
+        "skip_prk_steps": true,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "trained_betas": null,
+        "use_karras_sigmas": false,
+    })
 }
 
 /// diffusers' SCHEDULER_DEFAULT_CONFIG (single_file_utils.py) with the given prediction type.

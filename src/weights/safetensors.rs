@@ -41,12 +41,13 @@ impl SourceDType {
 }
 
 /// A tensor as stored on disk: shape, dtype and its bytes, borrowed from the memory map
-/// (little-endian, row-major, not necessarily aligned to the element size).
+/// (little-endian, row-major, not necessarily aligned to the element size); owned only where a
+/// renaming had to reorder them (`Transform::Transpose`).
 #[derive(Clone, Debug)]
 pub struct HostTensor<'a> {
     pub shape: Vec<usize>,
     pub dtype: SourceDType,
-    pub bytes: &'a [u8],
+    pub bytes: std::borrow::Cow<'a, [u8]>,
 }
 
 impl<'a> HostTensor<'a> {
@@ -247,7 +248,7 @@ impl SafetensorsFile {
         Ok(HostTensor {
             shape: info.shape.clone(),
             dtype,
-            bytes: &self.mmap[info.range.clone()],
+            bytes: std::borrow::Cow::Borrowed(&self.mmap[info.range.clone()]),
         })
     }
 }

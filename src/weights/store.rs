@@ -6,10 +6,12 @@
 
 use super::safetensors::{HostTensor, SafetensorsFile};
 use super::{Result, WeightError};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-/// How a stored tensor becomes the presented one. Both keep the bytes where they are.
+/// How a stored tensor becomes the presented one. All but `Transpose` keep the bytes where they
+/// are.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transform {
     /// Same bytes.
@@ -20,6 +22,9 @@ pub enum Transform {
     /// Rows `start..start + count` along dim 0: a contiguous byte range of a row-major tensor
     /// (OpenCLIP's fused `in_proj_weight` [3C, C] split into q, k, v [C, C]).
     Rows { start: usize, count: usize },
+    /// A 2-D tensor [R, C] presented as [C, R], copied (OpenCLIP's `text_projection`, applied as
+    /// `x @ P`, is diffusers' `text_projection.weight` = P.T).
+    Transpose,
 }
 
 impl Transform {
@@ -41,7 +46,29 @@ impl Transform {
                 s[0] = *count;
                 Some(s)
             }
+            Transform::Transpose => match stored {
+                [r, c] => Some(vec![*c, *r]),
+                _ => None,
+            },
         }
+    }
+}
+
+/// [R, C] -> [C, R], element by element (any dtype: the bytes of one element move together).
+fn transpose_2d<'a>(t: &HostTensor<'_>) -> HostTensor<'a> {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let size = t.dtype.size_in_bytes();
+    let mut out = vec![0u8; t.bytes.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            let (from, to) = ((r * cols + c) * size, (c * rows + r) * size);
+            out[to..to + size].copy_from_slice(&t.bytes[from..from + size]);
+        }
+    }
+    HostTensor {
+        shape: vec![cols, rows],
+        dtype: t.dtype,
+        bytes: Cow::Owned(out),
     }
 }
 
@@ -276,12 +303,17 @@ impl WeightStore {
                 let row_bytes = row_elems * stored.dtype.size_in_bytes();
                 let mut shape = stored.shape.clone();
                 shape[0] = *count;
+                let range = start * row_bytes..(start + count) * row_bytes;
                 HostTensor {
                     shape,
                     dtype: stored.dtype,
-                    bytes: &stored.bytes[start * row_bytes..(start + count) * row_bytes],
+                    bytes: match stored.bytes {
+                        Cow::Borrowed(b) => Cow::Borrowed(&b[range]),
+                        Cow::Owned(b) => Cow::Owned(b[range].to_vec()),
+                    },
                 }
             }
+            Transform::Transpose => transpose_2d(&stored),
         })
     }
 
