@@ -16,7 +16,8 @@ use crate::models::vae::{AutoencoderKL, VaeConfig, VaeTiling};
 use crate::prompt::{encode_weighted, tokenize_weighted, Chunking, WeightedChunk, WeightedPrompt};
 use crate::rng::{PhiloxRng, RandnVariant, TorchCpuRng};
 use crate::sched::{
-    build_sampler, execute_on_gpu, Buf, GpuBuffers, Sampler, SamplerKind, SchedulerConfig,
+    build_sampler, calls_before_denoising_end, execute_on_gpu, Buf, GpuBuffers, Sampler,
+    SamplerKind, SchedulerConfig,
 };
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::lora::{open_lora, Lora, LoraTarget, LoraTargets};
@@ -194,6 +195,23 @@ pub struct GenerateRequest {
     /// pass's (diffusers' defaults 6.0 and 2.5).
     pub aesthetic_score: f64,
     pub negative_aesthetic_score: f64,
+    /// Stop the denoising early, as diffusers' `denoising_end` (the SDXL base of a base +
+    /// refiner pair): only the timesteps at or above `(1 - denoising_end) · num_train_timesteps`
+    /// run, and the latents come out still noisy. In (0, 1).
+    pub denoising_end: Option<f64>,
+    /// Start the denoising late, as diffusers' `denoising_start` (the SDXL refiner after a base
+    /// run): only the timesteps below `(1 - denoising_start) · num_train_timesteps` run (one
+    /// more for second-order samplers where the count is even), `strength` is ignored and no
+    /// noise is added to the starting latents (`init_latents`, or the init image's). In (0, 1).
+    pub denoising_start: Option<f64>,
+    /// img2img from latents instead of an image: NHWC `[batch, height/f, width/f, channels]`
+    /// f32, scaled as the U-Net sees them (what [`Generated::latents`] holds, e.g. a base run's
+    /// with `denoising_end` and `latents_only`), used as diffusers uses a 4-channel `image`: no
+    /// VAE encode.
+    pub init_latents: Option<Vec<f32>>,
+    /// Return the final latents without decoding them (diffusers' `output_type="latent"`):
+    /// [`Generated::images`] is then empty.
+    pub latents_only: bool,
 }
 
 impl Default for GenerateRequest {
@@ -226,6 +244,10 @@ impl Default for GenerateRequest {
             target_size: None,
             aesthetic_score: 6.0,
             negative_aesthetic_score: 2.5,
+            denoising_end: None,
+            denoising_start: None,
+            init_latents: None,
+            latents_only: false,
         }
     }
 }
@@ -317,6 +339,7 @@ impl GenerateRequest {
         if self.mask.is_some() && self.init_image.is_none() {
             return Err(Error::InvalidInput("a mask needs an init image".into()));
         }
+        self.validate_handoff()?;
         for (what, img) in [("init image", &self.init_image), ("mask", &self.mask)] {
             if let Some(img) = img {
                 if img.width != self.width || img.height != self.height {
@@ -326,6 +349,54 @@ impl GenerateRequest {
                     )));
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl GenerateRequest {
+    /// `denoising_end`, `denoising_start` and `init_latents` (a base + refiner handoff): values
+    /// in (0, 1) — diffusers silently ignores others, we refuse them —, a start before the end,
+    /// and a start only where there is something to start from.
+    fn validate_handoff(&self) -> Result<()> {
+        for (what, v) in [
+            ("denoising end", self.denoising_end),
+            ("denoising start", self.denoising_start),
+        ] {
+            if let Some(v) = v {
+                if !(v > 0.0 && v < 1.0) {
+                    return Err(Error::InvalidInput(format!(
+                        "{what} must be between 0 and 1, both excluded (got {v})"
+                    )));
+                }
+            }
+        }
+        if let (Some(start), Some(end)) = (self.denoising_start, self.denoising_end) {
+            if start >= end {
+                return Err(Error::InvalidInput(format!(
+                    "denoising start {start} must be before denoising end {end}"
+                )));
+            }
+        }
+        if self.init_latents.is_some() && self.init_image.is_some() {
+            return Err(Error::InvalidInput(
+                "give init latents or an init image, not both".into(),
+            ));
+        }
+        if self.denoising_start.is_some()
+            && self.init_latents.is_none()
+            && self.init_image.is_none()
+        {
+            return Err(Error::InvalidInput(
+                "a denoising start needs latents (or an image) to start from".into(),
+            ));
+        }
+        if self.mask.is_some() && (self.denoising_start.is_some() || self.init_latents.is_some()) {
+            return Err(Error::Unsupported(
+                "inpainting from latents or with a denoising start (a refiner over an \
+                 inpainting run)"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -355,6 +426,7 @@ pub struct Timings {
 }
 
 pub struct Generated {
+    /// The decoded images (none with [`GenerateRequest::latents_only`]).
     pub images: Vec<Image>,
     pub timings: Timings,
     /// Final latents NHWC [B, h, w, C] before the VAE (for parity checks).
@@ -395,8 +467,12 @@ struct PromptEmbeds {
 /// A loaded Stable Diffusion 1.x / 2.x or SDXL model.
 pub struct StableDiffusion {
     pub gpu: Gpu,
+    /// The first text encoder's tokenizer (a folder without that encoder, the SDXL refiner:
+    /// `tokenizer_2`'s, so that prompt checks and `embeddings_in` still read words).
     pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
+    /// The first text encoder (CLIP ViT-L for SD 1.x and SDXL base; OpenCLIP for SD 2.x). None
+    /// only for an SDXL folder without one (the refiner: `text_encoder_2` alone).
+    pub text_encoder: Option<ClipTextModel>,
     /// SDXL's second encoder (None for SD 1.x/2.x).
     pub sdxl: Option<SdxlEncoder>,
     pub unet: UNet2DConditionModel,
@@ -478,6 +554,9 @@ impl StableDiffusion {
         let tokenizer_dir = match &opts.tokenizer_dir {
             Some(d) => d.clone(),
             None if model.join("tokenizer").is_dir() => model.join("tokenizer"),
+            None if w.text_encoder.is_none() && model.join("tokenizer_2").is_dir() => {
+                model.join("tokenizer_2")
+            }
             None => default_model_dir().join("tokenizer"),
         };
         let mut tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
@@ -493,14 +572,22 @@ impl StableDiffusion {
             (DType::F16, true) => DType::F32,
             (d, _) => d,
         };
-        let clip_config = ClipConfig::from_json(&w.text_encoder.config)?;
+        let clip_config = match &w.text_encoder {
+            Some(c) => Some(ClipConfig::from_json(&c.config)?),
+            None => None,
+        };
         let unet_config = UNetConfig::from_json(&w.unet.config)?;
         let clip_2_config = match &w.text_encoder_2 {
             Some(c) => Some(ClipConfig::from_json(&c.config)?),
             None => None,
         };
         let time_ids = if w.requires_aesthetics_score { 5 } else { 6 };
-        check_sdxl_widths(&clip_config, clip_2_config.as_ref(), &unet_config, time_ids)?;
+        check_sdxl_widths(
+            clip_config.as_ref(),
+            clip_2_config.as_ref(),
+            &unet_config,
+            time_ids,
+        )?;
         let tokenizer_2 = match &w.text_encoder_2 {
             Some(_) if model.join("tokenizer_2").is_dir() => {
                 Some(ClipTokenizer::from_dir(&model.join("tokenizer_2"))?)
@@ -525,8 +612,11 @@ impl StableDiffusion {
         // and queue are thread-safe; uploads are copied into staging memory as they come).
         let (text_encoder, text_encoder_2, unet, vae) = std::thread::scope(|s| {
             let gpu = &gpu;
-            let text_encoder = s.spawn(|| {
-                ClipTextModel::load(gpu, &w.text_encoder.weights.root(), clip_config, dtype)
+            let text_encoder = s.spawn(|| match (&w.text_encoder, clip_config) {
+                (Some(c), Some(config)) => {
+                    ClipTextModel::load(gpu, &c.weights.root(), config, dtype).map(Some)
+                }
+                _ => Ok(None),
             });
             let text_encoder_2 = s.spawn(|| match (&w.text_encoder_2, clip_2_config) {
                 (Some(c), Some(config)) => {
@@ -590,7 +680,7 @@ impl StableDiffusion {
     /// slice removes them. Embeddings without vectors for this text encoder's width are skipped
     /// and reported.
     pub fn set_embeddings(&mut self, embeddings: &[Embedding]) -> Result<EmbeddingsReport> {
-        if self.sdxl.is_some() {
+        let Some(text_encoder) = self.text_encoder.as_mut().filter(|_| self.sdxl.is_none()) else {
             let skipped = embeddings
                 .iter()
                 .map(|e| {
@@ -602,9 +692,9 @@ impl StableDiffusion {
                 loaded: Vec::new(),
                 skipped,
             });
-        }
-        let width = self.text_encoder.config.hidden_size;
-        let first = self.text_encoder.config.vocab_size as u32;
+        };
+        let width = text_encoder.config.hidden_size;
+        let first = text_encoder.config.vocab_size as u32;
         let mut report = EmbeddingsReport::default();
         let (mut rows, mut words): (Vec<f32>, Vec<(String, Vec<u32>)>) = (Vec::new(), Vec::new());
         for e in embeddings {
@@ -632,8 +722,7 @@ impl StableDiffusion {
             rows.extend_from_slice(values);
             report.loaded.push((e.name.clone(), count));
         }
-        self.text_encoder
-            .set_extra_tokens(&self.gpu, &rows, rows.len() / width)?;
+        text_encoder.set_extra_tokens(&self.gpu, &rows, rows.len() / width)?;
         self.tokenizer.set_embedding_tokens(&words);
         self.embeddings = words;
         Ok(report)
@@ -656,17 +745,16 @@ impl StableDiffusion {
     }
 
     /// The weights of this model a LoRA may change, by model (U-Net, text encoder).
-    fn lora_sites(&self) -> [ModelSites<'_>; 2] {
-        [
-            ModelSites {
-                target: LoraTarget::Unet,
-                sites: &self.unet.lora_sites,
-            },
-            ModelSites {
-                target: LoraTarget::TextEncoder,
-                sites: &self.text_encoder.lora_sites,
-            },
-        ]
+    fn lora_sites(&self) -> Vec<ModelSites<'_>> {
+        let unet = ModelSites {
+            target: LoraTarget::Unet,
+            sites: &self.unet.lora_sites,
+        };
+        let text_encoder = self.text_encoder.as_ref().map(|te| ModelSites {
+            target: LoraTarget::TextEncoder,
+            sites: &te.lora_sites,
+        });
+        std::iter::once(unet).chain(text_encoder).collect()
     }
 
     /// The weights of this model a LoRA file may name (to open one with
@@ -749,6 +837,11 @@ impl StableDiffusion {
     /// negative embeddings when guided (diffusers' `encode_prompt`; A1111's emphasis where the
     /// prompt uses it).
     fn encode_prompt(&self, req: &GenerateRequest, guided: bool) -> Result<(Tensor, bool)> {
+        // Only SDXL folders load without it (and they encode in `encode_prompt_sdxl`).
+        let text_encoder = self
+            .text_encoder
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput("this model has no text encoder".into()))?;
         let (mut pos, truncated) = self.prompt_windows(&req.prompt, req);
         let (mut neg, _) = self.prompt_windows(&req.negative_prompt, req);
         // Chunked prompt and negative prompt must have the same length (A1111 pads the shorter
@@ -760,7 +853,7 @@ impl StableDiffusion {
         let encode = |p: &WeightedPrompt, clip_skip: Option<usize>| {
             // Each chunk is encoded on its own (positions restart), then concatenated along
             // the sequence: [chunks, 77, C] -> [1, chunks·77, C].
-            encode_weighted(&self.gpu, &self.text_encoder, p, clip_skip)
+            encode_weighted(&self.gpu, text_encoder, p, clip_skip)
         };
         let cond = encode(&pos, req.clip_skip)?;
         let b = req.batch_size;
@@ -803,7 +896,9 @@ impl StableDiffusion {
     /// .encode_prompt` does per prompt: each tokenizer pads to 77 (tokenizer_2 with "!"), each
     /// encoder's `hidden_states[-(clip_skip + 2)]` (no final layer norm), concatenated on
     /// channels ([1, 77, C1 + C2]), and encoder 2's pooled, projected output [1, P]. True when
-    /// either tokenizer truncated.
+    /// either tokenizer truncated. Without a first encoder (the refiner) encoder 2 alone reads
+    /// `prompt` — not `prompt_2`: diffusers zips `[prompt, prompt_2]` with the one encoder it
+    /// has — giving [1, 77, C2].
     fn encode_pair_sdxl(
         &self,
         xl: &SdxlEncoder,
@@ -812,11 +907,14 @@ impl StableDiffusion {
         clip_skip: Option<usize>,
     ) -> Result<(Tensor, Tensor, bool)> {
         let gpu = &self.gpu;
+        let Some(text_encoder) = &self.text_encoder else {
+            let ids = xl.tokenizer.encode_padded(prompt);
+            let (h2, pooled) = xl.text_encoder.forward_sdxl(gpu, &ids.ids, 1, clip_skip)?; // [1, 77, C2], [1, P]
+            return Ok((h2, pooled, ids.truncated));
+        };
         let ids_1 = self.tokenizer.encode_padded(prompt);
         let ids_2 = xl.tokenizer.encode_padded(prompt_2);
-        let h1 = self
-            .text_encoder
-            .penultimate(gpu, &ids_1.ids, 1, clip_skip)?; // [1, 77, C1]
+        let h1 = text_encoder.penultimate(gpu, &ids_1.ids, 1, clip_skip)?; // [1, 77, C1]
         let (h2, pooled) = xl
             .text_encoder
             .forward_sdxl(gpu, &ids_2.ids, 1, clip_skip)?; // [1, 77, C2], [1, P]
@@ -904,6 +1002,25 @@ impl StableDiffusion {
                 req.width, req.height
             )));
         }
+        if let Some(latents) = &req.init_latents {
+            let channels = self.vae.config.latent_channels;
+            let want = req.batch_size * (req.height / f) * (req.width / f) * channels;
+            if latents.len() != want {
+                return Err(Error::InvalidInput(format!(
+                    "init latents hold {} values; {} × {}×{} × {channels} channels ([batch, \
+                     height/{f}, width/{f}, channels], NHWC) are {want}",
+                    latents.len(),
+                    req.batch_size,
+                    req.height / f,
+                    req.width / f
+                )));
+            }
+            if latents.iter().any(|v| !v.is_finite()) {
+                return Err(Error::InvalidInput(
+                    "init latents are not all finite".into(),
+                ));
+            }
+        }
         if self.unet.config.in_channels == 9 && req.mask.is_none() {
             return Err(Error::InvalidInput(
                 "this is an inpainting model: give --init-image and --mask".into(),
@@ -920,11 +1037,6 @@ impl StableDiffusion {
 
     /// What the SDXL pipeline does not run yet is refused, not approximated.
     fn check_sdxl_request(req: &GenerateRequest) -> Result<()> {
-        if req.mask.is_some() {
-            return Err(Error::Unsupported(
-                "inpainting with SDXL (txt2img and img2img only so far)".into(),
-            ));
-        }
         if req.long_prompts {
             return Err(Error::Unsupported(
                 "long prompts (chunks) with SDXL: diffusers truncates to 77 tokens; drop \
@@ -977,15 +1089,15 @@ impl StableDiffusion {
         self.gpu.flush()?;
         timings.text_encode = job.start.elapsed();
 
-        let mut sampler = self.prepare_timesteps(req)?;
+        let (mut sampler, calls) = self.prepare_timesteps(req)?;
         let mut noise = BatchNoise::new(req.rng, req.seed, job.batch, req.seed_mode);
         let (latents, init) = self.prepare_latents(&job, sampler.as_ref(), &mut noise)?;
         let mut bufs = GpuBuffers::new(latents);
-        let inputs = self.loop_inputs(&job, sampler.as_ref(), embeds, init)?;
+        let inputs = self.loop_inputs(&job, &sampler.timesteps()[..calls], embeds, init)?;
 
         timings.steps = self.denoise(
             &job,
-            sampler.as_mut(),
+            (sampler.as_mut(), calls),
             &mut noise,
             &inputs,
             &mut bufs,
@@ -1102,23 +1214,37 @@ impl StableDiffusion {
         }
     }
 
-    /// The sampler for `req.steps` (diffusers' "prepare timesteps"); img2img and inpainting keep
-    /// the last `strength` of its schedule (their `get_timesteps`).
-    fn prepare_timesteps(&self, req: &GenerateRequest) -> Result<Box<dyn Sampler>> {
+    /// The sampler for `req.steps` (diffusers' "prepare timesteps") and how many of its model
+    /// calls run: img2img and inpainting keep the last `strength` of the schedule, or with a
+    /// `denoising_start` the timesteps below its cutoff (SDXL img2img's `get_timesteps`); a
+    /// `denoising_end` then stops at its cutoff (the SDXL pipelines' "apply denoising_end").
+    fn prepare_timesteps(&self, req: &GenerateRequest) -> Result<(Box<dyn Sampler>, usize)> {
         let mut sampler = build_sampler(&self.scheduler_config, req.sampler, req.steps)?;
         if let Some(eta) = req.eta {
             sampler.set_eta(eta);
         }
-        if req.init_image.is_some() {
+        let train = self.scheduler_config.train_timesteps();
+        if let Some(start) = req.denoising_start {
+            sampler.truncate_for_denoising_start(train, start);
+        } else if req.init_image.is_some() || req.init_latents.is_some() {
             sampler.truncate_for_strength(req.steps, req.strength);
-            if sampler.timesteps().is_empty() {
-                return Err(Error::InvalidInput(format!(
-                    "strength {} with {} steps leaves no denoising step",
-                    req.strength, req.steps
-                )));
-            }
         }
-        Ok(sampler)
+        let calls = match req.denoising_end {
+            Some(end) => calls_before_denoising_end(sampler.timesteps(), train, end),
+            None => sampler.timesteps().len(),
+        };
+        if calls == 0 {
+            return Err(Error::InvalidInput(format!(
+                "{} steps with strength {}{}{} leave no denoising step",
+                req.steps,
+                req.strength,
+                req.denoising_start
+                    .map_or(String::new(), |v| format!(", denoising start {v}")),
+                req.denoising_end
+                    .map_or(String::new(), |v| format!(", denoising end {v}")),
+            )));
+        }
+        Ok((sampler, calls))
     }
 
     /// The initial latents [B, h, w, L] (f32) and what inpainting keeps for the loop, drawing from
@@ -1129,6 +1255,9 @@ impl StableDiffusion {
         sampler: &dyn Sampler,
         noise: &mut BatchNoise,
     ) -> Result<(Tensor, InitImage)> {
+        if let Some(latents) = &job.req.init_latents {
+            return self.img2img_from_latents(job, latents, sampler, noise);
+        }
         match (&job.req.init_image, &job.req.mask) {
             (None, _) => Ok((
                 self.txt2img_latents(job, sampler, noise)?,
@@ -1163,6 +1292,35 @@ impl StableDiffusion {
         noise: &mut BatchNoise,
     ) -> Result<(Tensor, InitImage)> {
         let clean = self.encode_image(job, init.to_model_input(), noise)?;
+        self.noised_init_latents(job, clean, sampler, noise)
+    }
+
+    /// img2img from latents (StableDiffusionXLImg2ImgPipeline.prepare_latents with a 4-channel
+    /// `image`): the latents as given, no VAE encode and no draw for it, then as from an image.
+    fn img2img_from_latents(
+        &self,
+        job: &Job<'_>,
+        latents: &[f32],
+        sampler: &dyn Sampler,
+        noise: &mut BatchNoise,
+    ) -> Result<(Tensor, InitImage)> {
+        let clean = self.gpu.upload(latents, &job.latent_shape(), DType::F32)?; // [B, h, w, L]
+        self.noised_init_latents(job, clean, sampler, noise)
+    }
+
+    /// The clean init latents [B, h, w, L] noised to the first timestep with a fresh draw, or
+    /// with a `denoising_start` taken as they are (SDXL img2img's `add_noise=False`: they
+    /// already carry the noise of the run that made them, and nothing is drawn).
+    fn noised_init_latents(
+        &self,
+        job: &Job<'_>,
+        clean: Tensor,
+        sampler: &dyn Sampler,
+        noise: &mut BatchNoise,
+    ) -> Result<(Tensor, InitImage)> {
+        if job.req.denoising_start.is_some() {
+            return Ok((clean, InitImage::default()));
+        }
         let eps = job.upload_nchw(&self.gpu, &noise.draw(job.batch, job.per_image()))?;
         let latents = self.add_noise(job, sampler, &clean, &eps)?;
         let kept = InitImage {
@@ -1313,14 +1471,14 @@ impl StableDiffusion {
     fn loop_inputs(
         &self,
         job: &Job<'_>,
-        sampler: &dyn Sampler,
+        timesteps: &[f64],
         embeds: PromptEmbeds,
         init: InitImage,
     ) -> Result<LoopInputs> {
         let unet_batch = if job.guided { 2 * job.batch } else { job.batch };
         let time_table = self.unet.schedule_time_embeddings_with(
             &self.gpu,
-            sampler.timesteps(),
+            timesteps,
             unet_batch,
             embeds.added.as_ref(),
         )?; // [calls·2B, 4C0]
@@ -1336,20 +1494,20 @@ impl StableDiffusion {
         })
     }
 
-    /// The denoising loop (diffusers' `for i, t in enumerate(timesteps)`): per model call, the
-    /// U-Net, the sampler's plan on the GPU and (legacy inpainting) the blend, as one submit.
-    /// Returns each call's time.
+    /// The denoising loop (diffusers' `for i, t in enumerate(timesteps)`) over the sampler's
+    /// first `calls` model calls (fewer than its timesteps with a `denoising_end`): per model
+    /// call, the U-Net, the sampler's plan on the GPU and (legacy inpainting) the blend, as one
+    /// submit. Returns each call's time.
     fn denoise(
         &self,
         job: &Job<'_>,
-        sampler: &mut dyn Sampler,
+        (sampler, calls): (&mut dyn Sampler, usize),
         noise: &mut BatchNoise,
         inputs: &LoopInputs,
         bufs: &mut GpuBuffers,
         progress: &mut dyn FnMut(&Progress<'_>) -> bool,
     ) -> Result<Vec<Duration>> {
         let gpu = &self.gpu;
-        let calls = sampler.timesteps().len();
         let mut steps = Vec::with_capacity(calls);
         for call in 0..calls {
             let step_start = Instant::now();
@@ -1380,13 +1538,14 @@ impl StableDiffusion {
             let guidance = job.guided.then_some(job.req.guidance_scale);
             execute_on_gpu(gpu, &plan, &model_out, guidance, bufs)?;
             if let Some(blend) = inputs.init.legacy_blend(job.inpaint9) {
-                self.blend_unmasked(job, sampler, call, blend, bufs)?;
+                self.blend_unmasked(job, (sampler, calls), call, blend, bufs)?;
             }
             // One submit per model call: what the step recorded (the progress callback gets the
             // latents of a finished step).
             gpu.flush()?;
             steps.push(step_start.elapsed());
-            let preview_scale = if call + 1 < calls {
+            // After a `denoising_end` the latents are still noisy: their scale is the next call's.
+            let preview_scale = if call + 1 < sampler.timesteps().len() {
                 sampler.model_input_scale(call + 1)
             } else {
                 1.0
@@ -1427,17 +1586,18 @@ impl StableDiffusion {
     /// Legacy inpainting with an ordinary U-Net: keep the unmasked region on the original image's
     /// noise trajectory (diffusers' StableDiffusionInpaintPipelineLegacy / the 4-channel branch
     /// of StableDiffusionInpaintPipeline): `proper` is the init image noised to the next call's
-    /// timestep (clean after the last call), and `latents = proper + mask * (latents - proper)`.
+    /// timestep (clean after the last call that runs), and `latents = proper + mask * (latents -
+    /// proper)`.
     fn blend_unmasked(
         &self,
         job: &Job<'_>,
-        sampler: &dyn Sampler,
+        (sampler, calls): (&dyn Sampler, usize),
         call: usize,
         (mask, clean, eps): (&Tensor, &Tensor, &Tensor),
         bufs: &mut GpuBuffers,
     ) -> Result<()> {
         let gpu = &self.gpu;
-        let (orig_c, noise_c) = if call + 1 < sampler.timesteps().len() {
+        let (orig_c, noise_c) = if call + 1 < calls {
             let mix = sampler.add_noise(call + 1);
             (mix.original, mix.noise)
         } else {
@@ -1464,12 +1624,15 @@ impl StableDiffusion {
                 what: "the denoising loop (latents)".into(),
             });
         }
+        drop(latents);
+        if job.req.latents_only {
+            return Ok((Vec::new(), final_latents));
+        }
         if job.shift_factor != 0.0 {
             return Err(Error::Unsupported(
                 "VAE shift_factor (SD3-style VAEs)".into(),
             ));
         }
-        drop(latents);
         let (req, per_image) = (job.req, job.per_image());
         let mut images = Vec::with_capacity(job.batch);
         // One image at a time keeps the decoder's largest activation within binding limits
@@ -1624,16 +1787,20 @@ fn add_time_ids(req: &GenerateRequest, aesthetics: bool, negative: bool) -> Vec<
 }
 
 /// An SDXL folder's parts must fit together: the U-Net's cross-attention takes both encoders'
-/// widths, its added embedding the pooled projection and `time_ids` ids (6, or 5 with an
-/// aesthetic score); an SD U-Net with text_time conditioning but one encoder cannot run.
+/// widths (encoder 2's alone in a folder without a first encoder, the refiner), its added
+/// embedding the pooled projection and `time_ids` ids (6, or 5 with an aesthetic score); an SD
+/// U-Net with text_time conditioning but one encoder cannot run.
 fn check_sdxl_widths(
-    clip: &ClipConfig,
+    clip: Option<&ClipConfig>,
     clip_2: Option<&ClipConfig>,
     unet: &UNetConfig,
     time_ids: usize,
 ) -> Result<()> {
     match (clip_2, unet.text_time) {
-        (None, None) => Ok(()),
+        (None, None) if clip.is_some() => Ok(()),
+        (None, None) => Err(Error::InvalidInput(
+            "the model has no text encoder (neither text_encoder nor text_encoder_2)".into(),
+        )),
         (None, Some(_)) => Err(Error::Unsupported(
             "a U-Net with SDXL's text_time conditioning without a second text encoder \
              (text_encoder_2)"
@@ -1643,20 +1810,17 @@ fn check_sdxl_widths(
             "two text encoders with a U-Net that has no text_time conditioning".into(),
         )),
         (Some(c2), Some(tt)) => {
-            let context = clip.hidden_size + c2.hidden_size;
+            let first = clip.map_or(0, |c| c.hidden_size);
+            let context = first + c2.hidden_size;
             let projection = c2.projection_dim.unwrap_or(0);
             let added = projection + time_ids * tt.time_embed_dim;
             if context != unet.cross_attention_dim || added != tt.input_dim {
                 return Err(Error::InvalidInput(format!(
-                    "the SDXL parts do not fit: text encoders {} + {} wide (U-Net \
+                    "the SDXL parts do not fit: text encoders {first} + {} wide (U-Net \
                      cross_attention_dim {}), projection {projection} + {time_ids} × {} time ids \
                      (U-Net projection_class_embeddings_input_dim {}; model_index.json's \
                      requires_aesthetics_score decides between 6 and 5 ids)",
-                    clip.hidden_size,
-                    c2.hidden_size,
-                    unet.cross_attention_dim,
-                    tt.time_embed_dim,
-                    tt.input_dim
+                    c2.hidden_size, unet.cross_attention_dim, tt.time_embed_dim, tt.input_dim
                 )));
             }
             Ok(())
