@@ -891,3 +891,102 @@ fn base_and_refiner_dpmpp_2m() {
 fn base_and_refiner_euler_a_without_negative_prompt() {
     run_handoff("handoff_euler_a_zero_neg");
 }
+
+/// `ldm generate` with `args` (after the shared ones: the fixture's prompt, size, steps, CFG,
+/// seed, f32) into a temp PNG: the image and the PNG file's bytes.
+fn run_ldm(what: &str, args: &[&str]) -> (Image, Vec<u8>) {
+    let out = std::env::temp_dir().join(format!("ldm-sdxl-{what}-{}.png", std::process::id()));
+    let s = settings();
+    let common = [
+        "generate",
+        "--dtype",
+        "f32",
+        "-p",
+        s["prompt"].as_str().unwrap(),
+        "-W",
+        "64",
+        "-H",
+        "64",
+        "-s",
+        "6",
+        "-g",
+        "5",
+        "--seed",
+        "42",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(common)
+        .args(args)
+        .output()
+        .expect("run ldm");
+    assert!(
+        o.status.success(),
+        "ldm {what} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let img = Image::load_png(&out).unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).ok();
+    (img, bytes)
+}
+
+/// `ldm generate --refiner DIR` (switch point 0.8 by default) writes diffusers' base + refiner
+/// image, and records the refiner in the PNG's parameters as A1111 does.
+#[test]
+fn cli_refiner_matches_diffusers() {
+    let refiner = assemble_refiner();
+    let model = model_dir();
+    let (got, png) = run_ldm(
+        "refiner",
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--refiner",
+            refiner.to_str().unwrap(),
+            "-n",
+            "blurry",
+            "--sampler",
+            "euler",
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&refiner);
+    let want = Image::load_png(&fixture_dir().join("handoff_euler_neg.png")).unwrap();
+    let db = psnr(&got, &want);
+    eprintln!("ldm generate --refiner vs diffusers: PSNR {db:.1} dB");
+    assert!(db >= 40.0, "PSNR {db:.1} dB < 40 dB");
+    let needle = b"Refiner switch at: 0.8";
+    assert!(
+        png.windows(needle.len()).any(|w| w == needle),
+        "the PNG does not record the refiner"
+    );
+}
+
+/// `ldm generate --init-image --mask` on an SDXL model without `--strength` takes diffusers'
+/// StableDiffusionXLInpaintPipeline default, 0.9999.
+#[test]
+fn cli_sdxl_inpainting_defaults_to_diffusers_strength() {
+    let model = model_dir();
+    let init = fixture_dir().join("init.png");
+    let mask = fixture_dir().join("mask.png");
+    let (got, _) = run_ldm(
+        "inpaint",
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--init-image",
+            init.to_str().unwrap(),
+            "--mask",
+            mask.to_str().unwrap(),
+            "-n",
+            "blurry",
+            "--sampler",
+            "euler",
+        ],
+    );
+    let want = Image::load_png(&fixture_dir().join("inpaint_blend_euler_neg.png")).unwrap();
+    let db = psnr(&got, &want);
+    eprintln!("ldm generate --mask (SDXL, default strength) vs diffusers: PSNR {db:.1} dB");
+    assert!(db >= 40.0, "PSNR {db:.1} dB < 40 dB");
+}

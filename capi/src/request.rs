@@ -335,6 +335,7 @@ pub(crate) fn run(model: &Model, request: OwnedRequest, cancel: &AtomicBool) -> 
                 prompt: &req.prompt,
                 model: &model.name,
                 lora_hashes: &[],
+                refiner: None,
             },
             sd,
             seed,
