@@ -1,7 +1,9 @@
 //! Stable Diffusion pipelines on the engine: txt2img, img2img and inpainting, mirroring
 //! diffusers' `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` and
 //! `StableDiffusionInpaintPipeline` (+ the legacy latent-blending inpaint for 4-channel U-Nets),
-//! with seeds drawn exactly as `torch.Generator('cpu').manual_seed(seed)` draws them.
+//! and their SDXL counterparts (`StableDiffusionXLPipeline`, `...Img2ImgPipeline` with the base +
+//! refiner handoff through `denoising_end` / `denoising_start`, `...InpaintPipeline`), with
+//! seeds drawn exactly as `torch.Generator('cpu').manual_seed(seed)` draws them.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
