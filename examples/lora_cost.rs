@@ -18,7 +18,8 @@ use ldm_wgpu::{Gpu, GpuOptions};
 /// Every LoRA-able weight buffer, as bytes, by buffer.
 fn weights(sd: &StableDiffusion) -> ldm_wgpu::Result<BTreeMap<u64, Vec<u8>>> {
     let mut out = BTreeMap::new();
-    for s in sd.unet.lora_sites.iter().chain(&sd.text_encoder.lora_sites) {
+    let text_encoder = sd.text_encoder.iter().flat_map(|te| &te.lora_sites);
+    for s in sd.unet.lora_sites.iter().chain(text_encoder) {
         if let std::collections::btree_map::Entry::Vacant(e) = out.entry(s.tensor.buffer_id()) {
             e.insert(sd.gpu.download_bytes(&s.tensor)?);
         }

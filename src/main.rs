@@ -226,6 +226,15 @@ struct GenerateArgs {
     /// tiled VAE decode/encode (default auto: only when it would not fit)
     #[arg(long, value_name = "auto|on|off", help_heading = "Model")]
     vae_tiling: Option<String>,
+    /// SDXL refiner folder (stabilityai/stable-diffusion-xl-refiner-1.0): the model runs the
+    /// first part of the steps and hands its latents to the refiner, which runs the rest with
+    /// the same prompts, steps and sampler (diffusers' base + refiner)
+    #[arg(long, value_name = "DIR", help_heading = "Model")]
+    refiner: Option<PathBuf>,
+    /// where the refiner takes over, as a fraction of the noise schedule (diffusers'
+    /// denoising_end / denoising_start; default 0.8)
+    #[arg(long, value_name = "F", requires = "refiner", help_heading = "Model")]
+    refiner_start: Option<f64>,
     /// for single files (SD 2.x 768 models are v)
     #[arg(long, value_name = "epsilon|v_prediction", help_heading = "Model")]
     prediction_type: Option<String>,
@@ -367,7 +376,7 @@ struct GenerateArgs {
     /// img2img source
     #[arg(short = 'i', long, value_name = "PNG", help_heading = "Image")]
     init_image: Option<PathBuf>,
-    /// img2img strength (default 0.8)
+    /// img2img strength (default 0.8; SDXL inpainting: 0.9999, diffusers' default)
     #[arg(long, value_name = "F", help_heading = "Image")]
     strength: Option<f64>,
     /// inpainting mask (white = repaint), with --init-image
@@ -532,6 +541,80 @@ fn parse_pair(flag: &str, v: &str) -> Result<(usize, usize), Error> {
     })
 }
 
+/// The SDXL refiner for `--refiner`, on a device queue of its own, refused unless it is an SDXL
+/// model working in the base's latent space.
+fn load_refiner(
+    base: &ldm_wgpu::pipeline::StableDiffusion,
+    dir: &std::path::Path,
+    gpu_options: &GpuOptions,
+    base_options: &ldm_wgpu::pipeline::ModelOptions,
+) -> Result<ldm_wgpu::pipeline::StableDiffusion, Error> {
+    let options = ldm_wgpu::pipeline::ModelOptions {
+        // It starts from the base's latents: nothing to encode.
+        with_encoder: false,
+        ..base_options.clone()
+    };
+    let gpu = ldm_wgpu::Gpu::new(gpu_options)?;
+    let refiner = ldm_wgpu::pipeline::StableDiffusion::load(gpu, dir, &options)?;
+    let (a, b) = (&base.vae.config, &refiner.vae.config);
+    if refiner.sdxl.is_none()
+        || a.latent_channels != b.latent_channels
+        || a.scaling_factor != b.scaling_factor
+        || a.downscale() != b.downscale()
+    {
+        return Err(Error::InvalidInput(format!(
+            "--refiner {}: not an SDXL model in the base model's latent space ({} channels, \
+             scaling {}, {}× against the base's {} channels, scaling {}, {}×)",
+            dir.display(),
+            b.latent_channels,
+            b.scaling_factor,
+            b.downscale(),
+            a.latent_channels,
+            a.scaling_factor,
+            a.downscale()
+        )));
+    }
+    Ok(refiner)
+}
+
+/// diffusers' base + refiner example: the base runs the steps above the switch point
+/// (`denoising_end`) and returns its latents undecoded, the refiner runs the rest from them
+/// (`denoising_start`) with the same request — prompts, steps, sampler, seed — and decodes.
+/// The timings add up both runs.
+fn generate_with_refiner(
+    base: &ldm_wgpu::pipeline::StableDiffusion,
+    refiner: &ldm_wgpu::pipeline::StableDiffusion,
+    start: f64,
+    req: &ldm_wgpu::pipeline::GenerateRequest,
+    progress: &mut dyn FnMut(&ldm_wgpu::pipeline::Progress<'_>) -> bool,
+) -> Result<ldm_wgpu::pipeline::Generated, Error> {
+    use ldm_wgpu::pipeline::GenerateRequest;
+    let first = base.generate(
+        &GenerateRequest {
+            denoising_end: Some(start),
+            latents_only: true,
+            ..req.clone()
+        },
+        progress,
+    )?;
+    let mut out = refiner.generate(
+        &GenerateRequest {
+            denoising_start: Some(start),
+            init_latents: Some(first.latents),
+            init_image: None,
+            ..req.clone()
+        },
+        progress,
+    )?;
+    let (a, b) = (&first.timings, &mut out.timings);
+    b.load += a.load;
+    b.text_encode += a.text_encode;
+    b.steps.splice(0..0, a.steps.iter().copied());
+    b.total += a.total;
+    out.truncated_prompt |= first.truncated_prompt;
+    Ok(out)
+}
+
 fn generate(args: GenerateArgs) -> Result<(), Error> {
     use ldm_wgpu::image::Image;
     use ldm_wgpu::pipeline::{self, GenerateRequest, ModelOptions, StableDiffusion};
@@ -542,6 +625,8 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         vae_f32,
         vae,
         vae_tiling,
+        refiner,
+        refiner_start,
         prediction_type,
         loras,
         lora_dir,
@@ -731,6 +816,24 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
     let recorded_prompt = ldm_wgpu::lora::prompt_with_lora_tags(&req.prompt, &lora_files);
     req.prompt = tagged.text.clone();
     req.validate()?;
+    // The base + refiner handoff: where the refiner takes over, checked with the request.
+    let handoff = match refiner {
+        Some(dir) => {
+            let start = refiner_start.unwrap_or(0.8);
+            if req.mask.is_some() {
+                return Err(Error::Unsupported(
+                    "--refiner with --mask (a refiner over an inpainting run)".into(),
+                ));
+            }
+            GenerateRequest {
+                denoising_end: Some(start),
+                ..req.clone()
+            }
+            .validate()?;
+            Some((dir, start))
+        }
+        None => None,
+    };
     model_options.with_encoder = req.init_image.is_some();
     if use_cache {
         gpu_options.pipeline_cache_path = pipeline_cache_path(&gpu_options);
@@ -741,14 +844,35 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         eprintln!("model:   {}", model.display());
     }
     let mut sd = StableDiffusion::load(gpu, &model, &model_options)?;
+    // The refiner on a device queue of its own (as the C API runs models side by side); the
+    // latents cross over through the host.
+    let mut refiner = match &handoff {
+        Some((dir, _)) => Some(load_refiner(&sd, dir, &gpu_options, &model_options)?),
+        None => None,
+    };
+    if strength.is_none() && req.mask.is_some() && sd.sdxl.is_some() {
+        // StableDiffusionXLInpaintPipeline's default (the first step dropped, the image noised
+        // to the second timestep), where SD's inpainting pipelines default to img2img's.
+        req.strength = 0.9999;
+    }
     let lora_hashes = apply_loras(&sd, &lora_files, &tagged, quiet)?;
     // Tiny autoencoders (TAESD): a live full-resolution preview, and/or the final decode.
     let open_tiny =
         |dir: &PathBuf| ldm_wgpu::models::taesd::AutoencoderTiny::open(&sd.gpu, dir, sd.dtype);
     let preview_tiny = preview_vae.as_ref().map(open_tiny).transpose()?;
     if let Some(dir) = &vae_decoder {
-        let tiny = open_tiny(dir)?;
-        sd.set_tiny_decoder(Some(tiny))?;
+        // With a refiner, it makes the final images.
+        match &mut refiner {
+            Some(refiner) => {
+                let tiny = ldm_wgpu::models::taesd::AutoencoderTiny::open(
+                    &refiner.gpu,
+                    dir,
+                    refiner.dtype,
+                )?;
+                refiner.set_tiny_decoder(Some(tiny))?;
+            }
+            None => sd.set_tiny_decoder(Some(open_tiny(dir)?))?,
+        }
     }
     load_embeddings(&mut sd, embeddings, &req, quiet)?;
     if let Some(v) = timestep_spacing {
@@ -801,6 +925,9 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
     }
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let model_name = ldm_wgpu::parameters::model_name(&model);
+    let refiner_name = handoff
+        .as_ref()
+        .map(|(dir, _)| ldm_wgpu::parameters::model_name(dir));
     let total_images = req.batch_size * batch_count;
     let mut written = 0;
     for batch in 0..batch_count {
@@ -838,7 +965,13 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
             // Ctrl-C: returning false cancels after this model call.
             !interrupted()
         };
-        let out = match sd.generate(&r, &mut report) {
+        let run = match (&refiner, &handoff) {
+            (Some(refiner), Some((_, start))) => {
+                generate_with_refiner(&sd, refiner, *start, &r, &mut report)
+            }
+            _ => sd.generate(&r, &mut report),
+        };
+        let out = match run {
             Err(_) if interrupted() => {
                 // Whatever a batch already finished is on disk, complete; nothing else is.
                 eprintln!(
@@ -877,6 +1010,9 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
                 prompt: &recorded_prompt,
                 model: &model_name,
                 lora_hashes: &lora_hashes,
+                refiner: refiner_name
+                    .as_deref()
+                    .zip(handoff.as_ref().map(|(_, s)| *s)),
             };
             let params = ldm_wgpu::parameters::a1111_parameters(&r, &recorded, &sd, image_seed, i);
             img.save_png_with_text(&path, &[("parameters", &params)])?;

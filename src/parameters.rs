@@ -19,12 +19,14 @@ pub fn model_name(path: &std::path::Path) -> String {
 }
 
 /// What the PNG records beyond the request: the prompt as typed (LoRA tags kept), the model's
-/// name, A1111's `Lora hashes` entries (`name: short hash`).
+/// name, A1111's `Lora hashes` entries (`name: short hash`), and the SDXL refiner's name and
+/// switch point when one finished the image.
 #[derive(Clone, Copy, Debug)]
 pub struct Recorded<'a> {
     pub prompt: &'a str,
     pub model: &'a str,
     pub lora_hashes: &'a [String],
+    pub refiner: Option<(&'a str, f64)>,
 }
 
 /// The `parameters` text of image `index` of a batch made by `r` on `sd` (`seed`: the seed that
@@ -40,6 +42,7 @@ pub fn a1111_parameters(
         prompt,
         model,
         lora_hashes,
+        refiner,
     } = *recorded;
     let name = match r.sampler.or_else(|| config_sampler(sd)) {
         Some(kind) => kind.a1111_name(),
@@ -62,6 +65,9 @@ pub fn a1111_parameters(
     }
     if r.init_image.is_some() {
         out += &format!(", Denoising strength: {}", r.strength);
+    }
+    if let Some((name, switch)) = refiner {
+        out += &format!(", Refiner: {name}, Refiner switch at: {switch}");
     }
     if !lora_hashes.is_empty() {
         // A1111 quotes a value holding `:` or `,` as a JSON string.

@@ -1,7 +1,9 @@
 //! Stable Diffusion pipelines on the engine: txt2img, img2img and inpainting, mirroring
 //! diffusers' `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` and
 //! `StableDiffusionInpaintPipeline` (+ the legacy latent-blending inpaint for 4-channel U-Nets),
-//! with seeds drawn exactly as `torch.Generator('cpu').manual_seed(seed)` draws them.
+//! and their SDXL counterparts (`StableDiffusionXLPipeline`, `...Img2ImgPipeline` with the base +
+//! refiner handoff through `denoising_end` / `denoising_start`, `...InpaintPipeline`), with
+//! seeds drawn exactly as `torch.Generator('cpu').manual_seed(seed)` draws them.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,7 +20,8 @@ use crate::models::vae::{AutoencoderKL, VaeConfig, VaeTiling};
 use crate::prompt::{encode_weighted, tokenize_weighted, Chunking, WeightedChunk, WeightedPrompt};
 use crate::rng::{PhiloxRng, RandnVariant, TorchCpuRng};
 use crate::sched::{
-    build_sampler, execute_on_gpu, Buf, GpuBuffers, Sampler, SamplerKind, SchedulerConfig,
+    build_sampler, calls_before_denoising_end, execute_on_gpu, Buf, GpuBuffers, Sampler,
+    SamplerKind, SchedulerConfig,
 };
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::lora::{open_lora, Lora, LoraTarget, LoraTargets};
@@ -196,6 +199,23 @@ pub struct GenerateRequest {
     /// pass's (diffusers' defaults 6.0 and 2.5).
     pub aesthetic_score: f64,
     pub negative_aesthetic_score: f64,
+    /// Stop the denoising early, as diffusers' `denoising_end` (the SDXL base of a base +
+    /// refiner pair): only the timesteps at or above `(1 - denoising_end) · num_train_timesteps`
+    /// run, and the latents come out still noisy. In (0, 1).
+    pub denoising_end: Option<f64>,
+    /// Start the denoising late, as diffusers' `denoising_start` (the SDXL refiner after a base
+    /// run): only the timesteps below `(1 - denoising_start) · num_train_timesteps` run (one
+    /// more for second-order samplers where the count is even), `strength` is ignored and no
+    /// noise is added to the starting latents (`init_latents`, or the init image's). In (0, 1).
+    pub denoising_start: Option<f64>,
+    /// img2img from latents instead of an image: NHWC `[batch, height/f, width/f, channels]`
+    /// f32, scaled as the U-Net sees them (what [`Generated::latents`] holds, e.g. a base run's
+    /// with `denoising_end` and `latents_only`), used as diffusers uses a 4-channel `image`: no
+    /// VAE encode.
+    pub init_latents: Option<Vec<f32>>,
+    /// Return the final latents without decoding them (diffusers' `output_type="latent"`):
+    /// [`Generated::images`] is then empty.
+    pub latents_only: bool,
 }
 
 impl Default for GenerateRequest {
@@ -228,6 +248,10 @@ impl Default for GenerateRequest {
             target_size: None,
             aesthetic_score: 6.0,
             negative_aesthetic_score: 2.5,
+            denoising_end: None,
+            denoising_start: None,
+            init_latents: None,
+            latents_only: false,
         }
     }
 }
@@ -319,6 +343,7 @@ impl GenerateRequest {
         if self.mask.is_some() && self.init_image.is_none() {
             return Err(Error::InvalidInput("a mask needs an init image".into()));
         }
+        self.validate_handoff()?;
         for (what, img) in [("init image", &self.init_image), ("mask", &self.mask)] {
             if let Some(img) = img {
                 if img.width != self.width || img.height != self.height {
@@ -328,6 +353,54 @@ impl GenerateRequest {
                     )));
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl GenerateRequest {
+    /// `denoising_end`, `denoising_start` and `init_latents` (a base + refiner handoff): values
+    /// in (0, 1) — diffusers silently ignores others, we refuse them —, a start before the end,
+    /// and a start only where there is something to start from.
+    fn validate_handoff(&self) -> Result<()> {
+        for (what, v) in [
+            ("denoising end", self.denoising_end),
+            ("denoising start", self.denoising_start),
+        ] {
+            if let Some(v) = v {
+                if !(v > 0.0 && v < 1.0) {
+                    return Err(Error::InvalidInput(format!(
+                        "{what} must be between 0 and 1, both excluded (got {v})"
+                    )));
+                }
+            }
+        }
+        if let (Some(start), Some(end)) = (self.denoising_start, self.denoising_end) {
+            if start >= end {
+                return Err(Error::InvalidInput(format!(
+                    "denoising start {start} must be before denoising end {end}"
+                )));
+            }
+        }
+        if self.init_latents.is_some() && self.init_image.is_some() {
+            return Err(Error::InvalidInput(
+                "give init latents or an init image, not both".into(),
+            ));
+        }
+        if self.denoising_start.is_some()
+            && self.init_latents.is_none()
+            && self.init_image.is_none()
+        {
+            return Err(Error::InvalidInput(
+                "a denoising start needs latents (or an image) to start from".into(),
+            ));
+        }
+        if self.mask.is_some() && (self.denoising_start.is_some() || self.init_latents.is_some()) {
+            return Err(Error::Unsupported(
+                "inpainting from latents or with a denoising start (a refiner over an \
+                 inpainting run)"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -357,6 +430,7 @@ pub struct Timings {
 }
 
 pub struct Generated {
+    /// The decoded images (none with [`GenerateRequest::latents_only`]).
     pub images: Vec<Image>,
     pub timings: Timings,
     /// Final latents NHWC [B, h, w, C] before the VAE (for parity checks).
@@ -397,8 +471,12 @@ struct PromptEmbeds {
 /// A loaded Stable Diffusion 1.x / 2.x or SDXL model.
 pub struct StableDiffusion {
     pub gpu: Gpu,
+    /// The first text encoder's tokenizer (a folder without that encoder, the SDXL refiner:
+    /// `tokenizer_2`'s, so that prompt checks and `embeddings_in` still read words).
     pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
+    /// The first text encoder (CLIP ViT-L for SD 1.x and SDXL base; OpenCLIP for SD 2.x). None
+    /// only for an SDXL folder without one (the refiner: `text_encoder_2` alone).
+    pub text_encoder: Option<ClipTextModel>,
     /// SDXL's second encoder (None for SD 1.x/2.x).
     pub sdxl: Option<SdxlEncoder>,
     pub unet: UNet2DConditionModel,
@@ -480,6 +558,9 @@ impl StableDiffusion {
         let tokenizer_dir = match &opts.tokenizer_dir {
             Some(d) => d.clone(),
             None if model.join("tokenizer").is_dir() => model.join("tokenizer"),
+            None if w.text_encoder.is_none() && model.join("tokenizer_2").is_dir() => {
+                model.join("tokenizer_2")
+            }
             None => default_model_dir().join("tokenizer"),
         };
         let mut tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
@@ -495,14 +576,22 @@ impl StableDiffusion {
             (DType::F16, true) => DType::F32,
             (d, _) => d,
         };
-        let clip_config = ClipConfig::from_json(&w.text_encoder.config)?;
+        let clip_config = match &w.text_encoder {
+            Some(c) => Some(ClipConfig::from_json(&c.config)?),
+            None => None,
+        };
         let unet_config = UNetConfig::from_json(&w.unet.config)?;
         let clip_2_config = match &w.text_encoder_2 {
             Some(c) => Some(ClipConfig::from_json(&c.config)?),
             None => None,
         };
         let time_ids = if w.requires_aesthetics_score { 5 } else { 6 };
-        check_sdxl_widths(&clip_config, clip_2_config.as_ref(), &unet_config, time_ids)?;
+        check_sdxl_widths(
+            clip_config.as_ref(),
+            clip_2_config.as_ref(),
+            &unet_config,
+            time_ids,
+        )?;
         let tokenizer_2 = match &w.text_encoder_2 {
             Some(_) if model.join("tokenizer_2").is_dir() => {
                 Some(ClipTokenizer::from_dir(&model.join("tokenizer_2"))?)
@@ -527,8 +616,11 @@ impl StableDiffusion {
         // and queue are thread-safe; uploads are copied into staging memory as they come).
         let (text_encoder, text_encoder_2, unet, vae) = std::thread::scope(|s| {
             let gpu = &gpu;
-            let text_encoder = s.spawn(|| {
-                ClipTextModel::load(gpu, &w.text_encoder.weights.root(), clip_config, dtype)
+            let text_encoder = s.spawn(|| match (&w.text_encoder, clip_config) {
+                (Some(c), Some(config)) => {
+                    ClipTextModel::load(gpu, &c.weights.root(), config, dtype).map(Some)
+                }
+                _ => Ok(None),
             });
             let text_encoder_2 = s.spawn(|| match (&w.text_encoder_2, clip_2_config) {
                 (Some(c), Some(config)) => {
@@ -595,12 +687,24 @@ impl StableDiffusion {
     /// gets its own rows and each tokenizer the same words (diffusers: `load_textual_inversion`
     /// once per encoder and tokenizer).
     pub fn set_embeddings(&mut self, embeddings: &[Embedding]) -> Result<EmbeddingsReport> {
-        let width = self.text_encoder.config.hidden_size;
+        let Some(text_encoder) = self.text_encoder.as_ref() else {
+            let why = "textual inversion on a model without a first text encoder (the SDXL \
+                       refiner) is not supported yet";
+            let skipped = embeddings
+                .iter()
+                .map(|e| (e.name.clone(), why.to_string()))
+                .collect();
+            return Ok(EmbeddingsReport {
+                loaded: Vec::new(),
+                skipped,
+            });
+        };
+        let width = text_encoder.config.hidden_size;
         let width_2 = self
             .sdxl
             .as_ref()
             .map(|xl| xl.text_encoder.text_model.config.hidden_size);
-        let first = self.text_encoder.config.vocab_size as u32;
+        let first = text_encoder.config.vocab_size as u32;
         let first_2 = self
             .sdxl
             .as_ref()
@@ -653,8 +757,9 @@ impl StableDiffusion {
             }
             report.loaded.push((e.name.clone(), count));
         }
-        self.text_encoder
-            .set_extra_tokens(&self.gpu, &rows, rows.len() / width)?;
+        if let Some(text_encoder) = self.text_encoder.as_mut() {
+            text_encoder.set_extra_tokens(&self.gpu, &rows, rows.len() / width)?;
+        }
         self.tokenizer.set_embedding_tokens(&words);
         if let (Some(xl), Some(w2)) = (self.sdxl.as_mut(), width_2) {
             xl.text_encoder
@@ -682,19 +787,19 @@ impl StableDiffusion {
         used.into_iter().map(|(_, name)| name).collect()
     }
 
-    /// The weights of this model a LoRA may change, by model (U-Net, text encoder, SDXL's
-    /// second text encoder).
+    /// The weights of this model a LoRA may change, by model (U-Net, text encoder when there
+    /// is one, SDXL's second text encoder).
     fn lora_sites(&self) -> Vec<ModelSites<'_>> {
-        let mut models = vec![
-            ModelSites {
-                target: LoraTarget::Unet,
-                sites: &self.unet.lora_sites,
-            },
-            ModelSites {
+        let mut models = vec![ModelSites {
+            target: LoraTarget::Unet,
+            sites: &self.unet.lora_sites,
+        }];
+        if let Some(te) = &self.text_encoder {
+            models.push(ModelSites {
                 target: LoraTarget::TextEncoder,
-                sites: &self.text_encoder.lora_sites,
-            },
-        ];
+                sites: &te.lora_sites,
+            });
+        }
         if let Some(xl) = &self.sdxl {
             models.push(ModelSites {
                 target: LoraTarget::TextEncoder2,
@@ -805,6 +910,11 @@ impl StableDiffusion {
     /// negative embeddings when guided (diffusers' `encode_prompt`; A1111's emphasis where the
     /// prompt uses it).
     fn encode_prompt(&self, req: &GenerateRequest, guided: bool) -> Result<(Tensor, bool)> {
+        // Only SDXL folders load without it (and they encode in `encode_prompt_sdxl`).
+        let text_encoder = self
+            .text_encoder
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput("this model has no text encoder".into()))?;
         let (mut pos, truncated) = self.prompt_windows(&req.prompt, req);
         let (mut neg, _) = self.prompt_windows(&req.negative_prompt, req);
         // Chunked prompt and negative prompt must have the same length (A1111 pads the shorter
@@ -816,7 +926,7 @@ impl StableDiffusion {
         let encode = |p: &WeightedPrompt, clip_skip: Option<usize>| {
             // Each chunk is encoded on its own (positions restart), then concatenated along
             // the sequence: [chunks, 77, C] -> [1, chunks·77, C].
-            encode_weighted(&self.gpu, &self.text_encoder, p, clip_skip)
+            encode_weighted(&self.gpu, text_encoder, p, clip_skip)
         };
         let cond = encode(&pos, req.clip_skip)?;
         let b = req.batch_size;
@@ -864,6 +974,8 @@ impl StableDiffusion {
     /// (`FrozenCLIPEmbedderWithCustomWordsBase`) tokenizes the pieces and weights its own
     /// output's rows, restoring that output's mean, before the two are concatenated; the pooled
     /// output is the unweighted one.
+    /// Without a first encoder (the refiner) encoder 2 alone reads `prompt` — not `prompt_2`:
+    /// diffusers zips `[prompt, prompt_2]` with the one encoder it has — giving [1, 77, C2].
     fn encode_pair_sdxl(
         &self,
         xl: &SdxlEncoder,
@@ -872,18 +984,23 @@ impl StableDiffusion {
         weighting: bool,
     ) -> Result<(Tensor, Tensor, bool)> {
         let gpu = &self.gpu;
-        let w1 = sdxl_window(&self.tokenizer, prompts[0], weighting);
-        let w2 = sdxl_window(&xl.tokenizer, prompts[1], weighting);
-        let h1 = self
-            .text_encoder
-            .penultimate(gpu, &w1.chunk.ids, 1, clip_skip)?; // [1, 77, C1]
-        let (h2, pooled) = xl
-            .text_encoder
-            .forward_sdxl(gpu, &w2.chunk.ids, 1, clip_skip)?; // [1, 77, C2], [1, P]
         let weigh = |h: Tensor, w: &WeightedChunk| match w.is_weighted() {
             true => emphasis::emphasis(gpu, &h, &w.weights), // [1, 77, C]
             false => Ok(h),
         };
+        let Some(text_encoder) = &self.text_encoder else {
+            let w = sdxl_window(&xl.tokenizer, prompts[0], weighting);
+            let (h2, pooled) = xl
+                .text_encoder
+                .forward_sdxl(gpu, &w.chunk.ids, 1, clip_skip)?; // [1, 77, C2], [1, P]
+            return Ok((weigh(h2, &w.chunk)?, pooled, w.truncated));
+        };
+        let w1 = sdxl_window(&self.tokenizer, prompts[0], weighting);
+        let w2 = sdxl_window(&xl.tokenizer, prompts[1], weighting);
+        let h1 = text_encoder.penultimate(gpu, &w1.chunk.ids, 1, clip_skip)?; // [1, 77, C1]
+        let (h2, pooled) = xl
+            .text_encoder
+            .forward_sdxl(gpu, &w2.chunk.ids, 1, clip_skip)?; // [1, 77, C2], [1, P]
         let (h1, h2) = (weigh(h1, &w1.chunk)?, weigh(h2, &w2.chunk)?);
         let context = elementwise::concat_channels(gpu, &h1, &h2)?; // [1, 77, C1 + C2]
         Ok((context, pooled, w1.truncated || w2.truncated))
@@ -970,6 +1087,25 @@ impl StableDiffusion {
                 req.width, req.height
             )));
         }
+        if let Some(latents) = &req.init_latents {
+            let channels = self.vae.config.latent_channels;
+            let want = req.batch_size * (req.height / f) * (req.width / f) * channels;
+            if latents.len() != want {
+                return Err(Error::InvalidInput(format!(
+                    "init latents hold {} values; {} × {}×{} × {channels} channels ([batch, \
+                     height/{f}, width/{f}, channels], NHWC) are {want}",
+                    latents.len(),
+                    req.batch_size,
+                    req.height / f,
+                    req.width / f
+                )));
+            }
+            if latents.iter().any(|v| !v.is_finite()) {
+                return Err(Error::InvalidInput(
+                    "init latents are not all finite".into(),
+                ));
+            }
+        }
         if self.unet.config.in_channels == 9 && req.mask.is_none() {
             return Err(Error::InvalidInput(
                 "this is an inpainting model: give --init-image and --mask".into(),
@@ -986,11 +1122,6 @@ impl StableDiffusion {
 
     /// What the SDXL pipeline does not run yet is refused, not approximated.
     fn check_sdxl_request(req: &GenerateRequest) -> Result<()> {
-        if req.mask.is_some() {
-            return Err(Error::Unsupported(
-                "inpainting with SDXL (txt2img and img2img only so far)".into(),
-            ));
-        }
         if req.long_prompts {
             return Err(Error::Unsupported(
                 "long prompts (chunks) with SDXL: diffusers truncates to 77 tokens; drop \
@@ -1025,15 +1156,15 @@ impl StableDiffusion {
         self.gpu.flush()?;
         timings.text_encode = job.start.elapsed();
 
-        let mut sampler = self.prepare_timesteps(req)?;
+        let (mut sampler, calls) = self.prepare_timesteps(req)?;
         let mut noise = BatchNoise::new(req.rng, req.seed, job.batch, req.seed_mode);
         let (latents, init) = self.prepare_latents(&job, sampler.as_ref(), &mut noise)?;
         let mut bufs = GpuBuffers::new(latents);
-        let inputs = self.loop_inputs(&job, sampler.as_ref(), embeds, init)?;
+        let inputs = self.loop_inputs(&job, &sampler.timesteps()[..calls], embeds, init)?;
 
         timings.steps = self.denoise(
             &job,
-            sampler.as_mut(),
+            (sampler.as_mut(), calls),
             &mut noise,
             &inputs,
             &mut bufs,
@@ -1150,23 +1281,37 @@ impl StableDiffusion {
         }
     }
 
-    /// The sampler for `req.steps` (diffusers' "prepare timesteps"); img2img and inpainting keep
-    /// the last `strength` of its schedule (their `get_timesteps`).
-    fn prepare_timesteps(&self, req: &GenerateRequest) -> Result<Box<dyn Sampler>> {
+    /// The sampler for `req.steps` (diffusers' "prepare timesteps") and how many of its model
+    /// calls run: img2img and inpainting keep the last `strength` of the schedule, or with a
+    /// `denoising_start` the timesteps below its cutoff (SDXL img2img's `get_timesteps`); a
+    /// `denoising_end` then stops at its cutoff (the SDXL pipelines' "apply denoising_end").
+    fn prepare_timesteps(&self, req: &GenerateRequest) -> Result<(Box<dyn Sampler>, usize)> {
         let mut sampler = build_sampler(&self.scheduler_config, req.sampler, req.steps)?;
         if let Some(eta) = req.eta {
             sampler.set_eta(eta);
         }
-        if req.init_image.is_some() {
+        let train = self.scheduler_config.train_timesteps();
+        if let Some(start) = req.denoising_start {
+            sampler.truncate_for_denoising_start(train, start);
+        } else if req.init_image.is_some() || req.init_latents.is_some() {
             sampler.truncate_for_strength(req.steps, req.strength);
-            if sampler.timesteps().is_empty() {
-                return Err(Error::InvalidInput(format!(
-                    "strength {} with {} steps leaves no denoising step",
-                    req.strength, req.steps
-                )));
-            }
         }
-        Ok(sampler)
+        let calls = match req.denoising_end {
+            Some(end) => calls_before_denoising_end(sampler.timesteps(), train, end),
+            None => sampler.timesteps().len(),
+        };
+        if calls == 0 {
+            return Err(Error::InvalidInput(format!(
+                "{} steps with strength {}{}{} leave no denoising step",
+                req.steps,
+                req.strength,
+                req.denoising_start
+                    .map_or(String::new(), |v| format!(", denoising start {v}")),
+                req.denoising_end
+                    .map_or(String::new(), |v| format!(", denoising end {v}")),
+            )));
+        }
+        Ok((sampler, calls))
     }
 
     /// The initial latents [B, h, w, L] (f32) and what inpainting keeps for the loop, drawing from
@@ -1177,6 +1322,9 @@ impl StableDiffusion {
         sampler: &dyn Sampler,
         noise: &mut BatchNoise,
     ) -> Result<(Tensor, InitImage)> {
+        if let Some(latents) = &job.req.init_latents {
+            return self.img2img_from_latents(job, latents, sampler, noise);
+        }
         match (&job.req.init_image, &job.req.mask) {
             (None, _) => Ok((
                 self.txt2img_latents(job, sampler, noise)?,
@@ -1211,6 +1359,35 @@ impl StableDiffusion {
         noise: &mut BatchNoise,
     ) -> Result<(Tensor, InitImage)> {
         let clean = self.encode_image(job, init.to_model_input(), noise)?;
+        self.noised_init_latents(job, clean, sampler, noise)
+    }
+
+    /// img2img from latents (StableDiffusionXLImg2ImgPipeline.prepare_latents with a 4-channel
+    /// `image`): the latents as given, no VAE encode and no draw for it, then as from an image.
+    fn img2img_from_latents(
+        &self,
+        job: &Job<'_>,
+        latents: &[f32],
+        sampler: &dyn Sampler,
+        noise: &mut BatchNoise,
+    ) -> Result<(Tensor, InitImage)> {
+        let clean = self.gpu.upload(latents, &job.latent_shape(), DType::F32)?; // [B, h, w, L]
+        self.noised_init_latents(job, clean, sampler, noise)
+    }
+
+    /// The clean init latents [B, h, w, L] noised to the first timestep with a fresh draw, or
+    /// with a `denoising_start` taken as they are (SDXL img2img's `add_noise=False`: they
+    /// already carry the noise of the run that made them, and nothing is drawn).
+    fn noised_init_latents(
+        &self,
+        job: &Job<'_>,
+        clean: Tensor,
+        sampler: &dyn Sampler,
+        noise: &mut BatchNoise,
+    ) -> Result<(Tensor, InitImage)> {
+        if job.req.denoising_start.is_some() {
+            return Ok((clean, InitImage::default()));
+        }
         let eps = job.upload_nchw(&self.gpu, &noise.draw(job.batch, job.per_image()))?;
         let latents = self.add_noise(job, sampler, &clean, &eps)?;
         let kept = InitImage {
@@ -1361,14 +1538,14 @@ impl StableDiffusion {
     fn loop_inputs(
         &self,
         job: &Job<'_>,
-        sampler: &dyn Sampler,
+        timesteps: &[f64],
         embeds: PromptEmbeds,
         init: InitImage,
     ) -> Result<LoopInputs> {
         let unet_batch = if job.guided { 2 * job.batch } else { job.batch };
         let time_table = self.unet.schedule_time_embeddings_with(
             &self.gpu,
-            sampler.timesteps(),
+            timesteps,
             unet_batch,
             embeds.added.as_ref(),
         )?; // [calls·2B, 4C0]
@@ -1384,20 +1561,20 @@ impl StableDiffusion {
         })
     }
 
-    /// The denoising loop (diffusers' `for i, t in enumerate(timesteps)`): per model call, the
-    /// U-Net, the sampler's plan on the GPU and (legacy inpainting) the blend, as one submit.
-    /// Returns each call's time.
+    /// The denoising loop (diffusers' `for i, t in enumerate(timesteps)`) over the sampler's
+    /// first `calls` model calls (fewer than its timesteps with a `denoising_end`): per model
+    /// call, the U-Net, the sampler's plan on the GPU and (legacy inpainting) the blend, as one
+    /// submit. Returns each call's time.
     fn denoise(
         &self,
         job: &Job<'_>,
-        sampler: &mut dyn Sampler,
+        (sampler, calls): (&mut dyn Sampler, usize),
         noise: &mut BatchNoise,
         inputs: &LoopInputs,
         bufs: &mut GpuBuffers,
         progress: &mut dyn FnMut(&Progress<'_>) -> bool,
     ) -> Result<Vec<Duration>> {
         let gpu = &self.gpu;
-        let calls = sampler.timesteps().len();
         let mut steps = Vec::with_capacity(calls);
         for call in 0..calls {
             let step_start = Instant::now();
@@ -1428,13 +1605,14 @@ impl StableDiffusion {
             let guidance = job.guided.then_some(job.req.guidance_scale);
             execute_on_gpu(gpu, &plan, &model_out, guidance, bufs)?;
             if let Some(blend) = inputs.init.legacy_blend(job.inpaint9) {
-                self.blend_unmasked(job, sampler, call, blend, bufs)?;
+                self.blend_unmasked(job, (sampler, calls), call, blend, bufs)?;
             }
             // One submit per model call: what the step recorded (the progress callback gets the
             // latents of a finished step).
             gpu.flush()?;
             steps.push(step_start.elapsed());
-            let preview_scale = if call + 1 < calls {
+            // After a `denoising_end` the latents are still noisy: their scale is the next call's.
+            let preview_scale = if call + 1 < sampler.timesteps().len() {
                 sampler.model_input_scale(call + 1)
             } else {
                 1.0
@@ -1475,17 +1653,18 @@ impl StableDiffusion {
     /// Legacy inpainting with an ordinary U-Net: keep the unmasked region on the original image's
     /// noise trajectory (diffusers' StableDiffusionInpaintPipelineLegacy / the 4-channel branch
     /// of StableDiffusionInpaintPipeline): `proper` is the init image noised to the next call's
-    /// timestep (clean after the last call), and `latents = proper + mask * (latents - proper)`.
+    /// timestep (clean after the last call that runs), and `latents = proper + mask * (latents -
+    /// proper)`.
     fn blend_unmasked(
         &self,
         job: &Job<'_>,
-        sampler: &dyn Sampler,
+        (sampler, calls): (&dyn Sampler, usize),
         call: usize,
         (mask, clean, eps): (&Tensor, &Tensor, &Tensor),
         bufs: &mut GpuBuffers,
     ) -> Result<()> {
         let gpu = &self.gpu;
-        let (orig_c, noise_c) = if call + 1 < sampler.timesteps().len() {
+        let (orig_c, noise_c) = if call + 1 < calls {
             let mix = sampler.add_noise(call + 1);
             (mix.original, mix.noise)
         } else {
@@ -1512,12 +1691,15 @@ impl StableDiffusion {
                 what: "the denoising loop (latents)".into(),
             });
         }
+        drop(latents);
+        if job.req.latents_only {
+            return Ok((Vec::new(), final_latents));
+        }
         if job.shift_factor != 0.0 {
             return Err(Error::Unsupported(
                 "VAE shift_factor (SD3-style VAEs)".into(),
             ));
         }
-        drop(latents);
         let (req, per_image) = (job.req, job.per_image());
         let mut images = Vec::with_capacity(job.batch);
         // One image at a time keeps the decoder's largest activation within binding limits
@@ -1671,9 +1853,6 @@ fn add_time_ids(req: &GenerateRequest, aesthetics: bool, negative: bool) -> Vec<
     ids
 }
 
-/// An SDXL folder's parts must fit together: the U-Net's cross-attention takes both encoders'
-/// widths, its added embedding the pooled projection and `time_ids` ids (6, or 5 with an
-/// aesthetic score); an SD U-Net with text_time conditioning but one encoder cannot run.
 /// One SDXL encoder's 77-token window for `prompt`.
 struct SdxlWindow {
     /// Token ids (BOS, tokens, EOS, padding) and one weight per token.
@@ -1705,14 +1884,21 @@ fn sdxl_window(tokenizer: &ClipTokenizer, prompt: &str, weighting: bool) -> Sdxl
     }
 }
 
+/// An SDXL folder's parts must fit together: the U-Net's cross-attention takes both encoders'
+/// widths (encoder 2's alone in a folder without a first encoder, the refiner), its added
+/// embedding the pooled projection and `time_ids` ids (6, or 5 with an aesthetic score); an SD
+/// U-Net with text_time conditioning but one encoder cannot run.
 fn check_sdxl_widths(
-    clip: &ClipConfig,
+    clip: Option<&ClipConfig>,
     clip_2: Option<&ClipConfig>,
     unet: &UNetConfig,
     time_ids: usize,
 ) -> Result<()> {
     match (clip_2, unet.text_time) {
-        (None, None) => Ok(()),
+        (None, None) if clip.is_some() => Ok(()),
+        (None, None) => Err(Error::InvalidInput(
+            "the model has no text encoder (neither text_encoder nor text_encoder_2)".into(),
+        )),
         (None, Some(_)) => Err(Error::Unsupported(
             "a U-Net with SDXL's text_time conditioning without a second text encoder \
              (text_encoder_2)"
@@ -1722,20 +1908,17 @@ fn check_sdxl_widths(
             "two text encoders with a U-Net that has no text_time conditioning".into(),
         )),
         (Some(c2), Some(tt)) => {
-            let context = clip.hidden_size + c2.hidden_size;
+            let first = clip.map_or(0, |c| c.hidden_size);
+            let context = first + c2.hidden_size;
             let projection = c2.projection_dim.unwrap_or(0);
             let added = projection + time_ids * tt.time_embed_dim;
             if context != unet.cross_attention_dim || added != tt.input_dim {
                 return Err(Error::InvalidInput(format!(
-                    "the SDXL parts do not fit: text encoders {} + {} wide (U-Net \
+                    "the SDXL parts do not fit: text encoders {first} + {} wide (U-Net \
                      cross_attention_dim {}), projection {projection} + {time_ids} × {} time ids \
                      (U-Net projection_class_embeddings_input_dim {}; model_index.json's \
                      requires_aesthetics_score decides between 6 and 5 ids)",
-                    clip.hidden_size,
-                    c2.hidden_size,
-                    unet.cross_attention_dim,
-                    tt.time_embed_dim,
-                    tt.input_dim
+                    c2.hidden_size, unet.cross_attention_dim, tt.time_embed_dim, tt.input_dim
                 )));
             }
             Ok(())

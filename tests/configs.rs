@@ -249,6 +249,23 @@ fn model_index_refuses_pipelines_we_would_misread() {
     let aesthetics = with(sdxl.clone(), "requires_aesthetics_score", json!(true));
     parse(&aesthetics).validate().unwrap();
     assert!(parse(&aesthetics).requires_aesthetics_score());
+    // The refiner's index (stabilityai/stable-diffusion-xl-refiner-1.0): text_encoder_2 alone.
+    let refiner = with(
+        with(
+            with(
+                aesthetics.clone(),
+                "_class_name",
+                json!("StableDiffusionXLImg2ImgPipeline"),
+            ),
+            "text_encoder",
+            json!([null, null]),
+        ),
+        "tokenizer",
+        json!([null, null]),
+    );
+    parse(&refiner).validate().unwrap();
+    assert!(parse(&refiner).is_sdxl());
+    assert_eq!(parse(&refiner).component_class("text_encoder"), None);
     let no_tokenizer_2 = with(sdxl, "tokenizer_2", json!([null, null]));
     let asymmetric = with(base, "vae", json!(["diffusers", "AsymmetricAutoencoderKL"]));
     for (case, index, needle) in [

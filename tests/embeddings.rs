@@ -142,7 +142,12 @@ fn prompts_using_embeddings_match_diffusers() {
         let got = sd.tokenizer.encode_padded(prompt).ids;
         assert_eq!(got, want, "{prompt:?}");
 
-        let out = sd.text_encoder.forward(&sd.gpu, &got, 1, None).unwrap();
+        let out = sd
+            .text_encoder
+            .as_ref()
+            .unwrap()
+            .forward(&sd.gpu, &got, 1, None)
+            .unwrap();
         let out = sd.gpu.download(&out).unwrap();
         let want = tensors
             .tensor(&format!("case_{i:02}"))

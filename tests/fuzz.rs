@@ -780,7 +780,10 @@ fn lora_targets() -> &'static ldm_wgpu::weights::lora::LoraTargets {
         let model = ldm_wgpu::weights::open_model(dir, &Default::default()).unwrap();
         LoraTargets::default()
             .with(LoraTarget::Unet, model.unet.weights.shapes())
-            .with(LoraTarget::TextEncoder, model.text_encoder.weights.shapes())
+            .with(
+                LoraTarget::TextEncoder,
+                model.text_encoder.as_ref().unwrap().weights.shapes(),
+            )
     })
 }
 

@@ -15,7 +15,10 @@ fn targets() -> LoraTargets {
     let model = open_model(default_model_dir(), &LoadOptions::default()).unwrap();
     LoraTargets::default()
         .with(LoraTarget::Unet, model.unet.weights.shapes())
-        .with(LoraTarget::TextEncoder, model.text_encoder.weights.shapes())
+        .with(
+            LoraTarget::TextEncoder,
+            model.text_encoder.as_ref().unwrap().weights.shapes(),
+        )
 }
 
 /// Write a safetensors file of f32 tensors with deterministic pseudo-random values, and scalar
@@ -428,7 +431,7 @@ fn weight_bytes(sd: &StableDiffusion) -> BTreeMap<u64, Vec<u8>> {
     sd.unet
         .lora_sites
         .iter()
-        .chain(&sd.text_encoder.lora_sites)
+        .chain(&sd.text_encoder.as_ref().unwrap().lora_sites)
         .map(|s| {
             let id = s.tensor.buffer_id();
             (id, sd.gpu.download_bytes(&s.tensor).unwrap())
@@ -561,7 +564,7 @@ fn set_and_clear_loras_on_a_loaded_model() {
             unet_weight: 1.0,
         };
         sd.set_loras(&[spec]).unwrap();
-        for s in &sd.text_encoder.lora_sites {
+        for s in &sd.text_encoder.as_ref().unwrap().lora_sites {
             let now = sd.gpu.download_bytes(&s.tensor).unwrap();
             assert!(
                 base_weights[&s.tensor.buffer_id()] == now,
@@ -650,8 +653,10 @@ fn set_loras_refuses_what_does_not_fit() {
         ],
     );
     let store = ldm_wgpu::weights::open_model(parity_model(), &Default::default()).unwrap();
-    let store_targets =
-        LoraTargets::default().with(LoraTarget::TextEncoder, store.text_encoder.weights.shapes());
+    let store_targets = LoraTargets::default().with(
+        LoraTarget::TextEncoder,
+        store.text_encoder.as_ref().unwrap().weights.shapes(),
+    );
     let table = open_lora(&te, &store_targets).unwrap();
     let err = sd
         .set_loras(&[LoraSpec::new(table, 1.0)])
@@ -771,7 +776,10 @@ fn sd_short_hash(path: &Path) -> String {
     let store = ldm_wgpu::weights::open_model(parity_model(), &Default::default()).unwrap();
     let targets = LoraTargets::default()
         .with(LoraTarget::Unet, store.unet.weights.shapes())
-        .with(LoraTarget::TextEncoder, store.text_encoder.weights.shapes());
+        .with(
+            LoraTarget::TextEncoder,
+            store.text_encoder.as_ref().unwrap().weights.shapes(),
+        );
     open_lora(path, &targets).unwrap().short_hash()
 }
 

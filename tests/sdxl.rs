@@ -300,6 +300,9 @@ fn request(case: &Value) -> GenerateRequest {
         req.init_image = Some(Image::load_png(&fixture_dir().join(init)).unwrap());
         req.strength = case["strength"].as_f64().unwrap();
     }
+    if let Some(mask) = case["mask"].as_str() {
+        req.mask = Some(Image::load_png(&fixture_dir().join(mask)).unwrap());
+    }
     req
 }
 
@@ -452,33 +455,46 @@ fn img2img() {
     run_case("img2img_dpmpp_2m_cfg1");
 }
 
-/// The fixture model with the aesthetic-score U-Net (`unet_aesthetic/`: its config and
-/// add_embedding.linear_1.weight, every other tensor model/unet/'s) and
-/// `"requires_aesthetics_score": true` in model_index.json, in a fresh temp folder.
-fn assemble_aesthetic_model() -> PathBuf {
-    use safetensors::tensor::{SafeTensors, TensorView};
-    let src = model_dir();
-    let dst = std::env::temp_dir().join(format!("ldm-sdxl-aesthetic-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
-    for entry in std::fs::read_dir(&src).unwrap() {
+/// Copies `src`'s files and its subfolders' files (one level, as a diffusers folder has them)
+/// into `dst`.
+fn copy_folder(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
         let entry = entry.unwrap();
         let to = dst.join(entry.file_name());
         if entry.path().is_dir() {
-            std::fs::create_dir_all(&to).unwrap();
-            for f in std::fs::read_dir(entry.path()).unwrap() {
-                let f = f.unwrap();
-                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
-            }
+            copy_folder(&entry.path(), &to);
+        } else {
+            std::fs::copy(entry.path(), to).unwrap();
         }
     }
-    let mut index: Value =
+}
+
+/// A fresh temp folder for an assembled model.
+fn temp_model(what: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("ldm-sdxl-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    dst
+}
+
+/// model/ with another U-Net made from model/unet/'s weights: `variant` (a fixture folder) holds
+/// the U-Net's config.json and, in `tensors`, the weights that differ; model_index.json gets
+/// `index` written over it.
+fn assemble_unet_variant(variant: &str, tensors: &str, index: &[(&str, Value)]) -> PathBuf {
+    use safetensors::tensor::{SafeTensors, TensorView};
+    let src = model_dir();
+    let dst = temp_model(variant);
+    copy_folder(&src, &dst);
+    let mut model_index: Value =
         serde_json::from_slice(&std::fs::read(src.join("model_index.json")).unwrap()).unwrap();
-    index["requires_aesthetics_score"] = Value::Bool(true);
-    std::fs::write(dst.join("model_index.json"), index.to_string()).unwrap();
-    let aes = fixture_dir().join("unet_aesthetic");
-    std::fs::copy(aes.join("config.json"), dst.join("unet/config.json")).unwrap();
+    for (key, value) in index {
+        model_index[*key] = value.clone();
+    }
+    std::fs::write(dst.join("model_index.json"), model_index.to_string()).unwrap();
+    let variant = fixture_dir().join(variant);
+    std::fs::copy(variant.join("config.json"), dst.join("unet/config.json")).unwrap();
     let base = std::fs::read(src.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
-    let extra = std::fs::read(aes.join("add_embedding.safetensors")).unwrap();
+    let extra = std::fs::read(variant.join(tensors)).unwrap();
     let base = SafeTensors::deserialize(&base).unwrap();
     let extra = SafeTensors::deserialize(&extra).unwrap();
     let swapped: Vec<(String, TensorView)> = base
@@ -498,20 +514,60 @@ fn assemble_aesthetic_model() -> PathBuf {
     dst
 }
 
-/// Aesthetic-score conditioning (`requires_aesthetics_score`, as SDXL's refiner): the time ids
-/// are original size, crop and the score, the negative pass taking the negative score. Scores
-/// left at the defaults on the case that changed them must not pass.
-#[test]
-fn img2img_with_aesthetic_scores() {
-    let dir = assemble_aesthetic_model();
+/// The fixture model with the aesthetic-score U-Net (`unet_aesthetic/`: its config and
+/// add_embedding.linear_1.weight, every other tensor model/unet/'s) and
+/// `"requires_aesthetics_score": true` in model_index.json, in a fresh temp folder.
+fn assemble_aesthetic_model() -> PathBuf {
+    assemble_unet_variant(
+        "unet_aesthetic",
+        "add_embedding.safetensors",
+        &[("requires_aesthetics_score", Value::Bool(true))],
+    )
+}
+
+/// The fixture model with the 9-channel inpainting U-Net (`unet_inpaint/`: its config and
+/// conv_in.weight), as an inpainting folder's model_index.json names its pipeline.
+fn assemble_inpaint_model() -> PathBuf {
+    assemble_unet_variant(
+        "unet_inpaint",
+        "conv_in.safetensors",
+        &[(
+            "_class_name",
+            Value::from("StableDiffusionXLInpaintPipeline"),
+        )],
+    )
+}
+
+/// The refiner folder (`refiner/`: model_index.json without text_encoder and tokenizer, its
+/// U-Net and scheduler) with the parts it shares with model/ (text_encoder_2, tokenizer_2, vae)
+/// copied in: the layout of stabilityai/stable-diffusion-xl-refiner-1.0.
+fn assemble_refiner() -> PathBuf {
+    let dst = temp_model("refiner");
+    copy_folder(&fixture_dir().join("refiner"), &dst);
+    for shared in ["text_encoder_2", "tokenizer_2", "vae"] {
+        copy_folder(&model_dir().join(shared), &dst.join(shared));
+    }
+    dst
+}
+
+fn load_f32(dir: &Path) -> StableDiffusion {
     let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
     let opts = ModelOptions {
         dtype: Some(DType::F32),
         with_encoder: true,
         ..Default::default()
     };
-    let model = StableDiffusion::load(gpu, &dir, &opts).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let model = StableDiffusion::load(gpu, dir, &opts).unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    model
+}
+
+/// Aesthetic-score conditioning (`requires_aesthetics_score`, as SDXL's refiner): the time ids
+/// are original size, crop and the score, the negative pass taking the negative score. Scores
+/// left at the defaults on the case that changed them must not pass.
+#[test]
+fn img2img_with_aesthetic_scores() {
+    let model = load_f32(&assemble_aesthetic_model());
     for name in ["img2img_aesthetic_euler_neg", "img2img_aesthetic_scores"] {
         let (db, rel) = outcome(&model, name);
         eprintln!("{name}: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
@@ -540,10 +596,8 @@ fn sdxl_refuses_what_it_does_not_run() {
     req.long_prompts = true;
     let e = model.generate(&req, &mut |_| true).err().unwrap();
     assert!(e.to_string().contains("long prompts"), "{e}");
-    let mut req = request(&settings()["cases"][0]);
-    let init = Image::load_png(&fixture_dir().join("init.png")).unwrap();
-    req.init_image = Some(init.clone());
-    req.mask = Some(init);
+    let mut req = request(case("inpaint_blend_euler_neg"));
+    req.denoising_start = Some(0.8);
     let e = model.generate(&req, &mut |_| true).err().unwrap();
     assert!(e.to_string().contains("inpainting"), "{e}");
 }
@@ -851,11 +905,11 @@ fn single_file_configs_match_the_folder() {
         "text_encoder",
         format!(
             "{:#?}",
-            ClipConfig::from_json(&folder.text_encoder.config).unwrap()
+            ClipConfig::from_json(&folder.text_encoder.as_ref().unwrap().config).unwrap()
         ),
         format!(
             "{:#?}",
-            ClipConfig::from_json(&single.text_encoder.config).unwrap()
+            ClipConfig::from_json(&single.text_encoder.as_ref().unwrap().config).unwrap()
         ),
     );
     let (f2, s2) = (
@@ -880,8 +934,8 @@ fn single_file_configs_match_the_folder() {
         ("vae", &folder.vae.weights, &single.vae.weights),
         (
             "text_encoder",
-            &folder.text_encoder.weights,
-            &single.text_encoder.weights,
+            &folder.text_encoder.as_ref().unwrap().weights,
+            &single.text_encoder.as_ref().unwrap().weights,
         ),
         ("text_encoder_2", &f2.weights, &s2.weights),
     ] {
@@ -1236,4 +1290,245 @@ fn real_sdxl_base_shapes_rename_and_infer() {
         ClipConfig::from_json(&te2).unwrap().projection_dim,
         Some(1280)
     );
+}
+
+// ------------------------------------------------------------------------------ inpainting
+
+/// StableDiffusionXLInpaintPipeline with the base's 4-channel U-Net: the unmasked region
+/// blended back onto the init image's noise trajectory after every step, at diffusers' default
+/// strength 0.9999 (the first step dropped, the image noised to the second timestep), at 1
+/// (pure noise) and at 0.6 with euler_a (the step noise drawn after both posterior samples).
+#[test]
+fn inpainting_with_the_base_unet_blends() {
+    run_case("inpaint_blend_euler_neg");
+    run_case("inpaint_blend_dpmpp_2m_s100");
+    run_case("inpaint_blend_euler_a_s60_zero_neg");
+}
+
+/// StableDiffusionXLInpaintPipeline with a 9-channel U-Net (diffusers/stable-diffusion-xl-1.0-
+/// inpainting-0.1's layout): latents, the mask and the masked image's latents at every call.
+#[test]
+fn inpainting_with_a_9_channel_unet() {
+    let model = load_f32(&assemble_inpaint_model());
+    assert_eq!(model.unet.config.in_channels, 9);
+    for name in [
+        "inpaint9_euler_neg",
+        "inpaint9_dpmpp_2m_s100",
+        "inpaint9_euler_a_s60_cfg1",
+    ] {
+        let (db, rel) = outcome(&model, name);
+        eprintln!("{name}: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
+        assert!(db >= 40.0, "{name}: PSNR {db:.1} dB < 40 dB");
+        assert!(rel <= 1e-3, "{name}: latents rel-L2 {rel:.2e} > 1e-3");
+    }
+}
+
+// ------------------------------------------------------------------------------ base + refiner
+
+/// The refiner folder loads without a first text encoder: encoder 2 alone (32-wide context),
+/// its tokenizer standing in as the first, aesthetic-score ids.
+#[test]
+fn refiner_folder_loads_without_text_encoder() {
+    let refiner = refiner_f32();
+    assert!(refiner.text_encoder.is_none());
+    let xl = refiner.sdxl.as_ref().expect("text_encoder_2");
+    assert!(xl.requires_aesthetics_score);
+    assert!(!xl.force_zeros_for_empty_prompt);
+    assert_eq!(refiner.unet.config.cross_attention_dim, 32);
+}
+
+fn refiner_f32() -> &'static StableDiffusion {
+    static M: OnceLock<StableDiffusion> = OnceLock::new();
+    M.get_or_init(|| load_f32(&assemble_refiner()))
+}
+
+/// The base's half of a handoff case: denoising_end, latents out (diffusers'
+/// output_type="latent").
+fn base_request(case: &Value) -> GenerateRequest {
+    GenerateRequest {
+        denoising_end: case["denoising_end"].as_f64(),
+        latents_only: true,
+        ..request(case)
+    }
+}
+
+/// The refiner's half: the same prompts, steps and sampler, denoising_start, from `latents`.
+fn refiner_request(case: &Value, latents: Vec<f32>) -> GenerateRequest {
+    GenerateRequest {
+        denoising_start: case["denoising_start"].as_f64(),
+        init_latents: Some(latents),
+        ..request(case)
+    }
+}
+
+/// diffusers' base + refiner example (StableDiffusionXLPipeline with denoising_end and
+/// output_type="latent", then StableDiffusionXLImg2ImgPipeline with denoising_start on those
+/// latents): the base's latents against diffusers', the refiner from diffusers' base latents
+/// (the refiner alone), and the whole chain (PNG and final latents).
+fn run_handoff(name: &str) {
+    let case = case(name);
+    let s: Vec<usize> = case["latents_shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let shape = [s[0], s[1], s[2], s[3]];
+    let base_want = nchw_to_nhwc(&read_f32(case["base_latents"].as_str().unwrap()), shape);
+    let base = model_f32()
+        .generate(&base_request(case), &mut |_| true)
+        .unwrap();
+    assert!(base.images.is_empty(), "latents_only decodes nothing");
+    let rel = rel_l2(&base.latents, &as_f64(&base_want));
+    eprintln!("{name} base (denoising_end): latents rel-L2 {rel:.2e}");
+    assert!(rel <= 1e-3, "{name} base: latents rel-L2 {rel:.2e} > 1e-3");
+
+    let refiner = refiner_f32();
+    let alone = outcome_with(refiner, name, refiner_request(case, base_want));
+    let chain = outcome_with(refiner, name, refiner_request(case, base.latents));
+    for (what, (db, rel)) in [
+        ("refiner from diffusers' base latents", alone),
+        ("base + refiner", chain),
+    ] {
+        eprintln!("{name} {what}: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
+        assert!(db >= 40.0, "{name} {what}: PSNR {db:.1} dB < 40 dB");
+        assert!(
+            rel <= 1e-3,
+            "{name} {what}: latents rel-L2 {rel:.2e} > 1e-3"
+        );
+    }
+}
+
+#[test]
+fn base_and_refiner_euler() {
+    run_handoff("handoff_euler_neg");
+    // The cut must be where diffusers puts it: starting the refiner one step early (0.6: t 333,
+    // 167, 1 instead of 167, 1) on the same latents must not pass.
+    let name = "handoff_euler_neg";
+    let base = nchw_to_nhwc(
+        &read_f32(case(name)["base_latents"].as_str().unwrap()),
+        [1, 4, 8, 8],
+    );
+    let early = GenerateRequest {
+        denoising_start: Some(0.6),
+        ..refiner_request(case(name), base)
+    };
+    let (db, rel) = outcome_with(refiner_f32(), name, early);
+    eprintln!("{name} with the refiner started at 0.6: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
+    assert!(
+        rel > 1e-2,
+        "a wrong start made no difference (rel-L2 {rel:.2e})"
+    );
+}
+
+#[test]
+fn base_and_refiner_dpmpp_2m() {
+    run_handoff("handoff_dpmpp_2m_neg_06");
+}
+
+/// Without a negative prompt: zeros on the base, the encoded "" on the refiner (its folder says
+/// force_zeros_for_empty_prompt false); euler_a's step noise is the refiner generator's first
+/// draw (nothing is drawn for the handed-over latents).
+#[test]
+fn base_and_refiner_euler_a_without_negative_prompt() {
+    run_handoff("handoff_euler_a_zero_neg");
+}
+
+/// `ldm generate` with `args` (after the shared ones: the fixture's prompt, size, steps, CFG,
+/// seed, f32) into a temp PNG: the image and the PNG file's bytes.
+fn run_ldm(what: &str, args: &[&str]) -> (Image, Vec<u8>) {
+    let out = std::env::temp_dir().join(format!("ldm-sdxl-{what}-{}.png", std::process::id()));
+    let s = settings();
+    let common = [
+        "generate",
+        "--dtype",
+        "f32",
+        "-p",
+        s["prompt"].as_str().unwrap(),
+        "-W",
+        "64",
+        "-H",
+        "64",
+        "-s",
+        "6",
+        "-g",
+        "5",
+        "--seed",
+        "42",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(common)
+        .args(args)
+        .output()
+        .expect("run ldm");
+    assert!(
+        o.status.success(),
+        "ldm {what} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let img = Image::load_png(&out).unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).ok();
+    (img, bytes)
+}
+
+/// `ldm generate --refiner DIR` (switch point 0.8 by default) writes diffusers' base + refiner
+/// image, and records the refiner in the PNG's parameters as A1111 does.
+#[test]
+fn cli_refiner_matches_diffusers() {
+    let refiner = assemble_refiner();
+    let model = model_dir();
+    let (got, png) = run_ldm(
+        "refiner",
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--refiner",
+            refiner.to_str().unwrap(),
+            "-n",
+            "blurry",
+            "--sampler",
+            "euler",
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&refiner);
+    let want = Image::load_png(&fixture_dir().join("handoff_euler_neg.png")).unwrap();
+    let db = psnr(&got, &want);
+    eprintln!("ldm generate --refiner vs diffusers: PSNR {db:.1} dB");
+    assert!(db >= 40.0, "PSNR {db:.1} dB < 40 dB");
+    let needle = b"Refiner switch at: 0.8";
+    assert!(
+        png.windows(needle.len()).any(|w| w == needle),
+        "the PNG does not record the refiner"
+    );
+}
+
+/// `ldm generate --init-image --mask` on an SDXL model without `--strength` takes diffusers'
+/// StableDiffusionXLInpaintPipeline default, 0.9999.
+#[test]
+fn cli_sdxl_inpainting_defaults_to_diffusers_strength() {
+    let model = model_dir();
+    let init = fixture_dir().join("init.png");
+    let mask = fixture_dir().join("mask.png");
+    let (got, _) = run_ldm(
+        "inpaint",
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--init-image",
+            init.to_str().unwrap(),
+            "--mask",
+            mask.to_str().unwrap(),
+            "-n",
+            "blurry",
+            "--sampler",
+            "euler",
+        ],
+    );
+    let want = Image::load_png(&fixture_dir().join("inpaint_blend_euler_neg.png")).unwrap();
+    let db = psnr(&got, &want);
+    eprintln!("ldm generate --mask (SDXL, default strength) vs diffusers: PSNR {db:.1} dB");
+    assert!(db >= 40.0, "PSNR {db:.1} dB < 40 dB");
 }

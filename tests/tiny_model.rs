@@ -106,9 +106,20 @@ fn shipped_model_loads_with_every_tensor_used() {
     let w = ldm_wgpu::weights::open_model(default_model_dir(), &Default::default()).unwrap();
     let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).unwrap();
     use ldm_wgpu::models::{clip, unet, vae};
-    let c = clip::ClipConfig::from_json(&w.text_encoder.config).unwrap();
-    clip::ClipTextModel::load(&gpu, &w.text_encoder.weights.root(), c, DType::F32).unwrap();
-    w.text_encoder.weights.check_all_used().unwrap();
+    let c = clip::ClipConfig::from_json(&w.text_encoder.as_ref().unwrap().config).unwrap();
+    clip::ClipTextModel::load(
+        &gpu,
+        &w.text_encoder.as_ref().unwrap().weights.root(),
+        c,
+        DType::F32,
+    )
+    .unwrap();
+    w.text_encoder
+        .as_ref()
+        .unwrap()
+        .weights
+        .check_all_used()
+        .unwrap();
     let u = unet::UNetConfig::from_json(&w.unet.config).unwrap();
     unet::UNet2DConditionModel::load(&gpu, &w.unet.weights.root(), u, DType::F32).unwrap();
     w.unet.weights.check_all_used().unwrap();

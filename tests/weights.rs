@@ -6,7 +6,7 @@
 
 use ldm_wgpu::weights::rename::{self, InferHints, ModelFamily};
 use ldm_wgpu::weights::{
-    open_diffusers_folder, open_model, open_single_file, Component, LoadOptions, PipelineWeights,
+    open_diffusers_folder, open_model, open_single_file, LoadOptions, PipelineWeights,
     PredictionType, SafetensorsFile, SourceDType, SourceLayout, Variant, WeightError, WeightStore,
 };
 use serde_json::{json, Value};
@@ -105,8 +105,8 @@ fn check_pair(name: &str, family: ModelFamily) -> (PipelineWeights, PipelineWeig
     );
     assert_same_tensors(
         &format!("{name} text_encoder"),
-        &folder.text_encoder.weights,
-        &single.text_encoder.weights,
+        &folder.text_encoder.as_ref().unwrap().weights,
+        &single.text_encoder.as_ref().unwrap().weights,
     );
     assert_eq!(folder.family, family);
     assert_eq!(single.family, family);
@@ -150,6 +150,8 @@ fn sd2_single_file_equals_folder() {
     // fused q/k/v is presented as three [C, C] views of the same mapped bytes
     let q = single
         .text_encoder
+        .as_ref()
+        .unwrap()
         .weights
         .get(
             "text_model.encoder.layers.1.self_attn.q_proj.weight",
@@ -158,6 +160,8 @@ fn sd2_single_file_equals_folder() {
         .unwrap();
     let v = single
         .text_encoder
+        .as_ref()
+        .unwrap()
         .weights
         .get("text_model.encoder.layers.1.self_attn.v_proj.bias", &[32])
         .unwrap();
@@ -268,15 +272,18 @@ fn inferred_configs_match_tiny_fixtures() {
         );
         assert_keys_equal(
             &format!("{name} text"),
-            &single.text_encoder.config,
-            &folder.text_encoder.config,
+            &single.text_encoder.as_ref().unwrap().config,
+            &folder.text_encoder.as_ref().unwrap().config,
             TEXT_KEYS,
         );
         // every key the inferred config has, diffusers' config.json has too
         for (c, f) in [
             (&single.unet, &folder.unet),
             (&single.vae, &folder.vae),
-            (&single.text_encoder, &folder.text_encoder),
+            (
+                single.text_encoder.as_ref().unwrap(),
+                folder.text_encoder.as_ref().unwrap(),
+            ),
         ] {
             for k in c.config.as_object().unwrap().keys() {
                 assert!(
@@ -305,8 +312,8 @@ fn inferred_configs_match_tiny_fixtures() {
     );
     assert_keys_equal(
         "sd2-tiny overrides",
-        &single.text_encoder.config,
-        &folder.text_encoder.config,
+        &single.text_encoder.as_ref().unwrap().config,
+        &folder.text_encoder.as_ref().unwrap().config,
         &["num_attention_heads"],
     );
 }
@@ -798,7 +805,7 @@ fn folder_variants_pickles_and_missing_parts() {
 #[test]
 fn text_encoder_keys_have_text_model_prefix_in_both_layouts() {
     let (folder, single) = open_pair("sd1-tiny");
-    for c in [&folder.text_encoder, &single.text_encoder] as [&Component; 2] {
+    for c in [&folder.text_encoder, &single.text_encoder].map(|c| c.as_ref().unwrap()) {
         assert!(c.weights.keys().all(|k| k.starts_with("text_model.")));
         assert!(c.weights.contains("text_model.final_layer_norm.weight"));
         assert!(!c.weights.keys().any(|k| k.ends_with("position_ids")));

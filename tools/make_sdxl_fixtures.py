@@ -25,6 +25,15 @@ as a diffusers folder by `StableDiffusionXLPipeline.save_pretrained`:
   unet_aesthetic/         config.json and add_embedding.linear_1.weight of a U-Net taking
                           aesthetic-score ids (projection_class_embeddings_input_dim 24 + 5·8);
                           every other weight is model/unet/'s
+  unet_inpaint/           config.json and conv_in.weight of a 9-channel U-Net (latents, mask,
+                          masked-image latents: diffusers/stable-diffusion-xl-1.0-inpainting-0.1's
+                          layout); every other weight is model/unet/'s
+  refiner/                a refiner folder as stabilityai/stable-diffusion-xl-refiner-1.0 is laid
+                          out (StableDiffusionXLImg2ImgPipeline: text_encoder and tokenizer
+                          [null, null], requires_aesthetics_score, force_zeros_for_empty_prompt
+                          false) with its own U-Net (5 time ids, 32-wide context: encoder 2
+                          only); its text_encoder_2/, tokenizer_2/ and vae/ are model/'s and are
+                          not stored twice (tests/sdxl.rs copies them in)
 
 The encoders have different widths and the projection another, so a swapped concatenation, a
 missing projection or the wrong encoder's pooled output changes shapes or values visibly.
@@ -40,11 +49,15 @@ Reference outputs (f32, CPU):
       te2_text_embeds_legacy (eos_token_id 2: pooled at the largest id).
   unet_io.safetensors  sample [2, 4, 8, 8], encoder_hidden_states [2, 77, 48], text_embeds
       [2, 24], time_ids [2, 6] (rows differ), out_t999 / out_t421 [2, 4, 8, 8].
-  <case>.png, <case>.latents.f32 (NCHW [1, 4, 8, 8]) for StableDiffusionXLPipeline txt2img runs
-  and StableDiffusionXLImg2ImgPipeline runs on init.png (procedural), cases.json with every
-  case's settings.
+  <case>.png, <case>.latents.f32 (NCHW [1, 4, 8, 8]) for StableDiffusionXLPipeline txt2img runs,
+  StableDiffusionXLImg2ImgPipeline runs on init.png (procedural), StableDiffusionXLInpaintPipeline
+  runs on init.png + mask.png (the 4-channel base U-Net's latent blending, and the 9-channel
+  U-Net), and base + refiner handoffs (the base with denoising_end and output_type="latent", its
+  latents in <case>.base.latents.f32, then the refiner with denoising_start on them, each
+  pipeline with its own generator seeded SEED); cases.json with every case's settings.
 """
 
+import inspect
 import json
 import os
 import shutil
@@ -60,6 +73,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -304,6 +318,124 @@ def build_aesthetic_unet(unet):
     return aes
 
 
+def build_inpaint_unet(unet):
+    """A 9-channel copy of the fixture U-Net, as SDXL's inpainting U-Net (diffusers/
+    stable-diffusion-xl-1.0-inpainting-0.1) is made from the base: conv_in gains 5 input
+    channels (mask, masked-image latents; random, f16-exact, a little louder than the latent
+    channels' so the mask and the masked image visibly steer the output), every other weight
+    shared. Only config.json and conv_in.weight are stored (unet_inpaint/)."""
+    config = dict(unet.config)
+    config["in_channels"] = 9
+    unet9 = UNet2DConditionModel.from_config(config).eval()
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    w4 = state["conv_in.weight"]  # [C0, 4, 3, 3]
+    g = torch.Generator("cpu").manual_seed(9)
+    extra = torch.randn(w4.shape[0], 5, 3, 3, generator=g) * (2.0 * w4.std())
+    state["conv_in.weight"] = torch.cat([w4, extra], 1).half().float()
+    unet9.load_state_dict(state)
+    d = os.path.join(OUT, "unet_inpaint")
+    if os.path.isdir(d):
+        shutil.rmtree(d)
+    os.makedirs(d)
+    unet9.save_config(d)
+    save_file({"conv_in.weight": unet9.conv_in.weight.detach().half().contiguous()},
+              os.path.join(d, "conv_in.safetensors"))
+    return unet9
+
+
+def build_refiner(te2, tok2, vae, scheduler):
+    """The refiner: text_encoder_2 alone (so a 32-wide context), a U-Net of its own taking 5
+    time ids (24 + 5 · 8 = 64 added-embedding inputs), requires_aesthetics_score and
+    force_zeros_for_empty_prompt false, as stabilityai/stable-diffusion-xl-refiner-1.0's
+    model_index.json has them. Saved to refiner/ without the parts shared with model/."""
+    torch.manual_seed(5)
+    unet = UNet2DConditionModel(
+        sample_size=SIZE // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=5 * 8 + 24,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    ).eval()
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(3.0)
+        unet.conv_out.bias.mul_(3.0)
+        unet.add_embedding.linear_1.weight.mul_(4.0)
+        unet.add_embedding.linear_2.weight.mul_(4.0)
+    round_to_f16(unet)
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=vae,
+        text_encoder=None,
+        text_encoder_2=te2,
+        tokenizer=None,
+        tokenizer_2=tok2,
+        unet=unet,
+        scheduler=scheduler,
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    refiner.set_progress_bar_config(disable=True)
+    d = os.path.join(OUT, "refiner")
+    if os.path.isdir(d):
+        shutil.rmtree(d)
+    refiner.to(torch.float16)
+    refiner.save_pretrained(d, safe_serialization=True)
+    refiner.to(torch.float32)
+    for shared in ("text_encoder_2", "tokenizer_2", "vae"):
+        shutil.rmtree(os.path.join(d, shared))
+    with open(os.path.join(d, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SCHEDULER_CONFIG, f, indent=2)
+    with open(os.path.join(d, "model_index.json")) as f:
+        index = json.load(f)
+    assert index["text_encoder"] == [None, None] and index["requires_aesthetics_score"]
+    print(f"refiner unet: {sum(p.numel() for p in unet.parameters())} parameters")
+    return refiner
+
+
+def render_handoff(base, refiner, base_config, case):
+    """diffusers' documented base + refiner example: the base stops at denoising_end and returns
+    latents, the refiner starts from them at denoising_start (the same steps, sampler and
+    prompts); each run gets a generator seeded SEED."""
+    cls, opts = SAMPLERS[case["sampler"]]
+    base.scheduler = cls.from_config(base_config, **opts)
+    refiner.scheduler = cls.from_config(base_config, **opts)
+    final = []
+
+    def on_step_end(p, i, t, kw):
+        final[:] = [kw["latents"].clone()]
+        return kw
+
+    common = dict(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+    if "negative_prompt" in case:
+        common["negative_prompt"] = case["negative_prompt"]
+    with torch.no_grad():
+        latents = base(**common, height=SIZE, width=SIZE, denoising_end=case["denoising_end"],
+                       output_type="latent", generator=torch.Generator("cpu").manual_seed(SEED)).images
+        write_f32(f"{case['name']}.base.latents.f32", latents)
+        images = refiner(**common, image=latents, denoising_start=case["denoising_start"],
+                         generator=torch.Generator("cpu").manual_seed(SEED),
+                         callback_on_step_end=on_step_end,
+                         callback_on_step_end_tensor_inputs=["latents"]).images
+    return images[0], final[0]
+
+
+def procedural_mask():
+    """The inpainting mask: a rectangle whose edges are off the 8-pixel latent grid (so
+    diffusers' "nearest" downsampling and a block average differ), as make_pipeline_fixtures.py's."""
+    mask = np.zeros((SIZE, SIZE, 3), np.uint8)
+    mask[10:42, 21:51] = 255
+    return Image.fromarray(mask)
+
+
 def procedural_image():
     """64x64 RGB img2img input: a gradient with a disc (as make_pipeline_fixtures.py's)."""
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
@@ -334,7 +466,9 @@ def render(pipe, base_config, case):
     )
     if "init_image" in case:
         kwargs.update(image=Image.open(os.path.join(OUT, case["init_image"])), strength=case["strength"])
-    else:
+    if "mask" in case:
+        kwargs.update(mask_image=Image.open(os.path.join(OUT, case["mask"])), height=SIZE, width=SIZE)
+    elif "init_image" not in case:
         kwargs.update(height=SIZE, width=SIZE)
     for key in ("negative_prompt", "prompt_2", "negative_prompt_2", "clip_skip", "aesthetic_score",
                 "negative_aesthetic_score"):
@@ -359,7 +493,7 @@ def render(pipe, base_config, case):
 def main():
     os.makedirs(OUT, exist_ok=True)
     for f in os.listdir(OUT):
-        if f.endswith((".png", ".f32", ".json", ".safetensors")) and f != "init.png":
+        if f.endswith((".png", ".f32", ".json", ".safetensors")) and f not in ("init.png", "mask.png"):
             os.remove(os.path.join(OUT, f))
     te, te2, unet, vae = build_models()
     tok = CLIPTokenizer.from_pretrained(TOKENIZER)
@@ -395,7 +529,18 @@ def main():
     aesthetic = StableDiffusionXLImg2ImgPipeline(**{**pipe.components, "unet": build_aesthetic_unet(unet)},
                                                  requires_aesthetics_score=True)
     aesthetic.set_progress_bar_config(disable=True)
+    procedural_mask().save(os.path.join(OUT, "mask.png"))
+    # StableDiffusionXLInpaintPipeline's own default strength is 0.9999 (not 1: the first step is
+    # dropped and the latents start from the image noised to the second timestep); the cases
+    # state it, and `ldm` defaults to it for SDXL inpainting.
+    assert inspect.signature(StableDiffusionXLInpaintPipeline.__call__).parameters["strength"].default == 0.9999
+    inpaint4 = StableDiffusionXLInpaintPipeline(**pipe.components)
+    inpaint4.set_progress_bar_config(disable=True)
+    inpaint9 = StableDiffusionXLInpaintPipeline(**{**pipe.components, "unet": build_inpaint_unet(unet)})
+    inpaint9.set_progress_bar_config(disable=True)
+    refiner = build_refiner(te2, tok2, vae, scheduler)
     neg = dict(negative_prompt=NEGATIVE)
+    mask = dict(init_image="init.png", mask="mask.png")
     cases = [
         dict(name="euler_neg", sampler="euler", **neg),
         dict(name="euler_a_neg", sampler="euler_a", **neg),
@@ -424,16 +569,50 @@ def main():
              unet="unet_aesthetic", **neg),
         dict(name="img2img_aesthetic_scores", sampler="euler", init_image="init.png", strength=0.6,
              unet="unet_aesthetic", aesthetic_score=8.5, negative_aesthetic_score=1.0),
+        # StableDiffusionXLInpaintPipeline with the base's 4-channel U-Net (latent blending) at its
+        # default strength 0.9999, at 1 (pure noise) and 0.6 (ancestral: the step noise comes
+        # after both VAE posterior samples).
+        dict(name="inpaint_blend_euler_neg", sampler="euler", strength=0.9999, **mask, **neg),
+        dict(name="inpaint_blend_dpmpp_2m_s100", sampler="dpmpp_2m", strength=1.0, **mask, **neg),
+        dict(name="inpaint_blend_euler_a_s60_zero_neg", sampler="euler_a", strength=0.6, **mask),
+        # ... and with the 9-channel U-Net (unet_inpaint/): at strength 1 the init image is not
+        # encoded (only the masked image is).
+        dict(name="inpaint9_euler_neg", sampler="euler", strength=0.9999, unet="unet_inpaint", **mask,
+             **neg),
+        dict(name="inpaint9_dpmpp_2m_s100", sampler="dpmpp_2m", strength=1.0, unet="unet_inpaint",
+             **mask, **neg),
+        dict(name="inpaint9_euler_a_s60_cfg1", sampler="euler_a", strength=0.6, unet="unet_inpaint",
+             guidance_scale=1.0, **mask),
+        # Base (denoising_end 0.8, latents out) then refiner (denoising_start 0.8): with 6 leading
+        # steps the cutoff is t = 200, so the base runs 831..333 and the refiner 167 and 1; at
+        # 0.6 (t = 400) the base runs 831..499 and the refiner 333, 167, 1.
+        dict(name="handoff_euler_neg", sampler="euler", denoising_end=0.8, denoising_start=0.8,
+             refiner="refiner", **neg),
+        dict(name="handoff_dpmpp_2m_neg_06", sampler="dpmpp_2m", denoising_end=0.6, denoising_start=0.6,
+             refiner="refiner", **neg),
+        # No negative prompt: zeros on the base (force_zeros_for_empty_prompt), the encoded ""
+        # on the refiner (its folder says false); euler_a: the refiner's generator draws only
+        # step noise (no noise is added to the handed-over latents).
+        dict(name="handoff_euler_a_zero_neg", sampler="euler_a", denoising_end=0.8,
+             denoising_start=0.8, refiner="refiner"),
     ]
     entries = []
     ref = None
     for case in cases:
-        runner = aesthetic if "unet" in case else img2img if "init_image" in case else pipe
-        img, latents = render(runner, scheduler.config, case)
+        if "refiner" in case:
+            img, latents = render_handoff(pipe, refiner, scheduler.config, case)
+        else:
+            if "mask" in case:
+                runner = inpaint9 if case.get("unet") == "unet_inpaint" else inpaint4
+            else:
+                runner = aesthetic if "unet" in case else img2img if "init_image" in case else pipe
+            img, latents = render(runner, scheduler.config, case)
         name = case["name"]
         img.save(os.path.join(OUT, f"{name}.png"))
         entry = dict(case, image=f"{name}.png", latents=f"{name}.latents.f32")
         entry["latents_shape"] = write_f32(entry["latents"], latents)
+        if "refiner" in case:
+            entry["base_latents"] = f"{name}.base.latents.f32"
         entries.append(entry)
         a = np.asarray(img).astype(np.float32)
         ref = img if ref is None else ref

@@ -434,6 +434,7 @@ pub(crate) fn run(model: &Model, request: OwnedRequest, cancel: &AtomicBool) -> 
                 prompt: &request.recorded_prompt,
                 model: &model.name,
                 lora_hashes: &lora_hashes,
+                refiner: None,
             },
             sd,
             seed,

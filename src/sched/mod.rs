@@ -418,6 +418,40 @@ pub trait Sampler: Send {
         self.skip_calls((t_start * self.order()).min(calls));
         num_inference_steps - t_start
     }
+
+    /// SDXL img2img's `get_timesteps` with `denoising_start` (the refiner's start): keeps the
+    /// timesteps below `round(T - denoising_start · T)` (T = `num_train_timesteps`), plus one
+    /// for a second-order sampler where that count is even (so the cut falls between two steps,
+    /// not inside one); returns the number of model calls kept. On a fresh sampler.
+    fn truncate_for_denoising_start(&mut self, num_train_timesteps: usize, start: f64) -> usize {
+        let cutoff = discrete_timestep_cutoff(num_train_timesteps, start);
+        let all = self.timesteps().len();
+        let mut keep = self.timesteps().iter().filter(|&&t| t < cutoff).count();
+        if self.order() == 2 && keep % 2 == 0 {
+            keep += 1;
+        }
+        let keep = keep.min(all);
+        self.skip_calls(all - keep);
+        keep
+    }
+}
+
+/// diffusers' `discrete_timestep_cutoff` for `denoising_start` / `denoising_end`:
+/// `int(round(T - value · T))`, Python's `round` rounding halves to even.
+pub fn discrete_timestep_cutoff(num_train_timesteps: usize, value: f64) -> f64 {
+    let t = num_train_timesteps as f64;
+    (t - value * t).round_ties_even()
+}
+
+/// The SDXL pipelines' "apply denoising_end": of `timesteps` (the calls left to run), those at
+/// or above the cutoff run — the first ones, as timesteps fall.
+pub fn calls_before_denoising_end(
+    timesteps: &[f64],
+    num_train_timesteps: usize,
+    end: f64,
+) -> usize {
+    let cutoff = discrete_timestep_cutoff(num_train_timesteps, end);
+    timesteps.iter().filter(|&&t| t >= cutoff).count()
 }
 
 /// What the model predicts (`prediction_type`).

@@ -111,7 +111,9 @@ pub enum SourceLayout {
 pub struct PipelineWeights {
     pub unet: Component,
     pub vae: Component,
-    pub text_encoder: Component,
+    /// The (first) text encoder: None only for an SDXL folder without one (the refiner's
+    /// layout: `text_encoder_2` alone).
+    pub text_encoder: Option<Component>,
     /// SDXL's second text encoder (`text_encoder_2/`, CLIPTextModelWithProjection).
     pub text_encoder_2: Option<Component>,
     /// model_index.json's `force_zeros_for_empty_prompt` (SDXL: a missing negative prompt
@@ -209,8 +211,8 @@ impl ModelIndex {
             Err(WeightError::Unsupported {
                 what,
                 hint: "ldm-wgpu runs Stable Diffusion 1.x/2.x pipelines (StableDiffusionPipeline \
-                       and its img2img/inpaint variants) and SDXL txt2img/img2img \
-                       (StableDiffusionXLPipeline)"
+                       and its img2img/inpaint variants) and SDXL (the \
+                       StableDiffusionXL pipelines: base, refiner, inpainting)"
                     .into(),
             })
         };
@@ -237,11 +239,6 @@ impl ModelIndex {
         {
             return unsupported(format!(
                 "{pipeline} with a `text_encoder_2` (of the two-encoder pipelines only SDXL's)"
-            ));
-        }
-        if sdxl && self.component_class("text_encoder").is_none() {
-            return unsupported(format!(
-                "{pipeline} without `text_encoder` (the SDXL refiner's single-encoder layout)"
             ));
         }
         if sdxl && self.component_class("tokenizer_2").is_none() {
@@ -280,21 +277,36 @@ pub fn open_diffusers_folder(
     };
     let unet = open_component(root.join("unet"), ComponentKind::Unet, opts)?;
     let vae = open_component(root.join("vae"), ComponentKind::Vae, opts)?;
-    let text_encoder = open_component(root.join("text_encoder"), ComponentKind::TextEncoder, opts)?;
     // SDXL by its index, or (a folder without model_index.json) by its second encoder.
     let sdxl = index
         .as_ref()
         .map_or_else(|| root.join("text_encoder_2").is_dir(), ModelIndex::is_sdxl);
+    // An SDXL folder may have no first text encoder (the refiner: `[null, null]` in its index,
+    // or no `text_encoder/` in a folder without one); every other folder needs it.
+    let text_encoder_dir = root.join("text_encoder");
+    let has_text_encoder = match &index {
+        _ if !sdxl => true,
+        Some(index) => index.component_class("text_encoder").is_some(),
+        None => text_encoder_dir.is_dir(),
+    };
+    let text_encoder = if has_text_encoder {
+        Some(open_component(
+            text_encoder_dir,
+            ComponentKind::TextEncoder,
+            opts,
+        )?)
+    } else {
+        None
+    };
     let text_encoder_2 = if sdxl {
         let dir = root.join("text_encoder_2");
         Some(open_component(dir, ComponentKind::TextEncoder2, opts)?)
     } else {
         None
     };
-    let family = if sdxl {
-        ModelFamily::Sdxl
-    } else {
-        folder_family(&unet.config, &text_encoder.config)
+    let family = match &text_encoder {
+        Some(te) if !sdxl => folder_family(&unet.config, &te.config),
+        _ => ModelFamily::Sdxl,
     };
     let sched_path = root.join("scheduler").join("scheduler_config.json");
     let mut scheduler_config = if sched_path.is_file() {
@@ -467,7 +479,7 @@ pub fn open_single_file(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Pi
     Ok(PipelineWeights {
         unet,
         vae,
-        text_encoder,
+        text_encoder: Some(text_encoder),
         text_encoder_2,
         // StableDiffusionXLPipeline's default, which from_single_file keeps
         force_zeros_for_empty_prompt: sdxl,
