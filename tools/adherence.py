@@ -12,9 +12,10 @@ and returns the five attributes the captions talk about:
   miss for shape, colour, size and position);
 * shape colour: the median of the pixels with alpha > 0.5, snapped to the palette; it is first
   estimated from the pixels far (> FAR) from the background colour, then alpha is computed;
-* shape class: from the component's geometry: fill ratio = sum(alpha) / bounding-box area
-  (square 1.0, circle pi/4 = 0.785, triangle 0.5) and, for the triangle, the apex up (the top
-  quarter of the box much narrower than the bottom quarter);
+* shape class: from the component's geometry: the apex up (the top third of the box much
+  narrower than the bottom third) makes a triangle; otherwise the fill ratio = sum(alpha) /
+  bounding-box area (square 1.0, circle pi/4 = 0.785; after the VAE's round trip squares keep
+  >= 0.85) tells a square from a circle;
 * size: the bounding box's larger side (small = 16 px, large = 32 px, each +-10%): < 24 is small;
 * position: the bounding box's centre (for every shape of the generator it is the shape's
   nominal centre, unlike the area centroid of a triangle), the nearest of the 5 centres.
@@ -106,15 +107,15 @@ def detect(img):
     fill = area / max(w * h, 1.0)
     cx = (x0 + x1) / 2.0
     cy = (y0 + y1) / 2.0
-    # apex: widths of the top and bottom quarters of the core box
-    q = max(1, (y1 - y0) // 4)
-    top_w = core[y0:y0 + q].sum() / q
-    bot_w = core[y1 - q:y1].sum() / q
-    taper = top_w / max(bot_w, 1e-6)
-    if fill < 0.64 and taper < 0.6:
+    # apex: the mean soft width of the top third of the box over that of the bottom third
+    # (triangle <= 0.31 as drawn, <= 0.58 after the VAE's round trip; circle, square >= 0.63)
+    rows = a.sum(1)
+    q = max(1, (y1 - y0) // 3)
+    taper = rows[y0:y0 + q].mean() / max(rows[y1 - q:y1].mean(), 1e-6)
+    if taper < 0.6:
         shape = 2  # triangle
-    elif fill > 0.89:
-        shape = 1  # square
+    elif fill > 0.855:
+        shape = 1  # square (0.95-0.99 as drawn, >= 0.85 after the VAE; circle <= 0.85)
     else:
         shape = 0  # circle
     out.update({
