@@ -438,6 +438,189 @@ def save_all(a, out, vae, te, unet, tok_src, copy_tok, scaling, info):
         f.write("\n")
 
 
+# ------------------------------------------------------- stage 2, continued (resumable)
+
+
+def holdout_combos(path):
+    """(shape, colour, bg, size, pos) index tuples of the full-attribute prompts in a JSON prompt
+    set (tools/adherence.py prompts): training images with these combinations are left out, so the
+    evaluation's full prompts are combinations the model never saw, in pixels or in words."""
+    rows = json.load(open(path))
+    out = set()
+    for t in rows:
+        if all(t.get(k) for k in ("shape", "colour", "background", "size", "position")):
+            out.add((SHAPES.index(t["shape"]), COLOUR_NAMES.index(t["colour"]), COLOUR_NAMES.index(t["background"]),
+                     SIZE_NAMES.index(t["size"]), POSITION_NAMES.index(t["position"])))
+    return out
+
+
+def sample_timesteps(n, gen, power):
+    """Uniform over 0..999 when power == 1; power > 1 favours high noise (density ~ t^(power-1)),
+    where the layout and colours, hence the prompt, are decided."""
+    if power == 1.0:
+        return torch.randint(0, 1000, (n,), generator=gen)
+    u = torch.rand(n, generator=gen)
+    return (u.pow(1.0 / power) * 1000).long().clamp_(0, 999)
+
+
+def stage2_continue(a, log, T0):
+    """Stage 2 only, resumable: start from a trained diffusers folder (--init-from: its frozen VAE,
+    text encoder and U-Net) or from the checkpoint (--ckpt, if it exists: U-Net, text encoder, EMA,
+    optimizer, RNG states, step), train from cached latents (--latents), save a checkpoint every
+    --ckpt-every-min minutes and every --save-every steps, and stop cleanly at --time-budget-min
+    (checkpoint + EMA weights in --out); running the same command again continues where it stopped,
+    and gives the same weights as one uninterrupted run."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    src = a.init_from
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(src, "tokenizer"))
+    vae = AutoencoderKL.from_pretrained(os.path.join(src, "vae")).float().eval()
+    vae.requires_grad_(False)
+    scaling = float(vae.config.scaling_factor)
+    te = CLIPTextModel.from_pretrained(os.path.join(src, "text_encoder")).float()
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(src, "unet")).float()
+    log("stage 2 (continued) from %s: unet %.2fM, text encoder %.2fM, scaling_factor %.5f"
+        % (src, nparams(unet) / 1e6, nparams(te) / 1e6, scaling))
+
+    # ---- latents, encoded once with the (unchanged) encoder and cached
+    lat_path = a.latents or os.path.join(a.out, "latents.pt")
+    if os.path.exists(lat_path):
+        c = torch.load(lat_path)
+        assert c["n_images"] == a.n_images and c["seed"] == a.seed, "latent cache is for another dataset"
+        lat_mean, lat_std, attrs = c["mean"], c["std"], c["attrs"].numpy()
+        log("latents: loaded %s (%d images)" % (lat_path, len(attrs)))
+    else:
+        t = time.time()
+        imgs, attrs = make_dataset(a.n_images, a.seed)
+        lat_mean, lat_std = encode_all(vae, imgs)
+        os.makedirs(os.path.dirname(os.path.abspath(lat_path)), exist_ok=True)
+        torch.save({"mean": lat_mean, "std": lat_std, "attrs": torch.from_numpy(attrs), "n_images": a.n_images, "seed": a.seed,
+                    }, lat_path)
+        del imgs
+        log("latents: made %d images and encoded them in %.1fs -> %s" % (len(attrs), time.time() - t, lat_path))
+    pool = np.arange(len(attrs))
+    if a.holdout:
+        ho = holdout_combos(a.holdout)
+        keep = np.array([tuple(int(v) for v in r) not in ho for r in attrs])
+        pool = pool[keep]
+        log("holdout: %d combinations from %s, %d of %d images left out" % (len(ho), a.holdout, (~keep).sum(), len(attrs)))
+
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    acp = sched.alphas_cumprod.float()
+    snr = acp / (1 - acp)
+    decay, no_decay = [], []
+    for n_, p_ in unet.named_parameters():
+        (no_decay if p_.ndim < 2 else decay).append(p_)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "lr": a.lr, "weight_decay": 0.01, "peak": a.lr},
+         {"params": no_decay, "lr": a.lr, "weight_decay": 0.0, "peak": a.lr},
+         {"params": list(te.parameters()), "lr": a.te_lr, "weight_decay": 0.0, "peak": a.te_lr}],
+        betas=(0.9, 0.99), eps=1e-8)
+    ema = EMA([unet, te], a.ema)
+    rng = np.random.RandomState(a.seed + 3)
+    gen = torch.Generator().manual_seed(a.seed + 4)
+    step0, run, spent = 0, None, 0.0
+    ckpt = a.ckpt or os.path.join(a.out, "ckpt.pt")
+    if os.path.exists(ckpt):
+        c = torch.load(ckpt, weights_only=False)
+        unet.load_state_dict(c["unet"])
+        te.load_state_dict(c["te"])
+        opt.load_state_dict(c["opt"])
+        with torch.no_grad():
+            for s_, v_ in zip(ema.shadow, c["ema"]):
+                s_.copy_(v_)
+        rng.set_state(c["np_rng"])
+        gen.set_state(c["torch_gen"])
+        torch.set_rng_state(c["torch_rng"])
+        step0, run, spent = c["step"], c["run"], c["seconds"]
+        log("resumed from %s at step %d (%.1f min of training so far)" % (ckpt, step0, spent / 60))
+
+    def save_ckpt(step):
+        tmp = ckpt + ".tmp"
+        torch.save({"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
+                    "ema": [s_.clone() for s_ in ema.shadow], "np_rng": rng.get_state(),
+                    "torch_gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
+                    "run": run, "seconds": spent + time.time() - t0, "args": vars(a)}, tmp)
+        os.replace(tmp, ckpt)
+        log("checkpoint at step %d -> %s" % (step, ckpt))
+
+    def save_weights(step):
+        backup = [p.detach().clone() for p in ema.params]
+        ema.copy_to()
+        info = {"seed": a.seed, "args": vars(a), "init_from": src, "steps_done": step,
+                "scaling_factor": scaling,
+                "unet_final_ema_mse": None if run is None else run[0].item(),
+                "unet_final_ema_weighted_loss": None if run is None else run[1].item(),
+                "stage2_seconds": spent + time.time() - t0}
+        save_all(a, a.out, vae, te.eval(), unet.eval(), os.path.join(src, "tokenizer"), True, scaling, info)
+        te.train(); unet.train()
+        with torch.no_grad():
+            for s_, p_ in zip(backup, ema.params):
+                p_.copy_(s_)
+        log("saved EMA weights at step %d to %s" % (step, a.out))
+
+    tok_cache = {}
+
+    def tokenize(caps):
+        rows = []
+        for c in caps:
+            if c not in tok_cache:
+                tok_cache[c] = tokenizer(c, padding="max_length", max_length=77, truncation=True,
+                                         return_tensors="pt").input_ids[0]
+            rows.append(tok_cache[c])
+        return torch.stack(rows)
+
+    log("stage 2 (continued): steps %d..%d, batch %d, lr %.1e (te %.1e), warmup %d, cosine to %.0f%%, EMA %.4f, "
+        "min-SNR %.1f, t-power %.2f, p-drop %.2f, p-empty %.2f, budget %.1f min"
+        % (step0, a.steps, a.batch, a.lr, a.te_lr, a.warmup, 100 * a.lr_floor, a.ema, a.min_snr, a.t_power,
+           a.p_drop, a.p_empty, a.time_budget_min))
+    unet.train(); te.train()
+    t0 = time.time()
+    last_ckpt = t0
+    step = step0
+    while step < a.steps:
+        if a.time_budget_min and time.time() - t0 > a.time_budget_min * 60:
+            log("time budget of %.1f min reached at step %d" % (a.time_budget_min, step))
+            break
+        for g_ in opt.param_groups:
+            g_["lr"] = lr_at(step, a.steps, g_["peak"], a.warmup, floor=a.lr_floor)
+        idx = pool[rng.randint(0, len(pool), size=a.batch)]
+        ids = tokenize([caption(attrs[i], rng, p_empty=a.p_empty, p_drop=a.p_drop) for i in idx])
+        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scaling
+        noise = torch.randn(z0.shape, generator=gen)
+        ts = sample_timesteps(a.batch, gen, a.t_power)
+        zt = sched.add_noise(z0, noise, ts)
+        pred = unet(zt, ts, te(ids)[0]).sample
+        mse = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        w = torch.clamp(snr[ts], max=a.min_snr) / snr[ts] if a.min_snr > 0 else torch.ones_like(mse)
+        loss = (w * mse).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(te.parameters()), 1.0)
+        opt.step()
+        ema.update(step)
+        v = torch.tensor([mse.mean().item(), loss.item()])
+        run = v if run is None else 0.98 * run + 0.02 * v
+        step += 1
+        if step % a.log_every == 0 or step == a.steps:
+            el = time.time() - t0
+            log("unet step %5d/%d  mse %.4f  wloss %.4f  (ema mse %.4f wloss %.4f)  gnorm %.2f  lr %.2e  %.0fs  %.2fs/step"
+                % (step, a.steps, v[0], v[1], run[0], run[1], gn.item(), opt.param_groups[0]["lr"], el,
+                   el / (step - step0)))
+        if a.save_every and step % a.save_every == 0:
+            save_ckpt(step)
+            save_weights(step)
+            last_ckpt = time.time()
+        elif a.ckpt_every_min and time.time() - last_ckpt > a.ckpt_every_min * 60:
+            save_ckpt(step)
+            last_ckpt = time.time()
+    save_ckpt(step)
+    save_weights(step)
+    log("stage 2 (continued) stopped at step %d/%d after %.1f min (%.1f min in all runs of this checkpoint)"
+        % (step, a.steps, (time.time() - t0) / 60, (spent + time.time() - t0) / 60))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="weights/tiny-shapes")
@@ -471,6 +654,19 @@ def main():
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--bench", action="store_true", help="only time a few steps of each stage")
+    # stage 2, continued and resumable (issue #20); none of these changes the default run above
+    p.add_argument("--init-from", default=None,
+                   help="run only stage 2, starting from this trained diffusers folder (its VAE stays frozen)")
+    p.add_argument("--ckpt", default=None, help="resumable checkpoint (default <out>/ckpt.pt); resumed if it exists")
+    p.add_argument("--latents", default=None, help="cache of the encoded dataset (default <out>/latents.pt)")
+    p.add_argument("--time-budget-min", type=float, default=0, help="stop (checkpoint + weights) after this many minutes")
+    p.add_argument("--ckpt-every-min", type=float, default=10)
+    p.add_argument("--holdout", default=None,
+                   help="JSON prompt set (tools/adherence.py prompts): leave out the images of its full-attribute combinations")
+    p.add_argument("--t-power", type=float, default=1.0, help="timestep density ~ t^(power-1); 1 = uniform")
+    p.add_argument("--p-drop", type=float, default=0.35, help="per-attribute caption dropout")
+    p.add_argument("--p-empty", type=float, default=0.1, help="share of empty captions (for CFG)")
+    p.add_argument("--lr-floor", type=float, default=0.1, help="the cosine ends at this fraction of the peak lr")
     a = p.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -491,6 +687,9 @@ def main():
     log("command: %s" % " ".join([sys.executable] + sys.argv))
     log("args: %s" % json.dumps(vars(a)))
     log("torch %s threads %d" % (torch.__version__, torch.get_num_threads()))
+    if a.init_from:
+        stage2_continue(a, log, T0)
+        return
 
     tokenizer, tok_src, copy_tok = load_tokenizer(a.out, log)
     vae, te, unet = make_vae(a), make_text_encoder(a), make_unet(a)
@@ -624,7 +823,7 @@ def main():
         for g_ in opt.param_groups:
             g_["lr"] = lr_at(step, a.steps, g_["peak"], a.warmup)
         idx = rng.randint(0, a.n_images, size=a.batch)
-        caps = [caption(attrs[i], rng) for i in idx]
+        caps = [caption(attrs[i], rng, p_empty=a.p_empty, p_drop=a.p_drop) for i in idx]
         ids = tokenize(caps)
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scaling
         noise = torch.randn(z0.shape, generator=gen)
