@@ -238,6 +238,10 @@ struct GenerateArgs {
     /// for single files (SD 2.x 768 models are v)
     #[arg(long, value_name = "epsilon|v_prediction", help_heading = "Model")]
     prediction_type: Option<String>,
+    /// which weight files of a diffusers folder to read: fp16 (`*.fp16.safetensors`, diffusers'
+    /// variant="fp16"), plain, or auto (default: the plain files, else the fp16 ones)
+    #[arg(long, value_name = "auto|plain|fp16", help_heading = "Model")]
+    variant: Option<String>,
     /// apply a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) with this weight (default 1,
     /// may be negative) to the U-Net and the text encoder; repeatable
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]", help_heading = "Model")]
@@ -628,6 +632,7 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         refiner,
         refiner_start,
         prediction_type,
+        variant,
         loras,
         lora_dir,
         prompt,
@@ -763,6 +768,11 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
     }
     if let Some(v) = vae_tiling {
         req.vae_tiling = v.parse()?;
+    }
+    if let Some(v) = variant {
+        model_options.load.variant = v
+            .parse()
+            .map_err(|e| Error::InvalidInput(format!("--variant: {e}")))?;
     }
     if let Some(v) = prediction_type {
         model_options.load.prediction_type = Some(match v.as_str() {

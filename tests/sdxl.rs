@@ -1532,3 +1532,239 @@ fn cli_sdxl_inpainting_defaults_to_diffusers_strength() {
     eprintln!("ldm generate --mask (SDXL, default strength) vs diffusers: PSNR {db:.1} dB");
     assert!(db >= 40.0, "PSNR {db:.1} dB < 40 dB");
 }
+
+// SDXL-Turbo (stabilityai/sdxl-turbo): the SDXL base architecture with an Euler a, "trailing"
+// scheduler_config.json, run with 1-4 steps and guidance 0. Fixtures: tests/fixtures/sdxl/turbo,
+// made by tools/make_sdxl_turbo_fixtures.py (model/'s weights, Turbo's scheduler config).
+
+fn turbo_dir() -> PathBuf {
+    fixture_dir().join("turbo")
+}
+
+fn turbo_settings() -> &'static Value {
+    static S: OnceLock<Value> = OnceLock::new();
+    S.get_or_init(|| {
+        let text = std::fs::read_to_string(turbo_dir().join("cases.json"))
+            .expect("tests/fixtures/sdxl/turbo/cases.json (run tools/make_sdxl_turbo_fixtures.py)");
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+fn turbo_case(name: &str) -> &'static Value {
+    turbo_settings()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name} in turbo/cases.json"))
+}
+
+/// model/ as an SDXL-Turbo folder: Turbo's scheduler_config.json (and its class in
+/// model_index.json), in a fresh temp folder (`what` names it: tests run in parallel).
+fn assemble_turbo_model(what: &str) -> PathBuf {
+    let dst = temp_model(what);
+    copy_folder(&model_dir(), &dst);
+    std::fs::copy(
+        turbo_dir().join("scheduler_config.json"),
+        dst.join("scheduler/scheduler_config.json"),
+    )
+    .unwrap();
+    let mut index: Value =
+        serde_json::from_slice(&std::fs::read(dst.join("model_index.json")).unwrap()).unwrap();
+    index["scheduler"] = serde_json::json!(["diffusers", "EulerAncestralDiscreteScheduler"]);
+    std::fs::write(dst.join("model_index.json"), index.to_string()).unwrap();
+    dst
+}
+
+/// (PSNR against the Turbo case's PNG, final latents relative L2) of an output.
+fn turbo_score(name: &str, got: &Image, latents: Option<&[f32]>) -> (f64, f64) {
+    let case = turbo_case(name);
+    let want = Image::load_png(&turbo_dir().join(case["image"].as_str().unwrap())).unwrap();
+    let db = psnr(got, &want);
+    let Some(latents) = latents else {
+        return (db, 0.0);
+    };
+    let want_latents: Vec<f32> = std::fs::read(turbo_dir().join(case["latents"].as_str().unwrap()))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let want_latents = nchw_to_nhwc(&want_latents, [1, 4, 8, 8]);
+    (db, rel_l2(latents, &as_f64(&want_latents)))
+}
+
+/// SDXL-Turbo's folder scheduler (Euler a, trailing: timestep 999 for 1 step, 999/749/499/249
+/// for 4) with guidance 0 (one U-Net pass on the prompt alone), and `--sampler euler` on the
+/// same folder, which keeps the folder's trailing spacing as diffusers' `from_config` does.
+#[test]
+fn sdxl_turbo_matches_diffusers() {
+    let dir = assemble_turbo_model("turbo");
+    let model = load_f32(&dir);
+    let s = turbo_settings();
+    for name in ["turbo_1step", "turbo_4step", "turbo_euler_4step"] {
+        let case = turbo_case(name);
+        let req = GenerateRequest {
+            prompt: s["prompt"].as_str().unwrap().into(),
+            width: 64,
+            height: 64,
+            steps: case["steps"].as_u64().unwrap() as usize,
+            guidance_scale: 0.0,
+            seed: s["seed"].as_u64().unwrap(),
+            sampler: case["sampler"].as_str().map(|v| v.parse().unwrap()),
+            ..Default::default()
+        };
+        let out = model
+            .generate(&req, &mut |_| true)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (db, rel) = turbo_score(name, &out.images[0], Some(&out.latents));
+        eprintln!("{name}: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
+        assert!(db >= 40.0, "{name}: PSNR {db:.1} dB < 40 dB");
+        assert!(rel <= 1e-3, "{name}: latents rel-L2 {rel:.2e} > 1e-3");
+    }
+}
+
+/// `ldm generate --timestep-spacing leading` on the Turbo folder overrides its trailing spacing
+/// (diffusers: the folder's scheduler `from_config(..., timestep_spacing="leading")`); the
+/// fixture makes the spacing matter (the two diffusers images are far apart).
+#[test]
+fn sdxl_turbo_cli_timestep_spacing_override() {
+    let dir = assemble_turbo_model("turbo-cli");
+    let out = std::env::temp_dir().join(format!("ldm-sdxl-turbo-{}.png", std::process::id()));
+    let s = turbo_settings();
+    let args = [
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "-p",
+        s["prompt"].as_str().unwrap(),
+        "-W",
+        "64",
+        "-H",
+        "64",
+        "-s",
+        "4",
+        "-g",
+        "0",
+        "--seed",
+        "42",
+        "--timestep-spacing",
+        "leading",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(args)
+        .output()
+        .expect("run ldm");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        o.status.success(),
+        "ldm failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let got = Image::load_png(&out).unwrap();
+    std::fs::remove_file(&out).ok();
+    let (db, _) = turbo_score("turbo_4step_leading", &got, None);
+    let (apart, _) = turbo_score("turbo_4step", &got, None);
+    eprintln!("--timestep-spacing leading: PSNR {db:.1} dB (vs trailing's image {apart:.1} dB)");
+    assert!(db >= 40.0, "PSNR {db:.1} dB < 40 dB");
+    assert!(
+        apart < 35.0,
+        "the spacing made no difference ({apart:.1} dB)"
+    );
+}
+
+/// Copies `src` into `dst` with every `X.safetensors` renamed `X.fp16.safetensors`: the folder
+/// `save_pretrained(..., variant="fp16")` writes (as stabilityai/sdxl-turbo's fp16 download).
+fn copy_as_fp16_variant(src: &Path, dst: &Path) {
+    copy_folder(src, dst);
+    for sub in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        for entry in std::fs::read_dir(dst.join(sub)).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_string();
+            if let Some(stem) = name.strip_suffix(".safetensors") {
+                std::fs::rename(
+                    &path,
+                    path.with_file_name(format!("{stem}.fp16.safetensors")),
+                )
+                .unwrap();
+            }
+        }
+    }
+}
+
+/// diffusers `variant="fp16"` SDXL folders (`diffusion_pytorch_model.fp16.safetensors`,
+/// `model.fp16.safetensors`, both text encoders included): found when the plain files are
+/// absent (Variant::Auto, the default) and give the plain folder's images; `--variant plain`
+/// refuses them naming the fp16 file; a folder holding both reads the plain files unless asked
+/// for fp16, as diffusers' `from_pretrained` does.
+#[test]
+fn fp16_variant_folders() {
+    use ldm_wgpu::weights::{open_diffusers_folder, Variant};
+    let fp16 = temp_model("fp16-variant");
+    copy_as_fp16_variant(&model_dir(), &fp16);
+    let opts = |variant| LoadOptions {
+        variant,
+        ..Default::default()
+    };
+    let w = open_diffusers_folder(&fp16, &opts(Variant::Auto)).unwrap();
+    let te2 = w.text_encoder_2.as_ref().expect("SDXL: text_encoder_2");
+    assert!(te2.weights.files()[0]
+        .path()
+        .ends_with("text_encoder_2/model.fp16.safetensors"));
+
+    // `ldm generate --variant plain` refuses, pointing at the fp16 file.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(["generate", "--model", fp16.to_str().unwrap(), "-p", "x"])
+        .args([
+            "--variant",
+            "plain",
+            "--dtype",
+            "f32",
+            "-s",
+            "1",
+            "-W",
+            "64",
+            "-H",
+            "64",
+        ])
+        .args(["-o", fp16.join("never.png").to_str().unwrap()])
+        .output()
+        .expect("run ldm");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "--variant plain loaded an fp16-only folder"
+    );
+    assert!(stderr.contains("fp16.safetensors"), "{stderr}");
+
+    // Both present: the plain files unless fp16 is asked for.
+    let both = temp_model("both-variants");
+    copy_folder(&model_dir(), &both);
+    copy_as_fp16_variant(&model_dir(), &both.join("fp16"));
+    for sub in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        for entry in std::fs::read_dir(both.join("fp16").join(sub)).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::rename(&path, both.join(sub).join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::remove_dir_all(both.join("fp16")).unwrap();
+    let w = open_diffusers_folder(&both, &opts(Variant::Auto)).unwrap();
+    assert!(w.text_encoder_2.as_ref().unwrap().weights.files()[0]
+        .path()
+        .ends_with("text_encoder_2/model.safetensors"));
+    let w = open_diffusers_folder(&both, &opts(Variant::Fp16)).unwrap();
+    assert!(w.unet.weights.files()[0]
+        .path()
+        .ends_with("unet/diffusion_pytorch_model.fp16.safetensors"));
+    let _ = std::fs::remove_dir_all(&both);
+
+    // The fp16-only folder generates the plain folder's image (load_f32 removes the folder).
+    let model = load_f32(&fp16);
+    let (db, rel) = outcome(&model, "euler_cfg1");
+    eprintln!("fp16-variant folder, euler_cfg1: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
+    assert!(db >= 40.0, "PSNR {db:.1} dB < 40 dB");
+    assert!(rel <= 1e-3, "latents rel-L2 {rel:.2e} > 1e-3");
+}

@@ -23,7 +23,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Which weight file of a diffusers folder to read.
+/// Which weight file of a diffusers folder to read (`ldm generate --variant`).
+///
+/// diffusers reads the plain `<name>.safetensors` unless `from_pretrained(..., variant="fp16")`
+/// asks for `<name>.fp16.safetensors`; a folder holding both therefore gives the plain file under
+/// `Auto`, as diffusers does. `Auto` is more lenient where only the variant is there (as
+/// stabilityai/sdxl-turbo's `fp16` downloads): diffusers refuses it without `variant="fp16"`,
+/// we read it, since the two files hold the same model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Variant {
     /// The plain file, else the `.fp16` variant.
@@ -33,6 +39,28 @@ pub enum Variant {
     Plain,
     /// Only `<name>.fp16.safetensors`.
     Fp16,
+}
+
+impl std::str::FromStr for Variant {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Variant::Auto),
+            "plain" | "none" => Ok(Variant::Plain),
+            "fp16" => Ok(Variant::Fp16),
+            other => Err(format!("variant `{other}` (auto, plain or fp16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Variant::Auto => "auto",
+            Variant::Plain => "plain",
+            Variant::Fp16 => "fp16",
+        })
+    }
 }
 
 /// What the files cannot tell, and user overrides.
