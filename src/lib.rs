@@ -6,6 +6,7 @@ pub mod embeddings;
 pub mod error;
 pub mod image;
 pub mod info;
+pub mod inspect;
 pub mod kernels;
 pub mod lora;
 pub mod models;

@@ -34,6 +34,17 @@ enum Command {
         #[arg(long, value_name = "NAME|INDEX")]
         adapter: Option<String>,
     },
+    /// what a model file or folder is (family, prediction type, components, dtypes, parameter
+    /// counts), from its headers and configs alone: nothing is loaded onto the GPU
+    #[command(args_override_self = true)]
+    Inspect {
+        /// diffusers folder or single-file .safetensors checkpoint
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+        /// machine-readable output (one JSON document on stdout)
+        #[arg(long)]
+        json: bool,
+    },
     /// list the samplers
     Samplers,
     /// benchmark this GPU: measured peaks and every kernel at SD 1.5 shapes, or with --model a
@@ -495,6 +506,17 @@ fn run(cli: Cli) -> Result<(), Error> {
                 options.adapter = adapter;
             }
             print!("{}", ldm_wgpu::info::report(&options)?);
+            Ok(())
+        }
+        Some(Command::Inspect { path, json }) => {
+            let report = ldm_wgpu::inspect::inspect(&path)?;
+            if json {
+                let text = serde_json::to_string_pretty(&report)
+                    .map_err(|e| Error::InvalidInput(format!("inspect: {e}")))?;
+                println!("{text}");
+            } else {
+                print!("{}", report.to_text());
+            }
             Ok(())
         }
         Some(Command::Generate(args)) => generate(*args),
