@@ -159,7 +159,7 @@ fn real_sdxl_base_header() {
         offset += 2 * numel;
     }
     let mut bytes = Value::Object(header).to_string().into_bytes();
-    while bytes.len() % 8 != 0 {
+    while !bytes.len().is_multiple_of(8) {
         bytes.push(b' ');
     }
     let dir = scratch("real-sdxl");
