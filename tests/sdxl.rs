@@ -470,9 +470,13 @@ fn copy_folder(src: &Path, dst: &Path) {
     }
 }
 
-/// A fresh temp folder for an assembled model.
+/// A fresh temp folder for an assembled model, unique per call (tests run in parallel and may
+/// assemble the same variant).
 fn temp_model(what: &str) -> PathBuf {
-    let dst = std::env::temp_dir().join(format!("ldm-sdxl-{what}-{}", std::process::id()));
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let dst = std::env::temp_dir().join(format!("ldm-sdxl-{what}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dst);
     dst
 }
@@ -1767,4 +1771,67 @@ fn fp16_variant_folders() {
     eprintln!("fp16-variant folder, euler_cfg1: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
     assert!(db >= 40.0, "PSNR {db:.1} dB < 40 dB");
     assert!(rel <= 1e-3, "latents rel-L2 {rel:.2e} > 1e-3");
+}
+
+/// `dir` loaded in f16 (the VAE stays f32: force_upcast), or None where the adapter has no
+/// SHADER_F16. `dir` is removed unless `keep`.
+fn load_f16(dir: &Path, keep: bool) -> Option<StableDiffusion> {
+    let gpu = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+    if !gpu.caps.shader_f16 {
+        eprintln!("skipped: adapter `{}` has no SHADER_F16", gpu.adapter);
+        return None;
+    }
+    let opts = ModelOptions {
+        dtype: Some(DType::F16),
+        with_encoder: true,
+        ..Default::default()
+    };
+    let model = StableDiffusion::load(gpu, dir, &opts).unwrap();
+    if !keep {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    assert_eq!(
+        model.vae_dtype,
+        DType::F32,
+        "force_upcast keeps the VAE in f32"
+    );
+    Some(model)
+}
+
+/// f16 inpainting, as [`f16_smoke_run_stays_close`] (25 dB): the base U-Net's latent blending
+/// and the 9-channel U-Net, each on a case with guidance.
+#[test]
+fn f16_inpainting_stays_close() {
+    let Some(base) = load_f16(&model_dir(), true) else {
+        return;
+    };
+    let Some(nine) = load_f16(&assemble_inpaint_model(), false) else {
+        return;
+    };
+    for (model, name) in [
+        (&base, "inpaint_blend_euler_neg"),
+        (&nine, "inpaint9_euler_neg"),
+    ] {
+        let (db, rel) = outcome(model, name);
+        eprintln!("f16 {name}: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
+        assert!(db >= 25.0, "{name}: f16 PSNR {db:.1} dB < 25 dB");
+    }
+}
+
+/// f16 base + refiner handoff (both models f16, the base's f16 latents handed over), as
+/// [`f16_smoke_run_stays_close`] (25 dB).
+#[test]
+fn f16_refiner_handoff_stays_close() {
+    let Some(base) = load_f16(&model_dir(), true) else {
+        return;
+    };
+    let Some(refiner) = load_f16(&assemble_refiner(), false) else {
+        return;
+    };
+    let name = "handoff_euler_neg";
+    let case = case(name);
+    let first = base.generate(&base_request(case), &mut |_| true).unwrap();
+    let (db, rel) = outcome_with(&refiner, name, refiner_request(case, first.latents));
+    eprintln!("f16 {name}: PSNR {db:.1} dB, latents rel-L2 {rel:.2e}");
+    assert!(db >= 25.0, "{name}: f16 PSNR {db:.1} dB < 25 dB");
 }
