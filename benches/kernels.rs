@@ -28,6 +28,9 @@ fn main() -> Result<()> {
         .unwrap_or(gpu.compute_dtype());
     let quick = env("LDM_BENCH_QUICK").map_or(gpu.adapter.device_type == "Cpu", |v| v == "1");
     let options = KernelBenchOptions {
+        shapes: env("LDM_BENCH_SHAPES")
+            .map(|s| s.parse().expect("sd15 or sdxl"))
+            .unwrap_or_default(),
         dtype,
         reps: env("LDM_BENCH_REPS")
             .and_then(|v| v.parse().ok())

@@ -47,7 +47,8 @@ enum Command {
     },
     /// list the samplers
     Samplers,
-    /// benchmark this GPU: measured peaks and every kernel at SD 1.5 shapes, or with --model a
+    /// benchmark this GPU: measured peaks and every kernel at SD 1.5 (or --shapes sdxl: SDXL)
+    /// shapes, or with --model a
     /// whole pipeline (cold/warm start, it/s, s/image, peak memory, per-kernel table)
     #[command(args_override_self = true)]
     Bench(BenchArgs),
@@ -64,6 +65,10 @@ struct BenchArgs {
     /// only the kernel cases whose name contains one of these (comma list: attn,resnet)
     #[arg(long, value_name = "A,B,..", value_delimiter = ',')]
     filter: Vec<String>,
+    /// whose shapes the kernel cases take: sd15 (SD 1.5 at 512², the default) or sdxl (SDXL
+    /// base at 1024²)
+    #[arg(long, value_name = "sd15|sdxl")]
+    shapes: Option<String>,
     /// machine-readable output (one JSON document on stdout)
     #[arg(long)]
     json: bool,
@@ -153,6 +158,10 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     let gpu = ldm_wgpu::Gpu::new(&gpu_options)?;
     let quick = args.quick || gpu.adapter.device_type == "Cpu";
     let options = bench::KernelBenchOptions {
+        shapes: match &args.shapes {
+            Some(v) => v.parse()?,
+            None => bench::Shapes::default(),
+        },
         dtype: dtype.unwrap_or(gpu.compute_dtype()),
         reps: args.reps.unwrap_or(if quick { 3 } else { 10 }),
         filter: args.filter,
@@ -161,10 +170,11 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     let text = !args.json;
     if text {
         println!(
-            "device: {} ({} {}), dtype {}, {} reps{}",
+            "device: {} ({} {}), {} shapes, dtype {}, {} reps{}",
             gpu.adapter.name,
             gpu.adapter.backend,
             gpu.adapter.driver,
+            options.shapes,
             options.dtype.name(),
             options.reps,
             if quick { ", quick" } else { "" }
@@ -189,6 +199,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             "device": gpu.adapter.name,
             "backend": gpu.adapter.backend,
             "driver": gpu.adapter.driver,
+            "shapes": options.shapes.to_string(),
             "dtype": options.dtype.name(),
             "reps": options.reps,
             "quick": quick,

@@ -108,3 +108,67 @@ fn end_to_end_on_the_shipped_model() {
     let list = p["kernels"].as_array().expect("kernel list");
     assert!(list.iter().any(|k| k["kernel"] == "conv2d"), "{list:?}");
 }
+
+/// `ldm bench --shapes sdxl`: the SDXL base 1024² table (kernels::sdxl), filtered to cheap
+/// cases of each kind (a linear of the bigG encoder, a cross-attention, a LayerNorm); the
+/// default table has none of its rows.
+#[test]
+fn sdxl_kernel_table_as_json() {
+    let doc = ldm_json(&[
+        "bench",
+        "--json",
+        "--quick",
+        "--reps",
+        "1",
+        "--shapes",
+        "sdxl",
+        "--filter",
+        "xl.clip_g.q,xl.cross 32x32,xl.clip_g_ln",
+    ]);
+    assert_eq!(doc["shapes"], "sdxl");
+    let rows = doc["kernels"].as_array().expect("kernels");
+    for want in ["xl.clip_g.q", "xl.cross 32x32", "xl.clip_g_ln"] {
+        assert!(
+            rows.iter()
+                .any(|r| r["shape"].as_str().unwrap().contains(want)),
+            "no row for {want}: {rows:?}"
+        );
+    }
+    for row in rows {
+        positive(&row["ms"], "ms");
+        positive(&row["percent_of_peak"], "% of peak");
+    }
+    let sd15 = ldm_json(&[
+        "bench", "--json", "--quick", "--reps", "1", "--filter", "xl.",
+    ]);
+    assert_eq!(sd15["shapes"], "sd15");
+    assert!(sd15["kernels"].as_array().unwrap().is_empty());
+}
+
+/// The SDXL tables are self-consistent: distinct names, every U-Net convolution at one of the
+/// three latent levels of 1024² (128, 64, 32), every attention at 64² or 32² with 64-wide heads
+/// (SDXL's head_dim), cross-attention against 77 tokens.
+#[test]
+fn sdxl_tables_are_consistent() {
+    use ldm_wgpu::kernels::sdxl;
+    let mut names: Vec<&str> = sdxl::MATMUL.iter().map(|c| c.0).collect();
+    names.extend(sdxl::CONV.iter().map(|c| c.0));
+    names.extend(sdxl::ATTENTION.iter().map(|c| c.0));
+    names.extend(sdxl::NORM.iter().map(|c| c.name));
+    let n = names.len();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), n, "duplicate case names");
+    for &(name, b, h, w, ..) in sdxl::CONV {
+        if name.starts_with("xl.unet") {
+            assert_eq!(b, 2, "{name}");
+            assert!([128, 64, 32].contains(&h) && h == w, "{name}");
+        }
+    }
+    for &(name, _, heads, nq, nk, d) in sdxl::ATTENTION {
+        assert_eq!(d, 64, "{name}");
+        assert!([4096, 1024].contains(&nq), "{name}");
+        assert_eq!(heads * d, if nq == 4096 { 640 } else { 1280 }, "{name}");
+        assert!(nk == nq || nk == 77, "{name}");
+    }
+}

@@ -1,5 +1,6 @@
 //! The kernel benchmark behind `ldm bench` and `cargo bench --bench kernels`: every kernel at
-//! the Stable Diffusion 1.5 512×512 shapes (`kernels::sd15`), each path the adapter offers side by
+//! the Stable Diffusion 1.5 512×512 shapes (`kernels::sd15`) or the SDXL base 1024×1024 ones
+//! (`kernels::sdxl`, `ldm bench --shapes sdxl`), each path the adapter offers side by
 //! side (FMA and tensor-core tiles), the one the default policy picks marked, timed with GPU
 //! timestamp queries (median of repetitions after a warm-up) and set against this device's peaks
 //! measured in the same run (shaders/peak.wgsl).
@@ -11,15 +12,76 @@ use serde::Serialize;
 use crate::kernels::attention::{self, HeadsView};
 use crate::kernels::coop::{self, CoopTile};
 use crate::kernels::matmul::{self, Activation};
-use crate::kernels::{conv2d, norm, peak, sd15};
+use crate::kernels::sd15::{ConvCase, NormCase};
+use crate::kernels::{conv2d, norm, peak, sd15, sdxl};
 use crate::runtime::KernelPolicy;
 use crate::{DType, Error, Gpu, Result, Tensor};
 
 pub mod pipeline;
 
+/// Which model's shapes the kernel cases take.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Shapes {
+    /// Stable Diffusion 1.5 at 512×512 (`kernels::sd15`).
+    #[default]
+    Sd15,
+    /// SDXL base 1.0 at 1024×1024 (`kernels::sdxl`).
+    Sdxl,
+}
+
+impl std::str::FromStr for Shapes {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "sd15" | "sd1.5" => Ok(Shapes::Sd15),
+            "sdxl" => Ok(Shapes::Sdxl),
+            other => Err(Error::InvalidInput(format!(
+                "shapes `{other}` (sd15 or sdxl)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Shapes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Shapes::Sd15 => "sd15",
+            Shapes::Sdxl => "sdxl",
+        })
+    }
+}
+
+/// One model's case tables.
+struct Tables {
+    matmul: &'static [(&'static str, usize, usize, usize)],
+    conv: &'static [ConvCase],
+    attention: &'static [(&'static str, usize, usize, usize, usize, usize)],
+    norm: &'static [NormCase],
+}
+
+impl Shapes {
+    fn tables(self) -> Tables {
+        match self {
+            Shapes::Sd15 => Tables {
+                matmul: sd15::MATMUL,
+                conv: sd15::CONV,
+                attention: sd15::ATTENTION,
+                norm: sd15::NORM,
+            },
+            Shapes::Sdxl => Tables {
+                matmul: sdxl::MATMUL,
+                conv: sdxl::CONV,
+                attention: sdxl::ATTENTION,
+                norm: sdxl::NORM,
+            },
+        }
+    }
+}
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct KernelBenchOptions {
+    pub shapes: Shapes,
     pub dtype: DType,
     /// Timed repetitions per case (the median is reported).
     pub reps: usize,
@@ -76,6 +138,7 @@ impl KernelRow {
 
 struct Bench<'a> {
     gpu: &'a Gpu,
+    shapes: Shapes,
     dtype: DType,
     reps: usize,
     filter: Vec<String>,
@@ -175,6 +238,7 @@ pub fn run_kernels(
     let quick = options.quick;
     let mut b = Bench {
         gpu,
+        shapes: options.shapes,
         dtype,
         reps: options.reps.max(1),
         filter: options.filter.clone(),
@@ -199,6 +263,7 @@ pub fn run_kernels(
 
 fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> {
     let (dtype, quick) = (b.dtype, b.quick);
+    let tables = b.shapes.tables();
     // Peaks, measured now on this device.
     let (wg, iters, copy_n) = if quick {
         (256u32, 256u32, 1usize << 20)
@@ -235,7 +300,8 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
     });
 
     // Matmul / linear.
-    let mut cases: Vec<(String, usize, usize, usize)> = sd15::MATMUL
+    let mut cases: Vec<(String, usize, usize, usize)> = tables
+        .matmul
         .iter()
         .map(|&(n, m, nn, k)| (n.to_string(), m, nn, k))
         .collect();
@@ -287,9 +353,12 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
     // so one GPU run compares the tiles. Upsample2D rows run as the models do: the conv reads
     // the half-size input through the fused 2x nearest upsampling.
     let max_wg = b.gpu.caps.max_workgroup_storage;
-    for &(name, bt, h, w, cin, cout, k, stride) in sd15::CONV {
+    for &(name, bt, h, w, cin, cout, k, stride) in tables.conv {
         let flops = 2.0 * (bt * (h / stride) * (w / stride) * cout * cin * k * k) as f64;
-        if !b.wanted(name) || (b.quick && flops > 4e9) {
+        // A tensor over the adapter's binding limit (the SDXL VAE decoder's 1024² rows in f32
+        // on some adapters) is skipped: the engine decodes such sizes in tiles.
+        let big = (bt * h * w * cin.max(cout) * dtype.size()) as u64;
+        if !b.wanted(name) || (b.quick && flops > 4e9) || big > b.gpu.caps.max_storage_binding {
             continue;
         }
         let upsampled = name.contains("upsample");
@@ -382,7 +451,7 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
     }
 
     // Attention.
-    for &(name, batch, heads, nq, nk, d) in sd15::ATTENTION {
+    for &(name, batch, heads, nq, nk, d) in tables.attention {
         let flops = 4.0 * (batch * heads * nq * nk * d) as f64;
         if !b.wanted(name) || (b.quick && flops > 4e9) {
             continue;
@@ -469,7 +538,7 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
     }
 
     // Group norm and layer norm (memory-bound: read + write).
-    for case in sd15::NORM {
+    for case in tables.norm {
         let n: usize = case.shape.iter().product();
         if !b.wanted(case.name) || (b.quick && n > 1 << 22) {
             continue;

@@ -14,4 +14,5 @@ pub mod norm;
 pub mod peak;
 pub mod sampler_step;
 pub mod sd15;
+pub mod sdxl;
 pub mod tiling;
