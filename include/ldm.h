@@ -27,7 +27,7 @@
  The ABI version of this header. It changes whenever a struct layout or a function signature
  changes; compare it with `ldm_abi_version()` at run time.
  */
-#define LDM_ABI_VERSION 2
+#define LDM_ABI_VERSION 3
 
 /*
  The result of every call.
@@ -235,6 +235,16 @@ typedef struct ldm_request {
    NULL or the negative prompt.
    */
   const char *negative_prompt;
+  /*
+   SDXL: NULL (the prompt) or the prompt for the second text encoder (diffusers'
+   `prompt_2`); other models ignore it.
+   */
+  const char *prompt_2;
+  /*
+   SDXL: NULL (the negative prompt) or the second encoder's negative prompt
+   (`negative_prompt_2`); other models ignore it.
+   */
+  const char *negative_prompt_2;
   /*
    Image size, multiples of 8; 0: the init image's size, else the model's native size.
    */

@@ -50,7 +50,14 @@ fn help_lists_the_commands_and_the_main_flags() {
     let o = ldm(&["--help"]);
     assert!(o.status.success());
     let top = stdout(&o);
-    for cmd in ["generate", "info", "samplers", "completions"] {
+    for cmd in [
+        "generate",
+        "info",
+        "inspect",
+        "samplers",
+        "bench",
+        "completions",
+    ] {
         assert!(top.contains(cmd), "`{cmd}` missing from ldm --help:\n{top}");
     }
     // No arguments at all: the same overview, successfully.

@@ -38,7 +38,7 @@ pub use request::{
 
 /// The ABI version of this header. It changes whenever a struct layout or a function signature
 /// changes; compare it with `ldm_abi_version()` at run time.
-pub const LDM_ABI_VERSION: u32 = 2;
+pub const LDM_ABI_VERSION: u32 = 3;
 
 /// The result of every call.
 #[repr(C)]

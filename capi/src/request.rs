@@ -66,6 +66,12 @@ pub struct ldm_request {
     pub prompt: *const c_char,
     /// NULL or the negative prompt.
     pub negative_prompt: *const c_char,
+    /// SDXL: NULL (the prompt) or the prompt for the second text encoder (diffusers'
+    /// `prompt_2`); other models ignore it.
+    pub prompt_2: *const c_char,
+    /// SDXL: NULL (the negative prompt) or the second encoder's negative prompt
+    /// (`negative_prompt_2`); other models ignore it.
+    pub negative_prompt_2: *const c_char,
     /// Image size, multiples of 8; 0: the init image's size, else the model's native size.
     pub width: u32,
     pub height: u32,
@@ -116,6 +122,8 @@ pub unsafe extern "C" fn ldm_request_default(out: *mut ldm_request) -> ldm_statu
         *self::out(out, "out")? = ldm_request {
             prompt: std::ptr::null(),
             negative_prompt: std::ptr::null(),
+            prompt_2: std::ptr::null(),
+            negative_prompt_2: std::ptr::null(),
             width: 0,
             height: 0,
             steps: d.steps as u32,
@@ -234,6 +242,8 @@ impl OwnedRequest {
             prompt: crate::req_str(r.prompt, "request.prompt")?,
             negative_prompt: opt_str(r.negative_prompt, "request.negative_prompt")?
                 .unwrap_or_default(),
+            prompt_2: opt_str(r.prompt_2, "request.prompt_2")?,
+            negative_prompt_2: opt_str(r.negative_prompt_2, "request.negative_prompt_2")?,
             steps: r.steps as usize,
             guidance_scale: r.guidance,
             seed: r.seed,

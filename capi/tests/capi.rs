@@ -884,3 +884,63 @@ fn loras_in_the_request() {
     ok(ldm_engine_free(e));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `prompt_2` / `negative_prompt_2` (ABI 3) reach SDXL's second text encoder: the tiny SDXL
+/// fixture folder through the C API gives the Rust pipeline's image for the same request, and
+/// the fields make a difference.
+#[test]
+fn sdxl_second_prompts() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sdxl/model");
+    let path = CString::new(dir.to_str().unwrap()).unwrap();
+    let e = engine();
+    let mut options = unsafe { std::mem::zeroed::<ldm_model_options>() };
+    let mut m = null_mut();
+    unsafe {
+        ok(ldm_model_options_default(&mut options));
+        options.dtype_bits = 32;
+        ok(ldm_model_load(e, path.as_ptr(), &options, &mut m));
+    }
+    let prompt = Prompt::new("a red circle");
+    let (negative, prompt_2, negative_2) = (
+        CString::new("blurry").unwrap(),
+        CString::new("a green square").unwrap(),
+        CString::new("ugly").unwrap(),
+    );
+    let mut req = prompt.request(42);
+    req.steps = 6;
+    req.guidance = 5.0;
+    req.sampler = c"euler".as_ptr();
+    req.negative_prompt = negative.as_ptr();
+    let plain = generate(m, &req);
+    req.prompt_2 = prompt_2.as_ptr();
+    req.negative_prompt_2 = negative_2.as_ptr();
+    let second = generate(m, &req);
+    assert_ne!(
+        plain, second,
+        "prompt_2 / negative_prompt_2 changed nothing"
+    );
+
+    let gpu = ldm_wgpu::Gpu::new(&ldm_wgpu::GpuOptions::from_env().unwrap()).unwrap();
+    let opts = ldm_wgpu::pipeline::ModelOptions {
+        dtype: Some(ldm_wgpu::DType::F32),
+        ..Default::default()
+    };
+    let sd = ldm_wgpu::pipeline::StableDiffusion::load(gpu, &dir, &opts).unwrap();
+    let rust_req = ldm_wgpu::pipeline::GenerateRequest {
+        prompt: "a red circle".into(),
+        negative_prompt: "blurry".into(),
+        prompt_2: Some("a green square".into()),
+        negative_prompt_2: Some("ugly".into()),
+        width: 64,
+        height: 64,
+        steps: 6,
+        guidance_scale: 5.0,
+        seed: 42,
+        sampler: Some("euler".parse().unwrap()),
+        ..Default::default()
+    };
+    let expected = sd.generate(&rust_req, &mut |_| true).unwrap();
+    assert_eq!(second, expected.images[0].rgb);
+    ok(ldm_model_unload(m));
+    ok(ldm_engine_free(e));
+}

@@ -6,7 +6,7 @@
 
 Generates an image with a progress callback, writes the PNG (with its A1111 `parameters` text),
 then shows that a cancel from another thread stops a generation within a step. The structs below
-mirror include/ldm.h (ABI version 2).
+mirror include/ldm.h (ABI version 3).
 """
 
 import argparse
@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 LDM_OK, LDM_PENDING, LDM_ERR_CANCELLED = 0, 1, -3
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 
 class Image(C.Structure):
@@ -41,6 +41,8 @@ class Request(C.Structure):
     _fields_ = [
         ("prompt", C.c_char_p),
         ("negative_prompt", C.c_char_p),
+        ("prompt_2", C.c_char_p),
+        ("negative_prompt_2", C.c_char_p),
         ("width", C.c_uint32),
         ("height", C.c_uint32),
         ("steps", C.c_uint32),
