@@ -65,7 +65,8 @@ pub struct ModelReport {
     /// The U-Net takes 9 input channels (latents, mask, masked-image latents).
     pub inpainting: bool,
     /// A Turbo model (stabilityai/sd-turbo, sdxl-turbo), recognised by its scheduler config:
-    /// Euler ancestral with trailing spacing. Nothing else in the files tells.
+    /// Euler or Euler ancestral with trailing spacing (a heuristic: nothing else in the files
+    /// tells).
     pub turbo: bool,
     /// model_index.json's `_class_name` (folders that have one).
     pub pipeline: Option<String>,
@@ -230,8 +231,12 @@ pub fn inspect(path: &Path) -> Result<ModelReport> {
     let text = |key: &str| sched.get(key).and_then(Value::as_str).map(String::from);
     let scheduler = text("_class_name");
     let timestep_spacing = text("timestep_spacing");
-    let turbo = scheduler.as_deref() == Some("EulerAncestralDiscreteScheduler")
-        && timestep_spacing.as_deref() == Some("trailing");
+    // A heuristic: the Turbo folders ship an Euler (ancestral) scheduler with trailing spacing,
+    // which ordinary SD/SDXL folders (leading) do not.
+    let turbo = matches!(
+        scheduler.as_deref(),
+        Some("EulerAncestralDiscreteScheduler" | "EulerDiscreteScheduler")
+    ) && timestep_spacing.as_deref() == Some("trailing");
     let inpainting = w.unet.config.get("in_channels").and_then(Value::as_u64) == Some(9);
     let mut components = vec![
         component_report("unet", &w.unet),
