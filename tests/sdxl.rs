@@ -5,6 +5,9 @@
 //! whole `StableDiffusionXLPipeline` txt2img and `StableDiffusionXLImg2ImgPipeline` runs.
 //!
 //! Fixtures: tests/fixtures/sdxl, made by tools/make_sdxl_fixtures.py (see its header).
+//! SDXL-Turbo (Euler a, trailing, guidance 0): tests/fixtures/sdxl/turbo, made by
+//! tools/make_sdxl_turbo_fixtures.py from the same model. Also: fp16-variant folders
+//! (`*.fp16.safetensors`), and f16 smoke runs of inpainting and the refiner handoff.
 //!
 //! Bounds, as in tests/models.rs and tests/pipeline.rs (see their headers for the reasons):
 //! - models: relative L2 ≤ 1e-4 in f32, ≤ 1e-2 in f16 against diffusers' f32 outputs;
