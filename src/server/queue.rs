@@ -382,6 +382,9 @@ struct Model {
 pub fn run_worker(queue: Arc<Queue>, cfg: WorkerConfig) {
     let mut model: Option<(u64, Model)> = None;
     let mut failed: Option<u64> = None;
+    // Compiled pipelines are saved after the first job of each model (Vulkan PIPELINE_CACHE),
+    // so the next start or switch compiles less; failure is harmless.
+    let mut cache_saved = false;
     while !queue.shutting_down.load(Ordering::Relaxed) {
         let (generation, path) = queue.desired();
         let held = model.as_ref().map(|(g, _)| *g);
@@ -389,7 +392,10 @@ pub fn run_worker(queue: Arc<Queue>, cfg: WorkerConfig) {
             // Free the old model's GPU memory before the new one loads.
             model = None;
             match load(&queue, &cfg, generation, &path) {
-                Some(m) => model = Some((generation, m)),
+                Some(m) => {
+                    model = Some((generation, m));
+                    cache_saved = false;
+                }
                 None if generation == 0 => std::process::exit(1),
                 None => failed = Some(generation),
             }
@@ -416,6 +422,10 @@ pub fn run_worker(queue: Arc<Queue>, cfg: WorkerConfig) {
         slot.pool_bytes
             .store(pool.live_bytes + pool.free_bytes, Ordering::Relaxed);
         job.answer(result);
+        if !cache_saved {
+            let _ = m.sd.gpu.save_pipeline_cache();
+            cache_saved = true;
+        }
     }
 }
 
