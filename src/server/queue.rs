@@ -5,7 +5,7 @@
 //! worker reads before it starts the job and after every model call.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -310,7 +310,7 @@ pub struct WorkerConfig {
 }
 
 /// Load the model of `generation` into `sd`, recording the outcome in the worker's slot.
-fn load(queue: &Queue, cfg: &WorkerConfig, generation: u64, path: &PathBuf) -> Option<Model> {
+fn load(queue: &Queue, cfg: &WorkerConfig, generation: u64, path: &Path) -> Option<Model> {
     let slot = &queue.slots[cfg.index];
     *lock(&slot.loaded) = None;
     let started = Instant::now();
@@ -344,7 +344,7 @@ fn load(queue: &Queue, cfg: &WorkerConfig, generation: u64, path: &PathBuf) -> O
             *lock(&slot.load_error) = None;
             *lock(&slot.loaded) = Some(Loaded {
                 generation,
-                path: path.clone(),
+                path: path.to_path_buf(),
                 native_size,
                 embeddings,
             });
