@@ -361,8 +361,8 @@ fn jobs(server: &Server) {
     let preview = ldm_wgpu::image::Image::from_png_bytes(&unb64(&preview), "preview").unwrap();
     assert_eq!(preview.width, 32);
 
-    // Three short jobs fill the queue (--queue-size 3); the next is refused.
-    let short: Vec<_> = (0..3)
+    // Four short jobs fill the queue (--queue-size 4); the next is refused.
+    let short: Vec<_> = (0..4)
         .map(|i| {
             let url = url.clone();
             std::thread::spawn(move || {
@@ -373,8 +373,8 @@ fn jobs(server: &Server) {
             })
         })
         .collect();
-    wait_until("three queued jobs", 30, || {
-        metric(server, "ldm_queue_length") == 3.0
+    wait_until("four queued jobs", 30, || {
+        metric(server, "ldm_queue_length") == 4.0
     });
     let refused = agent()
         .post(&url)
@@ -492,8 +492,9 @@ fn a1111_api_over_http() {
     copy_dir(&tiny_model(), &models.join("tiny-copy"));
     std::fs::write(models.join("notes.txt"), "not a model").unwrap();
     let mut server = Server::start(&[
+        // 4 clients never have more than 4 jobs waiting, even while the worker is between jobs.
         "--queue-size",
-        "3",
+        "4",
         "--max-body-mb",
         "1",
         "--models-dir",
@@ -519,10 +520,20 @@ fn a1111_api_over_http() {
     model_switching(&server);
     eprintln!("switching: {:.1}s", t.elapsed().as_secs_f64());
 
-    // SIGTERM while a job runs: it is cancelled, and the server exits 0.
+    // SIGTERM while a job runs and another waits: the waiting one is refused, the running one
+    // finishes, and the server exits 0.
     let url = server.url("/sdapi/v1/txt2img");
-    let running = std::thread::spawn(move || post(&url, &long_job(3)).0);
+    let body = json!({"prompt": "x", "steps": 12, "width": 32, "height": 32, "seed": 9,
+                      "sampler_name": "Euler"});
+    let running = {
+        let (url, body) = (url.clone(), body.clone());
+        std::thread::spawn(move || post(&url, &body).0)
+    };
     wait_until("the job to start", 60, || progress(&server).is_some());
+    let waiting = std::thread::spawn(move || post(&url, &body).0);
+    wait_until("a queued job", 30, || {
+        metric(&server, "ldm_queue_length") == 1.0
+    });
     let pid = server.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -535,13 +546,14 @@ fn a1111_api_over_http() {
             break s;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(30),
+            started.elapsed() < Duration::from_secs(60),
             "no exit after SIGTERM"
         );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");
-    assert_ne!(running.join().unwrap(), 200);
+    assert_eq!(running.join().unwrap(), 200);
+    assert_ne!(waiting.join().unwrap(), 200);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

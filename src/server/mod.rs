@@ -90,8 +90,8 @@ pub(crate) fn log_event(fields: &[(&str, Value)]) {
     eprintln!("{}", Value::Object(line));
 }
 
-/// Run the server until SIGTERM or Ctrl-C: refuse new work, cancel the queued and running jobs,
-/// answer the requests in flight, return.
+/// Run the server until SIGTERM or Ctrl-C: refuse new work, cancel the queued jobs, finish the
+/// running ones (a second signal cancels them), answer the requests in flight, return.
 pub fn serve(config: ServeConfig) -> Result<()> {
     if config.workers.is_empty() {
         return Err(Error::InvalidInput("no adapter to serve on".into()));
@@ -152,12 +152,19 @@ async fn run(config: ServeConfig) -> Result<()> {
                 .into(),
         ),
     ]);
+    // SIGTERM or Ctrl-C: refuse new work, drop the queue, let the running jobs finish (what a
+    // Kubernetes grace period is for); a second signal cancels them too.
     let shutdown_queue = queue.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             log_event(&[("event", "shutting_down".into())]);
-            shutdown_queue.shut_down();
+            shutdown_queue.shut_down(false);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                log_event(&[("event", "cancelling_running_jobs".into())]);
+                shutdown_queue.shut_down(true);
+            });
         })
         .await
         .map_err(|e| Error::io("server", e))?;
@@ -323,8 +330,13 @@ async fn run_job(
     let mut guard = CancelOnDrop(Some(job));
     let result = reply.await;
     guard.0 = None;
+    let stopping = state
+        .queue
+        .shutting_down
+        .load(std::sync::atomic::Ordering::Relaxed);
     match result {
         Ok(Ok(out)) => Ok(out),
+        Ok(Err(_)) if stopping => Err(unavailable("the server is shutting down", 10)),
         Ok(Err(Error::InvalidInput(m))) => Err(unprocessable(&a1111::Invalid::general(m))),
         Ok(Err(e)) => Err((
             StatusCode::INTERNAL_SERVER_ERROR,

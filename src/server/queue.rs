@@ -240,8 +240,9 @@ impl Queue {
         }
     }
 
-    /// Refuse new jobs and cancel every queued and running one.
-    pub fn shut_down(&self) {
+    /// Refuse new jobs and cancel the queued ones; the running ones finish, unless
+    /// `cancel_running` (a second signal).
+    pub fn shut_down(&self, cancel_running: bool) {
         self.shutting_down.store(true, Ordering::Relaxed);
         let drained: Vec<Arc<Job>> = lock(&self.waiting).drain(..).collect();
         for job in drained {
@@ -250,8 +251,10 @@ impl Queue {
                 "the server is shutting down".into(),
             )));
         }
-        for r in self.running() {
-            r.job.cancel();
+        if cancel_running {
+            for r in self.running() {
+                r.job.cancel();
+            }
         }
         self.ready.notify_all();
     }
