@@ -320,10 +320,14 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 pub fn response(r: &GenerationRequest, job: &GenJob, out: &JobOutput) -> Value {
     let req = &job.req;
     let n = out.images.len();
-    let sampler_name = req
-        .sampler
-        .map(SamplerKind::a1111_name)
-        .unwrap_or("Default");
+    // Without one in the request, the model's scheduler config chose it: the infotext names it.
+    let sampler_name = match (req.sampler, out.images.first()) {
+        (Some(kind), _) => json!(kind.a1111_name()),
+        (None, Some(image)) => parse_infotext(&image.infotext)
+            .remove("Sampler")
+            .unwrap_or(Value::Null),
+        (None, None) => Value::Null,
+    };
     let seeds: Vec<u64> = out.images.iter().map(|i| i.seed).collect();
     let prompt = r.prompt.clone().unwrap_or_default();
     let info = json!({
