@@ -416,6 +416,25 @@ fn jobs(server: &Server) {
         progress(server).is_none()
     });
     assert!(gone.elapsed() < Duration::from_secs(20));
+
+    // Skip ends the current batch only: the job goes on with the next (job_no 1).
+    let two_batches = {
+        let url = url.clone();
+        let mut body = long_job(4);
+        body["n_iter"] = json!(2);
+        std::thread::spawn(move || post(&url, &body))
+    };
+    wait_until("the job to start", 60, || {
+        progress(server).is_some_and(|(step, _, _)| step >= 1)
+    });
+    assert_eq!(post(&server.url("/sdapi/v1/skip"), &json!({})).0, 200);
+    wait_until("the second batch", 30, || {
+        get(&server.url("/sdapi/v1/progress?skip_current_image=true")).1["state"]["job_no"] == 1
+    });
+    assert_eq!(post(&server.url("/sdapi/v1/interrupt"), &json!({})).0, 200);
+    let (status, r) = two_batches.join().unwrap();
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["images"], json!([]));
 }
 
 /// 8 requests from 4 clients: all complete, each image the one its seed gives.

@@ -174,43 +174,34 @@ fn sampler(r: &GenerationRequest) -> Result<Option<SamplerKind>, Invalid> {
         .map_err(|e| Invalid::field("sampler_name", e.to_string()))
 }
 
-/// Fill the defaults (size, seed) into `r` and build the engine's job, checking everything that
-/// needs no model: the engine's own `validate` and the server's limits.
-pub fn to_job(
-    r: &mut GenerationRequest,
-    native_size: usize,
-    limits: &Limits,
-) -> Result<GenJob, Invalid> {
-    let Some(prompt) = r.prompt.clone() else {
-        return Err(Invalid::field("prompt", "field required"));
-    };
+/// The init image and the mask (inverted where asked), decoded from base64.
+fn input_images(r: &GenerationRequest) -> Result<(Option<Image>, Option<Image>), Invalid> {
     let init_image = match r.init_images.as_deref() {
         Some([]) => return Err(Invalid::field("init_images", "give at least one image")),
         Some([first, ..]) => Some(decode_image("init_images", first)?),
         None => None,
     };
-    let mut mask = match &r.mask {
-        Some(m) if init_image.is_none() => {
-            let _ = m;
-            return Err(Invalid::field("mask", "a mask needs init_images"));
+    let mask = match &r.mask {
+        Some(_) if init_image.is_none() => {
+            return Err(Invalid::field("mask", "a mask needs init_images"))
         }
-        Some(m) => Some(decode_image("mask", m)?),
+        Some(m) => {
+            let mut mask = decode_image("mask", m)?;
+            if r.inpainting_mask_invert.unwrap_or(0) != 0 {
+                mask.rgb.iter_mut().for_each(|v| *v = 255 - *v);
+            }
+            Some(mask)
+        }
         None => None,
     };
-    if let Some(m) = &mut mask {
-        if r.inpainting_mask_invert.unwrap_or(0) != 0 {
-            for v in &mut m.rgb {
-                *v = 255 - *v;
-            }
-        }
-    }
-    let init_size = init_image.as_ref().map(|i| (i.width, i.height));
-    let width = r.width.or(init_size.map(|s| s.0)).unwrap_or(native_size);
-    let height = r.height.or(init_size.map(|s| s.1)).unwrap_or(native_size);
-    r.width = Some(width);
-    r.height = Some(height);
-    let pixels = (width as u128) * (height as u128);
-    if pixels > limits.max_pixels as u128 {
+    Ok((init_image, mask))
+}
+
+/// The server's limits (size, steps, images per request) and the seed's range; `r`'s size is
+/// filled in already. Sizes are multiplied in u128: 65536² must be refused, not wrap.
+fn check_limits(r: &GenerationRequest, limits: &Limits) -> Result<(), Invalid> {
+    let (width, height) = (r.width.unwrap_or(0), r.height.unwrap_or(0));
+    if (width as u128) * (height as u128) > limits.max_pixels as u128 {
         return Err(Invalid::field(
             "width",
             format!(
@@ -235,12 +226,32 @@ pub fn to_job(
             ),
         ));
     }
-    if r.seed < -1 || r.seed > u32::MAX as i64 * 4 {
+    if r.seed < -1 {
         return Err(Invalid::field(
             "seed",
-            "seed must be -1 or a non-negative integer",
+            "seed must be -1 (random) or a non-negative integer",
         ));
     }
+    Ok(())
+}
+
+/// Fill the defaults (size, seed) into `r` and build the engine's job, checking everything that
+/// needs no model: the engine's own `validate` and the server's limits.
+pub fn to_job(
+    r: &mut GenerationRequest,
+    native_size: usize,
+    limits: &Limits,
+) -> Result<GenJob, Invalid> {
+    let Some(prompt) = r.prompt.clone() else {
+        return Err(Invalid::field("prompt", "field required"));
+    };
+    let (init_image, mask) = input_images(r)?;
+    let init_size = init_image.as_ref().map(|i| (i.width, i.height));
+    let width = r.width.or(init_size.map(|s| s.0)).unwrap_or(native_size);
+    let height = r.height.or(init_size.map(|s| s.1)).unwrap_or(native_size);
+    r.width = Some(width);
+    r.height = Some(height);
+    check_limits(r, limits)?;
     if r.seed == -1 {
         r.seed = crate::rng::random_seed() as i64;
     }

@@ -453,7 +453,8 @@ async fn progress(State(state): State<Shared>, Query(q): Query<ProgressQuery>) -
         "progress": progress,
         "eta_relative": eta,
         "state": {
-            "skipped": false, "interrupted": false, "job": format!("job {}", r.job_timestamp),
+            "skipped": r.job.skipping(), "interrupted": r.job.interrupting(),
+            "job": format!("job {}", r.job_timestamp),
             "job_count": r.job_count, "job_timestamp": r.job_timestamp, "job_no": r.job_no,
             "sampling_step": r.sampling_step, "sampling_steps": r.sampling_steps,
         },

@@ -66,3 +66,26 @@ pub fn response(out: &JobOutput) -> Value {
         .collect();
     json!({"created": created, "data": data})
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(size: Option<&str>, format: Option<&str>) -> ImagesRequest {
+        ImagesRequest {
+            prompt: "x".into(),
+            n: 2,
+            size: size.map(Into::into),
+            response_format: format.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn size_and_format() {
+        let a = to_a1111(&request(Some("512x768"), Some("b64_json"))).unwrap();
+        assert_eq!((a.width, a.height, a.batch_size), (Some(512), Some(768), 2));
+        assert_eq!(to_a1111(&request(None, None)).unwrap().width, None);
+        assert!(to_a1111(&request(Some("huge"), None)).is_err());
+        assert!(to_a1111(&request(None, Some("url"))).is_err());
+    }
+}

@@ -81,6 +81,16 @@ impl Job {
         self.cancel.store(true, Ordering::Relaxed);
     }
 
+    /// `/sdapi/v1/interrupt` reached it.
+    pub fn interrupting(&self) -> bool {
+        self.interrupt.load(Ordering::Relaxed)
+    }
+
+    /// `/sdapi/v1/skip` reached its current batch.
+    pub fn skipping(&self) -> bool {
+        self.skip.load(Ordering::Relaxed)
+    }
+
     fn stop(&self) -> Option<Stop> {
         if self.cancel.load(Ordering::Relaxed) {
             Some(Stop::Cancelled)
