@@ -23,14 +23,18 @@ pub struct Image {
 impl Image {
     /// Read a PNG (gray, RGB or RGBA; 8 or 16 bit); alpha is dropped.
     pub fn load_png(path: &Path) -> Result<Image> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Image::from_png_bytes(&bytes, path)
+        // Streamed: the header is checked before the rest of the file is read.
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        Image::read_png(std::io::BufReader::new(file), path)
     }
 
     /// Decode a PNG held in memory (an upload, a base64 field); `what` names it in errors.
     pub fn from_png_bytes(bytes: &[u8], what: impl AsRef<Path>) -> Result<Image> {
-        let path = what.as_ref();
-        let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+        Image::read_png(std::io::Cursor::new(bytes), what.as_ref())
+    }
+
+    fn read_png<R: std::io::BufRead + std::io::Seek>(source: R, path: &Path) -> Result<Image> {
+        let mut decoder = png::Decoder::new(source);
         decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
         // The decoder's own budget, in case a chunk other than the frame asks for memory.
         decoder.set_limits(png::Limits {
