@@ -23,8 +23,18 @@ pub struct Image {
 impl Image {
     /// Read a PNG (gray, RGB or RGBA; 8 or 16 bit); alpha is dropped.
     pub fn load_png(path: &Path) -> Result<Image> {
+        // Streamed: the header is checked before the rest of the file is read.
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+        Image::read_png(std::io::BufReader::new(file), path)
+    }
+
+    /// Decode a PNG held in memory (an upload, a base64 field); `what` names it in errors.
+    pub fn from_png_bytes(bytes: &[u8], what: impl AsRef<Path>) -> Result<Image> {
+        Image::read_png(std::io::Cursor::new(bytes), what.as_ref())
+    }
+
+    fn read_png<R: std::io::BufRead + std::io::Seek>(source: R, path: &Path) -> Result<Image> {
+        let mut decoder = png::Decoder::new(source);
         decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
         // The decoder's own budget, in case a chunk other than the frame asks for memory.
         decoder.set_limits(png::Limits {
@@ -84,6 +94,13 @@ impl Image {
     /// Encode as PNG with tEXt chunks (e.g. `("parameters", ...)` in the A1111 format that
     /// image browsers and other SD tools read) and write atomically.
     pub fn save_png_with_text(&self, path: &Path, text: &[(&str, &str)]) -> Result<()> {
+        let bytes = self.encode_png(path, text)?;
+        crate::util::write_atomic(path, &bytes)
+    }
+
+    /// The PNG bytes `save_png_with_text` writes (`what` names the image in errors).
+    pub fn encode_png(&self, what: impl AsRef<Path>, text: &[(&str, &str)]) -> Result<Vec<u8>> {
+        let path = what.as_ref();
         let mut bytes = Vec::new();
         {
             let mut enc = png::Encoder::new(&mut bytes, self.width as u32, self.height as u32);
@@ -103,7 +120,34 @@ impl Image {
             w.write_image_data(&self.rgb)
                 .map_err(|e| Error::io(path, e))?;
         }
-        crate::util::write_atomic(path, &bytes)
+        Ok(bytes)
+    }
+
+    /// The text chunks (tEXt, zTXt, iTXt) of a PNG, as (keyword, text), without decoding its
+    /// pixels (A1111's `png-info`).
+    pub fn png_text(bytes: &[u8], what: impl AsRef<Path>) -> Result<Vec<(String, String)>> {
+        let path = what.as_ref();
+        let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+        let reader = decoder
+            .read_info()
+            .map_err(|e| Error::io(path, format!("not a readable PNG: {e}")))?;
+        let info = reader.info();
+        let mut out: Vec<(String, String)> = info
+            .uncompressed_latin1_text
+            .iter()
+            .map(|t| (t.keyword.clone(), t.text.clone()))
+            .collect();
+        for t in &info.compressed_latin1_text {
+            if let Ok(text) = t.get_text() {
+                out.push((t.keyword.clone(), text));
+            }
+        }
+        for t in &info.utf8_text {
+            if let Ok(text) = t.get_text() {
+                out.push((t.keyword.clone(), text));
+            }
+        }
+        Ok(out)
     }
 
     /// Pixels as floats in [-1, 1], NHWC order [1, H, W, 3] (`VaeImageProcessor.preprocess`:

@@ -18,6 +18,8 @@ pub mod prompt;
 pub mod rng;
 pub mod runtime;
 pub mod sched;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod shaders;
 pub mod tokenizer;
 pub mod util;

@@ -47,6 +47,11 @@ enum Command {
     },
     /// list the samplers
     Samplers,
+    /// an HTTP server speaking the AUTOMATIC1111 web UI API (and OpenAI's images endpoint),
+    /// the model loaded once per GPU
+    #[cfg(feature = "server")]
+    #[command(args_override_self = true)]
+    Serve(Box<ServeArgs>),
     /// benchmark this GPU: measured peaks and every kernel at SD 1.5 (or --shapes sdxl: SDXL)
     /// shapes, or with --model a
     /// whole pipeline (cold/warm start, it/s, s/image, peak memory, per-kernel table)
@@ -224,6 +229,61 @@ fn print_peaks(p: &ldm_wgpu::bench::Peaks) {
     if let Some(t) = p.tensor_core_gflops {
         println!("measured tensor-core peak: {t:.1} GFLOP/s (f16, f32 accumulators; the [coop] lines' %)");
     }
+}
+
+/// The options of `ldm serve`.
+#[cfg(feature = "server")]
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// the address to listen on (0.0.0.0 exposes the server to the network: use --api-auth)
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 7860)]
+    port: u16,
+    /// the model to load first (default: the small model shipped in weights/tiny-shapes)
+    #[arg(short = 'm', long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// checkpoints `/sdapi/v1/options` may switch to: this folder's model folders and
+    /// .safetensors files (requests name them, never give paths)
+    #[arg(long, value_name = "DIR")]
+    models_dir: Option<PathBuf>,
+    /// one worker per GPU: `all`, or adapter indices or names (0,1); default: the best one
+    /// (also LDM_ADAPTER)
+    #[arg(long, value_name = "all|I,J")]
+    adapter: Option<String>,
+    /// HTTP basic credentials, as A1111's flag
+    #[arg(long, value_name = "USER:PASS[,USER:PASS]")]
+    api_auth: Option<String>,
+    /// API keys accepted as `Authorization: Bearer KEY` or `X-API-Key: KEY` (repeatable)
+    #[arg(long, value_name = "KEY")]
+    api_key: Vec<String>,
+    /// allow these origins (comma list, or *) to call the API from browsers (default: no CORS)
+    #[arg(long, value_name = "ORIGINS", value_delimiter = ',')]
+    cors_allow_origins: Vec<String>,
+    /// jobs that may wait for a worker; more are refused with 503
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    queue_size: usize,
+    /// the largest request body, MiB (413 beyond)
+    #[arg(long, value_name = "MIB", default_value_t = 32)]
+    max_body_mb: usize,
+    /// the most pixels (width × height) a request may ask for
+    #[arg(long, value_name = "N", default_value_t = 1536 * 1536)]
+    max_pixels: u64,
+    /// the most denoising steps a request may ask for
+    #[arg(long, value_name = "N", default_value_t = 150)]
+    max_steps: usize,
+    /// the most images (batch_size × n_iter) one request may ask for
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    max_batch: usize,
+    /// where `<lora:NAME:w>` tags find NAME.safetensors (default: loras/ beside the model)
+    #[arg(long, value_name = "DIR")]
+    lora_dir: Option<PathBuf>,
+    /// textual-inversion embeddings to load (default: ./embeddings when it exists)
+    #[arg(long, value_name = "DIR")]
+    embeddings: Option<PathBuf>,
+    /// do not read/write the compiled-pipeline cache (~/.cache/ldm-wgpu)
+    #[arg(long)]
+    no_pipeline_cache: bool,
 }
 
 /// The options of `ldm generate`. Values whose parsing is ours (sampler, dtype, ...) stay text
@@ -446,9 +506,16 @@ struct GenerateArgs {
 
 fn main() -> ExitCode {
     quiet_window_system_probe();
-    install_interrupt_handler();
     // Usage errors, --help and --version are clap's (usage errors exit with 2).
     let cli = Cli::parse();
+    // `ldm serve` handles its own signals (a graceful shutdown, exit 0).
+    #[cfg(feature = "server")]
+    let serving = matches!(cli.command, Some(Command::Serve(_)));
+    #[cfg(not(feature = "server"))]
+    let serving = false;
+    if !serving {
+        install_interrupt_handler();
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -532,6 +599,8 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Some(Command::Generate(args)) => generate(*args),
         Some(Command::Bench(args)) => bench(args),
+        #[cfg(feature = "server")]
+        Some(Command::Serve(args)) => serve(*args),
         Some(Command::Samplers) => {
             use ldm_wgpu::sched::SamplerKind;
             // Columns as wide as their longest entry, plus one space.
@@ -564,6 +633,76 @@ fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+/// `ldm serve`: the flags turned into the server's config.
+#[cfg(feature = "server")]
+fn serve(args: ServeArgs) -> Result<(), Error> {
+    use ldm_wgpu::server::{self, Auth, Limits, ServeConfig};
+    let mut gpu = GpuOptions::from_env()?;
+    if !args.no_pipeline_cache {
+        gpu.pipeline_cache_path = pipeline_cache_path(&gpu);
+    }
+    let workers = match args.adapter.as_deref() {
+        Some("all") => server::all_adapters(&gpu),
+        Some(list) => list
+            .split(',')
+            .map(|a| GpuOptions {
+                adapter: Some(a.trim().to_string()),
+                ..gpu.clone()
+            })
+            .collect(),
+        None => vec![gpu],
+    };
+    let basic: Vec<String> = args
+        .api_auth
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    if let Some(bad) = basic.iter().find(|p| !p.contains(':')) {
+        return Err(Error::InvalidInput(format!(
+            "--api-auth `{bad}`: give USER:PASS (comma-separated for several)"
+        )));
+    }
+    if args.queue_size == 0 || args.max_body_mb == 0 {
+        return Err(Error::InvalidInput(
+            "--queue-size and --max-body-mb must be at least 1".into(),
+        ));
+    }
+    if let Some(dir) = &args.models_dir {
+        if !dir.is_dir() {
+            return Err(Error::InvalidInput(format!(
+                "--models-dir {}: not a directory",
+                dir.display()
+            )));
+        }
+    }
+    let config = ServeConfig {
+        host: args.host,
+        port: args.port,
+        model: args
+            .model
+            .unwrap_or_else(ldm_wgpu::pipeline::default_model_dir),
+        models_dir: args.models_dir,
+        workers,
+        auth: Auth {
+            basic,
+            keys: args.api_key,
+        },
+        cors_allow_origins: args.cors_allow_origins,
+        queue_size: args.queue_size,
+        max_body_bytes: args.max_body_mb.saturating_mul(1 << 20),
+        limits: Limits {
+            max_pixels: args.max_pixels,
+            max_steps: args.max_steps,
+            max_batch: args.max_batch,
+        },
+        lora_dir: args.lora_dir,
+        embeddings_dir: embeddings_dir(args.embeddings)?,
+    };
+    server::serve(config)
 }
 
 /// `A,B` (two non-negative integers) for the SDXL micro-conditioning flags.
@@ -831,7 +970,7 @@ fn generate(args: GenerateArgs) -> Result<(), Error> {
         return Err(Error::InvalidInput("--steps must be at least 1".into()));
     }
     // No --seed: a random one, printed so the image can be reproduced.
-    req.seed = seed.unwrap_or_else(random_seed);
+    req.seed = seed.unwrap_or_else(ldm_wgpu::rng::random_seed);
     if let Some(p) = &init_path {
         req.init_image = Some(Image::load_png(p)?);
     }
@@ -1122,19 +1261,6 @@ fn output_path(path: &std::path::Path, n: usize, total: usize, seed: u64) -> std
         .map(|e| e.to_string_lossy().to_string())
         .unwrap_or_else(|| "png".into());
     path.with_file_name(format!("{stem}-{n}.{ext}"))
-}
-
-/// A seed from the clock and the process id, for runs without `--seed`.
-fn random_seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let mut x = (nanos as u64) ^ ((std::process::id() as u64) << 32);
-    // splitmix64 finaliser; keep it below 2^32 so the seed is easy to retype (A1111 does too).
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
-    (x ^ (x >> 31)) & 0xffff_ffff
 }
 
 /// A progress bar with it/s and ETA on a terminal; one plain line per step otherwise.

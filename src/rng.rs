@@ -367,3 +367,16 @@ impl PhiloxRng {
             .collect()
     }
 }
+
+/// A seed from the clock and the process id, for runs without `--seed`.
+pub fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut x = (nanos as u64) ^ ((std::process::id() as u64) << 32);
+    // splitmix64 finaliser; keep it below 2^32 so the seed is easy to retype (A1111 does too).
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
+    (x ^ (x >> 31)) & 0xffff_ffff
+}

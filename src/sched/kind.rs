@@ -280,6 +280,24 @@ impl SamplerKind {
         }
     }
 
+    /// The sampler A1111's API names with `sampler_name` and `scheduler` (A1111 1.9+ splits
+    /// "DPM++ 2M Karras" into "DPM++ 2M" + "Karras"; the combined legacy names still parse).
+    /// Schedulers: "Automatic" (or none) keeps the sampler's own, "Karras" asks for its Karras
+    /// variant; others are not ours.
+    pub fn from_a1111(sampler_name: &str, scheduler: Option<&str>) -> Result<SamplerKind, Error> {
+        let base: SamplerKind = sampler_name.parse()?;
+        match scheduler.map(str::trim) {
+            None | Some("") => Ok(base),
+            Some(s) if s.eq_ignore_ascii_case("automatic") => Ok(base),
+            Some(s) if s.eq_ignore_ascii_case("karras") => base.karras().ok_or_else(|| {
+                Error::InvalidInput(format!("sampler `{sampler_name}` has no Karras schedule"))
+            }),
+            Some(other) => Err(Error::InvalidInput(format!(
+                "unknown scheduler `{other}`; choose Automatic or Karras"
+            ))),
+        }
+    }
+
     /// Whether each step draws fresh noise (the same seed still gives the same image).
     pub fn is_stochastic(self) -> bool {
         matches!(
