@@ -112,6 +112,10 @@ fn sdxl_base_1024_f16_planned_peak() {
     let vae = g.pool_stats().peak_live_bytes - before;
     drop((img, z));
 
+    // What an untiled decode would take (a GPU whose bindings and budget allow it decodes untiled
+    // under Auto): measured, not asserted.
+    let untiled = model.vae.decoder_activation_bytes(g, 1, h, w).unwrap();
+
     let stats = g.pool_stats();
     let peak = weights + encoders.max(unet).max(vae);
     eprintln!(
@@ -129,6 +133,12 @@ fn sdxl_base_1024_f16_planned_peak() {
         model.vae_dtype,
         if tiled.is_some() { "tiled" } else { "untiled" },
         gib(vae)
+    );
+    eprintln!(
+        "  (untiled VAE decode would take {}, largest tensor {}: weights + it = {})",
+        gib(untiled.peak),
+        gib(untiled.largest),
+        gib(weights + untiled.peak)
     );
     eprintln!("  peak (weights + largest stage)           {}", gib(peak));
     eprintln!(
