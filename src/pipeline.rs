@@ -949,6 +949,18 @@ impl StableDiffusion {
         Ok((ctx, truncated))
     }
 
+    /// The text conditioning `generate` would give the U-Net for `req`: the context
+    /// [rows, 77·chunks, C] (uncond rows first when `guided`) and, for SDXL, the added
+    /// embedding [rows, 4·C0]. For tests and tools that check the prompt path alone.
+    pub fn text_conditioning(
+        &self,
+        req: &GenerateRequest,
+        guided: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let e = self.prompt_embeds(req, guided)?;
+        Ok((e.context, e.added))
+    }
+
     /// The text conditioning of `req`: SD 1.x/2.x's [`Self::encode_prompt`] or SDXL's
     /// [`Self::encode_prompt_sdxl`].
     fn prompt_embeds(&self, req: &GenerateRequest, guided: bool) -> Result<PromptEmbeds> {
@@ -976,34 +988,98 @@ impl StableDiffusion {
     /// output is the unweighted one.
     /// Without a first encoder (the refiner) encoder 2 alone reads `prompt` — not `prompt_2`:
     /// diffusers zips `[prompt, prompt_2]` with the one encoder it has — giving [1, 77, C2].
+    ///
+    /// With `long` (`--long-prompts`), A1111's SDXL conditioner: each tokenizer cuts the prompt
+    /// into 75-token chunks as the SD 1.x path does ([`ClipTokenizer::encode_chunked`], or
+    /// `tokenize_weighted`'s chunks with emphasis), padded with empty-prompt chunks to
+    /// `min_chunks` (and to each other); every chunk goes through both encoders on its own and
+    /// the contexts are concatenated along the sequence ([1, 77·chunks, C1 + C2]); the pooled
+    /// output is the first chunk's.
     fn encode_pair_sdxl(
         &self,
         xl: &SdxlEncoder,
         prompts: [&str; 2],
         clip_skip: Option<usize>,
         weighting: bool,
+        long: bool,
+        min_chunks: usize,
     ) -> Result<(Tensor, Tensor, bool)> {
         let gpu = &self.gpu;
         let weigh = |h: Tensor, w: &WeightedChunk| match w.is_weighted() {
             true => emphasis::emphasis(gpu, &h, &w.weights), // [1, 77, C]
             false => Ok(h),
         };
-        let Some(text_encoder) = &self.text_encoder else {
-            let w = sdxl_window(&xl.tokenizer, prompts[0], weighting);
-            let (h2, pooled) = xl
-                .text_encoder
-                .forward_sdxl(gpu, &w.chunk.ids, 1, clip_skip)?; // [1, 77, C2], [1, P]
-            return Ok((weigh(h2, &w.chunk)?, pooled, w.truncated));
+        let (w1, mut w2) = match &self.text_encoder {
+            Some(_) => (
+                Some(sdxl_windows(&self.tokenizer, prompts[0], weighting, long)),
+                sdxl_windows(&xl.tokenizer, prompts[1], weighting, long),
+            ),
+            None => (
+                None,
+                sdxl_windows(&xl.tokenizer, prompts[0], weighting, long),
+            ),
         };
-        let w1 = sdxl_window(&self.tokenizer, prompts[0], weighting);
-        let w2 = sdxl_window(&xl.tokenizer, prompts[1], weighting);
-        let h1 = text_encoder.penultimate(gpu, &w1.chunk.ids, 1, clip_skip)?; // [1, 77, C1]
-        let (h2, pooled) = xl
-            .text_encoder
-            .forward_sdxl(gpu, &w2.chunk.ids, 1, clip_skip)?; // [1, 77, C2], [1, P]
-        let (h1, h2) = (weigh(h1, &w1.chunk)?, weigh(h2, &w2.chunk)?);
-        let context = elementwise::concat_channels(gpu, &h1, &h2)?; // [1, 77, C1 + C2]
-        Ok((context, pooled, w1.truncated || w2.truncated))
+        let mut w1 = w1;
+        let chunks = min_chunks
+            .max(w2.chunks.len())
+            .max(w1.as_ref().map_or(0, |w| w.chunks.len()));
+        let pad = |w: &mut SdxlWindows, tokenizer: &ClipTokenizer| {
+            let empty = sdxl_windows(tokenizer, "", weighting, false)
+                .chunks
+                .remove(0);
+            w.chunks.resize(chunks, empty);
+        };
+        pad(&mut w2, &xl.tokenizer);
+        if let Some(w1) = &mut w1 {
+            pad(w1, &self.tokenizer);
+        }
+        let truncated = w2.truncated || w1.as_ref().is_some_and(|w| w.truncated);
+        let mut context: Option<Tensor> = None;
+        let mut first_pooled: Option<Tensor> = None;
+        for i in 0..chunks {
+            let c2 = &w2.chunks[i];
+            let (h2, pooled) = xl.text_encoder.forward_sdxl(gpu, &c2.ids, 1, clip_skip)?; // [1, 77, C2], [1, P]
+            let h2 = weigh(h2, c2)?;
+            let part = match (&self.text_encoder, &w1) {
+                (Some(text_encoder), Some(w1)) => {
+                    let c1 = &w1.chunks[i];
+                    let h1 = text_encoder.penultimate(gpu, &c1.ids, 1, clip_skip)?; // [1, 77, C1]
+                    let h1 = weigh(h1, c1)?;
+                    elementwise::concat_channels(gpu, &h1, &h2)? // [1, 77, C1 + C2]
+                }
+                _ => h2,
+            };
+            context = Some(match context {
+                None => part,
+                Some(ctx) => {
+                    // [1, 77·i, C] ++ [1, 77, C] along the sequence, through the batch axis.
+                    let [_, n, c] = [ctx.dim(0), ctx.dim(1), ctx.dim(2)];
+                    let flat = elementwise::concat_batch(
+                        gpu,
+                        &ctx.reshape(&[n, c])?,
+                        &part.reshape(&[part.dim(1), c])?,
+                    )?; // [77·(i+1), C]
+                    flat.reshape(&[1, n + part.dim(1), c])?
+                }
+            });
+            if first_pooled.is_none() {
+                first_pooled = Some(pooled);
+            }
+        }
+        let context = context.expect("at least one chunk");
+        Ok((context, first_pooled.expect("one chunk"), truncated))
+    }
+
+    /// The number of 75-token chunks `prompts` take in SDXL's encoders (1 without `long`).
+    fn sdxl_chunk_count(&self, xl: &SdxlEncoder, prompts: [&str; 2], weighting: bool) -> usize {
+        let n2 = |p| sdxl_windows(&xl.tokenizer, p, weighting, true).chunks.len();
+        match &self.text_encoder {
+            Some(_) => sdxl_windows(&self.tokenizer, prompts[0], weighting, true)
+                .chunks
+                .len()
+                .max(n2(prompts[1])),
+            None => n2(prompts[0]),
+        }
     }
 
     /// SDXL's `encode_prompt` and `_get_add_time_ids`: the context [2B or B, 77, C1 + C2]
@@ -1028,24 +1104,33 @@ impl StableDiffusion {
         };
         let prompt_2 = or_first(&req.prompt_2, &req.prompt);
         let weighting = req.prompt_weighting;
-        let (cond, cond_pooled, truncated) =
-            self.encode_pair_sdxl(xl, [&req.prompt, &prompt_2], req.clip_skip, weighting)?;
         let zero_negative = xl.force_zeros_for_empty_prompt
             && req.negative_prompt.is_empty()
             && !req.encode_empty_negative;
+        let negative_2 = or_first(&req.negative_prompt_2, &req.negative_prompt);
+        let negatives = [req.negative_prompt.as_str(), &negative_2];
+        let long = req.long_prompts;
+        // A1111 pads the shorter of prompt and negative with empty chunks.
+        let chunks = match long && guided && !zero_negative {
+            true => self.sdxl_chunk_count(xl, negatives, weighting),
+            false => 1,
+        };
+        let prompts = [req.prompt.as_str(), &prompt_2];
+        let (cond, cond_pooled, truncated) =
+            self.encode_pair_sdxl(xl, prompts, req.clip_skip, weighting, long, chunks)?;
         let uncond = match (guided, zero_negative) {
             (false, _) => None,
             (true, true) => {
-                let context = gpu.empty(cond.shape(), cond.dtype())?; // [1, 77, C]
+                let context = gpu.empty(cond.shape(), cond.dtype())?; // [1, 77·chunks, C]
                 fill::fill(gpu, &context, 0.0)?;
                 let pooled = gpu.empty(cond_pooled.shape(), cond_pooled.dtype())?; // [1, P]
                 fill::fill(gpu, &pooled, 0.0)?;
                 Some((context, pooled))
             }
             (true, false) => {
-                let negative_2 = or_first(&req.negative_prompt_2, &req.negative_prompt);
-                let prompts = [req.negative_prompt.as_str(), &negative_2];
-                let (context, pooled, _) = self.encode_pair_sdxl(xl, prompts, None, weighting)?;
+                let chunks = cond.dim(1) / 77;
+                let (context, pooled, _) =
+                    self.encode_pair_sdxl(xl, negatives, None, weighting, long, chunks)?;
                 Some((context, pooled))
             }
         };
@@ -1121,14 +1206,7 @@ impl StableDiffusion {
     }
 
     /// What the SDXL pipeline does not run yet is refused, not approximated.
-    fn check_sdxl_request(req: &GenerateRequest) -> Result<()> {
-        if req.long_prompts {
-            return Err(Error::Unsupported(
-                "long prompts (chunks) with SDXL: diffusers truncates to 77 tokens; drop \
-                 --long-prompts"
-                    .into(),
-            ));
-        }
+    fn check_sdxl_request(_req: &GenerateRequest) -> Result<()> {
         Ok(())
     }
 
@@ -1853,34 +1931,56 @@ fn add_time_ids(req: &GenerateRequest, aesthetics: bool, negative: bool) -> Vec<
     ids
 }
 
-/// One SDXL encoder's 77-token window for `prompt`.
-struct SdxlWindow {
-    /// Token ids (BOS, tokens, EOS, padding) and one weight per token.
-    chunk: WeightedChunk,
+/// One SDXL encoder's 77-token windows for `prompt`: one, or with `long` one per 75-token chunk.
+struct SdxlWindows {
+    /// Token ids (BOS, tokens, EOS, padding) and one weight per token, per window.
+    chunks: Vec<WeightedChunk>,
     truncated: bool,
 }
 
 /// The ids diffusers' tokenizer call gives (`encode_padded`); where `weighting` is on and the
 /// prompt uses A1111's emphasis syntax, the pieces tokenized one by one with their weights
-/// (`tokenize_weighted`, cut after 75 tokens as diffusers cuts; long prompts are refused for
-/// SDXL before this).
-fn sdxl_window(tokenizer: &ClipTokenizer, prompt: &str, weighting: bool) -> SdxlWindow {
+/// (`tokenize_weighted`, cut after 75 tokens as diffusers cuts). With `long`, the SD 1.x
+/// path's chunks instead (`encode_chunked`, or `tokenize_weighted`'s chunks), nothing cut.
+fn sdxl_windows(
+    tokenizer: &ClipTokenizer,
+    prompt: &str,
+    weighting: bool,
+    long: bool,
+) -> SdxlWindows {
     let pieces = crate::prompt::parse_attention(prompt);
     let plain = pieces == [crate::prompt::Piece::Text(prompt.to_string(), 1.0)];
     if weighting && !plain && !prompt.is_empty() {
-        let w = tokenize_weighted(tokenizer, &pieces, Chunking::Truncate);
-        return SdxlWindow {
-            chunk: w.chunks.into_iter().next().expect("one window"),
+        let chunking = if long {
+            Chunking::Chunks
+        } else {
+            Chunking::Truncate
+        };
+        let w = tokenize_weighted(tokenizer, &pieces, chunking);
+        let mut chunks = w.chunks;
+        if !long {
+            chunks.truncate(1);
+        }
+        return SdxlWindows {
+            chunks,
             truncated: w.truncated,
         };
     }
-    let e = tokenizer.encode_padded(prompt);
-    SdxlWindow {
-        chunk: WeightedChunk {
-            weights: vec![1.0; e.ids.len()],
-            ids: e.ids,
-        },
-        truncated: e.truncated,
+    let (rows, truncated) = if long {
+        (tokenizer.encode_chunked(prompt), false)
+    } else {
+        let e = tokenizer.encode_padded(prompt);
+        (vec![e.ids], e.truncated)
+    };
+    SdxlWindows {
+        chunks: rows
+            .into_iter()
+            .map(|ids| WeightedChunk {
+                weights: vec![1.0; ids.len()],
+                ids,
+            })
+            .collect(),
+        truncated,
     }
 }
 

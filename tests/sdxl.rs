@@ -599,14 +599,115 @@ fn img2img_with_aesthetic_scores() {
 #[test]
 fn sdxl_refuses_what_it_does_not_run() {
     let model = model_f32();
-    let mut req = request(&settings()["cases"][0]);
-    req.long_prompts = true;
-    let e = model.generate(&req, &mut |_| true).err().unwrap();
-    assert!(e.to_string().contains("long prompts"), "{e}");
     let mut req = request(case("inpaint_blend_euler_neg"));
     req.denoising_start = Some(0.8);
     let e = model.generate(&req, &mut |_| true).err().unwrap();
     assert!(e.to_string().contains("inpainting"), "{e}");
+}
+
+/// The first case's settings with one prompt for both encoders and no negative.
+fn plain_request() -> GenerateRequest {
+    GenerateRequest {
+        prompt_2: None,
+        negative_prompt: String::new(),
+        negative_prompt_2: None,
+        encode_empty_negative: true,
+        ..request(&settings()["cases"][0])
+    }
+}
+
+/// `n` times the one-token word "cat".
+fn cats(n: usize) -> String {
+    vec!["cat"; n].join(" ")
+}
+
+/// Long prompts with SDXL, as A1111's SDXL conditioner: 75-token chunks, each through both
+/// encoders on its own (penultimate states concatenated on channels), the chunks concatenated
+/// along the sequence, the negative padded with empty-prompt chunks to the same count, and the
+/// pooled embedding (so the added embedding) the first chunk's. Checked against each chunk
+/// encoded alone as a short prompt, with the same engine.
+#[test]
+fn long_prompts_are_chunks_encoded_apart() {
+    let model = model_f32();
+    let g = &model.gpu;
+    let short = |prompt: &str| {
+        let req = GenerateRequest {
+            prompt: prompt.into(),
+            ..plain_request()
+        };
+        let (ctx, added) = model.text_conditioning(&req, false).unwrap();
+        (
+            g.download(&ctx).unwrap(),
+            g.download(&added.unwrap()).unwrap(),
+        )
+    };
+    let (first, first_added) = short(&cats(75));
+    let (second, _) = short(&cats(25));
+    let (dog, dog_added) = short("dog");
+    let (empty, _) = short("");
+
+    // 100 tokens: two chunks (75 + 25), unguided.
+    let mut req = GenerateRequest {
+        prompt: cats(100),
+        long_prompts: true,
+        ..plain_request()
+    };
+    let (ctx, added) = model.text_conditioning(&req, false).unwrap();
+    let c = first.len() / 77;
+    assert_eq!(ctx.shape(), [1, 154, c]);
+    let want: Vec<f32> = first.iter().chain(&second).copied().collect();
+    let got = g.download(&ctx).unwrap();
+    assert!(rel_l2(&got, &as_f64(&want)) <= F32_TOL);
+    let added = g.download(&added.unwrap()).unwrap();
+    assert!(rel_l2(&added, &as_f64(&first_added)) <= F32_TOL);
+
+    // Guided with a one-chunk negative: padded with the empty prompt's chunk.
+    req.negative_prompt = "dog".into();
+    let (ctx, added) = model.text_conditioning(&req, true).unwrap();
+    assert_eq!(ctx.shape(), [2, 154, c]);
+    let got = g.download(&ctx).unwrap();
+    let want: Vec<f32> = dog
+        .iter()
+        .chain(&empty)
+        .chain(&first)
+        .chain(&second)
+        .copied()
+        .collect();
+    assert!(rel_l2(&got, &as_f64(&want)) <= F32_TOL);
+    let added = g.download(&added.unwrap()).unwrap();
+    let n = dog_added.len();
+    assert!(rel_l2(&added[..n], &as_f64(&dog_added)) <= F32_TOL);
+
+    // A negative longer than the prompt pads the prompt instead.
+    req.prompt = "dog".into();
+    req.negative_prompt = cats(100);
+    let (ctx, _) = model.text_conditioning(&req, true).unwrap();
+    assert_eq!(ctx.shape(), [2, 154, c]);
+    let got = g.download(&ctx).unwrap();
+    let want: Vec<f32> = first
+        .iter()
+        .chain(&second)
+        .chain(&dog)
+        .chain(&empty)
+        .copied()
+        .collect();
+    assert!(rel_l2(&got, &as_f64(&want)) <= F32_TOL);
+}
+
+/// A long prompt generates with SDXL (no refusal) and gives another image than the same prompt
+/// cut to 77 tokens.
+#[test]
+fn long_prompt_generates_and_differs_from_truncation() {
+    let model = model_f32();
+    let mut req = request(&settings()["cases"][0]);
+    req.prompt = format!("{}, {}", req.prompt, cats(90));
+    req.steps = 2;
+    let cut = model.generate(&req, &mut |_| true).unwrap();
+    req.long_prompts = true;
+    let long = model.generate(&req, &mut |_| true).unwrap();
+    assert_eq!(long.images[0].width, cut.images[0].width);
+    assert_ne!(long.images[0].rgb, cut.images[0].rgb);
+    assert!(cut.truncated_prompt && !long.truncated_prompt);
 }
 
 /// The CLI end to end: `ldm generate` with the SDXL flags (`--original-size W,H`,
