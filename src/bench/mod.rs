@@ -352,7 +352,6 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
                 },
                 weight: &wt,
                 bias: None,
-                bias_rows: None,
                 residual: None,
                 stride,
                 pads: [pad; 4],

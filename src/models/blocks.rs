@@ -73,33 +73,13 @@ impl ResnetBlock2D {
         } else {
             None
         };
-        let mut conv1 = vb.pp("conv1").conv3x3(c_in, c_out)?;
-        // conv1's bias is folded into time_emb_proj's: the projected time embedding [B, Cout]
-        // is then conv1's whole bias, added per (batch, channel) in its epilogue (no separate
-        // add pass). The VAE's blocks (no time embedding) keep their conv1 bias.
-        let time_emb_proj = match temb_channels {
-            Some(t) => {
-                let tv = vb.pp("time_emb_proj");
-                let Linear { weight, .. } = Linear::load(tv.clone(), t, c_out, true)?;
-                let proj_bias = tv.view().get("bias", &[c_out])?.to_f32_vec();
-                let conv_bias = vb.view().pp("conv1").get("bias", &[c_out])?.to_f32_vec();
-                let folded: Vec<f32> = proj_bias
-                    .iter()
-                    .zip(&conv_bias)
-                    .map(|(a, b)| a + b)
-                    .collect();
-                conv1.bias = None;
-                Some(Linear {
-                    weight,
-                    bias: Some(vb.upload(&folded, &[c_out])?),
-                })
-            }
-            None => None,
-        };
         Ok(ResnetBlock2D {
             norm1: GroupNorm::load(vb.pp("norm1"), groups, c_in, eps)?,
-            conv1,
-            time_emb_proj,
+            conv1: vb.pp("conv1").conv3x3(c_in, c_out)?,
+            time_emb_proj: match temb_channels {
+                Some(t) => Some(Linear::load(vb.pp("time_emb_proj"), t, c_out, true)?),
+                None => None,
+            },
             norm2: GroupNorm::load(vb.pp("norm2"), groups, c_out, eps)?,
             conv2: vb.pp("conv2").conv3x3(c_out, c_out)?,
             conv_shortcut,
@@ -116,44 +96,33 @@ impl ResnetBlock2D {
             .transpose()
     }
 
-    /// conv1(normed) + time_emb_proj(silu(temb)) per (batch, channel), the projection (which
-    /// holds conv1's bias) added in conv1's epilogue and read from the hoisted table where there
-    /// is one. normed: [B, H, W, Cin] -> [B, H, W, Cout].
-    fn conv1_with_time(
-        &self,
-        gpu: &Gpu,
-        normed: &Tensor,
-        cond: Option<&Conditioning<'_>>,
-    ) -> Result<Tensor> {
-        let Some(proj) = &self.time_emb_proj else {
-            return self.conv1.forward(gpu, normed);
+    /// h + time_emb_proj(silu(temb)) per (batch, channel), the projection read from the
+    /// hoisted table where there is one. h: [B, H, W, Cout].
+    fn add_time(&self, gpu: &Gpu, h: Tensor, cond: Option<&Conditioning<'_>>) -> Result<Tensor> {
+        let (Some(proj), Some(cond)) = (&self.time_emb_proj, cond) else {
+            return Ok(h);
         };
-        let missing = |what: &str| crate::Error::shape("resnet", what.to_string());
-        let cond = cond.ok_or_else(|| missing("a U-Net resnet needs its time embedding"))?;
         match &cond.hoisted {
             Some(hoisted) => {
-                let table = hoisted
-                    .time_proj
-                    .get(self.slot)
-                    .ok_or_else(|| missing("no time projection for this resnet's slot"))?; // [calls·B, Cout]
+                let table = hoisted.time_proj.get(self.slot).ok_or_else(|| {
+                    crate::Error::shape(
+                        "resnet",
+                        format!("no time projection for slot {}", self.slot),
+                    )
+                })?; // [calls·B, Cout]
                 let view = ChannelBiasView {
                     table,
                     row: hoisted.row,
                     col: 0,
                 };
-                self.conv1.forward_bias_rows(gpu, normed, view) // [B, H, W, Cout]
+                elementwise::add_channel_bias_view(gpu, &h, view) // [B, H, W, Cout]
             }
             None => {
-                let temb = cond
-                    .temb_silu
-                    .ok_or_else(|| missing("neither a time embedding nor its projection"))?;
+                let temb = cond.temb_silu.ok_or_else(|| {
+                    crate::Error::shape("resnet", "neither a time embedding nor its projection")
+                })?;
                 let t = proj.forward(gpu, temb)?; // [B, Cout]
-                let view = ChannelBiasView {
-                    table: &t,
-                    row: 0,
-                    col: 0,
-                };
-                self.conv1.forward_bias_rows(gpu, normed, view) // [B, H, W, Cout]
+                elementwise::add_channel_bias(gpu, &h, &t) // [B, H, W, Cout]
             }
         }
     }
@@ -170,8 +139,9 @@ impl ResnetBlock2D {
         // the pool for the next op (shadowed `let`s would keep them alive to the end).
         let mut h = {
             let normed = self.norm1.forward(gpu, x, true)?; // [B, H, W, Cin]
-            self.conv1_with_time(gpu, &normed, cond)? // [B, H, W, Cout]
+            self.conv1.forward(gpu, &normed)? // [B, H, W, Cout]
         };
+        h = self.add_time(gpu, h, cond)?; // [B, H, W, Cout]
         h = self.norm2.forward(gpu, &h, true)?; // the assignment drops conv1's output
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(gpu, x)?, // [B, H, W, Cout]
@@ -198,8 +168,9 @@ impl ResnetBlock2D {
         };
         let mut h = {
             let normed = self.norm1.forward_concat(gpu, a, b, true)?; // [B, H, W, Ca + Cb]
-            self.conv1_with_time(gpu, &normed, cond)? // [B, H, W, Cout]
+            self.conv1.forward(gpu, &normed)? // [B, H, W, Cout]
         };
+        h = self.add_time(gpu, h, cond)?; // [B, H, W, Cout]
         h = self.norm2.forward(gpu, &h, true)?;
         let shortcut = conv_shortcut.forward_concat(gpu, a, b)?; // [B, H, W, Cout]
         self.conv2.forward_residual(gpu, &h, &shortcut) // [B, H, W, Cout]
