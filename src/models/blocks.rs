@@ -3,32 +3,10 @@
 //! Activations are NHWC: [B, H, W, C].
 
 use crate::kernels::attention::{self, HeadsView};
-use crate::kernels::elementwise::{self, ChannelBiasView};
+use crate::kernels::elementwise;
 use crate::kernels::matmul::{self, Activation};
 use crate::nn::{self, AttentionShape, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use crate::{Gpu, Result, Tensor};
-
-/// What a U-Net call conditions its resnets and transformers on.
-pub struct Conditioning<'a> {
-    /// silu(temb) [B, T], shared by every resnet's `time_emb_proj` (None when hoisted).
-    pub temb_silu: Option<&'a Tensor>,
-    /// The text context [B, Nc, context_dim], read by cross-attention's K/V projections.
-    pub context: &'a Tensor,
-    /// The step-invariant projections, computed once per image: with them no resnet projects
-    /// `temb_silu` and no cross-attention projects `context` inside the step.
-    pub hoisted: Option<Hoisted<'a>>,
-}
-
-/// Projections made before the denoising loop (`UNet2DConditionModel::prepare_image`).
-#[derive(Clone, Copy)]
-pub struct Hoisted<'a> {
-    /// By resnet slot: `time_emb_proj` of every call's silu(temb), [calls·B, Cout].
-    pub time_proj: &'a [Tensor],
-    /// This call's first row in `time_proj` (call·B).
-    pub row: usize,
-    /// By cross-attention slot: K and V of the context, [B, Nc, 2·inner].
-    pub context_kv: &'a [Tensor],
-}
 
 /// diffusers `ResnetBlock2D` (time_embedding_norm "default", output_scale_factor 1):
 /// h = conv1(silu(norm1(x))) [+ time_emb_proj(silu(temb))]; h = conv2(silu(norm2(h)));
@@ -40,8 +18,6 @@ pub struct ResnetBlock2D {
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
-    /// Index of this block's row in [`Hoisted::time_proj`] (set by the U-Net after loading).
-    pub(crate) slot: usize,
 }
 
 /// [`ResnetBlock2D`]'s constructor arguments (diffusers' `in_channels`, `out_channels`,
@@ -83,65 +59,22 @@ impl ResnetBlock2D {
             norm2: GroupNorm::load(vb.pp("norm2"), groups, c_out, eps)?,
             conv2: vb.pp("conv2").conv3x3(c_out, c_out)?,
             conv_shortcut,
-            slot: 0,
         })
     }
 
-    /// `time_emb_proj` of every row of `temb_silu` [R, T] -> [R, Cout] (None for the VAE's
-    /// blocks): one dispatch for all of a schedule's calls.
-    pub(crate) fn time_projection(&self, gpu: &Gpu, temb_silu: &Tensor) -> Result<Option<Tensor>> {
-        self.time_emb_proj
-            .as_ref()
-            .map(|proj| proj.forward(gpu, temb_silu))
-            .transpose()
-    }
-
-    /// h + time_emb_proj(silu(temb)) per (batch, channel), the projection read from the
-    /// hoisted table where there is one. h: [B, H, W, Cout].
-    fn add_time(&self, gpu: &Gpu, h: Tensor, cond: Option<&Conditioning<'_>>) -> Result<Tensor> {
-        let (Some(proj), Some(cond)) = (&self.time_emb_proj, cond) else {
-            return Ok(h);
-        };
-        match &cond.hoisted {
-            Some(hoisted) => {
-                let table = hoisted.time_proj.get(self.slot).ok_or_else(|| {
-                    crate::Error::shape(
-                        "resnet",
-                        format!("no time projection for slot {}", self.slot),
-                    )
-                })?; // [calls·B, Cout]
-                let view = ChannelBiasView {
-                    table,
-                    row: hoisted.row,
-                    col: 0,
-                };
-                elementwise::add_channel_bias_view(gpu, &h, view) // [B, H, W, Cout]
-            }
-            None => {
-                let temb = cond.temb_silu.ok_or_else(|| {
-                    crate::Error::shape("resnet", "neither a time embedding nor its projection")
-                })?;
-                let t = proj.forward(gpu, temb)?; // [B, Cout]
-                elementwise::add_channel_bias(gpu, &h, &t) // [B, H, W, Cout]
-            }
-        }
-    }
-
-    /// x: [B, H, W, Cin]; cond: the U-Net call's time embedding (None in the VAE). Returns
-    /// [B, H, W, Cout].
-    pub fn forward(
-        &self,
-        gpu: &Gpu,
-        x: &Tensor,
-        cond: Option<&Conditioning<'_>>,
-    ) -> Result<Tensor> {
+    /// x: [B, H, W, Cin]; temb_silu: silu(temb) [B, T] (computed once per U-Net call and shared
+    /// by every block). Returns [B, H, W, Cout].
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb_silu: Option<&Tensor>) -> Result<Tensor> {
         // Each intermediate is dropped as soon as the next one exists, so its buffer returns to
         // the pool for the next op (shadowed `let`s would keep them alive to the end).
         let mut h = {
             let normed = self.norm1.forward(gpu, x, true)?; // [B, H, W, Cin]
             self.conv1.forward(gpu, &normed)? // [B, H, W, Cout]
         };
-        h = self.add_time(gpu, h, cond)?; // [B, H, W, Cout]
+        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_silu) {
+            let t = proj.forward(gpu, t)?; // [B, Cout]
+            h = elementwise::add_channel_bias(gpu, &h, &t)?; // [B, H, W, Cout]
+        }
         h = self.norm2.forward(gpu, &h, true)?; // the assignment drops conv1's output
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(gpu, x)?, // [B, H, W, Cout]
@@ -159,18 +92,21 @@ impl ResnetBlock2D {
         gpu: &Gpu,
         a: &Tensor,
         b: &Tensor,
-        cond: Option<&Conditioning<'_>>,
+        temb_silu: Option<&Tensor>,
     ) -> Result<Tensor> {
         let Some(conv_shortcut) = &self.conv_shortcut else {
             // An identity shortcut would have to add the concatenation itself: build it.
             let x = elementwise::concat_channels(gpu, a, b)?;
-            return self.forward(gpu, &x, cond);
+            return self.forward(gpu, &x, temb_silu);
         };
         let mut h = {
             let normed = self.norm1.forward_concat(gpu, a, b, true)?; // [B, H, W, Ca + Cb]
             self.conv1.forward(gpu, &normed)? // [B, H, W, Cout]
         };
-        h = self.add_time(gpu, h, cond)?; // [B, H, W, Cout]
+        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_silu) {
+            let t = proj.forward(gpu, t)?; // [B, Cout]
+            h = elementwise::add_channel_bias(gpu, &h, &t)?; // [B, H, W, Cout]
+        }
         h = self.norm2.forward(gpu, &h, true)?;
         let shortcut = conv_shortcut.forward_concat(gpu, a, b)?; // [B, H, W, Cout]
         self.conv2.forward_residual(gpu, &h, &shortcut) // [B, H, W, Cout]
