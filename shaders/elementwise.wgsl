@@ -9,7 +9,8 @@
 //   unary4              out = f(a): op 0 copy, 1 a*s, 2 silu, 3 gelu (erf), 4 quick_gelu,
 //                       5 relu, 6 s*tanh(a/s) (TAESD's soft clamp), 7 a*s + t (t: d0's f32 bits)
 //   binary4             out = a op b: op 0 add, 1 mul                   (same shapes)
-//   channel_bias4/1     out[b, m, c] = a[b, m, c] + v[b, c]             a [B, M, C], v [B, C]
+//   channel_bias4/1     out[b, m, c] = a[b, m, c] + v[off + b·stride + c]   a [B, M, C]; v a
+//                       [B, C] block of a wider table (stride ≥ C, offset off: d2, d3)
 //   concat_channels4/1  out[p, :] = [a[p, 0..C1], b[p, 0..C2]]          pixels p = 0..B*H*W
 //   upsample2x4/1       out[b, y, x, c] = a[b, y/2, x/2, c]             out [B, 2H, 2W, C]
 //   concat_batch4/1     out = [a; b] along the outermost dim
@@ -135,7 +136,7 @@ fn channel_bias4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     if (i >= params.n) {
         return;
     }
-    let v = (i / params.d1) * params.d0 + i % params.d0;
+    let v = params.d3 + (i / params.d1) * params.d2 + i % params.d0;
     out4[i] = elem4(vec4<f32>(a4[i]) + vec4<f32>(b4[v]));
 }
 
@@ -146,7 +147,7 @@ fn channel_bias1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     if (i >= params.n) {
         return;
     }
-    let v = (i / params.d1) * params.d0 + i % params.d0;
+    let v = params.d3 + (i / params.d1) * params.d2 + i % params.d0;
     out1[i] = elem(f32(a1[i]) + f32(b1[v]));
 }
 

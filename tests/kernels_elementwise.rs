@@ -154,6 +154,33 @@ fn channel_bias_concat_upsample() {
                 MATH_TOL,
             );
 
+            // The same bias as a block of a wider table (the U-Net's per-schedule time
+            // projections): rows row0.., columns col0.. of [row0 + b + 1, col0 + c + extra];
+            // offsets that keep and that break the vec4 path.
+            for (row0, col0, extra) in [(0usize, 0usize, 0usize), (3, 4, 8), (1, 1, 3)] {
+                let (rows, width) = (row0 + b + 1, col0 + c + extra);
+                let (t, tq) = upload(&rng.normals(rows * width, 1.0), &[rows, width], dtype);
+                let block: Vec<f32> = (0..b)
+                    .flat_map(|i| {
+                        let start = (row0 + i) * width + col0;
+                        tq[start..start + c].to_vec()
+                    })
+                    .collect();
+                let view = ew::ChannelBiasView {
+                    table: &t,
+                    row: row0,
+                    col: col0,
+                };
+                let out = poisoned(&shape, dtype);
+                ew::add_channel_bias_view_into(gpu(), &x, view, &out).unwrap();
+                check(
+                    "add_channel_bias (table block)",
+                    &out,
+                    &ew::reference_add_channel_bias(&xq, &block, b, c),
+                    MATH_TOL,
+                );
+            }
+
             for c2 in [1usize, 4, c] {
                 let (y, yq) = upload(&rng.normals(b * h * w * c2, 1.0), &[b, h, w, c2], dtype);
                 let out = poisoned(&[b, h, w, c + c2], dtype);
@@ -368,6 +395,24 @@ fn allocating_forms_and_errors() {
     assert!(
         ew::add_channel_bias(g, &x, &v).is_err(),
         "bias of the wrong width"
+    );
+    let table = g.upload(&[0.0; 8], &[2, 4], DType::F32).unwrap();
+    let view = |row, col| ew::ChannelBiasView {
+        table: &table,
+        row,
+        col,
+    };
+    assert!(
+        ew::add_channel_bias_view(g, &x, view(1, 1)).is_ok(),
+        "a block inside the table"
+    );
+    assert!(
+        ew::add_channel_bias_view(g, &x, view(2, 0)).is_err(),
+        "rows past the table"
+    );
+    assert!(
+        ew::add_channel_bias_view(g, &x, view(0, 2)).is_err(),
+        "columns past the table"
     );
     let t = g.upload(&[0.0; 6], &[3, 2], DType::F32).unwrap();
     assert!(

@@ -320,7 +320,6 @@ pub fn add_channel_bias(gpu: &Gpu, x: &Tensor, v: &Tensor) -> Result<Tensor> {
 }
 
 pub fn add_channel_bias_into(gpu: &Gpu, x: &Tensor, v: &Tensor, out: &Tensor) -> Result<()> {
-    const OP: &str = "add_channel_bias";
     let s = x.shape();
     if s.len() < 2
         || v.shape().len() < 2
@@ -329,15 +328,65 @@ pub fn add_channel_bias_into(gpu: &Gpu, x: &Tensor, v: &Tensor, out: &Tensor) ->
         || v.numel() != s[0] * s[s.len() - 1]
     {
         return Err(Error::shape(
-            OP,
+            "add_channel_bias",
             format!("x {x:?} must be [B, ..., C] and v {v:?} [B, C]"),
         ));
     }
-    same_dtype(OP, &[x, v])?;
-    check_out(OP, out, s, x.dtype(), &[x, v])?;
+    let v = v.reshape(&[s[0], s[s.len() - 1]])?; // [B, C]
+    let view = ChannelBiasView {
+        table: &v,
+        row: 0,
+        col: 0,
+    };
+    add_channel_bias_view_into(gpu, x, view, out)
+}
+
+/// A [B, C] block of a 2-D table [R, W]: rows `row .. row + B`, columns `col .. col + C`. The
+/// U-Net's time-embedding projections of a whole schedule live in one such table per resnet
+/// (rows: calls × batch), and each call reads its rows in place.
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelBiasView<'a> {
+    pub table: &'a Tensor,
+    pub row: usize,
+    pub col: usize,
+}
+
+/// `x [B, ..., C] + v [B, C]` with `v` a block of a wider table (see [`ChannelBiasView`]).
+pub fn add_channel_bias_view(gpu: &Gpu, x: &Tensor, v: ChannelBiasView<'_>) -> Result<Tensor> {
+    let out = like(gpu, x)?;
+    add_channel_bias_view_into(gpu, x, v, &out)?;
+    Ok(out)
+}
+
+pub fn add_channel_bias_view_into(
+    gpu: &Gpu,
+    x: &Tensor,
+    v: ChannelBiasView<'_>,
+    out: &Tensor,
+) -> Result<()> {
+    const OP: &str = "add_channel_bias";
+    let s = x.shape();
+    let t = v.table;
+    let fits = s.len() >= 2
+        && t.shape().len() == 2
+        && v.row + s[0] <= t.dim(0)
+        && v.col + s[s.len() - 1] <= t.dim(1);
+    if !fits {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "x {x:?} must be [B, ..., C] and rows {}.. columns {}.. of {t:?} a [B, C] block",
+                v.row, v.col
+            ),
+        ));
+    }
+    same_dtype(OP, &[x, t])?;
+    check_out(OP, out, s, x.dtype(), &[x, t])?;
     let c = s[s.len() - 1];
+    let (stride, offset) = (t.dim(1), v.row * t.dim(1) + v.col);
     let per_batch = x.numel() / s[0];
-    let (entry, w) = if c.is_multiple_of(4) {
+    let (entry, w) = if c.is_multiple_of(4) && stride.is_multiple_of(4) && offset.is_multiple_of(4)
+    {
         ("channel_bias4", 4)
     } else {
         ("channel_bias1", 1)
@@ -345,14 +394,20 @@ pub fn add_channel_bias_into(gpu: &Gpu, x: &Tensor, v: &Tensor, out: &Tensor) ->
     let items = x.numel() / w;
     let params = Params {
         n: u32_of(OP, items)?,
-        d: [(c / w) as u32, (per_batch / w) as u32, 0, 0, 0],
+        d: [
+            (c / w) as u32,
+            (per_batch / w) as u32,
+            u32_of(OP, stride / w)?,
+            u32_of(OP, offset / w)?,
+            0,
+        ],
         ..Default::default()
     };
     let work = Work {
         flops: x.numel() as f64,
-        bytes: bytes(&[x, v, out]),
+        bytes: bytes(&[x, out]) + (s[0] * c * x.dtype().size()) as f64,
     };
-    launch(gpu, entry, OP, &[x, v, out], params, items, work)
+    launch(gpu, entry, OP, &[x, t, out], params, items, work)
 }
 
 /// Channel concat `[B, H, W, C1] ++ [B, H, W, C2] -> [B, H, W, C1 + C2]`, `a` first (the U-Net
