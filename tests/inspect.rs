@@ -8,6 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use ldm_wgpu::inspect::{inspect, ModelKind};
 use serde_json::Value;
 
@@ -139,38 +141,8 @@ fn sd2_single_file() {
 /// 83,653,863, CLIP ViT-L 123,060,480, OpenCLIP bigG with projection 694,659,840).
 #[test]
 fn real_sdxl_base_header() {
-    let doc: Value = serde_json::from_slice(
-        &std::fs::read(sdxl().join("single_file/sdxl-base-real.shapes.json")).unwrap(),
-    )
-    .unwrap();
-    let mut header = serde_json::Map::new();
-    let mut offset = 0u64;
-    for (key, shape) in doc["ldm_shapes"].as_object().unwrap() {
-        let numel: u64 = shape
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap())
-            .product();
-        header.insert(
-            key.clone(),
-            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + 2 * numel]}),
-        );
-        offset += 2 * numel;
-    }
-    let mut bytes = Value::Object(header).to_string().into_bytes();
-    while !bytes.len().is_multiple_of(8) {
-        bytes.push(b' ');
-    }
     let dir = scratch("real-sdxl");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("sd_xl_base_1.0.safetensors");
-    let mut file_bytes = (bytes.len() as u64).to_le_bytes().to_vec();
-    file_bytes.extend_from_slice(&bytes);
-    std::fs::write(&path, &file_bytes).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    f.set_len(file_bytes.len() as u64 + offset).unwrap();
-    drop(f);
+    let path = common::sparse_sdxl_base(&dir);
 
     let r = inspect(&path).unwrap();
     let _ = std::fs::remove_dir_all(&dir);

@@ -5,47 +5,12 @@
 //! peak and largest-buffer numbers equal a real pass's byte for byte (tests/vae_tiling.rs), so
 //! this is what a GPU would hold, planned, not measured. Run with `--nocapture` for the table.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use ldm_wgpu::pipeline::{ModelOptions, StableDiffusion};
 use ldm_wgpu::{DType, Gpu, GpuOptions};
-use serde_json::Value;
 
 const GIB: f64 = (1u64 << 30) as f64;
-
-/// A sparse `sd_xl_base_1.0.safetensors`: the real header, F16 everywhere, holes for data.
-fn sparse_sdxl_base(dir: &Path) -> PathBuf {
-    let shapes = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/sdxl/single_file/sdxl-base-real.shapes.json");
-    let doc: Value = serde_json::from_slice(&std::fs::read(shapes).unwrap()).unwrap();
-    let mut header = serde_json::Map::new();
-    let mut offset = 0u64;
-    for (key, shape) in doc["ldm_shapes"].as_object().unwrap() {
-        let numel: u64 = shape
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap())
-            .product();
-        header.insert(
-            key.clone(),
-            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + 2 * numel]}),
-        );
-        offset += 2 * numel;
-    }
-    let mut bytes = Value::Object(header).to_string().into_bytes();
-    while !bytes.len().is_multiple_of(8) {
-        bytes.push(b' ');
-    }
-    std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join("sd_xl_base_1.0.safetensors");
-    let mut file_bytes = (bytes.len() as u64).to_le_bytes().to_vec();
-    file_bytes.extend_from_slice(&bytes);
-    std::fs::write(&path, &file_bytes).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    f.set_len(file_bytes.len() as u64 + offset).unwrap();
-    path
-}
 
 fn gib(b: u64) -> String {
     format!("{:.2} GiB ({b} B)", b as f64 / GIB)
@@ -60,7 +25,7 @@ fn sdxl_base_1024_f16_planned_peak() {
     }
     let dir = std::env::temp_dir().join(format!("ldm-sdxl-mem-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let path = sparse_sdxl_base(&dir);
+    let path = common::sparse_sdxl_base(&dir);
     let opts = ModelOptions {
         dtype: Some(DType::F16),
         ..Default::default()

@@ -148,3 +148,38 @@ pub fn nchw_to_nhwc_f64(t: &ldm_wgpu::weights::HostTensor<'_>) -> Vec<f64> {
     }
     out
 }
+
+/// A sparse `sd_xl_base_1.0.safetensors` in `dir`: the real SDXL base header (from the
+/// shapes fixture), F16 everywhere, holes for data; for tests that read headers or plan only.
+pub fn sparse_sdxl_base(dir: &std::path::Path) -> std::path::PathBuf {
+    let shapes = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/sdxl/single_file/sdxl-base-real.shapes.json");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(shapes).unwrap()).unwrap();
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for (key, shape) in doc["ldm_shapes"].as_object().unwrap() {
+        let numel: u64 = shape
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .product();
+        header.insert(
+            key.clone(),
+            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + 2 * numel]}),
+        );
+        offset += 2 * numel;
+    }
+    let mut bytes = serde_json::Value::Object(header).to_string().into_bytes();
+    while !bytes.len().is_multiple_of(8) {
+        bytes.push(b' ');
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("sd_xl_base_1.0.safetensors");
+    let mut file_bytes = (bytes.len() as u64).to_le_bytes().to_vec();
+    file_bytes.extend_from_slice(&bytes);
+    std::fs::write(&path, &file_bytes).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(file_bytes.len() as u64 + offset).unwrap();
+    path
+}
