@@ -2,6 +2,7 @@
 //
 //   out[b, oy, ox, co] = sum_{ky, kx, ci} x[b, oy*s - top + ky, ox*s - left + kx, ci] * w[co, ky, kx, ci]
 //                        + bias[co] + residual[b, oy, ox, co]          (x is zero outside the image)
+//        (flags bit 2: bias[off + b·stride + co] instead, a [B, Cout] block of a wider table)
 //
 // As a GEMM: C[M, N] = A[M, K] · Bᵀ with M = B·Ho·Wo output pixels, N = Cout, K = KH·KW·Cin,
 // A[m, k] = the im2col patch element (never materialised: addresses are computed while the A tile
@@ -96,11 +97,15 @@ struct Params {
     m: u32,       // batch · ho · wo
     k: u32,       // kh · kw · cin
     n_tiles: u32, // ceil(cout / BN) for the entry point's BN
-    flags: u32,   // bit 0: add bias, bit 1: add residual
+    flags: u32,   // bit 0: add bias, bit 1: add residual, bit 2: bias per (batch, channel)
     xh: u32,      // x as stored: h, w, or h / 2, w / 2 with UPSAMPLE
     xw: u32,
     ca: u32,      // channels of x (CONCAT: of its first part; cin otherwise)
     _pad: u32,
+    bias_stride: u32, // flags bit 2: bias row stride (elements) between batch elements
+    bias_offset: u32, // flags bit 2: element of bias[0, 0]
+    _pad1: u32,
+    _pad2: u32,
 };
 
 @group(0) @binding(0) var<storage, read> x4: array<elem4>;
@@ -290,6 +295,16 @@ fn a_load(p: Pixel, s: KPos) -> vec4<f32> {
 
 // ------------------------------------------------------------------ stores (shared)
 
+// The bias of output pixel m, channel n: bias[n], or with flags bit 2 a [B, Cout] block of a
+// wider table (the U-Net's conv1 + time embedding bias): bias[off + (m / (Ho·Wo))·stride + n].
+fn bias_at(m: u32, n: u32) -> f32 {
+    if ((params.flags & 4u) != 0u) {
+        let b = m / (params.ho * params.wo);
+        return f32(bias[params.bias_offset + b * params.bias_stride + n]);
+    }
+    return f32(bias[n]);
+}
+
 // Add bias / residual to one output, round to the storage type, write it (inside C only).
 fn store_one(m: u32, n: u32, v: f32) {
     if (n >= params.cout) {
@@ -298,7 +313,7 @@ fn store_one(m: u32, n: u32, v: f32) {
     let o = m * params.cout + n;
     var r = v;
     if ((params.flags & 1u) != 0u) {
-        r += f32(bias[n]);
+        r += bias_at(m, n);
     }
     if ((params.flags & 2u) != 0u) {
         r += f32(residual[o]);

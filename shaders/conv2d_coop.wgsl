@@ -36,11 +36,15 @@ struct Params {
     m: u32,       // batch · ho · wo
     k: u32,       // kh · kw · cin
     n_tiles: u32, // ceil(cout / TN)
-    flags: u32,   // bit 0: add bias, bit 1: add residual
+    flags: u32,   // bit 0: add bias, bit 1: add residual, bit 2: bias per (batch, channel)
     xh: u32,      // x as stored: h, w, or h / 2, w / 2 with UPSAMPLE
     xw: u32,
     ca: u32,      // channels of x (CONCAT: of its first part; cin otherwise)
     k_chunk: u32, // conv2d_coop_l split along K: K per split (a multiple of TK); 0: no split
+    bias_stride: u32, // flags bit 2: bias row stride (elements) between batch elements
+    bias_offset: u32, // flags bit 2: element of bias[0, 0]
+    _pad1: u32,
+    _pad2: u32,
 };
 
 @group(0) @binding(0) var<storage, read> x4: array<elem4>;
@@ -50,6 +54,16 @@ struct Params {
 @group(0) @binding(4) var<storage, read> residual: array<elem>;
 @group(0) @binding(5) var<storage, read_write> out: array<elem>;
 @group(0) @binding(6) var<uniform> params: Params;
+
+// The bias of output pixel m, channel n (see conv2d.wgsl's bias_at): flags bit 2 reads a
+// [B, Cout] block of a wider table.
+fn bias_at(m: u32, n: u32) -> f32 {
+    if ((params.flags & 4u) != 0u) {
+        let b = m / (params.ho * params.wo);
+        return f32(bias[params.bias_offset + b * params.bias_stride + n]);
+    }
+    return f32(bias[n]);
+}
 // conv2d_coop_l with SPLIT and conv2d_split_reduce: the f32 partial sums of every K split,
 // partial[(split · M + m) · Cout + n]. (conv2d_coop_l declares it either way: the host binds a
 // small scratch buffer when it does not split.)
@@ -200,7 +214,7 @@ fn conv2d_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         if (m < params.m && n < params.cout) {
             var v = c_sh[i];
             if ((params.flags & 1u) != 0u) {
-                v += f32(bias[n]);
+                v += bias_at(m, n);
             }
             let o = m * params.cout + n;
             if ((params.flags & 2u) != 0u) {
@@ -331,7 +345,7 @@ fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32, z: u32) {
                 continue;
             }
             if ((params.flags & 1u) != 0u) {
-                v += f32(bias[n]);
+                v += bias_at(m, n);
             }
             if ((params.flags & 2u) != 0u) {
                 v += f32(residual[o]);
@@ -525,7 +539,7 @@ fn conv2d_split_reduce(@builtin(global_invocation_id) gid: vec3<u32>,
         v += partial[z * total + o];
     }
     if ((params.flags & 1u) != 0u) {
-        v += f32(bias[o % params.cout]);
+        v += bias_at(o / params.cout, o % params.cout);
     }
     if ((params.flags & 2u) != 0u) {
         v += f32(residual[o]);

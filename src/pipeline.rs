@@ -15,7 +15,7 @@ use crate::lora::{
     lora_targets, AppliedLora, LoraBackup, LoraSpec, LoraState, ModelSites, PromptLoras,
 };
 use crate::models::clip::{ClipConfig, ClipTextModel, ClipTextModelWithProjection};
-use crate::models::unet::{TimeEmbeddingTable, UNet2DConditionModel, UNetConfig};
+use crate::models::unet::{ImageConditioning, UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig, VaeTiling};
 use crate::prompt::{encode_weighted, tokenize_weighted, Chunking, WeightedChunk, WeightedPrompt};
 use crate::rng::{PhiloxRng, RandnVariant, TorchCpuRng};
@@ -1238,6 +1238,7 @@ impl StableDiffusion {
         let mut noise = BatchNoise::new(req.rng, req.seed, job.batch, req.seed_mode);
         let (latents, init) = self.prepare_latents(&job, sampler.as_ref(), &mut noise)?;
         let mut bufs = GpuBuffers::new(latents);
+        bufs.reserve(&self.gpu, sampler.state_buffers())?;
         let inputs = self.loop_inputs(&job, &sampler.timesteps()[..calls], embeds, init)?;
 
         timings.steps = self.denoise(
@@ -1627,16 +1628,12 @@ impl StableDiffusion {
             unet_batch,
             embeds.added.as_ref(),
         )?; // [calls·2B, 4C0]
-        let context = embeds.context;
-        let temb = self
-            .gpu
-            .empty(&[unet_batch, self.unet.time_embedding_dim()], self.dtype)?; // [2B, 4C0]
-        Ok(LoopInputs {
-            context,
-            init,
-            time_table,
-            temb,
-        })
+            // Every resnet's time projection for all calls and every cross-attention's K/V of the
+            // context, once for the whole loop.
+        let conditioning = self
+            .unet
+            .prepare_image(&self.gpu, time_table, &embeds.context)?;
+        Ok(LoopInputs { init, conditioning })
     }
 
     /// The denoising loop (diffusers' `for i, t in enumerate(timesteps)`) over the sampler's
@@ -1668,15 +1665,9 @@ impl StableDiffusion {
                 bufs.set(Buf::Noise, job.upload_nchw(gpu, &v)?);
             }
             let unet_in = self.unet_input(job, &x, scale, &inputs.init)?; // [2B, h, w, C]
-                                                                          // Each call copies its row into the same tensor, so the U-Net binds the same buffers
-                                                                          // every step.
-            inputs.time_table.row_into(gpu, call, &inputs.temb)?;
-            let mut model_out = self.unet.forward_with_time_embedding(
-                gpu,
-                &unet_in,
-                &inputs.temb,
-                &inputs.context,
-            )?;
+            let mut model_out =
+                self.unet
+                    .forward_prepared(gpu, &unet_in, &inputs.conditioning, call)?;
             if model_out.dtype() != DType::F32 {
                 model_out = elementwise::cast(gpu, &model_out, DType::F32)?;
             }
@@ -1879,13 +1870,10 @@ impl InitImage {
 
 /// What every model call reads and none changes.
 struct LoopInputs {
-    /// Text embeddings [2B, 77·chunks, C] (uncond first) when guided, else [B, ..].
-    context: Tensor,
     init: InitImage,
-    /// The schedule's time embeddings [calls·2B, 4C0], and the tensor [2B, 4C0] each call copies
-    /// its rows into.
-    time_table: TimeEmbeddingTable,
-    temb: Tensor,
+    /// The text embeddings [2B, 77·chunks, C] (uncond first) when guided, else [B, ..], the
+    /// schedule's time embeddings [calls·2B, 4C0] and their step-invariant projections.
+    conditioning: ImageConditioning,
 }
 
 /// masked_image = image * (mask < 0.5), as model input [H, W, 3].

@@ -31,7 +31,7 @@ const STEP_EXTRA: u64 = 2;
 
 /// The bound on one guided step's dispatches (U-Net call + [`STEP_EXTRA`]). Lowered as fusions
 /// land; the baseline before issue 21 item 4 was 458 (lavapipe, f16).
-const MAX_GUIDED_STEP_DISPATCHES: u64 = 458;
+const MAX_GUIDED_STEP_DISPATCHES: u64 = 398;
 
 /// SD 1.5's U-Net config (runwayml/stable-diffusion-v1-5 unet/config.json) with widths cut to
 /// [32, 64, 128, 128], 8 groups and a 32-wide context.
@@ -219,18 +219,16 @@ fn guided_sd15_step_dispatch_count() {
 
     let before = dry.stats().dispatches;
     let table = unet.schedule_time_embeddings(&dry, &timesteps, 2).unwrap();
+    let prepared = unet.prepare_image(&dry, table, &context).unwrap();
     let per_image = dry.stats().dispatches - before;
 
-    let temb = dry.empty(&[2, unet.time_embedding_dim()], dtype).unwrap(); // [2, 4C0]
     let before = dry.stats().dispatches;
-    table.row_into(&dry, 1, &temb).unwrap();
-    let _out = unet
-        .forward_with_time_embedding(&dry, &sample, &temb, &context)
-        .unwrap(); // [2, 8, 8, 4]
+    let _out = unet.forward_prepared(&dry, &sample, &prepared, 1).unwrap(); // [2, 8, 8, 4]
     let unet_call = dry.stats().dispatches - before;
     let step = unet_call + STEP_EXTRA;
     eprintln!(
-        "SD 1.5 architecture, {}, {}: {per_image} dispatches per image (time embeddings), \
+        "SD 1.5 architecture, {}, {}: {per_image} dispatches per image (time embeddings and their \
+         projections, the context's K/V), \
          {unet_call} per guided U-Net call, {step} per guided step",
         gpu.adapter,
         dtype.name()

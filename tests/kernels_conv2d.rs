@@ -123,6 +123,17 @@ struct Inputs {
     w: Vec<f32>,
     bias: Option<Vec<f32>>,
     residual: Option<Vec<f32>>,
+    /// Instead of `bias`: a bias per (batch, channel), read as the [B, Cout] block at (row, col)
+    /// of a wider table (ResnetBlock2D's conv1 with its time embedding).
+    bias_rows: Option<BiasRows>,
+}
+
+struct BiasRows {
+    table: Vec<f32>,
+    rows: usize,
+    width: usize,
+    row: usize,
+    col: usize,
 }
 
 fn inputs(c: &Case, seed: u64) -> Inputs {
@@ -134,7 +145,26 @@ fn inputs(c: &Case, seed: u64) -> Inputs {
         w: rng.normals(c.cout * k, 1.0 / (k as f64).sqrt()),
         bias: c.bias.then(|| rng.normals(c.cout, 1.0)),
         residual: c.residual.then(|| rng.normals(c.b * ho * wo * c.cout, 1.0)),
+        bias_rows: None,
     }
+}
+
+/// [`inputs`] with the bias replaced by a per-(batch, channel) block of a wider table, at an
+/// offset (3, 5) that is not a multiple of anything the kernels tile by.
+fn inputs_bias_rows(c: &Case, seed: u64) -> Inputs {
+    let mut i = inputs(c, seed);
+    let mut rng = Rng::new(seed ^ 0xb1a5);
+    let (row, col) = (3, 5);
+    let (rows, width) = (row + c.b + 2, col + c.cout + 3);
+    i.bias = None;
+    i.bias_rows = Some(BiasRows {
+        table: rng.normals(rows * width, 1.0),
+        rows,
+        width,
+        row,
+        col,
+    });
+    i
 }
 
 /// The specification: the f64 reference on the input as the convolution sees it (upsampled on
@@ -160,7 +190,15 @@ fn reference(c: &Case, i: &Inputs) -> Vec<f64> {
         stride: c.stride,
         pads: c.pads,
     };
-    conv2d::reference(&x, &i.w, (i.bias.as_deref(), i.residual.as_deref()), &shape)
+    let mut out = conv2d::reference(&x, &i.w, (i.bias.as_deref(), i.residual.as_deref()), &shape);
+    if let Some(br) = &i.bias_rows {
+        let (ho, wo) = c.out_hw();
+        for (o, v) in out.iter_mut().enumerate() {
+            let (b, co) = (o / (ho * wo * c.cout), o % c.cout);
+            *v += br.table[(br.row + b) * br.width + br.col + co] as f64;
+        }
+    }
+    out
 }
 
 /// NHWC x [.., cin] as (x[.., :ca], x[.., ca:]).
@@ -192,6 +230,19 @@ fn run_on(g: &Gpu, c: &Case, i: &Inputs, dtype: DType, variant: Option<Variant>)
     };
     let w = up(&i.w, &[c.cout, c.kh, c.kw, c.cin]);
     let bias = i.bias.as_ref().map(|v| up(v, &[c.cout]));
+    let table = i
+        .bias_rows
+        .as_ref()
+        .map(|br| up(&br.table, &[br.rows, br.width]));
+    let bias_rows =
+        i.bias_rows
+            .as_ref()
+            .zip(table.as_ref())
+            .map(|(br, t)| conv2d::ChannelBiasView {
+                table: t,
+                row: br.row,
+                col: br.col,
+            });
     let residual = i.residual.as_ref().map(|v| up(v, &[c.b, ho, wo, c.cout]));
     let out = fill::poisoned(g, &[c.b, ho, wo, c.cout], dtype).unwrap();
     let input = match (&c.mode, &parts) {
@@ -203,6 +254,7 @@ fn run_on(g: &Gpu, c: &Case, i: &Inputs, dtype: DType, variant: Option<Variant>)
         input,
         weight: &w,
         bias: bias.as_ref(),
+        bias_rows,
         residual: residual.as_ref(),
         stride: c.stride,
         pads: c.pads,
@@ -225,6 +277,10 @@ fn quantized(i: &Inputs, dtype: DType) -> Inputs {
         w: quantize(&i.w, dtype),
         bias: i.bias.as_ref().map(|v| quantize(v, dtype)),
         residual: i.residual.as_ref().map(|v| quantize(v, dtype)),
+        bias_rows: i.bias_rows.as_ref().map(|br| BiasRows {
+            table: quantize(&br.table, dtype),
+            ..*br
+        }),
     }
 }
 
@@ -631,6 +687,7 @@ fn rejects_bad_shapes() {
             input: Input::Plain(&x),
             weight: &w,
             bias: None,
+            bias_rows: None,
             residual: None,
             stride: 1,
             pads: [1; 4],
@@ -645,6 +702,7 @@ fn rejects_bad_shapes() {
             input: Input::Plain(&x),
             weight: &w,
             bias: None,
+            bias_rows: None,
             residual: Some(&res),
             stride: 1,
             pads: [1; 4],
@@ -673,6 +731,7 @@ fn rejects_bad_shapes() {
             input: Input::Concat(a, b),
             weight: w,
             bias: None,
+            bias_rows: None,
             residual: None,
             stride: 1,
             pads: [1; 4],
@@ -690,6 +749,7 @@ fn rejects_bad_shapes() {
         input: Input::Concat(&x, &out6),
         weight: &g.empty(&[6, 1, 1, 10], f).unwrap(),
         bias: None,
+        bias_rows: None,
         residual: None,
         stride: 1,
         pads: [0; 4],
@@ -798,6 +858,7 @@ fn rejects_unknown_variant() {
         input: Input::Plain(&x),
         weight: &w,
         bias: None,
+        bias_rows: None,
         residual: None,
         stride: 1,
         pads: [1; 4],
@@ -911,6 +972,7 @@ fn coop_variant_matches_reference() {
             input: Input::Plain(&x),
             weight: &w,
             bias: None,
+            bias_rows: None,
             residual: None,
             stride: c.stride,
             pads: c.pads,
@@ -980,6 +1042,7 @@ fn coop_variant_matches_reference() {
         input: Input::Plain(&x),
         weight: &w,
         bias: None,
+        bias_rows: None,
         residual: None,
         stride: 1,
         pads: c.pads,
@@ -1021,5 +1084,91 @@ fn split_k_choice() {
             assert!(chunk >= 8 * 32);
             assert!(k.div_ceil(chunk) >= 2 && k.div_ceil(chunk) * tiles <= 2 * 256 + tiles);
         }
+    }
+}
+
+/// A bias per (batch, channel) read from a block of a wider table (flags bit 2: the U-Net's
+/// conv1 + time embedding, one epilogue instead of a separate add pass) on every variant, both
+/// dtypes, awkward sizes and SD 1.5 shapes, NaN-poisoned outputs; and on the tensor-core kernel
+/// (both tiles and its split-K reduction) where the adapter has it.
+#[test]
+fn bias_per_batch_row() {
+    // Refused: a table too small for [B, Cout], and bias_rows together with a bias.
+    let g = gpu();
+    let f = DType::F32;
+    let x = g.empty(&[2, 4, 4, 4], f).unwrap();
+    let w = g.empty(&[8, 3, 3, 4], f).unwrap();
+    let bias = g.empty(&[8], f).unwrap();
+    let table = g.empty(&[3, 10], f).unwrap();
+    let conv = |bias: Option<&Tensor>, row, col| {
+        Conv {
+            input: Input::Plain(&x),
+            weight: &w,
+            bias,
+            bias_rows: Some(conv2d::ChannelBiasView {
+                table: &table,
+                row,
+                col,
+            }),
+            residual: None,
+            stride: 1,
+            pads: P1,
+            variant: None,
+        }
+        .run(g)
+    };
+    assert!(conv(None, 1, 2).is_ok());
+    assert!(is_shape(conv(None, 2, 0)), "rows past the table");
+    assert!(is_shape(conv(None, 0, 3)), "columns past the table");
+    assert!(is_shape(conv(Some(&bias), 0, 0)), "bias and bias_rows");
+
+    let cases: Vec<&Case> = AWKWARD_SIZES_CASES
+        .iter()
+        .chain(SD15_SHAPES_CASES.iter().take(4))
+        .collect();
+    for (s, c) in cases.iter().enumerate() {
+        for dtype in dtypes() {
+            let i = quantized(&inputs_bias_rows(c, 2000 + s as u64), dtype);
+            let want = reference(c, &i);
+            for v in all_variants() {
+                let got = run_gpu(c, &i, dtype, Some(v));
+                let what = format!("{} bias rows [{}] ({})", c.name, v.name(), dtype.name());
+                eprintln!("{what:<60} rel_l2 {:.2e}", rel_l2(&got, &want));
+                assert_close(&what, &got, &want, tol(dtype, 1e-5, 2e-3));
+            }
+        }
+    }
+    let engine = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+    let g = &engine;
+    let Some(plan) = ldm_wgpu::kernels::coop::coop_plan(g, DType::F16) else {
+        eprintln!("no tensor-core conv on {}", g.adapter);
+        return;
+    };
+    let large = conv2d::coop_conv_tile(plan, &g.caps, 1 << 20, 1 << 10, Some(CoopTile::T128))
+        == CoopTile::T128;
+    let tiles: &[CoopTile] = if large {
+        &[CoopTile::T64, CoopTile::T128]
+    } else {
+        &[CoopTile::T64]
+    };
+    for &tile in tiles {
+        set_coop_tile(g, Some(tile));
+        for (s, c) in cases.iter().enumerate() {
+            if !coop_takes(c) {
+                continue;
+            }
+            let i = quantized(&inputs_bias_rows(c, 3000 + s as u64), DType::F16);
+            let want = reference(c, &i);
+            let got = g
+                .download(&run_on(g, c, &i, DType::F16, Some(Variant::COOP)))
+                .unwrap();
+            let what = format!(
+                "{} bias rows [coop {tile:?} frag {}] (f16)",
+                c.name, plan.frag
+            );
+            eprintln!("{what:<60} rel_l2 {:.2e}", rel_l2(&got, &want));
+            assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
+        }
+        set_coop_tile(g, None);
     }
 }

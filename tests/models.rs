@@ -234,6 +234,24 @@ fn check_unet(case: &str) {
             assert_eq!(out.shape()[0], batch);
             check(&format!("{case} {what}"), dtype, &out, &want);
         }
+        // The denoising loop's path: both timesteps as one schedule, the time projections and
+        // the context's K/V made once (prepare_image), each call reading its rows.
+        for (batch, (x, ctx), names) in [
+            (2, (&x2, &ctx2), ["out", "out_t2"]),
+            (1, (&x1, &ctx1), ["out_cond", "out_cond_t2"]),
+        ] {
+            let schedule = [timestep[0] as f64, timestep_2[0] as f64];
+            let table = unet
+                .schedule_time_embeddings(gpu, &schedule, batch)
+                .unwrap();
+            let prepared = unet.prepare_image(gpu, table, ctx).unwrap();
+            for (call, name) in names.into_iter().enumerate() {
+                let (want, _) = io.nhwc(name);
+                let out = unet.forward_prepared(gpu, x, &prepared, call).unwrap(); // [B, 8, 8, 4]
+                let what = format!("{case} prepared call {call} batch {batch}");
+                check(&what, dtype, &out, &want);
+            }
+        }
     }
 }
 

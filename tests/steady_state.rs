@@ -67,12 +67,14 @@ fn run_recording(
 fn denoising_steps_allocate_nothing_submit_once_and_reuse_bind_groups() {
     let model = load();
     // euler_a draws fresh noise every step (an upload inside the loop); dpmpp_2m keeps a
-    // history buffer, which the sampler fills during its first calls (so one more latent-sized
-    // buffer is live from the third call on: the steady state starts one call later); ddim is
-    // the plain case. `warm`: the first call (0-based) that must allocate nothing and hit the
+    // history buffer, which the pipeline allocates before the first call
+    // (`Sampler::state_buffers`) and the steps overwrite in place, so its loop settles as soon
+    // as the others (it settled two calls later while the history first appeared at call 2:
+    // the tiny model's activations share the latents' size class in the pool); ddim is the
+    // plain case. `warm`: the first call (0-based) that must allocate nothing and hit the
     // bind-group cache. Every call must be exactly one submit.
     let mut failures = Vec::new();
-    for (sampler, warm) in [("euler_a", 2), ("dpmpp_2m", 3), ("ddim", 2)] {
+    for (sampler, warm) in [("euler_a", 2), ("dpmpp_2m", 2), ("ddim", 2)] {
         let rows = run_recording(&model, &request(sampler, 10));
         assert_eq!(
             rows.len(),

@@ -421,6 +421,7 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
                 },
                 weight: &wt,
                 bias: None,
+                bias_rows: None,
                 residual: None,
                 stride,
                 pads: [pad; 4],

@@ -15,6 +15,7 @@ use crate::shaders::ShaderId;
 use bytemuck::{Pod, Zeroable};
 
 use crate::kernels::coop::{self, CoopPlan};
+pub use crate::kernels::elementwise::ChannelBiasView;
 use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
 use crate::{DType, Error, Result};
 
@@ -232,6 +233,10 @@ struct Params {
     ca: u32,
     /// `conv2d_coop_l` split along K: K per split (a multiple of its K step); 0: no split.
     k_chunk: u32,
+    /// With `bias_rows` (flags bit 2): the bias table's row stride and first element.
+    bias_stride: u32,
+    bias_offset: u32,
+    _pad: [u32; 2],
 }
 
 /// Output spatial size for one axis, `None` if the padded input is smaller than the kernel.
@@ -328,6 +333,9 @@ pub struct Conv<'a> {
     pub input: Input<'a>,
     pub weight: &'a Tensor,
     pub bias: Option<&'a Tensor>,
+    /// Instead of `bias`: a bias per (batch, channel), the [B, Cout] block of a wider table
+    /// (the U-Net's conv1 bias plus the call's projected time embedding).
+    pub bias_rows: Option<ChannelBiasView<'a>>,
     pub residual: Option<&'a Tensor>,
     pub stride: usize,
     pub pads: [usize; 4],
@@ -409,12 +417,24 @@ impl Conv<'_> {
             m: (b * ho * wo) as u32,
             k: k as u32,
             n_tiles: n_tiles as u32,
-            flags: self.bias.is_some() as u32 | (self.residual.is_some() as u32) << 1,
+            flags: (self.bias.is_some() || self.bias_rows.is_some()) as u32
+                | (self.residual.is_some() as u32) << 1
+                | (self.bias_rows.is_some() as u32) << 2,
             xh: x.shape()[1] as u32,
             xw: x.shape()[2] as u32,
             ca: x.shape()[3] as u32,
             k_chunk: 0,
+            bias_stride: self.bias_rows.map_or(0, |v| v.table.dim(1) as u32),
+            bias_offset: self
+                .bias_rows
+                .map_or(0, |v| (v.row * v.table.dim(1) + v.col) as u32),
+            _pad: [0; 2],
         }
+    }
+
+    /// What binding 3 reads: the bias, or the table `bias_rows` is a block of.
+    fn bias_table(&self) -> Option<&Tensor> {
+        self.bias.or(self.bias_rows.map(|v| v.table))
     }
 
     /// The tensors at bindings 0-5 (unused ones get x, read-only like them) and their bytes.
@@ -425,7 +445,7 @@ impl Conv<'_> {
             x,
             second.unwrap_or(x),
             self.weight,
-            self.bias.unwrap_or(x),
+            self.bias_table().unwrap_or(x),
             self.residual.unwrap_or(x),
             out,
         ];
@@ -433,7 +453,7 @@ impl Conv<'_> {
             Some(x),
             second,
             Some(self.weight),
-            self.bias,
+            self.bias_table(),
             self.residual,
             Some(out),
         ]
@@ -566,6 +586,27 @@ impl Conv<'_> {
                 ));
             }
             inputs.push(("bias", t));
+        }
+        if let Some(v) = self.bias_rows {
+            let t = v.table;
+            let fits = bias.is_none()
+                && t.shape().len() == 2
+                && v.row + b <= t.dim(0)
+                && v.col + cout <= t.dim(1)
+                && t.numel() <= u32::MAX as usize;
+            if !fits {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "bias_rows (without bias) must be a [{b}, {cout}] block: rows {}.., \
+                         columns {}.. of {:?}",
+                        v.row,
+                        v.col,
+                        t.shape()
+                    ),
+                ));
+            }
+            inputs.push(("bias_rows", t));
         }
         if let Some(t) = residual {
             if t.shape() != [b, ho, wo, cout] {
@@ -787,6 +828,7 @@ pub fn conv2d(
         input: Input::Plain(x),
         weight: w,
         bias,
+        bias_rows: None,
         residual,
         stride,
         pads,
@@ -811,6 +853,7 @@ pub fn conv2d_upsampled(
         input: Input::Upsampled2x(x),
         weight: w,
         bias,
+        bias_rows: None,
         residual,
         stride,
         pads,

@@ -3,10 +3,32 @@
 //! Activations are NHWC: [B, H, W, C].
 
 use crate::kernels::attention::{self, HeadsView};
-use crate::kernels::elementwise;
+use crate::kernels::elementwise::{self, ChannelBiasView};
 use crate::kernels::matmul::{self, Activation};
 use crate::nn::{self, AttentionShape, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use crate::{Gpu, Result, Tensor};
+
+/// What a U-Net call conditions its resnets and transformers on.
+pub struct Conditioning<'a> {
+    /// silu(temb) [B, T], shared by every resnet's `time_emb_proj` (None when hoisted).
+    pub temb_silu: Option<&'a Tensor>,
+    /// The text context [B, Nc, context_dim], read by cross-attention's K/V projections.
+    pub context: &'a Tensor,
+    /// The step-invariant projections, computed once per image: with them no resnet projects
+    /// `temb_silu` and no cross-attention projects `context` inside the step.
+    pub hoisted: Option<Hoisted<'a>>,
+}
+
+/// Projections made before the denoising loop (`UNet2DConditionModel::prepare_image`).
+#[derive(Clone, Copy)]
+pub struct Hoisted<'a> {
+    /// By resnet slot: `time_emb_proj` of every call's silu(temb), [calls·B, Cout].
+    pub time_proj: &'a [Tensor],
+    /// This call's first row in `time_proj` (call·B).
+    pub row: usize,
+    /// By cross-attention slot: K and V of the context, [B, Nc, 2·inner].
+    pub context_kv: &'a [Tensor],
+}
 
 /// diffusers `ResnetBlock2D` (time_embedding_norm "default", output_scale_factor 1):
 /// h = conv1(silu(norm1(x))) [+ time_emb_proj(silu(temb))]; h = conv2(silu(norm2(h)));
@@ -18,6 +40,8 @@ pub struct ResnetBlock2D {
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
+    /// Index of this block's row in [`Hoisted::time_proj`] (set by the U-Net after loading).
+    pub(crate) slot: usize,
 }
 
 /// [`ResnetBlock2D`]'s constructor arguments (diffusers' `in_channels`, `out_channels`,
@@ -49,32 +73,105 @@ impl ResnetBlock2D {
         } else {
             None
         };
+        let mut conv1 = vb.pp("conv1").conv3x3(c_in, c_out)?;
+        // conv1's bias is folded into time_emb_proj's: the projected time embedding [B, Cout]
+        // is then conv1's whole bias, added per (batch, channel) in its epilogue (no separate
+        // add pass). The VAE's blocks (no time embedding) keep their conv1 bias.
+        let time_emb_proj = match temb_channels {
+            Some(t) => {
+                let tv = vb.pp("time_emb_proj");
+                let Linear { weight, .. } = Linear::load(tv.clone(), t, c_out, true)?;
+                let proj_bias = tv.view().get("bias", &[c_out])?.to_f32_vec();
+                let conv_bias = vb.view().pp("conv1").get("bias", &[c_out])?.to_f32_vec();
+                let folded: Vec<f32> = proj_bias
+                    .iter()
+                    .zip(&conv_bias)
+                    .map(|(a, b)| a + b)
+                    .collect();
+                conv1.bias = None;
+                Some(Linear {
+                    weight,
+                    bias: Some(vb.upload(&folded, &[c_out])?),
+                })
+            }
+            None => None,
+        };
         Ok(ResnetBlock2D {
             norm1: GroupNorm::load(vb.pp("norm1"), groups, c_in, eps)?,
-            conv1: vb.pp("conv1").conv3x3(c_in, c_out)?,
-            time_emb_proj: match temb_channels {
-                Some(t) => Some(Linear::load(vb.pp("time_emb_proj"), t, c_out, true)?),
-                None => None,
-            },
+            conv1,
+            time_emb_proj,
             norm2: GroupNorm::load(vb.pp("norm2"), groups, c_out, eps)?,
             conv2: vb.pp("conv2").conv3x3(c_out, c_out)?,
             conv_shortcut,
+            slot: 0,
         })
     }
 
-    /// x: [B, H, W, Cin]; temb_silu: silu(temb) [B, T] (computed once per U-Net call and shared
-    /// by every block). Returns [B, H, W, Cout].
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb_silu: Option<&Tensor>) -> Result<Tensor> {
+    /// `time_emb_proj` of every row of `temb_silu` [R, T] -> [R, Cout] (None for the VAE's
+    /// blocks): one dispatch for all of a schedule's calls.
+    pub(crate) fn time_projection(&self, gpu: &Gpu, temb_silu: &Tensor) -> Result<Option<Tensor>> {
+        self.time_emb_proj
+            .as_ref()
+            .map(|proj| proj.forward(gpu, temb_silu))
+            .transpose()
+    }
+
+    /// conv1(normed) + time_emb_proj(silu(temb)) per (batch, channel), the projection (which
+    /// holds conv1's bias) added in conv1's epilogue and read from the hoisted table where there
+    /// is one. normed: [B, H, W, Cin] -> [B, H, W, Cout].
+    fn conv1_with_time(
+        &self,
+        gpu: &Gpu,
+        normed: &Tensor,
+        cond: Option<&Conditioning<'_>>,
+    ) -> Result<Tensor> {
+        let Some(proj) = &self.time_emb_proj else {
+            return self.conv1.forward(gpu, normed);
+        };
+        let missing = |what: &str| crate::Error::shape("resnet", what.to_string());
+        let cond = cond.ok_or_else(|| missing("a U-Net resnet needs its time embedding"))?;
+        match &cond.hoisted {
+            Some(hoisted) => {
+                let table = hoisted
+                    .time_proj
+                    .get(self.slot)
+                    .ok_or_else(|| missing("no time projection for this resnet's slot"))?; // [calls·B, Cout]
+                let view = ChannelBiasView {
+                    table,
+                    row: hoisted.row,
+                    col: 0,
+                };
+                self.conv1.forward_bias_rows(gpu, normed, view) // [B, H, W, Cout]
+            }
+            None => {
+                let temb = cond
+                    .temb_silu
+                    .ok_or_else(|| missing("neither a time embedding nor its projection"))?;
+                let t = proj.forward(gpu, temb)?; // [B, Cout]
+                let view = ChannelBiasView {
+                    table: &t,
+                    row: 0,
+                    col: 0,
+                };
+                self.conv1.forward_bias_rows(gpu, normed, view) // [B, H, W, Cout]
+            }
+        }
+    }
+
+    /// x: [B, H, W, Cin]; cond: the U-Net call's time embedding (None in the VAE). Returns
+    /// [B, H, W, Cout].
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        cond: Option<&Conditioning<'_>>,
+    ) -> Result<Tensor> {
         // Each intermediate is dropped as soon as the next one exists, so its buffer returns to
         // the pool for the next op (shadowed `let`s would keep them alive to the end).
         let mut h = {
             let normed = self.norm1.forward(gpu, x, true)?; // [B, H, W, Cin]
-            self.conv1.forward(gpu, &normed)? // [B, H, W, Cout]
+            self.conv1_with_time(gpu, &normed, cond)? // [B, H, W, Cout]
         };
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_silu) {
-            let t = proj.forward(gpu, t)?; // [B, Cout]
-            h = elementwise::add_channel_bias(gpu, &h, &t)?; // [B, H, W, Cout]
-        }
         h = self.norm2.forward(gpu, &h, true)?; // the assignment drops conv1's output
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(gpu, x)?, // [B, H, W, Cout]
@@ -92,21 +189,17 @@ impl ResnetBlock2D {
         gpu: &Gpu,
         a: &Tensor,
         b: &Tensor,
-        temb_silu: Option<&Tensor>,
+        cond: Option<&Conditioning<'_>>,
     ) -> Result<Tensor> {
         let Some(conv_shortcut) = &self.conv_shortcut else {
             // An identity shortcut would have to add the concatenation itself: build it.
             let x = elementwise::concat_channels(gpu, a, b)?;
-            return self.forward(gpu, &x, temb_silu);
+            return self.forward(gpu, &x, cond);
         };
         let mut h = {
             let normed = self.norm1.forward_concat(gpu, a, b, true)?; // [B, H, W, Ca + Cb]
-            self.conv1.forward(gpu, &normed)? // [B, H, W, Cout]
+            self.conv1_with_time(gpu, &normed, cond)? // [B, H, W, Cout]
         };
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_silu) {
-            let t = proj.forward(gpu, t)?; // [B, Cout]
-            h = elementwise::add_channel_bias(gpu, &h, &t)?; // [B, H, W, Cout]
-        }
         h = self.norm2.forward(gpu, &h, true)?;
         let shortcut = conv_shortcut.forward_concat(gpu, a, b)?; // [B, H, W, Cout]
         self.conv2.forward_residual(gpu, &h, &shortcut) // [B, H, W, Cout]

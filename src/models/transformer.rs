@@ -6,6 +6,7 @@
 
 use crate::kernels::attention::HeadsView;
 use crate::kernels::matmul::Activation;
+use crate::models::blocks::Conditioning;
 use crate::nn::{self, AttentionShape, GroupNorm, LayerNorm, Linear, VarBuilder};
 use crate::{Error, Gpu, Result, Tensor};
 
@@ -54,6 +55,8 @@ struct Attention {
     to_out: Linear,
     heads: usize,
     head_dim: usize,
+    /// Cross-attention: index of its K/V in [`crate::models::blocks::Hoisted::context_kv`].
+    kv_slot: usize,
 }
 
 impl Attention {
@@ -87,16 +90,18 @@ impl Attention {
             to_out: Linear::load(vb.pp("to_out.0"), inner, cfg.query_dim, true)?,
             heads: cfg.heads,
             head_dim: cfg.head_dim,
+            kv_slot: 0,
         })
     }
 
-    /// x: [B, N, query_dim] (already normed); context: [B, Nc, cross_attention_dim], read only
-    /// by cross-attention. Returns to_out(attention) + residual, [B, N, query_dim].
+    /// x: [B, N, query_dim] (already normed); cond's context [B, Nc, cross_attention_dim] is
+    /// read only by cross-attention, whose K/V come from the hoisted table where there is one.
+    /// Returns to_out(attention) + residual, [B, N, query_dim].
     fn forward(
         &self,
         gpu: &Gpu,
         x: &Tensor,
-        context: Option<&Tensor>,
+        cond: &Conditioning<'_>,
         residual: &Tensor,
     ) -> Result<Tensor> {
         let inner = self.heads * self.head_dim;
@@ -106,15 +111,27 @@ impl Attention {
             head_dim: self.head_dim,
             causal: false,
         };
-        let attn = match (&self.to_kv, context) {
-            (Some(kv_proj), Some(context)) => {
+        let attn = match &self.to_kv {
+            Some(kv_proj) => {
                 let q = self.to_q_or_qkv.forward(gpu, x)?; // [B, N, inner]
-                let kv = kv_proj.forward(gpu, context)?; // [B, Nc, 2·inner]
-                let (k, v) = (packed(&kv, inner, 0), packed(&kv, inner, 1));
+                let projected;
+                let kv = match &cond.hoisted {
+                    Some(h) => h.context_kv.get(self.kv_slot).ok_or_else(|| {
+                        Error::shape(
+                            "attention",
+                            format!("no context K/V for slot {}", self.kv_slot),
+                        )
+                    })?,
+                    None => {
+                        projected = kv_proj.forward(gpu, cond.context)?; // [B, Nc, 2·inner]
+                        &projected
+                    }
+                };
+                let (k, v) = (packed(kv, inner, 0), packed(kv, inner, 1));
                 nn::multi_head_attention(gpu, packed(&q, inner, 0), k, v, shape)?
                 // [B, N, inner]
             }
-            (None, _) => {
+            None => {
                 let qkv = self.to_q_or_qkv.forward(gpu, x)?; // [B, N, 3·inner]
                 let (q, k, v) = (
                     packed(&qkv, inner, 0),
@@ -122,11 +139,6 @@ impl Attention {
                     packed(&qkv, inner, 2),
                 );
                 nn::multi_head_attention(gpu, q, k, v, shape)? // [B, N, inner]
-            }
-            (Some(_), None) => {
-                return Err(Error::Unsupported(
-                    "cross-attention called without a context".into(),
-                ))
             }
         };
         // [B, N, query_dim]
@@ -170,14 +182,14 @@ impl BasicTransformerBlock {
     }
 
     /// hidden: [B, HW, inner]; context: [B, Nc, context_dim]. Returns [B, HW, inner].
-    fn forward(&self, gpu: &Gpu, mut hidden: Tensor, context: &Tensor) -> Result<Tensor> {
+    fn forward(&self, gpu: &Gpu, mut hidden: Tensor, cond: &Conditioning<'_>) -> Result<Tensor> {
         // Self-attention (or context attention when only_cross_attention).
         let normed = self.norm1.forward(gpu, &hidden)?; // [B, HW, inner]
-        hidden = self.attn1.forward(gpu, &normed, Some(context), &hidden)?; // [B, HW, inner]
-                                                                            // Cross-attention on the text context.
+        hidden = self.attn1.forward(gpu, &normed, cond, &hidden)?; // [B, HW, inner]
+                                                                   // Cross-attention on the text context.
         let normed = self.norm2.forward(gpu, &hidden)?; // [B, HW, inner]
-        hidden = self.attn2.forward(gpu, &normed, Some(context), &hidden)?; // [B, HW, inner]
-                                                                            // GEGLU feed-forward. [B, HW, inner] -> [B, HW, 4·inner] -> [B, HW, inner]
+        hidden = self.attn2.forward(gpu, &normed, cond, &hidden)?; // [B, HW, inner]
+                                                                   // GEGLU feed-forward. [B, HW, inner] -> [B, HW, 4·inner] -> [B, HW, inner]
         let normed = self.norm3.forward(gpu, &hidden)?; // [B, HW, inner]
         let mid = self.ff_geglu.forward_geglu(gpu, &normed)?; // [B, HW, 4·inner]
                                                               // [B, HW, inner]
@@ -230,15 +242,41 @@ impl Transformer2DModel {
         })
     }
 
-    /// x: [B, H, W, C]; context: [B, Nc, context_dim]. Returns [B, H, W, C].
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// Give each cross-attention the next K/V slot (`next` counts them over the U-Net).
+    pub(crate) fn assign_kv_slots(&mut self, next: &mut usize) {
+        for blk in &mut self.blocks {
+            for attn in [&mut blk.attn1, &mut blk.attn2] {
+                if attn.to_kv.is_some() {
+                    attn.kv_slot = *next;
+                    *next += 1;
+                }
+            }
+        }
+    }
+
+    /// K and V of `context` [B, Nc, context_dim] for each cross-attention, as (slot,
+    /// [B, Nc, 2·inner]): step-invariant, so computed once per image.
+    pub(crate) fn context_kv(&self, gpu: &Gpu, context: &Tensor) -> Result<Vec<(usize, Tensor)>> {
+        let mut out = Vec::new();
+        for blk in &self.blocks {
+            for attn in [&blk.attn1, &blk.attn2] {
+                if let Some(kv_proj) = &attn.to_kv {
+                    out.push((attn.kv_slot, kv_proj.forward(gpu, context)?)); // [B, Nc, 2·inner]
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// x: [B, H, W, C]; cond: the context (or its hoisted K/V). Returns [B, H, W, C].
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, cond: &Conditioning<'_>) -> Result<Tensor> {
         let s = &self.spec;
         let (b, h, w) = (x.dim(0), x.dim(1), x.dim(2));
         let residual = x.reshape(&[b, h * w, s.channels])?; // [B, HW, C]
         let normed = self.norm.forward(gpu, &residual, false)?; // [B, HW, C]
         let mut hidden = self.proj_in.forward(gpu, &normed)?; // [B, HW, inner]
         for blk in &self.blocks {
-            hidden = blk.forward(gpu, hidden, context)?; // [B, HW, inner]
+            hidden = blk.forward(gpu, hidden, cond)?; // [B, HW, inner]
         }
         let out = self
             .proj_out

@@ -8,10 +8,11 @@ use serde_json::Value;
 
 use crate::kernels::elementwise;
 use crate::kernels::matmul::Activation;
+use crate::models::blocks::{Conditioning, Hoisted, ResnetBlock2D};
 use crate::models::config::{
     parse, per_block_or, require_str, size_or, sizes, Number, PerBlock, Size,
 };
-use crate::models::transformer::TransformerSpec;
+use crate::models::transformer::{Transformer2DModel, TransformerSpec};
 use crate::models::unet_blocks::{
     CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlockConfig, MidBlockConfig, ResnetSettings,
     UNetMidBlock2DCrossAttn, UpBlockConfig,
@@ -337,6 +338,29 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     /// The linear and conv weights a LoRA may change (fused q/k/v as row blocks).
     pub lora_sites: Vec<WeightSite>,
+    /// How many resnets and cross-attentions (their slots in an [`ImageConditioning`]).
+    resnet_slots: usize,
+    kv_slots: usize,
+}
+
+/// [`UNet2DConditionModel::prepare_image`]'s result: what every call of one image's denoising
+/// loop reads and no call changes.
+pub struct ImageConditioning {
+    /// silu(temb) of every call, [calls·B, 4C0].
+    time: TimeEmbeddingTable,
+    /// By resnet slot: time_emb_proj of `time`, [calls·B, Cout].
+    time_proj: Vec<Tensor>,
+    /// The text context [B, Nc, cross_attention_dim].
+    context: Tensor,
+    /// By cross-attention slot: K and V of `context`, [B, Nc, 2·inner].
+    context_kv: Vec<Tensor>,
+}
+
+impl ImageConditioning {
+    /// The schedule's time embeddings (SDXL's added embedding included).
+    pub fn time_table(&self) -> &TimeEmbeddingTable {
+        &self.time
+    }
 }
 
 impl UNetConfig {
@@ -431,7 +455,7 @@ impl UNet2DConditionModel {
             )),
             None => None,
         };
-        Ok(UNet2DConditionModel {
+        let mut unet = UNet2DConditionModel {
             add_embedding,
             time_linear_1: Linear::load(vb.pp("time_embedding.linear_1"), c0, temb_dim, true)?,
             time_linear_2: Linear::load(
@@ -454,7 +478,142 @@ impl UNet2DConditionModel {
             config,
             dtype,
             lora_sites: sites.into_inner(),
+            resnet_slots: 0,
+            kv_slots: 0,
+        };
+        unet.assign_slots();
+        Ok(unet)
+    }
+
+    /// Number every resnet and cross-attention: their rows of an [`ImageConditioning`].
+    fn assign_slots(&mut self) {
+        let (mut resnets, mut kv) = (0, 0);
+        let mut visit =
+            |rs: &mut dyn Iterator<Item = &mut ResnetBlock2D>,
+             ts: &mut dyn Iterator<Item = &mut Transformer2DModel>| {
+                for r in rs {
+                    r.slot = resnets;
+                    resnets += 1;
+                }
+                for t in ts {
+                    t.assign_kv_slots(&mut kv);
+                }
+            };
+        for b in &mut self.down_blocks {
+            let (mut rs, mut ts) = b.layers_mut();
+            visit(&mut rs, &mut ts);
+        }
+        let (mut rs, mut ts) = self.mid_block.layers_mut();
+        visit(&mut rs, &mut ts);
+        for b in &mut self.up_blocks {
+            let (mut rs, mut ts) = b.layers_mut();
+            visit(&mut rs, &mut ts);
+        }
+        self.resnet_slots = resnets;
+        self.kv_slots = kv;
+    }
+
+    /// Every resnet and transformer, in slot order.
+    fn layers(&self) -> (Vec<&ResnetBlock2D>, Vec<&Transformer2DModel>) {
+        let (mut resnets, mut transformers) = (Vec::new(), Vec::new());
+        for b in &self.down_blocks {
+            let (rs, ts) = b.layers();
+            resnets.extend(rs);
+            transformers.extend(ts);
+        }
+        let (rs, ts) = self.mid_block.layers();
+        resnets.extend(rs);
+        transformers.extend(ts);
+        for b in &self.up_blocks {
+            let (rs, ts) = b.layers();
+            resnets.extend(rs);
+            transformers.extend(ts);
+        }
+        (resnets, transformers)
+    }
+
+    /// The step-invariant work of a denoising loop, done once per image (issue 21): every
+    /// resnet's `time_emb_proj` over the whole schedule's time embeddings (one dispatch per
+    /// resnet for all calls, instead of one per resnet per call) and every cross-attention's
+    /// K/V projection of the text context (one per cross-attention instead of one per call).
+    /// context: [B, Nc, cross_attention_dim], B the table's batch.
+    pub fn prepare_image(
+        &self,
+        gpu: &Gpu,
+        time: TimeEmbeddingTable,
+        context: &Tensor,
+    ) -> Result<ImageConditioning> {
+        let c = &self.config;
+        if context.dim(0) != time.batch || context.dim(2) != c.cross_attention_dim {
+            return Err(Error::shape(
+                "unet",
+                format!(
+                    "context {:?} does not fit batch {} and cross_attention_dim {}",
+                    context.shape(),
+                    time.batch,
+                    c.cross_attention_dim
+                ),
+            ));
+        }
+        let (resnets, transformers) = self.layers();
+        let mut time_proj = Vec::with_capacity(self.resnet_slots);
+        for (slot, r) in resnets.iter().enumerate() {
+            debug_assert_eq!(r.slot, slot);
+            let proj = r.time_projection(gpu, &time.table)?.ok_or_else(|| {
+                Error::shape("unet", format!("resnet {slot} has no time_emb_proj"))
+            })?; // [calls·B, Cout]
+            time_proj.push(proj);
+        }
+        let mut kv: Vec<Option<Tensor>> = vec![None; self.kv_slots];
+        for t in transformers {
+            for (slot, tensor) in t.context_kv(gpu, context)? {
+                kv[slot] = Some(tensor); // [B, Nc, 2·inner]
+            }
+        }
+        let context_kv = kv
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::shape("unet", "a cross-attention slot without K/V"))?;
+        Ok(ImageConditioning {
+            time,
+            time_proj,
+            context: context.clone(),
+            context_kv,
         })
+    }
+
+    /// One model call `call` of the schedule `prepared` was made for: no time or context
+    /// projection is recorded. sample: [B, h, w, C_in]. Returns [B, h, w, C_out].
+    pub fn forward_prepared(
+        &self,
+        gpu: &Gpu,
+        sample: &Tensor,
+        prepared: &ImageConditioning,
+        call: usize,
+    ) -> Result<Tensor> {
+        let t = &prepared.time;
+        if call >= t.calls || sample.dim(0) != t.batch {
+            return Err(Error::shape(
+                "unet",
+                format!(
+                    "call {call} with batch {} of a schedule of {} calls × batch {}",
+                    sample.dim(0),
+                    t.calls,
+                    t.batch
+                ),
+            ));
+        }
+        let cond = Conditioning {
+            temb_silu: None,
+            context: &prepared.context,
+            hoisted: Some(Hoisted {
+                time_proj: &prepared.time_proj,
+                row: call * t.batch,
+                context_kv: &prepared.context_kv,
+            }),
+        };
+        self.check_inputs(sample, &prepared.context)?;
+        self.forward_conditioned(gpu, sample, &cond)
     }
 
     /// sample: [B, h, w, C_in]; timestep: the scheduler's t (the same for the whole batch, as
@@ -666,6 +825,29 @@ impl UNet2DConditionModel {
         temb_silu: &Tensor,
         context: &Tensor,
     ) -> Result<Tensor> {
+        self.check_inputs(sample, context)?;
+        let b = sample.dim(0);
+        if temb_silu.shape() != [b, self.time_embedding_dim()] || temb_silu.dtype() != self.dtype {
+            return Err(Error::shape(
+                "unet",
+                format!(
+                    "time embedding {temb_silu:?} should be [{b}, {}] {}",
+                    self.time_embedding_dim(),
+                    self.dtype.name()
+                ),
+            ));
+        }
+        let cond = Conditioning {
+            temb_silu: Some(temb_silu),
+            context,
+            hoisted: None,
+        };
+        self.forward_conditioned(gpu, sample, &cond)
+    }
+
+    /// The shape checks every entry point makes: sample [B, h, w, C_in] with h, w multiples of
+    /// the down-sampling factor, context [B, Nc, cross_attention_dim].
+    fn check_inputs(&self, sample: &Tensor, context: &Tensor) -> Result<()> {
         let c = &self.config;
         let b = sample.dim(0);
         let m = c.latent_multiple();
@@ -697,25 +879,23 @@ impl UNet2DConditionModel {
                 ),
             ));
         }
-        if temb_silu.shape() != [b, self.time_embedding_dim()] || temb_silu.dtype() != self.dtype {
-            return Err(Error::shape(
-                "unet",
-                format!(
-                    "time embedding {temb_silu:?} should be [{b}, {}] {}",
-                    self.time_embedding_dim(),
-                    self.dtype.name()
-                ),
-            ));
-        }
+        Ok(())
+    }
 
+    fn forward_conditioned(
+        &self,
+        gpu: &Gpu,
+        sample: &Tensor,
+        cond: &Conditioning<'_>,
+    ) -> Result<Tensor> {
         let mut h = self.conv_in.forward(gpu, sample)?; // [B, h, w, C0]
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
-            h = block.forward(gpu, h, temb_silu, context, &mut skips)?; // [B, h/2, w/2, C]
+            h = block.forward(gpu, h, cond, &mut skips)?; // [B, h/2, w/2, C]
         }
-        h = self.mid_block.forward(gpu, &h, temb_silu, context)?; // [B, h/f, w/f, C_last]
+        h = self.mid_block.forward(gpu, &h, cond)?; // [B, h/f, w/f, C_last]
         for block in &self.up_blocks {
-            h = block.forward(gpu, h, temb_silu, context, &mut skips)?; // [B, 2h, 2w, C]
+            h = block.forward(gpu, h, cond, &mut skips)?; // [B, 2h, 2w, C]
         }
         let h = self.conv_norm_out.forward(gpu, &h, true)?; // [B, h, w, C0]
         self.conv_out.forward(gpu, &h) // [B, h, w, C_out]

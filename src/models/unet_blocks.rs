@@ -3,7 +3,7 @@
 //! SD 1.5's layout: which levels attend, how many resnets and transformer layers each has, and
 //! whether it resamples all come from the config. Activations NHWC: [B, H, W, C].
 
-use crate::models::blocks::{ResnetBlock2D, ResnetBlock2DConfig};
+use crate::models::blocks::{Conditioning, ResnetBlock2D, ResnetBlock2DConfig};
 use crate::models::transformer::{Transformer2DModel, TransformerSpec};
 use crate::nn::{Conv2d, Conv2dConfig, VarBuilder};
 use crate::{Error, Gpu, Result, Tensor};
@@ -123,20 +123,38 @@ impl CrossAttnDownBlock2D {
         })
     }
 
+    /// The resnets and transformers, for the U-Net's per-image projections and slot numbering.
+    pub(crate) fn layers_mut(
+        &mut self,
+    ) -> (
+        impl Iterator<Item = &mut ResnetBlock2D>,
+        impl Iterator<Item = &mut Transformer2DModel>,
+    ) {
+        (self.resnets.iter_mut(), self.attentions.iter_mut())
+    }
+
+    pub(crate) fn layers(
+        &self,
+    ) -> (
+        impl Iterator<Item = &ResnetBlock2D>,
+        impl Iterator<Item = &Transformer2DModel>,
+    ) {
+        (self.resnets.iter(), self.attentions.iter())
+    }
+
     /// h: [B, H, W, Cin] -> [B, H/2, W/2, Cout] (or [B, H, W, Cout] without downsampler);
     /// pushes each layer's output (and the downsampled one) onto `skips`.
     pub fn forward(
         &self,
         gpu: &Gpu,
         mut h: Tensor,
-        temb_silu: &Tensor,
-        context: &Tensor,
+        cond: &Conditioning<'_>,
         skips: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
         for (j, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(gpu, &h, Some(temb_silu))?; // [B, H, W, Cout]
+            h = resnet.forward(gpu, &h, Some(cond))?; // [B, H, W, Cout]
             if let Some(t) = self.attentions.get(j) {
-                h = t.forward(gpu, &h, context)?; // [B, H, W, Cout]
+                h = t.forward(gpu, &h, cond)?; // [B, H, W, Cout]
             }
             skips.push(h.clone());
         }
@@ -166,17 +184,33 @@ impl UNetMidBlock2DCrossAttn {
         })
     }
 
-    /// h: [B, H, W, C] -> [B, H, W, C].
-    pub fn forward(
+    /// See [`CrossAttnDownBlock2D::layers_mut`].
+    pub(crate) fn layers_mut(
+        &mut self,
+    ) -> (
+        impl Iterator<Item = &mut ResnetBlock2D>,
+        impl Iterator<Item = &mut Transformer2DModel>,
+    ) {
+        (
+            self.resnets.iter_mut(),
+            std::iter::once(&mut self.attention),
+        )
+    }
+
+    pub(crate) fn layers(
         &self,
-        gpu: &Gpu,
-        h: &Tensor,
-        temb_silu: &Tensor,
-        context: &Tensor,
-    ) -> Result<Tensor> {
-        let h = self.resnets[0].forward(gpu, h, Some(temb_silu))?; // [B, H, W, C]
-        let h = self.attention.forward(gpu, &h, context)?; // [B, H, W, C]
-        self.resnets[1].forward(gpu, &h, Some(temb_silu)) // [B, H, W, C]
+    ) -> (
+        impl Iterator<Item = &ResnetBlock2D>,
+        impl Iterator<Item = &Transformer2DModel>,
+    ) {
+        (self.resnets.iter(), std::iter::once(&self.attention))
+    }
+
+    /// h: [B, H, W, C] -> [B, H, W, C].
+    pub fn forward(&self, gpu: &Gpu, h: &Tensor, cond: &Conditioning<'_>) -> Result<Tensor> {
+        let h = self.resnets[0].forward(gpu, h, Some(cond))?; // [B, H, W, C]
+        let h = self.attention.forward(gpu, &h, cond)?; // [B, H, W, C]
+        self.resnets[1].forward(gpu, &h, Some(cond)) // [B, H, W, C]
     }
 }
 
@@ -220,23 +254,41 @@ impl CrossAttnUpBlock2D {
         })
     }
 
+    /// See [`CrossAttnDownBlock2D::layers_mut`].
+    pub(crate) fn layers_mut(
+        &mut self,
+    ) -> (
+        impl Iterator<Item = &mut ResnetBlock2D>,
+        impl Iterator<Item = &mut Transformer2DModel>,
+    ) {
+        (self.resnets.iter_mut(), self.attentions.iter_mut())
+    }
+
+    pub(crate) fn layers(
+        &self,
+    ) -> (
+        impl Iterator<Item = &ResnetBlock2D>,
+        impl Iterator<Item = &Transformer2DModel>,
+    ) {
+        (self.resnets.iter(), self.attentions.iter())
+    }
+
     /// h: [B, H, W, Cprev] -> [B, 2H, 2W, Cout] (or [B, H, W, Cout] without upsampler); pops one
     /// skip per resnet from `skips`.
     pub fn forward(
         &self,
         gpu: &Gpu,
         mut h: Tensor,
-        temb_silu: &Tensor,
-        context: &Tensor,
+        cond: &Conditioning<'_>,
         skips: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
         for (j, resnet) in self.resnets.iter().enumerate() {
             let skip = skips
                 .pop()
                 .ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
-            h = resnet.forward_concat(gpu, &h, &skip, Some(temb_silu))?; // [B, H, W, Cout]
+            h = resnet.forward_concat(gpu, &h, &skip, Some(cond))?; // [B, H, W, Cout]
             if let Some(t) = self.attentions.get(j) {
-                h = t.forward(gpu, &h, context)?; // [B, H, W, Cout]
+                h = t.forward(gpu, &h, cond)?; // [B, H, W, Cout]
             }
         }
         if let Some(up) = &self.upsampler {

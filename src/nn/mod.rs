@@ -332,6 +332,28 @@ impl Conv2d {
         )
     }
 
+    /// conv(x) + bias per (batch, channel) instead of this conv's own bias: `bias_rows` is a
+    /// [B, Cout] block of a wider table (ResnetBlock2D's conv1 with its time embedding, whose
+    /// table already holds conv1's bias).
+    pub fn forward_bias_rows(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        bias_rows: conv2d::ChannelBiasView<'_>,
+    ) -> Result<Tensor> {
+        conv2d::Conv {
+            input: conv2d::Input::Plain(x),
+            weight: &self.weight,
+            bias: None,
+            bias_rows: Some(bias_rows),
+            residual: None,
+            stride: self.stride,
+            pads: self.pads,
+            variant: None,
+        }
+        .run(gpu)
+    }
+
     /// conv(concat_channels(a, b)) without writing the concatenation: a [B, H, W, Ca],
     /// b [B, H, W, Cb], this conv's Cin = Ca + Cb (the U-Net decoder's `torch.cat([h, skip])`).
     pub fn forward_concat(&self, gpu: &Gpu, a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -339,6 +361,7 @@ impl Conv2d {
             input: conv2d::Input::Concat(a, b),
             weight: &self.weight,
             bias: self.bias.as_ref(),
+            bias_rows: None,
             residual: None,
             stride: self.stride,
             pads: self.pads,
@@ -360,6 +383,7 @@ impl Conv2d {
             input: conv2d::Input::Concat(a, b),
             weight: &self.weight,
             bias: self.bias.as_ref(),
+            bias_rows: None,
             residual: Some(residual),
             stride: self.stride,
             pads: self.pads,

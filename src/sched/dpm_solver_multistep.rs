@@ -269,4 +269,9 @@ impl Sampler for DpmSolverMultistep {
     fn skip_calls(&mut self, calls: usize) {
         self.begin = calls;
     }
+    fn state_buffers(&self) -> &'static [Buf] {
+        // Next and History(0) live from the first step on, History(1) (the swap scratch) from
+        // the second.
+        &[Buf::Next, Buf::History(0), Buf::History(1)]
+    }
 }

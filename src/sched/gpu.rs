@@ -13,6 +13,9 @@ use crate::{DType, Error, Result};
 /// [`CpuBuffers`](super::CpuBuffers)).
 pub struct GpuBuffers {
     bufs: HashMap<Buf, Tensor>,
+    /// The sampler's state buffers ([`GpuBuffers::reserve`]): allocated once, then written in
+    /// place, so the loop takes nothing from the pool and returns nothing to it.
+    reserved: Vec<Buf>,
 }
 
 impl GpuBuffers {
@@ -21,7 +24,33 @@ impl GpuBuffers {
     pub fn new(latents: Tensor) -> Self {
         let mut bufs = HashMap::new();
         bufs.insert(Buf::Latents, latents);
-        GpuBuffers { bufs }
+        GpuBuffers {
+            bufs,
+            reserved: Vec::new(),
+        }
+    }
+    /// Allocates each of `state` not yet present (contents undefined: a plan writes a buffer
+    /// before it reads it), so the loop's live buffers do not change from call to call. See
+    /// [`Sampler::state_buffers`](super::Sampler::state_buffers).
+    pub fn reserve(&mut self, gpu: &Gpu, state: &[Buf]) -> Result<()> {
+        let shape = self.latents().shape().to_vec(); // [B, h, w, L]
+        for &buf in state {
+            if !self.bufs.contains_key(&buf) {
+                self.bufs.insert(buf, gpu.empty(&shape, DType::F32)?);
+            }
+            if !self.reserved.contains(&buf) {
+                self.reserved.push(buf);
+            }
+        }
+        Ok(())
+    }
+    /// Removes `buf` to be overwritten when it is reserved and not among `inputs` (a plan's
+    /// swaps keep every reserved buffer in the map: they exchange names, never drop).
+    fn take_reserved(&mut self, buf: Buf, inputs: &[Option<Buf>]) -> Option<Tensor> {
+        if !self.reserved.contains(&buf) || inputs.contains(&Some(buf)) {
+            return None;
+        }
+        self.bufs.remove(&buf)
     }
     pub fn get(&self, buf: Buf) -> Option<&Tensor> {
         self.bufs.get(&buf)
@@ -40,7 +69,8 @@ impl GpuBuffers {
 
 /// Runs `plan` on the GPU: records one fused dispatch per op (no submit), then swaps handles.
 /// `model_out` is [B, h, w, L] f32, or [2B, h, w, L] (`[uncond; cond]`) with
-/// `guidance = Some(g)`. Each op writes fresh tensors from the pool, so no output aliases an input.
+/// `guidance = Some(g)`. Each op writes fresh tensors from the pool, or a reserved buffer it does
+/// not read, so no output aliases an input.
 pub fn execute_on_gpu(
     gpu: &Gpu,
     plan: &StepPlan,
@@ -51,6 +81,18 @@ pub fn execute_on_gpu(
     let shape = bufs.latents().shape().to_vec(); // [B, h, w, L]
     let guidance = guidance.map(|g| g as f32);
     for op in &plan.ops {
+        // Outputs first: a reserved buffer the op does not read is overwritten in place.
+        let out_a = match bufs.take_reserved(op.out_a, &op.inputs) {
+            Some(t) => t,
+            None => gpu.empty(&shape, DType::F32)?,
+        };
+        let out_b = match &op.b {
+            Some(second) => Some(match bufs.take_reserved(second.out, &op.inputs) {
+                Some(t) => t,
+                None => gpu.empty(&shape, DType::F32)?,
+            }),
+            None => None,
+        };
         let mut slots: [Option<&Tensor>; 5] = [None; 5];
         for (slot, buf) in slots.iter_mut().zip(&op.inputs) {
             if let Some(buf) = buf {
@@ -59,11 +101,6 @@ pub fn execute_on_gpu(
                 })?);
             }
         }
-        let out_a = gpu.empty(&shape, DType::F32)?;
-        let out_b = match &op.b {
-            Some(_) => Some(gpu.empty(&shape, DType::F32)?),
-            None => None,
-        };
         sampler_step::sampler_step(
             gpu,
             model_out,

@@ -403,6 +403,13 @@ pub trait Sampler: Send {
     }
     /// Drops the first `calls` model calls (img2img's `get_timesteps`). Call before any step.
     fn skip_calls(&mut self, calls: usize);
+    /// The buffers besides [`Buf::Latents`] that the steps keep alive, allocated by the pipeline
+    /// before the first call ([`GpuBuffers::reserve`]) so the loop's set of live latent-sized
+    /// buffers is the same on every call: a history buffer first written mid-loop would shift
+    /// the buffer pool's reuse (and so the bind-group cache's hits) a call or two later.
+    fn state_buffers(&self) -> &'static [Buf] {
+        &[]
+    }
 
     /// diffusers' `get_timesteps(num_inference_steps, strength)`: keeps the last
     /// `int(steps * strength)` steps; returns the number of denoising steps left.
