@@ -2,6 +2,7 @@
 //! [`LinearStep`] one dispatch of the fused kernel ([`sampler_step::sampler_step`]), the swaps
 //! as handle swaps. [`execute_on_cpu`](super::execute_on_cpu) is its specification.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use super::{apply_swaps, Buf, LinearStep, StepPlan};
@@ -35,8 +36,8 @@ impl GpuBuffers {
     pub fn reserve(&mut self, gpu: &Gpu, state: &[Buf]) -> Result<()> {
         let shape = self.latents().shape().to_vec(); // [B, h, w, L]
         for &buf in state {
-            if !self.bufs.contains_key(&buf) {
-                self.bufs.insert(buf, gpu.empty(&shape, DType::F32)?);
+            if let Entry::Vacant(slot) = self.bufs.entry(buf) {
+                slot.insert(gpu.empty(&shape, DType::F32)?);
             }
             if !self.reserved.contains(&buf) {
                 self.reserved.push(buf);
