@@ -194,7 +194,7 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
     let vec4 = g.k.is_multiple_of(4);
     let tiles = Tiles::choose(g.batch, g.m, n_tile_cols);
     let coop = if vec4 {
-        coop_plan(gpu, g.out.dtype())
+        coop_plan(gpu, g.out.dtype()).filter(|p| p.matmul_staging_fits())
     } else {
         None
     };
