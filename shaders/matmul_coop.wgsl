@@ -57,10 +57,11 @@
 // Workgroup memory 2·TL·AS f16 + 8·FRAG·2·FRAG f32: 20 + 16 = 36 KiB at FRAG 16 (NVIDIA allows
 // 48), 6 + 4 = 10 KiB at FRAG 8 (lavapipe allows 32). The host checks the same formula
 // (`CoopTile::workgroup_bytes`) and keeps the 64 tile where it does not fit.
-// Staging stays scalar f16 stores to workgroup memory (the global loads are whole vec4s):
-// coopLoad would accept a vec4<f16> array in naga, but then SPIR-V measures the stride in vec4s
-// while naga's MSL wrapper takes a `half*`, so the same WGSL would not mean the same on every
-// back end.
+// Global loads are whole vec4<f16>s (8 bytes; 16-byte loads would need K % 8 == 0 and 16-byte
+// bindings, which the awkward shapes this file serves do not have). Staging stays scalar f16
+// stores to workgroup memory: coopLoad would accept a vec4<f16> array in naga, but then SPIR-V
+// measures the stride in vec4s while naga's MSL wrapper takes a `half*`, so the same WGSL would
+// not mean the same on every back end.
 
 enable wgpu_cooperative_matrix;
 
