@@ -25,9 +25,10 @@
 //   re-decoding of the geglu row map in the loop.
 // - Register prefetch. Per step: store the chunks held in registers (`Chunks`) to workgroup
 //   memory, barrier, issue the next step's global loads into registers, multiply-accumulate
-//   the stored tile, barrier. The loads' latency overlaps the matrix work; the two barriers
-//   are the ones a single staging buffer needs (stores after reads, reads after stores), and
-//   double buffering does not fit beside the large tile's epilogue slots in 48 KiB.
+//   the stored tile, barrier (not after the last step). The loads' latency overlaps the matrix
+//   work; the two barriers are the ones a single staging buffer needs (reads after stores,
+//   stores after reads), and double buffering does not fit beside the large tile's epilogue
+//   slots in 48 KiB.
 // Chunks past M, N or K are zeros (never loaded), so the matrix ops never see out-of-range
 // data; the f32 accumulators reach the fused epilogue (bias, activation, residual / GELU gate)
 // through workgroup memory, whose stores are coalesced along rows. Grid: (ceil(N / outputs per
@@ -269,6 +270,11 @@ fn product_tile(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, g
             c01 = coopMultiplyAdd(a0, b1, c01);
             c10 = coopMultiplyAdd(a1, b0, c10);
             c11 = coopMultiplyAdd(a1, b1, c11);
+        }
+        // The next store overwrites what every subgroup has just read; after the last step
+        // nothing does (the accumulators go to c_sh), so no barrier there.
+        if (k0 + TK >= params.k) {
+            break;
         }
         workgroupBarrier();
     }
@@ -522,6 +528,10 @@ fn tile_l(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, c_base:
             c21 = coopMultiplyAdd(a2, b1, c21);
             c30 = coopMultiplyAdd(a3, b0, c30);
             c31 = coopMultiplyAdd(a3, b1, c31);
+        }
+        // As in `product_tile`: the last step's reads need no barrier (c_shl is apart).
+        if (k0 + TK >= params.k) {
+            break;
         }
         workgroupBarrier();
     }
