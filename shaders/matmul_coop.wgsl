@@ -13,12 +13,26 @@
 // K % 4 == 0 is required (vec4 staging loads); the host uses matmul.wgsl otherwise.
 //
 // Two tile sizes, each with a linear and a geglu entry point; the host picks by the number of
-// workgroups (src/kernels/matmul.rs `CoopTile`). Both share the flow: per K step (TK = 2·FRAG)
-// all threads stage x and w tiles (zero-padded at the edges, so the matrix ops never see
-// out-of-range data) into workgroup memory as f16, then each subgroup multiplies its fragments;
-// the f32 accumulators reach the fused epilogue (bias, activation, residual / GELU gate) through
-// workgroup memory, whose stores are coalesced along rows. Grid: (ceil(N / outputs per tile
-// row), ceil(M / tile rows), batch).
+// workgroups (src/kernels/matmul.rs `CoopTile`). Both share the flow (K step TK = 2·FRAG),
+// software-pipelined as conv2d_coop.wgsl's large tile:
+// - Fixed staging slots. A K step stages ROWS × TK halves of x and of w (ROWS = the tile side),
+//   as vec4 chunks, CHUNKS = TK / 4 per row. With 4·SG (or 8·SG) invocations an invocation
+//   always owns chunk column c = lid % CHUNKS of the same SLOTS rows lid / CHUNKS + j·RPP,
+//   RPP = invocations / CHUNKS, SLOTS = FRAG² / (2·SG) for either tile: 4 for 16 × 16 on
+//   32-wide subgroups and for 8 × 8 on 8-wide ones. The host runs this file only where SLOTS
+//   is 1, 2 or 4 (`CoopPlan::matmul_staging_fits`). Its global vec4 indices (`Staging`) are
+//   computed once, before the K loop, and advance by CHUNKS per step: no divisions, no
+//   re-decoding of the geglu row map in the loop.
+// - Register prefetch. Per step: store the chunks held in registers (`Chunks`) to workgroup
+//   memory, barrier, issue the next step's global loads into registers, multiply-accumulate
+//   the stored tile, barrier (not after the last step). The loads' latency overlaps the matrix
+//   work; the two barriers are the ones a single staging buffer needs (reads after stores,
+//   stores after reads), and double buffering does not fit beside the large tile's epilogue
+//   slots in 48 KiB.
+// Chunks past M, N or K are zeros (never loaded), so the matrix ops never see out-of-range
+// data; the f32 accumulators reach the fused epilogue (bias, activation, residual / GELU gate)
+// through workgroup memory, whose stores are coalesced along rows. Grid: (ceil(N / outputs per
+// tile row), ceil(M / tile rows), batch).
 //
 // `linear_coop` / `geglu_coop`: 4 subgroups; output tile TM × TN = 4·FRAG × 4·FRAG (64 × 64 at
 // FRAG 16; geglu: TM rows × TN/2 outputs, i.e. TN/2 hidden + TN/2 gate weight rows). Subgroup s
@@ -44,9 +58,11 @@
 // Workgroup memory 2·TL·AS f16 + 8·FRAG·2·FRAG f32: 20 + 16 = 36 KiB at FRAG 16 (NVIDIA allows
 // 48), 6 + 4 = 10 KiB at FRAG 8 (lavapipe allows 32). The host checks the same formula
 // (`CoopTile::workgroup_bytes`) and keeps the 64 tile where it does not fit.
-// Staging stays scalar f16 stores: coopLoad would accept a vec4<f16> array in naga, but then
-// SPIR-V measures the stride in vec4s while naga's MSL wrapper takes a `half*`, so the same
-// WGSL would not mean the same on every back end.
+// Global loads are whole vec4<f16>s (8 bytes; 16-byte loads would need K % 8 == 0 and 16-byte
+// bindings, which the awkward shapes this file serves do not have). Staging stays scalar f16
+// stores to workgroup memory: coopLoad would accept a vec4<f16> array in naga, but then SPIR-V
+// measures the stride in vec4s while naga's MSL wrapper takes a `half*`, so the same WGSL would
+// not mean the same on every back end.
 
 enable wgpu_cooperative_matrix;
 
@@ -83,6 +99,10 @@ const TK: u32 = 2u * FRAG;
 override SG: u32 = 32u;
 override NT: u32 = 4u * SG;
 override NT_L: u32 = 8u * SG;
+// Staging (see the header): vec4 chunks per staged row, and staged rows per invocation in
+// either tile (1, 2 or 4 where the host runs this file).
+const CHUNKS: u32 = TK / 4u;
+override SLOTS: u32 = FRAG * FRAG / (2u * SG);
 // Row stride of the staged tiles in halves: TK + 8 keeps every fragment's rows 16-byte aligned
 // (TK + 8 halves is a multiple of 8) and staggers rows across banks.
 const AS: u32 = TK + 8u;
@@ -102,38 +122,121 @@ fn b_row(rr: u32, n0: u32, geglu: bool) -> vec2<u32> {
     return vec2<u32>(n, u32(n < params.n));
 }
 
-fn stage_tiles(lid: u32, m0: u32, n0: u32, k0: u32, a_base: u32, b_base: u32, geglu: bool) {
-    let kk = params.k;
-    let chunks = TK / 4u;
-    for (var i = lid; i < TM * chunks; i += NT) {
-        let r = i / chunks;
-        let c = i - r * chunks;
-        let m = m0 + r;
-        let k = k0 + 4u * c;
-        var v = vec4<f16>(0.0);
-        if (m < params.m && k < kk) {
-            v = vec4<f16>(x4[(a_base + m * kk + k) >> 2u]);
-        }
-        let o = r * AS + 4u * c;
-        a_sh[o] = v.x;
-        a_sh[o + 1u] = v.y;
-        a_sh[o + 2u] = v.z;
-        a_sh[o + 3u] = v.w;
+// ------------------------------------------------------------------ staging (both tiles)
+
+// One invocation's staging slots: chunk column `c` of the tile's rows `r` (slot j: r[j]), and
+// at the current K step the vec4 indices of those chunks in x (`qa`) and w (`qb`), whether
+// each slot's row exists (`ok_*`: m < M, weight row < N, j < SLOTS), and the chunk's position
+// along K in vec4s (`kq` = (k0 + 4c) / 4; the chunk exists while kq < K / 4).
+struct Staging {
+    r: vec4<u32>,
+    c: u32,
+    kq: u32,
+    qa: vec4<u32>,
+    qb: vec4<u32>,
+    ok_a: vec4<bool>,
+    ok_b: vec4<bool>,
+};
+
+// The registers one K step's chunks wait in between their global load and their store.
+struct Chunks {
+    a0: vec4<f16>,
+    a1: vec4<f16>,
+    a2: vec4<f16>,
+    a3: vec4<f16>,
+    b0: vec4<f16>,
+    b1: vec4<f16>,
+    b2: vec4<f16>,
+    b3: vec4<f16>,
+};
+
+// The staged w row of B column rr of either tile (`b_row` / `b_row_l`) and whether it exists.
+fn w_row(rr: u32, n0: u32, geglu: bool, large: bool) -> vec2<u32> {
+    if (large) {
+        return b_row_l(rr, n0, geglu);
     }
-    for (var i = lid; i < TN * chunks; i += NT) {
-        let r = i / chunks;
-        let c = i - r * chunks;
-        let row = b_row(r, n0, geglu);
-        let k = k0 + 4u * c;
-        var v = vec4<f16>(0.0);
-        if (row.y != 0u && k < kk) {
-            v = vec4<f16>(w4[(b_base + row.x * kk + k) >> 2u]);
-        }
-        let o = r * AS + 4u * c;
-        b_sh[o] = v.x;
-        b_sh[o + 1u] = v.y;
-        b_sh[o + 2u] = v.z;
-        b_sh[o + 3u] = v.w;
+    return b_row(rr, n0, geglu);
+}
+
+// The staging of invocation `lid` of a tile with `rpp` rows per pass (NT or NT_L over CHUNKS)
+// at m0, n0 for k0 = 0: every index the K loop needs, decoded once.
+fn staging_begin(lid: u32, rpp: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, geglu: bool,
+                 large: bool) -> Staging {
+    let slot = vec4<u32>(0u, 1u, 2u, 3u);
+    let live = slot < vec4<u32>(SLOTS);
+    let kq = params.k >> 2u;
+    var s: Staging;
+    s.c = lid % CHUNKS;
+    s.kq = s.c;
+    s.r = vec4<u32>(lid / CHUNKS) + slot * rpp;
+    let m = vec4<u32>(m0) + s.r;
+    s.ok_a = live & (m < vec4<u32>(params.m));
+    // Batch offsets are multiples of 4 (K % 4 == 0), so rows start on whole vec4s.
+    s.qa = vec4<u32>((a_base >> 2u) + s.c) + m * kq;
+    let w0 = w_row(s.r.x, n0, geglu, large);
+    let w1 = w_row(s.r.y, n0, geglu, large);
+    let w2 = w_row(s.r.z, n0, geglu, large);
+    let w3 = w_row(s.r.w, n0, geglu, large);
+    s.ok_b = live & (vec4<u32>(w0.y, w1.y, w2.y, w3.y) != vec4<u32>(0u));
+    s.qb = vec4<u32>((b_base >> 2u) + s.c) + vec4<u32>(w0.x, w1.x, w2.x, w3.x) * kq;
+    return s;
+}
+
+// The staging one K step (TK) further on.
+fn staging_next(s: Staging) -> Staging {
+    var t = s;
+    t.kq += CHUNKS;
+    t.qa += vec4<u32>(CHUNKS);
+    t.qb += vec4<u32>(CHUNKS);
+    return t;
+}
+
+// This invocation's chunks at step `s`, one vec4 load each; zeros where the row or K is out of
+// range (nothing is loaded there).
+fn fetch(s: Staging) -> Chunks {
+    var v: Chunks;
+    if (s.kq < (params.k >> 2u)) {
+        if (s.ok_a.x) { v.a0 = vec4<f16>(x4[s.qa.x]); }
+        if (s.ok_a.y) { v.a1 = vec4<f16>(x4[s.qa.y]); }
+        if (s.ok_a.z) { v.a2 = vec4<f16>(x4[s.qa.z]); }
+        if (s.ok_a.w) { v.a3 = vec4<f16>(x4[s.qa.w]); }
+        if (s.ok_b.x) { v.b0 = vec4<f16>(w4[s.qb.x]); }
+        if (s.ok_b.y) { v.b1 = vec4<f16>(w4[s.qb.y]); }
+        if (s.ok_b.z) { v.b2 = vec4<f16>(w4[s.qb.z]); }
+        if (s.ok_b.w) { v.b3 = vec4<f16>(w4[s.qb.w]); }
+    }
+    return v;
+}
+
+fn put_a(o: u32, v: vec4<f16>) {
+    a_sh[o] = v.x;
+    a_sh[o + 1u] = v.y;
+    a_sh[o + 2u] = v.z;
+    a_sh[o + 3u] = v.w;
+}
+
+fn put_b(o: u32, v: vec4<f16>) {
+    b_sh[o] = v.x;
+    b_sh[o + 1u] = v.y;
+    b_sh[o + 2u] = v.z;
+    b_sh[o + 3u] = v.w;
+}
+
+// The 64 tile's store of one step's chunks (slots past SLOTS do not exist: SLOTS is a
+// pipeline constant, so these branches fold away).
+fn store_chunks(s: Staging, v: Chunks) {
+    let o = s.r * AS + vec4<u32>(4u * s.c);
+    put_a(o.x, v.a0);
+    put_b(o.x, v.b0);
+    if (SLOTS > 1u) {
+        put_a(o.y, v.a1);
+        put_b(o.y, v.b1);
+    }
+    if (SLOTS > 2u) {
+        put_a(o.z, v.a2);
+        put_b(o.z, v.b2);
+        put_a(o.w, v.a3);
+        put_b(o.w, v.b3);
     }
 }
 
@@ -145,9 +248,14 @@ fn product_tile(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, g
     var c01 = coop_mat16x16<f32, C>();
     var c10 = coop_mat16x16<f32, C>();
     var c11 = coop_mat16x16<f32, C>();
+    var st = staging_begin(lid, NT / CHUNKS, m0, n0, a_base, b_base, geglu, false);
+    var chunks = fetch(st);
     for (var k0 = 0u; k0 < params.k; k0 += TK) {
-        stage_tiles(lid, m0, n0, k0, a_base, b_base, geglu);
+        store_chunks(st, chunks);
         workgroupBarrier();
+        // The next step's loads go out before this step's matrix products.
+        st = staging_next(st);
+        chunks = fetch(st);
         for (var kb = 0u; kb < TK; kb += FRAG) {
             // A blocks are row-major (m, k); B = Wᵀ is column-major: column n is w's row n.
             let ia0 = wm * AS + kb;
@@ -162,6 +270,11 @@ fn product_tile(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, g
             c01 = coopMultiplyAdd(a0, b1, c01);
             c10 = coopMultiplyAdd(a1, b0, c10);
             c11 = coopMultiplyAdd(a1, b1, c11);
+        }
+        // The next store overwrites what every subgroup has just read; after the last step
+        // nothing does (the accumulators go to c_sh), so no barrier there.
+        if (k0 + TK >= params.k) {
+            break;
         }
         workgroupBarrier();
     }
@@ -289,38 +402,34 @@ fn b_row_l(rr: u32, n0: u32, geglu: bool) -> vec2<u32> {
     return vec2<u32>(n, u32(n < params.n));
 }
 
-fn stage_tiles_l(lid: u32, m0: u32, n0: u32, k0: u32, a_base: u32, b_base: u32, geglu: bool) {
-    let kk = params.k;
-    let chunks = TK / 4u;
-    for (var i = lid; i < TL * chunks; i += NT_L) {
-        let r = i / chunks;
-        let c = i - r * chunks;
-        let m = m0 + r;
-        let k = k0 + 4u * c;
-        var v = vec4<f16>(0.0);
-        if (m < params.m && k < kk) {
-            v = vec4<f16>(x4[(a_base + m * kk + k) >> 2u]);
-        }
-        let o = r * AS + 4u * c;
-        a_shl[o] = v.x;
-        a_shl[o + 1u] = v.y;
-        a_shl[o + 2u] = v.z;
-        a_shl[o + 3u] = v.w;
+fn put_a_l(o: u32, v: vec4<f16>) {
+    a_shl[o] = v.x;
+    a_shl[o + 1u] = v.y;
+    a_shl[o + 2u] = v.z;
+    a_shl[o + 3u] = v.w;
+}
+
+fn put_b_l(o: u32, v: vec4<f16>) {
+    b_shl[o] = v.x;
+    b_shl[o + 1u] = v.y;
+    b_shl[o + 2u] = v.z;
+    b_shl[o + 3u] = v.w;
+}
+
+// `store_chunks` for the large tile's arrays.
+fn store_chunks_l(s: Staging, v: Chunks) {
+    let o = s.r * AS + vec4<u32>(4u * s.c);
+    put_a_l(o.x, v.a0);
+    put_b_l(o.x, v.b0);
+    if (SLOTS > 1u) {
+        put_a_l(o.y, v.a1);
+        put_b_l(o.y, v.b1);
     }
-    for (var i = lid; i < TL * chunks; i += NT_L) {
-        let r = i / chunks;
-        let c = i - r * chunks;
-        let row = b_row_l(r, n0, geglu);
-        let k = k0 + 4u * c;
-        var v = vec4<f16>(0.0);
-        if (row.y != 0u && k < kk) {
-            v = vec4<f16>(w4[(b_base + row.x * kk + k) >> 2u]);
-        }
-        let o = r * AS + 4u * c;
-        b_shl[o] = v.x;
-        b_shl[o + 1u] = v.y;
-        b_shl[o + 2u] = v.z;
-        b_shl[o + 3u] = v.w;
+    if (SLOTS > 2u) {
+        put_a_l(o.z, v.a2);
+        put_b_l(o.z, v.b2);
+        put_a_l(o.w, v.a3);
+        put_b_l(o.w, v.b3);
     }
 }
 
@@ -389,9 +498,14 @@ fn tile_l(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, c_base:
     var c21 = coop_mat16x16<f32, C>();
     var c30 = coop_mat16x16<f32, C>();
     var c31 = coop_mat16x16<f32, C>();
+    var st = staging_begin(lid, NT_L / CHUNKS, m0, n0, a_base, b_base, geglu, true);
+    var chunks = fetch(st);
     for (var k0 = 0u; k0 < params.k; k0 += TK) {
-        stage_tiles_l(lid, m0, n0, k0, a_base, b_base, geglu);
+        store_chunks_l(st, chunks);
         workgroupBarrier();
+        // The next step's loads go out before this step's matrix products.
+        st = staging_next(st);
+        chunks = fetch(st);
         for (var kb = 0u; kb < TK; kb += FRAG) {
             // A blocks are row-major (m, k); B = Wᵀ is column-major: column n is w's row n.
             let ia0 = wm * AS + kb;
@@ -414,6 +528,10 @@ fn tile_l(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, c_base:
             c21 = coopMultiplyAdd(a2, b1, c21);
             c30 = coopMultiplyAdd(a3, b0, c30);
             c31 = coopMultiplyAdd(a3, b1, c31);
+        }
+        // As in `product_tile`: the last step's reads need no barrier (c_shl is apart).
+        if (k0 + TK >= params.k) {
+            break;
         }
         workgroupBarrier();
     }

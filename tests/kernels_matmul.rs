@@ -491,7 +491,8 @@ fn tensor_core_path_runs_where_offered() {
             g.caps
         );
     }
-    let Some(plan) = plan else {
+    // Where the shader's staging slots do not fit the plan, the matmul runs the FMA kernel.
+    let Some(plan) = plan.filter(|p| p.matmul_staging_fits()) else {
         eprintln!(
             "tensor-core matmul not in use on {} (FMA kernel tested)",
             g.adapter
@@ -550,6 +551,25 @@ fn coop_tile_choice_and_budget() {
     assert_eq!(CoopTile::parse("128"), Some(CoopTile::T128));
     assert_eq!(CoopTile::parse("64"), Some(CoopTile::T64));
     assert_eq!(CoopTile::parse("coop"), None);
+    // The shader's fixed staging slots: f² / (2 · subgroup) rows per invocation, 1, 2 or 4.
+    assert_eq!(nvidia.matmul_staging_slots(), Some(4));
+    assert_eq!(lavapipe.matmul_staging_slots(), Some(4));
+    assert!(nvidia.matmul_staging_fits() && lavapipe.matmul_staging_fits());
+    let plan = |frag, subgroup| CoopPlan { frag, subgroup };
+    assert!(plan(16, 64).matmul_staging_fits(), "AMD wave64: 2 slots");
+    assert!(plan(8, 16).matmul_staging_fits() && plan(8, 32).matmul_staging_fits());
+    assert_eq!(plan(16, 16).matmul_staging_slots(), Some(8));
+    assert!(
+        !plan(16, 16).matmul_staging_fits(),
+        "8 slots: the shader has 4"
+    );
+    assert!(!plan(8, 4).matmul_staging_fits());
+    assert_eq!(
+        plan(8, 64).matmul_staging_slots(),
+        None,
+        "half a row per invocation"
+    );
+    assert!(!plan(8, 64).matmul_staging_fits());
 
     let mut caps = gpu().caps.clone();
     caps.max_workgroup_storage = 48 * 1024;
@@ -594,17 +614,18 @@ fn coop_tile_choice_and_budget() {
 }
 
 /// A fresh engine (so that its pipeline list shows only what ran here) with the tensor-core
-/// path on, or None where it cannot run (then the FMA kernel is what the other tests cover).
-fn coop_engine(options: &GpuOptions) -> Option<(Gpu, CoopPlan)> {
+/// matmul on, or None where it cannot run (then the FMA kernel is what the other tests cover)
+/// or, with `large`, where the adapter cannot hold the large tile.
+fn coop_engine(options: &GpuOptions, large: bool) -> Option<(Gpu, CoopPlan)> {
     let g = Gpu::new(options).expect("a wgpu adapter");
-    let Some(plan) = coop::coop_plan(&g, DType::F16) else {
+    let Some(plan) = coop::coop_plan(&g, DType::F16).filter(|p| p.matmul_staging_fits()) else {
         eprintln!(
-            "tensor-core matmul not in use on {} (large tile not tested)",
+            "tensor-core matmul not in use on {} (coop tiles not tested)",
             g.adapter
         );
         return None;
     };
-    if !CoopTile::T128.fits(plan, &g.caps) {
+    if large && !CoopTile::T128.fits(plan, &g.caps) {
         eprintln!("{} cannot hold the large coop tile: not tested", g.adapter);
         return None;
     }
@@ -621,14 +642,90 @@ fn coop_entries(g: &Gpu, plan: CoopPlan) -> Vec<&'static str> {
         .collect()
 }
 
-/// The large tile forced on the awkward shapes the 64 tile passes: M, N, K that are multiples
-/// of neither 8·frag nor 2·frag, K = 4, more than one tile in each direction, every epilogue,
-/// the in-place residual, GEGLU with and without bias, batched A·Bᵀ; and the shape heuristic
-/// picking it by itself on a big shape. On a fresh engine, whose pipeline list then proves that
-/// only the large entry points ran.
+/// The awkward shapes every coop tile must pass, on `g` with its tile forced: M, N, K that are
+/// multiples of neither 8·frag nor 2·frag, K = 4, more than one tile in each direction, every
+/// epilogue, the in-place residual, GEGLU with and without bias, batched A·Bᵀ. Returns the
+/// worst linear rel L2.
+fn check_awkward_shapes(g: &Gpu, seed0: u64) -> f64 {
+    let f16 = DType::F16;
+    let mut worst = 0.0f64;
+    let cases: &[(&[usize], usize, usize)] = &[
+        (&[1], 1, 4),
+        (&[1], 7, 12),
+        (&[67], 129, 44),
+        (&[3, 33], 5, 8),
+        (&[2, 65], 70, 100),
+        (&[13], 300, 4),
+        (&[130], 131, 36),
+        (&[259], 257, 68),
+    ];
+    let mut seed = seed0;
+    for &(lead, n, k) in cases {
+        for (i, &act) in ACTS.iter().enumerate() {
+            seed += 1;
+            let e = check_linear_on(g, f16, lead, n, k, i % 2 == 0, i / 2 == 1, act, seed, 1);
+            worst = worst.max(e);
+        }
+    }
+    check_residual_in_place(g, f16, 37, 45, 24, seed0 + 40);
+    check_residual_in_place(g, f16, 130, 131, 36, seed0 + 41);
+    let geglu: &[(&[usize], usize, usize)] = &[
+        (&[1], 1, 4),
+        (&[67], 129, 44),
+        (&[2, 65], 33, 40),
+        (&[130], 70, 12),
+        (&[131], 200, 68),
+    ];
+    for &(lead, n, k) in geglu {
+        for bias in [true, false] {
+            seed += 1;
+            check_geglu_on(g, f16, lead, n, k, bias, seed, 1);
+        }
+    }
+    for case in [
+        (1, 1, 1, 4),
+        (3, 7, 13, 8),
+        (2, 67, 129, 44),
+        (2, 77, 77, 40),
+        (4, 130, 70, 64),
+    ] {
+        seed += 1;
+        check_batched(g, f16, case, seed);
+    }
+    worst
+}
+
+/// The 64 tile forced on the awkward shapes (most SD linears run it by shape, and a
+/// `LDM_COOP_TILE=128` run of this suite would otherwise not test it). On a fresh engine, whose
+/// pipeline list then proves that only the 64 tile's entry points ran.
+#[test]
+fn coop_small_tile_awkward_shapes_all_epilogues() {
+    let Some((g, plan)) = coop_engine(&GpuOptions::from_env().unwrap(), false) else {
+        return;
+    };
+    let t = std::time::Instant::now();
+    set_coop_tile(&g, Some(CoopTile::T64));
+    let worst = check_awkward_shapes(&g, 710);
+    set_coop_tile(&g, None);
+    let mut ran = coop_entries(&g, plan);
+    ran.sort();
+    assert_eq!(
+        ran,
+        ["geglu_coop", "linear_coop"],
+        "only the 64 tile may have run"
+    );
+    eprintln!(
+        "64 coop tile, {plan:?}: awkward shapes pass, worst linear rel L2 {worst:.2e}, {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// The large tile forced on the awkward shapes of [`check_awkward_shapes`], and the shape
+/// heuristic picking it by itself on a big shape. On a fresh engine, whose pipeline list then
+/// proves that only the large entry points ran.
 #[test]
 fn coop_large_tile_awkward_shapes_all_epilogues() {
-    let Some((g, plan)) = coop_engine(&GpuOptions::from_env().unwrap()) else {
+    let Some((g, plan)) = coop_engine(&GpuOptions::from_env().unwrap(), true) else {
         return;
     };
     let t = std::time::Instant::now();
@@ -651,50 +748,7 @@ fn coop_large_tile_awkward_shapes_all_epilogues() {
     assert_eq!(coop_entries(&g, plan), ["linear_coop_l"]);
 
     set_coop_tile(&g, Some(CoopTile::T128));
-    let mut worst = 0.0f64;
-    let cases: &[(&[usize], usize, usize)] = &[
-        (&[1], 1, 4),
-        (&[1], 7, 12),
-        (&[67], 129, 44),
-        (&[3, 33], 5, 8),
-        (&[2, 65], 70, 100),
-        (&[13], 300, 4),
-        (&[130], 131, 36),
-        (&[259], 257, 68),
-    ];
-    let mut seed = 610;
-    for &(lead, n, k) in cases {
-        for (i, &act) in ACTS.iter().enumerate() {
-            seed += 1;
-            let e = check_linear_on(&g, f16, lead, n, k, i % 2 == 0, i / 2 == 1, act, seed, 1);
-            worst = worst.max(e);
-        }
-    }
-    check_residual_in_place(&g, f16, 37, 45, 24, 650);
-    check_residual_in_place(&g, f16, 130, 131, 36, 651);
-    let geglu: &[(&[usize], usize, usize)] = &[
-        (&[1], 1, 4),
-        (&[67], 129, 44),
-        (&[2, 65], 33, 40),
-        (&[130], 70, 12),
-        (&[131], 200, 68),
-    ];
-    for &(lead, n, k) in geglu {
-        for bias in [true, false] {
-            seed += 1;
-            check_geglu_on(&g, f16, lead, n, k, bias, seed, 1);
-        }
-    }
-    for case in [
-        (1, 1, 1, 4),
-        (3, 7, 13, 8),
-        (2, 67, 129, 44),
-        (2, 77, 77, 40),
-        (4, 130, 70, 64),
-    ] {
-        seed += 1;
-        check_batched(&g, f16, case, seed);
-    }
+    let worst = check_awkward_shapes(&g, 610);
     set_coop_tile(&g, None);
     let mut ran = coop_entries(&g, plan);
     ran.sort();
@@ -714,13 +768,16 @@ fn coop_large_tile_awkward_shapes_all_epilogues() {
 #[test]
 fn coop_large_tile_same_bits_with_and_without_bounds_checks() {
     let open = |checks| {
-        coop_engine(&GpuOptions {
-            policy: ldm_wgpu::runtime::KernelPolicy {
-                shader_checks: checks,
-                ..ldm_wgpu::runtime::KernelPolicy::from_env().unwrap()
+        coop_engine(
+            &GpuOptions {
+                policy: ldm_wgpu::runtime::KernelPolicy {
+                    shader_checks: checks,
+                    ..ldm_wgpu::runtime::KernelPolicy::from_env().unwrap()
+                },
+                ..ldm_wgpu::GpuOptions::from_env().unwrap()
             },
-            ..ldm_wgpu::GpuOptions::from_env().unwrap()
-        })
+            true,
+        )
     };
     let (Some((checked, plan)), Some((unchecked, _))) = (open(true), open(false)) else {
         return;

@@ -310,9 +310,12 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
     // tile) and `matmul[coop128]` (the large tile, where the adapter holds it); the one the
     // engine picks by default marked `*`.
     b.gpu.set_policy(forced(Some(true), None));
-    let coop = coop::coop_plan(b.gpu, dtype);
+    // The matmul's own condition on the plan (`CoopPlan::matmul_staging_fits`): elsewhere the
+    // engine runs the FMA kernel, which must not be labelled `coop`.
+    let matmul_plan = |gpu: &Gpu| coop::coop_plan(gpu, dtype).filter(|p| p.matmul_staging_fits());
+    let coop = matmul_plan(b.gpu);
     b.gpu.set_policy(base);
-    let default_coop = coop::coop_plan(b.gpu, dtype).is_some();
+    let default_coop = matmul_plan(b.gpu).is_some();
     for (name, m, n, k) in cases {
         if !b.wanted(&name) || (b.quick && m * n * k > 1 << 30) {
             continue;

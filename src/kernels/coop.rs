@@ -29,6 +29,21 @@ impl CoopPlan {
         base.coop_variant(self.frag)
             .unwrap_or_else(|| panic!("{base} has no tensor-core variants"))
     }
+    /// Staged rows per invocation in `shaders/matmul_coop.wgsl` (either tile): the tile's
+    /// side × 2f halves per K step in vec4 chunks, over 4 (or 8) subgroups, i.e. f² / (2 ·
+    /// subgroup); `None` where that is not a whole number.
+    pub fn matmul_staging_slots(self) -> Option<u32> {
+        let chunks = (self.frag * self.frag) as u32;
+        let per_pass = 2 * self.subgroup;
+        (per_pass != 0 && chunks.is_multiple_of(per_pass)).then(|| chunks / per_pass)
+    }
+    /// Whether `shaders/matmul_coop.wgsl` can stage its tiles with this plan: its invocations
+    /// own fixed staging slots (registers), 1, 2 or 4 rows each (16 × 16 fragments on 32- or
+    /// 64-wide subgroups, 8 × 8 on 8-, 16- or 32-wide). Elsewhere the matmul runs the
+    /// FMA kernel rather than a kernel that would stage only part of its tile.
+    pub fn matmul_staging_fits(self) -> bool {
+        matches!(self.matmul_staging_slots(), Some(1 | 2 | 4))
+    }
     /// Workgroup memory the shader declares: two 4f × (2f + 8) f16 tiles and a 4f × 4f f32 tile.
     fn workgroup_bytes(self) -> u32 {
         CoopTile::T64.workgroup_bytes(self)

@@ -8,7 +8,9 @@
 //!
 //! The tensor-core path (`shaders/matmul_coop.wgsl`, [`coop_plan`]) runs the same three
 //! operations on f16 cooperative matrices in two tiles ([`CoopTile`]: 4·frag or 8·frag square,
-//! chosen by the number of workgroups; `LDM_COOP_TILE=64|128` forces one for benchmarking).
+//! chosen by the number of workgroups; `LDM_COOP_TILE=64|128` forces one for benchmarking),
+//! wherever its fixed staging slots fit the adapter's fragments and subgroup width
+//! ([`CoopPlan::matmul_staging_fits`](crate::kernels::coop::CoopPlan::matmul_staging_fits)).
 
 use crate::shaders::ShaderId;
 use bytemuck::{Pod, Zeroable};
@@ -194,7 +196,7 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
     let vec4 = g.k.is_multiple_of(4);
     let tiles = Tiles::choose(g.batch, g.m, n_tile_cols);
     let coop = if vec4 {
-        coop_plan(gpu, g.out.dtype())
+        coop_plan(gpu, g.out.dtype()).filter(|p| p.matmul_staging_fits())
     } else {
         None
     };
