@@ -3,6 +3,8 @@
 //   out[b, oy, ox, co] = sum_{ky, kx, ci} x[b, oy*s - top + ky, ox*s - left + kx, ci] * w[co, ky, kx, ci]
 //                        + bias[co] + residual[b, oy, ox, co]          (x is zero outside the image)
 //        (flags bit 2: bias[off + b·stride + co] instead, a [B, Cout] block of a wider table)
+//        (flags bit 3: x[.., ci] is read as fma(x, scale[b, ci], shift[b, ci]) from the GroupNorm
+//         table gn [B, Cin, 2] (norm.wgsl's gn_stats), bit 4: then SiLU; padding taps stay 0)
 //
 // As a GEMM: C[M, N] = A[M, K] · Bᵀ with M = B·Ho·Wo output pixels, N = Cout, K = KH·KW·Cin,
 // A[m, k] = the im2col patch element (never materialised: addresses are computed while the A tile
@@ -18,8 +20,18 @@
 //           of 4: the scalar path picks a component), 1 xb4 (elem4, [B, XH, XW, Cin - Ca], read
 //           only with CONCAT), 2 w4 (elem4, [Cout, KH, KW, Cin]), 3 bias (elem, [Cout]),
 //           4 residual (elem, [B, Ho, Wo, Cout]), 5 out (elem, [B, Ho, Wo, Cout], read_write),
-//           6 params. xb4 / bias / residual are read only when CONCAT / flags say so; the host binds
-//           x there as a placeholder (read-only twice is allowed; read-only and read-write is not).
+//           6 params, 8 gn (vec2<f32> [B, Cin]: GroupNorm scale, shift). xb4 / bias / residual /
+//           gn are read only when CONCAT / flags say so; the host binds x there as a placeholder
+//           (read-only twice is allowed; read-only and read-write is not).
+//
+// Fused GroupNorm (flags bit 3; + SiLU with bit 4): the conv's input is silu(GroupNorm(x)), the
+//           diffusers ResnetBlock2D's `conv1(silu(norm1(x)))`. The statistics pass writes a
+//           per-(batch, channel) affine table, and every A element is normalised as it is loaded
+//           (after the concat / upsample index maps pick it, so both sources and upsampled pixels
+//           are covered), in f32 before the f16 staging of the tensor-core kernel. The padding
+//           is applied after normalisation, as torch pads silu(norm(x)): a padding tap is 0,
+//           never `shift`. This saves the separate normalise pass, a full write and read of the
+//           activation, per GroupNorm.
 //
 // Three entry points, one per output tile; the host picks one by shape (src/kernels/conv2d.rs):
 //
@@ -97,7 +109,8 @@ struct Params {
     m: u32,       // batch · ho · wo
     k: u32,       // kh · kw · cin
     n_tiles: u32, // ceil(cout / BN) for the entry point's BN
-    flags: u32,   // bit 0: add bias, bit 1: add residual, bit 2: bias per (batch, channel)
+    flags: u32,   // bit 0: add bias, bit 1: add residual, bit 2: bias per (batch, channel),
+                  // bit 3: GroupNorm the input through gn, bit 4: then SiLU
     xh: u32,      // x as stored: h, w, or h / 2, w / 2 with UPSAMPLE
     xw: u32,
     ca: u32,      // channels of x (CONCAT: of its first part; cin otherwise)
@@ -115,6 +128,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read> residual: array<elem>;
 @group(0) @binding(5) var<storage, read_write> out: array<elem>;
 @group(0) @binding(6) var<uniform> params: Params;
+@group(0) @binding(8) var<storage, read> gn: array<vec2<f32>>;
 
 // Cin % 4 == 0: load A and B as whole vec4 (see header).
 override VEC4_K: bool = true;
@@ -140,6 +154,7 @@ struct Pixel {
     iy0: i32,
     ix0: i32,
     valid: bool,
+    b: u32,
 };
 
 fn pixel(m: u32) -> Pixel {
@@ -153,7 +168,27 @@ fn pixel(m: u32) -> Pixel {
     p.iy0 = i32(oy * params.stride) - i32(params.pad_top);
     p.ix0 = i32(ox * params.stride) - i32(params.pad_left);
     p.valid = m < params.m;
+    p.b = b;
     return p;
+}
+
+// The fused GroupNorm (+ SiLU) of input channel ci of batch item b (flags bits 3, 4).
+fn gn_one(b: u32, ci: u32, v: f32) -> f32 {
+    let t = gn[b * params.cin + ci];
+    let y = fma(v, t.x, t.y);
+    if ((params.flags & 16u) != 0u) {
+        return y / (1.0 + exp(-y));
+    }
+    return y;
+}
+
+// Channels ci .. ci + 4 of batch item b normalised where flags bit 3 says so.
+fn gn_vec4(b: u32, ci: u32, v: vec4<f32>) -> vec4<f32> {
+    if ((params.flags & 8u) == 0u) {
+        return v;
+    }
+    return vec4<f32>(gn_one(b, ci, v.x), gn_one(b, ci + 1u, v.y), gn_one(b, ci + 2u, v.z),
+                     gn_one(b, ci + 3u, v.w));
 }
 
 // Stored pixel index (b·xh·xw + y·xw + x) of logical input pixel (iy, ix), which must be inside
@@ -204,7 +239,11 @@ fn x_at(p: Pixel, k: u32) -> f32 {
     if (u32(iy) >= params.h || u32(ix) >= params.w) {
         return 0.0;
     }
-    return x_scalar(x_pixel(p, u32(iy), u32(ix)), ci);
+    let v = x_scalar(x_pixel(p, u32(iy), u32(ix)), ci);
+    if ((params.flags & 8u) != 0u) {
+        return gn_one(p.b, ci, v);
+    }
+    return v;
 }
 
 // A[m, k .. k+4] for the vec4 path: k % 4 == 0, (ci, kx, ky) is k's decomposition.
@@ -214,7 +253,7 @@ fn a_vec4(p: Pixel, k: u32, ci: u32, kx: u32, ky: u32) -> vec4<f32> {
     if (!p.valid || k >= params.k || u32(iy) >= params.h || u32(ix) >= params.w) {
         return vec4<f32>(0.0);
     }
-    return x_vec4(x_pixel(p, u32(iy), u32(ix)), ci);
+    return gn_vec4(p.b, ci, x_vec4(x_pixel(p, u32(iy), u32(ix)), ci));
 }
 
 fn a_scalar(p: Pixel, k: u32) -> vec4<f32> {

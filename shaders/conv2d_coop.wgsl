@@ -1,7 +1,9 @@
 // conv2d_coop: conv2d.wgsl's implicit GEMM on cooperative matrices (tensor cores):
 // FRAG × FRAG × FRAG f16 × f16 → f32 fragments. f16 storage only; the same Params, bindings,
-// input modes (UPSAMPLE, CONCAT) and epilogue (bias, residual) as conv2d.wgsl, whose header has
-// the formulas and the NHWC / OHWI layout argument. As a GEMM: C[M, N] = A[M, K] · Bᵀ with
+// input modes (UPSAMPLE, CONCAT), fused GroupNorm (+ SiLU) on the input (flags bits 3, 4;
+// binding 8) and epilogue (bias, residual) as conv2d.wgsl, whose header has the formulas and the
+// NHWC / OHWI layout argument. A normalised A chunk is computed in f32 and rounded to f16 once,
+// as it is staged. As a GEMM: C[M, N] = A[M, K] · Bᵀ with
 // M = B·Ho·Wo output pixels, N = Cout, K = KH·KW·Cin, A the im2col patches (addresses computed
 // while staging, never materialised), B the weights viewed as [Cout, K].
 //
@@ -36,7 +38,8 @@ struct Params {
     m: u32,       // batch · ho · wo
     k: u32,       // kh · kw · cin
     n_tiles: u32, // ceil(cout / TN)
-    flags: u32,   // bit 0: add bias, bit 1: add residual, bit 2: bias per (batch, channel)
+    flags: u32,   // bit 0: add bias, bit 1: add residual, bit 2: bias per (batch, channel),
+                  // bit 3: GroupNorm the input through gn, bit 4: then SiLU
     xh: u32,      // x as stored: h, w, or h / 2, w / 2 with UPSAMPLE
     xw: u32,
     ca: u32,      // channels of x (CONCAT: of its first part; cin otherwise)
@@ -54,6 +57,28 @@ struct Params {
 @group(0) @binding(4) var<storage, read> residual: array<elem>;
 @group(0) @binding(5) var<storage, read_write> out: array<elem>;
 @group(0) @binding(6) var<uniform> params: Params;
+@group(0) @binding(8) var<storage, read> gn: array<vec2<f32>>;
+
+// The fused GroupNorm (+ SiLU) of input channel ci of batch item b (see conv2d.wgsl).
+fn gn_one(b: u32, ci: u32, v: f32) -> f32 {
+    let t = gn[b * params.cin + ci];
+    let y = fma(v, t.x, t.y);
+    if ((params.flags & 16u) != 0u) {
+        return y / (1.0 + exp(-y));
+    }
+    return y;
+}
+
+// A chunk of channels ci .. ci + 4 of batch item b as staged: normalised in f32 where flags
+// bit 3 says so, else as stored.
+fn gn_chunk(b: u32, ci: u32, v: vec4<f16>) -> vec4<f16> {
+    if ((params.flags & 8u) == 0u) {
+        return v;
+    }
+    let f = vec4<f32>(v);
+    return vec4<f16>(vec4<f32>(gn_one(b, ci, f.x), gn_one(b, ci + 1u, f.y), gn_one(b, ci + 2u, f.z),
+                               gn_one(b, ci + 3u, f.w)));
+}
 
 // The bias of output pixel m, channel n (see conv2d.wgsl's bias_at): flags bit 2 reads a
 // [B, Cout] block of a wider table.
@@ -114,9 +139,9 @@ fn a_load(m: u32, k: u32) -> vec4<f16> {
     let pixel = (b * params.xh + y) * params.xw + x;
     if (CONCAT && ci >= params.ca) {
         let cb = params.cin - params.ca;
-        return vec4<f16>(xb4[(pixel * cb + ci - params.ca) >> 2u]);
+        return gn_chunk(b, ci, vec4<f16>(xb4[(pixel * cb + ci - params.ca) >> 2u]));
     }
-    return vec4<f16>(x4[(pixel * params.ca + ci) >> 2u]);
+    return gn_chunk(b, ci, vec4<f16>(x4[(pixel * params.ca + ci) >> 2u]));
 }
 
 fn stage_tiles(lid: u32, m0: u32, n0: u32, k0: u32) {
@@ -266,6 +291,7 @@ struct Pixel {
     ix0: i32,
     row0: u32,
     valid: bool,
+    b: u32,
 };
 
 fn pixel_of(m: u32) -> Pixel {
@@ -275,7 +301,7 @@ fn pixel_of(m: u32) -> Pixel {
     let oy = rem / params.wo;
     let ox = rem - oy * params.wo;
     return Pixel(i32(oy * params.stride) - i32(params.pad_top),
-                 i32(ox * params.stride) - i32(params.pad_left), b * params.xh, m < params.m);
+                 i32(ox * params.stride) - i32(params.pad_left), b * params.xh, m < params.m, b);
 }
 
 // A[pixel, k .. k + 4] for the filter tap (ky, kx) and channel ci that k stands for (k < K
@@ -296,9 +322,9 @@ fn a_chunk(p: Pixel, ky: u32, kx: u32, ci: u32) -> vec4<f16> {
     let pixel = (p.row0 + y) * params.xw + x;
     if (CONCAT && ci >= params.ca) {
         let cb = params.cin - params.ca;
-        return vec4<f16>(xb4[(pixel * cb + ci - params.ca) >> 2u]);
+        return gn_chunk(p.b, ci, vec4<f16>(xb4[(pixel * cb + ci - params.ca) >> 2u]));
     }
-    return vec4<f16>(x4[(pixel * params.ca + ci) >> 2u]);
+    return gn_chunk(p.b, ci, vec4<f16>(x4[(pixel * params.ca + ci) >> 2u]));
 }
 
 // B[k .. k + 4] of weight row n (row index n·K/4 + k/4 precomputed as `at`), zero past Cout

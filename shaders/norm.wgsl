@@ -27,6 +27,22 @@
 //   re-reading the concatenated tensor. With CONCAT false the branch folds away (x_b is bound to x
 //   and never read), so the one-source kernel is what it was.
 //
+// GroupNorm as a table for a fused consumer (conv2d's normalised input, flags bit 3): the same
+// statistics, written as table[b·C + c] = (scale, shift) = (gamma[c]·rstd, beta[c] − mean·scale)
+// (vec2<f32>, i.e. [B, C, 2] f32), so the consumer computes fma(x, scale, shift) (then SiLU) while
+// it loads x, and the normalised activation is never written. Its cost: x·scale + shift cancels
+// |mean|·scale, so the result carries ~|mean| / std · 2⁻²⁴ relative error (the two-dispatch kernel
+// above keeps x − pivot exact); U-Net activations have |mean| / std of a few.
+//   gn_stats      one workgroup per (b, g), grid (G, 1, B): two passes over the group from the
+//                 group's first value as pivot (the mean of x − pivot, then the centred sum of
+//                 squares of (x − pivot) − mean, the second pass from cache), tree-reduced in f32.
+//                 For groups up to 2^17 values (SD 1.5's largest U-Net group: 64·64·30 = 122,880):
+//                 one dispatch where normalising costs two.
+//   gn_affine     beyond that (the VAE's 512² groups: 1M values) one workgroup per group would
+//                 serialise it, so gn_partial first reduces chunks over the usual (G, chunks, B)
+//                 grid and gn_affine, grid (G, 1, B), merges them (Chan, as gn_normalize) into
+//                 the table.
+//
 // LayerNorm (torch.nn.LayerNorm over the last dim C, biased var): x viewed as [rows, C]; one
 // workgroup of 64 per row (grid folded by grid_1d): mean, then the centred sum of squares (two
 // passes over the row, the second from cache), then the write; all relative to the row's first
@@ -34,8 +50,10 @@
 //
 // Bindings: 0 x (elem, read; a in two-source mode), 1 gamma [C] (elem), 2 beta [C] (elem), 3 y (elem,
 //           read_write, [B, R, C]), 4 partial (vec2<f32> [B, G, chunks]: chunk mean, chunk M2),
-//           5 x_b (elem, read; b in two-source mode, x again otherwise), 6 params.
-//           gn_partial uses 0, 4, 5; gn_normalize 0-5; layer_norm 0-3.
+//           5 x_b (elem, read; b in two-source mode, x again otherwise), 6 params,
+//           7 table (vec2<f32> [B, C]: scale, shift; read_write).
+//           gn_partial uses 0, 4, 5; gn_normalize 0-5; gn_stats 0-2, 5, 7; gn_affine 0-2, 4, 5, 7;
+//           layer_norm 0-3.
 
 struct Params {
     rows: u32,            // R: rows per batch item (group norm), or total rows (layer norm)
@@ -59,6 +77,7 @@ override CONCAT: bool = false;
 @group(0) @binding(4) var<storage, read_write> partial: array<vec2<f32>>;
 @group(0) @binding(5) var<storage, read> x_b: array<elem>;
 @group(0) @binding(6) var<uniform> params: Params;
+@group(0) @binding(7) var<storage, read_write> table: array<vec2<f32>>;
 
 const GN_WG: u32 = 256u;
 const LN_WG: u32 = 64u;
@@ -153,21 +172,16 @@ fn gn_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     }
 }
 
-@compute @workgroup_size(256)
-fn gn_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let g = wid.x;
-    let chunk = wid.y;
-    let b = wid.z;
-    let cpg = params.cpg;
-    let c0 = g * cpg;
-
-    // Merge every chunk of (b, g): a strided share per thread, then a tree over the workgroup.
+// Every chunk's (mean, M2) of (b, g) merged: a strided share per thread, then a tree over the
+// workgroup. Returns (the mean relative to the group's first value, rstd). Every thread must
+// call it (barriers).
+fn gn_merge(b: u32, g: u32, lid: u32) -> vec2<f32> {
     let pbase = (b * params.groups + g) * params.chunks;
     var acc = vec3<f32>(0.0, 0.0, 0.0);
     for (var k = lid; k < params.chunks; k += GN_WG) {
         let p = partial[pbase + k];
         let r0 = k * params.rows_per_chunk;
-        let nk = f32((min(r0 + params.rows_per_chunk, params.rows) - r0) * cpg);
+        let nk = f32((min(r0 + params.rows_per_chunk, params.rows) - r0) * params.cpg);
         acc = chan(acc.x, acc.y, acc.z, nk, p.x, p.y);
     }
     red_n[lid] = acc.x;
@@ -183,9 +197,101 @@ fn gn_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         }
         workgroupBarrier();
     }
+    return vec2<f32>(red_a[0], inverseSqrt(red_b[0] / red_n[0] + params.eps));
+}
+
+// Channels c0 .. c0 + cpg of batch item b into the table: scale = gamma·rstd, shift =
+// beta − mean·scale (mean absolute).
+fn gn_write_table(b: u32, c0: u32, lid: u32, mean: f32, rstd: f32) {
+    for (var j = lid; j < params.cpg; j += GN_WG) {
+        let ch = c0 + j;
+        let scale = rstd * f32(gamma[ch]);
+        table[b * params.channels + ch] = vec2<f32>(scale, f32(beta[ch]) - mean * scale);
+    }
+}
+
+// Sum of v over the workgroup (every thread must call it: barriers).
+fn gn_sum(lid: u32, v: f32) -> f32 {
+    workgroupBarrier(); // previous readers of red_a[0] are done
+    red_a[lid] = v;
+    workgroupBarrier();
+    for (var s = GN_WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red_a[lid] += red_a[lid + s];
+        }
+        workgroupBarrier();
+    }
+    return red_a[0];
+}
+
+@compute @workgroup_size(256)
+fn gn_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = wid.x;
+    let b = wid.z;
+    let cpg = params.cpg;
+    let c0 = g * cpg;
+    let row0 = b * params.rows;
+    let count = params.rows * cpg;
+    let n = f32(count);
+    let pivot = gn_load(row0, c0);
+    let d_row = GN_WG / cpg;
+    let d_col = GN_WG % cpg;
+
+    // Pass 1: the mean of x − pivot. (row, col) = divmod(i, cpg) advanced without a division.
+    var row = row0 + lid / cpg;
+    var col = lid % cpg;
+    var s1 = 0.0;
+    for (var i = lid; i < count; i += GN_WG) {
+        s1 += gn_load(row, c0 + col) - pivot;
+        col += d_col;
+        row += d_row;
+        if (col >= cpg) {
+            col -= cpg;
+            row += 1u;
+        }
+    }
+    let mean = gn_sum(lid, s1) / n; // relative to pivot
+
+    // Pass 2: the centred sum of squares (the group is in cache by now).
+    row = row0 + lid / cpg;
+    col = lid % cpg;
+    var s2 = 0.0;
+    for (var i = lid; i < count; i += GN_WG) {
+        let d = (gn_load(row, c0 + col) - pivot) - mean;
+        s2 += d * d;
+        col += d_col;
+        row += d_row;
+        if (col >= cpg) {
+            col -= cpg;
+            row += 1u;
+        }
+    }
+    let rstd = inverseSqrt(gn_sum(lid, s2) / n + params.eps);
+    gn_write_table(b, c0, lid, pivot + mean, rstd);
+}
+
+@compute @workgroup_size(256)
+fn gn_affine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = wid.x;
+    let b = wid.z;
+    let c0 = g * params.cpg;
+    let stats = gn_merge(b, g, lid);
     let group_pivot = gn_load(b * params.rows, c0);
-    let mean = red_a[0]; // relative to group_pivot
-    let rstd = inverseSqrt(red_b[0] / red_n[0] + params.eps);
+    gn_write_table(b, c0, lid, group_pivot + stats.x, stats.y);
+}
+
+@compute @workgroup_size(256)
+fn gn_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = wid.x;
+    let chunk = wid.y;
+    let b = wid.z;
+    let cpg = params.cpg;
+    let c0 = g * cpg;
+
+    let stats = gn_merge(b, g, lid);
+    let group_pivot = gn_load(b * params.rows, c0);
+    let mean = stats.x; // relative to group_pivot
+    let rstd = stats.y;
 
     let bc = gn_chunk(chunk, b);
     let count = bc.y;

@@ -15,7 +15,7 @@ mod common;
 use common::*;
 use ldm_wgpu::kernels::conv2d::{choose_variant, Conv, Input, Tile, Variant};
 use ldm_wgpu::kernels::coop::{CoopPlan, CoopTile};
-use ldm_wgpu::kernels::{conv2d, fill};
+use ldm_wgpu::kernels::{conv2d, fill, norm};
 use ldm_wgpu::{DType, Error, Gpu, GpuOptions, Tensor};
 
 /// How the kernel receives the input x [b, h, w, cin] of a case.
@@ -126,7 +126,20 @@ struct Inputs {
     /// Instead of `bias`: a bias per (batch, channel), read as the [B, Cout] block at (row, col)
     /// of a wider table (ResnetBlock2D's conv1 with its time embedding).
     bias_rows: Option<BiasRows>,
+    /// GroupNorm (+ SiLU) of the input, fused into the conv's loads.
+    norm: Option<NormHost>,
 }
+
+/// A fused GroupNorm's parameters on the host (eps [`GN_EPS`]).
+#[derive(Clone)]
+struct NormHost {
+    groups: usize,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    silu: bool,
+}
+
+const GN_EPS: f32 = 1e-5;
 
 struct BiasRows {
     table: Vec<f32>,
@@ -146,7 +159,27 @@ fn inputs(c: &Case, seed: u64) -> Inputs {
         bias: c.bias.then(|| rng.normals(c.cout, 1.0)),
         residual: c.residual.then(|| rng.normals(c.b * ho * wo * c.cout, 1.0)),
         bias_rows: None,
+        norm: None,
     }
+}
+
+/// [`inputs`] with a GroupNorm (+ SiLU) fused into the conv: x gets a mean and a scale per
+/// channel (so groups mix channel statistics and |mean| is not 0), gamma and beta are random
+/// (beta ≠ 0: a padding tap that read `shift` instead of 0 would show).
+fn inputs_norm(c: &Case, groups: usize, silu: bool, seed: u64) -> Inputs {
+    let mut i = inputs(c, seed);
+    let mut rng = Rng::new(seed ^ 0x6e0f);
+    let shift = rng.normals(c.cin, 1.0);
+    for (k, v) in i.x.iter_mut().enumerate() {
+        *v = 0.5 + 1.5 * *v + shift[k % c.cin];
+    }
+    i.norm = Some(NormHost {
+        groups,
+        gamma: rng.normals(c.cin, 1.0),
+        beta: rng.normals(c.cin, 1.0),
+        silu,
+    });
+    i
 }
 
 /// [`inputs`] with the bias replaced by a per-(batch, channel) block of a wider table, at an
@@ -170,11 +203,28 @@ fn inputs_bias_rows(c: &Case, seed: u64) -> Inputs {
 /// The specification: the f64 reference on the input as the convolution sees it (upsampled on
 /// the host for `Mode::Upsampled`).
 fn reference(c: &Case, i: &Inputs) -> Vec<f64> {
+    // A fused GroupNorm: the reference normalises x [b, h·w, cin] (the concatenation, or the
+    // stored image before upsampling) in f64 first, as torch would before its conv.
+    let normed: Vec<f32> = match &i.norm {
+        Some(n) => norm::reference_group_norm(
+            &i.x,
+            &[c.b, c.h * c.w, c.cin],
+            n.groups,
+            GN_EPS,
+            &n.gamma,
+            &n.beta,
+            n.silu,
+        )
+        .iter()
+        .map(|&v| v as f32)
+        .collect(),
+        None => i.x.clone(),
+    };
     let x = match c.mode {
-        Mode::Plain => i.x.clone(),
-        Mode::Upsampled => conv2d::upsample_nearest2x_host(&i.x, c.b, c.h, c.w, c.cin),
+        Mode::Plain => normed,
+        Mode::Upsampled => conv2d::upsample_nearest2x_host(&normed, c.b, c.h, c.w, c.cin),
         Mode::Concat { ca } => {
-            let (a, b) = split_channels(&i.x, ca, c.cin);
+            let (a, b) = split_channels(&normed, ca, c.cin);
             conv2d::concat_channels_host(&a, &b, c.b * c.h * c.w, ca, c.cin - ca)
         }
     };
@@ -250,12 +300,32 @@ fn run_on(g: &Gpu, c: &Case, i: &Inputs, dtype: DType, variant: Option<Variant>)
         (Mode::Concat { .. }, Some((a, b))) => Input::Concat(a, b),
         _ => Input::Plain(&x),
     };
+    // A fused GroupNorm: its statistics table from the same input the conv reads.
+    let table = i.norm.as_ref().map(|n| {
+        let (gamma, beta) = (up(&n.gamma, &[c.cin]), up(&n.beta, &[c.cin]));
+        let op = norm::GroupNormOp {
+            groups: n.groups,
+            eps: GN_EPS,
+            gamma: &gamma,
+            beta: &beta,
+            silu: false,
+        };
+        let table = match input {
+            Input::Concat(a, b) => op.stats(g, a, Some(b)),
+            _ => op.stats(g, &x, None),
+        };
+        (table.unwrap(), n.silu)
+    });
+    let fused = table
+        .as_ref()
+        .map(|(table, silu)| conv2d::FusedNorm { table, silu: *silu });
     Conv {
         input,
         weight: &w,
         bias: bias.as_ref(),
         bias_rows,
         residual: residual.as_ref(),
+        norm: fused,
         stride: c.stride,
         pads: c.pads,
         variant,
@@ -280,6 +350,11 @@ fn quantized(i: &Inputs, dtype: DType) -> Inputs {
         bias_rows: i.bias_rows.as_ref().map(|br| BiasRows {
             table: quantize(&br.table, dtype),
             ..*br
+        }),
+        norm: i.norm.as_ref().map(|n| NormHost {
+            gamma: quantize(&n.gamma, dtype),
+            beta: quantize(&n.beta, dtype),
+            ..n.clone()
         }),
     }
 }
@@ -689,6 +764,7 @@ fn rejects_bad_shapes() {
             bias: None,
             bias_rows: None,
             residual: None,
+            norm: None,
             stride: 1,
             pads: [1; 4],
             variant: None,
@@ -704,6 +780,7 @@ fn rejects_bad_shapes() {
             bias: None,
             bias_rows: None,
             residual: Some(&res),
+            norm: None,
             stride: 1,
             pads: [1; 4],
             variant: None,
@@ -733,6 +810,7 @@ fn rejects_bad_shapes() {
             bias: None,
             bias_rows: None,
             residual: None,
+            norm: None,
             stride: 1,
             pads: [1; 4],
             variant: None,
@@ -751,6 +829,7 @@ fn rejects_bad_shapes() {
         bias: None,
         bias_rows: None,
         residual: None,
+        norm: None,
         stride: 1,
         pads: [0; 4],
         variant: None,
@@ -860,6 +939,7 @@ fn rejects_unknown_variant() {
         bias: None,
         bias_rows: None,
         residual: None,
+        norm: None,
         stride: 1,
         pads: [1; 4],
         variant: Some(Variant {
@@ -974,6 +1054,7 @@ fn coop_variant_matches_reference() {
             bias: None,
             bias_rows: None,
             residual: None,
+            norm: None,
             stride: c.stride,
             pads: c.pads,
             variant: Some(Variant::COOP),
@@ -1044,6 +1125,7 @@ fn coop_variant_matches_reference() {
         bias: None,
         bias_rows: None,
         residual: None,
+        norm: None,
         stride: 1,
         pads: c.pads,
         variant: Some(Variant::COOP),
@@ -1111,6 +1193,7 @@ fn bias_per_batch_row() {
                 col,
             }),
             residual: None,
+            norm: None,
             stride: 1,
             pads: P1,
             variant: None,
@@ -1171,4 +1254,130 @@ fn bias_per_batch_row() {
         }
         set_coop_tile(g, None);
     }
+}
+
+/// GroupNorm (+ SiLU) fused into the conv's loads (flags bits 3, 4; `Conv::norm`), the table from
+/// `GroupNormOp::stats`: padding (a padding tap is 0 after the normalisation, not `shift`),
+/// stride 2, asymmetric padding, 1×1 (proj_in), both load paths, several tiles, the concat input
+/// with groups straddling the boundary (the statistics read both sources), the upsampled input,
+/// with bias / residual, and SD 1.5 shapes (conv1 at 8×8, an up block's concat conv1 at 6×6).
+/// Tolerances as the plain conv's: the reference normalises in f64; the kernel's x·scale + shift
+/// in f32 adds ~|mean| / std · 2⁻²⁴ (|mean| / std ≤ ~3 here), far below the f32 bound.
+#[rustfmt::skip]
+const FUSED_NORM_CASES: &[(Case, usize, bool)] = &[
+    (case("gn 3x3 p1 vec4 13x11 cin24 G6 silu", 2, 13, 11, 24, 19, (3, 3), 1, P1, true, false), 6, true),
+    (case("gn 3x3 p1 scalar 13x11 cin6 G3 silu", 2, 13, 11, 6, 19, (3, 3), 1, P1, true, true), 3, true),
+    (case("gn 3x3 s2 p1 7x5 cin8 G4 silu", 2, 7, 5, 8, 13, (3, 3), 2, P1, true, true), 4, true),
+    (case("gn 3x3 s2 pad(0,1,0,1) 9x9 cin12 G3", 1, 9, 9, 12, 16, (3, 3), 2, PVAE, true, false), 3, false),
+    (case("gn 1x1 11x13 cin20 cout70 G5 (proj_in)", 2, 11, 13, 20, 70, (1, 1), 1, P0, true, false), 5, false),
+    (case("gn multi-tile 23x29 cin36 cout130 G6 silu", 2, 23, 29, 36, 130, (3, 3), 1, P1, true, true), 6, true),
+    (case("gn 1x1 image 3x3 p1 cin8 G2 silu", 1, 1, 1, 8, 5, (3, 3), 1, P1, false, false), 2, true),
+    (case("gn conv_out 9x7 cin16 cout4 G4 silu", 2, 9, 7, 16, 4, (3, 3), 1, P1, true, false), 4, true),
+    (cat(12, case("gn cat 3x3 p1 12+20 -> 67 G4 silu (vec4)", 2, 11, 7, 32, 67, (3, 3), 1, P1, true, true)), 4, true),
+    (cat(7, case("gn cat 3x3 p1 7+9 -> 19 G4 silu (scalar)", 1, 9, 13, 16, 19, (3, 3), 1, P1, true, false)), 4, true),
+    (cat(8, case("gn cat 1x1 8+12 -> 13 G5", 2, 7, 9, 20, 13, (1, 1), 1, P0, true, true)), 5, false),
+    (up(case("gn up 5x7 cin8 cout13 G2 silu", 1, 5, 7, 8, 13, (3, 3), 1, P1, true, false)), 2, true),
+    (up(case("gn up 9x11 cin36 cout70 G4 silu B2", 2, 9, 11, 36, 70, (3, 3), 1, P1, false, true)), 4, true),
+    (case("gn unet.res conv1 320 8x8 G32 silu B2", 2, 8, 8, 320, 320, (3, 3), 1, P1, true, false), 32, true),
+    (cat(640, case("gn unet.up3 conv1 640+320 6x6 G32 silu B2", 2, 6, 6, 960, 320, (3, 3), 1, P1, true, false)), 32, true),
+];
+
+#[test]
+fn fused_group_norm() {
+    for (s, &(c, groups, silu)) in FUSED_NORM_CASES.iter().enumerate() {
+        for dtype in dtypes() {
+            let i = quantized(&inputs_norm(&c, groups, silu, 4000 + s as u64), dtype);
+            let want = reference(&c, &i);
+            // The small tile on wide convs is slow on lavapipe and runs there only when forced.
+            let variants = all_variants()
+                .into_iter()
+                .filter(|v| v.tile != Tile::Small || c.cin < 320);
+            for v in variants {
+                let got = run_gpu(&c, &i, dtype, Some(v));
+                let what = format!("{} [{}] ({})", c.name, v.name(), dtype.name());
+                eprintln!("{what:<60} rel_l2 {:.2e}", rel_l2(&got, &want));
+                assert_close(&what, &got, &want, tol(dtype, 1e-5, 2e-3));
+            }
+        }
+    }
+}
+
+/// [`fused_group_norm`]'s cases on the tensor-core kernel, forced, in both its tiles (the large
+/// one with its prefetch, and split K on the SD shapes' small grids), where the adapter has it.
+/// f16 tolerance as the plain conv's: the normalised input is rounded to f16 once, as staged.
+#[test]
+fn fused_group_norm_coop() {
+    let engine = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+    let g = &engine;
+    let Some(plan) = ldm_wgpu::kernels::coop::coop_plan(g, DType::F16) else {
+        eprintln!("no tensor-core conv on {}", g.adapter);
+        return;
+    };
+    let large = conv2d::coop_conv_tile(plan, &g.caps, 1 << 20, 1 << 10, Some(CoopTile::T128))
+        == CoopTile::T128;
+    let tiles: &[CoopTile] = if large {
+        &[CoopTile::T64, CoopTile::T128]
+    } else {
+        &[CoopTile::T64]
+    };
+    for &tile in tiles {
+        set_coop_tile(g, Some(tile));
+        let mut ran = 0;
+        for (s, &(c, groups, silu)) in FUSED_NORM_CASES.iter().enumerate() {
+            if !coop_takes(&c) {
+                continue;
+            }
+            let i = quantized(&inputs_norm(&c, groups, silu, 5000 + s as u64), DType::F16);
+            let want = reference(&c, &i);
+            let got = g
+                .download(&run_on(g, &c, &i, DType::F16, Some(Variant::COOP)))
+                .unwrap();
+            let what = format!("{} [coop {tile:?} frag {}] (f16)", c.name, plan.frag);
+            eprintln!("{what:<64} rel_l2 {:.2e}", rel_l2(&got, &want));
+            assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
+            ran += 1;
+        }
+        set_coop_tile(g, None);
+        assert!(ran >= 10, "only {ran} fused-norm cases suit the tensor-core kernel");
+    }
+    if large {
+        let shader = plan.shader(ldm_wgpu::shaders::ShaderId::Conv2dCoop);
+        assert!(
+            g.compiled_pipelines()
+                .iter()
+                .any(|&(s, e)| s == shader && e == "conv2d_split_reduce"),
+            "the split-K path never ran"
+        );
+    }
+}
+
+/// A GroupNorm table of the wrong shape or dtype, or one aliasing the output, is refused.
+#[test]
+fn fused_group_norm_rejects_bad_tables() {
+    let g = gpu();
+    let f = DType::F32;
+    let x = g.empty(&[2, 4, 4, 8], f).unwrap();
+    let w = g.empty(&[6, 3, 3, 8], f).unwrap();
+    let run = |table: &Tensor| {
+        Conv {
+            input: Input::Plain(&x),
+            weight: &w,
+            bias: None,
+            bias_rows: None,
+            residual: None,
+            norm: Some(conv2d::FusedNorm { table, silu: true }),
+            stride: 1,
+            pads: P1,
+            variant: None,
+        }
+        .run(g)
+    };
+    assert!(run(&g.empty(&[2, 8, 2], f).unwrap()).is_ok());
+    assert!(is_shape(run(&g.empty(&[1, 8, 2], f).unwrap())), "one batch row");
+    assert!(is_shape(run(&g.empty(&[2, 6, 2], f).unwrap())), "Cout, not Cin");
+    if dtypes().contains(&DType::F16) {
+        let h = g.empty(&[2, 8, 2], DType::F16).unwrap();
+        assert!(is_shape(run(&h)), "an f16 table");
+    }
+    g.flush().unwrap();
 }

@@ -298,12 +298,12 @@ fn group_norm_concat_matches_the_materialised_concat_bit_for_bit() {
             let rows: usize = lead.iter().product();
             let (a, _) = upload(&rng.normals(rows * ca, 1.0), &[lead, &[ca]].concat(), dtype);
             let (b, _) = upload(&rng.normals(rows * cb, 1.0), &[lead, &[cb]].concat(), dtype);
-            let layer = GroupNorm {
-                gamma: upload(&rng.normals(c, 1.0), &[c], dtype).0,
-                beta: upload(&rng.normals(c, 1.0), &[c], dtype).0,
+            let layer = GroupNorm::new(
+                upload(&rng.normals(c, 1.0), &[c], dtype).0,
+                upload(&rng.normals(c, 1.0), &[c], dtype).0,
                 groups,
-                eps: 1e-5,
-            };
+                1e-5,
+            );
             let cat = elementwise::concat_channels(gpu, &a, &b).unwrap();
             let want = gpu
                 .download(&layer.forward(gpu, &cat, true).unwrap())
@@ -370,4 +370,77 @@ fn group_norm_concat_shape_errors() {
         assert!(run(&a, &b16, 4, &g8, &out).is_err(), "mixed dtypes");
     }
     gpu.flush().unwrap();
+}
+
+/// The GroupNorm statistics table (`GroupNormOp::stats_into`: [B, C, 2] f32 scale = gamma·rstd,
+/// shift = beta − mean·scale, what conv2d's fused norm reads) of x [lead.., ca] — or of the
+/// concatenation with a second tensor [lead.., cb] — against `reference_group_norm_table` (f64,
+/// two-pass), into a NaN-poisoned table. Tolerance 1e-6 (rel L2) for both dtypes: the table is
+/// f32 whatever x's dtype, and the reference reads the same f16-rounded x, gamma and beta, so
+/// only the f32 statistics differ — the numerics of the normalising kernel (see F32_TOL).
+fn check_table(lead: &[usize], (ca, cb): (usize, usize), groups: usize, offset: f64, seed: u64) {
+    let gpu = gpu();
+    let c = ca + cb;
+    let rows: usize = lead.iter().product();
+    let mut rng = Rng::new(seed);
+    for dtype in dtypes() {
+        let chan_shift: Vec<f64> = (0..c).map(|_| rng.normal() * 0.5).collect();
+        let xs: Vec<f32> = (0..rows * c)
+            .map(|i| (offset + chan_shift[i % c] + rng.normal()) as f32)
+            .collect();
+        let xq = quantize(&xs, dtype);
+        let part = |lo: usize, hi: usize| -> Vec<f32> {
+            xq.chunks(c).flat_map(|px| px[lo..hi].to_vec()).collect()
+        };
+        let shape_of = |ch: usize| [lead, &[ch]].concat();
+        let a = gpu.upload(&part(0, ca), &shape_of(ca), dtype).unwrap();
+        let b = (cb > 0).then(|| gpu.upload(&part(ca, c), &shape_of(cb), dtype).unwrap());
+        let (gamma, gq) = upload(&rng.normals(c, 1.0), &[c], dtype);
+        let (beta, bq) = upload(&rng.normals(c, 1.0), &[c], dtype);
+        let table = fill::poisoned(gpu, &[lead[0], c, 2], DType::F32).unwrap();
+        let op = norm::GroupNormOp {
+            groups,
+            eps: 1e-5,
+            gamma: &gamma,
+            beta: &beta,
+            silu: false,
+        };
+        op.stats_into(gpu, &a, b.as_ref(), &table).unwrap();
+        let got = gpu.download(&table).unwrap();
+        let want = norm::reference_group_norm_table(&xq, &shape_of(c), groups, 1e-5, &gq, &bq);
+        let per_group = rows / lead[0] * (c / groups);
+        let path = if per_group > norm::GN_STATS_ONE_PASS_MAX {
+            "split"
+        } else {
+            "one pass"
+        };
+        let what = format!(
+            "group_norm table {lead:?} x ({ca} + {cb}) G={groups} offset={offset} ({path}) {}",
+            dtype.name()
+        );
+        eprintln!("{what}: rel L2 {:.2e}", rel_l2(&got, &want));
+        assert_close(&what, &got, &want, 1e-6);
+    }
+}
+
+#[test]
+fn group_norm_table_matches_reference() {
+    // Awkward sizes: cpg 1, 2, 3, 7; one pixel; odd batch rows.
+    check_table(&[2, 7, 5], (12, 0), 4, 0.0, 600);
+    check_table(&[1, 1, 1], (6, 0), 3, 0.0, 601);
+    check_table(&[3, 5, 3], (7, 0), 7, 0.0, 602);
+    check_table(&[2, 9, 11], (14, 0), 2, 0.0, 603);
+    // |mean| >> std: the pivot keeps the variance.
+    check_table(&[2, 6, 7], (12, 0), 4, 1000.0, 604);
+    // The concatenated input, groups straddling the boundary (7 + 8 in 5 groups of 3).
+    check_table(&[2, 7, 5], (7, 8), 5, 0.0, 605);
+    check_table(&[2, 16, 16], (1280, 640), 32, 0.0, 606);
+    // SD 1.5 U-Net shapes (one pass): 64×64×320 (40,960 values per group) and the largest, the
+    // up block's 640 + 320 concat at 64×64 (122,880).
+    check_table(&[2, 64, 64], (320, 0), 32, 0.0, 607);
+    check_table(&[2, 64, 64], (640, 320), 32, 0.0, 608);
+    // Beyond GN_STATS_ONE_PASS_MAX: the split path (chunks, then the merge), also concatenated
+    // and with a large offset.
+    check_table(&[1, 200, 200], (8, 0), 2, 0.0, 609);
+    check_table(&[2, 200, 181], (6, 2), 2, 500.0, 610);
 }

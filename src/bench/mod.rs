@@ -426,6 +426,7 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
                 bias: None,
                 bias_rows: None,
                 residual: None,
+                norm: None,
                 stride,
                 pads: [pad; 4],
                 variant: Some(variant),

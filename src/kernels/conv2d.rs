@@ -321,6 +321,19 @@ impl Input<'_> {
     }
 }
 
+/// GroupNorm (+ SiLU) applied to the convolution's input while it is loaded (flags bits 3, 4 of
+/// the shaders): the convolution computes `conv(silu(group_norm(x)))` without the normalised
+/// tensor ever being written, padding applied after the normalisation (a padding tap is 0).
+/// `table` is [B, Cin, 2] f32 (scale, shift) per (batch, input channel) as
+/// [`GroupNormOp::stats_into`](crate::kernels::norm::GroupNormOp::stats_into) writes it, over
+/// the input as the convolution sees it (both parts of a [`Input::Concat`]; an
+/// [`Input::Upsampled2x`] has the statistics of x, which upsampling by repetition keeps).
+#[derive(Clone, Copy, Debug)]
+pub struct FusedNorm<'a> {
+    pub table: &'a Tensor,
+    pub silu: bool,
+}
+
 /// One convolution with all its options. [`conv2d`], [`conv2d_into`], [`conv2d_upsampled`] and
 /// [`conv2d_concat`] are shorthands for it.
 ///
@@ -337,6 +350,8 @@ pub struct Conv<'a> {
     /// (the U-Net's conv1 bias plus the call's projected time embedding).
     pub bias_rows: Option<ChannelBiasView<'a>>,
     pub residual: Option<&'a Tensor>,
+    /// GroupNorm (+ SiLU) of the input, applied as it is loaded.
+    pub norm: Option<FusedNorm<'a>>,
     pub stride: usize,
     pub pads: [usize; 4],
     /// The kernel variant; `None` picks one by shape ([`choose_variant`], `LDM_CONV_TILE`).
@@ -419,7 +434,9 @@ impl Conv<'_> {
             n_tiles: n_tiles as u32,
             flags: (self.bias.is_some() || self.bias_rows.is_some()) as u32
                 | (self.residual.is_some() as u32) << 1
-                | (self.bias_rows.is_some() as u32) << 2,
+                | (self.bias_rows.is_some() as u32) << 2
+                | (self.norm.is_some() as u32) << 3
+                | (self.norm.is_some_and(|n| n.silu) as u32) << 4,
             xh: x.shape()[1] as u32,
             xw: x.shape()[2] as u32,
             ca: x.shape()[3] as u32,
@@ -437,10 +454,12 @@ impl Conv<'_> {
         self.bias.or(self.bias_rows.map(|v| v.table))
     }
 
-    /// The tensors at bindings 0-5 (unused ones get x, read-only like them) and their bytes.
-    fn bindings<'t>(&'t self, out: &'t Tensor) -> ([&'t Tensor; 6], f64) {
+    /// The tensors at bindings 0-8 (unused ones get x, read-only like them; 6 is the uniform,
+    /// 7 the tensor-core kernel's partial sums) and their bytes.
+    fn bindings<'t>(&'t self, out: &'t Tensor) -> ([&'t Tensor; 9], f64) {
         let x = self.input.x();
         let second = self.input.second();
+        let table = self.norm.map(|n| n.table);
         let tensors = [
             x,
             second.unwrap_or(x),
@@ -448,6 +467,9 @@ impl Conv<'_> {
             self.bias_table().unwrap_or(x),
             self.residual.unwrap_or(x),
             out,
+            x,
+            x,
+            table.unwrap_or(x),
         ];
         let bytes = [
             Some(x),
@@ -456,6 +478,7 @@ impl Conv<'_> {
             self.bias_table(),
             self.residual,
             Some(out),
+            table,
         ]
         .into_iter()
         .flatten()
@@ -503,8 +526,8 @@ impl Conv<'_> {
             &[if splits > 1 { splits * m * cout } else { 1 }],
             DType::F32,
         )?;
-        let [x, xb, w, bias, residual, out_t] = tensors;
-        let with_partial = [x, xb, w, bias, residual, out_t, x, &partial];
+        let mut with_partial = tensors;
+        with_partial[7] = &partial;
         let grid = grid_1d(tiles as u64);
         gpu.dispatch(&Dispatch {
             shader: plan.shader(ShaderId::Conv2dCoop),
@@ -638,6 +661,21 @@ impl Conv<'_> {
                         dtype.name()
                     ),
                 ));
+            }
+        }
+        if let Some(n) = self.norm {
+            if n.table.shape() != [b, cin, 2] || n.table.dtype() != DType::F32 {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "the GroupNorm table must be [{b}, {cin}, 2] f32 (scale, shift per batch \
+                         item and input channel), got {:?}",
+                        n.table
+                    ),
+                ));
+            }
+            if n.table.buffer_id() == out.buffer_id() {
+                return Err(Error::shape(op, "out shares its buffer with the GroupNorm table"));
             }
         }
         // wgpu refuses a buffer bound read-only and read-write in one dispatch (wgpu#8470).
@@ -830,6 +868,7 @@ pub fn conv2d(
         bias,
         bias_rows: None,
         residual,
+        norm: None,
         stride,
         pads,
         variant: None,
@@ -855,6 +894,7 @@ pub fn conv2d_upsampled(
         bias,
         bias_rows: None,
         residual,
+        norm: None,
         stride,
         pads,
         variant: None,

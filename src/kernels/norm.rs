@@ -161,6 +161,174 @@ impl GroupNormOp<'_> {
     }
 }
 
+/// Values per (batch, group) up to which `gn_stats` reduces a whole group in one workgroup (one
+/// dispatch); larger groups (the VAE's at 256² and 512²) take the split path, `gn_partial` over
+/// chunks then `gn_affine` (two dispatches), so that one workgroup does not serialise a group of
+/// millions of values. SD 1.5's largest U-Net group is 64·64·30 = 122,880 values.
+pub const GN_STATS_ONE_PASS_MAX: usize = 1 << 17;
+
+impl GroupNormOp<'_> {
+    /// The statistics of this GroupNorm over `x` [B, ..spatial.., Ca] — or over the channel
+    /// concatenation `cat([x, x_b], dim=C)` when `x_b` [B, ..spatial.., Cb] is given — as the
+    /// per-(batch, channel) affine table a consumer applies while it loads x (conv2d's
+    /// [`FusedNorm`](crate::kernels::conv2d::FusedNorm)): `table` [B, C, 2] f32 holds
+    /// (scale, shift) = (gamma·rstd, beta − mean·gamma·rstd), so that norm(x) = x·scale + shift.
+    /// `silu` is the consumer's to apply. f32 statistics, the numerics of [`GroupNormOp::run`]
+    /// (see the shader header); [`reference_group_norm_table`] is the specification.
+    pub fn stats_into(
+        self,
+        gpu: &Gpu,
+        x: &Tensor,
+        x_b: Option<&Tensor>,
+        table: &Tensor,
+    ) -> Result<()> {
+        const OP: &str = "group_norm_stats";
+        let shape = stats_shape(OP, x, x_b)?;
+        let (b, c) = (shape[0], shape[shape.len() - 1]);
+        check_groups(OP, x, c, self.groups)?;
+        check_affine(OP, x, c, self.gamma, self.beta)?;
+        if table.shape() != [b, c, 2] || table.dtype() != DType::F32 {
+            return Err(Error::shape(
+                OP,
+                format!("table {table:?} must be [{b}, {c}, 2] f32"),
+            ));
+        }
+        let numel: usize = shape.iter().product();
+        if numel == 0 {
+            return Ok(());
+        }
+        let ca = x.shape()[x.shape().len() - 1];
+        let (params, grid) = gn_params(gpu, OP, &self, &shape, ca)?;
+        let group_values = numel / (b * self.groups);
+        let concat = [("CONCAT", if x_b.is_some() { 1.0 } else { 0.0 })];
+        let x_bytes = x.size_bytes() as f64 + x_b.map_or(0.0, |t| t.size_bytes() as f64);
+        // Bindings 3 (y) and 4 (partial) are not read by gn_stats; x fills their slots.
+        let stats_grid = [grid[0], 1, grid[2]];
+        if group_values <= GN_STATS_ONE_PASS_MAX {
+            let tensors = [x, self.gamma, self.beta, x, x, x_b.unwrap_or(x), x, table];
+            return gpu.dispatch(&Dispatch {
+                shader: ShaderId::Norm,
+                entry: "gn_stats",
+                dtype: x.dtype(),
+                overrides: &concat,
+                tensors: &tensors,
+                params: bytemuck::bytes_of(&params),
+                workgroups: stats_grid,
+                label: "group_norm_table",
+                work: Work {
+                    flops: 5.0 * numel as f64,
+                    bytes: 2.0 * x_bytes + table.size_bytes() as f64,
+                },
+            });
+        }
+        let chunks = params.chunks as usize;
+        let partial = gpu.empty(&[b * self.groups * chunks * 2], DType::F32)?;
+        let tensors = [
+            x,
+            self.gamma,
+            self.beta,
+            x,
+            &partial,
+            x_b.unwrap_or(x),
+            x,
+            table,
+        ];
+        gpu.dispatch(&Dispatch {
+            shader: ShaderId::Norm,
+            entry: "gn_partial",
+            dtype: x.dtype(),
+            overrides: &concat,
+            tensors: &tensors,
+            params: bytemuck::bytes_of(&params),
+            workgroups: grid,
+            label: "group_norm_table_partial",
+            work: Work {
+                flops: 3.0 * numel as f64,
+                bytes: x_bytes + partial.size_bytes() as f64,
+            },
+        })?;
+        gpu.dispatch(&Dispatch {
+            shader: ShaderId::Norm,
+            entry: "gn_affine",
+            dtype: x.dtype(),
+            overrides: &concat,
+            tensors: &tensors,
+            params: bytemuck::bytes_of(&params),
+            workgroups: stats_grid,
+            label: "group_norm_table",
+            work: Work {
+                flops: 8.0 * (b * self.groups * chunks) as f64,
+                bytes: partial.size_bytes() as f64 + table.size_bytes() as f64,
+            },
+        })
+    }
+
+    /// [`GroupNormOp::stats_into`] into a new [B, C, 2] f32 table.
+    pub fn stats(self, gpu: &Gpu, x: &Tensor, x_b: Option<&Tensor>) -> Result<Tensor> {
+        let shape = stats_shape("group_norm_stats", x, x_b)?;
+        let table = gpu.empty(&[shape[0], shape[shape.len() - 1], 2], DType::F32)?;
+        self.stats_into(gpu, x, x_b, &table)?;
+        Ok(table)
+    }
+}
+
+/// The logical input shape of [`GroupNormOp::stats_into`]: x's, or that of cat([x, x_b], dim=C).
+fn stats_shape(op: &str, x: &Tensor, x_b: Option<&Tensor>) -> Result<Vec<usize>> {
+    let sa = x.shape();
+    if sa.len() < 2 {
+        return Err(Error::shape(op, format!("input {x:?} must be [B, ..., C]")));
+    }
+    let mut shape = sa.to_vec();
+    if let Some(b) = x_b {
+        let sb = b.shape();
+        if sa.len() != sb.len() || sa[..sa.len() - 1] != sb[..sb.len() - 1] || x.dtype() != b.dtype()
+        {
+            return Err(Error::shape(
+                op,
+                format!("inputs {x:?} and {b:?} must be [B, ..., Ca] and [B, ..., Cb] of one dtype"),
+            ));
+        }
+        *shape.last_mut().expect("rank checked") += sb[sb.len() - 1];
+    }
+    Ok(shape)
+}
+
+/// The specification of [`GroupNormOp::stats_into`]: f64 two-pass statistics per (batch, group)
+/// of `x` [B, ..., C] (`shape`), as [B, C, 2] (scale, shift) = (gamma·rstd, beta − mean·scale).
+pub fn reference_group_norm_table(
+    x: &[f32],
+    shape: &[usize],
+    groups: usize,
+    eps: f32,
+    gamma: &[f32],
+    beta: &[f32],
+) -> Vec<f64> {
+    let (b, c) = (shape[0], shape[shape.len() - 1]);
+    let rows = x.len() / (b * c);
+    let cpg = c / groups;
+    let mut table = vec![0.0f64; b * c * 2];
+    for bi in 0..b {
+        for g in 0..groups {
+            let values = || {
+                (0..rows).flat_map(move |r| {
+                    (0..cpg).map(move |j| x[(bi * rows + r) * c + g * cpg + j] as f64)
+                })
+            };
+            let n = (rows * cpg) as f64;
+            let mean = values().sum::<f64>() / n;
+            let var = values().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+            let rstd = 1.0 / (var + eps as f64).sqrt();
+            for j in 0..cpg {
+                let ch = g * cpg + j;
+                let scale = gamma[ch] as f64 * rstd;
+                table[(bi * c + ch) * 2] = scale;
+                table[(bi * c + ch) * 2 + 1] = beta[ch] as f64 - mean * scale;
+            }
+        }
+    }
+    table
+}
+
 /// [`GroupNormOp::run`] as a function.
 pub fn group_norm(
     gpu: &Gpu,
@@ -191,6 +359,46 @@ fn check_groups(op: &str, x: &Tensor, c: usize, groups: usize) -> Result<()> {
     Ok(())
 }
 
+/// The uniform parameters of group norm over a logical [B, R, C] (`shape`) whose first `ca`
+/// channels come from the first source, and the grid (G, chunks, B) of the chunked kernels.
+fn gn_params(
+    gpu: &Gpu,
+    op: &str,
+    norm: &GroupNormOp<'_>,
+    shape: &[usize],
+    ca: usize,
+) -> Result<(Params, [u32; 3])> {
+    let numel: usize = shape.iter().product();
+    let groups = norm.groups;
+    let (b, c) = (shape[0], shape[shape.len() - 1]);
+    let rows = numel / (b * c);
+    let cpg = c / groups;
+    let per_workgroup = GN_MIN_VALUES_PER_WORKGROUP.max(numel.div_ceil(GN_TARGET_WORKGROUPS));
+    let rows_per_chunk = per_workgroup.div_ceil(cpg).min(rows);
+    let chunks = rows.div_ceil(rows_per_chunk);
+    let max_dim = gpu.caps.max_workgroups_per_dim as usize;
+    if groups > max_dim || chunks > max_dim || b > max_dim {
+        return Err(Error::shape(
+            op,
+            format!("grid ({groups}, {chunks}, {b}) exceeds {max_dim} workgroups per dimension"),
+        ));
+    }
+    u32_of(op, "elements", numel)?;
+    let params = Params {
+        rows: rows as u32,
+        channels: c as u32,
+        groups: groups as u32,
+        cpg: cpg as u32,
+        rows_per_chunk: rows_per_chunk as u32,
+        chunks: chunks as u32,
+        silu: norm.silu as u32,
+        eps: norm.eps,
+        ca: ca as u32,
+        cb: (c - ca) as u32,
+    };
+    Ok((params, [groups as u32, chunks as u32, b as u32]))
+}
+
 /// Records both group-norm dispatches over `out` [B, R, C] once the shapes are checked: the input
 /// is `x`, or `cat(x, x_b)` along channels when `x_b` is given.
 fn record_group_norm(
@@ -202,46 +410,22 @@ fn record_group_norm(
 ) -> Result<()> {
     let GroupNormOp {
         groups,
-        eps,
         gamma,
         beta,
         silu,
+        ..
     } = *norm;
     if out.numel() == 0 {
         return Ok(());
     }
     let shape = out.shape();
-    let (b, c) = (shape[0], shape[shape.len() - 1]);
+    let b = shape[0];
     let ca = x.shape()[x.shape().len() - 1];
-    let rows = out.numel() / (b * c);
-    let cpg = c / groups;
-    let per_workgroup = GN_MIN_VALUES_PER_WORKGROUP.max(out.numel().div_ceil(GN_TARGET_WORKGROUPS));
-    let rows_per_chunk = per_workgroup.div_ceil(cpg).min(rows);
-    let chunks = rows.div_ceil(rows_per_chunk);
-    let max_dim = gpu.caps.max_workgroups_per_dim as usize;
-    if groups > max_dim || chunks > max_dim || b > max_dim {
-        return Err(Error::shape(
-            op,
-            format!("grid ({groups}, {chunks}, {b}) exceeds {max_dim} workgroups per dimension"),
-        ));
-    }
-    u32_of(op, "elements", out.numel())?;
-    let params = Params {
-        rows: rows as u32,
-        channels: c as u32,
-        groups: groups as u32,
-        cpg: cpg as u32,
-        rows_per_chunk: rows_per_chunk as u32,
-        chunks: chunks as u32,
-        silu: silu as u32,
-        eps,
-        ca: ca as u32,
-        cb: (c - ca) as u32,
-    };
+    let (params, workgroups) = gn_params(gpu, op, norm, shape, ca)?;
+    let chunks = params.chunks as usize;
     // Scratch: (mean, M2) per (b, g, chunk). Dropping it after recording is safe: the pool may hand
     // the buffer to a later tensor, whose commands are recorded (and so run) after these.
     let partial = gpu.empty(&[b * groups * chunks * 2], DType::F32)?;
-    let workgroups = [groups as u32, chunks as u32, b as u32];
     // Single-source mode binds x again as the unused second source (two read-only bindings of one
     // buffer are legal; read-only + read-write would not be).
     let tensors = [x, gamma, beta, out, &partial, x_b.unwrap_or(x)];

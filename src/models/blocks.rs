@@ -3,6 +3,7 @@
 //! Activations are NHWC: [B, H, W, C].
 
 use crate::kernels::attention::{self, HeadsView};
+use crate::kernels::conv2d::{Conv, Input};
 use crate::kernels::elementwise::{self, ChannelBiasView};
 use crate::kernels::matmul::{self, Activation};
 use crate::nn::{self, AttentionShape, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
@@ -32,7 +33,9 @@ pub struct Hoisted<'a> {
 
 /// diffusers `ResnetBlock2D` (time_embedding_norm "default", output_scale_factor 1):
 /// h = conv1(silu(norm1(x))) [+ time_emb_proj(silu(temb))]; h = conv2(silu(norm2(h)));
-/// out = shortcut(x) + h — the add fused into conv2's store.
+/// out = shortcut(x) + h — the add fused into conv2's store. In the U-Net each
+/// `conv(silu(norm(..)))` is one statistics dispatch and the conv, which normalises its input as
+/// it loads it ([`GroupNorm::into_conv`]); the VAE's keep the separate normalise pass.
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
@@ -40,6 +43,7 @@ pub struct ResnetBlock2D {
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
+    fused_norm: bool,
     /// Index of this block's row in [`Hoisted::time_proj`] (set by the U-Net after loading).
     pub(crate) slot: usize,
 }
@@ -54,6 +58,8 @@ pub struct ResnetBlock2DConfig {
     pub temb_channels: Option<usize>,
     pub groups: usize,
     pub eps: f32,
+    /// Apply norm1 / norm2 (+ SiLU) in conv1's / conv2's loads instead of separate passes.
+    pub fused_norm: bool,
 }
 
 impl ResnetBlock2D {
@@ -64,6 +70,7 @@ impl ResnetBlock2D {
             temb_channels,
             groups,
             eps,
+            fused_norm,
         } = cfg;
         let conv_shortcut = if c_in != c_out {
             Some(Conv2d::load(
@@ -103,6 +110,7 @@ impl ResnetBlock2D {
             norm2: GroupNorm::load(vb.pp("norm2"), groups, c_out, eps)?,
             conv2: vb.pp("conv2").conv3x3(c_out, c_out)?,
             conv_shortcut,
+            fused_norm,
             slot: 0,
         })
     }
@@ -116,44 +124,74 @@ impl ResnetBlock2D {
             .transpose()
     }
 
-    /// conv1(normed) + time_emb_proj(silu(temb)) per (batch, channel), the projection (which
-    /// holds conv1's bias) added in conv1's epilogue and read from the hoisted table where there
-    /// is one. normed: [B, H, W, Cin] -> [B, H, W, Cout].
+    /// `conv(silu(norm(input)))`: the norm applied in the conv's loads where this block fuses
+    /// them, else written by its own pass first (the VAE). `conv` carries the input and the
+    /// epilogue options.
+    fn norm_conv(&self, gpu: &Gpu, norm: &GroupNorm, conv: Conv<'_>) -> Result<Tensor> {
+        if self.fused_norm {
+            return norm.into_conv(gpu, conv, true);
+        }
+        let normed = match conv.input {
+            Input::Plain(x) => norm.forward(gpu, x, true)?, // [B, H, W, Cin]
+            Input::Concat(a, b) => norm.forward_concat(gpu, a, b, true)?, // [B, H, W, Ca + Cb]
+            Input::Upsampled2x(_) => {
+                return Err(crate::Error::shape(
+                    "resnet",
+                    "an unfused norm before an upsampling conv",
+                ))
+            }
+        };
+        Conv {
+            input: Input::Plain(&normed),
+            ..conv
+        }
+        .run(gpu)
+    }
+
+    /// conv1(silu(norm1(input))) + time_emb_proj(silu(temb)) per (batch, channel), the
+    /// projection (which holds conv1's bias) added in conv1's epilogue and read from the hoisted
+    /// table where there is one. input: [B, H, W, Cin] (or a concatenation) -> [B, H, W, Cout].
     fn conv1_with_time(
         &self,
         gpu: &Gpu,
-        normed: &Tensor,
+        input: Input<'_>,
         cond: Option<&Conditioning<'_>>,
     ) -> Result<Tensor> {
         let Some(proj) = &self.time_emb_proj else {
-            return self.conv1.forward(gpu, normed);
+            return self.norm_conv(gpu, &self.norm1, self.conv1.on(input));
         };
         let missing = |what: &str| crate::Error::shape("resnet", what.to_string());
         let cond = cond.ok_or_else(|| missing("a U-Net resnet needs its time embedding"))?;
+        let with_rows = |view: ChannelBiasView<'_>| {
+            let conv = Conv {
+                bias: None,
+                bias_rows: Some(view),
+                ..self.conv1.on(input)
+            };
+            self.norm_conv(gpu, &self.norm1, conv) // [B, H, W, Cout]
+        };
         match &cond.hoisted {
             Some(hoisted) => {
                 let table = hoisted
                     .time_proj
                     .get(self.slot)
                     .ok_or_else(|| missing("no time projection for this resnet's slot"))?; // [calls·B, Cout]
-                let view = ChannelBiasView {
+                with_rows(ChannelBiasView {
                     table,
                     row: hoisted.row,
                     col: 0,
-                };
-                self.conv1.forward_bias_rows(gpu, normed, view) // [B, H, W, Cout]
+                })
             }
             None => {
                 let temb = cond
                     .temb_silu
                     .ok_or_else(|| missing("neither a time embedding nor its projection"))?;
                 let t = proj.forward(gpu, temb)?; // [B, Cout]
-                let view = ChannelBiasView {
+                with_rows(ChannelBiasView {
                     table: &t,
                     row: 0,
                     col: 0,
-                };
-                self.conv1.forward_bias_rows(gpu, normed, view) // [B, H, W, Cout]
+                })
             }
         }
     }
@@ -166,24 +204,22 @@ impl ResnetBlock2D {
         x: &Tensor,
         cond: Option<&Conditioning<'_>>,
     ) -> Result<Tensor> {
-        // Each intermediate is dropped as soon as the next one exists, so its buffer returns to
-        // the pool for the next op (shadowed `let`s would keep them alive to the end).
-        let mut h = {
-            let normed = self.norm1.forward(gpu, x, true)?; // [B, H, W, Cin]
-            self.conv1_with_time(gpu, &normed, cond)? // [B, H, W, Cout]
-        };
-        h = self.norm2.forward(gpu, &h, true)?; // the assignment drops conv1's output
+        let h = self.conv1_with_time(gpu, Input::Plain(x), cond)?; // [B, H, W, Cout]
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(gpu, x)?, // [B, H, W, Cout]
             None => x.clone(),
         };
-        self.conv2.forward_residual(gpu, &h, &shortcut) // [B, H, W, Cout]
+        let conv2 = Conv {
+            residual: Some(&shortcut),
+            ..self.conv2.on(Input::Plain(&h))
+        };
+        self.norm_conv(gpu, &self.norm2, conv2) // [B, H, W, Cout]
     }
 
     /// `forward(concat_channels(a, b), temb)` for the U-Net decoder, whose resnets take
-    /// `torch.cat([hidden_states, res_hidden_states], dim=1)`: norm1 and the 1×1 shortcut read
-    /// the two tensors directly, so the concatenation is never written. a [B, H, W, Ca],
-    /// b [B, H, W, Cb] with Ca + Cb = Cin.
+    /// `torch.cat([hidden_states, res_hidden_states], dim=1)`: norm1 (its statistics or its
+    /// pass), conv1 and the 1×1 shortcut read the two tensors directly, so the concatenation is
+    /// never written. a [B, H, W, Ca], b [B, H, W, Cb] with Ca + Cb = Cin.
     pub fn forward_concat(
         &self,
         gpu: &Gpu,
@@ -196,13 +232,13 @@ impl ResnetBlock2D {
             let x = elementwise::concat_channels(gpu, a, b)?;
             return self.forward(gpu, &x, cond);
         };
-        let mut h = {
-            let normed = self.norm1.forward_concat(gpu, a, b, true)?; // [B, H, W, Ca + Cb]
-            self.conv1_with_time(gpu, &normed, cond)? // [B, H, W, Cout]
-        };
-        h = self.norm2.forward(gpu, &h, true)?;
+        let h = self.conv1_with_time(gpu, Input::Concat(a, b), cond)?; // [B, H, W, Cout]
         let shortcut = conv_shortcut.forward_concat(gpu, a, b)?; // [B, H, W, Cout]
-        self.conv2.forward_residual(gpu, &h, &shortcut) // [B, H, W, Cout]
+        let conv2 = Conv {
+            residual: Some(&shortcut),
+            ..self.conv2.on(Input::Plain(&h))
+        };
+        self.norm_conv(gpu, &self.norm2, conv2) // [B, H, W, Cout]
     }
 }
 

@@ -5,6 +5,7 @@
 //! of SD 2.x (`use_linear_projection`) are the same matmul over channels, and no permute is needed.
 
 use crate::kernels::attention::HeadsView;
+use crate::kernels::conv2d::{Conv, Input};
 use crate::kernels::matmul::Activation;
 use crate::models::blocks::Conditioning;
 use crate::nn::{self, AttentionShape, GroupNorm, LayerNorm, Linear, VarBuilder};
@@ -268,13 +269,42 @@ impl Transformer2DModel {
         Ok(out)
     }
 
+    /// proj_in(norm(x)), x [B, H, W, C] -> [B, HW, inner]. SD 1.x's proj_in is a 1×1 conv
+    /// (its [inner, C] weight is the conv's [inner, 1, 1, C]): it runs as one, with the norm
+    /// applied in its loads (one statistics dispatch, no normalised tensor). A linear
+    /// proj_in (SD 2.x, SDXL: `use_linear_projection`) runs on the matmul kernels, which take no
+    /// fused norm: there the norm keeps its own pass.
+    fn norm_proj_in(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        let s = &self.spec;
+        let (b, h, w) = (x.dim(0), x.dim(1), x.dim(2));
+        let inner = s.heads * s.head_dim;
+        if s.use_linear_projection {
+            let tokens = x.reshape(&[b, h * w, s.channels])?; // [B, HW, C]
+            let normed = self.norm.forward(gpu, &tokens, false)?; // [B, HW, C]
+            return self.proj_in.forward(gpu, &normed); // [B, HW, inner]
+        }
+        let weight = self.proj_in.weight.reshape(&[inner, 1, 1, s.channels])?; // [inner, 1, 1, C]
+        let conv = Conv {
+            input: Input::Plain(x),
+            weight: &weight,
+            bias: self.proj_in.bias.as_ref(),
+            bias_rows: None,
+            residual: None,
+            norm: None,
+            stride: 1,
+            pads: [0; 4],
+            variant: None,
+        };
+        let out = self.norm.into_conv(gpu, conv, false)?; // [B, H, W, inner]
+        out.reshape(&[b, h * w, inner]) // [B, HW, inner]
+    }
+
     /// x: [B, H, W, C]; cond: the context (or its hoisted K/V). Returns [B, H, W, C].
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, cond: &Conditioning<'_>) -> Result<Tensor> {
         let s = &self.spec;
         let (b, h, w) = (x.dim(0), x.dim(1), x.dim(2));
         let residual = x.reshape(&[b, h * w, s.channels])?; // [B, HW, C]
-        let normed = self.norm.forward(gpu, &residual, false)?; // [B, HW, C]
-        let mut hidden = self.proj_in.forward(gpu, &normed)?; // [B, HW, inner]
+        let mut hidden = self.norm_proj_in(gpu, x)?; // [B, HW, inner]
         for blk in &self.blocks {
             hidden = blk.forward(gpu, hidden, cond)?; // [B, HW, inner]
         }

@@ -6,7 +6,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::kernels::elementwise;
+use crate::kernels::{conv2d, elementwise};
 use crate::kernels::matmul::Activation;
 use crate::models::blocks::{Conditioning, Hoisted, ResnetBlock2D};
 use crate::models::config::{
@@ -897,7 +897,8 @@ impl UNet2DConditionModel {
         for block in &self.up_blocks {
             h = block.forward(gpu, h, cond, &mut skips)?; // [B, 2h, 2w, C]
         }
-        let h = self.conv_norm_out.forward(gpu, &h, true)?; // [B, h, w, C0]
-        self.conv_out.forward(gpu, &h) // [B, h, w, C_out]
+        // conv_out(silu(conv_norm_out(h))), the norm applied in the conv's loads.
+        let conv_out = self.conv_out.on(conv2d::Input::Plain(&h));
+        self.conv_norm_out.into_conv(gpu, conv_out, true) // [B, h, w, C_out]
     }
 }

@@ -24,6 +24,7 @@ impl ResnetSettings {
             temb_channels: Some(self.temb_channels),
             groups: self.groups,
             eps: self.eps,
+            fused_norm: true,
         };
         ResnetBlock2D::load(vb, cfg)
     }

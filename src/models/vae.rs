@@ -136,6 +136,13 @@ fn vae_resnet(
         temb_channels: None,
         groups,
         eps: VAE_EPS,
+        // The VAE keeps separate GroupNorm passes: its tiling planner sizes tiles from a dry run
+        // whose measured peak must grow linearly with the batch (tests/vae_tiling.rs), and the
+        // earlier attempt at fusing these broke that check (not re-measured here). Its groups
+        // at 128² and above also exceed norm::GN_STATS_ONE_PASS_MAX and would take the split
+        // statistics path (two dispatches, as many as the unfused norm), so the fusion would
+        // save there only the write + read of the normalised activation, not a dispatch.
+        fused_norm: false,
     };
     ResnetBlock2D::load(vb, cfg)
 }
