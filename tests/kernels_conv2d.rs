@@ -979,8 +979,22 @@ fn every_variant_gives_the_same_bits_with_and_without_bounds_checks() {
         .caps
         .max_workgroup_storage
         .min(unchecked.caps.max_workgroup_storage);
-    for (s, c) in cases.iter().enumerate() {
-        let i = quantized(&inputs(c, 900 + s as u64), DType::F16);
+    // And with a fused GroupNorm + SiLU (its table is another binding the kernels index).
+    #[rustfmt::skip]
+    let fused = [
+        (cat(12, case("gn cat 3x3 12+8 cout21", 2, 7, 5, 20, 21, (3, 3), 1, P1, true, true)), 4),
+        (case("gn 3x3 s2 scalar 9x7 cin6 cout5", 1, 9, 7, 6, 5, (3, 3), 2, P1, true, false), 3),
+    ];
+    let plain = cases
+        .iter()
+        .enumerate()
+        .map(|(s, c)| (*c, inputs(c, 900 + s as u64)));
+    let with_norm = fused
+        .iter()
+        .enumerate()
+        .map(|(s, &(c, groups))| (c, inputs_norm(&c, groups, true, 950 + s as u64)));
+    for (c, i) in plain.chain(with_norm) {
+        let (c, i) = (&c, quantized(&i, DType::F16));
         for dtype in dtypes() {
             let mut vs = conv2d::variants(max_wg);
             // The tensor-core kernel too, where both engines can run it.
@@ -1338,7 +1352,10 @@ fn fused_group_norm_coop() {
             ran += 1;
         }
         set_coop_tile(g, None);
-        assert!(ran >= 10, "only {ran} fused-norm cases suit the tensor-core kernel");
+        assert!(
+            ran >= 10,
+            "only {ran} fused-norm cases suit the tensor-core kernel"
+        );
     }
     if large {
         let shader = plan.shader(ldm_wgpu::shaders::ShaderId::Conv2dCoop);
@@ -1373,8 +1390,14 @@ fn fused_group_norm_rejects_bad_tables() {
         .run(g)
     };
     assert!(run(&g.empty(&[2, 8, 2], f).unwrap()).is_ok());
-    assert!(is_shape(run(&g.empty(&[1, 8, 2], f).unwrap())), "one batch row");
-    assert!(is_shape(run(&g.empty(&[2, 6, 2], f).unwrap())), "Cout, not Cin");
+    assert!(
+        is_shape(run(&g.empty(&[1, 8, 2], f).unwrap())),
+        "one batch row"
+    );
+    assert!(
+        is_shape(run(&g.empty(&[2, 6, 2], f).unwrap())),
+        "Cout, not Cin"
+    );
     if dtypes().contains(&DType::F16) {
         let h = g.empty(&[2, 8, 2], DType::F16).unwrap();
         assert!(is_shape(run(&h)), "an f16 table");

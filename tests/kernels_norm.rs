@@ -443,4 +443,8 @@ fn group_norm_table_matches_reference() {
     // and with a large offset.
     check_table(&[1, 200, 200], (8, 0), 2, 0.0, 609);
     check_table(&[2, 200, 181], (6, 2), 2, 500.0, 610);
+    let entries: Vec<&str> = gpu().compiled_pipelines().iter().map(|&(_, e)| e).collect();
+    for entry in ["gn_stats", "gn_partial", "gn_affine"] {
+        assert!(entries.contains(&entry), "{entry} never ran");
+    }
 }

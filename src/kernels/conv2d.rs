@@ -675,7 +675,10 @@ impl Conv<'_> {
                 ));
             }
             if n.table.buffer_id() == out.buffer_id() {
-                return Err(Error::shape(op, "out shares its buffer with the GroupNorm table"));
+                return Err(Error::shape(
+                    op,
+                    "out shares its buffer with the GroupNorm table",
+                ));
             }
         }
         // wgpu refuses a buffer bound read-only and read-write in one dispatch (wgpu#8470).

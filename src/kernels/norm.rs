@@ -281,11 +281,15 @@ fn stats_shape(op: &str, x: &Tensor, x_b: Option<&Tensor>) -> Result<Vec<usize>>
     let mut shape = sa.to_vec();
     if let Some(b) = x_b {
         let sb = b.shape();
-        if sa.len() != sb.len() || sa[..sa.len() - 1] != sb[..sb.len() - 1] || x.dtype() != b.dtype()
+        if sa.len() != sb.len()
+            || sa[..sa.len() - 1] != sb[..sb.len() - 1]
+            || x.dtype() != b.dtype()
         {
             return Err(Error::shape(
                 op,
-                format!("inputs {x:?} and {b:?} must be [B, ..., Ca] and [B, ..., Cb] of one dtype"),
+                format!(
+                    "inputs {x:?} and {b:?} must be [B, ..., Ca] and [B, ..., Cb] of one dtype"
+                ),
             ));
         }
         *shape.last_mut().expect("rank checked") += sb[sb.len() - 1];

@@ -6,8 +6,8 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::kernels::{conv2d, elementwise};
 use crate::kernels::matmul::Activation;
+use crate::kernels::{conv2d, elementwise};
 use crate::models::blocks::{Conditioning, Hoisted, ResnetBlock2D};
 use crate::models::config::{
     parse, per_block_or, require_str, size_or, sizes, Number, PerBlock, Size,
