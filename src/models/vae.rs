@@ -136,12 +136,14 @@ fn vae_resnet(
         temb_channels: None,
         groups,
         eps: VAE_EPS,
-        // The VAE keeps separate GroupNorm passes: its tiling planner sizes tiles from a dry run
-        // whose measured peak must grow linearly with the batch (tests/vae_tiling.rs), and the
-        // earlier attempt at fusing these broke that check (not re-measured here). Its groups
-        // at 128² and above also exceed norm::GN_STATS_ONE_PASS_MAX and would take the split
-        // statistics path (two dispatches, as many as the unfused norm), so the fusion would
-        // save there only the write + read of the normalised activation, not a dispatch.
+        // The VAE keeps separate GroupNorm passes. Fused, the tiling planner's dry run (which
+        // takes a fresh statistics table per norm, `GroupNorm::into_conv`) and the real pass
+        // (which keeps one table per layer) would no longer allocate the same bytes, and
+        // tests/vae_tiling.rs's dry_run_measures_what_the_real_pass_allocates fails (measured:
+        // f32 decode peak 622,336 planned vs 624,640 real). Its groups at 128² and above also
+        // exceed norm::GN_STATS_ONE_PASS_MAX and would take the split statistics path (two
+        // dispatches, as many as the unfused norm), so there the fusion would save only the
+        // write + read of the normalised activation, not a dispatch (decode runs once per image).
         fused_norm: false,
     };
     ResnetBlock2D::load(vb, cfg)
