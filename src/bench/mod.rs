@@ -571,6 +571,26 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
             0.0,
             2.0 * x.size_bytes() as f64,
         );
+        if case.groups > 0 {
+            // The statistics table alone, what a conv with the norm fused in waits for (the U-Net's
+            // norms, one workgroup per (batch, group) up to GN_STATS_ONE_PASS_MAX values): GB/s
+            // of one read of x.
+            let op = norm::GroupNormOp {
+                groups: case.groups,
+                eps: 1e-5,
+                gamma: &gamma,
+                beta: &beta,
+                silu: false,
+            };
+            let t = b.time(&mut || op.stats(b.gpu, &x, None).map(|_| ()))?;
+            b.line(
+                "groupnorm_stats",
+                &format!("{} {:?}", case.name, case.shape),
+                t,
+                0.0,
+                x.size_bytes() as f64,
+            );
+        }
     }
     Ok(())
 }
