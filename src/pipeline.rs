@@ -1220,6 +1220,17 @@ impl StableDiffusion {
         progress: &mut dyn FnMut(&Progress<'_>) -> bool,
     ) -> Result<Generated> {
         let _one_at_a_time = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let result = self.generate_locked(req, progress);
+        // The fused GroupNorms' statistics tables are the request's, finished or failed.
+        self.unet.release_norm_tables();
+        result
+    }
+
+    fn generate_locked(
+        &self,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(&Progress<'_>) -> bool,
+    ) -> Result<Generated> {
         self.check_inputs(req)?;
         self.check_memory(req)?;
         let baseline = self.gpu.begin_peak_window();

@@ -63,6 +63,12 @@ pub struct ResnetBlock2DConfig {
 }
 
 impl ResnetBlock2D {
+    /// Drops the statistics tables its fused norms keep ([`GroupNorm::release_table`]).
+    pub fn release_norm_tables(&self) {
+        self.norm1.release_table();
+        self.norm2.release_table();
+    }
+
     pub fn load(vb: VarBuilder<'_>, cfg: ResnetBlock2DConfig) -> Result<Self> {
         let ResnetBlock2DConfig {
             c_in,

@@ -226,6 +226,11 @@ fn load_projection(vb: VarBuilder<'_>, c_in: usize, c_out: usize, linear: bool) 
 }
 
 impl Transformer2DModel {
+    /// Drops the statistics table its fused norm keeps ([`GroupNorm::release_table`]).
+    pub fn release_norm_tables(&self) {
+        self.norm.release_table();
+    }
+
     pub fn load(vb: VarBuilder<'_>, spec: TransformerSpec) -> Result<Self> {
         let (c, inner) = (spec.channels, spec.heads * spec.head_dim);
         let blocks_vb = vb.pp("transformer_blocks");

@@ -513,6 +513,21 @@ impl UNet2DConditionModel {
         self.kv_slots = kv;
     }
 
+    /// Drops the statistics tables of its fused GroupNorms ([`GroupNorm::release_table`]):
+    /// they live through a request's denoising loop (so every call binds the same buffers) and
+    /// no longer, so a finished or failed request leaves the pool's live bytes as it found
+    /// them (tests/faults.rs).
+    pub fn release_norm_tables(&self) {
+        let (resnets, transformers) = self.layers();
+        resnets
+            .into_iter()
+            .for_each(ResnetBlock2D::release_norm_tables);
+        transformers
+            .into_iter()
+            .for_each(Transformer2DModel::release_norm_tables);
+        self.conv_norm_out.release_table();
+    }
+
     /// Every resnet and transformer, in slot order.
     fn layers(&self) -> (Vec<&ResnetBlock2D>, Vec<&Transformer2DModel>) {
         let (mut resnets, mut transformers) = (Vec::new(), Vec::new());

@@ -505,6 +505,13 @@ impl GroupNorm {
         conv2d::Conv { norm, ..conv }.run(gpu)
     }
 
+    /// Drops the kept statistics table ([`GroupNorm::into_conv`]): the pipeline calls this at
+    /// the end of every request, so a request (finished or failed) leaves the pool's live
+    /// bytes as it found them.
+    pub fn release_table(&self) {
+        *self.table.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     fn op(&self, silu: bool) -> norm::GroupNormOp<'_> {
         norm::GroupNormOp {
             groups: self.groups,
