@@ -343,15 +343,9 @@ impl Conv2d {
         bias_rows: conv2d::ChannelBiasView<'_>,
     ) -> Result<Tensor> {
         conv2d::Conv {
-            input: conv2d::Input::Plain(x),
-            weight: &self.weight,
             bias: None,
             bias_rows: Some(bias_rows),
-            residual: None,
-            norm: None,
-            stride: self.stride,
-            pads: self.pads,
-            variant: None,
+            ..self.on(conv2d::Input::Plain(x))
         }
         .run(gpu)
     }
@@ -359,18 +353,7 @@ impl Conv2d {
     /// conv(concat_channels(a, b)) without writing the concatenation: a [B, H, W, Ca],
     /// b [B, H, W, Cb], this conv's Cin = Ca + Cb (the U-Net decoder's `torch.cat([h, skip])`).
     pub fn forward_concat(&self, gpu: &Gpu, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        conv2d::Conv {
-            input: conv2d::Input::Concat(a, b),
-            weight: &self.weight,
-            bias: self.bias.as_ref(),
-            bias_rows: None,
-            residual: None,
-            norm: None,
-            stride: self.stride,
-            pads: self.pads,
-            variant: None,
-        }
-        .run(gpu)
+        self.on(conv2d::Input::Concat(a, b)).run(gpu)
     }
 
     /// conv(concat_channels(a, b)) + residual, neither the concatenation nor the sum written
@@ -383,15 +366,8 @@ impl Conv2d {
         residual: &Tensor,
     ) -> Result<Tensor> {
         conv2d::Conv {
-            input: conv2d::Input::Concat(a, b),
-            weight: &self.weight,
-            bias: self.bias.as_ref(),
-            bias_rows: None,
             residual: Some(residual),
-            norm: None,
-            stride: self.stride,
-            pads: self.pads,
-            variant: None,
+            ..self.on(conv2d::Input::Concat(a, b))
         }
         .run(gpu)
     }
