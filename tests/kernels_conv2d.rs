@@ -1081,17 +1081,13 @@ fn coop_variant_matches_reference() {
         return;
     };
     // Both tiles (the large one where its staging geometry holds), forced on this engine.
-    let large = conv2d::coop_conv_tile(plan, &g.caps, 1 << 20, 1 << 10, Some(CoopTile::T128))
-        == CoopTile::T128;
-    let tiles: &[(CoopTile, &str)] = if large {
-        &[
-            (CoopTile::T64, "conv2d_coop"),
-            (CoopTile::T128, "conv2d_coop_l"),
-        ]
-    } else {
-        &[(CoopTile::T64, "conv2d_coop")]
-    };
-    for &(tile, entry) in tiles {
+    let tiles = coop_tiles(g, plan);
+    let large = tiles.contains(&CoopTile::T128);
+    for &tile in &tiles {
+        let entry = match tile {
+            CoopTile::T64 => "conv2d_coop",
+            CoopTile::T128 => "conv2d_coop_l",
+        };
         set_coop_tile(g, Some(tile));
         let mut ran = 0;
         for (s, c) in all.iter().enumerate() {
@@ -1241,14 +1237,7 @@ fn bias_per_batch_row() {
         eprintln!("no tensor-core conv on {}", g.adapter);
         return;
     };
-    let large = conv2d::coop_conv_tile(plan, &g.caps, 1 << 20, 1 << 10, Some(CoopTile::T128))
-        == CoopTile::T128;
-    let tiles: &[CoopTile] = if large {
-        &[CoopTile::T64, CoopTile::T128]
-    } else {
-        &[CoopTile::T64]
-    };
-    for &tile in tiles {
+    for tile in coop_tiles(g, plan) {
         set_coop_tile(g, Some(tile));
         for (s, c) in cases.iter().enumerate() {
             if !coop_takes(c) {
@@ -1327,14 +1316,9 @@ fn fused_group_norm_coop() {
         eprintln!("no tensor-core conv on {}", g.adapter);
         return;
     };
-    let large = conv2d::coop_conv_tile(plan, &g.caps, 1 << 20, 1 << 10, Some(CoopTile::T128))
-        == CoopTile::T128;
-    let tiles: &[CoopTile] = if large {
-        &[CoopTile::T64, CoopTile::T128]
-    } else {
-        &[CoopTile::T64]
-    };
-    for &tile in tiles {
+    let tiles = coop_tiles(g, plan);
+    let large = tiles.contains(&CoopTile::T128);
+    for &tile in &tiles {
         set_coop_tile(g, Some(tile));
         let mut ran = 0;
         for (s, &(c, groups, silu)) in FUSED_NORM_CASES.iter().enumerate() {
@@ -1403,4 +1387,16 @@ fn fused_group_norm_rejects_bad_tables() {
         assert!(is_shape(run(&h)), "an f16 table");
     }
     g.flush().unwrap();
+}
+
+/// The tensor-core conv tiles this engine can be forced to: the 64 tile, and the large one
+/// where its staging geometry holds.
+fn coop_tiles(g: &Gpu, plan: CoopPlan) -> Vec<CoopTile> {
+    let large = conv2d::coop_conv_tile(plan, &g.caps, 1 << 20, 1 << 10, Some(CoopTile::T128))
+        == CoopTile::T128;
+    if large {
+        vec![CoopTile::T64, CoopTile::T128]
+    } else {
+        vec![CoopTile::T64]
+    }
 }
