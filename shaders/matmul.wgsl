@@ -13,7 +13,13 @@
 // written transposed into workgroup memory, k-major, so the inner loop reads vec4s along M and N.
 //
 // Bindings: 0 x (elem4, read), 1 w (elem4, read), 2 bias (read; any tensor when bias_mode = 0),
-//           3 residual (read; any tensor when residual_mode != 1), 4 out (read_write), 5 params.
+//           3 residual (read; any tensor when residual_mode != 1), 4 out (read_write), 5 params,
+//           6 / 7 LayerNorm weight / bias [K] (vec4 entries only; any tensor when norm_mode = 0).
+//   norm_mode 1 (linear / geglu *_vec4): x's rows are LayerNorm'd as they are staged,
+//   a = ((x - pivot) - mean) · rstd · ln_w[k] + ln_b[k], with each row's statistics computed by
+//   the workgroup itself before its K loop (`row_norm_prologue`): the normalised tensor is never
+//   written and the LayerNorm needs no dispatch of its own. The prologue reads the workgroup's
+//   TM rows once more (from L2: the K loop reads them anyway).
 //   The *_vec4 entries load whole vec4s along K (K % 4 == 0), the *_scalar entries one element.
 //   residual_mode 2 reads the residual from `out` itself (in-place `x = x + f(x)`): wgpu forbids
 //   binding one buffer both read-only and read-write in a dispatch.
@@ -38,8 +44,8 @@ struct Params {
     stride_a: u32,       // batch strides in elements
     stride_b: u32,
     stride_c: u32,
-    _pad0: u32,
-    _pad1: u32,
+    norm_mode: u32,      // 0 none, 1 LayerNorm of x's rows applied on load (vec4 entries)
+    norm_eps: f32,
     _pad2: u32,
 };
 
@@ -52,6 +58,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read> residual: array<elem>;
 @group(0) @binding(4) var<storage, read_write> out: array<elem>;
 @group(0) @binding(5) var<uniform> params: Params;
+@group(0) @binding(6) var<storage, read> ln_w4: array<elem4>;
+@group(0) @binding(7) var<storage, read> ln_b4: array<elem4>;
 
 override WG_X: u32 = 16u;   // threads along N
 override WG_Y: u32 = 16u;   // threads along M
@@ -67,6 +75,64 @@ override B_TILE: u32 = TK * WG_X * 2u;
 // a_tile[k * TM4 + r / 4][r % 4] = x[m0 + r, k0 + k]; b_tile likewise with w.
 var<workgroup> a_tile: array<vec4<f32>, A_TILE>;
 var<workgroup> b_tile: array<vec4<f32>, B_TILE>;
+// norm_mode 1: row_stats[r] = (pivot, mean, rstd, -) of x's row m0 + r (`row_norm_prologue`).
+var<workgroup> row_stats: array<vec4<f32>, TM>;
+
+// ------------------------------------------------------------------ LayerNorm prologue
+
+// Every row m0 + r (r < TM) of x: pivot = its first value, mean and rstd = 1 / sqrt(var + eps)
+// of (x - pivot), as layer_norm in norm.wgsl (the pivot keeps a large common offset exact).
+// TPR = max(threads / TM, 1) invocations share a row, each summing a strided set of vec4s
+// (Chan's merge of 4-element chunks: one pass over the row, no cancellation); the parts are
+// merged in TPR barrier-separated turns. Every invocation must call it (barriers).
+fn row_norm_prologue(lid: u32, m0: u32, a_base: u32) {
+    let nt = WG_X * WG_Y;
+    let tpr = max(nt / TM, 1u);
+    let rows_per_pass = nt / tpr;
+    let kq = params.k >> 2u;
+    for (var rb = 0u; rb < TM; rb += rows_per_pass) {
+        let r = rb + lid / tpr;
+        let part = lid % tpr;
+        let m = m0 + r;
+        var pivot = 0.0;
+        var cnt = 0.0;
+        var mean = 0.0;
+        var m2 = 0.0;
+        if (r < TM && m < params.m) {
+            let base = (a_base >> 2u) + m * kq;
+            pivot = f32(x4[base].x);
+            for (var c = part; c < kq; c += tpr) {
+                let v = vec4<f32>(x4[base + c]) - vec4<f32>(pivot);
+                let cm = (v.x + v.y + v.z + v.w) * 0.25;
+                let d = v - vec4<f32>(cm);
+                let n2 = cnt + 4.0;
+                let delta = cm - mean;
+                mean += delta * (4.0 / n2);
+                m2 += dot(d, d) + delta * delta * (cnt * 4.0 / n2);
+                cnt = n2;
+            }
+        }
+        for (var p = 0u; p < tpr; p++) {
+            if (part == p && r < TM) {
+                if (p == 0u) {
+                    row_stats[r] = vec4<f32>(pivot, mean, m2, cnt);
+                } else if (cnt > 0.0) {
+                    let o = row_stats[r];
+                    let n2 = o.w + cnt;
+                    let delta = mean - o.y;
+                    row_stats[r] = vec4<f32>(pivot, o.y + delta * (cnt / n2),
+                                             o.z + m2 + delta * delta * (o.w * cnt / n2), n2);
+                }
+            }
+            workgroupBarrier();
+        }
+        if (part == 0u && r < TM) {
+            let o = row_stats[r];
+            row_stats[r] = vec4<f32>(o.x, o.y, inverseSqrt(o.z / max(o.w, 1.0) + params.norm_eps), 0.0);
+        }
+    }
+    workgroupBarrier();
+}
 
 // ------------------------------------------------------------------ tile loads
 
@@ -104,6 +170,11 @@ fn load_tiles_vec4(lid: u32, m0: u32, n0: u32, k0: u32, a_base: u32, b_base: u32
         var v = vec4<f32>(0.0);
         if (m < params.m && k < kk) {
             v = vec4<f32>(x4[(a_base + m * kk + k) >> 2u]);
+            if (params.norm_mode != 0u) {
+                let st = row_stats[r];
+                v = ((v - vec4<f32>(st.x)) - vec4<f32>(st.y)) * st.z * vec4<f32>(ln_w4[k >> 2u])
+                    + vec4<f32>(ln_b4[k >> 2u]);
+            }
         }
         put_a(4u * c, r, v.x);
         put_a(4u * c + 1u, r, v.y);
@@ -337,6 +408,9 @@ fn linear_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     let n0 = wid.x * TN;
     let a_base = wid.z * params.stride_a;
     let b_base = wid.z * params.stride_b;
+    if (params.norm_mode != 0u) {
+        row_norm_prologue(lid, m0, a_base);
+    }
     for (var k0 = 0u; k0 < params.k; k0 += TK) {
         load_tiles_vec4(lid, m0, n0, k0, a_base, b_base, false);
         workgroupBarrier();
@@ -369,6 +443,9 @@ fn geglu_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     var acc: array<vec4<f32>, 16>;
     let m0 = wid.y * TM;
     let n0 = wid.x * (TN / 2u);
+    if (params.norm_mode != 0u) {
+        row_norm_prologue(lid, m0, 0u);
+    }
     for (var k0 = 0u; k0 < params.k; k0 += TK) {
         load_tiles_vec4(lid, m0, n0, k0, 0u, 0u, true);
         workgroupBarrier();

@@ -9,7 +9,9 @@
 // configuration the adapter reports, and only on adapters with one fixed subgroup width SG.
 //
 // Bindings: 0 x (elem4, read), 1 w (elem4, read), 2 bias, 3 residual, 4 out (read_write),
-//           5 params — as matmul.wgsl.
+//           5 params, 6 / 7 LayerNorm weight / bias — as matmul.wgsl, LayerNorm on load
+//           (norm_mode 1) included: the statistics prologue runs before the first staging
+//           load, and `fetch` normalises the x chunks in f32 before they are rounded to f16.
 // K % 4 == 0 is required (vec4 staging loads); the host uses matmul.wgsl otherwise.
 //
 // Two tile sizes, each with a linear and a geglu entry point; the host picks by the number of
@@ -76,8 +78,8 @@ struct Params {
     stride_a: u32,
     stride_b: u32,
     stride_c: u32,
-    _pad0: u32,
-    _pad1: u32,
+    norm_mode: u32,
+    norm_eps: f32,
     _pad2: u32,
 };
 
@@ -87,6 +89,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read> residual: array<elem>;
 @group(0) @binding(4) var<storage, read_write> out: array<elem>;
 @group(0) @binding(5) var<uniform> params: Params;
+@group(0) @binding(6) var<storage, read> ln_w4: array<elem4>;
+@group(0) @binding(7) var<storage, read> ln_b4: array<elem4>;
 
 // Fragment side: the `matmul_coop8` variant replaces this 16 by 8 along with the matrix types.
 const FRAG: u32 = 16u;
@@ -110,6 +114,68 @@ const AS: u32 = TK + 8u;
 var<workgroup> a_sh: array<f16, TM * AS>;   // a_sh[r * AS + k] = x[m0 + r, k0 + k]
 var<workgroup> b_sh: array<f16, TN * AS>;   // b_sh[r * AS + k] = w[row(r), k0 + k] (Bᵀ)
 var<workgroup> c_sh: array<f32, TM * TN>;   // accumulators for the epilogue
+// norm_mode 1: (pivot, mean, rstd, -) of x's row m0 + r, for either tile (TL rows at most).
+var<workgroup> row_stats: array<vec4<f32>, TL>;
+
+// ------------------------------------------------------------------ LayerNorm prologue
+
+// matmul.wgsl's `row_norm_prologue` for a tile of `rows` rows and `nt` invocations: every row's
+// pivot (first value), mean and rstd of (x - pivot), one pass of Chan-merged 4-element chunks,
+// max(nt / rows, 1) invocations per row merged in barrier-separated turns.
+fn row_norm_prologue(lid: u32, nt: u32, rows: u32, m0: u32, a_base: u32) {
+    let tpr = max(nt / rows, 1u);
+    let rows_per_pass = nt / tpr;
+    let kq = params.k >> 2u;
+    for (var rb = 0u; rb < rows; rb += rows_per_pass) {
+        let r = rb + lid / tpr;
+        let part = lid % tpr;
+        let m = m0 + r;
+        var pivot = 0.0;
+        var cnt = 0.0;
+        var mean = 0.0;
+        var m2 = 0.0;
+        if (r < rows && m < params.m) {
+            let base = (a_base >> 2u) + m * kq;
+            pivot = f32(x4[base].x);
+            for (var c = part; c < kq; c += tpr) {
+                let v = vec4<f32>(x4[base + c]) - vec4<f32>(pivot);
+                let cm = (v.x + v.y + v.z + v.w) * 0.25;
+                let d = v - vec4<f32>(cm);
+                let n2 = cnt + 4.0;
+                let delta = cm - mean;
+                mean += delta * (4.0 / n2);
+                m2 += dot(d, d) + delta * delta * (cnt * 4.0 / n2);
+                cnt = n2;
+            }
+        }
+        for (var p = 0u; p < tpr; p++) {
+            if (part == p && r < rows) {
+                if (p == 0u) {
+                    row_stats[r] = vec4<f32>(pivot, mean, m2, cnt);
+                } else if (cnt > 0.0) {
+                    let o = row_stats[r];
+                    let n2 = o.w + cnt;
+                    let delta = mean - o.y;
+                    row_stats[r] = vec4<f32>(pivot, o.y + delta * (cnt / n2),
+                                             o.z + m2 + delta * delta * (o.w * cnt / n2), n2);
+                }
+            }
+            workgroupBarrier();
+        }
+        if (part == 0u && r < rows) {
+            let o = row_stats[r];
+            row_stats[r] = vec4<f32>(o.x, o.y, inverseSqrt(o.z / max(o.w, 1.0) + params.norm_eps), 0.0);
+        }
+    }
+    workgroupBarrier();
+}
+
+// One staged x chunk (row slot `r`, vec4 `kq` along K) LayerNorm'd in f32, then rounded.
+fn normed_chunk(q: u32, r: u32, kq: u32) -> vec4<f16> {
+    let st = row_stats[r];
+    let v = ((vec4<f32>(x4[q]) - vec4<f32>(st.x)) - vec4<f32>(st.y)) * st.z;
+    return vec4<f16>(v * vec4<f32>(ln_w4[kq]) + vec4<f32>(ln_b4[kq]));
+}
 
 fn b_row(rr: u32, n0: u32, geglu: bool) -> vec2<u32> {
     if (geglu) {
@@ -196,10 +262,17 @@ fn staging_next(s: Staging) -> Staging {
 fn fetch(s: Staging) -> Chunks {
     var v: Chunks;
     if (s.kq < (params.k >> 2u)) {
-        if (s.ok_a.x) { v.a0 = vec4<f16>(x4[s.qa.x]); }
-        if (s.ok_a.y) { v.a1 = vec4<f16>(x4[s.qa.y]); }
-        if (s.ok_a.z) { v.a2 = vec4<f16>(x4[s.qa.z]); }
-        if (s.ok_a.w) { v.a3 = vec4<f16>(x4[s.qa.w]); }
+        if (params.norm_mode != 0u) {
+            if (s.ok_a.x) { v.a0 = normed_chunk(s.qa.x, s.r.x, s.kq); }
+            if (s.ok_a.y) { v.a1 = normed_chunk(s.qa.y, s.r.y, s.kq); }
+            if (s.ok_a.z) { v.a2 = normed_chunk(s.qa.z, s.r.z, s.kq); }
+            if (s.ok_a.w) { v.a3 = normed_chunk(s.qa.w, s.r.w, s.kq); }
+        } else {
+            if (s.ok_a.x) { v.a0 = vec4<f16>(x4[s.qa.x]); }
+            if (s.ok_a.y) { v.a1 = vec4<f16>(x4[s.qa.y]); }
+            if (s.ok_a.z) { v.a2 = vec4<f16>(x4[s.qa.z]); }
+            if (s.ok_a.w) { v.a3 = vec4<f16>(x4[s.qa.w]); }
+        }
         if (s.ok_b.x) { v.b0 = vec4<f16>(w4[s.qb.x]); }
         if (s.ok_b.y) { v.b1 = vec4<f16>(w4[s.qb.y]); }
         if (s.ok_b.z) { v.b2 = vec4<f16>(w4[s.qb.z]); }
@@ -248,6 +321,9 @@ fn product_tile(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, g
     var c01 = coop_mat16x16<f32, C>();
     var c10 = coop_mat16x16<f32, C>();
     var c11 = coop_mat16x16<f32, C>();
+    if (params.norm_mode != 0u) {
+        row_norm_prologue(lid, NT, TM, m0, a_base);
+    }
     var st = staging_begin(lid, NT / CHUNKS, m0, n0, a_base, b_base, geglu, false);
     var chunks = fetch(st);
     for (var k0 = 0u; k0 < params.k; k0 += TK) {
@@ -498,6 +574,9 @@ fn tile_l(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, c_base:
     var c21 = coop_mat16x16<f32, C>();
     var c30 = coop_mat16x16<f32, C>();
     var c31 = coop_mat16x16<f32, C>();
+    if (params.norm_mode != 0u) {
+        row_norm_prologue(lid, NT_L, TL, m0, a_base);
+    }
     var st = staging_begin(lid, NT_L / CHUNKS, m0, n0, a_base, b_base, geglu, true);
     var chunks = fetch(st);
     for (var k0 = 0u; k0 < params.k; k0 += TK) {

@@ -32,8 +32,10 @@ const STEP_EXTRA: u64 = 2;
 /// The bound on one guided step's dispatches (U-Net call + [`STEP_EXTRA`]). Lowered as fusions
 /// land; the baseline before issue 21 item 4 was 458 (lavapipe, f16), 398 after the hoisted
 /// projections and conv1's time-embedding epilogue, 337 with every U-Net GroupNorm before a conv
-/// applied in that conv's loads (one statistics dispatch instead of two passes: -61).
-const MAX_GUIDED_STEP_DISPATCHES: u64 = 337;
+/// applied in that conv's loads (one statistics dispatch instead of two passes: -61), 289 with
+/// every transformer LayerNorm applied in the next projection's loads, its statistics computed
+/// by the matmul's own workgroups (no dispatch at all: -48).
+const MAX_GUIDED_STEP_DISPATCHES: u64 = 289;
 
 /// SD 1.5's U-Net config (runwayml/stable-diffusion-v1-5 unet/config.json) with widths cut to
 /// [32, 64, 128, 128], 8 groups and a 32-wide context.

@@ -16,7 +16,8 @@ mod common;
 use common::{assert_close, dtypes, gpu, quantize, rel_l2, set_coop_tile, tol, Rng};
 use ldm_wgpu::kernels::coop::{self, CoopPlan, CoopTile, COOP_LARGE_TILE_MIN_GROUPS};
 use ldm_wgpu::kernels::fill::poisoned;
-use ldm_wgpu::kernels::matmul::{self, Activation};
+use ldm_wgpu::kernels::matmul::{self, Activation, RowLayerNorm};
+use ldm_wgpu::kernels::norm::reference_layer_norm;
 use ldm_wgpu::{DType, Gpu, GpuOptions, Tensor};
 
 const ACTS: [Activation; 4] = [
@@ -474,6 +475,177 @@ fn shape_errors_are_errors() {
     }
 }
 
+/// One LayerNorm-on-load case ([`matmul::linear_norm_into`] / [`matmul::linear_geglu_norm_into`]):
+/// rows of `lead` × K with a common `offset` (the pivot must keep it exact), a random affine,
+/// the linear with bias, residual and `act` (or GEGLU with bias), against LayerNorm → linear in
+/// f64. Every `row_step`-th row is compared; the output is poisoned first. Returns the rel L2.
+#[allow(clippy::too_many_arguments)]
+fn check_linear_norm_on(
+    g: &Gpu,
+    dtype: DType,
+    lead: &[usize],
+    n: usize,
+    k: usize,
+    geglu: Option<bool>,
+    act: Activation,
+    offset: f32,
+    seed: u64,
+    row_step: usize,
+) -> f64 {
+    let m: usize = lead.iter().product();
+    let mut rng = Rng::new(seed);
+    let mut x_shape = lead.to_vec();
+    x_shape.push(k);
+    let n_w = if geglu.is_some() { 2 * n } else { n };
+    let mut y_shape = lead.to_vec();
+    y_shape.push(n);
+    // Rows of different scales around `offset`.
+    let scales = rng.normals(m, 1.0);
+    let x_data: Vec<f32> = rng
+        .normals(m * k, 1.0)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| offset + v * (0.2 + scales[i / k].abs()))
+        .collect();
+    let (x, xq) = upload_on(g, &x_data, &x_shape, dtype);
+    let gamma: Vec<f32> = rng.normals(k, 0.3).iter().map(|v| 1.0 + v).collect();
+    let (ln_w, gq) = upload_on(g, &gamma, &[k], dtype);
+    let (ln_b, bq_ln) = upload_on(g, &rng.normals(k, 0.2), &[k], dtype);
+    let (w, wq) = upload_on(
+        g,
+        &rng.normals(n_w * k, 1.0 / (k as f64).sqrt()),
+        &[n_w, k],
+        dtype,
+    );
+    let (b, bq) = upload_on(g, &rng.normals(n_w, 0.5), &[n_w], dtype);
+    let (r, rq) = upload_on(g, &rng.normals(m * n, 1.0), &y_shape, dtype);
+    let out = poisoned(g, &y_shape, dtype).unwrap();
+    let eps = 1e-5;
+    let norm = RowLayerNorm {
+        weight: &ln_w,
+        bias: &ln_b,
+        eps,
+    };
+    match geglu {
+        None => matmul::linear_norm_into(g, &x, norm, &w, (Some(&b), Some(&r)), act, &out),
+        Some(bias) => matmul::linear_geglu_norm_into(g, &x, norm, &w, bias.then_some(&b), &out),
+    }
+    .unwrap();
+    let got = g.download(&out).unwrap();
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "layer norm on load {lead:?}x{n}x{k} {dtype:?}: non-finite output"
+    );
+    let rows: Vec<usize> = (0..m).step_by(row_step).collect();
+    let xs: Vec<f32> = rows
+        .iter()
+        .flat_map(|&i| xq[i * k..(i + 1) * k].iter().copied())
+        .collect();
+    let normed: Vec<f32> = reference_layer_norm(&xs, k, &gq, &bq_ln, eps)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let want = match geglu {
+        None => {
+            let rs: Vec<f32> = rows
+                .iter()
+                .flat_map(|&i| rq[i * n..(i + 1) * n].iter().copied())
+                .collect();
+            matmul::reference_linear(
+                &normed,
+                &wq,
+                (Some(&bq[..]), Some(&rs[..])),
+                act,
+                [rows.len(), n, k],
+            )
+        }
+        Some(bias) => {
+            matmul::reference_geglu(&normed, &wq, bias.then_some(&bq[..]), rows.len(), n, k)
+        }
+    };
+    let got_rows: Vec<f32> = rows
+        .iter()
+        .flat_map(|&i| got[i * n..(i + 1) * n].iter().copied())
+        .collect();
+    let e = rel_l2(&got_rows, &want);
+    assert!(
+        e <= tol_for(dtype),
+        "layer norm on load {lead:?} N={n} K={k} {dtype:?} geglu={geglu:?} {act:?} offset {offset}: rel L2 {e:.3e}"
+    );
+    e
+}
+
+/// The LayerNorm-on-load cases every matmul kernel must pass on `g` (`dtype`): awkward M, N and
+/// K (the 4-element vec4 minimum, K % 4 != 0 through the separate-norm fallback), a large common
+/// offset, every activation, GEGLU with and without bias. Returns the worst rel L2.
+fn check_layer_norm_on_load(g: &Gpu, dtype: DType, seed0: u64) -> f64 {
+    let mut worst = 0.0f64;
+    let mut seed = seed0;
+    let cases: &[(&[usize], usize, usize, f32)] = &[
+        (&[1], 1, 4, 0.0),
+        (&[37], 29, 44, 0.0),
+        (&[2, 65], 70, 36, 30.0),
+        (&[130], 131, 68, -3.0),
+        (&[259], 67, 320, 0.5),
+        (&[19], 10, 30, 2.0), // K % 4 != 0: LayerNorm, then the linear
+    ];
+    for (i, &(lead, n, k, offset)) in cases.iter().enumerate() {
+        seed += 1;
+        let act = ACTS[i % ACTS.len()];
+        worst = worst.max(check_linear_norm_on(
+            g, dtype, lead, n, k, None, act, offset, seed, 1,
+        ));
+    }
+    let geglu: &[(&[usize], usize, usize, f32)] = &[
+        (&[67], 33, 40, 0.0),
+        (&[131], 70, 68, 10.0),
+        (&[5], 3, 6, 0.0),
+    ];
+    for &(lead, n, k, offset) in geglu {
+        for bias in [true, false] {
+            seed += 1;
+            let e = check_linear_norm_on(
+                g,
+                dtype,
+                lead,
+                n,
+                k,
+                Some(bias),
+                Activation::None,
+                offset,
+                seed,
+                1,
+            );
+            worst = worst.max(e);
+        }
+    }
+    worst
+}
+
+/// LayerNorm applied in the matmul's loads (issue 21 item 4) on the default kernels, both
+/// dtypes, plus a shape that takes the 128 × 128 FMA tile, whose 256 invocations share each row's
+/// statistics two to a row (the merge of partial statistics).
+#[test]
+fn layer_norm_on_load() {
+    let g = gpu();
+    for dtype in dtypes() {
+        let worst = check_layer_norm_on_load(g, dtype, 900);
+        let big = check_linear_norm_on(
+            g,
+            dtype,
+            &[2053],
+            2050,
+            8,
+            None,
+            Activation::Silu,
+            4.0,
+            950,
+            7,
+        );
+        eprintln!("layer norm on load {dtype:?}: worst rel L2 {worst:.2e}, 2053x2050x8 {big:.2e}");
+    }
+}
+
 /// Every f16 case above runs on the tensor-core kernel (`shaders/matmul_coop.wgsl`) when the
 /// adapter offers f16 cooperative matrices and the path is on (by default on GPUs; CI forces it
 /// with `LDM_COOP_MATMUL=1` on a lavapipe that offers 8×8 fragments). This checks that it really
@@ -539,11 +711,12 @@ fn coop_tile_choice_and_budget() {
         subgroup: 8,
     };
     // The shader's declarations: 2 staged tiles of side × (2f + 8) f16, plus the f32 epilogue
-    // tile (T64) or 8 subgroup slots of f × 2f f32 (T128).
-    assert_eq!(CoopTile::T64.workgroup_bytes(nvidia), 26 * 1024);
-    assert_eq!(CoopTile::T128.workgroup_bytes(nvidia), 36 * 1024);
-    assert_eq!(CoopTile::T64.workgroup_bytes(lavapipe), 7 * 1024);
-    assert_eq!(CoopTile::T128.workgroup_bytes(lavapipe), 10 * 1024);
+    // tile (T64) or 8 subgroup slots of f × 2f f32 (T128), plus the LayerNorm row statistics
+    // (8f vec4<f32>) both tiles share.
+    assert_eq!(CoopTile::T64.workgroup_bytes(nvidia), 28 * 1024);
+    assert_eq!(CoopTile::T128.workgroup_bytes(nvidia), 38 * 1024);
+    assert_eq!(CoopTile::T64.workgroup_bytes(lavapipe), 8 * 1024);
+    assert_eq!(CoopTile::T128.workgroup_bytes(lavapipe), 11 * 1024);
     assert!(CoopTile::T128.workgroup_bytes(nvidia) <= 48 * 1024);
     assert!(CoopTile::T128.workgroup_bytes(lavapipe) <= 32 * 1024);
     assert_eq!(CoopTile::T128.invocations(nvidia), 256);
@@ -682,6 +855,7 @@ fn check_awkward_shapes(g: &Gpu, seed0: u64) -> f64 {
             check_geglu_on(g, f16, lead, n, k, bias, seed, 1);
         }
     }
+    worst = worst.max(check_layer_norm_on_load(g, f16, seed0 + 60));
     for case in [
         (1, 1, 1, 4),
         (3, 7, 13, 8),
@@ -824,6 +998,21 @@ fn coop_large_tile_same_bits_with_and_without_bounds_checks() {
             matmul::linear_into(g, &t[0], &t[1], None, Some(&t[3]), Activation::Silu, &t[3])
                 .unwrap();
             t[3].clone()
+        });
+        let ln = [
+            random(&[m, k]),
+            random(&[k]),
+            random(&[k]),
+            random(&[n, k]),
+            random(&[m, n]),
+        ];
+        same("linear with LayerNorm on load", &ln, &|g, t| {
+            let norm = RowLayerNorm {
+                weight: &t[1],
+                bias: &t[2],
+                eps: 1e-5,
+            };
+            matmul::linear_norm(g, &t[0], norm, &t[3], None, Some(&t[4]), Activation::None).unwrap()
         });
         let geglu = [random(&[m, k]), random(&[2 * n, k]), random(&[2 * n])];
         same("linear_geglu", &geglu, &|g, t| {

@@ -142,7 +142,7 @@ impl Variant {
             Tile::Small => rows_padded(64) + 16 * 4 * 16,
             // conv2d_coop declares what matmul_coop's 4·frag tile does; at 16×16 fragments (the
             // larger variant).
-            Tile::Coop => coop::CoopTile::T64.workgroup_bytes(COOP_16X16),
+            Tile::Coop => coop::CoopTile::T64.tile_bytes(COOP_16X16),
         }
     }
 

@@ -67,17 +67,24 @@ impl CoopTile {
             CoopTile::T128 => 8 * plan.subgroup,
         }
     }
-    /// Workgroup memory the entry points declare, from the shader's own formulas (AS = 2f + 8
-    /// halves per staged row): T64 `a_sh`, `b_sh` (4f × AS f16 each) and `c_sh` (4f × 4f f32):
-    /// 26 KiB at f = 16, 7 KiB at f = 8; T128 `a_shl`, `b_shl` (8f × AS f16 each) and `c_shl`
-    /// (8 subgroup slots of f × 2f f32): 36 KiB at f = 16, 10 KiB at f = 8.
-    pub fn workgroup_bytes(self, plan: CoopPlan) -> u32 {
+    /// Workgroup memory of the tile's staging and accumulators, from the shader's own formulas
+    /// (AS = 2f + 8 halves per staged row): T64 `a_sh`, `b_sh` (4f × AS f16 each) and `c_sh`
+    /// (4f × 4f f32): 26 KiB at f = 16, 7 KiB at f = 8; T128 `a_shl`, `b_shl` (8f × AS f16
+    /// each) and `c_shl` (8 subgroup slots of f × 2f f32): 36 KiB at f = 16, 10 KiB at f = 8.
+    /// conv2d_coop declares the same arrays as the 64 tile.
+    pub fn tile_bytes(self, plan: CoopPlan) -> u32 {
         let f = plan.frag as u32;
         let staged_row = 2 * f + 8;
         match self {
             CoopTile::T64 => 2 * (4 * f) * staged_row * 2 + (4 * f) * (4 * f) * 4,
             CoopTile::T128 => 2 * (8 * f) * staged_row * 2 + 8 * f * (2 * f) * 4,
         }
+    }
+    /// Workgroup memory matmul_coop's entry points declare: [`CoopTile::tile_bytes`] plus the
+    /// LayerNorm-on-load row statistics both tiles share (`row_stats`, 8f vec4<f32>: 2 KiB at
+    /// f = 16, 1 KiB at f = 8).
+    pub fn workgroup_bytes(self, plan: CoopPlan) -> u32 {
+        self.tile_bytes(plan) + 8 * plan.frag as u32 * 16
     }
     /// Whether this adapter can run the tile's workgroup (memory and invocations).
     pub fn fits(self, plan: CoopPlan, caps: &crate::runtime::Caps) -> bool {

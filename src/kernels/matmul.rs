@@ -16,6 +16,7 @@ use crate::shaders::ShaderId;
 use bytemuck::{Pod, Zeroable};
 
 use crate::kernels::coop::{coop_plan, forced_coop_tile, CoopTile};
+use crate::kernels::norm::layer_norm;
 use crate::runtime::{Dispatch, Gpu, Tensor, Work};
 use crate::{Error, Result};
 
@@ -64,7 +65,22 @@ struct Params {
     stride_a: u32,
     stride_b: u32,
     stride_c: u32,
-    _pad: [u32; 3],
+    norm_mode: u32,
+    norm_eps: f32,
+    _pad: u32,
+}
+
+/// A LayerNorm over x's last dimension (K) that the matmul applies to x's rows as it stages
+/// them (`norm_mode` 1): `((x − mean) / √(var + eps)) · weight + bias`, with each row's statistics
+/// computed by the workgroup before its K loop. The normalised tensor is never written and the
+/// norm needs no dispatch of its own. Needs K % 4 == 0 (vec4 staging); [`linear_norm_into`]
+/// and [`linear_geglu_norm_into`] run the separate [`layer_norm`](crate::kernels::norm::layer_norm)
+/// otherwise.
+#[derive(Clone, Copy, Debug)]
+pub struct RowLayerNorm<'a> {
+    pub weight: &'a Tensor,
+    pub bias: &'a Tensor,
+    pub eps: f32,
 }
 
 /// Workgroup shape: WG_X × WG_Y threads of 8 × 8 outputs, K step TK (the shader's overrides).
@@ -164,6 +180,7 @@ struct Gemm<'a> {
     residual: Option<&'a Tensor>,
     act: Activation,
     out: &'a Tensor,
+    norm: Option<RowLayerNorm<'a>>,
 }
 
 fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
@@ -194,6 +211,27 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
     };
     let n_tile_cols = if g.geglu { 2 * g.n } else { g.n };
     let vec4 = g.k.is_multiple_of(4);
+    if let Some(norm) = g.norm {
+        if !vec4 {
+            return Err(Error::shape(
+                g.op,
+                format!("LayerNorm on load needs K % 4 == 0 (K = {})", g.k),
+            ));
+        }
+        for (name, t) in [("norm weight", norm.weight), ("norm bias", norm.bias)] {
+            if t.shape() != [g.k] {
+                return Err(Error::shape(
+                    g.op,
+                    format!("{name} {t:?} must be [{}]", g.k),
+                ));
+            }
+        }
+        check_dtypes(
+            g.op,
+            g.x,
+            &[("norm weight", norm.weight), ("norm bias", norm.bias)],
+        )?;
+    }
     let tiles = Tiles::choose(g.batch, g.m, n_tile_cols);
     let coop = if vec4 {
         coop_plan(gpu, g.out.dtype()).filter(|p| p.matmul_staging_fits())
@@ -245,7 +283,9 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
         stride_a: g.strides[0] as u32,
         stride_b: g.strides[1] as u32,
         stride_c: g.strides[2] as u32,
-        _pad: [0; 3],
+        norm_mode: g.norm.is_some() as u32,
+        norm_eps: g.norm.map_or(0.0, |n| n.eps),
+        _pad: 0,
     };
     let bytes = [Some(g.x), Some(g.w), g.bias, g.residual, Some(g.out)]
         .into_iter()
@@ -258,7 +298,17 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
         entry,
         dtype: g.out.dtype(),
         overrides,
-        tensors: &[g.x, g.w, g.bias.unwrap_or(g.x), residual, g.out],
+        // Binding 5 is the uniform; 6 and 7 (the vec4 and coop entries) the norm's affine.
+        tensors: &[
+            g.x,
+            g.w,
+            g.bias.unwrap_or(g.x),
+            residual,
+            g.out,
+            g.x,
+            g.norm.map_or(g.x, |n| n.weight),
+            g.norm.map_or(g.x, |n| n.bias),
+        ],
         params: bytemuck::bytes_of(&params),
         workgroups: [
             g.n.div_ceil(cols_per_group) as u32,
@@ -336,6 +386,7 @@ fn linear_gemm<'a>(
         residual,
         act,
         out,
+        norm: None,
     })
 }
 
@@ -372,6 +423,49 @@ pub fn linear_into(
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
+    record(gpu, &g)
+}
+
+/// `act(layer_norm(x)·Wᵀ + b) + residual` without the normalised tensor: the matmul LayerNorms
+/// x's rows as it stages them ([`RowLayerNorm`]), so the norm costs no dispatch and no pass over
+/// memory. Where K % 4 != 0 the separate LayerNorm runs first (same result).
+pub fn linear_norm(
+    gpu: &Gpu,
+    x: &Tensor,
+    norm: RowLayerNorm<'_>,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    act: Activation,
+) -> Result<Tensor> {
+    let mut shape = x.shape().to_vec();
+    if let (Some(last), Some(&n)) = (shape.last_mut(), w.shape().first()) {
+        *last = n;
+    }
+    let out = gpu.empty(&shape, x.dtype())?;
+    linear_norm_into(gpu, x, norm, w, (bias, residual), act, &out)?;
+    Ok(out)
+}
+
+/// [`linear_norm`] into `out` (`epilogue` = (bias, residual); the residual may be `out` itself).
+pub fn linear_norm_into(
+    gpu: &Gpu,
+    x: &Tensor,
+    norm: RowLayerNorm<'_>,
+    w: &Tensor,
+    (bias, residual): (Option<&Tensor>, Option<&Tensor>),
+    act: Activation,
+    out: &Tensor,
+) -> Result<()> {
+    let mut g = linear_gemm(x, w, bias, residual, act, out)?;
+    if !g.k.is_multiple_of(4) {
+        let normed = layer_norm(gpu, x, norm.weight, norm.bias, norm.eps)?;
+        return linear_into(gpu, &normed, w, bias, residual, act, out);
+    }
+    if g.m == 0 || g.n == 0 {
+        return Ok(());
+    }
+    g.norm = Some(norm);
     record(gpu, &g)
 }
 
@@ -416,6 +510,7 @@ fn geglu_gemm<'a>(
         residual: None,
         act: Activation::None,
         out,
+        norm: None,
     })
 }
 
@@ -443,6 +538,45 @@ pub fn linear_geglu_into(
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
+    record(gpu, &g)
+}
+
+/// [`linear_geglu`] of `layer_norm(x)`, the norm applied as the matmul stages x's rows
+/// ([`RowLayerNorm`]; the separate LayerNorm first where K % 4 != 0).
+pub fn linear_geglu_norm(
+    gpu: &Gpu,
+    x: &Tensor,
+    norm: RowLayerNorm<'_>,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let mut shape = x.shape().to_vec();
+    if let (Some(last), Some(&n2)) = (shape.last_mut(), w.shape().first()) {
+        *last = n2 / 2;
+    }
+    let out = gpu.empty(&shape, x.dtype())?;
+    linear_geglu_norm_into(gpu, x, norm, w, bias, &out)?;
+    Ok(out)
+}
+
+/// [`linear_geglu_norm`] into `out`.
+pub fn linear_geglu_norm_into(
+    gpu: &Gpu,
+    x: &Tensor,
+    norm: RowLayerNorm<'_>,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<()> {
+    let mut g = geglu_gemm(x, w, bias, out)?;
+    if !g.k.is_multiple_of(4) {
+        let normed = layer_norm(gpu, x, norm.weight, norm.bias, norm.eps)?;
+        return linear_geglu_into(gpu, &normed, w, bias, out);
+    }
+    if g.m == 0 || g.n == 0 {
+        return Ok(());
+    }
+    g.norm = Some(norm);
     record(gpu, &g)
 }
 
@@ -481,6 +615,7 @@ fn batched_gemm<'a>(a: &'a Tensor, bt: &'a Tensor, out: &'a Tensor) -> Result<Ge
         residual: None,
         act: Activation::None,
         out,
+        norm: None,
     })
 }
 

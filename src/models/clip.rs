@@ -311,9 +311,15 @@ impl ClipTextModel {
         let (batch, tokens) = (hidden.dim(0), hidden.dim(1));
         let (hsz, heads) = (c.hidden_size, c.num_attention_heads);
         for layer in &self.layers[from..to] {
-            // Self-attention block. [B, N, C] -> [B, N, 3C] -> [B, N, C]
-            let normed = layer.layer_norm1.forward(gpu, &hidden)?; // [B, N, C]
-            let qkv = layer.qkv.forward(gpu, &normed)?; // [B, N, 3C]
+            // Self-attention block. [B, N, C] -> [B, N, 3C] -> [B, N, C]; each LayerNorm is
+            // applied by the next projection as it loads `hidden` (no normalised tensor).
+            let qkv = layer.qkv.forward_normed(
+                gpu,
+                &layer.layer_norm1,
+                &hidden,
+                Activation::None,
+                None,
+            )?; // [B, N, 3C]
             let view = |offset| HeadsView {
                 tensor: &qkv,
                 tokens,
@@ -331,8 +337,10 @@ impl ClipTextModel {
                 .out_proj
                 .forward_fused(gpu, &attn, Activation::None, Some(&hidden))?;
             // MLP block. [B, N, C] -> [B, N, I] -> [B, N, C]
-            let normed = layer.layer_norm2.forward(gpu, &hidden)?; // [B, N, C]
-            let mid = layer.fc1.forward_fused(gpu, &normed, c.hidden_act, None)?; // [B, N, I]
+            let mid =
+                layer
+                    .fc1
+                    .forward_normed(gpu, &layer.layer_norm2, &hidden, c.hidden_act, None)?; // [B, N, I]
             hidden = layer
                 .fc2
                 .forward_fused(gpu, &mid, Activation::None, Some(&hidden))?;

@@ -95,16 +95,19 @@ impl Attention {
         })
     }
 
-    /// x: [B, N, query_dim] (already normed); cond's context [B, Nc, cross_attention_dim] is
-    /// read only by cross-attention, whose K/V come from the hoisted table where there is one.
-    /// Returns to_out(attention) + residual, [B, N, query_dim].
+    /// hidden: [B, N, query_dim], pre-normed by `norm` inside the Q (or QKV) projection's loads;
+    /// cond's context [B, Nc, cross_attention_dim] is read only by cross-attention, whose K/V
+    /// come from the hoisted table where there is one. Returns to_out(attention) + hidden,
+    /// [B, N, query_dim].
     fn forward(
         &self,
         gpu: &Gpu,
-        x: &Tensor,
+        norm: &LayerNorm,
+        hidden: &Tensor,
         cond: &Conditioning<'_>,
-        residual: &Tensor,
     ) -> Result<Tensor> {
+        let x = hidden;
+        let project = |proj: &Linear| proj.forward_normed(gpu, norm, x, Activation::None, None);
         let inner = self.heads * self.head_dim;
         let shape = AttentionShape {
             batch: x.dim(0),
@@ -114,7 +117,7 @@ impl Attention {
         };
         let attn = match &self.to_kv {
             Some(kv_proj) => {
-                let q = self.to_q_or_qkv.forward(gpu, x)?; // [B, N, inner]
+                let q = project(&self.to_q_or_qkv)?; // [B, N, inner]
                 let projected;
                 let kv = match &cond.hoisted {
                     Some(h) => h.context_kv.get(self.kv_slot).ok_or_else(|| {
@@ -133,7 +136,7 @@ impl Attention {
                 // [B, N, inner]
             }
             None => {
-                let qkv = self.to_q_or_qkv.forward(gpu, x)?; // [B, N, 3·inner]
+                let qkv = project(&self.to_q_or_qkv)?; // [B, N, 3·inner]
                 let (q, k, v) = (
                     packed(&qkv, inner, 0),
                     packed(&qkv, inner, 1),
@@ -144,7 +147,7 @@ impl Attention {
         };
         // [B, N, query_dim]
         self.to_out
-            .forward_fused(gpu, &attn, Activation::None, Some(residual))
+            .forward_fused(gpu, &attn, Activation::None, Some(hidden))
     }
 }
 
@@ -184,16 +187,15 @@ impl BasicTransformerBlock {
 
     /// hidden: [B, HW, inner]; context: [B, Nc, context_dim]. Returns [B, HW, inner].
     fn forward(&self, gpu: &Gpu, mut hidden: Tensor, cond: &Conditioning<'_>) -> Result<Tensor> {
-        // Self-attention (or context attention when only_cross_attention).
-        let normed = self.norm1.forward(gpu, &hidden)?; // [B, HW, inner]
-        hidden = self.attn1.forward(gpu, &normed, cond, &hidden)?; // [B, HW, inner]
-                                                                   // Cross-attention on the text context.
-        let normed = self.norm2.forward(gpu, &hidden)?; // [B, HW, inner]
-        hidden = self.attn2.forward(gpu, &normed, cond, &hidden)?; // [B, HW, inner]
-                                                                   // GEGLU feed-forward. [B, HW, inner] -> [B, HW, 4·inner] -> [B, HW, inner]
-        let normed = self.norm3.forward(gpu, &hidden)?; // [B, HW, inner]
-        let mid = self.ff_geglu.forward_geglu(gpu, &normed)?; // [B, HW, 4·inner]
-                                                              // [B, HW, inner]
+        // Each LayerNorm is applied by the next projection as it loads `hidden` (no normalised
+        // tensor, no norm dispatch). Self-attention (or context attention when
+        // only_cross_attention), then cross-attention on the text context:
+        hidden = self.attn1.forward(gpu, &self.norm1, &hidden, cond)?; // [B, HW, inner]
+        hidden = self.attn2.forward(gpu, &self.norm2, &hidden, cond)?; // [B, HW, inner]
+                                                                       // GEGLU feed-forward: [B, HW, inner] -> [B, HW, 4·inner] -> [B, HW, inner].
+        let mid = self
+            .ff_geglu
+            .forward_geglu_normed(gpu, &self.norm3, &hidden)?;
         self.ff_out
             .forward_fused(gpu, &mid, Activation::None, Some(&hidden))
     }

@@ -221,6 +221,25 @@ impl Linear {
     pub fn forward_geglu(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
         matmul::linear_geglu(gpu, x, &self.weight, self.bias.as_ref())
     }
+
+    /// act(norm(x)·Wᵀ + b) + residual with the LayerNorm applied in the matmul's loads
+    /// ([`matmul::linear_norm`]): no normalised tensor, no norm dispatch.
+    pub fn forward_normed(
+        &self,
+        gpu: &Gpu,
+        norm: &LayerNorm,
+        x: &Tensor,
+        act: Activation,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (w, b) = (&self.weight, self.bias.as_ref());
+        matmul::linear_norm(gpu, x, norm.on_load(), w, b, residual, act)
+    }
+
+    /// [`Linear::forward_geglu`] of norm(x), the LayerNorm applied in the matmul's loads.
+    pub fn forward_geglu_normed(&self, gpu: &Gpu, norm: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+        matmul::linear_geglu_norm(gpu, x, norm.on_load(), &self.weight, self.bias.as_ref())
+    }
 }
 
 /// torch.nn.Conv2d's geometry: square kernel, one stride and one padding on every side.
@@ -528,6 +547,15 @@ impl LayerNorm {
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
         norm::layer_norm(gpu, x, &self.gamma, &self.beta, self.eps)
+    }
+
+    /// This norm as the next matmul applies it while staging its input.
+    pub fn on_load(&self) -> matmul::RowLayerNorm<'_> {
+        matmul::RowLayerNorm {
+            weight: &self.gamma,
+            bias: &self.beta,
+            eps: self.eps,
+        }
     }
 }
 
