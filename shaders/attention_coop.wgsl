@@ -106,6 +106,13 @@ override HS: u32 = DP + 8u;
 override SS: u32 = BN + 4u;
 override PS: u32 = BN + 8u;
 override OS: u32 = DP + 4u;
+// `attention_coop_rows` (the last section): RSG subgroups of SG invocations, each owning FRAG
+// query rows; T_R softmax lanes per row. Declared here: naga 30 can panic evaluating overrides
+// declared after an override-sized array.
+override RSG: u32 = 2u;
+override NT_R: u32 = RSG * SG;
+override BM_R: u32 = RSG * FRAG;
+override T_R: u32 = SG / FRAG;
 
 var<workgroup> q_sh: array<f16, BM * HS>;   // q_sh[r * HS + d] = q[row0 + r, d]
 var<workgroup> kv_sh: array<f16, BN * HS>;  // kv_sh[j * HS + d] = k (then v) [key0 + j, d]
@@ -319,6 +326,188 @@ fn attention_coop(@builtin(workgroup_id) wid: vec3<u32>,
         let o_base = ((b * nq + row) * heads + h) * HEAD_DIM;
         for (var d = lane; d < HEAD_DIM; d += T) {
             out[o_base + d] = elem(o_sh[r * OS + d] * inv);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ subgroup-owned query rows
+//
+// `attention_coop_rows`: the same attention, each subgroup owning FRAG query rows through both
+// products. The workgroup is RSG subgroups (NT_R = RSG·SG invocations), BM_R = RSG·FRAG rows;
+// subgroup s owns block rows s·FRAG .. s·FRAG + FRAG: it computes their S fragments (all BN/FRAG
+// of them), runs their online softmax with its own SG lanes (T_R = SG / FRAG per row, a power of
+// two: the host requires SG % FRAG == 0), and computes their O fragments (all DP/FRAG). So every
+// subgroup does the same number of multiply-adds in both products (the block kernel above hands
+// BM/FRAG × BN/FRAG and BM/FRAG × DP/FRAG fragments round-robin to 4 subgroups, which leaves
+// some idle, e.g. 3 output fragments on 4 subgroups at head dim 40).
+// K and V have their own staging arrays and are staged together, so one barrier pair per key
+// tile stages both; the barriers after S and after the softmax only order each subgroup's own
+// rows (WGSL has no subgroup-scope barrier for workgroup memory, so they are workgroup
+// barriers; every subgroup does the same work, so none waits long, and at RSG = 1 they are one
+// subgroup's).
+// Workgroup memory (`CoopConfig::workgroup_bytes` with `subgroup_rows`): qr_sh BM_R·HS f16,
+// kr_sh and vr_sh BN·HS f16 each, sr_sh BM_R·SS f32, pr_sh BM_R·PS f16, or_sh BM_R·OS f32.
+
+var<workgroup> qr_sh: array<f16, BM_R * HS>;
+var<workgroup> kr_sh: array<f16, BN * HS>;
+var<workgroup> vr_sh: array<f16, BN * HS>;
+var<workgroup> sr_sh: array<f32, BM_R * SS>;
+var<workgroup> pr_sh: array<f16, BM_R * PS>;
+var<workgroup> or_sh: array<f32, BM_R * OS>;
+
+// Keys key0 .. key0 + BN of k and of v → kr_sh and vr_sh, zero past nk and past HEAD_DIM.
+fn stage_kv_rows(lid: u32, k_base: u32, v_base: u32, key0: u32) {
+    for (var i = lid; i < BN * DC; i += NT_R) {
+        let j = i / DC;
+        let d = 4u * (i - j * DC);
+        var xk = vec4<f16>(0.0);
+        var xv = vec4<f16>(0.0);
+        if (key0 + j < params.nk && d < HEAD_DIM) {
+            let n = min(4u, HEAD_DIM - d);
+            xk = k_chunk(k_base + (key0 + j) * params.k_stride + d, n);
+            xv = v_chunk(v_base + (key0 + j) * params.v_stride + d, n);
+        }
+        let o = j * HS + d;
+        kr_sh[o] = xk.x;
+        kr_sh[o + 1u] = xk.y;
+        kr_sh[o + 2u] = xk.z;
+        kr_sh[o + 3u] = xk.w;
+        vr_sh[o] = xv.x;
+        vr_sh[o + 1u] = xv.y;
+        vr_sh[o + 2u] = xv.z;
+        vr_sh[o + 3u] = xv.w;
+    }
+}
+
+fn score_rows(r: u32, j: u32, key: u32, limit: u32) -> f32 {
+    return select(MASKED, sr_sh[r * SS + j] * params.scale_log2e, key < limit);
+}
+
+@compute @workgroup_size(NT_R)
+fn attention_coop_rows(@builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32,
+                       @builtin(subgroup_id) sg: u32,
+                       @builtin(subgroup_invocation_id) sg_lane: u32) {
+    let nq = params.nq;
+    let nk = params.nk;
+    let heads = params.heads;
+    let b = wid.y / heads;
+    let h = wid.y % heads;
+    let row0 = wid.x * BM_R;
+    let causal = params.causal != 0u;
+
+    // Stage the query block (rows past nq are zeros: harmless scores, never stored), clear O.
+    let q_base = b * nq * params.q_stride + params.q_off + h * HEAD_DIM;
+    for (var i = lid; i < BM_R * DC; i += NT_R) {
+        let r = i / DC;
+        let d = 4u * (i - r * DC);
+        var x = vec4<f16>(0.0);
+        if (row0 + r < nq && d < HEAD_DIM) {
+            x = q_chunk(q_base + (row0 + r) * params.q_stride + d, min(4u, HEAD_DIM - d));
+        }
+        let o = r * HS + d;
+        qr_sh[o] = x.x;
+        qr_sh[o + 1u] = x.y;
+        qr_sh[o + 2u] = x.z;
+        qr_sh[o + 3u] = x.w;
+    }
+    for (var i = lid; i < BM_R * OS; i += NT_R) {
+        or_sh[i] = 0.0;
+    }
+
+    // This subgroup's rows, and this lane's softmax row (T_R adjacent lanes per row, all in
+    // this subgroup) and its share of the keys.
+    let rb = sg * FRAG;
+    let r = rb + sg_lane / T_R;
+    let lane = sg_lane % T_R;
+    let row = row0 + r;
+    let limit = select(nk, min(nk, row + 1u), causal);
+    var kend = nk;
+    if (causal) {
+        kend = min(nk, row0 + BM_R);
+    }
+    let tiles = (kend + BN - 1u) / BN;
+    let k_base = b * nk * params.k_stride + params.k_off + h * HEAD_DIM;
+    let v_base = b * nk * params.v_stride + params.v_off + h * HEAD_DIM;
+    // naga 30 can panic on compound pointer indices or strides in coop loads/stores: lets only.
+    let hs = HS;
+    let ss = SS;
+    let ps = PS;
+    let os = OS;
+
+    var m = M_INIT;
+    var l = 0.0;
+    for (var tile = 0u; tile < tiles; tile++) {
+        let key0 = tile * BN;
+        // Every subgroup is done with the previous tile's K and V (first tile: Q and O are in).
+        workgroupBarrier();
+        stage_kv_rows(lid, k_base, v_base, key0);
+        workgroupBarrier();
+
+        // S = Q·Kᵀ for this subgroup's FRAG rows: BN / FRAG fragments.
+        for (var nb = 0u; nb < BN; nb += FRAG) {
+            var acc = coop_mat16x16<f32, C>();
+            for (var kb = 0u; kb < DP; kb += FRAG) {
+                let ia = rb * HS + kb;
+                let ib = nb * HS + kb;
+                let a = coopLoadT<coop_mat16x16<f16, A>>(&qr_sh[ia], hs);
+                let bk = coopLoad<coop_mat16x16<f16, B>>(&kr_sh[ib], hs);
+                acc = coopMultiplyAdd(a, bk, acc);
+            }
+            let is = rb * SS + nb;
+            coopStoreT(acc, &sr_sh[is], ss);
+        }
+        workgroupBarrier();
+
+        // Online softmax of row r over this tile (as the block kernel's).
+        var mt = M_INIT;
+        for (var j = lane; j < BN; j += T_R) {
+            mt = max(mt, score_rows(r, j, key0 + j, limit));
+        }
+        for (var x = 1u; x < T_R; x <<= 1u) {
+            mt = max(mt, subgroupShuffleXor(mt, x));
+        }
+        let m_new = max(m, mt);
+        let alpha = exp2(m - m_new);
+        var sum = 0.0;
+        for (var j = lane; j < BN; j += T_R) {
+            let p = f16(exp2(score_rows(r, j, key0 + j, limit) - m_new));
+            pr_sh[r * PS + j] = p;
+            sum += f32(p);
+        }
+        l = l * alpha + sum;
+        m = m_new;
+        if (alpha != 1.0) {
+            for (var d = lane; d < DP; d += T_R) {
+                or_sh[r * OS + d] *= alpha;
+            }
+        }
+        workgroupBarrier();
+
+        // O += P·V for this subgroup's rows: DP / FRAG fragments.
+        for (var cb = 0u; cb < DP; cb += FRAG) {
+            let io = rb * OS + cb;
+            var acc = coopLoadT<coop_mat16x16<f32, C>>(&or_sh[io], os);
+            for (var kb = 0u; kb < BN; kb += FRAG) {
+                let ip = rb * PS + kb;
+                let iv = kb * HS + cb;
+                let a = coopLoadT<coop_mat16x16<f16, A>>(&pr_sh[ip], ps);
+                let bv = coopLoadT<coop_mat16x16<f16, B>>(&vr_sh[iv], hs);
+                acc = coopMultiplyAdd(a, bv, acc);
+            }
+            coopStoreT(acc, &or_sh[io], os);
+        }
+    }
+    workgroupBarrier();
+
+    for (var x = 1u; x < T_R; x <<= 1u) {
+        l += subgroupShuffleXor(l, x);
+    }
+    let inv = 1.0 / l;
+    if (row < nq) {
+        let o_base = ((b * nq + row) * heads + h) * HEAD_DIM;
+        for (var d = lane; d < HEAD_DIM; d += T_R) {
+            out[o_base + d] = elem(or_sh[r * OS + d] * inv);
         }
     }
 }

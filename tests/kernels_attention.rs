@@ -438,6 +438,7 @@ fn rejects_bad_inputs() {
     let tile = CoopConfig {
         row_frags: 1,
         key_frags: 1,
+        subgroup_rows: false,
     };
     assert!(ok.run_coop_into_with(g, &out, tile).is_err());
     // Wrong output size.
@@ -649,11 +650,11 @@ fn tensor_core_path_runs_where_offered() {
     let e = run(case, DType::F16, 400);
     assert!(e <= 2e-3, "{case:?}: {e:.3e}");
     let shader = plan.shader(ldm_wgpu::shaders::ShaderId::AttentionCoop);
+    let entry = coop_choice(g, DType::F16, 40).unwrap().1.entry();
     let ran = g.compiled_pipelines();
     assert!(
-        ran.iter()
-            .any(|&(s, e)| s == shader && e == "attention_coop"),
-        "{shader}/attention_coop never compiled; pipelines: {ran:?}"
+        ran.iter().any(|&(s, e)| s == shader && e == entry),
+        "{shader}/{entry} never compiled; pipelines: {ran:?}"
     );
     eprintln!("tensor-core attention ran: {shader} with {plan:?}");
 }
@@ -672,7 +673,10 @@ fn every_coop_shape_agrees() {
     let limit = g.caps.max_workgroup_storage as u64;
     let mut ran = 0;
     let mut worst: f64 = 0.0;
-    for cfg in CoopConfig::CANDIDATES {
+    let shapes = CoopConfig::CANDIDATES
+        .into_iter()
+        .chain(CoopConfig::ROWS_CANDIDATES);
+    for cfg in shapes {
         if !cfg.valid_for(plan) {
             continue;
         }
@@ -706,7 +710,7 @@ fn every_coop_shape_agrees() {
         }
     }
     eprintln!("{ran} tile-shape cases on {plan:?}, worst rel L2 {worst:.2e}");
-    assert!(ran >= 9);
+    assert!(ran >= 17);
 }
 
 /// The tensor-core tile picker covers every head dim on the adapters we target (NVIDIA: 16×16
@@ -776,7 +780,7 @@ fn every_coop_shape_fits_and_compiles_to_spirv() {
                 let (m, i) = naga::back::pipeline_constants::process_overrides(
                     &module,
                     &info,
-                    Some((naga::ShaderStage::Compute, "attention_coop")),
+                    Some((naga::ShaderStage::Compute, cfg.entry())),
                     &constants,
                 )
                 .unwrap_or_else(|e| panic!("{plan:?} d={d} {cfg:?} vec4={vec4}: {e:?}"));
@@ -799,21 +803,19 @@ fn every_coop_shape_fits_and_compiles_to_spirv() {
             cfg.workgroup_bytes(16, d)
         );
     }
-    // Measured on an H200: head dim 40 (3 fragments) on 16 rows × 32 keys, 80 on 32 × 64.
-    assert_eq!(
-        coop_config(nvidia, 40, 48 * 1024),
+    // The subgroup-owned rows kernel wherever a shape fits (predicted, issue 21 item 5): head
+    // dims 40 and 64 on 2 subgroups × 64 keys, 80 on one × 64, 160 on one × 32.
+    let rows = |row_frags, key_frags| {
         Some(CoopConfig {
-            row_frags: 1,
-            key_frags: 2
+            row_frags,
+            key_frags,
+            subgroup_rows: true,
         })
-    );
-    assert_eq!(
-        coop_config(nvidia, 80, 48 * 1024),
-        Some(CoopConfig {
-            row_frags: 2,
-            key_frags: 4
-        })
-    );
+    };
+    assert_eq!(coop_config(nvidia, 40, 48 * 1024), rows(2, 4));
+    assert_eq!(coop_config(nvidia, 64, 48 * 1024), rows(2, 4));
+    assert_eq!(coop_config(nvidia, 80, 48 * 1024), rows(1, 4));
+    assert_eq!(coop_config(nvidia, 160, 48 * 1024), rows(1, 2));
 }
 
 /// The tensor-core kernel gives the same bits with and without naga's runtime checks (it is

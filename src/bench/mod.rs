@@ -501,13 +501,17 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
                 0.0,
             );
         }
-        // Every tensor-core tile shape that fits (rows × keys per workgroup), for tuning
-        // `attention::coop_config`; the one it picks is the `[coop]` line above.
+        // Every tensor-core tile shape that fits (rows × keys per workgroup; `rows`: the
+        // subgroup-owned-rows entry point), for tuning `attention::coop_config`; the one it
+        // picks is marked, and is the `[coop]` line above.
         if let Some(plan) = coop {
             b.gpu.set_policy(forced(Some(true), None));
             let picked = attention::coop_config(plan, d, b.gpu.caps.max_workgroup_storage as u64);
             let out = b.gpu.empty(&[batch, nq, c], dtype)?;
-            for cfg in attention::CoopConfig::CANDIDATES {
+            let shapes = attention::CoopConfig::ROWS_CANDIDATES
+                .into_iter()
+                .chain(attention::CoopConfig::CANDIDATES);
+            for cfg in shapes {
                 let limit = (b.gpu.caps.max_workgroup_storage as u64).min(48 * 1024);
                 if !cfg.valid_for(plan) || cfg.workgroup_bytes(plan.frag, d) > limit {
                     continue;
@@ -528,7 +532,8 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
                 let mark = if Some(cfg) == picked { "*" } else { "" };
                 b.line(
                     &format!(
-                        "attention[coop {}x{}]{mark}",
+                        "attention[coop{} {}x{}]{mark}",
+                        if cfg.subgroup_rows { " rows" } else { "" },
                         cfg.block_rows(plan),
                         cfg.block_keys(plan)
                     ),

@@ -151,45 +151,72 @@ pub fn config(head_dim: usize, max_workgroup_bytes: u64) -> Option<Config> {
 }
 
 /// Tile shape of the tensor-core kernel (`shaders/attention_coop.wgsl`): BM query rows per
-/// workgroup and BN keys per tile, both in fragments of the adapter's [`CoopPlan`] side.
+/// workgroup and BN keys per tile, both in fragments of the adapter's [`CoopPlan`] side, and
+/// which of the shader's two entry points runs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CoopConfig {
-    /// Query rows per workgroup, in fragments.
+    /// Query rows per workgroup, in fragments (with `subgroup_rows`: subgroups per workgroup).
     pub row_frags: u32,
     /// Keys per K/V tile, in fragments.
     pub key_frags: u32,
+    /// `attention_coop_rows`: each of the row_frags subgroups owns one fragment of query rows
+    /// through both products, K and V are staged together. Otherwise `attention_coop`: 4
+    /// subgroups share the block's fragments round-robin, K and V take turns in one array.
+    pub subgroup_rows: bool,
+}
+
+const fn block_config(row_frags: u32, key_frags: u32) -> CoopConfig {
+    CoopConfig {
+        row_frags,
+        key_frags,
+        subgroup_rows: false,
+    }
+}
+
+const fn rows_config(row_frags: u32, key_frags: u32) -> CoopConfig {
+    CoopConfig {
+        row_frags,
+        key_frags,
+        subgroup_rows: true,
+    }
 }
 
 impl CoopConfig {
-    /// The shapes [`coop_config`] tries, best first (untuned on real GPUs): the largest BM·BN
-    /// tile, then the most keys per tile (each tile costs four barriers and a load and store of
-    /// the f32 O accumulator, so keys per tile amortise that), then more rows (each staged K/V
-    /// tile serves more queries). 1 × 1 always fits where anything does.
-    pub const CANDIDATES: [CoopConfig; 9] = {
-        const fn c(row_frags: u32, key_frags: u32) -> CoopConfig {
-            CoopConfig {
-                row_frags,
-                key_frags,
-            }
-        }
-        [
-            c(4, 4),
-            c(2, 4),
-            c(4, 2),
-            c(2, 2),
-            c(1, 4),
-            c(1, 2),
-            c(2, 1),
-            c(4, 1),
-            c(1, 1),
-        ]
-    };
+    /// The block kernel's shapes [`coop_config`] tries, best first (untuned on real GPUs): the
+    /// largest BM·BN tile, then the most keys per tile (each tile costs four barriers and a load
+    /// and store of the f32 O accumulator, so keys per tile amortise that), then more rows (each
+    /// staged K/V tile serves more queries). 1 × 1 always fits where anything does.
+    pub const CANDIDATES: [CoopConfig; 9] = [
+        block_config(4, 4),
+        block_config(2, 4),
+        block_config(4, 2),
+        block_config(2, 2),
+        block_config(1, 4),
+        block_config(1, 2),
+        block_config(2, 1),
+        block_config(4, 1),
+        block_config(1, 1),
+    ];
 
-    /// The shape small head dims try first ([`coop_config`]): 1 × 2 fragments.
-    pub const SMALL_HEAD: CoopConfig = CoopConfig {
-        row_frags: 1,
-        key_frags: 2,
-    };
+    /// The subgroup-owned-rows kernel's shapes, tried before [`CoopConfig::CANDIDATES`] (issue
+    /// 21 item 5; predicted, not yet measured): the same order (largest BM·BN, then more keys),
+    /// with 8-fragment key tiles for one-subgroup workgroups, whose staging then still serves
+    /// a whole 128-key tile per barrier pair. At 16 × 16 fragments in 48 KiB: head dim 40 and
+    /// 64 get 2 subgroups × 64 keys (37 and 45 KiB), 80 one subgroup × 64 keys, 160 one × 32.
+    pub const ROWS_CANDIDATES: [CoopConfig; 8] = [
+        rows_config(4, 4),
+        rows_config(2, 4),
+        rows_config(4, 2),
+        rows_config(1, 8),
+        rows_config(1, 4),
+        rows_config(2, 2),
+        rows_config(1, 2),
+        rows_config(1, 1),
+    ];
+
+    /// The block shape small head dims try first among [`CoopConfig::CANDIDATES`]
+    /// ([`coop_config`]): 1 × 2 fragments.
+    pub const SMALL_HEAD: CoopConfig = block_config(1, 2);
 
     /// BM: query rows per workgroup.
     pub fn block_rows(self, plan: CoopPlan) -> u32 {
@@ -199,16 +226,37 @@ impl CoopConfig {
     pub fn block_keys(self, plan: CoopPlan) -> u32 {
         self.key_frags * plan.frag as u32
     }
-    /// Whether the shader supports this shape with this plan: the 4·SG invocations split into
-    /// whole rows of T = 4·SG / BM softmax lanes, a power of two dividing SG so that a row's
-    /// lanes are in one subgroup (they exchange max and sum with xor shuffles).
+    /// Invocations per workgroup: 4 subgroups, or one per row fragment with `subgroup_rows`.
+    pub fn invocations(self, plan: CoopPlan) -> u32 {
+        if self.subgroup_rows {
+            self.row_frags * plan.subgroup
+        } else {
+            4 * plan.subgroup
+        }
+    }
+    /// Whether the shader supports this shape with this plan. Block kernel: the 4·SG
+    /// invocations split into whole rows of T = 4·SG / BM softmax lanes, a power of two dividing
+    /// SG so that a row's lanes are in one subgroup (they exchange max and sum with xor
+    /// shuffles). Subgroup rows: a subgroup's SG lanes split into its FRAG rows (SG a multiple
+    /// of FRAG, SG / FRAG a power of two), at most 4 subgroups.
     pub fn valid_for(self, plan: CoopPlan) -> bool {
+        if self.row_frags == 0 || self.key_frags == 0 {
+            return false;
+        }
+        if self.subgroup_rows {
+            let (sg, frag) = (plan.subgroup, plan.frag as u32);
+            return self.row_frags <= 4 && sg.is_multiple_of(frag) && (sg / frag).is_power_of_two();
+        }
         let (bm, nt) = (self.block_rows(plan), 4 * plan.subgroup);
-        self.row_frags >= 1
-            && self.key_frags >= 1
-            && nt % bm == 0
-            && (nt / bm).is_power_of_two()
-            && plan.subgroup.is_multiple_of(nt / bm)
+        nt % bm == 0 && (nt / bm).is_power_of_two() && plan.subgroup.is_multiple_of(nt / bm)
+    }
+    /// The entry point that runs this shape.
+    pub fn entry(self) -> &'static str {
+        if self.subgroup_rows {
+            "attention_coop_rows"
+        } else {
+            "attention_coop"
+        }
     }
     /// Override constants for the shader. `vec4`: every view row starts at a multiple of 4
     /// elements and head_dim % 4 == 0, so staging loads whole vec4s.
@@ -218,38 +266,53 @@ impl CoopConfig {
         head_dim: usize,
         vec4: bool,
     ) -> [(&'static str, f64); 5] {
+        let rows = if self.subgroup_rows {
+            ("RSG", self.row_frags as f64)
+        } else {
+            ("BM", self.block_rows(plan) as f64)
+        };
         [
             ("SG", plan.subgroup as f64),
             ("HEAD_DIM", head_dim as f64),
             ("VEC4", vec4 as u8 as f64),
-            ("BM", self.block_rows(plan) as f64),
+            rows,
             ("BN", self.block_keys(plan) as f64),
         ]
     }
-    /// Workgroup memory the shader declares, in bytes (mirrors its override expressions):
-    /// q_sh BM·(DP+8) and kv_sh BN·(DP+8) halves, s_sh BM·(BN+4) floats, p_sh BM·(BN+8) halves,
-    /// o_sh BM·(DP+4) floats, with DP = head_dim rounded up to the fragment side.
+    /// Workgroup memory the shader declares, in bytes (mirrors its override expressions), with
+    /// DP = head_dim rounded up to the fragment side. Block kernel: q_sh BM·(DP+8) and kv_sh
+    /// BN·(DP+8) halves, s_sh BM·(BN+4) floats, p_sh BM·(BN+8) halves, o_sh BM·(DP+4) floats.
+    /// Subgroup rows: the same with separate K and V arrays (2·BN·(DP+8) halves).
     pub fn workgroup_bytes(self, frag: usize, head_dim: usize) -> u64 {
         let f = frag as u64;
         let dp = (head_dim as u64).div_ceil(f) * f;
         let (bm, bn) = (self.row_frags as u64 * f, self.key_frags as u64 * f);
-        let halves = bm * (dp + 8) + bn * (dp + 8) + bm * (bn + 8);
+        let kv_arrays = if self.subgroup_rows { 2 } else { 1 };
+        let halves = bm * (dp + 8) + kv_arrays * bn * (dp + 8) + bm * (bn + 8);
         let floats = bm * (bn + 4) + bm * (dp + 4);
         2 * halves + 4 * floats
     }
 }
 
 /// The tensor-core tile shape for `head_dim` within `max_workgroup_bytes` (capped at NVIDIA's
-/// 48 KiB): the first of [`CoopConfig::CANDIDATES`] that the plan supports and that fits.
-/// With 16 × 16 fragments in 48 KiB: 4 × 4 fragments (64 rows × 64 keys) up to head dim 32,
-/// 2 × 4 up to 96 (SD's 40, 64 and 80), 2 × 2 up to 144, 1 × 4 up to 176 (SD's 160), 1 × 2 up to
-/// 256. None: use the FMA kernel.
+/// 48 KiB): the first of [`CoopConfig::ROWS_CANDIDATES`] (the subgroup-owned-rows kernel) that
+/// the plan supports and that fits; else the block kernel's, as before it existed: the first of
+/// [`CoopConfig::CANDIDATES`] that fits. None: use the FMA kernel.
 ///
-/// Head dims of at most 3 fragments (SD 1.5's 40 at 16 × 16 fragments) try
-/// [`CoopConfig::SMALL_HEAD`] first: measured on an NVIDIA H200 (2026-12-04,
+/// Why the rows kernel first (predicted from the H200 profile in benches/RESULTS.md, not yet
+/// measured): the block kernel's 64×64-level self-attention ran at 19 TFLOP/s with four
+/// workgroup barriers per 32-key tile and, at head dim 40, 2 score fragments and 3 output
+/// fragments shared by 4 subgroups (a quarter to a half of them idle in each product). The rows
+/// kernel gives every subgroup the same fragments (its own rows' 4 score and 3 output fragments
+/// at 64 keys), stages K and V with one barrier pair per 64-key tile instead of two per 32, and
+/// serves 32 query rows per staged tile instead of 16 (half the K/V traffic from L2). Expected:
+/// ~1.5–2× on attention, 13.3 → ~7–9 ms per guided step.
+///
+/// For the block kernel, head dims of at most 3 fragments (SD 1.5's 40 at 16 × 16 fragments)
+/// try [`CoopConfig::SMALL_HEAD`] first: measured on an NVIDIA H200 (2026-12-04,
 /// benches/RESULTS.md), 16 rows × 32 keys ran the 64×64 level's self-attention in 2.14 ms
-/// against 3.08 for the 32 × 64 the order above picks, and its cross-attention in 0.095 against
-/// 0.181 ms; at 80 and 160 the order's pick was the fastest self-attention shape.
+/// against 3.08 for the 32 × 64 the order picks, and its cross-attention in 0.095 against 0.181
+/// ms; at 80 and 160 the order's pick was the fastest self-attention shape.
 pub fn coop_config(
     plan: CoopPlan,
     head_dim: usize,
@@ -258,10 +321,12 @@ pub fn coop_config(
     let limit = max_workgroup_bytes.min(SMEM_CAP);
     let small_head = head_dim.div_ceil(plan.frag) <= 3;
     let first = small_head.then_some(CoopConfig::SMALL_HEAD);
-    first
+    let fits =
+        |c: &CoopConfig| c.valid_for(plan) && c.workgroup_bytes(plan.frag, head_dim) <= limit;
+    CoopConfig::ROWS_CANDIDATES
         .into_iter()
-        .chain(CoopConfig::CANDIDATES)
-        .find(|c| c.valid_for(plan) && c.workgroup_bytes(plan.frag, head_dim) <= limit)
+        .find(fits)
+        .or_else(|| first.into_iter().chain(CoopConfig::CANDIDATES).find(fits))
 }
 
 /// The tensor-core kernel's plan and tile shape where it will run for this dtype and head dim
@@ -546,7 +611,7 @@ impl<'a> Call<'a> {
         self.record(
             gpu,
             plan.shader(ShaderId::AttentionCoop),
-            "attention_coop",
+            cfg.entry(),
             &cfg.overrides(plan, self.head_dim, self.vec4_aligned()),
             cfg.block_rows(plan) as usize,
         )
