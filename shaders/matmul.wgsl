@@ -80,6 +80,18 @@ var<workgroup> row_stats: array<vec4<f32>, TM>;
 
 // ------------------------------------------------------------------ LayerNorm prologue
 
+// Chan's merge of the 4-element chunk v into the running (count, mean, M2).
+fn merge_chunk(cnt: ptr<function, f32>, mean: ptr<function, f32>, m2: ptr<function, f32>,
+               v: vec4<f32>) {
+    let cm = (v.x + v.y + v.z + v.w) * 0.25;
+    let d = v - vec4<f32>(cm);
+    let n2 = *cnt + 4.0;
+    let delta = cm - *mean;
+    *mean += delta * (4.0 / n2);
+    *m2 += dot(d, d) + delta * delta * (*cnt * 4.0 / n2);
+    *cnt = n2;
+}
+
 // Every row m0 + r (r < TM) of x: pivot = its first value, mean and rstd = 1 / sqrt(var + eps)
 // of (x - pivot), as layer_norm in norm.wgsl (the pivot keeps a large common offset exact).
 // TPR = max(threads / TM, 1) invocations share a row, each summing a strided set of vec4s
@@ -101,15 +113,21 @@ fn row_norm_prologue(lid: u32, m0: u32, a_base: u32) {
         if (r < TM && m < params.m) {
             let base = (a_base >> 2u) + m * kq;
             pivot = f32(x4[base].x);
-            for (var c = part; c < kq; c += tpr) {
-                let v = vec4<f32>(x4[base + c]) - vec4<f32>(pivot);
-                let cm = (v.x + v.y + v.z + v.w) * 0.25;
-                let d = v - vec4<f32>(cm);
-                let n2 = cnt + 4.0;
-                let delta = cm - mean;
-                mean += delta * (4.0 / n2);
-                m2 += dot(d, d) + delta * delta * (cnt * 4.0 / n2);
-                cnt = n2;
+            // Four independent loads in flight per iteration (the merge is a dependent chain;
+            // the loads should not be), then the tail one at a time.
+            var c = part;
+            for (; c + 3u * tpr < kq; c += 4u * tpr) {
+                let v0 = vec4<f32>(x4[base + c]);
+                let v1 = vec4<f32>(x4[base + c + tpr]);
+                let v2 = vec4<f32>(x4[base + c + 2u * tpr]);
+                let v3 = vec4<f32>(x4[base + c + 3u * tpr]);
+                merge_chunk(&cnt, &mean, &m2, v0 - vec4<f32>(pivot));
+                merge_chunk(&cnt, &mean, &m2, v1 - vec4<f32>(pivot));
+                merge_chunk(&cnt, &mean, &m2, v2 - vec4<f32>(pivot));
+                merge_chunk(&cnt, &mean, &m2, v3 - vec4<f32>(pivot));
+            }
+            for (; c < kq; c += tpr) {
+                merge_chunk(&cnt, &mean, &m2, vec4<f32>(x4[base + c]) - vec4<f32>(pivot));
             }
         }
         for (var p = 0u; p < tpr; p++) {
