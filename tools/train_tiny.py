@@ -115,8 +115,11 @@ def make_dataset(n, seed):
     return imgs, attrs
 
 
-def caption(a, rng, p_empty=0.1, p_drop=0.35):
-    """Caption for attribute row a; attributes randomly dropped; ~p_empty empty captions."""
+def caption(a, rng, p_empty=0.1, p_drop=0.35, p_drop_position=None):
+    """Caption for attribute row a; attributes randomly dropped (the position phrase with
+    p_drop_position when given, else p_drop); ~p_empty empty captions."""
+    if p_drop_position is None:
+        p_drop_position = p_drop
     if rng.rand() < p_empty:
         return ""
     s, col, bg, sz, pos = (int(v) for v in a)
@@ -126,7 +129,7 @@ def caption(a, rng, p_empty=0.1, p_drop=0.35):
     if rng.rand() >= p_drop:
         words.append(COLOUR_NAMES[col])
     words.append(SHAPES[s])
-    if rng.rand() >= p_drop:
+    if rng.rand() >= p_drop_position:
         words.append(POSITIONS[POSITION_NAMES[pos]][1])
     if rng.rand() >= p_drop:
         words.append("on a %s background" % COLOUR_NAMES[bg])
@@ -454,6 +457,22 @@ def holdout_combos(path):
     return out
 
 
+def latent_shape_mask(attr_rows):
+    """[n, 1, 16, 16] float mask of each image's shape box in latent cells (f = 4): the nominal
+    size and position from the attributes, widened by the generator's jitter (+-2.5 px, +-10%)."""
+    n = len(attr_rows)
+    m = torch.zeros(n, 1, RES // 4, RES // 4)
+    c = (torch.arange(RES // 4, dtype=torch.float32) + 0.5) * 4.0  # cell centres in pixels
+    for i, r in enumerate(attr_rows):
+        _, _, _, sz, pos = (int(v) for v in r)
+        (px, py), _ = POSITIONS[POSITION_NAMES[pos]]
+        half = SIZES[SIZE_NAMES[sz]] * 0.55 + 2.5
+        inx = ((c - px).abs() <= half + 2.0).float()
+        iny = ((c - py).abs() <= half + 2.0).float()
+        m[i, 0] = iny[:, None] * inx[None, :]
+    return m
+
+
 def sample_timesteps(n, gen, power):
     """Uniform over 0..999 when power == 1; power > 1 favours high noise (density ~ t^(power-1)),
     where the layout and colours, hence the prompt, are decided."""
@@ -586,7 +605,8 @@ def stage2_continue(a, log, T0):
         for g_ in opt.param_groups:
             g_["lr"] = lr_at(step, a.steps, g_["peak"], a.warmup, floor=a.lr_floor)
         idx = pool[rng.randint(0, len(pool), size=a.batch)]
-        ids = tokenize([caption(attrs[i], rng, p_empty=a.p_empty, p_drop=a.p_drop) for i in idx])
+        ids = tokenize([caption(attrs[i], rng, p_empty=a.p_empty, p_drop=a.p_drop,
+                                p_drop_position=a.p_drop_position) for i in idx])
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scaling
         noise = torch.randn(z0.shape, generator=gen)
         ts = sample_timesteps(a.batch, gen, a.t_power)
@@ -594,6 +614,15 @@ def stage2_continue(a, log, T0):
         pred = unet(zt, ts, te(ids)[0]).sample
         mse = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         w = torch.clamp(snr[ts], max=a.min_snr) / snr[ts] if a.min_snr > 0 else torch.ones_like(mse)
+        if a.high_noise_weight > 1:
+            # x0-like weighting where the noise dominates (1/SNR, capped): the layout is decided
+            # there, and the epsilon loss pays it only ~SNR times the error in the image
+            w = w * torch.clamp(1.0 / snr[ts], min=1.0, max=a.high_noise_weight)
+        if a.shape_weight > 0:
+            # the shape's pixels (its nominal box, from the attributes) weigh 1 + shape_weight:
+            # a shape in the wrong place or colour costs more than the background around it
+            pix = 1.0 + a.shape_weight * latent_shape_mask(attrs[idx])
+            mse = (((pred - noise) ** 2).mean(dim=1, keepdim=True) * pix).mean(dim=(1, 2, 3)) / pix.mean(dim=(1, 2, 3))
         loss = (w * mse).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -611,6 +640,13 @@ def stage2_continue(a, log, T0):
         if a.save_every and step % a.save_every == 0:
             save_ckpt(step)
             save_weights(step)
+            if a.keep_saves:
+                keep = os.path.join(a.out, "step-%d" % step)
+                shutil.rmtree(keep, ignore_errors=True)
+                os.makedirs(keep)
+                for part in ("unet", "text_encoder", "vae", "tokenizer", "scheduler"):
+                    shutil.copytree(os.path.join(a.out, part), os.path.join(keep, part))
+                shutil.copy(os.path.join(a.out, "model_index.json"), keep)
             last_ckpt = time.time()
         elif a.ckpt_every_min and time.time() - last_ckpt > a.ckpt_every_min * 60:
             save_ckpt(step)
@@ -665,6 +701,14 @@ def main():
                    help="JSON prompt set (tools/adherence.py prompts): leave out the images of its full-attribute combinations")
     p.add_argument("--t-power", type=float, default=1.0, help="timestep density ~ t^(power-1); 1 = uniform")
     p.add_argument("--p-drop", type=float, default=0.35, help="per-attribute caption dropout")
+    p.add_argument("--p-drop-position", type=float, default=None,
+                   help="dropout of the position phrase (default: --p-drop)")
+    p.add_argument("--high-noise-weight", type=float, default=1.0,
+                   help="multiply the loss by clamp(1/SNR, 1, this): weight the high-noise steps like an x0 loss")
+    p.add_argument("--shape-weight", type=float, default=0.0,
+                   help="extra loss weight on the latent cells of the shape's nominal box")
+    p.add_argument("--keep-saves", action="store_true",
+                   help="also keep every --save-every save in <out>/step-N (to score each one)")
     p.add_argument("--p-empty", type=float, default=0.1, help="share of empty captions (for CFG)")
     p.add_argument("--lr-floor", type=float, default=0.1, help="the cosine ends at this fraction of the peak lr")
     a = p.parse_args()
@@ -833,6 +877,10 @@ def main():
         pred = unet(zt, ts, enc).sample
         mse = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         w = torch.clamp(snr[ts], max=a.min_snr) / snr[ts] if a.min_snr > 0 else torch.ones_like(mse)
+        if a.high_noise_weight > 1:
+            # x0-like weighting where the noise dominates (1/SNR, capped): the layout is decided
+            # there, and the epsilon loss pays it only ~SNR times the error in the image
+            w = w * torch.clamp(1.0 / snr[ts], min=1.0, max=a.high_noise_weight)
         loss = (w * mse).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
