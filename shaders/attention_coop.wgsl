@@ -107,11 +107,10 @@ override SS: u32 = BN + 4u;
 override PS: u32 = BN + 8u;
 override OS: u32 = DP + 4u;
 // `attention_coop_rows` (the last section): RSG subgroups of SG invocations, each owning FRAG
-// query rows; T_R softmax lanes per row. Declared here: naga 30 can panic evaluating overrides
+// query rows (the host sets BM = RSG·FRAG); T_R softmax lanes per row. Declared here: naga 30 can panic evaluating overrides
 // declared after an override-sized array.
 override RSG: u32 = 2u;
 override NT_R: u32 = RSG * SG;
-override BM_R: u32 = RSG * FRAG;
 override T_R: u32 = SG / FRAG;
 
 var<workgroup> q_sh: array<f16, BM * HS>;   // q_sh[r * HS + d] = q[row0 + r, d]
@@ -185,6 +184,27 @@ fn stage_v(lid: u32, base: u32, key0: u32) {
     }
 }
 
+// The query block (rows row0 .. row0 + BM; rows past nq are zeros: harmless scores, never
+// stored) → q_sh, and O cleared, by the workgroup's `nt` invocations (both entry points).
+fn stage_q_clear_o(lid: u32, nt: u32, q_base: u32, row0: u32) {
+    for (var i = lid; i < BM * DC; i += nt) {
+        let r = i / DC;
+        let d = 4u * (i - r * DC);
+        var x = vec4<f16>(0.0);
+        if (row0 + r < params.nq && d < HEAD_DIM) {
+            x = q_chunk(q_base + (row0 + r) * params.q_stride + d, min(4u, HEAD_DIM - d));
+        }
+        let o = r * HS + d;
+        q_sh[o] = x.x;
+        q_sh[o + 1u] = x.y;
+        q_sh[o + 2u] = x.z;
+        q_sh[o + 3u] = x.w;
+    }
+    for (var i = lid; i < BM * OS; i += nt) {
+        o_sh[i] = 0.0;
+    }
+}
+
 // The score of key column j of block row r in log2 units, MASKED where the key is not allowed.
 fn score(r: u32, j: u32, key: u32, limit: u32) -> f32 {
     return select(MASKED, s_sh[r * SS + j] * params.scale_log2e, key < limit);
@@ -203,24 +223,8 @@ fn attention_coop(@builtin(workgroup_id) wid: vec3<u32>,
     let row0 = wid.x * BM;
     let causal = params.causal != 0u;
 
-    // Stage the query block (rows past nq are zeros: harmless scores, never stored) and clear O.
     let q_base = b * nq * params.q_stride + params.q_off + h * HEAD_DIM;
-    for (var i = lid; i < BM * DC; i += NT) {
-        let r = i / DC;
-        let d = 4u * (i - r * DC);
-        var x = vec4<f16>(0.0);
-        if (row0 + r < nq && d < HEAD_DIM) {
-            x = q_chunk(q_base + (row0 + r) * params.q_stride + d, min(4u, HEAD_DIM - d));
-        }
-        let o = r * HS + d;
-        q_sh[o] = x.x;
-        q_sh[o + 1u] = x.y;
-        q_sh[o + 2u] = x.z;
-        q_sh[o + 3u] = x.w;
-    }
-    for (var i = lid; i < BM * OS; i += NT) {
-        o_sh[i] = 0.0;
-    }
+    stage_q_clear_o(lid, NT, q_base, row0);
 
     // This invocation's softmax row and lane.
     let t = sg * SG + sg_lane;
@@ -333,7 +337,7 @@ fn attention_coop(@builtin(workgroup_id) wid: vec3<u32>,
 // ------------------------------------------------------------------ subgroup-owned query rows
 //
 // `attention_coop_rows`: the same attention, each subgroup owning FRAG query rows through both
-// products. The workgroup is RSG subgroups (NT_R = RSG·SG invocations), BM_R = RSG·FRAG rows;
+// products. The workgroup is RSG subgroups (NT_R = RSG·SG invocations), BM = RSG·FRAG rows;
 // subgroup s owns block rows s·FRAG .. s·FRAG + FRAG: it computes their S fragments (all BN/FRAG
 // of them), runs their online softmax with its own SG lanes (T_R = SG / FRAG per row, a power of
 // two: the host requires SG % FRAG == 0), and computes their O fragments (all DP/FRAG). So every
@@ -345,17 +349,12 @@ fn attention_coop(@builtin(workgroup_id) wid: vec3<u32>,
 // rows (WGSL has no subgroup-scope barrier for workgroup memory, so they are workgroup
 // barriers; every subgroup does the same work, so none waits long, and at RSG = 1 they are one
 // subgroup's).
-// Workgroup memory (`CoopConfig::workgroup_bytes` with `subgroup_rows`): qr_sh BM_R·HS f16,
-// kr_sh and vr_sh BN·HS f16 each, sr_sh BM_R·SS f32, pr_sh BM_R·PS f16, or_sh BM_R·OS f32.
+// Workgroup memory (`CoopConfig::workgroup_bytes` with `subgroup_rows`): the block kernel's
+// arrays with BM = RSG·FRAG (q_sh, s_sh, p_sh, o_sh; kv_sh holds K only) plus vr_sh for V.
 
-var<workgroup> qr_sh: array<f16, BM_R * HS>;
-var<workgroup> kr_sh: array<f16, BN * HS>;
 var<workgroup> vr_sh: array<f16, BN * HS>;
-var<workgroup> sr_sh: array<f32, BM_R * SS>;
-var<workgroup> pr_sh: array<f16, BM_R * PS>;
-var<workgroup> or_sh: array<f32, BM_R * OS>;
 
-// Keys key0 .. key0 + BN of k and of v → kr_sh and vr_sh, zero past nk and past HEAD_DIM.
+// Keys key0 .. key0 + BN of k and of v → kv_sh and vr_sh, zero past nk and past HEAD_DIM.
 fn stage_kv_rows(lid: u32, k_base: u32, v_base: u32, key0: u32) {
     for (var i = lid; i < BN * DC; i += NT_R) {
         let j = i / DC;
@@ -368,19 +367,15 @@ fn stage_kv_rows(lid: u32, k_base: u32, v_base: u32, key0: u32) {
             xv = v_chunk(v_base + (key0 + j) * params.v_stride + d, n);
         }
         let o = j * HS + d;
-        kr_sh[o] = xk.x;
-        kr_sh[o + 1u] = xk.y;
-        kr_sh[o + 2u] = xk.z;
-        kr_sh[o + 3u] = xk.w;
+        kv_sh[o] = xk.x;
+        kv_sh[o + 1u] = xk.y;
+        kv_sh[o + 2u] = xk.z;
+        kv_sh[o + 3u] = xk.w;
         vr_sh[o] = xv.x;
         vr_sh[o + 1u] = xv.y;
         vr_sh[o + 2u] = xv.z;
         vr_sh[o + 3u] = xv.w;
     }
-}
-
-fn score_rows(r: u32, j: u32, key: u32, limit: u32) -> f32 {
-    return select(MASKED, sr_sh[r * SS + j] * params.scale_log2e, key < limit);
 }
 
 @compute @workgroup_size(NT_R)
@@ -393,27 +388,11 @@ fn attention_coop_rows(@builtin(workgroup_id) wid: vec3<u32>,
     let heads = params.heads;
     let b = wid.y / heads;
     let h = wid.y % heads;
-    let row0 = wid.x * BM_R;
+    let row0 = wid.x * BM;
     let causal = params.causal != 0u;
 
-    // Stage the query block (rows past nq are zeros: harmless scores, never stored), clear O.
     let q_base = b * nq * params.q_stride + params.q_off + h * HEAD_DIM;
-    for (var i = lid; i < BM_R * DC; i += NT_R) {
-        let r = i / DC;
-        let d = 4u * (i - r * DC);
-        var x = vec4<f16>(0.0);
-        if (row0 + r < nq && d < HEAD_DIM) {
-            x = q_chunk(q_base + (row0 + r) * params.q_stride + d, min(4u, HEAD_DIM - d));
-        }
-        let o = r * HS + d;
-        qr_sh[o] = x.x;
-        qr_sh[o + 1u] = x.y;
-        qr_sh[o + 2u] = x.z;
-        qr_sh[o + 3u] = x.w;
-    }
-    for (var i = lid; i < BM_R * OS; i += NT_R) {
-        or_sh[i] = 0.0;
-    }
+    stage_q_clear_o(lid, NT_R, q_base, row0);
 
     // This subgroup's rows, and this lane's softmax row (T_R adjacent lanes per row, all in
     // this subgroup) and its share of the keys.
@@ -424,7 +403,7 @@ fn attention_coop_rows(@builtin(workgroup_id) wid: vec3<u32>,
     let limit = select(nk, min(nk, row + 1u), causal);
     var kend = nk;
     if (causal) {
-        kend = min(nk, row0 + BM_R);
+        kend = min(nk, row0 + BM);
     }
     let tiles = (kend + BN - 1u) / BN;
     let k_base = b * nk * params.k_stride + params.k_off + h * HEAD_DIM;
@@ -450,19 +429,19 @@ fn attention_coop_rows(@builtin(workgroup_id) wid: vec3<u32>,
             for (var kb = 0u; kb < DP; kb += FRAG) {
                 let ia = rb * HS + kb;
                 let ib = nb * HS + kb;
-                let a = coopLoadT<coop_mat16x16<f16, A>>(&qr_sh[ia], hs);
-                let bk = coopLoad<coop_mat16x16<f16, B>>(&kr_sh[ib], hs);
+                let a = coopLoadT<coop_mat16x16<f16, A>>(&q_sh[ia], hs);
+                let bk = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[ib], hs);
                 acc = coopMultiplyAdd(a, bk, acc);
             }
             let is = rb * SS + nb;
-            coopStoreT(acc, &sr_sh[is], ss);
+            coopStoreT(acc, &s_sh[is], ss);
         }
         workgroupBarrier();
 
         // Online softmax of row r over this tile (as the block kernel's).
         var mt = M_INIT;
         for (var j = lane; j < BN; j += T_R) {
-            mt = max(mt, score_rows(r, j, key0 + j, limit));
+            mt = max(mt, score(r, j, key0 + j, limit));
         }
         for (var x = 1u; x < T_R; x <<= 1u) {
             mt = max(mt, subgroupShuffleXor(mt, x));
@@ -471,15 +450,15 @@ fn attention_coop_rows(@builtin(workgroup_id) wid: vec3<u32>,
         let alpha = exp2(m - m_new);
         var sum = 0.0;
         for (var j = lane; j < BN; j += T_R) {
-            let p = f16(exp2(score_rows(r, j, key0 + j, limit) - m_new));
-            pr_sh[r * PS + j] = p;
+            let p = f16(exp2(score(r, j, key0 + j, limit) - m_new));
+            p_sh[r * PS + j] = p;
             sum += f32(p);
         }
         l = l * alpha + sum;
         m = m_new;
         if (alpha != 1.0) {
             for (var d = lane; d < DP; d += T_R) {
-                or_sh[r * OS + d] *= alpha;
+                o_sh[r * OS + d] *= alpha;
             }
         }
         workgroupBarrier();
@@ -487,15 +466,15 @@ fn attention_coop_rows(@builtin(workgroup_id) wid: vec3<u32>,
         // O += P·V for this subgroup's rows: DP / FRAG fragments.
         for (var cb = 0u; cb < DP; cb += FRAG) {
             let io = rb * OS + cb;
-            var acc = coopLoadT<coop_mat16x16<f32, C>>(&or_sh[io], os);
+            var acc = coopLoadT<coop_mat16x16<f32, C>>(&o_sh[io], os);
             for (var kb = 0u; kb < BN; kb += FRAG) {
                 let ip = rb * PS + kb;
                 let iv = kb * HS + cb;
-                let a = coopLoadT<coop_mat16x16<f16, A>>(&pr_sh[ip], ps);
+                let a = coopLoadT<coop_mat16x16<f16, A>>(&p_sh[ip], ps);
                 let bv = coopLoadT<coop_mat16x16<f16, B>>(&vr_sh[iv], hs);
                 acc = coopMultiplyAdd(a, bv, acc);
             }
-            coopStoreT(acc, &or_sh[io], os);
+            coopStoreT(acc, &o_sh[io], os);
         }
     }
     workgroupBarrier();
@@ -507,7 +486,7 @@ fn attention_coop_rows(@builtin(workgroup_id) wid: vec3<u32>,
     if (row < nq) {
         let o_base = ((b * nq + row) * heads + h) * HEAD_DIM;
         for (var d = lane; d < HEAD_DIM; d += T_R) {
-            out[o_base + d] = elem(or_sh[r * OS + d] * inv);
+            out[o_base + d] = elem(o_sh[r * OS + d] * inv);
         }
     }
 }

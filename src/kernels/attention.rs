@@ -265,18 +265,15 @@ impl CoopConfig {
         plan: CoopPlan,
         head_dim: usize,
         vec4: bool,
-    ) -> [(&'static str, f64); 5] {
-        let rows = if self.subgroup_rows {
-            ("RSG", self.row_frags as f64)
-        } else {
-            ("BM", self.block_rows(plan) as f64)
-        };
+    ) -> [(&'static str, f64); 6] {
+        // RSG (subgroups per workgroup) is read by the rows entry point only.
         [
             ("SG", plan.subgroup as f64),
             ("HEAD_DIM", head_dim as f64),
             ("VEC4", vec4 as u8 as f64),
-            rows,
+            ("BM", self.block_rows(plan) as f64),
             ("BN", self.block_keys(plan) as f64),
+            ("RSG", self.row_frags as f64),
         ]
     }
     /// Workgroup memory the shader declares, in bytes (mirrors its override expressions), with

@@ -73,9 +73,8 @@ struct Params {
 /// A LayerNorm over x's last dimension (K) that the matmul applies to x's rows as it stages
 /// them (`norm_mode` 1): `((x − mean) / √(var + eps)) · weight + bias`, with each row's statistics
 /// computed by the workgroup before its K loop. The normalised tensor is never written and the
-/// norm needs no dispatch of its own. Needs K % 4 == 0 (vec4 staging); [`linear_norm_into`]
-/// and [`linear_geglu_norm_into`] run the separate [`layer_norm`](crate::kernels::norm::layer_norm)
-/// otherwise.
+/// norm needs no dispatch of its own. Needs K % 4 == 0 (vec4 staging); otherwise the separate
+/// [`layer_norm`](crate::kernels::norm::layer_norm) runs first.
 #[derive(Clone, Copy, Debug)]
 pub struct RowLayerNorm<'a> {
     pub weight: &'a Tensor,
@@ -212,12 +211,6 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
     let n_tile_cols = if g.geglu { 2 * g.n } else { g.n };
     let vec4 = g.k.is_multiple_of(4);
     if let Some(norm) = g.norm {
-        if !vec4 {
-            return Err(Error::shape(
-                g.op,
-                format!("LayerNorm on load needs K % 4 == 0 (K = {})", g.k),
-            ));
-        }
         for (name, t) in [("norm weight", norm.weight), ("norm bias", norm.bias)] {
             if t.shape() != [g.k] {
                 return Err(Error::shape(
@@ -231,6 +224,16 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
             g.x,
             &[("norm weight", norm.weight), ("norm bias", norm.bias)],
         )?;
+        if !vec4 {
+            // The on-load norm stages whole vec4s along K: run the separate LayerNorm first.
+            let normed = layer_norm(gpu, g.x, norm.weight, norm.bias, norm.eps)?;
+            let plain = Gemm {
+                x: &normed,
+                norm: None,
+                ..*g
+            };
+            return record(gpu, &plain);
+        }
     }
     let tiles = Tiles::choose(g.batch, g.m, n_tile_cols);
     let coop = if vec4 {
@@ -458,10 +461,6 @@ pub fn linear_norm_into(
     out: &Tensor,
 ) -> Result<()> {
     let mut g = linear_gemm(x, w, bias, residual, act, out)?;
-    if !g.k.is_multiple_of(4) {
-        let normed = layer_norm(gpu, x, norm.weight, norm.bias, norm.eps)?;
-        return linear_into(gpu, &normed, w, bias, residual, act, out);
-    }
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
@@ -569,10 +568,6 @@ pub fn linear_geglu_norm_into(
     out: &Tensor,
 ) -> Result<()> {
     let mut g = geglu_gemm(x, w, bias, out)?;
-    if !g.k.is_multiple_of(4) {
-        let normed = layer_norm(gpu, x, norm.weight, norm.bias, norm.eps)?;
-        return linear_geglu_into(gpu, &normed, w, bias, out);
-    }
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
