@@ -39,6 +39,10 @@ SD15 = {
 SD15_HUB = {k: v for k, v in SD15.items() if k != "timestep_spacing"}
 # stabilityai/stable-diffusion-2-1 style: v-prediction, with trailing spacing for this test.
 SD2_V = dict(SD15, prediction_type="v_prediction", timestep_spacing="trailing")
+# A zero-terminal-SNR v-prediction model (arXiv 2305.08891; the shipped tiny-shapes is one). Some
+# classes honour the rescale (DDIM, DDPM, LCM, TCD exactly; Euler, Euler a, DPM-Solver++ and UniPC
+# with alphas_cumprod[-1] = 2**-24, so sigma_max = 4096), the others ignore the key.
+SD2_V_ZERO_SNR = dict(SD2_V, rescale_betas_zero_snr=True)
 
 SAMPLERS = {  # name -> (class, config overrides applied on top, as the --sampler flag does)
     "ddim": (DDIMScheduler, {}),
@@ -74,7 +78,7 @@ EXTRA_CONFIGS = {
               ("sd15_no_lower_order_final", dict(SD15, lower_order_final=False,
                                                  final_sigmas_type="sigma_min")),
               ("sd15_order1", dict(SD15, solver_order=1)),
-              ("sd2_v_zero_snr", dict(SD2_V, rescale_betas_zero_snr=True))],
+              ("sd2_v_zero_snr", SD2_V_ZERO_SNR)],
     "unipc_bh1": [("sd15_order3", dict(SD15, solver_order=3))],
     "unipc_karras": [("sd15_sigma_min", dict(SD15, final_sigmas_type="sigma_min"))],
     "deis": [("sd15_order3", dict(SD15, solver_order=3)),
@@ -174,6 +178,9 @@ def main():
         variants.append(("sd15_img2img", SD15, 20, False, 0.6))
         variants.append(("sd2_v_trailing", SD2_V, 20, False, None))
         variants.append(("sd15_hub_config", SD15_HUB, 20, False, None))
+        if name != "unipc":  # (UniPC has it among its EXTRA_CONFIGS)
+            variants.append(("sd2_v_zero_snr", SD2_V_ZERO_SNR, 20, False, None))
+            variants.append(("sd2_v_zero_snr_guided", SD2_V_ZERO_SNR, 20, True, None))
         if name in ("euler_a", "dpmpp_2m", "ddim", "unipc", "deis", "kdpm2", "kdpm2_a"):
             variants.append(("sd15_guided", SD15, 20, True, None))
         if name.startswith(("dpmpp", "unipc", "deis")):

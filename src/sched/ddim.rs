@@ -1,5 +1,6 @@
 //! `DDIMScheduler` (diffusers `scheduling_ddim.py`, Song et al. 2020), deterministic for eta = 0.
 
+use super::ZeroSnr;
 use super::{
     alpha_x0_eps, spaced_timesteps, Buf, Lin, NoiseMix, Prediction, Sampler, SchedulerConfig,
     StepPlan,
@@ -21,7 +22,7 @@ pub struct Ddim {
 impl Ddim {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
         cfg.reject_nonlinear(true)?;
-        let alphas = AlphaTable::new(cfg, "linear", true)?;
+        let alphas = AlphaTable::new(cfg, "linear", true, ZeroSnr::Exact)?;
         let num_train = cfg.train_timesteps();
         let timesteps = spaced_timesteps(
             cfg.spacing("leading")?,
@@ -101,8 +102,9 @@ impl AlphaTable {
         cfg: &SchedulerConfig,
         default_schedule: &str,
         set_alpha_to_one_default: bool,
+        zero_snr: ZeroSnr,
     ) -> Result<Self> {
-        let alphas_cumprod = super::alphas_cumprod(cfg, default_schedule)?;
+        let alphas_cumprod = super::class_alphas_cumprod(cfg, default_schedule, zero_snr)?;
         let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(set_alpha_to_one_default) {
             1.0
         } else {

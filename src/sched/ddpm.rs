@@ -24,7 +24,7 @@ impl Ddpm {
                 "DDPM variance_type `{variance_type}`"
             )));
         }
-        let alphas_cumprod = super::alphas_cumprod(cfg, "linear")?;
+        let alphas_cumprod = super::class_alphas_cumprod(cfg, "linear", super::ZeroSnr::Exact)?;
         let num_train = cfg.train_timesteps();
         let timesteps = spaced_timesteps(
             cfg.spacing("leading")?,

@@ -26,10 +26,7 @@ pub struct Deis {
 
 impl Deis {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
-        // DEISMultistepScheduler takes no rescale_betas_zero_snr: a config's is ignored.
-        let mut cfg = cfg.clone();
-        cfg.rescale_betas_zero_snr = Some(false);
-        let acp = super::alphas_cumprod(&cfg, "linear")?;
+        let acp = super::class_alphas_cumprod(cfg, "linear", super::ZeroSnr::Ignored)?;
         let num_train = cfg.train_timesteps();
         // diffusers registers the DPM-Solver and UniPC names as deis / logrho.
         match cfg.algorithm_type.as_deref().unwrap_or("deis") {

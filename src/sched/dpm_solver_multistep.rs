@@ -55,7 +55,7 @@ pub struct DpmSolverMultistep {
 
 impl DpmSolverMultistep {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
-        let acp = super::alphas_cumprod(cfg, "linear")?;
+        let acp = super::class_alphas_cumprod(cfg, "linear", super::ZeroSnr::Clamped)?;
         let num_train = cfg.train_timesteps();
         let sde = match cfg.algorithm_type.as_deref().unwrap_or("dpmsolver++") {
             "dpmsolver++" => false,

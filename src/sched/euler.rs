@@ -1,6 +1,7 @@
 //! `EulerDiscreteScheduler` (diffusers `scheduling_euler_discrete.py`; k-diffusion's
 //! `sample_euler` with s_churn = 0), plus the sigma schedule shared by the k-diffusion family.
 
+use super::ZeroSnr;
 use super::{
     interp_index, karras_sigmas, log_sigmas_f32, max_f32, sigma_to_t, sigma_x0, spaced_timesteps,
     train_sigmas, Buf, Lin, NoiseMix, Prediction, Sampler, SchedulerConfig, Spacing, StepPlan,
@@ -21,8 +22,9 @@ impl SigmaSchedule {
         steps: usize,
         allow_karras: bool,
         allow_final: bool,
+        zero_snr: ZeroSnr,
     ) -> Result<Self> {
-        let acp = super::alphas_cumprod(cfg, "linear")?;
+        let acp = super::class_alphas_cumprod(cfg, "linear", zero_snr)?;
         let num_train = cfg.train_timesteps();
         let spacing = cfg.spacing("linspace")?;
         let offset = cfg.offset();
@@ -112,7 +114,7 @@ impl Euler {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
         Ok(Euler {
             name,
-            schedule: SigmaSchedule::new(cfg, steps, true, true)?,
+            schedule: SigmaSchedule::new(cfg, steps, true, true, ZeroSnr::Clamped)?,
             prediction: cfg.prediction()?,
             begin: 0,
         })

@@ -3,6 +3,7 @@
 //! fresh noise of scale sigma_up.
 
 use super::euler::SigmaSchedule;
+use super::ZeroSnr;
 use super::{sigma_x0, Buf, Lin, NoiseMix, Prediction, Sampler, SchedulerConfig, StepPlan};
 use crate::error::Result;
 
@@ -17,7 +18,7 @@ impl EulerAncestral {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
         Ok(EulerAncestral {
             name,
-            schedule: SigmaSchedule::new(cfg, steps, false, false)?,
+            schedule: SigmaSchedule::new(cfg, steps, false, false, ZeroSnr::Clamped)?,
             prediction: cfg.prediction()?,
             begin: 0,
         })

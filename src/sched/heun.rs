@@ -5,6 +5,7 @@
 //! first-order (predictor) calls, odd ones correctors.
 
 use super::euler::SigmaSchedule;
+use super::ZeroSnr;
 use super::{
     max_f32, sigma_x0, Buf, Lin, LinearStep, NoiseMix, Prediction, Sampler, SchedulerConfig,
     StepPlan,
@@ -27,7 +28,7 @@ pub struct Heun {
 impl Heun {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
         cfg.reject_nonlinear(false)?;
-        let schedule = SigmaSchedule::new(cfg, steps, true, false)?;
+        let schedule = SigmaSchedule::new(cfg, steps, true, false, ZeroSnr::Ignored)?;
         let n = schedule.timesteps.len();
         let mut sigmas = vec![schedule.sigmas[0]];
         for &s in &schedule.sigmas[1..n] {

@@ -29,9 +29,7 @@ struct BaseSchedule {
 impl BaseSchedule {
     fn new(cfg: &SchedulerConfig, steps: usize, what: &str) -> Result<Self> {
         // Neither class takes rescale_betas_zero_snr: a config's is ignored.
-        let mut cfg = cfg.clone();
-        cfg.rescale_betas_zero_snr = Some(false);
-        let acp = super::alphas_cumprod(&cfg, "linear")?;
+        let acp = super::class_alphas_cumprod(cfg, "linear", super::ZeroSnr::Ignored)?;
         let num_train = cfg.train_timesteps();
         if let Some(key) = SchedulerConfig::first_set(&[
             ("use_exponential_sigmas", cfg.use_exponential_sigmas),

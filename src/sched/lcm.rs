@@ -2,6 +2,7 @@
 //! LCM-LoRA, 2-8 steps. Each step predicts the clean sample with the consistency boundary
 //! scalings and re-noises it to the next timestep with fresh noise (none after the last step).
 
+use super::ZeroSnr;
 use super::{
     alpha_x0_eps, ddim::AlphaTable, Buf, Lin, NoiseMix, Prediction, Sampler, SchedulerConfig,
     StepPlan,
@@ -52,7 +53,7 @@ impl Lcm {
         cfg.reject_nonlinear(false)?;
         Ok(Lcm {
             name,
-            alphas: AlphaTable::new(cfg, "scaled_linear", true)?,
+            alphas: AlphaTable::new(cfg, "scaled_linear", true, ZeroSnr::Exact)?,
             timesteps: consistency_timesteps(cfg, steps, "LCM")?,
             prediction: cfg.prediction()?,
             timestep_scaling: cfg.timestep_scaling.unwrap_or(10.0),

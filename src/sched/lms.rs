@@ -2,6 +2,7 @@
 //! linear multistep of order 4 over the last derivatives (History(0..3), most recent first).
 
 use super::euler::SigmaSchedule;
+use super::ZeroSnr;
 use super::{
     sigma_x0, Buf, Lin, LinearStep, NoiseMix, Prediction, Sampler, SchedulerConfig, StepPlan,
 };
@@ -22,7 +23,7 @@ impl Lms {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
         Ok(Lms {
             name,
-            schedule: SigmaSchedule::new(cfg, steps, true, false)?,
+            schedule: SigmaSchedule::new(cfg, steps, true, false, ZeroSnr::Ignored)?,
             prediction: cfg.prediction()?,
             begin: 0,
             derivatives: 0,

@@ -778,6 +778,42 @@ pub fn alphas_cumprod(cfg: &SchedulerConfig, default_schedule: &str) -> Result<V
         .collect())
 }
 
+/// What a diffusers scheduler class does with `rescale_betas_zero_snr` (arXiv 2305.08891). A
+/// zero-terminal-SNR model's config carries the key, and `--sampler X` builds class X from that
+/// config, so each class must treat it as its diffusers namesake does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ZeroSnr {
+    /// The class has no such argument and ignores the key (PNDM, LMS, Heun, DEIS, KDPM2 (a)).
+    Ignored,
+    /// The rescaled table as is, `alphas_cumprod[-1] = 0` (DDIM, DDPM, LCM, TCD: they only use
+    /// `sqrt(alpha_prod)` and `sqrt(1 - alpha_prod)`, both finite there).
+    Exact,
+    /// Rescaled, then `alphas_cumprod[-1] = 2^-24`, so the first sigma is 4096 and not infinite
+    /// (the sigma-based classes: Euler, Euler a, DPM-Solver++, UniPC).
+    Clamped,
+}
+
+/// `alphas_cumprod` as a given diffusers class builds it (see [`ZeroSnr`]).
+pub(crate) fn class_alphas_cumprod(
+    cfg: &SchedulerConfig,
+    default_schedule: &str,
+    zero_snr: ZeroSnr,
+) -> Result<Vec<f32>> {
+    let rescale = cfg.rescale_betas_zero_snr.unwrap_or(false);
+    if rescale && zero_snr == ZeroSnr::Ignored {
+        let mut plain = cfg.clone();
+        plain.rescale_betas_zero_snr = Some(false);
+        return alphas_cumprod(&plain, default_schedule);
+    }
+    let mut acp = alphas_cumprod(cfg, default_schedule)?;
+    if rescale && zero_snr == ZeroSnr::Clamped {
+        if let Some(last) = acp.last_mut() {
+            *last = 2f32.powi(-24);
+        }
+    }
+    Ok(acp)
+}
+
 /// `torch.linspace(start, end, n, dtype=float32)`'s scalar formula (from both ends toward the
 /// middle). torch's vectorised path can differ in the last bit of a few values, which moves
 /// alphas_cumprod by < 1e-7 relative.

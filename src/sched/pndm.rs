@@ -4,6 +4,7 @@
 //! (a Heun-like start), after which Adams-Bashforth combinations of up to 4 stored outputs are used.
 
 use super::ddim::AlphaTable;
+use super::ZeroSnr;
 use super::{
     spaced_timesteps, Buf, Lin, NoiseMix, Prediction, Sampler, SchedulerConfig, Spacing, StepPlan,
 };
@@ -30,7 +31,7 @@ impl Pndm {
                 "PNDM with skip_prk_steps = false (PRK warm-up); SD configs set it to true".into(),
             ));
         }
-        let alphas = AlphaTable::new(cfg, "linear", false)?;
+        let alphas = AlphaTable::new(cfg, "linear", false, ZeroSnr::Ignored)?;
         let num_train = cfg.train_timesteps();
         let spacing = cfg.spacing("leading")?;
         let offset = cfg.offset();

@@ -3,6 +3,7 @@
 //! (the pipeline's `eta`; 0, the pipelines' default, is deterministic; 0.3 is TCD's suggestion).
 
 use super::lcm::consistency_timesteps;
+use super::ZeroSnr;
 use super::{
     alpha_x0_eps, ddim::AlphaTable, Buf, Lin, NoiseMix, Prediction, Sampler, SchedulerConfig,
     StepPlan,
@@ -23,7 +24,7 @@ impl Tcd {
         cfg.reject_nonlinear(false)?;
         Ok(Tcd {
             name,
-            alphas: AlphaTable::new(cfg, "scaled_linear", true)?,
+            alphas: AlphaTable::new(cfg, "scaled_linear", true, ZeroSnr::Exact)?,
             timesteps: consistency_timesteps(cfg, steps, "TCD")?,
             prediction: cfg.prediction()?,
             gamma: 0.0,

@@ -52,11 +52,7 @@ struct BhCoefficients {
 
 impl UniPc {
     pub fn new(cfg: &SchedulerConfig, steps: usize, name: String) -> Result<Self> {
-        let mut acp = super::alphas_cumprod(cfg, "linear")?;
-        if cfg.rescale_betas_zero_snr.unwrap_or(false) {
-            // diffusers: close to 0 without being 0, so the first sigma is not inf.
-            *acp.last_mut().expect("at least one training timestep") = 2f32.powi(-24);
-        }
+        let acp = super::class_alphas_cumprod(cfg, "linear", super::ZeroSnr::Clamped)?;
         let num_train = cfg.train_timesteps();
         let solver_type = match cfg.solver_type.as_deref().unwrap_or("bh2") {
             "bh1" => SolverType::Bh1,
