@@ -54,7 +54,7 @@ impl Deis {
         }
 
         // set_timesteps
-        let mut timesteps = multistep_timesteps(&cfg, num_train, steps)?;
+        let mut timesteps = multistep_timesteps(cfg, num_train, steps)?;
         let train = train_sigmas(&acp);
         let sigmas = if cfg.use_karras_sigmas.unwrap_or(false) {
             // DEIS has no sigma_min / sigma_max setting: the training range.
