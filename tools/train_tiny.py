@@ -17,6 +17,10 @@ Stages (as in the LDM paper):
      the text encoder; EMA of both is what gets saved;
   3. (--decoder-only, separate process) fine-tune only the VAE decoder, as
      sd-vae-ft-mse did: the encoder, hence the latent space, is unchanged.
+  4. (--init-from, issue #20) continue stage 2 from saved weights, from a cache of the
+     latents; --prediction-type v_prediction --zero-snr turns the model into a
+     zero-terminal-SNR v-prediction model (arXiv 2305.08891) saved with a DDIM
+     scheduler (trailing spacing), which is what the shipped weights are now.
 
 Everything runs on CPU with one thread and is deterministic given --seed. The
 shipped weights were made with (see weights/tiny-shapes/README.md):
