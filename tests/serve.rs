@@ -452,8 +452,8 @@ fn concurrent(server: &Server) {
                         let (status, r) = post(&url, &body);
                         assert_eq!(status, 200, "{r}");
                         assert_eq!(info(&r)["seed"], seed);
-                        // No sampler asked for: the model's scheduler config (PNDM) chose it.
-                        assert_eq!(info(&r)["sampler_name"], "PLMS");
+                        // No sampler asked for: the model's scheduler config (DDIM) chose it.
+                        assert_eq!(info(&r)["sampler_name"], "DDIM");
                         (seed, unb64(&r["images"][0]))
                     })
                     .collect::<Vec<_>>()

@@ -14,7 +14,8 @@ encoder with transformers in float32 on CPU:
      1 for BOS, EOS and padding;
   3. encode each chunk (last hidden state), multiply row i by its weight, then scale the chunk so
      its mean equals the mean before weighting (computed in float64 from the float32 encoder
-     output: see the comment in main).
+     output: see the comment in main). cases.json also gives each chunk's `scale_condition`, the
+     condition number of that scale factor (see main).
 
 Writes tests/fixtures/emphasis/cases.json (prompts, ids and weights per chunk) and
 tests/fixtures/emphasis/embeddings.safetensors (case_NN: [chunks, 77, C] float32), and a whole
@@ -150,9 +151,16 @@ def main():
     with torch.no_grad():
         for n, prompt in enumerate(PROMPTS):
             chunks = chunks_of(tokenizer, prompt)
-            zs = []
+            zs, conditions = [], []
             for ids, weights in chunks:
                 z = encoder(torch.tensor([ids])).last_hidden_state  # [1, 77, C]
+                # The relative condition number of the mean-restoring factor mean(z) / mean(w z):
+                # each mean is a sum of nearly cancelling terms, so an f32 engine gets the factor
+                # right only to about eps_f32 times this (the test allows for that in the factor
+                # alone; the weighting itself is compared tightly).
+                zd = z.double()
+                wz = zd * torch.tensor(weights, dtype=torch.float64)[None, :, None]
+                conditions.append(float(zd.abs().mean() / zd.mean().abs() + wz.abs().mean() / wz.mean().abs()))
                 # The emphasis itself in float64: the chunk mean of a LayerNorm output is a sum of
                 # nearly cancelling terms (about 2.5e-4 against values of 0.6 for this model), so
                 # float32 torch gives answers that differ by 1e-4 with the memory layout alone.
@@ -166,6 +174,7 @@ def main():
                     "pieces": parse(prompt),
                     "ids": [c[0] for c in chunks],
                     "weights": [c[1] for c in chunks],
+                    "scale_condition": conditions,
                 }
             )
     save_file(tensors, os.path.join(out_dir, "embeddings.safetensors"))

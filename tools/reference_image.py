@@ -51,6 +51,10 @@ def make_scheduler(name, config):
     kw = {}
     if name == "dpmpp_2m":
         kw = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+    if name == "pndm" and "skip_prk_steps" not in config:
+        # `--sampler pndm` is PLMS (as ldm's sampler table says): PNDMScheduler's own default
+        # (the PRK warm-up) only where a PNDM config asks for it
+        kw = {"skip_prk_steps": True}
     return cls.from_config(config, **kw)
 
 
