@@ -26,7 +26,7 @@ Sub-commands:
             seed) and print its accuracy per attribute: the test that it can be trusted.
   prompts   write the fixed evaluation prompt set (JSON) to stdout.
   eval      generate one image per prompt at `ldm generate`'s defaults (25 steps, guidance 7.5,
-            the model's scheduler: PNDM for tiny-shapes, 64x64, seed = the prompt's seed) and
+            the model's scheduler: DDIM for tiny-shapes, 64x64, seed = the prompt's seed) and
             score the attributes each prompt states. --backend ldm runs the CLI (what users get,
             ~45 s an image on lavapipe here); --backend diffusers runs diffusers'
             StableDiffusionPipeline on the same folder with the same seeds and settings (the
