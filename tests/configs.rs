@@ -78,7 +78,8 @@ fn scheduler_offsets_and_betas_out_of_range() {
     assert!(e.contains("steps_offset"), "{e}");
     // An offset inside the schedule that still pushes the last leading timestep past it (with
     // as many steps as training timesteps): diffusers raises IndexError, we say why.
-    let cfg = SchedulerConfig::from_value(&with(sched.clone(), "steps_offset", json!(1))).unwrap();
+    let leading = with(sched.clone(), "timestep_spacing", json!("leading"));
+    let cfg = SchedulerConfig::from_value(&with(leading, "steps_offset", json!(1))).unwrap();
     let e = err_text(build_sampler(&cfg, Some(SamplerKind::Ddim), 1000));
     assert!(e.contains("steps_offset"), "{e}");
     assert!(build_sampler(&cfg, Some(SamplerKind::Ddim), 50).is_ok());
