@@ -101,7 +101,7 @@ fn same_image_as_the_rust_api_and_metadata() {
         .to_string();
     assert_eq!(seed, 42);
     assert!(
-        text.starts_with("a blue circle on a yellow background\nSteps: 4, Sampler: PLMS"),
+        text.starts_with("a blue circle on a yellow background\nSteps: 4, Sampler: DDIM"),
         "{text}"
     );
     assert!(
