@@ -367,10 +367,7 @@ fn stage_kv_rows(lid: u32, k_base: u32, v_base: u32, key0: u32) {
             xv = v_chunk(v_base + (key0 + j) * params.v_stride + d, n);
         }
         let o = j * HS + d;
-        kv_sh[o] = xk.x;
-        kv_sh[o + 1u] = xk.y;
-        kv_sh[o + 2u] = xk.z;
-        kv_sh[o + 3u] = xk.w;
+        put_kv(o, xk);
         vr_sh[o] = xv.x;
         vr_sh[o + 1u] = xv.y;
         vr_sh[o + 2u] = xv.z;
