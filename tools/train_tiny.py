@@ -410,7 +410,6 @@ def save_all(a, out, vae, te, unet, tok_src, copy_tok, scaling, info):
     import diffusers
 
     os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
-    zero_snr = bool(getattr(a, "zero_snr", False))
     sc = {
         "_class_name": "PNDMScheduler",
         "_diffusers_version": diffusers.__version__,
@@ -424,24 +423,12 @@ def save_all(a, out, vae, te, unet, tok_src, copy_tok, scaling, info):
         "steps_offset": 1,
         "trained_betas": None,
     }
-    if zero_snr:
-        sc = {
-            "_class_name": "DDIMScheduler",
-            "_diffusers_version": diffusers.__version__,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "beta_start": 0.00085,
-            "clip_sample": False,
-            "num_train_timesteps": 1000,
-            "prediction_type": "v_prediction",
-            "rescale_betas_zero_snr": True,
-            "set_alpha_to_one": False,
-            "steps_offset": 1,
-            "timestep_spacing": "trailing",
-            "trained_betas": None,
-        }
+    if a.zero_snr:
+        del sc["skip_prk_steps"]  # a PNDM key
+        sc.update(_class_name="DDIMScheduler", prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                  timestep_spacing="trailing")
     with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(sc, f, indent=2)
+        json.dump(sc, f, indent=2, sort_keys=True)
         f.write("\n")
     mi = {
         "_class_name": "StableDiffusionPipeline",
