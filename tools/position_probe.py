@@ -17,12 +17,16 @@
 """
 import argparse
 import math
+import os
+import sys
 
 import numpy as np
 import torch
 
-POSITIONS = ["on the left", "on the right", "at the top", "at the bottom", "in the center"]
-SD_ACP_999 = 0.0046  # alphas_cumprod[999] of SD's scaled_linear 0.00085 .. 0.012 betas
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_tiny import COLOUR_NAMES, POSITION_NAMES, POSITIONS, SHAPES, SIZE_NAMES  # noqa: E402
+
+PHRASES = [POSITIONS[p][1] for p in POSITION_NAMES]
 
 
 def phi(x):
@@ -33,8 +37,13 @@ def cmd_leak(a):
     c = torch.load(a.latents)
     m = c["mean"] * a.scaling
     at = c["attrs"].numpy()  # shape, colour, background, size, position
-    snr = SD_ACP_999 / (1 - SD_ACP_999)
-    for size, name in ((0, "small"), (1, "large")):
+    from diffusers import DDPMScheduler
+
+    # SD's betas, as training without --zero-snr uses them
+    acp = float(DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000).alphas_cumprod[999])
+    snr = acp / (1 - acp)
+    for size, name in enumerate(SIZE_NAMES):
         ds = []
         for i in np.where(at[:, 3] == size)[0][:400]:
             same = (at[:, :4] == at[i, :4]).all(axis=1) & (at[:, 4] != at[i, 4])
@@ -60,13 +69,13 @@ def cmd_x0(a):
         ids = tok(p, padding="max_length", max_length=77, return_tensors="pt").input_ids
         return te(ids)[0]
 
-    prompts = ["a large red square %s on a white background" % p for p in POSITIONS]
+    prompts = ["a large red square %s on a white background" % p for p in PHRASES]
     with torch.no_grad():
         embs = [embed(p) for p in prompts]
         blue = embed("a large blue square on the left on a white background")
         rel = lambda u, v: float((u - v).norm() / u.norm())
         print("text encoder, relative L2 from 'on the left': %s | red -> blue %.3f"
-              % ("  ".join("%s %.3f" % (p.split()[-1], rel(embs[0], e)) for p, e in zip(POSITIONS[1:], embs[1:])),
+              % ("  ".join("%s %.3f" % (p.split()[-1], rel(embs[0], e)) for p, e in zip(PHRASES[1:], embs[1:])),
                  rel(embs[0], blue)))
         x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(a.seed))
         for t in (999, 900, 700, 400):
@@ -83,8 +92,10 @@ def cmd_x0(a):
     if a.latents:
         c = torch.load(a.latents)
         lat, at = c["mean"] * a.scaling, c["attrs"].numpy()
-        sel = lambda pos: lat[(at[:, 0] == 1) & (at[:, 1] == 0) & (at[:, 2] == 6) & (at[:, 3] == 1) & (at[:, 4] == pos)].mean(0)
-        print("data: ||mean x0(left) - mean x0(right)|| for large red squares on white: %.2f" % float((sel(0) - sel(1)).norm()))
+        want = (SHAPES.index("square"), COLOUR_NAMES.index("red"), COLOUR_NAMES.index("white"), SIZE_NAMES.index("large"))
+        sel = lambda pos: lat[(at[:, :4] == np.array(want)).all(axis=1) & (at[:, 4] == POSITION_NAMES.index(pos))].mean(0)
+        print("data: ||mean x0(left) - mean x0(right)|| for large red squares on white: %.2f"
+              % float((sel("left") - sel("right")).norm()))
 
 
 def main():
