@@ -227,8 +227,27 @@ fn guided_sd15_step_dispatch_count() {
     let per_image = dry.stats().dispatches - before;
 
     let before = dry.stats().dispatches;
+    let labels_before = dry.dry_run_dispatches_by_label();
     let _out = unet.forward_prepared(&dry, &sample, &prepared, 1).unwrap(); // [2, 8, 8, 4]
     let unet_call = dry.stats().dispatches - before;
+    // Which kernels the U-Net call dispatches, most frequent first: where the next fusion pays.
+    let mut by_label: Vec<(String, u64)> = dry
+        .dry_run_dispatches_by_label()
+        .into_iter()
+        .map(|(label, n)| {
+            let earlier = labels_before
+                .iter()
+                .find(|(l, _)| *l == label)
+                .map_or(0, |(_, m)| *m);
+            (label, n - earlier)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    by_label.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    assert_eq!(by_label.iter().map(|(_, n)| n).sum::<u64>(), unet_call);
+    for (label, n) in &by_label {
+        eprintln!("{n:5}  {label}");
+    }
     let step = unet_call + STEP_EXTRA;
     eprintln!(
         "SD 1.5 architecture, {}, {}: {per_image} dispatches per image (time embeddings and their \

@@ -482,13 +482,18 @@ def latent_shape_mask(attr_rows):
     return m
 
 
-def sample_timesteps(n, gen, power):
+def sample_timesteps(n, gen, power, noisiest=0):
     """Uniform over 0..999 when power == 1; power > 1 favours high noise (density ~ t^(power-1)),
-    where the layout and colours, hence the prompt, are decided."""
+    where the layout and colours, hence the prompt, are decided. The last `noisiest` of the n are
+    t = 999 (with --zero-snr: pure noise, where the prompt alone must place the shape)."""
     if power == 1.0:
-        return torch.randint(0, 1000, (n,), generator=gen)
-    u = torch.rand(n, generator=gen)
-    return (u.pow(1.0 / power) * 1000).long().clamp_(0, 999)
+        ts = torch.randint(0, 1000, (n,), generator=gen)
+    else:
+        u = torch.rand(n, generator=gen)
+        ts = (u.pow(1.0 / power) * 1000).long().clamp_(0, 999)
+    if noisiest:
+        ts[n - noisiest:] = 999
+    return ts
 
 
 def stage2_continue(a, log, T0):
@@ -624,7 +629,7 @@ def stage2_continue(a, log, T0):
                                 p_drop_position=a.p_drop_position) for i in idx])
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scaling
         noise = torch.randn(z0.shape, generator=gen)
-        ts = sample_timesteps(a.batch, gen, a.t_power)
+        ts = sample_timesteps(a.batch, gen, a.t_power, a.pure_noise_per_batch)
         zt = sched.add_noise(z0, noise, ts)
         pred = unet(zt, ts, te(ids)[0]).sample
         target = sched.get_velocity(z0, noise, ts) if a.prediction_type == "v_prediction" else noise
@@ -729,6 +734,8 @@ def main():
     p.add_argument("--holdout", default=None,
                    help="JSON prompt set (tools/adherence.py prompts): leave out the images of its full-attribute combinations")
     p.add_argument("--t-power", type=float, default=1.0, help="timestep density ~ t^(power-1); 1 = uniform")
+    p.add_argument("--pure-noise-per-batch", type=int, default=0,
+                   help="samples of each batch trained at t = 999 (zero SNR: the prompt alone places the shape)")
     p.add_argument("--p-drop", type=float, default=0.35, help="per-attribute caption dropout")
     p.add_argument("--p-drop-position", type=float, default=None,
                    help="dropout of the position phrase (default: --p-drop)")

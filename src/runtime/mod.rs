@@ -112,6 +112,8 @@ struct Recorder {
     profiler: Option<Profiler>,
     stats: RecorderStats,
     bind_groups: BindGroupCache,
+    /// Dry runs only: dispatches per profile label, for the dispatch-count breakdown.
+    dry_labels: std::collections::BTreeMap<String, u64>,
 }
 
 /// Everything a bind group binds: the pipeline (its layout), the pool buffer at each storage
@@ -275,6 +277,7 @@ impl Gpu {
                 profiler,
                 stats: RecorderStats::default(),
                 bind_groups: BindGroupCache::default(),
+                dry_labels: Default::default(),
             }),
             faults,
             dry_run: false,
@@ -317,6 +320,7 @@ impl Gpu {
                 profiler: None,
                 stats: RecorderStats::default(),
                 bind_groups: BindGroupCache::default(),
+                dry_labels: Default::default(),
             }),
             faults: self.faults.clone(),
             dry_run: true,
@@ -722,7 +726,10 @@ impl Gpu {
             ));
         }
         if self.dry_run {
-            lock(&self.recorder).stats.dispatches += 1;
+            let mut rec = lock(&self.recorder);
+            rec.stats.dispatches += 1;
+            let label = if d.label.is_empty() { d.entry } else { d.label };
+            *rec.dry_labels.entry(label.to_string()).or_default() += 1;
             return Ok(());
         }
         let key = PipelineKey {
@@ -904,6 +911,15 @@ impl Gpu {
         keys.sort();
         keys.dedup();
         keys
+    }
+
+    /// A dry run's dispatches so far, by profile label (empty on a real engine).
+    pub fn dry_run_dispatches_by_label(&self) -> Vec<(String, u64)> {
+        let rec = lock(&self.recorder);
+        rec.dry_labels
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     pub fn stats(&self) -> RecorderStats {
