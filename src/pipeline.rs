@@ -850,7 +850,12 @@ impl StableDiffusion {
     /// LoRAs could not be matched) or without LoRAs (if merging failed).
     pub fn set_loras(&self, loras: &[LoraSpec]) -> Result<Vec<AppliedLora>> {
         let _no_generation = lock(&self.generation);
-        lock(&self.loras).set(&self.gpu, &self.lora_sites(), loras)
+        let applied = lock(&self.loras).set(&self.gpu, &self.lora_sites(), loras);
+        // The U-Net's folded projections are products of weights a LoRA may have changed (or,
+        // after an error, restored): recompute them either way.
+        self.unet.refold(&self.gpu)?;
+        self.gpu.flush()?;
+        applied
     }
 
     /// Remove every LoRA: the base model's weights, bit for bit.

@@ -34,8 +34,9 @@ const STEP_EXTRA: u64 = 2;
 /// projections and conv1's time-embedding epilogue, 337 with every U-Net GroupNorm before a conv
 /// applied in that conv's loads (one statistics dispatch instead of two passes: -61), 289 with
 /// every transformer LayerNorm applied in the next projection's loads, its statistics computed
-/// by the matmul's own workgroups (no dispatch at all: -48).
-const MAX_GUIDED_STEP_DISPATCHES: u64 = 289;
+/// by the matmul's own workgroups (no dispatch at all: -48), 273 with each transformer's last
+/// ff_out and proj_out folded into one projection (-16).
+const MAX_GUIDED_STEP_DISPATCHES: u64 = 273;
 
 /// SD 1.5's U-Net config (runwayml/stable-diffusion-v1-5 unet/config.json) with widths cut to
 /// [32, 64, 128, 128], 8 groups and a 32-wide context.

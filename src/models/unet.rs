@@ -528,6 +528,12 @@ impl UNet2DConditionModel {
         self.conv_norm_out.release_table();
     }
 
+    /// Recompute what each transformer derives from its weights at load (its folded output
+    /// projection): after a LoRA changed those weights, or gave the originals back.
+    pub fn refold(&self, gpu: &Gpu) -> Result<()> {
+        self.layers().1.into_iter().try_for_each(|t| t.refold(gpu))
+    }
+
     /// Every resnet and transformer, in slot order.
     fn layers(&self) -> (Vec<&ResnetBlock2D>, Vec<&Transformer2DModel>) {
         let (mut resnets, mut transformers) = (Vec::new(), Vec::new());
