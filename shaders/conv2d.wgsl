@@ -92,6 +92,15 @@
 // CONCAT (override): the input is the channel concatenation [x | xb] (the U-Net decoder's
 //           torch.cat([h, skip], dim=1)): channels ci < params.ca are read from x, the others from
 //           xb at ci - ca, so the concatenated tensor is never written.
+// TAIL (override): a 1×1 convolution of a second input s [B, Ho, Wo, Cs] (the resnet's
+//           conv_shortcut) is added to the output as more K of the same GEMM:
+//             A = [im2col(x) | s],  B = [w | ws],  K = KH·KW·Cin + Cs = params.k,
+//           with k < params.k_main (= KH·KW·Cin) the convolution above and k >= k_main channel
+//           k - k_main of s at the output pixel itself (no padding, no norm). s is sx
+//           (binding 9; with TAIL_CONCAT its first params.tail_ca channels, the rest in sxb,
+//           binding 10), its weight ws [Cout, Cs] (binding 11). The shortcut's output, a full
+//           [B, Ho, Wo, Cout] write and read, and its dispatch are saved; the caller adds the
+//           shortcut's bias to `bias`. Without TAIL, k_main = k.
 
 struct Params {
     batch: u32,
@@ -117,8 +126,8 @@ struct Params {
     _pad: u32,
     bias_stride: u32, // flags bit 2: bias row stride (elements) between batch elements
     bias_offset: u32, // flags bit 2: element of bias[0, 0]
-    _pad1: u32,
-    _pad2: u32,
+    k_main: u32,  // K of the convolution proper; k - k_main: the TAIL's channels Cs
+    tail_ca: u32, // TAIL_CONCAT: channels of the tail's first part (sx); Cs otherwise
 };
 
 @group(0) @binding(0) var<storage, read> x4: array<elem4>;
@@ -129,6 +138,9 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> out: array<elem>;
 @group(0) @binding(6) var<uniform> params: Params;
 @group(0) @binding(8) var<storage, read> gn: array<vec2<f32>>;
+@group(0) @binding(9) var<storage, read> sx4: array<elem4>;
+@group(0) @binding(10) var<storage, read> sxb4: array<elem4>;
+@group(0) @binding(11) var<storage, read> sw4: array<elem4>;
 
 // Cin % 4 == 0: load A and B as whole vec4 (see header).
 override VEC4_K: bool = true;
@@ -136,6 +148,9 @@ override VEC4_K: bool = true;
 override UPSAMPLE: bool = false;
 // The input is the channel concatenation of x (params.ca channels) and xb (see header).
 override CONCAT: bool = false;
+// A 1×1 convolution of sx (and sxb) follows as K tail (see header).
+override TAIL: bool = false;
+override TAIL_CONCAT: bool = false;
 // K step of conv2d_64: 16 or 32 (each thread keeps BK/16 vec4 per operand in registers).
 override BK: u32 = 32u;
 // conv2d_small's channel quads per thread: its tile is 64 pixels × 4·NQ channels (host: NQ =
@@ -155,6 +170,7 @@ struct Pixel {
     ix0: i32,
     valid: bool,
     b: u32,
+    m: u32,
 };
 
 fn pixel(m: u32) -> Pixel {
@@ -169,6 +185,7 @@ fn pixel(m: u32) -> Pixel {
     p.ix0 = i32(ox * params.stride) - i32(params.pad_left);
     p.valid = m < params.m;
     p.b = b;
+    p.m = m;
     return p;
 }
 
@@ -224,10 +241,33 @@ fn x_vec4(pix: u32, ci: u32) -> vec4<f32> {
     return vec4<f32>(x4[i >> 2u]);
 }
 
+// Channel c of the TAIL input at output pixel m (scalar path).
+fn tail_scalar(m: u32, c: u32) -> f32 {
+    let cs = params.k - params.k_main;
+    if (TAIL_CONCAT && c >= params.tail_ca) {
+        let i = m * (cs - params.tail_ca) + c - params.tail_ca;
+        return f32(sxb4[i >> 2u][i & 3u]);
+    }
+    let i = m * params.tail_ca + c;
+    return f32(sx4[i >> 2u][i & 3u]);
+}
+
+// Channels c .. c + 4 of the TAIL input at output pixel m (vec4 path: Cs and tail_ca % 4 == 0).
+fn tail_vec4(m: u32, c: u32) -> vec4<f32> {
+    let cs = params.k - params.k_main;
+    if (TAIL_CONCAT && c >= params.tail_ca) {
+        return vec4<f32>(sxb4[(m * (cs - params.tail_ca) + c - params.tail_ca) >> 2u]);
+    }
+    return vec4<f32>(sx4[(m * params.tail_ca + c) >> 2u]);
+}
+
 // One element of x by im2col coordinate k (scalar path), 0 outside the image or past K.
 fn x_at(p: Pixel, k: u32) -> f32 {
     if (!p.valid || k >= params.k) {
         return 0.0;
+    }
+    if (TAIL && k >= params.k_main) {
+        return tail_scalar(p.m, k - params.k_main);
     }
     let tap = k / params.cin;
     let ci = k - tap * params.cin;
@@ -248,6 +288,12 @@ fn x_at(p: Pixel, k: u32) -> f32 {
 
 // A[m, k .. k+4] for the vec4 path: k % 4 == 0, (ci, kx, ky) is k's decomposition.
 fn a_vec4(p: Pixel, k: u32, ci: u32, kx: u32, ky: u32) -> vec4<f32> {
+    if (TAIL && k >= params.k_main) {
+        if (!p.valid || k >= params.k) {
+            return vec4<f32>(0.0);
+        }
+        return tail_vec4(p.m, k - params.k_main);
+    }
     let iy = p.iy0 + i32(ky);
     let ix = p.ix0 + i32(kx);
     if (!p.valid || k >= params.k || u32(iy) >= params.h || u32(ix) >= params.w) {
@@ -264,7 +310,11 @@ fn w_at(n: u32, k: u32) -> f32 {
     if (k >= params.k) {
         return 0.0;
     }
-    let i = n * params.k + k;
+    if (TAIL && k >= params.k_main) {
+        let i = n * (params.k - params.k_main) + k - params.k_main;
+        return f32(sw4[i >> 2u][i & 3u]);
+    }
+    let i = n * params.k_main + k;
     return f32(w4[i >> 2u][i & 3u]);
 }
 
@@ -274,7 +324,10 @@ fn b_load(n: u32, k: u32) -> vec4<f32> {
         return vec4<f32>(0.0);
     }
     if (VEC4_K) {
-        return vec4<f32>(w4[(n * params.k + k) >> 2u]);
+        if (TAIL && k >= params.k_main) {
+            return vec4<f32>(sw4[(n * (params.k - params.k_main) + k - params.k_main) >> 2u]);
+        }
+        return vec4<f32>(w4[(n * params.k_main + k) >> 2u]);
     }
     return vec4<f32>(w_at(n, k), w_at(n, k + 1u), w_at(n, k + 2u), w_at(n, k + 3u));
 }

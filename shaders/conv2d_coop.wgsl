@@ -14,6 +14,8 @@
 // stage A (im2col) and B (weights) as f16 into workgroup memory, zero outside the image, past
 // K, past M and past Cout, so the matrix ops never see out-of-range data; at the end the
 // accumulators go through workgroup memory to a coalesced epilogue.
+// TAIL, TAIL_CONCAT (overrides; bindings 9-11, params.k_main, params.tail_ca): the resnet's 1×1
+// conv_shortcut as more K of the same GEMM, exactly as in conv2d.wgsl (see its header).
 // Requires Cin % 4 == 0 (with CONCAT both parts' channels % 4 == 0): four consecutive k then lie
 // in one filter tap and are contiguous in x, so staging loads whole vec4s. The host uses
 // conv2d.wgsl otherwise (the RGB input conv).
@@ -46,8 +48,8 @@ struct Params {
     k_chunk: u32, // conv2d_coop_l split along K: K per split (a multiple of TK); 0: no split
     bias_stride: u32, // flags bit 2: bias row stride (elements) between batch elements
     bias_offset: u32, // flags bit 2: element of bias[0, 0]
-    _pad1: u32,
-    _pad2: u32,
+    k_main: u32,  // K of the convolution proper; k - k_main: the TAIL's channels Cs
+    tail_ca: u32, // TAIL_CONCAT: channels of the tail's first part (sx); Cs otherwise
 };
 
 @group(0) @binding(0) var<storage, read> x4: array<elem4>;
@@ -58,6 +60,9 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> out: array<elem>;
 @group(0) @binding(6) var<uniform> params: Params;
 @group(0) @binding(8) var<storage, read> gn: array<vec2<f32>>;
+@group(0) @binding(9) var<storage, read> sx4: array<elem4>;
+@group(0) @binding(10) var<storage, read> sxb4: array<elem4>;
+@group(0) @binding(11) var<storage, read> sw4: array<elem4>;
 
 // The fused GroupNorm (+ SiLU) of input channel ci of batch item b (see conv2d.wgsl).
 fn gn_one(b: u32, ci: u32, v: f32) -> f32 {
@@ -105,6 +110,9 @@ override NT: u32 = 4u * SG;
 // The input is x upsampled 2× (nearest) / the channel concatenation of x and xb (see conv2d.wgsl).
 override UPSAMPLE: bool = false;
 override CONCAT: bool = false;
+// A 1×1 convolution of sx (and sxb) follows as K tail (see conv2d.wgsl).
+override TAIL: bool = false;
+override TAIL_CONCAT: bool = false;
 // Row stride of the staged tiles in halves (a multiple of 8: fragment rows stay 16-byte aligned).
 const AS: u32 = TK + 8u;
 
@@ -112,9 +120,29 @@ var<workgroup> a_sh: array<f16, TM * AS>;   // a_sh[r * AS + k] = A[m0 + r, k0 +
 var<workgroup> b_sh: array<f16, TN * AS>;   // b_sh[r * AS + k] = w[n0 + r, k0 + k] (Bᵀ)
 var<workgroup> c_sh: array<f32, TM * TN>;   // accumulators for the epilogue
 
+// Channels c .. c + 4 of the TAIL input at output pixel m (Cs and tail_ca % 4 == 0).
+fn tail_chunk(m: u32, c: u32) -> vec4<f16> {
+    let cs = params.k - params.k_main;
+    if (TAIL_CONCAT && c >= params.tail_ca) {
+        return vec4<f16>(sxb4[(m * (cs - params.tail_ca) + c - params.tail_ca) >> 2u]);
+    }
+    return vec4<f16>(sx4[(m * params.tail_ca + c) >> 2u]);
+}
+
+// B[n, k .. k + 4] (n < Cout, k < K checked by the caller): w's row n, or in the TAIL ws's.
+fn w_chunk(n: u32, k: u32) -> vec4<f16> {
+    if (TAIL && k >= params.k_main) {
+        return vec4<f16>(sw4[(n * (params.k - params.k_main) + k - params.k_main) >> 2u]);
+    }
+    return vec4<f16>(w4[(n * params.k_main + k) >> 2u]);
+}
+
 // A[m, k .. k + 4]: output pixel m's filter tap holding k (k % 4 == 0, Cin % 4 == 0), zero in
 // the padding. m < M and k < K are checked by the caller.
 fn a_load(m: u32, k: u32) -> vec4<f16> {
+    if (TAIL && k >= params.k_main) {
+        return tail_chunk(m, k - params.k_main);
+    }
     let hw = params.ho * params.wo;
     let b = m / hw;
     let rem = m - b * hw;
@@ -168,7 +196,7 @@ fn stage_tiles(lid: u32, m0: u32, n0: u32, k0: u32) {
         let k = k0 + 4u * c;
         var v = vec4<f16>(0.0);
         if (n < params.cout && k < params.k) {
-            v = vec4<f16>(w4[(n * params.k + k) >> 2u]);
+            v = w_chunk(n, k);
         }
         let o = r * AS + 4u * c;
         b_sh[o] = v.x;
@@ -292,6 +320,7 @@ struct Pixel {
     row0: u32,
     valid: bool,
     b: u32,
+    m: u32,
 };
 
 fn pixel_of(m: u32) -> Pixel {
@@ -301,7 +330,8 @@ fn pixel_of(m: u32) -> Pixel {
     let oy = rem / params.wo;
     let ox = rem - oy * params.wo;
     return Pixel(i32(oy * params.stride) - i32(params.pad_top),
-                 i32(ox * params.stride) - i32(params.pad_left), b * params.xh, m < params.m, b);
+                 i32(ox * params.stride) - i32(params.pad_left), b * params.xh, m < params.m, b,
+                 m);
 }
 
 // A[pixel, k .. k + 4] for the filter tap (ky, kx) and channel ci that k stands for (k < K
@@ -327,11 +357,26 @@ fn a_chunk(p: Pixel, ky: u32, kx: u32, ci: u32) -> vec4<f16> {
     return gn_chunk(p.b, ci, vec4<f16>(x4[(pixel * params.ca + ci) >> 2u]));
 }
 
-// B[k .. k + 4] of weight row n (row index n·K/4 + k/4 precomputed as `at`), zero past Cout
-// and past the end of this workgroup's K range.
+// A[pixel, k .. k + 4] as staged: the filter tap (ky, kx, ci) that k stands for, or in the
+// TAIL the shortcut input at the pixel itself (k < K checked by the caller).
+fn a_staged(p: Pixel, k: u32, ky: u32, kx: u32, ci: u32) -> vec4<f16> {
+    if (TAIL && k >= params.k_main) {
+        if (!p.valid) {
+            return vec4<f16>(0.0);
+        }
+        return tail_chunk(p.m, k - params.k_main);
+    }
+    return a_chunk(p, ky, kx, ci);
+}
+
+// B[k .. k + 4] of weight row n (row index n·K_main/4 + k/4 precomputed as `at`), zero past
+// Cout and past the end of this workgroup's K range; in the TAIL, ws's row n.
 fn b_chunk(n: u32, at: u32, k: u32, k_end: u32) -> vec4<f16> {
     if (n >= params.cout || k >= k_end) {
         return vec4<f16>(0.0);
+    }
+    if (TAIL && k >= params.k_main) {
+        return vec4<f16>(sw4[(n * (params.k - params.k_main) + k - params.k_main) >> 2u]);
     }
     return vec4<f16>(w4[at]);
 }
@@ -414,7 +459,7 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         k_end = min(params.k, k_begin + params.k_chunk);
     }
     // Weight rows as vec4 indices at k = k_begin + 4c; each step adds TK / 4.
-    let kq = params.k >> 2u;
+    let kq = params.k_main >> 2u;
     let c0 = (k_begin >> 2u) + c;
     var wq0 = (n0 + r0) * kq + c0;
     var wq1 = (n0 + r1) * kq + c0;
@@ -435,10 +480,10 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     var a2 = vec4<f16>(0.0);
     var a3 = vec4<f16>(0.0);
     if (k < k_end) {
-        a0 = a_chunk(p0, ky, kx, ci);
-        a1 = a_chunk(p1, ky, kx, ci);
-        a2 = a_chunk(p2, ky, kx, ci);
-        a3 = a_chunk(p3, ky, kx, ci);
+        a0 = a_staged(p0, k, ky, kx, ci);
+        a1 = a_staged(p1, k, ky, kx, ci);
+        a2 = a_staged(p2, k, ky, kx, ci);
+        a3 = a_staged(p3, k, ky, kx, ci);
     }
     var b0 = b_chunk(n0 + r0, wq0, k, k_end);
     var b1 = b_chunk(n0 + r1, wq1, k, k_end);
@@ -487,10 +532,10 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         a2 = vec4<f16>(0.0);
         a3 = vec4<f16>(0.0);
         if (k < k_end) {
-            a0 = a_chunk(p0, ky, kx, ci);
-            a1 = a_chunk(p1, ky, kx, ci);
-            a2 = a_chunk(p2, ky, kx, ci);
-            a3 = a_chunk(p3, ky, kx, ci);
+            a0 = a_staged(p0, k, ky, kx, ci);
+            a1 = a_staged(p1, k, ky, kx, ci);
+            a2 = a_staged(p2, k, ky, kx, ci);
+            a3 = a_staged(p3, k, ky, kx, ci);
         }
         b0 = b_chunk(n0 + r0, wq0, k, k_end);
         b1 = b_chunk(n0 + r1, wq1, k, k_end);

@@ -128,6 +128,18 @@ struct Inputs {
     bias_rows: Option<BiasRows>,
     /// GroupNorm (+ SiLU) of the input, fused into the conv's loads.
     norm: Option<NormHost>,
+    /// A 1×1 convolution of another input added in the same GEMM (`conv2d::Shortcut`).
+    shortcut: Option<ShortcutHost>,
+}
+
+/// A shortcut's input s [b, ho, wo, cs] (uploaded as two parts split at `ca` when set) and its
+/// weight [cout, cs].
+#[derive(Clone)]
+struct ShortcutHost {
+    cs: usize,
+    ca: Option<usize>,
+    s: Vec<f32>,
+    w: Vec<f32>,
 }
 
 /// A fused GroupNorm's parameters on the host (eps [`GN_EPS`]).
@@ -160,7 +172,21 @@ fn inputs(c: &Case, seed: u64) -> Inputs {
         residual: c.residual.then(|| rng.normals(c.b * ho * wo * c.cout, 1.0)),
         bias_rows: None,
         norm: None,
+        shortcut: None,
     }
+}
+
+/// `base` with a shortcut of `cs` channels (split into two parts at `ca` when given).
+fn with_shortcut(c: &Case, mut base: Inputs, cs: usize, ca: Option<usize>, seed: u64) -> Inputs {
+    let mut rng = Rng::new(seed ^ 0x5c07);
+    let (ho, wo) = c.out_hw();
+    base.shortcut = Some(ShortcutHost {
+        cs,
+        ca,
+        s: rng.normals(c.b * ho * wo * cs, 1.0),
+        w: rng.normals(c.cout * cs, 1.0 / (cs as f64).sqrt()),
+    });
+    base
 }
 
 /// [`inputs`] with a GroupNorm (+ SiLU) fused into the conv: x gets a mean and a scale per
@@ -241,6 +267,25 @@ fn reference(c: &Case, i: &Inputs) -> Vec<f64> {
         pads: c.pads,
     };
     let mut out = conv2d::reference(&x, &i.w, (i.bias.as_deref(), i.residual.as_deref()), &shape);
+    if let Some(sc) = &i.shortcut {
+        // The shortcut: a 1×1 convolution of s, added.
+        let (ho, wo) = c.out_hw();
+        let shape = conv2d::ConvShape {
+            b: c.b,
+            h: ho,
+            w: wo,
+            cin: sc.cs,
+            cout: c.cout,
+            kh: 1,
+            kw: 1,
+            stride: 1,
+            pads: P0,
+        };
+        let tail = conv2d::reference(&sc.s, &sc.w, (None, None), &shape);
+        for (v, t) in out.iter_mut().zip(tail) {
+            *v += t;
+        }
+    }
     if let Some(br) = &i.bias_rows {
         let (ho, wo) = c.out_hw();
         for (o, v) in out.iter_mut().enumerate() {
@@ -319,6 +364,28 @@ fn run_on(g: &Gpu, c: &Case, i: &Inputs, dtype: DType, variant: Option<Variant>)
     let fused = table
         .as_ref()
         .map(|(table, silu)| conv2d::FusedNorm { table, silu: *silu });
+    // A shortcut: its input (whole, or in two parts) and weight.
+    let tail = i.shortcut.as_ref().map(|sc| {
+        let w = up(&sc.w, &[c.cout, 1, 1, sc.cs]);
+        let parts = match sc.ca {
+            Some(ca) => {
+                let (a, b) = split_channels(&sc.s, ca, sc.cs);
+                (
+                    up(&a, &[c.b, ho, wo, ca]),
+                    Some(up(&b, &[c.b, ho, wo, sc.cs - ca])),
+                )
+            }
+            None => (up(&sc.s, &[c.b, ho, wo, sc.cs]), None),
+        };
+        (w, parts)
+    });
+    let shortcut = tail.as_ref().map(|(w, (a, b))| conv2d::Shortcut {
+        input: match b {
+            Some(b) => Input::Concat(a, b),
+            None => Input::Plain(a),
+        },
+        weight: w,
+    });
     Conv {
         input,
         weight: &w,
@@ -326,6 +393,7 @@ fn run_on(g: &Gpu, c: &Case, i: &Inputs, dtype: DType, variant: Option<Variant>)
         bias_rows,
         residual: residual.as_ref(),
         norm: fused,
+        shortcut,
         stride: c.stride,
         pads: c.pads,
         variant,
@@ -355,6 +423,11 @@ fn quantized(i: &Inputs, dtype: DType) -> Inputs {
             gamma: quantize(&n.gamma, dtype),
             beta: quantize(&n.beta, dtype),
             ..n.clone()
+        }),
+        shortcut: i.shortcut.as_ref().map(|sc| ShortcutHost {
+            s: quantize(&sc.s, dtype),
+            w: quantize(&sc.w, dtype),
+            ..sc.clone()
         }),
     }
 }
@@ -475,6 +548,152 @@ fn concatenated_input() {
     for (s, c) in CONCAT_CASES.iter().enumerate() {
         check(c, 800 + s as u64);
     }
+}
+
+/// Cases with a shortcut (`conv2d::Shortcut`: a 1×1 conv of a second input as K tail of the
+/// same GEMM, ResnetBlock2D's conv2 + conv_shortcut): (case, Cs, split of the shortcut input,
+/// GroupNorm groups of a fused norm on the main input). Awkward sizes, both load paths (Cs or a
+/// part not a multiple of 4 forces the scalar path), a K tail that starts inside a K step
+/// (K_main = 9·Cin not a multiple of 16 or 32), residual and tail together.
+#[rustfmt::skip]
+const SHORTCUT_CASES: &[(Case, usize, Option<usize>, Option<usize>)] = &[
+    (case("tail 3x3 13x11 cin12 cout21 cs20 gn", 2, 13, 11, 12, 21, (3, 3), 1, P1, true, false), 20, None, Some(4)),
+    (case("tail cat 3x3 7x9 cin8 cout19 cs12+8 gn", 2, 7, 9, 8, 19, (3, 3), 1, P1, true, false), 20, Some(12), Some(2)),
+    (case("tail scalar 3x3 5x7 cin6 cout9 cs7", 1, 5, 7, 6, 9, (3, 3), 1, P1, true, false), 7, None, None),
+    (case("tail scalar cat 3x3 6x5 cin8 cout13 cs3+6", 2, 6, 5, 8, 13, (3, 3), 1, P1, false, false), 9, Some(3), Some(4)),
+    (case("tail + residual 3x3 9x9 cin4 cout70 cs36", 1, 9, 9, 4, 70, (3, 3), 1, P1, true, true), 36, None, None),
+    (case("tail multi-tile 23x29 cin36 cout130 cs52+24", 2, 23, 29, 36, 130, (3, 3), 1, P1, true, false), 76, Some(52), Some(4)),
+    (case("tail cout4 (small tile) 11x13 cin16 cs24", 1, 11, 13, 16, 4, (3, 3), 1, P1, true, false), 24, None, None),
+];
+
+fn shortcut_inputs(
+    (c, cs, ca, groups): &(Case, usize, Option<usize>, Option<usize>),
+    seed: u64,
+) -> Inputs {
+    let base = match groups {
+        Some(g) => inputs_norm(c, *g, true, seed),
+        None => inputs(c, seed),
+    };
+    with_shortcut(c, base, *cs, *ca, seed)
+}
+
+/// The shortcut as K tail on every FMA variant (f16; f32 on the shape's variant), and on the tensor-core kernel
+/// (both tiles, split K included) where the adapter runs it, against conv + 1×1 conv in f64.
+#[test]
+fn shortcut_in_the_same_gemm() {
+    for (s, sc) in SHORTCUT_CASES.iter().enumerate() {
+        let c = &sc.0;
+        for dtype in dtypes() {
+            let i = quantized(&shortcut_inputs(sc, 1500 + s as u64), dtype);
+            let want = reference(c, &i);
+            // Every variant in f16; f32 on the shape's own (each variant × dtype × input mode is
+            // a pipeline, and lavapipe takes seconds to compile one).
+            let variants: Vec<Option<Variant>> = match dtype {
+                DType::F16 => all_variants().into_iter().map(Some).collect(),
+                DType::F32 => vec![None],
+            };
+            for v in variants {
+                let got = run_gpu(c, &i, dtype, v);
+                let name = v.map_or("by shape".into(), |v| v.name());
+                let what = format!("{} [{name}] ({})", c.name, dtype.name());
+                eprintln!("{what:<60} rel_l2 {:.2e}", rel_l2(&got, &want));
+                assert_close(&what, &got, &want, tol(dtype, 1e-5, 2e-3));
+            }
+        }
+    }
+    // The tensor-core kernel, on an engine of its own (tiles are forced).
+    let engine = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+    let g = &engine;
+    let Some(plan) = ldm_wgpu::kernels::coop::coop_plan(g, DType::F16) else {
+        eprintln!("no tensor-core conv on {}: FMA variants only", g.adapter);
+        return;
+    };
+    // Plus SD 1.5's up-block conv2 at 8×8 with its concatenated shortcut, at a quarter of the
+    // channels: a small grid, so the large tile splits K, with a split inside the tail.
+    let sd = (
+        case(
+            "unet.up1.res conv2 320 + tail 320+320 8x8 B2",
+            2,
+            8,
+            8,
+            320,
+            320,
+            (3, 3),
+            1,
+            P1,
+            true,
+            false,
+        ),
+        640,
+        Some(320),
+        Some(32),
+    );
+    let takes = |(c, cs, ca, _): &(Case, usize, Option<usize>, Option<usize>)| {
+        coop_takes(c) && cs.is_multiple_of(4) && ca.is_none_or(|a| a.is_multiple_of(4))
+    };
+    for &tile in &coop_tiles(g, plan) {
+        set_coop_tile(g, Some(tile));
+        for (s, sc) in SHORTCUT_CASES.iter().chain([&sd]).enumerate() {
+            if !takes(sc) {
+                continue;
+            }
+            let c = &sc.0;
+            let i = quantized(&shortcut_inputs(sc, 1600 + s as u64), DType::F16);
+            let want = reference(c, &i);
+            let got = g
+                .download(&run_on(g, c, &i, DType::F16, Some(Variant::COOP)))
+                .unwrap();
+            let what = format!("{} [coop {tile:?} frag {}] (f16)", c.name, plan.frag);
+            eprintln!("{what:<60} rel_l2 {:.2e}", rel_l2(&got, &want));
+            assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
+        }
+        set_coop_tile(g, None);
+    }
+}
+
+/// A shortcut that does not fit the convolution is refused with a clear error.
+#[test]
+fn rejects_bad_shortcuts() {
+    let g = gpu();
+    let up = |shape: &[usize]| {
+        g.upload(&vec![0.5; shape.iter().product()], shape, DType::F32)
+            .unwrap()
+    };
+    let (x, w) = (up(&[1, 6, 5, 8]), up(&[12, 3, 3, 8]));
+    let conv = |s: &Tensor, sw: &Tensor| {
+        Conv {
+            input: Input::Plain(&x),
+            weight: &w,
+            bias: None,
+            bias_rows: None,
+            residual: None,
+            norm: None,
+            shortcut: Some(conv2d::Shortcut {
+                input: Input::Plain(s),
+                weight: sw,
+            }),
+            stride: 1,
+            pads: P1,
+            variant: None,
+        }
+        .run(g)
+    };
+    let ok = conv(&up(&[1, 6, 5, 4]), &up(&[12, 1, 1, 4]));
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    for (s, sw, why) in [
+        (up(&[1, 5, 5, 4]), up(&[12, 1, 1, 4]), "pixels"),
+        (up(&[2, 6, 5, 4]), up(&[12, 1, 1, 4]), "batch"),
+        (up(&[1, 6, 5, 4]), up(&[12, 1, 1, 5]), "weight Cs"),
+        (up(&[1, 6, 5, 4]), up(&[11, 1, 1, 4]), "weight Cout"),
+        (up(&[1, 6, 5, 4]), up(&[12, 3, 3, 4]), "weight not 1x1"),
+    ] {
+        assert!(is_shape(conv(&s, &sw)), "{why}: not refused");
+    }
+    let half = g.upload(&[0.5f32; 120], &[1, 6, 5, 4], DType::F16).unwrap();
+    assert!(
+        is_shape(conv(&half, &up(&[12, 1, 1, 4]))),
+        "dtype: not refused"
+    );
 }
 
 /// Real SD 1.5 shapes. Inputs are drawn once and rounded to f16 so that one f64 reference serves
@@ -765,6 +984,7 @@ fn rejects_bad_shapes() {
             bias_rows: None,
             residual: None,
             norm: None,
+            shortcut: None,
             stride: 1,
             pads: [1; 4],
             variant: None,
@@ -781,6 +1001,7 @@ fn rejects_bad_shapes() {
             bias_rows: None,
             residual: Some(&res),
             norm: None,
+            shortcut: None,
             stride: 1,
             pads: [1; 4],
             variant: None,
@@ -811,6 +1032,7 @@ fn rejects_bad_shapes() {
             bias_rows: None,
             residual: None,
             norm: None,
+            shortcut: None,
             stride: 1,
             pads: [1; 4],
             variant: None,
@@ -830,6 +1052,7 @@ fn rejects_bad_shapes() {
         bias_rows: None,
         residual: None,
         norm: None,
+        shortcut: None,
         stride: 1,
         pads: [0; 4],
         variant: None,
@@ -940,6 +1163,7 @@ fn rejects_unknown_variant() {
         bias_rows: None,
         residual: None,
         norm: None,
+        shortcut: None,
         stride: 1,
         pads: [1; 4],
         variant: Some(Variant {
@@ -993,13 +1217,27 @@ fn every_variant_gives_the_same_bits_with_and_without_bounds_checks() {
         .iter()
         .enumerate()
         .map(|(s, &(c, groups))| (c, inputs_norm(&c, groups, true, 950 + s as u64)));
-    for (c, i) in plain.chain(with_norm) {
+    // And with a shortcut as K tail (three more bindings), whole and in two parts; in f16 only
+    // (every variant × input mode × dtype is a pipeline to compile, twice here).
+    let with_tail = SHORTCUT_CASES
+        .iter()
+        .take(2)
+        .enumerate()
+        .map(|(s, sc)| (sc.0, shortcut_inputs(sc, 970 + s as u64)));
+    for (c, i) in plain.chain(with_norm).chain(with_tail) {
         let (c, i) = (&c, quantized(&i, DType::F16));
+        let tail_vec4 = i
+            .shortcut
+            .as_ref()
+            .is_none_or(|sc| sc.cs.is_multiple_of(4) && sc.ca.is_none_or(|a| a.is_multiple_of(4)));
         for dtype in dtypes() {
+            if i.shortcut.is_some() && dtype == DType::F32 {
+                continue;
+            }
             let mut vs = conv2d::variants(max_wg);
             // The tensor-core kernel too, where both engines can run it.
             let coop = |g: &Gpu| ldm_wgpu::kernels::coop::coop_plan(g, dtype).is_some();
-            if coop(&checked) && coop(&unchecked) && coop_takes(c) {
+            if coop(&checked) && coop(&unchecked) && coop_takes(c) && tail_vec4 {
                 vs.push(Variant::COOP);
             }
             for v in vs {
@@ -1069,6 +1307,7 @@ fn coop_variant_matches_reference() {
             bias_rows: None,
             residual: None,
             norm: None,
+            shortcut: None,
             stride: c.stride,
             pads: c.pads,
             variant: Some(Variant::COOP),
@@ -1136,6 +1375,7 @@ fn coop_variant_matches_reference() {
         bias_rows: None,
         residual: None,
         norm: None,
+        shortcut: None,
         stride: 1,
         pads: c.pads,
         variant: Some(Variant::COOP),
@@ -1204,6 +1444,7 @@ fn bias_per_batch_row() {
             }),
             residual: None,
             norm: None,
+            shortcut: None,
             stride: 1,
             pads: P1,
             variant: None,
@@ -1367,6 +1608,7 @@ fn fused_group_norm_rejects_bad_tables() {
             bias_rows: None,
             residual: None,
             norm: Some(conv2d::FusedNorm { table, silu: true }),
+            shortcut: None,
             stride: 1,
             pads: P1,
             variant: None,

@@ -427,6 +427,7 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
                 bias_rows: None,
                 residual: None,
                 norm: None,
+                shortcut: None,
                 stride,
                 pads: [pad; 4],
                 variant: Some(variant),

@@ -236,7 +236,10 @@ struct Params {
     /// With `bias_rows` (flags bit 2): the bias table's row stride and first element.
     bias_stride: u32,
     bias_offset: u32,
-    _pad: [u32; 2],
+    /// K of the convolution proper (KH·KW·Cin); `k - k_main` are the [`Shortcut`]'s channels.
+    k_main: u32,
+    /// With a [`Shortcut`]: channels of its input's first part (all of them unless concatenated).
+    tail_ca: u32,
 }
 
 /// Output spatial size for one axis, `None` if the padded input is smaller than the kernel.
@@ -334,6 +337,20 @@ pub struct FusedNorm<'a> {
     pub silu: bool,
 }
 
+/// A 1×1 convolution (stride 1, no padding, no bias) of another input added to the
+/// convolution's output: diffusers ResnetBlock2D's `conv_shortcut(x) + conv2(..)`, computed as
+/// more K of conv2's own GEMM (A = [im2col(input) | shortcut input], B = [w | shortcut weight];
+/// the shaders' TAIL), so the shortcut's output is never written or read back and takes no
+/// dispatch of its own. Its bias is the caller's to fold into the convolution's `bias`.
+#[derive(Clone, Copy, Debug)]
+pub struct Shortcut<'a> {
+    /// [B, Ho, Wo, Cs] (the output's pixels), or a [`Input::Concat`] of two such parts. Read as
+    /// stored: no norm, no upsampling.
+    pub input: Input<'a>,
+    /// [Cout, 1, 1, Cs] (OHWI, as [`weight_oihw_to_ohwi`] leaves a 1×1 conv's weight).
+    pub weight: &'a Tensor,
+}
+
 /// One convolution with all its options. [`conv2d`], [`conv2d_into`], [`conv2d_upsampled`] and
 /// [`conv2d_concat`] are shorthands for it.
 ///
@@ -352,6 +369,8 @@ pub struct Conv<'a> {
     pub residual: Option<&'a Tensor>,
     /// GroupNorm (+ SiLU) of the input, applied as it is loaded.
     pub norm: Option<FusedNorm<'a>>,
+    /// A 1×1 convolution of a second input added in the same GEMM ([`Shortcut`]).
+    pub shortcut: Option<Shortcut<'a>>,
     pub stride: usize,
     pub pads: [usize; 4],
     /// The kernel variant; `None` picks one by shape ([`choose_variant`], `LDM_CONV_TILE`).
@@ -445,7 +464,8 @@ impl Conv<'_> {
             bias_offset: self
                 .bias_rows
                 .map_or(0, |v| (v.row * v.table.dim(1) + v.col) as u32),
-            _pad: [0; 2],
+            k_main: (kh * kw * cin) as u32,
+            tail_ca: self.shortcut.map_or(0, |sc| sc.input.x().shape()[3] as u32),
         }
     }
 
@@ -454,12 +474,16 @@ impl Conv<'_> {
         self.bias.or(self.bias_rows.map(|v| v.table))
     }
 
-    /// The tensors at bindings 0-8 (unused ones get x, read-only like them; 6 is the uniform,
-    /// 7 the tensor-core kernel's partial sums) and their bytes.
-    fn bindings<'t>(&'t self, out: &'t Tensor) -> ([&'t Tensor; 9], f64) {
+    /// The tensors at bindings 0-11 (unused ones get x, read-only like them; 6 is the uniform,
+    /// 7 the tensor-core kernel's partial sums, 9-11 the [`Shortcut`]'s input parts and weight)
+    /// and their bytes.
+    fn bindings<'t>(&'t self, out: &'t Tensor) -> ([&'t Tensor; 12], f64) {
         let x = self.input.x();
         let second = self.input.second();
         let table = self.norm.map(|n| n.table);
+        let tail_x = self.shortcut.as_ref().map(|sc| sc.input.x());
+        let tail_second = self.shortcut.as_ref().and_then(|sc| sc.input.second());
+        let tail_w = self.shortcut.map(|sc| sc.weight);
         let tensors = [
             x,
             second.unwrap_or(x),
@@ -470,6 +494,9 @@ impl Conv<'_> {
             x,
             x,
             table.unwrap_or(x),
+            tail_x.unwrap_or(x),
+            tail_second.unwrap_or(x),
+            tail_w.unwrap_or(x),
         ];
         let bytes = [
             Some(x),
@@ -479,6 +506,9 @@ impl Conv<'_> {
             self.residual,
             Some(out),
             table,
+            tail_x,
+            tail_second,
+            tail_w,
         ]
         .into_iter()
         .flatten()
@@ -541,6 +571,11 @@ impl Conv<'_> {
                 ),
                 ("CONCAT", flag(self.input.second().is_some())),
                 ("SPLIT", flag(splits > 1)),
+                ("TAIL", flag(self.shortcut.is_some())),
+                (
+                    "TAIL_CONCAT",
+                    flag(self.shortcut.is_some_and(|sc| sc.input.second().is_some())),
+                ),
             ],
             tensors: &with_partial,
             params: bytemuck::bytes_of(&params),
@@ -650,6 +685,43 @@ impl Conv<'_> {
                 format!("out must be {:?}, got {:?}", [b, ho, wo, cout], out.shape()),
             ));
         }
+        let mut tail_channels = 0;
+        if let Some(sc) = &self.shortcut {
+            let [sb, sh, sw, cs] = match &sc.input {
+                Input::Upsampled2x(_) => {
+                    return Err(Error::shape(
+                        op,
+                        "a shortcut reads its input as stored: not upsampled",
+                    ))
+                }
+                input => input.shape()?,
+            };
+            if [sb, sh, sw] != [b, ho, wo] {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "the shortcut's input {} must have the output's pixels {:?}",
+                        sc.input.describe(),
+                        [b, ho, wo]
+                    ),
+                ));
+            }
+            if sc.weight.shape() != [cout, 1, 1, cs] {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "the shortcut's weight must be [{cout}, 1, 1, {cs}], got {:?}",
+                        sc.weight.shape()
+                    ),
+                ));
+            }
+            tail_channels = cs;
+            inputs.push(("shortcut input", sc.input.x()));
+            if let Some(t) = sc.input.second() {
+                inputs.push(("shortcut input (second part)", t));
+            }
+            inputs.push(("shortcut weight", sc.weight));
+        }
         for (name, t) in inputs.iter().chain([("out", out)].iter()) {
             if t.dtype() != dtype {
                 return Err(Error::shape(
@@ -692,13 +764,22 @@ impl Conv<'_> {
         }
         let [kh, kw] = [w.shape()[1], w.shape()[2]];
         let m = b * ho * wo;
-        let k = kh * kw * cin;
+        let k = kh * kw * cin + tail_channels;
         // The shader indexes in u32 elements; the binding limits keep tensors far below this, but a
         // pathological shape on a huge-binding adapter must not wrap silently.
         let second_numel = self.input.second().map_or(0, |t| t.numel());
-        let too_big = [x.numel(), second_numel, w.numel(), out.numel(), m, k]
-            .iter()
-            .any(|&v| v >= u32::MAX as usize / 2)
+        let tail_numel = inputs.iter().map(|(_, t)| t.numel()).max().unwrap_or(0);
+        let too_big = [
+            x.numel(),
+            second_numel,
+            w.numel(),
+            out.numel(),
+            m,
+            k,
+            tail_numel,
+        ]
+        .iter()
+        .any(|&v| v >= u32::MAX as usize / 2)
             || [h, wi, stride, pads[0], pads[2]]
                 .iter()
                 .any(|&v| v >= i32::MAX as usize / 4);
@@ -719,7 +800,12 @@ impl Conv<'_> {
             k,
             dtype,
             // The vec4 paths need every aligned group of 4 channels inside one source.
-            vec4_ok: cin.is_multiple_of(4) && x.shape()[3].is_multiple_of(4),
+            vec4_ok: cin.is_multiple_of(4)
+                && x.shape()[3].is_multiple_of(4)
+                && tail_channels.is_multiple_of(4)
+                && self
+                    .shortcut
+                    .is_none_or(|sc| sc.input.x().shape()[3].is_multiple_of(4)),
         })
     }
 
@@ -805,10 +891,16 @@ impl Conv<'_> {
         let concat = f64::from(u8::from(self.input.second().is_some()));
         let (tensors, bytes) = self.bindings(out);
         // Only the overrides an entry point reads (each distinct set is a pipeline).
+        let tail = f64::from(u8::from(self.shortcut.is_some()));
+        let tail_concat = f64::from(u8::from(
+            self.shortcut.is_some_and(|sc| sc.input.second().is_some()),
+        ));
         let mut overrides = vec![
             ("VEC4_K", vec4_k),
             ("UPSAMPLE", upsample),
             ("CONCAT", concat),
+            ("TAIL", tail),
+            ("TAIL_CONCAT", tail_concat),
         ];
         let entry = match variant.tile {
             Tile::T64 => {
@@ -872,6 +964,7 @@ pub fn conv2d(
         bias_rows: None,
         residual,
         norm: None,
+        shortcut: None,
         stride,
         pads,
         variant: None,
@@ -898,6 +991,7 @@ pub fn conv2d_upsampled(
         bias_rows: None,
         residual,
         norm: None,
+        shortcut: None,
         stride,
         pads,
         variant: None,

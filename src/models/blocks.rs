@@ -3,7 +3,7 @@
 //! Activations are NHWC: [B, H, W, C].
 
 use crate::kernels::attention::{self, HeadsView};
-use crate::kernels::conv2d::{Conv, Input};
+use crate::kernels::conv2d::{Conv, Input, Shortcut};
 use crate::kernels::elementwise::{self, ChannelBiasView};
 use crate::kernels::matmul::{self, Activation};
 use crate::nn::{self, AttentionShape, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
@@ -33,7 +33,9 @@ pub struct Hoisted<'a> {
 
 /// diffusers `ResnetBlock2D` (time_embedding_norm "default", output_scale_factor 1):
 /// h = conv1(silu(norm1(x))) [+ time_emb_proj(silu(temb))]; h = conv2(silu(norm2(h)));
-/// out = shortcut(x) + h — the add fused into conv2's store. In the U-Net each
+/// out = shortcut(x) + h — the add fused into conv2's store, and where the shortcut is the 1×1
+/// `conv_shortcut` (Cin ≠ Cout) that conv runs inside conv2 as more K of the same GEMM
+/// ([`Shortcut`]; conv2's bias then holds both biases). In the U-Net each
 /// `conv(silu(norm(..)))` is one statistics dispatch and the conv, which normalises its input as
 /// it loads it ([`GroupNorm::into_conv`]); the VAE's keep the separate normalise pass.
 pub struct ResnetBlock2D {
@@ -43,6 +45,9 @@ pub struct ResnetBlock2D {
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
+    /// With `conv_shortcut`: conv2's bias plus the shortcut's (summed in f32, rounded once),
+    /// the one bias of the conv that computes both.
+    conv2_shortcut_bias: Option<Tensor>,
     fused_norm: bool,
     /// Index of this block's row in [`Hoisted::time_proj`] (set by the U-Net after loading).
     pub(crate) slot: usize,
@@ -86,6 +91,20 @@ impl ResnetBlock2D {
         } else {
             None
         };
+        let conv2_shortcut_bias = match conv_shortcut {
+            Some(_) => {
+                let bias = |name: &str| -> Result<Vec<f32>> {
+                    Ok(match vb.view().pp(name).get_opt("bias", &[c_out])? {
+                        Some(b) => b.to_f32_vec(),
+                        None => vec![0.0; c_out],
+                    })
+                };
+                let (b2, bs) = (bias("conv2")?, bias("conv_shortcut")?);
+                let sum: Vec<f32> = b2.iter().zip(&bs).map(|(a, b)| a + b).collect();
+                Some(vb.upload(&sum, &[c_out])?)
+            }
+            None => None,
+        };
         let mut conv1 = vb.pp("conv1").conv3x3(c_in, c_out)?;
         // conv1's bias is folded into time_emb_proj's: the projected time embedding [B, Cout]
         // is then conv1's whole bias, added per (batch, channel) in its epilogue (no separate
@@ -116,6 +135,7 @@ impl ResnetBlock2D {
             norm2: GroupNorm::load(vb.pp("norm2"), groups, c_out, eps)?,
             conv2: vb.pp("conv2").conv3x3(c_out, c_out)?,
             conv_shortcut,
+            conv2_shortcut_bias,
             fused_norm,
             slot: 0,
         })
@@ -211,13 +231,32 @@ impl ResnetBlock2D {
         cond: Option<&Conditioning<'_>>,
     ) -> Result<Tensor> {
         let h = self.conv1_with_time(gpu, Input::Plain(x), cond)?; // [B, H, W, Cout]
-        let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(gpu, x)?, // [B, H, W, Cout]
-            None => x.clone(),
-        };
-        let conv2 = Conv {
-            residual: Some(&shortcut),
-            ..self.conv2.on(Input::Plain(&h))
+        self.conv2_with_shortcut(gpu, &h, Input::Plain(x))
+    }
+
+    /// conv2(silu(norm2(h))) + shortcut(x): x added in conv2's epilogue, or its 1×1 conv run
+    /// as conv2's K tail. h [B, H, W, Cout], x [B, H, W, Cin] (or a concatenation, which needs
+    /// the conv_shortcut). Returns [B, H, W, Cout].
+    fn conv2_with_shortcut(&self, gpu: &Gpu, h: &Tensor, x: Input<'_>) -> Result<Tensor> {
+        let conv2 = match (&self.conv_shortcut, x) {
+            (Some(shortcut), x) => Conv {
+                bias: self.conv2_shortcut_bias.as_ref(),
+                shortcut: Some(Shortcut {
+                    input: x,
+                    weight: &shortcut.weight,
+                }),
+                ..self.conv2.on(Input::Plain(h))
+            },
+            (None, Input::Plain(x)) => Conv {
+                residual: Some(x),
+                ..self.conv2.on(Input::Plain(h))
+            },
+            (None, _) => {
+                return Err(crate::Error::shape(
+                    "resnet",
+                    "an identity shortcut of a concatenated or upsampled input",
+                ))
+            }
         };
         self.norm_conv(gpu, &self.norm2, conv2) // [B, H, W, Cout]
     }
@@ -233,18 +272,13 @@ impl ResnetBlock2D {
         b: &Tensor,
         cond: Option<&Conditioning<'_>>,
     ) -> Result<Tensor> {
-        let Some(conv_shortcut) = &self.conv_shortcut else {
+        if self.conv_shortcut.is_none() {
             // An identity shortcut would have to add the concatenation itself: build it.
             let x = elementwise::concat_channels(gpu, a, b)?;
             return self.forward(gpu, &x, cond);
-        };
+        }
         let h = self.conv1_with_time(gpu, Input::Concat(a, b), cond)?; // [B, H, W, Cout]
-        let shortcut = conv_shortcut.forward_concat(gpu, a, b)?; // [B, H, W, Cout]
-        let conv2 = Conv {
-            residual: Some(&shortcut),
-            ..self.conv2.on(Input::Plain(&h))
-        };
-        self.norm_conv(gpu, &self.norm2, conv2) // [B, H, W, Cout]
+        self.conv2_with_shortcut(gpu, &h, Input::Concat(a, b))
     }
 }
 

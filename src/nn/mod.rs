@@ -402,6 +402,7 @@ impl Conv2d {
             bias_rows: None,
             residual: None,
             norm: None,
+            shortcut: None,
             stride: self.stride,
             pads: self.pads,
             variant: None,
