@@ -41,9 +41,7 @@ struct Params {
     k: u32,       // kh · kw · cin
     n_tiles: u32, // ceil(cout / TN)
     flags: u32,   // bit 0: add bias, bit 1: add residual, bit 2: bias per (batch, channel),
-                  // bit 3: GroupNorm the input through gn, bit 4: then SiLU, bit 5: write the
-                  // output's GroupNorm partials, bit 6: the input's statistics from gn_in
-                  // (gn then holds (gamma, beta) per input channel)
+                  // bit 3: GroupNorm the input through gn, bit 4: then SiLU
     xh: u32,      // x as stored: h, w, or h / 2, w / 2 with UPSAMPLE
     xw: u32,
     ca: u32,      // channels of x (CONCAT: of its first part; cin otherwise)
@@ -52,19 +50,6 @@ struct Params {
     bias_offset: u32, // flags bit 2: element of bias[0, 0]
     k_main: u32,  // K of the convolution proper; k - k_main: the TAIL's channels Cs
     tail_ca: u32, // TAIL_CONCAT: channels of the tail's first part (sx); Cs otherwise
-    // GroupNorm partials (see the shared section at the end of conv2d.wgsl).
-    so_gw: u32,     // flags bit 5: output channels per group
-    so_jmax: u32,   // flags bit 5: pieces per (tile, image) in gn_out
-    si_gw: u32,     // flags bit 6: input channels per group
-    si_jmax: u32,   // flags bit 6: the producer's so_jmax
-    si_tm: u32,     // flags bit 6: the producer's output tile (rows, channels)
-    si_tn: u32,
-    si_groups: u32, // flags bit 6: groups of the input
-    si_eps: f32,
-    si_inv_gw: f32, // 1 / si_gw
-    _pad3: u32,
-    _pad4: u32,
-    _pad5: u32,
 };
 
 @group(0) @binding(0) var<storage, read> x4: array<elem4>;
@@ -81,12 +66,7 @@ struct Params {
 
 // The fused GroupNorm (+ SiLU) of input channel ci of batch item b (see conv2d.wgsl).
 fn gn_one(b: u32, ci: u32, v: f32) -> f32 {
-    var t: vec2<f32>;
-    if ((params.flags & 64u) != 0u) {
-        t = gn_merged_affine(b, ci);
-    } else {
-        t = gn[b * params.cin + ci];
-    }
+    let t = gn[b * params.cin + ci];
     let y = fma(v, t.x, t.y);
     if ((params.flags & 16u) != 0u) {
         return y / (1.0 + exp(-y));
@@ -238,9 +218,6 @@ fn conv2d_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     }
     let m0 = (tile / params.n_tiles) * TM;
     let n0 = (tile % params.n_tiles) * TN;
-    if ((params.flags & 64u) != 0u) {
-        gn_merge_input(lid, NT, m0);
-    }
 
     let wm = (sg >> 1u) * 2u * FRAG;   // this subgroup's quarter of the tile
     let wn = (sg & 1u) * 2u * FRAG;
@@ -298,9 +275,6 @@ fn conv2d_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
             }
             out[o] = elem(v);
         }
-    }
-    if ((params.flags & 32u) != 0u) {
-        gn_tile_partials(lid, NT, tile, m0, n0, TM, TN);
     }
 }
 
@@ -466,9 +440,6 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     }
     let m0 = (tile / params.n_tiles) * TL;
     let n0 = (tile % params.n_tiles) * TL;
-    if ((params.flags & 64u) != 0u) {
-        gn_merge_input(lid, NT_L, m0);
-    }
 
     // This invocation's staging slots: chunk column c of rows r0 + j·ROWS_PER_PASS.
     let c = lid % CHUNKS;
@@ -620,49 +591,29 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     coopStoreT(c31, &c_shl[s1], stride);
     workgroupBarrier();
     epilogue_pass_l(lid, 3u, m0, n0, wid.z);
-    // Split: the reduce writes the output, and its partials.
-    if (!SPLIT && (params.flags & 32u) != 0u) {
-        gn_tile_partials(lid, NT_L, tile, m0, n0, TL, TL);
-    }
 }
 
-// The K splits of conv2d_coop_l summed in split order, plus bias and residual, rounded once,
-// over 64 × 64 output tiles (so that flags bit 5 can take the tile's GroupNorm partials): 256
-// invocations, each channel lid % 64 of rows lid / 64 + 4i, ceil(M / 64) · ceil(Cout / 64)
-// workgroups folded by `grid_1d`, tile = m_tile · ceil(Cout / 64) + n_tile. The number of
-// splits is ceil(K / k_chunk).
+// The K splits of conv2d_coop_l summed in split order, plus bias and residual, rounded once:
+// one invocation per output element, (M · Cout) / 256 workgroups folded by `grid_1d`.
+// The number of splits is ceil(K / k_chunk).
 @compute @workgroup_size(256)
-fn conv2d_split_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                       @builtin(local_invocation_index) lid: u32) {
-    let tile = wid.x + wid.y * nwg.x;
-    let n_tiles = (params.cout + 63u) / 64u;
-    let m_tiles = (params.m + 63u) / 64u;
-    if (tile >= m_tiles * n_tiles) {
+fn conv2d_split_reduce(@builtin(global_invocation_id) gid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let o = gid.x + gid.y * nwg.x * 256u;
+    let total = params.m * params.cout;
+    if (o >= total) {
         return;
     }
-    let m0 = (tile / n_tiles) * 64u;
-    let n0 = (tile % n_tiles) * 64u;
-    let total = params.m * params.cout;
     let splits = (params.k + params.k_chunk - 1u) / params.k_chunk;
-    let n = n0 + lid % 64u;
-    for (var r = lid / 64u; r < 64u; r += 4u) {
-        let m = m0 + r;
-        if (m < params.m && n < params.cout) {
-            let o = m * params.cout + n;
-            var v = 0.0;
-            for (var z = 0u; z < splits; z++) {
-                v += partial[z * total + o];
-            }
-            if ((params.flags & 1u) != 0u) {
-                v += bias_at(m, n);
-            }
-            if ((params.flags & 2u) != 0u) {
-                v += f32(residual[o]);
-            }
-            out[o] = elem(v);
-        }
+    var v = 0.0;
+    for (var z = 0u; z < splits; z++) {
+        v += partial[z * total + o];
     }
-    if ((params.flags & 32u) != 0u) {
-        gn_tile_partials(lid, 256u, tile, m0, n0, 64u, 64u);
+    if ((params.flags & 1u) != 0u) {
+        v += bias_at(o / params.cout, o % params.cout);
     }
+    if ((params.flags & 2u) != 0u) {
+        v += f32(residual[o]);
+    }
+    out[o] = elem(v);
 }
