@@ -376,7 +376,7 @@ fn b_chunk(n: u32, at: u32, k: u32, k_end: u32) -> vec4<f16> {
         return vec4<f16>(0.0);
     }
     if (TAIL && k >= params.k_main) {
-        return vec4<f16>(sw4[(n * (params.k - params.k_main) + k - params.k_main) >> 2u]);
+        return w_chunk(n, k);
     }
     return vec4<f16>(w4[at]);
 }

@@ -469,6 +469,18 @@ impl Conv<'_> {
         }
     }
 
+    /// The TAIL and TAIL_CONCAT overrides both shaders read ([`Shortcut`]).
+    fn tail_overrides(&self) -> [(&'static str, f64); 2] {
+        let on = |b: bool| f64::from(u8::from(b));
+        [
+            ("TAIL", on(self.shortcut.is_some())),
+            (
+                "TAIL_CONCAT",
+                on(self.shortcut.is_some_and(|sc| sc.input.second().is_some())),
+            ),
+        ]
+    }
+
     /// What binding 3 reads: the bias, or the table `bias_rows` is a block of.
     fn bias_table(&self) -> Option<&Tensor> {
         self.bias.or(self.bias_rows.map(|v| v.table))
@@ -538,6 +550,7 @@ impl Conv<'_> {
         let mut params = self.params(out_shape, in_shape, k, n_tiles);
         let (tensors, bytes) = self.bindings(out);
         let flag = |on: bool| f64::from(u8::from(on));
+        let tail = self.tail_overrides();
         let (entry, k_chunk) = match coop_tile {
             coop::CoopTile::T64 => ("conv2d_coop", None),
             coop::CoopTile::T128 => {
@@ -571,11 +584,8 @@ impl Conv<'_> {
                 ),
                 ("CONCAT", flag(self.input.second().is_some())),
                 ("SPLIT", flag(splits > 1)),
-                ("TAIL", flag(self.shortcut.is_some())),
-                (
-                    "TAIL_CONCAT",
-                    flag(self.shortcut.is_some_and(|sc| sc.input.second().is_some())),
-                ),
+                tail[0],
+                tail[1],
             ],
             tensors: &with_partial,
             params: bytemuck::bytes_of(&params),
@@ -891,16 +901,13 @@ impl Conv<'_> {
         let concat = f64::from(u8::from(self.input.second().is_some()));
         let (tensors, bytes) = self.bindings(out);
         // Only the overrides an entry point reads (each distinct set is a pipeline).
-        let tail = f64::from(u8::from(self.shortcut.is_some()));
-        let tail_concat = f64::from(u8::from(
-            self.shortcut.is_some_and(|sc| sc.input.second().is_some()),
-        ));
+        let [tail, tail_concat] = self.tail_overrides();
         let mut overrides = vec![
             ("VEC4_K", vec4_k),
             ("UPSAMPLE", upsample),
             ("CONCAT", concat),
-            ("TAIL", tail),
-            ("TAIL_CONCAT", tail_concat),
+            tail,
+            tail_concat,
         ];
         let entry = match variant.tile {
             Tile::T64 => {
