@@ -20,9 +20,12 @@
 //           of 4: the scalar path picks a component), 1 xb4 (elem4, [B, XH, XW, Cin - Ca], read
 //           only with CONCAT), 2 w4 (elem4, [Cout, KH, KW, Cin]), 3 bias (elem, [Cout]),
 //           4 residual (elem, [B, Ho, Wo, Cout]), 5 out (elem, [B, Ho, Wo, Cout], read_write),
-//           6 params, 8 gn (vec2<f32> [B, Cin]: GroupNorm scale, shift). xb4 / bias / residual /
-//           gn are read only when CONCAT / flags say so; the host binds x there as a placeholder
-//           (read-only twice is allowed; read-only and read-write is not).
+//           6 params, 8 gn (vec2<f32> [B, Cin]: GroupNorm scale, shift; with flags bit 6
+//           [Cin]: gamma, beta), 9-11 the TAIL's sx4, sxb4, sw4, 12 gn_out and 13 gn_in (the
+//           GroupNorm partials, vec4<f32>; see the section at the end). xb4 / bias / residual /
+//           gn / 9-13 are read only when CONCAT / TAIL / flags say so; the host binds x there as
+//           a placeholder (read-only twice is allowed; read-only and read-write is not), and out
+//           at 12.
 //
 // Fused GroupNorm (flags bit 3; + SiLU with bit 4): the conv's input is silu(GroupNorm(x)), the
 //           diffusers ResnetBlock2D's `conv1(silu(norm1(x)))`. The statistics pass writes a
@@ -81,6 +84,7 @@
 //             conv2d_64:    2 · 64 · (BK/4 + 1) · 16  = 18,432 at BK = 32, 10,240 at BK = 16
 //             conv2d_128:   2 · 128 · (16/4 + 1) · 16 = 20,480
 //             conv2d_small: 64 · 5 · 16 + 16 · 4 · 16   = 6,144 (the w tile sized for NC = 16)
+//           each plus 4,096 for the GroupNorm partials' gn_sh (the section at the end).
 // VEC4_K (override): Cin % 4 == 0 (and, with CONCAT, Ca % 4 == 0), so 4 consecutive k share one
 //           tap and one source, and are contiguous in x and w. Otherwise (RGB input conv, Cin = 3;
 //           generic) every component is addressed on its own.
@@ -119,7 +123,9 @@ struct Params {
     k: u32,       // kh · kw · cin
     n_tiles: u32, // ceil(cout / BN) for the entry point's BN
     flags: u32,   // bit 0: add bias, bit 1: add residual, bit 2: bias per (batch, channel),
-                  // bit 3: GroupNorm the input through gn, bit 4: then SiLU
+                  // bit 3: GroupNorm the input through gn, bit 4: then SiLU, bit 5: write the
+                  // output's GroupNorm partials, bit 6: the input's statistics from gn_in
+                  // (gn then holds (gamma, beta) per input channel)
     xh: u32,      // x as stored: h, w, or h / 2, w / 2 with UPSAMPLE
     xw: u32,
     ca: u32,      // channels of x (CONCAT: of its first part; cin otherwise)
@@ -128,6 +134,19 @@ struct Params {
     bias_offset: u32, // flags bit 2: element of bias[0, 0]
     k_main: u32,  // K of the convolution proper; k - k_main: the TAIL's channels Cs
     tail_ca: u32, // TAIL_CONCAT: channels of the tail's first part (sx); Cs otherwise
+    // GroupNorm partials (see the shared section at the end of conv2d.wgsl).
+    so_gw: u32,     // flags bit 5: output channels per group
+    so_jmax: u32,   // flags bit 5: pieces per (tile, image) in gn_out
+    si_gw: u32,     // flags bit 6: input channels per group
+    si_jmax: u32,   // flags bit 6: the producer's so_jmax
+    si_tm: u32,     // flags bit 6: the producer's output tile (rows, channels)
+    si_tn: u32,
+    si_groups: u32, // flags bit 6: groups of the input
+    si_eps: f32,
+    si_inv_gw: f32, // 1 / si_gw
+    _pad3: u32,
+    _pad4: u32,
+    _pad5: u32,
 };
 
 @group(0) @binding(0) var<storage, read> x4: array<elem4>;
@@ -191,7 +210,12 @@ fn pixel(m: u32) -> Pixel {
 
 // The fused GroupNorm (+ SiLU) of input channel ci of batch item b (flags bits 3, 4).
 fn gn_one(b: u32, ci: u32, v: f32) -> f32 {
-    let t = gn[b * params.cin + ci];
+    var t: vec2<f32>;
+    if ((params.flags & 64u) != 0u) {
+        t = gn_merged_affine(b, ci);
+    } else {
+        t = gn[b * params.cin + ci];
+    }
     let y = fma(v, t.x, t.y);
     if ((params.flags & 16u) != 0u) {
         return y / (1.0 + exp(-y));
@@ -458,6 +482,9 @@ fn conv2d_64(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     }
     let m0 = (tile / params.n_tiles) * 64u;
     let n0 = (tile % params.n_tiles) * 64u;
+    if ((params.flags & 64u) != 0u) {
+        gn_merge_input(lid, WG, m0);
+    }
 
     // Loader geometry: kv vec4 per tile row; this thread loads the vec4 at k offset lk of rows
     // lr and (when BK = 32) lr + 32, of both A and B.
@@ -531,6 +558,9 @@ fn conv2d_64(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     store4(m + 1u, n, 16u, acc[1]);
     store4(m + 2u, n, 16u, acc[2]);
     store4(m + 3u, n, 16u, acc[3]);
+    if ((params.flags & 32u) != 0u) {
+        gn_tile_partials(lid, WG, tile, m0, n0, 64u, 64u);
+    }
 }
 
 // ------------------------------------------------------------------ conv2d_128
@@ -590,6 +620,9 @@ fn conv2d_128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     }
     let m0 = (tile / params.n_tiles) * 128u;
     let n0 = (tile % params.n_tiles) * 128u;
+    if ((params.flags & 64u) != 0u) {
+        gn_merge_input(lid, WG, m0);
+    }
 
     // Loader: 4 vec4 per row; this thread loads k offset lk of rows lr and lr + 64 of A and B.
     let lk = (lid % 4u) * 4u;
@@ -654,6 +687,9 @@ fn conv2d_128(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     store4(m + 96u, nb, 16u, acc[13]);
     store4(m + 112u, na, 16u, acc[14]);
     store4(m + 112u, nb, 16u, acc[15]);
+    if ((params.flags & 32u) != 0u) {
+        gn_tile_partials(lid, WG, tile, m0, n0, 128u, 128u);
+    }
 }
 
 // ------------------------------------------------------------------ conv2d_small
@@ -694,6 +730,9 @@ fn conv2d_small(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
     let m0 = (tile / params.n_tiles) * 64u;
     let n0 = (tile % params.n_tiles) * nc;
+    if ((params.flags & 64u) != 0u) {
+        gn_merge_input(lid, 64u, m0);
+    }
 
     // Loader: 4 vec4 per row; this thread loads k offset lk of A rows lr + 16·j (j < 4) and, if
     // lr < nc, of weight row lr (lr < 16: every weight row has a loader).
@@ -760,4 +799,169 @@ fn conv2d_small(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     if (NQ > 3u) {
         store4(m, n0 + 12u, 1u, acc[3]);
     }
+    if ((params.flags & 32u) != 0u) {
+        gn_tile_partials(lid, 64u, tile, m0, n0, 64u, nc);
+    }
 }
+
+// The FMA kernels' GroupNorm producer (flags bit 5, see the shared section below): the
+// whole tile at once, read back from out.
+fn gn_tile_partials(lid: u32, nt: u32, tile: u32, m0: u32, n0: u32, tm: u32, tn: u32) {
+    storageBarrier();
+    workgroupBarrier();
+    gn_tile_rows(lid, nt, tile, m0, n0, tm, tn, 0u, tm, 0u, true);
+}
+
+// Output pixel m, channel n as this workgroup stored it (row rt, column ct of its tile).
+fn gn_tile_value(view: u32, rt: u32, ct: u32, m: u32, n: u32) -> f32 {
+    return f32(out[m * params.cout + n]);
+}
+
+// ------------------------------------------------------------------ GroupNorm partials (shared)
+// (src/shaders.rs appends this section to conv2d_coop.wgsl too.)
+//
+// GroupNorm statistics without a statistics dispatch: the convolution that PRODUCES an
+// activation (flags bit 5) also writes, per output tile, the (count, mean, M2) of every
+// (image, channel group) piece of the tile to gn_out; the convolution that CONSUMES it with a
+// fused GroupNorm (flags bit 6) merges those pieces (Chan's formula, in a fixed order, so every
+// workgroup gets the same bits) into mean and rstd per (image, group) at workgroup start, and
+// normalises each input element as it loads it with gn[c] = (gamma[c], beta[c]). WGSL has no
+// float atomics and no device-scope fence, so a producer-side "last workgroup finalises" is not
+// possible; the consumer-side merge is.
+//
+// Producer: after its epilogue has stored the tile [m0, m0 + tm) × [n0, n0 + tn) of out, the
+// workgroup reduces each piece (rows of one image × channels of one group) with Welford per
+// invocation, then merges the invocations' results per piece. The tile's values come from
+// gn_tile_value, which each kernel file defines: the FMA kernels here read back what they
+// stored in out (storageBarrier: a workgroup's own stores are visible to it); the tensor-core
+// kernels read their f32 staging in workgroup memory, where the epilogue leaves each rounded
+// output (a storage barrier there would be device scope, which under the Vulkan memory model
+// those shaders use needs a SPIR-V capability naga does not declare). A kernel may hand its
+// tile over in row ranges (the tensor-core large tile stages a quarter of it at a time): later
+// ranges merge into the pieces the same invocation wrote for earlier ones (program order, no
+// barrier). Pieces are indexed (tile, s, j): s = image − the tile's first image (0 or 1: the
+// host runs this only where no tile spans three images), j = group − the tile's first group
+// (< so_jmax); gn_out[((tile · 2) + s) · so_jmax + j] = (n, mean, M2, 0), n = 0 for a piece
+// the tile does not have. tile = m_tile · ceil(Cout / tn) + n_tile.
+// Consumer: one invocation per (s, g) of its own tile's (at most two) images merges the
+// producer's pieces of (image, g) in (m_tile, n_tile) order; producer geometry in params.si_*.
+
+@group(0) @binding(12) var<storage, read_write> gn_out: array<vec4<f32>>;
+@group(0) @binding(13) var<storage, read> gn_in: array<vec4<f32>>;
+// Producer: one (n, mean, M2) per invocation; consumer: (mean, rstd) per (s, g), s·G + g.
+var<workgroup> gn_sh: array<vec4<f32>, 256>;
+// Consumer: the first image of this workgroup's output tile.
+var<private> gn_b_first: u32;
+
+// Chan et al.: (n, mean, M2) of the union of two disjoint sets.
+fn gn_chan(a: vec3<f32>, b: vec3<f32>) -> vec3<f32> {
+    let n = a.x + b.x;
+    if (n == 0.0) {
+        return vec3<f32>(0.0);
+    }
+    let delta = b.y - a.y;
+    let w = b.x / n;
+    return vec3<f32>(n, a.y + delta * w, a.z + b.z + delta * delta * a.x * w);
+}
+
+// Producer (flags bit 5): the GroupNorm pieces of rows [ra, rb) (relative to m0) of output
+// tile `tile` = [m0, m0 + tm) × [n0, n0 + tn); `first`: no earlier rows of this tile were
+// handed over. `view` is passed on to gn_tile_value. Every invocation calls it (barriers);
+// the values must be visible to the whole workgroup when it is called.
+fn gn_tile_rows(lid: u32, nt: u32, tile: u32, m0: u32, n0: u32, tm: u32, tn: u32, ra: u32,
+                rb: u32, view: u32, first: bool) {
+    let hw = params.ho * params.wo;
+    let gw = params.so_gw;
+    let jmax = params.so_jmax;
+    let m_end = min(m0 + min(rb, tm), params.m);
+    let n_end = min(n0 + tn, params.cout);
+    let b0 = m0 / hw;
+    let g0 = n0 / gw;
+    let keys = 2u * jmax;
+    let lanes = max(1u, nt / keys);
+    let per_round = nt / lanes;
+    for (var base = 0u; base < keys; base += per_round) {
+        let key = base + lid / lanes;
+        let lane = lid % lanes;
+        var acc = vec3<f32>(0.0);
+        if (lid < per_round * lanes && key < keys) {
+            let s = key / jmax;
+            let g = g0 + key % jmax;
+            let r0 = max(m0 + ra, (b0 + s) * hw);
+            let r1 = min(m_end, (b0 + s + 1u) * hw);
+            let c0 = max(n0, g * gw);
+            let c1 = min(n_end, (g + 1u) * gw);
+            if (r1 > r0 && c1 > c0) {
+                let cols = c1 - c0;
+                let count = (r1 - r0) * cols;
+                // Welford over this lane's share of the piece.
+                for (var e = lane; e < count; e += lanes) {
+                    let r = e / cols;
+                    let c = c0 + e - r * cols;
+                    let x = gn_tile_value(view, r0 + r - m0, c - n0, r0 + r, c);
+                    acc.x += 1.0;
+                    let d = x - acc.y;
+                    acc.y += d / acc.x;
+                    acc.z += d * (x - acc.y);
+                }
+            }
+        }
+        gn_sh[lid] = vec4<f32>(acc, 0.0);
+        workgroupBarrier();
+        if (lane == 0u && lid < per_round * lanes && key < keys) {
+            var m = acc;
+            for (var l = 1u; l < lanes; l++) {
+                m = gn_chan(m, gn_sh[lid + l].xyz);
+            }
+            let at = (tile * 2u + key / jmax) * jmax + key % jmax;
+            if (!first) {
+                m = gn_chan(gn_out[at].xyz, m);
+            }
+            gn_out[at] = vec4<f32>(m, 0.0);
+        }
+        workgroupBarrier();
+    }
+}
+
+// Consumer (flags bit 6): mean and rstd of every (image, group) of this workgroup's images
+// (m0 its first output pixel) into gn_sh, from the producer's pieces. Every invocation calls it.
+fn gn_merge_input(lid: u32, nt: u32, m0: u32) {
+    let groups = params.si_groups;
+    let gw = params.si_gw;
+    let tm = params.si_tm;
+    let tn = params.si_tn;
+    let jmax = params.si_jmax;
+    let hw_in = params.xh * params.xw;
+    let n_tiles = (params.cin + tn - 1u) / tn;
+    gn_b_first = m0 / (params.ho * params.wo);
+    for (var e = lid; e < 2u * groups; e += nt) {
+        let b = gn_b_first + e / groups;
+        let g = e % groups;
+        var acc = vec3<f32>(0.0);
+        if (b < params.batch) {
+            let r0 = b * hw_in;
+            let r1 = r0 + hw_in;
+            let c0 = g * gw;
+            let c1 = c0 + gw;
+            for (var mt = r0 / tm; mt * tm < r1; mt++) {
+                let s = b - (mt * tm) / hw_in;
+                for (var ntile = c0 / tn; ntile * tn < c1; ntile++) {
+                    let j = g - (ntile * tn) / gw;
+                    acc = gn_chan(acc, gn_in[((mt * n_tiles + ntile) * 2u + s) * jmax + j].xyz);
+                }
+            }
+        }
+        gn_sh[e] = vec4<f32>(acc.y, inverseSqrt(acc.z / max(acc.x, 1.0) + params.si_eps), 0.0, 0.0);
+    }
+    workgroupBarrier();
+}
+
+// Consumer: (scale, shift) of input channel ci of image b: gamma·rstd, beta − mean·scale.
+fn gn_merged_affine(b: u32, ci: u32) -> vec2<f32> {
+    let g = u32((f32(ci) + 0.5) * params.si_inv_gw);
+    let st = gn_sh[(b - gn_b_first) * params.si_groups + g];
+    let gb = gn[ci];
+    let scale = st.y * gb.x;
+    return vec2<f32>(scale, gb.y - st.x * scale);
+}
+// ------------------------------------------------------------------ end GroupNorm partials

@@ -41,7 +41,9 @@ struct Params {
     k: u32,       // kh · kw · cin
     n_tiles: u32, // ceil(cout / TN)
     flags: u32,   // bit 0: add bias, bit 1: add residual, bit 2: bias per (batch, channel),
-                  // bit 3: GroupNorm the input through gn, bit 4: then SiLU
+                  // bit 3: GroupNorm the input through gn, bit 4: then SiLU, bit 5: write the
+                  // output's GroupNorm partials, bit 6: the input's statistics from gn_in
+                  // (gn then holds (gamma, beta) per input channel)
     xh: u32,      // x as stored: h, w, or h / 2, w / 2 with UPSAMPLE
     xw: u32,
     ca: u32,      // channels of x (CONCAT: of its first part; cin otherwise)
@@ -50,6 +52,19 @@ struct Params {
     bias_offset: u32, // flags bit 2: element of bias[0, 0]
     k_main: u32,  // K of the convolution proper; k - k_main: the TAIL's channels Cs
     tail_ca: u32, // TAIL_CONCAT: channels of the tail's first part (sx); Cs otherwise
+    // GroupNorm partials (see the shared section at the end of conv2d.wgsl).
+    so_gw: u32,     // flags bit 5: output channels per group
+    so_jmax: u32,   // flags bit 5: pieces per (tile, image) in gn_out
+    si_gw: u32,     // flags bit 6: input channels per group
+    si_jmax: u32,   // flags bit 6: the producer's so_jmax
+    si_tm: u32,     // flags bit 6: the producer's output tile (rows, channels)
+    si_tn: u32,
+    si_groups: u32, // flags bit 6: groups of the input
+    si_eps: f32,
+    si_inv_gw: f32, // 1 / si_gw
+    _pad3: u32,
+    _pad4: u32,
+    _pad5: u32,
 };
 
 @group(0) @binding(0) var<storage, read> x4: array<elem4>;
@@ -66,7 +81,12 @@ struct Params {
 
 // The fused GroupNorm (+ SiLU) of input channel ci of batch item b (see conv2d.wgsl).
 fn gn_one(b: u32, ci: u32, v: f32) -> f32 {
-    let t = gn[b * params.cin + ci];
+    var t: vec2<f32>;
+    if ((params.flags & 64u) != 0u) {
+        t = gn_merged_affine(b, ci);
+    } else {
+        t = gn[b * params.cin + ci];
+    }
     let y = fma(v, t.x, t.y);
     if ((params.flags & 16u) != 0u) {
         return y / (1.0 + exp(-y));
@@ -119,6 +139,18 @@ const AS: u32 = TK + 8u;
 var<workgroup> a_sh: array<f16, TM * AS>;   // a_sh[r * AS + k] = A[m0 + r, k0 + k]
 var<workgroup> b_sh: array<f16, TN * AS>;   // b_sh[r * AS + k] = w[n0 + r, k0 + k] (Bᵀ)
 var<workgroup> c_sh: array<f32, TM * TN>;   // accumulators for the epilogue
+
+// The GroupNorm producer's view of the output tile (flags bit 5; see the shared section at the
+// end of conv2d.wgsl): the epilogues leave each rounded output in c_sh where its accumulator
+// was. view 0: row-major TM × TN (conv2d_coop, conv2d_split_reduce); 1: conv2d_coop_l's
+// slots, one pass of its epilogue (rows i·FRAG .. and 4·FRAG + i·FRAG .. of the tile).
+fn gn_tile_value(view: u32, rt: u32, ct: u32, m: u32, n: u32) -> f32 {
+    if (view == 0u) {
+        return c_sh[rt * TN + ct];
+    }
+    let s = ((rt / (4u * FRAG)) << 2u) | (ct / SLOT_W);
+    return c_sh[s * SLOT + (rt % FRAG) * SLOT_W + ct % SLOT_W];
+}
 
 // Channels c .. c + 4 of the TAIL input at output pixel m (Cs and tail_ca % 4 == 0).
 fn tail_chunk(m: u32, c: u32) -> vec4<f16> {
@@ -218,6 +250,9 @@ fn conv2d_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     }
     let m0 = (tile / params.n_tiles) * TM;
     let n0 = (tile % params.n_tiles) * TN;
+    if ((params.flags & 64u) != 0u) {
+        gn_merge_input(lid, NT, m0);
+    }
 
     let wm = (sg >> 1u) * 2u * FRAG;   // this subgroup's quarter of the tile
     let wn = (sg & 1u) * 2u * FRAG;
@@ -273,8 +308,14 @@ fn conv2d_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
             if ((params.flags & 2u) != 0u) {
                 v += f32(residual[o]);
             }
-            out[o] = elem(v);
+            let rounded = elem(v);
+            out[o] = rounded;
+            c_sh[i] = f32(rounded);
         }
+    }
+    if ((params.flags & 32u) != 0u) {
+        workgroupBarrier();
+        gn_tile_rows(lid, NT, tile, m0, n0, TM, TN, 0u, TM, 0u, true);
     }
 }
 
@@ -309,7 +350,8 @@ override SPLIT: bool = false;
 
 var<workgroup> a_shl: array<f16, TL * AS>;    // a_shl[r * AS + k] = A[m0 + r, k0 + k]
 var<workgroup> b_shl: array<f16, TL * AS>;    // b_shl[r * AS + k] = w[n0 + r, k0 + k] (Bᵀ)
-var<workgroup> c_shl: array<f32, 8u * SLOT>;  // slot s: c_shl[s * SLOT + r * SLOT_W + c]
+// The large tile's epilogue staging reuses c_sh (8 · SLOT = TM · TN): slot s is
+// c_sh[s * SLOT + r * SLOT_W + c].
 
 // One output pixel's place in the input, decoded once: the top-left input coordinate its
 // filter window starts at (may be negative: padding), the first row of its image in x, and
@@ -409,7 +451,7 @@ fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32, z: u32) {
         let m = m0 + (s >> 2u) * 4u * FRAG + i * FRAG + r;
         let n = n0 + (s & 3u) * SLOT_W + c;
         if (m < params.m && n < params.cout) {
-            var v = c_shl[e];
+            var v = c_sh[e];
             let o = m * params.cout + n;
             if (SPLIT) {
                 partial[z * params.m * params.cout + o] = v;
@@ -421,8 +463,19 @@ fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32, z: u32) {
             if ((params.flags & 2u) != 0u) {
                 v += f32(residual[o]);
             }
-            out[o] = elem(v);
+            let rounded = elem(v);
+            out[o] = rounded;
+            c_sh[e] = f32(rounded);
         }
+    }
+}
+
+// After epilogue pass i (and a barrier): its rows' GroupNorm pieces (flags bit 5, no SPLIT).
+fn gn_pass_l(lid: u32, i: u32, tile: u32, m0: u32, n0: u32) {
+    if (!SPLIT && (params.flags & 32u) != 0u) {
+        gn_tile_rows(lid, NT_L, tile, m0, n0, TL, TL, i * FRAG, (i + 1u) * FRAG, 1u, i == 0u);
+        gn_tile_rows(lid, NT_L, tile, m0, n0, TL, TL, 4u * FRAG + i * FRAG,
+                     4u * FRAG + (i + 1u) * FRAG, 1u, false);
     }
 }
 
@@ -440,6 +493,9 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     }
     let m0 = (tile / params.n_tiles) * TL;
     let n0 = (tile % params.n_tiles) * TL;
+    if ((params.flags & 64u) != 0u) {
+        gn_merge_input(lid, NT_L, m0);
+    }
 
     // This invocation's staging slots: chunk column c of rows r0 + j·ROWS_PER_PASS.
     let c = lid % CHUNKS;
@@ -572,48 +628,76 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let s0 = sg * SLOT;
     let s1 = sg * SLOT + FRAG;
     let stride = SLOT_W;
-    coopStoreT(c00, &c_shl[s0], stride);
-    coopStoreT(c01, &c_shl[s1], stride);
+    coopStoreT(c00, &c_sh[s0], stride);
+    coopStoreT(c01, &c_sh[s1], stride);
     workgroupBarrier();
     epilogue_pass_l(lid, 0u, m0, n0, wid.z);
     workgroupBarrier();
-    coopStoreT(c10, &c_shl[s0], stride);
-    coopStoreT(c11, &c_shl[s1], stride);
+    gn_pass_l(lid, 0u, tile, m0, n0);
+    coopStoreT(c10, &c_sh[s0], stride);
+    coopStoreT(c11, &c_sh[s1], stride);
     workgroupBarrier();
     epilogue_pass_l(lid, 1u, m0, n0, wid.z);
     workgroupBarrier();
-    coopStoreT(c20, &c_shl[s0], stride);
-    coopStoreT(c21, &c_shl[s1], stride);
+    gn_pass_l(lid, 1u, tile, m0, n0);
+    coopStoreT(c20, &c_sh[s0], stride);
+    coopStoreT(c21, &c_sh[s1], stride);
     workgroupBarrier();
     epilogue_pass_l(lid, 2u, m0, n0, wid.z);
     workgroupBarrier();
-    coopStoreT(c30, &c_shl[s0], stride);
-    coopStoreT(c31, &c_shl[s1], stride);
+    gn_pass_l(lid, 2u, tile, m0, n0);
+    coopStoreT(c30, &c_sh[s0], stride);
+    coopStoreT(c31, &c_sh[s1], stride);
     workgroupBarrier();
     epilogue_pass_l(lid, 3u, m0, n0, wid.z);
+    // (Split: the reduce writes the output, and its partials.)
+    if (!SPLIT && (params.flags & 32u) != 0u) {
+        workgroupBarrier();
+        gn_pass_l(lid, 3u, tile, m0, n0);
+    }
 }
 
-// The K splits of conv2d_coop_l summed in split order, plus bias and residual, rounded once:
-// one invocation per output element, (M · Cout) / 256 workgroups folded by `grid_1d`.
-// The number of splits is ceil(K / k_chunk).
+// The K splits of conv2d_coop_l summed in split order, plus bias and residual, rounded once,
+// over TM × TN output tiles (so that flags bit 5 can take the tile's GroupNorm partials from
+// c_sh, as conv2d_coop does): 256 invocations, element i = lid + 256·j of the tile row-major,
+// ceil(M / TM) · ceil(Cout / TN) workgroups folded by `grid_1d`, tile = m_tile · ceil(Cout /
+// TN) + n_tile. The number of splits is ceil(K / k_chunk).
 @compute @workgroup_size(256)
-fn conv2d_split_reduce(@builtin(global_invocation_id) gid: vec3<u32>,
-                       @builtin(num_workgroups) nwg: vec3<u32>) {
-    let o = gid.x + gid.y * nwg.x * 256u;
-    let total = params.m * params.cout;
-    if (o >= total) {
+fn conv2d_split_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let tile = wid.x + wid.y * nwg.x;
+    let n_tiles = (params.cout + TN - 1u) / TN;
+    let m_tiles = (params.m + TM - 1u) / TM;
+    if (tile >= m_tiles * n_tiles) {
         return;
     }
+    let m0 = (tile / n_tiles) * TM;
+    let n0 = (tile % n_tiles) * TN;
+    let total = params.m * params.cout;
     let splits = (params.k + params.k_chunk - 1u) / params.k_chunk;
-    var v = 0.0;
-    for (var z = 0u; z < splits; z++) {
-        v += partial[z * total + o];
+    for (var i = lid; i < TM * TN; i += 256u) {
+        let r = i / TN;
+        let m = m0 + r;
+        let n = n0 + i - r * TN;
+        if (m < params.m && n < params.cout) {
+            let o = m * params.cout + n;
+            var v = 0.0;
+            for (var z = 0u; z < splits; z++) {
+                v += partial[z * total + o];
+            }
+            if ((params.flags & 1u) != 0u) {
+                v += bias_at(m, n);
+            }
+            if ((params.flags & 2u) != 0u) {
+                v += f32(residual[o]);
+            }
+            let rounded = elem(v);
+            out[o] = rounded;
+            c_sh[i] = f32(rounded);
+        }
     }
-    if ((params.flags & 1u) != 0u) {
-        v += bias_at(o / params.cout, o % params.cout);
+    if ((params.flags & 32u) != 0u) {
+        workgroupBarrier();
+        gn_tile_rows(lid, 256u, tile, m0, n0, TM, TN, 0u, TM, 0u, true);
     }
-    if ((params.flags & 2u) != 0u) {
-        v += f32(residual[o]);
-    }
-    out[o] = elem(v);
 }

@@ -218,8 +218,29 @@ pub fn prelude(dtype: DType) -> &'static str {
 }
 
 /// The shader text for a file or a variant (renamings applied).
+/// The section of `conv2d.wgsl` that `conv2d_coop.wgsl` shares: the GroupNorm partials
+/// (producer epilogue, consumer prologue), one text for both convolution kernels.
+fn conv2d_shared_section() -> &'static str {
+    const START: &str = "// ------------------------------------------------------------------ GroupNorm partials (shared)";
+    const END: &str = "// ------------------------------------------------------------------ end GroupNorm partials";
+    let text = ShaderId::Conv2d.file_source();
+    let start = text
+        .find(START)
+        .expect("conv2d.wgsl has its shared section");
+    let end = text[start..]
+        .find(END)
+        .expect("conv2d.wgsl ends its shared section")
+        + start;
+    &text[start..end + END.len()]
+}
+
 fn variant_source(shader: ShaderId) -> String {
     let mut body = shader.file_source().to_string();
+    if shader.variant_of().map_or(shader, |v| v.0) == ShaderId::Conv2dCoop {
+        body.push('\n');
+        body.push_str(conv2d_shared_section());
+        body.push('\n');
+    }
     if let Some((base, renames)) = shader.variant_of() {
         for (from, to) in renames {
             debug_assert!(

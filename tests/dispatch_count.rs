@@ -36,8 +36,9 @@ const STEP_EXTRA: u64 = 2;
 /// every transformer LayerNorm applied in the next projection's loads, its statistics computed
 /// by the matmul's own workgroups (no dispatch at all: -48), 273 with each transformer's last
 /// ff_out and proj_out folded into one projection (-16), 259 with every resnet's 1×1
-/// conv_shortcut run as more K of its conv2 (-14).
-const MAX_GUIDED_STEP_DISPATCHES: u64 = 259;
+/// conv_shortcut run as more K of its conv2 (-14), 237 with norm2's statistics left by conv1's
+/// workgroups as per-tile pieces and merged by conv2's (no statistics dispatch: -22).
+const MAX_GUIDED_STEP_DISPATCHES: u64 = 237;
 
 /// SD 1.5's U-Net config (runwayml/stable-diffusion-v1-5 unet/config.json) with widths cut to
 /// [32, 64, 128, 128], 8 groups and a 32-wide context.

@@ -361,9 +361,10 @@ fn run_on(g: &Gpu, c: &Case, i: &Inputs, dtype: DType, variant: Option<Variant>)
         };
         (table.unwrap(), n.silu)
     });
-    let fused = table
-        .as_ref()
-        .map(|(table, silu)| conv2d::FusedNorm { table, silu: *silu });
+    let fused = table.as_ref().map(|(table, silu)| conv2d::FusedNorm {
+        stats: conv2d::NormStats::Table(table),
+        silu: *silu,
+    });
     // A shortcut: its input (whole, or in two parts) and weight.
     let tail = i.shortcut.as_ref().map(|sc| {
         let w = up(&sc.w, &[c.cout, 1, 1, sc.cs]);
@@ -1143,7 +1144,7 @@ fn variant_choice_follows_the_shape() {
     assert_eq!(Tile::parse("256"), None);
     // The workgroup memory of each variant, as the shader header states it.
     let bytes: Vec<u32> = Variant::ALL.iter().map(|v| v.workgroup_bytes()).collect();
-    assert_eq!(bytes, [18_432, 10_240, 20_480, 6_144]);
+    assert_eq!(bytes, [22_528, 14_336, 24_576, 10_240]);
     assert_eq!(
         conv2d::variants(16 << 10),
         [v(Tile::T64, 16), v(Tile::Small, 16)]
@@ -1607,7 +1608,10 @@ fn fused_group_norm_rejects_bad_tables() {
             bias: None,
             bias_rows: None,
             residual: None,
-            norm: Some(conv2d::FusedNorm { table, silu: true }),
+            norm: Some(conv2d::FusedNorm {
+                stats: conv2d::NormStats::Table(table),
+                silu: true,
+            }),
             shortcut: None,
             stride: 1,
             pads: P1,
@@ -1641,4 +1645,295 @@ fn coop_tiles(g: &Gpu, plan: CoopPlan) -> Vec<CoopTile> {
     } else {
         vec![CoopTile::T64]
     }
+}
+
+/// A producer conv and a consumer conv with a fused GroupNorm + SiLU between them (ResnetBlock2D's
+/// conv1 → norm2 → conv2): producer x [b, h, w, cin] → y [.., c] (3×3, bias); consumer 3×3
+/// c → cout over silu(GroupNorm(y, groups)).
+#[derive(Clone, Copy, Debug)]
+struct PairCase {
+    name: &'static str,
+    b: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    c: usize,
+    groups: usize,
+    cout: usize,
+}
+
+#[rustfmt::skip]
+const PAIR_CASES: &[PairCase] = &[
+    // 10-channel groups across 64-channel tiles, 143 pixels per image (tiles over two images).
+    PairCase { name: "13x11 B2 12->40 (4 groups of 10) ->21", b: 2, h: 13, w: 11, cin: 12, c: 40, groups: 4, cout: 21 },
+    // Three images of 64 pixels: a 128-row tile holds two whole images.
+    PairCase { name: "8x8 B3 8->64 (32 groups of 2) ->19", b: 3, h: 8, w: 8, cin: 8, c: 64, groups: 32, cout: 19 },
+    // 35 pixels per image, more channels than one tile, one group per channel and one group.
+    PairCase { name: "5x7 B2 4->136 (8 groups of 17) ->70", b: 2, h: 5, w: 7, cin: 4, c: 136, groups: 8, cout: 70 },
+    PairCase { name: "6x6 B2 8->24 (24 groups of 1) ->8", b: 2, h: 6, w: 6, cin: 8, c: 24, groups: 24, cout: 8 },
+    PairCase { name: "9x9 B1 8->32 (1 group) ->12", b: 1, h: 9, w: 9, cin: 8, c: 32, groups: 1, cout: 12 },
+];
+
+/// Host data of a pair: x, the producer's weight and bias, gamma, beta, the consumer's weight.
+struct PairInputs {
+    x: Vec<f32>,
+    w1: Vec<f32>,
+    b1: Vec<f32>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    w2: Vec<f32>,
+}
+
+fn pair_inputs(p: &PairCase, dtype: DType, seed: u64) -> PairInputs {
+    let mut rng = Rng::new(seed);
+    let q = |v: Vec<f32>| quantize(&v, dtype);
+    PairInputs {
+        x: q(rng.normals(p.b * p.h * p.w * p.cin, 1.0)),
+        w1: q(rng.normals(p.c * 9 * p.cin, 1.0 / ((9 * p.cin) as f64).sqrt())),
+        // A mean per channel, so groups have |mean| ≠ 0 and mix channel statistics.
+        b1: q(rng.normals(p.c, 1.5)),
+        gamma: q(rng.normals(p.c, 1.0)),
+        beta: q(rng.normals(p.c, 1.0)),
+        w2: q(rng.normals(p.cout * 9 * p.c, 1.0 / ((9 * p.c) as f64).sqrt())),
+    }
+}
+
+/// Run the pair on `g`: the producer (variant `pv`) leaving its pieces in a NaN-poisoned buffer,
+/// then the consumer (variant `cv`, reading y upsampled 2× when `upsampled`: a geometry that
+/// cannot merge, so the conv must fall back to its own statistics) into a NaN-poisoned output.
+/// Returns (y, the consumer's output, whether the producer made pieces).
+fn run_pair(
+    g: &Gpu,
+    p: &PairCase,
+    i: &PairInputs,
+    dtype: DType,
+    (pv, cv): (Option<Variant>, Option<Variant>),
+    upsampled: bool,
+    spoil: bool,
+) -> (Vec<f32>, Vec<f32>, bool) {
+    let up = |data: &[f32], shape: &[usize]| g.upload(data, shape, dtype).unwrap();
+    let x = up(&i.x, &[p.b, p.h, p.w, p.cin]);
+    let w1 = up(&i.w1, &[p.c, 3, 3, p.cin]);
+    let b1 = up(&i.b1, &[p.c]);
+    let (gamma, beta) = (up(&i.gamma, &[p.c]), up(&i.beta, &[p.c]));
+    let pairs: Vec<f32> = i
+        .gamma
+        .iter()
+        .zip(&i.beta)
+        .flat_map(|(&a, &b)| [a, b])
+        .collect();
+    let gamma_beta = g.upload(&pairs, &[p.c, 2], DType::F32).unwrap();
+    let w2 = up(&i.w2, &[p.cout, 3, 3, p.c]);
+    let conv = |input, weight, bias, norm, variant| Conv {
+        input,
+        weight,
+        bias,
+        bias_rows: None,
+        residual: None,
+        norm,
+        shortcut: None,
+        stride: 1,
+        pads: P1,
+        variant,
+    };
+    let (y, partials) = conv(Input::Plain(&x), &w1, Some(&b1), None, pv)
+        .run_with_partials(g, p.groups, |pieces| {
+            fill::poisoned(g, &[pieces, 4], DType::F32)
+        })
+        .unwrap();
+    let made = partials.is_some();
+    if let (true, Some(p)) = (spoil, &partials) {
+        fill::fill(g, &p.buffer, f32::NAN).unwrap();
+    }
+    let (ho, wo) = if upsampled {
+        (2 * p.h, 2 * p.w)
+    } else {
+        (p.h, p.w)
+    };
+    let out = fill::poisoned(g, &[p.b, ho, wo, p.cout], dtype).unwrap();
+    let norm = partials.as_ref().map(|partials| conv2d::FusedNorm {
+        stats: conv2d::NormStats::Partials {
+            partials,
+            gamma: &gamma,
+            beta: &beta,
+            gamma_beta: &gamma_beta,
+            eps: GN_EPS,
+        },
+        silu: true,
+    });
+    let input = if upsampled {
+        Input::Upsampled2x(&y)
+    } else {
+        Input::Plain(&y)
+    };
+    conv(input, &w2, None, norm, cv).run_into(g, &out).unwrap();
+    (g.download(&y).unwrap(), g.download(&out).unwrap(), made)
+}
+
+/// The consumer's f64 reference: conv(silu(GroupNorm(y))) on the y the producer wrote.
+fn pair_reference(p: &PairCase, i: &PairInputs, y: &[f32], upsampled: bool) -> Vec<f64> {
+    let normed: Vec<f32> = norm::reference_group_norm(
+        y,
+        &[p.b, p.h * p.w, p.c],
+        p.groups,
+        GN_EPS,
+        &i.gamma,
+        &i.beta,
+        true,
+    )
+    .iter()
+    .map(|&v| v as f32)
+    .collect();
+    let (x, h, w) = if upsampled {
+        (
+            conv2d::upsample_nearest2x_host(&normed, p.b, p.h, p.w, p.c),
+            2 * p.h,
+            2 * p.w,
+        )
+    } else {
+        (normed, p.h, p.w)
+    };
+    let shape = conv2d::ConvShape {
+        b: p.b,
+        h,
+        w,
+        cin: p.c,
+        cout: p.cout,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pads: P1,
+    };
+    conv2d::reference(&x, &i.w2, (None, None), &shape)
+}
+
+/// GroupNorm statistics without a statistics dispatch: every producer variant leaves per-tile
+/// pieces, every consumer variant merges them, against the f64 reference of the consumer on
+/// the producer's own output; both dtypes; pieces and outputs NaN-poisoned; where the tensor-core
+/// kernel runs, its tiles as producer (split K included) and consumer.
+#[test]
+fn group_norm_statistics_from_the_producer() {
+    for (s, p) in PAIR_CASES.iter().enumerate() {
+        for dtype in dtypes() {
+            let i = pair_inputs(p, dtype, 1700 + s as u64);
+            // Every producer variant with the default consumer, every consumer variant with the
+            // default producer (f32: the shape's own pair only; each is a pipeline to compile).
+            let mut pairs: Vec<(Option<Variant>, Option<Variant>)> = vec![(None, None)];
+            if dtype == DType::F16 {
+                for v in all_variants() {
+                    pairs.push((Some(v), None));
+                    pairs.push((None, Some(v)));
+                }
+            }
+            for pair in pairs {
+                let (y, got, made) = run_pair(gpu(), p, &i, dtype, pair, false, false);
+                assert!(made, "{}: the producer made no pieces", p.name);
+                let want = pair_reference(p, &i, &y, false);
+                let name = |v: Option<Variant>| v.map_or("by shape".into(), |v| v.name());
+                let what = format!(
+                    "{} [{} -> {}] ({})",
+                    p.name,
+                    name(pair.0),
+                    name(pair.1),
+                    dtype.name()
+                );
+                eprintln!("{what:<70} rel_l2 {:.2e}", rel_l2(&got, &want));
+                assert_close(&what, &got, &want, tol(dtype, 1e-5, 2e-3));
+            }
+        }
+        // Not vacuous: every consumer variant reads the pieces (NaN pieces, NaN output).
+        let i = pair_inputs(p, DType::F16, 1750 + s as u64);
+        for v in all_variants() {
+            let (_, got, _) = run_pair(gpu(), p, &i, DType::F16, (None, Some(v)), false, true);
+            assert!(
+                got.iter().any(|x| x.is_nan()),
+                "{} [{}]: the consumer did not read the pieces",
+                p.name,
+                v.name()
+            );
+        }
+    }
+    // A consumer that cannot merge (upsampled input) computes its own statistics instead.
+    let p = &PAIR_CASES[0];
+    let i = pair_inputs(p, DType::F32, 1790);
+    let (y, got, _) = run_pair(gpu(), p, &i, DType::F32, (None, None), true, false);
+    let want = pair_reference(p, &i, &y, true);
+    assert_close("upsampled consumer (fallback)", &got, &want, 1e-5);
+    // Tensor cores, on an engine of their own (tiles are forced).
+    let engine = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+    let g = &engine;
+    let Some(plan) = ldm_wgpu::kernels::coop::coop_plan(g, DType::F16) else {
+        return;
+    };
+    // Plus a small grid with a long K, where the large tile splits K and the reduce writes
+    // the pieces.
+    let split = PairCase {
+        name: "8x8 B2 256->256 (32 groups of 8) ->64 (split K)",
+        b: 2,
+        h: 8,
+        w: 8,
+        cin: 256,
+        c: 256,
+        groups: 32,
+        cout: 64,
+    };
+    for &tile in &coop_tiles(g, plan) {
+        set_coop_tile(g, Some(tile));
+        // Both sides on tensor cores (Mesa 26's emulated cooperative matrices are slow: three
+        // cases).
+        for (s, p) in PAIR_CASES.iter().take(2).chain([&split]).enumerate() {
+            let i = pair_inputs(p, DType::F16, 1800 + s as u64);
+            let pair = (Some(Variant::COOP), Some(Variant::COOP));
+            let (y, got, made) = run_pair(g, p, &i, DType::F16, pair, false, false);
+            assert!(made, "{}: the producer made no pieces", p.name);
+            let want = pair_reference(p, &i, &y, false);
+            let what = format!("{} [coop {tile:?} -> coop {tile:?}] (f16)", p.name);
+            eprintln!("{what:<70} rel_l2 {:.2e}", rel_l2(&got, &want));
+            assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
+        }
+        set_coop_tile(g, None);
+    }
+}
+
+/// Where a producer's tiles cannot make pieces (a tile over three images, groups that do not
+/// divide the channels, too many groups), it says so (None) and its output is unchanged.
+#[test]
+fn group_norm_pieces_only_where_the_geometry_allows() {
+    let g = gpu();
+    let up = |shape: &[usize]| {
+        let n = shape.iter().product::<usize>();
+        g.upload(&Rng::new(n as u64).normals(n, 1.0), shape, DType::F32)
+            .unwrap()
+    };
+    let run = |x: &Tensor, w: &Tensor, groups: usize| {
+        let conv = Conv {
+            input: Input::Plain(x),
+            weight: w,
+            bias: None,
+            bias_rows: None,
+            residual: None,
+            norm: None,
+            shortcut: None,
+            stride: 1,
+            pads: P1,
+            variant: None,
+        };
+        let (y, p) = conv
+            .run_with_partials(g, groups, |n| g.empty(&[n, 4], DType::F32))
+            .unwrap();
+        let plain = conv.run(g).unwrap();
+        assert_eq!(
+            g.download_bytes(&y).unwrap(),
+            g.download_bytes(&plain).unwrap()
+        );
+        p.is_some()
+    };
+    let (x, w) = (up(&[2, 6, 6, 8]), up(&[16, 3, 3, 8]));
+    assert!(run(&x, &w, 4));
+    assert!(!run(&x, &w, 3), "3 groups do not divide 16 channels");
+    // 9 pixels per image: a 64-row tile holds more than two images.
+    let (x, w) = (up(&[8, 3, 3, 8]), up(&[16, 3, 3, 8]));
+    assert!(!run(&x, &w, 4), "tiles over three images");
+    let (x, w) = (up(&[1, 4, 4, 8]), up(&[256, 3, 3, 8]));
+    assert!(!run(&x, &w, 256), "over 128 groups");
 }

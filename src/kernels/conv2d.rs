@@ -38,6 +38,10 @@ impl Tile {
     }
 }
 
+/// Workgroup memory every entry point adds for the GroupNorm partials (`gn_sh`, 256 vec4<f32>:
+/// the producer's per-invocation pieces, the consumer's merged (mean, rstd) table).
+pub const GN_SHARED_BYTES: u32 = 256 * 16;
+
 /// The tensor-core plan the [`Tile::Coop`] figures are quoted for (the larger fragments).
 const COOP_16X16: CoopPlan = CoopPlan {
     frag: 16,
@@ -57,7 +61,9 @@ pub fn coop_conv_tile(
     forced: Option<coop::CoopTile>,
 ) -> coop::CoopTile {
     let large = coop::CoopTile::T128;
-    let large_ok = plan.frag * plan.frag == 8 * plan.subgroup as usize && large.fits(plan, caps);
+    let large_ok = plan.frag * plan.frag == 8 * plan.subgroup as usize
+        && large.fits(plan, caps)
+        && large.tile_bytes(plan) + GN_SHARED_BYTES <= caps.max_workgroup_storage;
     match forced {
         Some(coop::CoopTile::T64) => coop::CoopTile::T64,
         _ if large_ok => large,
@@ -133,17 +139,19 @@ impl Variant {
         },
     ];
 
-    /// Bytes of workgroup memory the entry point declares (see the shader header).
+    /// Bytes of workgroup memory the entry point declares (see the shader header), the
+    /// GroupNorm partials' [`GN_SHARED_BYTES`] included.
     pub fn workgroup_bytes(self) -> u32 {
         let rows_padded = |rows: u32| rows * (self.k_step / 4 + 1) * 16;
-        match self.tile {
-            Tile::T64 => 2 * rows_padded(64),
-            Tile::T128 => 2 * rows_padded(128),
-            Tile::Small => rows_padded(64) + 16 * 4 * 16,
-            // conv2d_coop declares what matmul_coop's 4·frag tile does; at 16×16 fragments (the
-            // larger variant).
-            Tile::Coop => coop::CoopTile::T64.tile_bytes(COOP_16X16),
-        }
+        GN_SHARED_BYTES
+            + match self.tile {
+                Tile::T64 => 2 * rows_padded(64),
+                Tile::T128 => 2 * rows_padded(128),
+                Tile::Small => rows_padded(64) + 16 * 4 * 16,
+                // conv2d_coop declares what matmul_coop's 4·frag tile does; at 16×16 fragments
+                // (the larger variant).
+                Tile::Coop => coop::CoopTile::T64.tile_bytes(COOP_16X16),
+            }
     }
 
     /// `64`, `64/k16` (the small-workgroup-memory fallback), `128`, `small`.
@@ -240,6 +248,19 @@ struct Params {
     k_main: u32,
     /// With a [`Shortcut`]: channels of its input's first part (all of them unless concatenated).
     tail_ca: u32,
+    /// [`GroupPartials`] of the output (flags bit 5): channels per group, pieces per tile image.
+    so_gw: u32,
+    so_jmax: u32,
+    /// [`NormStats::Partials`] of the input (flags bit 6): its group width, the producer's
+    /// pieces per tile image and tile, the groups, eps and 1 / group width.
+    si_gw: u32,
+    si_jmax: u32,
+    si_tm: u32,
+    si_tn: u32,
+    si_groups: u32,
+    si_eps: f32,
+    si_inv_gw: f32,
+    _pad: [u32; 3],
 }
 
 /// Output spatial size for one axis, `None` if the padded input is smaller than the kernel.
@@ -333,8 +354,69 @@ impl Input<'_> {
 /// [`Input::Upsampled2x`] has the statistics of x, which upsampling by repetition keeps).
 #[derive(Clone, Copy, Debug)]
 pub struct FusedNorm<'a> {
-    pub table: &'a Tensor,
+    pub stats: NormStats<'a>,
     pub silu: bool,
+}
+
+/// Where a [`FusedNorm`]'s statistics come from.
+#[derive(Clone, Copy, Debug)]
+pub enum NormStats<'a> {
+    /// [B, Cin, 2] f32 (scale, shift) per (batch, input channel), from a statistics dispatch.
+    Table(&'a Tensor),
+    /// The per-tile pieces the convolution that produced the input left
+    /// ([`Conv::run_with_partials`]), merged by this convolution's workgroups as they start: no
+    /// statistics dispatch. `gamma_beta` is [Cin, 2] f32; `gamma` and `beta` (the layer's,
+    /// [Cin] in the input's dtype) serve the fallback: where this convolution's tile geometry
+    /// cannot merge the pieces (a tile over three images, a concatenated or upsampled input,
+    /// more than 128 groups), it computes the table with its own statistics dispatch.
+    Partials {
+        partials: &'a GroupPartials,
+        gamma: &'a Tensor,
+        beta: &'a Tensor,
+        gamma_beta: &'a Tensor,
+        eps: f32,
+    },
+}
+
+/// The GroupNorm statistics of a convolution's output [B, H, W, C], as its workgroups left them:
+/// (count, mean, M2) per (output tile, image, channel group) piece (shaders/conv2d.wgsl, the
+/// shared section). Made by [`Conv::run_with_partials`], read by [`NormStats::Partials`].
+#[derive(Debug)]
+pub struct GroupPartials {
+    /// [tiles · 2 · jmax, 4] f32.
+    pub buffer: Tensor,
+    pub groups: usize,
+    /// The output it describes, [B, H, W, C].
+    pub shape: [usize; 4],
+    /// The producer's output tile (rows, channels) and pieces per (tile, image).
+    tm: usize,
+    tn: usize,
+    jmax: usize,
+}
+
+/// The most groups a consumer merges (its workgroup table holds 2 images × 128 groups).
+pub const PARTIALS_MAX_GROUPS: usize = 128;
+
+/// Whether every tile of `tm` rows over `m` rows of images of `hw` rows spans at most two
+/// images (the pieces' and the consumer table's limit).
+fn tiles_span_two_images(tm: usize, hw: usize, m: usize) -> bool {
+    (0..m.div_ceil(tm)).all(|t| {
+        let first = t * tm / hw;
+        let last = ((t + 1) * tm).min(m).saturating_sub(1) / hw;
+        last <= first + 1
+    })
+}
+
+/// The most groups one tile of `tn` channels over `c` channels in groups of `gw` touches.
+fn pieces_per_tile(tn: usize, gw: usize, c: usize) -> usize {
+    (0..c.div_ceil(tn))
+        .map(|u| {
+            let first = u * tn / gw;
+            let last = ((u + 1) * tn).min(c) - 1;
+            last / gw - first + 1
+        })
+        .max()
+        .unwrap_or(1)
 }
 
 /// A 1×1 convolution (stride 1, no padding, no bias) of another input added to the
@@ -466,6 +548,16 @@ impl Conv<'_> {
                 .map_or(0, |v| (v.row * v.table.dim(1) + v.col) as u32),
             k_main: (kh * kw * cin) as u32,
             tail_ca: self.shortcut.map_or(0, |sc| sc.input.x().shape()[3] as u32),
+            so_gw: 0,
+            so_jmax: 0,
+            si_gw: 0,
+            si_jmax: 0,
+            si_tm: 0,
+            si_tn: 0,
+            si_groups: 0,
+            si_eps: 0.0,
+            si_inv_gw: 0.0,
+            _pad: [0; 3],
         }
     }
 
@@ -486,13 +578,21 @@ impl Conv<'_> {
         self.bias.or(self.bias_rows.map(|v| v.table))
     }
 
-    /// The tensors at bindings 0-11 (unused ones get x, read-only like them; 6 is the uniform,
-    /// 7 the tensor-core kernel's partial sums, 9-11 the [`Shortcut`]'s input parts and weight)
-    /// and their bytes.
-    fn bindings<'t>(&'t self, out: &'t Tensor) -> ([&'t Tensor; 12], f64) {
+    /// The tensors at bindings 0-13 (unused ones get x, read-only like them; 6 is the uniform,
+    /// 7 the tensor-core kernel's partial sums, 9-11 the [`Shortcut`]'s input parts and weight,
+    /// 12 the output's [`GroupPartials`] (else `out` again: both read-write, never written
+    /// there), 13 the input's) and their bytes.
+    fn bindings<'t>(&'t self, out: &'t Tensor, gn: &GnSide<'t>) -> ([&'t Tensor; 14], f64) {
         let x = self.input.x();
         let second = self.input.second();
-        let table = self.norm.map(|n| n.table);
+        let table = self.norm.map(|n| match n.stats {
+            NormStats::Table(t) => t,
+            NormStats::Partials { gamma_beta, .. } => gamma_beta,
+        });
+        let gn_in = self.norm.and_then(|n| match n.stats {
+            NormStats::Partials { partials, .. } => Some(&partials.buffer),
+            NormStats::Table(_) => None,
+        });
         let tail_x = self.shortcut.as_ref().map(|sc| sc.input.x());
         let tail_second = self.shortcut.as_ref().and_then(|sc| sc.input.second());
         let tail_w = self.shortcut.map(|sc| sc.weight);
@@ -509,6 +609,8 @@ impl Conv<'_> {
             tail_x.unwrap_or(x),
             tail_second.unwrap_or(x),
             tail_w.unwrap_or(x),
+            gn.out.map_or(out, |(t, _, _)| t),
+            gn_in.unwrap_or(x),
         ];
         let bytes = [
             Some(x),
@@ -521,6 +623,8 @@ impl Conv<'_> {
             tail_x,
             tail_second,
             tail_w,
+            gn.out.map(|(t, _, _)| t),
+            gn_in,
         ]
         .into_iter()
         .flatten()
@@ -537,30 +641,24 @@ impl Conv<'_> {
         gpu: &Gpu,
         out: &Tensor,
         plan: CoopPlan,
-        out_shape: [usize; 4],
-        in_shape: [usize; 3],
-        k: usize,
+        shape: &Checked,
+        gn: &GnSide<'_>,
     ) -> Result<()> {
+        let (out_shape, in_shape, k) = (shape.out, shape.input, shape.k);
         let [b, ho, wo, cout] = out_shape;
         let m = b * ho * wo;
-        let coop_tile = coop_conv_tile(plan, &gpu.caps, m, cout, coop::forced_coop_tile(gpu));
+        let (coop_tile, k_chunk) = coop_geometry(gpu, plan, m, cout, k);
         let tile = coop_tile.side(plan);
         let n_tiles = cout.div_ceil(tile);
         let tiles = m.div_ceil(tile) * n_tiles;
         let mut params = self.params(out_shape, in_shape, k, n_tiles);
-        let (tensors, bytes) = self.bindings(out);
+        gn.apply(&mut params);
+        let (tensors, bytes) = self.bindings(out, gn);
         let flag = |on: bool| f64::from(u8::from(on));
         let tail = self.tail_overrides();
-        let (entry, k_chunk) = match coop_tile {
-            coop::CoopTile::T64 => ("conv2d_coop", None),
-            coop::CoopTile::T128 => {
-                let chunk = split_k(plan, tiles, k);
-                // The partial sums must fit one binding; else no split.
-                let fits = |c: usize| {
-                    (k.div_ceil(c) * m * cout * 4) as u64 <= gpu.caps.max_storage_binding
-                };
-                ("conv2d_coop_l", chunk.filter(|&c| fits(c)))
-            }
+        let entry = match coop_tile {
+            coop::CoopTile::T64 => "conv2d_coop",
+            coop::CoopTile::T128 => "conv2d_coop_l",
         };
         let splits = k_chunk.map_or(1, |c| k.div_ceil(c));
         params.k_chunk = k_chunk.unwrap_or(0) as u32;
@@ -599,6 +697,7 @@ impl Conv<'_> {
         if splits == 1 {
             return Ok(());
         }
+        let reduce_tile = coop::CoopTile::T64.side(plan);
         gpu.dispatch(&Dispatch {
             shader: plan.shader(ShaderId::Conv2dCoop),
             entry: "conv2d_split_reduce",
@@ -606,7 +705,7 @@ impl Conv<'_> {
             overrides: &[],
             tensors: &with_partial,
             params: bytemuck::bytes_of(&params),
-            workgroups: grid_1d((m * cout).div_ceil(256) as u64),
+            workgroups: grid_1d((m.div_ceil(reduce_tile) * cout.div_ceil(reduce_tile)) as u64),
             label: "conv2d_split_reduce",
             work: Work {
                 flops: (splits * m * cout) as f64,
@@ -625,11 +724,134 @@ impl Conv<'_> {
     /// Run into `out`, which must not share a buffer with any input: check the shapes, choose
     /// the kernel, record it.
     pub fn run_into(&self, gpu: &Gpu, out: &Tensor) -> Result<()> {
+        self.run_inner(gpu, out, None).map(|_| ())
+    }
+
+    /// Run into a new tensor, and leave the GroupNorm statistics of the output in `groups`
+    /// groups as per-tile pieces ([`GroupPartials`]) for a consumer's [`NormStats::Partials`]:
+    /// the next GroupNorm then needs no statistics dispatch. None where this convolution's tile
+    /// geometry cannot (a tile over three images, `groups` not dividing Cout or over
+    /// [`PARTIALS_MAX_GROUPS`]): the output is the same, the consumer computes its table.
+    /// `buffer(pieces)` gives the [pieces, 4] f32 tensor the pieces go to.
+    pub fn run_with_partials(
+        &self,
+        gpu: &Gpu,
+        groups: usize,
+        buffer: impl FnOnce(usize) -> Result<Tensor>,
+    ) -> Result<(Tensor, Option<GroupPartials>)> {
+        let out = gpu.empty(&self.output_shape()?, self.input.x().dtype())?;
+        let mut buffer = Some(buffer);
+        let mut take = |pieces: usize| (buffer.take().expect("one buffer per run"))(pieces);
+        let partials = self.run_inner(gpu, &out, Some((groups, &mut take)))?;
+        Ok((out, partials))
+    }
+
+    /// `produce`: the groups of the output's statistics and where their pieces go.
+    fn run_inner(
+        &self,
+        gpu: &Gpu,
+        out: &Tensor,
+        produce: Option<(usize, &mut PiecesBuffer<'_>)>,
+    ) -> Result<Option<GroupPartials>> {
         let shape = self.validate(out)?;
-        match self.choose(gpu, &shape)? {
-            (_, Some(plan)) => self.dispatch_coop(gpu, out, plan, shape.out, shape.input, shape.k),
-            (variant, None) => self.dispatch_fma(gpu, out, variant, &shape),
+        let (variant, plan) = self.choose(gpu, &shape)?;
+        let [b, ho, wo, cout] = shape.out;
+        let m = b * ho * wo;
+        // This convolution's own tile rows (where its fused norm reads the merged statistics)
+        // and the tile of the kernel that writes `out` (the split-K reduce's where K splits).
+        let (own_tm, out_tile) = match plan {
+            Some(plan) => {
+                let (coop_tile, k_chunk) = coop_geometry(gpu, plan, m, cout, shape.k);
+                let side = coop_tile.side(plan);
+                // The reduce's tile is the small tile's (TM × TN).
+                let out_tile = if k_chunk.is_some() {
+                    let t = coop::CoopTile::T64.side(plan);
+                    (t, t)
+                } else {
+                    (side, side)
+                };
+                (side, out_tile)
+            }
+            None => {
+                let (tm, tn) = variant.tile.size(cout);
+                (tm, (tm, tn))
+            }
+        };
+        // The input's statistics: merged here where this geometry can, else a table first.
+        if let Some(FusedNorm {
+            stats:
+                NormStats::Partials {
+                    partials,
+                    gamma,
+                    beta,
+                    eps,
+                    ..
+                },
+            silu,
+        }) = self.norm
+        {
+            let [_, h, w, cin] = self.input.shape()?;
+            let mergeable = matches!(self.input, Input::Plain(_))
+                && partials.shape == [b, h, w, cin]
+                && partials.groups <= PARTIALS_MAX_GROUPS
+                && cin.is_multiple_of(partials.groups)
+                && tiles_span_two_images(own_tm, ho * wo, m);
+            if !mergeable {
+                let table = gpu.empty(&[b, cin, 2], DType::F32)?;
+                let op = crate::kernels::norm::GroupNormOp {
+                    groups: partials.groups,
+                    eps,
+                    gamma,
+                    beta,
+                    silu: false,
+                };
+                op.stats_into(gpu, self.input.x(), None, &table)?;
+                let conv = Conv {
+                    norm: Some(FusedNorm {
+                        stats: NormStats::Table(&table),
+                        silu,
+                    }),
+                    ..*self
+                };
+                return conv.run_inner(gpu, out, produce);
+            }
         }
+        // The output's statistics, where its writer's tiles allow.
+        let produced = match produce {
+            Some((g, buffer))
+                if g > 0
+                    && g <= PARTIALS_MAX_GROUPS
+                    && cout.is_multiple_of(g)
+                    && tiles_span_two_images(out_tile.0, ho * wo, m) =>
+            {
+                let (tm, tn) = out_tile;
+                let jmax = pieces_per_tile(tn, cout / g, cout);
+                let pieces = m.div_ceil(tm) * cout.div_ceil(tn) * 2 * jmax;
+                Some(GroupPartials {
+                    buffer: buffer(pieces)?,
+                    groups: g,
+                    shape: shape.out,
+                    tm,
+                    tn,
+                    jmax,
+                })
+            }
+            _ => None,
+        };
+        let gn = GnSide {
+            out: produced
+                .as_ref()
+                .map(|p| (&p.buffer, p.shape[3] / p.groups, p.jmax)),
+            input: self.norm.and_then(|n| match n.stats {
+                NormStats::Partials { partials, eps, .. } => Some((partials, eps)),
+                NormStats::Table(_) => None,
+            }),
+        };
+        match plan {
+            Some(plan) => self.dispatch_coop(gpu, out, plan, &shape, &gn)?,
+            None => self.dispatch_fma(gpu, out, variant, &shape, &gn)?,
+        }
+        Ok(produced)
     }
 
     /// Every input's shape and dtype against the convolution's, no aliasing of `out`, and
@@ -745,23 +967,37 @@ impl Conv<'_> {
                 ));
             }
         }
-        if let Some(n) = self.norm {
-            if n.table.shape() != [b, cin, 2] || n.table.dtype() != DType::F32 {
-                return Err(Error::shape(
-                    op,
-                    format!(
-                        "the GroupNorm table must be [{b}, {cin}, 2] f32 (scale, shift per batch \
-                         item and input channel), got {:?}",
-                        n.table
-                    ),
-                ));
+        match self.norm.map(|n| n.stats) {
+            Some(NormStats::Table(table)) => {
+                if table.shape() != [b, cin, 2] || table.dtype() != DType::F32 {
+                    return Err(Error::shape(
+                        op,
+                        format!(
+                            "the GroupNorm table must be [{b}, {cin}, 2] f32 (scale, shift per \
+                             batch item and input channel), got {table:?}"
+                        ),
+                    ));
+                }
+                inputs.push(("GroupNorm table", table));
             }
-            if n.table.buffer_id() == out.buffer_id() {
-                return Err(Error::shape(
-                    op,
-                    "out shares its buffer with the GroupNorm table",
-                ));
+            Some(NormStats::Partials {
+                gamma_beta,
+                partials,
+                ..
+            }) => {
+                if gamma_beta.shape() != [cin, 2] || gamma_beta.dtype() != DType::F32 {
+                    return Err(Error::shape(
+                        op,
+                        format!(
+                            "the GroupNorm (gamma, beta) table must be [{cin}, 2] f32, got \
+                             {gamma_beta:?}"
+                        ),
+                    ));
+                }
+                inputs.push(("GroupNorm (gamma, beta)", gamma_beta));
+                inputs.push(("GroupNorm partials", &partials.buffer));
             }
+            None => {}
         }
         // wgpu refuses a buffer bound read-only and read-write in one dispatch (wgpu#8470).
         for (name, t) in &inputs {
@@ -890,16 +1126,18 @@ impl Conv<'_> {
         out: &Tensor,
         variant: Variant,
         shape: &Checked,
+        gn: &GnSide<'_>,
     ) -> Result<()> {
         let (m, k, cout) = (shape.m, shape.k, shape.out[3]);
         let (tile_m, tile_n) = variant.tile.size(cout);
         let n_tiles = cout.div_ceil(tile_n);
         let m_tiles = m.div_ceil(tile_m);
-        let params = self.params(shape.out, shape.input, k, n_tiles);
+        let mut params = self.params(shape.out, shape.input, k, n_tiles);
+        gn.apply(&mut params);
         let vec4_k = f64::from(u8::from(shape.vec4_ok));
         let upsample = f64::from(u8::from(matches!(self.input, Input::Upsampled2x(_))));
         let concat = f64::from(u8::from(self.input.second().is_some()));
-        let (tensors, bytes) = self.bindings(out);
+        let (tensors, bytes) = self.bindings(out, gn);
         // Only the overrides an entry point reads (each distinct set is a pipeline).
         let [tail, tail_concat] = self.tail_overrides();
         let mut overrides = vec![
@@ -950,6 +1188,59 @@ struct Checked {
     k: usize,
     dtype: DType,
     vec4_ok: bool,
+}
+
+/// Gives the [pieces, 4] f32 tensor a producer's [`GroupPartials`] go to.
+type PiecesBuffer<'a> = dyn FnMut(usize) -> Result<Tensor> + 'a;
+
+/// The GroupNorm side of one dispatch: the output's pieces to write (buffer, group width,
+/// pieces per tile image) and the input's to merge (with eps).
+struct GnSide<'a> {
+    out: Option<(&'a Tensor, usize, usize)>,
+    input: Option<(&'a GroupPartials, f32)>,
+}
+
+impl GnSide<'_> {
+    /// Flags bits 5 and 6 and their parameters.
+    fn apply(&self, params: &mut Params) {
+        if let Some((_, gw, jmax)) = self.out {
+            params.flags |= 1 << 5;
+            params.so_gw = gw as u32;
+            params.so_jmax = jmax as u32;
+        }
+        if let Some((p, eps)) = self.input {
+            let gw = p.shape[3] / p.groups;
+            params.flags |= 1 << 6;
+            params.si_gw = gw as u32;
+            params.si_jmax = p.jmax as u32;
+            params.si_tm = p.tm as u32;
+            params.si_tn = p.tn as u32;
+            params.si_groups = p.groups as u32;
+            params.si_eps = eps;
+            params.si_inv_gw = 1.0 / gw as f32;
+        }
+    }
+}
+
+/// The tensor-core conv's tile for an [m, cout] output with reduction length k, and its K per
+/// split where the large tile splits K ([`split_k`]; only where the partial sums fit one
+/// binding).
+fn coop_geometry(
+    gpu: &Gpu,
+    plan: CoopPlan,
+    m: usize,
+    cout: usize,
+    k: usize,
+) -> (coop::CoopTile, Option<usize>) {
+    let coop_tile = coop_conv_tile(plan, &gpu.caps, m, cout, coop::forced_coop_tile(gpu));
+    let tile = coop_tile.side(plan);
+    let tiles = m.div_ceil(tile) * cout.div_ceil(tile);
+    let k_chunk = match coop_tile {
+        coop::CoopTile::T64 => None,
+        coop::CoopTile::T128 => split_k(plan, tiles, k)
+            .filter(|&c| (k.div_ceil(c) * m * cout * 4) as u64 <= gpu.caps.max_storage_binding),
+    };
+    (coop_tile, k_chunk)
 }
 
 /// 2-D convolution: `x` [B, H, W, Cin] NHWC, `w` [Cout, KH, KW, Cin], `bias` [Cout],

@@ -3,7 +3,7 @@
 //! Activations are NHWC: [B, H, W, C].
 
 use crate::kernels::attention::{self, HeadsView};
-use crate::kernels::conv2d::{Conv, Input, Shortcut};
+use crate::kernels::conv2d::{Conv, GroupPartials, Input, Shortcut};
 use crate::kernels::elementwise::{self, ChannelBiasView};
 use crate::kernels::matmul::{self, Activation};
 use crate::nn::{self, AttentionShape, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
@@ -157,6 +157,22 @@ impl ResnetBlock2D {
         if self.fused_norm {
             return norm.into_conv(gpu, conv, true);
         }
+        self.norm_conv_unfused(gpu, norm, conv)
+    }
+
+    /// conv1(silu(norm1(input))), its output leaving norm2's statistics as per-tile pieces
+    /// where this block fuses its norms ([`GroupNorm::produce`]): conv2 then merges them as it
+    /// starts, and norm2 takes no statistics dispatch.
+    fn norm_conv1(&self, gpu: &Gpu, conv: Conv<'_>) -> Result<(Tensor, Option<GroupPartials>)> {
+        if self.fused_norm {
+            return self
+                .norm1
+                .into_conv_producing(gpu, conv, true, Some(&self.norm2));
+        }
+        Ok((self.norm_conv_unfused(gpu, &self.norm1, conv)?, None))
+    }
+
+    fn norm_conv_unfused(&self, gpu: &Gpu, norm: &GroupNorm, conv: Conv<'_>) -> Result<Tensor> {
         let normed = match conv.input {
             Input::Plain(x) => norm.forward(gpu, x, true)?, // [B, H, W, Cin]
             Input::Concat(a, b) => norm.forward_concat(gpu, a, b, true)?, // [B, H, W, Ca + Cb]
@@ -182,9 +198,9 @@ impl ResnetBlock2D {
         gpu: &Gpu,
         input: Input<'_>,
         cond: Option<&Conditioning<'_>>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<GroupPartials>)> {
         let Some(proj) = &self.time_emb_proj else {
-            return self.norm_conv(gpu, &self.norm1, self.conv1.on(input));
+            return self.norm_conv1(gpu, self.conv1.on(input));
         };
         let missing = |what: &str| crate::Error::shape("resnet", what.to_string());
         let cond = cond.ok_or_else(|| missing("a U-Net resnet needs its time embedding"))?;
@@ -194,7 +210,7 @@ impl ResnetBlock2D {
                 bias_rows: Some(view),
                 ..self.conv1.on(input)
             };
-            self.norm_conv(gpu, &self.norm1, conv) // [B, H, W, Cout]
+            self.norm_conv1(gpu, conv) // [B, H, W, Cout]
         };
         match &cond.hoisted {
             Some(hoisted) => {
@@ -230,14 +246,21 @@ impl ResnetBlock2D {
         x: &Tensor,
         cond: Option<&Conditioning<'_>>,
     ) -> Result<Tensor> {
-        let h = self.conv1_with_time(gpu, Input::Plain(x), cond)?; // [B, H, W, Cout]
-        self.conv2_with_shortcut(gpu, &h, Input::Plain(x))
+        let (h, h_stats) = self.conv1_with_time(gpu, Input::Plain(x), cond)?; // [B, H, W, Cout]
+        self.conv2_with_shortcut(gpu, &h, h_stats.as_ref(), Input::Plain(x))
     }
 
     /// conv2(silu(norm2(h))) + shortcut(x): x added in conv2's epilogue, or its 1×1 conv run
     /// as conv2's K tail. h [B, H, W, Cout], x [B, H, W, Cin] (or a concatenation, which needs
     /// the conv_shortcut). Returns [B, H, W, Cout].
-    fn conv2_with_shortcut(&self, gpu: &Gpu, h: &Tensor, x: Input<'_>) -> Result<Tensor> {
+    /// `h_stats`: norm2's statistics as conv1 left them, if it did.
+    fn conv2_with_shortcut(
+        &self,
+        gpu: &Gpu,
+        h: &Tensor,
+        h_stats: Option<&GroupPartials>,
+        x: Input<'_>,
+    ) -> Result<Tensor> {
         let conv2 = match (&self.conv_shortcut, x) {
             (Some(shortcut), x) => Conv {
                 bias: self.conv2_shortcut_bias.as_ref(),
@@ -258,6 +281,9 @@ impl ResnetBlock2D {
                 ))
             }
         };
+        if self.fused_norm {
+            return self.norm2.into_conv_merged(gpu, conv2, true, h_stats); // [B, H, W, Cout]
+        }
         self.norm_conv(gpu, &self.norm2, conv2) // [B, H, W, Cout]
     }
 
@@ -277,8 +303,8 @@ impl ResnetBlock2D {
             let x = elementwise::concat_channels(gpu, a, b)?;
             return self.forward(gpu, &x, cond);
         }
-        let h = self.conv1_with_time(gpu, Input::Concat(a, b), cond)?; // [B, H, W, Cout]
-        self.conv2_with_shortcut(gpu, &h, Input::Concat(a, b))
+        let (h, h_stats) = self.conv1_with_time(gpu, Input::Concat(a, b), cond)?; // [B, H, W, Cout]
+        self.conv2_with_shortcut(gpu, &h, h_stats.as_ref(), Input::Concat(a, b))
     }
 }
 

@@ -439,6 +439,12 @@ pub struct GroupNorm {
     /// lock is held from the statistics dispatch to the convolution's, so two threads recording
     /// through one layer cannot interleave on the table.
     table: Mutex<Option<Tensor>>,
+    /// [C, 2] f32 (gamma, beta), for a consumer that merges its input's statistics from the
+    /// producer's pieces ([`GroupNorm::into_conv_merged`]); None for a norm built by `new`.
+    gamma_beta: Option<Tensor>,
+    /// The pieces buffer its input's producer writes ([`GroupNorm::into_conv_merged`]), kept
+    /// per layer for the reason `table` is.
+    partials: Mutex<Option<Tensor>>,
 }
 
 impl GroupNorm {
@@ -449,12 +455,22 @@ impl GroupNorm {
                 vb.prefix()
             )));
         }
-        Ok(GroupNorm::new(
-            vb.get("weight", &[channels])?,
-            vb.get("bias", &[channels])?,
-            groups,
-            eps,
-        ))
+        let gamma = vb.view().get("weight", &[channels])?.to_f32_vec();
+        let beta = vb.view().get("bias", &[channels])?.to_f32_vec();
+        let pairs: Vec<f32> = gamma
+            .iter()
+            .zip(&beta)
+            .flat_map(|(&g, &b)| [g, b])
+            .collect();
+        Ok(GroupNorm {
+            gamma_beta: Some(vb.gpu().upload(&pairs, &[channels, 2], DType::F32)?),
+            ..GroupNorm::new(
+                vb.get("weight", &[channels])?,
+                vb.get("bias", &[channels])?,
+                groups,
+                eps,
+            )
+        })
     }
 
     /// From its affine parameters ([C] each, in the activations' dtype).
@@ -465,7 +481,60 @@ impl GroupNorm {
             groups,
             eps,
             table: Mutex::new(None),
+            gamma_beta: None,
+            partials: Mutex::new(None),
         }
+    }
+
+    /// `producer`'s output, with its GroupNorm statistics (this layer's groups) left as
+    /// per-tile pieces for [`GroupNorm::into_conv_merged`], in this layer's kept buffer. The
+    /// pieces are None where the producer's tiles cannot make them.
+    pub fn produce(
+        &self,
+        gpu: &Gpu,
+        producer: conv2d::Conv<'_>,
+    ) -> Result<(Tensor, Option<conv2d::GroupPartials>)> {
+        if self.gamma_beta.is_none() {
+            return Ok((producer.run(gpu)?, None));
+        }
+        let mut kept = self.partials.lock().unwrap_or_else(|p| p.into_inner());
+        let dry = gpu.is_dry_run();
+        producer.run_with_partials(gpu, self.groups, |pieces| {
+            // A dry run's tensors are virtual and its pool is not the loop's: a fresh buffer.
+            if dry {
+                return gpu.empty(&[pieces, 4], DType::F32);
+            }
+            if kept.as_ref().is_none_or(|t| t.shape() != [pieces, 4]) {
+                *kept = Some(gpu.empty(&[pieces, 4], DType::F32)?);
+            }
+            Ok(kept.as_ref().expect("allocated above").clone())
+        })
+    }
+
+    /// [`GroupNorm::into_conv`] with the input's statistics merged by the conv's own workgroups
+    /// from `partials` (what [`GroupNorm::produce`] left): no statistics dispatch. Without
+    /// pieces, the statistics dispatch as before.
+    pub fn into_conv_merged(
+        &self,
+        gpu: &Gpu,
+        conv: conv2d::Conv<'_>,
+        silu: bool,
+        partials: Option<&conv2d::GroupPartials>,
+    ) -> Result<Tensor> {
+        let (Some(partials), Some(gamma_beta)) = (partials, &self.gamma_beta) else {
+            return self.into_conv(gpu, conv, silu);
+        };
+        let norm = Some(conv2d::FusedNorm {
+            stats: conv2d::NormStats::Partials {
+                partials,
+                gamma: &self.gamma,
+                beta: &self.beta,
+                gamma_beta,
+                eps: self.eps,
+            },
+            silu,
+        });
+        conv2d::Conv { norm, ..conv }.run(gpu)
     }
 
     /// `conv(silu?(self(input)))` in two dispatches instead of three: the statistics of the
@@ -474,6 +543,22 @@ impl GroupNorm {
     /// caller's — normalising each input element as it loads it
     /// ([`conv2d::FusedNorm`]). The normalised activation is never written.
     pub fn into_conv(&self, gpu: &Gpu, conv: conv2d::Conv<'_>, silu: bool) -> Result<Tensor> {
+        Ok(self.into_conv_producing(gpu, conv, silu, None)?.0)
+    }
+
+    /// [`GroupNorm::into_conv`], the conv's output also leaving its statistics for `next`
+    /// ([`GroupNorm::produce`]) where given.
+    pub fn into_conv_producing(
+        &self,
+        gpu: &Gpu,
+        conv: conv2d::Conv<'_>,
+        silu: bool,
+        next: Option<&GroupNorm>,
+    ) -> Result<(Tensor, Option<conv2d::GroupPartials>)> {
+        let run = |conv: conv2d::Conv<'_>| match next {
+            Some(next) => next.produce(gpu, conv),
+            None => Ok((conv.run(gpu)?, None)),
+        };
         let (x, x_b) = match conv.input {
             conv2d::Input::Plain(x) | conv2d::Input::Upsampled2x(x) => (x, None),
             conv2d::Input::Concat(a, b) => (a, Some(b)),
@@ -486,10 +571,10 @@ impl GroupNorm {
             let table = gpu.empty(&shape, DType::F32)?;
             op.stats_into(gpu, x, x_b, &table)?;
             let norm = Some(conv2d::FusedNorm {
-                table: &table,
+                stats: conv2d::NormStats::Table(&table),
                 silu,
             });
-            return conv2d::Conv { norm, ..conv }.run(gpu);
+            return run(conv2d::Conv { norm, ..conv });
         }
         let mut cached = self.table.lock().unwrap_or_else(|p| p.into_inner());
         if cached.as_ref().is_none_or(|t| t.shape() != shape) {
@@ -497,8 +582,11 @@ impl GroupNorm {
         }
         let table = cached.as_ref().expect("allocated above");
         op.stats_into(gpu, x, x_b, table)?;
-        let norm = Some(conv2d::FusedNorm { table, silu });
-        conv2d::Conv { norm, ..conv }.run(gpu)
+        let norm = Some(conv2d::FusedNorm {
+            stats: conv2d::NormStats::Table(table),
+            silu,
+        });
+        run(conv2d::Conv { norm, ..conv })
     }
 
     /// Drops the kept statistics table ([`GroupNorm::into_conv`]): the pipeline calls this at
@@ -506,6 +594,7 @@ impl GroupNorm {
     /// bytes as it found them.
     pub fn release_table(&self) {
         *self.table.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.partials.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     fn op(&self, silu: bool) -> norm::GroupNormOp<'_> {
