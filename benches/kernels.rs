@@ -6,8 +6,9 @@
 //! One line per case: kernel and path, shape, dtype, median GPU time, GFLOP/s or GB/s, and the %
 //! of this device's peak measured in the same run; `*` marks the path the default policy takes.
 //! Matmuls print `matmul[fma]` and, on adapters with f16 cooperative matrices, `matmul[coop]`
-//! (64 tile) and `matmul[coop128]`; convolutions one line per kernel tile (`conv2d[64]`,
-//! `conv2d[128]`, `conv2d[small]`, `conv2d[coop]`, `conv2d[coop128]`); attention
+//! (64 tile) and `matmul[coop128]` (`matmul[coop128/splitN]` where the large tile splits K);
+//! convolutions one line per kernel tile (`conv2d[64]`, `conv2d[128]`, `conv2d[small]`,
+//! `conv2d[coop]`, `conv2d[coop128]`); attention
 //! `attention[fma]`, `attention[coop]` and one `attention[coop RxK]` per tensor-core tile shape.
 
 use ldm_wgpu::bench::{run_kernels, KernelBenchOptions};

@@ -9,7 +9,8 @@
 // configuration the adapter reports, and only on adapters with one fixed subgroup width SG.
 //
 // Bindings: 0 x (elem4, read), 1 w (elem4, read), 2 bias, 3 residual, 4 out (read_write),
-//           5 params, 6 / 7 LayerNorm weight / bias — as matmul.wgsl, LayerNorm on load
+//           5 params, 6 / 7 LayerNorm weight / bias, 8 partial (f32, the large tile's split
+//           sums) — as matmul.wgsl otherwise, LayerNorm on load
 //           (norm_mode 1) included: the statistics prologue runs before the first staging
 //           load, and `fetch` normalises the x chunks in f32 before they are rounded to f16.
 // K % 4 == 0 is required (vec4 staging loads); the host uses matmul.wgsl otherwise.
@@ -57,6 +58,12 @@
 // pass i every subgroup stores its fragment row i (ci0 | ci1, FRAG × 2·FRAG f32, a whole GEGLU
 // pair) into its own slot of c_shl, and after a barrier all threads finish the 8 slots
 // (linear: 2·FRAG outputs per slot row; geglu: FRAG hidden · gelu(gate) outputs).
+// Split K (override SPLIT; single GEMMs whose large-tile grid is small, src/kernels/coop.rs
+// `gemm_tile_and_split`: SD's 8×8 and 16×16 projections and feed-forwards, M = 128-512, 10-40
+// tiles of 128): workgroup z runs K range [z·k_chunk, (z + 1)·k_chunk) and stores its raw f32
+// sums in `partial` (geglu: the hidden and gate sums apart); linear_split_reduce /
+// geglu_split_reduce add the splits in order and run the epilogue, rounding once. The
+// LayerNorm-on-load prologue still takes each row's statistics over all of K.
 // Workgroup memory 2·TL·AS f16 + 8·FRAG·2·FRAG f32: 20 + 16 = 36 KiB at FRAG 16 (NVIDIA allows
 // 48), 6 + 4 = 10 KiB at FRAG 8 (lavapipe allows 32). The host checks the same formula
 // (`CoopTile::workgroup_bytes`) and keeps the 64 tile where it does not fit.
@@ -80,7 +87,7 @@ struct Params {
     stride_c: u32,
     norm_mode: u32,
     norm_eps: f32,
-    _pad2: u32,
+    k_chunk: u32, // SPLIT: K per split (a multiple of TK); the large tile's z is the split
 };
 
 @group(0) @binding(0) var<storage, read> x4: array<elem4>;
@@ -91,6 +98,11 @@ struct Params {
 @group(0) @binding(5) var<uniform> params: Params;
 @group(0) @binding(6) var<storage, read> ln_w4: array<elem4>;
 @group(0) @binding(7) var<storage, read> ln_b4: array<elem4>;
+// The large tile with SPLIT and the split reduces: the f32 partial sums of every K split,
+// partial[(split · M + m) · W + col], W = N (linear) or 2N (geglu: hidden columns, then gate).
+// (linear_coop_l / geglu_coop_l declare it either way: the host binds a small scratch buffer
+// when it does not split.)
+@group(0) @binding(8) var<storage, read_write> partial: array<f32>;
 
 // Fragment side: the `matmul_coop8` variant replaces this 16 by 8 along with the matrix types.
 const FRAG: u32 = 16u;
@@ -107,6 +119,10 @@ override NT_L: u32 = 8u * SG;
 // either tile (1, 2 or 4 where the host runs this file).
 const CHUNKS: u32 = TK / 4u;
 override SLOTS: u32 = FRAG * FRAG / (2u * SG);
+// Split K (the large tile, batch 1): workgroup z takes K range [z·k_chunk, (z + 1)·k_chunk)
+// and leaves its raw f32 sums in `partial`; linear_split_reduce / geglu_split_reduce then add
+// the splits in order and run the epilogue.
+override SPLIT: bool = false;
 // Row stride of the staged tiles in halves: TK + 8 keeps every fragment's rows 16-byte aligned
 // (TK + 8 halves is a multiple of 8) and staggers rows across banks.
 const AS: u32 = TK + 8u;
@@ -211,11 +227,13 @@ fn b_row(rr: u32, n0: u32, geglu: bool) -> vec2<u32> {
 // One invocation's staging slots: chunk column `c` of the tile's rows `r` (slot j: r[j]), and
 // at the current K step the vec4 indices of those chunks in x (`qa`) and w (`qb`), whether
 // each slot's row exists (`ok_*`: m < M, weight row < N, j < SLOTS), and the chunk's position
-// along K in vec4s (`kq` = (k0 + 4c) / 4; the chunk exists while kq < K / 4).
+// along K in vec4s (`kq` = (k0 + 4c) / 4; the chunk exists while kq < kq_end, the end of this
+// workgroup's K range in vec4s).
 struct Staging {
     r: vec4<u32>,
     c: u32,
     kq: u32,
+    kq_end: u32,
     qa: vec4<u32>,
     qb: vec4<u32>,
     ok_a: vec4<bool>,
@@ -243,26 +261,28 @@ fn w_row(rr: u32, n0: u32, geglu: bool, large: bool) -> vec2<u32> {
 }
 
 // The staging of invocation `lid` of a tile with `rpp` rows per pass (NT or NT_L over CHUNKS)
-// at m0, n0 for k0 = 0: every index the K loop needs, decoded once.
+// at m0, n0 for the K range [k_begin, k_end) (k_begin a multiple of TK): every index the K loop
+// needs, decoded once.
 fn staging_begin(lid: u32, rpp: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, geglu: bool,
-                 large: bool) -> Staging {
+                 large: bool, k_begin: u32, k_end: u32) -> Staging {
     let slot = vec4<u32>(0u, 1u, 2u, 3u);
     let live = slot < vec4<u32>(SLOTS);
     let kq = params.k >> 2u;
     var s: Staging;
     s.c = lid % CHUNKS;
-    s.kq = s.c;
+    s.kq = s.c + (k_begin >> 2u);
+    s.kq_end = k_end >> 2u;
     s.r = vec4<u32>(lid / CHUNKS) + slot * rpp;
     let m = vec4<u32>(m0) + s.r;
     s.ok_a = live & (m < vec4<u32>(params.m));
     // Batch offsets are multiples of 4 (K % 4 == 0), so rows start on whole vec4s.
-    s.qa = vec4<u32>((a_base >> 2u) + s.c) + m * kq;
+    s.qa = vec4<u32>((a_base >> 2u) + s.kq) + m * kq;
     let w0 = w_row(s.r.x, n0, geglu, large);
     let w1 = w_row(s.r.y, n0, geglu, large);
     let w2 = w_row(s.r.z, n0, geglu, large);
     let w3 = w_row(s.r.w, n0, geglu, large);
     s.ok_b = live & (vec4<u32>(w0.y, w1.y, w2.y, w3.y) != vec4<u32>(0u));
-    s.qb = vec4<u32>((b_base >> 2u) + s.c) + vec4<u32>(w0.x, w1.x, w2.x, w3.x) * kq;
+    s.qb = vec4<u32>((b_base >> 2u) + s.kq) + vec4<u32>(w0.x, w1.x, w2.x, w3.x) * kq;
     return s;
 }
 
@@ -279,7 +299,7 @@ fn staging_next(s: Staging) -> Staging {
 // range (nothing is loaded there).
 fn fetch(s: Staging) -> Chunks {
     var v: Chunks;
-    if (s.kq < (params.k >> 2u)) {
+    if (s.kq < s.kq_end) {
         if (params.norm_mode != 0u) {
             if (s.ok_a.x) { v.a0 = normed_chunk(s.qa.x, s.r.x, s.kq); }
             if (s.ok_a.y) { v.a1 = normed_chunk(s.qa.y, s.r.y, s.kq); }
@@ -342,7 +362,7 @@ fn product_tile(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, g
     if (params.norm_mode != 0u) {
         row_norm_prologue(lid, NT, TM, m0, a_base);
     }
-    var st = staging_begin(lid, NT / CHUNKS, m0, n0, a_base, b_base, geglu, false);
+    var st = staging_begin(lid, NT / CHUNKS, m0, n0, a_base, b_base, geglu, false, 0u, params.k);
     var chunks = fetch(st);
     for (var k0 = 0u; k0 < params.k; k0 += TK) {
         store_chunks(st, chunks);
@@ -528,8 +548,9 @@ fn store_chunks_l(s: Staging, v: Chunks) {
 }
 
 // Epilogue pass `i`: every subgroup s has stored its fragment row i (block (s / 4, s % 4),
-// rows 4·FRAG·(s / 4) + i·FRAG ..) in slot s; all threads write those 8 · SLOT results.
-fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32, c_base: u32, geglu: bool) {
+// rows 4·FRAG·(s / 4) + i·FRAG ..) in slot s; all threads write those 8 · SLOT results (SPLIT:
+// store them raw as split z's partial sums).
+fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32, c_base: u32, geglu: bool, z: u32) {
     if (geglu) {
         // Slot row: FRAG hidden then FRAG gate accumulators of outputs n0 + (s % 4)·FRAG + c.
         for (var e = lid; e < 8u * FRAG * FRAG; e += NT_L) {
@@ -543,6 +564,12 @@ fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32, c_base: u32, geglu: bool)
                 let o = s * SLOT + r * SLOT_W + c;
                 var h = c_shl[o];
                 var g = c_shl[o + FRAG];
+                if (SPLIT) {
+                    let p = (z * params.m + m) * 2u * params.n + n;
+                    partial[p] = h;
+                    partial[p + params.n] = g;
+                    continue;
+                }
                 if (params.bias_mode != 0u) {
                     h += f32(bias[n]);
                     g += f32(bias[params.n + n]);
@@ -561,6 +588,10 @@ fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32, c_base: u32, geglu: bool)
         let n = n0 + (s & 3u) * SLOT_W + c;
         if (m < params.m && n < params.n) {
             var v = c_shl[e];
+            if (SPLIT) {
+                partial[(z * params.m + m) * params.n + n] = v;
+                continue;
+            }
             if (params.bias_mode != 0u) {
                 v += f32(bias[n]);
             }
@@ -581,7 +612,14 @@ fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32, c_base: u32, geglu: bool)
 // matrices but gives them an ArrayStride (their layout is opaque in SPIR-V), and a dynamically
 // indexed array of fragments would live in local memory anyway.
 fn tile_l(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, c_base: u32,
-          geglu: bool) {
+          geglu: bool, z: u32) {
+    // This workgroup's K range: all of K, or (SPLIT) split z's.
+    var k_begin = 0u;
+    var k_end = params.k;
+    if (SPLIT) {
+        k_begin = z * params.k_chunk;
+        k_end = min(params.k, k_begin + params.k_chunk);
+    }
     let wm = (sg >> 2u) * 4u * FRAG;   // this subgroup's 4·FRAG × 2·FRAG block of the tile
     let wn = (sg & 3u) * 2u * FRAG;
     var c00 = coop_mat16x16<f32, C>();
@@ -595,9 +633,9 @@ fn tile_l(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, c_base:
     if (params.norm_mode != 0u) {
         row_norm_prologue(lid, NT_L, TL, m0, a_base);
     }
-    var st = staging_begin(lid, NT_L / CHUNKS, m0, n0, a_base, b_base, geglu, true);
+    var st = staging_begin(lid, NT_L / CHUNKS, m0, n0, a_base, b_base, geglu, true, k_begin, k_end);
     var chunks = fetch(st);
-    for (var k0 = 0u; k0 < params.k; k0 += TK) {
+    for (var k0 = k_begin; k0 < k_end; k0 += TK) {
         store_chunks_l(st, chunks);
         workgroupBarrier();
         // The next step's loads go out before this step's matrix products.
@@ -627,7 +665,7 @@ fn tile_l(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, c_base:
             c31 = coopMultiplyAdd(a3, b1, c31);
         }
         // As in `product_tile`: the last step's reads need no barrier (c_shl is apart).
-        if (k0 + TK >= params.k) {
+        if (k0 + TK >= k_end) {
             break;
         }
         workgroupBarrier();
@@ -640,33 +678,91 @@ fn tile_l(lid: u32, sg: u32, m0: u32, n0: u32, a_base: u32, b_base: u32, c_base:
     coopStoreT(c00, &c_shl[s0], stride);
     coopStoreT(c01, &c_shl[s1], stride);
     workgroupBarrier();
-    epilogue_pass_l(lid, 0u, m0, n0, c_base, geglu);
+    epilogue_pass_l(lid, 0u, m0, n0, c_base, geglu, z);
     workgroupBarrier();
     coopStoreT(c10, &c_shl[s0], stride);
     coopStoreT(c11, &c_shl[s1], stride);
     workgroupBarrier();
-    epilogue_pass_l(lid, 1u, m0, n0, c_base, geglu);
+    epilogue_pass_l(lid, 1u, m0, n0, c_base, geglu, z);
     workgroupBarrier();
     coopStoreT(c20, &c_shl[s0], stride);
     coopStoreT(c21, &c_shl[s1], stride);
     workgroupBarrier();
-    epilogue_pass_l(lid, 2u, m0, n0, c_base, geglu);
+    epilogue_pass_l(lid, 2u, m0, n0, c_base, geglu, z);
     workgroupBarrier();
     coopStoreT(c30, &c_shl[s0], stride);
     coopStoreT(c31, &c_shl[s1], stride);
     workgroupBarrier();
-    epilogue_pass_l(lid, 3u, m0, n0, c_base, geglu);
+    epilogue_pass_l(lid, 3u, m0, n0, c_base, geglu, z);
 }
 
+// Grid: (ceil(N / TL), ceil(M / TL), batch), or (.., .., splits) with SPLIT (batch 1).
 @compute @workgroup_size(NT_L)
 fn linear_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
                  @builtin(subgroup_id) sg: u32) {
-    tile_l(lid, sg, wid.y * TL, wid.x * TL, wid.z * params.stride_a, wid.z * params.stride_b,
-           wid.z * params.stride_c, false);
+    let b = select(wid.z, 0u, SPLIT);
+    tile_l(lid, sg, wid.y * TL, wid.x * TL, b * params.stride_a, b * params.stride_b,
+           b * params.stride_c, false, wid.z);
 }
 
 @compute @workgroup_size(NT_L)
 fn geglu_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
                 @builtin(subgroup_id) sg: u32) {
-    tile_l(lid, sg, wid.y * TL, wid.x * (TL / 2u), 0u, 0u, 0u, true);
+    tile_l(lid, sg, wid.y * TL, wid.x * (TL / 2u), 0u, 0u, 0u, true, wid.z);
+}
+
+// ------------------------------------------------------------------ split-K reduce
+
+// Output (m, col)'s sum over the K splits, in split order; `width` columns per partial row.
+fn split_sum(m: u32, col: u32, width: u32) -> f32 {
+    let splits = (params.k + params.k_chunk - 1u) / params.k_chunk;
+    let plane = params.m * width;
+    var v = 0.0;
+    for (var z = 0u; z < splits; z++) {
+        v += partial[z * plane + m * width + col];
+    }
+    return v;
+}
+
+// The large tile's split sums plus linear_coop_l's epilogue (bias, activation, residual),
+// rounded once: one invocation per output, ceil(M · N / 256) workgroups folded by `grid_1d`.
+@compute @workgroup_size(256)
+fn linear_split_reduce(@builtin(global_invocation_id) gid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let o = gid.x + gid.y * nwg.x * 256u;
+    if (o >= params.m * params.n) {
+        return;
+    }
+    let m = o / params.n;
+    let n = o - m * params.n;
+    var v = split_sum(m, n, params.n);
+    if (params.bias_mode != 0u) {
+        v += f32(bias[n]);
+    }
+    v = activate(v);
+    if (params.residual_mode == 1u) {
+        v += f32(residual[o]);
+    } else if (params.residual_mode == 2u) {
+        v += f32(out[o]);
+    }
+    out[o] = elem(v);
+}
+
+// geglu_coop_l's split sums (hidden and gate) plus its epilogue, as linear_split_reduce.
+@compute @workgroup_size(256)
+fn geglu_split_reduce(@builtin(global_invocation_id) gid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>) {
+    let o = gid.x + gid.y * nwg.x * 256u;
+    if (o >= params.m * params.n) {
+        return;
+    }
+    let m = o / params.n;
+    let n = o - m * params.n;
+    var h = split_sum(m, n, 2u * params.n);
+    var g = split_sum(m, params.n + n, 2u * params.n);
+    if (params.bias_mode != 0u) {
+        h += f32(bias[n]);
+        g += f32(bias[params.n + n]);
+    }
+    out[o] = elem(h * gelu1(g));
 }

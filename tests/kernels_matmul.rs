@@ -770,6 +770,33 @@ fn coop_tile_choice_and_budget() {
         CoopTile::T128,
         "the batch counts"
     );
+    // Split K (single GEMMs on a small large-tile grid): SD 1.5's 8×8 and 16×16 projections
+    // and feed-forwards split; the 64×64 level, batched GEMMs and a forced 64 tile do not.
+    let split = |batch, m, n_tile_cols, k, forced| {
+        let (tile, chunk) =
+            coop::gemm_tile_and_split(nvidia, &caps, [batch, m, n_tile_cols, k], forced);
+        (tile, chunk.map(|c| k.div_ceil(c)))
+    };
+    assert_eq!(split(1, 128, 1280, 1280, None), (CoopTile::T128, Some(5)));
+    assert_eq!(split(1, 128, 1280, 5120, None), (CoopTile::T128, Some(20)));
+    assert_eq!(split(1, 512, 1280, 5120, None), (CoopTile::T128, Some(7)));
+    assert_eq!(
+        split(1, 128, 2 * 5120, 1280, None),
+        (CoopTile::T128, Some(4))
+    );
+    assert_eq!(split(1, 8192, 320, 320, None), (CoopTile::T128, None));
+    assert_eq!(split(1, 8192, 320, 1280, None), (CoopTile::T128, None));
+    assert_eq!(split(1, 154, 320, 768, None), (CoopTile::T128, Some(3)));
+    assert_eq!(split(2, 128, 1280, 1280, None), (CoopTile::T64, None));
+    assert_eq!(
+        split(1, 128, 1280, 1280, Some(CoopTile::T64)),
+        (CoopTile::T64, None)
+    );
+    assert_eq!(
+        split(1, 128, 1280, 100, None),
+        (CoopTile::T64, None),
+        "K too short"
+    );
     // Forcing, and the fallback where the adapter cannot hold the large tile.
     assert_eq!(choose(1, 1, Some(CoopTile::T128)), CoopTile::T128);
     assert_eq!(choose(4096, 4096, Some(CoopTile::T64)), CoopTile::T64);
@@ -926,6 +953,8 @@ fn coop_large_tile_awkward_shapes_all_epilogues() {
     set_coop_tile(&g, None);
     let mut ran = coop_entries(&g, plan);
     ran.sort();
+    // (The longest-K LayerNorm cases split K on the large tile: then its reduces ran too.)
+    ran.retain(|e| !e.ends_with("_split_reduce"));
     assert_eq!(
         ran,
         ["geglu_coop_l", "linear_coop_l"],
@@ -933,6 +962,68 @@ fn coop_large_tile_awkward_shapes_all_epilogues() {
     );
     eprintln!(
         "large coop tile, {plan:?}: awkward shapes pass, worst linear rel L2 {worst:.2e}, {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// Split K on the large tile (chosen by shape: small grids with a long K), against f64 on
+/// awkward shapes: K not a multiple of the split or of the K step, every epilogue, the in-place
+/// residual, GEGLU with and without bias, LayerNorm on load (each split normalises with the
+/// statistics of whole rows). On a fresh engine, whose pipeline list proves that the split
+/// kernels and their reduces ran.
+#[test]
+fn coop_split_k_awkward_shapes_all_epilogues() {
+    let Some((g, plan)) = coop_engine(&GpuOptions::from_env().unwrap(), true) else {
+        return;
+    };
+    let t = std::time::Instant::now();
+    let f16 = DType::F16;
+    set_coop_tile(&g, None);
+    // Each shape's split, as the engine picks it (at most 8 large tiles; K of 16 steps or more).
+    let linear: &[(&[usize], usize, usize)] =
+        &[(&[67], 129, 1000), (&[2, 33], 70, 644), (&[5], 7, 2052)];
+    let mut seed = 800;
+    let mut worst = 0.0f64;
+    for &(lead, n, k) in linear {
+        let m: usize = lead.iter().product();
+        let (tile, chunk) = coop::gemm_tile_and_split(plan, &g.caps, [1, m, n, k], None);
+        assert_eq!(tile, CoopTile::T128);
+        assert!(
+            chunk.is_some_and(|c| k.div_ceil(c) > 1),
+            "{m}x{n}x{k} should split K"
+        );
+        for (i, &act) in ACTS.iter().enumerate() {
+            seed += 1;
+            let e = check_linear_on(&g, f16, lead, n, k, i % 2 == 0, i / 2 == 1, act, seed, 1);
+            worst = worst.max(e);
+        }
+    }
+    check_residual_in_place(&g, f16, 37, 45, 1000, 850);
+    for &(lead, n, k) in &[(&[131][..], 70, 516), (&[3][..], 9, 1028)] {
+        for bias in [true, false] {
+            seed += 1;
+            check_geglu_on(&g, f16, lead, n, k, bias, seed, 1);
+        }
+    }
+    for (geglu, act) in [(None, Activation::Gelu), (Some(true), Activation::None)] {
+        seed += 1;
+        let e = check_linear_norm_on(&g, f16, &[67], 33, 1000, geglu, act, 3.0, seed, 1);
+        worst = worst.max(e);
+    }
+    let mut ran = coop_entries(&g, plan);
+    ran.sort();
+    assert_eq!(
+        ran,
+        [
+            "geglu_coop_l",
+            "geglu_split_reduce",
+            "linear_coop_l",
+            "linear_split_reduce"
+        ],
+        "the split large tile and its reduces"
+    );
+    eprintln!(
+        "split-K coop tile, {plan:?}: awkward shapes pass, worst linear rel L2 {worst:.2e}, {:.1} s",
         t.elapsed().as_secs_f64()
     );
 }
@@ -984,7 +1075,13 @@ fn coop_large_tile_same_bits_with_and_without_bounds_checks() {
             a.len()
         );
     };
-    for &(m, n, k) in &[(37usize, 29usize, 20usize), (131, 67, 44), (67, 130, 4)] {
+    // The last shape splits K (linear, LayerNorm-on-load and GEGLU; batched does not).
+    for &(m, n, k) in &[
+        (37usize, 29usize, 20usize),
+        (131, 67, 44),
+        (67, 130, 4),
+        (67, 130, 1000),
+    ] {
         let lin = [
             random(&[m, k]),
             random(&[n, k]),
@@ -1028,7 +1125,15 @@ fn coop_large_tile_same_bits_with_and_without_bounds_checks() {
     for g in [&checked, &unchecked] {
         let mut ran = coop_entries(g, plan);
         ran.sort();
-        assert_eq!(ran, ["geglu_coop_l", "linear_coop_l"]);
+        assert_eq!(
+            ran,
+            [
+                "geglu_coop_l",
+                "geglu_split_reduce",
+                "linear_coop_l",
+                "linear_split_reduce"
+            ]
+        );
     }
     eprintln!("large coop tile: same bits with and without bounds checks");
 }

@@ -307,7 +307,8 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
         .collect();
     cases.push(("square 4096^3".into(), 4096, 4096, 4096));
     // Every path where the adapter has tensor cores: `matmul[fma]`, `matmul[coop]` (the 64
-    // tile) and `matmul[coop128]` (the large tile, where the adapter holds it); the one the
+    // tile) and `matmul[coop128]` (the large tile, where the adapter holds it; over K splits
+    // plus a reduce pass, `matmul[coop128/splitN]`, where its grid is small); the one the
     // engine picks by default marked `*`.
     b.gpu.set_policy(forced(Some(true), None));
     // The matmul's own condition on the plan (`CoopPlan::matmul_staging_fits`): elsewhere the
@@ -323,15 +324,23 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
         let x = b.random(&[m, k])?;
         let w = b.random(&[n, k])?;
         // (label, coop tile or None for the FMA kernel)
-        let mut paths = vec![("fma", None)];
+        let mut paths = vec![("fma".to_string(), None)];
         let mut chosen = None;
         if let (Some(plan), true) = (coop, k % 4 == 0) {
-            paths.push(("coop", Some(CoopTile::T64)));
+            paths.push(("coop".into(), Some(CoopTile::T64)));
             if CoopTile::T128.fits(plan, &b.gpu.caps) {
-                paths.push(("coop128", Some(CoopTile::T128)));
+                // The large tile splits K where its grid is small (`coop::split_k`).
+                let forced = Some(CoopTile::T128);
+                let label = match coop::gemm_tile_and_split(plan, &b.gpu.caps, [1, m, n, k], forced)
+                {
+                    (_, Some(chunk)) => format!("coop128/split{}", k.div_ceil(chunk)),
+                    _ => "coop128".into(),
+                };
+                paths.push((label, forced));
             }
             if default_coop {
-                chosen = Some(CoopTile::choose(plan, &b.gpu.caps, 1, m, n, None));
+                let (tile, _) = coop::gemm_tile_and_split(plan, &b.gpu.caps, [1, m, n, k], None);
+                chosen = Some(tile);
             }
         }
         for (path, tile) in paths {

@@ -71,32 +71,7 @@ pub fn coop_conv_tile(
     }
 }
 
-/// Workgroups below which the large tensor-core conv tile splits K: about two per SM on an
-/// H200's 132, enough that the last wave does not leave most of the GPU idle.
-pub const SPLIT_K_TARGET_GROUPS: usize = 256;
-/// The fewest K steps (2 · frag each) a split gets, so that its partial sums (4 bytes per
-/// output per split, written and read once) stay small against its matrix work.
-pub const SPLIT_K_MIN_STEPS: usize = 8;
-
-/// K per split for a large-tile conv of `tiles` workgroups and reduction length `k`, or None
-/// to run unsplit: enough splits to reach [`SPLIT_K_TARGET_GROUPS`] workgroups, each at least
-/// [`SPLIT_K_MIN_STEPS`] K steps long. SD 1.5 at 512²: the 8×8 level's 10 tiles × 26 splits,
-/// the 16×16 level's 40 × 7, the 32×32 level's 80 × 4; the 64×64 level (192 tiles) unsplit.
-pub fn split_k(plan: CoopPlan, tiles: usize, k: usize) -> Option<usize> {
-    let step = 2 * plan.frag;
-    let steps = k.div_ceil(step);
-    if tiles >= SPLIT_K_TARGET_GROUPS / 2 {
-        return None;
-    }
-    let splits = SPLIT_K_TARGET_GROUPS
-        .div_ceil(tiles.max(1))
-        .min(steps / SPLIT_K_MIN_STEPS);
-    if splits < 2 {
-        return None;
-    }
-    let chunk = steps.div_ceil(splits) * step;
-    (k.div_ceil(chunk) > 1).then_some(chunk)
-}
+pub use crate::kernels::coop::{split_k, SPLIT_K_MIN_STEPS, SPLIT_K_TARGET_GROUPS};
 
 /// `conv2d_small`'s NQ: channel quads per thread, ⌈Cout/4⌉ up to 4 (wider Cout: several N tiles).
 fn small_quads(cout: usize) -> usize {

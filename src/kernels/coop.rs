@@ -119,6 +119,61 @@ impl CoopTile {
     }
 }
 
+/// Workgroups below which the large tensor-core tile (conv2d_coop_l, linear_coop_l /
+/// geglu_coop_l) splits K: about two per SM on an
+/// H200's 132, enough that the last wave does not leave most of the GPU idle.
+pub const SPLIT_K_TARGET_GROUPS: usize = 256;
+/// The fewest K steps (2 · frag each) a split gets, so that its partial sums (4 bytes per
+/// output per split, written and read once) stay small against its matrix work.
+pub const SPLIT_K_MIN_STEPS: usize = 8;
+
+/// K per split for a large-tile conv or linear of `tiles` workgroups and reduction length `k`, or None
+/// to run unsplit: enough splits to reach [`SPLIT_K_TARGET_GROUPS`] workgroups, each at least
+/// [`SPLIT_K_MIN_STEPS`] K steps long. SD 1.5 convs at 512²: the 8×8 level's 10 tiles × 26 splits,
+/// the 16×16 level's 40 × 7, the 32×32 level's 80 × 4; the 64×64 level (192 tiles) unsplit.
+pub fn split_k(plan: CoopPlan, tiles: usize, k: usize) -> Option<usize> {
+    let step = 2 * plan.frag;
+    let steps = k.div_ceil(step);
+    if tiles >= SPLIT_K_TARGET_GROUPS / 2 {
+        return None;
+    }
+    let splits = SPLIT_K_TARGET_GROUPS
+        .div_ceil(tiles.max(1))
+        .min(steps / SPLIT_K_MIN_STEPS);
+    if splits < 2 {
+        return None;
+    }
+    let chunk = steps.div_ceil(splits) * step;
+    (k.div_ceil(chunk) > 1).then_some(chunk)
+}
+
+/// The tensor-core tile of `batch` GEMMs of `m` rows, `n_tile_cols` weight rows (2N for
+/// GEGLU) and reduction length `k`, and its K per split where the large tile splits K: a single
+/// GEMM (batch 1) whose large-tile grid is small ([`split_k`]; SD 1.5's 8×8, 16×16 and 32×32
+/// projections and feed-forwards, M = 128-2048) runs the large tile over K splits plus a reduce
+/// pass, rather than the 64 tile's 40-160 workgroups over all of K. A forced 64 tile never
+/// splits; a forced large tile splits where [`split_k`] says; the f32 partial sums must fit one
+/// storage binding. Otherwise [`CoopTile::choose`].
+pub fn gemm_tile_and_split(
+    plan: CoopPlan,
+    caps: &crate::runtime::Caps,
+    [batch, m, n_tile_cols, k]: [usize; 4],
+    forced: Option<CoopTile>,
+) -> (CoopTile, Option<usize>) {
+    let tile = CoopTile::choose(plan, caps, batch, m, n_tile_cols, forced);
+    if batch != 1 || forced == Some(CoopTile::T64) || !CoopTile::T128.fits(plan, caps) {
+        return (tile, None);
+    }
+    let side = CoopTile::T128.side(plan);
+    let tiles = m.div_ceil(side) * n_tile_cols.div_ceil(side);
+    let partials_fit =
+        |c: usize| (k.div_ceil(c) * m * n_tile_cols * 4) as u64 <= caps.max_storage_binding;
+    match split_k(plan, tiles, k).filter(|&c| partials_fit(c)) {
+        Some(chunk) => (CoopTile::T128, Some(chunk)),
+        None => (tile, None),
+    }
+}
+
 /// Workgroups of the 128 tile from which it beats the 64 tile. Measured on an NVIDIA H200
 /// (132 SMs, 2026-12-04, `benches/RESULTS.md`): the 128 tile won every SD 1.5 shape with 40 or
 /// more of its workgroups (8192×320×320: 53 against 73 µs; 512×1280×1280, 40 groups: 70

@@ -15,9 +15,10 @@
 use crate::shaders::ShaderId;
 use bytemuck::{Pod, Zeroable};
 
-use crate::kernels::coop::{coop_plan, forced_coop_tile, CoopTile};
+use crate::kernels::coop::{coop_plan, forced_coop_tile, gemm_tile_and_split, CoopTile};
 use crate::kernels::norm::layer_norm;
-use crate::runtime::{Dispatch, Gpu, Tensor, Work};
+use crate::runtime::{grid_1d, Dispatch, Gpu, Tensor, Work};
+use crate::DType;
 use crate::{Error, Result};
 
 /// Activation applied after the bias, before the residual add.
@@ -67,7 +68,8 @@ struct Params {
     stride_c: u32,
     norm_mode: u32,
     norm_eps: f32,
-    _pad: u32,
+    /// Tensor-core large tile with split K: K per split (0: unsplit).
+    k_chunk: u32,
 }
 
 /// A LayerNorm over x's last dimension (K) that the matmul applies to x's rows as it stages
@@ -242,17 +244,20 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
         None
     };
     let coop_overrides;
+    let mut k_chunk = None;
     let (shader, entry, overrides, tm, tn): (_, _, &[(&str, f64)], _, _) = if let Some(plan) = coop
     {
-        let tile = CoopTile::choose(
+        let (tile, chunk) = gemm_tile_and_split(
             plan,
             &gpu.caps,
-            g.batch,
-            g.m,
-            n_tile_cols,
+            [g.batch, g.m, n_tile_cols, g.k],
             forced_coop_tile(gpu),
         );
-        coop_overrides = [("SG", plan.subgroup as f64)];
+        k_chunk = chunk;
+        coop_overrides = [
+            ("SG", plan.subgroup as f64),
+            ("SPLIT", f64::from(u8::from(chunk.is_some()))),
+        ];
         (
             plan.shader(ShaderId::MatmulCoop),
             coop_entry(tile, g.geglu),
@@ -288,40 +293,83 @@ fn record(gpu: &Gpu, g: &Gemm<'_>) -> Result<()> {
         stride_c: g.strides[2] as u32,
         norm_mode: g.norm.is_some() as u32,
         norm_eps: g.norm.map_or(0.0, |n| n.eps),
-        _pad: 0,
+        k_chunk: k_chunk.unwrap_or(0) as u32,
     };
-    let bytes = [Some(g.x), Some(g.w), g.bias, g.residual, Some(g.out)]
+    let bytes: f64 = [Some(g.x), Some(g.w), g.bias, g.residual, Some(g.out)]
         .into_iter()
         .flatten()
         .map(|t| t.size_bytes() as f64)
         .sum();
     let macs = (g.batch * g.m * n_tile_cols * g.k) as f64;
+    let splits = k_chunk.map_or(1, |c| g.k.div_ceil(c));
+    // Binding 8 (the tensor-core large tile's): the split partial sums, or a small stand-in.
+    let partial = match entry {
+        "linear_coop_l" | "geglu_coop_l" => Some(gpu.empty(
+            &[if splits > 1 {
+                splits * g.m * n_tile_cols
+            } else {
+                1
+            }],
+            DType::F32,
+        )?),
+        _ => None,
+    };
+    // Binding 5 is the uniform; 6 and 7 (the vec4 and coop entries) the norm's affine.
+    let tensors = [
+        g.x,
+        g.w,
+        g.bias.unwrap_or(g.x),
+        residual,
+        g.out,
+        g.x,
+        g.norm.map_or(g.x, |n| n.weight),
+        g.norm.map_or(g.x, |n| n.bias),
+        partial.as_ref().unwrap_or(g.out),
+    ];
+    let partial_bytes = if splits > 1 {
+        partial.as_ref().map_or(0.0, |p| p.size_bytes() as f64)
+    } else {
+        0.0
+    };
     gpu.dispatch(&Dispatch {
         shader,
         entry,
         dtype: g.out.dtype(),
         overrides,
-        // Binding 5 is the uniform; 6 and 7 (the vec4 and coop entries) the norm's affine.
-        tensors: &[
-            g.x,
-            g.w,
-            g.bias.unwrap_or(g.x),
-            residual,
-            g.out,
-            g.x,
-            g.norm.map_or(g.x, |n| n.weight),
-            g.norm.map_or(g.x, |n| n.bias),
-        ],
+        tensors: &tensors,
         params: bytemuck::bytes_of(&params),
         workgroups: [
             g.n.div_ceil(cols_per_group) as u32,
             g.m.div_ceil(tm) as u32,
-            g.batch as u32,
+            if splits > 1 { splits } else { g.batch } as u32,
         ],
         label: g.op,
         work: Work {
             flops: 2.0 * macs,
-            bytes,
+            bytes: bytes + partial_bytes,
+        },
+    })?;
+    if splits == 1 {
+        return Ok(());
+    }
+    // The splits' sums in order, then the epilogue: one invocation per output.
+    let entry = if g.geglu {
+        "geglu_split_reduce"
+    } else {
+        "linear_split_reduce"
+    };
+    gpu.dispatch(&Dispatch {
+        shader,
+        entry,
+        dtype: g.out.dtype(),
+        overrides: &[],
+        tensors: &tensors,
+        params: bytemuck::bytes_of(&params),
+        workgroups: grid_1d((g.m * g.n).div_ceil(256) as u64),
+        label: entry,
+        work: Work {
+            flops: (splits * g.m * n_tile_cols) as f64,
+            bytes: partial_bytes + g.out.size_bytes() as f64,
         },
     })
 }
