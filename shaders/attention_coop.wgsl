@@ -112,6 +112,10 @@ override OS: u32 = DP + 4u;
 override RSG: u32 = 2u;
 override NT_R: u32 = RSG * SG;
 override T_R: u32 = SG / FRAG;
+// `attention_coop_rows`' register prefetch: the 4-element K (and V) chunks each invocation
+// stages per tile, and whether they fit the registers set aside for them (KV_REGS_MAX each).
+override KV_REGS: u32 = (BN * DC + NT_R - 1u) / NT_R;
+override KV_PREFETCH: bool = KV_REGS <= KV_REGS_MAX;
 
 var<workgroup> q_sh: array<f16, BM * HS>;   // q_sh[r * HS + d] = q[row0 + r, d]
 var<workgroup> kv_sh: array<f16, BN * HS>;  // kv_sh[j * HS + d] = k (then v) [key0 + j, d]
@@ -345,7 +349,7 @@ fn attention_coop(@builtin(workgroup_id) wid: vec3<u32>,
 // BM/FRAG × BN/FRAG and BM/FRAG × DP/FRAG fragments round-robin to 4 subgroups, which leaves
 // some idle, e.g. 3 output fragments on 4 subgroups at head dim 40).
 // K and V have their own staging arrays and are staged together, so one barrier pair per key
-// tile stages both; the barriers after S and after the softmax only order each subgroup's own
+// tile stages both (from registers loaded during the previous tile: KV_PREFETCH, below); the barriers after S and after the softmax only order each subgroup's own
 // rows (WGSL has no subgroup-scope barrier for workgroup memory, so they are workgroup
 // barriers; every subgroup does the same work, so none waits long, and at RSG = 1 they are one
 // subgroup's).
@@ -353,6 +357,52 @@ fn attention_coop(@builtin(workgroup_id) wid: vec3<u32>,
 // arrays with BM = RSG·FRAG (q_sh, s_sh, p_sh, o_sh; kv_sh holds K only) plus vr_sh for V.
 
 var<workgroup> vr_sh: array<f16, BN * HS>;
+
+// Register prefetch (KV_PREFETCH): the next tile's K and V chunks are loaded into registers
+// right after this tile is staged, so their global-memory latency overlaps this tile's two
+// products and softmax; the top of the next tile only stores them to workgroup memory. Chunk t
+// of an invocation is chunk lid + t·NT_R of the tile (as `stage_kv_rows` walks it). Where more
+// than KV_REGS_MAX chunks fall to an invocation (large head dims on few subgroups) the kernel
+// stages from memory as before, rather than spill registers.
+const KV_REGS_MAX: u32 = 16u;
+struct KvChunks {
+    k: array<vec4<f16>, KV_REGS_MAX>,
+    v: array<vec4<f16>, KV_REGS_MAX>,
+};
+
+fn load_kv_chunks(lid: u32, k_base: u32, v_base: u32, key0: u32) -> KvChunks {
+    var c: KvChunks;
+    for (var t = 0u; t < KV_REGS; t++) {
+        let i = lid + t * NT_R;
+        let j = i / DC;
+        let d = 4u * (i - j * DC);
+        var xk = vec4<f16>(0.0);
+        var xv = vec4<f16>(0.0);
+        if (i < BN * DC && key0 + j < params.nk && d < HEAD_DIM) {
+            let n = min(4u, HEAD_DIM - d);
+            xk = k_chunk(k_base + (key0 + j) * params.k_stride + d, n);
+            xv = v_chunk(v_base + (key0 + j) * params.v_stride + d, n);
+        }
+        c.k[t] = xk;
+        c.v[t] = xv;
+    }
+    return c;
+}
+
+fn store_kv_chunks(lid: u32, c: KvChunks) {
+    for (var t = 0u; t < KV_REGS; t++) {
+        let i = lid + t * NT_R;
+        if (i < BN * DC) {
+            let j = i / DC;
+            let o = j * HS + 4u * (i - j * DC);
+            put_kv(o, c.k[t]);
+            vr_sh[o] = c.v[t].x;
+            vr_sh[o + 1u] = c.v[t].y;
+            vr_sh[o + 2u] = c.v[t].z;
+            vr_sh[o + 3u] = c.v[t].w;
+        }
+    }
+}
 
 // Keys key0 .. key0 + BN of k and of v → kv_sh and vr_sh, zero past nk and past HEAD_DIM.
 fn stage_kv_rows(lid: u32, k_base: u32, v_base: u32, key0: u32) {
@@ -413,12 +463,24 @@ fn attention_coop_rows(@builtin(workgroup_id) wid: vec3<u32>,
 
     var m = M_INIT;
     var l = 0.0;
+    var next: KvChunks;
+    if (KV_PREFETCH) {
+        next = load_kv_chunks(lid, k_base, v_base, 0u);
+    }
     for (var tile = 0u; tile < tiles; tile++) {
         let key0 = tile * BN;
         // Every subgroup is done with the previous tile's K and V (first tile: Q and O are in).
         workgroupBarrier();
-        stage_kv_rows(lid, k_base, v_base, key0);
+        if (KV_PREFETCH) {
+            store_kv_chunks(lid, next);
+        } else {
+            stage_kv_rows(lid, k_base, v_base, key0);
+        }
         workgroupBarrier();
+        // The next tile's loads go out before this tile's products.
+        if (KV_PREFETCH && tile + 1u < tiles) {
+            next = load_kv_chunks(lid, k_base, v_base, key0 + BN);
+        }
 
         // S = Q·Kᵀ for this subgroup's FRAG rows: BN / FRAG fragments.
         for (var nb = 0u; nb < BN; nb += FRAG) {
