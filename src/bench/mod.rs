@@ -365,8 +365,16 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
     // so one GPU run compares the tiles. Upsample2D rows run as the models do: the conv reads
     // the half-size input through the fused 2x nearest upsampling.
     let max_wg = b.gpu.caps.max_workgroup_storage;
+    let coop_ok_for = |c: usize| coop.is_some() && c.is_multiple_of(4);
     for &(name, bt, h, w, cin, cout, k, stride) in tables.conv {
-        let flops = 2.0 * (bt * (h / stride) * (w / stride) * cout * cin * k * k) as f64;
+        // `conv2+shortcut` rows: conv2 (3×3, cout → cout) with the row's 1×1 cin → cout
+        // shortcut as its K tail, as the resnets run them.
+        let tail = name.contains("conv2+shortcut");
+        let flops = if tail {
+            2.0 * (bt * h * w * cout * (9 * cout + cin)) as f64
+        } else {
+            2.0 * (bt * (h / stride) * (w / stride) * cout * cin * k * k) as f64
+        };
         // A tensor over the adapter's binding limit (the SDXL VAE decoder's 1024² rows in f32
         // on some adapters) is skipped: the engine decodes such sizes in tiles.
         let big = (bt * h * w * cin.max(cout) * dtype.size()) as u64;
@@ -381,8 +389,14 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
         };
         let wt = b.random(&[cout, k, k, cin])?;
         let pad = k / 2;
+        // The tail rows' conv2 input and weight (x and wt are then the shortcut's).
+        let conv2 = if tail {
+            Some((b.random(&[bt, h, w, cout])?, b.random(&[cout, 3, 3, cout])?))
+        } else {
+            None
+        };
+        let coop_ok = coop_ok_for(cin) && (!tail || coop_ok_for(cout));
         let m = bt * (h / stride) * (w / stride);
-        let coop_ok = coop.is_some() && cin % 4 == 0;
         // The default (`Conv::run_into`): tensor cores where the shape gets their large tile.
         let large = |plan| conv2d::coop_conv_tile(plan, &b.gpu.caps, m, cout, None);
         let chosen = match coop {
@@ -425,21 +439,39 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
             }
             b.gpu
                 .set_policy(forced(Some(tile == conv2d::Tile::Coop), coop_tile));
-            let conv = conv2d::Conv {
-                input: if upsampled {
-                    conv2d::Input::Upsampled2x(&x)
-                } else {
-                    conv2d::Input::Plain(&x)
-                },
+            let plain = conv2d::Conv {
+                input: conv2d::Input::Plain(&x),
                 weight: &wt,
                 bias: None,
                 bias_rows: None,
                 residual: None,
                 norm: None,
                 shortcut: None,
-                stride,
-                pads: [pad; 4],
+                stride: 1,
+                pads: [0; 4],
                 variant: Some(variant),
+            };
+            let conv = match &conv2 {
+                Some((h2, w2)) => conv2d::Conv {
+                    input: conv2d::Input::Plain(h2),
+                    weight: w2,
+                    shortcut: Some(conv2d::Shortcut {
+                        input: conv2d::Input::Plain(&x),
+                        weight: &wt,
+                    }),
+                    pads: [1; 4],
+                    ..plain
+                },
+                None => conv2d::Conv {
+                    input: if upsampled {
+                        conv2d::Input::Upsampled2x(&x)
+                    } else {
+                        conv2d::Input::Plain(&x)
+                    },
+                    stride,
+                    pads: [pad; 4],
+                    ..plain
+                },
             };
             let t = b.time(&mut || conv.run(b.gpu).map(|_| ()))?;
             b.gpu.set_policy(base);
@@ -454,10 +486,14 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
             };
             b.line(
                 &format!("conv2d[{label}]{mark}"),
-                &format!(
-                    "{name} {bt}x{h}x{w}x{cin}->{cout} k{k}s{stride}{}",
-                    if upsampled { " (fused up2x)" } else { "" }
-                ),
+                &if tail {
+                    format!("{name} {bt}x{h}x{w}x{cout}->{cout} k3s1 + 1x1 {cin} tail")
+                } else {
+                    format!(
+                        "{name} {bt}x{h}x{w}x{cin}->{cout} k{k}s{stride}{}",
+                        if upsampled { " (fused up2x)" } else { "" }
+                    )
+                },
                 t,
                 flops,
                 0.0,

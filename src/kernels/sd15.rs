@@ -35,6 +35,9 @@ pub const MATMUL: &[(&str, usize, usize, usize)] = &[
 /// (diffusers' `Conv2d(..., padding=1)` for 3×3, 0 for 1×1). U-Net rows use batch 2
 /// (classifier-free guidance); VAE decoder rows batch 1. Each distinct shape is listed once (e.g.
 /// "unet.res 320 64x64" stands for down-block 0's four resnet convs and up-block 3's conv2s).
+/// Rows named `conv2+shortcut` are a resnet's 3×3 conv2 (Cout → Cout) with its 1×1
+/// conv_shortcut (the row's Cin → Cout) as more K of the same GEMM, as the models run them
+/// (`conv2d::Shortcut`); the benchmark times them that way.
 #[rustfmt::skip]
 /// (name, batch, height, width, c_in, c_out, kernel, stride)
 pub type ConvCase = (&'static str, usize, usize, usize, usize, usize, usize, usize);
@@ -46,23 +49,32 @@ pub const CONV: &[ConvCase] = &[
     ("unet.proj_in/out 320 64x64", 2, 64, 64, 320, 320, 1, 1),
     ("unet.down0.downsample", 2, 64, 64, 320, 320, 3, 2),
     ("unet.down1.res0.conv1", 2, 32, 32, 320, 640, 3, 1),
-    ("unet.down1.res0.shortcut", 2, 32, 32, 320, 640, 1, 1),
+    ("unet.down1.res0.conv2+shortcut", 2, 32, 32, 320, 640, 1, 1),
     ("unet.res 640 32x32", 2, 32, 32, 640, 640, 3, 1),
     ("unet.proj_in/out 640 32x32", 2, 32, 32, 640, 640, 1, 1),
     ("unet.down1.downsample", 2, 32, 32, 640, 640, 3, 2),
     ("unet.down2.res0.conv1", 2, 16, 16, 640, 1280, 3, 1),
-    ("unet.down2.res0.shortcut", 2, 16, 16, 640, 1280, 1, 1),
+    ("unet.down2.res0.conv2+shortcut", 2, 16, 16, 640, 1280, 1, 1),
     ("unet.res 1280 16x16", 2, 16, 16, 1280, 1280, 3, 1),
     ("unet.proj_in/out 1280 16x16", 2, 16, 16, 1280, 1280, 1, 1),
     ("unet.down2.downsample", 2, 16, 16, 1280, 1280, 3, 2),
     ("unet.res 1280 8x8", 2, 8, 8, 1280, 1280, 3, 1),
     ("unet.mid.proj_in/out 1280 8x8", 2, 8, 8, 1280, 1280, 1, 1),
     ("unet.up0.res.conv1 2560 8x8", 2, 8, 8, 2560, 1280, 3, 1),
-    ("unet.up0.res.shortcut 2560 8x8", 2, 8, 8, 2560, 1280, 1, 1),
+    (
+        "unet.up0.res.conv2+shortcut 2560 8x8",
+        2,
+        8,
+        8,
+        2560,
+        1280,
+        1,
+        1,
+    ),
     ("unet.up0.upsample 16x16", 2, 16, 16, 1280, 1280, 3, 1),
     ("unet.up1.res.conv1 2560 16x16", 2, 16, 16, 2560, 1280, 3, 1),
     (
-        "unet.up1.res.shortcut 2560 16x16",
+        "unet.up1.res.conv2+shortcut 2560 16x16",
         2,
         16,
         16,
@@ -82,7 +94,7 @@ pub const CONV: &[ConvCase] = &[
         1,
     ),
     (
-        "unet.up1.res2.shortcut 1920 16x16",
+        "unet.up1.res2.conv2+shortcut 1920 16x16",
         2,
         16,
         16,
@@ -94,7 +106,7 @@ pub const CONV: &[ConvCase] = &[
     ("unet.up1.upsample 32x32", 2, 32, 32, 1280, 1280, 3, 1),
     ("unet.up2.res0.conv1 1920 32x32", 2, 32, 32, 1920, 640, 3, 1),
     (
-        "unet.up2.res0.shortcut 1920 32x32",
+        "unet.up2.res0.conv2+shortcut 1920 32x32",
         2,
         32,
         32,
@@ -105,7 +117,7 @@ pub const CONV: &[ConvCase] = &[
     ),
     ("unet.up2.res1.conv1 1280 32x32", 2, 32, 32, 1280, 640, 3, 1),
     (
-        "unet.up2.res1.shortcut 1280 32x32",
+        "unet.up2.res1.conv2+shortcut 1280 32x32",
         2,
         32,
         32,
@@ -116,7 +128,7 @@ pub const CONV: &[ConvCase] = &[
     ),
     ("unet.up2.res2.conv1 960 32x32", 2, 32, 32, 960, 640, 3, 1),
     (
-        "unet.up2.res2.shortcut 960 32x32",
+        "unet.up2.res2.conv2+shortcut 960 32x32",
         2,
         32,
         32,
@@ -128,7 +140,7 @@ pub const CONV: &[ConvCase] = &[
     ("unet.up2.upsample 64x64", 2, 64, 64, 640, 640, 3, 1),
     ("unet.up3.res0.conv1 960 64x64", 2, 64, 64, 960, 320, 3, 1),
     (
-        "unet.up3.res0.shortcut 960 64x64",
+        "unet.up3.res0.conv2+shortcut 960 64x64",
         2,
         64,
         64,
@@ -138,7 +150,16 @@ pub const CONV: &[ConvCase] = &[
         1,
     ),
     ("unet.up3.res.conv1 640 64x64", 2, 64, 64, 640, 320, 3, 1),
-    ("unet.up3.res.shortcut 640 64x64", 2, 64, 64, 640, 320, 1, 1),
+    (
+        "unet.up3.res.conv2+shortcut 640 64x64",
+        2,
+        64,
+        64,
+        640,
+        320,
+        1,
+        1,
+    ),
     ("unet.conv_out", 2, 64, 64, 320, 4, 3, 1),
     // VAE decoder (diffusers AutoencoderKL, stable-diffusion-v1-5/vae/config.json)
     ("vae.post_quant_conv", 1, 64, 64, 4, 4, 1, 1),
@@ -158,7 +179,7 @@ pub const CONV: &[ConvCase] = &[
         1,
     ),
     (
-        "vae.dec.up2.res0.shortcut 512->256",
+        "vae.dec.up2.res0.conv2+shortcut 512->256",
         1,
         256,
         256,
@@ -180,7 +201,7 @@ pub const CONV: &[ConvCase] = &[
         1,
     ),
     (
-        "vae.dec.up3.res0.shortcut 256->128",
+        "vae.dec.up3.res0.conv2+shortcut 256->128",
         1,
         512,
         512,
