@@ -37,8 +37,12 @@ const STEP_EXTRA: u64 = 2;
 /// by the matmul's own workgroups (no dispatch at all: -48), 273 with each transformer's last
 /// ff_out and proj_out folded into one projection (-16), 259 with every resnet's 1×1
 /// conv_shortcut run as more K of its conv2 (-14), 237 with norm2's statistics left by conv1's
-/// workgroups as per-tile pieces and merged by conv2's (no statistics dispatch: -22).
-const MAX_GUIDED_STEP_DISPATCHES: u64 = 237;
+/// workgroups as per-tile pieces and merged by conv2's (no statistics dispatch: -22), 210 with
+/// every other GroupNorm that reads a single tensor (norm1 after conv_in, a resnet, a
+/// transformer or a downsampler; the transformers' norms; conv_norm_out) merged from its
+/// producer's pieces across block boundaries (-27; the 12 up-block norm1 over [h ; skip] keep
+/// their statistics dispatch).
+const MAX_GUIDED_STEP_DISPATCHES: u64 = 210;
 
 /// SD 1.5's U-Net config (runwayml/stable-diffusion-v1-5 unet/config.json) with widths cut to
 /// [32, 64, 128, 128], 8 groups and a 32-wide context.

@@ -163,11 +163,17 @@ impl ResnetBlock2D {
     /// conv1(silu(norm1(input))), its output leaving norm2's statistics as per-tile pieces
     /// where this block fuses its norms ([`GroupNorm::produce`]): conv2 then merges them as it
     /// starts, and norm2 takes no statistics dispatch.
-    fn norm_conv1(&self, gpu: &Gpu, conv: Conv<'_>) -> Result<(Tensor, Option<GroupPartials>)> {
+    /// `x_stats`: norm1's statistics as the input's producer left them, if it did.
+    fn norm_conv1(
+        &self,
+        gpu: &Gpu,
+        conv: Conv<'_>,
+        x_stats: Option<&GroupPartials>,
+    ) -> Result<(Tensor, Option<GroupPartials>)> {
         if self.fused_norm {
             return self
                 .norm1
-                .into_conv_producing(gpu, conv, true, Some(&self.norm2));
+                .into_conv_linked(gpu, conv, true, x_stats, Some(&self.norm2));
         }
         Ok((self.norm_conv_unfused(gpu, &self.norm1, conv)?, None))
     }
@@ -197,10 +203,11 @@ impl ResnetBlock2D {
         &self,
         gpu: &Gpu,
         input: Input<'_>,
+        x_stats: Option<&GroupPartials>,
         cond: Option<&Conditioning<'_>>,
     ) -> Result<(Tensor, Option<GroupPartials>)> {
         let Some(proj) = &self.time_emb_proj else {
-            return self.norm_conv1(gpu, self.conv1.on(input));
+            return self.norm_conv1(gpu, self.conv1.on(input), x_stats);
         };
         let missing = |what: &str| crate::Error::shape("resnet", what.to_string());
         let cond = cond.ok_or_else(|| missing("a U-Net resnet needs its time embedding"))?;
@@ -210,7 +217,7 @@ impl ResnetBlock2D {
                 bias_rows: Some(view),
                 ..self.conv1.on(input)
             };
-            self.norm_conv1(gpu, conv) // [B, H, W, Cout]
+            self.norm_conv1(gpu, conv, x_stats) // [B, H, W, Cout]
         };
         match &cond.hoisted {
             Some(hoisted) => {
@@ -246,21 +253,43 @@ impl ResnetBlock2D {
         x: &Tensor,
         cond: Option<&Conditioning<'_>>,
     ) -> Result<Tensor> {
-        let (h, h_stats) = self.conv1_with_time(gpu, Input::Plain(x), cond)?; // [B, H, W, Cout]
-        self.conv2_with_shortcut(gpu, &h, h_stats.as_ref(), Input::Plain(x))
+        Ok(self.forward_linked(gpu, x, None, cond, None)?.0)
+    }
+
+    /// The GroupNorm that reads this block's input (norm1), where a producer can leave it
+    /// pieces ([`GroupNorm::into_conv_linked`]): where this block fuses its norms.
+    pub fn input_norm(&self) -> Option<&GroupNorm> {
+        (self.fused_norm && self.norm1.merges_pieces()).then_some(&self.norm1)
+    }
+
+    /// [`ResnetBlock2D::forward`] linked to its neighbours: norm1's statistics from `x_stats`
+    /// (what x's producer left for [`ResnetBlock2D::input_norm`]) where given, and the output's
+    /// statistics left for `next` (the GroupNorm that reads it) where given.
+    pub fn forward_linked(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        x_stats: Option<&GroupPartials>,
+        cond: Option<&Conditioning<'_>>,
+        next: Option<&GroupNorm>,
+    ) -> Result<(Tensor, Option<GroupPartials>)> {
+        let (h, h_stats) = self.conv1_with_time(gpu, Input::Plain(x), x_stats, cond)?; // [B, H, W, Cout]
+        self.conv2_with_shortcut(gpu, &h, h_stats.as_ref(), Input::Plain(x), next)
     }
 
     /// conv2(silu(norm2(h))) + shortcut(x): x added in conv2's epilogue, or its 1×1 conv run
     /// as conv2's K tail. h [B, H, W, Cout], x [B, H, W, Cin] (or a concatenation, which needs
     /// the conv_shortcut). Returns [B, H, W, Cout].
-    /// `h_stats`: norm2's statistics as conv1 left them, if it did.
+    /// `h_stats`: norm2's statistics as conv1 left them, if it did; `next`: the GroupNorm that
+    /// reads the output, to leave its statistics for.
     fn conv2_with_shortcut(
         &self,
         gpu: &Gpu,
         h: &Tensor,
         h_stats: Option<&GroupPartials>,
         x: Input<'_>,
-    ) -> Result<Tensor> {
+        next: Option<&GroupNorm>,
+    ) -> Result<(Tensor, Option<GroupPartials>)> {
         let conv2 = match (&self.conv_shortcut, x) {
             (Some(shortcut), x) => Conv {
                 bias: self.conv2_shortcut_bias.as_ref(),
@@ -282,9 +311,10 @@ impl ResnetBlock2D {
             }
         };
         if self.fused_norm {
-            return self.norm2.into_conv_merged(gpu, conv2, true, h_stats); // [B, H, W, Cout]
+            return self.norm2.into_conv_linked(gpu, conv2, true, h_stats, next);
+            // [B, H, W, Cout]
         }
-        self.norm_conv(gpu, &self.norm2, conv2) // [B, H, W, Cout]
+        Ok((self.norm_conv(gpu, &self.norm2, conv2)?, None)) // [B, H, W, Cout]
     }
 
     /// `forward(concat_channels(a, b), temb)` for the U-Net decoder, whose resnets take
@@ -298,13 +328,26 @@ impl ResnetBlock2D {
         b: &Tensor,
         cond: Option<&Conditioning<'_>>,
     ) -> Result<Tensor> {
+        Ok(self.forward_concat_linked(gpu, a, b, cond, None)?.0)
+    }
+
+    /// [`ResnetBlock2D::forward_concat`], the output's statistics left for `next` where given
+    /// (the concatenated input's are computed by norm1's own statistics pass).
+    pub fn forward_concat_linked(
+        &self,
+        gpu: &Gpu,
+        a: &Tensor,
+        b: &Tensor,
+        cond: Option<&Conditioning<'_>>,
+        next: Option<&GroupNorm>,
+    ) -> Result<(Tensor, Option<GroupPartials>)> {
         if self.conv_shortcut.is_none() {
             // An identity shortcut would have to add the concatenation itself: build it.
             let x = elementwise::concat_channels(gpu, a, b)?;
-            return self.forward(gpu, &x, cond);
+            return self.forward_linked(gpu, &x, None, cond, next);
         }
-        let (h, h_stats) = self.conv1_with_time(gpu, Input::Concat(a, b), cond)?; // [B, H, W, Cout]
-        self.conv2_with_shortcut(gpu, &h, h_stats.as_ref(), Input::Concat(a, b))
+        let (h, h_stats) = self.conv1_with_time(gpu, Input::Concat(a, b), None, cond)?; // [B, H, W, Cout]
+        self.conv2_with_shortcut(gpu, &h, h_stats.as_ref(), Input::Concat(a, b), next)
     }
 }
 

@@ -5,7 +5,7 @@
 //! of SD 2.x (`use_linear_projection`) are the same matmul over channels, and no permute is needed.
 
 use crate::kernels::attention::HeadsView;
-use crate::kernels::conv2d::{Conv, Input};
+use crate::kernels::conv2d::{Conv, GroupPartials, Input};
 use crate::kernels::elementwise;
 use crate::kernels::matmul::{self, Activation};
 use crate::models::blocks::Conditioning;
@@ -390,7 +390,13 @@ impl Transformer2DModel {
     /// applied in its loads (one statistics dispatch, no normalised tensor). A linear
     /// proj_in (SD 2.x, SDXL: `use_linear_projection`) runs on the matmul kernels, which take no
     /// fused norm: there the norm keeps its own pass.
-    fn norm_proj_in(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+    /// `x_stats`: the norm's statistics as x's producer left them, if it did.
+    fn norm_proj_in(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        x_stats: Option<&GroupPartials>,
+    ) -> Result<Tensor> {
         let s = &self.spec;
         let (b, h, w) = (x.dim(0), x.dim(1), x.dim(2));
         let inner = s.heads * s.head_dim;
@@ -412,15 +418,37 @@ impl Transformer2DModel {
             pads: [0; 4],
             variant: None,
         };
-        let out = self.norm.into_conv(gpu, conv, false)?; // [B, H, W, inner]
+        let (out, _) = self
+            .norm
+            .into_conv_linked(gpu, conv, false, x_stats, None)?; // [B, H, W, inner]
         out.reshape(&[b, h * w, inner]) // [B, HW, inner]
     }
 
     /// x: [B, H, W, C]; cond: the context (or its hoisted K/V). Returns [B, H, W, C].
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, cond: &Conditioning<'_>) -> Result<Tensor> {
+        Ok(self.forward_linked(gpu, x, None, cond, None)?.0)
+    }
+
+    /// The GroupNorm that reads this model's input, where a producer can leave it pieces: the
+    /// 1×1-conv proj_in's (SD 1.x); a linear proj_in's norm keeps its own pass.
+    pub fn input_norm(&self) -> Option<&GroupNorm> {
+        (!self.spec.use_linear_projection && self.norm.merges_pieces()).then_some(&self.norm)
+    }
+
+    /// [`Transformer2DModel::forward`] linked to its neighbours: the norm's statistics from
+    /// `x_stats` (what x's producer left for [`Transformer2DModel::input_norm`]) where given,
+    /// and the output's statistics left for `next` (the GroupNorm that reads it) where given.
+    pub fn forward_linked(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        x_stats: Option<&GroupPartials>,
+        cond: &Conditioning<'_>,
+        next: Option<&GroupNorm>,
+    ) -> Result<(Tensor, Option<GroupPartials>)> {
         let s = &self.spec;
         let (b, h, w) = (x.dim(0), x.dim(1), x.dim(2));
-        let mut hidden = self.norm_proj_in(gpu, x)?; // [B, HW, inner]
+        let mut hidden = self.norm_proj_in(gpu, x, x_stats)?; // [B, HW, inner]
         let (last, rest) = self.blocks.split_last().expect("checked at load");
         for blk in rest {
             hidden = blk.forward(gpu, hidden, cond)?; // [B, HW, inner]
@@ -432,7 +460,7 @@ impl Transformer2DModel {
             hidden.reshape(&[b, h, w, inner])?,  // [B, H, W, inner]
             mid.reshape(&[b, h, w, 4 * inner])?, // [B, H, W, 4·inner]
         );
-        Conv {
+        let proj_out = Conv {
             input: Input::Concat(&h_nhwc, &g_nhwc),
             weight: &self.folded_out.weight,
             bias: Some(&self.folded_out.bias),
@@ -443,7 +471,10 @@ impl Transformer2DModel {
             stride: 1,
             pads: [0; 4],
             variant: None,
+        };
+        match next {
+            Some(next) => next.produce(gpu, proj_out), // [B, H, W, C]
+            None => Ok((proj_out.run(gpu)?, None)),
         }
-        .run(gpu) // [B, H, W, C]
     }
 }

@@ -909,17 +909,38 @@ impl UNet2DConditionModel {
         sample: &Tensor,
         cond: &Conditioning<'_>,
     ) -> Result<Tensor> {
-        let mut h = self.conv_in.forward(gpu, sample)?; // [B, h, w, C0]
-        let mut skips = vec![h.clone()];
-        for block in &self.down_blocks {
-            h = block.forward(gpu, h, cond, &mut skips)?; // [B, h/2, w/2, C]
+        // Each layer leaves its output's GroupNorm statistics (per-tile pieces) for the norm
+        // that reads it, where that norm reads a single tensor: no statistics dispatch there.
+        let first_norm = self
+            .down_blocks
+            .first()
+            .map_or(self.mid_block.input_norm(), |b| b.input_norm());
+        let mut h = self.conv_in.forward_producing(gpu, sample, first_norm)?; // [B, h, w, C0]
+        let mut skips = vec![h.0.clone()];
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            let next = match self.down_blocks.get(i + 1) {
+                Some(b) => b.input_norm(),
+                None => self.mid_block.input_norm(),
+            };
+            h = block.forward(gpu, h, cond, &mut skips, next)?; // [B, h/2, w/2, C]
         }
-        h = self.mid_block.forward(gpu, &h, cond)?; // [B, h/f, w/f, C_last]
-        for block in &self.up_blocks {
-            h = block.forward(gpu, h, cond, &mut skips)?; // [B, 2h, 2w, C]
+        // The mid block's output goes to the first up block's concatenation.
+        let (mut x, _) = self.mid_block.forward(gpu, h, cond, None)?; // [B, h/f, w/f, C_last]
+        let mut x_stats = None;
+        let last = self.up_blocks.len().saturating_sub(1);
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let next = if i == last {
+                Some(&self.conv_norm_out).filter(|n| n.merges_pieces())
+            } else {
+                None
+            };
+            (x, x_stats) = block.forward(gpu, x, cond, &mut skips, next)?; // [B, 2h, 2w, C]
         }
         // conv_out(silu(conv_norm_out(h))), the norm applied in the conv's loads.
-        let conv_out = self.conv_out.on(conv2d::Input::Plain(&h));
-        self.conv_norm_out.into_conv(gpu, conv_out, true) // [B, h, w, C_out]
+        let conv_out = self.conv_out.on(conv2d::Input::Plain(&x));
+        let (out, _) =
+            self.conv_norm_out
+                .into_conv_linked(gpu, conv_out, true, x_stats.as_ref(), None)?;
+        Ok(out) // [B, h, w, C_out]
     }
 }

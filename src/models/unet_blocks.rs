@@ -3,10 +3,15 @@
 //! SD 1.5's layout: which levels attend, how many resnets and transformer layers each has, and
 //! whether it resamples all come from the config. Activations NHWC: [B, H, W, C].
 
+use crate::kernels::conv2d::GroupPartials;
 use crate::models::blocks::{Conditioning, ResnetBlock2D, ResnetBlock2DConfig};
 use crate::models::transformer::{Transformer2DModel, TransformerSpec};
-use crate::nn::{Conv2d, Conv2dConfig, VarBuilder};
+use crate::nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use crate::{Error, Gpu, Result, Tensor};
+
+/// An activation between U-Net layers, with its GroupNorm statistics as the per-tile pieces its
+/// producer left for the norm that reads it ([`GroupNorm::into_conv_linked`]), where it did.
+pub type Hidden = (Tensor, Option<GroupPartials>);
 
 /// What every block's resnets share.
 #[derive(Clone, Copy, Debug)]
@@ -143,27 +148,61 @@ impl CrossAttnDownBlock2D {
         (self.resnets.iter(), self.attentions.iter())
     }
 
+    /// The GroupNorm that reads this block's input (its first resnet's norm1), where a
+    /// producer can leave it pieces.
+    pub fn input_norm(&self) -> Option<&GroupNorm> {
+        self.resnets.first().and_then(|r| r.input_norm())
+    }
+
     /// h: [B, H, W, Cin] -> [B, H/2, W/2, Cout] (or [B, H, W, Cout] without downsampler);
-    /// pushes each layer's output (and the downsampled one) onto `skips`.
+    /// pushes each layer's output (and the downsampled one) onto `skips`. Each layer leaves its
+    /// output's GroupNorm statistics for the next one's norm (`h_stats`: h's, from the layer
+    /// before this block; `next`: the GroupNorm after this block).
     pub fn forward(
         &self,
         gpu: &Gpu,
-        mut h: Tensor,
+        h: Hidden,
         cond: &Conditioning<'_>,
         skips: &mut Vec<Tensor>,
-    ) -> Result<Tensor> {
+        next: Option<&GroupNorm>,
+    ) -> Result<Hidden> {
+        let (mut h, mut h_stats) = h;
         for (j, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(gpu, &h, Some(cond))?; // [B, H, W, Cout]
-            if let Some(t) = self.attentions.get(j) {
-                h = t.forward(gpu, &h, cond)?; // [B, H, W, Cout]
+            let attention = self.attentions.get(j);
+            // The norm after this resnet: its transformer's, the next resnet's, or (with
+            // neither and no downsampler) the block's successor's.
+            let after_resnet = match attention {
+                Some(t) => t.input_norm(),
+                None => self.norm_after_layer(j, next),
+            };
+            (h, h_stats) =
+                resnet.forward_linked(gpu, &h, h_stats.as_ref(), Some(cond), after_resnet)?; // [B, H, W, Cout]
+            if let Some(t) = attention {
+                let after = self.norm_after_layer(j, next);
+                (h, h_stats) = t.forward_linked(gpu, &h, h_stats.as_ref(), cond, after)?;
+                // [B, H, W, Cout]
             }
             skips.push(h.clone());
         }
         if let Some(down) = &self.downsampler {
-            h = down.forward(gpu, &h)?; // [B, H/2, W/2, Cout]
+            (h, h_stats) = down.forward_producing(gpu, &h, next)?; // [B, H/2, W/2, Cout]
             skips.push(h.clone());
         }
-        Ok(h)
+        Ok((h, h_stats))
+    }
+
+    /// The GroupNorm that reads layer j's output (its resnet and transformer): the next
+    /// resnet's norm1, else the block's successor's `next` unless a downsampler comes first.
+    fn norm_after_layer<'a>(
+        &'a self,
+        j: usize,
+        next: Option<&'a GroupNorm>,
+    ) -> Option<&'a GroupNorm> {
+        match self.resnets.get(j + 1) {
+            Some(r) => r.input_norm(),
+            None if self.downsampler.is_none() => next,
+            None => None,
+        }
     }
 }
 
@@ -207,11 +246,26 @@ impl UNetMidBlock2DCrossAttn {
         (self.resnets.iter(), std::iter::once(&self.attention))
     }
 
-    /// h: [B, H, W, C] -> [B, H, W, C].
-    pub fn forward(&self, gpu: &Gpu, h: &Tensor, cond: &Conditioning<'_>) -> Result<Tensor> {
-        let h = self.resnets[0].forward(gpu, h, Some(cond))?; // [B, H, W, C]
-        let h = self.attention.forward(gpu, &h, cond)?; // [B, H, W, C]
-        self.resnets[1].forward(gpu, &h, Some(cond)) // [B, H, W, C]
+    /// The GroupNorm that reads this block's input (the first resnet's norm1).
+    pub fn input_norm(&self) -> Option<&GroupNorm> {
+        self.resnets[0].input_norm()
+    }
+
+    /// h: [B, H, W, C] -> [B, H, W, C], each layer leaving its output's GroupNorm statistics
+    /// for the next layer's norm (as [`CrossAttnDownBlock2D::forward`]).
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        (h, h_stats): Hidden,
+        cond: &Conditioning<'_>,
+        next: Option<&GroupNorm>,
+    ) -> Result<Hidden> {
+        let [r0, r1] = &self.resnets;
+        let t = &self.attention;
+        let (h, h_stats) =
+            r0.forward_linked(gpu, &h, h_stats.as_ref(), Some(cond), t.input_norm())?; // [B, H, W, C]
+        let (h, h_stats) = t.forward_linked(gpu, &h, h_stats.as_ref(), cond, r1.input_norm())?; // [B, H, W, C]
+        r1.forward_linked(gpu, &h, h_stats.as_ref(), Some(cond), next) // [B, H, W, C]
     }
 }
 
@@ -275,26 +329,42 @@ impl CrossAttnUpBlock2D {
     }
 
     /// h: [B, H, W, Cprev] -> [B, 2H, 2W, Cout] (or [B, H, W, Cout] without upsampler); pops one
-    /// skip per resnet from `skips`.
+    /// skip per resnet from `skips`. The resnets read [h ; skip] (their norm1 computes its own
+    /// statistics); each resnet leaves its output's statistics for its transformer's norm, and
+    /// the last layer for `next` (the GroupNorm after this block) when no upsampler comes first.
     pub fn forward(
         &self,
         gpu: &Gpu,
-        mut h: Tensor,
+        h: Tensor,
         cond: &Conditioning<'_>,
         skips: &mut Vec<Tensor>,
-    ) -> Result<Tensor> {
+        next: Option<&GroupNorm>,
+    ) -> Result<Hidden> {
+        let (mut h, mut h_stats) = (h, None);
+        let last = self.resnets.len() - 1;
+        let after_block = if self.upsampler.is_none() { next } else { None };
         for (j, resnet) in self.resnets.iter().enumerate() {
             let skip = skips
                 .pop()
                 .ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
-            h = resnet.forward_concat(gpu, &h, &skip, Some(cond))?; // [B, H, W, Cout]
-            if let Some(t) = self.attentions.get(j) {
-                h = t.forward(gpu, &h, cond)?; // [B, H, W, Cout]
+            let attention = self.attentions.get(j);
+            // Only the block's last layer is read by a norm over a single tensor.
+            let after_layer = if j == last { after_block } else { None };
+            let after_resnet = match attention {
+                Some(t) => t.input_norm(),
+                None => after_layer,
+            };
+            (h, h_stats) =
+                resnet.forward_concat_linked(gpu, &h, &skip, Some(cond), after_resnet)?; // [B, H, W, Cout]
+            if let Some(t) = attention {
+                (h, h_stats) = t.forward_linked(gpu, &h, h_stats.as_ref(), cond, after_layer)?;
+                // [B, H, W, Cout]
             }
         }
         if let Some(up) = &self.upsampler {
             h = up.forward_upsampled(gpu, &h)?; // [B, 2H, 2W, Cout]
+            h_stats = None;
         }
-        Ok(h)
+        Ok((h, h_stats))
     }
 }

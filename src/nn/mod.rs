@@ -394,6 +394,20 @@ impl Conv2d {
     /// This convolution of `input` with its own bias and nothing else fused: the start of a
     /// [`conv2d::Conv`] whose other fields the caller sets (`Conv { norm, residual,
     /// ..conv.on(input) }`).
+    /// [`Conv2d::forward`], its output's GroupNorm statistics left for `next` (the GroupNorm
+    /// that reads it, [`GroupNorm::produce`]) where given.
+    pub fn forward_producing(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        next: Option<&GroupNorm>,
+    ) -> Result<(Tensor, Option<conv2d::GroupPartials>)> {
+        match next {
+            Some(next) => next.produce(gpu, self.on(conv2d::Input::Plain(x))),
+            None => Ok((self.forward(gpu, x)?, None)),
+        }
+    }
+
     pub fn on<'a>(&'a self, input: conv2d::Input<'a>) -> conv2d::Conv<'a> {
         conv2d::Conv {
             input,
@@ -440,9 +454,9 @@ pub struct GroupNorm {
     /// through one layer cannot interleave on the table.
     table: Mutex<Option<Tensor>>,
     /// [C, 2] f32 (gamma, beta), for a consumer that merges its input's statistics from the
-    /// producer's pieces ([`GroupNorm::into_conv_merged`]); None for a norm built by `new`.
+    /// producer's pieces ([`GroupNorm::into_conv_linked`]); None for a norm built by `new`.
     gamma_beta: Option<Tensor>,
-    /// The pieces buffer its input's producer writes ([`GroupNorm::into_conv_merged`]), kept
+    /// The pieces buffer its input's producer writes ([`GroupNorm::into_conv_linked`]), kept
     /// per layer for the reason `table` is.
     partials: Mutex<Option<Tensor>>,
 }
@@ -487,7 +501,7 @@ impl GroupNorm {
     }
 
     /// `producer`'s output, with its GroupNorm statistics (this layer's groups) left as
-    /// per-tile pieces for [`GroupNorm::into_conv_merged`], in this layer's kept buffer. The
+    /// per-tile pieces for [`GroupNorm::into_conv_linked`], in this layer's kept buffer. The
     /// pieces are None where the producer's tiles cannot make them.
     pub fn produce(
         &self,
@@ -511,18 +525,27 @@ impl GroupNorm {
         })
     }
 
-    /// [`GroupNorm::into_conv`] with the input's statistics merged by the conv's own workgroups
-    /// from `partials` (what [`GroupNorm::produce`] left): no statistics dispatch. Without
-    /// pieces, the statistics dispatch as before.
-    pub fn into_conv_merged(
+    /// Whether this layer can take its input's statistics as a producer's pieces
+    /// ([`GroupNorm::into_conv_linked`]): loaded layers can (they keep a (gamma, beta) table).
+    pub fn merges_pieces(&self) -> bool {
+        self.gamma_beta.is_some()
+    }
+
+    /// `conv(silu?(self(input)))` linked to its neighbours: the input's statistics merged by
+    /// the conv's own workgroups from `input` (what the input's producer left for this layer,
+    /// [`GroupNorm::produce`]; no statistics dispatch), else the statistics dispatch of
+    /// [`GroupNorm::into_conv`]; and the output's statistics left as pieces for `next`, the
+    /// GroupNorm that reads the output, where given.
+    pub fn into_conv_linked(
         &self,
         gpu: &Gpu,
         conv: conv2d::Conv<'_>,
         silu: bool,
-        partials: Option<&conv2d::GroupPartials>,
-    ) -> Result<Tensor> {
-        let (Some(partials), Some(gamma_beta)) = (partials, &self.gamma_beta) else {
-            return self.into_conv(gpu, conv, silu);
+        input: Option<&conv2d::GroupPartials>,
+        next: Option<&GroupNorm>,
+    ) -> Result<(Tensor, Option<conv2d::GroupPartials>)> {
+        let (Some(partials), Some(gamma_beta)) = (input, &self.gamma_beta) else {
+            return self.into_conv_producing(gpu, conv, silu, next);
         };
         let norm = Some(conv2d::FusedNorm {
             stats: conv2d::NormStats::Partials {
@@ -534,7 +557,11 @@ impl GroupNorm {
             },
             silu,
         });
-        conv2d::Conv { norm, ..conv }.run(gpu)
+        let conv = conv2d::Conv { norm, ..conv };
+        match next {
+            Some(next) => next.produce(gpu, conv),
+            None => Ok((conv.run(gpu)?, None)),
+        }
     }
 
     /// `conv(silu?(self(input)))` in two dispatches instead of three: the statistics of the
