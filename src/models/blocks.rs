@@ -310,9 +310,9 @@ impl ResnetBlock2D {
                 ))
             }
         };
+        // [B, H, W, Cout]
         if self.fused_norm {
             return self.norm2.into_conv_linked(gpu, conv2, true, h_stats, next);
-            // [B, H, W, Cout]
         }
         Ok((self.norm_conv(gpu, &self.norm2, conv2)?, None)) // [B, H, W, Cout]
     }

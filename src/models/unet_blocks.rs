@@ -175,12 +175,13 @@ impl CrossAttnDownBlock2D {
                 Some(t) => t.input_norm(),
                 None => self.norm_after_layer(j, next),
             };
+            // [B, H, W, Cin] -> [B, H, W, Cout]
             (h, h_stats) =
-                resnet.forward_linked(gpu, &h, h_stats.as_ref(), Some(cond), after_resnet)?; // [B, H, W, Cout]
+                resnet.forward_linked(gpu, &h, h_stats.as_ref(), Some(cond), after_resnet)?;
             if let Some(t) = attention {
                 let after = self.norm_after_layer(j, next);
+                // [B, H, W, Cout] -> [B, H, W, Cout]
                 (h, h_stats) = t.forward_linked(gpu, &h, h_stats.as_ref(), cond, after)?;
-                // [B, H, W, Cout]
             }
             skips.push(h.clone());
         }
@@ -262,10 +263,11 @@ impl UNetMidBlock2DCrossAttn {
     ) -> Result<Hidden> {
         let [r0, r1] = &self.resnets;
         let t = &self.attention;
+        // Every layer: [B, H, W, C] -> [B, H, W, C].
         let (h, h_stats) =
-            r0.forward_linked(gpu, &h, h_stats.as_ref(), Some(cond), t.input_norm())?; // [B, H, W, C]
-        let (h, h_stats) = t.forward_linked(gpu, &h, h_stats.as_ref(), cond, r1.input_norm())?; // [B, H, W, C]
-        r1.forward_linked(gpu, &h, h_stats.as_ref(), Some(cond), next) // [B, H, W, C]
+            r0.forward_linked(gpu, &h, h_stats.as_ref(), Some(cond), t.input_norm())?;
+        let (h, h_stats) = t.forward_linked(gpu, &h, h_stats.as_ref(), cond, r1.input_norm())?;
+        r1.forward_linked(gpu, &h, h_stats.as_ref(), Some(cond), next)
     }
 }
 
@@ -354,11 +356,12 @@ impl CrossAttnUpBlock2D {
                 Some(t) => t.input_norm(),
                 None => after_layer,
             };
+            // [h ; skip] -> [B, H, W, Cout]
             (h, h_stats) =
-                resnet.forward_concat_linked(gpu, &h, &skip, Some(cond), after_resnet)?; // [B, H, W, Cout]
+                resnet.forward_concat_linked(gpu, &h, &skip, Some(cond), after_resnet)?;
             if let Some(t) = attention {
+                // [B, H, W, Cout] -> [B, H, W, Cout]
                 (h, h_stats) = t.forward_linked(gpu, &h, h_stats.as_ref(), cond, after_layer)?;
-                // [B, H, W, Cout]
             }
         }
         if let Some(up) = &self.upsampler {
