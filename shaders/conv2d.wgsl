@@ -21,9 +21,9 @@
 //           only with CONCAT), 2 w4 (elem4, [Cout, KH, KW, Cin]), 3 bias (elem, [Cout]),
 //           4 residual (elem, [B, Ho, Wo, Cout]), 5 out (elem, [B, Ho, Wo, Cout], read_write),
 //           6 params, 8 gn (vec2<f32> [B, Cin]: GroupNorm scale, shift; with flags bit 6
-//           [Cin]: gamma, beta), 9-11 the TAIL's sx4, sxb4, sw4, 12 gn_out and 13 gn_in (the
-//           GroupNorm partials, vec4<f32>; see the section at the end). xb4 / bias / residual /
-//           gn / 9-13 are read only when CONCAT / TAIL / flags say so; the host binds x there as
+//           [Cin]: gamma, beta), 9-11 the TAIL's sx4, sxb4, sw4, 12 gn_out, 13 gn_in and 14
+//           gn_in_b (the GroupNorm partials, vec4<f32>; see the section at the end). xb4 / bias /
+//           residual / gn / 9-14 are read only when CONCAT / TAIL / flags say so; the host binds x there as
 //           a placeholder (read-only twice is allowed; read-only and read-write is not), and out
 //           at 12.
 //
@@ -144,9 +144,13 @@ struct Params {
     si_groups: u32, // flags bit 6: groups of the input
     si_eps: f32,
     si_inv_gw: f32, // 1 / si_gw
+    si_pw: u32,     // flags bit 6: the producer's so_gw (its piece groups' width)
+    sb_pw: u32,     // flags bit 6 with CONCAT: the second part's producer (gn_in_b): so_gw,
+    sb_jmax: u32,   // so_jmax
+    sb_tm: u32,     // and output tile
+    sb_tn: u32,
     _pad3: u32,
     _pad4: u32,
-    _pad5: u32,
 };
 
 @group(0) @binding(0) var<storage, read> x4: array<elem4>;
@@ -844,10 +848,16 @@ fn gn_tile_value(view: u32, rt: u32, ct: u32, m: u32, n: u32) -> f32 {
 // (< so_jmax); gn_out[((tile · 2) + s) · so_jmax + j] = (n, mean, M2, 0), n = 0 for a piece
 // the tile does not have. tile = m_tile · ceil(Cout / tn) + n_tile.
 // Consumer: one invocation per (s, g) of its own tile's (at most two) images merges the
-// producer's pieces of (image, g) in (m_tile, n_tile) order; producer geometry in params.si_*.
+// producer's pieces of (image, g) in (piece group, m_tile, n_tile) order; producer geometry in
+// params.si_*. A producer's piece groups (width so_gw, the last one narrower where so_gw does
+// not divide its channels) need only tile the consumer's groups: the host checks that si_pw
+// divides si_gw. With CONCAT each part has its own producer: channels below ca merge from
+// gn_in, the rest from gn_in_b (geometry params.sb_*; the host checks that sb_pw divides si_gw
+// and ca, so no piece straddles a consumer group) — the U-Net decoder's [h ; skip].
 
 @group(0) @binding(12) var<storage, read_write> gn_out: array<vec4<f32>>;
 @group(0) @binding(13) var<storage, read> gn_in: array<vec4<f32>>;
+@group(0) @binding(14) var<storage, read> gn_in_b: array<vec4<f32>>;
 // Producer: one (n, mean, M2) per invocation; consumer: (mean, rstd) per (s, g), s·G + g.
 var<workgroup> gn_sh: array<vec4<f32>, 256>;
 // Consumer: the first image of this workgroup's output tile.
@@ -923,32 +933,57 @@ fn gn_tile_rows(lid: u32, nt: u32, tile: u32, m0: u32, n0: u32, tm: u32, tn: u32
     }
 }
 
+// Consumer: `acc` merged with the pieces of image b over channels [lo, hi) of one input part
+// (second: CONCAT's second part, from gn_in_b; else x or the first part, from gn_in); lo and
+// hi lie on the part's piece-group boundaries or its end.
+fn gn_merge_part(acc_in: vec3<f32>, second: bool, b: u32, lo: u32, hi: u32) -> vec3<f32> {
+    let pw = select(params.si_pw, params.sb_pw, second);
+    let jmax = select(params.si_jmax, params.sb_jmax, second);
+    let tm = select(params.si_tm, params.sb_tm, second);
+    let tn = select(params.si_tn, params.sb_tn, second);
+    let channels = select(params.ca, params.cin - params.ca, second);
+    let n_tiles = (channels + tn - 1u) / tn;
+    let hw_in = params.xh * params.xw;
+    let r0 = b * hw_in;
+    let r1 = r0 + hw_in;
+    var acc = acc_in;
+    for (var pg = lo / pw; pg * pw < hi; pg++) {
+        let c0 = pg * pw;
+        let c1 = min(c0 + pw, channels);
+        for (var mt = r0 / tm; mt * tm < r1; mt++) {
+            let s = b - (mt * tm) / hw_in;
+            for (var ntile = c0 / tn; ntile * tn < c1; ntile++) {
+                let at = ((mt * n_tiles + ntile) * 2u + s) * jmax + pg - (ntile * tn) / pw;
+                if (second) {
+                    acc = gn_chan(acc, gn_in_b[at].xyz);
+                } else {
+                    acc = gn_chan(acc, gn_in[at].xyz);
+                }
+            }
+        }
+    }
+    return acc;
+}
+
 // Consumer (flags bit 6): mean and rstd of every (image, group) of this workgroup's images
-// (m0 its first output pixel) into gn_sh, from the producer's pieces. Every invocation calls it.
+// (m0 its first output pixel) into gn_sh, from the producers' pieces. Every invocation calls
+// it.
 fn gn_merge_input(lid: u32, nt: u32, m0: u32) {
     let groups = params.si_groups;
     let gw = params.si_gw;
-    let tm = params.si_tm;
-    let tn = params.si_tn;
-    let jmax = params.si_jmax;
-    let hw_in = params.xh * params.xw;
-    let n_tiles = (params.cin + tn - 1u) / tn;
+    let ca = params.ca;
     gn_b_first = m0 / (params.ho * params.wo);
     for (var e = lid; e < 2u * groups; e += nt) {
         let b = gn_b_first + e / groups;
-        let g = e % groups;
+        let c0 = (e % groups) * gw;
+        let c1 = c0 + gw;
         var acc = vec3<f32>(0.0);
         if (b < params.batch) {
-            let r0 = b * hw_in;
-            let r1 = r0 + hw_in;
-            let c0 = g * gw;
-            let c1 = c0 + gw;
-            for (var mt = r0 / tm; mt * tm < r1; mt++) {
-                let s = b - (mt * tm) / hw_in;
-                for (var ntile = c0 / tn; ntile * tn < c1; ntile++) {
-                    let j = g - (ntile * tn) / gw;
-                    acc = gn_chan(acc, gn_in[((mt * n_tiles + ntile) * 2u + s) * jmax + j].xyz);
-                }
+            if (c0 < ca) {
+                acc = gn_merge_part(acc, false, b, c0, min(c1, ca));
+            }
+            if (c1 > ca) {
+                acc = gn_merge_part(acc, true, b, max(c0, ca) - ca, c1 - ca);
             }
         }
         gn_sh[e] = vec4<f32>(acc.y, inverseSqrt(acc.z / max(acc.x, 1.0) + params.si_eps), 0.0, 0.0);

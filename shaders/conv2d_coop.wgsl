@@ -62,9 +62,13 @@ struct Params {
     si_groups: u32, // flags bit 6: groups of the input
     si_eps: f32,
     si_inv_gw: f32, // 1 / si_gw
+    si_pw: u32,     // flags bit 6: the producer's so_gw (its piece groups' width)
+    sb_pw: u32,     // flags bit 6 with CONCAT: the second part's producer (gn_in_b): so_gw,
+    sb_jmax: u32,   // so_jmax
+    sb_tm: u32,     // and output tile
+    sb_tn: u32,
     _pad3: u32,
     _pad4: u32,
-    _pad5: u32,
 };
 
 @group(0) @binding(0) var<storage, read> x4: array<elem4>;

@@ -40,9 +40,10 @@ const STEP_EXTRA: u64 = 2;
 /// workgroups as per-tile pieces and merged by conv2's (no statistics dispatch: -22), 210 with
 /// every other GroupNorm that reads a single tensor (norm1 after conv_in, a resnet, a
 /// transformer or a downsampler; the transformers' norms; conv_norm_out) merged from its
-/// producer's pieces across block boundaries (-27; the 12 up-block norm1 over [h ; skip] keep
-/// their statistics dispatch).
-const MAX_GUIDED_STEP_DISPATCHES: u64 = 210;
+/// producer's pieces across block boundaries (-27), 198 with the 12 up-block norm1 over
+/// [h ; skip] merged from both parts' producers (h's and the skip's; -12: no GroupNorm
+/// statistics dispatch is left in the U-Net).
+const MAX_GUIDED_STEP_DISPATCHES: u64 = 198;
 
 /// SD 1.5's U-Net config (runwayml/stable-diffusion-v1-5 unet/config.json) with widths cut to
 /// [32, 64, 128, 128], 8 groups and a 32-wide context.
@@ -255,6 +256,12 @@ fn guided_sd15_step_dispatch_count() {
     for (label, n) in &by_label {
         eprintln!("{n:5}  {label}");
     }
+    // Every GroupNorm takes its statistics from its input's producers.
+    let stats: Vec<_> = by_label
+        .iter()
+        .filter(|(label, _)| label.starts_with("group_norm"))
+        .collect();
+    assert!(stats.is_empty(), "GroupNorm passes in the U-Net: {stats:?}");
     let step = unet_call + STEP_EXTRA;
     eprintln!(
         "SD 1.5 architecture, {}, {}: {per_image} dispatches per image (time embeddings and their \

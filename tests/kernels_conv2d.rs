@@ -1737,7 +1737,7 @@ fn run_pair(
         variant,
     };
     let (y, partials) = conv(Input::Plain(&x), &w1, Some(&b1), None, pv)
-        .run_with_partials(g, p.groups, |pieces| {
+        .run_with_partials(g, p.c / p.groups, |pieces| {
             fill::poisoned(g, &[pieces, 4], DType::F32)
         })
         .unwrap();
@@ -1754,6 +1754,8 @@ fn run_pair(
     let norm = partials.as_ref().map(|partials| conv2d::FusedNorm {
         stats: conv2d::NormStats::Partials {
             partials,
+            partials_b: None,
+            groups: p.groups,
             gamma: &gamma,
             beta: &beta,
             gamma_beta: &gamma_beta,
@@ -1895,8 +1897,8 @@ fn group_norm_statistics_from_the_producer() {
     }
 }
 
-/// Where a producer's tiles cannot make pieces (a tile over three images, groups that do not
-/// divide the channels, too many groups), it says so (None) and its output is unchanged.
+/// Where a producer's tiles cannot make pieces (a tile over three images, too many piece
+/// groups, width 0), it says so (None) and its output is unchanged.
 #[test]
 fn group_norm_pieces_only_where_the_geometry_allows() {
     let g = gpu();
@@ -1905,7 +1907,7 @@ fn group_norm_pieces_only_where_the_geometry_allows() {
         g.upload(&Rng::new(n as u64).normals(n, 1.0), shape, DType::F32)
             .unwrap()
     };
-    let run = |x: &Tensor, w: &Tensor, groups: usize| {
+    let run = |x: &Tensor, w: &Tensor, width: usize| {
         let conv = Conv {
             input: Input::Plain(x),
             weight: w,
@@ -1919,7 +1921,7 @@ fn group_norm_pieces_only_where_the_geometry_allows() {
             variant: None,
         };
         let (y, p) = conv
-            .run_with_partials(g, groups, |n| g.empty(&[n, 4], DType::F32))
+            .run_with_partials(g, width, |n| g.empty(&[n, 4], DType::F32))
             .unwrap();
         let plain = conv.run(g).unwrap();
         assert_eq!(
@@ -1930,10 +1932,257 @@ fn group_norm_pieces_only_where_the_geometry_allows() {
     };
     let (x, w) = (up(&[2, 6, 6, 8]), up(&[16, 3, 3, 8]));
     assert!(run(&x, &w, 4));
-    assert!(!run(&x, &w, 3), "3 groups do not divide 16 channels");
+    assert!(
+        run(&x, &w, 5),
+        "a narrower last piece group (16 = 5 + 5 + 5 + 1)"
+    );
+    assert!(!run(&x, &w, 0), "width 0");
     // 9 pixels per image: a 64-row tile holds more than two images.
     let (x, w) = (up(&[8, 3, 3, 8]), up(&[16, 3, 3, 8]));
     assert!(!run(&x, &w, 4), "tiles over three images");
     let (x, w) = (up(&[1, 4, 4, 8]), up(&[256, 3, 3, 8]));
-    assert!(!run(&x, &w, 256), "over 128 groups");
+    assert!(!run(&x, &w, 1), "over 128 piece groups");
+    assert!(run(&x, &w, 2), "128 piece groups");
+}
+
+/// The U-Net decoder's resnet norm1 over [h ; skip]: two producers, each leaving pieces of its
+/// own width, and a consumer whose groups straddle the two parts. a: x_a [b, h, w, 8] → y_a
+/// [.., ca] in pieces of `wa` channels; b likewise (`wb`); the consumer is a 3×3 conv of
+/// silu(GroupNorm(concat(y_a, y_b), groups)) → cout.
+#[derive(Clone, Copy, Debug)]
+struct ConcatPairCase {
+    name: &'static str,
+    b: usize,
+    h: usize,
+    w: usize,
+    ca: usize,
+    cb: usize,
+    groups: usize,
+    wa: usize,
+    wb: usize,
+    cout: usize,
+}
+
+impl ConcatPairCase {
+    /// Whether the pieces tile the consumer's groups (else the consumer takes its own
+    /// statistics).
+    fn merges(&self) -> bool {
+        let gw = (self.ca + self.cb) / self.groups;
+        gw.is_multiple_of(self.wa) && gw.is_multiple_of(self.wb) && self.ca.is_multiple_of(self.wb)
+    }
+}
+
+#[rustfmt::skip]
+const CONCAT_PAIR_CASES: &[ConcatPairCase] = &[
+    // 143 pixels per image (tiles over two images); a group [30, 45) straddles the parts.
+    ConcatPairCase { name: "13x11 B2 40+20 (4 groups of 15; pieces 5 | 5) ->21", b: 2, h: 13, w: 11, ca: 40, cb: 20, groups: 4, wa: 5, wb: 5, cout: 21 },
+    // h's pieces in the consumer's groups, the last one narrower (40 = 15 + 15 + 10).
+    ConcatPairCase { name: "13x11 B2 40+20 (4 groups of 15; pieces 15 | 5) ->9", b: 2, h: 13, w: 11, ca: 40, cb: 20, groups: 4, wa: 15, wb: 5, cout: 9 },
+    // The skip's pieces finer than h's (its own down-path norm's groups).
+    ConcatPairCase { name: "8x8 B3 32+32 (4 groups of 16; pieces 16 | 8) ->19", b: 3, h: 8, w: 8, ca: 32, cb: 32, groups: 4, wa: 16, wb: 8, cout: 19 },
+    // More channels than a 64-wide tile on either side.
+    ConcatPairCase { name: "5x7 B2 96+72 (8 groups of 21; pieces 21 | 3) ->70", b: 2, h: 5, w: 7, ca: 96, cb: 72, groups: 8, wa: 21, wb: 3, cout: 70 },
+    // Pieces of 10 would straddle the groups of 15 in b: the consumer computes its own.
+    ConcatPairCase { name: "13x11 B2 40+20 (4 groups of 15; pieces 5 | 10: no merge) ->21", b: 2, h: 13, w: 11, ca: 40, cb: 20, groups: 4, wa: 5, wb: 10, cout: 21 },
+];
+
+/// A stride-1, padding-1 convolution with nothing else fused but `norm`.
+fn conv3x3<'a>(
+    input: Input<'a>,
+    weight: &'a Tensor,
+    bias: Option<&'a Tensor>,
+    norm: Option<conv2d::FusedNorm<'a>>,
+    variant: Option<Variant>,
+) -> Conv<'a> {
+    Conv {
+        input,
+        weight,
+        bias,
+        bias_rows: None,
+        residual: None,
+        norm,
+        shortcut: None,
+        stride: 1,
+        pads: P1,
+        variant,
+    }
+}
+
+/// What a concat pair's producers wrote, the consumer's output, and the consumer's host data.
+struct ConcatPairRun {
+    ya: Vec<f32>,
+    yb: Vec<f32>,
+    got: Vec<f32>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    w2: Vec<f32>,
+}
+
+/// Runs a concat pair on `g` (pieces and output NaN-poisoned; `spoil`: the second part's
+/// pieces NaN-filled after the producer ran) and returns (y_a, y_b, the consumer's output).
+fn run_concat_pair(
+    g: &Gpu,
+    p: &ConcatPairCase,
+    dtype: DType,
+    (pv, cv): (Option<Variant>, Option<Variant>),
+    spoil: bool,
+    seed: u64,
+) -> ConcatPairRun {
+    let c = p.ca + p.cb;
+    let mut rng = Rng::new(seed);
+    let q = |v: Vec<f32>| quantize(&v, dtype);
+    let pixels = p.b * p.h * p.w;
+    let host = [
+        q(rng.normals(pixels * 8, 1.0)),
+        q(rng.normals(p.ca * 9 * 8, 1.0 / 72f64.sqrt())),
+        q(rng.normals(p.ca, 1.5)),
+        q(rng.normals(pixels * 8, 1.0)),
+        q(rng.normals(p.cb * 9 * 8, 1.0 / 72f64.sqrt())),
+        q(rng.normals(p.cb, 1.5)),
+    ];
+    let gamma = q(rng.normals(c, 1.0));
+    let beta = q(rng.normals(c, 1.0));
+    let w2 = q(rng.normals(p.cout * 9 * c, 1.0 / ((9 * c) as f64).sqrt()));
+    let up = |data: &[f32], shape: &[usize]| g.upload(data, shape, dtype).unwrap();
+    let produce = |x: &[f32], w: &[f32], bias: &[f32], channels: usize, width: usize| {
+        let x = up(x, &[p.b, p.h, p.w, 8]);
+        let w = up(w, &[channels, 3, 3, 8]);
+        let bias = up(bias, &[channels]);
+        let (y, partials) = conv3x3(Input::Plain(&x), &w, Some(&bias), None, pv)
+            .run_with_partials(g, width, |n| fill::poisoned(g, &[n, 4], DType::F32))
+            .unwrap();
+        (y, partials.expect("the producer made pieces"))
+    };
+    let (ya, pa) = produce(&host[0], &host[1], &host[2], p.ca, p.wa);
+    let (yb, pb) = produce(&host[3], &host[4], &host[5], p.cb, p.wb);
+    if spoil {
+        fill::fill(g, &pb.buffer, f32::NAN).unwrap();
+    }
+    let pairs: Vec<f32> = gamma
+        .iter()
+        .zip(&beta)
+        .flat_map(|(&a, &b)| [a, b])
+        .collect();
+    let gamma_beta = g.upload(&pairs, &[c, 2], DType::F32).unwrap();
+    let (gamma_t, beta_t) = (up(&gamma, &[c]), up(&beta, &[c]));
+    let w2_t = up(&w2, &[p.cout, 3, 3, c]);
+    let norm = conv2d::FusedNorm {
+        stats: conv2d::NormStats::Partials {
+            partials: &pa,
+            partials_b: Some(&pb),
+            groups: p.groups,
+            gamma: &gamma_t,
+            beta: &beta_t,
+            gamma_beta: &gamma_beta,
+            eps: GN_EPS,
+        },
+        silu: true,
+    };
+    let out = fill::poisoned(g, &[p.b, p.h, p.w, p.cout], dtype).unwrap();
+    conv3x3(Input::Concat(&ya, &yb), &w2_t, None, Some(norm), cv)
+        .run_into(g, &out)
+        .unwrap();
+    ConcatPairRun {
+        ya: g.download(&ya).unwrap(),
+        yb: g.download(&yb).unwrap(),
+        got: g.download(&out).unwrap(),
+        gamma,
+        beta,
+        w2,
+    }
+}
+
+/// The consumer's f64 reference on what the producers wrote.
+fn concat_pair_check(p: &ConcatPairCase, run: ConcatPairRun, what: &str, tolerance: f64) {
+    let ConcatPairRun {
+        ya,
+        yb,
+        got,
+        gamma,
+        beta,
+        w2,
+    } = run;
+    let c = p.ca + p.cb;
+    let y = conv2d::concat_channels_host(&ya, &yb, p.b * p.h * p.w, p.ca, p.cb);
+    let normed: Vec<f32> = norm::reference_group_norm(
+        &y,
+        &[p.b, p.h * p.w, c],
+        p.groups,
+        GN_EPS,
+        &gamma,
+        &beta,
+        true,
+    )
+    .iter()
+    .map(|&v| v as f32)
+    .collect();
+    let shape = conv2d::ConvShape {
+        b: p.b,
+        h: p.h,
+        w: p.w,
+        cin: c,
+        cout: p.cout,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pads: P1,
+    };
+    let want = conv2d::reference(&normed, &w2, (None, None), &shape);
+    eprintln!("{what:<80} rel_l2 {:.2e}", rel_l2(&got, &want));
+    assert_close(what, &got, &want, tolerance);
+}
+
+/// GroupNorm statistics of a concatenated input merged from both parts' producers (the U-Net
+/// decoder's [h ; skip]): every consumer variant, both dtypes, groups that straddle the parts,
+/// pieces of different widths per part, a narrower last piece group; where the pieces do not
+/// tile the groups the consumer takes its own statistics. Not vacuous: NaN pieces of the second
+/// part reach the output exactly where the consumer merges them.
+#[test]
+fn group_norm_statistics_from_both_concat_producers() {
+    for (s, p) in CONCAT_PAIR_CASES.iter().enumerate() {
+        for dtype in dtypes() {
+            let mut consumers = vec![None];
+            if dtype == DType::F16 {
+                consumers.extend(all_variants().into_iter().map(Some));
+            }
+            for cv in consumers {
+                let run = run_concat_pair(gpu(), p, dtype, (None, cv), false, 2100 + s as u64);
+                let name = cv.map_or("by shape".into(), |v| v.name());
+                let what = format!("{} [-> {name}] ({})", p.name, dtype.name());
+                concat_pair_check(p, run, &what, tol(dtype, 1e-5, 2e-3));
+            }
+        }
+        for v in all_variants() {
+            let run = run_concat_pair(gpu(), p, DType::F16, (None, Some(v)), true, 2150 + s as u64);
+            let nan = run.got.iter().any(|x| x.is_nan());
+            assert_eq!(
+                nan,
+                p.merges(),
+                "{} [{}]: NaN second-part pieces {} the output",
+                p.name,
+                v.name(),
+                if p.merges() {
+                    "did not reach"
+                } else {
+                    "reached"
+                }
+            );
+        }
+    }
+    // Tensor cores on both sides, on an engine of their own (tiles are forced).
+    let engine = Gpu::new(&GpuOptions::from_env().unwrap()).expect("a wgpu adapter");
+    let g = &engine;
+    let Some(plan) = ldm_wgpu::kernels::coop::coop_plan(g, DType::F16) else {
+        return;
+    };
+    for &tile in &coop_tiles(g, plan) {
+        set_coop_tile(g, Some(tile));
+        for (s, p) in CONCAT_PAIR_CASES.iter().take(2).enumerate() {
+            let pair = (Some(Variant::COOP), Some(Variant::COOP));
+            let run = run_concat_pair(g, p, DType::F16, pair, false, 2200 + s as u64);
+            let what = format!("{} [coop {tile:?} -> coop {tile:?}] (f16)", p.name);
+            concat_pair_check(p, run, &what, tol(DType::F16, 1e-5, 2e-3));
+        }
+        set_coop_tile(g, None);
+    }
 }

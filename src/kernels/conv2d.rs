@@ -235,7 +235,14 @@ struct Params {
     si_groups: u32,
     si_eps: f32,
     si_inv_gw: f32,
-    _pad: [u32; 3],
+    /// The input's producer's piece-group width; with a concatenation, the second part's
+    /// producer's width, pieces per tile image and tile.
+    si_pw: u32,
+    sb_pw: u32,
+    sb_jmax: u32,
+    sb_tm: u32,
+    sb_tn: u32,
+    _pad: [u32; 2],
 }
 
 /// Output spatial size for one axis, `None` if the padded input is smaller than the kernel.
@@ -340,12 +347,17 @@ pub enum NormStats<'a> {
     Table(&'a Tensor),
     /// The per-tile pieces the convolution that produced the input left
     /// ([`Conv::run_with_partials`]), merged by this convolution's workgroups as they start: no
-    /// statistics dispatch. `gamma_beta` is [Cin, 2] f32; `gamma` and `beta` (the layer's,
-    /// [Cin] in the input's dtype) serve the fallback: where this convolution's tile geometry
-    /// cannot merge the pieces (a tile over three images, a concatenated or upsampled input,
-    /// more than 128 groups), it computes the table with its own statistics dispatch.
+    /// statistics dispatch. With an [`Input::Concat`] each part has its producer: `partials`
+    /// the first part's, `partials_b` the second's. `groups` are the norm's (over all Cin
+    /// channels). `gamma_beta` is [Cin, 2] f32; `gamma` and `beta` (the layer's, [Cin] in the
+    /// input's dtype) serve the fallback: where this convolution's tile geometry cannot merge
+    /// the pieces (a tile over three images, an upsampled input, a part without pieces, pieces
+    /// that straddle a group, more than 128 groups), it computes the table with its own
+    /// statistics dispatch.
     Partials {
         partials: &'a GroupPartials,
+        partials_b: Option<&'a GroupPartials>,
+        groups: usize,
         gamma: &'a Tensor,
         beta: &'a Tensor,
         gamma_beta: &'a Tensor,
@@ -355,12 +367,16 @@ pub enum NormStats<'a> {
 
 /// The GroupNorm statistics of a convolution's output [B, H, W, C], as its workgroups left them:
 /// (count, mean, M2) per (output tile, image, channel group) piece (shaders/conv2d.wgsl, the
-/// shared section). Made by [`Conv::run_with_partials`], read by [`NormStats::Partials`].
-#[derive(Debug)]
+/// shared section). Made by [`Conv::run_with_partials`], read by [`NormStats::Partials`]. The
+/// piece groups are `width` channels wide (the last one narrower where `width` does not divide
+/// C): a consumer's group may merge several of them, and a concatenation's parts each bring
+/// their own.
+#[derive(Clone, Debug)]
 pub struct GroupPartials {
     /// [tiles · 2 · jmax, 4] f32.
     pub buffer: Tensor,
-    pub groups: usize,
+    /// Channels per piece group.
+    pub width: usize,
     /// The output it describes, [B, H, W, C].
     pub shape: [usize; 4],
     /// The producer's output tile (rows, channels) and pieces per (tile, image).
@@ -369,8 +385,18 @@ pub struct GroupPartials {
     jmax: usize,
 }
 
-/// The most groups a consumer merges (its workgroup table holds 2 images × 128 groups).
+/// The most groups a consumer merges (its workgroup table holds 2 images × 128 groups), and the
+/// most piece groups a producer writes.
 pub const PARTIALS_MAX_GROUPS: usize = 128;
+
+impl GroupPartials {
+    /// Whether a consumer whose groups are `gw` channels wide can merge these pieces where
+    /// they start at channel `offset` of its input (a concatenation's second part): every
+    /// consumer group boundary inside them falls on a piece-group boundary.
+    fn tiles_groups(&self, gw: usize, offset: usize) -> bool {
+        gw.is_multiple_of(self.width) && offset.is_multiple_of(self.width)
+    }
+}
 
 /// Whether every tile of `tm` rows over `m` rows of images of `hw` rows spans at most two
 /// images (the pieces' and the consumer table's limit).
@@ -532,7 +558,12 @@ impl Conv<'_> {
             si_groups: 0,
             si_eps: 0.0,
             si_inv_gw: 0.0,
-            _pad: [0; 3],
+            si_pw: 0,
+            sb_pw: 0,
+            sb_jmax: 0,
+            sb_tm: 0,
+            sb_tn: 0,
+            _pad: [0; 2],
         }
     }
 
@@ -553,21 +584,19 @@ impl Conv<'_> {
         self.bias.or(self.bias_rows.map(|v| v.table))
     }
 
-    /// The tensors at bindings 0-13 (unused ones get x, read-only like them; 6 is the uniform,
+    /// The tensors at bindings 0-14 (unused ones get x, read-only like them; 6 is the uniform,
     /// 7 the tensor-core kernel's partial sums, 9-11 the [`Shortcut`]'s input parts and weight,
     /// 12 the output's [`GroupPartials`] (else `out` again: both read-write, never written
-    /// there), 13 the input's) and their bytes.
-    fn bindings<'t>(&'t self, out: &'t Tensor, gn: &GnSide<'t>) -> ([&'t Tensor; 14], f64) {
+    /// there), 13 and 14 the input's: its first part's and its second's) and their bytes.
+    fn bindings<'t>(&'t self, out: &'t Tensor, gn: &GnSide<'t>) -> ([&'t Tensor; 15], f64) {
         let x = self.input.x();
         let second = self.input.second();
         let table = self.norm.map(|n| match n.stats {
             NormStats::Table(t) => t,
             NormStats::Partials { gamma_beta, .. } => gamma_beta,
         });
-        let gn_in = self.norm.and_then(|n| match n.stats {
-            NormStats::Partials { partials, .. } => Some(&partials.buffer),
-            NormStats::Table(_) => None,
-        });
+        let gn_in = gn.input.as_ref().map(|i| &i.first.buffer);
+        let gn_in_b = gn.input.as_ref().and_then(|i| i.second.map(|p| &p.buffer));
         let tail_x = self.shortcut.as_ref().map(|sc| sc.input.x());
         let tail_second = self.shortcut.as_ref().and_then(|sc| sc.input.second());
         let tail_w = self.shortcut.map(|sc| sc.weight);
@@ -586,6 +615,7 @@ impl Conv<'_> {
             tail_w.unwrap_or(x),
             gn.out.map_or(out, |(t, _, _)| t),
             gn_in.unwrap_or(x),
+            gn_in_b.unwrap_or(x),
         ];
         let bytes = [
             Some(x),
@@ -600,6 +630,7 @@ impl Conv<'_> {
             tail_w,
             gn.out.map(|(t, _, _)| t),
             gn_in,
+            gn_in_b,
         ]
         .into_iter()
         .flatten()
@@ -702,26 +733,27 @@ impl Conv<'_> {
         self.run_inner(gpu, out, None).map(|_| ())
     }
 
-    /// Run into a new tensor, and leave the GroupNorm statistics of the output in `groups`
-    /// groups as per-tile pieces ([`GroupPartials`]) for a consumer's [`NormStats::Partials`]:
-    /// the next GroupNorm then needs no statistics dispatch. None where this convolution's tile
-    /// geometry cannot (a tile over three images, `groups` not dividing Cout or over
-    /// [`PARTIALS_MAX_GROUPS`]): the output is the same, the consumer computes its table.
-    /// `buffer(pieces)` gives the [pieces, 4] f32 tensor the pieces go to.
+    /// Run into a new tensor, and leave the GroupNorm statistics of the output in groups of
+    /// `width` channels (the last one narrower where `width` does not divide Cout) as per-tile
+    /// pieces ([`GroupPartials`]) for a consumer's [`NormStats::Partials`]: the next GroupNorm
+    /// then needs no statistics dispatch. None where this convolution's tile geometry cannot (a
+    /// tile over three images, more than [`PARTIALS_MAX_GROUPS`] groups, width 0): the output
+    /// is the same, the consumer computes its table. `buffer(pieces)` gives the [pieces, 4]
+    /// f32 tensor the pieces go to.
     pub fn run_with_partials(
         &self,
         gpu: &Gpu,
-        groups: usize,
+        width: usize,
         buffer: impl FnOnce(usize) -> Result<Tensor>,
     ) -> Result<(Tensor, Option<GroupPartials>)> {
         let out = gpu.empty(&self.output_shape()?, self.input.x().dtype())?;
         let mut buffer = Some(buffer);
         let mut take = |pieces: usize| (buffer.take().expect("one buffer per run"))(pieces);
-        let partials = self.run_inner(gpu, &out, Some((groups, &mut take)))?;
+        let partials = self.run_inner(gpu, &out, Some((width, &mut take)))?;
         Ok((out, partials))
     }
 
-    /// `produce`: the groups of the output's statistics and where their pieces go.
+    /// `produce`: the piece-group width of the output's statistics and where their pieces go.
     fn run_inner(
         &self,
         gpu: &Gpu,
@@ -757,6 +789,8 @@ impl Conv<'_> {
             stats:
                 NormStats::Partials {
                     partials,
+                    partials_b,
+                    groups,
                     gamma,
                     beta,
                     eps,
@@ -765,22 +799,33 @@ impl Conv<'_> {
             silu,
         }) = self.norm
         {
-            let [_, h, w, cin] = self.input.shape()?;
-            let mergeable = matches!(self.input, Input::Plain(_))
-                && partials.shape == [b, h, w, cin]
-                && partials.groups <= PARTIALS_MAX_GROUPS
-                && cin.is_multiple_of(partials.groups)
+            let [_, _, _, cin] = self.input.shape()?;
+            let gw = cin / groups.max(1);
+            let part = |p: &GroupPartials, t: &Tensor, offset: usize| {
+                p.shape[..] == *t.shape() && p.tiles_groups(gw, offset)
+            };
+            let parts_merge = match self.input {
+                Input::Plain(x) => part(partials, x, 0),
+                Input::Concat(a, b) => {
+                    part(partials, a, 0) && partials_b.is_some_and(|p| part(p, b, a.dim(3)))
+                }
+                Input::Upsampled2x(_) => false,
+            };
+            let mergeable = parts_merge
+                && groups > 0
+                && groups <= PARTIALS_MAX_GROUPS
+                && cin.is_multiple_of(groups)
                 && tiles_span_two_images(own_tm, ho * wo, m);
             if !mergeable {
                 let table = gpu.empty(&[b, cin, 2], DType::F32)?;
                 let op = crate::kernels::norm::GroupNormOp {
-                    groups: partials.groups,
+                    groups,
                     eps,
                     gamma,
                     beta,
                     silu: false,
                 };
-                op.stats_into(gpu, self.input.x(), None, &table)?;
+                op.stats_into(gpu, self.input.x(), self.input.second(), &table)?;
                 let conv = Conv {
                     norm: Some(FusedNorm {
                         stats: NormStats::Table(&table),
@@ -793,18 +838,17 @@ impl Conv<'_> {
         }
         // The output's statistics, where its writer's tiles allow.
         let produced = match produce {
-            Some((g, buffer))
-                if g > 0
-                    && g <= PARTIALS_MAX_GROUPS
-                    && cout.is_multiple_of(g)
+            Some((width, buffer))
+                if width > 0
+                    && cout.div_ceil(width) <= PARTIALS_MAX_GROUPS
                     && tiles_span_two_images(out_tile.0, ho * wo, m) =>
             {
                 let (tm, tn) = out_tile;
-                let jmax = pieces_per_tile(tn, cout / g, cout);
+                let jmax = pieces_per_tile(tn, width, cout);
                 let pieces = m.div_ceil(tm) * cout.div_ceil(tn) * 2 * jmax;
                 Some(GroupPartials {
                     buffer: buffer(pieces)?,
-                    groups: g,
+                    width,
                     shape: shape.out,
                     tm,
                     tn,
@@ -814,11 +858,20 @@ impl Conv<'_> {
             _ => None,
         };
         let gn = GnSide {
-            out: produced
-                .as_ref()
-                .map(|p| (&p.buffer, p.shape[3] / p.groups, p.jmax)),
+            out: produced.as_ref().map(|p| (&p.buffer, p.width, p.jmax)),
             input: self.norm.and_then(|n| match n.stats {
-                NormStats::Partials { partials, eps, .. } => Some((partials, eps)),
+                NormStats::Partials {
+                    partials,
+                    partials_b,
+                    groups,
+                    eps,
+                    ..
+                } => Some(MergedInput {
+                    first: partials,
+                    second: partials_b.filter(|_| self.input.second().is_some()),
+                    groups,
+                    eps,
+                }),
                 NormStats::Table(_) => None,
             }),
         };
@@ -1169,10 +1222,19 @@ struct Checked {
 type PiecesBuffer<'a> = dyn FnMut(usize) -> Result<Tensor> + 'a;
 
 /// The GroupNorm side of one dispatch: the output's pieces to write (buffer, group width,
-/// pieces per tile image) and the input's to merge (with eps).
+/// pieces per tile image) and the input's to merge.
 struct GnSide<'a> {
     out: Option<(&'a Tensor, usize, usize)>,
-    input: Option<(&'a GroupPartials, f32)>,
+    input: Option<MergedInput<'a>>,
+}
+
+/// The pieces a consumer merges: its input's (a concatenation's first part's), the second
+/// part's, and the norm's groups and eps.
+struct MergedInput<'a> {
+    first: &'a GroupPartials,
+    second: Option<&'a GroupPartials>,
+    groups: usize,
+    eps: f32,
 }
 
 impl GnSide<'_> {
@@ -1183,16 +1245,24 @@ impl GnSide<'_> {
             params.so_gw = gw as u32;
             params.so_jmax = jmax as u32;
         }
-        if let Some((p, eps)) = self.input {
-            let gw = p.shape[3] / p.groups;
+        if let Some(input) = &self.input {
+            let (p, groups) = (input.first, input.groups);
+            let gw = params.cin as usize / groups;
             params.flags |= 1 << 6;
             params.si_gw = gw as u32;
             params.si_jmax = p.jmax as u32;
             params.si_tm = p.tm as u32;
             params.si_tn = p.tn as u32;
-            params.si_groups = p.groups as u32;
-            params.si_eps = eps;
+            params.si_groups = groups as u32;
+            params.si_eps = input.eps;
             params.si_inv_gw = 1.0 / gw as f32;
+            params.si_pw = p.width as u32;
+            if let Some(q) = input.second {
+                params.sb_pw = q.width as u32;
+                params.sb_jmax = q.jmax as u32;
+                params.sb_tm = q.tm as u32;
+                params.sb_tn = q.tn as u32;
+            }
         }
     }
 }

@@ -163,12 +163,13 @@ impl ResnetBlock2D {
     /// conv1(silu(norm1(input))), its output leaving norm2's statistics as per-tile pieces
     /// where this block fuses its norms ([`GroupNorm::produce`]): conv2 then merges them as it
     /// starts, and norm2 takes no statistics dispatch.
-    /// `x_stats`: norm1's statistics as the input's producer left them, if it did.
+    /// `x_stats`: norm1's statistics as the input's producers left them, if they did (the
+    /// input's or a concatenation's first part's, the second part's).
     fn norm_conv1(
         &self,
         gpu: &Gpu,
         conv: Conv<'_>,
-        x_stats: Option<&GroupPartials>,
+        x_stats: [Option<&GroupPartials>; 2],
     ) -> Result<(Tensor, Option<GroupPartials>)> {
         if self.fused_norm {
             return self
@@ -203,7 +204,7 @@ impl ResnetBlock2D {
         &self,
         gpu: &Gpu,
         input: Input<'_>,
-        x_stats: Option<&GroupPartials>,
+        x_stats: [Option<&GroupPartials>; 2],
         cond: Option<&Conditioning<'_>>,
     ) -> Result<(Tensor, Option<GroupPartials>)> {
         let Some(proj) = &self.time_emb_proj else {
@@ -273,7 +274,7 @@ impl ResnetBlock2D {
         cond: Option<&Conditioning<'_>>,
         next: Option<&GroupNorm>,
     ) -> Result<(Tensor, Option<GroupPartials>)> {
-        let (h, h_stats) = self.conv1_with_time(gpu, Input::Plain(x), x_stats, cond)?; // [B, H, W, Cout]
+        let (h, h_stats) = self.conv1_with_time(gpu, Input::Plain(x), [x_stats, None], cond)?; // [B, H, W, Cout]
         self.conv2_with_shortcut(gpu, &h, h_stats.as_ref(), Input::Plain(x), next)
     }
 
@@ -312,7 +313,9 @@ impl ResnetBlock2D {
         };
         // [B, H, W, Cout]
         if self.fused_norm {
-            return self.norm2.into_conv_linked(gpu, conv2, true, h_stats, next);
+            return self
+                .norm2
+                .into_conv_linked(gpu, conv2, true, [h_stats, None], next);
         }
         Ok((self.norm_conv(gpu, &self.norm2, conv2)?, None)) // [B, H, W, Cout]
     }
@@ -328,16 +331,19 @@ impl ResnetBlock2D {
         b: &Tensor,
         cond: Option<&Conditioning<'_>>,
     ) -> Result<Tensor> {
-        Ok(self.forward_concat_linked(gpu, a, b, cond, None)?.0)
+        Ok(self
+            .forward_concat_linked(gpu, [(a, None), (b, None)], cond, None)?
+            .0)
     }
 
-    /// [`ResnetBlock2D::forward_concat`], the output's statistics left for `next` where given
-    /// (the concatenated input's are computed by norm1's own statistics pass).
+    /// [`ResnetBlock2D::forward_concat`] linked to its neighbours: each part with the pieces
+    /// its producer left for norm1 ([`GroupNorm::produce`] for the first part,
+    /// [`GroupNorm::second_part`] for the second), merged where both parts have them, and the
+    /// output's statistics left for `next` where given.
     pub fn forward_concat_linked(
         &self,
         gpu: &Gpu,
-        a: &Tensor,
-        b: &Tensor,
+        [(a, a_stats), (b, b_stats)]: [(&Tensor, Option<&GroupPartials>); 2],
         cond: Option<&Conditioning<'_>>,
         next: Option<&GroupNorm>,
     ) -> Result<(Tensor, Option<GroupPartials>)> {
@@ -346,7 +352,8 @@ impl ResnetBlock2D {
             let x = elementwise::concat_channels(gpu, a, b)?;
             return self.forward_linked(gpu, &x, None, cond, next);
         }
-        let (h, h_stats) = self.conv1_with_time(gpu, Input::Concat(a, b), None, cond)?; // [B, H, W, Cout]
+        let stats = [a_stats, b_stats];
+        let (h, h_stats) = self.conv1_with_time(gpu, Input::Concat(a, b), stats, cond)?; // [B, H, W, Cout]
         self.conv2_with_shortcut(gpu, &h, h_stats.as_ref(), Input::Concat(a, b), next)
     }
 }

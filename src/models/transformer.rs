@@ -420,7 +420,7 @@ impl Transformer2DModel {
         };
         let (out, _) = self
             .norm
-            .into_conv_linked(gpu, conv, false, x_stats, None)?; // [B, H, W, inner]
+            .into_conv_linked(gpu, conv, false, [x_stats, None], None)?; // [B, H, W, inner]
         out.reshape(&[b, h * w, inner]) // [B, HW, inner]
     }
 

@@ -903,6 +903,34 @@ impl UNet2DConditionModel {
         Ok(())
     }
 
+    /// Per down block, the GroupNorm that reads the skip of its last layer where a downsampler
+    /// follows (so no down-path norm does): the decoder resnet that pops that skip reads it as
+    /// the second part of its [h ; skip] ([`CrossAttnUpBlock2D::skip_readers`]). Skips are
+    /// pushed in order (conv_in's, then each down block's) and popped in reverse.
+    fn down_skip_readers(&self) -> Vec<Option<&GroupNorm>> {
+        let readers: Vec<Option<&GroupNorm>> = self
+            .up_blocks
+            .iter()
+            .flat_map(|b| b.skip_readers())
+            .collect();
+        let total = 1 + self
+            .down_blocks
+            .iter()
+            .map(|b| b.skip_count())
+            .sum::<usize>();
+        // Skip i (push order) is popped by the decoder resnet total - 1 - i.
+        let reader = |i: usize| readers.get(total.checked_sub(i + 1)?).copied().flatten();
+        let mut pushed = 1; // conv_in's
+        self.down_blocks
+            .iter()
+            .map(|block| {
+                pushed += block.skip_count();
+                // The skip before the downsampled output (the last one pushed).
+                reader(pushed.checked_sub(2)?)
+            })
+            .collect()
+    }
+
     fn forward_conditioned(
         &self,
         gpu: &Gpu,
@@ -910,37 +938,42 @@ impl UNet2DConditionModel {
         cond: &Conditioning<'_>,
     ) -> Result<Tensor> {
         // Each layer leaves its output's GroupNorm statistics (per-tile pieces) for the norm
-        // that reads it, where that norm reads a single tensor: no statistics dispatch there.
+        // that reads it: no statistics dispatch there. A skip's pieces travel with it to the
+        // decoder resnet whose [h ; skip] norm merges them with h's.
         let first_norm = self
             .down_blocks
             .first()
             .map_or(self.mid_block.input_norm(), |b| b.input_norm());
+        let sample = conv2d::Input::Plain(sample);
         let mut h = self.conv_in.forward_producing(gpu, sample, first_norm)?; // [B, h, w, C0]
-        let mut skips = vec![h.0.clone()];
+        let mut skips = vec![h.clone()];
+        let skip_readers = self.down_skip_readers();
         for (i, block) in self.down_blocks.iter().enumerate() {
             let next = match self.down_blocks.get(i + 1) {
                 Some(b) => b.input_norm(),
                 None => self.mid_block.input_norm(),
             };
-            h = block.forward(gpu, h, cond, &mut skips, next)?; // [B, h/2, w/2, C]
+            let readers = (next, skip_readers[i]);
+            h = block.forward(gpu, h, cond, &mut skips, readers)?; // [B, h/2, w/2, C]
         }
-        // The mid block's output goes to the first up block's concatenation.
-        let (mut x, _) = self.mid_block.forward(gpu, h, cond, None)?; // [B, h/f, w/f, C_last]
-        let mut x_stats = None;
-        let last = self.up_blocks.len().saturating_sub(1);
+        let up_norm = |i: usize| match self.up_blocks.get(i) {
+            Some(b) => b.input_norm(),
+            None => Some(&self.conv_norm_out).filter(|n| n.merges_pieces()),
+        };
+        let mut x = self.mid_block.forward(gpu, h, cond, up_norm(0))?; // [B, h/f, w/f, C_last]
         for (i, block) in self.up_blocks.iter().enumerate() {
-            let next = if i == last {
-                Some(&self.conv_norm_out).filter(|n| n.merges_pieces())
-            } else {
-                None
-            };
-            (x, x_stats) = block.forward(gpu, x, cond, &mut skips, next)?; // [B, 2h, 2w, C]
+            x = block.forward(gpu, x, cond, &mut skips, up_norm(i + 1))?; // [B, 2h, 2w, C]
         }
         // conv_out(silu(conv_norm_out(h))), the norm applied in the conv's loads.
+        let (x, x_stats) = x;
         let conv_out = self.conv_out.on(conv2d::Input::Plain(&x));
-        let (out, _) =
-            self.conv_norm_out
-                .into_conv_linked(gpu, conv_out, true, x_stats.as_ref(), None)?;
+        let (out, _) = self.conv_norm_out.into_conv_linked(
+            gpu,
+            conv_out,
+            true,
+            [x_stats.as_ref(), None],
+            None,
+        )?;
         Ok(out) // [B, h, w, C_out]
     }
 }

@@ -3,7 +3,7 @@
 //! SD 1.5's layout: which levels attend, how many resnets and transformer layers each has, and
 //! whether it resamples all come from the config. Activations NHWC: [B, H, W, C].
 
-use crate::kernels::conv2d::GroupPartials;
+use crate::kernels::conv2d::{GroupPartials, Input};
 use crate::models::blocks::{Conditioning, ResnetBlock2D, ResnetBlock2DConfig};
 use crate::models::transformer::{Transformer2DModel, TransformerSpec};
 use crate::nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
@@ -154,17 +154,25 @@ impl CrossAttnDownBlock2D {
         self.resnets.first().and_then(|r| r.input_norm())
     }
 
+    /// How many skips [`CrossAttnDownBlock2D::forward`] pushes: one per layer, and the
+    /// downsampled output.
+    pub fn skip_count(&self) -> usize {
+        self.resnets.len() + usize::from(self.downsampler.is_some())
+    }
+
     /// h: [B, H, W, Cin] -> [B, H/2, W/2, Cout] (or [B, H, W, Cout] without downsampler);
-    /// pushes each layer's output (and the downsampled one) onto `skips`. Each layer leaves its
-    /// output's GroupNorm statistics for the next one's norm (`h_stats`: h's, from the layer
-    /// before this block; `next`: the GroupNorm after this block).
+    /// pushes each layer's output (and the downsampled one) onto `skips`, with its pieces.
+    /// Each layer leaves its output's GroupNorm statistics for the next one's norm (`h_stats`:
+    /// h's, from the layer before this block; `next`: the GroupNorm after this block), and the
+    /// last layer before a downsampler (which has no norm) for `skip_reader`, the decoder norm
+    /// that reads its skip.
     pub fn forward(
         &self,
         gpu: &Gpu,
         h: Hidden,
         cond: &Conditioning<'_>,
-        skips: &mut Vec<Tensor>,
-        next: Option<&GroupNorm>,
+        skips: &mut Vec<Hidden>,
+        (next, skip_reader): (Option<&GroupNorm>, Option<&GroupNorm>),
     ) -> Result<Hidden> {
         let (mut h, mut h_stats) = h;
         for (j, resnet) in self.resnets.iter().enumerate() {
@@ -173,36 +181,39 @@ impl CrossAttnDownBlock2D {
             // neither and no downsampler) the block's successor's.
             let after_resnet = match attention {
                 Some(t) => t.input_norm(),
-                None => self.norm_after_layer(j, next),
+                None => self.norm_after_layer(j, next, skip_reader),
             };
             // [B, H, W, Cin] -> [B, H, W, Cout]
             (h, h_stats) =
                 resnet.forward_linked(gpu, &h, h_stats.as_ref(), Some(cond), after_resnet)?;
             if let Some(t) = attention {
-                let after = self.norm_after_layer(j, next);
+                let after = self.norm_after_layer(j, next, skip_reader);
                 // [B, H, W, Cout] -> [B, H, W, Cout]
                 (h, h_stats) = t.forward_linked(gpu, &h, h_stats.as_ref(), cond, after)?;
             }
-            skips.push(h.clone());
+            skips.push((h.clone(), h_stats.clone()));
         }
         if let Some(down) = &self.downsampler {
-            (h, h_stats) = down.forward_producing(gpu, &h, next)?; // [B, H/2, W/2, Cout]
-            skips.push(h.clone());
+            // [B, H/2, W/2, Cout]
+            (h, h_stats) = down.forward_producing(gpu, Input::Plain(&h), next)?;
+            skips.push((h.clone(), h_stats.clone()));
         }
         Ok((h, h_stats))
     }
 
     /// The GroupNorm that reads layer j's output (its resnet and transformer): the next
-    /// resnet's norm1, else the block's successor's `next` unless a downsampler comes first.
+    /// resnet's norm1, else the block's successor's `next`, or `skip_reader` (the decoder's,
+    /// through the skip) where a downsampler comes first.
     fn norm_after_layer<'a>(
         &'a self,
         j: usize,
         next: Option<&'a GroupNorm>,
+        skip_reader: Option<&'a GroupNorm>,
     ) -> Option<&'a GroupNorm> {
         match self.resnets.get(j + 1) {
             Some(r) => r.input_norm(),
             None if self.downsampler.is_none() => next,
-            None => None,
+            None => skip_reader,
         }
     }
 }
@@ -330,43 +341,59 @@ impl CrossAttnUpBlock2D {
         (self.resnets.iter(), self.attentions.iter())
     }
 
+    /// The GroupNorm that reads this block's input h (as the first part of its first resnet's
+    /// [h ; skip]), where a producer can leave it pieces.
+    pub fn input_norm(&self) -> Option<&GroupNorm> {
+        self.resnets.first().and_then(|r| r.input_norm())
+    }
+
+    /// Per resnet, in the order they pop their skips, the GroupNorm a skip's producer leaves
+    /// its pieces for where no down-path norm reads it ([`GroupNorm::second_part`] of norm1).
+    pub fn skip_readers(&self) -> impl Iterator<Item = Option<&GroupNorm>> {
+        self.resnets
+            .iter()
+            .map(|r| r.input_norm().map(|n| n.second_part()))
+    }
+
     /// h: [B, H, W, Cprev] -> [B, 2H, 2W, Cout] (or [B, H, W, Cout] without upsampler); pops one
-    /// skip per resnet from `skips`. The resnets read [h ; skip] (their norm1 computes its own
-    /// statistics); each resnet leaves its output's statistics for its transformer's norm, and
-    /// the last layer for `next` (the GroupNorm after this block) when no upsampler comes first.
+    /// skip per resnet from `skips`. The resnets read [h ; skip], norm1 merging the pieces the
+    /// producers of both parts left (h's: `h.1`; the skip's: pushed with it); each layer leaves
+    /// its output's statistics for the next layer's norm, and the last one (or the upsampler)
+    /// for `next`, the GroupNorm after this block.
     pub fn forward(
         &self,
         gpu: &Gpu,
-        h: Tensor,
+        h: Hidden,
         cond: &Conditioning<'_>,
-        skips: &mut Vec<Tensor>,
+        skips: &mut Vec<Hidden>,
         next: Option<&GroupNorm>,
     ) -> Result<Hidden> {
-        let (mut h, mut h_stats) = (h, None);
-        let last = self.resnets.len() - 1;
+        let (mut h, mut h_stats) = h;
         let after_block = if self.upsampler.is_none() { next } else { None };
         for (j, resnet) in self.resnets.iter().enumerate() {
-            let skip = skips
+            let (skip, skip_stats) = skips
                 .pop()
                 .ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
             let attention = self.attentions.get(j);
-            // Only the block's last layer is read by a norm over a single tensor.
-            let after_layer = if j == last { after_block } else { None };
+            let after_layer = match self.resnets.get(j + 1) {
+                Some(r) => r.input_norm(),
+                None => after_block,
+            };
             let after_resnet = match attention {
                 Some(t) => t.input_norm(),
                 None => after_layer,
             };
             // [h ; skip] -> [B, H, W, Cout]
-            (h, h_stats) =
-                resnet.forward_concat_linked(gpu, &h, &skip, Some(cond), after_resnet)?;
+            let parts = [(&h, h_stats.as_ref()), (&skip, skip_stats.as_ref())];
+            (h, h_stats) = resnet.forward_concat_linked(gpu, parts, Some(cond), after_resnet)?;
             if let Some(t) = attention {
                 // [B, H, W, Cout] -> [B, H, W, Cout]
                 (h, h_stats) = t.forward_linked(gpu, &h, h_stats.as_ref(), cond, after_layer)?;
             }
         }
         if let Some(up) = &self.upsampler {
-            h = up.forward_upsampled(gpu, &h)?; // [B, 2H, 2W, Cout]
-            h_stats = None;
+            // [B, 2H, 2W, Cout]
+            (h, h_stats) = up.forward_producing(gpu, Input::Upsampled2x(&h), next)?;
         }
         Ok((h, h_stats))
     }

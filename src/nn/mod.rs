@@ -7,7 +7,7 @@ use crate::kernels::conv2d;
 use crate::kernels::matmul::{self, Activation};
 use crate::kernels::norm;
 use std::cell::RefCell;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use crate::weights::{HostTensor, WeightView};
 use crate::{DType, Error, Gpu, Result, Tensor};
@@ -394,17 +394,18 @@ impl Conv2d {
     /// This convolution of `input` with its own bias and nothing else fused: the start of a
     /// [`conv2d::Conv`] whose other fields the caller sets (`Conv { norm, residual,
     /// ..conv.on(input) }`).
-    /// [`Conv2d::forward`], its output's GroupNorm statistics left for `next` (the GroupNorm
-    /// that reads it, [`GroupNorm::produce`]) where given.
+    /// This convolution of `input` (plain, or upsampled as [`Conv2d::forward_upsampled`]), its
+    /// output's GroupNorm statistics left for `next` (the GroupNorm that reads it,
+    /// [`GroupNorm::produce`]) where given.
     pub fn forward_producing(
         &self,
         gpu: &Gpu,
-        x: &Tensor,
+        input: conv2d::Input<'_>,
         next: Option<&GroupNorm>,
     ) -> Result<(Tensor, Option<conv2d::GroupPartials>)> {
         match next {
-            Some(next) => next.produce(gpu, self.on(conv2d::Input::Plain(x))),
-            None => Ok((self.forward(gpu, x)?, None)),
+            Some(next) => next.produce(gpu, self.on(input)),
+            None => Ok((self.on(input).run(gpu)?, None)),
         }
     }
 
@@ -459,6 +460,8 @@ pub struct GroupNorm {
     /// The pieces buffer its input's producer writes ([`GroupNorm::into_conv_linked`]), kept
     /// per layer for the reason `table` is.
     partials: Mutex<Option<Tensor>>,
+    /// [`GroupNorm::second_part`], made on first use.
+    second_part: OnceLock<Box<GroupNorm>>,
 }
 
 impl GroupNorm {
@@ -497,11 +500,45 @@ impl GroupNorm {
             table: Mutex::new(None),
             gamma_beta: None,
             partials: Mutex::new(None),
+            second_part: OnceLock::new(),
         }
     }
 
-    /// `producer`'s output, with its GroupNorm statistics (this layer's groups) left as
-    /// per-tile pieces for [`GroupNorm::into_conv_linked`], in this layer's kept buffer. The
+    /// This layer again, with kept buffers of its own: what the producer of the second part of
+    /// a concatenated input (the U-Net decoder's skip) leaves its pieces for
+    /// ([`GroupNorm::produce`]), since the first part's producer writes this layer's buffer
+    /// while those pieces are still to be read.
+    pub fn second_part(&self) -> &GroupNorm {
+        self.second_part.get_or_init(|| {
+            Box::new(GroupNorm {
+                gamma_beta: self.gamma_beta.clone(),
+                ..GroupNorm::new(self.gamma.clone(), self.beta.clone(), self.groups, self.eps)
+            })
+        })
+    }
+
+    /// The width of the piece groups a producer of `out_channels` of this layer's input leaves
+    /// ([`GroupNorm::produce`]): this layer's group width for its whole input; for one part
+    /// of a concatenation (either: first with out_channels, second with the rest before it)
+    /// the largest width that tiles its groups there, gcd(group width, Ca, Cb).
+    fn piece_width(&self, out_channels: usize) -> usize {
+        let channels = self.gamma.dim(0);
+        let gw = channels / self.groups.max(1);
+        if out_channels >= channels {
+            return gw;
+        }
+        let gcd = |mut a: usize, mut b: usize| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        gcd(gcd(gw, out_channels), channels - out_channels)
+    }
+
+    /// `producer`'s output, with its GroupNorm statistics (this layer's groups, or finer ones
+    /// where the output is one part of a concatenated input: [`GroupNorm::piece_width`]) left
+    /// as per-tile pieces for [`GroupNorm::into_conv_linked`], in this layer's kept buffer. The
     /// pieces are None where the producer's tiles cannot make them.
     pub fn produce(
         &self,
@@ -513,7 +550,8 @@ impl GroupNorm {
         }
         let mut kept = self.partials.lock().unwrap_or_else(|p| p.into_inner());
         let dry = gpu.is_dry_run();
-        producer.run_with_partials(gpu, self.groups, |pieces| {
+        let width = self.piece_width(producer.weight.dim(0));
+        producer.run_with_partials(gpu, width, |pieces| {
             // A dry run's tensors are virtual and its pool is not the loop's: a fresh buffer.
             if dry {
                 return gpu.empty(&[pieces, 4], DType::F32);
@@ -532,8 +570,9 @@ impl GroupNorm {
     }
 
     /// `conv(silu?(self(input)))` linked to its neighbours: the input's statistics merged by
-    /// the conv's own workgroups from `input` (what the input's producer left for this layer,
-    /// [`GroupNorm::produce`]; no statistics dispatch), else the statistics dispatch of
+    /// the conv's own workgroups from `input` (what the input's producers left for this layer,
+    /// [`GroupNorm::produce`]: [the input's or a concatenation's first part's, the second
+    /// part's]; no statistics dispatch), else the statistics dispatch of
     /// [`GroupNorm::into_conv`]; and the output's statistics left as pieces for `next`, the
     /// GroupNorm that reads the output, where given.
     pub fn into_conv_linked(
@@ -541,15 +580,17 @@ impl GroupNorm {
         gpu: &Gpu,
         conv: conv2d::Conv<'_>,
         silu: bool,
-        input: Option<&conv2d::GroupPartials>,
+        input: [Option<&conv2d::GroupPartials>; 2],
         next: Option<&GroupNorm>,
     ) -> Result<(Tensor, Option<conv2d::GroupPartials>)> {
-        let (Some(partials), Some(gamma_beta)) = (input, &self.gamma_beta) else {
+        let (Some(partials), Some(gamma_beta)) = (input[0], &self.gamma_beta) else {
             return self.into_conv_producing(gpu, conv, silu, next);
         };
         let norm = Some(conv2d::FusedNorm {
             stats: conv2d::NormStats::Partials {
                 partials,
+                partials_b: input[1],
+                groups: self.groups,
                 gamma: &self.gamma,
                 beta: &self.beta,
                 gamma_beta,
@@ -622,6 +663,9 @@ impl GroupNorm {
     pub fn release_table(&self) {
         *self.table.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.partials.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(second) = self.second_part.get() {
+            second.release_table();
+        }
     }
 
     fn op(&self, silu: bool) -> norm::GroupNormOp<'_> {
