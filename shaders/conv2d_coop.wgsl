@@ -147,12 +147,13 @@ var<workgroup> c_sh: array<f32, TM * TN>;   // accumulators for the epilogue
 // The GroupNorm producer's view of the output tile (flags bit 5; see the shared section at the
 // end of conv2d.wgsl): the epilogues leave each rounded output in c_sh where its accumulator
 // was. view 0: row-major TM × TN (conv2d_coop, conv2d_split_reduce); 1: conv2d_coop_l's
-// slots, one pass of its epilogue (rows i·FRAG .. and 4·FRAG + i·FRAG .. of the tile).
+// slots, one pass of its epilogue (rows rb·FR_ROWS·FRAG + i·FRAG .. of the tile, for every
+// subgroup row rb).
 fn gn_tile_value(view: u32, rt: u32, ct: u32, m: u32, n: u32) -> f32 {
     if (view == 0u) {
         return c_sh[rt * TN + ct];
     }
-    let s = ((rt / (4u * FRAG)) << 2u) | (ct / SLOT_W);
+    let s = (rt / (FR_ROWS * FRAG)) * SG_COLS + ct / SLOT_W;
     return c_sh[s * SLOT + (rt % FRAG) * SLOT_W + ct % SLOT_W];
 }
 
@@ -342,7 +343,16 @@ fn conv2d_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 //   8×8 levels: 10-40 tiles of 128 against a K of 5-23 thousand): workgroup z takes K range
 //   [z·k_chunk, (z + 1)·k_chunk) and stores its raw f32 sums in `partial`; conv2d_split_reduce
 //   then adds the splits in order, the bias and the residual, and rounds once.
-// Workgroup memory as matmul_coop's large tile: 36 KiB at FRAG 16, 10 KiB at FRAG 8.
+// - Narrow variant (override TLN = 4·FRAG: 128 pixels × 64 channels at FRAG 16): the same 8
+//   subgroups arranged 4 × 2, each owning 2·FRAG × 2·FRAG as 2 × 2 fragments (c00 .. c11),
+//   stage half the weight rows and finish in 2 epilogue passes. For Cout not a multiple of
+//   8·FRAG but of 4·FRAG (SD's 320-channel level: 3 tiles of 128 hold 384 channels, 17% of
+//   the matrix work on zeros; 5 tiles of 64 hold 320) and for grids that leave SMs idle
+//   (192 tiles of 128 × 128 at 64² against 320 of 128 × 64). The cost: a fragment load per
+//   multiply-add instead of 0.75, and the pixels' im2col rows staged once per 64 channels
+//   instead of per 128. Which wins is the GPU's to say (`ldm bench`, LDM_COOP_CONV_N).
+// Workgroup memory as matmul_coop's large tile: 36 KiB at FRAG 16, 10 KiB at FRAG 8 (the
+// narrow variant declares the same arrays and uses half of b_shl).
 
 const TL: u32 = 8u * FRAG;
 const SLOT_W: u32 = 2u * FRAG;
@@ -351,6 +361,12 @@ const CHUNKS: u32 = TK / 4u;                 // vec4 chunks per staged row
 override NT_L: u32 = 8u * SG;
 override ROWS_PER_PASS: u32 = NT_L / CHUNKS; // staged rows covered by one pass of all invocations
 override SPLIT: bool = false;
+// Channels per tile: TL, or TL / 2 for the narrow variant. The 8 subgroups form SG_ROWS ×
+// SG_COLS blocks of FR_ROWS × 2 fragments: 2 × 4 blocks of 4 × 2, or 4 × 2 blocks of 2 × 2.
+override TLN: u32 = TL;
+override SG_COLS: u32 = TLN / SLOT_W;
+override SG_ROWS: u32 = 8u / SG_COLS;
+override FR_ROWS: u32 = TL / (SG_ROWS * FRAG);
 
 var<workgroup> a_shl: array<f16, TL * AS>;    // a_shl[r * AS + k] = A[m0 + r, k0 + k]
 var<workgroup> b_shl: array<f16, TL * AS>;    // b_shl[r * AS + k] = w[n0 + r, k0 + k] (Bᵀ)
@@ -443,17 +459,17 @@ fn store_b(r: u32, c: u32, v: vec4<f16>) {
     b_shl[o + 3u] = v.w;
 }
 
-// Epilogue pass `i`: every subgroup s has stored its fragment row i (block (s / 4, s % 4),
-// rows 4·FRAG·(s / 4) + i·FRAG ..) in slot s; all invocations finish those 8 · SLOT outputs
-// (SPLIT: store them raw as split z's partial sums).
+// Epilogue pass `i`: every subgroup s has stored its fragment row i (block (s / SG_COLS,
+// s % SG_COLS), rows FR_ROWS·FRAG·(s / SG_COLS) + i·FRAG ..) in slot s; all invocations finish
+// those 8 · SLOT outputs (SPLIT: store them raw as split z's partial sums).
 fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32, z: u32) {
     for (var e = lid; e < 8u * SLOT; e += NT_L) {
         let s = e / SLOT;
         let rc = e - s * SLOT;
         let r = rc / SLOT_W;
         let c = rc - r * SLOT_W;
-        let m = m0 + (s >> 2u) * 4u * FRAG + i * FRAG + r;
-        let n = n0 + (s & 3u) * SLOT_W + c;
+        let m = m0 + (s / SG_COLS) * FR_ROWS * FRAG + i * FRAG + r;
+        let n = n0 + (s % SG_COLS) * SLOT_W + c;
         if (m < params.m && n < params.cout) {
             var v = c_sh[e];
             let o = m * params.cout + n;
@@ -477,14 +493,15 @@ fn epilogue_pass_l(lid: u32, i: u32, m0: u32, n0: u32, z: u32) {
 // After epilogue pass i (and a barrier): its rows' GroupNorm pieces (flags bit 5, no SPLIT).
 fn gn_pass_l(lid: u32, i: u32, tile: u32, m0: u32, n0: u32) {
     if (!SPLIT && (params.flags & 32u) != 0u) {
-        gn_tile_rows(lid, NT_L, tile, m0, n0, TL, TL, i * FRAG, (i + 1u) * FRAG, 1u, i == 0u);
-        gn_tile_rows(lid, NT_L, tile, m0, n0, TL, TL, 4u * FRAG + i * FRAG,
-                     4u * FRAG + (i + 1u) * FRAG, 1u, false);
+        for (var rb = 0u; rb < SG_ROWS; rb++) {
+            let ra = rb * FR_ROWS * FRAG + i * FRAG;
+            gn_tile_rows(lid, NT_L, tile, m0, n0, TL, TLN, ra, ra + FRAG, 1u, i == 0u && rb == 0u);
+        }
     }
 }
 
-// Dispatch: ceil(M / TL) · ceil(Cout / TL) workgroups folded over (x, y) by `grid_1d`, tile
-// index m_tile · n_tiles + n_tile (params.n_tiles = ceil(Cout / TL)); z: the K splits (1
+// Dispatch: ceil(M / TL) · ceil(Cout / TLN) workgroups folded over (x, y) by `grid_1d`, tile
+// index m_tile · n_tiles + n_tile (params.n_tiles = ceil(Cout / TLN)); z: the K splits (1
 // without SPLIT).
 @compute @workgroup_size(NT_L)
 fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -496,7 +513,7 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         return;
     }
     let m0 = (tile / params.n_tiles) * TL;
-    let n0 = (tile % params.n_tiles) * TL;
+    let n0 = (tile % params.n_tiles) * TLN;
     if ((params.flags & 64u) != 0u) {
         gn_merge_input(lid, NT_L, m0);
     }
@@ -545,13 +562,20 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         a2 = a_staged(p2, k, ky, kx, ci);
         a3 = a_staged(p3, k, ky, kx, ci);
     }
+    // Weight rows r2, r3 lie past the narrow tile's TLN rows: never loaded or stored there.
+    let wide = TLN == TL;
     var b0 = b_chunk(n0 + r0, wq0, k, k_end);
     var b1 = b_chunk(n0 + r1, wq1, k, k_end);
-    var b2 = b_chunk(n0 + r2, wq2, k, k_end);
-    var b3 = b_chunk(n0 + r3, wq3, k, k_end);
+    var b2 = vec4<f16>(0.0);
+    var b3 = vec4<f16>(0.0);
+    if (wide) {
+        b2 = b_chunk(n0 + r2, wq2, k, k_end);
+        b3 = b_chunk(n0 + r3, wq3, k, k_end);
+    }
 
-    let wm = (sg >> 2u) * 4u * FRAG;   // this subgroup's 4·FRAG × 2·FRAG block of the tile
-    let wn = (sg & 3u) * 2u * FRAG;
+    // This subgroup's FR_ROWS·FRAG × 2·FRAG block of the tile.
+    let wm = (sg / SG_COLS) * FR_ROWS * FRAG;
+    let wn = (sg % SG_COLS) * 2u * FRAG;
     var c00 = coop_mat16x16<f32, C>();
     var c01 = coop_mat16x16<f32, C>();
     var c10 = coop_mat16x16<f32, C>();
@@ -567,8 +591,10 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         store_a(r3, c, a3);
         store_b(r0, c, b0);
         store_b(r1, c, b1);
-        store_b(r2, c, b2);
-        store_b(r3, c, b3);
+        if (wide) {
+            store_b(r2, c, b2);
+            store_b(r3, c, b3);
+        }
         workgroupBarrier();
 
         // Advance this invocation's k by TK: the channel, then the tap (a step of TK may cross
@@ -599,31 +625,36 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         }
         b0 = b_chunk(n0 + r0, wq0, k, k_end);
         b1 = b_chunk(n0 + r1, wq1, k, k_end);
-        b2 = b_chunk(n0 + r2, wq2, k, k_end);
-        b3 = b_chunk(n0 + r3, wq3, k, k_end);
+        if (wide) {
+            b2 = b_chunk(n0 + r2, wq2, k, k_end);
+            b3 = b_chunk(n0 + r3, wq3, k, k_end);
+        }
 
         for (var kb = 0u; kb < TK; kb += FRAG) {
             // A blocks are row-major (m, k); B = Wᵀ is column-major: column n is w's row n.
             let ia0 = wm * AS + kb;
             let ia1 = (wm + FRAG) * AS + kb;
-            let ia2 = (wm + 2u * FRAG) * AS + kb;
-            let ia3 = (wm + 3u * FRAG) * AS + kb;
             let ib0 = wn * AS + kb;
             let ib1 = (wn + FRAG) * AS + kb;
             let fa0 = coopLoadT<coop_mat16x16<f16, A>>(&a_shl[ia0], AS);
             let fa1 = coopLoadT<coop_mat16x16<f16, A>>(&a_shl[ia1], AS);
-            let fa2 = coopLoadT<coop_mat16x16<f16, A>>(&a_shl[ia2], AS);
-            let fa3 = coopLoadT<coop_mat16x16<f16, A>>(&a_shl[ia3], AS);
             let fb0 = coopLoad<coop_mat16x16<f16, B>>(&b_shl[ib0], AS);
             let fb1 = coopLoad<coop_mat16x16<f16, B>>(&b_shl[ib1], AS);
             c00 = coopMultiplyAdd(fa0, fb0, c00);
             c01 = coopMultiplyAdd(fa0, fb1, c01);
             c10 = coopMultiplyAdd(fa1, fb0, c10);
             c11 = coopMultiplyAdd(fa1, fb1, c11);
-            c20 = coopMultiplyAdd(fa2, fb0, c20);
-            c21 = coopMultiplyAdd(fa2, fb1, c21);
-            c30 = coopMultiplyAdd(fa3, fb0, c30);
-            c31 = coopMultiplyAdd(fa3, fb1, c31);
+            // (FR_ROWS is an override: the branch is uniform, and gone after specialisation.)
+            if (FR_ROWS == 4u) {
+                let ia2 = (wm + 2u * FRAG) * AS + kb;
+                let ia3 = (wm + 3u * FRAG) * AS + kb;
+                let fa2 = coopLoadT<coop_mat16x16<f16, A>>(&a_shl[ia2], AS);
+                let fa3 = coopLoadT<coop_mat16x16<f16, A>>(&a_shl[ia3], AS);
+                c20 = coopMultiplyAdd(fa2, fb0, c20);
+                c21 = coopMultiplyAdd(fa2, fb1, c21);
+                c30 = coopMultiplyAdd(fa3, fb0, c30);
+                c31 = coopMultiplyAdd(fa3, fb1, c31);
+            }
         }
         workgroupBarrier();
     }
@@ -642,22 +673,24 @@ fn conv2d_coop_l(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     coopStoreT(c11, &c_sh[s1], stride);
     workgroupBarrier();
     epilogue_pass_l(lid, 1u, m0, n0, wid.z);
-    workgroupBarrier();
-    gn_pass_l(lid, 1u, tile, m0, n0);
-    coopStoreT(c20, &c_sh[s0], stride);
-    coopStoreT(c21, &c_sh[s1], stride);
-    workgroupBarrier();
-    epilogue_pass_l(lid, 2u, m0, n0, wid.z);
-    workgroupBarrier();
-    gn_pass_l(lid, 2u, tile, m0, n0);
-    coopStoreT(c30, &c_sh[s0], stride);
-    coopStoreT(c31, &c_sh[s1], stride);
-    workgroupBarrier();
-    epilogue_pass_l(lid, 3u, m0, n0, wid.z);
+    if (FR_ROWS == 4u) {
+        workgroupBarrier();
+        gn_pass_l(lid, 1u, tile, m0, n0);
+        coopStoreT(c20, &c_sh[s0], stride);
+        coopStoreT(c21, &c_sh[s1], stride);
+        workgroupBarrier();
+        epilogue_pass_l(lid, 2u, m0, n0, wid.z);
+        workgroupBarrier();
+        gn_pass_l(lid, 2u, tile, m0, n0);
+        coopStoreT(c30, &c_sh[s0], stride);
+        coopStoreT(c31, &c_sh[s1], stride);
+        workgroupBarrier();
+        epilogue_pass_l(lid, 3u, m0, n0, wid.z);
+    }
     // (Split: the reduce writes the output, and its partials.)
     if (!SPLIT && (params.flags & 32u) != 0u) {
         workgroupBarrier();
-        gn_pass_l(lid, 3u, tile, m0, n0);
+        gn_pass_l(lid, FR_ROWS - 1u, tile, m0, n0);
     }
 }
 

@@ -16,6 +16,7 @@ use common::*;
 use ldm_wgpu::kernels::conv2d::{choose_variant, Conv, Input, Tile, Variant};
 use ldm_wgpu::kernels::coop::{CoopPlan, CoopTile};
 use ldm_wgpu::kernels::{conv2d, fill, norm};
+use ldm_wgpu::runtime::KernelPolicy;
 use ldm_wgpu::{DType, Error, Gpu, GpuOptions, Tensor};
 
 /// How the kernel receives the input x [b, h, w, cin] of a case.
@@ -633,7 +634,7 @@ fn shortcut_in_the_same_gemm() {
         coop_takes(c) && cs.is_multiple_of(4) && ca.is_none_or(|a| a.is_multiple_of(4))
     };
     for &tile in &coop_tiles(g, plan) {
-        set_coop_tile(g, Some(tile));
+        force_coop(g, Some(tile));
         for (s, sc) in SHORTCUT_CASES.iter().chain([&sd]).enumerate() {
             if !takes(sc) {
                 continue;
@@ -648,7 +649,7 @@ fn shortcut_in_the_same_gemm() {
             eprintln!("{what:<60} rel_l2 {:.2e}", rel_l2(&got, &want));
             assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
         }
-        set_coop_tile(g, None);
+        force_coop(g, None);
     }
 }
 
@@ -1243,19 +1244,23 @@ fn every_variant_gives_the_same_bits_with_and_without_bounds_checks() {
             }
             for v in vs {
                 // The tensor-core kernel in both its tiles (the large one where it can run).
-                let tiles: &[Option<CoopTile>] = if v == Variant::COOP {
-                    &[Some(CoopTile::T64), Some(CoopTile::T128)]
+                let tiles: &[Option<CoopConvTile>] = if v == Variant::COOP {
+                    &[
+                        Some(CoopConvTile::T64),
+                        Some(CoopConvTile::T128),
+                        Some(CoopConvTile::T128x64),
+                    ]
                 } else {
                     &[None]
                 };
                 for &tile in tiles {
-                    set_coop_tile(&checked, tile);
-                    set_coop_tile(&unchecked, tile);
+                    force_coop(&checked, tile);
+                    force_coop(&unchecked, tile);
                     let run =
                         |g: &Gpu| g.download_bytes(&run_on(g, c, &i, dtype, Some(v))).unwrap();
                     let same = run(&checked) == run(&unchecked);
-                    set_coop_tile(&checked, None);
-                    set_coop_tile(&unchecked, None);
+                    force_coop(&checked, None);
+                    force_coop(&unchecked, None);
                     assert!(
                         same,
                         "{} [{} {tile:?}] ({}): bits differ with and without bounds checks",
@@ -1322,13 +1327,10 @@ fn coop_variant_matches_reference() {
     };
     // Both tiles (the large one where its staging geometry holds), forced on this engine.
     let tiles = coop_tiles(g, plan);
-    let large = tiles.contains(&CoopTile::T128);
+    let large = tiles.contains(&CoopConvTile::T128);
     for &tile in &tiles {
-        let entry = match tile {
-            CoopTile::T64 => "conv2d_coop",
-            CoopTile::T128 => "conv2d_coop_l",
-        };
-        set_coop_tile(g, Some(tile));
+        let entry = tile.entry();
+        force_coop(g, Some(tile));
         let mut ran = 0;
         for (s, c) in all.iter().enumerate() {
             if !coop_takes(c) {
@@ -1339,12 +1341,12 @@ fn coop_variant_matches_reference() {
             let got = g
                 .download(&run_on(g, c, &i, DType::F16, Some(Variant::COOP)))
                 .unwrap();
-            let what = format!("{} [{entry} frag {}] (f16)", c.name, plan.frag);
+            let what = format!("{} [{entry} {tile:?} frag {}] (f16)", c.name, plan.frag);
             eprintln!("{what:<60} rel_l2 {:.2e}", rel_l2(&got, &want));
             assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
             ran += 1;
         }
-        set_coop_tile(g, None);
+        force_coop(g, None);
         assert!(ran >= 10, "only {ran} cases suit the tensor-core kernel");
         let shader = plan.shader(ldm_wgpu::shaders::ShaderId::Conv2dCoop);
         assert!(
@@ -1480,7 +1482,7 @@ fn bias_per_batch_row() {
         return;
     };
     for tile in coop_tiles(g, plan) {
-        set_coop_tile(g, Some(tile));
+        force_coop(g, Some(tile));
         for (s, c) in cases.iter().enumerate() {
             if !coop_takes(c) {
                 continue;
@@ -1497,7 +1499,7 @@ fn bias_per_batch_row() {
             eprintln!("{what:<60} rel_l2 {:.2e}", rel_l2(&got, &want));
             assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
         }
-        set_coop_tile(g, None);
+        force_coop(g, None);
     }
 }
 
@@ -1559,9 +1561,9 @@ fn fused_group_norm_coop() {
         return;
     };
     let tiles = coop_tiles(g, plan);
-    let large = tiles.contains(&CoopTile::T128);
+    let large = tiles.contains(&CoopConvTile::T128);
     for &tile in &tiles {
-        set_coop_tile(g, Some(tile));
+        force_coop(g, Some(tile));
         let mut ran = 0;
         for (s, &(c, groups, silu)) in FUSED_NORM_CASES.iter().enumerate() {
             if !coop_takes(&c) {
@@ -1577,7 +1579,7 @@ fn fused_group_norm_coop() {
             assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
             ran += 1;
         }
-        set_coop_tile(g, None);
+        force_coop(g, None);
         assert!(
             ran >= 10,
             "only {ran} fused-norm cases suit the tensor-core kernel"
@@ -1637,14 +1639,44 @@ fn fused_group_norm_rejects_bad_tables() {
 
 /// The tensor-core conv tiles this engine can be forced to: the 64 tile, and the large one
 /// where its staging geometry holds.
-fn coop_tiles(g: &Gpu, plan: CoopPlan) -> Vec<CoopTile> {
+fn coop_tiles(g: &Gpu, plan: CoopPlan) -> Vec<CoopConvTile> {
     let large = conv2d::coop_conv_tile(plan, &g.caps, 1 << 20, 1 << 10, Some(CoopTile::T128))
         == CoopTile::T128;
     if large {
-        vec![CoopTile::T64, CoopTile::T128]
+        vec![CoopConvTile::T64, CoopConvTile::T128, CoopConvTile::T128x64]
     } else {
-        vec![CoopTile::T64]
+        vec![CoopConvTile::T64]
     }
+}
+
+/// A tensor-core conv tile a test forces: the 64 tile (`conv2d_coop`), the large tile
+/// (`conv2d_coop_l`) or the large tile's narrow variant (half its channels, override TLN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CoopConvTile {
+    T64,
+    T128,
+    T128x64,
+}
+
+impl CoopConvTile {
+    fn entry(self) -> &'static str {
+        match self {
+            CoopConvTile::T64 => "conv2d_coop",
+            CoopConvTile::T128 | CoopConvTile::T128x64 => "conv2d_coop_l",
+        }
+    }
+}
+
+/// Force (or release, `None`) a tensor-core conv tile on engine `g` for what it records next.
+fn force_coop(g: &Gpu, tile: Option<CoopConvTile>) {
+    g.set_policy(KernelPolicy {
+        coop_tile: tile.map(|t| match t {
+            CoopConvTile::T64 => CoopTile::T64,
+            CoopConvTile::T128 | CoopConvTile::T128x64 => CoopTile::T128,
+        }),
+        coop_conv_narrow: tile == Some(CoopConvTile::T128x64),
+        ..g.policy()
+    });
 }
 
 /// A producer conv and a consumer conv with a fused GroupNorm + SiLU between them (ResnetBlock2D's
@@ -1880,7 +1912,7 @@ fn group_norm_statistics_from_the_producer() {
         cout: 64,
     };
     for &tile in &coop_tiles(g, plan) {
-        set_coop_tile(g, Some(tile));
+        force_coop(g, Some(tile));
         // Both sides on tensor cores (Mesa 26's emulated cooperative matrices are slow: three
         // cases).
         for (s, p) in PAIR_CASES.iter().take(2).chain([&split]).enumerate() {
@@ -1893,7 +1925,7 @@ fn group_norm_statistics_from_the_producer() {
             eprintln!("{what:<70} rel_l2 {:.2e}", rel_l2(&got, &want));
             assert_close(&what, &got, &want, tol(DType::F16, 1e-5, 2e-3));
         }
-        set_coop_tile(g, None);
+        force_coop(g, None);
     }
 }
 
@@ -2176,13 +2208,13 @@ fn group_norm_statistics_from_both_concat_producers() {
         return;
     };
     for &tile in &coop_tiles(g, plan) {
-        set_coop_tile(g, Some(tile));
+        force_coop(g, Some(tile));
         for (s, p) in CONCAT_PAIR_CASES.iter().take(2).enumerate() {
             let pair = (Some(Variant::COOP), Some(Variant::COOP));
             let run = run_concat_pair(g, p, DType::F16, pair, false, 2200 + s as u64);
             let what = format!("{} [coop {tile:?} -> coop {tile:?}] (f16)", p.name);
             concat_pair_check(p, run, &what, tol(DType::F16, 1e-5, 2e-3));
         }
-        set_coop_tile(g, None);
+        force_coop(g, None);
     }
 }

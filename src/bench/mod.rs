@@ -401,9 +401,13 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
         let large = |plan| conv2d::coop_conv_tile(plan, &b.gpu.caps, m, cout, None);
         let chosen = match coop {
             Some(plan) if default_coop && coop_ok && cout > 16 && large(plan) == CoopTile::T128 => {
-                (conv2d::Variant::COOP, Some(CoopTile::T128))
+                (
+                    conv2d::Variant::COOP,
+                    Some(CoopTile::T128),
+                    base.coop_conv_narrow,
+                )
             }
-            _ => (conv2d::choose_variant(m, cout, max_wg, None), None),
+            _ => (conv2d::choose_variant(m, cout, max_wg, None), None, false),
         };
         let mut tiles = vec![conv2d::Tile::T64, conv2d::Tile::T128];
         if cout <= 16 {
@@ -412,22 +416,26 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
         if coop_ok {
             tiles.push(conv2d::Tile::Coop);
         }
-        // (tile, tensor-core tile): the tensor-core kernel in both its tiles where it can run.
-        let mut runs: Vec<(conv2d::Tile, Option<CoopTile>)> = Vec::new();
+        // (tile, tensor-core tile, narrow): the tensor-core kernel in both its tiles where it can
+        // run, the large one also as its 128 × 64 variant.
+        let mut runs: Vec<(conv2d::Tile, Option<CoopTile>, bool)> = Vec::new();
         for tile in tiles {
             if tile != conv2d::Tile::Coop {
-                runs.push((tile, None));
+                runs.push((tile, None, false));
                 continue;
             }
             for coop_tile in [CoopTile::T64, CoopTile::T128] {
                 let plan = coop.expect("coop_ok");
                 if conv2d::coop_conv_tile(plan, &b.gpu.caps, m, cout, Some(coop_tile)) == coop_tile
                 {
-                    runs.push((tile, Some(coop_tile)));
+                    runs.push((tile, Some(coop_tile), false));
+                    if coop_tile == CoopTile::T128 {
+                        runs.push((tile, Some(coop_tile), true));
+                    }
                 }
             }
         }
-        for (tile, coop_tile) in runs {
+        for (tile, coop_tile, narrow) in runs {
             // The tile's largest K step that fits this adapter (what the heuristic would run).
             let variant = if tile == conv2d::Tile::Coop {
                 conv2d::Variant::COOP
@@ -437,8 +445,10 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
             if variant.tile != tile {
                 continue; // does not fit this adapter's workgroup memory
             }
-            b.gpu
-                .set_policy(forced(Some(tile == conv2d::Tile::Coop), coop_tile));
+            b.gpu.set_policy(KernelPolicy {
+                coop_conv_narrow: narrow,
+                ..forced(Some(tile == conv2d::Tile::Coop), coop_tile)
+            });
             let plain = conv2d::Conv {
                 input: conv2d::Input::Plain(&x),
                 weight: &wt,
@@ -475,13 +485,14 @@ fn run_cases(b: &mut Bench<'_>, on_peaks: &mut dyn FnMut(&Peaks)) -> Result<()> 
             };
             let t = b.time(&mut || conv.run(b.gpu).map(|_| ()))?;
             b.gpu.set_policy(base);
-            let mark = if (variant, coop_tile) == chosen {
+            let mark = if (variant, coop_tile, narrow) == chosen {
                 "*"
             } else {
                 ""
             };
-            let label = match coop_tile {
-                Some(CoopTile::T128) => "coop128",
+            let label = match (coop_tile, narrow) {
+                (Some(CoopTile::T128), false) => "coop128",
+                (Some(CoopTile::T128), true) => "coop128x64",
                 _ => tile.name(),
             };
             b.line(

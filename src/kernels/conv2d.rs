@@ -653,10 +653,14 @@ impl Conv<'_> {
         let (out_shape, in_shape, k) = (shape.out, shape.input, shape.k);
         let [b, ho, wo, cout] = out_shape;
         let m = b * ho * wo;
-        let (coop_tile, k_chunk) = coop_geometry(gpu, plan, m, cout, k);
-        let tile = coop_tile.side(plan);
-        let n_tiles = cout.div_ceil(tile);
-        let tiles = m.div_ceil(tile) * n_tiles;
+        let CoopGeometry {
+            tile: coop_tile,
+            tm,
+            tn,
+            k_chunk,
+        } = coop_geometry(gpu, plan, m, cout, k);
+        let n_tiles = cout.div_ceil(tn);
+        let tiles = m.div_ceil(tm) * n_tiles;
         let mut params = self.params(out_shape, in_shape, k, n_tiles);
         gn.apply(&mut params);
         let (tensors, bytes) = self.bindings(out, gn);
@@ -688,6 +692,15 @@ impl Conv<'_> {
                 ),
                 ("CONCAT", flag(self.input.second().is_some())),
                 ("SPLIT", flag(splits > 1)),
+                // The large tile's channels (its default, 8·frag, for the 64 tile: unused there).
+                (
+                    "TLN",
+                    if coop_tile == coop::CoopTile::T128 {
+                        tn as f64
+                    } else {
+                        coop::CoopTile::T128.side(plan) as f64
+                    },
+                ),
                 tail[0],
                 tail[1],
             ],
@@ -768,16 +781,15 @@ impl Conv<'_> {
         // and the tile of the kernel that writes `out` (the split-K reduce's where K splits).
         let (own_tm, out_tile) = match plan {
             Some(plan) => {
-                let (coop_tile, k_chunk) = coop_geometry(gpu, plan, m, cout, shape.k);
-                let side = coop_tile.side(plan);
+                let g = coop_geometry(gpu, plan, m, cout, shape.k);
                 // The reduce's tile is the small tile's (TM × TN).
-                let out_tile = if k_chunk.is_some() {
+                let out_tile = if g.k_chunk.is_some() {
                     let t = coop::CoopTile::T64.side(plan);
                     (t, t)
                 } else {
-                    (side, side)
+                    (g.tm, g.tn)
                 };
-                (side, out_tile)
+                (g.tm, out_tile)
             }
             None => {
                 let (tm, tn) = variant.tile.size(cout);
@@ -1267,25 +1279,35 @@ impl GnSide<'_> {
     }
 }
 
-/// The tensor-core conv's tile for an [m, cout] output with reduction length k, and its K per
-/// split where the large tile splits K ([`split_k`]; only where the partial sums fit one
-/// binding).
-fn coop_geometry(
-    gpu: &Gpu,
-    plan: CoopPlan,
-    m: usize,
-    cout: usize,
-    k: usize,
-) -> (coop::CoopTile, Option<usize>) {
-    let coop_tile = coop_conv_tile(plan, &gpu.caps, m, cout, coop::forced_coop_tile(gpu));
-    let tile = coop_tile.side(plan);
-    let tiles = m.div_ceil(tile) * cout.div_ceil(tile);
-    let k_chunk = match coop_tile {
+/// How the tensor-core conv covers an [m, cout] output with reduction length k.
+struct CoopGeometry {
+    tile: coop::CoopTile,
+    /// Output pixels and channels per workgroup: the tile's side, and for the large tile's
+    /// narrow variant (the policy's `coop_conv_narrow`) half of it in channels.
+    tm: usize,
+    tn: usize,
+    /// K per split where the large tile splits K ([`split_k`]; only where the partial sums fit
+    /// one binding).
+    k_chunk: Option<usize>,
+}
+
+fn coop_geometry(gpu: &Gpu, plan: CoopPlan, m: usize, cout: usize, k: usize) -> CoopGeometry {
+    let tile = coop_conv_tile(plan, &gpu.caps, m, cout, coop::forced_coop_tile(gpu));
+    let tm = tile.side(plan);
+    let narrow = tile == coop::CoopTile::T128 && gpu.policy().coop_conv_narrow;
+    let tn = if narrow { tm / 2 } else { tm };
+    let tiles = m.div_ceil(tm) * cout.div_ceil(tn);
+    let k_chunk = match tile {
         coop::CoopTile::T64 => None,
         coop::CoopTile::T128 => split_k(plan, tiles, k)
             .filter(|&c| (k.div_ceil(c) * m * cout * 4) as u64 <= gpu.caps.max_storage_binding),
     };
-    (coop_tile, k_chunk)
+    CoopGeometry {
+        tile,
+        tm,
+        tn,
+        k_chunk,
+    }
 }
 
 /// 2-D convolution: `x` [B, H, W, Cin] NHWC, `w` [Cout, KH, KW, Cin], `bias` [Cout],

@@ -92,6 +92,10 @@ pub struct KernelPolicy {
     /// Force the convolution kernel (one that cannot run a shape falls back by the usual rule).
     /// (`LDM_CONV_TILE=64|128|small|coop`)
     pub conv_tile: Option<ConvTile>,
+    /// The large tensor-core conv tile's narrow variant (128 pixels × 64 channels at 16 × 16
+    /// fragments) instead of 128 × 128, wherever the large tile runs; for measuring it against
+    /// the default on a GPU. (`LDM_COOP_CONV_N=64|128`)
+    pub coop_conv_narrow: bool,
     /// The VAE's single-head attention through the unfused path (scores materialised) even
     /// where the flash kernel fits. (`LDM_VAE_ATTENTION=unfused`)
     pub vae_attention_unfused: bool,
@@ -139,6 +143,16 @@ impl KernelPolicy {
                 ))
             })?),
         };
+        let coop_conv_narrow = match var("LDM_COOP_CONV_N").as_deref().map(str::trim) {
+            None | Some("128") => false,
+            Some("64") => true,
+            Some(other) => {
+                return Err(Error::InvalidInput(format!(
+                    "LDM_COOP_CONV_N={other:?}: expected 64 (the large tensor-core conv tile's \
+                     narrow variant) or 128 (HINT: unset it for the default, 128)"
+                )))
+            }
+        };
         let vae_attention_unfused = match var("LDM_VAE_ATTENTION").as_deref().map(str::trim) {
             None | Some("fused") | Some("auto") => false,
             Some("unfused") => true,
@@ -153,6 +167,7 @@ impl KernelPolicy {
             tensor_cores,
             coop_tile,
             conv_tile,
+            coop_conv_narrow,
             vae_attention_unfused,
             shader_checks,
         })
@@ -171,6 +186,9 @@ impl KernelPolicy {
         }
         if let Some(t) = self.conv_tile {
             parts.push(format!("conv tile {}", t.name()));
+        }
+        if self.coop_conv_narrow {
+            parts.push("tensor-core conv tile 128x64".into());
         }
         if self.vae_attention_unfused {
             parts.push("VAE attention unfused".into());
@@ -205,6 +223,7 @@ mod tests {
             ("LDM_COOP_MATMUL", "1"),
             ("LDM_COOP_TILE", "128"),
             ("LDM_CONV_TILE", "small"),
+            ("LDM_COOP_CONV_N", "64"),
             ("LDM_VAE_ATTENTION", "unfused"),
             ("LDM_SHADER_CHECKS", "1"),
         ])
@@ -212,7 +231,7 @@ mod tests {
         assert_eq!(p.tensor_cores, Some(true));
         assert_eq!(p.coop_tile, Some(CoopTile::T128));
         assert_eq!(p.conv_tile, Some(ConvTile::Small));
-        assert!(p.vae_attention_unfused && p.shader_checks);
+        assert!(p.vae_attention_unfused && p.shader_checks && p.coop_conv_narrow);
         assert!(p.summary().contains("conv tile small"));
         assert_eq!(
             with(&[("LDM_COOP_MATMUL", "0")]).unwrap().tensor_cores,
@@ -228,6 +247,7 @@ mod tests {
             ("LDM_CONV_TILE", "huge"),
             ("LDM_COOP_MATMUL", "yes"),
             ("LDM_VAE_ATTENTION", "maybe"),
+            ("LDM_COOP_CONV_N", "96"),
         ] {
             let err = with(&[(k, v)]).unwrap_err().to_string();
             assert!(err.contains(k), "{err}");
