@@ -692,7 +692,9 @@ impl Conv<'_> {
                 ),
                 ("CONCAT", flag(self.input.second().is_some())),
                 ("SPLIT", flag(splits > 1)),
-                // The large tile's channels (its default, 8·frag, for the 64 tile: unused there).
+                // The large tile's channels. The 64 tile never reads the large tile's layout,
+                // but the overrides derived from TLN (SG_COLS, SG_ROWS, FR_ROWS) are evaluated
+                // for its pipeline too, so it gets the default, 8·frag, not a placeholder 0.
                 (
                     "TLN",
                     if coop_tile == coop::CoopTile::T128 {
